@@ -1,0 +1,62 @@
+#include "common/job_spec.h"
+
+#include "gtest/gtest.h"
+
+namespace lmps {
+namespace {
+
+TEST(JobSpecTest, EmptyTextGivesDefaults) {
+  auto spec = ParseJobSpec("");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->model().n_layer(), 4);
+  EXPECT_EQ(spec->model().vocab_size(), 256);
+  EXPECT_EQ(spec->optimizer().type(), ADAMW);
+  EXPECT_EQ(spec->data().path(), kDefaultDataPath);
+  EXPECT_EQ(spec->layout().dp(), 1);
+  EXPECT_EQ(spec->max_message_bytes(), 4 << 20);
+}
+
+TEST(JobSpecTest, ParsesFields) {
+  auto spec = ParseJobSpec(
+      "model { n_layer: 2 n_embd: 64 } train { steps: 7 batch_size: 6 } "
+      "layout { dp: 3 num_shards: 2 } optimizer { type: SGD lr: 0.1 }");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->train().steps(), 7);
+  EXPECT_EQ(LocalBatch(*spec), 2);
+  EXPECT_FLOAT_EQ(spec->optimizer().momentum(), 0.9f);
+}
+
+TEST(JobSpecTest, MalformedTextNamesLineAndColumn) {
+  auto spec = ParseJobSpec("model {\n  n_layer: two\n}");
+  ASSERT_FALSE(spec.ok());
+  EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(spec.status().message().find("line 2"), std::string::npos)
+      << spec.status();
+}
+
+TEST(JobSpecTest, UnknownFieldIsAnError) {
+  auto spec = ParseJobSpec("modle { n_layer: 2 }");
+  ASSERT_FALSE(spec.ok());
+  EXPECT_NE(spec.status().message().find("modle"), std::string::npos);
+}
+
+TEST(JobSpecTest, IndivisibleBatchSaysWhatIsValid) {
+  auto spec = ParseJobSpec("train { batch_size: 5 } layout { dp: 2 }");
+  ASSERT_FALSE(spec.ok());
+  EXPECT_NE(spec.status().message().find("multiples of 2"), std::string::npos)
+      << spec.status();
+}
+
+TEST(JobSpecTest, RejectsBadModelAndLayout) {
+  EXPECT_FALSE(ParseJobSpec("model { n_embd: 30 n_head: 4 }").ok());
+  EXPECT_FALSE(ParseJobSpec("layout { pp: 2 }").ok());
+  EXPECT_FALSE(ParseJobSpec("optimizer { lr: -1 }").ok());
+}
+
+TEST(JobSpecTest, MissingFileIsNotFound) {
+  auto spec = LoadJobSpecFile("/nonexistent/job.textproto");
+  EXPECT_EQ(spec.status().code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace lmps
