@@ -1,5 +1,7 @@
 #include "common/job_spec.h"
 
+#include <cstdlib>
+
 #include "gtest/gtest.h"
 
 namespace lmps {
@@ -51,6 +53,19 @@ TEST(JobSpecTest, RejectsBadModelAndLayout) {
   EXPECT_FALSE(ParseJobSpec("model { n_embd: 30 n_head: 4 }").ok());
   EXPECT_FALSE(ParseJobSpec("layout { pp: 2 }").ok());
   EXPECT_FALSE(ParseJobSpec("optimizer { lr: -1 }").ok());
+}
+
+// The shipped examples parse, and default.textproto really is the defaults.
+TEST(JobSpecTest, ExamplesParse) {
+  const std::string dir = std::string(std::getenv("TEST_SRCDIR")) + "/" +
+                          std::getenv("TEST_WORKSPACE") + "/examples/";
+  auto small = LoadJobSpecFile(dir + "small.textproto");
+  ASSERT_TRUE(small.ok()) << small.status();
+  auto written = LoadJobSpecFile(dir + "default.textproto");
+  ASSERT_TRUE(written.ok()) << written.status();
+  auto defaults = ParseJobSpec("");
+  ASSERT_TRUE(defaults.ok());
+  EXPECT_EQ(written->DebugString(), defaults->DebugString());
 }
 
 TEST(JobSpecTest, MissingFileIsNotFound) {

@@ -1,0 +1,92 @@
+#include "common/scheduler_client.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/status_util.h"
+
+namespace lmps {
+
+absl::StatusOr<RegisterResponse> SchedulerClient::Register(
+    const RegisterRequest& request, absl::Duration timeout) {
+  const absl::Time give_up = absl::Now() + timeout;
+  absl::Status last;
+  while (true) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(
+        std::min(give_up, absl::Now() + absl::Seconds(5))));
+    RegisterResponse resp;
+    last = FromGrpcStatus(stub_->Register(&ctx, request, &resp));
+    if (last.ok()) {
+      node_id_ = resp.node_id();
+      if (resp.lease_ms() > 0) lease_ = absl::Milliseconds(resp.lease_ms());
+      return resp;
+    }
+    const bool retry = last.code() == absl::StatusCode::kUnavailable ||
+                       last.code() == absl::StatusCode::kDeadlineExceeded;
+    if (!retry) break;
+    if (absl::Now() + absl::Milliseconds(200) >= give_up) {
+      return absl::UnavailableError(absl::StrCat(
+          "scheduler at ", address_, " unreachable after ",
+          absl::FormatDuration(timeout), ": ", last.message()));
+    }
+    absl::SleepFor(absl::Milliseconds(200));
+  }
+  return absl::Status(last.code(), absl::StrCat("registering with scheduler ",
+                                                address_, ": ", last.message()));
+}
+
+absl::StatusOr<Assignment> SchedulerClient::WaitForAssignment(
+    absl::Duration timeout) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  GetAssignmentRequest req;
+  req.set_node_id(node_id_);
+  Assignment assignment;
+  absl::Status s = FromGrpcStatus(stub_->GetAssignment(&ctx, req, &assignment));
+  if (!s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("waiting for assignment from ",
+                                               address_, ": ", s.message()));
+  }
+  return assignment;
+}
+
+absl::StatusOr<HeartbeatResponse> SchedulerClient::Heartbeat(
+    HeartbeatRequest request, absl::Duration timeout) {
+  request.set_node_id(node_id_);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  HeartbeatResponse resp;
+  absl::Status s = FromGrpcStatus(stub_->Heartbeat(&ctx, request, &resp));
+  if (!s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("heartbeat to scheduler ",
+                                               address_, ": ", s.message()));
+  }
+  return resp;
+}
+
+HeartbeatLoop::HeartbeatLoop(
+    SchedulerClient* client, absl::Duration period,
+    std::function<HeartbeatRequest()> make_request,
+    std::function<void(const absl::StatusOr<HeartbeatResponse>&)> on_response)
+    : client_(client),
+      period_(period),
+      make_request_(std::move(make_request)),
+      on_response_(std::move(on_response)) {
+  thread_ = std::thread([this] {
+    while (!stop_.WaitForNotificationWithTimeout(period_)) {
+      on_response_(client_->Heartbeat(make_request_(), period_));
+    }
+  });
+}
+
+absl::StatusOr<HeartbeatResponse> HeartbeatLoop::BeatNow() {
+  return client_->Heartbeat(make_request_(), absl::Seconds(10));
+}
+
+void HeartbeatLoop::Stop() {
+  if (!stop_.HasBeenNotified()) stop_.Notify();
+  if (thread_.joinable()) thread_.join();
+}
+
+HeartbeatLoop::~HeartbeatLoop() { Stop(); }
+
+}  // namespace lmps

@@ -1,0 +1,75 @@
+// A node's side of the scheduler: registration (retried while the scheduler
+// is not up yet, up to a timeout that names the scheduler's address), the
+// wait for the assignment, and a heartbeat loop on its own thread.
+//
+// Thread-safety: Register/WaitForAssignment from one thread before the
+// heartbeat loop starts; Heartbeat() is thread-safe (gRPC stubs are).
+#ifndef LMPS_COMMON_SCHEDULER_CLIENT_H_
+#define LMPS_COMMON_SCHEDULER_CLIENT_H_
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "proto/lmps.grpc.pb.h"
+
+namespace lmps {
+
+class SchedulerClient {
+ public:
+  SchedulerClient(std::unique_ptr<Scheduler::StubInterface> stub,
+                  std::string address)
+      : stub_(std::move(stub)), address_(std::move(address)) {}
+
+  // Registers, retrying UNAVAILABLE (scheduler not up yet) until `timeout`;
+  // then fails with an error naming the scheduler's address.
+  absl::StatusOr<RegisterResponse> Register(const RegisterRequest& request,
+                                            absl::Duration timeout);
+  // Waits for this node's assignment (the job must assemble in `timeout`).
+  absl::StatusOr<Assignment> WaitForAssignment(absl::Duration timeout);
+  // One heartbeat; `request.node_id` is filled in.
+  absl::StatusOr<HeartbeatResponse> Heartbeat(HeartbeatRequest request,
+                                              absl::Duration timeout);
+
+  const std::string& node_id() const { return node_id_; }
+  const std::string& address() const { return address_; }
+  absl::Duration lease() const { return lease_; }
+
+ private:
+  std::unique_ptr<Scheduler::StubInterface> stub_;
+  std::string address_;
+  std::string node_id_;
+  absl::Duration lease_ = absl::Seconds(10);
+};
+
+// Sends `make_request()` to the scheduler every `period` on its own thread
+// and hands every response (or error) to `on_response`. Stops on Stop() or
+// destruction. The callbacks run on the loop's thread.
+class HeartbeatLoop {
+ public:
+  HeartbeatLoop(SchedulerClient* client, absl::Duration period,
+                std::function<HeartbeatRequest()> make_request,
+                std::function<void(const absl::StatusOr<HeartbeatResponse>&)>
+                    on_response);
+  ~HeartbeatLoop();
+  // Sends one heartbeat now (on the caller's thread) and returns its result.
+  absl::StatusOr<HeartbeatResponse> BeatNow();
+  void Stop();
+
+ private:
+  SchedulerClient* client_;
+  absl::Duration period_;
+  std::function<HeartbeatRequest()> make_request_;
+  std::function<void(const absl::StatusOr<HeartbeatResponse>&)> on_response_;
+  absl::Notification stop_;
+  std::thread thread_;
+};
+
+}  // namespace lmps
+
+#endif  // LMPS_COMMON_SCHEDULER_CLIENT_H_

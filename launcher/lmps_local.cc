@@ -1,0 +1,480 @@
+// lmps_local: runs a whole lmps job on this machine as separate processes
+// talking gRPC on loopback: one scheduler, S parameter-server shards and W
+// workers, each on a free port. It shows a progress line, stops every child
+// cleanly at the end, on an error or on Ctrl-C (children also die with it if
+// it is killed), exports the final model to safetensors and prints the
+// generated sample.
+//
+//   lmps_local [--job=job.textproto] [--workers=W] [--shards=S] [--steps=N]
+//              [--run_dir=DIR] [--resume]
+//
+// Layout of --run_dir: job.textproto (the effective spec), logs/<node>.log,
+// ckpt/step_*/shard_*.ckpt, model.safetensors, sample.txt.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <google/protobuf/text_format.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "common/grpc_server.h"
+#include "common/job_spec.h"
+#include "common/status_util.h"
+#include "proto/lmps.grpc.pb.h"
+
+ABSL_FLAG(std::string, job, "", "job spec (text proto); empty: the defaults");
+ABSL_FLAG(int, workers, 0, "data-parallel workers (0: the spec's layout.dp)");
+ABSL_FLAG(int, shards, 0, "parameter-server shards (0: the spec's layout)");
+ABSL_FLAG(int, steps, 0, "training steps (0: the spec's train.steps)");
+ABSL_FLAG(std::string, data, "", "data file (empty: the spec's data.path)");
+ABSL_FLAG(std::string, run_dir, "lmps_run", "where logs, checkpoints, the "
+          "exported model and the sample go");
+ABSL_FLAG(bool, resume, false,
+          "resume from the latest complete checkpoint in --run_dir/ckpt "
+          "(otherwise old checkpoints there are removed)");
+ABSL_FLAG(std::string, bin_dir, "",
+          "directory of the lmps binaries (default: found next to this one)");
+ABSL_FLAG(std::string, worker_args, "", "extra flags for every worker");
+ABSL_FLAG(std::string, server_args, "", "extra flags for every server");
+ABSL_FLAG(int, timeout_s, 3600, "give up and stop everything after this");
+ABSL_FLAG(bool, export_model, true,
+          "export the final model to --run_dir/model.safetensors");
+ABSL_FLAG(bool, quiet, false, "no progress lines");
+
+namespace lmps {
+namespace {
+
+namespace fs = std::filesystem;
+
+volatile sig_atomic_t g_interrupted = 0;
+void OnSignal(int) { g_interrupted = 1; }
+
+struct Child {
+  std::string name;
+  pid_t pid = -1;
+  std::string log;
+  bool exited = false;
+  int status = 0;
+};
+
+std::string Tail(const std::string& path, int lines) {
+  std::ifstream in(path);
+  std::vector<std::string> all;
+  std::string line;
+  while (std::getline(in, line)) all.push_back(line);
+  std::string out;
+  for (size_t i = all.size() > static_cast<size_t>(lines) ? all.size() - lines : 0;
+       i < all.size(); ++i) {
+    out += "    " + all[i] + "\n";
+  }
+  return out;
+}
+
+absl::StatusOr<pid_t> Spawn(const std::string& binary,
+                            const std::vector<std::string>& args,
+                            const std::string& log) {
+  if (access(binary.c_str(), X_OK) != 0) {
+    return absl::NotFoundError(absl::StrCat("binary not found: ", binary,
+                                            " (build it, or pass --bin_dir)"));
+  }
+  const pid_t parent = getpid();
+  pid_t pid = fork();
+  if (pid < 0) return absl::InternalError("fork failed");
+  if (pid == 0) {
+    // Die with the launcher, whatever kills it.
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(1);
+    int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd >= 0) {
+      dup2(fd, 1);
+      dup2(fd, 2);
+      close(fd);
+    }
+    signal(SIGINT, SIG_IGN);  // the launcher decides how children stop
+    std::vector<char*> argv;
+    argv.push_back(const_cast<char*>(binary.c_str()));
+    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    execv(binary.c_str(), argv.data());
+    std::perror("execv");
+    _exit(127);
+  }
+  return pid;
+}
+
+class Launcher {
+ public:
+  ~Launcher() { StopAll(); }
+
+  absl::Status Run();
+
+ private:
+  absl::StatusOr<JobSpec> PrepareSpec();
+  absl::Status Start(const std::string& name, const std::string& binary,
+                     std::vector<std::string> args);
+  // Reaps exited children; returns an error naming a child that failed.
+  absl::Status Reap();
+  void StopAll();
+  bool AllExited(const std::string& prefix) const;
+  void Progress(const JobStatus& status, bool final);
+  std::string Bin(const std::string& rel) const;
+
+  std::string bin_dir_, run_dir_;
+  std::vector<Child> children_;
+  std::chrono::steady_clock::time_point start_;
+  int64_t first_step_ = -1;
+  std::chrono::steady_clock::time_point first_step_time_;
+  int64_t last_printed_step_ = -1;
+  std::chrono::steady_clock::time_point last_print_;
+  float last_eval_printed_ = NAN;
+  bool tty_ = isatty(1);
+};
+
+std::string Launcher::Bin(const std::string& rel) const {
+  // Bazel layout (bin/server/lmps_server), or a flat directory.
+  std::string nested = absl::StrCat(bin_dir_, "/", rel);
+  if (access(nested.c_str(), X_OK) == 0) return nested;
+  return absl::StrCat(bin_dir_, "/", fs::path(rel).filename().string());
+}
+
+absl::StatusOr<JobSpec> Launcher::PrepareSpec() {
+  JobSpec spec;
+  if (absl::GetFlag(FLAGS_job).empty()) {
+    LMPS_ASSIGN_OR_RETURN(spec, ParseJobSpec(""));
+  } else {
+    LMPS_ASSIGN_OR_RETURN(spec, LoadJobSpecFile(absl::GetFlag(FLAGS_job)));
+  }
+  if (absl::GetFlag(FLAGS_workers) > 0) {
+    spec.mutable_layout()->set_dp(absl::GetFlag(FLAGS_workers));
+  }
+  if (absl::GetFlag(FLAGS_shards) > 0) {
+    spec.mutable_layout()->set_num_shards(absl::GetFlag(FLAGS_shards));
+  }
+  if (absl::GetFlag(FLAGS_steps) > 0) {
+    spec.mutable_train()->set_steps(absl::GetFlag(FLAGS_steps));
+  }
+  if (!absl::GetFlag(FLAGS_data).empty()) {
+    spec.mutable_data()->set_path(absl::GetFlag(FLAGS_data));
+  }
+  if (absl::Status s = ValidateJobSpec(spec); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("invalid job: ", s.message()));
+  }
+  // Catch a missing data file here rather than in every worker.
+  if (access(spec.data().path().c_str(), R_OK) != 0) {
+    return absl::NotFoundError(
+        absl::StrCat("cannot read data file '", spec.data().path(), "'"));
+  }
+  return spec;
+}
+
+absl::Status Launcher::Start(const std::string& name, const std::string& binary,
+                             std::vector<std::string> args) {
+  Child c;
+  c.name = name;
+  c.log = absl::StrCat(run_dir_, "/logs/", name, ".log");
+  LMPS_ASSIGN_OR_RETURN(c.pid, Spawn(binary, args, c.log));
+  children_.push_back(c);
+  return absl::OkStatus();
+}
+
+absl::Status Launcher::Reap() {
+  for (Child& c : children_) {
+    if (c.exited) continue;
+    int status = 0;
+    if (waitpid(c.pid, &status, WNOHANG) != c.pid) continue;
+    c.exited = true;
+    c.status = status;
+    const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    if (!ok) {
+      std::string how = WIFEXITED(status)
+                            ? absl::StrCat("exited with status ", WEXITSTATUS(status))
+                            : absl::StrCat("was killed by signal ", WTERMSIG(status));
+      return absl::AbortedError(absl::StrCat(c.name, " ", how, "; the end of ",
+                                             c.log, ":\n", Tail(c.log, 15)));
+    }
+  }
+  return absl::OkStatus();
+}
+
+bool Launcher::AllExited(const std::string& prefix) const {
+  for (const Child& c : children_) {
+    if (c.name.rfind(prefix, 0) == 0 && !c.exited) return false;
+  }
+  return true;
+}
+
+void Launcher::StopAll() {
+  for (Child& c : children_) {
+    if (!c.exited) kill(c.pid, SIGTERM);
+  }
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (std::chrono::steady_clock::now() < deadline) {
+    bool all = true;
+    for (Child& c : children_) {
+      if (c.exited) continue;
+      int status;
+      if (waitpid(c.pid, &status, WNOHANG) == c.pid) {
+        c.exited = true;
+        c.status = status;
+      } else {
+        all = false;
+      }
+    }
+    if (all) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  for (Child& c : children_) {
+    if (c.exited) continue;
+    kill(c.pid, SIGKILL);
+    waitpid(c.pid, &c.status, 0);
+    c.exited = true;
+  }
+}
+
+std::string FormatEta(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "--";
+  int s = static_cast<int>(seconds + 0.5);
+  if (s >= 3600) return absl::StrFormat("%dh%02dm", s / 3600, s / 60 % 60);
+  if (s >= 60) return absl::StrFormat("%dm%02ds", s / 60, s % 60);
+  return absl::StrFormat("%ds", s);
+}
+
+void Launcher::Progress(const JobStatus& status, bool final) {
+  if (absl::GetFlag(FLAGS_quiet)) return;
+  int64_t step = INT64_MAX;
+  double loss = 0, tps = 0;
+  float eval = NAN;
+  int workers = 0;
+  for (const NodeStatus& n : status.nodes()) {
+    if (n.role() != WORKER) continue;
+    ++workers;
+    step = std::min(step, n.step());
+    loss += n.loss();
+    tps += n.tokens_per_second();
+    if (n.dp_rank() == 0) eval = n.eval_loss();
+  }
+  if (workers == 0) return;
+  loss /= workers;
+  const auto now = std::chrono::steady_clock::now();
+  if (first_step_ < 0 && step > status.start_step()) {
+    first_step_ = step;
+    first_step_time_ = now;
+  }
+  const int64_t total = status.spec().train().stop_after_step() > 0
+                            ? std::min(status.spec().train().stop_after_step(),
+                                       status.spec().train().steps())
+                            : status.spec().train().steps();
+  double eta = NAN;
+  if (first_step_ >= 0 && step > first_step_) {
+    double per_step = std::chrono::duration<double>(now - first_step_time_).count() /
+                      static_cast<double>(step - first_step_);
+    eta = per_step * static_cast<double>(total - step);
+  }
+  if (step == last_printed_step_ && !final) return;
+  const bool new_eval = std::isfinite(eval) && eval != last_eval_printed_;
+  const double since =
+      std::chrono::duration<double>(now - last_print_).count();
+  if (!tty_ && !final && !new_eval && since < 5.0) return;
+  std::string line = absl::StrFormat(
+      "step %*d/%d | loss %.4f | eval %s | %.0f tok/s | ETA %s",
+      static_cast<int>(std::to_string(total).size()), step, total, loss,
+      std::isfinite(eval) ? absl::StrFormat("%.4f", eval) : "-", tps,
+      FormatEta(eta));
+  if (tty_) {
+    std::printf("\r%-78s", line.c_str());
+    if (new_eval || final) std::printf("\n");
+  } else {
+    std::printf("%s\n", line.c_str());
+  }
+  std::fflush(stdout);
+  if (new_eval) last_eval_printed_ = eval;
+  last_printed_step_ = step;
+  last_print_ = now;
+}
+
+absl::Status Launcher::Run() {
+  start_ = std::chrono::steady_clock::now();
+  bin_dir_ = absl::GetFlag(FLAGS_bin_dir);
+  if (bin_dir_.empty()) {
+    bin_dir_ = fs::canonical("/proc/self/exe").parent_path().parent_path().string();
+  }
+  run_dir_ = fs::absolute(absl::GetFlag(FLAGS_run_dir)).string();
+  LMPS_ASSIGN_OR_RETURN(JobSpec spec, PrepareSpec());
+  std::error_code ec;
+  fs::create_directories(run_dir_ + "/logs", ec);
+  if (ec) {
+    return absl::InternalError(absl::StrCat("cannot create ", run_dir_, ": ", ec.message()));
+  }
+  const std::string ckpt = run_dir_ + "/ckpt";
+  if (!absl::GetFlag(FLAGS_resume)) fs::remove_all(ckpt, ec);
+  fs::create_directories(ckpt, ec);
+  fs::remove(run_dir_ + "/sample.txt", ec);
+  fs::remove(run_dir_ + "/scheduler.port", ec);
+  std::string text;
+  google::protobuf::TextFormat::PrintToString(spec, &text);
+  const std::string job_file = run_dir_ + "/job.textproto";
+  std::ofstream(job_file) << text;
+
+  const int W = spec.layout().dp(), S = spec.layout().num_shards();
+  const int cores = std::max(1u, std::thread::hardware_concurrency());
+  std::printf("lmps: %d worker%s, %d shard%s, %d steps of %d sequences x %d "
+              "tokens; model %d layers x %d wide (%s); data %s\nlmps: logs in "
+              "%s/logs\n",
+              W, W == 1 ? "" : "s", S, S == 1 ? "" : "s", spec.train().steps(),
+              spec.train().batch_size(), spec.model().block_size(),
+              spec.model().n_layer(), spec.model().n_embd(),
+              absl::GetFlag(FLAGS_resume) ? "resuming" : "fresh start",
+              spec.data().path().c_str(), run_dir_.c_str());
+  std::fflush(stdout);
+
+  // Scheduler first, on a free port it reports through a file.
+  const std::string port_file = run_dir_ + "/scheduler.port";
+  LMPS_RETURN_IF_ERROR(Start("scheduler", Bin("server/scheduler/lmps_scheduler"),
+                             {"--job=" + job_file, "--listen=127.0.0.1:0",
+                              "--port_file=" + port_file}));
+  std::string port;
+  for (int i = 0; i < 600 && port.empty(); ++i) {
+    LMPS_RETURN_IF_ERROR(Reap());
+    std::ifstream in(port_file);
+    std::getline(in, port);
+    if (port.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  if (port.empty()) {
+    return absl::DeadlineExceededError(
+        "the scheduler did not start within 30 s; see " + run_dir_ + "/logs/scheduler.log");
+  }
+  const std::string scheduler = "127.0.0.1:" + port;
+  auto split_args = [](const std::string& s) {
+    std::vector<std::string> out = absl::StrSplit(s, ' ', absl::SkipEmpty());
+    return out;
+  };
+  for (int s = 0; s < S; ++s) {
+    std::vector<std::string> args = {"--scheduler=" + scheduler,
+                                     "--listen=127.0.0.1:0",
+                                     "--advertise_host=127.0.0.1",
+                                     absl::StrCat("--shard=", s),
+                                     "--checkpoint_dir=" + ckpt};
+    for (const std::string& a : split_args(absl::GetFlag(FLAGS_server_args))) args.push_back(a);
+    LMPS_RETURN_IF_ERROR(Start(absl::StrCat("server-", s), Bin("server/lmps_server"), args));
+  }
+  for (int w = 0; w < W; ++w) {
+    std::vector<std::string> args = {"--scheduler=" + scheduler,
+                                     absl::StrCat("--threads=", std::max(1, cores / W)),
+                                     "--sample_out=" + run_dir_ + "/sample.txt"};
+    for (const std::string& a : split_args(absl::GetFlag(FLAGS_worker_args))) args.push_back(a);
+    LMPS_RETURN_IF_ERROR(Start(absl::StrCat("worker-", w), Bin("worker/lmps_worker"), args));
+  }
+
+  auto stub = Scheduler::NewStub(MakeChannel(scheduler));
+  const auto deadline = start_ + std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s));
+  JobStatus last;
+  while (!AllExited("worker")) {
+    if (g_interrupted) {
+      return absl::CancelledError("interrupted; stopped every process");
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "the job did not finish within --timeout_s=", absl::GetFlag(FLAGS_timeout_s)));
+    }
+    LMPS_RETURN_IF_ERROR(Reap());
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    JobStatus status;
+    if (stub->GetStatus(&ctx, GetStatusRequest(), &status).ok()) {
+      last = status;
+      Progress(status, false);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(tty_ ? 200 : 500));
+  }
+  LMPS_RETURN_IF_ERROR(Reap());
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    JobStatus status;
+    if (stub->GetStatus(&ctx, GetStatusRequest(), &status).ok()) last = status;
+    Progress(last, true);
+  }
+  // Servers and the scheduler exit on their own once the job is finished.
+  const auto wait_until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!(AllExited("server") && AllExited("scheduler"))) {
+    LMPS_RETURN_IF_ERROR(Reap());
+    if (g_interrupted) return absl::CancelledError("interrupted");
+    if (std::chrono::steady_clock::now() > wait_until) {
+      return absl::DeadlineExceededError(
+          "servers or scheduler did not exit within 30 s after the workers finished");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  LMPS_RETURN_IF_ERROR(Reap());
+
+  std::printf("lmps: checkpoints in %s\n", ckpt.c_str());
+  if (absl::GetFlag(FLAGS_export_model)) {
+    const std::string out = run_dir_ + "/model.safetensors";
+    LMPS_RETURN_IF_ERROR(Start("export", Bin("server/lmps_export"),
+                               {"--checkpoint_dir=" + ckpt, "--out=" + out}));
+    while (!AllExited("export")) {
+      LMPS_RETURN_IF_ERROR(Reap());
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    LMPS_RETURN_IF_ERROR(Reap());
+    std::printf("lmps: model exported to %s\n", out.c_str());
+  }
+  std::ifstream sample(run_dir_ + "/sample.txt");
+  if (sample) {
+    std::stringstream s;
+    s << sample.rdbuf();
+    std::printf("lmps: sample:\n----\n%s\n----\n", s.str().c_str());
+  }
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  std::printf("lmps: done in %.1f s\n", secs);
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace lmps
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "run an lmps job locally: lmps_local [--job=F] [--workers=W] "
+      "[--shards=S] [--steps=N] [--run_dir=DIR] [--resume]");
+  absl::ParseCommandLine(argc, argv);
+  struct sigaction sa;
+  std::memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = lmps::OnSignal;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+  absl::Status status;
+  {
+    lmps::Launcher launcher;
+    status = launcher.Run();
+  }  // stops every child
+  if (!status.ok()) {
+    std::fprintf(stderr, "\nlmps: error: %s\n", status.ToString().c_str());
+    return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
+}

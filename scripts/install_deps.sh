@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what lmps needs from Debian 12's packages, and only what is
+# missing. Usage: scripts/install_deps.sh [build|bench|all]   (default build)
+#   build: Bazel, gRPC, protobuf, Abseil, GoogleTest, prometheus-cpp, OpenBLAS
+#   bench: build + iperf3 and PyTorch (python3-torch) for the baselines
+#   ops:   build + Prometheus, grpcio, buildah (operations tests)
+set -euo pipefail
+what="${1:-build}"
+pkgs=(bazel-bootstrap g++ pkg-config libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev
+      protobuf-compiler libabsl-dev libgtest-dev libgmock-dev prometheus-cpp-dev
+      libopenblas-dev python3)
+case "$what" in
+  build) ;;
+  bench) pkgs+=(iperf3 python3-torch) ;;
+  ops) pkgs+=(prometheus python3-grpcio python3-grpc-tools grpc-proto) ;;
+  all) pkgs+=(iperf3 python3-torch prometheus python3-grpcio python3-grpc-tools grpc-proto) ;;
+  *) echo "usage: $0 [build|bench|ops|all]" >&2; exit 2 ;;
+esac
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install_deps: everything for '$what' is installed"
+  exit 0
+fi
+echo "install_deps: installing ${missing[*]}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,107 @@
+// Bad input at the process level: each gets a clear error and an exit
+// status, never a hang. (RPC-level bad pushes are in server/service_test.)
+#include <string>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+
+namespace lmps::testing {
+namespace {
+
+bool Contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+TEST(BadInputTest, MalformedJobSpecNamesTheLine) {
+  const std::string dir = TempDir("malformed");
+  WriteFile(dir + "/job.textproto", "model {\n  n_layer: 2\n  n_heads: 4\n}\n");
+  CommandResult r = Run({BinaryPath("launcher/lmps_local"),
+                         "--job=" + dir + "/job.textproto", "--run_dir=" + dir + "/run"},
+                        30);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_TRUE(Contains(r.output, "line 3")) << r.output;
+  EXPECT_TRUE(Contains(r.output, "n_heads")) << r.output;
+}
+
+TEST(BadInputTest, InvalidLayoutSaysWhatIsValid) {
+  const std::string dir = TempDir("layout");
+  WriteFile(dir + "/job.textproto", "train { batch_size: 10 }\nlayout { dp: 3 }\n");
+  CommandResult r = Run({BinaryPath("launcher/lmps_local"),
+                         "--job=" + dir + "/job.textproto", "--run_dir=" + dir + "/run"},
+                        30);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_TRUE(Contains(r.output, "multiples of 3")) << r.output;
+}
+
+TEST(BadInputTest, MissingDataFileIsNamed) {
+  const std::string dir = TempDir("nodata");
+  CommandResult r = Run({BinaryPath("launcher/lmps_local"),
+                         "--data=/nonexistent/corpus.txt", "--run_dir=" + dir},
+                        30);
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(Contains(r.output, "/nonexistent/corpus.txt")) << r.output;
+}
+
+TEST(BadInputTest, WorkerGivesUpOnAMissingScheduler) {
+  // Nothing listens on port 1.
+  CommandResult r = Run({BinaryPath("worker/lmps_worker"),
+                         "--scheduler=127.0.0.1:1", "--assemble_timeout_s=2"},
+                        30);
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_FALSE(r.timed_out);
+  EXPECT_TRUE(Contains(r.output, "127.0.0.1:1")) << r.output;
+  EXPECT_TRUE(Contains(r.output, "unreachable")) << r.output;
+}
+
+TEST(BadInputTest, ServerGivesUpOnAMissingScheduler) {
+  const std::string dir = TempDir("server_nosched");
+  CommandResult r = Run({BinaryPath("server/lmps_server"), "--scheduler=127.0.0.1:1",
+                         "--listen=127.0.0.1:0", "--checkpoint_dir=" + dir,
+                         "--assemble_timeout_s=2"},
+                        30);
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(Contains(r.output, "127.0.0.1:1")) << r.output;
+}
+
+TEST(BadInputTest, AJobThatNeverAssemblesNamesWhatIsMissing) {
+  const std::string dir = TempDir("assemble");
+  WriteFile(dir + "/job.textproto", "layout { dp: 2 num_shards: 1 }\n");
+  BackgroundProcess scheduler(
+      {BinaryPath("server/scheduler/lmps_scheduler"), "--job=" + dir + "/job.textproto",
+       "--listen=127.0.0.1:0", "--port_file=" + dir + "/port",
+       "--assemble_timeout_s=3"},
+      dir + "/scheduler.log");
+  std::string port(absl::StripAsciiWhitespace(WaitForFile(dir + "/port", 20)));
+  ASSERT_FALSE(port.empty()) << ReadFile(dir + "/scheduler.log");
+  // One worker of two, and no server.
+  CommandResult r = Run({BinaryPath("worker/lmps_worker"),
+                         "--scheduler=127.0.0.1:" + port, "--assemble_timeout_s=20"},
+                        40);
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_FALSE(r.timed_out);
+  EXPECT_TRUE(Contains(r.output, "missing")) << r.output;
+  EXPECT_TRUE(Contains(r.output, "worker")) << r.output;
+  EXPECT_TRUE(Contains(r.output, "server")) << r.output;
+}
+
+TEST(BadInputTest, CudaBackendWithoutGpuFailsAtStart) {
+  CommandResult r = Run({BinaryPath("worker/lmps_worker"), "--scheduler=127.0.0.1:1",
+                         "--backend=cuda:0", "--assemble_timeout_s=2"},
+                        30);
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(Contains(r.output, "cuda")) << r.output;
+}
+
+TEST(BadInputTest, UnknownBackendIsRejected) {
+  CommandResult r = Run({BinaryPath("worker/lmps_worker"), "--scheduler=127.0.0.1:1",
+                         "--backend=tpu"},
+                        30);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_TRUE(Contains(r.output, "valid: cpu")) << r.output;
+}
+
+}  // namespace
+}  // namespace lmps::testing

@@ -1,0 +1,62 @@
+// Helpers for the multi-process tests: run a binary of this build with a
+// timeout and capture its output, locate the binaries, compare models.
+//
+// Thread-safety: not thread-safe; one test at a time per process.
+#ifndef LMPS_TESTS_TEST_UTIL_H_
+#define LMPS_TESTS_TEST_UTIL_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/safetensors.h"
+
+namespace lmps::testing {
+
+struct CommandResult {
+  int exit_code = -1;   // -1: killed (timeout or signal)
+  bool timed_out = false;
+  std::string output;   // stdout and stderr together
+};
+
+// Runs argv[0] with the rest as arguments; kills it (and its children, via
+// a process group) after `timeout_s`.
+CommandResult Run(const std::vector<std::string>& argv, int timeout_s);
+
+// A process running in the background, killed (with its process group) on
+// destruction. Its output goes to `log_path`.
+class BackgroundProcess {
+ public:
+  BackgroundProcess(const std::vector<std::string>& argv,
+                    const std::string& log_path);
+  ~BackgroundProcess();
+  // Waits up to timeout_s for it to exit; returns its exit code, or -1.
+  int Wait(int timeout_s);
+  int pid() const { return pid_; }
+
+ private:
+  int pid_ = -1;
+  bool reaped_ = false;
+};
+
+// Polls until `path` exists and is non-empty (up to timeout_s); returns its
+// contents, or "" on timeout.
+std::string WaitForFile(const std::string& path, int timeout_s);
+
+// Absolute path of a binary of this build, e.g. "launcher/lmps_local".
+std::string BinaryPath(const std::string& relative);
+
+// A fresh directory under $TEST_TMPDIR.
+std::string TempDir(const std::string& name);
+
+// Writes `text` to `path`.
+void WriteFile(const std::string& path, const std::string& text);
+std::string ReadFile(const std::string& path);
+
+// Largest |a - b| over every tensor; an error if names or shapes differ.
+absl::StatusOr<double> MaxAbsDiff(const SafetensorsContents& a,
+                                  const SafetensorsContents& b);
+
+}  // namespace lmps::testing
+
+#endif  // LMPS_TESTS_TEST_UTIL_H_

@@ -1,0 +1,214 @@
+// lmps_worker: a stateless training worker. It registers with the
+// scheduler, receives its assignment (ranks, job spec, partition map, shard
+// addresses), pulls parameters, computes forward and backward on its
+// backend, pushes gradients, and reports progress in its heartbeats. A
+// replacement started with the same flags reproduces exactly what it lost.
+//
+// Exit status: 0 when the job finished, 1 on an error (printed), 2 on bad
+// flags.
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "common/grpc_server.h"
+#include "common/scheduler_client.h"
+#include "common/status_util.h"
+#include "worker/backend_factory.h"
+#include "worker/data/dataset.h"
+#include "worker/model/gpt.h"
+#include "worker/ps_client.h"
+#include "worker/trainer.h"
+
+ABSL_FLAG(std::string, scheduler, "", "scheduler address host:port (required)");
+ABSL_FLAG(std::string, backend, "cpu", "compute backend: cpu, or cuda[:N]");
+ABSL_FLAG(int, threads, 0,
+          "compute threads (0: all cores divided by --workers_per_host)");
+ABSL_FLAG(int, workers_per_host, 1,
+          "workers sharing this machine's cores (for the --threads default)");
+ABSL_FLAG(std::string, data, "",
+          "data file; overrides the job spec's data.path (same contents "
+          "expected on every worker)");
+ABSL_FLAG(std::string, sample_out, "",
+          "data-parallel rank 0 writes the generated sample here");
+ABSL_FLAG(std::string, sample_prompt, "The ", "prompt for the sample");
+ABSL_FLAG(double, sample_temperature, 0.8, "sampling temperature (0: greedy)");
+ABSL_FLAG(int, sample_top_k, 40, "top-k for sampling (0: all)");
+ABSL_FLAG(std::string, push_dtype, "f32", "gradient payload: f32 or bf16");
+ABSL_FLAG(int, rpc_timeout_s, 120,
+          "deadline of each parameter-server RPC (pull waits for peers)");
+ABSL_FLAG(int, assemble_timeout_s, 120,
+          "how long to wait for the scheduler and the job to assemble");
+
+namespace lmps {
+namespace {
+
+void Log(const std::string& id, const std::string& msg) {
+  std::fprintf(stderr, "[%s] %s\n", id.c_str(), msg.c_str());
+  std::fflush(stderr);
+}
+
+absl::Status RunWorker() {
+  const std::string scheduler = absl::GetFlag(FLAGS_scheduler);
+  if (scheduler.empty()) {
+    return absl::InvalidArgumentError("--scheduler=host:port is required");
+  }
+  PsClientOptions ps_options;
+  const std::string push_dtype = absl::GetFlag(FLAGS_push_dtype);
+  if (push_dtype == "bf16") {
+    ps_options.push_dtype = BF16;
+  } else if (push_dtype != "f32") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--push_dtype must be f32 or bf16, got '", push_dtype, "'"));
+  }
+  ps_options.rpc_timeout = absl::Seconds(absl::GetFlag(FLAGS_rpc_timeout_s));
+  int threads = absl::GetFlag(FLAGS_threads);
+  if (threads <= 0) {
+    threads = std::max<int>(1, std::thread::hardware_concurrency() /
+                                   std::max(1, absl::GetFlag(FLAGS_workers_per_host)));
+  }
+  // Fail fast on a backend this machine cannot run, before joining a job.
+  LMPS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
+                        CreateBackend(absl::GetFlag(FLAGS_backend), threads));
+
+  const absl::Duration assemble = absl::Seconds(absl::GetFlag(FLAGS_assemble_timeout_s));
+  SchedulerClient client(Scheduler::NewStub(MakeChannel(scheduler)), scheduler);
+  RegisterRequest reg;
+  reg.set_role(WORKER);
+  reg.set_requested_rank(-1);
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  reg.set_hostname(host);
+  LMPS_RETURN_IF_ERROR(client.Register(reg, assemble).status());
+  const std::string id = client.node_id();
+  Log(id, absl::StrCat("registered with scheduler ", scheduler,
+                       "; waiting for the job to assemble"));
+  LMPS_ASSIGN_OR_RETURN(Assignment assignment, client.WaitForAssignment(assemble));
+  JobSpec spec = assignment.spec();
+  if (!absl::GetFlag(FLAGS_data).empty()) {
+    spec.mutable_data()->set_path(absl::GetFlag(FLAGS_data));
+  }
+  Log(id, absl::StrCat("assigned dp rank ", assignment.dp_rank(), " of ",
+                       spec.layout().dp(), ", ", assignment.shard_addresses_size(),
+                       " shards, start step ", assignment.start_step(),
+                       ", backend ", backend->name(), " with ", threads,
+                       " threads"));
+
+  LMPS_ASSIGN_OR_RETURN(
+      std::unique_ptr<TextDataset> data,
+      TextDataset::Create(spec.data().path(), spec.data().val_fraction(),
+                          spec.model().block_size()));
+  const int micro = LocalBatch(spec) / spec.train().micro_batches();
+  LMPS_ASSIGN_OR_RETURN(
+      std::unique_ptr<GptModel> model,
+      GptModel::Create(spec.model(), backend.get(), micro,
+                       spec.model().block_size()));
+  std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs;
+  std::vector<std::string> addresses(assignment.shard_addresses().begin(),
+                                     assignment.shard_addresses().end());
+  for (const std::string& a : addresses) {
+    stubs.push_back(ParameterServer::NewStub(MakeChannel(a)));
+  }
+  ps_options.max_message_bytes = spec.max_message_bytes();
+  LMPS_ASSIGN_OR_RETURN(
+      std::unique_ptr<PsClient> ps,
+      PsClient::Create(spec.model(), assignment.partition(), std::move(stubs),
+                       addresses, ps_options));
+
+  TrainerOptions options;
+  options.worker_id = id;
+  options.dp_rank = assignment.dp_rank();
+  options.spec = spec;
+  options.start_step = assignment.start_step();
+  absl::Mutex mu;
+  TrainerProgress latest;
+  latest.step = assignment.start_step();
+  options.on_progress = [&](const TrainerProgress& p) {
+    absl::MutexLock lock(&mu);
+    latest = p;
+  };
+  LMPS_ASSIGN_OR_RETURN(std::unique_ptr<Trainer> trainer,
+                        Trainer::Create(options, model.get(), ps.get(), data.get()));
+
+  bool done = false;
+  std::string error;
+  auto make_heartbeat = [&] {
+    absl::MutexLock lock(&mu);
+    HeartbeatRequest hb;
+    hb.set_step(latest.step);
+    hb.set_loss(latest.loss);
+    hb.set_eval_loss(latest.eval_loss);
+    hb.set_tokens_per_second(latest.tokens_per_second);
+    hb.set_done(done);
+    hb.set_error(error);
+    return hb;
+  };
+  HeartbeatLoop heartbeat(
+      &client, client.lease() / 3, make_heartbeat,
+      [&](const absl::StatusOr<HeartbeatResponse>& r) {
+        if (r.ok() && r->state() == FAILED) {
+          Log(id, absl::StrCat("the job failed: ", r->message(), "; stopping"));
+          trainer->Cancel();
+        }
+      });
+
+  absl::Status status = trainer->Run();
+  if (status.ok() && assignment.dp_rank() == 0 &&
+      spec.train().sample_tokens() > 0) {
+    absl::StatusOr<std::string> sample = trainer->Sample(
+        absl::GetFlag(FLAGS_sample_prompt), spec.train().sample_tokens(),
+        static_cast<float>(absl::GetFlag(FLAGS_sample_temperature)),
+        absl::GetFlag(FLAGS_sample_top_k));
+    if (!sample.ok()) {
+      status = sample.status();
+    } else {
+      Log(id, absl::StrCat("sample after step ", trainer->end_step(), ":\n",
+                           *sample));
+      const std::string out = absl::GetFlag(FLAGS_sample_out);
+      if (!out.empty()) {
+        std::ofstream f(out);
+        f << *sample;
+        if (!f) status = absl::InternalError(absl::StrCat("cannot write ", out));
+      }
+    }
+  }
+  {
+    absl::MutexLock lock(&mu);
+    done = status.ok();
+    if (!status.ok()) error = std::string(status.message());
+  }
+  heartbeat.Stop();
+  absl::StatusOr<HeartbeatResponse> last = heartbeat.BeatNow();
+  if (!last.ok()) Log(id, std::string(last.status().message()));
+  if (status.ok()) {
+    const TrainerProgress& p = trainer->progress();
+    Log(id, absl::StrFormat("done: step %d loss %.4f eval %.4f %.0f tokens/s",
+                            p.step, p.loss, p.eval_loss, p.tokens_per_second));
+  }
+  return status;
+}
+
+}  // namespace
+}  // namespace lmps
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "lmps training worker: lmps_worker --scheduler=host:port [--backend=cpu]");
+  absl::ParseCommandLine(argc, argv);
+  std::signal(SIGPIPE, SIG_IGN);
+  absl::Status status = lmps::RunWorker();
+  if (!status.ok()) {
+    std::fprintf(stderr, "[worker] error: %s\n", status.ToString().c_str());
+    return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
+}
