@@ -1,0 +1,744 @@
+#include "server/scheduler/scheduler_core.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/notification.h"
+#include "common/job_spec.h"
+#include "common/partition.h"
+#include "common/status_util.h"
+
+namespace lmps {
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// "120s", "0.25s", "12.345s".
+std::string Seconds(absl::Duration d) {
+  const double s = std::round(absl::ToDoubleSeconds(d) * 1000) / 1000;
+  return absl::StrCat(s, "s");
+}
+
+std::string Plural(int n, absl::string_view noun) {
+  return absl::StrCat(noun, n == 1 ? "" : "s");
+}
+
+bool Terminal(JobState s) { return s == FINISHED || s == FAILED; }
+
+}  // namespace
+
+WorkerCoordinates WorkerRankToCoordinates(int rank,
+                                          const LayoutConfig& layout) {
+  const int tp = std::max(1, layout.tp());
+  const int pp = std::max(1, layout.pp());
+  WorkerCoordinates c;
+  c.tp = rank % tp;
+  c.pp = (rank / tp) % pp;
+  c.dp = rank / (tp * pp);
+  return c;
+}
+
+int64_t ChooseStartStep(const std::vector<ShardCheckpoints>& shards,
+                        uint64_t partition_version) {
+  if (shards.empty()) return 0;
+  std::set<int64_t> common;
+  bool first = true;
+  for (const ShardCheckpoints& shard : shards) {
+    std::set<int64_t> steps;
+    if (shard.partition_version == partition_version) {
+      for (int64_t s : shard.steps) {
+        if (s >= 0) steps.insert(s);
+      }
+    }
+    if (first) {
+      common = std::move(steps);
+      first = false;
+    } else {
+      std::set<int64_t> both;
+      std::set_intersection(common.begin(), common.end(), steps.begin(),
+                            steps.end(), std::inserter(both, both.begin()));
+      common = std::move(both);
+    }
+    if (common.empty()) return 0;
+  }
+  return *common.rbegin();
+}
+
+// One slot of the job: a shard or a worker rank, and the node holding it.
+struct SchedulerCore::Node {
+  // Fixed per slot.
+  std::string node_id;
+  Role role = ROLE_UNSPECIFIED;
+  int shard = -1;
+  int rank = -1;  // workers
+  WorkerCoordinates coords;
+
+  // The node currently holding the slot.
+  bool registered = false;
+  std::string address;
+  std::string hostname;
+  ShardCheckpoints checkpoints;
+  absl::Time registered_at;
+  absl::Time last_heartbeat;  // or registration time
+  absl::Time lease_start;     // max(last heartbeat, registration, assembly)
+  int64_t step = 0;
+  float loss = kNaN;
+  float eval_loss = kNaN;
+  double tokens_per_second = 0;
+  bool alive = true;
+  bool done = false;
+  std::string error;
+  JobState last_told = JOB_STATE_UNSPECIFIED;  // in a HeartbeatResponse
+
+  // "worker-1 (127.0.0.1:5000)" or "worker-1 (host hostname)".
+  std::string Describe() const {
+    if (!address.empty()) return absl::StrCat(node_id, " (", address, ")");
+    if (!hostname.empty()) return absl::StrCat(node_id, " (host ", hostname, ")");
+    return node_id;
+  }
+
+  // Empties the slot's progress for a new node.
+  void Reset() {
+    step = 0;
+    loss = kNaN;
+    eval_loss = kNaN;
+    tokens_per_second = 0;
+    alive = true;
+    done = false;
+    error.clear();
+    last_told = JOB_STATE_UNSPECIFIED;
+  }
+};
+
+struct SchedulerCore::Pending {
+  std::string node_id;
+  absl::Time deadline;
+  AssignmentCallback done;
+};
+
+// Effects gathered under the lock and carried out after it is released.
+struct SchedulerCore::Outbox {
+  std::vector<std::string> logs;
+  std::vector<std::pair<AssignmentCallback, absl::StatusOr<Assignment>>>
+      completions;
+};
+
+absl::StatusOr<std::unique_ptr<SchedulerCore>> SchedulerCore::Create(
+    SchedulerOptions options, Clock* clock) {
+  if (clock == nullptr) {
+    return absl::InvalidArgumentError("SchedulerCore needs a clock");
+  }
+  if (options.assemble_timeout <= absl::ZeroDuration() ||
+      options.lease <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "assemble timeout and lease must be positive (got ",
+        Seconds(options.assemble_timeout), " and ", Seconds(options.lease),
+        ")"));
+  }
+  ApplyJobSpecDefaults(&options.spec);
+  if (absl::Status s = ValidateJobSpec(options.spec); !s.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("invalid job spec: ", s.message()));
+  }
+  LMPS_ASSIGN_OR_RETURN(
+      PartitionMap partition,
+      ComputePartition(options.spec.model(), options.spec.layout().num_shards(),
+                       options.spec.max_chunk_bytes()));
+  return std::unique_ptr<SchedulerCore>(
+      new SchedulerCore(std::move(options), clock, std::move(partition)));
+}
+
+SchedulerCore::SchedulerCore(SchedulerOptions options, Clock* clock,
+                             PartitionMap partition)
+    : options_(std::move(options)),
+      clock_(clock),
+      partition_(std::move(partition)),
+      expected_servers_(options_.spec.layout().num_shards()),
+      expected_workers_(options_.spec.layout().dp() *
+                        options_.spec.layout().pp() *
+                        options_.spec.layout().tp()),
+      start_time_(clock_->Now()) {
+  absl::MutexLock lock(&mu_);
+  servers_.resize(expected_servers_);
+  for (int i = 0; i < expected_servers_; ++i) {
+    servers_[i].node_id = absl::StrCat("server-", i);
+    servers_[i].role = SERVER;
+    servers_[i].shard = i;
+  }
+  workers_.resize(expected_workers_);
+  for (int i = 0; i < expected_workers_; ++i) {
+    workers_[i].node_id = absl::StrCat("worker-", i);
+    workers_[i].role = WORKER;
+    workers_[i].rank = i;
+    workers_[i].coords = WorkerRankToCoordinates(i, options_.spec.layout());
+  }
+}
+
+SchedulerCore::~SchedulerCore() { Shutdown(); }
+
+void SchedulerCore::Flush(Outbox* out) {
+  if (options_.log) {
+    for (const std::string& line : out->logs) options_.log(line);
+  }
+  for (auto& [done, result] : out->completions) done(std::move(result));
+  out->logs.clear();
+  out->completions.clear();
+}
+
+SchedulerCore::Node* SchedulerCore::FindLocked(absl::string_view node_id) {
+  for (std::vector<Node>* slots : {&servers_, &workers_}) {
+    for (Node& n : *slots) {
+      if (n.node_id == node_id) return n.registered ? &n : nullptr;
+    }
+  }
+  return nullptr;
+}
+
+bool SchedulerCore::AllRegisteredLocked(const std::vector<Node>& slots) const {
+  for (const Node& n : slots) {
+    if (!n.registered) return false;
+  }
+  return true;
+}
+
+std::string SchedulerCore::MissingLocked() const {
+  int servers = 0, workers = 0;
+  std::vector<std::string> registered;
+  for (const std::vector<Node>* slots : {&servers_, &workers_}) {
+    for (const Node& n : *slots) {
+      if (!n.registered) continue;
+      (n.role == SERVER ? servers : workers)++;
+      const std::string& where = !n.address.empty() ? n.address : n.hostname;
+      registered.push_back(
+          where.empty() ? n.node_id : absl::StrCat(n.node_id, " at ", where));
+    }
+  }
+  return absl::StrCat(
+      "missing ", expected_workers_ - workers, " of ", expected_workers_, " ",
+      Plural(expected_workers_, "worker"), ", ", expected_servers_ - servers,
+      " of ", expected_servers_, " ", Plural(expected_servers_, "server"),
+      " (registered: ",
+      registered.empty() ? "none" : absl::StrJoin(registered, ", "), ")");
+}
+
+std::string SchedulerCore::DescribeDeadLocked() const {
+  std::vector<std::string> dead;
+  for (const std::vector<Node>* slots : {&servers_, &workers_}) {
+    for (const Node& n : *slots) {
+      if (n.registered && !n.alive) dead.push_back(n.Describe());
+    }
+  }
+  if (dead.empty()) return "";
+  return absl::StrCat("waiting for a replacement of ", absl::StrJoin(dead, ", "),
+                      ": missed the heartbeat lease of ",
+                      Seconds(options_.lease));
+}
+
+void SchedulerCore::SetStateLocked(JobState state, const std::string& message,
+                                   Outbox* out) {
+  if (state == state_) return;
+  out->logs.push_back(absl::StrCat(
+      "job state ", JobState_Name(state_), " -> ", JobState_Name(state),
+      message.empty() ? "" : ": ", message));
+  state_ = state;
+  if (state == FAILED) failure_ = message;
+}
+
+void SchedulerCore::FailLocked(const std::string& message,
+                               const absl::Status& error, Outbox* out) {
+  SetStateLocked(FAILED, message, out);
+  for (Pending& p : pending_) {
+    out->completions.emplace_back(std::move(p.done), error);
+  }
+  pending_.clear();
+}
+
+void SchedulerCore::AdvanceLocked(absl::Time now, Outbox* out) {
+  if (state_ == ASSEMBLING) {
+    if (now - start_time_ >= options_.assemble_timeout) {
+      assembly_timed_out_ = true;
+      const std::string message =
+          absl::StrCat("job did not assemble within ",
+                       Seconds(options_.assemble_timeout), ": ",
+                       MissingLocked());
+      FailLocked(message, absl::DeadlineExceededError(message), out);
+      return;
+    }
+    // Callers whose own deadline passed.
+    auto expired = std::stable_partition(
+        pending_.begin(), pending_.end(),
+        [now](const Pending& p) { return p.deadline > now; });
+    if (expired != pending_.end()) {
+      const std::string message = absl::StrCat(
+          "job did not assemble before the caller's deadline (",
+          Seconds(now - start_time_),
+          " after the scheduler started; it waits up to ",
+          Seconds(options_.assemble_timeout), "): ", MissingLocked());
+      for (auto it = expired; it != pending_.end(); ++it) {
+        out->completions.emplace_back(std::move(it->done),
+                                      absl::DeadlineExceededError(message));
+      }
+      pending_.erase(expired, pending_.end());
+    }
+  }
+  if (state_ == RUNNING) {
+    for (std::vector<Node>* slots : {&servers_, &workers_}) {
+      for (Node& n : *slots) {
+        if (n.registered && n.alive && now - n.lease_start > options_.lease) {
+          n.alive = false;
+          out->logs.push_back(absl::StrCat(
+              "node ", n.Describe(), " missed its heartbeat lease of ",
+              Seconds(options_.lease), " (last heartbeat ",
+              Seconds(now - n.last_heartbeat),
+              " ago); marked dead, its slot is open for a replacement"));
+        }
+      }
+    }
+  }
+}
+
+void SchedulerCore::UpdateStartStepLocked(Outbox* out) {
+  if (!AllRegisteredLocked(servers_)) return;
+  std::vector<ShardCheckpoints> shards;
+  for (const Node& n : servers_) shards.push_back(n.checkpoints);
+  const int64_t step = ChooseStartStep(shards, partition_.version());
+  if (!start_step_known_ || step != start_step_) {
+    out->logs.push_back(absl::StrCat(
+        "start_step = ", step,
+        step == 0 ? " (no checkpoint step common to every shard with "
+                    "partition version "
+                  : " (latest checkpoint every shard holds, partition "
+                    "version ",
+        partition_.version(), ")"));
+  }
+  start_step_known_ = true;
+  start_step_ = step;
+}
+
+void SchedulerCore::AssembleLocked(absl::Time now, Outbox* out) {
+  assembled_at_ = now;
+  for (std::vector<Node>* slots : {&servers_, &workers_}) {
+    for (Node& n : *slots) n.lease_start = now;
+  }
+  out->logs.push_back(absl::StrCat(
+      "job assembled after ", Seconds(now - start_time_), ": ",
+      expected_servers_, " ", Plural(expected_servers_, "server"), ", ",
+      expected_workers_, " ", Plural(expected_workers_, "worker"),
+      ", start_step ", start_step_));
+  SetStateLocked(RUNNING, "", out);
+  for (Pending& p : pending_) {
+    absl::StatusOr<Assignment> result;
+    if (Node* n = FindLocked(p.node_id)) {
+      ResolveLocked(*n, &result);
+    } else {
+      result = absl::NotFoundError(
+          absl::StrCat("node ", p.node_id, " is no longer registered"));
+    }
+    out->completions.emplace_back(std::move(p.done), std::move(result));
+  }
+  pending_.clear();
+}
+
+Assignment SchedulerCore::AssignmentLocked(const Node& n) const {
+  Assignment a;
+  a.set_node_id(n.node_id);
+  a.set_role(n.role);
+  a.set_shard(n.role == SERVER ? n.shard : -1);
+  a.set_dp_rank(n.role == WORKER ? n.coords.dp : -1);
+  a.set_pp_rank(n.role == WORKER ? n.coords.pp : -1);
+  a.set_tp_rank(n.role == WORKER ? n.coords.tp : -1);
+  *a.mutable_spec() = options_.spec;
+  *a.mutable_partition() = partition_;
+  for (const Node& s : servers_) a.add_shard_addresses(s.address);
+  a.set_start_step(start_step_);
+  return a;
+}
+
+bool SchedulerCore::ResolveLocked(const Node& node,
+                                  absl::StatusOr<Assignment>* result) {
+  if (shutdown_) {
+    *result = absl::UnavailableError("the scheduler is shutting down");
+    return true;
+  }
+  switch (state_) {
+    case RUNNING:
+    case FINISHED:
+      *result = AssignmentLocked(node);
+      return true;
+    case FAILED:
+      *result = assembly_timed_out_
+                    ? absl::DeadlineExceededError(failure_)
+                    : absl::FailedPreconditionError(
+                          absl::StrCat("the job FAILED: ", failure_));
+      return true;
+    default:
+      return false;
+  }
+}
+
+absl::StatusOr<RegisterResponse> SchedulerCore::Register(
+    const RegisterRequest& request) {
+  Outbox out;
+  absl::StatusOr<RegisterResponse> response = [&]() -> absl::StatusOr<
+                                                        RegisterResponse> {
+    absl::MutexLock lock(&mu_);
+    const absl::Time now = clock_->Now();
+    AdvanceLocked(now, &out);
+    if (request.role() != SERVER && request.role() != WORKER) {
+      const std::string name = Role_Name(request.role());
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cannot register a node with role ", name.empty() ? "?" : name,
+          " (", static_cast<int>(request.role()),
+          "); valid roles: SERVER, WORKER"));
+    }
+    if (shutdown_) {
+      return absl::UnavailableError("the scheduler is shutting down");
+    }
+    if (Terminal(state_)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "cannot register: the job is already ", JobState_Name(state_),
+          failure_.empty() ? "" : ": ", failure_));
+    }
+    const bool server = request.role() == SERVER;
+    if (server && request.address().empty()) {
+      return absl::InvalidArgumentError(
+          "a server must register with the address (host:port) it serves on");
+    }
+    std::vector<Node>& slots = server ? servers_ : workers_;
+    const int n_slots = static_cast<int>(slots.size());
+    const int requested = request.requested_rank();
+    const bool requested_valid = server && requested >= 0 && requested < n_slots;
+    Node* slot = nullptr;
+    std::string how;
+    // 1. A server coming back on the same address takes its slot again.
+    if (server) {
+      for (Node& n : slots) {
+        if (n.registered && n.address == request.address()) {
+          slot = &n;
+          how = n.alive ? "re-registered (same address)"
+                        : "re-registered (same address) after its lease "
+                          "expired";
+          break;
+        }
+      }
+    }
+    // 2. A free slot: the requested shard, else the lowest free one.
+    if (slot == nullptr) {
+      if (requested_valid && !slots[requested].registered) {
+        slot = &slots[requested];
+      } else {
+        for (Node& n : slots) {
+          if (!n.registered) {
+            slot = &n;
+            break;
+          }
+        }
+      }
+      if (slot != nullptr) {
+        how = "registered";
+        if (server && requested >= 0 && slot->shard != requested) {
+          absl::StrAppend(&how, " (requested shard ", requested,
+                          requested_valid ? " is taken)" : " is out of range)");
+        }
+      }
+    }
+    // 3. Every slot taken: replace a dead node.
+    if (slot == nullptr) {
+      Node* dead = nullptr;
+      if (requested_valid && !slots[requested].alive) dead = &slots[requested];
+      for (Node& n : slots) {
+        if (dead == nullptr && !n.alive && !request.address().empty() &&
+            n.address == request.address()) {
+          dead = &n;
+        }
+      }
+      for (Node& n : slots) {
+        if (dead == nullptr && !n.alive) dead = &n;
+      }
+      if (dead != nullptr) {
+        slot = dead;
+        how = absl::StrCat("replaces ", dead->Describe(),
+                           ", whose lease had expired");
+      }
+    }
+    if (slot == nullptr) {
+      std::vector<std::string> holders;
+      for (const Node& n : slots) holders.push_back(n.Describe());
+      const LayoutConfig& l = options_.spec.layout();
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "too many ", server ? "servers" : "workers", ": the job expects ",
+          n_slots, " ",
+          server ? absl::StrCat("(layout.num_shards=", l.num_shards(), ")")
+                 : absl::StrCat("(dp*pp*tp = ", l.dp(), "*", l.pp(), "*",
+                                l.tp(), ")"),
+          " and every slot is held by a live node: ",
+          absl::StrJoin(holders, ", ")));
+    }
+
+    slot->registered = true;
+    slot->Reset();
+    slot->address = request.address();
+    slot->hostname = request.hostname();
+    slot->checkpoints.steps.assign(request.checkpoint_steps().begin(),
+                                   request.checkpoint_steps().end());
+    slot->checkpoints.partition_version =
+        request.checkpoint_partition_version();
+    slot->registered_at = now;
+    slot->last_heartbeat = now;
+    slot->lease_start = now;
+
+    std::string ranks =
+        server ? absl::StrCat("shard ", slot->shard)
+               : absl::StrCat("rank ", slot->rank, " (dp ", slot->coords.dp,
+                              ", pp ", slot->coords.pp, ", tp ",
+                              slot->coords.tp, ")");
+    if (server) {
+      absl::StrAppend(&ranks, ", checkpoints [",
+                      absl::StrJoin(slot->checkpoints.steps, ","),
+                      "] partition version ",
+                      slot->checkpoints.partition_version);
+    }
+    out.logs.push_back(absl::StrCat(slot->Describe(), " ", how, ": ", ranks));
+
+    if (state_ == ASSEMBLING) {
+      if (server) UpdateStartStepLocked(&out);
+      if (AllRegisteredLocked(servers_) && AllRegisteredLocked(workers_)) {
+        AssembleLocked(now, &out);
+      }
+    }
+    RegisterResponse r;
+    r.set_node_id(slot->node_id);
+    r.set_lease_ms(absl::ToInt64Milliseconds(options_.lease));
+    return r;
+  }();
+  Flush(&out);
+  return response;
+}
+
+void SchedulerCore::GetAssignmentAsync(const std::string& node_id,
+                                       absl::Time deadline,
+                                       AssignmentCallback done) {
+  Outbox out;
+  {
+    absl::MutexLock lock(&mu_);
+    const absl::Time now = clock_->Now();
+    AdvanceLocked(now, &out);
+    const Node* node = FindLocked(node_id);
+    absl::StatusOr<Assignment> result;
+    if (node == nullptr) {
+      out.completions.emplace_back(
+          std::move(done),
+          absl::NotFoundError(absl::StrCat("unknown node id '", node_id,
+                                           "'; Register first")));
+    } else if (ResolveLocked(*node, &result)) {
+      out.completions.emplace_back(std::move(done), std::move(result));
+    } else {
+      pending_.push_back(Pending{node_id, deadline, std::move(done)});
+      // The deadline may already have passed.
+      AdvanceLocked(now, &out);
+    }
+  }
+  Flush(&out);
+}
+
+absl::StatusOr<Assignment> SchedulerCore::GetAssignment(
+    const std::string& node_id, absl::Time deadline) {
+  struct Result {
+    absl::Mutex mu;
+    bool set ABSL_GUARDED_BY(mu) = false;
+    absl::StatusOr<Assignment> value ABSL_GUARDED_BY(mu);
+  };
+  auto result = std::make_shared<Result>();
+  GetAssignmentAsync(node_id, deadline,
+                     [result](absl::StatusOr<Assignment> value) {
+                       absl::MutexLock lock(&result->mu);
+                       result->value = std::move(value);
+                       result->set = true;
+                     });
+  while (true) {
+    {
+      absl::MutexLock lock(&result->mu);
+      result->mu.AwaitWithTimeout(absl::Condition(&result->set),
+                                  absl::Milliseconds(10));
+      if (result->set) return std::move(result->value);
+    }
+    Tick();
+  }
+}
+
+absl::StatusOr<HeartbeatResponse> SchedulerCore::Heartbeat(
+    const HeartbeatRequest& request) {
+  Outbox out;
+  absl::StatusOr<HeartbeatResponse> response =
+      [&]() -> absl::StatusOr<HeartbeatResponse> {
+    absl::MutexLock lock(&mu_);
+    const absl::Time now = clock_->Now();
+    AdvanceLocked(now, &out);
+    Node* n = FindLocked(request.node_id());
+    if (n == nullptr) {
+      return absl::NotFoundError(absl::StrCat(
+          "unknown node id '", request.node_id(), "'; Register first"));
+    }
+    n->last_heartbeat = now;
+    n->lease_start = now;
+    if (!n->alive) {
+      n->alive = true;
+      out.logs.push_back(absl::StrCat(
+          n->Describe(), " heartbeats again after its lease expired; alive"));
+    }
+    n->step = request.step();
+    n->loss = request.loss();
+    n->eval_loss = request.eval_loss();
+    n->tokens_per_second = request.tokens_per_second();
+    if (request.done() && !n->done) {
+      n->done = true;
+      out.logs.push_back(
+          absl::StrCat(n->Describe(), " is done at step ", request.step()));
+    }
+    if (!request.error().empty()) {
+      const bool first = n->error.empty();
+      n->error = request.error();
+      if (first && !Terminal(state_)) {
+        const std::string message = absl::StrCat(
+            "node ", n->Describe(), " reported an error: ", request.error());
+        FailLocked(message,
+                   absl::FailedPreconditionError(
+                       absl::StrCat("the job FAILED: ", message)),
+                   &out);
+      }
+    }
+    if (state_ == RUNNING) {
+      bool all_done = true;
+      for (const Node& w : workers_) all_done = all_done && w.done;
+      if (all_done) {
+        SetStateLocked(FINISHED, "every worker reported done", &out);
+      }
+    }
+    HeartbeatResponse r;
+    r.set_state(state_);
+    if (state_ == FAILED) r.set_message(failure_);
+    n->last_told = state_;
+    return r;
+  }();
+  Flush(&out);
+  return response;
+}
+
+JobStatus SchedulerCore::Status() {
+  Outbox out;
+  JobStatus status;
+  {
+    absl::MutexLock lock(&mu_);
+    const absl::Time now = clock_->Now();
+    AdvanceLocked(now, &out);
+    status.set_state(state_);
+    *status.mutable_spec() = options_.spec;
+    status.set_start_step(start_step_);
+    status.set_expected_servers(expected_servers_);
+    status.set_expected_workers(expected_workers_);
+    *status.mutable_partition() = partition_;
+    for (const std::vector<Node>* slots : {&servers_, &workers_}) {
+      for (const Node& n : *slots) {
+        if (!n.registered) continue;
+        NodeStatus* s = status.add_nodes();
+        s->set_node_id(n.node_id);
+        s->set_role(n.role);
+        s->set_address(n.address);
+        s->set_shard(n.role == SERVER ? n.shard : -1);
+        s->set_dp_rank(n.role == WORKER ? n.coords.dp : -1);
+        s->set_pp_rank(n.role == WORKER ? n.coords.pp : -1);
+        s->set_tp_rank(n.role == WORKER ? n.coords.tp : -1);
+        s->set_last_heartbeat_unix_ms(absl::ToUnixMillis(n.last_heartbeat));
+        s->set_heartbeat_age_ms(
+            absl::ToInt64Milliseconds(now - n.last_heartbeat));
+        s->set_step(n.step);
+        s->set_loss(n.loss);
+        s->set_eval_loss(n.eval_loss);
+        s->set_tokens_per_second(n.tokens_per_second);
+        s->set_alive(n.alive);
+        s->set_done(n.done);
+        s->set_error(n.error);
+      }
+    }
+    status.set_message(StateMessageLocked());
+  }
+  Flush(&out);
+  return status;
+}
+
+void SchedulerCore::Tick() {
+  Outbox out;
+  {
+    absl::MutexLock lock(&mu_);
+    AdvanceLocked(clock_->Now(), &out);
+  }
+  Flush(&out);
+}
+
+void SchedulerCore::Shutdown() {
+  Outbox out;
+  {
+    absl::MutexLock lock(&mu_);
+    shutdown_ = true;
+    for (Pending& p : pending_) {
+      out.completions.emplace_back(
+          std::move(p.done),
+          absl::UnavailableError("the scheduler is shutting down"));
+    }
+    pending_.clear();
+  }
+  Flush(&out);
+}
+
+JobState SchedulerCore::CurrentState() {
+  Outbox out;
+  JobState state;
+  {
+    absl::MutexLock lock(&mu_);
+    AdvanceLocked(clock_->Now(), &out);
+    state = state_;
+  }
+  Flush(&out);
+  return state;
+}
+
+std::string SchedulerCore::StateMessage() {
+  Outbox out;
+  std::string message;
+  {
+    absl::MutexLock lock(&mu_);
+    AdvanceLocked(clock_->Now(), &out);
+    message = StateMessageLocked();
+  }
+  Flush(&out);
+  return message;
+}
+
+std::string SchedulerCore::StateMessageLocked() const {
+  switch (state_) {
+    case FAILED:
+      return failure_;
+    case ASSEMBLING:
+      return absl::StrCat("assembling: ", MissingLocked());
+    case RUNNING:
+      return DescribeDeadLocked();
+    default:
+      return "";
+  }
+}
+
+bool SchedulerCore::AllServersSawFinalState() {
+  absl::MutexLock lock(&mu_);
+  if (!Terminal(state_)) return false;
+  for (const Node& n : servers_) {
+    if (n.registered && n.alive && n.last_told != state_) return false;
+  }
+  return true;
+}
+
+}  // namespace lmps

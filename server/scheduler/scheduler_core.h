@@ -1,0 +1,245 @@
+// SchedulerCore: the job-assembly and liveness logic of the lmps scheduler,
+// with no networking (SchedulerService adapts it to gRPC). See the Scheduler
+// service in proto/lmps.proto for the wire contract.
+//
+// The job. The spec's layout fixes the expected nodes: `num_shards` parameter
+// servers ("server-<shard>") and dp * pp * tp workers ("worker-<rank>"). Every
+// node occupies a fixed *slot* (a shard id or a worker rank); a node id names
+// its slot, so a replacement for a dead node gets the same id and ranks.
+//
+// Registration (Register):
+//  - Servers must give their address. A server gets its requested shard
+//    (RegisterRequest.requested_rank) if that is in range and free, else the
+//    lowest free shard. A server registering with the address of an
+//    already-registered server takes that server's slot again (a retried
+//    Register, or a restart on the same host:port).
+//  - Workers get ranks in registration order (requested_rank is ignored);
+//    rank r maps to (dp, pp, tp) coordinates with WorkerRankToCoordinates
+//    (today pp = tp = 1, so dp_rank = r).
+//  - When every slot of the role is taken but one belongs to a node whose
+//    lease expired (alive = false), the new node takes over that slot (same
+//    id and ranks; for servers the requested shard, then a slot with the same
+//    address, then the lowest dead shard is preferred). Otherwise the
+//    request fails with RESOURCE_EXHAUSTED. An unknown role is
+//    INVALID_ARGUMENT; registering after the job FINISHED or FAILED is
+//    FAILED_PRECONDITION. A replacement shares its node id with the node it
+//    replaced, so heartbeats from the old node, should it come back, count
+//    for the replacement. A replacement server's address appears in the
+//    shard_addresses of assignments handed out from then on only.
+//
+// Resume step. Once every server slot is registered (and until the job
+// assembles) start_step is recomputed by ChooseStartStep: the largest step
+// that appears in the checkpoint_steps of EVERY server whose
+// checkpoint_partition_version equals the job's partition-map version; a
+// server with another version (or no checkpoints) contributes no steps, so
+// the result is then 0. start_step is frozen when the job assembles; it is
+// not capped at train.steps.
+//
+// Job states:
+//  ASSEMBLING  until every slot is registered, then RUNNING. If that does not
+//              happen within `assemble_timeout` of Create(), the job becomes
+//              FAILED with "job did not assemble within 120s: missing ...".
+//  RUNNING     Leases are enforced only from assembly on (every lease is
+//              renewed at assembly, since nodes typically do not heartbeat
+//              while waiting in GetAssignment). A node whose last heartbeat
+//              is more than `lease` old is marked alive = false, but the job
+//              STAYS RUNNING: its slot becomes free for a replacement (see
+//              above), and a heartbeat from the node itself revives it. A
+//              dead node does not fail the job; a stuck job is the launcher's
+//              to notice (JobStatus.message names the dead nodes).
+//  FINISHED    every worker slot has reported done = true.
+//  FAILED      a node reported a non-empty error (the message names the node
+//              and its error), or the job did not assemble in time.
+// FINISHED and FAILED are terminal.
+//
+// Node ids and ranks that do not apply are -1: workers have shard = -1 and
+// servers dp/pp/tp ranks = -1.
+//
+// Time comes from the Clock given to Create. Timeouts are detected whenever
+// any method runs; call Tick() periodically (SchedulerService does every
+// 100 ms) so that waiting GetAssignment calls and leases are resolved on time
+// when no other call arrives.
+//
+// Thread-safety: every method is safe to call from many threads. Callbacks
+// (GetAssignmentAsync's `done`, SchedulerOptions::log) are run without the
+// internal lock held and may call back into the SchedulerCore.
+#ifndef LMPS_SERVER_SCHEDULER_SCHEDULER_CORE_H_
+#define LMPS_SERVER_SCHEDULER_SCHEDULER_CORE_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "proto/lmps.pb.h"
+#include "server/scheduler/clock.h"
+
+namespace lmps {
+
+struct SchedulerOptions {
+  // The job. Unset fields get their defaults (ApplyJobSpecDefaults) and the
+  // result must pass ValidateJobSpec.
+  JobSpec spec;
+  // How long after Create() every expected node must have registered.
+  absl::Duration assemble_timeout = absl::Seconds(120);
+  // A node that does not heartbeat for longer than this is marked dead.
+  absl::Duration lease = absl::Seconds(10);
+  // Receives one human-readable line per event (registrations, assembly,
+  // start step, state changes, expired leases), without a prefix. May be
+  // empty (no logging).
+  std::function<void(absl::string_view)> log;
+};
+
+// A worker's place in the (dp, pp, tp) grid.
+struct WorkerCoordinates {
+  int dp = 0;
+  int pp = 0;
+  int tp = 0;
+};
+
+// Maps a worker rank in [0, dp * pp * tp) to its coordinates: tp varies
+// fastest, then pp, then dp. With pp = tp = 1 this is dp = rank.
+WorkerCoordinates WorkerRankToCoordinates(int rank, const LayoutConfig& layout);
+
+// What one server reported about its checkpoints at registration.
+struct ShardCheckpoints {
+  std::vector<int64_t> steps;
+  uint64_t partition_version = 0;
+};
+
+// The largest step present in the steps of every element of `shards` whose
+// partition_version equals `partition_version`; a shard with another version
+// counts as having no steps. 0 if there is no such step (or `shards` is
+// empty). Negative steps are ignored.
+int64_t ChooseStartStep(const std::vector<ShardCheckpoints>& shards,
+                        uint64_t partition_version);
+
+class SchedulerCore {
+ public:
+  // Called exactly once with the caller's assignment or the error.
+  using AssignmentCallback = std::function<void(absl::StatusOr<Assignment>)>;
+
+  // Validates the options and computes the partition map. `clock` must
+  // outlive the SchedulerCore. The assemble timeout starts now.
+  static absl::StatusOr<std::unique_ptr<SchedulerCore>> Create(
+      SchedulerOptions options, Clock* clock);
+
+  SchedulerCore(const SchedulerCore&) = delete;
+  SchedulerCore& operator=(const SchedulerCore&) = delete;
+  ~SchedulerCore();
+
+  // Adds a node to the job (see the header comment for the rules).
+  absl::StatusOr<RegisterResponse> Register(const RegisterRequest& request);
+
+  // Calls `done` with node_id's assignment once every expected node has
+  // registered: immediately (on this thread) if the job has assembled, else
+  // from whichever thread completes the assembly. Errors: NOT_FOUND for an
+  // unknown node_id; DEADLINE_EXCEEDED, naming the missing nodes, if the job
+  // does not assemble before `deadline` or the assemble timeout;
+  // FAILED_PRECONDITION if the job failed otherwise; UNAVAILABLE after
+  // Shutdown(). Timeouts are detected by the next call into the core (Tick()).
+  void GetAssignmentAsync(const std::string& node_id, absl::Time deadline,
+                          AssignmentCallback done);
+
+  // Blocking form of GetAssignmentAsync, for tests and tools. While waiting
+  // it calls Tick() every 10 ms of real time, so it returns even when the
+  // clock is moved by another thread and nobody else ticks.
+  absl::StatusOr<Assignment> GetAssignment(const std::string& node_id,
+                                           absl::Time deadline);
+
+  // Renews node_id's lease, records its progress and returns the job state.
+  // NOT_FOUND for an unknown node_id.
+  absl::StatusOr<HeartbeatResponse> Heartbeat(const HeartbeatRequest& request);
+
+  // Every registered node (servers by shard, then workers by rank), the
+  // state, the spec, the start step, the expected counts and the partition.
+  JobStatus Status();
+
+  // Resolves timeouts at the clock's current time: the assemble timeout,
+  // waiting callers' deadlines and expired leases.
+  void Tick();
+
+  // Completes every waiting GetAssignment with UNAVAILABLE; later ones and
+  // Register fail with UNAVAILABLE too. Call before stopping the server.
+  void Shutdown();
+
+  JobState CurrentState();
+  // Why the job is FAILED; for other states a description of what it waits
+  // for (missing or dead nodes), or empty.
+  std::string StateMessage();
+
+  // True once the job is FINISHED or FAILED and every registered server
+  // that is alive has been told so in a HeartbeatResponse (so servers have
+  // seen the end before the scheduler exits).
+  bool AllServersSawFinalState();
+
+  const PartitionMap& partition() const { return partition_; }
+  int expected_servers() const { return expected_servers_; }
+  int expected_workers() const { return expected_workers_; }
+
+ private:
+  struct Node;
+  struct Pending;
+  struct Outbox;
+
+  SchedulerCore(SchedulerOptions options, Clock* clock, PartitionMap partition);
+
+  // Applies timeouts at `now`; called at the start of every public method.
+  void AdvanceLocked(absl::Time now, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SetStateLocked(JobState state, const std::string& message, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Moves to FAILED because of `message` and fails every waiting
+  // GetAssignment with `error`.
+  void FailLocked(const std::string& message, const absl::Status& error,
+                  Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void AssembleLocked(absl::Time now, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void UpdateStartStepLocked(Outbox* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Sets *result to the assignment (or error) a GetAssignment for `node`
+  // gets now and returns true; returns false if the caller must wait.
+  bool ResolveLocked(const Node& node, absl::StatusOr<Assignment>* result)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  Assignment AssignmentLocked(const Node& node) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  Node* FindLocked(absl::string_view node_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool AllRegisteredLocked(const std::vector<Node>& slots) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // "missing 1 of 2 workers, 0 of 1 server (registered: server-0 at ...)".
+  std::string MissingLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::string DescribeDeadLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::string StateMessageLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Flush(Outbox* out);
+
+  const SchedulerOptions options_;
+  Clock* const clock_;
+  const PartitionMap partition_;
+  const int expected_servers_;
+  const int expected_workers_;
+  const absl::Time start_time_;
+
+  absl::Mutex mu_;
+  JobState state_ ABSL_GUARDED_BY(mu_) = ASSEMBLING;
+  std::string failure_ ABSL_GUARDED_BY(mu_);  // the FAILED message
+  bool assembly_timed_out_ ABSL_GUARDED_BY(mu_) = false;
+  bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  bool start_step_known_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t start_step_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Time assembled_at_ ABSL_GUARDED_BY(mu_);
+  std::vector<Node> servers_ ABSL_GUARDED_BY(mu_);  // index = shard
+  std::vector<Node> workers_ ABSL_GUARDED_BY(mu_);  // index = worker rank
+  std::vector<Pending> pending_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace lmps
+
+#endif  // LMPS_SERVER_SCHEDULER_SCHEDULER_CORE_H_

@@ -1,0 +1,635 @@
+#include "server/scheduler/scheduler_core.h"
+
+#include <cmath>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/synchronization/mutex.h"
+#include "common/job_spec.h"
+#include "common/partition.h"
+#include "gtest/gtest.h"
+#include "server/scheduler/clock.h"
+
+namespace lmps {
+namespace {
+
+JobSpec Spec(int dp, int shards) {
+  absl::StatusOr<JobSpec> spec = ParseJobSpec(R"pb(
+    model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 16 }
+    max_chunk_bytes: 2048
+  )pb");
+  EXPECT_TRUE(spec.ok()) << spec.status();
+  spec->mutable_layout()->set_dp(dp);
+  spec->mutable_layout()->set_num_shards(shards);
+  return *spec;
+}
+
+RegisterRequest Server(const std::string& address, int requested = -1,
+                       std::vector<int64_t> steps = {},
+                       uint64_t version = 0) {
+  RegisterRequest r;
+  r.set_role(SERVER);
+  r.set_address(address);
+  r.set_requested_rank(requested);
+  for (int64_t s : steps) r.add_checkpoint_steps(s);
+  r.set_checkpoint_partition_version(version);
+  return r;
+}
+
+RegisterRequest Worker(const std::string& hostname) {
+  RegisterRequest r;
+  r.set_role(WORKER);
+  r.set_hostname(hostname);
+  r.set_requested_rank(-1);
+  return r;
+}
+
+HeartbeatRequest Beat(const std::string& id, int64_t step = 0) {
+  HeartbeatRequest h;
+  h.set_node_id(id);
+  h.set_step(step);
+  h.set_loss(2.5f);
+  h.set_eval_loss(NAN);
+  h.set_tokens_per_second(1000);
+  return h;
+}
+
+// Captures the result of GetAssignmentAsync.
+struct Captured {
+  absl::Mutex mu;
+  std::optional<absl::StatusOr<Assignment>> result ABSL_GUARDED_BY(mu);
+
+  SchedulerCore::AssignmentCallback Callback() {
+    return [this](absl::StatusOr<Assignment> r) {
+      absl::MutexLock lock(&mu);
+      EXPECT_FALSE(result.has_value()) << "callback called twice";
+      result = std::move(r);
+    };
+  }
+  bool has() {
+    absl::MutexLock lock(&mu);
+    return result.has_value();
+  }
+  absl::StatusOr<Assignment> get() {
+    absl::MutexLock lock(&mu);
+    return *result;
+  }
+};
+
+class SchedulerCoreTest : public ::testing::Test {
+ protected:
+  void Start(int dp, int shards, absl::Duration assemble = absl::Seconds(120),
+             absl::Duration lease = absl::Seconds(10)) {
+    SchedulerOptions options;
+    options.spec = Spec(dp, shards);
+    options.assemble_timeout = assemble;
+    options.lease = lease;
+    options.log = [this](absl::string_view line) {
+      absl::MutexLock lock(&log_mu_);
+      log_.emplace_back(line);
+    };
+    auto core = SchedulerCore::Create(options, &clock_);
+    ASSERT_TRUE(core.ok()) << core.status();
+    core_ = std::move(*core);
+  }
+
+  std::string Id(const RegisterRequest& r) {
+    absl::StatusOr<RegisterResponse> resp = core_->Register(r);
+    EXPECT_TRUE(resp.ok()) << resp.status();
+    return resp.ok() ? resp->node_id() : "";
+  }
+
+  // Registers servers 127.0.0.1:4000+i and workers host-i: a running job.
+  void Assemble(int dp, int shards) {
+    Start(dp, shards);
+    for (int i = 0; i < shards; ++i) {
+      Id(Server(absl::StrCat("127.0.0.1:", 4000 + i)));
+    }
+    for (int i = 0; i < dp; ++i) Id(Worker(absl::StrCat("host-", i)));
+    ASSERT_EQ(core_->CurrentState(), RUNNING);
+  }
+
+  const NodeStatus* Find(const JobStatus& s, const std::string& id) {
+    for (const NodeStatus& n : s.nodes()) {
+      if (n.node_id() == id) return &n;
+    }
+    return nullptr;
+  }
+
+  bool Logged(absl::string_view needle) {
+    absl::MutexLock lock(&log_mu_);
+    for (const std::string& line : log_) {
+      if (absl::StrContains(line, needle)) return true;
+    }
+    return false;
+  }
+
+  FakeClock clock_;
+  std::unique_ptr<SchedulerCore> core_;
+  absl::Mutex log_mu_;
+  std::vector<std::string> log_ ABSL_GUARDED_BY(log_mu_);
+};
+
+TEST(WorkerRankToCoordinatesTest, TpFastestThenPpThenDp) {
+  LayoutConfig l;
+  l.set_dp(2);
+  l.set_pp(3);
+  l.set_tp(2);
+  WorkerCoordinates c = WorkerRankToCoordinates(0, l);
+  EXPECT_EQ(c.dp, 0);
+  EXPECT_EQ(c.pp, 0);
+  EXPECT_EQ(c.tp, 0);
+  c = WorkerRankToCoordinates(1, l);
+  EXPECT_EQ(c.tp, 1);
+  EXPECT_EQ(c.pp, 0);
+  c = WorkerRankToCoordinates(2, l);
+  EXPECT_EQ(c.tp, 0);
+  EXPECT_EQ(c.pp, 1);
+  EXPECT_EQ(c.dp, 0);
+  c = WorkerRankToCoordinates(11, l);
+  EXPECT_EQ(c.dp, 1);
+  EXPECT_EQ(c.pp, 2);
+  EXPECT_EQ(c.tp, 1);
+  LayoutConfig dp_only;
+  dp_only.set_dp(4);
+  dp_only.set_pp(1);
+  dp_only.set_tp(1);
+  for (int r = 0; r < 4; ++r) EXPECT_EQ(WorkerRankToCoordinates(r, dp_only).dp, r);
+}
+
+TEST(ChooseStartStepTest, LatestStepEveryShardHoldsWithTheRightVersion) {
+  EXPECT_EQ(ChooseStartStep({}, 7), 0);
+  EXPECT_EQ(ChooseStartStep({{{}, 7}}, 7), 0);
+  EXPECT_EQ(ChooseStartStep({{{50, 100, 150}, 7}}, 7), 150);
+  EXPECT_EQ(ChooseStartStep({{{50, 100, 150}, 7}, {{100, 50}, 7}}, 7), 100);
+  EXPECT_EQ(ChooseStartStep({{{50, 150}, 7}, {{100}, 7}}, 7), 0);
+  // A shard with another partition version has no usable checkpoint.
+  EXPECT_EQ(ChooseStartStep({{{50, 100}, 7}, {{50, 100}, 8}}, 7), 0);
+  EXPECT_EQ(ChooseStartStep({{{-5, 20}, 7}, {{-5, 20}, 7}}, 7), 20);
+}
+
+TEST_F(SchedulerCoreTest, CreateRejectsBadOptions) {
+  SchedulerOptions options;
+  options.spec = Spec(1, 1);
+  options.spec.mutable_layout()->set_dp(3);  // batch 16 % 3 != 0
+  EXPECT_EQ(SchedulerCore::Create(options, &clock_).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  options.spec = Spec(1, 1);
+  options.lease = absl::ZeroDuration();
+  EXPECT_EQ(SchedulerCore::Create(options, &clock_).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  options.lease = absl::Seconds(1);
+  EXPECT_EQ(SchedulerCore::Create(options, nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(SchedulerCoreTest, AssemblesAndHandsOutAssignments) {
+  Start(/*dp=*/2, /*shards=*/2);
+  EXPECT_EQ(core_->expected_servers(), 2);
+  EXPECT_EQ(core_->expected_workers(), 2);
+  EXPECT_EQ(Id(Worker("host-a")), "worker-0");
+  Captured early;
+  core_->GetAssignmentAsync("worker-0", absl::InfiniteFuture(),
+                            early.Callback());
+  EXPECT_FALSE(early.has());
+  EXPECT_EQ(core_->CurrentState(), ASSEMBLING);
+  EXPECT_EQ(Id(Server("127.0.0.1:4001")), "server-0");
+  EXPECT_EQ(Id(Worker("host-b")), "worker-1");
+  EXPECT_FALSE(early.has());
+  absl::StatusOr<RegisterResponse> last = core_->Register(Server("127.0.0.1:4002"));
+  ASSERT_TRUE(last.ok()) << last.status();
+  EXPECT_EQ(last->node_id(), "server-1");
+  EXPECT_EQ(last->lease_ms(), 10000);
+  EXPECT_EQ(core_->CurrentState(), RUNNING);
+  ASSERT_TRUE(early.has());
+
+  absl::StatusOr<PartitionMap> partition =
+      ComputePartition(Spec(2, 2).model(), 2, 2048);
+  ASSERT_TRUE(partition.ok());
+  absl::StatusOr<Assignment> w0 = early.get();
+  ASSERT_TRUE(w0.ok()) << w0.status();
+  EXPECT_EQ(w0->node_id(), "worker-0");
+  EXPECT_EQ(w0->role(), WORKER);
+  EXPECT_EQ(w0->dp_rank(), 0);
+  EXPECT_EQ(w0->pp_rank(), 0);
+  EXPECT_EQ(w0->tp_rank(), 0);
+  EXPECT_EQ(w0->shard(), -1);
+  EXPECT_EQ(w0->start_step(), 0);
+  EXPECT_EQ(w0->spec().layout().dp(), 2);
+  EXPECT_EQ(w0->partition().version(), partition->version());
+  EXPECT_EQ(w0->partition().chunks_size(), partition->chunks_size());
+  ASSERT_EQ(w0->shard_addresses_size(), 2);
+  EXPECT_EQ(w0->shard_addresses(0), "127.0.0.1:4001");
+  EXPECT_EQ(w0->shard_addresses(1), "127.0.0.1:4002");
+
+  absl::StatusOr<Assignment> w1 = core_->GetAssignment("worker-1", absl::InfiniteFuture());
+  ASSERT_TRUE(w1.ok()) << w1.status();
+  EXPECT_EQ(w1->dp_rank(), 1);
+  absl::StatusOr<Assignment> s1 = core_->GetAssignment("server-1", absl::InfiniteFuture());
+  ASSERT_TRUE(s1.ok()) << s1.status();
+  EXPECT_EQ(s1->role(), SERVER);
+  EXPECT_EQ(s1->shard(), 1);
+  EXPECT_EQ(s1->dp_rank(), -1);
+
+  JobStatus status = core_->Status();
+  EXPECT_EQ(status.state(), RUNNING);
+  ASSERT_EQ(status.nodes_size(), 4);
+  EXPECT_EQ(status.nodes(0).node_id(), "server-0");
+  EXPECT_EQ(status.nodes(1).node_id(), "server-1");
+  EXPECT_EQ(status.nodes(2).node_id(), "worker-0");
+  EXPECT_EQ(status.nodes(3).node_id(), "worker-1");
+  EXPECT_EQ(status.nodes(3).dp_rank(), 1);
+  EXPECT_EQ(status.expected_servers(), 2);
+  EXPECT_EQ(status.expected_workers(), 2);
+  EXPECT_EQ(status.partition().version(), partition->version());
+  EXPECT_TRUE(Logged("job assembled"));
+  EXPECT_TRUE(Logged("ASSEMBLING -> RUNNING"));
+}
+
+TEST_F(SchedulerCoreTest, HonoursRequestedShardWhenFreeAndInRange) {
+  Start(/*dp=*/1, /*shards=*/3);
+  EXPECT_EQ(Id(Server("a:1", /*requested=*/2)), "server-2");
+  EXPECT_EQ(Id(Server("a:2", /*requested=*/2)), "server-0");   // taken
+  EXPECT_EQ(Id(Server("a:3", /*requested=*/17)), "server-1");  // out of range
+  EXPECT_TRUE(Logged("requested shard 2 is taken"));
+  EXPECT_TRUE(Logged("requested shard 17 is out of range"));
+}
+
+TEST_F(SchedulerCoreTest, ServerWithTheSameAddressGetsItsSlotBack) {
+  Start(/*dp=*/1, /*shards=*/2);
+  EXPECT_EQ(Id(Server("a:1")), "server-0");
+  EXPECT_EQ(Id(Server("a:1", -1, {10}, core_->partition().version())),
+            "server-0");
+  EXPECT_EQ(Id(Server("a:2")), "server-1");
+  EXPECT_EQ(core_->CurrentState(), ASSEMBLING);
+}
+
+TEST_F(SchedulerCoreTest, TooManyNodesIsResourceExhausted) {
+  Start(/*dp=*/2, /*shards=*/1);
+  Id(Server("a:1"));
+  Id(Worker("w0"));
+  Id(Worker("w1"));
+  absl::StatusOr<RegisterResponse> extra = core_->Register(Worker("w2"));
+  EXPECT_EQ(extra.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(extra.status().message(), "too many workers"))
+      << extra.status();
+  EXPECT_TRUE(absl::StrContains(extra.status().message(), "expects 2"))
+      << extra.status();
+  extra = core_->Register(Server("a:2"));
+  EXPECT_EQ(extra.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(extra.status().message(), "too many servers"));
+}
+
+TEST_F(SchedulerCoreTest, BadRegistrationsAreInvalidArgument) {
+  Start(1, 1);
+  for (int role : {0, 1, 42}) {
+    RegisterRequest r = Worker("x");
+    r.set_role(static_cast<Role>(role));
+    absl::StatusOr<RegisterResponse> resp = core_->Register(r);
+    EXPECT_EQ(resp.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_TRUE(absl::StrContains(resp.status().message(), "valid roles"));
+  }
+  EXPECT_EQ(core_->Register(Server("")).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(core_->Status().nodes_size(), 0);
+}
+
+TEST_F(SchedulerCoreTest, UnknownNodeIsNotFound) {
+  Start(1, 1);
+  EXPECT_EQ(core_->GetAssignment("worker-0", absl::InfiniteFuture()).status().code(),
+            absl::StatusCode::kNotFound);  // slot exists, nobody registered
+  EXPECT_EQ(core_->GetAssignment("nope", absl::InfiniteFuture()).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(core_->Heartbeat(Beat("worker-7")).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST_F(SchedulerCoreTest, AssembleTimeoutNamesWhatIsMissing) {
+  Start(/*dp=*/2, /*shards=*/2);
+  Id(Server("127.0.0.1:4001"));
+  Id(Worker("host-a"));
+  Captured waiting;
+  core_->GetAssignmentAsync("worker-0", absl::InfiniteFuture(),
+                            waiting.Callback());
+  clock_.Advance(absl::Seconds(119));
+  core_->Tick();
+  EXPECT_FALSE(waiting.has());
+  EXPECT_EQ(core_->CurrentState(), ASSEMBLING);
+  EXPECT_TRUE(absl::StrContains(core_->StateMessage(), "missing 1 of 2"));
+  clock_.Advance(absl::Seconds(1));
+  core_->Tick();
+  ASSERT_TRUE(waiting.has());
+  absl::Status st = waiting.get().status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(st.message(),
+            "job did not assemble within 120s: missing 1 of 2 workers, 1 of 2 "
+            "servers (registered: server-0 at 127.0.0.1:4001, worker-0 at "
+            "host-a)");
+  EXPECT_EQ(core_->CurrentState(), FAILED);
+  absl::StatusOr<HeartbeatResponse> hb = core_->Heartbeat(Beat("worker-0"));
+  ASSERT_TRUE(hb.ok());
+  EXPECT_EQ(hb->state(), FAILED);
+  EXPECT_EQ(hb->message(), st.message());
+  // Late nodes are turned away; GetAssignment fails at once.
+  EXPECT_EQ(core_->Register(Worker("late")).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(core_->GetAssignment("server-0", absl::InfiniteFuture()).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_TRUE(Logged("ASSEMBLING -> FAILED: job did not assemble within 120s"));
+}
+
+TEST_F(SchedulerCoreTest, NothingRegisteredSaysNone) {
+  Start(1, 1, absl::Seconds(2));
+  clock_.Advance(absl::Seconds(2));
+  EXPECT_EQ(core_->StateMessage(),
+            "job did not assemble within 2s: missing 1 of 1 worker, 1 of 1 "
+            "server (registered: none)");
+}
+
+TEST_F(SchedulerCoreTest, CallersDeadlineEndsOnlyThatWait) {
+  Start(/*dp=*/1, /*shards=*/1);
+  Id(Worker("host-a"));
+  Captured short_wait, long_wait;
+  core_->GetAssignmentAsync("worker-0", clock_.Now() + absl::Seconds(5),
+                            short_wait.Callback());
+  core_->GetAssignmentAsync("worker-0", absl::InfiniteFuture(),
+                            long_wait.Callback());
+  clock_.Advance(absl::Seconds(5));
+  core_->Tick();
+  ASSERT_TRUE(short_wait.has());
+  EXPECT_EQ(short_wait.get().status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_TRUE(absl::StrContains(short_wait.get().status().message(),
+                                "missing 0 of 1 worker, 1 of 1 server"))
+      << short_wait.get().status();
+  EXPECT_FALSE(long_wait.has());
+  EXPECT_EQ(core_->CurrentState(), ASSEMBLING);
+  // A deadline already in the past fails at once.
+  Captured past;
+  core_->GetAssignmentAsync("worker-0", clock_.Now() - absl::Seconds(1),
+                            past.Callback());
+  ASSERT_TRUE(past.has());
+  EXPECT_EQ(past.get().status().code(), absl::StatusCode::kDeadlineExceeded);
+  Id(Server("a:1"));
+  ASSERT_TRUE(long_wait.has());
+  EXPECT_TRUE(long_wait.get().ok());
+}
+
+TEST_F(SchedulerCoreTest, BlockingGetAssignmentWaitsForOtherThreads) {
+  Start(/*dp=*/1, /*shards=*/1);
+  Id(Worker("host-a"));
+  std::thread other([this] {
+    absl::SleepFor(absl::Milliseconds(50));
+    Id(Server("a:1"));
+  });
+  absl::StatusOr<Assignment> a =
+      core_->GetAssignment("worker-0", absl::InfiniteFuture());
+  other.join();
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->shard_addresses(0), "a:1");
+  // And it notices a clock moved by another thread.
+  Start(1, 1, absl::Seconds(30));
+  Id(Worker("host-a"));
+  std::thread mover([this] {
+    absl::SleepFor(absl::Milliseconds(50));
+    clock_.Advance(absl::Seconds(31));
+  });
+  a = core_->GetAssignment("worker-0", absl::InfiniteFuture());
+  mover.join();
+  EXPECT_EQ(a.status().code(), absl::StatusCode::kDeadlineExceeded);
+}
+
+TEST_F(SchedulerCoreTest, StartStepIsTheLatestCheckpointEveryShardHolds) {
+  Start(/*dp=*/1, /*shards=*/2);
+  const uint64_t v = core_->partition().version();
+  Id(Server("a:1", -1, {50, 100, 150}, v));
+  EXPECT_EQ(core_->Status().start_step(), 0);  // not every server yet
+  Id(Server("a:2", -1, {100, 50}, v));
+  EXPECT_EQ(core_->Status().start_step(), 100);
+  EXPECT_TRUE(Logged("start_step = 100"));
+  Id(Worker("w"));
+  absl::StatusOr<Assignment> a = core_->GetAssignment("worker-0", absl::InfiniteFuture());
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->start_step(), 100);
+}
+
+TEST_F(SchedulerCoreTest, CheckpointsOfAnotherPartitionAreIgnored) {
+  Start(/*dp=*/1, /*shards=*/2);
+  const uint64_t v = core_->partition().version();
+  Id(Server("a:1", -1, {50, 100}, v));
+  Id(Server("a:2", -1, {50, 100}, v + 1));
+  Id(Worker("w"));
+  EXPECT_EQ(core_->Status().start_step(), 0);
+}
+
+TEST_F(SchedulerCoreTest, EveryWorkerDoneFinishesTheJob) {
+  Assemble(/*dp=*/2, /*shards=*/1);
+  HeartbeatRequest hb = Beat("worker-0", 200);
+  hb.set_done(true);
+  absl::StatusOr<HeartbeatResponse> r = core_->Heartbeat(hb);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->state(), RUNNING);
+  EXPECT_FALSE(core_->AllServersSawFinalState());
+  hb.set_node_id("worker-1");
+  r = core_->Heartbeat(hb);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->state(), FINISHED);
+  EXPECT_FALSE(core_->AllServersSawFinalState());
+  r = core_->Heartbeat(Beat("server-0", 200));
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->state(), FINISHED);
+  EXPECT_TRUE(core_->AllServersSawFinalState());
+  JobStatus status = core_->Status();
+  EXPECT_EQ(status.state(), FINISHED);
+  const NodeStatus* w1 = Find(status, "worker-1");
+  ASSERT_NE(w1, nullptr);
+  EXPECT_TRUE(w1->done());
+  EXPECT_EQ(w1->step(), 200);
+  EXPECT_FLOAT_EQ(w1->loss(), 2.5f);
+  EXPECT_TRUE(std::isnan(w1->eval_loss()));
+  EXPECT_DOUBLE_EQ(w1->tokens_per_second(), 1000);
+  // Terminal: a later error does not change the state.
+  HeartbeatRequest bad = Beat("worker-0");
+  bad.set_error("late");
+  EXPECT_EQ(core_->Heartbeat(bad)->state(), FINISHED);
+}
+
+TEST_F(SchedulerCoreTest, ReportedErrorFailsTheJob) {
+  Assemble(/*dp=*/2, /*shards=*/1);
+  HeartbeatRequest hb = Beat("worker-1");
+  hb.set_error("CUDA out of memory");
+  absl::StatusOr<HeartbeatResponse> r = core_->Heartbeat(hb);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->state(), FAILED);
+  EXPECT_EQ(r->message(),
+            "node worker-1 (host host-1) reported an error: CUDA out of memory");
+  r = core_->Heartbeat(Beat("worker-0"));
+  EXPECT_EQ(r->state(), FAILED);
+  EXPECT_EQ(r->message(),
+            "node worker-1 (host host-1) reported an error: CUDA out of memory");
+  JobStatus status = core_->Status();
+  EXPECT_EQ(status.state(), FAILED);
+  EXPECT_EQ(Find(status, "worker-1")->error(), "CUDA out of memory");
+  EXPECT_EQ(core_->GetAssignment("worker-0", absl::InfiniteFuture()).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(SchedulerCoreTest, ErrorWhileAssemblingFailsWaiters) {
+  Start(/*dp=*/1, /*shards=*/1);
+  Id(Server("a:1"));
+  Captured waiting;
+  core_->GetAssignmentAsync("server-0", absl::InfiniteFuture(),
+                            waiting.Callback());
+  HeartbeatRequest hb = Beat("server-0");
+  hb.set_error("disk full");
+  EXPECT_EQ(core_->Heartbeat(hb)->state(), FAILED);
+  ASSERT_TRUE(waiting.has());
+  EXPECT_EQ(waiting.get().status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(absl::StrContains(waiting.get().status().message(), "disk full"));
+}
+
+TEST_F(SchedulerCoreTest, LeasesAreNotEnforcedWhileAssembling) {
+  Start(/*dp=*/1, /*shards=*/1);
+  Id(Server("a:1"));
+  clock_.Advance(absl::Seconds(60));
+  Id(Worker("w"));
+  JobStatus status = core_->Status();
+  EXPECT_EQ(status.state(), RUNNING);
+  for (const NodeStatus& n : status.nodes()) EXPECT_TRUE(n.alive());
+  EXPECT_EQ(Find(status, "server-0")->heartbeat_age_ms(), 60000);
+  // The lease counts from assembly.
+  clock_.Advance(absl::Seconds(10));
+  EXPECT_TRUE(Find(core_->Status(), "server-0")->alive());
+}
+
+TEST_F(SchedulerCoreTest, ExpiredLeaseMarksTheNodeDeadButKeepsRunning) {
+  Assemble(/*dp=*/2, /*shards=*/1);
+  clock_.Advance(absl::Seconds(5));
+  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
+  ASSERT_TRUE(core_->Heartbeat(Beat("server-0")).ok());
+  clock_.Advance(absl::Seconds(5));  // worker-1: exactly 10s, still alive
+  core_->Tick();
+  EXPECT_TRUE(Find(core_->Status(), "worker-1")->alive());
+  clock_.Advance(absl::Milliseconds(1));
+  core_->Tick();
+  JobStatus status = core_->Status();
+  EXPECT_EQ(status.state(), RUNNING);
+  EXPECT_FALSE(Find(status, "worker-1")->alive());
+  EXPECT_TRUE(Find(status, "worker-0")->alive());
+  EXPECT_EQ(Find(status, "worker-1")->heartbeat_age_ms(), 10001);
+  EXPECT_TRUE(absl::StrContains(status.message(), "worker-1 (host host-1)"))
+      << status.message();
+  EXPECT_TRUE(Logged("node worker-1 (host host-1) missed its heartbeat lease "
+                     "of 10s"));
+  // Its own heartbeat revives it.
+  absl::StatusOr<HeartbeatResponse> r = core_->Heartbeat(Beat("worker-1"));
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->state(), RUNNING);
+  EXPECT_TRUE(Find(core_->Status(), "worker-1")->alive());
+  EXPECT_EQ(core_->StateMessage(), "");
+}
+
+TEST_F(SchedulerCoreTest, ReplacementTakesADeadSlot) {
+  Assemble(/*dp=*/2, /*shards=*/2);
+  // Everyone but worker-1 and server-1 keeps heartbeating.
+  clock_.Advance(absl::Seconds(8));
+  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0", 40)).ok());
+  ASSERT_TRUE(core_->Heartbeat(Beat("server-0", 40)).ok());
+  // Before the lease expires every slot is held by a live node.
+  EXPECT_EQ(core_->Register(Worker("host-new")).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  clock_.Advance(absl::Seconds(3));
+  core_->Tick();
+
+  absl::StatusOr<RegisterResponse> r = core_->Register(Worker("host-new"));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->node_id(), "worker-1");
+  absl::StatusOr<Assignment> a =
+      core_->GetAssignment("worker-1", absl::InfiniteFuture());
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->dp_rank(), 1);
+  EXPECT_TRUE(Logged("worker-1 (host host-new) replaces worker-1 (host "
+                     "host-1), whose lease had expired"));
+
+  // A new server on another address takes the dead shard.
+  r = core_->Register(Server("127.0.0.1:5001", /*requested=*/-1));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->node_id(), "server-1");
+  a = core_->GetAssignment("worker-0", absl::InfiniteFuture());
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->shard_addresses(1), "127.0.0.1:5001");
+
+  JobStatus status = core_->Status();
+  EXPECT_EQ(status.state(), RUNNING);
+  EXPECT_EQ(status.nodes_size(), 4);
+  const NodeStatus* w1 = Find(status, "worker-1");
+  EXPECT_TRUE(w1->alive());
+  EXPECT_EQ(w1->step(), 0);
+  EXPECT_EQ(w1->heartbeat_age_ms(), 0);
+  EXPECT_EQ(Find(status, "server-1")->address(), "127.0.0.1:5001");
+  EXPECT_EQ(status.message(), "");
+  // The slots are full again.
+  EXPECT_EQ(core_->Register(Worker("host-3")).status().code(),
+            absl::StatusCode::kResourceExhausted);
+}
+
+TEST_F(SchedulerCoreTest, ReplacementPrefersTheSameAddress) {
+  Assemble(/*dp=*/1, /*shards=*/3);
+  clock_.Advance(absl::Seconds(11));  // every lease expires
+  core_->Tick();
+  EXPECT_EQ(Id(Server("127.0.0.1:4002")), "server-2");
+  EXPECT_EQ(Id(Server("other:1", /*requested=*/1)), "server-1");
+  EXPECT_EQ(Id(Server("other:2")), "server-0");
+}
+
+TEST_F(SchedulerCoreTest, ConcurrentRegistrationsGetDistinctRanks) {
+  Start(/*dp=*/8, /*shards=*/4);
+  std::vector<std::thread> threads;
+  absl::Mutex mu;
+  std::vector<Assignment> assignments;
+  for (int i = 0; i < 12; ++i) {
+    threads.emplace_back([&, i] {
+      const std::string id =
+          i < 4 ? Id(Server(absl::StrCat("10.0.0.1:", 5000 + i)))
+                : Id(Worker(absl::StrCat("w", i)));
+      absl::StatusOr<Assignment> a =
+          core_->GetAssignment(id, absl::InfiniteFuture());
+      ASSERT_TRUE(a.ok()) << a.status();
+      absl::MutexLock lock(&mu);
+      assignments.push_back(*a);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  ASSERT_EQ(assignments.size(), 12u);
+  std::set<int> shards, ranks;
+  for (const Assignment& a : assignments) {
+    if (a.role() == SERVER) shards.insert(a.shard());
+    if (a.role() == WORKER) ranks.insert(a.dp_rank());
+    EXPECT_EQ(a.shard_addresses_size(), 4);
+  }
+  EXPECT_EQ(shards.size(), 4u);
+  EXPECT_EQ(ranks.size(), 8u);
+  EXPECT_EQ(*ranks.rbegin(), 7);
+}
+
+TEST_F(SchedulerCoreTest, ShutdownReleasesWaiters) {
+  Start(1, 1);
+  Id(Worker("w"));
+  Captured waiting;
+  core_->GetAssignmentAsync("worker-0", absl::InfiniteFuture(),
+                            waiting.Callback());
+  core_->Shutdown();
+  ASSERT_TRUE(waiting.has());
+  EXPECT_EQ(waiting.get().status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(core_->Register(Server("a:1")).status().code(),
+            absl::StatusCode::kUnavailable);
+}
+
+}  // namespace
+}  // namespace lmps

@@ -1,0 +1,257 @@
+// lmps_scheduler: assembles a job of parameter servers and workers, hands out
+// their assignments, tracks heartbeats and serves the job status (service
+// Scheduler in proto/lmps.proto), plus gRPC health and reflection.
+//
+//   lmps_scheduler --job=job.textproto --listen=0.0.0.0:7070
+//   lmps_scheduler --workers=2 --shards=2 --listen=127.0.0.1:0
+//       --port_file=/tmp/sched.port
+//
+// Exit codes: 0 the job FINISHED; 1 the job FAILED (the reason is printed),
+// or the scheduler could not start; 2 a bad job file or flag; 128+N killed by
+// signal N (SIGINT, SIGTERM).
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "common/grpc_server.h"
+#include "common/job_spec.h"
+#include "proto/lmps.pb.h"
+#include "server/scheduler/clock.h"
+#include "server/scheduler/scheduler_core.h"
+#include "server/scheduler/scheduler_service.h"
+
+ABSL_FLAG(std::string, job, "",
+          "Job spec in protobuf text format (JobSpec); empty: every field at "
+          "its default");
+ABSL_FLAG(int32_t, steps, 0, "Override train.steps (0: keep the job's)");
+ABSL_FLAG(int32_t, workers, 0,
+          "Override layout.dp, the number of workers (0: keep the job's)");
+ABSL_FLAG(int32_t, shards, 0,
+          "Override layout.num_shards, the number of parameter servers (0: "
+          "keep the job's)");
+ABSL_FLAG(std::string, listen, "0.0.0.0:7070",
+          "host:port to serve on; port 0 picks a free port");
+ABSL_FLAG(std::string, port_file, "",
+          "If set, the bound port is written there (atomically) once serving");
+ABSL_FLAG(double, assemble_timeout_s, 120,
+          "Seconds from start within which every node must register");
+ABSL_FLAG(double, lease_s, 10,
+          "A node silent for longer than this many seconds is marked dead");
+ABSL_FLAG(bool, exit_when_finished, true,
+          "Exit (0 after FINISHED, 1 after FAILED) once every server has seen "
+          "the final state in a heartbeat, or 10 s after it");
+
+namespace lmps {
+namespace {
+
+// Grace after the final state before exiting, and the longest wait for the
+// servers to see it.
+constexpr absl::Duration kExitGrace = absl::Seconds(2);
+constexpr absl::Duration kExitMaxWait = absl::Seconds(10);
+
+std::atomic<int> g_signal{0};
+
+void OnSignal(int signo) { g_signal.store(signo); }
+
+void Log(absl::string_view line) {
+  const std::string out = absl::StrCat("[scheduler] ", line, "\n");
+  fwrite(out.data(), 1, out.size(), stderr);
+  fflush(stderr);
+}
+
+struct MainOptions {
+  SchedulerOptions scheduler;
+  std::string listen;
+  std::string port_file;
+  bool exit_when_finished = true;
+};
+
+// Builds the options from the flags. InvalidArgument (exit 2) for a bad job
+// file or flag.
+absl::StatusOr<MainOptions> OptionsFromFlags() {
+  MainOptions options;
+  const std::string job = absl::GetFlag(FLAGS_job);
+  absl::StatusOr<JobSpec> spec =
+      job.empty() ? ParseJobSpec("") : LoadJobSpecFile(job);
+  if (!spec.ok()) return spec.status();
+  const int steps = absl::GetFlag(FLAGS_steps);
+  const int workers = absl::GetFlag(FLAGS_workers);
+  const int shards = absl::GetFlag(FLAGS_shards);
+  if (steps < 0 || workers < 0 || shards < 0) {
+    return absl::InvalidArgumentError(
+        "--steps, --workers and --shards must be >= 0 (0 keeps the job's "
+        "value)");
+  }
+  if (steps > 0) spec->mutable_train()->set_steps(steps);
+  if (workers > 0) spec->mutable_layout()->set_dp(workers);
+  if (shards > 0) spec->mutable_layout()->set_num_shards(shards);
+  if (absl::Status s = ValidateJobSpec(*spec); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "invalid job spec", job.empty() ? "" : absl::StrCat(" ", job),
+        " with the flag overrides: ", s.message()));
+  }
+  const double assemble = absl::GetFlag(FLAGS_assemble_timeout_s);
+  const double lease = absl::GetFlag(FLAGS_lease_s);
+  if (!(assemble > 0) || !(lease > 0)) {
+    return absl::InvalidArgumentError(
+        "--assemble_timeout_s and --lease_s must be positive");
+  }
+  options.scheduler.spec = *std::move(spec);
+  options.scheduler.assemble_timeout = absl::Seconds(assemble);
+  options.scheduler.lease = absl::Seconds(lease);
+  options.scheduler.log = Log;
+  options.listen = absl::GetFlag(FLAGS_listen);
+  options.port_file = absl::GetFlag(FLAGS_port_file);
+  options.exit_when_finished = absl::GetFlag(FLAGS_exit_when_finished);
+  return options;
+}
+
+// Writes `port` to `path` through a temporary file and rename(2), so readers
+// never see a partial file.
+absl::Status WritePortFile(const std::string& path, int port) {
+  const std::string tmp = absl::StrCat(path, ".tmp.", getpid());
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << port << "\n";
+    out.close();
+    if (!out) {
+      return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
+    }
+  }
+  if (rename(tmp.c_str(), path.c_str()) != 0) {
+    unlink(tmp.c_str());
+    return absl::UnavailableError(
+        absl::StrCat("cannot rename ", tmp, " to ", path));
+  }
+  return absl::OkStatus();
+}
+
+int Run(MainOptions options) {
+  RealClock clock;
+  absl::StatusOr<std::unique_ptr<SchedulerCore>> core =
+      SchedulerCore::Create(options.scheduler, &clock);
+  if (!core.ok()) {
+    Log(absl::StrCat("error: ", core.status().message()));
+    return 2;
+  }
+  absl::StatusOr<std::unique_ptr<SchedulerService>> service =
+      SchedulerService::Create(core->get());
+  if (!service.ok()) {
+    Log(absl::StrCat("error: ", service.status().message()));
+    return 1;
+  }
+  GrpcServerOptions server_options;
+  server_options.listen_address = options.listen;
+  absl::StatusOr<StartedServer> server =
+      StartGrpcServer(server_options, {service->get()});
+  if (!server.ok()) {
+    Log(absl::StrCat("error: ", server.status().message()));
+    return 1;
+  }
+  SetServing(server->server.get(), true);
+
+  const JobSpec& spec = options.scheduler.spec;
+  const PartitionMap& partition = (*core)->partition();
+  Log(absl::StrCat(
+      "job '", spec.name(), "': ", (*core)->expected_servers(), " server(s), ",
+      (*core)->expected_workers(), " worker(s) (dp=", spec.layout().dp(),
+      " pp=", spec.layout().pp(), " tp=", spec.layout().tp(), "), ",
+      spec.train().steps(), " steps; partition version ", partition.version(),
+      " (", partition.chunks_size(), " chunks, imbalance ",
+      partition.imbalance(), "); assemble timeout ",
+      absl::ToDoubleSeconds(options.scheduler.assemble_timeout),
+      "s, lease ", absl::ToDoubleSeconds(options.scheduler.lease), "s"));
+  Log(absl::StrCat("serving on ", options.listen, " (port ", server->port,
+                   ")"));
+  if (!options.port_file.empty()) {
+    if (absl::Status s = WritePortFile(options.port_file, server->port);
+        !s.ok()) {
+      Log(absl::StrCat("error: ", s.message()));
+      (*core)->Shutdown();
+      server->server->Shutdown();
+      return 1;
+    }
+  }
+
+  int exit_code = 0;
+  bool ended = false;
+  absl::Time ended_at;
+  while (true) {
+    absl::SleepFor(absl::Milliseconds(100));
+    if (int signo = g_signal.load(); signo != 0) {
+      Log(absl::StrCat("caught signal ", signo, "; shutting down"));
+      exit_code = 128 + signo;
+      break;
+    }
+    if (!options.exit_when_finished) continue;
+    const JobState state = (*core)->CurrentState();
+    if (state != FINISHED && state != FAILED) continue;
+    const absl::Time now = absl::Now();
+    if (!ended) {
+      ended = true;
+      ended_at = now;
+      Log(absl::StrCat("job ", JobState_Name(state),
+                       "; exiting once every server has seen it (at most ",
+                       absl::ToDoubleSeconds(kExitMaxWait), "s)"));
+    }
+    const absl::Duration waited = now - ended_at;
+    if ((waited >= kExitGrace && (*core)->AllServersSawFinalState()) ||
+        waited >= kExitMaxWait) {
+      if (state == FAILED) {
+        Log(absl::StrCat("job FAILED: ", (*core)->StateMessage()));
+        exit_code = 1;
+      } else {
+        Log("job FINISHED");
+        exit_code = 0;
+      }
+      break;
+    }
+  }
+
+  (*core)->Shutdown();
+  SetServing(server->server.get(), false);
+  // In-flight calls are short (parked GetAssignment calls were finished by
+  // core->Shutdown()); gRPC waits out the whole deadline while clients keep
+  // their connections open, so keep it short.
+  server->server->Shutdown(std::chrono::system_clock::now() +
+                           std::chrono::milliseconds(500));
+  service->reset();
+  core->reset();
+  Log(absl::StrCat("exiting with code ", exit_code));
+  return exit_code;
+}
+
+}  // namespace
+}  // namespace lmps
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "lmps scheduler: assembles a job of parameter servers and workers.\n"
+      "  lmps_scheduler [--job=job.textproto] [--workers=N] [--shards=N] "
+      "[--steps=N] [--listen=host:port] [--port_file=path]");
+  absl::ParseCommandLine(argc, argv);
+  signal(SIGINT, lmps::OnSignal);
+  signal(SIGTERM, lmps::OnSignal);
+  signal(SIGPIPE, SIG_IGN);
+  absl::StatusOr<lmps::MainOptions> options = lmps::OptionsFromFlags();
+  if (!options.ok()) {
+    lmps::Log(absl::StrCat("error: ", options.status().message()));
+    return 2;
+  }
+  return lmps::Run(*std::move(options));
+}
