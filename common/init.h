@@ -2,7 +2,8 @@
 // (seed, tensor name, element index), so any node can initialise any element
 // range of a tensor on its own and the result equals the same range of the
 // whole tensor initialised at once:
-//   kNormal: out[i - begin] = StandardNormal(StableKey(seed, name), i) * init_std
+//   kNormal: out[i - begin] =
+//                StandardNormal(StableKey(seed, name), i) * init_std
 //   kZeros:  0
 //   kOnes:   1
 //

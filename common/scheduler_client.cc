@@ -20,10 +20,19 @@ absl::StatusOr<RegisterResponse> SchedulerClient::Register(
       if (resp.lease_ms() > 0) lease_ = absl::Milliseconds(resp.lease_ms());
       return resp;
     }
+    // UNAVAILABLE: the scheduler is not up yet. RESOURCE_EXHAUSTED: every
+    // slot is taken; one frees up when a dead node's lease expires, and this
+    // node (a replacement) takes it.
     const bool retry = last.code() == absl::StatusCode::kUnavailable ||
-                       last.code() == absl::StatusCode::kDeadlineExceeded;
+                       last.code() == absl::StatusCode::kDeadlineExceeded ||
+                       last.code() == absl::StatusCode::kResourceExhausted;
     if (!retry) break;
     if (absl::Now() + absl::Milliseconds(200) >= give_up) {
+      if (last.code() == absl::StatusCode::kResourceExhausted) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "scheduler at ", address_, " had no free slot for ",
+            absl::FormatDuration(timeout), ": ", last.message()));
+      }
       return absl::UnavailableError(absl::StrCat(
           "scheduler at ", address_, " unreachable after ",
           absl::FormatDuration(timeout), ": ", last.message()));

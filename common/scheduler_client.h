@@ -26,8 +26,9 @@ class SchedulerClient {
                   std::string address)
       : stub_(std::move(stub)), address_(std::move(address)) {}
 
-  // Registers, retrying UNAVAILABLE (scheduler not up yet) until `timeout`;
-  // then fails with an error naming the scheduler's address.
+  // Registers, retrying UNAVAILABLE (scheduler not up yet) and
+  // RESOURCE_EXHAUSTED (no free slot until a dead node's lease expires)
+  // until `timeout`; then fails with an error naming the scheduler.
   absl::StatusOr<RegisterResponse> Register(const RegisterRequest& request,
                                             absl::Duration timeout);
   // Waits for this node's assignment (the job must assemble in `timeout`).

@@ -58,6 +58,15 @@ ABSL_FLAG(std::string, bin_dir, "",
           "directory of the lmps binaries (default: found next to this one)");
 ABSL_FLAG(std::string, worker_args, "", "extra flags for every worker");
 ABSL_FLAG(std::string, server_args, "", "extra flags for every server");
+ABSL_FLAG(int, restart_workers, 3,
+          "replace a worker that dies up to this many times per worker");
+ABSL_FLAG(int, lease_s, 10, "heartbeat lease (a dead worker's slot frees "
+          "up for its replacement after it)");
+ABSL_FLAG(int, fault_worker, -1,
+          "fault injection for tests: worker index to kill, with "
+          "--fault_kill_at_step");
+ABSL_FLAG(int, fault_kill_at_step, -1,
+          "fault injection: SIGKILL --fault_worker after it pushes this step");
 ABSL_FLAG(int, timeout_s, 3600, "give up and stop everything after this");
 ABSL_FLAG(bool, export_model, true,
           "export the final model to --run_dir/model.safetensors");
@@ -73,6 +82,9 @@ void OnSignal(int) { g_interrupted = 1; }
 
 struct Child {
   std::string name;
+  std::string binary;
+  std::vector<std::string> args;
+  int restarts = 0;
   pid_t pid = -1;
   std::string log;
   bool exited = false;
@@ -193,6 +205,8 @@ absl::Status Launcher::Start(const std::string& name, const std::string& binary,
                              std::vector<std::string> args) {
   Child c;
   c.name = name;
+  c.binary = binary;
+  c.args = args;
   c.log = absl::StrCat(run_dir_, "/logs/", name, ".log");
   LMPS_ASSIGN_OR_RETURN(c.pid, Spawn(binary, args, c.log));
   children_.push_back(c);
@@ -211,6 +225,26 @@ absl::Status Launcher::Reap() {
       std::string how = WIFEXITED(status)
                             ? absl::StrCat("exited with status ", WEXITSTATUS(status))
                             : absl::StrCat("was killed by signal ", WTERMSIG(status));
+      if (c.name.rfind("worker", 0) == 0 &&
+          c.restarts < absl::GetFlag(FLAGS_restart_workers) && !g_interrupted) {
+        // Workers are stateless: a replacement takes the dead one's slot once
+        // its lease expires and redoes exactly the lost work.
+        std::printf("\nlmps: %s %s; starting a replacement (%d of %d)\n",
+                    c.name.c_str(), how.c_str(), c.restarts + 1,
+                    absl::GetFlag(FLAGS_restart_workers));
+        std::fflush(stdout);
+        std::vector<std::string> args;
+        for (const std::string& a : c.args) {
+          if (a.rfind("--fault_", 0) != 0) args.push_back(a);
+        }
+        c.args = args;
+        c.log = absl::StrCat(run_dir_, "/logs/", c.name, ".restart",
+                             c.restarts + 1, ".log");
+        LMPS_ASSIGN_OR_RETURN(c.pid, Spawn(c.binary, c.args, c.log));
+        c.exited = false;
+        ++c.restarts;
+        continue;
+      }
       return absl::AbortedError(absl::StrCat(c.name, " ", how, "; the end of ",
                                              c.log, ":\n", Tail(c.log, 15)));
     }
@@ -292,14 +326,15 @@ void Launcher::Progress(const JobStatus& status, bool final) {
                       static_cast<double>(step - first_step_);
     eta = per_step * static_cast<double>(total - step);
   }
-  if (step == last_printed_step_ && !final) return;
+  if (step == last_printed_step_ && (!final || !tty_)) return;
   const bool new_eval = std::isfinite(eval) && eval != last_eval_printed_;
   const double since =
       std::chrono::duration<double>(now - last_print_).count();
   if (!tty_ && !final && !new_eval && since < 5.0) return;
   std::string line = absl::StrFormat(
-      "step %*d/%d | loss %.4f | eval %s | %.0f tok/s | ETA %s",
-      static_cast<int>(std::to_string(total).size()), step, total, loss,
+      "step %*d/%d | loss %s | eval %s | %.0f tok/s | ETA %s",
+      static_cast<int>(std::to_string(total).size()), step, total,
+      std::isfinite(loss) ? absl::StrFormat("%.4f", loss) : "-",
       std::isfinite(eval) ? absl::StrFormat("%.4f", eval) : "-", tps,
       FormatEta(eta));
   if (tty_) {
@@ -353,7 +388,8 @@ absl::Status Launcher::Run() {
   const std::string port_file = run_dir_ + "/scheduler.port";
   LMPS_RETURN_IF_ERROR(Start("scheduler", Bin("server/scheduler/lmps_scheduler"),
                              {"--job=" + job_file, "--listen=127.0.0.1:0",
-                              "--port_file=" + port_file}));
+                              "--port_file=" + port_file,
+                              absl::StrCat("--lease_s=", absl::GetFlag(FLAGS_lease_s))}));
   std::string port;
   for (int i = 0; i < 600 && port.empty(); ++i) {
     LMPS_RETURN_IF_ERROR(Reap());
@@ -384,6 +420,10 @@ absl::Status Launcher::Run() {
                                      absl::StrCat("--threads=", std::max(1, cores / W)),
                                      "--sample_out=" + run_dir_ + "/sample.txt"};
     for (const std::string& a : split_args(absl::GetFlag(FLAGS_worker_args))) args.push_back(a);
+    if (w == absl::GetFlag(FLAGS_fault_worker)) {
+      args.push_back(absl::StrCat("--fault_kill_at_step=",
+                                  absl::GetFlag(FLAGS_fault_kill_at_step)));
+    }
     LMPS_RETURN_IF_ERROR(Start(absl::StrCat("worker-", w), Bin("worker/lmps_worker"), args));
   }
 

@@ -2,6 +2,8 @@
 // falls), writes checkpoints, exports the model and a sample; a run stopped
 // at a checkpoint and resumed ends bit-identical to an uninterrupted run.
 #include <filesystem>
+#include <cmath>
+#include <cstdlib>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -32,13 +34,14 @@ CommandResult RunLocal(const std::string& dir, const std::string& job,
   return Run(argv, 240);
 }
 
-// "done: step N loss X eval Y" from worker-0's log.
-float FinalLoss(const std::string& run_dir, const char* what) {
-  std::string log = ReadFile(run_dir + "/logs/worker-0.log");
-  size_t at = log.rfind(absl::StrCat(what, " "), std::string::npos);
-  size_t done = log.rfind("done: step");
-  if (done == std::string::npos || at == std::string::npos || at < done) return NAN;
-  return std::stof(log.substr(at + strlen(what) + 1));
+// The value after `what` ("loss" or "eval") on the launcher's last progress
+// line, e.g. "step 40/40 | loss 2.9 | eval 3.1 | ...".
+float Final(const std::string& output, const std::string& what) {
+  size_t line = output.rfind("step ");
+  if (line == std::string::npos) return NAN;
+  size_t at = output.find(what + " ", line);
+  if (at == std::string::npos) return NAN;
+  return std::strtof(output.c_str() + at + what.size() + 1, nullptr);
 }
 
 TEST(LocalJobTest, TrainsWritesCheckpointsExportsAndSamples) {
@@ -47,10 +50,11 @@ TEST(LocalJobTest, TrainsWritesCheckpointsExportsAndSamples) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const std::string run = dir + "/run";
   // Initial loss of a byte-level model is ln(256) = 5.55.
-  const float loss = FinalLoss(run, "loss");
-  const float eval = FinalLoss(run, "eval");
-  EXPECT_LT(loss, 3.6) << r.output << ReadFile(run + "/logs/worker-0.log");
-  EXPECT_LT(eval, 3.8) << ReadFile(run + "/logs/worker-0.log");
+  const size_t progress_end = r.output.find("lmps: checkpoints in");
+  ASSERT_NE(progress_end, std::string::npos) << r.output;
+  const std::string progress = r.output.substr(0, progress_end);
+  EXPECT_LT(Final(progress, "loss"), 3.6) << r.output;
+  EXPECT_LT(Final(progress, "eval"), 3.8) << r.output;
   EXPECT_NE(r.output.find("step 40/40"), std::string::npos) << r.output;
   for (const char* step : {"step_00000020", "step_00000040"}) {
     for (const char* shard : {"shard_0.ckpt", "shard_1.ckpt"}) {
@@ -81,8 +85,9 @@ TEST(LocalJobTest, ResumeContinuesExactly) {
   ASSERT_FALSE(fs::exists(resumed + "/run/ckpt/step_00000006"));
   CommandResult b2 = RunLocal(resumed, job, {"--workers=2", "--shards=2", "--resume"});
   ASSERT_EQ(b2.exit_code, 0) << b2.output;
-  EXPECT_NE(ReadFile(resumed + "/run/logs/worker-0.log").find("start step 3"),
-            std::string::npos);
+  const std::string logs = ReadFile(resumed + "/run/logs/worker-0.log") +
+                           ReadFile(resumed + "/run/logs/worker-1.log");
+  EXPECT_NE(logs.find("resume step 3"), std::string::npos) << logs;
 
   auto ma = ReadSafetensorsFile(straight + "/run/model.safetensors");
   auto mb = ReadSafetensorsFile(resumed + "/run/model.safetensors");

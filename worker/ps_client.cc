@@ -132,6 +132,7 @@ absl::Status PsClient::Pull(int64_t step, float* params) {
 absl::Status PsClient::Push(int64_t step, const std::string& worker_id,
                             int dp_rank, const float* grads) {
   return ForEachShard([&](int s) -> absl::Status {
+    if (options_.on_shard_push) options_.on_shard_push(s, step, false);
     PushResponse resp;
     auto ctx = Context();
     std::unique_ptr<grpc::ClientWriterInterface<PushRequest>> writer =
@@ -182,7 +183,9 @@ absl::Status PsClient::Push(int64_t step, const std::string& worker_id,
     }
     flush();
     writer->WritesDone();
-    return FromGrpcStatus(writer->Finish());
+    LMPS_RETURN_IF_ERROR(FromGrpcStatus(writer->Finish()));
+    if (options_.on_shard_push) options_.on_shard_push(s, step, true);
+    return absl::OkStatus();
   });
 }
 
@@ -224,6 +227,33 @@ absl::StatusOr<int64_t> PsClient::Apply(int64_t step, double global_sum_squares)
     }
   }
   return versions[0];
+}
+
+}  // namespace lmps
+
+namespace lmps {
+
+absl::StatusOr<std::vector<int64_t>> PsClient::Versions() {
+  std::vector<int64_t> versions(stubs_.size(), 0);
+  LMPS_RETURN_IF_ERROR(ForEachShard([&](int s) -> absl::Status {
+    TensorInfoRequest req;
+    req.set_tensor("wpe.weight");  // small; NotFound on shards without it
+    TensorInfoResponse resp;
+    auto ctx = Context();
+    stats_.rpcs++;
+    absl::Status st = FromGrpcStatus(stubs_[s]->GetTensorInfo(ctx.get(), req, &resp));
+    if (st.code() == absl::StatusCode::kNotFound) {
+      // This shard holds no part of wpe: ask for everything instead.
+      grpc::ClientContext all;
+      all.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
+      req.clear_tensor();
+      st = FromGrpcStatus(stubs_[s]->GetTensorInfo(&all, req, &resp));
+    }
+    LMPS_RETURN_IF_ERROR(st);
+    versions[s] = resp.version();
+    return absl::OkStatus();
+  }));
+  return versions;
 }
 
 }  // namespace lmps

@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -28,6 +29,10 @@ struct PsClientOptions {
   int64_t max_message_bytes = 4 << 20;
   absl::Duration rpc_timeout = absl::Seconds(120);
   DType push_dtype = F32;  // F32, or BF16 to halve push bytes
+  // Called on the shard's push thread before the push of `step` to `shard`
+  // starts (accepted = false) and after the shard accepted it (true). May be
+  // empty. Used for fault injection in tests.
+  std::function<void(int shard, int64_t step, bool accepted)> on_shard_push;
 };
 
 struct PsClientStats {
@@ -53,6 +58,9 @@ class PsClient {
   absl::StatusOr<double> GradNorm(int64_t step);
   // Applies the optimizer for `step` on every shard; returns the new version.
   absl::StatusOr<int64_t> Apply(int64_t step, double global_sum_squares);
+
+  // The parameter version of every shard (index = shard id).
+  absl::StatusOr<std::vector<int64_t>> Versions();
 
   int64_t num_parameters() const { return num_parameters_; }
   const PsClientStats& stats() const { return stats_; }

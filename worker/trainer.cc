@@ -41,7 +41,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
   t->micro_batch_ = LocalBatch(t->options_.spec) / train.micro_batches();
   t->host_params_.resize(model->num_parameters());
   t->host_grads_.resize(model->num_parameters());
-  const int T = spec.model().block_size();
+  const int T = t->options_.spec.model().block_size();
   t->tokens_.resize(static_cast<size_t>(t->micro_batch_) * T);
   t->targets_.resize(t->tokens_.size());
   t->progress_.step = t->options_.start_step;

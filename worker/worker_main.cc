@@ -6,6 +6,7 @@
 //
 // Exit status: 0 when the job finished, 1 on an error (printed), 2 on bad
 // flags.
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -21,6 +22,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "common/grpc_server.h"
+#include "common/job_spec.h"
 #include "common/scheduler_client.h"
 #include "common/status_util.h"
 #include "worker/backend_factory.h"
@@ -46,6 +48,10 @@ ABSL_FLAG(int, sample_top_k, 40, "top-k for sampling (0: all)");
 ABSL_FLAG(std::string, push_dtype, "f32", "gradient payload: f32 or bf16");
 ABSL_FLAG(int, rpc_timeout_s, 120,
           "deadline of each parameter-server RPC (pull waits for peers)");
+ABSL_FLAG(int, fault_kill_at_step, -1,
+          "fault injection for tests: SIGKILL this worker in the middle of "
+          "pushing its gradient for this step, right after shard 0 accepted "
+          "it and before the other shards did (-1: never)");
 ABSL_FLAG(int, assemble_timeout_s, 120,
           "how long to wait for the scheduler and the job to assemble");
 
@@ -99,8 +105,8 @@ absl::Status RunWorker() {
   }
   Log(id, absl::StrCat("assigned dp rank ", assignment.dp_rank(), " of ",
                        spec.layout().dp(), ", ", assignment.shard_addresses_size(),
-                       " shards, start step ", assignment.start_step(),
-                       ", backend ", backend->name(), " with ", threads,
+                       " shards, resume step ", assignment.start_step(),
+                       ", backend ", std::string(backend->name()), " with ", threads,
                        " threads"));
 
   LMPS_ASSIGN_OR_RETURN(
@@ -119,19 +125,64 @@ absl::Status RunWorker() {
     stubs.push_back(ParameterServer::NewStub(MakeChannel(a)));
   }
   ps_options.max_message_bytes = spec.max_message_bytes();
+  if (absl::GetFlag(FLAGS_fault_kill_at_step) >= 0) {
+    const int64_t kill_step = absl::GetFlag(FLAGS_fault_kill_at_step);
+    ps_options.on_shard_push = [id, kill_step](int shard, int64_t step,
+                                               bool accepted) {
+      if (step != kill_step) return;
+      if (shard != 0 && !accepted) {
+        // Hold the other shards' pushes so the kill lands mid-push.
+        absl::SleepFor(absl::Seconds(5));
+        return;
+      }
+      if (shard != 0 || !accepted) return;
+      Log(id, absl::StrCat("fault injection: SIGKILL mid-push of step ", step));
+      raise(SIGKILL);
+    };
+  }
   LMPS_ASSIGN_OR_RETURN(
       std::unique_ptr<PsClient> ps,
       PsClient::Create(spec.model(), assignment.partition(), std::move(stubs),
                        addresses, ps_options));
 
+  // A replacement joins a running job: start at the servers' version. In
+  // the middle of an Apply the shards may differ by one; wait for the live
+  // replicas to finish it.
+  int64_t start_step = assignment.start_step();
+  for (int attempt = 0;; ++attempt) {
+    absl::StatusOr<std::vector<int64_t>> got = ps->Versions();
+    if (got.status().code() == absl::StatusCode::kUnavailable &&
+        attempt * 0.1 < absl::GetFlag(FLAGS_rpc_timeout_s)) {
+      absl::SleepFor(absl::Milliseconds(100));  // a shard still starting up
+      continue;
+    }
+    LMPS_RETURN_IF_ERROR(got.status());
+    const std::vector<int64_t>& versions = *got;
+    const auto [lo, hi] = std::minmax_element(versions.begin(), versions.end());
+    if (*lo == *hi) {
+      if (*lo > start_step) {
+        Log(id, absl::StrCat("joining a running job at step ", *lo,
+                             " (replacing a lost worker)"));
+        start_step = *lo;
+      }
+      break;
+    }
+    if (attempt * 0.1 > absl::GetFlag(FLAGS_rpc_timeout_s)) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "shards stay at different versions (", *lo, " and ", *hi,
+          "): an Apply was interrupted and no live replica completes it"));
+    }
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+
   TrainerOptions options;
   options.worker_id = id;
   options.dp_rank = assignment.dp_rank();
   options.spec = spec;
-  options.start_step = assignment.start_step();
+  options.start_step = start_step;
   absl::Mutex mu;
   TrainerProgress latest;
-  latest.step = assignment.start_step();
+  latest.step = start_step;
   options.on_progress = [&](const TrainerProgress& p) {
     absl::MutexLock lock(&mu);
     latest = p;

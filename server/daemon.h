@@ -1,0 +1,76 @@
+// The parameter-server daemon's life cycle, as run by lmps_server:
+//
+//   1. start the gRPC server (ParameterServer + health NOT_SERVING +
+//      reflection) on `listen`; the address others use is
+//      advertise_host:<bound port>;
+//   2. Register with the scheduler (role SERVER, requested shard, and for a
+//      requested shard the steps of its complete checkpoints under
+//      checkpoint_dir plus the partition version stored in them), retrying
+//      with backoff while the scheduler is not up;
+//   3. GetAssignment (waits for the job to assemble), retrying while the
+//      scheduler is unavailable; both steps give up after assemble_timeout
+//      with an error naming the scheduler address;
+//   4. create the ParameterShard (start_step from the assignment), set
+//      health SERVING;
+//   5. heartbeat every lease/3 with the shard's version until the job is
+//      FINISHED (returns OK; every checkpoint has been written since Apply
+//      writes it synchronously) or FAILED (error), or the scheduler has been
+//      unreachable for longer than the lease (error), or `stop` fires
+//      (SIGTERM/SIGINT; returns OK after a clean shutdown).
+//
+// Errors after registration are reported to the scheduler in a heartbeat
+// (HeartbeatRequest.error) before returning. Every line is logged with a
+// "[server-N]" prefix (N: the shard, once known).
+//
+// Thread-safety: RunParameterServer runs on the caller's thread; StopSignal
+// is thread-safe.
+#ifndef LMPS_SERVER_DAEMON_H_
+#define LMPS_SERVER_DAEMON_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <functional>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+
+namespace lmps {
+
+struct DaemonOptions {
+  std::string scheduler;             // host:port (required)
+  std::string listen = "0.0.0.0:0";  // port 0: a free port
+  std::string advertise_host = "127.0.0.1";
+  int shard = -1;              // requested shard; -1: any
+  std::string checkpoint_dir;  // empty: no checkpoints
+  std::string init_from;       // safetensors initial weights
+  absl::Duration wait_timeout = absl::Seconds(60);
+  absl::Duration assemble_timeout = absl::Seconds(120);
+  // Receives every log line, prefix included; empty: stderr.
+  std::function<void(const std::string&)> log;
+};
+
+// A stop request that also cancels the blocking RPC in flight.
+class StopSignal {
+ public:
+  void Stop();
+  bool stopped() const;
+  // Sleeps up to `d`; returns true if stopped.
+  bool WaitFor(absl::Duration d) const;
+  // While tracked, Stop() cancels `context`.
+  void Track(grpc::ClientContext* context);
+  void Untrack();
+
+ private:
+  mutable absl::Mutex mu_;
+  bool stopped_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::ClientContext* active_ ABSL_GUARDED_BY(mu_) = nullptr;
+};
+
+absl::Status RunParameterServer(const DaemonOptions& options, StopSignal* stop);
+
+}  // namespace lmps
+
+#endif  // LMPS_SERVER_DAEMON_H_

@@ -1,0 +1,59 @@
+// Exporting a job's shard checkpoints of one step as a single safetensors
+// file of whole tensors (common/safetensors.h), e.g. for inference, analysis
+// or as initial weights of another job (lmps_server --init_from).
+//
+// Tensor names are the canonical names of common/model_spec.h, in that
+// order (L = n_layer, C = n_embd, V = vocab_size, T = block_size):
+//   wte.weight (V, C)  wpe.weight (T, C)
+//   h.{l}.ln_1.weight (C)  h.{l}.ln_1.bias (C)
+//   h.{l}.attn.c_attn.weight (3C, C)  h.{l}.attn.c_attn.bias (3C)
+//   h.{l}.attn.c_proj.weight (C, C)   h.{l}.attn.c_proj.bias (C)
+//   h.{l}.ln_2.weight (C)  h.{l}.ln_2.bias (C)
+//   h.{l}.mlp.c_fc.weight (4C, C)     h.{l}.mlp.c_fc.bias (4C)
+//   h.{l}.mlp.c_proj.weight (C, 4C)   h.{l}.mlp.c_proj.bias (C)
+//   ln_f.weight (C)  ln_f.bias (C)
+// all F32, matrices out x in (PyTorch nn.Linear layout); the LM head is tied
+// to wte.weight and not stored. __metadata__ holds "format": "pt",
+// "lmps.step", "lmps.job" and "lmps.model" (the ModelConfig in text form).
+// Optimizer state is not exported.
+//
+// Thread-safety: pure functions over the file system.
+#ifndef LMPS_SERVER_EXPORT_H_
+#define LMPS_SERVER_EXPORT_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "common/safetensors.h"
+#include "proto/lmps.pb.h"
+
+namespace lmps {
+
+// The latest step under `dir` whose shard files all exist and verify (the
+// number of shards is read from shard 0's file). NotFound if none.
+absl::StatusOr<int64_t> LatestCompleteStep(absl::string_view dir);
+
+struct AssembledModel {
+  int64_t step = 0;
+  JobSpec spec;
+  std::vector<SafeTensor> tensors;  // canonical order
+};
+
+// Reads every shard file of `step` and reassembles whole tensors. Errors
+// name the file: missing shard, corrupt file, shards of different jobs or
+// partitions, chunks that do not tile a tensor.
+absl::StatusOr<AssembledModel> AssembleCheckpoint(absl::string_view dir,
+                                                  int64_t step);
+
+// AssembleCheckpoint of `step` (-1: LatestCompleteStep) written to
+// `out_path`. Returns the model written (without copying it elsewhere).
+absl::StatusOr<AssembledModel> ExportCheckpoint(absl::string_view dir,
+                                                int64_t step,
+                                                const std::string& out_path);
+
+}  // namespace lmps
+
+#endif  // LMPS_SERVER_EXPORT_H_

@@ -1,0 +1,141 @@
+#include "server/export.h"
+
+#include <cstdlib>
+
+#include "common/init.h"
+#include "common/job_spec.h"
+#include "common/model_spec.h"
+#include "common/partition.h"
+#include "gtest/gtest.h"
+#include "server/checkpoint.h"
+#include "server/shard.h"
+
+namespace lmps {
+namespace {
+
+JobSpec Spec() {
+  JobSpec spec;
+  ModelConfig* m = spec.mutable_model();
+  m->set_n_layer(2);
+  m->set_n_head(2);
+  m->set_n_embd(8);
+  m->set_block_size(4);
+  m->set_vocab_size(16);
+  spec.mutable_layout()->set_num_shards(3);
+  spec.mutable_optimizer()->set_type(SGD);
+  spec.set_max_chunk_bytes(200);
+  ApplyJobSpecDefaults(&spec);
+  return spec;
+}
+
+std::string TestDir(const std::string& name) {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  std::string dir = std::string(tmp ? tmp : "/tmp") + "/" + name;
+  EXPECT_EQ(std::system(("rm -rf '" + dir + "'").c_str()), 0);
+  return dir;
+}
+
+std::vector<std::unique_ptr<ParameterShard>> Shards(
+    const JobSpec& spec, const std::string& dir,
+    const std::string& init_from = "") {
+  std::vector<std::unique_ptr<ParameterShard>> shards;
+  for (int s = 0; s < spec.layout().num_shards(); ++s) {
+    ShardOptions o;
+    o.shard = s;
+    o.spec = spec;
+    o.map = *ComputePartition(spec.model(), spec.layout().num_shards(),
+                              spec.max_chunk_bytes());
+    o.checkpoint_dir = dir;
+    o.init_from_safetensors = init_from;
+    auto shard = ParameterShard::Create(o);
+    EXPECT_TRUE(shard.ok()) << shard.status();
+    shards.push_back(std::move(*shard));
+  }
+  return shards;
+}
+
+TEST(ExportTest, FreshShardsExportTheInitialisation) {
+  const std::string dir = TestDir("fresh");
+  const JobSpec spec = Spec();
+  auto shards = Shards(spec, dir);
+  for (auto& s : shards) ASSERT_TRUE(s->WriteCheckpoint().ok());
+  EXPECT_EQ(*LatestCompleteStep(dir), 0);
+
+  const std::string out = dir + "/model.safetensors";
+  auto model = ExportCheckpoint(dir, -1, out);
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto file = ReadSafetensorsFile(out);
+  ASSERT_TRUE(file.ok()) << file.status();
+  const auto specs = GptTensorSpecs(spec.model());
+  ASSERT_EQ(file->tensors.size(), specs.size());
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const SafeTensor& t = file->tensors[i];
+    EXPECT_EQ(t.name, specs[i].name);  // canonical order
+    EXPECT_EQ(t.shape, specs[i].shape);
+    std::vector<float> want(specs[i].num_elements());
+    InitTensorRange(specs[i], spec.train().seed(), 0, want.size(), want.data());
+    EXPECT_EQ(t.data, want) << t.name;
+  }
+  EXPECT_EQ(file->metadata.at("format"), "pt");
+  EXPECT_EQ(file->metadata.at("lmps.step"), "0");
+}
+
+TEST(ExportTest, RoundTripsThroughTheShards) {
+  const std::string dir = TestDir("roundtrip");
+  const JobSpec spec = Spec();
+  auto shards = Shards(spec, dir);
+  // Move the parameters away from the initialisation with one SGD step.
+  for (auto& s : shards) {
+    std::vector<PushRequest> stream(1);
+    stream[0].set_partition_version(s->partition().version());
+    for (const ChunkDesc& c : ChunksOfShard(s->partition(), s->shard())) {
+      ChunkSlice* slice = stream[0].add_slices();
+      slice->set_tensor(c.tensor());
+      slice->set_chunk(c.index());
+      slice->set_dtype(F32);
+      std::vector<float> g(c.end() - c.begin(), 0.25f);
+      slice->set_data(
+          std::string(reinterpret_cast<char*>(g.data()), 4 * g.size()));
+    }
+    ASSERT_TRUE(s->Push(stream).ok());
+    ASSERT_TRUE(s->GradNorm(0, absl::InfiniteFuture()).ok());
+    ASSERT_TRUE(s->Apply(0, 0.0).ok());
+    ASSERT_TRUE(s->WriteCheckpoint().ok());
+  }
+  const std::string out = dir + "/step1.safetensors";
+  auto model = ExportCheckpoint(dir, 1, out);
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ(model->step, 1);
+  // New shards initialised from the export hold the same parameters.
+  auto copies = Shards(spec, dir + "/other", out);
+  for (size_t s = 0; s < shards.size(); ++s) {
+    const ShardCheckpoint a = shards[s]->Snapshot();
+    const ShardCheckpoint b = copies[s]->Snapshot();
+    ASSERT_EQ(a.chunks.size(), b.chunks.size());
+    for (size_t c = 0; c < a.chunks.size(); ++c) {
+      EXPECT_EQ(a.chunks[c].params, b.chunks[c].params);
+    }
+  }
+}
+
+TEST(ExportTest, IncompleteStepsAreSkippedOrReported) {
+  const std::string dir = TestDir("incomplete");
+  const JobSpec spec = Spec();
+  auto shards = Shards(spec, dir);
+  for (auto& s : shards) ASSERT_TRUE(s->WriteCheckpoint().ok());
+  // Step 0 is complete; a later step exists only for shard 0.
+  ShardCheckpoint later = shards[0]->Snapshot();
+  later.header.step = 9;
+  ASSERT_TRUE(WriteShardCheckpoint(dir, later).ok());
+  EXPECT_EQ(*LatestCompleteStep(dir), 0);
+  auto model = AssembleCheckpoint(dir, 9);
+  EXPECT_EQ(model.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(model.status().message().find("step_00000009/shard_1.ckpt"),
+            std::string::npos)
+      << model.status();
+  EXPECT_EQ(LatestCompleteStep(dir + "/nothing").status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace lmps

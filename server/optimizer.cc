@@ -1,0 +1,75 @@
+#include "server/optimizer.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace lmps {
+
+double LearningRate(const OptimizerConfig& c, int64_t step,
+                    int64_t total_steps) {
+  const double lr = c.lr();
+  const double min_lr = c.min_lr();
+  const int64_t warmup = std::max<int64_t>(0, c.warmup_steps());
+  if (step < warmup) {
+    return lr * static_cast<double>(step + 1) / static_cast<double>(warmup);
+  }
+  const double span =
+      static_cast<double>(std::max<int64_t>(1, total_steps - warmup));
+  const double p =
+      std::clamp(static_cast<double>(step - warmup) / span, 0.0, 1.0);
+  return min_lr + 0.5 * (1.0 + std::cos(M_PI * p)) * (lr - min_lr);
+}
+
+double ClipScale(double grad_clip, double global_norm) {
+  if (!(grad_clip > 0)) return 1.0;
+  return std::min(1.0, grad_clip / (global_norm + 1e-6));
+}
+
+int OptimizerStateBuffers(OptimizerType type) { return type == SGD ? 1 : 2; }
+
+void AdamWStep(const AdamWHyper& h, float grad_scale,
+               absl::Span<const float> grads, absl::Span<float> params,
+               absl::Span<float> m, absl::Span<float> v) {
+  const double t = static_cast<double>(h.step + 1);
+  const float decay = static_cast<float>(1.0 - h.lr * h.weight_decay);
+  const float b1 = static_cast<float>(h.beta1);
+  const float b2 = static_cast<float>(h.beta2);
+  const float one_minus_b1 = static_cast<float>(1.0 - h.beta1);
+  const float one_minus_b2 = static_cast<float>(1.0 - h.beta2);
+  const float step_size =
+      static_cast<float>(h.lr / (1.0 - std::pow(h.beta1, t)));
+  const float bc2_sqrt =
+      static_cast<float>(std::sqrt(1.0 - std::pow(h.beta2, t)));
+  const float eps = static_cast<float>(h.eps);
+  const size_t n = params.size();
+  for (size_t i = 0; i < n; ++i) {
+    const float g = grads[i] * grad_scale;
+    float p = params[i];
+    if (h.weight_decay != 0) p *= decay;
+    const float mi = b1 * m[i] + one_minus_b1 * g;
+    const float vi = b2 * v[i] + one_minus_b2 * (g * g);
+    m[i] = mi;
+    v[i] = vi;
+    const float denom = std::sqrt(vi) / bc2_sqrt + eps;
+    params[i] = p - step_size * (mi / denom);
+  }
+}
+
+void SgdMomentumStep(const SgdHyper& h, float grad_scale,
+                     absl::Span<const float> grads, absl::Span<float> params,
+                     absl::Span<float> momentum_buffer) {
+  const float decay = static_cast<float>(1.0 - h.lr * h.weight_decay);
+  const float mu = static_cast<float>(h.momentum);
+  const float lr = static_cast<float>(h.lr);
+  const size_t n = params.size();
+  for (size_t i = 0; i < n; ++i) {
+    const float g = grads[i] * grad_scale;
+    float p = params[i];
+    if (h.weight_decay != 0) p *= decay;
+    const float b = mu * momentum_buffer[i] + g;
+    momentum_buffer[i] = b;
+    params[i] = p - lr * b;
+  }
+}
+
+}  // namespace lmps

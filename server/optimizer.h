@@ -1,0 +1,82 @@
+// Optimizer math of the parameter servers: learning-rate schedule, global
+// gradient-norm clipping, AdamW and SGD with momentum on flat fp32 spans.
+//
+// Learning rate for the update with 0-based index `step` (the update that
+// turns version `step` into version `step + 1`), W = warmup_steps,
+// S = total_steps:
+//   step < W:  lr * (step + 1) / W                  (lr/W, 2 lr/W, ..., lr)
+//   else:      p  = clamp((step - W) / max(1, S - W), 0, 1)
+//              min_lr + 0.5 * (1 + cos(pi * p)) * (lr - min_lr)
+// so the first update after warm-up uses lr and the cosine reaches min_lr at
+// step S (the last update, S - 1, is just above min_lr).
+//
+// Clipping (identical to torch.nn.utils.clip_grad_norm_):
+//   scale = min(1, grad_clip / (global_norm + 1e-6)) when grad_clip > 0,
+//   else 1; every gradient is multiplied by `scale` before the update.
+//
+// AdamW (as torch.optim.AdamW, decoupled weight decay), t = step + 1:
+//   p <- p * (1 - lr * wd)                    (wd = 0 for tensors without
+//                                              the weight_decay flag)
+//   m <- beta1 m + (1 - beta1) g
+//   v <- beta2 v + (1 - beta2) g^2
+//   p <- p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+//
+// SGD with momentum (as torch.optim.SGD, dampening 0, not Nesterov), with
+// the same decoupled weight decay as AdamW:
+//   p <- p * (1 - lr * wd)
+//   b <- momentum b + g                       (b starts at 0, so b1 = g1)
+//   p <- p - lr b
+//
+// Element arithmetic is fp32 in a fixed order, so results are bit-for-bit
+// reproducible. Thread-safety: pure functions.
+#ifndef LMPS_SERVER_OPTIMIZER_H_
+#define LMPS_SERVER_OPTIMIZER_H_
+
+#include <cstdint>
+
+#include "absl/types/span.h"
+#include "proto/lmps.pb.h"
+
+namespace lmps {
+
+// Learning rate of update `step` (0-based) of `total_steps`; see above.
+double LearningRate(const OptimizerConfig& config, int64_t step,
+                    int64_t total_steps);
+
+// Gradient multiplier for a global L2 norm; see above.
+double ClipScale(double grad_clip, double global_norm);
+
+// Number of fp32 state buffers per parameter: 2 for AdamW (m, v), 1 for SGD
+// (momentum buffer).
+int OptimizerStateBuffers(OptimizerType type);
+
+struct AdamWHyper {
+  double lr = 0;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0;  // already 0 for tensors that do not decay
+  int64_t step = 0;         // 0-based; bias correction uses step + 1
+};
+
+// One AdamW update of `params` with gradients `grads * grad_scale`.
+// All spans have the same length.
+void AdamWStep(const AdamWHyper& h, float grad_scale,
+               absl::Span<const float> grads, absl::Span<float> params,
+               absl::Span<float> m, absl::Span<float> v);
+
+struct SgdHyper {
+  double lr = 0;
+  double momentum = 0;
+  double weight_decay = 0;  // already 0 for tensors that do not decay
+};
+
+// One SGD-with-momentum update of `params` with gradients
+// `grads * grad_scale`. All spans have the same length.
+void SgdMomentumStep(const SgdHyper& h, float grad_scale,
+                     absl::Span<const float> grads, absl::Span<float> params,
+                     absl::Span<float> momentum_buffer);
+
+}  // namespace lmps
+
+#endif  // LMPS_SERVER_OPTIMIZER_H_

@@ -1,0 +1,99 @@
+// lmps_server: one parameter-server shard of an lmps job. See
+// server/daemon.h for the life cycle and server/shard.h for the semantics.
+//
+//   lmps_server --scheduler=host:port [--listen=0.0.0.0:0]
+//               [--advertise_host=127.0.0.1] [--shard=-1]
+//               [--checkpoint_dir=DIR] [--init_from=model.safetensors]
+//               [--wait_timeout_s=60] [--assemble_timeout_s=120]
+//
+// Exit status: 0 when the job FINISHED (after the last checkpoint was
+// written) or after a clean shutdown on SIGTERM/SIGINT; 1 with a message on
+// stderr otherwise (job FAILED, scheduler unreachable or not assembling,
+// bad checkpoint or initial weights, ...).
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <string>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "server/daemon.h"
+
+ABSL_FLAG(std::string, scheduler, "", "Scheduler address host:port (required)");
+ABSL_FLAG(std::string, listen, "0.0.0.0:0",
+          "Address to serve gRPC on; port 0 picks a free port");
+ABSL_FLAG(std::string, advertise_host, "127.0.0.1",
+          "Host other nodes use to reach this server; the registered "
+          "address is advertise_host:<bound port>");
+ABSL_FLAG(int, shard, -1, "Requested shard id; -1: any");
+ABSL_FLAG(std::string, checkpoint_dir, "",
+          "Directory of shard checkpoints (written and resumed from); empty: "
+          "no checkpoints");
+ABSL_FLAG(std::string, init_from, "",
+          "safetensors file with initial weights (ignored when resuming)");
+ABSL_FLAG(int, wait_timeout_s, 60,
+          "Longest wait of a Pull or GradNorm for other workers, seconds");
+ABSL_FLAG(int, assemble_timeout_s, 120,
+          "Give up registering / getting an assignment after this many "
+          "seconds");
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Parameter-server shard of an lmps job.\n"
+      "  lmps_server --scheduler=host:port [--checkpoint_dir=DIR] ...");
+  absl::ParseCommandLine(argc, argv);
+
+  // SIGTERM/SIGINT are handled by one thread (sigwait), so they are blocked
+  // before any other thread exists and inherited blocked by gRPC's threads.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  lmps::DaemonOptions options;
+  options.scheduler = absl::GetFlag(FLAGS_scheduler);
+  options.listen = absl::GetFlag(FLAGS_listen);
+  options.advertise_host = absl::GetFlag(FLAGS_advertise_host);
+  options.shard = absl::GetFlag(FLAGS_shard);
+  options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
+  options.init_from = absl::GetFlag(FLAGS_init_from);
+  options.wait_timeout = absl::Seconds(absl::GetFlag(FLAGS_wait_timeout_s));
+  options.assemble_timeout =
+      absl::Seconds(absl::GetFlag(FLAGS_assemble_timeout_s));
+  const std::string prefix = options.shard >= 0
+                                 ? absl::StrCat("[server-", options.shard, "]")
+                                 : std::string("[server]");
+  if (options.scheduler.empty()) {
+    std::fprintf(stderr, "%s --scheduler=host:port is required (see --help)\n",
+                 prefix.c_str());
+    return 1;
+  }
+  if (options.wait_timeout <= absl::ZeroDuration() ||
+      options.assemble_timeout <= absl::ZeroDuration()) {
+    std::fprintf(stderr,
+                 "%s --wait_timeout_s and --assemble_timeout_s must be "
+                 "positive\n",
+                 prefix.c_str());
+    return 1;
+  }
+
+  // Leaked on purpose: the detached signal thread may outlive main().
+  lmps::StopSignal* stop = new lmps::StopSignal;
+  std::thread([stop, signals, prefix] {
+    int sig = 0;
+    if (sigwait(&signals, &sig) == 0) {
+      std::fprintf(stderr, "%s received %s: shutting down\n", prefix.c_str(),
+                   sig == SIGTERM ? "SIGTERM" : "SIGINT");
+      stop->Stop();
+    }
+  }).detach();
+
+  const absl::Status status = lmps::RunParameterServer(options, stop);
+  return status.ok() ? 0 : 1;
+}

@@ -1,0 +1,263 @@
+#include "server/service.h"
+
+#include <chrono>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_util.h"
+
+namespace lmps {
+namespace {
+
+grpc::Status NotReady() {
+  return ToGrpcStatus(absl::UnavailableError(
+      "parameter server has no shard assignment yet; retry shortly"));
+}
+
+}  // namespace
+
+absl::Time CallDeadline(const grpc::CallbackServerContext& context) {
+  const auto deadline = context.deadline();
+  if (deadline >=
+      std::chrono::system_clock::now() + std::chrono::hours(24 * 365)) {
+    return absl::InfiniteFuture();
+  }
+  return absl::FromChrono(deadline);
+}
+
+// ---------------------------------------------------------------------------
+// Push: read the whole stream, then hand it to the shard on the work pool.
+// ---------------------------------------------------------------------------
+
+class ParameterServerService::PushReactor
+    : public grpc::ServerReadReactor<PushRequest> {
+ public:
+  PushReactor(ParameterServerService* service, ParameterShard* shard,
+              grpc::CallbackServerContext* context, PushResponse* response)
+      : service_(service),
+        shard_(shard),
+        context_(context),
+        response_(response),
+        max_bytes_(service->MaxPushBytes(*shard)) {
+    StartRead(&incoming_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client closed its side (or the call broke)
+      if (context_->IsCancelled()) {
+        Finish(grpc::Status(grpc::StatusCode::CANCELLED,
+                            "push cancelled before the end of the stream"));
+        return;
+      }
+      service_->work_pool_->Schedule([this] { Run(); });
+      return;
+    }
+    bytes_ += static_cast<int64_t>(incoming_.ByteSizeLong());
+    if (bytes_ > max_bytes_) {
+      const std::string msg =
+          absl::StrCat("push stream exceeds ", max_bytes_, " bytes (shard ",
+                       shard_->shard(), " holds ", 4 * shard_->num_elements(),
+                       " bytes of parameters); nothing was accumulated");
+      service_->Log(msg);
+      Finish(ToGrpcStatus(absl::ResourceExhaustedError(msg)));
+      return;
+    }
+    stream_.push_back(std::move(incoming_));
+    incoming_ = PushRequest();
+    StartRead(&incoming_);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void Run() {
+    absl::StatusOr<PushResponse> result = shard_->Push(stream_);
+    stream_.clear();
+    stream_.shrink_to_fit();
+    if (result.ok()) {
+      *response_ = *result;
+    } else {
+      service_->Log(
+          absl::StrCat("push rejected: ", result.status().ToString()));
+    }
+    Finish(ToGrpcStatus(result.status()));
+  }
+
+  ParameterServerService* const service_;
+  ParameterShard* const shard_;
+  grpc::CallbackServerContext* const context_;
+  PushResponse* const response_;
+  const int64_t max_bytes_;
+  int64_t bytes_ = 0;
+  PushRequest incoming_;
+  std::vector<PushRequest> stream_;
+};
+
+// ---------------------------------------------------------------------------
+// Pull: wait for the version on the wait pool, then stream the messages.
+// ---------------------------------------------------------------------------
+
+class ParameterServerService::PullReactor
+    : public grpc::ServerWriteReactor<PullResponse> {
+ public:
+  PullReactor(ParameterServerService* service, ParameterShard* shard,
+              grpc::CallbackServerContext* context, const PullRequest* request)
+      : shard_(shard), request_(request), deadline_(CallDeadline(*context)) {
+    service->wait_pool_->Schedule([this] { Run(); });
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED,
+                          "pull stream broken by the client"));
+      return;
+    }
+    messages_[next_ - 1].Clear();  // sent: release its payload
+    NextWrite();
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void Run() {
+    absl::StatusOr<std::vector<PullResponse>> result =
+        shard_->Pull(*request_, deadline_);
+    if (!result.ok()) {
+      Finish(ToGrpcStatus(result.status()));
+      return;
+    }
+    messages_ = std::move(*result);
+    NextWrite();
+  }
+
+  void NextWrite() {
+    if (next_ == messages_.size()) {
+      Finish(grpc::Status::OK);
+      return;
+    }
+    StartWrite(&messages_[next_++]);
+  }
+
+  ParameterShard* const shard_;
+  const PullRequest* const request_;
+  const absl::Time deadline_;
+  std::vector<PullResponse> messages_;
+  size_t next_ = 0;
+};
+
+// ---------------------------------------------------------------------------
+// The service.
+// ---------------------------------------------------------------------------
+
+ParameterServerService::ParameterServerService(ServiceOptions options)
+    : options_(std::move(options)),
+      work_pool_(std::make_unique<ThreadPool>(options_.work_threads)),
+      wait_pool_(std::make_unique<ThreadPool>(options_.wait_threads)) {}
+
+ParameterServerService::~ParameterServerService() {
+  wait_pool_.reset();
+  work_pool_.reset();
+}
+
+void ParameterServerService::SetShard(ParameterShard* shard) {
+  shard_.store(shard);
+}
+
+void ParameterServerService::Log(const std::string& line) const {
+  if (options_.log) options_.log(line);
+}
+
+int64_t ParameterServerService::MaxPushBytes(
+    const ParameterShard& shard) const {
+  if (options_.max_push_bytes > 0) return options_.max_push_bytes;
+  return 2 * 4 * shard.num_elements() + (4 << 20);
+}
+
+grpc::ServerReadReactor<PushRequest>* ParameterServerService::Push(
+    grpc::CallbackServerContext* context, PushResponse* response) {
+  ParameterShard* shard = shard_.load();
+  if (shard == nullptr) {
+    class Refuse : public grpc::ServerReadReactor<PushRequest> {
+     public:
+      Refuse() { Finish(NotReady()); }
+      void OnDone() override { delete this; }
+    };
+    return new Refuse();
+  }
+  return new PushReactor(this, shard, context, response);
+}
+
+grpc::ServerWriteReactor<PullResponse>* ParameterServerService::Pull(
+    grpc::CallbackServerContext* context, const PullRequest* request) {
+  ParameterShard* shard = shard_.load();
+  if (shard == nullptr) {
+    class Refuse : public grpc::ServerWriteReactor<PullResponse> {
+     public:
+      Refuse() { Finish(NotReady()); }
+      void OnDone() override { delete this; }
+    };
+    return new Refuse();
+  }
+  return new PullReactor(this, shard, context, request);
+}
+
+grpc::ServerUnaryReactor* ParameterServerService::GradNorm(
+    grpc::CallbackServerContext* context, const GradNormRequest* request,
+    GradNormResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  ParameterShard* shard = shard_.load();
+  if (shard == nullptr) {
+    reactor->Finish(NotReady());
+    return reactor;
+  }
+  const absl::Time deadline = CallDeadline(*context);
+  wait_pool_->Schedule([shard, reactor, request, response, deadline] {
+    absl::StatusOr<double> result = shard->GradNorm(request->step(), deadline);
+    if (result.ok()) response->set_sum_squares(*result);
+    reactor->Finish(ToGrpcStatus(result.status()));
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ParameterServerService::Apply(
+    grpc::CallbackServerContext* context, const ApplyRequest* request,
+    ApplyResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  ParameterShard* shard = shard_.load();
+  if (shard == nullptr) {
+    reactor->Finish(NotReady());
+    return reactor;
+  }
+  work_pool_->Schedule([this, shard, reactor, request, response] {
+    absl::StatusOr<int64_t> result =
+        shard->Apply(request->step(), request->global_sum_squares());
+    if (result.ok()) {
+      response->set_version(*result);
+    } else {
+      Log(absl::StrCat("apply failed: ", result.status().ToString()));
+    }
+    reactor->Finish(ToGrpcStatus(result.status()));
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ParameterServerService::GetTensorInfo(
+    grpc::CallbackServerContext* context, const TensorInfoRequest* request,
+    TensorInfoResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  ParameterShard* shard = shard_.load();
+  if (shard == nullptr) {
+    reactor->Finish(NotReady());
+    return reactor;
+  }
+  work_pool_->Schedule([shard, reactor, request, response] {
+    absl::StatusOr<TensorInfoResponse> result =
+        shard->TensorInfo(request->tensor());
+    if (result.ok()) *response = std::move(*result);
+    reactor->Finish(ToGrpcStatus(result.status()));
+  });
+  return reactor;
+}
+
+}  // namespace lmps

@@ -1,0 +1,94 @@
+// ParameterServerService: the gRPC adapter (callback API) of one
+// ParameterShard. It holds no training logic: every RPC converts its
+// messages, calls the shard and converts the status (common/status_util).
+//
+//   Push           ServerReadReactor: collects the client stream (at most
+//                  max_push_bytes in total, else RESOURCE_EXHAUSTED without
+//                  touching the shard), then ParameterShard::Push.
+//   Pull           ServerWriteReactor: ParameterShard::Pull, then writes the
+//                  precomputed messages one at a time.
+//   GradNorm, Apply, GetTensorInfo   unary reactors.
+//
+// gRPC's callback threads never block: calls that wait for other workers
+// (Pull, GradNorm) run on a "wait" thread pool, the others (Push, Apply
+// with its checkpoint write, GetTensorInfo) on a "work" pool, so waits can
+// never hold up the pushes and applies they wait for. Waits end at the
+// client's deadline or the shard's wait_timeout, whichever is first.
+//
+// Until SetShard is called (the server starts before it has its assignment)
+// every RPC fails with UNAVAILABLE.
+//
+// Thread-safety: thread-safe. Shutdown order: ParameterShard::Shutdown()
+// (ends waits), grpc::Server::Shutdown(), then destroy this service (joins
+// the pools), then the shard.
+#ifndef LMPS_SERVER_SERVICE_H_
+#define LMPS_SERVER_SERVICE_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/time/time.h"
+#include "proto/lmps.grpc.pb.h"
+#include "server/shard.h"
+#include "server/thread_pool.h"
+
+namespace lmps {
+
+struct ServiceOptions {
+  int wait_threads = 8;  // Pull and GradNorm
+  int work_threads = 2;  // Push, Apply, GetTensorInfo
+  // Cap on the serialized bytes of one push stream; 0: twice the shard's
+  // fp32 bytes plus 4 MiB (room for a retried duplicate and headers).
+  int64_t max_push_bytes = 0;
+  // Receives a line for every failed Push/Apply; may be empty.
+  std::function<void(const std::string&)> log;
+};
+
+class ParameterServerService final : public ParameterServer::CallbackService {
+ public:
+  explicit ParameterServerService(ServiceOptions options);
+  ~ParameterServerService() override;
+
+  // Starts serving `shard` (not owned; must outlive this service).
+  void SetShard(ParameterShard* shard);
+
+  grpc::ServerReadReactor<PushRequest>* Push(
+      grpc::CallbackServerContext* context, PushResponse* response) override;
+  grpc::ServerWriteReactor<PullResponse>* Pull(
+      grpc::CallbackServerContext* context,
+      const PullRequest* request) override;
+  grpc::ServerUnaryReactor* GradNorm(grpc::CallbackServerContext* context,
+                                     const GradNormRequest* request,
+                                     GradNormResponse* response) override;
+  grpc::ServerUnaryReactor* Apply(grpc::CallbackServerContext* context,
+                                  const ApplyRequest* request,
+                                  ApplyResponse* response) override;
+  grpc::ServerUnaryReactor* GetTensorInfo(
+      grpc::CallbackServerContext* context, const TensorInfoRequest* request,
+      TensorInfoResponse* response) override;
+
+ private:
+  class PushReactor;
+  class PullReactor;
+
+  void Log(const std::string& line) const;
+  int64_t MaxPushBytes(const ParameterShard& shard) const;
+
+  const ServiceOptions options_;
+  std::atomic<ParameterShard*> shard_{nullptr};
+  // Declared last: destroyed (joined) first, while the members above live.
+  std::unique_ptr<ThreadPool> work_pool_;
+  std::unique_ptr<ThreadPool> wait_pool_;
+};
+
+// The absl deadline of a server call (InfiniteFuture if the client set none).
+absl::Time CallDeadline(const grpc::CallbackServerContext& context);
+
+}  // namespace lmps
+
+#endif  // LMPS_SERVER_SERVICE_H_

@@ -1,0 +1,744 @@
+#include "server/shard.h"
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/init.h"
+#include "common/job_spec.h"
+#include "common/partition.h"
+#include "common/safetensors.h"
+#include "server/optimizer.h"
+#include "server/tensor_codec.h"
+
+namespace lmps {
+namespace {
+
+std::string ChunkName(const std::string& tensor, int index) {
+  return absl::StrCat("tensor '", tensor, "' chunk ", index);
+}
+
+std::string Shape(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+std::string Seconds(absl::Duration d) {
+  return absl::FormatDuration(absl::Trunc(d, absl::Milliseconds(1)));
+}
+
+}  // namespace
+
+ParameterShard::ParameterShard(ShardOptions options)
+    : options_(std::move(options)) {}
+
+ParameterShard::~ParameterShard() { Shutdown(); }
+
+absl::StatusOr<std::unique_ptr<ParameterShard>> ParameterShard::Create(
+    ShardOptions options) {
+  if (absl::Status s = ValidateJobSpec(options.spec); !s.ok()) return s;
+  const int num_shards = options.spec.layout().num_shards();
+  if (options.shard < 0 || options.shard >= num_shards) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("shard ", options.shard, " is out of range: the job has ",
+                     num_shards, " shards"));
+  }
+  if (options.start_step < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("start_step must be >= 0, got ", options.start_step));
+  }
+  absl::StatusOr<PartitionMap> expected = ComputePartition(
+      options.spec.model(), num_shards, options.spec.max_chunk_bytes());
+  if (!expected.ok()) return expected.status();
+  if (options.map.version() != expected->version() ||
+      options.map.chunks_size() != expected->chunks_size()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("partition map version ", options.map.version(),
+                     " does not match the job spec's (", expected->version(),
+                     "): model, num_shards or max_chunk_bytes differ"));
+  }
+  if (options.wait_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("wait_timeout must be positive");
+  }
+  std::unique_ptr<ParameterShard> shard(new ParameterShard(std::move(options)));
+  if (absl::Status s = shard->Init(); !s.ok()) return s;
+  return shard;
+}
+
+absl::Status ParameterShard::Init() {
+  dp_ = options_.spec.layout().dp();
+  tensors_ = GptTensorSpecs(options_.spec.model());
+  for (size_t i = 0; i < tensors_.size(); ++i) {
+    tensor_index_[tensors_[i].name] = static_cast<int>(i);
+  }
+  const int buffers = OptimizerStateBuffers(options_.spec.optimizer().type());
+  absl::MutexLock lock(&mu_);
+  for (const ChunkDesc& desc : options_.map.chunks()) {
+    chunk_owner_[{desc.tensor(), desc.index()}] = desc.shard();
+    if (desc.shard() != options_.shard) continue;
+    auto it = tensor_index_.find(desc.tensor());
+    if (it == tensor_index_.end() || desc.begin() < 0 ||
+        desc.end() <= desc.begin() ||
+        desc.end() > tensors_[it->second].num_elements()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("partition map: bad chunk ", desc.ShortDebugString()));
+    }
+    chunk_index_[{desc.tensor(), desc.index()}] =
+        static_cast<int>(chunks_.size());
+    Chunk c;
+    c.desc = desc;
+    c.tensor = &tensors_[it->second];
+    c.params.assign(c.size(), 0.0f);
+    c.state.assign(buffers, std::vector<float>(c.size(), 0.0f));
+    c.grads.assign(dp_, std::vector<float>(c.size(), 0.0f));
+    c.received.assign(dp_, 0);
+    num_elements_ += c.size();
+    chunk_sizes_.push_back(c.size());
+    chunks_.push_back(std::move(c));
+  }
+  chunks_received_.assign(dp_, 0);
+  version_ = options_.start_step;
+  if (options_.start_step > 0) return InitFromCheckpoint();
+  if (!options_.init_from_safetensors.empty()) return InitFromSafetensors();
+  for (Chunk& c : chunks_) {
+    InitTensorRange(*c.tensor, options_.spec.train().seed(), c.desc.begin(),
+                    c.desc.end(), c.params.data());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParameterShard::InitFromCheckpoint() {
+  const int64_t step = options_.start_step;
+  if (options_.checkpoint_dir.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("shard ", options_.shard, ": resuming from step ", step,
+                     " needs a checkpoint directory"));
+  }
+  const std::string path =
+      CheckpointPath(options_.checkpoint_dir, step, options_.shard);
+  absl::StatusOr<ShardCheckpoint> ckpt = ReadShardCheckpoint(path);
+  if (!ckpt.ok()) {
+    return absl::Status(
+        ckpt.status().code(),
+        absl::StrCat("shard ", options_.shard, ": cannot resume from step ",
+                     step, ": ", ckpt.status().message()));
+  }
+  const CheckpointHeader& h = ckpt->header;
+  auto mismatch = [&](const std::string& what) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("checkpoint ", path, " does not fit this job: ", what));
+  };
+  if (h.step != step || h.shard != options_.shard) {
+    return mismatch(
+        absl::StrCat("it holds step ", h.step, " of shard ", h.shard));
+  }
+  if (h.partition_version != options_.map.version() ||
+      h.num_shards != options_.spec.layout().num_shards()) {
+    return mismatch(absl::StrCat(
+        "it was written with partition version ", h.partition_version, " (",
+        h.num_shards, " shards), the job has ", options_.map.version(), " (",
+        options_.spec.layout().num_shards(),
+        " shards): model, num_shards or max_chunk_bytes changed"));
+  }
+  const OptimizerType type = options_.spec.optimizer().type();
+  if (h.state_buffers != OptimizerStateBuffers(type) ||
+      OptimizerStateBuffers(h.optimizer) != OptimizerStateBuffers(type)) {
+    return mismatch(absl::StrCat("it holds state of optimizer ",
+                                 OptimizerType_Name(h.optimizer),
+                                 ", the job uses ", OptimizerType_Name(type)));
+  }
+  if (ckpt->chunks.size() != chunks_.size()) {
+    return mismatch(absl::StrCat("it has ", ckpt->chunks.size(),
+                                 " chunks, the shard owns ", chunks_.size()));
+  }
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    const ChunkDesc& want = chunks_[i].desc;
+    ChunkData& got = ckpt->chunks[i];
+    if (got.desc.tensor() != want.tensor() ||
+        got.desc.index() != want.index() || got.desc.begin() != want.begin() ||
+        got.desc.end() != want.end()) {
+      return mismatch(absl::StrCat("chunk ", i, " is ",
+                                   got.desc.ShortDebugString(), ", expected ",
+                                   want.ShortDebugString()));
+    }
+    chunks_[i].params = std::move(got.params);
+    chunks_[i].state = std::move(got.state);
+  }
+  Log(absl::StrCat("resumed from checkpoint ", path, " (version ", step, ")"));
+  return absl::OkStatus();
+}
+
+absl::Status ParameterShard::InitFromSafetensors() {
+  const std::string& path = options_.init_from_safetensors;
+  absl::StatusOr<SafetensorsContents> file = ReadSafetensorsFile(path);
+  if (!file.ok()) return file.status();
+  for (Chunk& c : chunks_) {
+    const SafeTensor* t = file->Find(c.desc.tensor());
+    if (t == nullptr) {
+      return absl::NotFoundError(absl::StrCat(
+          "initial weights ", path, " have no tensor '", c.desc.tensor(),
+          "' (shape ", Shape(c.tensor->shape), ")"));
+    }
+    if (t->shape != c.tensor->shape) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "initial weights ", path, ": tensor '", t->name, "' has shape ",
+          Shape(t->shape), ", the model needs ", Shape(c.tensor->shape)));
+    }
+    const float* src = t->data.data() + c.desc.begin();
+    for (int64_t i = 0; i < c.size(); ++i) {
+      if (!std::isfinite(src[i])) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("initial weights ", path, ": tensor '", t->name,
+                         "' element ", c.desc.begin() + i, " is not finite"));
+      }
+    }
+    std::copy(src, src + c.size(), c.params.begin());
+  }
+  Log(absl::StrCat("initial weights from ", path));
+  return absl::OkStatus();
+}
+
+void ParameterShard::Log(const std::string& line) const {
+  if (options_.log) options_.log(line);
+}
+
+absl::Time ParameterShard::WaitDeadline(absl::Time deadline) const {
+  return std::min(deadline, absl::Now() + options_.wait_timeout);
+}
+
+int ParameterShard::FindChunk(const std::string& tensor, int index) const {
+  auto it = chunk_index_.find({tensor, index});
+  return it == chunk_index_.end() ? -1 : it->second;
+}
+
+int64_t ParameterShard::version() const {
+  absl::MutexLock lock(&mu_);
+  return version_;
+}
+
+int64_t ParameterShard::rejected_nonfinite_pushes() const {
+  absl::MutexLock lock(&mu_);
+  return rejected_nonfinite_;
+}
+
+int64_t ParameterShard::duplicate_chunks() const {
+  absl::MutexLock lock(&mu_);
+  return duplicates_;
+}
+
+absl::Status ParameterShard::last_checkpoint_status() const {
+  absl::MutexLock lock(&mu_);
+  return checkpoint_status_;
+}
+
+void ParameterShard::Shutdown() {
+  absl::MutexLock lock(&mu_);
+  shutdown_ = true;
+}
+
+// ---------------------------------------------------------------------------
+// Push.
+// ---------------------------------------------------------------------------
+
+absl::StatusOr<PushResponse> ParameterShard::Push(
+    const std::vector<PushRequest>& stream) {
+  const int shard = options_.shard;
+  if (stream.empty()) {
+    return absl::InvalidArgumentError("empty push stream");
+  }
+  const PushRequest& head = stream.front();
+  const int rank = head.dp_rank();
+  const int64_t step = head.step();
+  for (size_t m = 1; m < stream.size(); ++m) {
+    const PushRequest& r = stream[m];
+    if (r.dp_rank() != rank || r.step() != step ||
+        r.partition_version() != head.partition_version()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "push message ", m, " has dp_rank ", r.dp_rank(), " step ", r.step(),
+          " partition_version ", r.partition_version(),
+          " but the stream started with dp_rank ", rank, " step ", step,
+          " partition_version ", head.partition_version()));
+    }
+  }
+  if (head.partition_version() != options_.map.version()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "push partition_version ", head.partition_version(),
+        " does not match shard ", shard, "'s ", options_.map.version(),
+        " (the worker and the servers disagree on model or layout)"));
+  }
+  if (rank < 0 || rank >= dp_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("push dp_rank ", rank, " is out of range [0, ", dp_, ")"));
+  }
+  const std::string who =
+      absl::StrCat("push from dp rank ", rank, " for step ", step);
+
+  // Static validation: every slice names a chunk of this shard, a valid
+  // dtype and an in-range element span; every chunk is tiled exactly once.
+  struct Piece {
+    int64_t offset, n;
+    const ChunkSlice* slice;
+  };
+  std::map<int, std::vector<Piece>> pieces;  // chunk -> pieces
+  for (size_t m = 0; m < stream.size(); ++m) {
+    for (const ChunkSlice& s : stream[m].slices()) {
+      const int size = DTypeSize(s.dtype());
+      if (size == 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            who, ": ", ChunkName(s.tensor(), s.chunk()), " has dtype ",
+            static_cast<int>(s.dtype()), "; valid: F32, BF16"));
+      }
+      const int c = FindChunk(s.tensor(), s.chunk());
+      if (c < 0) {
+        if (tensor_index_.count(s.tensor()) == 0) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(who, ": unknown tensor '", s.tensor(), "'"));
+        }
+        auto owner = chunk_owner_.find({s.tensor(), s.chunk()});
+        if (owner == chunk_owner_.end()) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              who, ": ", ChunkName(s.tensor(), s.chunk()), " does not exist"));
+        }
+        return absl::InvalidArgumentError(absl::StrCat(
+            who, ": ", ChunkName(s.tensor(), s.chunk()), " is held by shard ",
+            owner->second, ", not shard ", shard));
+      }
+      if (s.data().size() % size != 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            who, ": ", ChunkName(s.tensor(), s.chunk()), " payload of ",
+            s.data().size(), " bytes is not a multiple of ", size, " (",
+            DType_Name(s.dtype() == BF16 ? BF16 : F32), ")"));
+      }
+      const int64_t n = static_cast<int64_t>(s.data().size()) / size;
+      pieces[c].push_back({s.offset(), n, &s});
+    }
+  }
+  const std::vector<int64_t>& sizes = chunk_sizes_;
+  for (auto& [c, list] : pieces) {
+    const ChunkSlice& any = *list.front().slice;
+    const std::string name = ChunkName(any.tensor(), any.chunk());
+    for (const Piece& p : list) {
+      if (p.offset < 0 || p.offset > sizes[c] - p.n) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            who, ": ", name, " slice [", p.offset, ", ", p.offset + p.n,
+            ") is outside the chunk's ", sizes[c], " elements"));
+      }
+    }
+    std::sort(list.begin(), list.end(), [](const Piece& a, const Piece& b) {
+      return a.offset < b.offset;
+    });
+    int64_t next = 0;
+    for (const Piece& p : list) {
+      if (p.n == 0) continue;
+      if (p.offset != next) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(who, ": ", name, " is not covered exactly once: ",
+                         p.offset < next ? "overlapping slices at element "
+                                         : "missing elements from ",
+                         std::min(p.offset, next)));
+      }
+      next = p.offset + p.n;
+    }
+    if (next != sizes[c]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(who, ": ", name, " covers ", next, " of its ", sizes[c],
+                       " elements; a push must cover whole chunks"));
+    }
+  }
+  for (auto& [c, list] : pieces) {
+    for (const Piece& p : list) {
+      const int64_t bad = FirstNonFinite(p.slice->dtype(), p.slice->data());
+      if (bad >= 0) {
+        absl::MutexLock lock(&mu_);
+        ++rejected_nonfinite_;
+        return absl::InvalidArgumentError(absl::StrCat(
+            who, ": non-finite gradient (NaN or Inf) in ",
+            ChunkName(p.slice->tensor(), p.slice->chunk()), " element ",
+            p.offset + bad, "; push rejected, nothing applied"));
+      }
+    }
+  }
+
+  absl::MutexLock lock(&mu_);
+  if (shutdown_) {
+    return absl::UnavailableError(
+        absl::StrCat("parameter server shard ", shard, " is shutting down"));
+  }
+  if (step < version_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(who, ": shard ", shard, " is at version ", version_,
+                     "; step ", step, " was already applied"));
+  }
+  if (step > version_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        who, ": shard ", shard, " is at version ", version_, "; step ", step,
+        " is far in the future (pull version ", step, " first)"));
+  }
+  PushResponse response;
+  for (auto& [c, list] : pieces) {
+    Chunk& chunk = chunks_[c];
+    if (chunk.received[rank]) {
+      response.set_chunks_duplicate(response.chunks_duplicate() + 1);
+      ++duplicates_;
+      continue;
+    }
+    float* dst = chunk.grads[rank].data();
+    for (const Piece& p : list) {
+      DecodePayload(p.slice->dtype(), p.slice->data(), dst + p.offset);
+    }
+    chunk.received[rank] = 1;
+    ++chunks_received_[rank];
+    response.set_chunks_accepted(response.chunks_accepted() + 1);
+  }
+  return response;
+}
+
+// ---------------------------------------------------------------------------
+// GradNorm and Apply.
+// ---------------------------------------------------------------------------
+
+bool ParameterShard::CompleteLocked() const {
+  const int n = static_cast<int>(chunks_.size());
+  for (int r = 0; r < dp_; ++r) {
+    if (chunks_received_[r] < n) return false;
+  }
+  return true;
+}
+
+std::string ParameterShard::MissingRanksLocked(absl::string_view after) const {
+  const int n = static_cast<int>(chunks_.size());
+  std::vector<int> missing;
+  std::vector<std::string> partial;
+  for (int r = 0; r < dp_; ++r) {
+    if (chunks_received_[r] < n) missing.push_back(r);
+    if (chunks_received_[r] > 0 && chunks_received_[r] < n) {
+      partial.push_back(absl::StrCat("dp rank ", r, " pushed ",
+                                     chunks_received_[r], " of ", n,
+                                     " chunks"));
+    }
+  }
+  std::string out = absl::StrCat("no gradients from dp ranks [",
+                                 absl::StrJoin(missing, ", "), "]", after);
+  if (!partial.empty()) {
+    absl::StrAppend(&out, " (", absl::StrJoin(partial, "; "), ")");
+  }
+  return out;
+}
+
+void ParameterShard::ReduceLocked() {
+  if (reduced_) return;
+  const float dp = static_cast<float>(dp_);
+  double sum_squares = 0;
+  for (Chunk& c : chunks_) {
+    float* acc = c.grads[0].data();
+    const int64_t n = c.size();
+    for (int r = 1; r < dp_; ++r) {
+      const float* g = c.grads[r].data();
+      for (int64_t i = 0; i < n; ++i) acc[i] += g[i];
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      acc[i] /= dp;
+      sum_squares += static_cast<double>(acc[i]) * acc[i];
+    }
+  }
+  sum_squares_ = sum_squares;
+  reduced_ = true;
+}
+
+void ParameterShard::ResetGradientsLocked() {
+  for (Chunk& c : chunks_) std::fill(c.received.begin(), c.received.end(), 0);
+  std::fill(chunks_received_.begin(), chunks_received_.end(), 0);
+  reduced_ = false;
+  sum_squares_ = 0;
+}
+
+absl::StatusOr<double> ParameterShard::GradNorm(int64_t step,
+                                                absl::Time deadline) {
+  const int shard = options_.shard;
+  const absl::Time start = absl::Now();
+  const absl::Time until = WaitDeadline(deadline);
+  absl::MutexLock lock(&mu_);
+  if (step > version_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("shard ", shard, " step ", step, ": shard is at version ",
+                     version_, "; step ", step, " is far in the future"));
+  }
+  auto ready = [this, step]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return shutdown_ || version_ > step || CompleteLocked();
+  };
+  if (!mu_.AwaitWithDeadline(absl::Condition(&ready), until)) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "shard ", shard, " step ", step, ": ",
+        MissingRanksLocked(absl::StrCat(" after ", Seconds(until - start)))));
+  }
+  if (shutdown_) {
+    return absl::UnavailableError(
+        absl::StrCat("parameter server shard ", shard, " is shutting down"));
+  }
+  if (version_ > step) {
+    if (step == last_applied_step_) return last_sum_squares_;
+    return absl::FailedPreconditionError(
+        absl::StrCat("shard ", shard, " step ", step,
+                     ": already applied; shard is at "
+                     "version ",
+                     version_));
+  }
+  ReduceLocked();
+  return sum_squares_;
+}
+
+bool ParameterShard::ShouldCheckpoint(int64_t version) const {
+  if (options_.checkpoint_dir.empty()) return false;
+  const TrainConfig& t = options_.spec.train();
+  if (t.checkpoint_interval() > 0 && version % t.checkpoint_interval() == 0) {
+    return true;
+  }
+  return version == t.steps() ||
+         (t.stop_after_step() > 0 && version == t.stop_after_step());
+}
+
+absl::StatusOr<int64_t> ParameterShard::Apply(int64_t step,
+                                              double global_sum_squares) {
+  const int shard = options_.shard;
+  if (!std::isfinite(global_sum_squares) || global_sum_squares < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("apply step ", step,
+                     ": global_sum_squares must be finite and >= 0, "
+                     "got ",
+                     global_sum_squares));
+  }
+  absl::MutexLock lock(&mu_);
+  if (shutdown_) {
+    return absl::UnavailableError(
+        absl::StrCat("parameter server shard ", shard, " is shutting down"));
+  }
+  if (step < version_) return version_;  // already applied: idempotent
+  if (step > version_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("apply step ", step, ": shard ", shard, " is at version ",
+                     version_, "; step ", step, " is far in the future"));
+  }
+  if (!CompleteLocked()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("apply step ", step, ": shard ", shard, " has ",
+                     MissingRanksLocked(""), "; call GradNorm first"));
+  }
+  ReduceLocked();
+  const OptimizerConfig& opt = options_.spec.optimizer();
+  const double lr = LearningRate(opt, step, options_.spec.train().steps());
+  const float scale = static_cast<float>(
+      ClipScale(opt.grad_clip(), std::sqrt(global_sum_squares)));
+  for (Chunk& c : chunks_) {
+    const double wd = c.tensor->weight_decay ? opt.weight_decay() : 0.0;
+    if (opt.type() == SGD) {
+      SgdHyper h;
+      h.lr = lr;
+      h.momentum = opt.momentum();
+      h.weight_decay = wd;
+      SgdMomentumStep(h, scale, c.grads[0], absl::MakeSpan(c.params),
+                      absl::MakeSpan(c.state[0]));
+    } else {
+      AdamWHyper h;
+      h.lr = lr;
+      h.beta1 = opt.beta1();
+      h.beta2 = opt.beta2();
+      h.eps = opt.eps();
+      h.weight_decay = wd;
+      h.step = step;
+      AdamWStep(h, scale, c.grads[0], absl::MakeSpan(c.params),
+                absl::MakeSpan(c.state[0]), absl::MakeSpan(c.state[1]));
+    }
+  }
+  last_applied_step_ = step;
+  last_sum_squares_ = sum_squares_;
+  ResetGradientsLocked();
+  version_ = step + 1;
+  if (ShouldCheckpoint(version_)) {
+    if (absl::Status s = WriteCheckpointLocked(); !s.ok()) {
+      return absl::Status(
+          s.code(), absl::StrCat("shard ", shard, " applied step ", step,
+                                 " (now version ", version_,
+                                 ") but the checkpoint failed: ", s.message()));
+    }
+  }
+  return version_;
+}
+
+// ---------------------------------------------------------------------------
+// Checkpoints.
+// ---------------------------------------------------------------------------
+
+absl::Status ParameterShard::WriteCheckpoint() {
+  absl::MutexLock lock(&mu_);
+  return WriteCheckpointLocked();
+}
+
+absl::Status ParameterShard::WriteCheckpointLocked() {
+  if (options_.checkpoint_dir.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("shard ", options_.shard, " has no checkpoint directory"));
+  }
+  CheckpointHeader h;
+  h.step = version_;
+  h.shard = options_.shard;
+  h.num_shards = options_.spec.layout().num_shards();
+  h.partition_version = options_.map.version();
+  h.optimizer = options_.spec.optimizer().type();
+  h.state_buffers = OptimizerStateBuffers(h.optimizer);
+  h.spec = options_.spec;
+  std::vector<ChunkView> views;
+  views.reserve(chunks_.size());
+  for (const Chunk& c : chunks_) {
+    ChunkView v;
+    v.desc = c.desc;
+    v.params = c.params;
+    for (const auto& s : c.state) v.state.push_back(s);
+    views.push_back(std::move(v));
+  }
+  const absl::Time start = absl::Now();
+  checkpoint_status_ = WriteShardCheckpoint(options_.checkpoint_dir, h, views);
+  if (checkpoint_status_.ok()) {
+    Log(absl::StrCat(
+        "wrote checkpoint ",
+        CheckpointPath(options_.checkpoint_dir, version_, options_.shard),
+        " in ", Seconds(absl::Now() - start)));
+  } else {
+    Log(absl::StrCat("checkpoint of version ", version_,
+                     " failed: ", checkpoint_status_.ToString()));
+  }
+  return checkpoint_status_;
+}
+
+ShardCheckpoint ParameterShard::Snapshot() const {
+  absl::ReaderMutexLock lock(&mu_);
+  ShardCheckpoint out;
+  out.header.step = version_;
+  out.header.shard = options_.shard;
+  out.header.num_shards = options_.spec.layout().num_shards();
+  out.header.partition_version = options_.map.version();
+  out.header.optimizer = options_.spec.optimizer().type();
+  out.header.state_buffers = OptimizerStateBuffers(out.header.optimizer);
+  out.header.spec = options_.spec;
+  out.header.num_chunks = static_cast<int32_t>(chunks_.size());
+  for (const Chunk& c : chunks_) {
+    out.chunks.push_back({c.desc, c.params, c.state});
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Pull and TensorInfo.
+// ---------------------------------------------------------------------------
+
+absl::StatusOr<std::vector<PullResponse>> ParameterShard::Pull(
+    const PullRequest& request, absl::Time deadline) {
+  const int shard = options_.shard;
+  const DType dtype = request.dtype() == BF16 ? BF16 : F32;
+  if (DTypeSize(request.dtype()) == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pull dtype ", static_cast<int>(request.dtype()),
+                     " is not valid; valid: F32, BF16"));
+  }
+  if (request.partition_version() != 0 &&
+      request.partition_version() != options_.map.version()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "pull partition_version ", request.partition_version(),
+        " does not match shard ", shard, "'s ", options_.map.version(),
+        " (the worker and the servers disagree on model or layout)"));
+  }
+  if (request.step() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pull step must be >= 0, got ", request.step()));
+  }
+  for (const std::string& t : request.tensors()) {
+    if (tensor_index_.count(t) == 0) {
+      return absl::NotFoundError(absl::StrCat("unknown tensor '", t, "'"));
+    }
+  }
+  const bool all = request.tensors().empty();
+  std::set<std::string> wanted(request.tensors().begin(),
+                               request.tensors().end());
+  const int64_t step = request.step();
+  const absl::Time start = absl::Now();
+  const absl::Time until = WaitDeadline(deadline);
+
+  // Shared: pulls of several workers copy the parameters in parallel.
+  absl::ReaderMutexLock lock(&mu_);
+  auto ready = [this, step]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    return shutdown_ || version_ >= step;
+  };
+  if (!mu_.AwaitWithDeadline(absl::Condition(&ready), until)) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "shard ", shard, " step ", step, ": version ", step,
+        " not reached after ", Seconds(until - start), " (at version ",
+        version_, ", waiting for the apply of step ", version_, ")"));
+  }
+  if (shutdown_) {
+    return absl::UnavailableError(
+        absl::StrCat("parameter server shard ", shard, " is shutting down"));
+  }
+  const int64_t budget = options_.spec.max_message_bytes();
+  const int elem = DTypeSize(dtype);
+  std::vector<PullResponse> out;
+  PullResponse current;
+  current.set_version(version_);
+  int64_t payload = 0;
+  for (const Chunk& c : chunks_) {
+    if (!all && wanted.count(c.desc.tensor()) == 0) continue;
+    int64_t offset = 0;
+    while (offset < c.size()) {
+      if (budget - payload < elem) {
+        out.push_back(std::move(current));
+        current = PullResponse();
+        current.set_version(version_);
+        payload = 0;
+      }
+      const int64_t n = std::min(c.size() - offset, (budget - payload) / elem);
+      ChunkSlice* s = current.add_slices();
+      s->set_tensor(c.desc.tensor());
+      s->set_chunk(c.desc.index());
+      s->set_offset(offset);
+      s->set_dtype(dtype);
+      std::string* data = s->mutable_data();
+      data->reserve(n * elem);
+      EncodePayload(dtype, c.params.data() + offset, n, data);
+      payload += n * elem;
+      offset += n;
+    }
+  }
+  if (payload > 0 || out.empty()) out.push_back(std::move(current));
+  return out;
+}
+
+absl::StatusOr<TensorInfoResponse> ParameterShard::TensorInfo(
+    const std::string& tensor) const {
+  if (!tensor.empty() && tensor_index_.count(tensor) == 0) {
+    return absl::NotFoundError(absl::StrCat("unknown tensor '", tensor, "'"));
+  }
+  absl::ReaderMutexLock lock(&mu_);
+  TensorInfoResponse out;
+  out.set_shard(options_.shard);
+  out.set_version(version_);
+  out.set_rejected_nonfinite_pushes(rejected_nonfinite_);
+  for (const TensorSpec& spec : tensors_) {
+    if (!tensor.empty() && spec.name != tensor) continue;
+    lmps::TensorInfo info;
+    info.set_name(spec.name);
+    for (int64_t d : spec.shape) info.add_shape(d);
+    info.set_weight_decay(spec.weight_decay);
+    double sum_squares = 0;
+    for (const Chunk& c : chunks_) {
+      if (c.desc.tensor() != spec.name) continue;
+      *info.add_chunks() = c.desc;
+      for (float v : c.params) sum_squares += static_cast<double>(v) * v;
+    }
+    if (tensor.empty() && info.chunks_size() == 0) continue;
+    info.set_l2_norm(std::sqrt(sum_squares));
+    *out.add_tensors() = std::move(info);
+  }
+  return out;
+}
+
+}  // namespace lmps

@@ -1,0 +1,620 @@
+// CudaBackend vs the CPU: every layer forward and backward against the
+// naive ReferenceBackend on random inputs, the memory functions, and a
+// whole GptModel training step against the CpuBackend.
+//
+// Every test is skipped (GTEST_SKIP) when there is no CUDA device
+// (cudaGetDeviceCount fails, e.g. no driver, or finds 0 devices).
+//
+// Tolerances (max-norm relative error, test_util.h AllClose):
+// - kRtolGemm = 1e-2 for outputs of matrix products (linear layers,
+//   attention): they run on tensor cores in TF32, whose inputs carry a
+//   10-bit mantissa (unit roundoff 2^-11 = 4.9e-4), so products differ from
+//   the fp32/double reference by ~1e-3 of the tensor's scale.
+// - kRtolElementwise = 1e-5 for elementwise kernels and kRtolReduction =
+//   2e-5 for fp32 reductions (LayerNorm, softmax, cross-entropy, column
+//   sums): a few ulp times the square root of the reduction length.
+// - Whole model step: loss within 1e-3 relative, every parameter gradient
+//   within kRtolModelGrad = 2e-2 (TF32 errors of ~1e-3 compound over the
+//   layers of the backward pass).
+// A real bug (a wrong index, a missing term, overwrite instead of
+// accumulate) gives errors of order 1.
+//
+// Backward tests pre-fill every gradient with random values so they also
+// check accumulation (+=).
+#include "worker/backend/cuda/cuda_backend.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/model_spec.h"
+#include "gtest/gtest.h"
+#include "worker/backend/cpu_backend.h"
+#include "worker/backend/cpu_reference.h"
+#include "worker/backend/test_util.h"
+#include "worker/model/gpt.h"
+
+namespace lmps {
+namespace {
+
+using ::lmps::testing::AllClose;
+using ::lmps::testing::RandomTokens;
+using ::lmps::testing::RandomVector;
+
+constexpr double kRtolGemm = 1e-2;
+constexpr double kRtolElementwise = 1e-5;
+constexpr double kRtolReduction = 2e-5;
+constexpr double kRtolModelGrad = 2e-2;
+constexpr double kRtolLoss = 1e-3;
+
+template <typename T>
+T Must(absl::StatusOr<T> v, const char* what) {
+  if (!v.ok()) {
+    std::fprintf(stderr, "%s: %s\n", what, v.status().ToString().c_str());
+    std::abort();
+  }
+  return *std::move(v);
+}
+
+// Why there is no usable GPU, or "" when there is one.
+std::string NoGpuReason() {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    return std::string("cudaGetDeviceCount failed: ") + cudaGetErrorString(e);
+  }
+  if (count == 0) return "cudaGetDeviceCount found 0 devices";
+  return "";
+}
+
+class CudaBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (const std::string why = NoGpuReason(); !why.empty()) {
+      GTEST_SKIP() << "no CUDA device (" << why << "): skipping";
+    }
+    auto cuda = CudaBackend::Create({.device = 0});
+    ASSERT_TRUE(cuda.ok()) << cuda.status();
+    cuda_ = std::move(*cuda);
+    auto ref = ReferenceBackend::Create();
+    ASSERT_TRUE(ref.ok()) << ref.status();
+    ref_ = std::move(*ref);
+  }
+
+  void TearDown() override {
+    if (cuda_ == nullptr) return;
+    for (float* p : floats_) cuda_->Free(p);
+    for (int32_t* p : ints_) cuda_->Free(p);
+    EXPECT_TRUE(cuda_->Synchronize().ok());
+  }
+
+  // Device copies of host vectors, freed in TearDown.
+  float* Up(const std::vector<float>& v) {
+    float* p = Must(cuda_->Alloc(v.size()), "Alloc");
+    floats_.push_back(p);
+    const absl::Status s = cuda_->CopyToBackend(p, v.data(), v.size());
+    EXPECT_TRUE(s.ok()) << s;
+    return p;
+  }
+  int32_t* Up(const std::vector<int32_t>& v) {
+    int32_t* p = Must(cuda_->AllocInt32(v.size()), "AllocInt32");
+    ints_.push_back(p);
+    const absl::Status s = cuda_->CopyToBackend(p, v.data(), v.size());
+    EXPECT_TRUE(s.ok()) << s;
+    return p;
+  }
+  float* Empty(size_t n) {
+    float* p = Must(cuda_->Alloc(n), "Alloc");
+    floats_.push_back(p);
+    return p;
+  }
+  std::vector<float> Down(const float* p, size_t n) {
+    std::vector<float> v(n);
+    const absl::Status s = cuda_->CopyToHost(v.data(), p, n);
+    EXPECT_TRUE(s.ok()) << s;
+    return v;
+  }
+
+  std::unique_ptr<CudaBackend> cuda_;
+  std::unique_ptr<ReferenceBackend> ref_;
+  std::vector<float*> floats_;
+  std::vector<int32_t*> ints_;
+};
+
+struct Shape {
+  int B, T, C, NH;
+};
+
+// Odd, prime and warp-unfriendly sizes, T = 1, and a realistic one.
+const Shape kShapes[] = {
+    {1, 1, 4, 1},   {2, 5, 6, 2},   {3, 7, 15, 3},     {2, 17, 24, 4},
+    {1, 33, 40, 5}, {4, 64, 64, 4}, {2, 128, 768, 12},
+};
+
+// ---------------------------------------------------------------------------
+// Setup and memory.
+// ---------------------------------------------------------------------------
+
+TEST_F(CudaBackendTest, CreateAndDescribe) {
+  EXPECT_EQ(cuda_->name(), "cuda");
+  EXPECT_EQ(cuda_->device(), 0);
+  EXPECT_FALSE(cuda_->device_description().empty());
+  const int count = Must(CudaBackend::DeviceCount(), "DeviceCount");
+  EXPECT_GE(count, 1);
+  auto bad = CudaBackend::Create({.device = count});
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument)
+      << bad.status();
+  bad = CudaBackend::Create({.device = -1});
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument)
+      << bad.status();
+}
+
+TEST_F(CudaBackendTest, AllocIsZeroFilledAndAllocZeroIsValid) {
+  float* p = Empty(1000);
+  EXPECT_EQ(Down(p, 1000), std::vector<float>(1000, 0.0f));
+  float* z = Must(cuda_->Alloc(0), "Alloc(0)");
+  EXPECT_NE(z, nullptr);
+  cuda_->Free(z);
+  int32_t* zi = Must(cuda_->AllocInt32(0), "AllocInt32(0)");
+  EXPECT_NE(zi, nullptr);
+  cuda_->Free(zi);
+  cuda_->Free(static_cast<float*>(nullptr));
+  cuda_->Free(static_cast<int32_t*>(nullptr));
+  EXPECT_TRUE(cuda_->Synchronize().ok());
+}
+
+TEST_F(CudaBackendTest, AllocTooMuchIsResourceExhausted) {
+  auto p = cuda_->Alloc(size_t{1} << 50);  // 4 PiB
+  EXPECT_EQ(p.status().code(), absl::StatusCode::kResourceExhausted)
+      << p.status();
+  // The backend still works.
+  EXPECT_EQ(Down(Up(std::vector<float>{1, 2, 3}), 3),
+            (std::vector<float>{1, 2, 3}));
+}
+
+TEST_F(CudaBackendTest, CopiesRoundTripExactly) {
+  // Small (direct), just over the staging chunk, and several chunks with an
+  // odd tail (pipelined through the pinned buffers).
+  for (size_t n : {size_t{1}, size_t{1000}, size_t{(8 << 20) / 4 + 1},
+                   size_t{5'000'003}}) {
+    SCOPED_TRACE(n);
+    const std::vector<float> v = RandomVector(1, n);
+    float* p = Up(v);
+    EXPECT_EQ(Down(p, n), v);
+    // A copy into the middle of a buffer.
+    const std::vector<float> w = RandomVector(2, n / 2);
+    ASSERT_TRUE(cuda_->CopyToBackend(p + n / 4, w.data(), w.size()).ok());
+    EXPECT_EQ(Down(p + n / 4, n / 2), w);
+  }
+}
+
+TEST_F(CudaBackendTest, CopiesFromPinnedHostMemory) {
+  const size_t n = 3'000'000;
+  float* pinned = nullptr;
+  ASSERT_EQ(cudaMallocHost(reinterpret_cast<void**>(&pinned), n * 4),
+            cudaSuccess);
+  const std::vector<float> v = RandomVector(3, n);
+  std::copy(v.begin(), v.end(), pinned);
+  float* p = Empty(n);
+  EXPECT_TRUE(cuda_->CopyToBackend(p, pinned, n).ok());
+  std::fill(pinned, pinned + n, 0.0f);
+  EXPECT_TRUE(cuda_->CopyToHost(pinned, p, n).ok());
+  EXPECT_TRUE(std::equal(v.begin(), v.end(), pinned));
+  cudaFreeHost(pinned);
+}
+
+TEST_F(CudaBackendTest, ZeroAndAxpy) {
+  const size_t n = 100'003;
+  const std::vector<float> x = RandomVector(4, n), y = RandomVector(5, n);
+  float* dx = Up(x);
+  float* dy = Up(y);
+  cuda_->Axpy(dy, -0.75f, dx, n);
+  std::vector<float> expected = y;
+  ref_->Axpy(expected.data(), -0.75f, x.data(), n);
+  EXPECT_TRUE(AllClose(Down(dy, n), expected, kRtolElementwise));
+  cuda_->Zero(dy + 3, n - 5);
+  const std::vector<float> z = Down(dy, n);
+  EXPECT_EQ(z[2], expected[2]);
+  EXPECT_EQ(z[3], 0.0f);
+  EXPECT_EQ(z[n - 3], 0.0f);
+  EXPECT_EQ(z[n - 2], expected[n - 2]);
+}
+
+// ---------------------------------------------------------------------------
+// Layers.
+// ---------------------------------------------------------------------------
+
+TEST_F(CudaBackendTest, Encoder) {
+  for (const Shape& s : kShapes) {
+    SCOPED_TRACE(::testing::Message()
+                 << "B=" << s.B << " T=" << s.T << " C=" << s.C);
+    const int V = 11, N = s.B * s.T;
+    // Few distinct tokens: many positions share a row of dwte.
+    const std::vector<int32_t> tok = RandomTokens(1, N, V);
+    const std::vector<float> wte = RandomVector(2, V * s.C);
+    const std::vector<float> wpe = RandomVector(3, (s.T + 2) * s.C);
+    std::vector<float> out_r(N * s.C);
+    float* out = Empty(N * s.C);
+    int32_t* dtok = Up(tok);
+    cuda_->EncoderForward(out, dtok, Up(wte), Up(wpe), s.B, s.T, s.C);
+    ref_->EncoderForward(out_r.data(), tok.data(), wte.data(), wpe.data(), s.B,
+                         s.T, s.C);
+    EXPECT_TRUE(AllClose(Down(out, N * s.C), out_r, kRtolElementwise));
+
+    const std::vector<float> dout = RandomVector(4, N * s.C);
+    std::vector<float> dwte_r = RandomVector(5, V * s.C);
+    std::vector<float> dwpe_r = RandomVector(6, (s.T + 2) * s.C);
+    float* dwte = Up(dwte_r);
+    float* dwpe = Up(dwpe_r);
+    float* ddout = Up(dout);
+    cuda_->EncoderBackward(dwte, dwpe, ddout, dtok, s.B, s.T, s.C);
+    ref_->EncoderBackward(dwte_r.data(), dwpe_r.data(), dout.data(), tok.data(),
+                          s.B, s.T, s.C);
+    const std::vector<float> dwte_1 = Down(dwte, V * s.C);
+    EXPECT_TRUE(AllClose(dwte_1, dwte_r, kRtolReduction)) << "dwte";
+    EXPECT_TRUE(AllClose(Down(dwpe, (s.T + 2) * s.C), dwpe_r, kRtolReduction))
+        << "dwpe";
+
+    // Deterministic: the same accumulation again gives the same bits.
+    float* dwte2 = Up(RandomVector(5, V * s.C));
+    cuda_->EncoderBackward(dwte2, dwpe, ddout, dtok, s.B, s.T, s.C);
+    EXPECT_EQ(Down(dwte2, V * s.C), dwte_1);
+  }
+}
+
+TEST_F(CudaBackendTest, LayerNorm) {
+  for (const Shape& s : kShapes) {
+    const int N = s.B * s.T, C = s.C;
+    SCOPED_TRACE(::testing::Message() << "N=" << N << " C=" << C);
+    const std::vector<float> inp = RandomVector(7, N * C, 2.0f, 5.0f);
+    const std::vector<float> w = RandomVector(8, C, 0.5f, 1.5f);
+    const std::vector<float> b = RandomVector(9, C);
+    std::vector<float> out_r(N * C), mean_r(N), rstd_r(N);
+    float* out = Empty(N * C);
+    float* mean = Empty(N);
+    float* rstd = Empty(N);
+    float* dinp_ = Up(inp);
+    float* dw_ = Up(w);
+    cuda_->LayerNormForward(out, mean, rstd, dinp_, dw_, Up(b), N, C);
+    ref_->LayerNormForward(out_r.data(), mean_r.data(), rstd_r.data(),
+                           inp.data(), w.data(), b.data(), N, C);
+    EXPECT_TRUE(AllClose(Down(out, N * C), out_r, kRtolReduction)) << "out";
+    EXPECT_TRUE(AllClose(Down(mean, N), mean_r, kRtolReduction)) << "mean";
+    EXPECT_TRUE(AllClose(Down(rstd, N), rstd_r, kRtolReduction)) << "rstd";
+
+    const std::vector<float> dout = RandomVector(10, N * C);
+    std::vector<float> dinp_r = RandomVector(11, N * C);
+    std::vector<float> dw_r = RandomVector(12, C);
+    std::vector<float> db_r = RandomVector(13, C);
+    float* dinp = Up(dinp_r);
+    float* dweight = Up(dw_r);
+    float* dbias = Up(db_r);
+    // Both backends use the reference's saved statistics.
+    cuda_->LayerNormBackward(dinp, dweight, dbias, Up(dout), dinp_, dw_,
+                             Up(mean_r), Up(rstd_r), N, C);
+    ref_->LayerNormBackward(dinp_r.data(), dw_r.data(), db_r.data(),
+                            dout.data(), inp.data(), w.data(), mean_r.data(),
+                            rstd_r.data(), N, C);
+    EXPECT_TRUE(AllClose(Down(dinp, N * C), dinp_r, kRtolReduction)) << "dinp";
+    EXPECT_TRUE(AllClose(Down(dweight, C), dw_r, kRtolReduction)) << "dweight";
+    EXPECT_TRUE(AllClose(Down(dbias, C), db_r, kRtolReduction)) << "dbias";
+  }
+}
+
+TEST_F(CudaBackendTest, Matmul) {
+  struct MShape {
+    int N, C, OC;
+  };
+  // Odd shapes (unaligned rows: cuBLASLt with 4-byte alignment or the
+  // cublasGemmEx fallback) and aligned ones (the tensor-core fast path).
+  const MShape shapes[] = {{1, 1, 1},       {7, 3, 5},      {37, 19, 53},
+                           {64, 96, 128},   {130, 64, 257}, {256, 768, 2304},
+                           {128, 3072, 768}};
+  for (const MShape& s : shapes) {
+    for (bool with_bias : {true, false}) {
+      SCOPED_TRACE(::testing::Message() << "N=" << s.N << " C=" << s.C << " OC="
+                                        << s.OC << " bias=" << with_bias);
+      const std::vector<float> inp = RandomVector(14, s.N * s.C);
+      const std::vector<float> w = RandomVector(15, s.OC * s.C);
+      const std::vector<float> b = RandomVector(16, s.OC);
+      float* dinp_ = Up(inp);
+      float* dw_ = Up(w);
+      float* bias = with_bias ? Up(b) : nullptr;
+      // Garbage in out checks it is overwritten.
+      float* out = Up(std::vector<float>(s.N * s.OC, 7.0f));
+      std::vector<float> out_r(s.N * s.OC);
+      cuda_->MatmulForward(out, dinp_, dw_, bias, s.N, s.C, s.OC);
+      ref_->MatmulForward(out_r.data(), inp.data(), w.data(),
+                          with_bias ? b.data() : nullptr, s.N, s.C, s.OC);
+      EXPECT_TRUE(AllClose(Down(out, s.N * s.OC), out_r, kRtolGemm)) << "out";
+
+      const std::vector<float> dout = RandomVector(17, s.N * s.OC);
+      std::vector<float> dinp_r = RandomVector(18, s.N * s.C);
+      std::vector<float> dw_r = RandomVector(19, s.OC * s.C);
+      std::vector<float> db_r = RandomVector(20, s.OC);
+      float* dinp = Up(dinp_r);
+      float* dweight = Up(dw_r);
+      float* dbias = with_bias ? Up(db_r) : nullptr;
+      cuda_->MatmulBackward(dinp, dweight, dbias, Up(dout), dinp_, dw_, s.N,
+                            s.C, s.OC);
+      ref_->MatmulBackward(dinp_r.data(), dw_r.data(),
+                           with_bias ? db_r.data() : nullptr, dout.data(),
+                           inp.data(), w.data(), s.N, s.C, s.OC);
+      EXPECT_TRUE(AllClose(Down(dinp, s.N * s.C), dinp_r, kRtolGemm)) << "dinp";
+      EXPECT_TRUE(AllClose(Down(dweight, s.OC * s.C), dw_r, kRtolGemm))
+          << "dweight";
+      if (with_bias) {
+        // A column sum in fp32, not a tensor-core product.
+        EXPECT_TRUE(AllClose(Down(dbias, s.OC), db_r, kRtolReduction))
+            << "dbias";
+      }
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, MatmulUsesCublasLtForAlignedShapes) {
+  const int N = 256, C = 768, OC = 3072;
+  float* out = Empty(static_cast<size_t>(N) * OC);
+  float* inp = Up(RandomVector(21, N * C));
+  float* w = Up(RandomVector(22, OC * C));
+  float* b = Up(RandomVector(23, OC));
+  const int64_t before = cuda_->gemm_fallbacks();
+  cuda_->MatmulForward(out, inp, w, b, N, C, OC);
+  cuda_->MatmulForward(out, inp, w, nullptr, N, C, OC);
+  float* dinp = Empty(static_cast<size_t>(N) * C);
+  float* dw = Empty(static_cast<size_t>(OC) * C);
+  float* db = Empty(OC);
+  cuda_->MatmulBackward(dinp, dw, db, out, inp, w, N, C, OC);
+  ASSERT_TRUE(cuda_->Synchronize().ok());
+  EXPECT_EQ(cuda_->gemm_fallbacks(), before);
+}
+
+TEST_F(CudaBackendTest, Attention) {
+  for (const Shape& s : kShapes) {
+    SCOPED_TRACE(::testing::Message() << "B=" << s.B << " T=" << s.T
+                                      << " C=" << s.C << " NH=" << s.NH);
+    const size_t BT = static_cast<size_t>(s.B) * s.T;
+    const size_t att_n = static_cast<size_t>(s.B) * s.NH * s.T * s.T;
+    const std::vector<float> qkv = RandomVector(24, BT * 3 * s.C, -2.0f, 2.0f);
+    float* dqkv_in = Up(qkv);
+    float* out = Up(std::vector<float>(BT * s.C, 5.0f));
+    float* att = Up(std::vector<float>(att_n, 5.0f));
+    std::vector<float> out_r(BT * s.C), att_r(att_n);
+    cuda_->AttentionForward(out, att, dqkv_in, s.B, s.T, s.C, s.NH);
+    ref_->AttentionForward(out_r.data(), att_r.data(), qkv.data(), s.B, s.T,
+                           s.C, s.NH);
+    const std::vector<float> att_c = Down(att, att_n);
+    EXPECT_TRUE(AllClose(att_c, att_r, kRtolGemm)) << "att";
+    EXPECT_TRUE(AllClose(Down(out, BT * s.C), out_r, kRtolGemm)) << "out";
+    // The causal mask is exact: zeros above the diagonal.
+    bool masked = true;
+    for (size_t r = 0; r < att_n / s.T && masked; ++r) {
+      const int t = static_cast<int>(r % s.T);
+      for (int j = t + 1; j < s.T; ++j) masked &= att_c[r * s.T + j] == 0.0f;
+    }
+    EXPECT_TRUE(masked);
+
+    // Backward from the reference's att, so only the backward differs.
+    const std::vector<float> dout = RandomVector(25, BT * s.C);
+    std::vector<float> dqkv_r = RandomVector(26, BT * 3 * s.C);
+    std::vector<float> scratch_r(att_n);
+    float* dqkv = Up(dqkv_r);
+    float* scratch = Up(std::vector<float>(att_n, 3.0f));
+    cuda_->AttentionBackward(dqkv, scratch, Up(dout), dqkv_in, Up(att_r), s.B,
+                             s.T, s.C, s.NH);
+    ref_->AttentionBackward(dqkv_r.data(), scratch_r.data(), dout.data(),
+                            qkv.data(), att_r.data(), s.B, s.T, s.C, s.NH);
+    EXPECT_TRUE(AllClose(Down(dqkv, BT * 3 * s.C), dqkv_r, kRtolGemm))
+        << "dqkv";
+  }
+}
+
+TEST_F(CudaBackendTest, Gelu) {
+  const size_t n = 1'000'003;
+  const std::vector<float> inp = RandomVector(27, n, -6.0f, 6.0f);
+  float* dinp_ = Up(inp);
+  float* out = Empty(n);
+  std::vector<float> out_r(n);
+  cuda_->GeluForward(out, dinp_, n);
+  ref_->GeluForward(out_r.data(), inp.data(), n);
+  EXPECT_TRUE(AllClose(Down(out, n), out_r, kRtolElementwise));
+
+  const std::vector<float> dout = RandomVector(28, n);
+  std::vector<float> dinp_r = RandomVector(29, n);
+  float* dinp = Up(dinp_r);
+  cuda_->GeluBackward(dinp, dinp_, Up(dout), n);
+  ref_->GeluBackward(dinp_r.data(), inp.data(), dout.data(), n);
+  EXPECT_TRUE(AllClose(Down(dinp, n), dinp_r, kRtolElementwise));
+}
+
+TEST_F(CudaBackendTest, Residual) {
+  const size_t n = 300'007;
+  const std::vector<float> a = RandomVector(30, n), b = RandomVector(31, n);
+  float* da = Up(a);
+  float* db = Up(b);
+  float* out = Empty(n);
+  std::vector<float> out_r(n);
+  cuda_->ResidualForward(out, da, db, n);
+  ref_->ResidualForward(out_r.data(), a.data(), b.data(), n);
+  EXPECT_EQ(Down(out, n), out_r);  // one fp32 addition: exact
+  // out may alias an input.
+  cuda_->ResidualForward(da, da, db, n);
+  EXPECT_EQ(Down(da, n), out_r);
+
+  const std::vector<float> dout = RandomVector(32, n);
+  std::vector<float> d1_r = RandomVector(33, n), d2_r = RandomVector(34, n);
+  float* d1 = Up(d1_r);
+  float* d2 = Up(d2_r);
+  cuda_->ResidualBackward(d1, d2, Up(dout), n);
+  ref_->ResidualBackward(d1_r.data(), d2_r.data(), dout.data(), n);
+  EXPECT_EQ(Down(d1, n), d1_r);
+  EXPECT_EQ(Down(d2, n), d2_r);
+}
+
+TEST_F(CudaBackendTest, CrossEntropy) {
+  struct CShape {
+    int N, V;
+  };
+  for (const CShape& s :
+       {CShape{1, 1}, CShape{5, 7}, CShape{33, 257}, CShape{64, 50257}}) {
+    SCOPED_TRACE(::testing::Message() << "N=" << s.N << " V=" << s.V);
+    const size_t NV = static_cast<size_t>(s.N) * s.V;
+    const std::vector<float> logits = RandomVector(35, NV, -10.0f, 10.0f);
+    const std::vector<int32_t> targets = RandomTokens(36, s.N, s.V);
+    float* dlogits_in = Up(logits);
+    int32_t* dtargets = Up(targets);
+    float* losses = Empty(s.N);
+    float* probs = Empty(NV);
+    std::vector<float> losses_r(s.N), probs_r(NV);
+    cuda_->CrossEntropyForward(losses, probs, dlogits_in, dtargets, s.N, s.V);
+    ref_->CrossEntropyForward(losses_r.data(), probs_r.data(), logits.data(),
+                              targets.data(), s.N, s.V);
+    EXPECT_TRUE(AllClose(Down(losses, s.N), losses_r, kRtolReduction))
+        << "losses";
+    EXPECT_TRUE(AllClose(Down(probs, NV), probs_r, kRtolReduction)) << "probs";
+
+    const float dloss = 1.0f / s.N;
+    std::vector<float> dlogits_r = RandomVector(37, NV);
+    float* dlogits = Up(dlogits_r);
+    cuda_->CrossEntropyBackward(dlogits, Up(probs_r), dtargets, dloss, s.N,
+                                s.V);
+    ref_->CrossEntropyBackward(dlogits_r.data(), probs_r.data(), targets.data(),
+                               dloss, s.N, s.V);
+    EXPECT_TRUE(AllClose(Down(dlogits, NV), dlogits_r, kRtolElementwise))
+        << "dlogits";
+  }
+}
+
+TEST_F(CudaBackendTest, ParameterGradientsAreDeterministic) {
+  // Column sums (LayerNorm and bias gradients) over many rows: same bits
+  // every time.
+  const int N = 4096, C = 768;
+  float* inp = Up(RandomVector(38, N * C));
+  float* dout = Up(RandomVector(39, N * C));
+  float* w = Up(RandomVector(40, C, 0.5f, 1.5f));
+  float* mean = Up(RandomVector(41, N));
+  float* rstd = Up(RandomVector(42, N, 0.5f, 2.0f));
+  std::vector<float> first;
+  for (int run = 0; run < 3; ++run) {
+    float* dinp = Empty(static_cast<size_t>(N) * C);
+    float* dw = Empty(C);
+    float* db = Empty(C);
+    cuda_->LayerNormBackward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
+    std::vector<float> got = Down(dw, C);
+    const std::vector<float> got_b = Down(db, C);
+    got.insert(got.end(), got_b.begin(), got_b.end());
+    if (run == 0) {
+      first = got;
+    } else {
+      EXPECT_EQ(got, first) << "run " << run;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// A whole training step of the model: CUDA vs CPU.
+// ---------------------------------------------------------------------------
+
+ModelConfig StepConfig() {
+  ModelConfig c;
+  c.set_n_layer(2);
+  c.set_n_embd(64);
+  c.set_n_head(4);
+  c.set_block_size(48);
+  c.set_vocab_size(97);
+  return c;
+}
+
+struct StepResult {
+  float loss = 0.0f;
+  std::vector<float> grads;
+};
+
+// ZeroGrad, Forward, Backward on `backend` from host parameters.
+StepResult RunStep(Backend* backend, const ModelConfig& config,
+                   const std::vector<float>& params,
+                   const std::vector<int32_t>& tokens,
+                   const std::vector<int32_t>& targets, int B, int T) {
+  StepResult r;
+  auto model = GptModel::Create(config, backend, B, T);
+  EXPECT_TRUE(model.ok()) << model.status();
+  if (!model.ok()) return r;
+  EXPECT_TRUE((*model)->SetParametersFromHost(params.data()).ok());
+  (*model)->ZeroGrad();
+  auto loss = (*model)->Forward(tokens.data(), targets.data(), B, T);
+  EXPECT_TRUE(loss.ok()) << loss.status();
+  if (!loss.ok()) return r;
+  r.loss = *loss;
+  EXPECT_TRUE((*model)->Backward().ok());
+  r.grads.resize((*model)->num_parameters());
+  EXPECT_TRUE((*model)->GradientsToHost(r.grads.data()).ok());
+  return r;
+}
+
+void CompareStep(CudaBackend* cuda, const ModelConfig& config,
+                 const std::vector<float>& params, int B, int T) {
+  const std::vector<int32_t> tokens =
+      RandomTokens(43, B * T, config.vocab_size());
+  const std::vector<int32_t> targets =
+      RandomTokens(44, B * T, config.vocab_size());
+  auto cpu = CpuBackend::Create({.num_threads = 2});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  const StepResult want =
+      RunStep(cpu->get(), config, params, tokens, targets, B, T);
+  const StepResult got = RunStep(cuda, config, params, tokens, targets, B, T);
+  ASSERT_EQ(got.grads.size(), want.grads.size());
+  EXPECT_NEAR(got.loss, want.loss, kRtolLoss * std::fabs(want.loss));
+  // Tensor by tensor, so each is measured against its own scale.
+  int64_t offset = 0;
+  for (const TensorSpec& spec : GptTensorSpecs(config)) {
+    const int64_t n = spec.num_elements();
+    const std::vector<float> g(got.grads.begin() + offset,
+                               got.grads.begin() + offset + n);
+    const std::vector<float> w(want.grads.begin() + offset,
+                               want.grads.begin() + offset + n);
+    EXPECT_TRUE(AllClose(g, w, kRtolModelGrad, 1e-8)) << spec.name;
+    offset += n;
+  }
+}
+
+TEST_F(CudaBackendTest, GptTrainingStepMatchesCpu) {
+  const ModelConfig config = StepConfig();
+  // GPT-2 initialisation, and "trained-like" parameters of order 1 whose
+  // activations and gradients are all far from zero.
+  std::vector<float> gpt2(GptNumParameters(config));
+  {
+    auto cpu = CpuBackend::Create({.num_threads = 1});
+    ASSERT_TRUE(cpu.ok());
+    auto m = GptModel::Create(config, cpu->get(), 1, 1);
+    ASSERT_TRUE(m.ok()) << m.status();
+    ASSERT_TRUE((*m)->InitParameters(1234).ok());
+    ASSERT_TRUE((*m)->ParametersToHost(gpt2.data()).ok());
+  }
+  std::vector<float> large;
+  uint64_t seed = 100;
+  for (const TensorSpec& spec : GptTensorSpecs(config)) {
+    const std::vector<float> t =
+        spec.init == InitKind::kOnes
+            ? RandomVector(seed++, spec.num_elements(), 0.8f, 1.2f)
+            : RandomVector(seed++, spec.num_elements(), -0.3f, 0.3f);
+    large.insert(large.end(), t.begin(), t.end());
+  }
+  {
+    SCOPED_TRACE("GPT-2 init, B=4 T=48");
+    CompareStep(cuda_.get(), config, gpt2, 4, 48);
+  }
+  {
+    SCOPED_TRACE("large parameters, B=3 T=29");
+    CompareStep(cuda_.get(), config, large, 3, 29);
+  }
+}
+
+}  // namespace
+}  // namespace lmps
