@@ -34,6 +34,9 @@ void Default(T value, T* field) {
 
 }  // namespace
 
+// Idempotent: "disabled" is written as a negative value (weight_decay,
+// momentum, grad_clip), which stays as it is, so a spec can be defaulted by
+// the launcher and again by the scheduler with the same result.
 void ApplyJobSpecDefaults(JobSpec* s) {
   if (s->name().empty()) s->set_name("lmps");
   ModelConfig* m = s->mutable_model();
@@ -51,11 +54,8 @@ void ApplyJobSpecDefaults(JobSpec* s) {
   if (o->beta2() == 0) o->set_beta2(0.95f);
   if (o->eps() == 0) o->set_eps(1e-8f);
   if (o->weight_decay() == 0) o->set_weight_decay(0.1f);
-  if (o->weight_decay() < 0) o->set_weight_decay(0.0f);
   if (o->momentum() == 0 && o->type() == SGD) o->set_momentum(0.9f);
-  if (o->momentum() < 0) o->set_momentum(0.0f);
   if (o->grad_clip() == 0) o->set_grad_clip(1.0f);
-  if (o->grad_clip() < 0) o->set_grad_clip(0.0f);
 
   DataConfig* d = s->mutable_data();
   if (d->path().empty()) d->set_path(kDefaultDataPath);

@@ -28,6 +28,17 @@ TEST(JobSpecTest, ParsesFields) {
   EXPECT_FLOAT_EQ(spec->optimizer().momentum(), 0.9f);
 }
 
+TEST(JobSpecTest, DefaultsAreIdempotent) {
+  auto spec = ParseJobSpec(
+      "optimizer { type: SGD momentum: -1 grad_clip: -1 weight_decay: -1 }");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  JobSpec again = *spec;
+  ApplyJobSpecDefaults(&again);
+  EXPECT_EQ(again.DebugString(), spec->DebugString());
+  EXPECT_LT(again.optimizer().grad_clip(), 0);
+  EXPECT_LT(again.optimizer().momentum(), 0);
+}
+
 TEST(JobSpecTest, MalformedTextNamesLineAndColumn) {
   auto spec = ParseJobSpec("model {\n  n_layer: two\n}");
   ASSERT_FALSE(spec.ok());

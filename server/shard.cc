@@ -531,11 +531,13 @@ absl::StatusOr<int64_t> ParameterShard::Apply(int64_t step,
   const float scale = static_cast<float>(
       ClipScale(opt.grad_clip(), std::sqrt(global_sum_squares)));
   for (Chunk& c : chunks_) {
-    const double wd = c.tensor->weight_decay ? opt.weight_decay() : 0.0;
+    // Negative values mean "disabled" (see lmps.proto).
+    const double wd =
+        c.tensor->weight_decay ? std::max(0.0f, opt.weight_decay()) : 0.0;
     if (opt.type() == SGD) {
       SgdHyper h;
       h.lr = lr;
-      h.momentum = opt.momentum();
+      h.momentum = std::max(0.0f, opt.momentum());
       h.weight_decay = wd;
       SgdMomentumStep(h, scale, c.grads[0], absl::MakeSpan(c.params),
                       absl::MakeSpan(c.state[0]));

@@ -18,7 +18,7 @@ bool Contains(const std::string& haystack, const std::string& needle) {
 TEST(BadInputTest, MalformedJobSpecNamesTheLine) {
   const std::string dir = TempDir("malformed");
   WriteFile(dir + "/job.textproto", "model {\n  n_layer: 2\n  n_heads: 4\n}\n");
-  CommandResult r = Run({BinaryPath("launcher/lmps_local"),
+  CommandResult r = RunCommand({BinaryPath("launcher/lmps_local"),
                          "--job=" + dir + "/job.textproto", "--run_dir=" + dir + "/run"},
                         30);
   EXPECT_EQ(r.exit_code, 2) << r.output;
@@ -29,7 +29,7 @@ TEST(BadInputTest, MalformedJobSpecNamesTheLine) {
 TEST(BadInputTest, InvalidLayoutSaysWhatIsValid) {
   const std::string dir = TempDir("layout");
   WriteFile(dir + "/job.textproto", "train { batch_size: 10 }\nlayout { dp: 3 }\n");
-  CommandResult r = Run({BinaryPath("launcher/lmps_local"),
+  CommandResult r = RunCommand({BinaryPath("launcher/lmps_local"),
                          "--job=" + dir + "/job.textproto", "--run_dir=" + dir + "/run"},
                         30);
   EXPECT_EQ(r.exit_code, 2) << r.output;
@@ -38,7 +38,7 @@ TEST(BadInputTest, InvalidLayoutSaysWhatIsValid) {
 
 TEST(BadInputTest, MissingDataFileIsNamed) {
   const std::string dir = TempDir("nodata");
-  CommandResult r = Run({BinaryPath("launcher/lmps_local"),
+  CommandResult r = RunCommand({BinaryPath("launcher/lmps_local"),
                          "--data=/nonexistent/corpus.txt", "--run_dir=" + dir},
                         30);
   EXPECT_NE(r.exit_code, 0) << r.output;
@@ -47,7 +47,7 @@ TEST(BadInputTest, MissingDataFileIsNamed) {
 
 TEST(BadInputTest, WorkerGivesUpOnAMissingScheduler) {
   // Nothing listens on port 1.
-  CommandResult r = Run({BinaryPath("worker/lmps_worker"),
+  CommandResult r = RunCommand({BinaryPath("worker/lmps_worker"),
                          "--scheduler=127.0.0.1:1", "--assemble_timeout_s=2"},
                         30);
   EXPECT_EQ(r.exit_code, 1) << r.output;
@@ -58,7 +58,7 @@ TEST(BadInputTest, WorkerGivesUpOnAMissingScheduler) {
 
 TEST(BadInputTest, ServerGivesUpOnAMissingScheduler) {
   const std::string dir = TempDir("server_nosched");
-  CommandResult r = Run({BinaryPath("server/lmps_server"), "--scheduler=127.0.0.1:1",
+  CommandResult r = RunCommand({BinaryPath("server/lmps_server"), "--scheduler=127.0.0.1:1",
                          "--listen=127.0.0.1:0", "--checkpoint_dir=" + dir,
                          "--assemble_timeout_s=2"},
                         30);
@@ -77,7 +77,7 @@ TEST(BadInputTest, AJobThatNeverAssemblesNamesWhatIsMissing) {
   std::string port(absl::StripAsciiWhitespace(WaitForFile(dir + "/port", 20)));
   ASSERT_FALSE(port.empty()) << ReadFile(dir + "/scheduler.log");
   // One worker of two, and no server.
-  CommandResult r = Run({BinaryPath("worker/lmps_worker"),
+  CommandResult r = RunCommand({BinaryPath("worker/lmps_worker"),
                          "--scheduler=127.0.0.1:" + port, "--assemble_timeout_s=20"},
                         40);
   EXPECT_EQ(r.exit_code, 1) << r.output;
@@ -88,7 +88,7 @@ TEST(BadInputTest, AJobThatNeverAssemblesNamesWhatIsMissing) {
 }
 
 TEST(BadInputTest, CudaBackendWithoutGpuFailsAtStart) {
-  CommandResult r = Run({BinaryPath("worker/lmps_worker"), "--scheduler=127.0.0.1:1",
+  CommandResult r = RunCommand({BinaryPath("worker/lmps_worker"), "--scheduler=127.0.0.1:1",
                          "--backend=cuda:0", "--assemble_timeout_s=2"},
                         30);
   EXPECT_NE(r.exit_code, 0) << r.output;
@@ -96,7 +96,7 @@ TEST(BadInputTest, CudaBackendWithoutGpuFailsAtStart) {
 }
 
 TEST(BadInputTest, UnknownBackendIsRejected) {
-  CommandResult r = Run({BinaryPath("worker/lmps_worker"), "--scheduler=127.0.0.1:1",
+  CommandResult r = RunCommand({BinaryPath("worker/lmps_worker"), "--scheduler=127.0.0.1:1",
                          "--backend=tpu"},
                         30);
   EXPECT_EQ(r.exit_code, 2) << r.output;

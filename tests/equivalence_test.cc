@@ -32,7 +32,7 @@ max_message_bytes: 1024
 SafetensorsContents Train(int workers, int shards) {
   const std::string dir = TempDir(absl::StrCat("w", workers, "s", shards));
   WriteFile(dir + "/job.textproto", kJob);
-  CommandResult r = Run({BinaryPath("launcher/lmps_local"),
+  CommandResult r = RunCommand({BinaryPath("launcher/lmps_local"),
                          "--job=" + dir + "/job.textproto", "--run_dir=" + dir,
                          absl::StrCat("--workers=", workers),
                          absl::StrCat("--shards=", shards), "--quiet"},

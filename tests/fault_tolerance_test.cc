@@ -26,7 +26,7 @@ CommandResult Train(const std::string& dir, std::vector<std::string> extra) {
                                    "--run_dir=" + dir, "--workers=2",
                                    "--shards=2", "--lease_s=2"};
   for (auto& e : extra) argv.push_back(e);
-  return Run(argv, 180);
+  return RunCommand(argv, 180);
 }
 
 TEST(FaultToleranceTest, WorkerKilledMidPushIsReplacedExactly) {

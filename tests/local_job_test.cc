@@ -16,13 +16,16 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr char kTinyJob[] = R"(
+std::string TinyJob(int steps, int checkpoint_interval, int stop_after = 0) {
+  return absl::StrCat(R"(
 model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 32 }
 optimizer { lr: 0.003 warmup_steps: 2 }
-train { steps: 40 batch_size: 8 eval_interval: 10 checkpoint_interval: 20 sample_tokens: 40 }
 max_chunk_bytes: 4096
 max_message_bytes: 2048
-)";
+train { batch_size: 8 eval_interval: 10 sample_tokens: 40 )",
+                      "steps: ", steps, " checkpoint_interval: ", checkpoint_interval,
+                      " stop_after_step: ", stop_after, " }\n");
+}
 
 CommandResult RunLocal(const std::string& dir, const std::string& job,
                        std::vector<std::string> extra) {
@@ -31,7 +34,7 @@ CommandResult RunLocal(const std::string& dir, const std::string& job,
                                    "--job=" + dir + "/job.in.textproto",
                                    "--run_dir=" + dir + "/run"};
   for (auto& e : extra) argv.push_back(e);
-  return Run(argv, 240);
+  return RunCommand(argv, 240);
 }
 
 // The value after `what` ("loss" or "eval") on the launcher's last progress
@@ -46,7 +49,7 @@ float Final(const std::string& output, const std::string& what) {
 
 TEST(LocalJobTest, TrainsWritesCheckpointsExportsAndSamples) {
   const std::string dir = TempDir("train");
-  CommandResult r = RunLocal(dir, kTinyJob, {"--workers=2", "--shards=2"});
+  CommandResult r = RunLocal(dir, TinyJob(40, 20), {"--workers=2", "--shards=2"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const std::string run = dir + "/run";
   // Initial loss of a byte-level model is ln(256) = 5.55.
@@ -72,13 +75,13 @@ TEST(LocalJobTest, TrainsWritesCheckpointsExportsAndSamples) {
 }
 
 TEST(LocalJobTest, ResumeContinuesExactly) {
-  const std::string job = absl::StrCat(kTinyJob, "train { steps: 6 checkpoint_interval: 3 }");
+  const std::string job = TinyJob(6, 3);
   const std::string straight = TempDir("straight");
   CommandResult a = RunLocal(straight, job, {"--workers=2", "--shards=2"});
   ASSERT_EQ(a.exit_code, 0) << a.output;
 
   const std::string resumed = TempDir("resumed");
-  CommandResult b1 = RunLocal(resumed, absl::StrCat(job, "train { stop_after_step: 3 }"),
+  CommandResult b1 = RunLocal(resumed, TinyJob(6, 3, 3),
                               {"--workers=2", "--shards=2"});
   ASSERT_EQ(b1.exit_code, 0) << b1.output;
   ASSERT_TRUE(fs::exists(resumed + "/run/ckpt/step_00000003/shard_1.ckpt"));

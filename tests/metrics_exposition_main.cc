@@ -75,7 +75,7 @@ absl::Status Fill(Metrics& m) {
   return absl::OkStatus();
 }
 
-int Run() {
+int RunCommand() {
   auto metrics = Metrics::Create({.listen_address = absl::GetFlag(FLAGS_listen),
                                   .daemon = absl::GetFlag(FLAGS_daemon),
                                   .node_id = absl::GetFlag(FLAGS_node_id)});
@@ -107,5 +107,5 @@ int Run() {
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
-  return lmps::Run();
+  return lmps::RunCommand();
 }

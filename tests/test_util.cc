@@ -17,7 +17,7 @@
 
 namespace lmps::testing {
 
-CommandResult Run(const std::vector<std::string>& argv, int timeout_s) {
+CommandResult RunCommand(const std::vector<std::string>& argv, int timeout_s) {
   CommandResult result;
   int pipefd[2];
   if (pipe(pipefd) != 0) return result;

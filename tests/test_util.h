@@ -21,7 +21,7 @@ struct CommandResult {
 
 // Runs argv[0] with the rest as arguments; kills it (and its children, via
 // a process group) after `timeout_s`.
-CommandResult Run(const std::vector<std::string>& argv, int timeout_s);
+CommandResult RunCommand(const std::vector<std::string>& argv, int timeout_s);
 
 // A process running in the background, killed (with its process group) on
 // destruction. Its output goes to `log_path`.
