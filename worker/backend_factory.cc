@@ -3,6 +3,10 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "worker/backend/cpu_backend.h"
+#ifdef LMPS_HAVE_CUDA
+#include "absl/strings/numbers.h"
+#include "worker/backend/cuda/cuda_backend.h"
+#endif
 
 namespace lmps {
 
@@ -16,9 +20,24 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const std::string& name,
     return std::unique_ptr<Backend>(std::move(*cpu));
   }
   if (name == "cuda" || absl::StartsWith(name, "cuda:")) {
+#ifdef LMPS_HAVE_CUDA
+    CudaBackendOptions options;
+    if (name != "cuda" && !absl::SimpleAtoi(name.substr(5), &options.device)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("backend '", name, "': expected cuda:N"));
+    }
+    absl::StatusOr<std::unique_ptr<CudaBackend>> cuda = CudaBackend::Create(options);
+    if (!cuda.ok()) {
+      return absl::Status(cuda.status().code(),
+                          absl::StrCat("backend '", name, "': ",
+                                       cuda.status().message()));
+    }
+    return std::unique_ptr<Backend>(std::move(*cuda));
+#else
     return absl::FailedPreconditionError(absl::StrCat(
         "backend '", name, "': this lmps_worker was built without the CUDA "
-        "backend; use --backend=cpu"));
+        "backend (no nvcc at build time); use --backend=cpu"));
+#endif
   }
   return absl::InvalidArgumentError(absl::StrCat(
       "unknown backend '", name, "'; valid: cpu, cuda, cuda:N"));
