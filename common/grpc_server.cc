@@ -4,6 +4,7 @@
 #include <grpcpp/health_check_service_interface.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/rpc_interceptor.h"
 
 namespace lmps {
 
@@ -19,6 +20,13 @@ absl::StatusOr<StartedServer> StartGrpcServer(
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   for (grpc::Service* service : services) builder.RegisterService(service);
+  if (options.rpc_metrics != nullptr) {
+    std::vector<std::unique_ptr<
+        grpc::experimental::ServerInterceptorFactoryInterface>>
+        interceptors;
+    interceptors.push_back(MakeServerMetricsInterceptor(options.rpc_metrics));
+    builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  }
   started.server = builder.BuildAndStart();
   if (started.server == nullptr || started.port == 0) {
     return absl::UnavailableError(
@@ -46,9 +54,19 @@ grpc::ChannelArguments ClientChannelArgs(int max_message_bytes) {
   return args;
 }
 
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address) {
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(),
-                                   ClientChannelArgs());
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address,
+                                           RpcMetrics* rpc_metrics) {
+  if (rpc_metrics == nullptr) {
+    return grpc::CreateCustomChannel(
+        address, grpc::InsecureChannelCredentials(), ClientChannelArgs());
+  }
+  std::vector<std::unique_ptr<
+      grpc::experimental::ClientInterceptorFactoryInterface>>
+      interceptors;
+  interceptors.push_back(MakeClientMetricsInterceptor(rpc_metrics));
+  return grpc::experimental::CreateCustomChannelWithInterceptors(
+      address, grpc::InsecureChannelCredentials(), ClientChannelArgs(),
+      std::move(interceptors));
 }
 
 }  // namespace lmps

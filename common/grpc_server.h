@@ -17,9 +17,12 @@
 
 namespace lmps {
 
+class RpcMetrics;
+
 struct GrpcServerOptions {
   std::string listen_address = "0.0.0.0:0";  // port 0: pick a free port
   int max_message_bytes = 64 << 20;           // receive and send limit
+  RpcMetrics* rpc_metrics = nullptr;  // records every RPC when set
 };
 
 struct StartedServer {
@@ -38,8 +41,10 @@ void SetServing(grpc::Server* server, bool serving);
 // Channel arguments every lmps client uses (message size limits, keepalive).
 grpc::ChannelArguments ClientChannelArgs(int max_message_bytes = 64 << 20);
 
-// Insecure channel to `address` with ClientChannelArgs().
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address);
+// Insecure channel to `address` with ClientChannelArgs(); every RPC on it is
+// recorded in `rpc_metrics` when set.
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address,
+                                           RpcMetrics* rpc_metrics = nullptr);
 
 }  // namespace lmps
 

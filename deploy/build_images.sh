@@ -73,7 +73,8 @@ binaries_of() {
   case "$1" in
     scheduler) echo "lmps_scheduler" ;;
     server) echo "lmps_server lmps_export" ;;
-    worker|worker-cpu) echo "lmps_worker" ;;
+    worker) echo "lmps_worker_cuda" ;;
+    worker-cpu) echo "lmps_worker" ;;
     *) die "unknown image '$1' (scheduler, server, worker-cpu, worker)" ;;
   esac
 }
@@ -83,6 +84,7 @@ bazel_target_of() {
     lmps_server) echo "//server:lmps_server" ;;
     lmps_export) echo "//server:lmps_export" ;;
     lmps_worker) echo "//worker:lmps_worker" ;;
+    lmps_worker_cuda) echo "//worker:lmps_worker_cuda" ;;
   esac
 }
 
@@ -183,39 +185,8 @@ is_cuda_lib() {
   return 1
 }
 
-# --- a CPU-only worker for worker-cpu -----------------------------------------------------
-# Where @sys finds nvcc, lmps_worker links cuBLAS/cudart (~600 MB). For the
-# CPU image, build it again with CUDA hidden: a private mount namespace with
-# an empty /usr/local/cuda, a separate Bazel output base (outside the
-# workspace) and no convenience symlinks, so the main build is untouched.
-links_cuda() { ldd "$1" 2>/dev/null | awk '{print $3}' | while read -r l; do is_cuda_lib "$l" && echo yes; done | grep -q yes; }
-cpu_worker=""
-if [[ " ${build_list[*]} " == *" worker-cpu "* ]] && links_cuda "${bin_path[lmps_worker]}"; then
-  if [ -n "$bin_dir" ]; then
-    [ -x "$bin_dir/lmps_worker_cpu" ] ||
-      die "$bin_dir/lmps_worker links CUDA: put a CPU-only build at $bin_dir/lmps_worker_cpu for worker-cpu"
-    cpu_worker="$(cd "$bin_dir" && pwd)/lmps_worker_cpu"
-  else
-    command -v unshare >/dev/null || die "unshare (util-linux) is needed to build a CPU-only worker"
-    nocuda_base="${XDG_CACHE_HOME:-$HOME/.cache}/lmps-build-images/bazel-nocuda"
-    mkdir -p "$nocuda_base"
-    log "lmps_worker links CUDA; building a CPU-only one for worker-cpu (output base $nocuda_base)"
-    cpu_bin="$(env -u CUDA_PATH -u CUDA_HOME unshare --mount --propagation private bash -c '
-      set -e
-      for d in /usr/local/cuda /usr/local/cuda-*; do
-        [ -e "$d" ] && mount -t tmpfs -o size=1m,mode=0755 lmps-nocuda "$(readlink -f "$d")"
-      done
-      cd "$1"
-      trap "bazel --output_base=\"$2\" shutdown >&2" EXIT
-      bazel --output_base="$2" build --symlink_prefix=/ //worker:lmps_worker >&2
-      echo "$(bazel --output_base="$2" info --symlink_prefix=/ bazel-bin 2>/dev/null)/worker/lmps_worker"
-    ' _ "$repo" "$nocuda_base")" || die "CPU-only build of lmps_worker failed"
-    [ -x "$cpu_bin" ] || die "CPU-only lmps_worker not found at $cpu_bin"
-    links_cuda "$cpu_bin" && die "the CPU-only lmps_worker still links CUDA"
-    cpu_worker="$cpu_bin"
-  fi
-fi
-
+# lmps_worker is CPU-only; lmps_worker_cuda (built where nvcc exists) adds the
+# CUDA backend and links cuBLAS/cudart, which the CUDA base image provides.
 # --- build context -------------------------------------------------------------
 # One context per image, <context>/<image>/{bin,lib}, holding only what that
 # image's binaries need.
@@ -224,7 +195,6 @@ declare -A needs_cuda
 max_glibc="2.0"
 stage() {  # stage IMAGE BINARY
   local dir="$context/$1" b="$2" src="${bin_path[$2]}" out lib real v
-  [ "$1:$b" != worker-cpu:lmps_worker ] || [ -z "$cpu_worker" ] || src="$cpu_worker"
   mkdir -p "$dir/bin" "$dir/lib"
   cp "$src" "$dir/bin/$b"
   chmod 0755 "$dir/bin/$b"

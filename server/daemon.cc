@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/daemon_metrics.h"
 #include "common/grpc_server.h"
 #include "common/partition.h"
 #include "common/status_util.h"
@@ -111,7 +112,8 @@ class Daemon {
       return absl::InvalidArgumentError("--scheduler=host:port is required");
     }
     if (absl::Status s = StartServer(); !s.ok()) return s;
-    scheduler_ = Scheduler::NewStub(MakeChannel(options_.scheduler));
+    scheduler_ = Scheduler::NewStub(
+        MakeChannel(options_.scheduler, options_.rpc_metrics));
     const absl::Time assemble_deadline =
         absl::Now() + options_.assemble_timeout;
     if (absl::Status s = Register(assemble_deadline); !s.ok()) return s;
@@ -127,6 +129,7 @@ class Daemon {
     GrpcServerOptions go;
     go.listen_address = options_.listen;
     go.max_message_bytes = 80 << 20;  // 64 MiB payload cap plus headers
+    go.rpc_metrics = options_.rpc_metrics;
     absl::StatusOr<StartedServer> started =
         StartGrpcServer(go, {service_.get()});
     if (!started.ok()) return started.status();
@@ -283,6 +286,7 @@ class Daemon {
         std::max(lease_ / 3, absl::Milliseconds(20));
     absl::Time last_ok = absl::Now();
     while (true) {
+      UpdateMetrics();
       HeartbeatRequest req;
       req.set_node_id(node_id_);
       req.set_step(shard_->version());
@@ -319,6 +323,39 @@ class Daemon {
         log_("stop requested: shutting down");
         return absl::OkStatus();
       }
+    }
+  }
+
+  void UpdateMetrics() {
+    Metrics* m = options_.metrics;
+    if (m == nullptr) return;
+    auto set = [&](const char* name, const char* help, double v,
+                   const prometheus::Labels& labels = {}) {
+      SetGauge(m, name, help, v, labels);
+    };
+    set("lmps_parameter_version", "Optimizer steps applied to this shard.",
+        static_cast<double>(shard_->version()));
+    set("lmps_grad_norm", "Global gradient L2 norm of the last applied step.",
+        shard_->last_grad_norm());
+    set("lmps_shard_parameters", "fp32 parameters held by this shard.",
+        static_cast<double>(shard_->num_elements()));
+    set("lmps_node_info", "Identity of this node (value 1).", 1,
+        {{"node_id", node_id_}, {"role", "server"},
+         {"shard", std::to_string(assignment_.shard())}});
+    long pages = 0, resident = 0;
+    if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+      if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
+      std::fclose(f);
+    }
+    set("lmps_server_memory_bytes", "Resident memory of this server process.",
+        static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE)));
+    // Counters only grow: add what is new since the last update.
+    if (auto c = m->Counter("lmps_rejected_pushes_total",
+                            "Pushes rejected, by reason.",
+                            {{"reason", "nonfinite"}});
+        c.ok()) {
+      const double now = static_cast<double>(shard_->rejected_nonfinite_pushes());
+      if (now > (*c)->Value()) (*c)->Increment(now - (*c)->Value());
     }
   }
 

@@ -36,6 +36,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/metrics.h"
 
 namespace lmps {
 
@@ -48,6 +49,10 @@ struct DaemonOptions {
   std::string init_from;       // safetensors initial weights
   absl::Duration wait_timeout = absl::Seconds(60);
   absl::Duration assemble_timeout = absl::Seconds(120);
+  // Prometheus metrics (not owned; may be null): gauges of the shard's
+  // state, and every RPC served or made.
+  Metrics* metrics = nullptr;
+  RpcMetrics* rpc_metrics = nullptr;
   // Receives every log line, prefix included; empty: stderr.
   std::function<void(const std::string&)> log;
 };

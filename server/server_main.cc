@@ -22,6 +22,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "server/daemon.h"
+#include "common/daemon_metrics.h"
 
 ABSL_FLAG(std::string, scheduler, "", "Scheduler address host:port (required)");
 ABSL_FLAG(std::string, listen, "0.0.0.0:0",
@@ -29,6 +30,8 @@ ABSL_FLAG(std::string, listen, "0.0.0.0:0",
 ABSL_FLAG(std::string, advertise_host, "127.0.0.1",
           "Host other nodes use to reach this server; the registered "
           "address is advertise_host:<bound port>");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "serve Prometheus /metrics on this host:port (empty: off)");
 ABSL_FLAG(int, shard, -1, "Requested shard id; -1: any");
 ABSL_FLAG(std::string, checkpoint_dir, "",
           "Directory of shard checkpoints (written and resumed from); empty: "
@@ -66,6 +69,14 @@ int main(int argc, char** argv) {
   options.wait_timeout = absl::Seconds(absl::GetFlag(FLAGS_wait_timeout_s));
   options.assemble_timeout =
       absl::Seconds(absl::GetFlag(FLAGS_assemble_timeout_s));
+  absl::StatusOr<lmps::DaemonMetrics> metrics =
+      lmps::StartDaemonMetrics(absl::GetFlag(FLAGS_metrics_listen), "server");
+  if (!metrics.ok()) {
+    std::fprintf(stderr, "[server] error: %s\n", metrics.status().ToString().c_str());
+    return 2;
+  }
+  options.metrics = metrics->metrics.get();
+  options.rpc_metrics = metrics->rpc.get();
   const std::string prefix = options.shard >= 0
                                  ? absl::StrCat("[server-", options.shard, "]")
                                  : std::string("[server]");

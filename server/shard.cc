@@ -557,6 +557,7 @@ absl::StatusOr<int64_t> ParameterShard::Apply(int64_t step,
   last_sum_squares_ = sum_squares_;
   ResetGradientsLocked();
   version_ = step + 1;
+  last_grad_norm_ = std::sqrt(global_sum_squares);
   if (ShouldCheckpoint(version_)) {
     if (absl::Status s = WriteCheckpointLocked(); !s.ok()) {
       return absl::Status(
@@ -741,6 +742,15 @@ absl::StatusOr<TensorInfoResponse> ParameterShard::TensorInfo(
     *out.add_tensors() = std::move(info);
   }
   return out;
+}
+
+}  // namespace lmps
+
+namespace lmps {
+
+double ParameterShard::last_grad_norm() const {
+  absl::MutexLock lock(&mu_);
+  return last_grad_norm_;
 }
 
 }  // namespace lmps

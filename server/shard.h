@@ -146,6 +146,8 @@ class ParameterShard {
   int64_t num_elements() const { return num_elements_; }  // of this shard
   int64_t version() const;
   int64_t rejected_nonfinite_pushes() const;
+  // sqrt(global_sum_squares) of the last applied step (0 before any).
+  double last_grad_norm() const;
   int64_t duplicate_chunks() const;
   // The status of the last checkpoint write (OK if none yet).
   absl::Status last_checkpoint_status() const;
@@ -205,6 +207,7 @@ class ParameterShard {
   double last_sum_squares_ ABSL_GUARDED_BY(mu_) = 0;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   int64_t rejected_nonfinite_ ABSL_GUARDED_BY(mu_) = 0;
+  double last_grad_norm_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t duplicates_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Status checkpoint_status_ ABSL_GUARDED_BY(mu_);
 };

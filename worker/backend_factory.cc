@@ -35,8 +35,8 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const std::string& name,
     return std::unique_ptr<Backend>(std::move(*cuda));
 #else
     return absl::FailedPreconditionError(absl::StrCat(
-        "backend '", name, "': this lmps_worker was built without the CUDA "
-        "backend (no nvcc at build time); use --backend=cpu"));
+        "backend '", name, "': this binary has no CUDA backend; use "
+        "lmps_worker_cuda (built where nvcc exists) or --backend=cpu"));
 #endif
   }
   return absl::InvalidArgumentError(absl::StrCat(

@@ -7,6 +7,7 @@
 // Exit status: 0 when the job finished, 1 on an error (printed), 2 on bad
 // flags.
 #include <algorithm>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -21,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "common/daemon_metrics.h"
 #include "common/grpc_server.h"
 #include "common/job_spec.h"
 #include "common/scheduler_client.h"
@@ -46,6 +48,8 @@ ABSL_FLAG(std::string, sample_prompt, "The ", "prompt for the sample");
 ABSL_FLAG(double, sample_temperature, 0.8, "sampling temperature (0: greedy)");
 ABSL_FLAG(int, sample_top_k, 40, "top-k for sampling (0: all)");
 ABSL_FLAG(std::string, push_dtype, "f32", "gradient payload: f32 or bf16");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "serve Prometheus /metrics on this host:port (empty: off)");
 ABSL_FLAG(int, rpc_timeout_s, 120,
           "deadline of each parameter-server RPC (pull waits for peers)");
 ABSL_FLAG(int, fault_kill_at_step, -1,
@@ -82,12 +86,26 @@ absl::Status RunWorker() {
     threads = std::max<int>(1, std::thread::hardware_concurrency() /
                                    std::max(1, absl::GetFlag(FLAGS_workers_per_host)));
   }
+  absl::StatusOr<DaemonMetrics> started =
+      StartDaemonMetrics(absl::GetFlag(FLAGS_metrics_listen), "worker");
+#ifdef LMPS_METRICS_OPTIONAL
+  if (!started.ok()) {
+    // lmps_worker_cuda: see the known issue in README.md.
+    Log("worker", absl::StrCat("warning: no /metrics endpoint: ",
+                               started.status().message()));
+    started = StartDaemonMetrics("", "worker");
+  }
+#endif
+  LMPS_RETURN_IF_ERROR(started.status());
+  DaemonMetrics metrics = std::move(*started);
+  Metrics* m = metrics.metrics.get();
   // Fail fast on a backend this machine cannot run, before joining a job.
   LMPS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
                         CreateBackend(absl::GetFlag(FLAGS_backend), threads));
 
   const absl::Duration assemble = absl::Seconds(absl::GetFlag(FLAGS_assemble_timeout_s));
-  SchedulerClient client(Scheduler::NewStub(MakeChannel(scheduler)), scheduler);
+  SchedulerClient client(
+      Scheduler::NewStub(MakeChannel(scheduler, metrics.rpc.get())), scheduler);
   RegisterRequest reg;
   reg.set_role(WORKER);
   reg.set_requested_rank(-1);
@@ -122,7 +140,7 @@ absl::Status RunWorker() {
   std::vector<std::string> addresses(assignment.shard_addresses().begin(),
                                      assignment.shard_addresses().end());
   for (const std::string& a : addresses) {
-    stubs.push_back(ParameterServer::NewStub(MakeChannel(a)));
+    stubs.push_back(ParameterServer::NewStub(MakeChannel(a, metrics.rpc.get())));
   }
   ps_options.max_message_bytes = spec.max_message_bytes();
   if (absl::GetFlag(FLAGS_fault_kill_at_step) >= 0) {
@@ -183,7 +201,22 @@ absl::Status RunWorker() {
   absl::Mutex mu;
   TrainerProgress latest;
   latest.step = start_step;
+  SetGauge(m, "lmps_node_info", "Identity of this node (value 1).", 1,
+           {{"node_id", id}, {"role", "worker"},
+            {"dp_rank", std::to_string(assignment.dp_rank())}});
   options.on_progress = [&](const TrainerProgress& p) {
+    SetGauge(m, "lmps_step", "Completed training steps.", static_cast<double>(p.step));
+    SetGauge(m, "lmps_loss", "Training loss of the last step.", p.loss);
+    if (std::isfinite(p.eval_loss)) {
+      SetGauge(m, "lmps_eval_loss", "Last evaluation loss.", p.eval_loss);
+    }
+    SetGauge(m, "lmps_tokens_per_second", "Training tokens per second.",
+             p.tokens_per_second);
+    const char* help = "Seconds of the last step spent per phase.";
+    SetGauge(m, "lmps_step_phase_seconds", help, p.compute_seconds, {{"phase", "compute"}});
+    SetGauge(m, "lmps_step_phase_seconds", help, p.pull_seconds, {{"phase", "pull"}});
+    SetGauge(m, "lmps_step_phase_seconds", help, p.push_seconds, {{"phase", "push"}});
+    SetGauge(m, "lmps_step_phase_seconds", help, p.sync_seconds, {{"phase", "wait"}});
     absl::MutexLock lock(&mu);
     latest = p;
   };

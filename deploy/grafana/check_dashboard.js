@@ -21,7 +21,7 @@ const METRICS = [
   'lmps_heartbeat_age_seconds', 'lmps_rejected_pushes_total',
 ];
 const HISTOGRAMS = ['lmps_rpc_duration_seconds'];
-const PHASES = ['compute', 'pull', 'push', 'sync'];
+const PHASES = ['compute', 'pull', 'push', 'wait'];
 
 const args = process.argv.slice(2);
 const file = args.find((a) => !a.startsWith('--'));

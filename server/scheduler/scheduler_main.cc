@@ -19,6 +19,9 @@
 #include <memory>
 #include <string>
 
+#include <cmath>
+#include <map>
+
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -28,6 +31,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/daemon_metrics.h"
 #include "common/grpc_server.h"
 #include "common/job_spec.h"
 #include "proto/lmps.pb.h"
@@ -46,6 +50,8 @@ ABSL_FLAG(int32_t, shards, 0,
           "keep the job's)");
 ABSL_FLAG(std::string, listen, "0.0.0.0:7070",
           "host:port to serve on; port 0 picks a free port");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "serve Prometheus /metrics on this host:port (empty: off)");
 ABSL_FLAG(std::string, port_file, "",
           "If set, the bound port is written there (atomically) once serving");
 ABSL_FLAG(double, assemble_timeout_s, 120,
@@ -58,6 +64,43 @@ ABSL_FLAG(bool, exit_when_finished, true,
 
 namespace lmps {
 namespace {
+
+// Job-level gauges from the scheduler's view of every node.
+void UpdateMetrics(const JobStatus& status, Metrics* m) {
+  std::map<std::string, int> alive = {{"server", 0}, {"worker", 0}};
+  int64_t min_step = -1;
+  double loss = 0, tps = 0;
+  int workers = 0;
+  float eval = NAN;
+  for (const NodeStatus& n : status.nodes()) {
+    const std::string role = n.role() == SERVER ? "server" : "worker";
+    if (n.alive()) ++alive[role];
+    SetGauge(m, "lmps_heartbeat_age_seconds",
+             "Seconds since the node's last heartbeat.",
+             n.heartbeat_age_ms() / 1000.0, {{"peer", n.node_id()}});
+    if (n.role() != WORKER) continue;
+    ++workers;
+    min_step = min_step < 0 ? n.step() : std::min(min_step, n.step());
+    loss += n.loss();
+    tps += n.tokens_per_second();
+    if (n.dp_rank() == 0) eval = n.eval_loss();
+  }
+  for (const auto& [role, count] : alive) {
+    SetGauge(m, "lmps_nodes_alive", "Nodes whose lease has not expired.",
+             count, {{"role", role}});
+  }
+  SetGauge(m, "lmps_job_state", "JobState enum (1 assembling, 2 running, "
+           "3 finished, 4 failed).", status.state());
+  if (workers == 0) return;
+  SetGauge(m, "lmps_step", "Slowest worker's completed steps.",
+           static_cast<double>(std::max<int64_t>(0, min_step)));
+  SetGauge(m, "lmps_loss", "Mean training loss over the workers.", loss / workers);
+  SetGauge(m, "lmps_tokens_per_second", "Training tokens per second, all workers.", tps);
+  if (std::isfinite(eval)) {
+    SetGauge(m, "lmps_eval_loss", "Evaluation loss (data-parallel rank 0).", eval);
+  }
+}
+
 
 // Grace after the final state before exiting, and the longest wait for the
 // servers to see it.
@@ -155,8 +198,15 @@ int Run(MainOptions options) {
     Log(absl::StrCat("error: ", service.status().message()));
     return 1;
   }
+  absl::StatusOr<DaemonMetrics> metrics =
+      StartDaemonMetrics(absl::GetFlag(FLAGS_metrics_listen), "scheduler");
+  if (!metrics.ok()) {
+    Log(absl::StrCat("error: ", metrics.status().message()));
+    return 2;
+  }
   GrpcServerOptions server_options;
   server_options.listen_address = options.listen;
+  server_options.rpc_metrics = metrics->rpc.get();
   absl::StatusOr<StartedServer> server =
       StartGrpcServer(server_options, {service->get()});
   if (!server.ok()) {
@@ -191,8 +241,13 @@ int Run(MainOptions options) {
   int exit_code = 0;
   bool ended = false;
   absl::Time ended_at;
+  absl::Time last_metrics;
   while (true) {
     absl::SleepFor(absl::Milliseconds(100));
+    if (absl::Now() - last_metrics >= absl::Seconds(1)) {
+      UpdateMetrics((*core)->Status(), metrics->metrics.get());
+      last_metrics = absl::Now();
+    }
     if (int signo = g_signal.load(); signo != 0) {
       Log(absl::StrCat("caught signal ", signo, "; shutting down"));
       exit_code = 128 + signo;
@@ -238,6 +293,7 @@ int Run(MainOptions options) {
 
 }  // namespace
 }  // namespace lmps
+
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(

@@ -1,7 +1,6 @@
 #include "worker/backend/cpu_backend.h"
 
 #include <cblas.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -11,14 +10,16 @@
 
 #include "absl/strings/str_cat.h"
 #include "worker/backend/cpu_vec.h"
+#include "worker/backend/thread_pool.h"
 
 namespace lmps {
 namespace {
 
 constexpr float kLayerNormEps = 1e-5f;
 
-// Below this many elements an OpenMP region costs more than it saves.
-constexpr size_t kParallelThreshold = 1 << 14;
+// Elements of simple streaming work below which a task is not worth
+// handing to another thread.
+constexpr size_t kGrain = 1 << 14;
 
 // The [begin, end) slice of [0, n) that thread `id` of `nt` owns.
 inline void ThreadRange(size_t n, int id, int nt, size_t* begin, size_t* end) {
@@ -27,47 +28,65 @@ inline void ThreadRange(size_t n, int id, int nt, size_t* begin, size_t* end) {
   *end = std::min(n, *begin + chunk);
 }
 
-// Row-major C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C, computed by up to
-// `nt` OpenMP threads, each calling single-threaded sgemm on a slice of the
-// rows of C (or of its columns when M is small). One threading runtime for
-// everything: OpenBLAS's own threads would fight the OpenMP threads for the
-// cores (both spin while waiting).
-void ParallelSgemm(int nt, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int M,
-                   int N, int K, float alpha, const float* A, int lda,
+// Splits [0, n) into at most 4 tasks per thread of at least `grain` items
+// and runs f(begin, end) on each. The split depends only on n, grain and
+// the thread count, never on scheduling.
+void ParallelRange(ThreadPool& pool, size_t n, size_t grain,
+                   absl::FunctionRef<void(size_t, size_t)> f) {
+  if (n == 0) return;
+  grain = std::max<size_t>(grain, 1);
+  const int tasks = static_cast<int>(std::min<size_t>(
+      4 * static_cast<size_t>(pool.num_threads()), (n + grain - 1) / grain));
+  if (tasks <= 1) {
+    f(0, n);
+    return;
+  }
+  pool.ParallelFor(tasks, [&](int t) {
+    size_t begin, end;
+    ThreadRange(n, t, tasks, &begin, &end);
+    if (end > begin) f(begin, end);
+  });
+}
+
+// Row-major C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C on the pool:
+// each task calls single-threaded sgemm on a slice of the rows of C (or of
+// its columns when M is small), in whole 16-wide tiles (the kernel's). One
+// threading runtime for everything: OpenBLAS's own threads would fight ours
+// for the cores.
+void ParallelSgemm(ThreadPool& pool, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb,
+                   int M, int N, int K, float alpha, const float* A, int lda,
                    const float* B, int ldb, float beta, float* C, int ldc) {
-  constexpr double kMinFlopsPerThread = 1 << 20;
+  constexpr double kMinFlopsPerTask = 1 << 21;
+  const bool split_m = M >= N;
+  const int dim = split_m ? M : N;
+  const int tiles = (dim + 15) / 16;
   const double flops = 2.0 * M * N * K;
-  nt = std::max(1, std::min<int>(nt, static_cast<int>(flops /
-                                                      kMinFlopsPerThread)));
-  if (nt == 1) {
+  const int tasks = static_cast<int>(
+      std::min<double>({4.0 * pool.num_threads(), static_cast<double>(tiles),
+                        std::max(1.0, flops / kMinFlopsPerTask)}));
+  if (tasks <= 1) {
     cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta,
                 C, ldc);
     return;
   }
-  // Split the larger of M and N in multiples of 16 (the kernel's tile).
-  const bool split_m = M >= N;
-  const int dim = split_m ? M : N;
-  const int blocks = (dim + 15) / 16;
-#pragma omp parallel num_threads(nt)
-  {
-    size_t b0, b1;
-    ThreadRange(blocks, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
-    const int i0 = std::min<int>(dim, static_cast<int>(b0) * 16);
-    const int i1 = std::min<int>(dim, static_cast<int>(b1) * 16);
-    if (i1 > i0) {
-      if (split_m) {
-        const float* a = ta == CblasNoTrans ? A + static_cast<size_t>(i0) * lda
-                                            : A + i0;
-        cblas_sgemm(CblasRowMajor, ta, tb, i1 - i0, N, K, alpha, a, lda, B,
-                    ldb, beta, C + static_cast<size_t>(i0) * ldc, ldc);
-      } else {
-        const float* b = tb == CblasNoTrans ? B + i0
-                                            : B + static_cast<size_t>(i0) * ldb;
-        cblas_sgemm(CblasRowMajor, ta, tb, M, i1 - i0, K, alpha, A, lda, b,
-                    ldb, beta, C + i0, ldc);
-      }
+  pool.ParallelFor(tasks, [&](int task) {
+    size_t t0, t1;
+    ThreadRange(tiles, task, tasks, &t0, &t1);
+    const int i0 = std::min<int>(dim, static_cast<int>(t0) * 16);
+    const int i1 = std::min<int>(dim, static_cast<int>(t1) * 16);
+    if (i1 <= i0) return;
+    if (split_m) {
+      const float* a =
+          ta == CblasNoTrans ? A + static_cast<size_t>(i0) * lda : A + i0;
+      cblas_sgemm(CblasRowMajor, ta, tb, i1 - i0, N, K, alpha, a, lda, B, ldb,
+                  beta, C + static_cast<size_t>(i0) * ldc, ldc);
+    } else {
+      const float* b =
+          tb == CblasNoTrans ? B + i0 : B + static_cast<size_t>(i0) * ldb;
+      cblas_sgemm(CblasRowMajor, ta, tb, M, i1 - i0, K, alpha, A, lda, b, ldb,
+                  beta, C + i0, ldc);
     }
-  }
+  });
 }
 
 }  // namespace
@@ -79,110 +98,108 @@ absl::StatusOr<std::unique_ptr<CpuBackend>> CpuBackend::Create(
         "cpu backend: num_threads must be >= 0, got ", options.num_threads));
   }
   int threads = options.num_threads;
-  if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
-  // OpenBLAS runs inside our OpenMP threads (see ParallelSgemm).
+  if (threads == 0) {
+    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  }
+  // OpenBLAS runs inside our pool's threads (see ParallelSgemm).
   openblas_set_num_threads(1);
   return std::unique_ptr<CpuBackend>(new CpuBackend(threads));
 }
 
+CpuBackend::CpuBackend(int num_threads)
+    : pool_(std::make_unique<ThreadPool>(num_threads)) {}
+
+CpuBackend::~CpuBackend() = default;
+
+int CpuBackend::num_threads() const { return pool_->num_threads(); }
+
 void CpuBackend::Zero(float* p, size_t n) {
-  const int nt = num_threads_;
-#pragma omp parallel num_threads(nt) if (n > 16 * kParallelThreshold)
-  {
-    size_t begin, end;
-    ThreadRange(n, omp_get_thread_num(), omp_get_num_threads(), &begin, &end);
-    if (end > begin) std::memset(p + begin, 0, (end - begin) * sizeof(float));
-  }
+  ParallelRange(*pool_, n, 16 * kGrain, [&](size_t begin, size_t end) {
+    std::memset(p + begin, 0, (end - begin) * sizeof(float));
+  });
 }
 
 void CpuBackend::Axpy(float* y, float alpha, const float* x, size_t n) {
-  const int nt = num_threads_;
-#pragma omp parallel for simd num_threads(nt) if (n > kParallelThreshold) \
-    schedule(static)
-  for (size_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+  ParallelRange(*pool_, n, kGrain, [&](size_t begin, size_t end) {
+#pragma omp simd
+    for (size_t i = begin; i < end; ++i) y[i] += alpha * x[i];
+  });
 }
 
 // out[B,T,C] = wte[inp[b,t]] + wpe[t].
 void CpuBackend::EncoderForward(float* out, const int32_t* inp,
                                 const float* wte, const float* wpe, int B,
                                 int T, int C) {
-  const int nt = num_threads_;
-  const int N = B * T;
-#pragma omp parallel for num_threads(nt) \
-    if (static_cast<size_t>(N) * C > kParallelThreshold) schedule(static)
-  for (int n = 0; n < N; ++n) {
-    float* o = out + static_cast<size_t>(n) * C;
-    const float* e = wte + static_cast<size_t>(inp[n]) * C;
-    const float* p = wpe + static_cast<size_t>(n % T) * C;
+  ParallelRange(*pool_, static_cast<size_t>(B) * T, kGrain / C,
+                [&](size_t n0, size_t n1) {
+                  for (size_t n = n0; n < n1; ++n) {
+                    float* o = out + n * C;
+                    const float* e = wte + static_cast<size_t>(inp[n]) * C;
+                    const float* p = wpe + (n % T) * C;
 #pragma omp simd
-    for (int i = 0; i < C; ++i) o[i] = e[i] + p[i];
-  }
+                    for (int i = 0; i < C; ++i) o[i] = e[i] + p[i];
+                  }
+                });
 }
 
-// Threads own disjoint channel ranges, so repeated tokens never race.
+// Tasks own disjoint channel ranges, so repeated tokens never race.
 void CpuBackend::EncoderBackward(float* dwte, float* dwpe, const float* dout,
                                  const int32_t* inp, int B, int T, int C) {
-  const int nt = num_threads_;
-  const int N = B * T;
-#pragma omp parallel num_threads(nt) \
-    if (static_cast<size_t>(N) * C > kParallelThreshold)
-  {
-    size_t c0, c1;
-    ThreadRange(C, omp_get_thread_num(), omp_get_num_threads(), &c0, &c1);
-    for (int n = 0; n < N && c1 > c0; ++n) {
-      const float* d = dout + static_cast<size_t>(n) * C;
-      float* e = dwte + static_cast<size_t>(inp[n]) * C;
-      float* p = dwpe + static_cast<size_t>(n % T) * C;
+  const size_t N = static_cast<size_t>(B) * T;
+  ParallelRange(*pool_, C, std::max<size_t>(16, kGrain / N),
+                [&](size_t c0, size_t c1) {
+                  for (size_t n = 0; n < N; ++n) {
+                    const float* d = dout + n * C;
+                    float* e = dwte + static_cast<size_t>(inp[n]) * C;
+                    float* p = dwpe + (n % T) * C;
 #pragma omp simd
-      for (size_t i = c0; i < c1; ++i) {
-        e[i] += d[i];
-        p[i] += d[i];
-      }
-    }
-  }
+                    for (size_t i = c0; i < c1; ++i) {
+                      e[i] += d[i];
+                      p[i] += d[i];
+                    }
+                  }
+                });
 }
 
 // out[N,C] = (inp - mean) * rstd * weight + bias; saves mean[N], rstd[N].
 void CpuBackend::LayerNormForward(float* out, float* mean, float* rstd,
                                   const float* inp, const float* weight,
                                   const float* bias, int N, int C) {
-  const int nt = num_threads_;
-#pragma omp parallel for num_threads(nt) \
-    if (static_cast<size_t>(N) * C > kParallelThreshold) schedule(static)
-  for (int n = 0; n < N; ++n) {
-    const float* x = inp + static_cast<size_t>(n) * C;
-    float sum = 0.0f;
+  ParallelRange(*pool_, N, kGrain / C, [&](size_t n0, size_t n1) {
+    for (size_t n = n0; n < n1; ++n) {
+      const float* x = inp + n * C;
+      float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-    for (int i = 0; i < C; ++i) sum += x[i];
-    const float m = sum / C;
-    float var = 0.0f;
+      for (int i = 0; i < C; ++i) sum += x[i];
+      const float m = sum / C;
+      float var = 0.0f;
 #pragma omp simd reduction(+ : var)
-    for (int i = 0; i < C; ++i) var += (x[i] - m) * (x[i] - m);
-    const float s = 1.0f / std::sqrt(var / C + kLayerNormEps);
-    float* o = out + static_cast<size_t>(n) * C;
+      for (int i = 0; i < C; ++i) var += (x[i] - m) * (x[i] - m);
+      const float s = 1.0f / std::sqrt(var / C + kLayerNormEps);
+      float* o = out + n * C;
 #pragma omp simd
-    for (int i = 0; i < C; ++i) o[i] = (x[i] - m) * s * weight[i] + bias[i];
-    mean[n] = m;
-    rstd[n] = s;
-  }
+      for (int i = 0; i < C; ++i) o[i] = (x[i] - m) * s * weight[i] + bias[i];
+      mean[n] = m;
+      rstd[n] = s;
+    }
+  });
 }
 
 // dinp[N,C] += ..., dweight[C] += ..., dbias[C] += ...
-// Each thread sums dweight/dbias over its rows into a private partial; the
-// partials are added in thread order (deterministic).
+// Each task sums dweight/dbias over its rows into a private partial; the
+// partials are added in task order (deterministic).
 void CpuBackend::LayerNormBackward(float* dinp, float* dweight, float* dbias,
                                    const float* dout, const float* inp,
                                    const float* weight, const float* mean,
                                    const float* rstd, int N, int C) {
-  const int nt =
-      static_cast<size_t>(N) * C > kParallelThreshold ? num_threads_ : 1;
-  std::vector<float> partial(static_cast<size_t>(nt) * 2 * C, 0.0f);
-#pragma omp parallel num_threads(nt)
-  {
-    const int id = omp_get_thread_num();
+  const int tasks = static_cast<int>(std::max<size_t>(
+      1, std::min<size_t>(4 * static_cast<size_t>(pool_->num_threads()),
+                          static_cast<size_t>(N) * C / kGrain)));
+  std::vector<float> partial(static_cast<size_t>(tasks) * 2 * C, 0.0f);
+  auto rows = [&](int task) {
     size_t n0, n1;
-    ThreadRange(N, id, omp_get_num_threads(), &n0, &n1);
-    float* pw = partial.data() + static_cast<size_t>(id) * 2 * C;
+    ThreadRange(N, task, tasks, &n0, &n1);
+    float* pw = partial.data() + static_cast<size_t>(task) * 2 * C;
     float* pb = pw + C;
     for (size_t n = n0; n < n1; ++n) {
       const float* d = dout + n * C;
@@ -208,9 +225,10 @@ void CpuBackend::LayerNormBackward(float* dinp, float* dweight, float* dbias,
         dx[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
       }
     }
-  }
-  for (int id = 0; id < nt; ++id) {
-    const float* pw = partial.data() + static_cast<size_t>(id) * 2 * C;
+  };
+  pool_->ParallelFor(tasks, rows);
+  for (int task = 0; task < tasks; ++task) {
+    const float* pw = partial.data() + static_cast<size_t>(task) * 2 * C;
     const float* pb = pw + C;
 #pragma omp simd
     for (int i = 0; i < C; ++i) {
@@ -227,57 +245,48 @@ void CpuBackend::MatmulForward(float* out, const float* inp,
   float beta = 0.0f;
   if (bias != nullptr) {
     // Pre-fill the rows with the bias and let sgemm accumulate onto it.
-    const int nt = num_threads_;
-#pragma omp parallel for num_threads(nt) \
-    if (static_cast<size_t>(N) * OC > kParallelThreshold) schedule(static)
-    for (int n = 0; n < N; ++n) {
-      std::memcpy(out + static_cast<size_t>(n) * OC, bias,
-                  sizeof(float) * OC);
-    }
+    ParallelRange(*pool_, N, kGrain / OC, [&](size_t n0, size_t n1) {
+      for (size_t n = n0; n < n1; ++n) {
+        std::memcpy(out + n * OC, bias, sizeof(float) * OC);
+      }
+    });
     beta = 1.0f;
   }
-  ParallelSgemm(num_threads_, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp,
-                C, weight, C, beta, out, OC);
+  ParallelSgemm(*pool_, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp, C,
+                weight, C, beta, out, OC);
 }
 
 void CpuBackend::MatmulBackward(float* dinp, float* dweight, float* dbias,
                                 const float* dout, const float* inp,
                                 const float* weight, int N, int C, int OC) {
   // dinp[N,C] += dout[N,OC] @ weight[OC,C]
-  ParallelSgemm(num_threads_, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f,
-                dout, OC, weight, C, 1.0f, dinp, C);
+  ParallelSgemm(*pool_, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, dout, OC,
+                weight, C, 1.0f, dinp, C);
   // dweight[OC,C] += dout^T[OC,N] @ inp[N,C]
-  ParallelSgemm(num_threads_, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dout,
-                OC, inp, C, 1.0f, dweight, C);
+  ParallelSgemm(*pool_, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dout, OC,
+                inp, C, 1.0f, dweight, C);
   if (dbias != nullptr) {
-    // dbias[OC] += column sums of dout; threads own disjoint column ranges.
-    const int nt = num_threads_;
-#pragma omp parallel num_threads(nt) \
-    if (static_cast<size_t>(N) * OC > kParallelThreshold)
-    {
-      size_t o0, o1;
-      ThreadRange(OC, omp_get_thread_num(), omp_get_num_threads(), &o0, &o1);
-      for (int n = 0; n < N && o1 > o0; ++n) {
-        const float* d = dout + static_cast<size_t>(n) * OC;
+    // dbias[OC] += column sums of dout; tasks own disjoint column ranges.
+    ParallelRange(*pool_, OC, std::max<size_t>(16, kGrain / N),
+                  [&](size_t o0, size_t o1) {
+                    for (int n = 0; n < N; ++n) {
+                      const float* d = dout + static_cast<size_t>(n) * OC;
 #pragma omp simd
-        for (size_t o = o0; o < o1; ++o) dbias[o] += d[o];
-      }
-    }
+                      for (size_t o = o0; o < o1; ++o) dbias[o] += d[o];
+                    }
+                  });
   }
 }
 
 // Per (b, h), with q, k, v the [T,hs] slices of qkv (row stride 3C):
 //   att[T,T] = causal_softmax(q @ k^T / sqrt(hs));  out_h[T,hs] = att @ v.
-// The (b, h) pairs are spread over the OpenMP threads; sgemm is single-
-// threaded inside each.
+// One task per (b, h); sgemm is single-threaded inside each.
 void CpuBackend::AttentionForward(float* out, float* att, const float* qkv,
                                   int B, int T, int C, int NH) {
   const int C3 = 3 * C;
   const int hs = C / NH;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
-  const int nt = std::min(num_threads_, B * NH);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int bh = 0; bh < B * NH; ++bh) {
+  pool_->ParallelFor(B * NH, [&](int bh) {
     const int b = bh / NH, h = bh % NH;
     const float* q = qkv + static_cast<size_t>(b) * T * C3 + h * hs;
     const float* k = q + C;
@@ -299,7 +308,7 @@ void CpuBackend::AttentionForward(float* out, float* att, const float* qkv,
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, a,
                 T, v, C3, 0.0f, out + static_cast<size_t>(b) * T * C + h * hs,
                 C);
-  }
+  });
 }
 
 // Per (b, h), with datt = scratch[b,h]:
@@ -314,9 +323,7 @@ void CpuBackend::AttentionBackward(float* dqkv, float* scratch,
   const int C3 = 3 * C;
   const int hs = C / NH;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
-  const int nt = std::min(num_threads_, B * NH);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int bh = 0; bh < B * NH; ++bh) {
+  pool_->ParallelFor(B * NH, [&](int bh) {
     const int b = bh / NH, h = bh % NH;
     const size_t qoff = static_cast<size_t>(b) * T * C3 + h * hs;
     const float* q = qkv + qoff;
@@ -346,91 +353,75 @@ void CpuBackend::AttentionBackward(float* dqkv, float* scratch,
                 T, k, C3, 1.0f, dq, C3);
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, da, T,
                 q, C3, 1.0f, dk, C3);
-  }
+  });
 }
 
 void CpuBackend::GeluForward(float* out, const float* inp, size_t N) {
-  const int nt = num_threads_;
-#pragma omp parallel num_threads(nt) if (N > kParallelThreshold)
-  {
-    size_t begin, end;
-    ThreadRange((N + 7) / 8, omp_get_thread_num(), omp_get_num_threads(),
-                &begin, &end);
-    begin = std::min(N, begin * 8);
-    end = std::min(N, end * 8);
+  ParallelRange(*pool_, N, kGrain, [&](size_t begin, size_t end) {
     cpu_vec::GeluForwardArray(out + begin, inp + begin, end - begin);
-  }
+  });
 }
 
 void CpuBackend::GeluBackward(float* dinp, const float* inp, const float* dout,
                               size_t N) {
-  const int nt = num_threads_;
-#pragma omp parallel num_threads(nt) if (N > kParallelThreshold)
-  {
-    size_t begin, end;
-    ThreadRange((N + 7) / 8, omp_get_thread_num(), omp_get_num_threads(),
-                &begin, &end);
-    begin = std::min(N, begin * 8);
-    end = std::min(N, end * 8);
+  ParallelRange(*pool_, N, kGrain, [&](size_t begin, size_t end) {
     cpu_vec::GeluBackwardArray(dinp + begin, inp + begin, dout + begin,
                                end - begin);
-  }
+  });
 }
 
 void CpuBackend::ResidualForward(float* out, const float* inp1,
                                  const float* inp2, size_t N) {
-  const int nt = num_threads_;
-#pragma omp parallel for simd num_threads(nt) if (N > kParallelThreshold) \
-    schedule(static)
-  for (size_t i = 0; i < N; ++i) out[i] = inp1[i] + inp2[i];
+  ParallelRange(*pool_, N, kGrain, [&](size_t begin, size_t end) {
+#pragma omp simd
+    for (size_t i = begin; i < end; ++i) out[i] = inp1[i] + inp2[i];
+  });
 }
 
 void CpuBackend::ResidualBackward(float* dinp1, float* dinp2,
                                   const float* dout, size_t N) {
-  const int nt = num_threads_;
-#pragma omp parallel for simd num_threads(nt) if (N > kParallelThreshold) \
-    schedule(static)
-  for (size_t i = 0; i < N; ++i) {
-    dinp1[i] += dout[i];
-    dinp2[i] += dout[i];
-  }
+  ParallelRange(*pool_, N, kGrain, [&](size_t begin, size_t end) {
+#pragma omp simd
+    for (size_t i = begin; i < end; ++i) {
+      dinp1[i] += dout[i];
+      dinp2[i] += dout[i];
+    }
+  });
 }
 
 // probs[N,V] = softmax(logits); losses[N] = logsumexp(logits) - logit[target].
 void CpuBackend::CrossEntropyForward(float* losses, float* probs,
                                      const float* logits,
                                      const int32_t* targets, int N, int V) {
-  const int nt = num_threads_;
-#pragma omp parallel for num_threads(nt) \
-    if (static_cast<size_t>(N) * V > kParallelThreshold) schedule(static)
-  for (int n = 0; n < N; ++n) {
-    const float* x = logits + static_cast<size_t>(n) * V;
-    float* p = probs + static_cast<size_t>(n) * V;
-    float maxval = -INFINITY;
+  ParallelRange(*pool_, N, kGrain / V, [&](size_t n0, size_t n1) {
+    for (size_t n = n0; n < n1; ++n) {
+      const float* x = logits + n * V;
+      float* p = probs + n * V;
+      float maxval = -INFINITY;
 #pragma omp simd reduction(max : maxval)
-    for (int v = 0; v < V; ++v) maxval = std::max(maxval, x[v]);
-    const float sum = cpu_vec::ExpShifted(p, x, maxval, V);
-    const float inv = 1.0f / sum;
+      for (int v = 0; v < V; ++v) maxval = std::max(maxval, x[v]);
+      const float sum = cpu_vec::ExpShifted(p, x, maxval, V);
+      const float inv = 1.0f / sum;
 #pragma omp simd
-    for (int v = 0; v < V; ++v) p[v] *= inv;
-    losses[n] = std::log(sum) + maxval - x[targets[n]];
-  }
+      for (int v = 0; v < V; ++v) p[v] *= inv;
+      losses[n] = std::log(sum) + maxval - x[targets[n]];
+    }
+  });
 }
 
 // dlogits[N,V] += dloss * (probs - onehot(targets)).
 void CpuBackend::CrossEntropyBackward(float* dlogits, const float* probs,
                                       const int32_t* targets, float dloss,
                                       int N, int V) {
-  const int nt = num_threads_;
-#pragma omp parallel for num_threads(nt) \
-    if (static_cast<size_t>(N) * V > kParallelThreshold) schedule(static)
-  for (int n = 0; n < N; ++n) {
-    const float* p = probs + static_cast<size_t>(n) * V;
-    float* d = dlogits + static_cast<size_t>(n) * V;
+  ParallelRange(*pool_, N, kGrain / V, [&](size_t n0, size_t n1) {
+    for (size_t n = n0; n < n1; ++n) {
+      const float* p = probs + n * V;
+      float* d = dlogits + n * V;
 #pragma omp simd
-    for (int v = 0; v < V; ++v) d[v] += p[v] * dloss;
-    d[targets[n]] -= dloss;
-  }
+      for (int v = 0; v < V; ++v) d[v] += p[v] * dloss;
+      d[targets[n]] -= dloss;
+    }
+  });
 }
 
 }  // namespace lmps

@@ -2,14 +2,17 @@
 //
 // Matrix products (the linear layers and, per (batch, head), the attention
 // scores and their products with v) go through OpenBLAS cblas_sgemm; the
-// other kernels are SIMD loops. All parallelism is OpenMP with
-// options.num_threads threads: OpenBLAS is set to one thread and each
-// OpenMP thread calls it on a slice of the product (a second thread pool
-// would fight OpenMP's for the cores: both spin while idle). The
+// other kernels are SIMD loops. All parallelism comes from one ThreadPool
+// (thread_pool.h) of options.num_threads threads: OpenBLAS is set to one
+// thread and each task calls it on a slice of the product (a second thread
+// pool would fight ours for the cores). Work is handed out dynamically, so
+// a core taken by another process slows a step down gracefully instead of
+// stalling every parallel region. The
 // semantics of every function are those documented in backend.h; the naive
 // ReferenceBackend (cpu_reference.h) computes the same functions and the
 // tests compare the two. Results are deterministic for a given thread count
-// (no atomics; reductions are split and combined in a fixed order).
+// (reductions are split into tasks and combined in a fixed order, whichever
+// thread runs them).
 //
 // Thread-safety: as Backend (one thread at a time). Create() sets
 // OpenBLAS's process-global thread count to 1.
@@ -21,11 +24,13 @@
 
 #include "absl/status/statusor.h"
 #include "worker/backend/host_backend.h"
+#include "worker/backend/thread_pool.h"
 
 namespace lmps {
 
 struct CpuBackendOptions {
-  // Threads for OpenMP kernels and OpenBLAS; 0 = all hardware threads.
+  // Threads for all kernels, sgemm included (the calling thread counts as
+  // one); 0 = all hardware threads.
   int num_threads = 0;
 };
 
@@ -35,8 +40,10 @@ class CpuBackend final : public HostBackend {
   static absl::StatusOr<std::unique_ptr<CpuBackend>> Create(
       const CpuBackendOptions& options);
 
+  ~CpuBackend() override;
+
   std::string_view name() const override { return "cpu"; }
-  int num_threads() const { return num_threads_; }
+  int num_threads() const;
 
   void Zero(float* p, size_t n) override;
   void Axpy(float* y, float alpha, const float* x, size_t n) override;
@@ -76,9 +83,9 @@ class CpuBackend final : public HostBackend {
                             int V) override;
 
  private:
-  explicit CpuBackend(int num_threads) : num_threads_(num_threads) {}
+  explicit CpuBackend(int num_threads);
 
-  const int num_threads_;
+  std::unique_ptr<ThreadPool> pool_;
 };
 
 }  // namespace lmps
