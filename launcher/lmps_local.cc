@@ -58,6 +58,9 @@ ABSL_FLAG(std::string, bin_dir, "",
           "directory of the lmps binaries (default: found next to this one)");
 ABSL_FLAG(std::string, worker_args, "", "extra flags for every worker");
 ABSL_FLAG(std::string, server_args, "", "extra flags for every server");
+ABSL_FLAG(int, metrics_base_port, 0,
+          "serve Prometheus /metrics on 127.0.0.1: the scheduler on this "
+          "port, shard s on port+1+s, worker w on port+1+S+w (0: off)");
 ABSL_FLAG(int, restart_workers, 3,
           "replace a worker that dies up to this many times per worker");
 ABSL_FLAG(int, lease_s, 10, "heartbeat lease (a dead worker's slot frees "
@@ -384,12 +387,19 @@ absl::Status Launcher::Run() {
               spec.data().path().c_str(), run_dir_.c_str());
   std::fflush(stdout);
 
+  const int metrics_port = absl::GetFlag(FLAGS_metrics_base_port);
+  auto metrics_flag = [&](int offset) -> std::vector<std::string> {
+    if (metrics_port <= 0) return {};
+    return {absl::StrCat("--metrics_listen=127.0.0.1:", metrics_port + offset)};
+  };
   // Scheduler first, on a free port it reports through a file.
   const std::string port_file = run_dir_ + "/scheduler.port";
+  std::vector<std::string> scheduler_args = {
+      "--job=" + job_file, "--listen=127.0.0.1:0", "--port_file=" + port_file,
+      absl::StrCat("--lease_s=", absl::GetFlag(FLAGS_lease_s))};
+  for (const std::string& a : metrics_flag(0)) scheduler_args.push_back(a);
   LMPS_RETURN_IF_ERROR(Start("scheduler", Bin("server/scheduler/lmps_scheduler"),
-                             {"--job=" + job_file, "--listen=127.0.0.1:0",
-                              "--port_file=" + port_file,
-                              absl::StrCat("--lease_s=", absl::GetFlag(FLAGS_lease_s))}));
+                             scheduler_args));
   std::string port;
   for (int i = 0; i < 600 && port.empty(); ++i) {
     LMPS_RETURN_IF_ERROR(Reap());
@@ -413,6 +423,7 @@ absl::Status Launcher::Run() {
                                      absl::StrCat("--shard=", s),
                                      "--checkpoint_dir=" + ckpt};
     for (const std::string& a : split_args(absl::GetFlag(FLAGS_server_args))) args.push_back(a);
+    for (const std::string& a : metrics_flag(1 + s)) args.push_back(a);
     LMPS_RETURN_IF_ERROR(Start(absl::StrCat("server-", s), Bin("server/lmps_server"), args));
   }
   for (int w = 0; w < W; ++w) {
@@ -420,6 +431,7 @@ absl::Status Launcher::Run() {
                                      absl::StrCat("--threads=", std::max(1, cores / W)),
                                      "--sample_out=" + run_dir_ + "/sample.txt"};
     for (const std::string& a : split_args(absl::GetFlag(FLAGS_worker_args))) args.push_back(a);
+    for (const std::string& a : metrics_flag(1 + S + w)) args.push_back(a);
     if (w == absl::GetFlag(FLAGS_fault_worker)) {
       args.push_back(absl::StrCat("--fault_kill_at_step=",
                                   absl::GetFlag(FLAGS_fault_kill_at_step)));

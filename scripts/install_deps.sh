@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Installs what lmps needs from Debian 12's packages, and only what is
 # missing. Usage: scripts/install_deps.sh [build|bench|all]   (default build)
-#   build: Bazel, gRPC, protobuf, Abseil, GoogleTest, prometheus-cpp, OpenBLAS
+#   build: Bazel, gRPC, protobuf, Abseil, GoogleTest, prometheus-cpp, OpenBLAS,
+#          and what the tests use (Prometheus, Python grpcio)
 #   bench: build + iperf3 and PyTorch (python3-torch) for the baselines
-#   ops:   build + Prometheus, grpcio, buildah (operations tests)
 set -euo pipefail
 what="${1:-build}"
 pkgs=(bazel-bootstrap g++ pkg-config libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev
       protobuf-compiler libabsl-dev libgtest-dev libgmock-dev prometheus-cpp-dev
-      libopenblas-dev python3)
+      libopenblas-dev python3
+      # used by the tests: Prometheus (promtool), Python gRPC clients
+      prometheus python3-grpcio python3-grpc-tools grpc-proto curl iproute2)
 case "$what" in
   build) ;;
   bench) pkgs+=(iperf3 python3-torch) ;;
-  ops) pkgs+=(prometheus python3-grpcio python3-grpc-tools grpc-proto) ;;
-  all) pkgs+=(iperf3 python3-torch prometheus python3-grpcio python3-grpc-tools grpc-proto) ;;
-  *) echo "usage: $0 [build|bench|ops|all]" >&2; exit 2 ;;
+  all) pkgs+=(iperf3 python3-torch) ;;
+  *) echo "usage: $0 [build|bench|all]" >&2; exit 2 ;;
 esac
 missing=()
 for p in "${pkgs[@]}"; do

@@ -7,7 +7,7 @@
 #     must be `up` and a query must return the series with the constant
 #     labels node/daemon.
 # Skips (exit 0, with a message) only when promtool/prometheus are absent
-# (Debian package `prometheus`; scripts/install_deps.sh ops).
+# (Debian package `prometheus`; scripts/install_deps.sh).
 set -euo pipefail
 
 fail() { echo "FAIL: $*" >&2; exit 1; }

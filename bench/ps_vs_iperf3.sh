@@ -1,0 +1,70 @@
+#!/bin/bash
+# Parameter-server throughput vs raw TCP on loopback. Installs what is
+# missing (scripts/install_deps.sh bench: iperf3), builds //bench:ps_bench,
+# measures a single-stream iperf3 on 127.0.0.1 for 5 s, then runs ps_bench
+# (pull, push f32, push bf16 of a >= 100 MB model over --shards shards; see
+# bench/ps_bench.cc), and prints the ratios of ps_bench's median rates to
+# iperf3's rate (payload bytes/s against iperf3's received bytes/s):
+#   ps pull / iperf3 ratio: X.XX
+#   ps push / iperf3 ratio: X.XX        (push f32)
+#   ps push bf16 / iperf3 ratio: X.XX   (bf16 payload bytes)
+# The target is >= 0.5. Ends with `bazel shutdown`: nothing is left running.
+#
+# Usage: bench/ps_vs_iperf3.sh [ps_bench flags, e.g. --shards=4 --repeats=9]
+# Environment: IPERF_PORT (default 5201).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PORT="${IPERF_PORT:-5201}"
+iperf_pid=""
+cleanup() {
+  if [ -n "$iperf_pid" ] && kill -0 "$iperf_pid" 2>/dev/null; then
+    kill "$iperf_pid" 2>/dev/null || true
+    wait "$iperf_pid" 2>/dev/null || true
+  fi
+  bazel shutdown >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+scripts/install_deps.sh bench
+bazel build //bench:ps_bench >/dev/null 2>&1 || bazel build //bench:ps_bench
+BIN="$(bazel info bazel-bin 2>/dev/null)/bench/ps_bench"
+
+echo "== iperf3, 1 stream on 127.0.0.1, 5 s"
+iperf3 -s -1 -p "$PORT" >/dev/null 2>&1 &
+iperf_pid=$!
+json=""
+for _ in $(seq 1 50); do  # the server needs a moment to listen
+  if json="$(iperf3 -c 127.0.0.1 -p "$PORT" -t 5 -J 2>/dev/null)"; then break; fi
+  json=""
+  sleep 0.1
+done
+wait "$iperf_pid" 2>/dev/null || true
+iperf_pid=""
+if [ -z "$json" ]; then
+  echo "ps_vs_iperf3: iperf3 -c 127.0.0.1 -p $PORT failed" >&2
+  exit 1
+fi
+iperf_bps="$(echo "$json" | python3 -c '
+import json, sys
+print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"])')"
+awk -v b="$iperf_bps" \
+  'BEGIN { printf "iperf3: %.2f GB/s (%.2f Gbit/s)\n", b / 8e9, b / 1e9 }'
+
+echo "== ps_bench $*"
+out="$("$BIN" "$@")"
+echo "$out"
+rate() {  # the GB/s of ps_bench's line "$1: X GB/s ..."
+  echo "$out" | awk -v name="$1:" \
+    'index($0, name) == 1 { print $(split(name, a, " ") + 1); exit }'
+}
+pull="$(rate "pull")"
+push="$(rate "push f32")"
+push_bf16="$(rate "push bf16")"
+echo "== ratios (ps_bench median payload rate / iperf3 rate; target >= 0.5)"
+awk -v p="$pull" -v q="$push" -v r="$push_bf16" -v b="$iperf_bps" 'BEGIN {
+  i = b / 8e9
+  printf "ps pull / iperf3 ratio: %.2f\n", p / i
+  printf "ps push / iperf3 ratio: %.2f\n", q / i
+  printf "ps push bf16 / iperf3 ratio: %.2f\n", r / i
+}'
