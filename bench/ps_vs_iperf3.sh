@@ -52,8 +52,13 @@ awk -v b="$iperf_bps" \
   'BEGIN { printf "iperf3: %.2f GB/s (%.2f Gbit/s)\n", b / 8e9, b / 1e9 }'
 
 echo "== ps_bench $*"
-out="$("$BIN" "$@")"
+status=0
+out="$("$BIN" "$@")" || status=$?
 echo "$out"
+if [ "$status" -ne 0 ]; then
+  echo "ps_vs_iperf3: ps_bench failed (exit status $status)" >&2
+  exit "$status"
+fi
 rate() {  # the GB/s of ps_bench's line "$1: X GB/s ..."
   echo "$out" | awk -v name="$1:" \
     'index($0, name) == 1 { print $(split(name, a, " ") + 1); exit }'

@@ -70,6 +70,14 @@ ABSL_FLAG(int, fault_worker, -1,
           "--fault_kill_at_step");
 ABSL_FLAG(int, fault_kill_at_step, -1,
           "fault injection: SIGKILL --fault_worker after it pushes this step");
+ABSL_FLAG(int, restart_job, 3,
+          "when a parameter-server shard dies, restart the whole job from the "
+          "latest complete checkpoint up to this many times (the job rolls "
+          "back to that step everywhere)");
+ABSL_FLAG(int, fault_kill_server, -1,
+          "fault injection for tests: shard to SIGKILL once the slowest "
+          "worker reaches --fault_kill_server_at_step");
+ABSL_FLAG(int, fault_kill_server_at_step, -1, "see --fault_kill_server");
 ABSL_FLAG(int, timeout_s, 3600, "give up and stop everything after this");
 ABSL_FLAG(bool, export_model, true,
           "export the final model to --run_dir/model.safetensors");
@@ -147,6 +155,12 @@ class Launcher {
 
  private:
   absl::StatusOr<JobSpec> PrepareSpec();
+  // Starts the scheduler, the shards and the workers; sets scheduler_.
+  absl::Status StartJob(const JobSpec& spec);
+  // Follows the job until every worker is done.
+  absl::Status Monitor();
+  // --fault_kill_server: SIGKILLs the shard once the job reaches the step.
+  void MaybeInjectServerFault(const JobStatus& status);
   absl::Status Start(const std::string& name, const std::string& binary,
                      std::vector<std::string> args);
   // Reaps exited children; returns an error naming a child that failed.
@@ -156,7 +170,10 @@ class Launcher {
   void Progress(const JobStatus& status, bool final);
   std::string Bin(const std::string& rel) const;
 
-  std::string bin_dir_, run_dir_;
+  std::string bin_dir_, run_dir_, job_file_, scheduler_;
+  int attempt_ = 0;             // job restarts after a lost shard
+  std::string lost_server_;     // set by Reap() when a shard died
+  bool fault_injected_ = false;
   std::vector<Child> children_;
   std::chrono::steady_clock::time_point start_;
   int64_t first_step_ = -1;
@@ -210,7 +227,9 @@ absl::Status Launcher::Start(const std::string& name, const std::string& binary,
   c.name = name;
   c.binary = binary;
   c.args = args;
-  c.log = absl::StrCat(run_dir_, "/logs/", name, ".log");
+  c.log = attempt_ == 0 ? absl::StrCat(run_dir_, "/logs/", name, ".log")
+                        : absl::StrCat(run_dir_, "/logs/", name, ".attempt",
+                                       attempt_, ".log");
   LMPS_ASSIGN_OR_RETURN(c.pid, Spawn(binary, args, c.log));
   children_.push_back(c);
   return absl::OkStatus();
@@ -228,6 +247,11 @@ absl::Status Launcher::Reap() {
       std::string how = WIFEXITED(status)
                             ? absl::StrCat("exited with status ", WEXITSTATUS(status))
                             : absl::StrCat("was killed by signal ", WTERMSIG(status));
+      if (c.name.rfind("server", 0) == 0 &&
+          attempt_ < absl::GetFlag(FLAGS_restart_job) && !g_interrupted) {
+        lost_server_ = absl::StrCat(c.name, " ", how);
+        return absl::UnavailableError(lost_server_);
+      }
       if (c.name.rfind("worker", 0) == 0 &&
           c.restarts < absl::GetFlag(FLAGS_restart_workers) && !g_interrupted) {
         // Workers are stateless: a replacement takes the dead one's slot once
@@ -352,41 +376,32 @@ void Launcher::Progress(const JobStatus& status, bool final) {
   last_print_ = now;
 }
 
-absl::Status Launcher::Run() {
-  start_ = std::chrono::steady_clock::now();
-  bin_dir_ = absl::GetFlag(FLAGS_bin_dir);
-  if (bin_dir_.empty()) {
-    bin_dir_ = fs::canonical("/proc/self/exe").parent_path().parent_path().string();
+void Launcher::MaybeInjectServerFault(const JobStatus& status) {
+  const int victim = absl::GetFlag(FLAGS_fault_kill_server);
+  if (victim < 0 || fault_injected_ || attempt_ > 0) return;
+  int64_t step = INT64_MAX;
+  for (const NodeStatus& n : status.nodes()) {
+    if (n.role() == WORKER) step = std::min(step, n.step());
   }
-  run_dir_ = fs::absolute(absl::GetFlag(FLAGS_run_dir)).string();
-  LMPS_ASSIGN_OR_RETURN(JobSpec spec, PrepareSpec());
-  std::error_code ec;
-  fs::create_directories(run_dir_ + "/logs", ec);
-  if (ec) {
-    return absl::InternalError(absl::StrCat("cannot create ", run_dir_, ": ", ec.message()));
+  if (step == INT64_MAX || step < absl::GetFlag(FLAGS_fault_kill_server_at_step)) return;
+  for (Child& c : children_) {
+    if (c.name == absl::StrCat("server-", victim) && !c.exited) {
+      std::printf("\nlmps: fault injection: SIGKILL %s at step %lld\n",
+                  c.name.c_str(), static_cast<long long>(step));
+      std::fflush(stdout);
+      kill(c.pid, SIGKILL);
+      fault_injected_ = true;
+    }
   }
-  const std::string ckpt = run_dir_ + "/ckpt";
-  if (!absl::GetFlag(FLAGS_resume)) fs::remove_all(ckpt, ec);
-  fs::create_directories(ckpt, ec);
-  fs::remove(run_dir_ + "/sample.txt", ec);
-  fs::remove(run_dir_ + "/scheduler.port", ec);
-  std::string text;
-  google::protobuf::TextFormat::PrintToString(spec, &text);
-  const std::string job_file = run_dir_ + "/job.textproto";
-  std::ofstream(job_file) << text;
+}
 
+absl::Status Launcher::StartJob(const JobSpec& spec) {
   const int W = spec.layout().dp(), S = spec.layout().num_shards();
   const int cores = std::max(1u, std::thread::hardware_concurrency());
-  std::printf("lmps: %d worker%s, %d shard%s, %d steps of %d sequences x %d "
-              "tokens; model %d layers x %d wide (%s); data %s\nlmps: logs in "
-              "%s/logs\n",
-              W, W == 1 ? "" : "s", S, S == 1 ? "" : "s", spec.train().steps(),
-              spec.train().batch_size(), spec.model().block_size(),
-              spec.model().n_layer(), spec.model().n_embd(),
-              absl::GetFlag(FLAGS_resume) ? "resuming" : "fresh start",
-              spec.data().path().c_str(), run_dir_.c_str());
-  std::fflush(stdout);
-
+  const std::string ckpt = run_dir_ + "/ckpt";
+  const std::string& job_file = job_file_;
+  std::error_code ec;
+  fs::remove(run_dir_ + "/scheduler.port", ec);
   const int metrics_port = absl::GetFlag(FLAGS_metrics_base_port);
   auto metrics_flag = [&](int offset) -> std::vector<std::string> {
     if (metrics_port <= 0) return {};
@@ -411,7 +426,8 @@ absl::Status Launcher::Run() {
     return absl::DeadlineExceededError(
         "the scheduler did not start within 30 s; see " + run_dir_ + "/logs/scheduler.log");
   }
-  const std::string scheduler = "127.0.0.1:" + port;
+  scheduler_ = "127.0.0.1:" + port;
+  const std::string& scheduler = scheduler_;
   auto split_args = [](const std::string& s) {
     std::vector<std::string> out = absl::StrSplit(s, ' ', absl::SkipEmpty());
     return out;
@@ -439,7 +455,11 @@ absl::Status Launcher::Run() {
     LMPS_RETURN_IF_ERROR(Start(absl::StrCat("worker-", w), Bin("worker/lmps_worker"), args));
   }
 
-  auto stub = Scheduler::NewStub(MakeChannel(scheduler));
+  return absl::OkStatus();
+}
+
+absl::Status Launcher::Monitor() {
+  auto stub = Scheduler::NewStub(MakeChannel(scheduler_));
   const auto deadline = start_ + std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s));
   JobStatus last;
   while (!AllExited("worker")) {
@@ -457,9 +477,70 @@ absl::Status Launcher::Run() {
     if (stub->GetStatus(&ctx, GetStatusRequest(), &status).ok()) {
       last = status;
       Progress(status, false);
+      MaybeInjectServerFault(status);
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(tty_ ? 200 : 500));
+    const bool fault_pending =
+        absl::GetFlag(FLAGS_fault_kill_server) >= 0 && !fault_injected_;
+    std::this_thread::sleep_for(
+        std::chrono::milliseconds(fault_pending ? 20 : tty_ ? 200 : 500));
   }
+  return absl::OkStatus();
+}
+
+absl::Status Launcher::Run() {
+  start_ = std::chrono::steady_clock::now();
+  bin_dir_ = absl::GetFlag(FLAGS_bin_dir);
+  if (bin_dir_.empty()) {
+    bin_dir_ = fs::canonical("/proc/self/exe").parent_path().parent_path().string();
+  }
+  run_dir_ = fs::absolute(absl::GetFlag(FLAGS_run_dir)).string();
+  LMPS_ASSIGN_OR_RETURN(JobSpec spec, PrepareSpec());
+  std::error_code ec;
+  fs::create_directories(run_dir_ + "/logs", ec);
+  if (ec) {
+    return absl::InternalError(absl::StrCat("cannot create ", run_dir_, ": ", ec.message()));
+  }
+  const std::string ckpt = run_dir_ + "/ckpt";
+  if (!absl::GetFlag(FLAGS_resume)) fs::remove_all(ckpt, ec);
+  fs::create_directories(ckpt, ec);
+  fs::remove(run_dir_ + "/sample.txt", ec);
+  fs::remove(run_dir_ + "/scheduler.port", ec);
+  std::string text;
+  google::protobuf::TextFormat::PrintToString(spec, &text);
+  job_file_ = run_dir_ + "/job.textproto";
+  std::ofstream(job_file_) << text;
+
+  const int W = spec.layout().dp(), S = spec.layout().num_shards();
+  std::printf("lmps: %d worker%s, %d shard%s, %d steps of %d sequences x %d "
+              "tokens; model %d layers x %d wide (%s); data %s\nlmps: logs in "
+              "%s/logs\n",
+              W, W == 1 ? "" : "s", S, S == 1 ? "" : "s", spec.train().steps(),
+              spec.train().batch_size(), spec.model().block_size(),
+              spec.model().n_layer(), spec.model().n_embd(),
+              absl::GetFlag(FLAGS_resume) ? "resuming" : "fresh start",
+              spec.data().path().c_str(), run_dir_.c_str());
+  std::fflush(stdout);
+
+  while (true) {
+    LMPS_RETURN_IF_ERROR(StartJob(spec));
+    absl::Status status = Monitor();
+    if (status.code() != absl::StatusCode::kUnavailable || lost_server_.empty()) {
+      LMPS_RETURN_IF_ERROR(status);
+      break;
+    }
+    ++attempt_;
+    std::printf("\nlmps: %s; restarting the job from the latest complete "
+                "checkpoint (restart %d of %d)\n",
+                lost_server_.c_str(), attempt_, absl::GetFlag(FLAGS_restart_job));
+    std::fflush(stdout);
+    StopAll();
+    children_.clear();
+    lost_server_.clear();
+    first_step_ = -1;
+    last_printed_step_ = -1;
+  }
+  auto stub = Scheduler::NewStub(MakeChannel(scheduler_));
+  JobStatus last;
   LMPS_RETURN_IF_ERROR(Reap());
   {
     grpc::ClientContext ctx;

@@ -19,8 +19,16 @@ train { steps: 6 batch_size: 8 eval_interval: 0 sample_tokens: 0 }
 max_chunk_bytes: 4096
 )";
 
-CommandResult Train(const std::string& dir, std::vector<std::string> extra) {
-  WriteFile(dir + "/job.textproto", kJob);
+constexpr char kLongerJob[] = R"(
+model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 16 }
+train { steps: 300 batch_size: 8 eval_interval: 0 sample_tokens: 0
+        checkpoint_interval: 20 }
+max_chunk_bytes: 4096
+)";
+
+CommandResult Train(const std::string& dir, std::vector<std::string> extra,
+                    const char* job = kJob) {
+  WriteFile(dir + "/job.textproto", job);
   std::vector<std::string> argv = {BinaryPath("launcher/lmps_local"),
                                    "--job=" + dir + "/job.textproto",
                                    "--run_dir=" + dir, "--workers=2",
@@ -50,6 +58,33 @@ TEST(FaultToleranceTest, WorkerKilledMidPushIsReplacedExactly) {
   auto diff = MaxAbsDiff(*ma, *mb);
   ASSERT_TRUE(diff.ok()) << diff.status();
   EXPECT_EQ(*diff, 0.0) << "no gradient may be lost or counted twice";
+}
+
+// A shard SIGKILLed mid-job: the launcher restarts the job from the latest
+// checkpoint every shard has complete; the job rolls back to that step
+// everywhere, nothing after it is half-applied, and the final parameters
+// equal those of an uninterrupted run bit for bit.
+TEST(FaultToleranceTest, ShardKilledJobRollsBackToCheckpointExactly) {
+  const std::string straight = TempDir("straight_long");
+  CommandResult a = Train(straight, {}, kLongerJob);
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+
+  const std::string faulty = TempDir("shard_killed");
+  CommandResult b = Train(
+      faulty, {"--fault_kill_server=1", "--fault_kill_server_at_step=30"}, kLongerJob);
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_NE(b.output.find("fault injection: SIGKILL server-1"), std::string::npos)
+      << b.output;
+  EXPECT_NE(b.output.find("restarting the job from the latest complete checkpoint"),
+            std::string::npos)
+      << b.output;
+
+  auto ma = ReadSafetensorsFile(straight + "/model.safetensors");
+  auto mb = ReadSafetensorsFile(faulty + "/model.safetensors");
+  ASSERT_TRUE(ma.ok() && mb.ok());
+  auto diff = MaxAbsDiff(*ma, *mb);
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_EQ(*diff, 0.0);
 }
 
 }  // namespace

@@ -1,0 +1,107 @@
+#!/bin/bash
+# Distributed overhead: training tokens/s of a real lmps job with one worker
+# and one parameter-server shard (lmps_local: scheduler + lmps_server +
+# lmps_worker on loopback; every step pulls the model, pushes the gradient,
+# GradNorm and Apply with AdamW on the shard) against the same model's
+# training step run in-process by //bench:train_step_bench (forward,
+# backward and an SGD update; no RPC), with the same model, batch and thread
+# count. For each config prints
+#   distributed/in-process tokens/s ratio: X.XX
+# where distributed is the worker's "done: ... T tokens/s" (tokens over the
+# wall time of its whole training loop: a mean) and in-process is
+# train_step_bench's mean tokens/s (its median-based figure is printed
+# too). Runs ROUNDS rounds, alternating the two (the machine may be shared),
+# and compares the best round of each.
+#
+# Configs: "small" = the launcher's default model (n_layer 4, n_head 4,
+# n_embd 128, block_size 64, batch 16); "medium" = n_embd 256, block_size
+# 128, batch 8. The job evaluates only after its last step and checkpoints
+# only at its last step (written inside the last Apply, so inside the timed
+# loop: a few MB).
+#
+# Usage: bench/overhead.sh [small|medium]...   (default: both)
+# Environment: STEPS (default 80), THREADS (default 2), ROUNDS (default 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+STEPS="${STEPS:-80}"
+THREADS="${THREADS:-2}"
+ROUNDS="${ROUNDS:-2}"
+configs=("$@")
+[ ${#configs[@]} -gt 0 ] || configs=(small medium)
+
+tmp="$(mktemp -d /tmp/lmps_overhead.XXXXXX)"
+cleanup() {
+  rm -rf "$tmp"
+  bazel shutdown >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+targets=(//launcher:lmps_local //bench:train_step_bench)
+bazel build "${targets[@]}" >/dev/null 2>&1 || bazel build "${targets[@]}"
+BIN="$(bazel info bazel-bin 2>/dev/null)"
+
+max() { awk -v a="$1" -v b="$2" 'BEGIN { print (a > b) ? a : b }'; }
+
+for config in "${configs[@]}"; do
+  case "$config" in
+    small) layers=4 heads=4 embd=128 block=64 batch=16 ;;
+    medium) layers=4 heads=4 embd=256 block=128 batch=8 ;;
+    *) echo "overhead: unknown config '$config' (small, medium)" >&2; exit 2 ;;
+  esac
+  spec="$tmp/$config.textproto"
+  cat >"$spec" <<EOF
+name: "overhead-$config"
+model { n_layer: $layers n_head: $heads n_embd: $embd block_size: $block vocab_size: 256 }
+train {
+  steps: $STEPS batch_size: $batch micro_batches: 1 seed: 1337
+  eval_interval: $((STEPS + 1)) eval_batches: 1 checkpoint_interval: $STEPS
+  sample_tokens: 1
+}
+layout { dp: 1 num_shards: 1 }
+EOF
+  echo "=== $config: n_layer=$layers n_head=$heads n_embd=$embd" \
+       "block_size=$block batch=$batch threads=$THREADS steps=$STEPS"
+  best_dist=0
+  best_mean=0
+  best_median=0
+  for round in $(seq 1 "$ROUNDS"); do
+    run_dir="$tmp/run-$config-$round"
+    start=$(date +%s.%N)
+    if ! "$BIN/launcher/lmps_local" --job="$spec" --workers=1 --shards=1 \
+        --run_dir="$run_dir" --quiet --export_model=false \
+        --worker_args="--threads=$THREADS" >"$run_dir.out" 2>&1; then
+      cat "$run_dir.out" >&2
+      echo "overhead: lmps_local failed; logs in $run_dir/logs" >&2
+      trap - EXIT
+      bazel shutdown >/dev/null 2>&1 || true
+      exit 1
+    fi
+    secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
+    done_line="$(grep -h 'done: step' "$run_dir/logs/worker-0.log" | tail -1)"
+    dist="$(echo "$done_line" | awk '{ for (i = 1; i < NF; ++i)
+      if ($(i + 1) == "tokens/s") print $i }')"
+    echo "round $round distributed: $done_line (lmps_local ran ${secs} s)"
+    best_dist="$(max "$best_dist" "$dist")"
+
+    out="$("$BIN/bench/train_step_bench" --n_layer="$layers" --n_head="$heads" \
+      --n_embd="$embd" --block_size="$block" --batch="$batch" \
+      --threads="$THREADS" --steps=30 --warmup=3)"
+    mean="$(echo "$out" | awk -F': ' '/^lmps mean tokens\/s:/ { print $2 }')"
+    median="$(echo "$out" | awk -F': ' '/^lmps tokens\/s:/ { print $2 }')"
+    echo "round $round in-process: mean $mean tokens/s, median-step $median tokens/s" \
+         "($(echo "$out" | grep '^lmps ms/step'))"
+    best_mean="$(max "$best_mean" "$mean")"
+    best_median="$(max "$best_median" "$median")"
+  done
+  echo "--- $config, best of $ROUNDS rounds"
+  echo "distributed tokens/s: $best_dist"
+  echo "in-process tokens/s: $best_mean (mean; median-step: $best_median)"
+  awk -v d="$best_dist" -v m="$best_mean" -v md="$best_median" -v b="$batch" \
+      -v t="$block" 'BEGIN {
+    printf "per step: distributed %.1f ms, in-process %.1f ms (overhead %.1f ms)\n",
+           1e3 * b * t / d, 1e3 * b * t / m, 1e3 * b * t / d - 1e3 * b * t / m
+    printf "distributed/in-process (median-step) tokens/s ratio: %.2f\n", d / md
+    printf "distributed/in-process tokens/s ratio: %.2f\n", d / m
+  }'
+done

@@ -1,0 +1,326 @@
+#!/usr/bin/env bash
+# The /metrics of a real training job, scraped the way an operator would:
+# lmps_local runs a tiny job (2 shards, 2 workers) with
+# --metrics_base_port=P, so the scheduler serves /metrics on 127.0.0.1:P,
+# shard s on P+1+s and worker w on P+3+w. Then
+#  (a) `promtool check metrics` accepts the /metrics of every daemon
+#      (fetched with curl);
+#  (b) a real Prometheus server scrapes all five every second: every target
+#      is `up`, `lmps_loss` returns finite values below ln(256) from the
+#      workers and the scheduler, the workers' `lmps_step` grows between two
+#      queries, and the workers' `lmps_rpc_total` has
+#      method="lmps.ParameterServer/Push";
+#  (c) each daemon exports the metric families the README and the Grafana
+#      dashboard rely on (worker, server and scheduler lists below).
+# Then the job is stopped (SIGTERM to the launcher, which stops its
+# children). Every process this script starts is reaped on every exit path.
+# Skips (exit 0, with a message) only when prometheus/promtool are absent.
+set -euo pipefail
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+note() { echo "scrape_job_test: $*"; }
+
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  echo "SKIP: promtool/prometheus not installed (apt-get install prometheus)"
+  exit 0
+fi
+command -v curl >/dev/null || fail "curl is needed"
+PY=/usr/bin/python3
+[ -x "$PY" ] || fail "$PY is needed"
+
+# --- where things are ---------------------------------------------------------
+runfiles="${TEST_SRCDIR:-}/${TEST_WORKSPACE:-lmps}"
+launcher="$runfiles/launcher/lmps_local"
+[ -x "$launcher" ] || launcher="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.bazel/bin/launcher/lmps_local"
+[ -x "$launcher" ] || fail "lmps_local not found (bazel build //launcher:lmps_local)"
+if [ -n "${TEST_TMPDIR:-}" ]; then
+  tmp="$TEST_TMPDIR/scrape_job"
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+else
+  tmp="$(mktemp -d)"
+fi
+
+# --- process bookkeeping: every child is stopped and reaped on any exit -------
+pids=()
+cleanup() {
+  local rc=$?
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  # The launcher stops its own children within ~5 s; then force.
+  for _ in $(seq 80); do
+    local alive=""
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ -z "$alive" ] && break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ "$rc" -ne 0 ]; then
+    for f in "$tmp"/launcher.log "$tmp"/run/logs/*.log "$tmp"/prometheus.log; do
+      [ -f "$f" ] || continue
+      echo "---- tail $f" >&2
+      tail -15 "$f" >&2
+    done
+  fi
+  [ -n "${TEST_TMPDIR:-}" ] || rm -rf "$tmp"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+
+# --- free ports: P..P+4 for the job, and one for Prometheus -------------------
+W=2
+S=2
+N=$((1 + S + W))
+read -r P prom_port < <("$PY" - "$N" <<'EOF'
+import random, socket, sys
+n = int(sys.argv[1])
+def free(port):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+rng = random.Random()
+for _ in range(500):
+    base = rng.randrange(20000, 60000 - n - 1)
+    if all(free(base + i) for i in range(n + 1)):
+        print(base, base + n)
+        sys.exit(0)
+sys.exit("no free port range found")
+EOF
+) || fail "no free port range"
+note "metrics base port $P, Prometheus on $prom_port"
+
+# A job long enough to be scraped for as long as the test needs; the test
+# stops it (the launcher's own --timeout_s is the backstop).
+cat >"$tmp/job.textproto" <<'EOF'
+name: "scrape-job-test"
+model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 32 }
+train { steps: 1000000 batch_size: 8 eval_interval: 20 checkpoint_interval: 0 }
+EOF
+"$launcher" --job="$tmp/job.textproto" --workers=$W --shards=$S \
+  --run_dir="$tmp/run" --metrics_base_port="$P" --timeout_s=150 \
+  --export_model=false --quiet >"$tmp/launcher.log" 2>&1 &
+launcher_pid=$!
+pids+=("$launcher_pid")
+
+names=(scheduler)
+ports=("$P")
+for s in $(seq 0 $((S - 1))); do names+=("server-$s"); ports+=($((P + 1 + s))); done
+for w in $(seq 0 $((W - 1))); do names+=("worker-$w"); ports+=($((P + 1 + S + w))); done
+
+launcher_alive() {
+  kill -0 "$launcher_pid" 2>/dev/null || fail "lmps_local exited early: $(tail -5 "$tmp/launcher.log")"
+}
+
+scrape() {  # scrape <port> <out file>
+  curl -sf -m 5 "http://127.0.0.1:$1/metrics" >"$2"
+}
+
+# Wait until every daemon serves /metrics and the workers have trained a few
+# steps (their lmps_step gauge appears after the first step).
+deadline=$((SECONDS + 60))
+for i in "${!names[@]}"; do
+  until scrape "${ports[$i]}" "$tmp/${names[$i]}.prom" 2>/dev/null; do
+    launcher_alive
+    [ $SECONDS -lt $deadline ] || fail "${names[$i]} never served /metrics on 127.0.0.1:${ports[$i]}"
+    sleep 0.2
+  done
+done
+for w in $(seq 0 $((W - 1))); do
+  until scrape $((P + 1 + S + w)) "$tmp/w.prom" && grep -Eq '^lmps_step\{[^}]*\} ([5-9]|[1-9][0-9]+)' "$tmp/w.prom"; do
+    launcher_alive
+    [ $SECONDS -lt $deadline ] || fail "worker-$w did not reach step 5 within 60 s"
+    sleep 0.2
+  done
+done
+note "every daemon serves /metrics; the workers are training"
+
+# --- (a) promtool on every daemon's exposition ---------------------------------
+# Each scrape again now that every gauge has been set at least once (the
+# servers update theirs with each heartbeat, every lease/3).
+sleep 4
+for i in "${!names[@]}"; do
+  f="$tmp/${names[$i]}.prom"
+  scrape "${ports[$i]}" "$f" || fail "GET http://127.0.0.1:${ports[$i]}/metrics (${names[$i]})"
+  if ! out=$(promtool check metrics <"$f" 2>&1) || [ -n "$out" ]; then
+    fail "promtool check metrics rejects ${names[$i]} (127.0.0.1:${ports[$i]}): $out"
+  fi
+  daemon=${names[$i]%%-*}
+  grep -Eq "^lmps_[a-z_]+\{[^}]*daemon=\"$daemon\"" "$f" ||
+    fail "${names[$i]}: no lmps_ series with the constant label daemon=\"$daemon\""
+  note "ok: promtool check metrics accepts ${names[$i]} ($(grep -c '^# TYPE' "$f") families)"
+done
+
+# --- (c) the expected metric names ----------------------------------------------
+missing=()
+need() {  # need <daemon name> <file> <regex of a sample line> <what>
+  grep -Eq "^$3" "$2" || missing+=("$1: $4")
+}
+for i in "${!names[@]}"; do
+  n=${names[$i]}
+  f="$tmp/$n.prom"
+  case "$n" in
+    worker-*)
+      for m in lmps_step lmps_loss lmps_tokens_per_second; do
+        need "$n" "$f" "$m\{" "$m"
+      done
+      for phase in compute pull push wait; do
+        need "$n" "$f" "lmps_step_phase_seconds\{[^}]*phase=\"$phase\"" "lmps_step_phase_seconds{phase=\"$phase\"}"
+      done
+      need "$n" "$f" 'lmps_rpc_total\{[^}]*method="lmps.ParameterServer/Push"' 'lmps_rpc_total{method="lmps.ParameterServer/Push"}'
+      need "$n" "$f" 'lmps_rpc_total\{[^}]*method="lmps.ParameterServer/Pull"' 'lmps_rpc_total{method="lmps.ParameterServer/Pull"}'
+      need "$n" "$f" 'lmps_rpc_sent_bytes_total\{[^}]*method="lmps.ParameterServer/Push"' 'lmps_rpc_sent_bytes_total{method="lmps.ParameterServer/Push"}'
+      need "$n" "$f" 'lmps_rpc_duration_seconds_bucket\{[^}]*le=' 'lmps_rpc_duration_seconds_bucket'
+      ;;
+    server-*)
+      for m in lmps_parameter_version lmps_grad_norm lmps_server_memory_bytes lmps_rejected_pushes_total; do
+        need "$n" "$f" "$m\{" "$m"
+      done
+      need "$n" "$f" 'lmps_rpc_total\{[^}]*method="lmps.ParameterServer/Push"' 'lmps_rpc_total{method="lmps.ParameterServer/Push"} (server side)'
+      ;;
+    scheduler)
+      need "$n" "$f" 'lmps_nodes_alive\{[^}]*role="worker"[^}]*\} 2$' 'lmps_nodes_alive{role="worker"} 2'
+      need "$n" "$f" 'lmps_nodes_alive\{[^}]*role="server"[^}]*\} 2$' 'lmps_nodes_alive{role="server"} 2'
+      need "$n" "$f" 'lmps_heartbeat_age_seconds\{' 'lmps_heartbeat_age_seconds'
+      need "$n" "$f" 'lmps_loss\{' 'lmps_loss'
+      ;;
+  esac
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  printf '  missing: %s\n' "${missing[@]}" >&2
+  fail "${#missing[@]} expected metric(s) missing (exposition files in $tmp)"
+fi
+note "ok: every expected metric family is exported"
+
+# --- (b) a real Prometheus scraping the whole job ------------------------------
+{
+  cat <<EOF
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+scrape_configs:
+EOF
+  for i in "${!names[@]}"; do
+    cat <<EOF
+  - job_name: ${names[$i]}
+    static_configs:
+      - targets: ["127.0.0.1:${ports[$i]}"]
+EOF
+  done
+} >"$tmp/prometheus.yml"
+promtool check config "$tmp/prometheus.yml" >/dev/null || fail "promtool check config"
+prometheus --config.file="$tmp/prometheus.yml" --storage.tsdb.path="$tmp/tsdb" \
+  --web.listen-address="127.0.0.1:$prom_port" --log.level=warn \
+  >"$tmp/prometheus.log" 2>&1 &
+pids+=($!)
+api="http://127.0.0.1:$prom_port/api/v1"
+
+# Checks a Prometheus API answer on stdin; prints why not, exits 1 if not met.
+check() {
+  "$PY" -c '
+import json, math, sys
+what = sys.argv[1]
+try:
+    doc = json.load(sys.stdin)
+except ValueError as e:
+    sys.exit("not JSON: %s" % e)
+if doc.get("status") != "success":
+    sys.exit("status %r" % doc.get("status"))
+data = doc["data"]
+if what == "targets":
+    want = int(sys.argv[2])
+    up = sorted(t["labels"]["job"] for t in data["activeTargets"] if t["health"] == "up")
+    down = ["%s: %s" % (t["labels"]["job"], t.get("lastError") or t["health"])
+            for t in data["activeTargets"] if t["health"] != "up"]
+    if len(up) != want:
+        sys.exit("%d of %d targets up (%s); not up: %s" % (len(up), want, up, down))
+    print(" ".join(up))
+elif what == "series":  # series <min count> [<lo> <hi>]: finite values in (lo, hi)
+    res = data["result"]
+    if len(res) < int(sys.argv[2]):
+        sys.exit("%d series, want >= %s: %s" % (len(res), sys.argv[2], res))
+    out = []
+    for r in res:
+        v = float(r["value"][1])
+        who = r["metric"].get("job", "?")
+        if not math.isfinite(v):
+            sys.exit("%s: non-finite value %s" % (who, v))
+        if len(sys.argv) > 3 and not float(sys.argv[3]) < v < float(sys.argv[4]):
+            sys.exit("%s: %s not in (%s, %s)" % (who, v, sys.argv[3], sys.argv[4]))
+        out.append("%s=%g" % (who, v))
+    print(" ".join(sorted(out)))
+' "$@"
+}
+
+query() { curl -sf -m 5 "$api/query" --data-urlencode "query=$1"; }
+
+deadline=$((SECONDS + 30))
+until why=$(curl -sf -m 5 "$api/targets" 2>&1 | check targets "${#names[@]}" 2>&1); do
+  launcher_alive
+  [ $SECONDS -lt $deadline ] || fail "Prometheus targets: $why"
+  sleep 0.5
+done
+note "ok: Prometheus scrapes every daemon: $why"
+
+# lmps_loss: the scheduler's job-level gauge and each worker's, finite and
+# below the loss of a uniform guess over 256 bytes (ln 256 = 5.545).
+expect_loss=$((1 + W))
+deadline=$((SECONDS + 20))
+until why=$(query 'lmps_loss' | check series "$expect_loss" 0 5.545 2>&1); do
+  launcher_alive
+  [ $SECONDS -lt $deadline ] || fail "query lmps_loss: $why"
+  sleep 0.5
+done
+note "ok: lmps_loss: $why"
+
+until why=$(query 'lmps_rpc_total{daemon="worker",method="lmps.ParameterServer/Push",code="OK"}' |
+            check series "$W" 0 1e18 2>&1); do
+  launcher_alive
+  [ $SECONDS -lt $deadline ] || fail "query lmps_rpc_total Push from the workers: $why"
+  sleep 0.5
+done
+note "ok: workers' lmps_rpc_total{method=\"lmps.ParameterServer/Push\"}: $why"
+
+why=$(query 'histogram_quantile(0.5, sum by (le) (rate(lmps_rpc_duration_seconds_bucket{daemon="worker",method="lmps.ParameterServer/Push"}[5s])))' |
+      check series 1 0 60 2>&1) || fail "median Push latency from the histogram: $why"
+note "ok: median Push latency (s): $why"
+
+# Training goes on while being scraped: the workers' step grows.
+first=$(query 'min(lmps_step{daemon="worker"})' | check series 1 2>&1) ||
+  fail "query lmps_step: $first"
+first=${first#*=}
+deadline=$((SECONDS + 20))
+while :; do
+  launcher_alive
+  now=$(query 'min(lmps_step{daemon="worker"})' | check series 1 2>&1) ||
+    fail "query lmps_step: $now"
+  now=${now#*=}
+  "$PY" -c 'import sys; sys.exit(0 if float(sys.argv[2]) > float(sys.argv[1]) else 1)' "$first" "$now" && break
+  [ $SECONDS -lt $deadline ] || fail "the workers' lmps_step did not grow in 20 s (stuck at $first)"
+  sleep 1
+done
+note "ok: min worker lmps_step grew from $first to $now while scraped"
+
+why=$(query 'min(lmps_parameter_version)' | check series 1 0 1e12 2>&1) ||
+  fail "servers' lmps_parameter_version: $why"
+note "ok: shards' min lmps_parameter_version: $why"
+
+# --- stop the job ----------------------------------------------------------------
+kill -TERM "$launcher_pid"
+for _ in $(seq 100); do kill -0 "$launcher_pid" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$launcher_pid" 2>/dev/null && fail "lmps_local did not stop within 10 s of SIGTERM"
+wait "$launcher_pid" 2>/dev/null || true
+for i in "${!names[@]}"; do
+  if curl -s -m 1 -o /dev/null "http://127.0.0.1:${ports[$i]}/metrics"; then
+    fail "${names[$i]} still serves /metrics after the launcher stopped"
+  fi
+done
+note "ok: the job stopped; no daemon left behind"
+echo "PASS"
