@@ -29,9 +29,15 @@ max_chunk_bytes: 2048
 max_message_bytes: 1024
 )";
 
-SafetensorsContents Train(int workers, int shards) {
-  const std::string dir = TempDir(absl::StrCat("w", workers, "s", shards));
-  WriteFile(dir + "/job.textproto", kJob);
+SafetensorsContents Train(int workers, int shards, int micro_batches = 1) {
+  const std::string dir =
+      TempDir(absl::StrCat("w", workers, "s", shards, "m", micro_batches));
+  std::string job = kJob;
+  if (micro_batches > 1) {
+    job.replace(job.find("batch_size: 12"), 14,
+                absl::StrCat("batch_size: 12 micro_batches: ", micro_batches));
+  }
+  WriteFile(dir + "/job.textproto", job);
   CommandResult r = RunCommand({BinaryPath("launcher/lmps_local"),
                          "--job=" + dir + "/job.textproto", "--run_dir=" + dir,
                          absl::StrCat("--workers=", workers),
@@ -65,6 +71,14 @@ TEST_P(EquivalenceTest, MatchesOneWorkerOneShard) {
   double moved = 0;
   for (float v : b->data) moved = std::max(moved, static_cast<double>(std::fabs(v)));
   EXPECT_GT(moved, 1e-4);
+}
+
+// Gradient accumulation: 2 workers x 3 micro-batches of 2 sequences equal
+// one worker computing all 12 at once.
+TEST_F(EquivalenceTest, MicroBatchesMatchOneBatch) {
+  auto diff = MaxAbsDiff(Baseline(), Train(2, 2, 3));
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_LE(*diff, kTolerance);
 }
 
 INSTANTIATE_TEST_SUITE_P(
