@@ -45,11 +45,17 @@ if [ -z "$json" ]; then
   echo "ps_vs_iperf3: iperf3 -c 127.0.0.1 -p $PORT failed" >&2
   exit 1
 fi
-iperf_bps="$(echo "$json" | python3 -c '
+# Rate, and CPU seconds per GB of sender + receiver (iperf3 reports each
+# side's CPU utilisation over the test).
+read -r iperf_bps iperf_cpu < <(echo "$json" | python3 -c '
 import json, sys
-print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"])')"
-awk -v b="$iperf_bps" \
-  'BEGIN { printf "iperf3: %.2f GB/s (%.2f Gbit/s)\n", b / 8e9, b / 1e9 }'
+end = json.load(sys.stdin)["end"]
+r, cpu = end["sum_received"], end["cpu_utilization_percent"]
+cpu_s = (cpu["host_total"] + cpu["remote_total"]) / 100 * r["seconds"]
+print(r["bits_per_second"], cpu_s / (r["bytes"] / 1e9))')
+awk -v b="$iperf_bps" -v c="$iperf_cpu" 'BEGIN {
+  printf "iperf3: %.2f GB/s (%.2f Gbit/s); cpu s/GB (sender + receiver): %.2f\n",
+         b / 8e9, b / 1e9, c }'
 
 echo "== ps_bench $*"
 status=0
@@ -63,13 +69,27 @@ rate() {  # the GB/s of ps_bench's line "$1: X GB/s ..."
   echo "$out" | awk -v name="$1:" \
     'index($0, name) == 1 { print $(split(name, a, " ") + 1); exit }'
 }
+cpu() {  # client + shards cpu s/GB of ps_bench's line "$1: ..."
+  echo "$out" | grep "^$1:" | sed -E \
+    's/.*cpu s\/GB: client ([0-9.]+), shards ([0-9.]+).*/\1 \2/' |
+    awk '{ print $1 + $2 }'
+}
 pull="$(rate "pull")"
 push="$(rate "push f32")"
 push_bf16="$(rate "push bf16")"
+# The machine may be shared: wall-clock rates move with the load, CPU
+# seconds per GB much less. Both are printed.
+echo "== cpu s/GB of payload, both ends (lower is better)"
+awk -v i="$iperf_cpu" -v p="$(cpu "pull")" -v q="$(cpu "push f32")" \
+    -v r="$(cpu "push bf16")" 'BEGIN {
+  printf "iperf3 %.2f, ps pull %.2f, ps push f32 %.2f, ps push bf16 %.2f\n", i, p, q, r
+  printf "ps pull / iperf3 cpu-efficiency ratio: %.2f\n", i / p
+  printf "ps push / iperf3 cpu-efficiency ratio: %.2f\n", i / q
+}'
 echo "== ratios (ps_bench median payload rate / iperf3 rate; target >= 0.5)"
 awk -v p="$pull" -v q="$push" -v r="$push_bf16" -v b="$iperf_bps" 'BEGIN {
   i = b / 8e9
+  printf "ps push bf16 / iperf3 ratio: %.2f\n", r / i
   printf "ps pull / iperf3 ratio: %.2f\n", p / i
   printf "ps push / iperf3 ratio: %.2f\n", q / i
-  printf "ps push bf16 / iperf3 ratio: %.2f\n", r / i
 }'

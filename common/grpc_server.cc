@@ -13,10 +13,21 @@ absl::StatusOr<StartedServer> StartGrpcServer(
     const std::vector<grpc::Service*>& services) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  std::shared_ptr<grpc::AuthMetadataProcessor> processor;
+  if (options.security.has_token()) {
+    TokenAuthProcessor::Options po;
+    po.token = options.security.token();
+    po.metrics = options.metrics;
+    po.log = options.log;
+    processor = std::make_shared<TokenAuthProcessor>(std::move(po));
+  }
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      MakeServerCredentials(options.security, std::move(processor));
+  if (!credentials.ok()) return credentials.status();
   grpc::ServerBuilder builder;
   StartedServer started;
-  builder.AddListeningPort(options.listen_address,
-                           grpc::InsecureServerCredentials(), &started.port);
+  builder.AddListeningPort(options.listen_address, *credentials,
+                           &started.port);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   for (grpc::Service* service : services) builder.RegisterService(service);
@@ -29,9 +40,12 @@ absl::StatusOr<StartedServer> StartGrpcServer(
   }
   started.server = builder.BuildAndStart();
   if (started.server == nullptr || started.port == 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", options.listen_address,
-                     " (address in use or invalid)"));
+    return absl::UnavailableError(absl::StrCat(
+        "cannot listen on ", options.listen_address,
+        options.security.tls()
+            ? " (address in use or invalid, or the TLS certificate and key "
+              "were refused: see gRPC's log above)"
+            : " (address in use or invalid)"));
   }
   SetServing(started.server.get(), false);
   return started;
@@ -55,17 +69,27 @@ grpc::ChannelArguments ClientChannelArgs(int max_message_bytes) {
 }
 
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address,
-                                           RpcMetrics* rpc_metrics) {
-  if (rpc_metrics == nullptr) {
-    return grpc::CreateCustomChannel(
-        address, grpc::InsecureChannelCredentials(), ClientChannelArgs());
+                                           RpcMetrics* rpc_metrics,
+                                           const Security& security) {
+  grpc::ChannelArguments args = ClientChannelArgs();
+  if (!security.server_name().empty()) {
+    args.SetSslTargetNameOverride(security.server_name());
   }
   std::vector<std::unique_ptr<
       grpc::experimental::ClientInterceptorFactoryInterface>>
       interceptors;
-  interceptors.push_back(MakeClientMetricsInterceptor(rpc_metrics));
+  if (rpc_metrics != nullptr) {
+    interceptors.push_back(MakeClientMetricsInterceptor(rpc_metrics));
+  }
+  if (security.has_token()) {
+    interceptors.push_back(MakeTokenInterceptorFactory(security.token()));
+  }
+  if (interceptors.empty()) {
+    return grpc::CreateCustomChannel(address, MakeChannelCredentials(security),
+                                     args);
+  }
   return grpc::experimental::CreateCustomChannelWithInterceptors(
-      address, grpc::InsecureChannelCredentials(), ClientChannelArgs(),
+      address, MakeChannelCredentials(security), args,
       std::move(interceptors));
 }
 

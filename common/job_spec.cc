@@ -134,10 +134,54 @@ absl::Status ValidateJobSpec(const JobSpec& s) {
     return absl::InvalidArgumentError(
         "max_message_bytes must be at most 64 MiB");
   }
-  if (s.train().mode() != SYNC) {
-    return absl::InvalidArgumentError("train.mode: only SYNC is supported");
+  return ValidateConsistency(s);
+}
+
+absl::Status ValidateConsistency(const JobSpec& s) {
+  const TrainConfig& t = s.train();
+  const ConsistencyMode mode = t.mode();
+  if (mode != SYNC && mode != ASYNC && mode != BOUNDED_STALENESS) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train.mode: unknown value ", static_cast<int>(mode),
+        "; valid: SYNC, ASYNC, BOUNDED_STALENESS"));
+  }
+  if (t.staleness() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train.staleness must be >= 0 (steps a replica may run ahead of the "
+        "slowest), got ",
+        t.staleness()));
+  }
+  if (t.staleness() > kMaxStaleness) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train.staleness must be at most ", kMaxStaleness, ", got ",
+        t.staleness(), " (each shard keeps staleness + 1 gradient buffers "
+        "per replica)"));
+  }
+  if (t.staleness() > 0 && mode != BOUNDED_STALENESS) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train.staleness (", t.staleness(),
+        ") only applies to mode BOUNDED_STALENESS, but train.mode is ",
+        ConsistencyMode_Name(mode)));
+  }
+  if (t.debug_slow_worker_delay_ms() < 0 ||
+      t.debug_slow_worker_delay_ms() > 60000) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train.debug_slow_worker_delay_ms must be in [0, 60000], got ",
+        t.debug_slow_worker_delay_ms()));
+  }
+  if (t.debug_slow_worker_delay_ms() > 0 &&
+      (t.debug_slow_worker_rank() < 0 ||
+       t.debug_slow_worker_rank() >= s.layout().dp())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train.debug_slow_worker_rank ", t.debug_slow_worker_rank(),
+        " is not a data-parallel rank; valid: [0, ", s.layout().dp(), ")"));
   }
   return absl::OkStatus();
+}
+
+int EffectiveStaleness(const JobSpec& spec) {
+  return spec.train().mode() == BOUNDED_STALENESS ? spec.train().staleness()
+                                                  : 0;
 }
 
 absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text) {

@@ -29,6 +29,18 @@ void ApplyJobSpecDefaults(JobSpec* spec);
 // batch by dp * micro_batches, supported layout, sane optimizer values.
 absl::Status ValidateJobSpec(const JobSpec& spec);
 
+// The consistency part of ValidateJobSpec: train.mode is SYNC, ASYNC or
+// BOUNDED_STALENESS; 0 <= train.staleness <= kMaxStaleness, and > 0 only
+// with BOUNDED_STALENESS; the debug_slow_worker_* knobs are in range.
+absl::Status ValidateConsistency(const JobSpec& spec);
+
+// Largest train.staleness accepted.
+inline constexpr int kMaxStaleness = 1000;
+
+// The bound s of BOUNDED_STALENESS; 0 for SYNC (which is s = 0) and ASYNC
+// (which has no bound; see ConsistencyMode).
+int EffectiveStaleness(const JobSpec& spec);
+
 // Sequences each data-parallel replica computes per step.
 int LocalBatch(const JobSpec& spec);
 

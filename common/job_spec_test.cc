@@ -1,6 +1,7 @@
 #include "common/job_spec.h"
 
 #include <cstdlib>
+#include <vector>
 
 #include "gtest/gtest.h"
 
@@ -64,6 +65,62 @@ TEST(JobSpecTest, RejectsBadModelAndLayout) {
   EXPECT_FALSE(ParseJobSpec("model { n_embd: 30 n_head: 4 }").ok());
   EXPECT_FALSE(ParseJobSpec("layout { pp: 2 }").ok());
   EXPECT_FALSE(ParseJobSpec("optimizer { lr: -1 }").ok());
+}
+
+TEST(JobSpecTest, ConsistencyModesParse) {
+  auto sync = ParseJobSpec("");
+  ASSERT_TRUE(sync.ok());
+  EXPECT_EQ(sync->train().mode(), SYNC);
+  EXPECT_EQ(EffectiveStaleness(*sync), 0);
+  auto async = ParseJobSpec("train { mode: ASYNC }");
+  ASSERT_TRUE(async.ok()) << async.status();
+  EXPECT_EQ(async->train().mode(), ASYNC);
+  auto ssp = ParseJobSpec("train { mode: BOUNDED_STALENESS staleness: 3 }");
+  ASSERT_TRUE(ssp.ok()) << ssp.status();
+  EXPECT_EQ(EffectiveStaleness(*ssp), 3);
+  auto ssp0 = ParseJobSpec("train { mode: BOUNDED_STALENESS }");
+  ASSERT_TRUE(ssp0.ok()) << ssp0.status();
+  EXPECT_EQ(EffectiveStaleness(*ssp0), 0);
+  auto knobs = ParseJobSpec(
+      "train { batch_size: 4 debug_slow_worker_rank: 1 "
+      "debug_slow_worker_delay_ms: 50 debug_trace_steps: true } "
+      "layout { dp: 2 }");
+  ASSERT_TRUE(knobs.ok()) << knobs.status();
+}
+
+TEST(JobSpecTest, BadConsistencySettingsSayWhatIsValid) {
+  struct Case {
+    const char* text;
+    const char* needle;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"train { mode: BOUNDED_STALENESS staleness: -1 }",
+            "train.staleness must be >= 0"},
+           {"train { mode: BOUNDED_STALENESS staleness: 5000 }",
+            "at most 1000"},
+           {"train { staleness: 2 }",
+            "only applies to mode BOUNDED_STALENESS, but train.mode is SYNC"},
+           {"train { mode: ASYNC staleness: 2 }", "train.mode is ASYNC"},
+           {"train { mode: 7 }",
+            "unknown value 7; valid: SYNC, ASYNC, BOUNDED_STALENESS"},
+           {"train { debug_slow_worker_delay_ms: -5 }",
+            "debug_slow_worker_delay_ms must be in [0, 60000]"},
+           {"train { debug_slow_worker_rank: 2 debug_slow_worker_delay_ms: 5 "
+            "batch_size: 4 } layout { dp: 2 }",
+            "debug_slow_worker_rank 2 is not a data-parallel rank; valid: "
+            "[0, 2)"},
+       }) {
+    auto spec = ParseJobSpec(c.text);
+    ASSERT_FALSE(spec.ok()) << c.text;
+    EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(spec.status().message().find(c.needle), std::string::npos)
+        << c.text << " -> " << spec.status();
+  }
+  // A misspelt mode name is a parse error naming the value.
+  auto bad = ParseJobSpec("train { mode: EVENTUAL }");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("EVENTUAL"), std::string::npos)
+      << bad.status();
 }
 
 // The shipped examples parse, and default.textproto really is the defaults.

@@ -7,6 +7,13 @@
 //
 //   lmps_local [--job=job.textproto] [--workers=W] [--shards=S] [--steps=N]
 //              [--run_dir=DIR] [--resume]
+//              [--tls_dir=DIR] [--auth_token_file=FILE]
+//
+// Transport security (common/security.h): --tls_dir names the output of
+// scripts/make_test_certs.sh; the scheduler and the shards then serve mutual
+// TLS with DIR/server.{crt,key}, the workers and the launcher's own status
+// channel use DIR/client.{crt,key}, all trusting DIR/ca.crt.
+// --auth_token_file is passed to every daemon and used by the launcher.
 //
 // Layout of --run_dir: job.textproto (the effective spec), logs/<node>.log,
 // ckpt/step_*/shard_*.ckpt, model.safetensors, sample.txt.
@@ -41,6 +48,7 @@
 #include "absl/time/clock.h"
 #include "common/grpc_server.h"
 #include "common/job_spec.h"
+#include "common/security.h"
 #include "common/status_util.h"
 #include "proto/lmps.grpc.pb.h"
 
@@ -82,6 +90,13 @@ ABSL_FLAG(int, timeout_s, 3600, "give up and stop everything after this");
 ABSL_FLAG(bool, export_model, true,
           "export the final model to --run_dir/model.safetensors");
 ABSL_FLAG(bool, quiet, false, "no progress lines");
+ABSL_FLAG(std::string, tls_dir, "",
+          "mutual TLS for every daemon and channel, with the files of "
+          "scripts/make_test_certs.sh in this directory (ca.crt, server.crt/"
+          ".key, client.crt/.key); empty: plaintext");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "shared token file passed to every daemon (--auth_token_file) and "
+          "sent by the launcher; empty: no token");
 
 namespace lmps {
 namespace {
@@ -170,7 +185,14 @@ class Launcher {
   void Progress(const JobStatus& status, bool final);
   std::string Bin(const std::string& rel) const;
 
+  // --tls_dir/--auth_token_file: checks the files and sets the daemons'
+  // flags and the launcher's own channel security.
+  absl::Status PrepareSecurity();
+
   std::string bin_dir_, run_dir_, job_file_, scheduler_;
+  // Flags for the serving daemons (scheduler, shards) and for the workers.
+  std::vector<std::string> server_security_args_, worker_security_args_;
+  Security security_;  // the launcher's status channel
   int attempt_ = 0;             // job restarts after a lost shard
   std::string lost_server_;     // set by Reap() when a shard died
   bool fault_injected_ = false;
@@ -413,6 +435,7 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
       "--job=" + job_file, "--listen=127.0.0.1:0", "--port_file=" + port_file,
       absl::StrCat("--lease_s=", absl::GetFlag(FLAGS_lease_s))};
   for (const std::string& a : metrics_flag(0)) scheduler_args.push_back(a);
+  for (const std::string& a : server_security_args_) scheduler_args.push_back(a);
   LMPS_RETURN_IF_ERROR(Start("scheduler", Bin("server/scheduler/lmps_scheduler"),
                              scheduler_args));
   std::string port;
@@ -440,14 +463,17 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
                                      "--checkpoint_dir=" + ckpt};
     for (const std::string& a : split_args(absl::GetFlag(FLAGS_server_args))) args.push_back(a);
     for (const std::string& a : metrics_flag(1 + s)) args.push_back(a);
+    for (const std::string& a : server_security_args_) args.push_back(a);
     LMPS_RETURN_IF_ERROR(Start(absl::StrCat("server-", s), Bin("server/lmps_server"), args));
   }
   for (int w = 0; w < W; ++w) {
     std::vector<std::string> args = {"--scheduler=" + scheduler,
                                      absl::StrCat("--threads=", std::max(1, cores / W)),
+                                     absl::StrCat("--rank=", w),
                                      "--sample_out=" + run_dir_ + "/sample.txt"};
     for (const std::string& a : split_args(absl::GetFlag(FLAGS_worker_args))) args.push_back(a);
     for (const std::string& a : metrics_flag(1 + S + w)) args.push_back(a);
+    for (const std::string& a : worker_security_args_) args.push_back(a);
     if (w == absl::GetFlag(FLAGS_fault_worker)) {
       args.push_back(absl::StrCat("--fault_kill_at_step=",
                                   absl::GetFlag(FLAGS_fault_kill_at_step)));
@@ -459,7 +485,7 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
 }
 
 absl::Status Launcher::Monitor() {
-  auto stub = Scheduler::NewStub(MakeChannel(scheduler_));
+  auto stub = Scheduler::NewStub(MakeChannel(scheduler_, nullptr, security_));
   const auto deadline = start_ + std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s));
   JobStatus last;
   while (!AllExited("worker")) {
@@ -487,8 +513,54 @@ absl::Status Launcher::Monitor() {
   return absl::OkStatus();
 }
 
+absl::Status Launcher::PrepareSecurity() {
+  const std::string tls_dir = absl::GetFlag(FLAGS_tls_dir);
+  const std::string token = absl::GetFlag(FLAGS_auth_token_file);
+  SecurityOptions server, worker;
+  if (!tls_dir.empty()) {
+    const std::string dir = fs::absolute(tls_dir).string();
+    server.ca_cert = worker.ca_cert = dir + "/ca.crt";
+    server.cert = dir + "/server.crt";
+    server.key = dir + "/server.key";
+    worker.cert = dir + "/client.crt";
+    worker.key = dir + "/client.key";
+  }
+  if (!token.empty()) {
+    server.token_file = worker.token_file = fs::absolute(token).string();
+  }
+  // Every file is checked here, before any daemon starts.
+  absl::StatusOr<Security> s = Security::Load(server);
+  if (!s.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(s.status().message(),
+                     tls_dir.empty() ? "" : " (--tls_dir expects the files of "
+                                            "scripts/make_test_certs.sh)"));
+  }
+  s = Security::Load(worker);
+  if (!s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        s.status().message(),
+        tls_dir.empty() ? "" : " (--tls_dir expects the files of "
+                               "scripts/make_test_certs.sh)"));
+  }
+  security_ = *std::move(s);
+  auto flags = [](const SecurityOptions& o) {
+    std::vector<std::string> out;
+    if (!o.ca_cert.empty()) {
+      out = {"--tls_ca=" + o.ca_cert, "--tls_cert=" + o.cert,
+             "--tls_key=" + o.key};
+    }
+    if (!o.token_file.empty()) out.push_back("--auth_token_file=" + o.token_file);
+    return out;
+  };
+  server_security_args_ = flags(server);
+  worker_security_args_ = flags(worker);
+  return absl::OkStatus();
+}
+
 absl::Status Launcher::Run() {
   start_ = std::chrono::steady_clock::now();
+  LMPS_RETURN_IF_ERROR(PrepareSecurity());
   bin_dir_ = absl::GetFlag(FLAGS_bin_dir);
   if (bin_dir_.empty()) {
     bin_dir_ = fs::canonical("/proc/self/exe").parent_path().parent_path().string();
@@ -519,6 +591,9 @@ absl::Status Launcher::Run() {
               spec.model().n_layer(), spec.model().n_embd(),
               absl::GetFlag(FLAGS_resume) ? "resuming" : "fresh start",
               spec.data().path().c_str(), run_dir_.c_str());
+  if (security_.tls() || security_.has_token()) {
+    std::printf("lmps: transport security: %s\n", security_.Describe().c_str());
+  }
   std::fflush(stdout);
 
   while (true) {
@@ -539,7 +614,7 @@ absl::Status Launcher::Run() {
     first_step_ = -1;
     last_printed_step_ = -1;
   }
-  auto stub = Scheduler::NewStub(MakeChannel(scheduler_));
+  auto stub = Scheduler::NewStub(MakeChannel(scheduler_, nullptr, security_));
   JobStatus last;
   LMPS_RETURN_IF_ERROR(Reap());
   {

@@ -17,6 +17,7 @@
 #include "common/status_util.h"
 #include "proto/lmps.grpc.pb.h"
 #include "server/checkpoint.h"
+#include "server/reshard.h"
 #include "server/service.h"
 #include "server/shard.h"
 
@@ -112,8 +113,8 @@ class Daemon {
       return absl::InvalidArgumentError("--scheduler=host:port is required");
     }
     if (absl::Status s = StartServer(); !s.ok()) return s;
-    scheduler_ = Scheduler::NewStub(
-        MakeChannel(options_.scheduler, options_.rpc_metrics));
+    scheduler_ = Scheduler::NewStub(MakeChannel(
+        options_.scheduler, options_.rpc_metrics, options_.security));
     const absl::Time assemble_deadline =
         absl::Now() + options_.assemble_timeout;
     if (absl::Status s = Register(assemble_deadline); !s.ok()) return s;
@@ -130,13 +131,17 @@ class Daemon {
     go.listen_address = options_.listen;
     go.max_message_bytes = 80 << 20;  // 64 MiB payload cap plus headers
     go.rpc_metrics = options_.rpc_metrics;
+    go.security = options_.security;
+    go.metrics = options_.metrics;
+    go.log = [this](const std::string& line) { log_(line); };
     absl::StatusOr<StartedServer> started =
         StartGrpcServer(go, {service_.get()});
     if (!started.ok()) return started.status();
     server_ = std::move(started->server);
     address_ = absl::StrCat(options_.advertise_host, ":", started->port);
     log_(absl::StrCat("listening on ", options_.listen, " (port ",
-                      started->port, "), advertised as ", address_));
+                      started->port, "), advertised as ", address_, "; ",
+                      options_.security.Describe()));
     return absl::OkStatus();
   }
 
@@ -175,6 +180,20 @@ class Daemon {
         log_(absl::StrCat("complete checkpoints of shard ", options_.shard,
                           " in ", options_.checkpoint_dir, ": steps [",
                           absl::StrJoin(req.checkpoint_steps(), ", "), "]"));
+      }
+    }
+    // Steps whose every shard file (of the layout that wrote them) is here:
+    // resumable under any layout (server/reshard.h).
+    if (!options_.checkpoint_dir.empty()) {
+      absl::StatusOr<std::vector<int64_t>> full =
+          ListRelayoutCheckpointSteps(options_.checkpoint_dir);
+      if (!full.ok()) return full.status();
+      for (int64_t step : *full) req.add_relayout_checkpoint_steps(step);
+      if (!full->empty()) {
+        log_(absl::StrCat("checkpoints with every shard's file in ",
+                          options_.checkpoint_dir,
+                          " (resumable under any layout): steps [",
+                          absl::StrJoin(*full, ", "), "]"));
       }
     }
     absl::Duration delay = absl::Milliseconds(100);

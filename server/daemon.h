@@ -37,6 +37,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/metrics.h"
+#include "common/security.h"
 
 namespace lmps {
 
@@ -49,8 +50,11 @@ struct DaemonOptions {
   std::string init_from;       // safetensors initial weights
   absl::Duration wait_timeout = absl::Seconds(60);
   absl::Duration assemble_timeout = absl::Seconds(120);
+  // Transport security of the server and of the channel to the scheduler
+  // (TLS, client certificates, the shared token); default: plaintext.
+  Security security;
   // Prometheus metrics (not owned; may be null): gauges of the shard's
-  // state, and every RPC served or made.
+  // state, lmps_unauthenticated_total, and every RPC served or made.
   Metrics* metrics = nullptr;
   RpcMetrics* rpc_metrics = nullptr;
   // Receives every log line, prefix included; empty: stderr.

@@ -5,6 +5,13 @@
 //               [--advertise_host=127.0.0.1] [--shard=-1]
 //               [--checkpoint_dir=DIR] [--init_from=model.safetensors]
 //               [--wait_timeout_s=60] [--assemble_timeout_s=120]
+//               [--tls_ca=ca.crt --tls_cert=server.crt --tls_key=server.key]
+//               [--auth_token_file=token]
+//
+// Transport security (common/security.h): the TLS flags secure both the
+// served port and the channel to the scheduler; the certificate must allow
+// both serverAuth and clientAuth (scripts/make_test_certs.sh's server.crt
+// does).
 //
 // Exit status: 0 when the job FINISHED (after the last checkpoint was
 // written) or after a clean shutdown on SIGTERM/SIGINT; 1 with a message on
@@ -23,6 +30,8 @@
 #include "absl/strings/str_cat.h"
 #include "server/daemon.h"
 #include "common/daemon_metrics.h"
+#include "common/security.h"
+#include "common/security_flags.h"
 
 ABSL_FLAG(std::string, scheduler, "", "Scheduler address host:port (required)");
 ABSL_FLAG(std::string, listen, "0.0.0.0:0",
@@ -80,6 +89,14 @@ int main(int argc, char** argv) {
   const std::string prefix = options.shard >= 0
                                  ? absl::StrCat("[server-", options.shard, "]")
                                  : std::string("[server]");
+  absl::StatusOr<lmps::Security> security =
+      lmps::Security::Load(lmps::SecurityOptionsFromFlags());
+  if (!security.ok()) {
+    std::fprintf(stderr, "%s error: %s\n", prefix.c_str(),
+                 std::string(security.status().message()).c_str());
+    return 2;
+  }
+  options.security = *std::move(security);
   if (options.scheduler.empty()) {
     std::fprintf(stderr, "%s --scheduler=host:port is required (see --help)\n",
                  prefix.c_str());

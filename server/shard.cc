@@ -12,6 +12,7 @@
 #include "common/partition.h"
 #include "common/safetensors.h"
 #include "server/optimizer.h"
+#include "server/reshard.h"
 #include "server/tensor_codec.h"
 
 namespace lmps {
@@ -69,9 +70,17 @@ absl::StatusOr<std::unique_ptr<ParameterShard>> ParameterShard::Create(
 
 absl::Status ParameterShard::Init() {
   dp_ = options_.spec.layout().dp();
+  const TrainConfig& train = options_.spec.train();
+  mode_ = train.mode();
+  staleness_ = EffectiveStaleness(options_.spec);
+  end_step_ = train.steps();
+  if (train.stop_after_step() > 0 && train.stop_after_step() < end_step_) {
+    end_step_ = train.stop_after_step();
+  }
   tensors_ = GptTensorSpecs(options_.spec.model());
   for (size_t i = 0; i < tensors_.size(); ++i) {
     tensor_index_[tensors_[i].name] = static_cast<int>(i);
+    model_elements_ += tensors_[i].num_elements();
   }
   const int buffers = OptimizerStateBuffers(options_.spec.optimizer().type());
   absl::MutexLock lock(&mu_);
@@ -92,14 +101,21 @@ absl::Status ParameterShard::Init() {
     c.tensor = &tensors_[it->second];
     c.params.assign(c.size(), 0.0f);
     c.state.assign(buffers, std::vector<float>(c.size(), 0.0f));
-    c.grads.assign(dp_, std::vector<float>(c.size(), 0.0f));
-    c.received.assign(dp_, 0);
     num_elements_ += c.size();
     chunk_sizes_.push_back(c.size());
     chunks_.push_back(std::move(c));
   }
-  chunks_received_.assign(dp_, 0);
+  async_clip_fraction_ =
+      model_elements_ > 0 ? std::sqrt(static_cast<double>(num_elements_) /
+                                      static_cast<double>(model_elements_))
+                          : 1.0;
+  if (mode_ == ASYNC) {
+    rank_grads_.resize(dp_);
+  } else {
+    step_slots_.resize(staleness_ + 1);
+  }
   version_ = options_.start_step;
+  clocks_.assign(dp_, options_.start_step);
   if (options_.start_step > 0) return InitFromCheckpoint();
   if (!options_.init_from_safetensors.empty()) return InitFromSafetensors();
   for (Chunk& c : chunks_) {
@@ -118,6 +134,23 @@ absl::Status ParameterShard::InitFromCheckpoint() {
   }
   const std::string path =
       CheckpointPath(options_.checkpoint_dir, step, options_.shard);
+  // Written under another layout (num_shards, max_chunk_bytes), or no file
+  // of this shard: build the chunks from the old layout's shard files.
+  if (CheckpointNeedsReshard(path, options_.map)) {
+    std::vector<ElementRange> ranges;
+    for (const Chunk& c : chunks_) {
+      ranges.push_back({c.desc.tensor(), c.desc.begin(), c.desc.end()});
+    }
+    absl::StatusOr<std::vector<RangeData>> data =
+        LoadShardRanges(options_.checkpoint_dir, step, options_.spec,
+                        std::move(ranges), options_.shard, options_.log);
+    if (!data.ok()) return data.status();
+    for (size_t i = 0; i < chunks_.size(); ++i) {
+      chunks_[i].params = std::move((*data)[i].params);
+      chunks_[i].state = std::move((*data)[i].state);
+    }
+    return absl::OkStatus();
+  }
   absl::StatusOr<ShardCheckpoint> ckpt = ReadShardCheckpoint(path);
   if (!ckpt.ok()) {
     return absl::Status(
@@ -277,11 +310,7 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
 
   // Static validation: every slice names a chunk of this shard, a valid
   // dtype and an in-range element span; every chunk is tiled exactly once.
-  struct Piece {
-    int64_t offset, n;
-    const ChunkSlice* slice;
-  };
-  std::map<int, std::vector<Piece>> pieces;  // chunk -> pieces
+  Pieces pieces;
   for (size_t m = 0; m < stream.size(); ++m) {
     for (const ChunkSlice& s : stream[m].slices()) {
       const int size = DTypeSize(s.dtype());
@@ -366,57 +395,164 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
     return absl::UnavailableError(
         absl::StrCat("parameter server shard ", shard, " is shutting down"));
   }
+  if (mode_ == ASYNC) return PushAsyncLocked(rank, step, pieces, who);
+  return PushStepLocked(rank, step, pieces, who);
+}
+
+// ---------------------------------------------------------------------------
+// SYNC and BOUNDED_STALENESS: push, GradNorm and Apply.
+// ---------------------------------------------------------------------------
+
+ParameterShard::StepGrads* ParameterShard::FindSlotLocked(int64_t step) {
+  if (step < 0 || step_slots_.empty()) return nullptr;
+  StepGrads& slot = step_slots_[step % step_slots_.size()];
+  return slot.step == step ? &slot : nullptr;
+}
+
+const ParameterShard::StepGrads* ParameterShard::FindSlotLocked(
+    int64_t step) const {
+  if (step < 0 || step_slots_.empty()) return nullptr;
+  const StepGrads& slot = step_slots_[step % step_slots_.size()];
+  return slot.step == step ? &slot : nullptr;
+}
+
+ParameterShard::StepGrads& ParameterShard::SlotLocked(int64_t step) {
+  StepGrads& slot = step_slots_[step % step_slots_.size()];
+  if (slot.step == step) return slot;
+  // The slot is free or holds an applied step: steps version..version + s
+  // map to distinct slots.
+  slot.step = step;
+  slot.reduced = false;
+  slot.sum_squares = 0;
+  if (slot.grads.empty()) {
+    slot.grads.resize(chunks_.size());
+    slot.received.resize(chunks_.size());
+    for (size_t c = 0; c < chunks_.size(); ++c) {
+      slot.grads[c].assign(dp_, std::vector<float>(chunks_[c].size(), 0.0f));
+      slot.received[c].assign(dp_, 0);
+    }
+    slot.chunks_received.assign(dp_, 0);
+  } else {
+    for (auto& r : slot.received) std::fill(r.begin(), r.end(), 0);
+    std::fill(slot.chunks_received.begin(), slot.chunks_received.end(), 0);
+  }
+  return slot;
+}
+
+absl::StatusOr<PushResponse> ParameterShard::PushStepLocked(
+    int rank, int64_t step, const Pieces& pieces, const std::string& who) {
+  const int shard = options_.shard;
   if (step < version_) {
     return absl::FailedPreconditionError(
         absl::StrCat(who, ": shard ", shard, " is at version ", version_,
                      "; step ", step, " was already applied"));
   }
-  if (step > version_) {
+  if (step > version_ + staleness_) {
+    if (staleness_ == 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          who, ": shard ", shard, " is at version ", version_, "; step ", step,
+          " is far in the future (pull version ", step, " first)"));
+    }
     return absl::FailedPreconditionError(absl::StrCat(
         who, ": shard ", shard, " is at version ", version_, "; step ", step,
-        " is far in the future (pull version ", step, " first)"));
+        " is far in the future: more than the staleness bound ", staleness_,
+        " ahead (pull step ", step, " first)"));
   }
+  StepGrads& slot = SlotLocked(step);
+  const int n = static_cast<int>(chunks_.size());
+  const bool was_complete = slot.chunks_received[rank] == n;
   PushResponse response;
-  for (auto& [c, list] : pieces) {
-    Chunk& chunk = chunks_[c];
-    if (chunk.received[rank]) {
+  for (const auto& [c, list] : pieces) {
+    if (slot.received[c][rank]) {
       response.set_chunks_duplicate(response.chunks_duplicate() + 1);
       ++duplicates_;
       continue;
     }
-    float* dst = chunk.grads[rank].data();
+    float* dst = slot.grads[c][rank].data();
     for (const Piece& p : list) {
       DecodePayload(p.slice->dtype(), p.slice->data(), dst + p.offset);
     }
-    chunk.received[rank] = 1;
-    ++chunks_received_[rank];
+    slot.received[c][rank] = 1;
+    ++slot.chunks_received[rank];
     response.set_chunks_accepted(response.chunks_accepted() + 1);
+  }
+  if (!was_complete && slot.chunks_received[rank] == n) {
+    PushCompletedLocked(rank, step);
   }
   return response;
 }
 
-// ---------------------------------------------------------------------------
-// GradNorm and Apply.
-// ---------------------------------------------------------------------------
-
-bool ParameterShard::CompleteLocked() const {
+void ParameterShard::PushCompletedLocked(int rank, int64_t step) {
+  max_staleness_ = std::max(max_staleness_, step - MinClockLocked());
+  if (mode_ == ASYNC) {
+    clocks_[rank] = std::max(clocks_[rank], step + 1);
+    return;
+  }
+  // The clock is the first step not completely pushed: pushes of a rank
+  // normally arrive in step order, but a retried one may fill a gap.
   const int n = static_cast<int>(chunks_.size());
+  while (true) {
+    const StepGrads* slot = FindSlotLocked(clocks_[rank]);
+    if (slot == nullptr || slot->chunks_received[rank] < n) break;
+    ++clocks_[rank];
+  }
+}
+
+int64_t ParameterShard::MinClockLocked() const {
+  return *std::min_element(clocks_.begin(), clocks_.end());
+}
+
+int64_t ParameterShard::StepClockLocked() const {
+  return mode_ == ASYNC ? MinClockLocked() : version_;
+}
+
+std::string ParameterShard::SlowRanksLocked(int64_t needed) const {
+  std::vector<std::string> slow;
   for (int r = 0; r < dp_; ++r) {
-    if (chunks_received_[r] < n) return false;
+    if (clocks_[r] < needed) {
+      slow.push_back(absl::StrCat("dp rank ", r, " has completed ", clocks_[r],
+                                  " of the ", needed, " steps needed"));
+    }
+  }
+  return absl::StrJoin(slow, "; ");
+}
+
+void ParameterShard::MaybeLogEndLocked() {
+  if (logged_end_ || StepClockLocked() < end_step_) return;
+  logged_end_ = true;
+  Log(absl::StrCat("every dp replica completed step ", end_step_,
+                   " (mode ", ConsistencyMode_Name(mode_),
+                   mode_ == BOUNDED_STALENESS
+                       ? absl::StrCat(", staleness bound ", staleness_)
+                       : "",
+                   "): replica clocks [", absl::StrJoin(clocks_, ", "),
+                   "], max staleness seen ", max_staleness_, " steps, version ",
+                   version_));
+}
+
+bool ParameterShard::CompleteLocked(int64_t step) const {
+  const int n = static_cast<int>(chunks_.size());
+  if (n == 0) return true;
+  const StepGrads* slot = FindSlotLocked(step);
+  if (slot == nullptr) return false;
+  for (int r = 0; r < dp_; ++r) {
+    if (slot->chunks_received[r] < n) return false;
   }
   return true;
 }
 
-std::string ParameterShard::MissingRanksLocked(absl::string_view after) const {
+std::string ParameterShard::MissingRanksLocked(int64_t step,
+                                               absl::string_view after) const {
   const int n = static_cast<int>(chunks_.size());
+  const StepGrads* slot = FindSlotLocked(step);
   std::vector<int> missing;
   std::vector<std::string> partial;
   for (int r = 0; r < dp_; ++r) {
-    if (chunks_received_[r] < n) missing.push_back(r);
-    if (chunks_received_[r] > 0 && chunks_received_[r] < n) {
-      partial.push_back(absl::StrCat("dp rank ", r, " pushed ",
-                                     chunks_received_[r], " of ", n,
-                                     " chunks"));
+    const int got = slot == nullptr ? 0 : slot->chunks_received[r];
+    if (got < n) missing.push_back(r);
+    if (got > 0 && got < n) {
+      partial.push_back(
+          absl::StrCat("dp rank ", r, " pushed ", got, " of ", n, " chunks"));
     }
   }
   std::string out = absl::StrCat("no gradients from dp ranks [",
@@ -427,15 +563,15 @@ std::string ParameterShard::MissingRanksLocked(absl::string_view after) const {
   return out;
 }
 
-void ParameterShard::ReduceLocked() {
-  if (reduced_) return;
+void ParameterShard::ReduceLocked(StepGrads* slot) {
+  if (slot->reduced) return;
   const float dp = static_cast<float>(dp_);
   double sum_squares = 0;
-  for (Chunk& c : chunks_) {
-    float* acc = c.grads[0].data();
-    const int64_t n = c.size();
+  for (size_t c = 0; c < chunks_.size(); ++c) {
+    float* acc = slot->grads[c][0].data();
+    const int64_t n = chunks_[c].size();
     for (int r = 1; r < dp_; ++r) {
-      const float* g = c.grads[r].data();
+      const float* g = slot->grads[c][r].data();
       for (int64_t i = 0; i < n; ++i) acc[i] += g[i];
     }
     for (int64_t i = 0; i < n; ++i) {
@@ -443,20 +579,24 @@ void ParameterShard::ReduceLocked() {
       sum_squares += static_cast<double>(acc[i]) * acc[i];
     }
   }
-  sum_squares_ = sum_squares;
-  reduced_ = true;
+  slot->sum_squares = sum_squares;
+  slot->reduced = true;
 }
 
-void ParameterShard::ResetGradientsLocked() {
-  for (Chunk& c : chunks_) std::fill(c.received.begin(), c.received.end(), 0);
-  std::fill(chunks_received_.begin(), chunks_received_.end(), 0);
-  reduced_ = false;
-  sum_squares_ = 0;
+namespace {
+
+absl::Status NotInAsync(int shard, absl::string_view what) {
+  return absl::FailedPreconditionError(absl::StrCat(
+      what, " on shard ", shard,
+      ": not used in train.mode ASYNC (pushes are applied as they arrive)"));
 }
+
+}  // namespace
 
 absl::StatusOr<double> ParameterShard::GradNorm(int64_t step,
                                                 absl::Time deadline) {
   const int shard = options_.shard;
+  if (mode_ == ASYNC) return NotInAsync(shard, "GradNorm");
   const absl::Time start = absl::Now();
   const absl::Time until = WaitDeadline(deadline);
   absl::MutexLock lock(&mu_);
@@ -466,42 +606,77 @@ absl::StatusOr<double> ParameterShard::GradNorm(int64_t step,
                      version_, "; step ", step, " is far in the future"));
   }
   auto ready = [this, step]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return shutdown_ || version_ > step || CompleteLocked();
+    return shutdown_ || version_ > step || CompleteLocked(step);
   };
   if (!mu_.AwaitWithDeadline(absl::Condition(&ready), until)) {
+    const std::string after = absl::StrCat(" after ", Seconds(until - start));
     return absl::DeadlineExceededError(absl::StrCat(
-        "shard ", shard, " step ", step, ": ",
-        MissingRanksLocked(absl::StrCat(" after ", Seconds(until - start)))));
+        "shard ", shard, " step ", step, ": ", MissingRanksLocked(step, after)));
   }
   if (shutdown_) {
     return absl::UnavailableError(
         absl::StrCat("parameter server shard ", shard, " is shutting down"));
   }
   if (version_ > step) {
-    if (step == last_applied_step_) return last_sum_squares_;
+    auto it = applied_sum_squares_.find(step);
+    if (it != applied_sum_squares_.end()) return it->second;
     return absl::FailedPreconditionError(
         absl::StrCat("shard ", shard, " step ", step,
                      ": already applied; shard is at "
                      "version ",
                      version_));
   }
-  ReduceLocked();
-  return sum_squares_;
+  StepGrads* slot = FindSlotLocked(step);
+  if (slot == nullptr) return 0.0;  // a shard without chunks
+  ReduceLocked(slot);
+  return slot->sum_squares;
 }
 
-bool ParameterShard::ShouldCheckpoint(int64_t version) const {
+bool ParameterShard::ShouldCheckpoint(int64_t step) const {
   if (options_.checkpoint_dir.empty()) return false;
   const TrainConfig& t = options_.spec.train();
-  if (t.checkpoint_interval() > 0 && version % t.checkpoint_interval() == 0) {
+  if (t.checkpoint_interval() > 0 && step % t.checkpoint_interval() == 0) {
     return true;
   }
-  return version == t.steps() ||
-         (t.stop_after_step() > 0 && version == t.stop_after_step());
+  return step == t.steps() ||
+         (t.stop_after_step() > 0 && step == t.stop_after_step());
+}
+
+void ParameterShard::OptimizerStepLocked(const std::vector<const float*>& grads,
+                                         float scale, double lr,
+                                         int64_t update) {
+  const OptimizerConfig& opt = options_.spec.optimizer();
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    Chunk& c = chunks_[i];
+    const absl::Span<const float> g(grads[i], c.size());
+    // Negative values mean "disabled" (see lmps.proto).
+    const double wd =
+        c.tensor->weight_decay ? std::max(0.0f, opt.weight_decay()) : 0.0;
+    if (opt.type() == SGD) {
+      SgdHyper h;
+      h.lr = lr;
+      h.momentum = std::max(0.0f, opt.momentum());
+      h.weight_decay = wd;
+      SgdMomentumStep(h, scale, g, absl::MakeSpan(c.params),
+                      absl::MakeSpan(c.state[0]));
+    } else {
+      AdamWHyper h;
+      h.lr = lr;
+      h.beta1 = opt.beta1();
+      h.beta2 = opt.beta2();
+      h.eps = opt.eps();
+      h.weight_decay = wd;
+      h.step = update;
+      AdamWStep(h, scale, g, absl::MakeSpan(c.params),
+                absl::MakeSpan(c.state[0]), absl::MakeSpan(c.state[1]));
+    }
+  }
 }
 
 absl::StatusOr<int64_t> ParameterShard::Apply(int64_t step,
                                               double global_sum_squares) {
   const int shard = options_.shard;
+  if (mode_ == ASYNC) return NotInAsync(shard, "Apply");
   if (!std::isfinite(global_sum_squares) || global_sum_squares < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("apply step ", step,
@@ -520,44 +695,34 @@ absl::StatusOr<int64_t> ParameterShard::Apply(int64_t step,
         absl::StrCat("apply step ", step, ": shard ", shard, " is at version ",
                      version_, "; step ", step, " is far in the future"));
   }
-  if (!CompleteLocked()) {
+  if (!CompleteLocked(step)) {
     return absl::FailedPreconditionError(
         absl::StrCat("apply step ", step, ": shard ", shard, " has ",
-                     MissingRanksLocked(""), "; call GradNorm first"));
+                     MissingRanksLocked(step, ""), "; call GradNorm first"));
   }
-  ReduceLocked();
-  const OptimizerConfig& opt = options_.spec.optimizer();
-  const double lr = LearningRate(opt, step, options_.spec.train().steps());
-  const float scale = static_cast<float>(
-      ClipScale(opt.grad_clip(), std::sqrt(global_sum_squares)));
-  for (Chunk& c : chunks_) {
-    // Negative values mean "disabled" (see lmps.proto).
-    const double wd =
-        c.tensor->weight_decay ? std::max(0.0f, opt.weight_decay()) : 0.0;
-    if (opt.type() == SGD) {
-      SgdHyper h;
-      h.lr = lr;
-      h.momentum = std::max(0.0f, opt.momentum());
-      h.weight_decay = wd;
-      SgdMomentumStep(h, scale, c.grads[0], absl::MakeSpan(c.params),
-                      absl::MakeSpan(c.state[0]));
-    } else {
-      AdamWHyper h;
-      h.lr = lr;
-      h.beta1 = opt.beta1();
-      h.beta2 = opt.beta2();
-      h.eps = opt.eps();
-      h.weight_decay = wd;
-      h.step = step;
-      AdamWStep(h, scale, c.grads[0], absl::MakeSpan(c.params),
-                absl::MakeSpan(c.state[0]), absl::MakeSpan(c.state[1]));
+  StepGrads* slot = FindSlotLocked(step);
+  double sum_squares = 0;
+  if (slot != nullptr) {
+    ReduceLocked(slot);
+    sum_squares = slot->sum_squares;
+    std::vector<const float*> grads(chunks_.size());
+    for (size_t c = 0; c < chunks_.size(); ++c) {
+      grads[c] = slot->grads[c][0].data();
     }
+    const OptimizerConfig& opt = options_.spec.optimizer();
+    const double lr = LearningRate(opt, step, options_.spec.train().steps());
+    const float scale = static_cast<float>(
+        ClipScale(opt.grad_clip(), std::sqrt(global_sum_squares)));
+    OptimizerStepLocked(grads, scale, lr, step);
+    slot->step = -1;  // free for step + s + 1
   }
-  last_applied_step_ = step;
-  last_sum_squares_ = sum_squares_;
-  ResetGradientsLocked();
+  applied_sum_squares_[step] = sum_squares;
+  while (applied_sum_squares_.size() > static_cast<size_t>(staleness_ + 1)) {
+    applied_sum_squares_.erase(applied_sum_squares_.begin());
+  }
   version_ = step + 1;
   last_grad_norm_ = std::sqrt(global_sum_squares);
+  MaybeLogEndLocked();
   if (ShouldCheckpoint(version_)) {
     if (absl::Status s = WriteCheckpointLocked(); !s.ok()) {
       return absl::Status(
@@ -567,6 +732,98 @@ absl::StatusOr<int64_t> ParameterShard::Apply(int64_t step,
     }
   }
   return version_;
+}
+
+// ---------------------------------------------------------------------------
+// ASYNC: every complete push is an update.
+// ---------------------------------------------------------------------------
+
+absl::StatusOr<PushResponse> ParameterShard::PushAsyncLocked(
+    int rank, int64_t step, const Pieces& pieces, const std::string& who) {
+  const int shard = options_.shard;
+  if (step < clocks_[rank]) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        who, ": shard ", shard, " has applied dp rank ", rank,
+        "'s steps up to ", clocks_[rank] - 1, "; step ", step,
+        " was already applied"));
+  }
+  RankGrads& pending = rank_grads_[rank];
+  const int n = static_cast<int>(chunks_.size());
+  if (pending.chunks_received > 0 && pending.step != step) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        who, ": dp rank ", rank, "'s push of step ", pending.step,
+        " is incomplete on shard ", shard, " (", pending.chunks_received,
+        " of ", n, " chunks); finish it before pushing step ", step));
+  }
+  if (pending.grads.empty()) {
+    pending.grads.resize(chunks_.size());
+    for (size_t c = 0; c < chunks_.size(); ++c) {
+      pending.grads[c].assign(chunks_[c].size(), 0.0f);
+    }
+    pending.received.assign(chunks_.size(), 0);
+  }
+  pending.step = step;
+  PushResponse response;
+  for (const auto& [c, list] : pieces) {
+    if (pending.received[c]) {
+      response.set_chunks_duplicate(response.chunks_duplicate() + 1);
+      ++duplicates_;
+      continue;
+    }
+    float* dst = pending.grads[c].data();
+    for (const Piece& p : list) {
+      DecodePayload(p.slice->dtype(), p.slice->data(), dst + p.offset);
+    }
+    pending.received[c] = 1;
+    ++pending.chunks_received;
+    response.set_chunks_accepted(response.chunks_accepted() + 1);
+  }
+  if (pending.chunks_received == n) {
+    if (absl::Status s = ApplyAsyncLocked(rank); !s.ok()) return s;
+  }
+  return response;
+}
+
+absl::Status ParameterShard::ApplyAsyncLocked(int rank) {
+  RankGrads& pending = rank_grads_[rank];
+  const int64_t step = pending.step;
+  const int64_t slowest_before = MinClockLocked();
+  double sum_squares = 0;
+  std::vector<const float*> grads(chunks_.size());
+  for (size_t c = 0; c < chunks_.size(); ++c) {
+    grads[c] = pending.grads[c].data();
+    for (float g : pending.grads[c]) {
+      sum_squares += static_cast<double>(g) * g;
+    }
+  }
+  const OptimizerConfig& opt = options_.spec.optimizer();
+  // This shard's share of the clip threshold (see the file comment).
+  const double clip = opt.grad_clip() > 0
+                          ? opt.grad_clip() * async_clip_fraction_
+                          : opt.grad_clip();
+  const float scale =
+      static_cast<float>(ClipScale(clip, std::sqrt(sum_squares)));
+  const double lr = LearningRate(opt, step, options_.spec.train().steps());
+  OptimizerStepLocked(grads, scale, lr, version_);
+  ++version_;
+  last_grad_norm_ = std::sqrt(sum_squares);
+  std::fill(pending.received.begin(), pending.received.end(), 0);
+  pending.chunks_received = 0;
+  pending.step = -1;
+  PushCompletedLocked(rank, step);
+  MaybeLogEndLocked();
+  const int64_t slowest = MinClockLocked();
+  if (slowest > slowest_before && ShouldCheckpoint(slowest)) {
+    if (absl::Status s = WriteCheckpointLocked(); !s.ok()) {
+      return absl::Status(
+          s.code(),
+          absl::StrCat("shard ", options_.shard, " applied dp rank ", rank,
+                       "'s step ", step, " (now version ", version_,
+                       ") but the checkpoint of step ", slowest,
+                       " failed: ", s.message()));
+    }
+  }
+  return absl::OkStatus();
 }
 
 // ---------------------------------------------------------------------------
@@ -583,8 +840,9 @@ absl::Status ParameterShard::WriteCheckpointLocked() {
     return absl::FailedPreconditionError(
         absl::StrCat("shard ", options_.shard, " has no checkpoint directory"));
   }
+  const int64_t step = StepClockLocked();
   CheckpointHeader h;
-  h.step = version_;
+  h.step = step;
   h.shard = options_.shard;
   h.num_shards = options_.spec.layout().num_shards();
   h.partition_version = options_.map.version();
@@ -605,10 +863,10 @@ absl::Status ParameterShard::WriteCheckpointLocked() {
   if (checkpoint_status_.ok()) {
     Log(absl::StrCat(
         "wrote checkpoint ",
-        CheckpointPath(options_.checkpoint_dir, version_, options_.shard),
+        CheckpointPath(options_.checkpoint_dir, step, options_.shard),
         " in ", Seconds(absl::Now() - start)));
   } else {
-    Log(absl::StrCat("checkpoint of version ", version_,
+    Log(absl::StrCat("checkpoint of step ", step,
                      " failed: ", checkpoint_status_.ToString()));
   }
   return checkpoint_status_;
@@ -667,16 +925,31 @@ absl::StatusOr<std::vector<PullResponse>> ParameterShard::Pull(
   const absl::Time start = absl::Now();
   const absl::Time until = WaitDeadline(deadline);
 
+  // The read rule of the mode (see the file comment).
+  const int64_t need = mode_ == ASYNC ? step : step - staleness_ - 1;
+
   // Shared: pulls of several workers copy the parameters in parallel.
   absl::ReaderMutexLock lock(&mu_);
-  auto ready = [this, step]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
-    return shutdown_ || version_ >= step;
+  auto ready = [this, need]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    return shutdown_ || version_ >= need;
   };
   if (!mu_.AwaitWithDeadline(absl::Condition(&ready), until)) {
+    std::string why;
+    if (mode_ == ASYNC) {
+      why = "; in ASYNC the version counts applied pushes";
+    } else if (const std::string slow = SlowRanksLocked(need); !slow.empty()) {
+      why = absl::StrCat(": ", slow);
+    } else {
+      why = absl::StrCat(", waiting for the apply of step ", version_);
+    }
     return absl::DeadlineExceededError(absl::StrCat(
-        "shard ", shard, " step ", step, ": version ", step,
+        "shard ", shard, " step ", step, ": version ", need,
+        staleness_ > 0
+            ? absl::StrCat(" (step ", step, " - staleness bound ", staleness_,
+                           ")")
+            : "",
         " not reached after ", Seconds(until - start), " (at version ",
-        version_, ", waiting for the apply of step ", version_, ")"));
+        version_, ")", why));
   }
   if (shutdown_) {
     return absl::UnavailableError(
@@ -751,6 +1024,25 @@ namespace lmps {
 double ParameterShard::last_grad_norm() const {
   absl::MutexLock lock(&mu_);
   return last_grad_norm_;
+}
+
+}  // namespace lmps
+
+namespace lmps {
+
+std::vector<int64_t> ParameterShard::replica_clocks() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return clocks_;
+}
+
+int64_t ParameterShard::max_staleness_seen() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return max_staleness_;
+}
+
+int64_t ParameterShard::step_clock() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return StepClockLocked();
 }
 
 }  // namespace lmps

@@ -2,13 +2,30 @@
 // it is unit-tested without a network (server/service.h adapts it).
 //
 // A shard owns the chunks ChunksOfShard(map, shard) of the model: their fp32
-// parameters at `version` (the number of optimizer updates applied) and the
-// optimizer state. It runs the bulk-synchronous step protocol of
-// proto/lmps.proto:
+// parameters at `version` and the optimizer state. How pushed gradients
+// become updates depends on spec.train.mode (ConsistencyMode); the rules of
+// every mode are below. s is train.staleness in BOUNDED_STALENESS and 0 in
+// SYNC: SYNC is exactly BOUNDED_STALENESS with s = 0 (one code path).
 //
-//   Push(step = version)  every dp rank pushes its gradient for every chunk
-//                         (in one or several streams). The whole stream is
-//                         validated before anything changes; errors:
+// Replica clocks (every mode): clock[r] = the number of steps data-parallel
+// rank r has completely pushed to this shard (the step after the last one
+// whose every chunk of this shard arrived), starting at start_step. When a
+// push of step t from rank r completes, its lead t - min_q clock[q] (taken
+// before clock[r] advances) is how many steps ahead of the slowest replica
+// the gradient was computed; max_staleness_seen() is the largest lead so
+// far: always 0 in SYNC, <= s in BOUNDED_STALENESS, unbounded in ASYNC.
+//
+// SYNC and BOUNDED_STALENESS (stale synchronous parallel, SSP) --
+// `version` is the number of steps applied; step t's update averages every
+// replica's gradient for step t, and steps are applied in order:
+//
+//   Push(step)            accepted for version <= step <= version + s; every
+//                         dp rank pushes its gradient for every chunk (in
+//                         one or several streams). The shard keeps one
+//                         gradient buffer per (pending step, rank), so up to
+//                         (s + 1) * dp copies of its chunks. The whole
+//                         stream is validated before anything changes;
+//                         errors:
 //                           InvalidArgument   malformed stream: mixed
 //                             headers, dp_rank out of range, unknown tensor,
 //                             chunk of another shard, bad dtype, byte length
@@ -18,42 +35,99 @@
 //                             rejected_nonfinite_pushes);
 //                           FailedPrecondition wrong partition_version, a
 //                             step already applied ("already applied") or a
-//                             step beyond the version ("step far in the
-//                             future").
+//                             step beyond version + s ("far in the future").
 //                         A chunk a rank already pushed for the step (a
 //                         retry) is counted as duplicate and ignored.
-//   GradNorm(step)        waits until every rank pushed every chunk, then
-//                         returns the sum of squares of the averaged gradient
-//                         (rank buffers summed in rank order, divided by dp:
-//                         deterministic whatever the arrival order). Also
-//                         answers for the step applied last. Timeout:
-//                         DeadlineExceeded naming the missing ranks; a step
-//                         beyond the version: FailedPrecondition.
+//   GradNorm(step)        waits until every rank pushed every chunk for
+//                         step, then returns the sum of squares of the
+//                         averaged gradient (rank buffers summed in rank
+//                         order, divided by dp: deterministic whatever the
+//                         arrival order). Also answers for the last s + 1
+//                         applied steps. Timeout: DeadlineExceeded naming the
+//                         missing ranks; a step beyond the version:
+//                         FailedPrecondition.
 //   Apply(step, gss)      first call for step == version: clip with the
 //                         global norm sqrt(gss), apply the optimizer with the
 //                         scheduled learning rate (server/optimizer.h),
-//                         version = step + 1, clear the gradients, and write
-//                         a checkpoint when (step + 1) is a multiple of
+//                         version = step + 1, free the step's gradients, and
+//                         write a checkpoint when (step + 1) is a multiple of
 //                         train.checkpoint_interval, train.steps or
 //                         train.stop_after_step. Calls for older steps return
 //                         the current version. FailedPrecondition if the
 //                         gradients are incomplete or the step is beyond
 //                         the version; InvalidArgument for a negative or
 //                         non-finite gss.
-//   Pull(step)            waits until version >= step, returns the values of
-//                         the requested tensors' chunks (F32 or BF16) as
-//                         messages of at most spec.max_message_bytes of
-//                         payload each, with the version they hold.
+//   Pull(step)            the SSP read rule: waits until
+//                         version >= step - s, then returns the values of the
+//                         requested tensors' chunks (F32 or BF16) as messages
+//                         of at most spec.max_message_bytes of payload each,
+//                         with the version they hold (the latest, which may
+//                         be newer than step - s). version >= step - s means
+//                         steps < step - s are applied, so every replica has
+//                         completed at least step - s steps: a replica at
+//                         step t never computes on parameters that miss more
+//                         than s of the slowest replica's steps. A timeout
+//                         names the replicas whose clocks are behind.
+//
+//   Why this SSP and not per-push application: gradients are still
+//   aggregated per step over all replicas with the exact global-norm clip,
+//   only the parameters a replica reads may lag by up to s versions, so
+//   s = 0 is bit-for-bit SYNC and s > 0 only changes which parameter
+//   version each gradient was computed on (as in Ho et al., NIPS 2013,
+//   with the clock being the step and updates applied in step order).
+//   The worker (worker/trainer.h) drives it: after pushing step t it calls
+//   GradNorm/Apply for step t - s (which waits for the slowest replica to
+//   push step t - s), so its next pull, for t + 1, needs no wait.
+//
+// ASYNC -- `version` counts applied updates (pushes), not steps:
+//
+//   Push(step)            as above, except that the step only has to be >=
+//                         the rank's clock (each rank's steps arrive in
+//                         order; an older one: FailedPrecondition "already
+//                         applied") and a rank has at most one push in
+//                         flight (a different step while one is incomplete:
+//                         FailedPrecondition). As soon as the rank's gradient
+//                         for the step has every chunk of this shard it is
+//                         applied on its own, under the lock, before Push
+//                         returns: clipped, learning rate of `step` on the
+//                         train.steps schedule, AdamW bias correction
+//                         counting updates (version), version += 1.
+//                         Clipping cannot use the global norm without
+//                         synchronising the shards, so each shard clips its
+//                         part g_k of the pushed gradient to
+//                           c_k = grad_clip * sqrt(n_k / n)
+//                         (n_k: this shard's elements, n: the model's), i.e.
+//                         scale = min(1, c_k / (|g_k| + 1e-6)). The c_k^2 add
+//                         up to grad_clip^2, so the whole update's norm never
+//                         exceeds grad_clip; with one shard it is exactly the
+//                         global clip, with several it can clip a shard whose
+//                         part is unusually large when the total is not.
+//                         Checkpoints are written when min_r clock[r] reaches
+//                         a checkpoint step and are labelled with it (they
+//                         also hold the faster replicas' later updates, so a
+//                         resume repeats those: at-least-once); a resumed
+//                         shard starts with version = that step.
+//   GradNorm, Apply       FailedPrecondition: not used in ASYNC.
+//   Pull(step)            waits until version >= step (a worker asks for 0,
+//                         or its last seen version: no wait; the final pull
+//                         asks for the version after every replica's last
+//                         push) and returns the latest parameters.
 //
 // Every wait ends at the earlier of the caller's deadline and
 // options.wait_timeout from the call, or when Shutdown() is called
 // (Unavailable).
 //
+// Metrics (the daemon exports them): version() as lmps_parameter_version,
+// max_staleness_seen() as lmps_staleness_steps{kind="max_seen"}, and
+// replica_clocks()[r] as lmps_replica_clock_steps{dp_rank="r"}; step_clock()
+// is the shard's progress in steps for heartbeats (version in SYNC and
+// BOUNDED_STALENESS, min replica clock in ASYNC).
+//
 // Thread-safety: all methods are thread-safe. State is guarded by one
 // reader/writer mutex: Pull, TensorInfo and Snapshot share it (concurrent
-// pulls copy in parallel), Push/Apply take it exclusively (Apply also while
-// writing its checkpoint, so a checkpoint is a consistent version), and
-// waits release it.
+// pulls copy in parallel), Push/Apply take it exclusively (Apply, and an
+// ASYNC Push that completes a gradient, also while writing its checkpoint,
+// so a checkpoint is a consistent version), and waits release it.
 #ifndef LMPS_SERVER_SHARD_H_
 #define LMPS_SERVER_SHARD_H_
 
@@ -111,15 +185,18 @@ class ParameterShard {
   absl::StatusOr<PushResponse> Push(const std::vector<PushRequest>& stream);
 
   // Sum of squares of this shard's averaged gradient for `step`.
+  // FailedPrecondition in ASYNC.
   absl::StatusOr<double> GradNorm(int64_t step, absl::Time deadline);
 
   // Applies `step`; returns the version after it. If the optimizer step
   // succeeded but writing the checkpoint failed, the update stays applied
-  // (the shard is consistent) and the error is returned.
+  // (the shard is consistent) and the error is returned. FailedPrecondition
+  // in ASYNC.
   absl::StatusOr<int64_t> Apply(int64_t step, double global_sum_squares);
 
-  // The parameters at version >= request.step (partition_version 0 is not
-  // checked, for grpcurl). NotFound for a tensor not in the model.
+  // The parameters once the mode's read rule allows request.step (version
+  // >= step - s; ASYNC: version >= step); partition_version 0 is not
+  // checked, for grpcurl. NotFound for a tensor not in the model.
   absl::StatusOr<std::vector<PullResponse>> Pull(const PullRequest& request,
                                                  absl::Time deadline);
 
@@ -128,8 +205,9 @@ class ParameterShard {
   absl::StatusOr<TensorInfoResponse> TensorInfo(
       const std::string& tensor) const;
 
-  // Writes the checkpoint of the current version (Apply does this on its
-  // own at the configured steps).
+  // Writes the checkpoint of the current version, labelled step_clock()
+  // (Apply, or an ASYNC Push, does this on its own at the configured
+  // steps).
   absl::Status WriteCheckpoint();
 
   // Ends every current and future wait with Unavailable; pushes and applies
@@ -146,11 +224,23 @@ class ParameterShard {
   int64_t num_elements() const { return num_elements_; }  // of this shard
   int64_t version() const;
   int64_t rejected_nonfinite_pushes() const;
-  // sqrt(global_sum_squares) of the last applied step (0 before any).
+  // sqrt(global_sum_squares) of the last applied step (0 before any); in
+  // ASYNC the norm of this shard's part of the last applied push.
   double last_grad_norm() const;
   int64_t duplicate_chunks() const;
   // The status of the last checkpoint write (OK if none yet).
   absl::Status last_checkpoint_status() const;
+
+  ConsistencyMode mode() const { return options_.spec.train().mode(); }
+  // Per dp rank: steps completely pushed to this shard (see the file
+  // comment); index = dp rank.
+  std::vector<int64_t> replica_clocks() const;
+  // Largest lead (pushed step - slowest replica's clock) of a completed
+  // push so far; 0 in SYNC, <= train.staleness in BOUNDED_STALENESS.
+  int64_t max_staleness_seen() const;
+  // Progress in steps: version() in SYNC and BOUNDED_STALENESS, the
+  // smallest replica clock in ASYNC (where version counts pushes).
+  int64_t step_clock() const;
 
  private:
   struct Chunk {
@@ -159,11 +249,35 @@ class ParameterShard {
     int64_t size() const { return desc.end() - desc.begin(); }
     std::vector<float> params;
     std::vector<std::vector<float>> state;  // optimizer buffers
-    // Per dp rank: the gradient pushed for the current step; after the
-    // reduction grads[0] holds the averaged gradient.
-    std::vector<std::vector<float>> grads;
-    std::vector<char> received;  // per dp rank
   };
+
+  // SYNC / BOUNDED_STALENESS: the gradients of one pending step. Slot
+  // step % (s + 1) of step_slots_ holds step `step`, whose buffers are
+  // allocated on first use.
+  struct StepGrads {
+    int64_t step = -1;  // -1: free
+    // [chunk][rank]: the gradient rank pushed; after the reduction
+    // [chunk][0] holds the average.
+    std::vector<std::vector<std::vector<float>>> grads;
+    std::vector<std::vector<char>> received;  // [chunk][rank]
+    std::vector<int> chunks_received;         // per rank
+    bool reduced = false;
+    double sum_squares = 0;
+  };
+
+  // ASYNC: the gradient of one rank being received.
+  struct RankGrads {
+    int64_t step = -1;
+    std::vector<std::vector<float>> grads;  // per chunk
+    std::vector<char> received;             // per chunk
+    int chunks_received = 0;
+  };
+
+  struct Piece {
+    int64_t offset, n;
+    const ChunkSlice* slice;
+  };
+  using Pieces = std::map<int, std::vector<Piece>>;  // chunk -> pieces
 
   explicit ParameterShard(ShardOptions options);
   absl::Status Init();
@@ -174,16 +288,53 @@ class ParameterShard {
   // Index of the chunk (tensor, chunk index) of this shard, or -1.
   int FindChunk(const std::string& tensor, int index) const;
 
-  bool CompleteLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // SYNC / BOUNDED_STALENESS.
+  absl::StatusOr<PushResponse> PushStepLocked(int rank, int64_t step,
+                                              const Pieces& pieces,
+                                              const std::string& who)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The slot for `step` (version <= step <= version + s), claimed for it.
+  StepGrads& SlotLocked(int64_t step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The slot holding `step`, or nullptr if nothing was pushed for it yet.
+  StepGrads* FindSlotLocked(int64_t step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  const StepGrads* FindSlotLocked(int64_t step) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  bool CompleteLocked(int64_t step) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // "no gradients from dp ranks [1, 2]<after> (dp rank 2 pushed 1 of 13
   // chunks)".
-  std::string MissingRanksLocked(absl::string_view after) const
+  std::string MissingRanksLocked(int64_t step, absl::string_view after) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Sums the rank buffers into grads[c][0], divides by dp, computes the sum
+  // of squares; once per step.
+  void ReduceLocked(StepGrads* slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Applies the optimizer to every chunk with gradient grads[c] * scale.
+  void OptimizerStepLocked(const std::vector<const float*>& grads,
+                           float scale, double lr, int64_t update)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Sums the rank buffers into grads[0], divides by dp, computes the sum of
-  // squares; once per step.
-  void ReduceLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void ResetGradientsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  bool ShouldCheckpoint(int64_t version) const;
+
+  // ASYNC.
+  absl::StatusOr<PushResponse> PushAsyncLocked(int rank, int64_t step,
+                                               const Pieces& pieces,
+                                               const std::string& who)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Applies rank's complete gradient as one update; then checkpoints if the
+  // slowest clock reached a checkpoint step.
+  absl::Status ApplyAsyncLocked(int rank) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Replica clocks: a push of `step` by `rank` completed.
+  void PushCompletedLocked(int rank, int64_t step)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int64_t MinClockLocked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  int64_t StepClockLocked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // "dp rank 1 has completed 3 steps" for every rank with clock < needed.
+  std::string SlowRanksLocked(int64_t needed) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Logs the replica clocks and the largest staleness once, when the
+  // slowest replica completes the last step of this run.
+  void MaybeLogEndLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  bool ShouldCheckpoint(int64_t step) const;
+  // Writes the checkpoint labelled StepClockLocked().
   absl::Status WriteCheckpointLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Immutable after Create.
@@ -193,18 +344,24 @@ class ParameterShard {
   std::map<std::pair<std::string, int>, int> chunk_index_;  // -> chunks_
   std::map<std::pair<std::string, int>, int> chunk_owner_;  // -> shard id
   int dp_ = 1;
+  ConsistencyMode mode_ = SYNC;
+  int staleness_ = 0;                 // s: 0 in SYNC and ASYNC
+  int64_t end_step_ = 0;              // last step of this run
   std::vector<int64_t> chunk_sizes_;  // elements of chunks_[i]
   int64_t num_elements_ = 0;
+  int64_t model_elements_ = 0;  // of the whole model
+  double async_clip_fraction_ = 1;  // sqrt(num_elements_ / model_elements_)
 
   mutable absl::Mutex mu_;
   std::vector<Chunk> chunks_ ABSL_GUARDED_BY(mu_);
   int64_t version_ ABSL_GUARDED_BY(mu_) = 0;
-  std::vector<int> chunks_received_ ABSL_GUARDED_BY(mu_);  // per dp rank
-  bool reduced_ ABSL_GUARDED_BY(mu_) = false;
-  double sum_squares_ ABSL_GUARDED_BY(mu_) = 0;
-  // GradNorm of the step applied last (answers late GradNorm calls).
-  int64_t last_applied_step_ ABSL_GUARDED_BY(mu_) = -1;
-  double last_sum_squares_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<StepGrads> step_slots_ ABSL_GUARDED_BY(mu_);  // s + 1
+  std::vector<RankGrads> rank_grads_ ABSL_GUARDED_BY(mu_);  // ASYNC, per rank
+  // Sums of squares of the last s + 1 applied steps (late GradNorm calls).
+  std::map<int64_t, double> applied_sum_squares_ ABSL_GUARDED_BY(mu_);
+  std::vector<int64_t> clocks_ ABSL_GUARDED_BY(mu_);  // per dp rank
+  int64_t max_staleness_ ABSL_GUARDED_BY(mu_) = 0;
+  bool logged_end_ ABSL_GUARDED_BY(mu_) = false;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   int64_t rejected_nonfinite_ ABSL_GUARDED_BY(mu_) = 0;
   double last_grad_norm_ ABSL_GUARDED_BY(mu_) = 0;

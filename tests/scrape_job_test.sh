@@ -56,6 +56,10 @@ cleanup() {
   for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   if [ "$rc" -ne 0 ]; then
+    if [ -n "${TEST_UNDECLARED_OUTPUTS_DIR:-}" ]; then
+      cp "$tmp"/*.prom "$tmp"/launcher.log "$tmp"/prometheus.log \
+        "$TEST_UNDECLARED_OUTPUTS_DIR"/ 2>/dev/null || true
+    fi
     for f in "$tmp"/launcher.log "$tmp"/run/logs/*.log "$tmp"/prometheus.log; do
       [ -f "$f" ] || continue
       echo "---- tail $f" >&2
@@ -101,7 +105,7 @@ note "metrics base port $P, Prometheus on $prom_port"
 cat >"$tmp/job.textproto" <<'EOF'
 name: "scrape-job-test"
 model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 32 }
-train { steps: 1000000 batch_size: 8 eval_interval: 20 checkpoint_interval: 0 }
+train { steps: 1000000 batch_size: 8 eval_interval: 20 checkpoint_interval: 1000000 }
 EOF
 "$launcher" --job="$tmp/job.textproto" --workers=$W --shards=$S \
   --run_dir="$tmp/run" --metrics_base_port="$P" --timeout_s=150 \
@@ -159,42 +163,66 @@ done
 
 # --- (c) the expected metric names ----------------------------------------------
 missing=()
-need() {  # need <daemon name> <file> <regex of a sample line> <what>
-  grep -Eq "^$3" "$2" || missing+=("$1: $4")
+# need <daemon> <metric> [<label>=<value regex>|=<value regex>]...: some sample
+# of <metric> on <daemon> has every label (any order), and the value if given.
+need() {
+  local n=$1 m=$2 lines labels="" value=""
+  shift 2
+  lines=$(grep -E "^$m\{" "$tmp/$n.prom" || true)
+  for c in "$@"; do
+    if [ "${c:0:1}" = "=" ]; then
+      lines=$(echo "$lines" | grep -E "\} ${c:1}\$" || true)
+      value=" ${c:1}"
+    else
+      lines=$(echo "$lines" | grep -E "[{,]${c%%=*}=\"${c#*=}\"[,}]" || true)
+      labels="$labels${labels:+,}${c%%=*}=\"${c#*=}\""
+    fi
+  done
+  [ -n "$lines" ] || missing+=("$n: $m{$labels}$value")
 }
-for i in "${!names[@]}"; do
-  n=${names[$i]}
-  f="$tmp/$n.prom"
+for n in "${names[@]}"; do
   case "$n" in
     worker-*)
-      for m in lmps_step lmps_loss lmps_tokens_per_second; do
-        need "$n" "$f" "$m\{" "$m"
-      done
+      need "$n" lmps_step
+      need "$n" lmps_loss
+      need "$n" lmps_tokens_per_second
       for phase in compute pull push wait; do
-        need "$n" "$f" "lmps_step_phase_seconds\{[^}]*phase=\"$phase\"" "lmps_step_phase_seconds{phase=\"$phase\"}"
+        need "$n" lmps_step_phase_seconds "phase=$phase"
       done
-      need "$n" "$f" 'lmps_rpc_total\{[^}]*method="lmps.ParameterServer/Push"' 'lmps_rpc_total{method="lmps.ParameterServer/Push"}'
-      need "$n" "$f" 'lmps_rpc_total\{[^}]*method="lmps.ParameterServer/Pull"' 'lmps_rpc_total{method="lmps.ParameterServer/Pull"}'
-      need "$n" "$f" 'lmps_rpc_sent_bytes_total\{[^}]*method="lmps.ParameterServer/Push"' 'lmps_rpc_sent_bytes_total{method="lmps.ParameterServer/Push"}'
-      need "$n" "$f" 'lmps_rpc_duration_seconds_bucket\{[^}]*le=' 'lmps_rpc_duration_seconds_bucket'
+      need "$n" lmps_rpc_total 'method=lmps\.ParameterServer/Push' code=OK
+      need "$n" lmps_rpc_total 'method=lmps\.ParameterServer/Pull' code=OK
+      need "$n" lmps_rpc_sent_bytes_total 'method=lmps\.ParameterServer/Push'
+      need "$n" lmps_rpc_received_bytes_total 'method=lmps\.ParameterServer/Pull'
+      need "$n" lmps_rpc_duration_seconds_bucket 'method=lmps\.ParameterServer/Push' 'le=\+Inf'
+      need "$n" lmps_node_info 'node_id=worker-[0-9]+' 'dp_rank=[0-9]+' role=worker
       ;;
     server-*)
-      for m in lmps_parameter_version lmps_grad_norm lmps_server_memory_bytes lmps_rejected_pushes_total; do
-        need "$n" "$f" "$m\{" "$m"
+      for m in lmps_parameter_version lmps_grad_norm lmps_server_memory_bytes lmps_shard_parameters; do
+        need "$n" "$m"
       done
-      need "$n" "$f" 'lmps_rpc_total\{[^}]*method="lmps.ParameterServer/Push"' 'lmps_rpc_total{method="lmps.ParameterServer/Push"} (server side)'
+      need "$n" lmps_rejected_pushes_total reason=nonfinite
+      need "$n" lmps_rpc_total 'method=lmps\.ParameterServer/Push' code=OK
+      need "$n" lmps_node_info "node_id=$n" role=server "shard=${n#server-}"
       ;;
     scheduler)
-      need "$n" "$f" 'lmps_nodes_alive\{[^}]*role="worker"[^}]*\} 2$' 'lmps_nodes_alive{role="worker"} 2'
-      need "$n" "$f" 'lmps_nodes_alive\{[^}]*role="server"[^}]*\} 2$' 'lmps_nodes_alive{role="server"} 2'
-      need "$n" "$f" 'lmps_heartbeat_age_seconds\{' 'lmps_heartbeat_age_seconds'
-      need "$n" "$f" 'lmps_loss\{' 'lmps_loss'
+      need "$n" lmps_nodes_alive role=worker "=$W"
+      need "$n" lmps_nodes_alive role=server "=$S"
+      need "$n" lmps_heartbeat_age_seconds 'peer=worker-0'
+      need "$n" lmps_heartbeat_age_seconds "peer=server-$((S - 1))"
+      need "$n" lmps_loss
+      need "$n" lmps_step
+      need "$n" lmps_tokens_per_second
+      need "$n" lmps_job_state "=2"
+      need "$n" lmps_rpc_total 'method=lmps\.Scheduler/Heartbeat' code=OK
       ;;
   esac
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   printf '  missing: %s\n' "${missing[@]}" >&2
-  fail "${#missing[@]} expected metric(s) missing (exposition files in $tmp)"
+  for i in "${!names[@]}"; do
+    echo "  ${names[$i]} (127.0.0.1:${ports[$i]}) exports:" $(sed -n 's/^# TYPE \([^ ]*\) .*/\1/p' "$tmp/${names[$i]}.prom") >&2
+  done
+  fail "${#missing[@]} expected metric(s) missing"
 fi
 note "ok: every expected metric family is exported"
 

@@ -1,5 +1,6 @@
 #include "worker/ps_client.h"
 
+#include <algorithm>
 #include <cstring>
 #include <thread>
 
@@ -81,8 +82,10 @@ std::unique_ptr<grpc::ClientContext> PsClient::Context() const {
   return ctx;
 }
 
-absl::Status PsClient::Pull(int64_t step, float* params) {
-  return ForEachShard([&](int s) -> absl::Status {
+absl::Status PsClient::Pull(int64_t step, float* params,
+                            int64_t* min_version) {
+  std::vector<int64_t> versions(stubs_.size(), 0);
+  LMPS_RETURN_IF_ERROR(ForEachShard([&](int s) -> absl::Status {
     PullRequest req;
     req.set_step(step);
     req.set_partition_version(partition_version_);
@@ -96,6 +99,7 @@ absl::Status PsClient::Pull(int64_t step, float* params) {
     for (const Chunk& ch : chunks_[s]) expected += ch.desc.end() - ch.desc.begin();
     absl::Status bad;
     while (reader->Read(&resp)) {
+      versions[s] = resp.version();
       for (const ChunkSlice& slice : resp.slices()) {
         auto it = index_[s].find({slice.tensor(), slice.chunk()});
         const size_t width = slice.dtype() == BF16 ? 2 : 4;
@@ -126,7 +130,11 @@ absl::Status PsClient::Pull(int64_t step, float* params) {
                                               " elements"));
     }
     return absl::OkStatus();
-  });
+  }));
+  if (min_version != nullptr) {
+    *min_version = *std::min_element(versions.begin(), versions.end());
+  }
+  return absl::OkStatus();
 }
 
 absl::Status PsClient::Push(int64_t step, const std::string& worker_id,
@@ -227,6 +235,28 @@ absl::StatusOr<int64_t> PsClient::Apply(int64_t step, double global_sum_squares)
     }
   }
   return versions[0];
+}
+
+absl::StatusOr<int64_t> PsClient::ApplyBounded(int64_t step,
+                                               double global_sum_squares) {
+  std::vector<int64_t> versions(stubs_.size(), 0);
+  LMPS_RETURN_IF_ERROR(ForEachShard([&](int s) -> absl::Status {
+    ApplyRequest req;
+    req.set_step(step);
+    req.set_global_sum_squares(global_sum_squares);
+    ApplyResponse resp;
+    auto ctx = Context();
+    stats_.rpcs++;
+    LMPS_RETURN_IF_ERROR(FromGrpcStatus(stubs_[s]->Apply(ctx.get(), req, &resp)));
+    if (resp.version() <= step) {
+      return absl::InternalError(absl::StrCat("applied step ", step,
+                                              " but the shard is at version ",
+                                              resp.version()));
+    }
+    versions[s] = resp.version();
+    return absl::OkStatus();
+  }));
+  return *std::min_element(versions.begin(), versions.end());
 }
 
 }  // namespace lmps

@@ -49,8 +49,12 @@ class PsClient {
       std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs,
       std::vector<std::string> addresses, const PsClientOptions& options);
 
-  // Fills params[num_parameters] with the parameters at version `step`.
-  absl::Status Pull(int64_t step, float* params);
+  // Fills params[num_parameters] with the parameters the shards serve for
+  // `step` (see server/shard.h for each consistency mode's read rule). If
+  // `min_version` is not null, sets it to the smallest version any shard
+  // returned (shards may differ in BOUNDED_STALENESS and ASYNC).
+  absl::Status Pull(int64_t step, float* params,
+                    int64_t* min_version = nullptr);
   // Pushes grads[num_parameters] as this replica's gradient for `step`.
   absl::Status Push(int64_t step, const std::string& worker_id, int dp_rank,
                     const float* grads);
@@ -58,6 +62,11 @@ class PsClient {
   absl::StatusOr<double> GradNorm(int64_t step);
   // Applies the optimizer for `step` on every shard; returns the new version.
   absl::StatusOr<int64_t> Apply(int64_t step, double global_sum_squares);
+  // BOUNDED_STALENESS: like Apply, but shards may already be past step + 1
+  // (faster replicas applied later steps). Returns the smallest version;
+  // Internal if a shard is still at or below `step`.
+  absl::StatusOr<int64_t> ApplyBounded(int64_t step,
+                                       double global_sum_squares);
 
   // The parameter version of every shard (index = shard id).
   absl::StatusOr<std::vector<int64_t>> Versions();

@@ -1,8 +1,12 @@
 #include "worker/trainer.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cstdio>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
 #include "common/job_spec.h"
 #include "common/status_util.h"
 
@@ -11,6 +15,14 @@ namespace {
 
 double SecondsSince(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t)
+      .count();
+}
+
+// Steady-clock microseconds (CLOCK_MONOTONIC: comparable between processes
+// on one host), for trace lines.
+int64_t NowMicros() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
 
@@ -49,9 +61,46 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
   return t;
 }
 
-absl::Status Trainer::PullInto(int64_t step) {
-  LMPS_RETURN_IF_ERROR(ps_->Pull(step, host_params_.data()));
+absl::Status Trainer::PullInto(int64_t step, int64_t* version) {
+  LMPS_RETURN_IF_ERROR(ps_->Pull(step, host_params_.data(), version));
   return model_->SetParametersFromHost(host_params_.data());
+}
+
+absl::Status Trainer::ApplyStep(int64_t step) {
+  LMPS_ASSIGN_OR_RETURN(double sum_squares, ps_->GradNorm(step));
+  if (options_.spec.train().mode() == SYNC) {
+    LMPS_ASSIGN_OR_RETURN(int64_t version, ps_->Apply(step, sum_squares));
+    if (version != step + 1) {
+      return absl::InternalError(absl::StrCat("after applying step ", step,
+                                              " the servers are at version ",
+                                              version));
+    }
+    return absl::OkStatus();
+  }
+  return ps_->ApplyBounded(step, sum_squares).status();
+}
+
+int64_t Trainer::FinalVersion() const {
+  if (options_.spec.train().mode() != ASYNC) return end_step_;
+  const int64_t steps = std::max<int64_t>(0, end_step_ - options_.start_step);
+  return options_.start_step + options_.spec.layout().dp() * steps;
+}
+
+int64_t Trainer::Staleness(int64_t step, int64_t pulled_version) const {
+  if (options_.spec.train().mode() != ASYNC) return step - pulled_version;
+  const int64_t start = options_.start_step;
+  const int64_t seen =
+      start + (pulled_version - start) / options_.spec.layout().dp();
+  return std::max<int64_t>(0, step - seen);
+}
+
+void Trainer::Log(const std::string& line) const {
+  if (options_.log) {
+    options_.log(line);
+    return;
+  }
+  std::fprintf(stderr, "[%s] %s\n", options_.worker_id.c_str(), line.c_str());
+  std::fflush(stderr);
 }
 
 absl::StatusOr<float> Trainer::Evaluate() {
@@ -74,15 +123,28 @@ absl::StatusOr<float> Trainer::Evaluate() {
 absl::Status Trainer::Run() {
   const JobSpec& spec = options_.spec;
   const TrainConfig& train = spec.train();
+  const ConsistencyMode mode = train.mode();
+  const int staleness = EffectiveStaleness(spec);
   const int T = spec.model().block_size();
   const int local_batch = LocalBatch(spec);
   const int M = train.micro_batches();
+  const bool slow = train.debug_slow_worker_delay_ms() > 0 &&
+                    train.debug_slow_worker_rank() == options_.dp_rank;
   const auto run_start = std::chrono::steady_clock::now();
   int64_t tokens_done = 0;
+  // ASYNC: the last version seen; pulling for it never waits (versions only
+  // grow) and keeps reads monotonic.
+  int64_t async_seen = options_.start_step;
   for (int64_t step = options_.start_step; step < end_step_; ++step) {
     if (cancelled_) return absl::CancelledError("training cancelled");
     auto t0 = std::chrono::steady_clock::now();
-    LMPS_RETURN_IF_ERROR(PullInto(step));
+    int64_t version = 0;
+    LMPS_RETURN_IF_ERROR(
+        PullInto(mode == ASYNC ? async_seen : step, &version));
+    const int64_t pull_done_us = NowMicros();
+    async_seen = std::max(async_seen, version);
+    progress_.pulled_version = version;
+    progress_.staleness = Staleness(step, version);
     progress_.pull_seconds = SecondsSince(t0);
     if (options_.dp_rank == 0 && train.eval_interval() > 0 &&
         step % train.eval_interval() == 0 && step > options_.start_step) {
@@ -109,30 +171,51 @@ absl::Status Trainer::Run() {
     }
     LMPS_RETURN_IF_ERROR(model_->GradientsToHost(host_grads_.data()));
     progress_.compute_seconds = SecondsSince(t1);
+    if (slow) {
+      absl::SleepFor(absl::Milliseconds(train.debug_slow_worker_delay_ms()));
+    }
 
     auto t2 = std::chrono::steady_clock::now();
+    const int64_t push_start_us = NowMicros();
     LMPS_RETURN_IF_ERROR(
         ps_->Push(step, options_.worker_id, options_.dp_rank, host_grads_.data()));
+    const int64_t push_done_us = NowMicros();
     progress_.push_seconds = SecondsSince(t2);
 
     auto t3 = std::chrono::steady_clock::now();
-    LMPS_ASSIGN_OR_RETURN(double sum_squares, ps_->GradNorm(step));
-    LMPS_ASSIGN_OR_RETURN(int64_t version, ps_->Apply(step, sum_squares));
-    progress_.sync_seconds = SecondsSince(t3);
-    if (version != step + 1) {
-      return absl::InternalError(absl::StrCat("after applying step ", step,
-                                              " the servers are at version ",
-                                              version));
+    if (mode == SYNC) {
+      LMPS_RETURN_IF_ERROR(ApplyStep(step));
+    } else if (mode == BOUNDED_STALENESS &&
+               step - staleness >= options_.start_step) {
+      // Waits until the slowest replica pushed step - staleness.
+      LMPS_RETURN_IF_ERROR(ApplyStep(step - staleness));
     }
+    progress_.sync_seconds = SecondsSince(t3);
     tokens_done += static_cast<int64_t>(local_batch) * T;
     progress_.step = step + 1;
     progress_.loss = static_cast<float>(loss);
     progress_.tokens_per_second = tokens_done / SecondsSince(run_start);
+    if (train.debug_trace_steps()) {
+      Log(absl::StrFormat(
+          "trace dp_rank=%d step=%d pulled_version=%d staleness=%d loss=%.6f "
+          "pull_done_us=%d push_start_us=%d push_done_us=%d",
+          options_.dp_rank, step, version, progress_.staleness, loss,
+          pull_done_us, push_start_us, push_done_us));
+    }
     if (options_.on_progress) options_.on_progress(progress_);
+  }
+  if (mode == BOUNDED_STALENESS) {
+    // The last `staleness` steps are not applied yet.
+    for (int64_t j = std::max<int64_t>(options_.start_step,
+                                       end_step_ - staleness);
+         j < end_step_; ++j) {
+      if (cancelled_) return absl::CancelledError("training cancelled");
+      LMPS_RETURN_IF_ERROR(ApplyStep(j));
+    }
   }
   if (options_.dp_rank == 0 && train.eval_interval() > 0 &&
       end_step_ > options_.start_step) {
-    LMPS_RETURN_IF_ERROR(PullInto(end_step_));
+    LMPS_RETURN_IF_ERROR(PullInto(FinalVersion()));
     LMPS_ASSIGN_OR_RETURN(progress_.eval_loss, Evaluate());
     if (options_.on_progress) options_.on_progress(progress_);
   }
@@ -141,7 +224,7 @@ absl::Status Trainer::Run() {
 
 absl::StatusOr<std::string> Trainer::Sample(const std::string& prompt, int n,
                                             float temperature, int top_k) {
-  LMPS_RETURN_IF_ERROR(PullInto(end_step_));
+  LMPS_RETURN_IF_ERROR(PullInto(FinalVersion()));
   LMPS_ASSIGN_OR_RETURN(
       std::vector<int32_t> out,
       model_->Generate(TextDataset::Encode(prompt), n, temperature, top_k,

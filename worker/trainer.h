@@ -1,6 +1,7 @@
-// The data-parallel training loop of one worker in sync (BSP) mode.
+// The data-parallel training loop of one worker, in the job's consistency
+// mode (train.mode; server/shard.h has the servers' side).
 //
-// For every step t in [start_step, end_step):
+// SYNC: for every step t in [start_step, end_step):
 //   1. pull the parameters at version t from every shard;
 //   2. forward and backward over `micro_batches` micro-batches of this
 //      replica's slice of the global batch (dataset.h), accumulating the
@@ -10,8 +11,24 @@
 //      the exact global gradient norm (for clipping);
 //   5. tell every shard to apply step t with that norm (idempotent, so every
 //      replica may do it).
+// BOUNDED_STALENESS with bound s: the same steps, except that step 4-5 after
+// pushing step t are done for step t - s (when t - s >= start_step): they
+// wait until every replica pushed step t - s, so this replica is never more
+// than s steps ahead of the slowest, and the pull of step t + 1 (served at a
+// version >= t + 1 - s) does not wait. After the last step the steps not yet
+// applied (end_step - s .. end_step - 1) are applied. s = 0 is exactly SYNC.
+// ASYNC: pull the latest parameters (no wait), compute, push (the shards
+// apply it at once); no GradNorm/Apply. The final pull (evaluation,
+// sample) waits for the version after every replica's last push.
+//
+// Every step's pulled version and staleness are in TrainerProgress.
 // Evaluation (data-parallel rank 0 only) runs on the pulled parameters every
 // eval_interval steps and at the end.
+//
+// Test knobs of the job spec (train.debug_*): the replica of rank
+// debug_slow_worker_rank sleeps debug_slow_worker_delay_ms per step between
+// computing and pushing; debug_trace_steps logs one "trace ..." line per
+// step (format in proto/lmps.proto).
 //
 // The worker holds nothing that cannot be rebuilt: parameters come from the
 // servers and batches are a pure function of (seed, step, rank).
@@ -36,8 +53,17 @@
 namespace lmps {
 
 struct TrainerProgress {
-  int64_t step = 0;          // completed steps (the parameters' version)
+  int64_t step = 0;          // steps this replica completed
   int64_t end_step = 0;
+  // The smallest version the shards served for the last step's pull.
+  int64_t pulled_version = 0;
+  // Staleness of the parameters the last step computed on, in steps
+  // (exported as lmps_staleness_steps): step - pulled_version in SYNC
+  // (always 0) and BOUNDED_STALENESS (at most train.staleness). In ASYNC the
+  // version counts pushes, so it is step - (start_step + (pulled_version -
+  // start_step) / dp), floored at 0: how far this replica is ahead of the
+  // replicas' average progress as seen in the parameters it used.
+  int64_t staleness = 0;
   float loss = NAN;          // training loss of the last step
   float eval_loss = NAN;     // last evaluation loss, NaN if none yet
   double tokens_per_second = 0;
@@ -51,6 +77,9 @@ struct TrainerOptions {
   JobSpec spec;
   int64_t start_step = 0;
   std::function<void(const TrainerProgress&)> on_progress;  // may be empty
+  // Where trace lines go (train.debug_trace_steps); empty: stderr, as
+  // "[worker_id] line".
+  std::function<void(const std::string&)> log;
 };
 
 class Trainer {
@@ -76,7 +105,16 @@ class Trainer {
 
  private:
   Trainer() = default;
-  absl::Status PullInto(int64_t step);
+  // Pulls for `step` into the model; sets *version (if not null) to the
+  // smallest version served.
+  absl::Status PullInto(int64_t step, int64_t* version = nullptr);
+  // GradNorm and Apply of `step` on every shard (SYNC, BOUNDED_STALENESS).
+  absl::Status ApplyStep(int64_t step);
+  // The version to pull for the final parameters: end_step, or in ASYNC
+  // the version after every replica's last push.
+  int64_t FinalVersion() const;
+  int64_t Staleness(int64_t step, int64_t pulled_version) const;
+  void Log(const std::string& line) const;
 
   TrainerOptions options_;
   GptModel* model_ = nullptr;

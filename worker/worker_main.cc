@@ -4,6 +4,10 @@
 // backend, pushes gradients, and reports progress in its heartbeats. A
 // replacement started with the same flags reproduces exactly what it lost.
 //
+// Transport security (common/security.h): --tls_ca, --tls_cert/--tls_key
+// (the client certificate shown to the scheduler and the shards) and
+// --auth_token_file secure every channel this worker opens.
+//
 // Exit status: 0 when the job finished, 1 on an error (printed), 2 on bad
 // flags.
 #include <algorithm>
@@ -26,6 +30,8 @@
 #include "common/grpc_server.h"
 #include "common/job_spec.h"
 #include "common/scheduler_client.h"
+#include "common/security.h"
+#include "common/security_flags.h"
 #include "common/status_util.h"
 #include "worker/backend_factory.h"
 #include "worker/data/dataset.h"
@@ -35,6 +41,8 @@
 
 ABSL_FLAG(std::string, scheduler, "", "scheduler address host:port (required)");
 ABSL_FLAG(std::string, backend, "cpu", "compute backend: cpu, or cuda[:N]");
+ABSL_FLAG(int, rank, -1,
+          "worker rank to ask the scheduler for (-1: the next free one)");
 ABSL_FLAG(int, threads, 0,
           "compute threads (0: all cores divided by --workers_per_host)");
 ABSL_FLAG(int, workers_per_host, 1,
@@ -103,19 +111,23 @@ absl::Status RunWorker() {
   LMPS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
                         CreateBackend(absl::GetFlag(FLAGS_backend), threads));
 
+  LMPS_ASSIGN_OR_RETURN(const Security security,
+                        Security::Load(SecurityOptionsFromFlags()));
   const absl::Duration assemble = absl::Seconds(absl::GetFlag(FLAGS_assemble_timeout_s));
   SchedulerClient client(
-      Scheduler::NewStub(MakeChannel(scheduler, metrics.rpc.get())), scheduler);
+      Scheduler::NewStub(MakeChannel(scheduler, metrics.rpc.get(), security)),
+      scheduler);
   RegisterRequest reg;
   reg.set_role(WORKER);
-  reg.set_requested_rank(-1);
+  reg.set_requested_rank(absl::GetFlag(FLAGS_rank));
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
   reg.set_hostname(host);
   LMPS_RETURN_IF_ERROR(client.Register(reg, assemble).status());
   const std::string id = client.node_id();
-  Log(id, absl::StrCat("registered with scheduler ", scheduler,
-                       "; waiting for the job to assemble"));
+  Log(id, absl::StrCat("registered with scheduler ", scheduler, " (",
+                       security.Describe(),
+                       "); waiting for the job to assemble"));
   LMPS_ASSIGN_OR_RETURN(Assignment assignment, client.WaitForAssignment(assemble));
   JobSpec spec = assignment.spec();
   if (!absl::GetFlag(FLAGS_data).empty()) {
@@ -140,7 +152,8 @@ absl::Status RunWorker() {
   std::vector<std::string> addresses(assignment.shard_addresses().begin(),
                                      assignment.shard_addresses().end());
   for (const std::string& a : addresses) {
-    stubs.push_back(ParameterServer::NewStub(MakeChannel(a, metrics.rpc.get())));
+    stubs.push_back(
+        ParameterServer::NewStub(MakeChannel(a, metrics.rpc.get(), security)));
   }
   ps_options.max_message_bytes = spec.max_message_bytes();
   if (absl::GetFlag(FLAGS_fault_kill_at_step) >= 0) {

@@ -55,6 +55,9 @@ int64_t ChooseStartStep(const std::vector<ShardCheckpoints>& shards,
         if (s >= 0) steps.insert(s);
       }
     }
+    for (int64_t s : shard.relayout_steps) {
+      if (s >= 0) steps.insert(s);
+    }
     if (first) {
       common = std::move(steps);
       first = false;
@@ -308,13 +311,46 @@ void SchedulerCore::UpdateStartStepLocked(Outbox* out) {
   for (const Node& n : servers_) shards.push_back(n.checkpoints);
   const int64_t step = ChooseStartStep(shards, partition_.version());
   if (!start_step_known_ || step != start_step_) {
-    out->logs.push_back(absl::StrCat(
-        "start_step = ", step,
-        step == 0 ? " (no checkpoint step common to every shard with "
-                    "partition version "
-                  : " (latest checkpoint every shard holds, partition "
-                    "version ",
-        partition_.version(), ")"));
+    // Shards that load `step` from another layout's files (resharding), and
+    // whether any shard holds checkpoints of another partition.
+    std::vector<int> reshard;
+    bool other_partition = false;
+    for (size_t i = 0; i < shards.size(); ++i) {
+      const ShardCheckpoints& c = shards[i];
+      const bool own = c.partition_version == partition_.version() &&
+                       std::count(c.steps.begin(), c.steps.end(), step) > 0;
+      if (step > 0 && !own) reshard.push_back(static_cast<int>(i));
+      other_partition |= !c.steps.empty() &&
+                         c.partition_version != partition_.version();
+    }
+    std::string why;
+    if (step > 0 && reshard.empty()) {
+      why = absl::StrCat("latest checkpoint every shard holds, partition "
+                         "version ",
+                         partition_.version());
+    } else if (step > 0) {
+      why = absl::StrCat(
+          "latest checkpoint every shard can load; shards [",
+          absl::StrJoin(reshard, ","),
+          "] load it from the complete set of its shard files, rebuilding "
+          "their chunks if another layout wrote it (partition version ",
+          partition_.version(), " now)");
+    } else if (other_partition) {
+      why = absl::StrCat(
+          "servers hold checkpoints of another partition (model, num_shards "
+          "or max_chunk_bytes changed; this job's is ",
+          partition_.version(),
+          ") but no step has every old shard file reachable from every "
+          "server: resuming under another layout needs every old shard file "
+          "of the step reachable from every new shard (one --checkpoint_dir "
+          "on a shared volume, or the files copied into each shard's "
+          "--checkpoint_dir); starting from scratch");
+    } else {
+      why = absl::StrCat(
+          "no checkpoint step common to every shard with partition version ",
+          partition_.version());
+    }
+    out->logs.push_back(absl::StrCat("start_step = ", step, " (", why, ")"));
   }
   start_step_known_ = true;
   start_step_ = step;
@@ -412,13 +448,18 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
     std::vector<Node>& slots = server ? servers_ : workers_;
     const int n_slots = static_cast<int>(slots.size());
     const int requested = request.requested_rank();
-    const bool requested_valid = server && requested >= 0 && requested < n_slots;
+    // Servers ask for a shard id, workers (optionally) for a worker rank.
+    const bool requested_valid = requested >= 0 && requested < n_slots;
     Node* slot = nullptr;
     std::string how;
     // 1. A server coming back on the same address takes its slot again.
     if (server) {
       for (Node& n : slots) {
-        if (n.registered && n.address == request.address()) {
+        // Not a live node that asked for another shard: two shards that
+        // advertise the same address are different nodes, not a restart.
+        const bool other_shard =
+            n.alive && requested >= 0 && n.shard != requested;
+        if (n.registered && n.address == request.address() && !other_shard) {
           slot = &n;
           how = n.alive ? "re-registered (same address)"
                         : "re-registered (same address) after its lease "
@@ -488,6 +529,9 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
                                    request.checkpoint_steps().end());
     slot->checkpoints.partition_version =
         request.checkpoint_partition_version();
+    slot->checkpoints.relayout_steps.assign(
+        request.relayout_checkpoint_steps().begin(),
+        request.relayout_checkpoint_steps().end());
     slot->registered_at = now;
     slot->last_heartbeat = now;
     slot->lease_start = now;
@@ -502,6 +546,11 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
                       absl::StrJoin(slot->checkpoints.steps, ","),
                       "] partition version ",
                       slot->checkpoints.partition_version);
+      if (!slot->checkpoints.relayout_steps.empty()) {
+        absl::StrAppend(&ranks, ", every shard's file of steps [",
+                        absl::StrJoin(slot->checkpoints.relayout_steps, ","),
+                        "]");
+      }
     }
     out.logs.push_back(absl::StrCat(slot->Describe(), " ", how, ": ", ranks));
 

@@ -29,11 +29,19 @@
 //
 // Resume step. Once every server slot is registered (and until the job
 // assembles) start_step is recomputed by ChooseStartStep: the largest step
-// that appears in the checkpoint_steps of EVERY server whose
-// checkpoint_partition_version equals the job's partition-map version; a
-// server with another version (or no checkpoints) contributes no steps, so
-// the result is then 0. start_step is frozen when the job assembles; it is
-// not capped at train.steps.
+// that EVERY server can load. A server can load step t if
+//  - t is in its checkpoint_steps and its checkpoint_partition_version
+//    equals the job's partition-map version (same layout: its own shard
+//    file suffices; this holds with one volume per shard), or
+//  - t is in its relayout_checkpoint_steps: its checkpoint directory holds
+//    every shard file of the layout that wrote t, whatever that layout's
+//    num_shards or max_chunk_bytes (the server reshards them,
+//    server/reshard.h); a shared volume or copied files.
+// If no step qualifies the result is 0; when some server holds checkpoints
+// of another partition, the log line then says that resuming under another
+// layout needs every old shard file reachable from every new shard.
+// start_step is frozen when the job assembles; it is not capped at
+// train.steps.
 //
 // Job states:
 //  ASSEMBLING  until every slot is registered, then RUNNING. If that does not
@@ -110,13 +118,15 @@ WorkerCoordinates WorkerRankToCoordinates(int rank, const LayoutConfig& layout);
 
 // What one server reported about its checkpoints at registration.
 struct ShardCheckpoints {
-  std::vector<int64_t> steps;
-  uint64_t partition_version = 0;
+  std::vector<int64_t> steps;  // its own shard file is complete
+  uint64_t partition_version = 0;  // of `steps`
+  // Every shard file of the writing layout is in its directory (any layout).
+  std::vector<int64_t> relayout_steps;
 };
 
-// The largest step present in the steps of every element of `shards` whose
-// partition_version equals `partition_version`; a shard with another version
-// counts as having no steps. 0 if there is no such step (or `shards` is
+// The largest step every element of `shards` can load: present in its
+// `steps` when its partition_version equals `partition_version`, or in its
+// `relayout_steps` (any version). 0 if there is no such step (or `shards` is
 // empty). Negative steps are ignored.
 int64_t ChooseStartStep(const std::vector<ShardCheckpoints>& shards,
                         uint64_t partition_version);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "common/job_spec.h"
 #include "common/partition.h"
@@ -129,6 +130,11 @@ class SchedulerCoreTest : public ::testing::Test {
     return false;
   }
 
+  std::string Log() {
+    absl::MutexLock lock(&log_mu_);
+    return absl::StrJoin(log_, "\n");
+  }
+
   FakeClock clock_;
   std::unique_ptr<SchedulerCore> core_;
   absl::Mutex log_mu_;
@@ -171,6 +177,33 @@ TEST(ChooseStartStepTest, LatestStepEveryShardHoldsWithTheRightVersion) {
   // A shard with another partition version has no usable checkpoint.
   EXPECT_EQ(ChooseStartStep({{{50, 100}, 7}, {{50, 100}, 8}}, 7), 0);
   EXPECT_EQ(ChooseStartStep({{{-5, 20}, 7}, {{-5, 20}, 7}}, 7), 20);
+}
+
+TEST(ChooseStartStepTest, StepsWithEveryOldShardFileQualifyUnderAnyLayout) {
+  // Layout changed (job version 9): own files of version 7 do not count,
+  // complete sets of the old layout's files do.
+  EXPECT_EQ(ChooseStartStep({{{50, 100}, 7, {50, 100}},
+                             {{50, 100}, 7, {50, 100}},
+                             {{}, 0, {50, 100}}},
+                            9),
+            100);
+  // One new shard does not see step 100's complete set: 50.
+  EXPECT_EQ(ChooseStartStep({{{50, 100}, 7, {50, 100}}, {{}, 0, {50}}}, 9),
+            50);
+  // One volume per shard (no complete set anywhere): nothing to resume.
+  EXPECT_EQ(ChooseStartStep({{{50, 100}, 7, {}}, {{50, 100}, 7, {}}}, 9), 0);
+  // Same layout: own files (one volume per shard) or complete sets (a
+  // shared directory) or a mix of both.
+  EXPECT_EQ(ChooseStartStep({{{50, 100}, 9, {}}, {{50, 100}, 9, {}}}, 9),
+            100);
+  EXPECT_EQ(ChooseStartStep({{{50, 100}, 9, {50, 100}}, {{}, 0, {50, 100}}},
+                            9),
+            100);
+  EXPECT_EQ(ChooseStartStep({{{100}, 9, {}}, {{}, 0, {50, 100}}}, 9), 100);
+  // A step written by the job's layout after an older relayout step.
+  EXPECT_EQ(ChooseStartStep({{{150}, 9, {100, 150}}, {{150}, 9, {100}}}, 9),
+            150);
+  EXPECT_EQ(ChooseStartStep({{{}, 9, {-1}}}, 9), 0);
 }
 
 TEST_F(SchedulerCoreTest, CreateRejectsBadOptions) {
@@ -267,6 +300,25 @@ TEST_F(SchedulerCoreTest, ServerWithTheSameAddressGetsItsSlotBack) {
             "server-0");
   EXPECT_EQ(Id(Server("a:2")), "server-1");
   EXPECT_EQ(core_->CurrentState(), ASSEMBLING);
+}
+
+// Two live shards behind one advertised address (e.g. a Service name) that
+// ask for different shard ids are two nodes, not one restarting.
+TEST_F(SchedulerCoreTest, LiveShardsSharingAnAddressKeepTheirOwnSlots) {
+  Start(/*dp=*/1, /*shards=*/2);
+  EXPECT_EQ(Id(Server("svc:7071", /*requested=*/1)), "server-1");
+  EXPECT_EQ(Id(Server("svc:7071", /*requested=*/0)), "server-0");
+  // The same shard asking again is a restart and keeps its slot.
+  EXPECT_EQ(Id(Server("svc:7071", /*requested=*/1)), "server-1");
+}
+
+TEST_F(SchedulerCoreTest, WorkersMayAskForARank) {
+  Start(/*dp=*/4, /*shards=*/1);
+  RegisterRequest w = Worker("h");
+  w.set_requested_rank(2);
+  EXPECT_EQ(Id(w), "worker-2");
+  EXPECT_EQ(Id(Worker("h")), "worker-0");
+  EXPECT_EQ(Id(w), "worker-1");  // 2 is taken: the next free one
 }
 
 TEST_F(SchedulerCoreTest, TooManyNodesIsResourceExhausted) {
@@ -425,6 +477,46 @@ TEST_F(SchedulerCoreTest, CheckpointsOfAnotherPartitionAreIgnored) {
   Id(Server("a:2", -1, {50, 100}, v + 1));
   Id(Worker("w"));
   EXPECT_EQ(core_->Status().start_step(), 0);
+}
+
+TEST_F(SchedulerCoreTest, LayoutChangeResumesFromCompleteOldShardFiles) {
+  // Written by 2 shards (another partition version), resumed by 3 sharing
+  // one directory: every server sees both old files of steps 50 and 100.
+  Start(/*dp=*/1, /*shards=*/3);
+  const uint64_t v = core_->partition().version();
+  RegisterRequest a = Server("a:1", 0, {50, 100}, v + 1);
+  RegisterRequest b = Server("a:2", 1, {50, 100}, v + 1);
+  RegisterRequest c = Server("a:3", 2);
+  for (RegisterRequest* r : {&a, &b, &c}) {
+    r->add_relayout_checkpoint_steps(50);
+    r->add_relayout_checkpoint_steps(100);
+  }
+  Id(a);
+  Id(b);
+  Id(c);
+  EXPECT_EQ(core_->Status().start_step(), 100);
+  EXPECT_TRUE(Logged("start_step = 100")) << Log();
+  EXPECT_TRUE(Logged("shards [0,1,2] load it from the complete set"))
+      << Log();
+  Id(Worker("w"));
+  absl::StatusOr<Assignment> w =
+      core_->GetAssignment("worker-0", absl::InfiniteFuture());
+  ASSERT_TRUE(w.ok());
+  EXPECT_EQ(w->start_step(), 100);
+}
+
+TEST_F(SchedulerCoreTest, LayoutChangeWithoutReachableOldFilesSaysSo) {
+  // One volume per shard: each server sees only its own old file.
+  Start(/*dp=*/1, /*shards=*/3);
+  const uint64_t v = core_->partition().version();
+  Id(Server("a:1", 0, {50, 100}, v + 1));
+  Id(Server("a:2", 1, {50, 100}, v + 1));
+  Id(Server("a:3", 2));
+  EXPECT_EQ(core_->Status().start_step(), 0);
+  EXPECT_TRUE(Logged("every old shard file of the step reachable from every "
+                     "new shard"))
+      << Log();
+  EXPECT_TRUE(Logged("shared volume")) << Log();
 }
 
 TEST_F(SchedulerCoreTest, EveryWorkerDoneFinishesTheJob) {

@@ -5,6 +5,11 @@
 //   lmps_scheduler --job=job.textproto --listen=0.0.0.0:7070
 //   lmps_scheduler --workers=2 --shards=2 --listen=127.0.0.1:0
 //       --port_file=/tmp/sched.port
+//   lmps_scheduler ... --tls_ca=ca.crt --tls_cert=server.crt
+//       --tls_key=server.key --auth_token_file=token
+//
+// Transport security: common/security.h (TLS with client certificates and
+// the shared token; the health service needs no token).
 //
 // Exit codes: 0 the job FINISHED; 1 the job FAILED (the reason is printed),
 // or the scheduler could not start; 2 a bad job file or flag; 128+N killed by
@@ -34,6 +39,8 @@
 #include "common/daemon_metrics.h"
 #include "common/grpc_server.h"
 #include "common/job_spec.h"
+#include "common/security.h"
+#include "common/security_flags.h"
 #include "proto/lmps.pb.h"
 #include "server/scheduler/clock.h"
 #include "server/scheduler/scheduler_core.h"
@@ -119,6 +126,7 @@ void Log(absl::string_view line) {
 
 struct MainOptions {
   SchedulerOptions scheduler;
+  Security security;
   std::string listen;
   std::string port_file;
   bool exit_when_finished = true;
@@ -158,6 +166,9 @@ absl::StatusOr<MainOptions> OptionsFromFlags() {
   options.scheduler.assemble_timeout = absl::Seconds(assemble);
   options.scheduler.lease = absl::Seconds(lease);
   options.scheduler.log = Log;
+  absl::StatusOr<Security> security = Security::Load(SecurityOptionsFromFlags());
+  if (!security.ok()) return security.status();
+  options.security = *std::move(security);
   options.listen = absl::GetFlag(FLAGS_listen);
   options.port_file = absl::GetFlag(FLAGS_port_file);
   options.exit_when_finished = absl::GetFlag(FLAGS_exit_when_finished);
@@ -207,6 +218,9 @@ int Run(MainOptions options) {
   GrpcServerOptions server_options;
   server_options.listen_address = options.listen;
   server_options.rpc_metrics = metrics->rpc.get();
+  server_options.security = options.security;
+  server_options.metrics = metrics->metrics.get();
+  server_options.log = [](const std::string& line) { Log(line); };
   absl::StatusOr<StartedServer> server =
       StartGrpcServer(server_options, {service->get()});
   if (!server.ok()) {
@@ -227,7 +241,7 @@ int Run(MainOptions options) {
       absl::ToDoubleSeconds(options.scheduler.assemble_timeout),
       "s, lease ", absl::ToDoubleSeconds(options.scheduler.lease), "s"));
   Log(absl::StrCat("serving on ", options.listen, " (port ", server->port,
-                   ")"));
+                   "); ", options.security.Describe()));
   if (!options.port_file.empty()) {
     if (absl::Status s = WritePortFile(options.port_file, server->port);
         !s.ok()) {

@@ -21,9 +21,10 @@ constexpr float kLayerNormEps = 1e-5f;
 // handing to another thread.
 constexpr size_t kGrain = 1 << 14;
 
-// The [begin, end) slice of [0, n) that thread `id` of `nt` owns.
-inline void ThreadRange(size_t n, int id, int nt, size_t* begin, size_t* end) {
-  const size_t chunk = (n + nt - 1) / nt;
+// The [begin, end) slice of [0, n) that part `id` of `parts` covers.
+inline void PartRange(size_t n, int id, int parts, size_t* begin,
+                        size_t* end) {
+  const size_t chunk = (n + parts - 1) / parts;
   *begin = std::min(n, chunk * id);
   *end = std::min(n, *begin + chunk);
 }
@@ -43,7 +44,7 @@ void ParallelRange(ThreadPool& pool, size_t n, size_t grain,
   }
   pool.ParallelFor(tasks, [&](int t) {
     size_t begin, end;
-    ThreadRange(n, t, tasks, &begin, &end);
+    PartRange(n, t, tasks, &begin, &end);
     if (end > begin) f(begin, end);
   });
 }
@@ -71,7 +72,7 @@ void ParallelSgemm(ThreadPool& pool, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb,
   }
   pool.ParallelFor(tasks, [&](int task) {
     size_t t0, t1;
-    ThreadRange(tiles, task, tasks, &t0, &t1);
+    PartRange(tiles, task, tasks, &t0, &t1);
     const int i0 = std::min<int>(dim, static_cast<int>(t0) * 16);
     const int i1 = std::min<int>(dim, static_cast<int>(t1) * 16);
     if (i1 <= i0) return;
@@ -198,7 +199,7 @@ void CpuBackend::LayerNormBackward(float* dinp, float* dweight, float* dbias,
   std::vector<float> partial(static_cast<size_t>(tasks) * 2 * C, 0.0f);
   auto rows = [&](int task) {
     size_t n0, n1;
-    ThreadRange(N, task, tasks, &n0, &n1);
+    PartRange(N, task, tasks, &n0, &n1);
     float* pw = partial.data() + static_cast<size_t>(task) * 2 * C;
     float* pb = pw + C;
     for (size_t n = n0; n < n1; ++n) {

@@ -7,12 +7,13 @@
 // thread and each task calls it on a slice of the product (a second thread
 // pool would fight ours for the cores). Work is handed out dynamically, so
 // a core taken by another process slows a step down gracefully instead of
-// stalling every parallel region. The
-// semantics of every function are those documented in backend.h; the naive
-// ReferenceBackend (cpu_reference.h) computes the same functions and the
-// tests compare the two. Results are deterministic for a given thread count
-// (reductions are split into tasks and combined in a fixed order, whichever
-// thread runs them).
+// stalling every parallel region.
+//
+// The semantics of every function are those documented in backend.h; the
+// naive ReferenceBackend (cpu_reference.h) computes the same functions and
+// the tests compare the two. Results are deterministic for a given thread
+// count (reductions are split into tasks and combined in a fixed order,
+// whichever thread runs them).
 //
 // Thread-safety: as Backend (one thread at a time). Create() sets
 // OpenBLAS's process-global thread count to 1.
@@ -24,9 +25,10 @@
 
 #include "absl/status/statusor.h"
 #include "worker/backend/host_backend.h"
-#include "worker/backend/thread_pool.h"
 
 namespace lmps {
+
+class ThreadPool;
 
 struct CpuBackendOptions {
   // Threads for all kernels, sgemm included (the calling thread counts as

@@ -120,8 +120,11 @@ TEST_P(CpuVsReferenceTest, Matmul) {
   struct MShape {
     int N, C, OC;
   };
-  const MShape shapes[] = {{1, 1, 1}, {7, 3, 5}, {37, 19, 53}, {64, 96, 128},
-                           {130, 64, 257}};
+  // The larger shapes are split into several sgemm tasks, by rows of the
+  // output (N >= OC) or by columns (N < OC).
+  const MShape shapes[] = {{1, 1, 1},      {7, 3, 5},      {37, 19, 53},
+                           {64, 96, 128},  {130, 64, 257}, {300, 96, 200},
+                           {100, 80, 333}};
   for (const MShape& s : shapes) {
     for (bool with_bias : {true, false}) {
       SCOPED_TRACE(::testing::Message() << "N=" << s.N << " C=" << s.C

@@ -109,11 +109,11 @@ class GptModel {
   // [0, V)); returns the n_new new tokens. The context is cropped to the
   // last max_seq tokens. temperature == 0: greedy (argmax, lowest index on
   // ties). temperature > 0: sample from softmax(logits / temperature),
-  // restricted to the top_k most likely tokens when top_k > 0, using the
-  // counter RNG keyed by `seed`: the result is a pure function of the
-  // parameters, prompt and arguments. Overwrites the activations, so the
-  // next Backward needs a new Forward. InvalidArgumentError for bad
-  // arguments.
+  // restricted to the top_k most likely tokens when top_k > 0 (tokens tied
+  // with the k-th are kept too), using the counter RNG keyed by `seed`: the
+  // result is a pure function of the parameters, prompt and arguments.
+  // Overwrites the activations, so the next Backward needs a new Forward.
+  // InvalidArgumentError for bad arguments.
   absl::StatusOr<std::vector<int32_t>> Generate(
       absl::Span<const int32_t> prompt, int n_new, float temperature,
       int top_k, uint64_t seed);

@@ -290,6 +290,27 @@ TEST_P(GptModelTest, SmallerBatchThanMaximum) {
   EXPECT_TRUE(AllClose(grads[0], grads[1], 1e-6));
 }
 
+// Same inputs, same gradients, bit for bit (no scheduling-dependent sums).
+TEST_P(GptModelTest, GradientsAreDeterministic) {
+  const ModelConfig config = TinyConfig();
+  auto model = MakeModel(config, 4, 8);
+  ASSERT_NE(model, nullptr);
+  const std::vector<float> params = LargeParameters(config, 60);
+  ASSERT_TRUE(model->SetParametersFromHost(params.data()).ok());
+  const std::vector<int32_t> tok = RandomTokens(15, 32, 32);
+  const std::vector<int32_t> tgt = RandomTokens(16, 32, 32);
+  std::vector<std::vector<float>> grads;
+  for (int run = 0; run < 3; ++run) {
+    model->ZeroGrad();
+    ASSERT_TRUE(model->Forward(tok.data(), tgt.data(), 4, 8).ok());
+    ASSERT_TRUE(model->Backward().ok());
+    grads.emplace_back(model->num_parameters());
+    ASSERT_TRUE(model->GradientsToHost(grads.back().data()).ok());
+  }
+  EXPECT_EQ(grads[0], grads[1]);
+  EXPECT_EQ(grads[0], grads[2]);
+}
+
 TEST_P(GptModelTest, SgdStepsDecreaseLoss) {
   const ModelConfig config = TinyConfig();
   const int B = 4, T = 8;

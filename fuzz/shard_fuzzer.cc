@@ -1,0 +1,356 @@
+// Fuzzes ParameterShard (server/shard.h), a parameter server's request
+// handling without the network. Each input picks a layout (dp replicas,
+// shards, which shard this is) and a consistency mode (SYNC,
+// BOUNDED_STALENESS with s = 1 or 2, ASYNC), then runs a sequence of
+// operations: Push streams -- arbitrary protobuf bytes as a hostile client
+// could send, or well-formed pushes of this shard's chunks with fuzzed
+// values (NaN/Inf included), steps and ranks, optionally with one field
+// corrupted -- GradNorm, Apply, Pull and TensorInfo with fuzzed arguments.
+//
+// Properties: no crash or undefined behaviour; the version never goes back;
+// a rejected Push changes no parameter; a successful Pull returns slices of
+// this shard's chunks, inside them, whole elements of the asked dtype, with
+// a version >= the step asked minus the staleness bound (SYNC/SSP), and the
+// staleness seen never exceeds the bound (SYNC/SSP).
+#include <fuzzer/FuzzedDataProvider.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "common/job_spec.h"
+#include "common/partition.h"
+#include "fuzz/fuzz_check.h"
+#include "proto/lmps.pb.h"
+#include "server/shard.h"
+
+namespace lmps {
+namespace {
+
+constexpr int kMaxOps = 48;
+
+struct Mode {
+  const char* text;
+  int staleness;
+  bool async;
+};
+constexpr Mode kModes[] = {{"", 0, false},
+                           {"mode: BOUNDED_STALENESS staleness: 1", 1, false},
+                           {"mode: BOUNDED_STALENESS staleness: 2", 2, false},
+                           {"mode: ASYNC", 0, true}};
+
+std::vector<float> Params(const ParameterShard& shard) {
+  std::vector<float> out;
+  for (const ChunkData& c : shard.Snapshot().chunks) {
+    out.insert(out.end(), c.params.begin(), c.params.end());
+  }
+  return out;
+}
+
+bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() &&
+         std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// A value for a gradient element: mostly small numbers, sometimes NaN, Inf
+// or huge ones.
+float Value(FuzzedDataProvider& in) {
+  switch (in.ConsumeIntegralInRange<int>(0, 15)) {
+    case 0:
+      return NAN;
+    case 1:
+      return INFINITY;
+    case 2:
+      return in.ConsumeFloatingPoint<float>();
+    default:
+      return static_cast<float>(in.ConsumeIntegralInRange<int>(-1000, 1000)) /
+             256.0f;
+  }
+}
+
+std::string Encode(const std::vector<float>& values, DType dtype) {
+  std::string out;
+  for (float v : values) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    if (dtype == BF16) {
+      const uint16_t half = static_cast<uint16_t>(bits >> 16);
+      out.append(reinterpret_cast<const char*>(&half), 2);
+    } else {
+      out.append(reinterpret_cast<const char*>(&bits), 4);
+    }
+  }
+  return out;
+}
+
+class Harness {
+ public:
+  // Null if the fuzzed layout is not a valid job (never, by construction).
+  static std::unique_ptr<Harness> Create(FuzzedDataProvider& in) {
+    auto h = std::unique_ptr<Harness>(new Harness);
+    h->dp_ = in.ConsumeIntegralInRange<int>(1, 2);
+    const int num_shards = in.ConsumeIntegralInRange<int>(1, 2);
+    const int shard = in.ConsumeIntegralInRange<int>(0, num_shards - 1);
+    const Mode& mode =
+        kModes[in.ConsumeIntegralInRange<size_t>(0, std::size(kModes) - 1)];
+    absl::StatusOr<JobSpec> spec = ParseJobSpec(absl::StrCat(
+        "model { n_layer: 1 n_head: 1 n_embd: 4 block_size: 4 }\n"
+        "max_chunk_bytes: 256\nmax_message_bytes: 1024\n"
+        "optimizer { type: ",
+        in.ConsumeBool() ? "ADAMW" : "SGD",
+        " }\n"
+        "train { batch_size: 4 steps: 6 checkpoint_interval: 2 ",
+        mode.text, " }\nlayout { dp: ", h->dp_, " num_shards: ", num_shards,
+        " }\n"));
+    if (!spec.ok()) {
+      // A mode this build does not know (or rejects): plain SYNC.
+      spec = ParseJobSpec(absl::StrCat(
+          "model { n_layer: 1 n_head: 1 n_embd: 4 block_size: 4 }\n"
+          "max_chunk_bytes: 256\nmax_message_bytes: 1024\n"
+          "train { batch_size: 4 steps: 6 }\nlayout { dp: ",
+          h->dp_, " num_shards: ", num_shards, " }\n"));
+      LMPS_FUZZ_CHECK(spec.ok(), spec.status().ToString());
+      h->staleness_ = 0;
+      h->async_ = false;
+    } else {
+      h->staleness_ = mode.staleness;
+      h->async_ = mode.async;
+    }
+    absl::StatusOr<PartitionMap> map = ComputePartition(
+        spec->model(), num_shards, spec->max_chunk_bytes());
+    LMPS_FUZZ_CHECK(map.ok(), map.status().ToString());
+    ShardOptions options;
+    options.shard = shard;
+    options.spec = *spec;
+    options.map = *map;
+    options.wait_timeout = absl::Milliseconds(1);
+    absl::StatusOr<std::unique_ptr<ParameterShard>> created =
+        ParameterShard::Create(std::move(options));
+    LMPS_FUZZ_CHECK(created.ok(), created.status().ToString());
+    h->shard_ = std::move(*created);
+    h->chunks_ = ChunksOfShard(*map, shard);
+    for (const ChunkDesc& c : map->chunks()) h->all_chunks_[{c.tensor(), c.index()}] = c;
+    for (const ChunkDesc& c : h->chunks_) h->tensors_.push_back(c.tensor());
+    h->partition_version_ = map->version();
+    return h;
+  }
+
+  void Step(FuzzedDataProvider& in) {
+    const int64_t before = shard_->version();
+    switch (in.ConsumeIntegralInRange<int>(0, 6)) {
+      case 0:
+      case 1:
+        Push(in, WellFormedPush(in));
+        break;
+      case 2:
+        Push(in, RawPush(in));
+        break;
+      case 3:
+        (void)shard_->GradNorm(FuzzedStep(in), absl::Now());
+        break;
+      case 4: {
+        const int64_t step = FuzzedStep(in);
+        const double gss = in.ConsumeBool()
+                               ? in.ConsumeFloatingPoint<double>()
+                               : in.ConsumeIntegralInRange<int>(0, 100) / 10.0;
+        absl::StatusOr<int64_t> v = shard_->Apply(step, gss);
+        if (v.ok()) {
+          LMPS_FUZZ_CHECK(*v >= before,
+                          absl::StrCat("Apply returned ", *v, " < ", before));
+        }
+        break;
+      }
+      case 5:
+        Pull(in);
+        break;
+      case 6: {
+        const std::string name =
+            in.ConsumeBool() && !tensors_.empty()
+                ? tensors_[in.ConsumeIntegralInRange<size_t>(0, tensors_.size() - 1)]
+                : in.ConsumeRandomLengthString(24);
+        absl::StatusOr<TensorInfoResponse> info = shard_->TensorInfo(name);
+        (void)info;
+        break;
+      }
+    }
+    const int64_t after = shard_->version();
+    LMPS_FUZZ_CHECK(after >= before,
+                    absl::StrCat("version went back from ", before, " to ", after));
+    if (!async_) {
+      LMPS_FUZZ_CHECK(shard_->max_staleness_seen() <= staleness_,
+                      absl::StrCat("staleness ", shard_->max_staleness_seen(),
+                                   " > bound ", staleness_));
+    }
+  }
+
+  void Shutdown() { shard_->Shutdown(); }
+
+ private:
+  Harness() = default;
+
+  int64_t FuzzedStep(FuzzedDataProvider& in) {
+    if (in.ConsumeIntegralInRange<int>(0, 15) == 0) {
+      return in.ConsumeIntegral<int64_t>();
+    }
+    return shard_->version() + in.ConsumeIntegralInRange<int>(-1, 3);
+  }
+
+  // Pushes for every (or nearly every) chunk of this shard, each chunk
+  // cut into one or two slices, in a stream of one to three messages;
+  // sometimes one field is corrupted.
+  std::vector<PushRequest> WellFormedPush(FuzzedDataProvider& in) {
+    const int rank = in.ConsumeIntegralInRange<int>(0, 15) == 0
+                         ? in.ConsumeIntegralInRange<int>(-1, dp_ + 1)
+                         : in.ConsumeIntegralInRange<int>(0, dp_ - 1);
+    const int64_t step = FuzzedStep(in);
+    const DType dtype = in.ConsumeIntegralInRange<int>(0, 3) == 0 ? BF16 : F32;
+    std::vector<ChunkSlice> slices;
+    for (const ChunkDesc& c : chunks_) {
+      if (in.ConsumeIntegralInRange<int>(0, 31) == 0) continue;  // a gap
+      const int64_t n = c.end() - c.begin();
+      const int64_t cut = in.ConsumeBool() ? n : in.ConsumeIntegralInRange<int64_t>(0, n);
+      for (const auto& [from, to] : {std::pair<int64_t, int64_t>{0, cut},
+                                     std::pair<int64_t, int64_t>{cut, n}}) {
+        if (from == to) continue;
+        std::vector<float> values(to - from);
+        // Mostly one fuzzed value per slice, repeated, so that inputs stay
+        // short; sometimes every element fuzzed.
+        if (in.ConsumeIntegralInRange<int>(0, 7) == 0) {
+          for (float& v : values) v = Value(in);
+        } else {
+          const float v = Value(in);
+          for (size_t i = 0; i < values.size(); ++i) {
+            values[i] = std::isfinite(v) ? v + static_cast<float>(i) / 64 : v;
+          }
+        }
+        ChunkSlice s;
+        s.set_tensor(c.tensor());
+        s.set_chunk(c.index());
+        s.set_offset(from);
+        s.set_dtype(dtype);
+        s.set_data(Encode(values, dtype));
+        slices.push_back(std::move(s));
+      }
+    }
+    if (!slices.empty() && in.ConsumeIntegralInRange<int>(0, 3) == 0) {
+      ChunkSlice& s = slices[in.ConsumeIntegralInRange<size_t>(0, slices.size() - 1)];
+      switch (in.ConsumeIntegralInRange<int>(0, 6)) {
+        case 0: s.set_offset(s.offset() + in.ConsumeIntegralInRange<int>(-2, 2)); break;
+        case 1: s.set_offset(in.ConsumeIntegral<int64_t>()); break;
+        case 2: s.set_chunk(s.chunk() + in.ConsumeIntegralInRange<int>(-1, 1)); break;
+        case 3: s.set_tensor(in.ConsumeRandomLengthString(16)); break;
+        case 4: s.set_dtype(static_cast<DType>(in.ConsumeIntegralInRange<int>(0, 3))); break;
+        case 5: s.mutable_data()->resize(in.ConsumeIntegralInRange<size_t>(0, s.data().size() + 3)); break;
+        case 6: slices.push_back(s); break;  // the same slice twice
+      }
+    }
+    const int messages = in.ConsumeIntegralInRange<int>(1, 3);
+    std::vector<PushRequest> stream(messages);
+    for (int m = 0; m < messages; ++m) {
+      PushRequest& r = stream[m];
+      r.set_worker_id(absl::StrCat("worker-", rank));
+      r.set_dp_rank(rank);
+      r.set_step(step);
+      r.set_partition_version(in.ConsumeIntegralInRange<int>(0, 31) == 0
+                                  ? partition_version_ + 1
+                                  : partition_version_);
+      if (m > 0 && in.ConsumeIntegralInRange<int>(0, 15) == 0) {
+        r.set_step(step + 1);  // mixed headers
+      }
+    }
+    for (size_t i = 0; i < slices.size(); ++i) {
+      *stream[i % messages].add_slices() = std::move(slices[i]);
+    }
+    return stream;
+  }
+
+  std::vector<PushRequest> RawPush(FuzzedDataProvider& in) {
+    std::vector<PushRequest> stream(in.ConsumeIntegralInRange<int>(0, 3));
+    for (PushRequest& r : stream) {
+      (void)r.ParseFromString(in.ConsumeRandomLengthString(512));
+    }
+    return stream;
+  }
+
+  void Push(FuzzedDataProvider& in, const std::vector<PushRequest>& stream) {
+    (void)in;
+    const std::vector<float> before = Params(*shard_);
+    const int64_t version = shard_->version();
+    absl::StatusOr<PushResponse> r = shard_->Push(stream);
+    if (!r.ok()) {
+      LMPS_FUZZ_CHECK(shard_->version() == version,
+                      "a rejected push changed the version: " + r.status().ToString());
+      LMPS_FUZZ_CHECK(SameBits(before, Params(*shard_)),
+                      "a rejected push changed parameters: " + r.status().ToString());
+    } else if (!async_) {
+      LMPS_FUZZ_CHECK(SameBits(before, Params(*shard_)),
+                      "a SYNC/SSP push changed parameters before Apply");
+    }
+  }
+
+  void Pull(FuzzedDataProvider& in) {
+    PullRequest req;
+    if (in.ConsumeIntegralInRange<int>(0, 7) == 0) {
+      (void)req.ParseFromString(in.ConsumeRandomLengthString(128));
+    } else {
+      req.set_step(FuzzedStep(in));
+      req.set_partition_version(in.ConsumeBool() ? partition_version_ : 0);
+      req.set_dtype(in.ConsumeBool() ? BF16 : F32);
+      const int n = in.ConsumeIntegralInRange<int>(0, 2);
+      for (int i = 0; i < n && !tensors_.empty(); ++i) {
+        req.add_tensors(tensors_[in.ConsumeIntegralInRange<size_t>(0, tensors_.size() - 1)]);
+      }
+    }
+    absl::StatusOr<std::vector<PullResponse>> r = shard_->Pull(req, absl::Now());
+    if (!r.ok()) return;
+    const int size = req.dtype() == BF16 ? 2 : 4;
+    for (const PullResponse& p : *r) {
+      if (!async_) {
+        LMPS_FUZZ_CHECK(p.version() >= req.step() - staleness_,
+                        absl::StrCat("pulled version ", p.version(), " for step ",
+                                     req.step(), " with staleness ", staleness_));
+      }
+      for (const ChunkSlice& s : p.slices()) {
+        auto it = all_chunks_.find({s.tensor(), s.chunk()});
+        LMPS_FUZZ_CHECK(it != all_chunks_.end(), s.tensor());
+        LMPS_FUZZ_CHECK(it->second.shard() == shard_->shard(), s.tensor());
+        LMPS_FUZZ_CHECK(s.data().size() % size == 0, s.tensor());
+        const int64_t n = static_cast<int64_t>(s.data().size()) / size;
+        LMPS_FUZZ_CHECK(s.offset() >= 0 &&
+                            s.offset() + n <= it->second.end() - it->second.begin(),
+                        absl::StrCat(s.tensor(), " offset ", s.offset(), " n ", n));
+      }
+    }
+  }
+
+  int dp_ = 1;
+  int staleness_ = 0;
+  bool async_ = false;
+  uint64_t partition_version_ = 0;
+  std::unique_ptr<ParameterShard> shard_;
+  std::vector<ChunkDesc> chunks_;
+  std::map<std::pair<std::string, int>, ChunkDesc> all_chunks_;
+  std::vector<std::string> tensors_;
+};
+
+}  // namespace
+}  // namespace lmps
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  FuzzedDataProvider in(data, size);
+  std::unique_ptr<lmps::Harness> h = lmps::Harness::Create(in);
+  for (int op = 0; op < lmps::kMaxOps && in.remaining_bytes() > 0; ++op) {
+    h->Step(in);
+  }
+  h->Shutdown();
+  return 0;
+}
