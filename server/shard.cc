@@ -926,7 +926,7 @@ absl::StatusOr<std::vector<PullResponse>> ParameterShard::Pull(
   const absl::Time until = WaitDeadline(deadline);
 
   // The read rule of the mode (see the file comment).
-  const int64_t need = mode_ == ASYNC ? step : step - staleness_ - 1;
+  const int64_t need = mode_ == ASYNC ? step : step - staleness_;
 
   // Shared: pulls of several workers copy the parameters in parallel.
   absl::ReaderMutexLock lock(&mu_);
