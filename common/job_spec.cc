@@ -102,11 +102,10 @@ absl::Status ValidateJobSpec(const JobSpec& s) {
   const TrainConfig& t = s.train();
   const LayoutConfig& l = s.layout();
   if (t.steps() < 0 || t.batch_size() < 0 || t.micro_batches() < 0 ||
-      t.eval_interval() < 0 || t.checkpoint_interval() < 0 ||
       t.stop_after_step() < 0 || t.sample_tokens() < 0) {
     return absl::InvalidArgumentError(
-        "train: steps, batch_size, micro_batches, intervals and counts must "
-        "not be negative");
+        "train: steps, batch_size, micro_batches, stop_after_step and "
+        "sample_tokens must not be negative");
   }
   if (l.dp() < 1 || l.num_shards() < 1 || l.num_shards() > 1024 ||
       l.dp() > 1024) {

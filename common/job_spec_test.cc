@@ -40,6 +40,13 @@ TEST(JobSpecTest, DefaultsAreIdempotent) {
   EXPECT_LT(again.optimizer().momentum(), 0);
 }
 
+TEST(JobSpecTest, NegativeIntervalsTurnEvalAndCheckpointsOff) {
+  auto spec = ParseJobSpec("train { eval_interval: -1 checkpoint_interval: -1 }");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->train().eval_interval(), -1);
+  EXPECT_EQ(spec->train().checkpoint_interval(), -1);
+}
+
 TEST(JobSpecTest, MalformedTextNamesLineAndColumn) {
   auto spec = ParseJobSpec("model {\n  n_layer: two\n}");
   ASSERT_FALSE(spec.ok());

@@ -308,7 +308,7 @@ class Daemon {
       UpdateMetrics();
       HeartbeatRequest req;
       req.set_node_id(node_id_);
-      req.set_step(shard_->version());
+      req.set_step(shard_->step_clock());  // steps, also in ASYNC mode
       req.set_eval_loss(std::nanf(""));
       HeartbeatResponse resp;
       grpc::Status s = Call(stop_, std::max(interval, absl::Seconds(1)),
@@ -356,6 +356,14 @@ class Daemon {
         static_cast<double>(shard_->version()));
     set("lmps_grad_norm", "Global gradient L2 norm of the last applied step.",
         shard_->last_grad_norm());
+    set("lmps_staleness_steps",
+        "Largest lead of a push over the slowest replica seen by this shard.",
+        static_cast<double>(shard_->max_staleness_seen()), {{"kind", "max_seen"}});
+    const std::vector<int64_t> clocks = shard_->replica_clocks();
+    for (size_t r = 0; r < clocks.size(); ++r) {
+      set("lmps_replica_clock_steps", "Steps each replica has fully pushed.",
+          static_cast<double>(clocks[r]), {{"dp_rank", std::to_string(r)}});
+    }
     set("lmps_shard_parameters", "fp32 parameters held by this shard.",
         static_cast<double>(shard_->num_elements()));
     set("lmps_node_info", "Identity of this node (value 1).", 1,

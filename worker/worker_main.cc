@@ -225,6 +225,9 @@ absl::Status RunWorker() {
     }
     SetGauge(m, "lmps_tokens_per_second", "Training tokens per second.",
              p.tokens_per_second);
+    SetGauge(m, "lmps_staleness_steps",
+             "Steps between the parameters used and the step computed.",
+             static_cast<double>(p.staleness));
     const char* help = "Seconds of the last step spent per phase.";
     SetGauge(m, "lmps_step_phase_seconds", help, p.compute_seconds, {{"phase", "compute"}});
     SetGauge(m, "lmps_step_phase_seconds", help, p.pull_seconds, {{"phase", "pull"}});
