@@ -29,6 +29,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "server/daemon.h"
+#include "common/allocator.h"
 #include "common/daemon_metrics.h"
 #include "common/security.h"
 #include "common/security_flags.h"
@@ -54,6 +55,7 @@ ABSL_FLAG(int, assemble_timeout_s, 120,
           "seconds");
 
 int main(int argc, char** argv) {
+  lmps::TuneAllocatorForLargeBuffers();
   absl::SetProgramUsageMessage(
       "Parameter-server shard of an lmps job.\n"
       "  lmps_server --scheduler=host:port [--checkpoint_dir=DIR] ...");

@@ -26,6 +26,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "common/allocator.h"
 #include "common/daemon_metrics.h"
 #include "common/grpc_server.h"
 #include "common/job_spec.h"
@@ -301,6 +302,7 @@ absl::Status RunWorker() {
 }  // namespace lmps
 
 int main(int argc, char** argv) {
+  lmps::TuneAllocatorForLargeBuffers();
   absl::SetProgramUsageMessage(
       "lmps training worker: lmps_worker --scheduler=host:port [--backend=cpu]");
   absl::ParseCommandLine(argc, argv);
