@@ -50,7 +50,7 @@ def _system_libs_impl(ctx):
         opts = _pkg_config(ctx, modules)
         if name == "grpc":
             # Debian ships no .pc for the reflection library.
-            opts = ["-Wl,--no-as-needed", "-lgrpc++_reflection", "-Wl,--as-needed"] + opts
+            opts = ["-Wl,--push-state,--no-as-needed", "-lgrpc++_reflection", "-Wl,--pop-state"] + opts
         build.append("cc_library(\n    name = %r,\n    linkopts = %r,\n)\n" % (name, opts + ["-lpthread"]))
 
     for tool in ["protoc", "grpc_cpp_plugin"]:

@@ -518,15 +518,15 @@ absl::Status Run(const std::string& work_dir) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  std::printf("ps_bench: job assembled (partition imbalance %.3f); measuring\n",
-              assignment->partition().imbalance());
-  std::fflush(stdout);
-
   // A finite gradient (the shards reject NaN/Inf) of varied values.
   std::vector<float> params(num_params), grads(num_params);
   for (int64_t i = 0; i < num_params; ++i) {
     grads[i] = 1e-3f * static_cast<float>(i % 1000 - 500) / 500.0f;
   }
+  std::printf("ps_bench: job assembled (partition imbalance %.3f); measuring\n",
+              assignment->partition().imbalance());
+  std::fflush(stdout);
+
   Samples pull{"pull", 4 * num_params};
   Samples push_f32{"push f32", 4 * num_params};
   Samples push_bf16{"push bf16", 2 * num_params};

@@ -1,6 +1,8 @@
 // A node's side of the scheduler: registration (retried while the scheduler
 // is not up yet, up to a timeout that names the scheduler's address), the
-// wait for the assignment, and a heartbeat loop on its own thread.
+// wait for the assignment, and a heartbeat loop on its own thread. The stub's
+// channel carries the node's transport security (MakeChannel with the
+// node's Security, common/grpc_server.h).
 //
 // Thread-safety: Register/WaitForAssignment from one thread before the
 // heartbeat loop starts; Heartbeat() is thread-safe (gRPC stubs are).
@@ -28,7 +30,9 @@ class SchedulerClient {
 
   // Registers, retrying UNAVAILABLE (scheduler not up yet) and
   // RESOURCE_EXHAUSTED (no free slot until a dead node's lease expires)
-  // until `timeout`; then fails with an error naming the scheduler.
+  // until `timeout`; then fails with an error naming the scheduler. Other
+  // errors, e.g. UNAUTHENTICATED for a missing or wrong token
+  // (common/security.h), fail at once.
   absl::StatusOr<RegisterResponse> Register(const RegisterRequest& request,
                                             absl::Duration timeout);
   // Waits for this node's assignment (the job must assemble in `timeout`).

@@ -54,6 +54,7 @@ artifacts="${LMPS_FUZZ_ARTIFACTS:-${TEST_UNDECLARED_OUTPUTS_DIR:-$scratch/artifa
 mkdir -p "$artifacts"
 
 failed=()
+skipped=0
 for t in "${targets[@]}"; do
   exe="$bin/$t"
   if [ ! -x "$exe" ]; then
@@ -63,6 +64,7 @@ for t in "${targets[@]}"; do
   if [ "$(head -c 2 "$exe")" = "#!" ]; then
     # A stub: clang or libFuzzer is missing where it was built.
     echo "run_fuzzers: SKIPPED $t: $("$exe" | sed 's/^lmps-fuzz-skip: //')"
+    skipped=$((skipped + 1))
     continue
   fi
   corpus="$scratch/corpus/$t"
@@ -102,4 +104,10 @@ if [ ${#failed[@]} -ne 0 ]; then
   echo "run_fuzzers: ${#failed[@]} target(s) failed: ${failed[*]}" >&2
   exit 1
 fi
-echo "run_fuzzers: all targets ran ${seconds}s without a crash"
+if [ "$skipped" -eq ${#targets[@]} ]; then
+  echo "run_fuzzers: every target SKIPPED (clang/libFuzzer missing where they were built)"
+elif [ "$skipped" -gt 0 ]; then
+  echo "run_fuzzers: $skipped target(s) SKIPPED; the others ran ${seconds}s without a crash"
+else
+  echo "run_fuzzers: all targets ran ${seconds}s without a crash"
+fi

@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include <google/protobuf/stubs/logging.h>
+
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "common/job_spec.h"
@@ -188,6 +190,12 @@ void Run(FuzzedDataProvider& in) {
 
 }  // namespace
 }  // namespace lmps
+
+extern "C" int LLVMFuzzerInitialize(int* /*argc*/, char*** /*argv*/) {
+  // Parsing hostile bytes makes protobuf log every invalid UTF-8 string.
+  google::protobuf::SetLogHandler(nullptr);
+  return 0;
+}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FuzzedDataProvider in(data, size);

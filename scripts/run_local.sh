@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The main job: installs what is missing, builds, and trains a GPT on this
 # machine with a scheduler, 2 parameter-server shards and 2 workers as
-# separate processes on loopback. Extra flags go to lmps_local (e.g.
-# --steps=50, --job=examples/tiny.textproto, --resume).
+# separate processes on loopback (examples/main.textproto). Extra flags go to
+# lmps_local and win (e.g. --steps=50, --job=examples/small.textproto,
+# --resume).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh build
 bazel build //launcher:lmps_local
 status=0
-.bazel/bin/launcher/lmps_local --workers=2 --shards=2 --run_dir=lmps_run "$@" || status=$?
+.bazel/bin/launcher/lmps_local --job=examples/main.textproto --run_dir=lmps_run "$@" || status=$?
 bazel shutdown >/dev/null 2>&1 || true
 exit $status

@@ -90,7 +90,8 @@ absl::Status Run() {
                         absl::GetFlag(FLAGS_generate),
                         static_cast<float>(absl::GetFlag(FLAGS_temperature)),
                         absl::GetFlag(FLAGS_top_k), absl::GetFlag(FLAGS_seed)));
-    std::printf("%s\n", TextDataset::Decode(out).c_str());
+    std::printf("%s%s\n", absl::GetFlag(FLAGS_prompt).c_str(),
+                TextDataset::Decode(out).c_str());
   }
   return absl::OkStatus();
 }

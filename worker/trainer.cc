@@ -229,7 +229,8 @@ absl::StatusOr<std::string> Trainer::Sample(const std::string& prompt, int n,
       std::vector<int32_t> out,
       model_->Generate(TextDataset::Encode(prompt), n, temperature, top_k,
                        options_.spec.train().seed()));
-  return TextDataset::Decode(out);
+  // Generate returns only the new tokens.
+  return prompt + TextDataset::Decode(out);
 }
 
 }  // namespace lmps

@@ -54,9 +54,13 @@ void ParallelRange(ThreadPool& pool, size_t n, size_t grain,
 // its columns when M is small), in whole 16-wide tiles (the kernel's). One
 // threading runtime for everything: OpenBLAS's own threads would fight ours
 // for the cores.
+//
+// With row_bias != nullptr, beta is ignored and C's rows are first set to
+// row_bias[N] (slice by slice, right before sgemm adds onto them).
 void ParallelSgemm(ThreadPool& pool, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb,
                    int M, int N, int K, float alpha, const float* A, int lda,
-                   const float* B, int ldb, float beta, float* C, int ldc) {
+                   const float* B, int ldb, float beta, float* C, int ldc,
+                   const float* row_bias = nullptr) {
   constexpr double kMinFlopsPerTask = 1 << 21;
   const bool split_m = M >= N;
   const int dim = split_m ? M : N;
@@ -65,7 +69,16 @@ void ParallelSgemm(ThreadPool& pool, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb,
   const int tasks = static_cast<int>(
       std::min<double>({4.0 * pool.num_threads(), static_cast<double>(tiles),
                         std::max(1.0, flops / kMinFlopsPerTask)}));
+  // C[m0:m1, n0:n1] = row_bias[n0:n1].
+  auto fill_bias = [&](int m0, int m1, int n0, int n1) {
+    for (int m = m0; m < m1; ++m) {
+      std::memcpy(C + static_cast<size_t>(m) * ldc + n0, row_bias + n0,
+                  sizeof(float) * (n1 - n0));
+    }
+  };
+  if (row_bias != nullptr) beta = 1.0f;
   if (tasks <= 1) {
+    if (row_bias != nullptr) fill_bias(0, M, 0, N);
     cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta,
                 C, ldc);
     return;
@@ -77,11 +90,13 @@ void ParallelSgemm(ThreadPool& pool, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb,
     const int i1 = std::min<int>(dim, static_cast<int>(t1) * 16);
     if (i1 <= i0) return;
     if (split_m) {
+      if (row_bias != nullptr) fill_bias(i0, i1, 0, N);
       const float* a =
           ta == CblasNoTrans ? A + static_cast<size_t>(i0) * lda : A + i0;
       cblas_sgemm(CblasRowMajor, ta, tb, i1 - i0, N, K, alpha, a, lda, B, ldb,
                   beta, C + static_cast<size_t>(i0) * ldc, ldc);
     } else {
+      if (row_bias != nullptr) fill_bias(0, M, i0, i1);
       const float* b =
           tb == CblasNoTrans ? B + i0 : B + static_cast<size_t>(i0) * ldb;
       cblas_sgemm(CblasRowMajor, ta, tb, M, i1 - i0, K, alpha, A, lda, b, ldb,
@@ -243,18 +258,9 @@ void CpuBackend::LayerNormBackward(float* dinp, float* dweight, float* dbias,
 void CpuBackend::MatmulForward(float* out, const float* inp,
                                const float* weight, const float* bias, int N,
                                int C, int OC) {
-  float beta = 0.0f;
-  if (bias != nullptr) {
-    // Pre-fill the rows with the bias and let sgemm accumulate onto it.
-    ParallelRange(*pool_, N, kGrain / OC, [&](size_t n0, size_t n1) {
-      for (size_t n = n0; n < n1; ++n) {
-        std::memcpy(out + n * OC, bias, sizeof(float) * OC);
-      }
-    });
-    beta = 1.0f;
-  }
+  // The bias pre-fills each task's slice of out; sgemm accumulates onto it.
   ParallelSgemm(*pool_, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp, C,
-                weight, C, beta, out, OC);
+                weight, C, 0.0f, out, OC, bias);
 }
 
 void CpuBackend::MatmulBackward(float* dinp, float* dweight, float* dbias,
