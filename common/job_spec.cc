@@ -85,6 +85,25 @@ void ApplyJobSpecDefaults(JobSpec* s) {
 absl::Status ValidateJobSpec(const JobSpec& s) {
   if (absl::Status st = ValidateModelConfig(s.model()); !st.ok()) return st;
   const OptimizerConfig& o = s.optimizer();
+  // NaN passes every `x < a || x >= b` test: refuse non-finite values first.
+  for (const auto& [name, value] : {std::pair<const char*, float>{"lr", o.lr()},
+                                    {"min_lr", o.min_lr()},
+                                    {"beta1", o.beta1()},
+                                    {"beta2", o.beta2()},
+                                    {"eps", o.eps()},
+                                    {"weight_decay", o.weight_decay()},
+                                    {"momentum", o.momentum()},
+                                    {"grad_clip", o.grad_clip()}}) {
+    if (!std::isfinite(value)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "optimizer.", name, " must be a finite number, got ", value));
+    }
+  }
+  if (!std::isfinite(s.data().val_fraction())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "data.val_fraction must be a finite number, got ",
+        s.data().val_fraction()));
+  }
   if (!(o.lr() > 0) || !std::isfinite(o.lr()) || o.min_lr() < 0 ||
       o.min_lr() > o.lr()) {
     return absl::InvalidArgumentError(absl::StrCat(

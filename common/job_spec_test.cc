@@ -134,8 +134,10 @@ TEST(JobSpecTest, BadConsistencySettingsSayWhatIsValid) {
 TEST(JobSpecTest, ExamplesParse) {
   const std::string dir = std::string(std::getenv("TEST_SRCDIR")) + "/" +
                           std::getenv("TEST_WORKSPACE") + "/examples/";
-  auto small = LoadJobSpecFile(dir + "small.textproto");
-  ASSERT_TRUE(small.ok()) << small.status();
+  for (const char* name : {"small.textproto", "main.textproto"}) {
+    auto spec = LoadJobSpecFile(dir + name);
+    ASSERT_TRUE(spec.ok()) << spec.status();
+  }
   auto written = LoadJobSpecFile(dir + "default.textproto");
   ASSERT_TRUE(written.ok()) << written.status();
   auto defaults = ParseJobSpec("");

@@ -12,7 +12,9 @@ pkgs=(bazel-bootstrap g++ pkg-config libgrpc++-dev protobuf-compiler-grpc libpro
       # used by the tests: Prometheus (promtool), Python gRPC clients
       prometheus python3-grpcio python3-grpc-tools grpc-proto curl iproute2
       # PyTorch: the exported model is checked by loading it in PyTorch
-      python3-torch)
+      python3-torch
+      # fuzz tests (libFuzzer) and the test certificates
+      clang libclang-rt-14-dev openssl)
 case "$what" in
   build) ;;
   bench) pkgs+=(iperf3) ;;

@@ -16,7 +16,8 @@
 // Exit status: 0 when the job FINISHED (after the last checkpoint was
 // written) or after a clean shutdown on SIGTERM/SIGINT; 1 with a message on
 // stderr otherwise (job FAILED, scheduler unreachable or not assembling,
-// bad checkpoint or initial weights, ...).
+// bad checkpoint or initial weights, ...); 2 for an unusable
+// --metrics_listen or security file (missing, malformed, short token).
 #include <pthread.h>
 #include <signal.h>
 

@@ -351,8 +351,8 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
     for (const Piece& p : list) {
       if (p.offset < 0 || p.offset > sizes[c] - p.n) {
         return absl::InvalidArgumentError(absl::StrCat(
-            who, ": ", name, " slice [", p.offset, ", ", p.offset + p.n,
-            ") is outside the chunk's ", sizes[c], " elements"));
+            who, ": ", name, " slice of ", p.n, " elements at offset ", p.offset,
+            " is outside the chunk's ", sizes[c], " elements"));
       }
     }
     std::sort(list.begin(), list.end(), [](const Piece& a, const Piece& b) {
