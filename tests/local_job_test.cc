@@ -1,12 +1,17 @@
 // The local launcher with the real binaries: a short run trains (the loss
 // falls), writes checkpoints, exports the model and a sample; a run stopped
 // at a checkpoint and resumed ends bit-identical to an uninterrupted run.
+#include <signal.h>
+#include <unistd.h>
+
+#include <cctype>
 #include <filesystem>
 #include <cmath>
 #include <cstdlib>
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/safetensors.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
@@ -98,6 +103,47 @@ TEST(LocalJobTest, ResumeContinuesExactly) {
   auto diff = MaxAbsDiff(*ma, *mb);
   ASSERT_TRUE(diff.ok()) << diff.status();
   EXPECT_EQ(*diff, 0.0) << "resumed training must equal uninterrupted training";
+}
+
+// Processes whose command line mentions `needle` (other than this test).
+int CountProcessesMentioning(const std::string& needle) {
+  int count = 0;
+  for (const auto& entry : fs::directory_iterator("/proc")) {
+    const std::string pid = entry.path().filename().string();
+    if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
+    if (std::stoi(pid) == getpid()) continue;
+    std::string cmdline = ReadFile(entry.path().string() + "/cmdline");
+    if (cmdline.find(needle) != std::string::npos) ++count;
+  }
+  return count;
+}
+
+// Ctrl-C stops every process the launcher started and leaves none behind.
+TEST(LocalJobTest, InterruptStopsEveryProcess) {
+  const std::string dir = TempDir("interrupt");
+  WriteFile(dir + "/job.textproto", TinyJob(100000, 1000000));
+  BackgroundProcess launcher({BinaryPath("launcher/lmps_local"),
+                              "--job=" + dir + "/job.textproto",
+                              "--run_dir=" + dir + "/run", "--workers=2",
+                              "--shards=2"},
+                             dir + "/launcher.log");
+  // Wait until training runs.
+  bool running = false;
+  for (int i = 0; i < 600 && !running; ++i) {
+    const std::string log = ReadFile(dir + "/launcher.log");
+    const size_t at = log.rfind("| loss ");
+    running = at != std::string::npos && at + 7 < log.size() &&
+              std::isdigit(static_cast<unsigned char>(log[at + 7]));
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  ASSERT_TRUE(running) << ReadFile(dir + "/launcher.log");
+  // The launcher and its 5 daemons (1 scheduler, 2 shards, 2 workers).
+  EXPECT_EQ(CountProcessesMentioning(dir + "/run"), 6);
+  kill(launcher.pid(), SIGINT);
+  const int code = launcher.Wait(20);
+  EXPECT_EQ(code, 1) << ReadFile(dir + "/launcher.log");
+  EXPECT_NE(ReadFile(dir + "/launcher.log").find("interrupted"), std::string::npos);
+  EXPECT_EQ(CountProcessesMentioning(dir + "/run"), 0);
 }
 
 }  // namespace
