@@ -62,6 +62,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/allocator.h"
 #include "common/grpc_server.h"
 #include "common/job_spec.h"
 #include "common/model_spec.h"
@@ -587,6 +588,8 @@ absl::Status Run(const std::string& work_dir) {
 }  // namespace lmps
 
 int main(int argc, char** argv) {
+  // As lmps_worker does (common/allocator.h): this process is the worker.
+  lmps::TuneAllocatorForLargeBuffers();
   absl::SetProgramUsageMessage(
       "parameter-server throughput: ps_bench [--shards=2] [--repeats=5] "
       "[--n_layer=8 --n_embd=512 --block_size=256]");
