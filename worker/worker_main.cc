@@ -180,8 +180,11 @@ absl::Status RunWorker() {
   // A replacement joins a running job: start at the servers' version. In
   // the middle of an Apply the shards may differ by one; wait for the live
   // replicas to finish it.
+  // In ASYNC mode versions count pushes, not steps, and differ between
+  // shards all the time: start at the assignment's step (a replacement may
+  // then repeat steps; see README, consistency modes).
   int64_t start_step = assignment.start_step();
-  for (int attempt = 0;; ++attempt) {
+  for (int attempt = 0; spec.train().mode() != ASYNC; ++attempt) {
     absl::StatusOr<std::vector<int64_t>> got = ps->Versions();
     if (got.status().code() == absl::StatusCode::kUnavailable &&
         attempt * 0.1 < absl::GetFlag(FLAGS_rpc_timeout_s)) {
