@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/model_spec.h"
+#include "common/parallel_layout.h"
 
 namespace lmps {
 namespace {
@@ -71,11 +72,15 @@ void ApplyJobSpecDefaults(JobSpec* s) {
   if (t->checkpoint_interval() == 0) t->set_checkpoint_interval(50);
   if (t->mode() == CONSISTENCY_UNSPECIFIED) t->set_mode(SYNC);
   if (t->sample_tokens() == 0) t->set_sample_tokens(200);
+  if (t->peer_timeout_ms() == 0) t->set_peer_timeout_ms(60000);
 
   LayoutConfig* l = s->mutable_layout();
   if (l->dp() == 0) l->set_dp(1);
   if (l->pp() == 0) l->set_pp(1);
   if (l->tp() == 0) l->set_tp(1);
+  if (l->schedule() == PIPELINE_SCHEDULE_UNSPECIFIED) {
+    l->set_schedule(ONE_F_ONE_B);
+  }
   if (l->num_shards() == 0) l->set_num_shards(1);
 
   if (s->max_chunk_bytes() == 0) s->set_max_chunk_bytes(4 << 20);
@@ -132,10 +137,26 @@ absl::Status ValidateJobSpec(const JobSpec& s) {
         "layout: dp and num_shards must be in [1, 1024] (got dp=", l.dp(),
         " num_shards=", l.num_shards(), ")"));
   }
-  if (l.pp() != 1 || l.tp() != 1) {
+  if (absl::StatusOr<ParallelLayout> layout =
+          ParallelLayout::Create(s.model(), l);
+      !layout.ok()) {
+    return layout.status();
+  }
+  if (l.schedule() != ONE_F_ONE_B && l.schedule() != GPIPE) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "layout: pp=", l.pp(), " tp=", l.tp(),
-        " is not supported yet; valid: pp=1 tp=1 (data parallel only)"));
+        "layout.schedule: unknown value ", static_cast<int>(l.schedule()),
+        "; valid: ONE_F_ONE_B, GPIPE"));
+  }
+  if (l.pp() * l.tp() > 1 && t.mode() == ASYNC) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train.mode ASYNC is not supported with pp=", l.pp(), " tp=", l.tp(),
+        "; valid with pipeline or tensor parallelism: SYNC, "
+        "BOUNDED_STALENESS"));
+  }
+  if (t.peer_timeout_ms() < 1 || t.peer_timeout_ms() > 3600000) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train.peer_timeout_ms must be in [1, 3600000], got ",
+        t.peer_timeout_ms()));
   }
   const int per_step = l.dp() * t.micro_batches();
   if (t.batch_size() % per_step != 0) {

@@ -70,8 +70,25 @@ TEST(JobSpecTest, IndivisibleBatchSaysWhatIsValid) {
 
 TEST(JobSpecTest, RejectsBadModelAndLayout) {
   EXPECT_FALSE(ParseJobSpec("model { n_embd: 30 n_head: 4 }").ok());
-  EXPECT_FALSE(ParseJobSpec("layout { pp: 2 }").ok());
   EXPECT_FALSE(ParseJobSpec("optimizer { lr: -1 }").ok());
+}
+
+TEST(JobSpecTest, ParallelLayoutsAreCheckedSayingWhatIsValid) {
+  auto ok = ParseJobSpec("model { n_layer: 4 n_head: 4 } layout { pp: 2 tp: 2 }");
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->layout().schedule(), ONE_F_ONE_B);
+  auto heads = ParseJobSpec("model { n_head: 4 } layout { tp: 3 }");
+  ASSERT_FALSE(heads.ok());
+  EXPECT_NE(heads.status().message().find("valid tp: 1, 2, 4"),
+            std::string::npos) << heads.status();
+  auto stages = ParseJobSpec("model { n_layer: 2 } layout { pp: 3 }");
+  ASSERT_FALSE(stages.ok());
+  EXPECT_NE(stages.status().message().find("valid: pp in [1, 2]"),
+            std::string::npos) << stages.status();
+  auto async = ParseJobSpec("train { mode: ASYNC } layout { pp: 2 }");
+  ASSERT_FALSE(async.ok());
+  EXPECT_NE(async.status().message().find("SYNC, BOUNDED_STALENESS"),
+            std::string::npos) << async.status();
 }
 
 TEST(JobSpecTest, ConsistencyModesParse) {

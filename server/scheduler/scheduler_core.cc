@@ -152,15 +152,19 @@ absl::StatusOr<std::unique_ptr<SchedulerCore>> SchedulerCore::Create(
       PartitionMap partition,
       ComputePartition(options.spec.model(), options.spec.layout().num_shards(),
                        options.spec.max_chunk_bytes()));
-  return std::unique_ptr<SchedulerCore>(
-      new SchedulerCore(std::move(options), clock, std::move(partition)));
+  LMPS_ASSIGN_OR_RETURN(
+      ParallelLayout layout,
+      ParallelLayout::Create(options.spec.model(), options.spec.layout()));
+  return std::unique_ptr<SchedulerCore>(new SchedulerCore(
+      std::move(options), clock, std::move(partition), std::move(layout)));
 }
 
 SchedulerCore::SchedulerCore(SchedulerOptions options, Clock* clock,
-                             PartitionMap partition)
+                             PartitionMap partition, ParallelLayout layout)
     : options_(std::move(options)),
       clock_(clock),
       partition_(std::move(partition)),
+      layout_(std::make_unique<const ParallelLayout>(std::move(layout))),
       expected_servers_(options_.spec.layout().num_shards()),
       expected_workers_(options_.spec.layout().dp() *
                         options_.spec.layout().pp() *
@@ -392,6 +396,19 @@ Assignment SchedulerCore::AssignmentLocked(const Node& n) const {
   *a.mutable_partition() = partition_;
   for (const Node& s : servers_) a.add_shard_addresses(s.address);
   a.set_start_step(start_step_);
+  if (n.role == WORKER) {
+    const StageRange& stage = layout_->stage(n.coords.pp);
+    a.set_layer_begin(stage.layer_begin);
+    a.set_layer_end(stage.layer_end);
+    for (const Node& w : workers_) {
+      PeerInfo* p = a.add_workers();
+      p->set_node_id(w.node_id);
+      p->set_address(w.address);
+      p->set_dp_rank(w.coords.dp);
+      p->set_pp_rank(w.coords.pp);
+      p->set_tp_rank(w.coords.tp);
+    }
+  }
   return a;
 }
 
@@ -444,6 +461,12 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
     if (server && request.address().empty()) {
       return absl::InvalidArgumentError(
           "a server must register with the address (host:port) it serves on");
+    }
+    if (!server && request.address().empty() && layout_->pp() * layout_->tp() > 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "with pp=", layout_->pp(), " tp=", layout_->tp(),
+          " a worker must register with the address (host:port) of its "
+          "WorkerPeer service"));
     }
     std::vector<Node>& slots = server ? servers_ : workers_;
     const int n_slots = static_cast<int>(slots.size());

@@ -86,6 +86,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/parallel_layout.h"
 #include "proto/lmps.pb.h"
 #include "server/scheduler/clock.h"
 
@@ -199,7 +200,8 @@ class SchedulerCore {
   struct Pending;
   struct Outbox;
 
-  SchedulerCore(SchedulerOptions options, Clock* clock, PartitionMap partition);
+  SchedulerCore(SchedulerOptions options, Clock* clock, PartitionMap partition,
+                ParallelLayout layout);
 
   // Applies timeouts at `now`; called at the start of every public method.
   void AdvanceLocked(absl::Time now, Outbox* out)
@@ -233,6 +235,7 @@ class SchedulerCore {
   const SchedulerOptions options_;
   Clock* const clock_;
   const PartitionMap partition_;
+  const std::unique_ptr<const ParallelLayout> layout_;
   const int expected_servers_;
   const int expected_workers_;
   const absl::Time start_time_;

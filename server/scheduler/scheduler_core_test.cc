@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "common/job_spec.h"
@@ -219,6 +220,44 @@ TEST_F(SchedulerCoreTest, CreateRejectsBadOptions) {
   options.lease = absl::Seconds(1);
   EXPECT_EQ(SchedulerCore::Create(options, nullptr).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// pp = 2, tp = 2: workers must give their peer address; assignments carry
+// the stage's layers and every worker's ranks and address.
+TEST_F(SchedulerCoreTest, PipelineAndTensorParallelAssignments) {
+  SchedulerOptions options;
+  options.spec = Spec(1, 1);
+  options.spec.mutable_layout()->set_pp(2);
+  options.spec.mutable_layout()->set_tp(2);
+  auto created = SchedulerCore::Create(options, &clock_);
+  ASSERT_TRUE(created.ok()) << created.status();
+  core_ = std::move(*created);
+  EXPECT_EQ(core_->expected_workers(), 4);
+  absl::StatusOr<RegisterResponse> no_address = core_->Register(Worker("h"));
+  ASSERT_FALSE(no_address.ok());
+  EXPECT_NE(no_address.status().message().find("WorkerPeer"), std::string::npos);
+  for (int i = 0; i < 4; ++i) {
+    RegisterRequest w = Worker("h");
+    w.set_address(absl::StrCat("127.0.0.1:50", i));
+    EXPECT_EQ(Id(w), absl::StrCat("worker-", i));
+  }
+  EXPECT_EQ(Id(Server("127.0.0.1:4001")), "server-0");
+  absl::StatusOr<Assignment> w3 =
+      core_->GetAssignment("worker-3", absl::InfiniteFuture());
+  ASSERT_TRUE(w3.ok()) << w3.status();
+  EXPECT_EQ(w3->pp_rank(), 1);
+  EXPECT_EQ(w3->tp_rank(), 1);
+  EXPECT_EQ(w3->layer_begin(), 1);
+  EXPECT_EQ(w3->layer_end(), 2);
+  ASSERT_EQ(w3->workers_size(), 4);
+  EXPECT_EQ(w3->workers(2).address(), "127.0.0.1:502");
+  EXPECT_EQ(w3->workers(2).pp_rank(), 1);
+  EXPECT_EQ(w3->workers(2).tp_rank(), 0);
+  absl::StatusOr<Assignment> w0 =
+      core_->GetAssignment("worker-0", absl::InfiniteFuture());
+  ASSERT_TRUE(w0.ok());
+  EXPECT_EQ(w0->layer_begin(), 0);
+  EXPECT_EQ(w0->layer_end(), 1);
 }
 
 TEST_F(SchedulerCoreTest, AssemblesAndHandsOutAssignments) {
