@@ -54,6 +54,12 @@
 
 ABSL_FLAG(std::string, job, "", "job spec (text proto); empty: the defaults");
 ABSL_FLAG(int, workers, 0, "data-parallel workers (0: the spec's layout.dp)");
+ABSL_FLAG(int, pp, 0, "pipeline stages (0: the spec's layout.pp)");
+ABSL_FLAG(int, tp, 0, "tensor-parallel ranks (0: the spec's layout.tp)");
+ABSL_FLAG(std::string, schedule, "",
+          "pipeline schedule: 1f1b or gpipe (empty: the spec's)");
+ABSL_FLAG(int, micro_batches, 0,
+          "micro-batches per replica per step (0: the spec's)");
 ABSL_FLAG(int, shards, 0, "parameter-server shards (0: the spec's layout)");
 ABSL_FLAG(int, steps, 0, "training steps (0: the spec's train.steps)");
 ABSL_FLAG(std::string, data, "", "data file (empty: the spec's data.path)");
@@ -226,6 +232,20 @@ absl::StatusOr<JobSpec> Launcher::PrepareSpec() {
   if (absl::GetFlag(FLAGS_shards) > 0) {
     spec.mutable_layout()->set_num_shards(absl::GetFlag(FLAGS_shards));
   }
+  if (absl::GetFlag(FLAGS_pp) > 0) spec.mutable_layout()->set_pp(absl::GetFlag(FLAGS_pp));
+  if (absl::GetFlag(FLAGS_tp) > 0) spec.mutable_layout()->set_tp(absl::GetFlag(FLAGS_tp));
+  if (absl::GetFlag(FLAGS_micro_batches) > 0) {
+    spec.mutable_train()->set_micro_batches(absl::GetFlag(FLAGS_micro_batches));
+  }
+  const std::string schedule = absl::GetFlag(FLAGS_schedule);
+  if (schedule == "1f1b") {
+    spec.mutable_layout()->set_schedule(ONE_F_ONE_B);
+  } else if (schedule == "gpipe") {
+    spec.mutable_layout()->set_schedule(GPIPE);
+  } else if (!schedule.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--schedule must be 1f1b or gpipe, got '", schedule, "'"));
+  }
   if (absl::GetFlag(FLAGS_steps) > 0) {
     spec.mutable_train()->set_steps(absl::GetFlag(FLAGS_steps));
   }
@@ -352,14 +372,18 @@ void Launcher::Progress(const JobStatus& status, bool final) {
   int workers = 0;
   for (const NodeStatus& n : status.nodes()) {
     if (n.role() != WORKER) continue;
-    ++workers;
     step = std::min(step, n.step());
-    loss += n.loss();
-    tps += n.tokens_per_second();
-    if (n.dp_rank() == 0) eval = n.eval_loss();
+    // Only the last pipeline stage knows the loss (others report NaN); tp
+    // ranks and stages of one replica process the same tokens.
+    if (std::isfinite(n.loss()) && n.tp_rank() <= 0) {
+      ++workers;
+      loss += n.loss();
+      tps += n.tokens_per_second();
+    }
+    if (n.dp_rank() == 0 && std::isfinite(n.eval_loss())) eval = n.eval_loss();
   }
-  if (workers == 0) return;
-  loss /= workers;
+  if (step == INT64_MAX) return;
+  loss = workers > 0 ? loss / workers : NAN;
   const auto now = std::chrono::steady_clock::now();
   if (first_step_ < 0 && step > status.start_step()) {
     first_step_ = step;
@@ -418,7 +442,8 @@ void Launcher::MaybeInjectServerFault(const JobStatus& status) {
 }
 
 absl::Status Launcher::StartJob(const JobSpec& spec) {
-  const int W = spec.layout().dp(), S = spec.layout().num_shards();
+  const int W = spec.layout().dp() * spec.layout().pp() * spec.layout().tp(),
+            S = spec.layout().num_shards();
   const int cores = std::max(1u, std::thread::hardware_concurrency());
   const std::string ckpt = run_dir_ + "/ckpt";
   const std::string& job_file = job_file_;
@@ -582,11 +607,19 @@ absl::Status Launcher::Run() {
   job_file_ = run_dir_ + "/job.textproto";
   std::ofstream(job_file_) << text;
 
-  const int W = spec.layout().dp(), S = spec.layout().num_shards();
-  std::printf("lmps: %d worker%s, %d shard%s, %d steps of %d sequences x %d "
-              "tokens; model %d layers x %d wide (%s); data %s\nlmps: logs in "
-              "%s/logs\n",
-              W, W == 1 ? "" : "s", S, S == 1 ? "" : "s", spec.train().steps(),
+  const int W = spec.layout().dp() * spec.layout().pp() * spec.layout().tp(),
+            S = spec.layout().num_shards();
+  std::printf("lmps: %d worker%s (dp %d x pp %d x tp %d%s), %d shard%s, %d "
+              "steps of %d sequences x %d tokens; model %d layers x %d wide "
+              "(%s); data %s\nlmps: logs in %s/logs\n",
+              W, W == 1 ? "" : "s", spec.layout().dp(), spec.layout().pp(),
+              spec.layout().tp(),
+              spec.layout().pp() > 1
+                  ? absl::StrCat(", ", PipelineSchedule_Name(spec.layout().schedule()),
+                                 ", ", spec.train().micro_batches(), " micro-batches")
+                        .c_str()
+                  : "",
+              S, S == 1 ? "" : "s", spec.train().steps(),
               spec.train().batch_size(), spec.model().block_size(),
               spec.model().n_layer(), spec.model().n_embd(),
               absl::GetFlag(FLAGS_resume) ? "resuming" : "fresh start",
@@ -648,6 +681,23 @@ absl::Status Launcher::Run() {
     }
     LMPS_RETURN_IF_ERROR(Reap());
     std::printf("lmps: model exported to %s\n", out.c_str());
+  }
+  if (!fs::exists(run_dir_ + "/sample.txt") && absl::GetFlag(FLAGS_export_model) &&
+      spec.train().sample_tokens() > 0) {
+    // With pp * tp > 1 no worker holds the whole model: sample from the
+    // exported one.
+    LMPS_RETURN_IF_ERROR(Start(
+        "sample", Bin("worker/lmps_eval"),
+        {"--model=" + run_dir_ + "/model.safetensors", "--prompt=The ",
+         absl::StrCat("--generate=", spec.train().sample_tokens()),
+         "--temperature=0.8", "--top_k=40",
+         absl::StrCat("--seed=", spec.train().seed()),
+         "--generate_out=" + run_dir_ + "/sample.txt"}));
+    while (!AllExited("sample")) {
+      LMPS_RETURN_IF_ERROR(Reap());
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    LMPS_RETURN_IF_ERROR(Reap());
   }
   std::ifstream sample(run_dir_ + "/sample.txt");
   if (sample) {

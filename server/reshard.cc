@@ -163,7 +163,7 @@ absl::StatusOr<ReshardResult> ReadCheckpointRanges(
   const int64_t step = request.step;
   std::map<std::string, std::vector<size_t>> by_tensor;
   for (size_t i = 0; i < request.ranges.size(); ++i) {
-    const ElementRange& r = request.ranges[i];
+    const ReshardRange& r = request.ranges[i];
     if (r.begin < 0 || r.end <= r.begin) {
       return absl::InvalidArgumentError(
           absl::StrCat("bad range of tensor '", r.tensor, "': [", r.begin,
@@ -212,7 +212,7 @@ absl::StatusOr<ReshardResult> ReadCheckpointRanges(
         continue;
       }
       for (size_t i : it->second) {
-        const ElementRange& r = request.ranges[i];
+        const ReshardRange& r = request.ranges[i];
         if (std::max(r.begin, c.begin()) < std::min(r.end, c.end())) {
           needed[c.shard()] = 1;
         }
@@ -258,7 +258,7 @@ absl::StatusOr<ReshardResult> ReadCheckpointRanges(
       if (it == by_tensor.end()) continue;
       const int64_t cb = c.desc.begin();
       for (size_t i : it->second) {
-        const ElementRange& r = request.ranges[i];
+        const ReshardRange& r = request.ranges[i];
         const int64_t lo = std::max(r.begin, cb);
         const int64_t hi = std::min(r.end, c.desc.end());
         if (lo >= hi) continue;
@@ -278,7 +278,7 @@ absl::StatusOr<ReshardResult> ReadCheckpointRanges(
   std::vector<std::string> problems;
   std::set<std::string> absent;
   for (size_t i = 0; i < request.ranges.size(); ++i) {
-    const ElementRange& r = request.ranges[i];
+    const ReshardRange& r = request.ranges[i];
     if (old_tensors.count(r.tensor) == 0) {
       if (absent.insert(r.tensor).second) {
         problems.push_back(
@@ -350,7 +350,7 @@ bool CheckpointNeedsReshard(const std::string& path, const PartitionMap& map) {
 
 absl::StatusOr<std::vector<RangeData>> LoadShardRanges(
     const std::string& dir, int64_t step, const JobSpec& spec,
-    std::vector<ElementRange> ranges, int shard,
+    std::vector<ReshardRange> ranges, int shard,
     const std::function<void(const std::string&)>& log) {
   ReshardRequest request;
   request.dir = dir;

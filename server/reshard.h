@@ -42,13 +42,13 @@
 namespace lmps {
 
 // Elements [begin, end) of a tensor (row-major, fp32).
-struct ElementRange {
+struct ReshardRange {
   std::string tensor;
   int64_t begin = 0;
   int64_t end = 0;
 };
 
-// The values of one ElementRange: end - begin parameters and
+// The values of one ReshardRange: end - begin parameters and
 // state_buffers buffers of as many elements.
 struct RangeData {
   std::vector<float> params;
@@ -58,7 +58,7 @@ struct RangeData {
 struct ReshardRequest {
   std::string dir;  // checkpoint directory (holding step_<8 digits>/)
   int64_t step = 0;
-  std::vector<ElementRange> ranges;
+  std::vector<ReshardRange> ranges;
   // When set, the checkpoint must have been written for this model
   // (FailedPrecondition otherwise).
   std::optional<ModelConfig> model;
@@ -112,7 +112,7 @@ bool CheckpointNeedsReshard(const std::string& path, const PartitionMap& map);
 // naming the old layout and the files read (`log` may be empty).
 absl::StatusOr<std::vector<RangeData>> LoadShardRanges(
     const std::string& dir, int64_t step, const JobSpec& spec,
-    std::vector<ElementRange> ranges, int shard,
+    std::vector<ReshardRange> ranges, int shard,
     const std::function<void(const std::string&)>& log);
 
 }  // namespace lmps

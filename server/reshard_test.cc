@@ -104,8 +104,8 @@ void WriteStep(const std::string& dir, const JobSpec& spec, int64_t step) {
   }
 }
 
-std::vector<ElementRange> RangesOf(const PartitionMap& map, int shard) {
-  std::vector<ElementRange> out;
+std::vector<ReshardRange> RangesOf(const PartitionMap& map, int shard) {
+  std::vector<ReshardRange> out;
   for (const ChunkDesc& d : ChunksOfShard(map, shard)) {
     out.push_back({d.tensor(), d.begin(), d.end()});
   }

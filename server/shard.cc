@@ -9,6 +9,7 @@
 #include "absl/strings/str_join.h"
 #include "common/init.h"
 #include "common/job_spec.h"
+#include "common/parallel_layout.h"
 #include "common/partition.h"
 #include "common/safetensors.h"
 #include "server/optimizer.h"
@@ -105,6 +106,7 @@ absl::Status ParameterShard::Init() {
     chunk_sizes_.push_back(c.size());
     chunks_.push_back(std::move(c));
   }
+  if (absl::Status s = InitOwners(); !s.ok()) return s;
   async_clip_fraction_ =
       model_elements_ > 0 ? std::sqrt(static_cast<double>(num_elements_) /
                                       static_cast<double>(model_elements_))
@@ -125,6 +127,60 @@ absl::Status ParameterShard::Init() {
   return absl::OkStatus();
 }
 
+absl::Status ParameterShard::InitOwners() {
+  absl::StatusOr<ParallelLayout> layout =
+      ParallelLayout::Create(options_.spec.model(), options_.spec.layout());
+  if (!layout.ok()) return layout.status();
+  pp_ = layout->pp();
+  tp_ = layout->tp();
+  const int workers = pp_ * tp_;
+  parts_of_worker_.assign(workers, 0);
+  // Sorted tensor ranges clipped to [begin, end), in chunk offsets, with
+  // adjacent ranges merged.
+  auto clip = [](const auto& ranges, int64_t begin, int64_t end) {
+    std::vector<OffsetRange> out;
+    for (const auto& r : ranges) {
+      const int64_t b = std::max<int64_t>(r.begin, begin);
+      const int64_t e = std::min<int64_t>(r.end, end);
+      if (b >= e) continue;
+      if (!out.empty() && out.back().end == b - begin) {
+        out.back().end = e - begin;
+      } else {
+        out.push_back({b - begin, e - begin});
+      }
+    }
+    return out;
+  };
+  owners_.clear();
+  for (const Chunk& c : chunks_) {
+    const int t = tensor_index_.at(c.desc.tensor());
+    ChunkOwners o;
+    o.contributor_of.assign(workers, -1);
+    o.held.resize(workers);
+    for (int w = 0; w < workers; ++w) {
+      const int pp_rank = w / tp_, tp_rank = w % tp_;
+      o.held[w] = clip(layout->Held(t, pp_rank, tp_rank), c.desc.begin(),
+                       c.desc.end());
+      std::vector<OffsetRange> pushed = clip(
+          layout->Pushed(t, pp_rank, tp_rank), c.desc.begin(), c.desc.end());
+      if (pushed.empty()) continue;
+      o.contributor_of[w] = static_cast<int>(o.contributors.size());
+      o.contributors.push_back({w, std::move(pushed)});
+      ++parts_of_worker_[w];
+    }
+    if (o.contributors.empty()) {
+      return absl::InternalError(
+          absl::StrCat("layout pp=", pp_, " tp=", tp_, ": no worker pushes ",
+                       ChunkName(c.desc.tensor(), c.desc.index())));
+    }
+    const std::vector<OffsetRange>& first = o.contributors[0].ranges;
+    o.direct = o.contributors.size() == 1 && first.size() == 1 &&
+               first[0].begin == 0 && first[0].end == c.size();
+    owners_.push_back(std::move(o));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ParameterShard::InitFromCheckpoint() {
   const int64_t step = options_.start_step;
   if (options_.checkpoint_dir.empty()) {
@@ -137,9 +193,11 @@ absl::Status ParameterShard::InitFromCheckpoint() {
   // Written under another layout (num_shards, max_chunk_bytes), or no file
   // of this shard: build the chunks from the old layout's shard files.
   if (CheckpointNeedsReshard(path, options_.map)) {
-    std::vector<ElementRange> ranges;
-    for (const Chunk& c : chunks_) {
-      ranges.push_back({c.desc.tensor(), c.desc.begin(), c.desc.end()});
+    decltype(ReshardRequest::ranges) ranges(chunks_.size());
+    for (size_t i = 0; i < chunks_.size(); ++i) {
+      ranges[i].tensor = chunks_[i].desc.tensor();
+      ranges[i].begin = chunks_[i].desc.begin();
+      ranges[i].end = chunks_[i].desc.end();
     }
     absl::StatusOr<std::vector<RangeData>> data =
         LoadShardRanges(options_.checkpoint_dir, step, options_.spec,
@@ -284,15 +342,24 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
   const PushRequest& head = stream.front();
   const int rank = head.dp_rank();
   const int64_t step = head.step();
+  const int pp_rank = head.pp_rank(), tp_rank = head.tp_rank();
   for (size_t m = 1; m < stream.size(); ++m) {
     const PushRequest& r = stream[m];
     if (r.dp_rank() != rank || r.step() != step ||
-        r.partition_version() != head.partition_version()) {
+        r.partition_version() != head.partition_version() ||
+        r.pp_rank() != pp_rank || r.tp_rank() != tp_rank) {
+      const bool ranks = pp_ * tp_ > 1 || r.pp_rank() != pp_rank ||
+                         r.tp_rank() != tp_rank;
       return absl::InvalidArgumentError(absl::StrCat(
-          "push message ", m, " has dp_rank ", r.dp_rank(), " step ", r.step(),
-          " partition_version ", r.partition_version(),
-          " but the stream started with dp_rank ", rank, " step ", step,
-          " partition_version ", head.partition_version()));
+          "push message ", m, " has dp_rank ", r.dp_rank(),
+          ranks ? absl::StrCat(" pp_rank ", r.pp_rank(), " tp_rank ",
+                               r.tp_rank())
+                : "",
+          " step ", r.step(), " partition_version ", r.partition_version(),
+          " but the stream started with dp_rank ", rank,
+          ranks ? absl::StrCat(" pp_rank ", pp_rank, " tp_rank ", tp_rank)
+                : "",
+          " step ", step, " partition_version ", head.partition_version()));
     }
   }
   if (head.partition_version() != options_.map.version()) {
@@ -305,11 +372,22 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
     return absl::InvalidArgumentError(
         absl::StrCat("push dp_rank ", rank, " is out of range [0, ", dp_, ")"));
   }
+  if (pp_rank < 0 || pp_rank >= pp_ || tp_rank < 0 || tp_rank >= tp_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "push pp_rank ", pp_rank, " tp_rank ", tp_rank,
+        " is out of range: the layout has pp=", pp_, " tp=", tp_));
+  }
+  const int worker = pp_rank * tp_ + tp_rank;
+  const std::string contributor = absl::StrCat(
+      "(dp rank ", rank, ", pp ", pp_rank, ", tp ", tp_rank, ")");
   const std::string who =
-      absl::StrCat("push from dp rank ", rank, " for step ", step);
+      pp_ * tp_ > 1
+          ? absl::StrCat("push from ", contributor, " for step ", step)
+          : absl::StrCat("push from dp rank ", rank, " for step ", step);
 
   // Static validation: every slice names a chunk of this shard, a valid
-  // dtype and an in-range element span; every chunk is tiled exactly once.
+  // dtype and an in-range element span; the slices of every chunk tile the
+  // pusher's part of it exactly once.
   Pieces pieces;
   for (size_t m = 0; m < stream.size(); ++m) {
     for (const ChunkSlice& s : stream[m].slices()) {
@@ -348,6 +426,13 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
   for (auto& [c, list] : pieces) {
     const ChunkSlice& any = *list.front().slice;
     const std::string name = ChunkName(any.tensor(), any.chunk());
+    const int k = owners_[c].contributor_of[worker];
+    if (k < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("push for step ", step, ": ", contributor,
+                       " owns no part of ", name,
+                       " (common/parallel_layout.h)"));
+    }
     for (const Piece& p : list) {
       if (p.offset < 0 || p.offset > sizes[c] - p.n) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -358,22 +443,9 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
     std::sort(list.begin(), list.end(), [](const Piece& a, const Piece& b) {
       return a.offset < b.offset;
     });
-    int64_t next = 0;
-    for (const Piece& p : list) {
-      if (p.n == 0) continue;
-      if (p.offset != next) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(who, ": ", name, " is not covered exactly once: ",
-                         p.offset < next ? "overlapping slices at element "
-                                         : "missing elements from ",
-                         std::min(p.offset, next)));
-      }
-      next = p.offset + p.n;
-    }
-    if (next != sizes[c]) {
+    if (std::string error = TilingError(c, k, list); !error.empty()) {
       return absl::InvalidArgumentError(
-          absl::StrCat(who, ": ", name, " covers ", next, " of its ", sizes[c],
-                       " elements; a push must cover whole chunks"));
+          absl::StrCat(who, ": ", name, " ", error));
     }
   }
   for (auto& [c, list] : pieces) {
@@ -395,8 +467,109 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
     return absl::UnavailableError(
         absl::StrCat("parameter server shard ", shard, " is shutting down"));
   }
-  if (mode_ == ASYNC) return PushAsyncLocked(rank, step, pieces, who);
-  return PushStepLocked(rank, step, pieces, who);
+  if (mode_ == ASYNC) return PushAsyncLocked(rank, worker, step, pieces, who);
+  return PushStepLocked(rank, worker, step, pieces, who);
+}
+
+namespace {
+
+// "[0, 4), [8, 12), ... (9 ranges)": at most three ranges.
+template <typename Range>
+std::string RangesText(const std::vector<Range>& ranges) {
+  std::vector<std::string> parts;
+  for (size_t i = 0; i < ranges.size() && i < 3; ++i) {
+    parts.push_back(
+        absl::StrCat("[", ranges[i].begin, ", ", ranges[i].end, ")"));
+  }
+  std::string out = absl::StrJoin(parts, ", ");
+  if (ranges.size() > 3) {
+    absl::StrAppend(&out, ", ... (", ranges.size(), " ranges)");
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string ParameterShard::TilingError(int c, int k,
+                                        const std::vector<Piece>& list) const {
+  const int64_t size = chunk_sizes_[c];
+  const std::vector<OffsetRange>& runs = owners_[c].contributors[k].ranges;
+  // Owning the whole chunk (always so with pp = tp = 1): the messages of a
+  // whole-chunk push.
+  const bool whole = runs.size() == 1 && runs[0].begin == 0 &&
+                     runs[0].end == size;
+  auto missing = [&](int64_t a, int64_t b) {
+    if (whole) {
+      return absl::StrCat(
+          "is not covered exactly once: missing elements from ", a);
+    }
+    return absl::StrCat("misses elements [", a, ", ", b,
+                        ") of its part (elements ", RangesText(runs), ")");
+  };
+  auto extra = [&](int64_t a, int64_t b) {
+    return absl::StrCat("has elements [", a, ", ", b,
+                        ") outside its part (elements ", RangesText(runs),
+                        ")");
+  };
+  int64_t next = 0;  // end of the elements covered so far
+  size_t j = 0;      // first run that may hold elements >= next
+  for (const Piece& p : list) {
+    if (p.n == 0) continue;
+    if (p.offset < next) {
+      return absl::StrCat(
+          "is not covered exactly once: overlapping slices at element ",
+          p.offset);
+    }
+    // Nothing of the part may lie in the gap [next, p.offset).
+    while (j < runs.size() && runs[j].end <= next) ++j;
+    if (j < runs.size() && std::max(runs[j].begin, next) <
+                               std::min(runs[j].end, p.offset)) {
+      return missing(std::max(runs[j].begin, next),
+                     std::min(runs[j].end, p.offset));
+    }
+    // The piece lies inside one run.
+    while (j < runs.size() && runs[j].end <= p.offset) ++j;
+    const int64_t end = p.offset + p.n;
+    if (j == runs.size() || runs[j].begin > p.offset) {
+      return extra(p.offset,
+                   j == runs.size() ? end : std::min(end, runs[j].begin));
+    }
+    if (runs[j].end < end) {
+      return extra(runs[j].end, j + 1 == runs.size()
+                                    ? end
+                                    : std::min(end, runs[j + 1].begin));
+    }
+    next = end;
+  }
+  while (j < runs.size() && runs[j].end <= next) ++j;
+  if (j < runs.size()) {
+    if (whole) {
+      return absl::StrCat("covers ", next, " of its ", size,
+                          " elements; a push must cover whole chunks");
+    }
+    return missing(std::max(runs[j].begin, next), runs[j].end);
+  }
+  return "";
+}
+
+void ParameterShard::DecodePart(int c, const std::vector<Piece>& list,
+                                bool first, float* dst) const {
+  if (owners_[c].direct) {
+    for (const Piece& p : list) {
+      DecodePayload(p.slice->dtype(), p.slice->data(), dst + p.offset);
+    }
+    return;
+  }
+  // Several contributors: their parts are summed (they overlap only for the
+  // tied embedding, pushed by the first and the last stage).
+  if (first) std::fill(dst, dst + chunk_sizes_[c], 0.0f);
+  std::vector<float> values;
+  for (const Piece& p : list) {
+    values.resize(p.n);
+    DecodePayload(p.slice->dtype(), p.slice->data(), values.data());
+    float* out = dst + p.offset;
+    for (int64_t i = 0; i < p.n; ++i) out[i] += values[i];
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -427,20 +600,27 @@ ParameterShard::StepGrads& ParameterShard::SlotLocked(int64_t step) {
   if (slot.grads.empty()) {
     slot.grads.resize(chunks_.size());
     slot.received.resize(chunks_.size());
+    slot.parts.resize(chunks_.size());
     for (size_t c = 0; c < chunks_.size(); ++c) {
       slot.grads[c].assign(dp_, std::vector<float>(chunks_[c].size(), 0.0f));
-      slot.received[c].assign(dp_, 0);
+      slot.received[c].assign(dp_ * owners_[c].contributors.size(), 0);
+      slot.parts[c].assign(dp_, 0);
     }
     slot.chunks_received.assign(dp_, 0);
   } else {
+    // The buffers keep the old step's values: a part owning the whole chunk
+    // overwrites them, several contributors' parts are summed into a buffer
+    // zeroed when the first arrives (DecodePart).
     for (auto& r : slot.received) std::fill(r.begin(), r.end(), 0);
+    for (auto& r : slot.parts) std::fill(r.begin(), r.end(), 0);
     std::fill(slot.chunks_received.begin(), slot.chunks_received.end(), 0);
   }
   return slot;
 }
 
 absl::StatusOr<PushResponse> ParameterShard::PushStepLocked(
-    int rank, int64_t step, const Pieces& pieces, const std::string& who) {
+    int rank, int worker, int64_t step, const Pieces& pieces,
+    const std::string& who) {
   const int shard = options_.shard;
   if (step < version_) {
     return absl::FailedPreconditionError(
@@ -463,17 +643,17 @@ absl::StatusOr<PushResponse> ParameterShard::PushStepLocked(
   const bool was_complete = slot.chunks_received[rank] == n;
   PushResponse response;
   for (const auto& [c, list] : pieces) {
-    if (slot.received[c][rank]) {
+    const int contributors = static_cast<int>(owners_[c].contributors.size());
+    const int k = owners_[c].contributor_of[worker];
+    char& received = slot.received[c][rank * contributors + k];
+    if (received) {
       response.set_chunks_duplicate(response.chunks_duplicate() + 1);
       ++duplicates_;
       continue;
     }
-    float* dst = slot.grads[c][rank].data();
-    for (const Piece& p : list) {
-      DecodePayload(p.slice->dtype(), p.slice->data(), dst + p.offset);
-    }
-    slot.received[c][rank] = 1;
-    ++slot.chunks_received[rank];
+    DecodePart(c, list, slot.parts[c][rank] == 0, slot.grads[c][rank].data());
+    received = 1;
+    if (++slot.parts[c][rank] == contributors) ++slot.chunks_received[rank];
     response.set_chunks_accepted(response.chunks_accepted() + 1);
   }
   if (!was_complete && slot.chunks_received[rank] == n) {
@@ -550,9 +730,35 @@ std::string ParameterShard::MissingRanksLocked(int64_t step,
   for (int r = 0; r < dp_; ++r) {
     const int got = slot == nullptr ? 0 : slot->chunks_received[r];
     if (got < n) missing.push_back(r);
-    if (got > 0 && got < n) {
-      partial.push_back(
-          absl::StrCat("dp rank ", r, " pushed ", got, " of ", n, " chunks"));
+    if (slot == nullptr || got == n) continue;
+    if (pp_ * tp_ == 1) {
+      if (got > 0) {
+        partial.push_back(
+            absl::StrCat("dp rank ", r, " pushed ", got, " of ", n, " chunks"));
+      }
+      continue;
+    }
+    // Parts received per contributor; only ranks that pushed something are
+    // detailed, and only their incomplete contributors.
+    std::vector<int> parts(pp_ * tp_, 0);
+    int any = 0;
+    for (int c = 0; c < n; ++c) {
+      const std::vector<Contributor>& cs = owners_[c].contributors;
+      for (size_t k = 0; k < cs.size(); ++k) {
+        if (slot->received[c][r * cs.size() + k]) {
+          ++parts[cs[k].worker];
+          ++any;
+        }
+      }
+    }
+    if (any == 0) continue;
+    for (int w = 0; w < pp_ * tp_; ++w) {
+      if (parts[w] < parts_of_worker_[w]) {
+        partial.push_back(absl::StrCat("dp rank ", r, " (pp ", w / tp_,
+                                       ", tp ", w % tp_, ") pushed ", parts[w],
+                                       " of ", parts_of_worker_[w],
+                                       " chunk parts"));
+      }
     }
   }
   std::string out = absl::StrCat("no gradients from dp ranks [",
@@ -739,7 +945,8 @@ absl::StatusOr<int64_t> ParameterShard::Apply(int64_t step,
 // ---------------------------------------------------------------------------
 
 absl::StatusOr<PushResponse> ParameterShard::PushAsyncLocked(
-    int rank, int64_t step, const Pieces& pieces, const std::string& who) {
+    int rank, int worker, int64_t step, const Pieces& pieces,
+    const std::string& who) {
   const int shard = options_.shard;
   if (step < clocks_[rank]) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -749,7 +956,7 @@ absl::StatusOr<PushResponse> ParameterShard::PushAsyncLocked(
   }
   RankGrads& pending = rank_grads_[rank];
   const int n = static_cast<int>(chunks_.size());
-  if (pending.chunks_received > 0 && pending.step != step) {
+  if (pending.parts_received > 0 && pending.step != step) {
     return absl::FailedPreconditionError(absl::StrCat(
         who, ": dp rank ", rank, "'s push of step ", pending.step,
         " is incomplete on shard ", shard, " (", pending.chunks_received,
@@ -760,22 +967,28 @@ absl::StatusOr<PushResponse> ParameterShard::PushAsyncLocked(
     for (size_t c = 0; c < chunks_.size(); ++c) {
       pending.grads[c].assign(chunks_[c].size(), 0.0f);
     }
-    pending.received.assign(chunks_.size(), 0);
+    pending.received.resize(chunks_.size());
+    for (size_t c = 0; c < chunks_.size(); ++c) {
+      pending.received[c].assign(owners_[c].contributors.size(), 0);
+    }
+    pending.parts.assign(chunks_.size(), 0);
   }
   pending.step = step;
   PushResponse response;
   for (const auto& [c, list] : pieces) {
-    if (pending.received[c]) {
+    char& received = pending.received[c][owners_[c].contributor_of[worker]];
+    if (received) {
       response.set_chunks_duplicate(response.chunks_duplicate() + 1);
       ++duplicates_;
       continue;
     }
-    float* dst = pending.grads[c].data();
-    for (const Piece& p : list) {
-      DecodePayload(p.slice->dtype(), p.slice->data(), dst + p.offset);
+    DecodePart(c, list, pending.parts[c] == 0, pending.grads[c].data());
+    received = 1;
+    ++pending.parts_received;
+    if (++pending.parts[c] ==
+        static_cast<int>(owners_[c].contributors.size())) {
+      ++pending.chunks_received;
     }
-    pending.received[c] = 1;
-    ++pending.chunks_received;
     response.set_chunks_accepted(response.chunks_accepted() + 1);
   }
   if (pending.chunks_received == n) {
@@ -807,7 +1020,9 @@ absl::Status ParameterShard::ApplyAsyncLocked(int rank) {
   OptimizerStepLocked(grads, scale, lr, version_);
   ++version_;
   last_grad_norm_ = std::sqrt(sum_squares);
-  std::fill(pending.received.begin(), pending.received.end(), 0);
+  for (auto& r : pending.received) std::fill(r.begin(), r.end(), 0);
+  std::fill(pending.parts.begin(), pending.parts.end(), 0);
+  pending.parts_received = 0;
   pending.chunks_received = 0;
   pending.step = -1;
   PushCompletedLocked(rank, step);
@@ -918,6 +1133,15 @@ absl::StatusOr<std::vector<PullResponse>> ParameterShard::Pull(
       return absl::NotFoundError(absl::StrCat("unknown tensor '", t, "'"));
     }
   }
+  const bool owned_only = request.owned_only();
+  const int pp_rank = request.pp_rank(), tp_rank = request.tp_rank();
+  if (owned_only &&
+      (pp_rank < 0 || pp_rank >= pp_ || tp_rank < 0 || tp_rank >= tp_)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pull pp_rank ", pp_rank, " tp_rank ", tp_rank,
+        " is out of range: the layout has pp=", pp_, " tp=", tp_));
+  }
+  const int worker = pp_rank * tp_ + tp_rank;
   const bool all = request.tensors().empty();
   std::set<std::string> wanted(request.tensors().begin(),
                                request.tensors().end());
@@ -961,27 +1185,32 @@ absl::StatusOr<std::vector<PullResponse>> ParameterShard::Pull(
   PullResponse current;
   current.set_version(version_);
   int64_t payload = 0;
-  for (const Chunk& c : chunks_) {
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    const Chunk& c = chunks_[i];
     if (!all && wanted.count(c.desc.tensor()) == 0) continue;
-    int64_t offset = 0;
-    while (offset < c.size()) {
-      if (budget - payload < elem) {
-        out.push_back(std::move(current));
-        current = PullResponse();
-        current.set_version(version_);
-        payload = 0;
+    // The whole chunk, or the part of it the worker holds.
+    const std::vector<OffsetRange> whole = {{0, c.size()}};
+    for (const OffsetRange& r : owned_only ? owners_[i].held[worker] : whole) {
+      int64_t offset = r.begin;
+      while (offset < r.end) {
+        if (budget - payload < elem) {
+          out.push_back(std::move(current));
+          current = PullResponse();
+          current.set_version(version_);
+          payload = 0;
+        }
+        const int64_t n = std::min(r.end - offset, (budget - payload) / elem);
+        ChunkSlice* s = current.add_slices();
+        s->set_tensor(c.desc.tensor());
+        s->set_chunk(c.desc.index());
+        s->set_offset(offset);
+        s->set_dtype(dtype);
+        std::string* data = s->mutable_data();
+        data->reserve(n * elem);
+        EncodePayload(dtype, c.params.data() + offset, n, data);
+        payload += n * elem;
+        offset += n;
       }
-      const int64_t n = std::min(c.size() - offset, (budget - payload) / elem);
-      ChunkSlice* s = current.add_slices();
-      s->set_tensor(c.desc.tensor());
-      s->set_chunk(c.desc.index());
-      s->set_offset(offset);
-      s->set_dtype(dtype);
-      std::string* data = s->mutable_data();
-      data->reserve(n * elem);
-      EncodePayload(dtype, c.params.data() + offset, n, data);
-      payload += n * elem;
-      offset += n;
     }
   }
   if (payload > 0 || out.empty()) out.push_back(std::move(current));

@@ -7,6 +7,25 @@
 // every mode are below. s is train.staleness in BOUNDED_STALENESS and 0 in
 // SYNC: SYNC is exactly BOUNDED_STALENESS with s = 0 (one code path).
 //
+// Chunk parts (pipeline and tensor parallel, layout.pp * layout.tp > 1):
+// the partition does not depend on pp or tp, so one replica's gradient of
+// a chunk may come in parts from several of its workers. The contributors
+// of a chunk are the workers (pp_rank, tp_rank) whose
+// ParallelLayout::Pushed ranges of the tensor intersect it
+// (common/parallel_layout.h); each pushes exactly its ranges within the
+// chunk (PushRequest.pp_rank/tp_rank), and the replica's chunk is complete
+// once every contributor pushed. Parts that overlap -- only wte, pushed by
+// the first and the last stage -- are summed (in float, 0 + a + b, whatever
+// the order). With pp = tp = 1 the only contributor is (0, 0), owning whole
+// chunks: everything below reads "chunk" for "chunk part" then. A chunk
+// owned whole by one contributor is decoded straight into its gradient
+// buffer; one of several is summed into a buffer zeroed when its first part
+// arrives. A
+// replica's gradient for a chunk is its contributors' parts summed, so
+// everything after a complete push (GradNorm, Apply, clocks, ASYNC updates)
+// is the same as with pp = tp = 1: the result equals a pp = tp = 1 job
+// pushed the equivalent full gradient.
+//
 // Replica clocks (every mode): clock[r] = the number of steps data-parallel
 // rank r has completely pushed to this shard (the step after the last one
 // whose every chunk of this shard arrived), starting at start_step. When a
@@ -21,31 +40,40 @@
 //
 //   Push(step)            accepted for version <= step <= version + s; every
 //                         dp rank pushes its gradient for every chunk (in
-//                         one or several streams). The shard keeps one
+//                         one or several streams; every contributor its
+//                         parts, each stream from one (dp_rank, pp_rank,
+//                         tp_rank)). The shard keeps one
 //                         gradient buffer per (pending step, rank), so up to
 //                         (s + 1) * dp copies of its chunks. The whole
 //                         stream is validated before anything changes;
 //                         errors:
 //                           InvalidArgument   malformed stream: mixed
-//                             headers, dp_rank out of range, unknown tensor,
-//                             chunk of another shard, bad dtype, byte length
-//                             not a multiple of the dtype size, offsets out
-//                             of range, a chunk not covered exactly once,
-//                             a NaN/Inf value (also counted in
-//                             rejected_nonfinite_pushes);
+//                             headers, dp_rank, pp_rank or tp_rank out of
+//                             range, unknown tensor, chunk of another shard,
+//                             bad dtype, byte length not a multiple of the
+//                             dtype size, offsets out of range, a chunk (the
+//                             pusher's part of it) not covered exactly once
+//                             or with elements outside that part (naming the
+//                             chunk, "(dp rank R, pp P, tp T)" and the
+//                             missing or extra elements), a chunk the pusher
+//                             "owns no part of", a NaN/Inf value (also
+//                             counted in rejected_nonfinite_pushes);
 //                           FailedPrecondition wrong partition_version, a
 //                             step already applied ("already applied") or a
 //                             step beyond version + s ("far in the future").
-//                         A chunk a rank already pushed for the step (a
-//                         retry) is counted as duplicate and ignored.
+//                         A chunk (part) a rank's contributor already
+//                         pushed for the step (a retry) is counted as
+//                         duplicate and ignored.
 //   GradNorm(step)        waits until every rank pushed every chunk for
 //                         step, then returns the sum of squares of the
 //                         averaged gradient (rank buffers summed in rank
 //                         order, divided by dp: deterministic whatever the
 //                         arrival order). Also answers for the last s + 1
 //                         applied steps. Timeout: DeadlineExceeded naming the
-//                         missing ranks; a step beyond the version:
-//                         FailedPrecondition.
+//                         missing ranks (with pp * tp > 1 also the
+//                         contributors missing parts: "dp rank 0 (pp 1, tp
+//                         0) pushed 3 of 5 chunk parts"); a step beyond the
+//                         version: FailedPrecondition.
 //   Apply(step, gss)      first call for step == version: clip with the
 //                         global norm sqrt(gss), apply the optimizer with the
 //                         scheduled learning rate (server/optimizer.h),
@@ -67,7 +95,12 @@
 //                         completed at least step - s steps: a replica at
 //                         step t never computes on parameters that miss more
 //                         than s of the slowest replica's steps. A timeout
-//                         names the replicas whose clocks are behind.
+//                         names the replicas whose clocks are behind. With
+//                         owned_only, only the element ranges worker
+//                         (pp_rank, tp_rank) holds (ParallelLayout::Held)
+//                         of each chunk, as slices with offsets inside the
+//                         chunk (a range may be split over messages);
+//                         InvalidArgument for ranks outside the layout.
 //
 //   Why this SSP and not per-push application: gradients are still
 //   aggregated per step over all replicas with the exact global-norm clip,
@@ -196,7 +229,8 @@ class ParameterShard {
 
   // The parameters once the mode's read rule allows request.step (version
   // >= step - s; ASYNC: version >= step); partition_version 0 is not
-  // checked, for grpcurl. NotFound for a tensor not in the model.
+  // checked, for grpcurl. NotFound for a tensor not in the model. With
+  // request.owned_only: only the parts worker (pp_rank, tp_rank) holds.
   absl::StatusOr<std::vector<PullResponse>> Pull(const PullRequest& request,
                                                  absl::Time deadline);
 
@@ -251,16 +285,42 @@ class ParameterShard {
     std::vector<std::vector<float>> state;  // optimizer buffers
   };
 
+  // Element offsets [begin, end) inside a chunk.
+  struct OffsetRange {
+    int64_t begin = 0;
+    int64_t end = 0;
+  };
+  // A worker (pp_rank, tp_rank) that pushes part of a chunk.
+  struct Contributor {
+    int worker = 0;  // pp_rank * tp + tp_rank
+    // Pushed(tensor, pp_rank, tp_rank) within the chunk: sorted, adjacent
+    // ranges merged, non-empty.
+    std::vector<OffsetRange> ranges;
+  };
+  // Who holds and who pushes which part of one chunk (immutable).
+  struct ChunkOwners {
+    std::vector<Contributor> contributors;  // in worker order
+    std::vector<int> contributor_of;  // per worker: index or -1
+    // Per worker: Held(...) within the chunk, merged (what an owned_only
+    // pull of that worker returns).
+    std::vector<std::vector<OffsetRange>> held;
+    // One contributor owning the whole chunk (always so with pp = tp = 1):
+    // its part is decoded straight into the gradient buffer.
+    bool direct = false;
+  };
+
   // SYNC / BOUNDED_STALENESS: the gradients of one pending step. Slot
   // step % (s + 1) of step_slots_ holds step `step`, whose buffers are
   // allocated on first use.
   struct StepGrads {
     int64_t step = -1;  // -1: free
-    // [chunk][rank]: the gradient rank pushed; after the reduction
-    // [chunk][0] holds the average.
+    // [chunk][rank]: the gradient rank pushed (its contributors' parts
+    // summed); after the reduction [chunk][0] holds the average.
     std::vector<std::vector<std::vector<float>>> grads;
-    std::vector<std::vector<char>> received;  // [chunk][rank]
-    std::vector<int> chunks_received;         // per rank
+    // [chunk][rank * contributors + k]: contributor k pushed its part.
+    std::vector<std::vector<char>> received;
+    std::vector<std::vector<int>> parts;  // [chunk][rank]: parts received
+    std::vector<int> chunks_received;     // per rank: complete chunks
     bool reduced = false;
     double sum_squares = 0;
   };
@@ -268,9 +328,11 @@ class ParameterShard {
   // ASYNC: the gradient of one rank being received.
   struct RankGrads {
     int64_t step = -1;
-    std::vector<std::vector<float>> grads;  // per chunk
-    std::vector<char> received;             // per chunk
-    int chunks_received = 0;
+    std::vector<std::vector<float>> grads;   // per chunk
+    std::vector<std::vector<char>> received;  // [chunk][contributor]
+    std::vector<int> parts;                   // per chunk: parts received
+    int parts_received = 0;                   // over all chunks
+    int chunks_received = 0;                  // complete chunks
   };
 
   struct Piece {
@@ -281,6 +343,8 @@ class ParameterShard {
 
   explicit ParameterShard(ShardOptions options);
   absl::Status Init();
+  // pp_, tp_, owners_ and parts_of_worker_ from the layout (after chunks_).
+  absl::Status InitOwners() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status InitFromCheckpoint() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status InitFromSafetensors() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Log(const std::string& line) const;
@@ -288,8 +352,18 @@ class ParameterShard {
   // Index of the chunk (tensor, chunk index) of this shard, or -1.
   int FindChunk(const std::string& tensor, int index) const;
 
-  // SYNC / BOUNDED_STALENESS.
-  absl::StatusOr<PushResponse> PushStepLocked(int rank, int64_t step,
+  // Checks that the sorted `list` tiles exactly contributor `k`'s part of
+  // chunk `c`; "" or what is wrong (missing, overlapping or extra elements).
+  std::string TilingError(int c, int k, const std::vector<Piece>& list) const;
+  // Decodes the pieces of a part of chunk `c` into `dst` (its gradient
+  // buffer): directly when one contributor owns the whole chunk, else added
+  // to it (zeroed first when `first`).
+  void DecodePart(int c, const std::vector<Piece>& list, bool first,
+                  float* dst) const;
+
+  // SYNC / BOUNDED_STALENESS. `worker` = pp_rank * tp + tp_rank.
+  absl::StatusOr<PushResponse> PushStepLocked(int rank, int worker,
+                                              int64_t step,
                                               const Pieces& pieces,
                                               const std::string& who)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -301,7 +375,8 @@ class ParameterShard {
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   bool CompleteLocked(int64_t step) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // "no gradients from dp ranks [1, 2]<after> (dp rank 2 pushed 1 of 13
-  // chunks)".
+  // chunks)"; with pp * tp > 1 the details name the contributors: "(dp
+  // rank 2 (pp 1, tp 0) pushed 3 of 5 chunk parts)".
   std::string MissingRanksLocked(int64_t step, absl::string_view after) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Sums the rank buffers into grads[c][0], divides by dp, computes the sum
@@ -313,7 +388,8 @@ class ParameterShard {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // ASYNC.
-  absl::StatusOr<PushResponse> PushAsyncLocked(int rank, int64_t step,
+  absl::StatusOr<PushResponse> PushAsyncLocked(int rank, int worker,
+                                               int64_t step,
                                                const Pieces& pieces,
                                                const std::string& who)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -344,6 +420,10 @@ class ParameterShard {
   std::map<std::pair<std::string, int>, int> chunk_index_;  // -> chunks_
   std::map<std::pair<std::string, int>, int> chunk_owner_;  // -> shard id
   int dp_ = 1;
+  int pp_ = 1, tp_ = 1;  // layout.pp, layout.tp
+  std::vector<ChunkOwners> owners_;  // per chunk of chunks_
+  // Per worker (pp_rank * tp + tp_rank): chunks it pushes a part of.
+  std::vector<int> parts_of_worker_;
   ConsistencyMode mode_ = SYNC;
   int staleness_ = 0;                 // s: 0 in SYNC and ASYNC
   int64_t end_step_ = 0;              // last step of this run

@@ -30,6 +30,9 @@ ABSL_FLAG(std::string, prompt, "", "prompt for --generate");
 ABSL_FLAG(int, generate, 0, "tokens to generate after --prompt");
 ABSL_FLAG(double, temperature, 0.0, "sampling temperature (0: greedy)");
 ABSL_FLAG(int, top_k, 0, "top-k for sampling (0: all)");
+ABSL_FLAG(std::string, generate_out, "",
+          "write the prompt and the generated text to this file instead of "
+          "stdout");
 ABSL_FLAG(uint64_t, seed, 1, "sampling seed");
 ABSL_FLAG(int, threads, 1, "compute threads");
 
@@ -90,8 +93,18 @@ absl::Status Run() {
                         absl::GetFlag(FLAGS_generate),
                         static_cast<float>(absl::GetFlag(FLAGS_temperature)),
                         absl::GetFlag(FLAGS_top_k), absl::GetFlag(FLAGS_seed)));
-    std::printf("%s%s\n", absl::GetFlag(FLAGS_prompt).c_str(),
-                TextDataset::Decode(out).c_str());
+    const std::string text =
+        absl::GetFlag(FLAGS_prompt) + TextDataset::Decode(out);
+    if (absl::GetFlag(FLAGS_generate_out).empty()) {
+      std::printf("%s\n", text.c_str());
+    } else {
+      std::ofstream f(absl::GetFlag(FLAGS_generate_out), std::ios::binary);
+      f << text;
+      if (!f) {
+        return absl::InternalError(absl::StrCat(
+            "cannot write ", absl::GetFlag(FLAGS_generate_out)));
+      }
+    }
   }
   return absl::OkStatus();
 }

@@ -2,19 +2,70 @@
 
 #include <algorithm>
 #include <cstring>
+#include <iterator>
+#include <map>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/bf16.h"
 #include "common/model_spec.h"
+#include "common/parallel_layout.h"
 #include "common/status_util.h"
 
 namespace lmps {
 
+namespace {
+
+// Elements [begin, end) of a tensor; `local`: where `begin` sits in the
+// local buffer (-1: not known).
+struct Run {
+  int64_t begin = 0;
+  int64_t end = 0;
+  int64_t local = -1;
+};
+
+// Appends the pieces (PsClient::Piece) of chunk `d` covered by `ranges`
+// (sorted), placed at their offsets in the local buffer given by `held`
+// (sorted, containing every range), merging a piece with the previous one
+// when both are contiguous.
+template <typename Piece>
+absl::Status AddPieces(const ChunkDesc& d, const std::vector<Run>& ranges,
+                       const std::vector<Run>& held, std::vector<Piece>* out) {
+  for (const Run& r : ranges) {
+    const int64_t b = std::max(r.begin, d.begin());
+    const int64_t e = std::min(r.end, d.end());
+    if (b >= e) continue;
+    auto h = std::upper_bound(
+        held.begin(), held.end(), b,
+        [](int64_t v, const Run& x) { return v < x.begin; });
+    if (h == held.begin() || std::prev(h)->end < e) {
+      return absl::InternalError(absl::StrCat(
+          "layout: pushed elements [", b, ", ", e, ") of tensor '",
+          d.tensor(), "' are not held"));
+    }
+    --h;
+    const int64_t local = h->local + (b - h->begin);
+    if (!out->empty()) {
+      Piece& last = out->back();
+      if (last.tensor == d.tensor() && last.chunk == d.index() &&
+          last.chunk_offset + last.n == b - d.begin() &&
+          last.local_offset + last.n == local) {
+        last.n += e - b;
+        continue;
+      }
+    }
+    out->push_back({d.tensor(), d.index(), b - d.begin(), e - b, local});
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<PsClient>> PsClient::Create(
     const ModelConfig& model, const PartitionMap& partition,
     std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs,
-    std::vector<std::string> addresses, const PsClientOptions& options) {
+    std::vector<std::string> addresses, const PsClientOptions& options,
+    const PsClientView& view) {
   if (static_cast<int>(stubs.size()) != partition.num_shards() ||
       addresses.size() != stubs.size()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -24,48 +75,110 @@ absl::StatusOr<std::unique_ptr<PsClient>> PsClient::Create(
   if (options.push_dtype != F32 && options.push_dtype != BF16) {
     return absl::InvalidArgumentError("push dtype must be F32 or BF16");
   }
+  const std::vector<TensorSpec> specs = GptTensorSpecs(model);
+  const ParallelLayout* layout = view.layout;
+  if (layout != nullptr) {
+    if (view.pp_rank < 0 || view.pp_rank >= layout->pp() ||
+        view.tp_rank < 0 || view.tp_rank >= layout->tp()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "view pp_rank ", view.pp_rank, " tp_rank ", view.tp_rank,
+          " is outside the layout (pp=", layout->pp(), " tp=", layout->tp(),
+          ")"));
+    }
+    bool same = layout->tensors().size() == specs.size();
+    for (size_t t = 0; same && t < specs.size(); ++t) {
+      same = layout->tensors()[t].name == specs[t].name &&
+             layout->tensors()[t].shape == specs[t].shape;
+    }
+    if (!same) {
+      return absl::InvalidArgumentError(
+          "the view's layout is of another model than the client's");
+    }
+  }
   std::unique_ptr<PsClient> c(new PsClient());
   c->options_ = options;
   c->partition_version_ = partition.version();
   c->stubs_ = std::move(stubs);
   c->addresses_ = std::move(addresses);
-  std::map<std::string, int64_t> offsets;
-  for (const TensorSpec& s : GptTensorSpecs(model)) {
-    offsets[s.name] = c->num_parameters_;
-    c->num_parameters_ += s.num_elements();
+  c->has_view_ = layout != nullptr;
+  c->pp_rank_ = view.pp_rank;
+  c->tp_rank_ = view.tp_rank;
+
+  // Per tensor: the held ranges with their local offsets (the whole tensor
+  // without a view) and the pushed ones.
+  std::map<std::string, int> tensor_of;
+  std::vector<std::vector<Run>> held(specs.size()), pushed(specs.size());
+  for (size_t t = 0; t < specs.size(); ++t) {
+    tensor_of[specs[t].name] = static_cast<int>(t);
+    if (layout == nullptr) {
+      held[t].push_back({0, specs[t].num_elements(), c->num_parameters_});
+      c->num_parameters_ += specs[t].num_elements();
+      pushed[t] = held[t];
+      continue;
+    }
+    for (const auto& r : layout->Held(t, view.pp_rank, view.tp_rank)) {
+      held[t].push_back({r.begin, r.end, c->num_parameters_});
+      c->num_parameters_ += r.end - r.begin;
+    }
+    for (const auto& r : layout->Pushed(t, view.pp_rank, view.tp_rank)) {
+      pushed[t].push_back({r.begin, r.end, -1});
+    }
   }
-  c->chunks_.resize(partition.num_shards());
+
+  const int num_shards = partition.num_shards();
+  c->pull_pieces_.resize(num_shards);
+  c->push_pieces_.resize(num_shards);
   for (const ChunkDesc& d : partition.chunks()) {
-    auto it = offsets.find(d.tensor());
-    if (it == offsets.end() || d.shard() < 0 ||
-        d.shard() >= partition.num_shards()) {
+    auto it = tensor_of.find(d.tensor());
+    if (it == tensor_of.end() || d.shard() < 0 || d.shard() >= num_shards ||
+        d.begin() < 0 || d.end() <= d.begin() ||
+        d.end() > specs[it->second].num_elements()) {
       return absl::InvalidArgumentError(
-          absl::StrCat("partition names unknown tensor or shard: ",
+          absl::StrCat("partition names unknown tensor or shard, or elements "
+                       "outside the tensor: ",
                        d.ShortDebugString()));
     }
-    c->chunks_[d.shard()].push_back({d, it->second + d.begin()});
+    const int t = it->second;
+    LMPS_RETURN_IF_ERROR(
+        AddPieces(d, held[t], held[t], &c->pull_pieces_[d.shard()]));
+    LMPS_RETURN_IF_ERROR(
+        AddPieces(d, pushed[t], held[t], &c->push_pieces_[d.shard()]));
   }
-  c->index_.resize(partition.num_shards());
-  for (int s = 0; s < partition.num_shards(); ++s) {
-    for (const Chunk& ch : c->chunks_[s]) {
-      c->index_[s][{ch.desc.tensor(), ch.desc.index()}] = &ch;
+  c->index_.resize(num_shards);
+  for (int s = 0; s < num_shards; ++s) {
+    for (const Piece& p : c->pull_pieces_[s]) {
+      c->index_[s][{p.tensor, p.chunk}].push_back(&p);  // by chunk_offset
     }
+    // Without a view every shard is pulled, as a version source.
+    if (!c->pull_pieces_[s].empty() || layout == nullptr) {
+      c->pull_shards_.push_back(s);
+    }
+    if (!c->push_pieces_[s].empty()) c->push_shards_.push_back(s);
   }
   return c;
 }
 
 absl::Status PsClient::ForEachShard(
     const std::function<absl::Status(int)>& fn) {
-  const int n = static_cast<int>(stubs_.size());
+  std::vector<int> all(stubs_.size());
+  for (size_t s = 0; s < all.size(); ++s) all[s] = static_cast<int>(s);
+  return ForEachShard(all, fn);
+}
+
+absl::Status PsClient::ForEachShard(
+    const std::vector<int>& shards,
+    const std::function<absl::Status(int)>& fn) {
+  const size_t n = shards.size();
+  if (n == 0) return absl::OkStatus();
   std::vector<absl::Status> results(n);
   std::vector<std::thread> threads;
-  for (int s = 1; s < n; ++s) {
-    threads.emplace_back([&, s] { results[s] = fn(s); });
+  for (size_t i = 1; i < n; ++i) {
+    threads.emplace_back([&, i] { results[i] = fn(shards[i]); });
   }
-  results[0] = fn(0);
+  results[0] = fn(shards[0]);
   for (std::thread& t : threads) t.join();
-  for (int s = 0; s < n; ++s) {
-    if (!results[s].ok()) return Annotate(s, results[s]);
+  for (size_t i = 0; i < n; ++i) {
+    if (!results[i].ok()) return Annotate(shards[i], results[i]);
   }
   return absl::OkStatus();
 }
@@ -85,34 +198,49 @@ std::unique_ptr<grpc::ClientContext> PsClient::Context() const {
 absl::Status PsClient::Pull(int64_t step, float* params,
                             int64_t* min_version) {
   std::vector<int64_t> versions(stubs_.size(), 0);
-  LMPS_RETURN_IF_ERROR(ForEachShard([&](int s) -> absl::Status {
+  LMPS_RETURN_IF_ERROR(ForEachShard(pull_shards_, [&](int s) -> absl::Status {
     PullRequest req;
     req.set_step(step);
     req.set_partition_version(partition_version_);
     req.set_dtype(F32);
+    if (has_view_) {
+      req.set_owned_only(true);
+      req.set_pp_rank(pp_rank_);
+      req.set_tp_rank(tp_rank_);
+    }
     auto ctx = Context();
     std::unique_ptr<grpc::ClientReaderInterface<PullResponse>> reader =
         stubs_[s]->Pull(ctx.get(), req);
     stats_.rpcs++;
     PullResponse resp;
     int64_t received = 0, expected = 0;
-    for (const Chunk& ch : chunks_[s]) expected += ch.desc.end() - ch.desc.begin();
+    for (const Piece& p : pull_pieces_[s]) expected += p.n;
     absl::Status bad;
     while (reader->Read(&resp)) {
       versions[s] = resp.version();
       for (const ChunkSlice& slice : resp.slices()) {
-        auto it = index_[s].find({slice.tensor(), slice.chunk()});
         const size_t width = slice.dtype() == BF16 ? 2 : 4;
         const int64_t n = static_cast<int64_t>(slice.data().size() / width);
-        if (it == index_[s].end() || slice.offset() < 0 ||
-            slice.data().size() % width != 0 ||
-            slice.offset() + n > it->second->desc.end() - it->second->desc.begin()) {
+        // The piece holding the slice's first element.
+        const Piece* piece = nullptr;
+        auto it = index_[s].find({slice.tensor(), slice.chunk()});
+        if (it != index_[s].end()) {
+          auto next = std::upper_bound(
+              it->second.begin(), it->second.end(), slice.offset(),
+              [](int64_t v, const Piece* p) { return v < p->chunk_offset; });
+          if (next != it->second.begin()) piece = *std::prev(next);
+        }
+        if (piece == nullptr || slice.data().size() % width != 0 ||
+            slice.offset() + n > piece->chunk_offset + piece->n) {
           bad = absl::DataLossError(absl::StrCat(
-              "pull returned a slice outside this shard's chunks: ",
-              slice.tensor(), "#", slice.chunk()));
+              "pull returned a slice outside the parts of this shard's chunks "
+              "this worker holds: ",
+              slice.tensor(), "#", slice.chunk(), " elements [",
+              slice.offset(), ", ", slice.offset() + n, ")"));
           continue;
         }
-        float* dst = params + it->second->flat_offset + slice.offset();
+        float* dst = params + piece->local_offset +
+                     (slice.offset() - piece->chunk_offset);
         if (slice.dtype() == BF16) {
           Bf16ToFloat(slice.data().data(), n, dst);
         } else {
@@ -131,15 +259,17 @@ absl::Status PsClient::Pull(int64_t step, float* params,
     }
     return absl::OkStatus();
   }));
-  if (min_version != nullptr) {
-    *min_version = *std::min_element(versions.begin(), versions.end());
+  if (min_version != nullptr && !pull_shards_.empty()) {
+    int64_t v = versions[pull_shards_[0]];
+    for (int s : pull_shards_) v = std::min(v, versions[s]);
+    *min_version = v;
   }
   return absl::OkStatus();
 }
 
 absl::Status PsClient::Push(int64_t step, const std::string& worker_id,
                             int dp_rank, const float* grads) {
-  return ForEachShard([&](int s) -> absl::Status {
+  return ForEachShard(push_shards_, [&](int s) -> absl::Status {
     if (options_.on_shard_push) options_.on_shard_push(s, step, false);
     PushResponse resp;
     auto ctx = Context();
@@ -155,6 +285,8 @@ absl::Status PsClient::Push(int64_t step, const std::string& worker_id,
       msg.Clear();
       msg.set_worker_id(worker_id);
       msg.set_dp_rank(dp_rank);
+      msg.set_pp_rank(pp_rank_);
+      msg.set_tp_rank(tp_rank_);
       msg.set_step(step);
       msg.set_partition_version(partition_version_);
       in_msg = 0;
@@ -167,17 +299,16 @@ absl::Status PsClient::Push(int64_t step, const std::string& worker_id,
       reset();
     };
     reset();
-    for (const Chunk& ch : chunks_[s]) {
-      const int64_t len = ch.desc.end() - ch.desc.begin();
-      for (int64_t off = 0; off < len && ok;) {
+    for (const Piece& p : push_pieces_[s]) {
+      for (int64_t off = 0; off < p.n && ok;) {
         if (in_msg == max_elems) flush();
-        const int64_t n = std::min(len - off, max_elems - in_msg);
+        const int64_t n = std::min(p.n - off, max_elems - in_msg);
         ChunkSlice* slice = msg.add_slices();
-        slice->set_tensor(ch.desc.tensor());
-        slice->set_chunk(ch.desc.index());
-        slice->set_offset(off);
+        slice->set_tensor(p.tensor);
+        slice->set_chunk(p.chunk);
+        slice->set_offset(p.chunk_offset + off);
         slice->set_dtype(options_.push_dtype);
-        const float* src = grads + ch.flat_offset + off;
+        const float* src = grads + p.local_offset + off;
         std::string* data = slice->mutable_data();
         data->resize(n * width);
         if (options_.push_dtype == BF16) {

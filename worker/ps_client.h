@@ -1,10 +1,24 @@
-// Client side of the parameter servers for one worker: pulls the whole model
-// into a flat fp32 buffer and pushes a flat gradient buffer, talking to every
-// shard in parallel and streaming each shard's chunks in messages of at most
+// Client side of the parameter servers for one worker: pulls its parameters
+// into a flat fp32 buffer and pushes a flat gradient buffer, talking to the
+// shards in parallel and streaming each shard's part in messages of at most
 // max_message_bytes of payload.
 //
-// The flat buffers follow common/model_spec.h: tensors in GptTensorSpecs
-// order, each row-major, back to back.
+// Without a view the flat buffers hold the whole model as in
+// common/model_spec.h: tensors in GptTensorSpecs order, each row-major, back
+// to back. With a view (pipeline and tensor parallel) they hold the worker's
+// local parameters: for every tensor in GptTensorSpecs order the
+// concatenation of the element ranges Held(tensor, pp_rank, tp_rank)
+// (common/parallel_layout.h), tensors it holds nothing of left out -- each
+// tensor in its local shape, as worker/model/stage_model lays them out.
+// Pull asks the shards for those ranges only (PullRequest.owned_only) and
+// only the shards holding some of them; Push sends only
+// Pushed(tensor, pp_rank, tp_rank) (replicated tensors from tp rank 0 only)
+// and only to the shards holding some of it; GradNorm and Apply address
+// every shard.
+//
+// Both are one mechanism: per shard, a list of pieces (tensor, chunk, offset
+// in the chunk, elements, offset in the local buffer) -- whole chunks
+// without a view.
 //
 // Errors name the shard and its address. Thread-safety: one call at a time
 // (the worker's training loop); Stats() may be read from any thread.
@@ -25,6 +39,16 @@
 
 namespace lmps {
 
+class ParallelLayout;
+
+// The part of the model a worker holds and pushes.
+struct PsClientView {
+  // Not owned; must outlive the client. nullptr: the whole model.
+  const ParallelLayout* layout = nullptr;
+  int pp_rank = 0;
+  int tp_rank = 0;
+};
+
 struct PsClientOptions {
   int64_t max_message_bytes = 4 << 20;
   absl::Duration rpc_timeout = absl::Seconds(120);
@@ -36,6 +60,7 @@ struct PsClientOptions {
 };
 
 struct PsClientStats {
+  // Payload bytes (ChunkSlice.data), headers not counted.
   std::atomic<int64_t> bytes_pushed{0};
   std::atomic<int64_t> bytes_pulled{0};
   std::atomic<int64_t> rpcs{0};
@@ -43,19 +68,25 @@ struct PsClientStats {
 
 class PsClient {
  public:
-  // `stubs[s]` talks to shard s at `addresses[s]` (for messages).
+  // `stubs[s]` talks to shard s at `addresses[s]` (for messages). With
+  // view.layout set, the buffers are the worker's local ones (see the file
+  // comment); InvalidArgument when the ranks are outside the layout or the
+  // layout is of another model.
   static absl::StatusOr<std::unique_ptr<PsClient>> Create(
       const ModelConfig& model, const PartitionMap& partition,
       std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs,
-      std::vector<std::string> addresses, const PsClientOptions& options);
+      std::vector<std::string> addresses, const PsClientOptions& options,
+      const PsClientView& view = {});
 
   // Fills params[num_parameters] with the parameters the shards serve for
   // `step` (see server/shard.h for each consistency mode's read rule). If
   // `min_version` is not null, sets it to the smallest version any shard
-  // returned (shards may differ in BOUNDED_STALENESS and ASYNC).
+  // pulled from returned (shards may differ in BOUNDED_STALENESS and
+  // ASYNC).
   absl::Status Pull(int64_t step, float* params,
                     int64_t* min_version = nullptr);
-  // Pushes grads[num_parameters] as this replica's gradient for `step`.
+  // Pushes grads[num_parameters] as this replica's gradient for `step` (with
+  // a view: the Pushed part of this worker's local gradient).
   absl::Status Push(int64_t step, const std::string& worker_id, int dp_rank,
                     const float* grads);
   // Sum over shards of each shard's averaged-gradient sum of squares.
@@ -71,17 +102,27 @@ class PsClient {
   // The parameter version of every shard (index = shard id).
   absl::StatusOr<std::vector<int64_t>> Versions();
 
+  // Floats in the flat buffers: the whole model, or with a view
+  // HeldElements(pp_rank, tp_rank).
   int64_t num_parameters() const { return num_parameters_; }
   const PsClientStats& stats() const { return stats_; }
 
  private:
-  struct Chunk {
-    ChunkDesc desc;
-    int64_t flat_offset;  // of element desc.begin in the flat buffer
+  // Elements [chunk_offset, chunk_offset + n) of a chunk, at local_offset
+  // in the flat buffer.
+  struct Piece {
+    std::string tensor;
+    int chunk = 0;
+    int64_t chunk_offset = 0;
+    int64_t n = 0;
+    int64_t local_offset = 0;
   };
   PsClient() = default;
-  // Runs fn(shard) for every shard on its own thread; the first error wins.
+  // Runs fn(shard) for every shard (or those in `shards`) on its own
+  // thread; the first error in shard order wins.
   absl::Status ForEachShard(const std::function<absl::Status(int)>& fn);
+  absl::Status ForEachShard(const std::vector<int>& shards,
+                            const std::function<absl::Status(int)>& fn);
   absl::Status Annotate(int shard, const absl::Status& status) const;
   std::unique_ptr<grpc::ClientContext> Context() const;
 
@@ -90,9 +131,16 @@ class PsClient {
   uint64_t partition_version_ = 0;
   std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs_;
   std::vector<std::string> addresses_;
-  std::vector<std::vector<Chunk>> chunks_;  // per shard
-  // (tensor, chunk index) -> chunk, per shard.
-  std::vector<std::map<std::pair<std::string, int>, const Chunk*>> index_;
+  bool has_view_ = false;
+  int pp_rank_ = 0, tp_rank_ = 0;
+  // Per shard: what Pull receives (held) and what Push sends (pushed), in
+  // partition order, adjacent pieces merged.
+  std::vector<std::vector<Piece>> pull_pieces_;
+  std::vector<std::vector<Piece>> push_pieces_;
+  std::vector<int> pull_shards_, push_shards_;  // shards with pieces
+  // Per shard: (tensor, chunk index) -> its pull pieces, by chunk_offset.
+  std::vector<std::map<std::pair<std::string, int>, std::vector<const Piece*>>>
+      index_;
   PsClientStats stats_;
 };
 

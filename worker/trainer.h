@@ -69,6 +69,12 @@ struct TrainerProgress {
   double tokens_per_second = 0;
   double compute_seconds = 0, pull_seconds = 0, push_seconds = 0,
          sync_seconds = 0;  // of the last step
+  // Pipeline parallel (worker/pipeline/pipeline_trainer.h), last step: the
+  // fraction of the schedule's time this stage waited for its neighbours,
+  // the formula's (pp - 1) / (m + pp - 1), and the most micro-batches whose
+  // activations were alive at once.
+  double bubble_fraction = 0, ideal_bubble_fraction = 0;
+  int max_live_micro_batches = 0;
 };
 
 struct TrainerOptions {

@@ -36,7 +36,14 @@
 #include "common/status_util.h"
 #include "worker/backend_factory.h"
 #include "worker/data/dataset.h"
+#include "common/parallel_layout.h"
 #include "worker/model/gpt.h"
+#include "worker/model/stage_model.h"
+#include "worker/peer/mailbox.h"
+#include "worker/peer/peer_network.h"
+#include "worker/peer/peer_service.h"
+#include "worker/peer/ring_allreduce.h"
+#include "worker/pipeline/pipeline_trainer.h"
 #include "worker/ps_client.h"
 #include "worker/trainer.h"
 
@@ -64,9 +71,16 @@ ABSL_FLAG(int, rpc_timeout_s, 120,
 ABSL_FLAG(int, fault_kill_at_step, -1,
           "fault injection for tests: SIGKILL this worker in the middle of "
           "pushing its gradient for this step, right after shard 0 accepted "
-          "it and before the other shards did (-1: never)");
+          "it and before the other shards did; with pp * tp > 1, as the "
+          "step's pipeline schedule starts (-1: never)");
 ABSL_FLAG(int, assemble_timeout_s, 120,
           "how long to wait for the scheduler and the job to assemble");
+ABSL_FLAG(std::string, peer_listen, "0.0.0.0:0",
+          "where the WorkerPeer service (pipeline activations, tensor-parallel "
+          "all-reduce) listens; port 0 picks a free port");
+ABSL_FLAG(std::string, advertise_host, "127.0.0.1",
+          "host other workers reach this worker's WorkerPeer service at; the "
+          "advertised address is advertise_host:<bound port>");
 
 namespace lmps {
 namespace {
@@ -118,8 +132,37 @@ absl::Status RunWorker() {
   SchedulerClient client(
       Scheduler::NewStub(MakeChannel(scheduler, metrics.rpc.get(), security)),
       scheduler);
+  // The WorkerPeer service: peers send activations, their gradients and
+  // all-reduce parts here (pipeline and tensor parallel layouts).
+  LMPS_ASSIGN_OR_RETURN(std::unique_ptr<PeerMailbox> mailbox_owner,
+                        PeerMailbox::Create(PeerMailboxOptions()));
+  PeerMailbox& mailbox = *mailbox_owner;
+  LMPS_ASSIGN_OR_RETURN(
+      std::unique_ptr<WorkerPeerService> peer_service,
+      WorkerPeerService::Create(&mailbox, WorkerPeerServiceOptions()));
+  GrpcServerOptions peer_options;
+  peer_options.listen_address = absl::GetFlag(FLAGS_peer_listen);
+  peer_options.rpc_metrics = metrics.rpc.get();
+  peer_options.security = security;
+  peer_options.metrics = m;
+  LMPS_ASSIGN_OR_RETURN(StartedServer peer_server,
+                        StartGrpcServer(peer_options, {peer_service.get()}));
+  SetServing(peer_server.server.get(), true);
+  const std::string peer_address =
+      absl::StrCat(absl::GetFlag(FLAGS_advertise_host), ":", peer_server.port);
+  struct StopPeerServer {
+    PeerMailbox* mailbox;
+    grpc::Server* server;
+    ~StopPeerServer() {
+      mailbox->Shutdown();
+      server->Shutdown(std::chrono::system_clock::now() +
+                       std::chrono::seconds(2));
+    }
+  } stop_peer_server{&mailbox, peer_server.server.get()};
+
   RegisterRequest reg;
   reg.set_role(WORKER);
+  reg.set_address(peer_address);
   reg.set_requested_rank(absl::GetFlag(FLAGS_rank));
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
@@ -145,10 +188,11 @@ absl::Status RunWorker() {
       TextDataset::Create(spec.data().path(), spec.data().val_fraction(),
                           spec.model().block_size()));
   const int micro = LocalBatch(spec) / spec.train().micro_batches();
-  LMPS_ASSIGN_OR_RETURN(
-      std::unique_ptr<GptModel> model,
-      GptModel::Create(spec.model(), backend.get(), micro,
-                       spec.model().block_size()));
+  LMPS_ASSIGN_OR_RETURN(const ParallelLayout layout,
+                        ParallelLayout::Create(spec.model(), spec.layout()));
+  const bool pipeline = layout.pp() * layout.tp() > 1;
+  const WorkerCoords coords{assignment.dp_rank(), assignment.pp_rank(),
+                            assignment.tp_rank()};
   std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs;
   std::vector<std::string> addresses(assignment.shard_addresses().begin(),
                                      assignment.shard_addresses().end());
@@ -157,7 +201,7 @@ absl::Status RunWorker() {
         ParameterServer::NewStub(MakeChannel(a, metrics.rpc.get(), security)));
   }
   ps_options.max_message_bytes = spec.max_message_bytes();
-  if (absl::GetFlag(FLAGS_fault_kill_at_step) >= 0) {
+  if (!pipeline && absl::GetFlag(FLAGS_fault_kill_at_step) >= 0) {
     const int64_t kill_step = absl::GetFlag(FLAGS_fault_kill_at_step);
     ps_options.on_shard_push = [id, kill_step](int shard, int64_t step,
                                                bool accepted) {
@@ -172,10 +216,16 @@ absl::Status RunWorker() {
       raise(SIGKILL);
     };
   }
+  PsClientView view;
+  if (pipeline) {
+    view.layout = &layout;
+    view.pp_rank = coords.pp;
+    view.tp_rank = coords.tp;
+  }
   LMPS_ASSIGN_OR_RETURN(
       std::unique_ptr<PsClient> ps,
       PsClient::Create(spec.model(), assignment.partition(), std::move(stubs),
-                       addresses, ps_options));
+                       addresses, ps_options, view));
 
   // A replacement joins a running job: start at the servers' version. In
   // the middle of an Apply the shards may differ by one; wait for the live
@@ -220,7 +270,9 @@ absl::Status RunWorker() {
   latest.step = start_step;
   SetGauge(m, "lmps_node_info", "Identity of this node (value 1).", 1,
            {{"node_id", id}, {"role", "worker"},
-            {"dp_rank", std::to_string(assignment.dp_rank())}});
+            {"dp_rank", std::to_string(assignment.dp_rank())},
+            {"pp_rank", std::to_string(assignment.pp_rank())},
+            {"tp_rank", std::to_string(assignment.tp_rank())}});
   options.on_progress = [&](const TrainerProgress& p) {
     SetGauge(m, "lmps_step", "Completed training steps.", static_cast<double>(p.step));
     SetGauge(m, "lmps_loss", "Training loss of the last step.", p.loss);
@@ -237,11 +289,99 @@ absl::Status RunWorker() {
     SetGauge(m, "lmps_step_phase_seconds", help, p.pull_seconds, {{"phase", "pull"}});
     SetGauge(m, "lmps_step_phase_seconds", help, p.push_seconds, {{"phase", "push"}});
     SetGauge(m, "lmps_step_phase_seconds", help, p.sync_seconds, {{"phase", "wait"}});
+    if (pipeline) {
+      const char* bubble =
+          "Fraction of the last step's pipeline schedule this stage waited "
+          "for its neighbours (measured), and (pp - 1) / (m + pp - 1) (ideal).";
+      SetGauge(m, "lmps_pipeline_bubble_fraction", bubble, p.bubble_fraction,
+               {{"kind", "measured"}});
+      SetGauge(m, "lmps_pipeline_bubble_fraction", bubble, p.ideal_bubble_fraction,
+               {{"kind", "ideal"}});
+      SetGauge(m, "lmps_pipeline_live_micro_batches",
+               "Most micro-batches whose activations were alive at once in the "
+               "last step.", p.max_live_micro_batches);
+    }
     absl::MutexLock lock(&mu);
     latest = p;
   };
-  LMPS_ASSIGN_OR_RETURN(std::unique_ptr<Trainer> trainer,
-                        Trainer::Create(options, model.get(), ps.get(), data.get()));
+  // One of two loops: Trainer (data parallel only) or PipelineTrainer.
+  std::unique_ptr<GptModel> model;
+  std::unique_ptr<Trainer> trainer;
+  std::unique_ptr<StageModel> stage_model;
+  std::unique_ptr<PeerNetwork> peers;
+  std::unique_ptr<RingAllReduce> ring;
+  std::unique_ptr<PipelineTrainer> pipeline_trainer;
+  if (!pipeline) {
+    LMPS_ASSIGN_OR_RETURN(model, GptModel::Create(spec.model(), backend.get(), micro,
+                                                  spec.model().block_size()));
+    LMPS_ASSIGN_OR_RETURN(trainer, Trainer::Create(options, model.get(), ps.get(),
+                                                   data.get()));
+  } else {
+    std::vector<PeerInfo> workers(assignment.workers().begin(),
+                                  assignment.workers().end());
+    PeerNetworkOptions peer_net;
+    peer_net.self_id = id;
+    peer_net.self_rank = layout.Rank(coords);
+    peer_net.max_message_bytes = spec.max_message_bytes();
+    peer_net.timeout = absl::Milliseconds(spec.train().peer_timeout_ms());
+    const Security* sec = &security;
+    RpcMetrics* rpc = metrics.rpc.get();
+    LMPS_ASSIGN_OR_RETURN(
+        peers, PeerNetwork::Create(peer_net, std::move(workers), &mailbox,
+                                   [sec, rpc](const std::string& address) {
+                                     return WorkerPeer::NewStub(
+                                         MakeChannel(address, rpc, *sec));
+                                   }));
+    if (layout.tp() > 1) {
+      std::vector<int> group;
+      for (int t = 0; t < layout.tp(); ++t) {
+        group.push_back(layout.Rank({coords.dp, coords.pp, t}));
+      }
+      LMPS_ASSIGN_OR_RETURN(ring, RingAllReduce::Create(peers.get(), group, coords.tp));
+    }
+    const StageRange& stage = layout.stage(coords.pp);
+    StageModelOptions so;
+    so.config = spec.model();
+    so.layer_begin = stage.layer_begin;
+    so.layer_end = stage.layer_end;
+    so.has_embedding = stage.has_embedding;
+    so.has_head = stage.has_head;
+    so.tp_size = layout.tp();
+    so.tp_rank = coords.tp;
+    so.max_batch = micro;
+    so.max_seq = spec.model().block_size();
+    so.activation_slots = PipelineTrainer::StageSlots(spec, coords.pp);
+    LMPS_ASSIGN_OR_RETURN(stage_model, StageModel::Create(so, backend.get(), ring.get()));
+    PipelineTrainerOptions po;
+    po.worker_id = id;
+    po.coords = coords;
+    po.spec = spec;
+    po.start_step = start_step;
+    po.on_progress = options.on_progress;
+    if (absl::GetFlag(FLAGS_fault_kill_at_step) >= 0) {
+      // Pipeline: die as the step's schedule starts, leaving the stage and
+      // tensor-parallel partners mid-step.
+      const int64_t kill_step = absl::GetFlag(FLAGS_fault_kill_at_step);
+      po.on_step_start = [id, kill_step](int64_t step) {
+        if (step != kill_step) return;
+        Log(id, absl::StrCat("fault injection: SIGKILL at the start of step ", step));
+        raise(SIGKILL);
+      };
+    }
+    LMPS_ASSIGN_OR_RETURN(
+        pipeline_trainer,
+        PipelineTrainer::Create(po, &layout, stage_model.get(), ps.get(),
+                                peers.get(), ring.get(), data.get()));
+    Log(id, absl::StrCat("pipeline stage ", coords.pp, " of ", layout.pp(),
+                         " (layers ", stage.layer_begin, "-", stage.layer_end - 1,
+                         stage.has_embedding ? ", embeddings" : "",
+                         stage.has_head ? ", head" : "", "), tp rank ",
+                         coords.tp, " of ", layout.tp(), ", schedule ",
+                         PipelineSchedule_Name(spec.layout().schedule()), " with ",
+                         spec.train().micro_batches(), " micro-batches, ",
+                         so.activation_slots, " activation slots, ",
+                         stage_model->num_parameters(), " parameters held"));
+  }
 
   bool done = false;
   std::string error;
@@ -261,12 +401,16 @@ absl::Status RunWorker() {
       [&](const absl::StatusOr<HeartbeatResponse>& r) {
         if (r.ok() && r->state() == FAILED) {
           Log(id, absl::StrCat("the job failed: ", r->message(), "; stopping"));
-          trainer->Cancel();
+          if (trainer) trainer->Cancel();
+          if (pipeline_trainer) pipeline_trainer->Cancel();
         }
       });
 
-  absl::Status status = trainer->Run();
-  if (status.ok() && assignment.dp_rank() == 0 &&
+  absl::Status status = trainer ? trainer->Run() : pipeline_trainer->Run();
+  if (!status.ok() && pipeline) mailbox.Shutdown();
+  // With pp * tp > 1 no worker holds the whole model: lmps_local samples
+  // from the exported model instead (lmps_eval).
+  if (status.ok() && trainer && assignment.dp_rank() == 0 &&
       spec.train().sample_tokens() > 0) {
     absl::StatusOr<std::string> sample = trainer->Sample(
         absl::GetFlag(FLAGS_sample_prompt), spec.train().sample_tokens(),
@@ -294,9 +438,18 @@ absl::Status RunWorker() {
   absl::StatusOr<HeartbeatResponse> last = heartbeat.BeatNow();
   if (!last.ok()) Log(id, std::string(last.status().message()));
   if (status.ok()) {
-    const TrainerProgress& p = trainer->progress();
+    const TrainerProgress& p =
+        trainer ? trainer->progress() : pipeline_trainer->progress();
     Log(id, absl::StrFormat("done: step %d loss %.4f eval %.4f %.0f tokens/s",
                             p.step, p.loss, p.eval_loss, p.tokens_per_second));
+    // Read by tests/pipeline_test (no worker moves parameters it does not
+    // own) and bench/pipeline_bench.sh.
+    Log(id, absl::StrFormat(
+                "transfer: pulls=%d bytes_pulled=%d bytes_pushed=%d "
+                "peer_bytes_sent=%d held_parameters=%d",
+                pipeline_trainer ? pipeline_trainer->pulls() : 0,
+                ps->stats().bytes_pulled.load(), ps->stats().bytes_pushed.load(),
+                peers ? peers->bytes_sent() : 0, ps->num_parameters()));
   }
   return status;
 }

@@ -1,0 +1,259 @@
+// Pipeline and tensor parallelism with the real binaries over loopback.
+//
+// Equivalence (sync mode): every dp x pp x tp layout reaches the same
+// parameters after 4 AdamW steps as dp = pp = tp = 1 computing the same
+// global batch of 12 sequences at once. Tolerance: max |difference| <= 2e-5
+// on every parameter, the same bound and reasoning as tests/equivalence_test
+// (only the order of floating-point sums differs: micro-batch accumulation,
+// the ring all-reduce, the tied embedding's two stage gradients summed on the
+// shards; a lost, doubled or misplaced gradient moves parameters by ~lr =
+// 1e-3).
+//
+// Also: 1F1B keeps at most pp - stage micro-batches alive (GPipe m); no
+// worker transfers parameters it does not hold (bytes counted); a dead
+// stage or tensor-parallel peer makes its partner fail the step with an
+// error naming it, never hang.
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "absl/time/clock.h"
+#include "common/job_spec.h"
+#include "common/parallel_layout.h"
+#include "common/safetensors.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+
+namespace lmps::testing {
+namespace {
+
+constexpr double kTolerance = 2e-5;
+constexpr int kSteps = 4;
+
+constexpr char kJob[] = R"(
+model { n_layer: 3 n_head: 2 n_embd: 32 block_size: 16 }
+optimizer { lr: 0.001 }
+train { steps: 4 batch_size: 12 eval_interval: 0 sample_tokens: 0 }
+layout { num_shards: 2 }
+max_chunk_bytes: 2048
+max_message_bytes: 1024
+)";
+
+struct Layout {
+  int dp = 1, pp = 1, tp = 1, m = 1;
+  std::string schedule = "1f1b";
+  std::string Name() const {
+    return absl::StrCat("dp", dp, "pp", pp, "tp", tp, "m", m, schedule);
+  }
+};
+
+struct Run {
+  std::string dir;
+  CommandResult result;
+  SafetensorsContents model;
+};
+
+Run Train(const Layout& l, const std::string& extra_job = "") {
+  Run run;
+  run.dir = TempDir(l.Name());
+  WriteFile(run.dir + "/job.textproto", std::string(kJob) + extra_job);
+  run.result = RunCommand(
+      {BinaryPath("launcher/lmps_local"), "--job=" + run.dir + "/job.textproto",
+       "--run_dir=" + run.dir, absl::StrCat("--workers=", l.dp),
+       absl::StrCat("--pp=", l.pp), absl::StrCat("--tp=", l.tp),
+       absl::StrCat("--micro_batches=", l.m), "--schedule=" + l.schedule,
+       "--restart_workers=0", "--restart_job=0", "--quiet"},
+      300);
+  EXPECT_EQ(run.result.exit_code, 0) << run.result.output;
+  auto model = ReadSafetensorsFile(run.dir + "/model.safetensors");
+  EXPECT_TRUE(model.ok()) << model.status() << run.result.output;
+  if (model.ok()) run.model = *model;
+  return run;
+}
+
+const SafetensorsContents& Baseline() {
+  static const SafetensorsContents* baseline =
+      new SafetensorsContents(Train(Layout()).model);
+  return *baseline;
+}
+
+class PipelineEquivalenceTest : public ::testing::TestWithParam<Layout> {};
+
+TEST_P(PipelineEquivalenceTest, MatchesOneWorker) {
+  Run run = Train(GetParam());
+  auto diff = MaxAbsDiff(Baseline(), run.model);
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_LE(*diff, kTolerance) << GetParam().Name();
+  // Training moved the parameters (the c_fc bias of the last block starts
+  // at zero), so the comparison is not vacuous.
+  const SafeTensor* b = run.model.Find("h.2.mlp.c_fc.bias");
+  ASSERT_NE(b, nullptr);
+  double moved = 0;
+  for (float v : b->data) moved = std::max(moved, static_cast<double>(std::fabs(v)));
+  EXPECT_GT(moved, 1e-4);
+}
+
+Layout L(int dp, int pp, int tp, int m, std::string schedule = "1f1b") {
+  Layout l;
+  l.dp = dp;
+  l.pp = pp;
+  l.tp = tp;
+  l.m = m;
+  l.schedule = std::move(schedule);
+  return l;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Layouts, PipelineEquivalenceTest,
+    ::testing::Values(L(1, 2, 1, 2), L(1, 3, 1, 3), L(1, 2, 1, 3, "gpipe"),
+                      L(1, 1, 2, 1), L(2, 2, 1, 2), L(1, 2, 2, 2),
+                      L(2, 1, 2, 1), L(2, 2, 2, 2), L(2, 3, 1, 2, "gpipe")),
+    [](const auto& info) { return info.param.Name(); });
+
+// Lines "key=value ..." of a worker log that contain `tag`.
+std::vector<std::map<std::string, std::string>> Records(const std::string& log,
+                                                        const std::string& tag) {
+  std::vector<std::map<std::string, std::string>> out;
+  std::istringstream in(log);
+  std::string line;
+  static const std::regex kv("([a-z_]+)=([^ ]+)");
+  while (std::getline(in, line)) {
+    if (line.find(tag) == std::string::npos) continue;
+    std::map<std::string, std::string> rec;
+    for (std::sregex_iterator it(line.begin(), line.end(), kv), end; it != end; ++it) {
+      rec[(*it)[1]] = (*it)[2];
+    }
+    out.push_back(rec);
+  }
+  return out;
+}
+
+int64_t Int(const std::map<std::string, std::string>& rec, const std::string& key) {
+  auto it = rec.find(key);
+  int64_t v = -1;
+  if (it == rec.end() || !absl::SimpleAtoi(it->second, &v)) {
+    ADD_FAILURE() << "no integer " << key;
+  }
+  return v;
+}
+
+// 1F1B: stage s keeps min(m, pp - s) <= pp micro-batches alive; GPipe m.
+TEST(PipelineTest, OneFOneBKeepsAtMostPpMicroBatchesAlive) {
+  for (const std::string schedule : {"1f1b", "gpipe"}) {
+    const Layout l = L(1, 3, 1, 4, schedule);
+    Run run = Train(l, "train { debug_trace_steps: true }\n");
+    for (int stage = 0; stage < 3; ++stage) {
+      const std::string log =
+          ReadFile(absl::StrCat(run.dir, "/logs/worker-", stage, ".log"));
+      auto traces = Records(log, "trace dp_rank=");
+      ASSERT_EQ(traces.size(), static_cast<size_t>(kSteps)) << log;
+      for (const auto& t : traces) {
+        EXPECT_EQ(Int(t, "pp_rank"), stage);
+        const int64_t live = Int(t, "max_live_micro_batches");
+        if (schedule == "1f1b") {
+          EXPECT_EQ(live, std::min(4, 3 - stage)) << "stage " << stage;
+          EXPECT_LE(live, 3);
+        } else {
+          EXPECT_EQ(live, 4) << "stage " << stage;
+        }
+      }
+    }
+  }
+}
+
+// Each tp rank pulls and pushes only its own slices: the bytes moved equal
+// exactly what ParallelLayout says it holds (pulls) and owns (pushes).
+TEST(PipelineTest, NoWorkerTransfersParametersItDoesNotHold) {
+  const Layout l = L(1, 2, 2, 2);
+  Run run = Train(l);
+  auto spec = ParseJobSpec(kJob);
+  ASSERT_TRUE(spec.ok());
+  spec->mutable_layout()->set_pp(2);
+  spec->mutable_layout()->set_tp(2);
+  auto layout = ParallelLayout::Create(spec->model(), spec->layout());
+  ASSERT_TRUE(layout.ok());
+  std::map<std::pair<int, int>, int64_t> pushed;
+  for (int rank = 0; rank < 4; ++rank) {
+    const WorkerCoords c = layout->Coords(rank);
+    const std::string log = ReadFile(absl::StrCat(run.dir, "/logs/worker-", rank, ".log"));
+    auto recs = Records(log, "transfer: pulls=");
+    ASSERT_EQ(recs.size(), 1u) << log;
+    const auto& r = recs[0];
+    const int64_t held = layout->HeldElements(c.pp, c.tp);
+    int64_t owned = 0;
+    for (int t = 0; t < static_cast<int>(layout->tensors().size()); ++t) {
+      for (const ElementRange& e : layout->Pushed(t, c.pp, c.tp)) owned += e.size();
+    }
+    EXPECT_EQ(Int(r, "held_parameters"), held);
+    EXPECT_EQ(Int(r, "pulls"), kSteps);
+    EXPECT_EQ(Int(r, "bytes_pulled"), Int(r, "pulls") * 4 * held) << "worker " << rank;
+    EXPECT_EQ(Int(r, "bytes_pushed"), kSteps * 4 * owned) << "worker " << rank;
+    pushed[{c.pp, c.tp}] = Int(r, "bytes_pushed");
+    EXPECT_LT(held, GptNumParameters(spec->model()) * 2 / 3);
+  }
+  // tp rank 1 pushes no replicated tensor.
+  EXPECT_LT(pushed[{0, 1}], pushed[{0, 0}]);
+  EXPECT_LT(pushed[{1, 1}], pushed[{1, 0}]);
+}
+
+// The default local job's features work through a hybrid layout: eval
+// through the pipeline, checkpoints, sample from the exported model.
+TEST(PipelineTest, HybridJobEvaluatesAndSamples) {
+  Run run = Train(L(2, 2, 2, 2), "train { eval_interval: 2 eval_batches: 1 sample_tokens: 20 }\n");
+  EXPECT_NE(run.result.output.find("sample:"), std::string::npos) << run.result.output;
+  EXPECT_GT(ReadFile(run.dir + "/sample.txt").size(), 20u);
+  auto diff = MaxAbsDiff(Baseline(), run.model);
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_LE(*diff, kTolerance);
+}
+
+// A dead stage or tensor-parallel peer: the partner fails the step with an
+// error naming it, within the peer timeout, and never hangs.
+void ExpectPartnerFailsNamingDeadPeer(int pp, int tp) {
+  const std::string dir = TempDir(absl::StrCat("dead_pp", pp, "tp", tp));
+  WriteFile(dir + "/job.textproto",
+            absl::StrCat(kJob, "layout { pp: ", pp, " tp: ", tp,
+                         " num_shards: 1 }\ntrain { peer_timeout_ms: 5000 }\n"));
+  BackgroundProcess scheduler(
+      {BinaryPath("server/scheduler/lmps_scheduler"), "--job=" + dir + "/job.textproto",
+       "--listen=127.0.0.1:0", "--port_file=" + dir + "/port"},
+      dir + "/scheduler.log");
+  const std::string port(absl::StripAsciiWhitespace(WaitForFile(dir + "/port", 30)));
+  ASSERT_FALSE(port.empty()) << ReadFile(dir + "/scheduler.log");
+  const std::string sched = "--scheduler=127.0.0.1:" + port;
+  BackgroundProcess server({BinaryPath("server/lmps_server"), sched,
+                            "--listen=127.0.0.1:0", "--checkpoint_dir=" + dir + "/ckpt"},
+                           dir + "/server.log");
+  BackgroundProcess victim({BinaryPath("worker/lmps_worker"), sched, "--rank=1",
+                            "--threads=1", "--fault_kill_at_step=1"},
+                           dir + "/worker-1.log");
+  const absl::Time start = absl::Now();
+  BackgroundProcess partner({BinaryPath("worker/lmps_worker"), sched, "--rank=0",
+                             "--threads=1"},
+                            dir + "/worker-0.log");
+  EXPECT_EQ(victim.Wait(120), -1) << "killed by a signal";
+  const int code = partner.Wait(60);
+  const std::string log = ReadFile(dir + "/worker-0.log");
+  EXPECT_EQ(code, 1) << log;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(60));
+  EXPECT_NE(log.find("error"), std::string::npos) << log;
+  EXPECT_NE(log.find("worker-1 (dp 0, pp "), std::string::npos) << log;
+  EXPECT_NE(log.find("step 1"), std::string::npos) << log;
+}
+
+TEST(PipelineTest, DeadStagePeerFailsThePartnerNamingIt) {
+  ExpectPartnerFailsNamingDeadPeer(2, 1);
+}
+
+TEST(PipelineTest, DeadTensorParallelPeerFailsThePartnerNamingIt) {
+  ExpectPartnerFailsNamingDeadPeer(1, 2);
+}
+
+}  // namespace
+}  // namespace lmps::testing

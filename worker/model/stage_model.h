@@ -1,0 +1,292 @@
+// StageModel: the part of a GPT-2 (see gpt.h) that one worker of a
+// pipeline-parallel x tensor-parallel layout computes. It generalises
+// GptModel: with the whole layer range, both ends and tp_size == 1 it
+// computes exactly what GptModel computes (same tensors, same order, same
+// backend calls).
+//
+// Pipeline parallelism: a stage holds the transformer blocks
+// [layer_begin, layer_end); the first stage (has_embedding) also holds the
+// token/position embedding and reads tokens, the last stage (has_head) holds
+// ln_f and the LM head tied to wte and computes the loss. Between stages the
+// residual stream [B,T,C] travels in host memory (Forward's output is the
+// next stage's input; Backward's dinput is the previous stage's doutput).
+// Several micro-batches can be in flight (1F1B, GPipe): each one lives in an
+// activation slot until its Backward (or ReleaseSlot).
+//
+// Tensor parallelism (Megatron-LM, arXiv:1909.08053): inside each block the
+// tp ranks split the heads and the MLP hidden units, tp = tp_size,
+// r = tp_rank, C = n_embd, Cl = C/tp, NH = n_head (NH % tp == 0):
+//   attn.c_attn  (3C, C)  column-parallel -> local (3Cl, C): rows
+//                         [r*Cl, (r+1)*Cl) of the q block, then the same rows
+//                         of the k block (+C), then of the v block (+2C);
+//                         bias (3C) -> (3Cl) likewise. The rank owns heads
+//                         [r*NH/tp, (r+1)*NH/tp) whole (head size unchanged).
+//   attn.c_proj  (C, C)   row-parallel -> local (C, Cl): columns
+//                         [r*Cl, (r+1)*Cl) of every row; bias (C) replicated.
+//   mlp.c_fc     (4C, C)  column-parallel -> local (4C/tp, C): rows
+//                         [r*4C/tp, (r+1)*4C/tp); bias (4C) -> (4C/tp).
+//   mlp.c_proj   (C, 4C)  row-parallel -> local (C, 4C/tp): columns
+//                         [r*4C/tp, (r+1)*4C/tp); bias (C) replicated.
+//   wte, wpe, ln_1, ln_2, ln_f: replicated (full shape on every rank).
+// The output of a row-parallel layer is a partial sum, all-reduced (sum)
+// over the tp group; its replicated bias is added once, by tp rank 0, and
+// only tp rank 0 accumulates its gradient (the others' stays 0). Backward
+// uses the conjugate operators: the replicated input of a column-parallel
+// layer (the ln_1/ln_2 output) gets a partial gradient on each rank, which
+// is all-reduced before the LayerNorm backward. Embeddings, LayerNorms and
+// the head run redundantly on every tp rank on identical inputs, so their
+// gradients are identical on every rank. Collectives per micro-batch: two
+// all-reduces of N*C floats per block in Forward and two in Backward, in a
+// fixed order.
+//
+// Memory (backend memory, owned by the model):
+// - a flat parameter buffer and a flat gradient buffer holding only this
+//   worker's local tensors (local_tensors(): canonical GptTensorSpecs order
+//   restricted to the stage, local shapes, back to back);
+// - per activation slot, the forward activations the backward pass needs
+//   for max_batch x max_seq tokens (GptModel's set with local widths; the
+//   head keeps probs, not logits);
+// - shared scratch: the row-parallel outputs before the residual add, the
+//   logits/dlogits, and the activation gradients (one Backward at a time).
+//
+// Training protocol (one step, M micro-batches, any schedule):
+//   model->ZeroGrad();
+//   Forward(slot, ...) of micro-batch m into a free slot ... ;
+//   Backward(slot, doutput, /*grad_scale=*/1.0f / M, dinput) ... ;
+// Backward ACCUMULATES grad_scale * d(mean loss)/d(local params) (+=).
+//
+// Thread-safety: not thread-safe; one thread uses a model (and its backend
+// and TpComm) at a time.
+#ifndef LMPS_WORKER_MODEL_STAGE_MODEL_H_
+#define LMPS_WORKER_MODEL_STAGE_MODEL_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "proto/lmps.pb.h"
+#include "worker/backend/backend.h"
+#include "worker/model/tp_comm.h"
+
+namespace lmps {
+
+struct StageModelOptions {
+  ModelConfig config;
+  int layer_begin = 0, layer_end = 0;  // transformer blocks [begin, end)
+  bool has_embedding = false;  // first stage: wte/wpe lookup from tokens
+  bool has_head = false;       // last stage: ln_f, tied LM head, loss
+  int tp_size = 1, tp_rank = 0;
+  int max_batch = 1, max_seq = 1;  // bounds of B and T
+  int activation_slots = 1;  // micro-batches whose activations may coexist
+};
+
+// One local tensor of a stage.
+struct LocalTensor {
+  std::string name;  // global name, e.g. "h.3.attn.c_attn.weight"
+  std::vector<int64_t> local_shape;  // this tp rank's part (see above)
+  int64_t offset = 0;                // in floats, in params()/grads()
+  int64_t num_elements() const;
+};
+
+class StageModel {
+ public:
+  // `backend` (and `comm`) must outlive the model. `comm` may be null iff
+  // options.tp_size == 1; otherwise its size()/rank() must equal
+  // tp_size/tp_rank. InvalidArgumentError for a bad config, layer range
+  // (0 <= begin <= end <= n_layer, and the stage must hold something),
+  // tp layout (n_head % tp_size == 0, 0 <= tp_rank < tp_size), bounds
+  // (max_batch >= 1, 1 <= max_seq <= block_size, activation_slots >= 1);
+  // the backend's error when allocation fails. Parameters and gradients
+  // start at zero.
+  static absl::StatusOr<std::unique_ptr<StageModel>> Create(
+      const StageModelOptions& options, Backend* backend, TpComm* comm);
+
+  StageModel(const StageModel&) = delete;
+  StageModel& operator=(const StageModel&) = delete;
+  ~StageModel();
+
+  const StageModelOptions& options() const { return options_; }
+  const ModelConfig& config() const { return options_.config; }
+  Backend* backend() const { return backend_; }
+
+  // Local parameters.
+  const std::vector<LocalTensor>& local_tensors() const { return tensors_; }
+  int64_t num_parameters() const { return num_parameters_; }
+  // Flat buffers of num_parameters() floats in backend memory.
+  float* params() { return params_; }
+  const float* params() const { return params_; }
+  float* grads() { return grads_; }
+  const float* grads() const { return grads_; }
+  // Offset (in floats) of local tensor `name` (global name) in
+  // params()/grads(); NotFoundError if this stage does not hold it.
+  absl::StatusOr<int64_t> TensorOffset(std::string_view name) const;
+
+  // Host <-> backend copies of the whole local buffers (num_parameters()
+  // floats).
+  absl::Status SetParametersFromHost(const float* host);
+  absl::Status ParametersToHost(float* host) const;
+  absl::Status GradientsToHost(float* host) const;
+  // grads() = 0.
+  void ZeroGrad();
+
+  // Forward of one micro-batch into activation slot `slot` (in
+  // [0, activation_slots), not holding a forward).
+  // tokens: host [B,T] in [0, V), required when has_embedding (else
+  //   ignored); input: host [B,T,C], the previous stage's output, required
+  //   when !has_embedding (else ignored).
+  // targets: host [B,T] in [0, V), used when has_head (ignored otherwise);
+  //   may be null there to compute the logits only (see LogitsToHost; such
+  //   a forward cannot be backwarded).
+  // has_head: returns the mean loss over B*T (0 without targets) and
+  //   ignores `output`. Otherwise writes output: host [B,T,C] (the residual
+  //   stream after block layer_end-1) and returns 0.
+  // The slot holds the micro-batch until Backward or ReleaseSlot.
+  // InvalidArgumentError for a bad slot, B outside [1, max_batch], T
+  // outside [1, max_seq], a null required pointer or a token/target outside
+  // [0, V); FailedPreconditionError when the slot is busy; the TpComm's
+  // error (the slot stays free then).
+  absl::StatusOr<float> Forward(int slot, const int32_t* tokens,
+                                const float* input, const int32_t* targets,
+                                float* output, int B, int T);
+
+  // Backward of the micro-batch in `slot`, which is freed.
+  // has_head: starts from the mean loss scaled by grad_scale (d objective /
+  //   d mean loss, e.g. 1/M) and ignores doutput. Otherwise doutput: host
+  //   [B,T,C], the gradient of the objective w.r.t. this stage's output
+  //   (already scaled; grad_scale is ignored).
+  // Accumulates (+=) the local parameter gradients. When !has_embedding
+  // writes dinput: host [B,T,C], the gradient w.r.t. the input activation;
+  // otherwise it goes into the wte/wpe gradients and dinput is ignored.
+  // InvalidArgumentError for a bad slot or a null required pointer;
+  // FailedPreconditionError when the slot holds no forward or (has_head) a
+  // forward without targets. On a TpComm error the slot is freed and the
+  // gradients are partial: the step must be abandoned.
+  absl::Status Backward(int slot, const float* doutput, float grad_scale,
+                        float* dinput);
+
+  // has_head: copies the logits [B,T,V] of the targets-less Forward held by
+  // `slot` to host memory. FailedPreconditionError otherwise.
+  absl::Status LogitsToHost(int slot, float* host) const;
+
+  // Forgets the forward held by `slot` (evaluation); no-op if it is free or
+  // out of range.
+  void ReleaseSlot(int slot);
+  bool slot_in_use(int slot) const;
+  int slots_in_use() const;
+  // The most slots in use at once since Create / ResetMaxSlotsInUse.
+  int max_slots_in_use() const { return max_slots_in_use_; }
+  void ResetMaxSlotsInUse();
+
+ private:
+  // Pointers to the local tensors of one flat buffer (parameters or
+  // gradients); null for tensors the stage does not hold. Local shapes.
+  struct LayerTensors {
+    float* ln1w;      // (C)
+    float* ln1b;      // (C)
+    float* qkvw;      // (3Cl, C)
+    float* qkvb;      // (3Cl)
+    float* attprojw;  // (C, Cl)
+    float* attprojb;  // (C)
+    float* ln2w;      // (C)
+    float* ln2b;      // (C)
+    float* fcw;       // (4Cl, C)
+    float* fcb;       // (4Cl)
+    float* fcprojw;   // (C, 4Cl)
+    float* fcprojb;   // (C)
+  };
+  struct Tensors {
+    float* wte = nullptr;  // (V, C)
+    float* wpe = nullptr;  // (maxT, C)
+    std::vector<LayerTensors> layers;  // index l - layer_begin
+    float* lnfw = nullptr;  // (C)
+    float* lnfb = nullptr;  // (C)
+  };
+  // Forward activations of one block in one slot, sized for max_batch x
+  // max_seq (Cl = C/tp, NHl = NH/tp).
+  struct LayerActivations {
+    float* ln1;        // (B, T, C)
+    float* ln1_mean;   // (B, T)
+    float* ln1_rstd;   // (B, T)
+    float* qkv;        // (B, T, 3Cl)
+    float* atty;       // (B, T, Cl)
+    float* att;        // (B, NHl, T, T)
+    float* residual2;  // (B, T, C)
+    float* ln2;        // (B, T, C)
+    float* ln2_mean;   // (B, T)
+    float* ln2_rstd;   // (B, T)
+    float* fch;        // (B, T, 4Cl)
+    float* fch_gelu;   // (B, T, 4Cl)
+    float* residual3;  // (B, T, C)
+  };
+  enum class SlotState { kFree, kForward, kForwardNoTargets };
+  struct Slot {
+    SlotState state = SlotState::kFree;
+    int B = 0, T = 0;
+    int32_t* tokens = nullptr;   // (B, T) when has_embedding
+    int32_t* targets = nullptr;  // (B, T) when has_head
+    float* input = nullptr;      // (B, T, C) encoded or received
+    std::vector<LayerActivations> layers;  // index l - layer_begin
+    float* lnf = nullptr;        // (B, T, C)
+    float* lnf_mean = nullptr;   // (B, T)
+    float* lnf_rstd = nullptr;   // (B, T)
+    float* probs = nullptr;      // (B, T, V); the logits without targets
+    float* losses = nullptr;     // (B, T)
+  };
+
+  StageModel(const StageModelOptions& options, Backend* backend,
+             TpComm* comm);
+  absl::Status Allocate();
+  Tensors BindTensors(float* base) const;
+  absl::Status CheckTokens(const int32_t* tokens, const char* what,
+                           size_t n) const;
+  absl::Status CheckSlot(int slot) const;
+  // Sum all-reduce of n floats of backend memory over the tp group (no-op
+  // for tp_size == 1).
+  absl::Status AllReduce(float* data, size_t n);
+  // The stage's blocks on slot `s` (residual stream in s.input).
+  absl::Status BlocksForward(Slot& s, int B, int T);
+  absl::Status BlocksBackward(Slot& s, int B, int T);
+  // Residual stream after the last block of the stage.
+  const float* StageOutput(const Slot& s) const;
+
+  const StageModelOptions options_;
+  Backend* const backend_;
+  TpComm* const comm_;
+  const int num_layers_;  // layer_end - layer_begin
+  const int Cl_;          // n_embd / tp_size
+  const int NHl_;         // n_head / tp_size
+  std::vector<LocalTensor> tensors_;
+  int64_t num_parameters_ = 0;
+
+  std::vector<float*> owned_;  // every float buffer, freed in ~StageModel
+  std::vector<int32_t*> owned_int_;
+  float* params_ = nullptr;
+  float* grads_ = nullptr;
+  Tensors p_;  // into params_
+  Tensors g_;  // into grads_
+
+  std::vector<Slot> slots_;
+  int max_slots_in_use_ = 0;
+
+  // Shared forward scratch.
+  float* proj_ = nullptr;    // (B, T, C) row-parallel output, all-reduced
+  float* logits_ = nullptr;  // (B, T, V) logits in Forward, dlogits in
+                             // Backward (has_head)
+  // Activation gradients, shared by all blocks and slots.
+  float* dresidual_ = nullptr;  // (B, T, C) the residual stream
+  float* dln_ = nullptr;        // (B, T, C) LayerNorm outputs
+  float* dqkv_ = nullptr;       // (B, T, 3Cl)
+  float* datty_ = nullptr;      // (B, T, Cl)
+  float* datt_ = nullptr;       // (B, NHl, T, T) attention scratch
+  float* dfch_ = nullptr;       // (B, T, 4Cl)
+  float* dfch_gelu_ = nullptr;  // (B, T, 4Cl)
+  std::vector<float> host_losses_;
+};
+
+}  // namespace lmps
+
+#endif  // LMPS_WORKER_MODEL_STAGE_MODEL_H_

@@ -1,0 +1,196 @@
+#include "worker/peer/peer_network.h"
+
+#include <algorithm>
+#include <chrono>
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_util.h"
+
+namespace lmps {
+namespace {
+
+// Sets the header of `m` from `key` and its data to data[offset, +count).
+void Fill(const TransferKey& key, const std::string& sender, size_t total,
+          const float* data, size_t offset, size_t count, PeerMessage* m) {
+  m->set_kind(key.kind);
+  m->set_eval(key.eval);
+  m->set_step(key.step);
+  m->set_micro_batch(key.micro_batch);
+  m->set_seq(key.seq);
+  m->set_round(key.round);
+  m->set_sender(sender);
+  m->set_total_elements(static_cast<int64_t>(total));
+  m->set_offset(static_cast<int64_t>(offset));
+  if (count == 0) {
+    m->clear_data();
+  } else {
+    m->set_data(reinterpret_cast<const char*>(data + offset), count * 4);
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PeerNetwork>> PeerNetwork::Create(
+    PeerNetworkOptions options, std::vector<PeerInfo> workers,
+    PeerMailbox* mailbox, PeerStubFactory stub_factory) {
+  auto bad = [](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat("PeerNetwork: ", what));
+  };
+  if (workers.empty()) return bad("no workers");
+  if (options.self_rank < 0 ||
+      options.self_rank >= static_cast<int>(workers.size())) {
+    return bad(absl::StrCat("self_rank ", options.self_rank, " outside [0, ",
+                            workers.size(), ")"));
+  }
+  std::set<std::string> ids;
+  for (size_t r = 0; r < workers.size(); ++r) {
+    const std::string& id = workers[r].node_id();
+    if (id.empty()) return bad(absl::StrCat("worker rank ", r, " has no id"));
+    if (!ids.insert(id).second) {
+      return bad(absl::StrCat("node id ", id, " appears twice"));
+    }
+  }
+  if (options.self_id != workers[options.self_rank].node_id()) {
+    return bad(absl::StrCat("self_id \"", options.self_id,
+                            "\" is not worker rank ", options.self_rank,
+                            "'s id \"", workers[options.self_rank].node_id(),
+                            "\""));
+  }
+  if (mailbox == nullptr) return bad("null mailbox");
+  if (!stub_factory) return bad("no stub factory");
+  if (options.max_message_bytes < 4) {
+    return bad(absl::StrCat("max_message_bytes ", options.max_message_bytes,
+                            " holds no fp32 value"));
+  }
+  if (options.timeout <= absl::ZeroDuration()) {
+    return bad(absl::StrCat("timeout ", absl::FormatDuration(options.timeout),
+                            " is not positive"));
+  }
+  return std::unique_ptr<PeerNetwork>(
+      new PeerNetwork(std::move(options), std::move(workers), mailbox,
+                      std::move(stub_factory)));
+}
+
+PeerNetwork::PeerNetwork(PeerNetworkOptions options,
+                         std::vector<PeerInfo> workers, PeerMailbox* mailbox,
+                         PeerStubFactory stub_factory)
+    : options_(std::move(options)),
+      workers_(std::move(workers)),
+      mailbox_(mailbox),
+      stub_factory_(std::move(stub_factory)),
+      stubs_(workers_.size()) {}
+
+PeerNetwork::~PeerNetwork() = default;
+
+std::string PeerNetwork::Describe(int rank) const {
+  if (rank < 0 || rank >= num_workers()) {
+    return absl::StrCat("worker rank ", rank, " (out of range)");
+  }
+  const PeerInfo& w = workers_[rank];
+  return absl::StrCat(w.node_id(), " (dp ", w.dp_rank(), ", pp ", w.pp_rank(),
+                      ", tp ", w.tp_rank(), ") at ", w.address());
+}
+
+WorkerPeer::StubInterface* PeerNetwork::Stub(int rank) {
+  absl::MutexLock lock(&mu_);
+  if (stubs_[rank] == nullptr) {
+    stubs_[rank] = stub_factory_(workers_[rank].address());
+  }
+  return stubs_[rank].get();
+}
+
+std::vector<PeerMessage> PeerNetwork::Messages(const TransferKey& key,
+                                               const float* data,
+                                               size_t n) const {
+  const size_t per_message =
+      static_cast<size_t>(options_.max_message_bytes / 4);
+  std::vector<PeerMessage> messages;
+  size_t offset = 0;
+  do {
+    const size_t count = std::min(per_message, n - offset);
+    messages.emplace_back();
+    Fill(key, options_.self_id, n, data, offset, count, &messages.back());
+    offset += count;
+  } while (offset < n);
+  return messages;
+}
+
+absl::Status PeerNetwork::SendRemote(int to_rank, const TransferKey& key,
+                                     const float* data, size_t n) {
+  WorkerPeer::StubInterface* stub = Stub(to_rank);
+  if (stub == nullptr) {
+    return absl::InternalError("the stub factory returned no stub");
+  }
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       absl::ToChronoNanoseconds(options_.timeout));
+  PeerAck ack;
+  std::unique_ptr<grpc::ClientWriterInterface<PeerMessage>> writer =
+      stub->Send(&context, &ack);
+  const size_t per_message =
+      static_cast<size_t>(options_.max_message_bytes / 4);
+  PeerMessage message;
+  size_t offset = 0;
+  do {
+    const size_t count = std::min(per_message, n - offset);
+    Fill(key, options_.self_id, n, data, offset, count, &message);
+    // A failed write means the call is over; Finish() says why.
+    if (!writer->Write(message)) break;
+    offset += count;
+  } while (offset < n);
+  writer->WritesDone();
+  LMPS_RETURN_IF_ERROR(FromGrpcStatus(writer->Finish()));
+  if (ack.elements() != static_cast<int64_t>(n)) {
+    return absl::DataLossError(absl::StrCat(
+        "the peer acknowledged ", ack.elements(), " of ", n, " elements"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PeerNetwork::Send(int to_rank,
+                               const TransferKey& key_without_sender,
+                               const float* data, size_t n) {
+  TransferKey key = key_without_sender;
+  key.sender = options_.self_id;
+  auto annotate = [&](const absl::Status& status) {
+    return absl::Status(
+        status.code(),
+        absl::StrCat("sending ", DescribeKey(key), " to ", Describe(to_rank),
+                     ": ", absl::StatusCodeToString(status.code()), ": ",
+                     status.message()));
+  };
+  if (to_rank < 0 || to_rank >= num_workers()) {
+    return annotate(absl::InvalidArgumentError(absl::StrCat(
+        "no such worker rank (the job has ", num_workers(), " workers)")));
+  }
+  if (data == nullptr && n > 0) {
+    return annotate(absl::InvalidArgumentError("null data"));
+  }
+  absl::Status status;
+  if (to_rank == options_.self_rank) {
+    status = mailbox_->Deliver(Messages(key, data, n)).status();
+  } else {
+    status = SendRemote(to_rank, key, data, n);
+  }
+  if (!status.ok()) return annotate(status);
+  bytes_sent_ += static_cast<int64_t>(4 * n);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<float>> PeerNetwork::Receive(
+    int from_rank, TransferKey key_without_sender) {
+  if (from_rank < 0 || from_rank >= num_workers()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("receiving ", DescribeKey(key_without_sender),
+                     " from worker rank ", from_rank,
+                     ": no such worker rank (the job has ", num_workers(),
+                     " workers)"));
+  }
+  key_without_sender.sender = workers_[from_rank].node_id();
+  return mailbox_->Receive(key_without_sender, options_.timeout,
+                           Describe(from_rank));
+}
+
+}  // namespace lmps

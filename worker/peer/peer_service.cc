@@ -1,0 +1,99 @@
+#include "worker/peer/peer_service.h"
+
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_util.h"
+
+namespace lmps {
+
+// Reads the whole stream, then delivers it to the mailbox.
+class WorkerPeerService::SendReactor
+    : public grpc::ServerReadReactor<PeerMessage> {
+ public:
+  SendReactor(const WorkerPeerService* service,
+              grpc::CallbackServerContext* context, PeerAck* response)
+      : service_(service), context_(context), response_(response) {
+    StartRead(&incoming_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client closed its side (or the call broke)
+      if (context_->IsCancelled()) {
+        Finish(grpc::Status(grpc::StatusCode::CANCELLED,
+                            "peer send cancelled before the end of the "
+                            "stream; nothing was stored"));
+        return;
+      }
+      Deliver();
+      return;
+    }
+    bytes_ += static_cast<int64_t>(incoming_.ByteSizeLong());
+    if (bytes_ > service_->options_.max_stream_bytes) {
+      const std::string msg = absl::StrCat(
+          "peer stream from ", incoming_.sender(), " (", context_->peer(),
+          ") exceeds ", service_->options_.max_stream_bytes,
+          " bytes; nothing was stored");
+      service_->Log(msg);
+      Finish(ToGrpcStatus(absl::ResourceExhaustedError(msg)));
+      return;
+    }
+    stream_.push_back(std::move(incoming_));
+    incoming_ = PeerMessage();
+    StartRead(&incoming_);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void Deliver() {
+    absl::StatusOr<int64_t> result = service_->mailbox_->Deliver(stream_);
+    stream_.clear();
+    stream_.shrink_to_fit();
+    if (result.ok()) {
+      response_->set_elements(*result);
+    } else {
+      service_->Log(absl::StrCat("peer send from ", context_->peer(),
+                                 " refused: ", result.status().ToString()));
+    }
+    Finish(ToGrpcStatus(result.status()));
+  }
+
+  const WorkerPeerService* const service_;
+  grpc::CallbackServerContext* const context_;
+  PeerAck* const response_;
+  int64_t bytes_ = 0;
+  PeerMessage incoming_;
+  std::vector<PeerMessage> stream_;
+};
+
+absl::StatusOr<std::unique_ptr<WorkerPeerService>> WorkerPeerService::Create(
+    PeerMailbox* mailbox, WorkerPeerServiceOptions options) {
+  if (mailbox == nullptr) {
+    return absl::InvalidArgumentError("WorkerPeerService: null mailbox");
+  }
+  if (options.max_stream_bytes <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("WorkerPeerService: max_stream_bytes must be positive, "
+                     "got ",
+                     options.max_stream_bytes));
+  }
+  return std::unique_ptr<WorkerPeerService>(
+      new WorkerPeerService(mailbox, std::move(options)));
+}
+
+WorkerPeerService::WorkerPeerService(PeerMailbox* mailbox,
+                                     WorkerPeerServiceOptions options)
+    : mailbox_(mailbox), options_(std::move(options)) {}
+
+void WorkerPeerService::Log(const std::string& line) const {
+  if (options_.log) options_.log(line);
+}
+
+grpc::ServerReadReactor<PeerMessage>* WorkerPeerService::Send(
+    grpc::CallbackServerContext* context, PeerAck* response) {
+  return new SendReactor(this, context, response);
+}
+
+}  // namespace lmps

@@ -1,0 +1,83 @@
+// RingAllReduce: TpComm (worker/model/tp_comm.h) over PeerNetwork, a
+// chunked ring all-reduce among the workers of one tensor-parallel group.
+//
+// AllReduceSum(backend, data, n) copies data to host memory, splits it into
+// size() contiguous segments (segment i = [i*n/size, (i+1)*n/size), some
+// empty when n < size) and runs, with next = the following rank of the
+// group and prev = the preceding one (cyclically):
+//   reduce-scatter, rounds k = 0 .. size-2: send segment (rank - k) mod size
+//     to next, receive segment (rank - k - 1) mod size from prev and add it
+//     to the local one. Rank r then holds the total of segment
+//     (r + 1) mod size.
+//   all-gather, rounds k = 0 .. size-2 (tagged round size-1+k): send segment
+//     (rank + 1 - k) mod size to next, receive segment (rank - k) mod size
+//     from prev and copy it.
+// and copies the result back to the backend. Each segment's sum is computed
+// once, on one rank, in ring order, and then copied: the result is bitwise
+// identical on every rank. Messages are ALL_REDUCE transfers tagged with the
+// (step, eval) of SetStep, seq = the number of AllReduceSum calls since then
+// and the round. A send returns once the receiver's mailbox stored it, so
+// "send, then receive" in every round cannot deadlock.
+//
+// size() == 1 and n == 0 are no-ops (no communication; seq still advances).
+// Errors come from PeerNetwork and name the peer; a segment of the wrong
+// length (ranks disagreeing on n) is FailedPrecondition. After an error the
+// step should be failed (PeerMailbox::DropBefore discards leftovers).
+//
+// Thread-safety: as TpComm, one thread at a time; the byte counters may be
+// read from any thread.
+#ifndef LMPS_WORKER_PEER_RING_ALLREDUCE_H_
+#define LMPS_WORKER_PEER_RING_ALLREDUCE_H_
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "worker/backend/backend.h"
+#include "worker/model/tp_comm.h"
+#include "worker/peer/peer_network.h"
+
+namespace lmps {
+
+class RingAllReduce final : public TpComm {
+ public:
+  // `network` (not owned) must outlive this object. `group` holds the
+  // worker ranks of the tp group in tp-rank order; group[index] must be
+  // network->self_rank(). InvalidArgument otherwise, or for a null network,
+  // an empty group, or a rank out of range or repeated.
+  static absl::StatusOr<std::unique_ptr<RingAllReduce>> Create(
+      PeerNetwork* network, std::vector<int> group, int index);
+
+  int size() const override { return static_cast<int>(group_.size()); }
+  int rank() const override { return index_; }
+  void SetStep(int64_t step, bool eval) override;
+  absl::Status AllReduceSum(Backend* backend, float* data, size_t n) override;
+
+  // Payload bytes this rank sent and received in all-reduces.
+  int64_t bytes_sent() const { return bytes_sent_.load(); }
+  int64_t bytes_received() const { return bytes_received_.load(); }
+  // AllReduceSum calls that completed.
+  int64_t collectives() const { return collectives_.load(); }
+
+ private:
+  RingAllReduce(PeerNetwork* network, std::vector<int> group, int index);
+  absl::Status Ring(std::vector<float>& host, int32_t seq);
+
+  PeerNetwork* const network_;
+  const std::vector<int> group_;
+  const int index_;
+  int64_t step_ = 0;
+  bool eval_ = false;
+  int32_t seq_ = 0;
+  std::atomic<int64_t> bytes_sent_{0};
+  std::atomic<int64_t> bytes_received_{0};
+  std::atomic<int64_t> collectives_{0};
+};
+
+}  // namespace lmps
+
+#endif  // LMPS_WORKER_PEER_RING_ALLREDUCE_H_

@@ -1,0 +1,311 @@
+// PsClient against real parameter-server shards (ParameterShard behind
+// ParameterServerService, in-process on 127.0.0.1): the local buffers of a
+// pipeline x tensor-parallel view, and what each worker transfers.
+#include "worker/ps_client.h"
+
+#include <cmath>
+#include <limits>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_server.h"
+#include "common/job_spec.h"
+#include "common/model_spec.h"
+#include "common/parallel_layout.h"
+#include "common/partition.h"
+#include "gtest/gtest.h"
+#include "server/service.h"
+#include "server/shard.h"
+
+namespace lmps {
+namespace {
+
+// 2 layers, 2 heads, width 8, 2 shards; chunks of at most 10 elements, so
+// they straddle the tensor-parallel slices' boundaries.
+JobSpec Spec(int pp, int tp) {
+  JobSpec spec;
+  ModelConfig* m = spec.mutable_model();
+  m->set_n_layer(2);
+  m->set_n_head(2);
+  m->set_n_embd(8);
+  m->set_block_size(4);
+  m->set_vocab_size(16);
+  spec.mutable_layout()->set_pp(pp);
+  spec.mutable_layout()->set_tp(tp);
+  spec.mutable_layout()->set_num_shards(2);
+  spec.mutable_train()->set_batch_size(2);
+  spec.mutable_train()->set_steps(10);
+  spec.mutable_train()->set_checkpoint_interval(1000);
+  OptimizerConfig* o = spec.mutable_optimizer();
+  o->set_type(ADAMW);
+  o->set_lr(0.01f);
+  o->set_grad_clip(0.5f);  // active: the gradients' norm is above it
+  spec.set_max_chunk_bytes(40);
+  spec.set_max_message_bytes(1024);
+  ApplyJobSpecDefaults(&spec);
+  return spec;
+}
+
+// Every shard of a job behind its own gRPC server.
+class Cluster {
+ public:
+  absl::Status Start(const JobSpec& spec) {
+    spec_ = spec;
+    const int n = spec.layout().num_shards();
+    absl::StatusOr<PartitionMap> map =
+        ComputePartition(spec.model(), n, spec.max_chunk_bytes());
+    if (!map.ok()) return map.status();
+    map_ = *map;
+    for (int s = 0; s < n; ++s) {
+      ShardOptions o;
+      o.shard = s;
+      o.spec = spec;
+      o.map = map_;
+      o.wait_timeout = absl::Seconds(10);
+      absl::StatusOr<std::unique_ptr<ParameterShard>> shard =
+          ParameterShard::Create(o);
+      if (!shard.ok()) return shard.status();
+      shards_.push_back(std::move(*shard));
+      ServiceOptions so;
+      so.wait_threads = 4;
+      so.work_threads = 1;
+      services_.push_back(std::make_unique<ParameterServerService>(so));
+      GrpcServerOptions go;
+      go.listen_address = "127.0.0.1:0";
+      absl::StatusOr<StartedServer> started =
+          StartGrpcServer(go, {services_.back().get()});
+      if (!started.ok()) return started.status();
+      services_.back()->SetShard(shards_.back().get());
+      SetServing(started->server.get(), true);
+      servers_.push_back(std::move(started->server));
+      addresses_.push_back(absl::StrCat("127.0.0.1:", started->port));
+    }
+    return absl::OkStatus();
+  }
+
+  ~Cluster() {
+    for (auto& shard : shards_) shard->Shutdown();
+    for (auto& server : servers_) {
+      server->Shutdown(std::chrono::system_clock::now());
+    }
+    servers_.clear();
+    services_.clear();
+    shards_.clear();
+  }
+
+  absl::StatusOr<std::unique_ptr<PsClient>> Client(
+      const PsClientView& view = {}) {
+    std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs;
+    for (const std::string& a : addresses_) {
+      stubs.push_back(ParameterServer::NewStub(MakeChannel(a)));
+    }
+    PsClientOptions o;
+    o.max_message_bytes = spec_.max_message_bytes();
+    o.rpc_timeout = absl::Seconds(20);
+    return PsClient::Create(spec_.model(), map_, std::move(stubs), addresses_,
+                            o, view);
+  }
+
+  const PartitionMap& map() const { return map_; }
+
+ private:
+  JobSpec spec_;
+  PartitionMap map_;
+  std::vector<std::unique_ptr<ParameterShard>> shards_;
+  std::vector<std::unique_ptr<ParameterServerService>> services_;
+  std::vector<std::unique_ptr<grpc::Server>> servers_;
+  std::vector<std::string> addresses_;
+};
+
+// A random gradient per tensor (GptTensorSpecs order): `first` is what the
+// first stage computes, `last` is wte's gradient on the last stage (the
+// tied LM head); a pp = 1 worker's wte gradient is their sum.
+struct Gradient {
+  std::vector<std::vector<float>> first;
+  std::vector<float> last;
+};
+
+Gradient RandomGradient(const ModelConfig& model, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-0.05f, 0.05f);
+  Gradient g;
+  for (const TensorSpec& t : GptTensorSpecs(model)) {
+    g.first.emplace_back(t.num_elements());
+    for (float& v : g.first.back()) v = u(rng);
+  }
+  g.last.resize(g.first[0].size());
+  for (float& v : g.last) v = u(rng);
+  return g;
+}
+
+// The flat gradient of the whole model (pp = tp = 1).
+std::vector<float> FullGradient(const Gradient& g) {
+  std::vector<float> out;
+  for (size_t t = 0; t < g.first.size(); ++t) {
+    for (size_t i = 0; i < g.first[t].size(); ++i) {
+      out.push_back(t == 0 ? g.first[t][i] + g.last[i] : g.first[t][i]);
+    }
+  }
+  return out;
+}
+
+// `full` (flat, whole model) gathered into the local layout of (pp, tp).
+std::vector<float> Gather(const ParallelLayout& layout, int pp, int tp,
+                          const std::vector<float>& full) {
+  std::vector<float> out;
+  int64_t base = 0;
+  for (size_t t = 0; t < layout.tensors().size(); ++t) {
+    for (const ElementRange& r : layout.Held(t, pp, tp)) {
+      out.insert(out.end(), full.begin() + base + r.begin,
+                 full.begin() + base + r.end);
+    }
+    base += layout.tensors()[t].num_elements();
+  }
+  return out;
+}
+
+// The local gradient worker (pp, tp) computes: its stage's values where it
+// holds a tensor; NaN where it holds but must not push (replicated tensors
+// on tp ranks > 0), which a shard would reject.
+std::vector<float> LocalGradient(const ParallelLayout& layout, int pp, int tp,
+                                 const Gradient& g) {
+  std::vector<float> out;
+  for (size_t t = 0; t < layout.tensors().size(); ++t) {
+    const bool pushes = !layout.Pushed(t, pp, tp).empty();
+    const std::vector<float>& values =
+        t == 0 && pp == layout.pp() - 1 && pp > 0 ? g.last : g.first[t];
+    for (const ElementRange& r : layout.Held(t, pp, tp)) {
+      for (int64_t i = r.begin; i < r.end; ++i) {
+        out.push_back(pushes ? values[i]
+                             : std::numeric_limits<float>::quiet_NaN());
+      }
+    }
+  }
+  return out;
+}
+
+int64_t PushedElements(const ParallelLayout& layout, int pp, int tp) {
+  int64_t n = 0;
+  for (size_t t = 0; t < layout.tensors().size(); ++t) {
+    for (const ElementRange& r : layout.Pushed(t, pp, tp)) n += r.size();
+  }
+  return n;
+}
+
+void ExpectNear(const std::vector<float>& got, const std::vector<float>& want,
+                const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_NEAR(got[i], want[i], 1e-6) << what << " element " << i;
+  }
+}
+
+TEST(PsClientTest, PipelineAndTensorViewsMatchAFullModelClient) {
+  const JobSpec ref_spec = Spec(1, 1), spec = Spec(2, 2);
+  Cluster ref_cluster, cluster;
+  ASSERT_TRUE(ref_cluster.Start(ref_spec).ok());
+  ASSERT_TRUE(cluster.Start(spec).ok());
+  absl::StatusOr<ParallelLayout> layout =
+      ParallelLayout::Create(spec.model(), spec.layout());
+  ASSERT_TRUE(layout.ok()) << layout.status();
+
+  absl::StatusOr<std::unique_ptr<PsClient>> ref = ref_cluster.Client();
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  const int64_t total = (*ref)->num_parameters();
+  std::vector<std::unique_ptr<PsClient>> clients;  // index pp * 2 + tp
+  for (int pp = 0; pp < 2; ++pp) {
+    for (int tp = 0; tp < 2; ++tp) {
+      absl::StatusOr<std::unique_ptr<PsClient>> c =
+          cluster.Client({&*layout, pp, tp});
+      ASSERT_TRUE(c.ok()) << c.status();
+      EXPECT_EQ((*c)->num_parameters(), layout->HeldElements(pp, tp));
+      EXPECT_LT((*c)->num_parameters(), total);
+      clients.push_back(std::move(*c));
+    }
+  }
+
+  std::vector<float> full(total);
+  for (int64_t step = 0; step < 2; ++step) {
+    SCOPED_TRACE(absl::StrCat("step ", step));
+    ASSERT_TRUE((*ref)->Pull(step, full.data()).ok());
+    const Gradient g = RandomGradient(spec.model(), 11 + step);
+    ASSERT_TRUE((*ref)->Push(step, "ref", 0, FullGradient(g).data()).ok());
+    absl::StatusOr<double> ref_ss = (*ref)->GradNorm(step);
+    ASSERT_TRUE(ref_ss.ok()) << ref_ss.status();
+    ASSERT_TRUE((*ref)->Apply(step, *ref_ss).ok());
+
+    for (int w = 0; w < 4; ++w) {
+      const int pp = w / 2, tp = w % 2;
+      PsClient& c = *clients[w];
+      std::vector<float> local(c.num_parameters());
+      const int64_t pulled = c.stats().bytes_pulled;
+      int64_t version = -1;
+      ASSERT_TRUE(c.Pull(step, local.data(), &version).ok());
+      EXPECT_EQ(version, step);
+      EXPECT_EQ(c.stats().bytes_pulled - pulled,
+                4 * layout->HeldElements(pp, tp));
+      ExpectNear(local, Gather(*layout, pp, tp, full),
+                 absl::StrCat("pulled by pp ", pp, " tp ", tp));
+      const int64_t pushed = c.stats().bytes_pushed;
+      absl::Status s = c.Push(step, absl::StrCat("worker-", w), 0,
+                              LocalGradient(*layout, pp, tp, g).data());
+      ASSERT_TRUE(s.ok()) << s;
+      EXPECT_EQ(c.stats().bytes_pushed - pushed,
+                4 * PushedElements(*layout, pp, tp));
+    }
+    for (auto& c : clients) {
+      absl::StatusOr<double> ss = c->GradNorm(step);
+      ASSERT_TRUE(ss.ok()) << ss.status();
+      EXPECT_NEAR(*ss, *ref_ss, 1e-9 * *ref_ss);
+      absl::StatusOr<int64_t> v = c->Apply(step, *ss);
+      ASSERT_TRUE(v.ok()) << v.status();
+      EXPECT_EQ(*v, step + 1);
+    }
+  }
+  // The parameters after both steps.
+  ASSERT_TRUE((*ref)->Pull(2, full.data()).ok());
+  for (int w = 0; w < 4; ++w) {
+    std::vector<float> local(clients[w]->num_parameters());
+    ASSERT_TRUE(clients[w]->Pull(2, local.data()).ok());
+    ExpectNear(local, Gather(*layout, w / 2, w % 2, full),
+               absl::StrCat("worker ", w, " after two steps"));
+  }
+  // No worker transfers what it does not own: tp rank 1 pushes less than
+  // tp rank 0 of its stage (not the replicated tensors).
+  for (int pp = 0; pp < 2; ++pp) {
+    EXPECT_LT(clients[pp * 2 + 1]->stats().bytes_pushed,
+              clients[pp * 2]->stats().bytes_pushed);
+    EXPECT_LT(PushedElements(*layout, pp, 1), PushedElements(*layout, pp, 0));
+  }
+}
+
+TEST(PsClientTest, StatsCountPayloadBytesWithoutAView) {
+  const JobSpec spec = Spec(1, 1);
+  Cluster cluster;
+  ASSERT_TRUE(cluster.Start(spec).ok());
+  absl::StatusOr<std::unique_ptr<PsClient>> c = cluster.Client();
+  ASSERT_TRUE(c.ok()) << c.status();
+  const int64_t n = (*c)->num_parameters();
+  EXPECT_EQ(n, GptNumParameters(spec.model()));
+  std::vector<float> params(n), grads(n, 0.01f);
+  ASSERT_TRUE((*c)->Pull(0, params.data()).ok());
+  EXPECT_EQ((*c)->stats().bytes_pulled, 4 * n);
+  ASSERT_TRUE((*c)->Push(0, "w", 0, grads.data()).ok());
+  EXPECT_EQ((*c)->stats().bytes_pushed, 4 * n);
+  // A view of the pp = tp = 1 layout is the whole model, the same buffers.
+  absl::StatusOr<ParallelLayout> layout =
+      ParallelLayout::Create(spec.model(), spec.layout());
+  ASSERT_TRUE(layout.ok());
+  absl::StatusOr<std::unique_ptr<PsClient>> v = cluster.Client({&*layout});
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ((*v)->num_parameters(), n);
+  std::vector<float> again(n);
+  ASSERT_TRUE((*v)->Pull(0, again.data()).ok());
+  EXPECT_EQ(again, params);
+  // Ranks outside the layout.
+  EXPECT_EQ(cluster.Client({&*layout, 1, 0}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace lmps
