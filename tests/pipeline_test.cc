@@ -36,14 +36,16 @@ namespace {
 constexpr double kTolerance = 2e-5;
 constexpr int kSteps = 4;
 
-constexpr char kJob[] = R"(
-model { n_layer: 3 n_head: 2 n_embd: 32 block_size: 16 }
-optimizer { lr: 0.001 }
-train { steps: 4 batch_size: 12 eval_interval: 0 sample_tokens: 0 }
-layout { num_shards: 2 }
-max_chunk_bytes: 2048
-max_message_bytes: 1024
-)";
+// The job, with extra fields for its train and layout sections.
+std::string Job(const std::string& train = "",
+                const std::string& layout = "num_shards: 2") {
+  return absl::StrCat(
+      "model { n_layer: 3 n_head: 2 n_embd: 32 block_size: 16 }\n"
+      "optimizer { lr: 0.001 }\n"
+      "train { steps: 4 batch_size: 12 eval_interval: 0 sample_tokens: 0 ",
+      train, " }\nlayout { ", layout,
+      " }\nmax_chunk_bytes: 2048\nmax_message_bytes: 1024\n");
+}
 
 struct Layout {
   int dp = 1, pp = 1, tp = 1, m = 1;
@@ -53,16 +55,16 @@ struct Layout {
   }
 };
 
-struct Run {
+struct TrainRun {
   std::string dir;
   CommandResult result;
   SafetensorsContents model;
 };
 
-Run Train(const Layout& l, const std::string& extra_job = "") {
-  Run run;
+TrainRun Train(const Layout& l, const std::string& extra_train = "") {
+  TrainRun run;
   run.dir = TempDir(l.Name());
-  WriteFile(run.dir + "/job.textproto", std::string(kJob) + extra_job);
+  WriteFile(run.dir + "/job.textproto", Job(extra_train));
   run.result = RunCommand(
       {BinaryPath("launcher/lmps_local"), "--job=" + run.dir + "/job.textproto",
        "--run_dir=" + run.dir, absl::StrCat("--workers=", l.dp),
@@ -86,7 +88,7 @@ const SafetensorsContents& Baseline() {
 class PipelineEquivalenceTest : public ::testing::TestWithParam<Layout> {};
 
 TEST_P(PipelineEquivalenceTest, MatchesOneWorker) {
-  Run run = Train(GetParam());
+  TrainRun run = Train(GetParam());
   auto diff = MaxAbsDiff(Baseline(), run.model);
   ASSERT_TRUE(diff.ok()) << diff.status();
   EXPECT_LE(*diff, kTolerance) << GetParam().Name();
@@ -147,7 +149,7 @@ int64_t Int(const std::map<std::string, std::string>& rec, const std::string& ke
 TEST(PipelineTest, OneFOneBKeepsAtMostPpMicroBatchesAlive) {
   for (const std::string schedule : {"1f1b", "gpipe"}) {
     const Layout l = L(1, 3, 1, 4, schedule);
-    Run run = Train(l, "train { debug_trace_steps: true }\n");
+    TrainRun run = Train(l, "debug_trace_steps: true");
     for (int stage = 0; stage < 3; ++stage) {
       const std::string log =
           ReadFile(absl::StrCat(run.dir, "/logs/worker-", stage, ".log"));
@@ -171,8 +173,8 @@ TEST(PipelineTest, OneFOneBKeepsAtMostPpMicroBatchesAlive) {
 // exactly what ParallelLayout says it holds (pulls) and owns (pushes).
 TEST(PipelineTest, NoWorkerTransfersParametersItDoesNotHold) {
   const Layout l = L(1, 2, 2, 2);
-  Run run = Train(l);
-  auto spec = ParseJobSpec(kJob);
+  TrainRun run = Train(l);
+  auto spec = ParseJobSpec(Job());
   ASSERT_TRUE(spec.ok());
   spec->mutable_layout()->set_pp(2);
   spec->mutable_layout()->set_tp(2);
@@ -191,21 +193,23 @@ TEST(PipelineTest, NoWorkerTransfersParametersItDoesNotHold) {
       for (const ElementRange& e : layout->Pushed(t, c.pp, c.tp)) owned += e.size();
     }
     EXPECT_EQ(Int(r, "held_parameters"), held);
-    EXPECT_EQ(Int(r, "pulls"), kSteps);
+    // One pull per step and one for the final evaluation (eval_interval 0
+    // means the default, 50: only the final one runs).
+    EXPECT_EQ(Int(r, "pulls"), kSteps + 1);
     EXPECT_EQ(Int(r, "bytes_pulled"), Int(r, "pulls") * 4 * held) << "worker " << rank;
     EXPECT_EQ(Int(r, "bytes_pushed"), kSteps * 4 * owned) << "worker " << rank;
     pushed[{c.pp, c.tp}] = Int(r, "bytes_pushed");
     EXPECT_LT(held, GptNumParameters(spec->model()) * 2 / 3);
   }
   // tp rank 1 pushes no replicated tensor.
-  EXPECT_LT(pushed[{0, 1}], pushed[{0, 0}]);
-  EXPECT_LT(pushed[{1, 1}], pushed[{1, 0}]);
+  EXPECT_LT((pushed[{0, 1}]), (pushed[{0, 0}]));
+  EXPECT_LT((pushed[{1, 1}]), (pushed[{1, 0}]));
 }
 
 // The default local job's features work through a hybrid layout: eval
 // through the pipeline, checkpoints, sample from the exported model.
 TEST(PipelineTest, HybridJobEvaluatesAndSamples) {
-  Run run = Train(L(2, 2, 2, 2), "train { eval_interval: 2 eval_batches: 1 sample_tokens: 20 }\n");
+  TrainRun run = Train(L(2, 2, 2, 2), "eval_interval: 2 eval_batches: 1 sample_tokens: 20");
   EXPECT_NE(run.result.output.find("sample:"), std::string::npos) << run.result.output;
   EXPECT_GT(ReadFile(run.dir + "/sample.txt").size(), 20u);
   auto diff = MaxAbsDiff(Baseline(), run.model);
@@ -218,8 +222,8 @@ TEST(PipelineTest, HybridJobEvaluatesAndSamples) {
 void ExpectPartnerFailsNamingDeadPeer(int pp, int tp) {
   const std::string dir = TempDir(absl::StrCat("dead_pp", pp, "tp", tp));
   WriteFile(dir + "/job.textproto",
-            absl::StrCat(kJob, "layout { pp: ", pp, " tp: ", tp,
-                         " num_shards: 1 }\ntrain { peer_timeout_ms: 5000 }\n"));
+            Job("peer_timeout_ms: 5000",
+                absl::StrCat("pp: ", pp, " tp: ", tp, " num_shards: 1")));
   BackgroundProcess scheduler(
       {BinaryPath("server/scheduler/lmps_scheduler"), "--job=" + dir + "/job.textproto",
        "--listen=127.0.0.1:0", "--port_file=" + dir + "/port"},
