@@ -85,7 +85,8 @@ ABSL_FLAG(int, fault_worker, -1,
 ABSL_FLAG(int, fault_kill_at_step, -1,
           "fault injection: SIGKILL --fault_worker after it pushes this step");
 ABSL_FLAG(int, restart_job, 3,
-          "when a parameter-server shard dies, restart the whole job from the "
+          "when a parameter-server shard (or, with pp * tp > 1, any worker) dies, "
+          "restart the whole job from the "
           "latest complete checkpoint up to this many times (the job rolls "
           "back to that step everywhere)");
 ABSL_FLAG(int, fault_kill_server, -1,
@@ -201,6 +202,9 @@ class Launcher {
   Security security_;  // the launcher's status channel
   int attempt_ = 0;             // job restarts after a lost shard
   std::string lost_server_;     // set by Reap() when a shard died
+  // pp * tp > 1: a lost worker restarts the whole job too (its stage and
+  // tensor-parallel partners cannot continue the step without it).
+  bool pipeline_ = false;
   bool fault_injected_ = false;
   std::vector<Child> children_;
   std::chrono::steady_clock::time_point start_;
@@ -289,7 +293,9 @@ absl::Status Launcher::Reap() {
       std::string how = WIFEXITED(status)
                             ? absl::StrCat("exited with status ", WEXITSTATUS(status))
                             : absl::StrCat("was killed by signal ", WTERMSIG(status));
-      if (c.name.rfind("server", 0) == 0 &&
+      const bool lost_worker_of_pipeline =
+          pipeline_ && c.name.rfind("worker", 0) == 0;
+      if ((c.name.rfind("server", 0) == 0 || lost_worker_of_pipeline) &&
           attempt_ < absl::GetFlag(FLAGS_restart_job) && !g_interrupted) {
         lost_server_ = absl::StrCat(c.name, " ", how);
         return absl::UnavailableError(lost_server_);
@@ -442,6 +448,7 @@ void Launcher::MaybeInjectServerFault(const JobStatus& status) {
 }
 
 absl::Status Launcher::StartJob(const JobSpec& spec) {
+  pipeline_ = spec.layout().pp() * spec.layout().tp() > 1;
   const int W = spec.layout().dp() * spec.layout().pp() * spec.layout().tp(),
             S = spec.layout().num_shards();
   const int cores = std::max(1u, std::thread::hardware_concurrency());
@@ -499,7 +506,7 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
     for (const std::string& a : split_args(absl::GetFlag(FLAGS_worker_args))) args.push_back(a);
     for (const std::string& a : metrics_flag(1 + S + w)) args.push_back(a);
     for (const std::string& a : worker_security_args_) args.push_back(a);
-    if (w == absl::GetFlag(FLAGS_fault_worker)) {
+    if (w == absl::GetFlag(FLAGS_fault_worker) && attempt_ == 0) {
       args.push_back(absl::StrCat("--fault_kill_at_step=",
                                   absl::GetFlag(FLAGS_fault_kill_at_step)));
     }

@@ -303,9 +303,10 @@ absl::Status PipelineTrainer::Run() {
     if (train.debug_trace_steps()) {
       Log(absl::StrFormat(
           "trace dp_rank=%d pp_rank=%d tp_rank=%d step=%d loss=%.6f "
-          "bubble=%.4f ideal_bubble=%.4f max_live_micro_batches=%d",
+          "compute_s=%.6f bubble=%.4f ideal_bubble=%.4f "
+          "max_live_micro_batches=%d",
           options_.coords.dp, options_.coords.pp, options_.coords.tp, step,
-          progress_.loss, progress_.bubble_fraction,
+          progress_.loss, progress_.compute_seconds, progress_.bubble_fraction,
           progress_.ideal_bubble_fraction, progress_.max_live_micro_batches));
     }
     if (options_.on_progress) options_.on_progress(progress_);
