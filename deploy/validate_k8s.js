@@ -231,11 +231,14 @@ if (!job) {
   const spec = job.data['job.textproto'].replace(/#.*$/gm, '');
   const num = (re) => { const m = spec.match(re); return m ? Number(m[1]) : 1; };
   const dp = num(/\bdp\s*:\s*(\d+)/);
+  const pp = num(/\bpp\s*:\s*(\d+)/);
+  const tp = num(/\btp\s*:\s*(\d+)/);
   const shards = num(/\bnum_shards\s*:\s*(\d+)/);
   const worker = workloads.find((w) => component(w) === 'worker');
   const server = workloads.find((w) => component(w) === 'server');
-  if (worker && (worker.spec.replicas ?? 1) !== dp) {
-    problem(nameOf(worker), `replicas ${worker.spec.replicas} != layout.dp ${dp} in job.textproto`);
+  if (worker && (worker.spec.replicas ?? 1) !== dp * pp * tp) {
+    problem(nameOf(worker), `replicas ${worker.spec.replicas} != layout.dp x pp x tp ` +
+            `(${dp} x ${pp} x ${tp}) in job.textproto`);
   }
   if (server && (server.spec.replicas ?? 1) !== shards) {
     problem(nameOf(server), `replicas ${server.spec.replicas} != layout.num_shards ${shards}`);

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: installs what is missing, builds, and trains a GPT on this
-# machine with a scheduler, 2 parameter-server shards and 2 workers as
+# machine with a scheduler, 2 parameter-server shards and 4 workers (2
+# data-parallel replicas x 2 pipeline stages) as
 # separate processes on loopback (examples/main.textproto). Extra flags go to
 # lmps_local and win (e.g. --steps=50, --job=examples/small.textproto,
 # --resume).

@@ -109,7 +109,7 @@ expect_rejected "no memory limit" "no resources.limits.memory" cpu \
   'delete by("StatefulSet","lmps-server").spec.template.spec.containers[0].resources.limits.memory'
 expect_rejected "a bad quantity" "schema" cpu "$sched.resources.limits.memory = \"plenty\""
 expect_rejected "a string port" "schema" cpu "$sched.ports[0].containerPort = \"grpc\""
-expect_rejected "replicas != layout.dp" "layout.dp" cpu 'by("Deployment","lmps-worker").spec.replicas = 3'
+expect_rejected "replicas != dp x pp x tp" "layout.dp x pp x tp" cpu 'by("Deployment","lmps-worker").spec.replicas = 3'
 expect_rejected "a GPU worker without a GPU" "no nvidia.com/gpu limit" gpu \
   'delete by("Deployment","lmps-worker").spec.template.spec.containers[0].resources.limits["nvidia.com/gpu"]' --gpu
 expect_rejected "a GPU limit in the CPU rendering" "requests nvidia.com/gpu" gpu ''
