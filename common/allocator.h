@@ -18,6 +18,10 @@ namespace lmps {
 
 inline void TuneAllocatorForLargeBuffers() {
   mallopt(M_MMAP_THRESHOLD, 32 << 20);  // blocks up to 32 MiB from the heap
+  // ... and larger ones too (32 MiB is the most M_MMAP_THRESHOLD accepts):
+  // a 64 MiB all-reduce's ring segments were mmapped and faulted in again on
+  // every call (bench/allreduce_vs_iperf3.sh: busbw/iperf3 0.05 -> 0.37).
+  mallopt(M_MMAP_MAX, 0);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);   // keep up to 1 GiB of freed memory
   mallopt(M_ARENA_MAX, 1);              // one arena: buffers are reused
 }

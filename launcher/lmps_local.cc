@@ -587,6 +587,11 @@ absl::Status Launcher::PrepareSecurity() {
   };
   server_security_args_ = flags(server);
   worker_security_args_ = flags(worker);
+  if (!server.ca_cert.empty()) {
+    // The workers' WorkerPeer service is a server to their peers.
+    worker_security_args_.push_back("--peer_tls_cert=" + server.cert);
+    worker_security_args_.push_back("--peer_tls_key=" + server.key);
+  }
   return absl::OkStatus();
 }
 

@@ -187,6 +187,8 @@ train { steps: 4 batch_size: 4 eval_interval: 2 checkpoint_interval: 2
   CommandResult r = RunCommand(
       {BinaryPath("launcher/lmps_local"), "--job=" + dir + "/job.textproto",
        "--run_dir=" + dir + "/run", "--workers=2", "--shards=2",
+       // Tensor parallel: the workers' WorkerPeer channels are secured too.
+       "--tp=2",
        "--tls_dir=" + Certs(), "--auth_token_file=" + Certs() + "/token"},
       240);
   ASSERT_EQ(r.exit_code, 0) << r.output;

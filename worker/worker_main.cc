@@ -78,6 +78,11 @@ ABSL_FLAG(int, assemble_timeout_s, 120,
 ABSL_FLAG(std::string, peer_listen, "0.0.0.0:0",
           "where the WorkerPeer service (pipeline activations, tensor-parallel "
           "all-reduce) listens; port 0 picks a free port");
+ABSL_FLAG(std::string, peer_tls_cert, "",
+          "with TLS: the certificate (and --peer_tls_key its key) the "
+          "WorkerPeer service presents to other workers, who check it like a "
+          "server's; empty: --tls_cert");
+ABSL_FLAG(std::string, peer_tls_key, "", "see --peer_tls_cert");
 ABSL_FLAG(std::string, advertise_host, "127.0.0.1",
           "host other workers reach this worker's WorkerPeer service at; the "
           "advertised address is advertise_host:<bound port>");
@@ -144,19 +149,40 @@ absl::Status RunWorker() {
   peer_options.listen_address = absl::GetFlag(FLAGS_peer_listen);
   peer_options.rpc_metrics = metrics.rpc.get();
   peer_options.security = security;
+  if (!absl::GetFlag(FLAGS_peer_tls_cert).empty() ||
+      !absl::GetFlag(FLAGS_peer_tls_key).empty()) {
+    SecurityOptions peer_security = SecurityOptionsFromFlags();
+    peer_security.cert = absl::GetFlag(FLAGS_peer_tls_cert);
+    peer_security.key = absl::GetFlag(FLAGS_peer_tls_key);
+    LMPS_ASSIGN_OR_RETURN(peer_options.security, Security::Load(peer_security));
+  }
   peer_options.metrics = m;
-  LMPS_ASSIGN_OR_RETURN(StartedServer peer_server,
-                        StartGrpcServer(peer_options, {peer_service.get()}));
-  SetServing(peer_server.server.get(), true);
-  const std::string peer_address =
-      absl::StrCat(absl::GetFlag(FLAGS_advertise_host), ":", peer_server.port);
+  absl::StatusOr<StartedServer> peer_started =
+      StartGrpcServer(peer_options, {peer_service.get()});
+  if (!peer_started.ok()) {
+    // Data-parallel jobs do not need it; the scheduler refuses a worker
+    // without an address in a pipeline or tensor-parallel job.
+    Log("worker", absl::StrCat("warning: no WorkerPeer service (pipeline and "
+                               "tensor-parallel jobs need it): ",
+                               peer_started.status().ToString()));
+    peer_started = StartedServer();
+  }
+  StartedServer peer_server = std::move(*peer_started);
+  std::string peer_address;
+  if (peer_server.server != nullptr) {
+    SetServing(peer_server.server.get(), true);
+    peer_address =
+        absl::StrCat(absl::GetFlag(FLAGS_advertise_host), ":", peer_server.port);
+  }
   struct StopPeerServer {
     PeerMailbox* mailbox;
     grpc::Server* server;
     ~StopPeerServer() {
       mailbox->Shutdown();
-      server->Shutdown(std::chrono::system_clock::now() +
-                       std::chrono::seconds(2));
+      if (server != nullptr) {
+        server->Shutdown(std::chrono::system_clock::now() +
+                         std::chrono::seconds(2));
+      }
     }
   } stop_peer_server{&mailbox, peer_server.server.get()};
 

@@ -97,6 +97,8 @@ struct SchedulerCore::Node {
   bool done = false;
   std::string error;
   JobState last_told = JOB_STATE_UNSPECIFIED;  // in a HeartbeatResponse
+  absl::Time down_since = absl::InfinitePast();  // InfinitePast: healthy
+  std::string last_event;
 
   // "worker-1 (127.0.0.1:5000)" or "worker-1 (host hostname)".
   std::string Describe() const {
@@ -115,6 +117,7 @@ struct SchedulerCore::Node {
     done = false;
     error.clear();
     last_told = JOB_STATE_UNSPECIFIED;
+    down_since = absl::InfinitePast();
   }
 };
 
@@ -249,11 +252,30 @@ std::string SchedulerCore::DescribeDeadLocked() const {
 void SchedulerCore::SetStateLocked(JobState state, const std::string& message,
                                    Outbox* out) {
   if (state == state_) return;
-  out->logs.push_back(absl::StrCat(
+  const std::string event = absl::StrCat(
       "job state ", JobState_Name(state_), " -> ", JobState_Name(state),
-      message.empty() ? "" : ": ", message));
+      message.empty() ? "" : ": ", message);
+  out->logs.push_back(event);
+  AddEventLocked(nullptr, event,
+                 state == FAILED     ? "heartbeats tell every node to stop"
+                 : state == FINISHED ? "servers write their last checkpoint and exit"
+                                     : "");
   state_ = state;
   if (state == FAILED) failure_ = message;
+}
+
+void SchedulerCore::AddEventLocked(Node* node, const std::string& event,
+                                   const std::string& action) {
+  NodeEvent e;
+  e.set_unix_ms(absl::ToUnixMillis(clock_->Now()));
+  if (node != nullptr) {
+    e.set_node_id(node->node_id);
+    node->last_event = action.empty() ? event : absl::StrCat(event, " -> ", action);
+  }
+  e.set_event(event);
+  e.set_action(action);
+  events_.push_back(std::move(e));
+  while (events_.size() > kMaxEvents) events_.pop_front();
 }
 
 void SchedulerCore::FailLocked(const std::string& message,
@@ -298,11 +320,15 @@ void SchedulerCore::AdvanceLocked(absl::Time now, Outbox* out) {
       for (Node& n : *slots) {
         if (n.registered && n.alive && now - n.lease_start > options_.lease) {
           n.alive = false;
+          n.down_since = now;
+          const std::string event = absl::StrCat(
+              "missed its heartbeat lease of ", Seconds(options_.lease),
+              " (last heartbeat ", Seconds(now - n.last_heartbeat), " ago)");
           out->logs.push_back(absl::StrCat(
-              "node ", n.Describe(), " missed its heartbeat lease of ",
-              Seconds(options_.lease), " (last heartbeat ",
-              Seconds(now - n.last_heartbeat),
-              " ago); marked dead, its slot is open for a replacement"));
+              "node ", n.Describe(), " ", event,
+              "; marked dead, its slot is open for a replacement"));
+          AddEventLocked(&n, event,
+                         "marked dead; its slot is open for a replacement");
         }
       }
     }
@@ -576,6 +602,9 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
       }
     }
     out.logs.push_back(absl::StrCat(slot->Describe(), " ", how, ": ", ranks));
+    AddEventLocked(slot, absl::StrCat(how, ": ", ranks),
+                   state_ == ASSEMBLING ? "waiting for the job to assemble"
+                                        : "given the slot's assignment");
 
     if (state_ == ASSEMBLING) {
       if (server) UpdateStartStepLocked(&out);
@@ -660,8 +689,11 @@ absl::StatusOr<HeartbeatResponse> SchedulerCore::Heartbeat(
     n->lease_start = now;
     if (!n->alive) {
       n->alive = true;
+      n->down_since = absl::InfinitePast();
       out.logs.push_back(absl::StrCat(
           n->Describe(), " heartbeats again after its lease expired; alive"));
+      AddEventLocked(n, "heartbeats again after its lease expired",
+                     "marked alive");
     }
     n->step = request.step();
     n->loss = request.loss();
@@ -675,6 +707,12 @@ absl::StatusOr<HeartbeatResponse> SchedulerCore::Heartbeat(
     if (!request.error().empty()) {
       const bool first = n->error.empty();
       n->error = request.error();
+      if (first) {
+        n->down_since = now;
+        AddEventLocked(n, absl::StrCat("reported an error: ", request.error()),
+                       Terminal(state_) ? "none (the job had already ended)"
+                                        : "the job is marked FAILED");
+      }
       if (first && !Terminal(state_)) {
         const std::string message = absl::StrCat(
             "node ", n->Describe(), " reported an error: ", request.error());
@@ -735,8 +773,13 @@ JobStatus SchedulerCore::Status() {
         s->set_alive(n.alive);
         s->set_done(n.done);
         s->set_error(n.error);
+        if (n.down_since != absl::InfinitePast()) {
+          s->set_down_since_unix_ms(absl::ToUnixMillis(n.down_since));
+        }
+        s->set_last_event(n.last_event);
       }
     }
+    for (const NodeEvent& e : events_) *status.add_events() = e;
     status.set_message(StateMessageLocked());
   }
   Flush(&out);

@@ -47,6 +47,10 @@
 //  ASSEMBLING  until every slot is registered, then RUNNING. If that does not
 //              happen within `assemble_timeout` of Create(), the job becomes
 //              FAILED with "job did not assemble within 120s: missing ...".
+// Events: every registration (and replacement), expired lease, revival,
+// reported error and job state change is recorded with its time and what was
+// done about it (JobStatus.events, the last 200; NodeStatus.last_event and
+// down_since_unix_ms).
 //  RUNNING     Leases are enforced only from assembly on (every lease is
 //              renewed at assembly, since nodes typically do not heartbeat
 //              while waiting in GetAssignment). A node whose last heartbeat
@@ -75,6 +79,7 @@
 #define LMPS_SERVER_SCHEDULER_SCHEDULER_CORE_H_
 
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
@@ -208,6 +213,11 @@ class SchedulerCore {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SetStateLocked(JobState state, const std::string& message, Outbox* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Records an event of `node` (nullptr: the job) and what was done about it
+  // in events_ and the node's last_event.
+  void AddEventLocked(Node* node, const std::string& event,
+                      const std::string& action)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves to FAILED because of `message` and fails every waiting
   // GetAssignment with `error`.
   void FailLocked(const std::string& message, const absl::Status& error,
@@ -236,6 +246,7 @@ class SchedulerCore {
   Clock* const clock_;
   const PartitionMap partition_;
   const std::unique_ptr<const ParallelLayout> layout_;
+  static constexpr size_t kMaxEvents = 200;
   const int expected_servers_;
   const int expected_workers_;
   const absl::Time start_time_;
@@ -243,6 +254,7 @@ class SchedulerCore {
   absl::Mutex mu_;
   JobState state_ ABSL_GUARDED_BY(mu_) = ASSEMBLING;
   std::string failure_ ABSL_GUARDED_BY(mu_);  // the FAILED message
+  std::deque<NodeEvent> events_ ABSL_GUARDED_BY(mu_);  // the last kMaxEvents
   bool assembly_timed_out_ ABSL_GUARDED_BY(mu_) = false;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   bool start_step_known_ ABSL_GUARDED_BY(mu_) = false;

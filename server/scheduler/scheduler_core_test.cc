@@ -619,6 +619,17 @@ TEST_F(SchedulerCoreTest, ErrorWhileAssemblingFailsWaiters) {
   HeartbeatRequest hb = Beat("server-0");
   hb.set_error("disk full");
   EXPECT_EQ(core_->Heartbeat(hb)->state(), FAILED);
+  {
+    JobStatus status = core_->Status();
+    bool error_event = false, failed_event = false;
+    for (const NodeEvent& e : status.events()) {
+      error_event |= absl::StrContains(e.event(), "reported an error: disk full") &&
+                     e.action() == "the job is marked FAILED";
+      failed_event |= e.node_id().empty() &&
+                      absl::StrContains(e.event(), " -> FAILED");
+    }
+    EXPECT_TRUE(error_event && failed_event) << status.DebugString();
+  }
   ASSERT_TRUE(waiting.has());
   EXPECT_EQ(waiting.get().status().code(),
             absl::StatusCode::kFailedPrecondition);
@@ -658,11 +669,27 @@ TEST_F(SchedulerCoreTest, ExpiredLeaseMarksTheNodeDeadButKeepsRunning) {
       << status.message();
   EXPECT_TRUE(Logged("node worker-1 (host host-1) missed its heartbeat lease "
                      "of 10s"));
+  // The status says since when and what was done about it.
+  const NodeStatus* dead = Find(status, "worker-1");
+  EXPECT_EQ(dead->down_since_unix_ms(), absl::ToUnixMillis(clock_.Now()));
+  EXPECT_TRUE(absl::StrContains(dead->last_event(),
+                                "missed its heartbeat lease of 10s"))
+      << dead->last_event();
+  EXPECT_TRUE(absl::StrContains(dead->last_event(), "-> marked dead; its slot "
+                                                    "is open for a replacement"))
+      << dead->last_event();
+  ASSERT_GT(status.events_size(), 0);
+  const NodeEvent& last = status.events(status.events_size() - 1);
+  EXPECT_EQ(last.node_id(), "worker-1");
+  EXPECT_EQ(last.unix_ms(), absl::ToUnixMillis(clock_.Now()));
+  EXPECT_EQ(last.action(), "marked dead; its slot is open for a replacement");
+  EXPECT_EQ(Find(status, "worker-0")->down_since_unix_ms(), 0);
   // Its own heartbeat revives it.
   absl::StatusOr<HeartbeatResponse> r = core_->Heartbeat(Beat("worker-1"));
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(r->state(), RUNNING);
   EXPECT_TRUE(Find(core_->Status(), "worker-1")->alive());
+  EXPECT_EQ(Find(core_->Status(), "worker-1")->down_since_unix_ms(), 0);
   EXPECT_EQ(core_->StateMessage(), "");
 }
 
@@ -687,6 +714,16 @@ TEST_F(SchedulerCoreTest, ReplacementTakesADeadSlot) {
   EXPECT_EQ(a->dp_rank(), 1);
   EXPECT_TRUE(Logged("worker-1 (host host-new) replaces worker-1 (host "
                      "host-1), whose lease had expired"));
+  bool replaced = false;
+  const JobStatus after = core_->Status();
+  for (const NodeEvent& e : after.events()) {
+    if (e.node_id() == "worker-1" &&
+        absl::StrContains(e.event(), "whose lease had expired") &&
+        e.action() == "given the slot's assignment") {
+      replaced = true;
+    }
+  }
+  EXPECT_TRUE(replaced) << after.DebugString();
 
   // A new server on another address takes the dead shard.
   r = core_->Register(Server("127.0.0.1:5001", /*requested=*/-1));
