@@ -43,7 +43,8 @@ std::string Job(const std::string& train = "",
       "model { n_layer: 3 n_head: 2 n_embd: 32 block_size: 16 }\n"
       "optimizer { lr: 0.001 }\n"
       "train { batch_size: 12 eval_interval: 0 sample_tokens: 0 ",
-      train.find("steps:") == std::string::npos ? "steps: 4 " : "", train,
+      std::regex_search(train, std::regex("(^| )steps:")) ? "" : "steps: 4 ",
+      train,
       " }\nlayout { ", layout,
       " }\nmax_chunk_bytes: 2048\nmax_message_bytes: 1024\n");
 }
