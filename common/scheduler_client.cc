@@ -16,6 +16,7 @@ absl::StatusOr<RegisterResponse> SchedulerClient::Register(
     RegisterResponse resp;
     last = FromGrpcStatus(stub_->Register(&ctx, request, &resp));
     if (last.ok()) {
+      absl::MutexLock lock(&mu_);
       node_id_ = resp.node_id();
       if (resp.lease_ms() > 0) lease_ = absl::Milliseconds(resp.lease_ms());
       return resp;
@@ -48,7 +49,7 @@ absl::StatusOr<Assignment> SchedulerClient::WaitForAssignment(
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
   GetAssignmentRequest req;
-  req.set_node_id(node_id_);
+  req.set_node_id(node_id());
   Assignment assignment;
   absl::Status s = FromGrpcStatus(stub_->GetAssignment(&ctx, req, &assignment));
   if (!s.ok()) {
@@ -58,13 +59,40 @@ absl::StatusOr<Assignment> SchedulerClient::WaitForAssignment(
   return assignment;
 }
 
+void SchedulerClient::EnableRejoin(RegisterRequest request) {
+  request.set_rejoin(true);
+  absl::MutexLock lock(&mu_);
+  rejoin_ = std::move(request);
+  rejoin_enabled_ = true;
+}
+
 absl::StatusOr<HeartbeatResponse> SchedulerClient::Heartbeat(
     HeartbeatRequest request, absl::Duration timeout) {
-  request.set_node_id(node_id_);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
   HeartbeatResponse resp;
-  absl::Status s = FromGrpcStatus(stub_->Heartbeat(&ctx, request, &resp));
+  absl::Status s;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    request.set_node_id(node_id());
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+    s = FromGrpcStatus(stub_->Heartbeat(&ctx, request, &resp));
+    RegisterRequest rejoin;
+    {
+      absl::MutexLock lock(&mu_);
+      if (s.code() != absl::StatusCode::kNotFound || !rejoin_enabled_ ||
+          attempt > 0) {
+        break;
+      }
+      rejoin = rejoin_;
+    }
+    rejoin.set_step(request.step());
+    absl::StatusOr<RegisterResponse> r = Register(rejoin, timeout);
+    if (!r.ok()) {
+      s = absl::Status(r.status().code(),
+                       absl::StrCat("rejoining after a scheduler restart: ",
+                                    r.status().message()));
+      break;
+    }
+  }
   if (!s.ok()) {
     return absl::Status(s.code(), absl::StrCat("heartbeat to scheduler ",
                                                address_, ": ", s.message()));

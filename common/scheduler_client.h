@@ -37,19 +37,30 @@ class SchedulerClient {
                                             absl::Duration timeout);
   // Waits for this node's assignment (the job must assemble in `timeout`).
   absl::StatusOr<Assignment> WaitForAssignment(absl::Duration timeout);
-  // One heartbeat; `request.node_id` is filled in.
+  // One heartbeat; `request.node_id` is filled in. After EnableRejoin, a
+  // NOT_FOUND answer (the scheduler restarted and does not know this node)
+  // makes it register again with that request and repeat the heartbeat.
   absl::StatusOr<HeartbeatResponse> Heartbeat(HeartbeatRequest request,
                                               absl::Duration timeout);
+  // `request`: this node's registration with rejoin = true and
+  // requested_rank = its assigned rank (the heartbeat's step is filled in).
+  void EnableRejoin(RegisterRequest request);
 
-  const std::string& node_id() const { return node_id_; }
+  std::string node_id() const {
+    absl::MutexLock lock(&mu_);
+    return node_id_;
+  }
   const std::string& address() const { return address_; }
   absl::Duration lease() const { return lease_; }
 
  private:
   std::unique_ptr<Scheduler::StubInterface> stub_;
   std::string address_;
-  std::string node_id_;
+  mutable absl::Mutex mu_;
+  std::string node_id_ ABSL_GUARDED_BY(mu_);
   absl::Duration lease_ = absl::Seconds(10);
+  bool rejoin_enabled_ ABSL_GUARDED_BY(mu_) = false;
+  RegisterRequest rejoin_ ABSL_GUARDED_BY(mu_);
 };
 
 // Sends `make_request()` to the scheduler every `period` on its own thread

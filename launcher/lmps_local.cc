@@ -93,6 +93,12 @@ ABSL_FLAG(int, fault_kill_server, -1,
           "fault injection for tests: shard to SIGKILL once the slowest "
           "worker reaches --fault_kill_server_at_step");
 ABSL_FLAG(int, fault_kill_server_at_step, -1, "see --fault_kill_server");
+ABSL_FLAG(int, restart_scheduler, 3,
+          "restart a scheduler that dies, on the same port, up to this many "
+          "times; the running nodes rejoin it and the job continues");
+ABSL_FLAG(int, fault_kill_scheduler_at_step, -1,
+          "fault injection for tests: SIGKILL the scheduler once the slowest "
+          "worker reaches this step");
 ABSL_FLAG(int, timeout_s, 3600, "give up and stop everything after this");
 ABSL_FLAG(bool, export_model, true,
           "export the final model to --run_dir/model.safetensors");
@@ -206,6 +212,7 @@ class Launcher {
   // tensor-parallel partners cannot continue the step without it).
   bool pipeline_ = false;
   bool fault_injected_ = false;
+  bool scheduler_fault_injected_ = false;
   std::vector<Child> children_;
   std::chrono::steady_clock::time_point start_;
   int64_t first_step_ = -1;
@@ -293,6 +300,25 @@ absl::Status Launcher::Reap() {
       std::string how = WIFEXITED(status)
                             ? absl::StrCat("exited with status ", WEXITSTATUS(status))
                             : absl::StrCat("was killed by signal ", WTERMSIG(status));
+      if (c.name == "scheduler" &&
+          c.restarts < absl::GetFlag(FLAGS_restart_scheduler) && !g_interrupted) {
+        // Its state is rebuilt from the nodes: they keep training and rejoin
+        // the new scheduler on the same address.
+        std::printf("\nlmps: the scheduler %s; restarting it on %s (%d of %d); "
+                    "the nodes rejoin it\n",
+                    how.c_str(), scheduler_.c_str(), c.restarts + 1,
+                    absl::GetFlag(FLAGS_restart_scheduler));
+        std::fflush(stdout);
+        for (std::string& a : c.args) {
+          if (a.rfind("--listen=", 0) == 0) a = "--listen=" + scheduler_;
+        }
+        c.log = absl::StrCat(run_dir_, "/logs/scheduler.restart", c.restarts + 1,
+                             ".log");
+        LMPS_ASSIGN_OR_RETURN(c.pid, Spawn(c.binary, c.args, c.log));
+        c.exited = false;
+        ++c.restarts;
+        continue;
+      }
       const bool lost_worker_of_pipeline =
           pipeline_ && c.name.rfind("worker", 0) == 0;
       if ((c.name.rfind("server", 0) == 0 || lost_worker_of_pipeline) &&
@@ -429,6 +455,24 @@ void Launcher::Progress(const JobStatus& status, bool final) {
 }
 
 void Launcher::MaybeInjectServerFault(const JobStatus& status) {
+  if (absl::GetFlag(FLAGS_fault_kill_scheduler_at_step) >= 0 &&
+      !scheduler_fault_injected_) {
+    int64_t step = INT64_MAX;
+    for (const NodeStatus& n : status.nodes()) {
+      if (n.role() == WORKER) step = std::min(step, n.step());
+    }
+    if (step != INT64_MAX && step >= absl::GetFlag(FLAGS_fault_kill_scheduler_at_step)) {
+      for (Child& c : children_) {
+        if (c.name == "scheduler" && !c.exited) {
+          std::printf("\nlmps: fault injection: SIGKILL the scheduler at step %lld\n",
+                      static_cast<long long>(step));
+          std::fflush(stdout);
+          kill(c.pid, SIGKILL);
+          scheduler_fault_injected_ = true;
+        }
+      }
+    }
+  }
   const int victim = absl::GetFlag(FLAGS_fault_kill_server);
   if (victim < 0 || fault_injected_ || attempt_ > 0) return;
   int64_t step = INT64_MAX;

@@ -154,6 +154,24 @@ class Daemon {
     return absl::Now() < deadline;
   }
 
+  // Registers again with a restarted scheduler, as the shard it serves.
+  absl::Status Rejoin() {
+    RegisterRequest req = register_request_;
+    req.set_rejoin(true);
+    req.set_requested_rank(assignment_.shard());
+    req.set_step(shard_ != nullptr ? shard_->step_clock() : 0);
+    RegisterResponse resp;
+    grpc::Status s = Call(stop_, absl::Seconds(5), [&](grpc::ClientContext* ctx) {
+      return scheduler_->Register(ctx, req, &resp);
+    });
+    if (!s.ok()) return FromGrpcStatus(s);
+    node_id_ = resp.node_id();
+    log_(absl::StrCat("the scheduler at ", options_.scheduler,
+                      " restarted; rejoined as ", node_id_, " at step ",
+                      req.step()));
+    return absl::OkStatus();
+  }
+
   absl::Status Register(absl::Time deadline) {
     RegisterRequest req;
     req.set_role(SERVER);
@@ -206,6 +224,7 @@ class Daemon {
                });
       if (stop_->stopped()) return Stopped();
       if (s.ok()) {
+        register_request_ = req;
         node_id_ = resp.node_id();
         lease_ = resp.lease_ms() > 0 ? absl::Milliseconds(resp.lease_ms())
                                      : absl::Seconds(10);
@@ -319,7 +338,13 @@ class Daemon {
         log_("stop requested: shutting down");
         return absl::OkStatus();
       }
-      if (s.ok()) {
+      if (s.error_code() == grpc::StatusCode::NOT_FOUND) {
+        // The scheduler restarted and does not know this node: take this
+        // shard back from it (it rebuilds its state from the nodes).
+        if (absl::Status r = Rejoin(); !r.ok()) {
+          log_(absl::StrCat("rejoining after a scheduler restart: ", r.message()));
+        }
+      } else if (s.ok()) {
         last_ok = absl::Now();
         if (resp.state() == FINISHED) return Finished();
         if (resp.state() == FAILED) {
@@ -327,17 +352,26 @@ class Daemon {
           return absl::AbortedError(absl::StrCat(
               "the scheduler reports the job FAILED: ", resp.message()));
         }
-      } else if (absl::Now() - last_ok > lease_) {
+      } else if (absl::Now() - last_ok >
+                 std::max(lease_, options_.scheduler_grace)) {
         report_errors_ = false;
         return absl::UnavailableError(absl::StrCat(
             "the scheduler at ", options_.scheduler,
-            " has been unreachable "
-            "for ",
+            " has been unreachable for ",
             absl::FormatDuration(
                 absl::Trunc(absl::Now() - last_ok, absl::Milliseconds(1))),
-            " (longer than the lease of ", absl::FormatDuration(lease_),
+            " (longer than --scheduler_grace_s=",
+            absl::ToInt64Seconds(std::max(lease_, options_.scheduler_grace)),
             "): ", s.error_message()));
+      } else if (!scheduler_down_logged_) {
+        scheduler_down_logged_ = true;
+        log_(absl::StrCat("the scheduler at ", options_.scheduler,
+                          " is unreachable (", s.error_message(),
+                          "); serving on, waiting up to ",
+                          absl::FormatDuration(std::max(lease_, options_.scheduler_grace)),
+                          " for it to come back"));
       }
+      if (s.ok()) scheduler_down_logged_ = false;
       if (stop_->WaitFor(interval)) {
         log_("stop requested: shutting down");
         return absl::OkStatus();
@@ -432,6 +466,8 @@ class Daemon {
   std::unique_ptr<Scheduler::Stub> scheduler_;
   std::string address_;
   std::string node_id_;
+  RegisterRequest register_request_;  // for Rejoin
+  bool scheduler_down_logged_ = false;
   absl::Duration lease_ = absl::Seconds(10);
   Assignment assignment_;
   bool report_errors_ = true;

@@ -50,6 +50,9 @@ struct DaemonOptions {
   std::string init_from;       // safetensors initial weights
   absl::Duration wait_timeout = absl::Seconds(60);
   absl::Duration assemble_timeout = absl::Seconds(120);
+  // How long the shard serves on while the scheduler is unreachable (it may
+  // be restarting: the shard then rejoins it) before giving up.
+  absl::Duration scheduler_grace = absl::Seconds(60);
   // Transport security of the server and of the channel to the scheduler
   // (TLS, client certificates, the shared token); default: plaintext.
   Security security;

@@ -262,13 +262,18 @@ TEST_F(DaemonTest, UnreachableSchedulerGivesUpNamingIt) {
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
 }
 
-TEST_F(DaemonTest, SchedulerLostForLongerThanTheLease) {
+// Unreachable for longer than the grace (and the lease): give up naming it.
+// (A scheduler that comes back in time is rejoined: tests/fault_tolerance_test.)
+TEST_F(DaemonTest, SchedulerLostForLongerThanTheGrace) {
+  options_.scheduler_grace = absl::Milliseconds(300);
   Start();
   ASSERT_TRUE(WaitForHeartbeat()) << Log();
   scheduler_->Shutdown(std::chrono::system_clock::now());
   daemon_.join();
   EXPECT_EQ(result_.code(), absl::StatusCode::kUnavailable) << result_;
   EXPECT_NE(result_.message().find("unreachable"), std::string::npos);
+  EXPECT_NE(result_.message().find("--scheduler_grace_s"), std::string::npos)
+      << result_;
 }
 
 TEST_F(DaemonTest, StopWhileWaitingForTheScheduler) {

@@ -51,6 +51,9 @@ ABSL_FLAG(std::string, init_from, "",
           "safetensors file with initial weights (ignored when resuming)");
 ABSL_FLAG(int, wait_timeout_s, 60,
           "Longest wait of a Pull or GradNorm for other workers, seconds");
+ABSL_FLAG(int, scheduler_grace_s, 60,
+          "keep serving while the scheduler is unreachable this long (it may "
+          "be restarting; the shard rejoins it), then exit with an error");
 ABSL_FLAG(int, assemble_timeout_s, 120,
           "Give up registering / getting an assignment after this many "
           "seconds");
@@ -79,6 +82,8 @@ int main(int argc, char** argv) {
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   options.init_from = absl::GetFlag(FLAGS_init_from);
   options.wait_timeout = absl::Seconds(absl::GetFlag(FLAGS_wait_timeout_s));
+  options.scheduler_grace =
+      absl::Seconds(absl::GetFlag(FLAGS_scheduler_grace_s));
   options.assemble_timeout =
       absl::Seconds(absl::GetFlag(FLAGS_assemble_timeout_s));
   absl::StatusOr<lmps::DaemonMetrics> metrics =

@@ -26,6 +26,16 @@ train { steps: 300 batch_size: 8 eval_interval: 0 sample_tokens: 0
 max_chunk_bytes: 4096
 )";
 
+// The same job, with dp rank 0 sleeping 20 ms per step (about 6 s in all) so
+// that a fault lands mid-training; the parameters are the same.
+constexpr char kSlowerJob[] = R"(
+model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 16 }
+train { steps: 300 batch_size: 8 eval_interval: 0 sample_tokens: 0
+        checkpoint_interval: 20 debug_slow_worker_rank: 0
+        debug_slow_worker_delay_ms: 20 }
+max_chunk_bytes: 4096
+)";
+
 CommandResult Train(const std::string& dir, std::vector<std::string> extra,
                     const char* job = kJob) {
   WriteFile(dir + "/job.textproto", job);
@@ -78,6 +88,36 @@ TEST(FaultToleranceTest, ShardKilledJobRollsBackToCheckpointExactly) {
   EXPECT_NE(b.output.find("restarting the job from the latest complete checkpoint"),
             std::string::npos)
       << b.output;
+
+  auto ma = ReadSafetensorsFile(straight + "/model.safetensors");
+  auto mb = ReadSafetensorsFile(faulty + "/model.safetensors");
+  ASSERT_TRUE(ma.ok() && mb.ok());
+  auto diff = MaxAbsDiff(*ma, *mb);
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_EQ(*diff, 0.0);
+}
+
+// The scheduler SIGKILLed mid-job: the launcher restarts it on the same
+// address; shards and workers, which kept training, rejoin it with their
+// ranks (its state is rebuilt from them), and the job finishes with exactly
+// the parameters of an uninterrupted run.
+TEST(FaultToleranceTest, SchedulerRestartNodesRejoinAndTheJobContinues) {
+  const std::string straight = TempDir("straight_for_scheduler");
+  CommandResult a = Train(straight, {}, kLongerJob);
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+
+  const std::string faulty = TempDir("scheduler_killed");
+  CommandResult b = Train(faulty, {"--fault_kill_scheduler_at_step=30"}, kSlowerJob);
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_NE(b.output.find("fault injection: SIGKILL the scheduler"), std::string::npos)
+      << b.output;
+  EXPECT_NE(b.output.find("restarting it on 127.0.0.1:"), std::string::npos) << b.output;
+  const std::string log = ReadFile(faulty + "/logs/scheduler.restart1.log");
+  for (const char* node : {"server-0", "server-1", "worker-0", "worker-1"}) {
+    EXPECT_NE(log.find(absl::StrCat(node, " (127.0.0.1:")), std::string::npos) << log;
+  }
+  EXPECT_NE(log.find("rejoined the running job at step"), std::string::npos) << log;
+  EXPECT_NE(log.find("RUNNING -> FINISHED"), std::string::npos) << log;
 
   auto ma = ReadSafetensorsFile(straight + "/model.safetensors");
   auto mb = ReadSafetensorsFile(faulty + "/model.safetensors");

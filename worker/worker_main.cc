@@ -219,6 +219,12 @@ absl::Status RunWorker() {
   const bool pipeline = layout.pp() * layout.tp() > 1;
   const WorkerCoords coords{assignment.dp_rank(), assignment.pp_rank(),
                             assignment.tp_rank()};
+  {
+    // If the scheduler restarts, take this rank back from the new one.
+    RegisterRequest rejoin = reg;
+    rejoin.set_requested_rank(layout.Rank(coords));
+    client.EnableRejoin(rejoin);
+  }
   std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs;
   std::vector<std::string> addresses(assignment.shard_addresses().begin(),
                                      assignment.shard_addresses().end());
@@ -461,7 +467,16 @@ absl::Status RunWorker() {
     if (!status.ok()) error = std::string(status.message());
   }
   heartbeat.Stop();
+  // The final report (done or the error) must reach the scheduler, which
+  // may be restarting: retry while it is unreachable, up to a minute.
   absl::StatusOr<HeartbeatResponse> last = heartbeat.BeatNow();
+  for (const absl::Time give_up = absl::Now() + absl::Seconds(60);
+       !last.ok() && absl::Now() < give_up &&
+       (last.status().code() == absl::StatusCode::kUnavailable ||
+        last.status().code() == absl::StatusCode::kDeadlineExceeded);
+       last = heartbeat.BeatNow()) {
+    absl::SleepFor(absl::Milliseconds(500));
+  }
   if (!last.ok()) Log(id, std::string(last.status().message()));
   if (status.ok()) {
     const TrainerProgress& p =

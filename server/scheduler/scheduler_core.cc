@@ -501,8 +501,28 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
     const bool requested_valid = requested >= 0 && requested < n_slots;
     Node* slot = nullptr;
     std::string how;
+    // 0. A node of the running job re-registering with a restarted
+    //    scheduler takes back exactly its slot.
+    if (request.rejoin()) {
+      if (!requested_valid) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "a rejoining ", server ? "server" : "worker",
+            " must name its ", server ? "shard" : "rank", " in [0, ", n_slots,
+            "), got ", requested));
+      }
+      Node& n = slots[requested];
+      if (n.registered && n.alive && n.address != request.address()) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "cannot rejoin as ", server ? "shard " : "worker rank ", requested,
+            ": held by the live node ", n.Describe()));
+      }
+      slot = &n;
+      how = absl::StrCat("rejoined the running job at step ", request.step(),
+                         " (the scheduler restarted; its state is rebuilt "
+                         "from the re-registering nodes)");
+    }
     // 1. A server coming back on the same address takes its slot again.
-    if (server) {
+    if (server && slot == nullptr) {
       for (Node& n : slots) {
         // Not a live node that asked for another shard: two shards that
         // advertise the same address are different nodes, not a restart.
@@ -584,6 +604,7 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
     slot->registered_at = now;
     slot->last_heartbeat = now;
     slot->lease_start = now;
+    if (request.rejoin()) slot->step = request.step();
 
     std::string ranks =
         server ? absl::StrCat("shard ", slot->shard)
@@ -603,8 +624,9 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
     }
     out.logs.push_back(absl::StrCat(slot->Describe(), " ", how, ": ", ranks));
     AddEventLocked(slot, absl::StrCat(how, ": ", ranks),
-                   state_ == ASSEMBLING ? "waiting for the job to assemble"
-                                        : "given the slot's assignment");
+                   request.rejoin()       ? "keeps its assignment"
+                   : state_ == ASSEMBLING ? "waiting for the job to assemble"
+                                          : "given the slot's assignment");
 
     if (state_ == ASSEMBLING) {
       if (server) UpdateStartStepLocked(&out);

@@ -260,6 +260,37 @@ TEST_F(SchedulerCoreTest, PipelineAndTensorParallelAssignments) {
   EXPECT_EQ(w0->layer_end(), 1);
 }
 
+// A restarted scheduler: the running nodes rejoin with their ranks (in any
+// order) and the job is RUNNING again without anyone asking for an
+// assignment; a rejoin must name its rank.
+TEST_F(SchedulerCoreTest, RejoiningNodesRebuildARestartedScheduler) {
+  Start(/*dp=*/2, /*shards=*/1);
+  RegisterRequest bad = Worker("h");
+  bad.set_rejoin(true);
+  bad.set_requested_rank(7);
+  EXPECT_EQ(core_->Register(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  RegisterRequest w1 = Worker("h1");
+  w1.set_rejoin(true);
+  w1.set_requested_rank(1);
+  w1.set_step(42);
+  EXPECT_EQ(Id(w1), "worker-1");
+  RegisterRequest s0 = Server("127.0.0.1:4001", 0);
+  s0.set_rejoin(true);
+  EXPECT_EQ(Id(s0), "server-0");
+  RegisterRequest w0 = Worker("h0");
+  w0.set_rejoin(true);
+  w0.set_requested_rank(0);
+  EXPECT_EQ(Id(w0), "worker-0");
+  JobStatus status = core_->Status();
+  EXPECT_EQ(status.state(), RUNNING);
+  EXPECT_EQ(Find(status, "worker-1")->step(), 42);
+  EXPECT_TRUE(absl::StrContains(Find(status, "worker-1")->last_event(),
+                                "rejoined the running job at step 42"))
+      << Find(status, "worker-1")->last_event();
+  EXPECT_TRUE(absl::StrContains(Find(status, "worker-1")->last_event(),
+                                "keeps its assignment"));
+}
+
 TEST_F(SchedulerCoreTest, AssemblesAndHandsOutAssignments) {
   Start(/*dp=*/2, /*shards=*/2);
   EXPECT_EQ(core_->expected_servers(), 2);
