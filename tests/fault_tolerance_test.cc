@@ -3,9 +3,15 @@
 // replacement takes the dead worker's slot when its lease expires, redoes
 // exactly the lost step (shard 0 counts the repeated push once), and the
 // final parameters equal those of an uninterrupted run bit for bit.
+#include <signal.h>
+
+#include <filesystem>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "common/safetensors.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
@@ -121,6 +127,87 @@ TEST(FaultToleranceTest, SchedulerRestartNodesRejoinAndTheJobContinues) {
 
   auto ma = ReadSafetensorsFile(straight + "/model.safetensors");
   auto mb = ReadSafetensorsFile(faulty + "/model.safetensors");
+  ASSERT_TRUE(ma.ok() && mb.ok());
+  auto diff = MaxAbsDiff(*ma, *mb);
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_EQ(*diff, 0.0);
+}
+
+// A shard restarted under the job, as Kubernetes restarts a lost shard's
+// pod (here: SIGKILL, then the same command again): the new process lost
+// the shard's state after its checkpoint, so the job fails (the workers on
+// the dead shard, or the scheduler when the new process registers) and
+// every node stops (none hangs); when every node is started again (as
+// Kubernetes restarts the failed pods) the job resumes everywhere from the
+// latest checkpoint every shard holds and ends with the parameters of an
+// uninterrupted run.
+TEST(FaultToleranceTest, RestartedShardRollsTheWholeJobBackToTheCheckpoint) {
+  const std::string straight = TempDir("straight_for_k8s");
+  CommandResult a = Train(straight, {}, kLongerJob);
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+
+  const std::string dir = TempDir("k8s_like");
+  WriteFile(dir + "/job.textproto", kSlowerJob);
+  auto run_job = [&](int round, bool kill_shard) {
+    const std::string logs = absl::StrCat(dir, "/round", round);
+    std::filesystem::create_directories(logs);
+    std::filesystem::remove(dir + "/port");
+    BackgroundProcess scheduler(
+        {BinaryPath("server/scheduler/lmps_scheduler"), "--job=" + dir + "/job.textproto",
+         "--listen=127.0.0.1:0", "--port_file=" + dir + "/port", "--lease_s=2",
+         "--workers=2", "--shards=2"},
+        logs + "/scheduler.log");
+    const std::string port(absl::StripAsciiWhitespace(WaitForFile(dir + "/port", 30)));
+    ASSERT_FALSE(port.empty());
+    const std::string sched = "--scheduler=127.0.0.1:" + port;
+    auto server_argv = [&](int s) {
+      return std::vector<std::string>{
+          BinaryPath("server/lmps_server"), sched, "--listen=127.0.0.1:0",
+          absl::StrCat("--shard=", s), "--checkpoint_dir=" + dir + "/ckpt"};
+    };
+    auto server0 = std::make_unique<BackgroundProcess>(server_argv(0), logs + "/server-0.log");
+    auto server1 = std::make_unique<BackgroundProcess>(server_argv(1), logs + "/server-1.log");
+    std::vector<std::unique_ptr<BackgroundProcess>> workers;
+    for (int w = 0; w < 2; ++w) {
+      workers.push_back(std::make_unique<BackgroundProcess>(
+          std::vector<std::string>{BinaryPath("worker/lmps_worker"), sched,
+                                   absl::StrCat("--rank=", w), "--threads=1"},
+          absl::StrCat(logs, "/worker-", w, ".log")));
+    }
+    if (kill_shard) {
+      ASSERT_FALSE(WaitForFile(dir + "/ckpt/step_00000040/shard_1.ckpt", 120).empty())
+          << ReadFile(logs + "/worker-0.log") << ReadFile(logs + "/server-1.log")
+          << ReadFile(logs + "/scheduler.log");
+      kill(server1->pid(), SIGKILL);
+      server1->Wait(10);
+      server1 = std::make_unique<BackgroundProcess>(server_argv(1),
+                                                    logs + "/server-1.restarted.log");
+      for (auto& w : workers) EXPECT_EQ(w->Wait(60), 1) << "workers stop with an error";
+      EXPECT_NE(server0->Wait(60), 0);
+      EXPECT_EQ(scheduler.Wait(60), 1);
+      // The workers fail on the dead shard (or, once the new process
+      // registers, on the scheduler's rollback), naming it.
+      const std::string log = ReadFile(logs + "/worker-0.log");
+      EXPECT_NE(log.find("shard 1"), std::string::npos) << log;
+      EXPECT_NE(ReadFile(logs + "/scheduler.log").find("-> FAILED"), std::string::npos);
+      return;
+    }
+    for (auto& w : workers) EXPECT_EQ(w->Wait(120), 0);
+    EXPECT_EQ(server0->Wait(60), 0);
+    EXPECT_EQ(server1->Wait(60), 0);
+    EXPECT_EQ(scheduler.Wait(60), 0);
+    const std::string log = ReadFile(logs + "/worker-0.log");
+    EXPECT_EQ(log.find("resume step 0,"), std::string::npos) << log;
+  };
+  run_job(1, /*kill_shard=*/true);
+  run_job(2, /*kill_shard=*/false);
+  CommandResult exported = RunCommand({BinaryPath("server/lmps_export"),
+                                       "--checkpoint_dir=" + dir + "/ckpt",
+                                       "--out=" + dir + "/model.safetensors"},
+                                      60);
+  ASSERT_EQ(exported.exit_code, 0) << exported.output;
+  auto ma = ReadSafetensorsFile(straight + "/model.safetensors");
+  auto mb = ReadSafetensorsFile(dir + "/model.safetensors");
   ASSERT_TRUE(ma.ok() && mb.ok());
   auto diff = MaxAbsDiff(*ma, *mb);
   ASSERT_TRUE(diff.ok()) << diff.status();

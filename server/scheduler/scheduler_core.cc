@@ -628,6 +628,23 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
                    : state_ == ASSEMBLING ? "waiting for the job to assemble"
                                           : "given the slot's assignment");
 
+    if (server && state_ == RUNNING && !request.rejoin()) {
+      // A new server process in a running job (e.g. Kubernetes restarted a
+      // lost shard's pod): that shard's state after its checkpoint is gone,
+      // so the other shards and the workers must roll back too. The job
+      // fails; every node exits, and when they are restarted (by Kubernetes,
+      // or lmps_local --restart_job) the new job resumes everywhere from the
+      // latest checkpoint every shard holds.
+      const std::string message = absl::StrCat(
+          "shard ", slot->shard, " restarted (", slot->Describe(), " ", how,
+          ") and lost its state after its last checkpoint; rolling back: "
+          "every node stops, and the restarted job resumes from the latest "
+          "checkpoint every shard holds");
+      FailLocked(message,
+                 absl::FailedPreconditionError(
+                     absl::StrCat("the job FAILED: ", message)),
+                 &out);
+    }
     if (state_ == ASSEMBLING) {
       if (server) UpdateStartStepLocked(&out);
       if (AllRegisteredLocked(servers_) && AllRegisteredLocked(workers_)) {

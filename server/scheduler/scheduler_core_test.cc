@@ -756,35 +756,43 @@ TEST_F(SchedulerCoreTest, ReplacementTakesADeadSlot) {
   }
   EXPECT_TRUE(replaced) << after.DebugString();
 
-  // A new server on another address takes the dead shard.
-  r = core_->Register(Server("127.0.0.1:5001", /*requested=*/-1));
-  ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_EQ(r->node_id(), "server-1");
-  a = core_->GetAssignment("worker-0", absl::InfiniteFuture());
-  ASSERT_TRUE(a.ok());
-  EXPECT_EQ(a->shard_addresses(1), "127.0.0.1:5001");
-
   JobStatus status = core_->Status();
   EXPECT_EQ(status.state(), RUNNING);
-  EXPECT_EQ(status.nodes_size(), 4);
   const NodeStatus* w1 = Find(status, "worker-1");
   EXPECT_TRUE(w1->alive());
   EXPECT_EQ(w1->step(), 0);
   EXPECT_EQ(w1->heartbeat_age_ms(), 0);
-  EXPECT_EQ(Find(status, "server-1")->address(), "127.0.0.1:5001");
-  EXPECT_EQ(status.message(), "");
-  // The slots are full again.
-  EXPECT_EQ(core_->Register(Worker("host-3")).status().code(),
-            absl::StatusCode::kResourceExhausted);
+
+  // A new server process taking the dead shard (as Kubernetes restarts a
+  // lost shard's pod) means that shard lost its state after its checkpoint:
+  // the job fails so that every node stops and the restarted job resumes
+  // from the latest checkpoint everywhere.
+  r = core_->Register(Server("127.0.0.1:5001", /*requested=*/-1));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->node_id(), "server-1");
+  status = core_->Status();
+  EXPECT_EQ(status.state(), FAILED);
+  EXPECT_TRUE(absl::StrContains(status.message(), "shard 1 restarted"))
+      << status.message();
+  EXPECT_TRUE(absl::StrContains(status.message(), "latest checkpoint"))
+      << status.message();
+  EXPECT_EQ(core_->Heartbeat(Beat("worker-0"))->state(), FAILED);
+  EXPECT_EQ(core_->GetAssignment("server-1", absl::InfiniteFuture()).status().code(),
+            absl::StatusCode::kFailedPrecondition);
 }
 
-TEST_F(SchedulerCoreTest, ReplacementPrefersTheSameAddress) {
+// A restarted server takes the slot of its address; since it lost its
+// state, the running job fails for a rollback and takes no more nodes.
+TEST_F(SchedulerCoreTest, RestartedServerTakesItsSlotAndFailsTheJob) {
   Assemble(/*dp=*/1, /*shards=*/3);
   clock_.Advance(absl::Seconds(11));  // every lease expires
   core_->Tick();
   EXPECT_EQ(Id(Server("127.0.0.1:4002")), "server-2");
-  EXPECT_EQ(Id(Server("other:1", /*requested=*/1)), "server-1");
-  EXPECT_EQ(Id(Server("other:2")), "server-0");
+  EXPECT_EQ(core_->CurrentState(), FAILED);
+  EXPECT_TRUE(absl::StrContains(core_->StateMessage(), "shard 2 restarted"))
+      << core_->StateMessage();
+  EXPECT_EQ(core_->Register(Server("other:1", /*requested=*/1)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
 }
 
 TEST_F(SchedulerCoreTest, ConcurrentRegistrationsGetDistinctRanks) {
