@@ -75,6 +75,9 @@ ABSL_FLAG(std::string, server_args, "", "extra flags for every server");
 ABSL_FLAG(int, metrics_base_port, 0,
           "serve Prometheus /metrics on 127.0.0.1: the scheduler on this "
           "port, shard s on port+1+s, worker w on port+1+S+w (0: off)");
+ABSL_FLAG(int, spare_workers, 0,
+          "spare workers started with the job: each waits for a worker to "
+          "die and takes over its slot at once (data-parallel jobs)");
 ABSL_FLAG(int, restart_workers, 3,
           "replace a worker that dies up to this many times per worker");
 ABSL_FLAG(int, lease_s, 10, "heartbeat lease (a dead worker's slot frees "
@@ -213,6 +216,7 @@ class Launcher {
   bool pipeline_ = false;
   bool fault_injected_ = false;
   bool scheduler_fault_injected_ = false;
+  int spares_available_ = 0;  // spares not yet used for a dead worker
   std::vector<Child> children_;
   std::chrono::steady_clock::time_point start_;
   int64_t first_step_ = -1;
@@ -344,6 +348,15 @@ absl::Status Launcher::Reap() {
         LMPS_ASSIGN_OR_RETURN(c.pid, Spawn(c.binary, c.args, c.log));
         c.exited = false;
         ++c.restarts;
+        continue;
+      }
+      if (c.name.rfind("worker", 0) == 0 && spares_available_ > 0 && !pipeline_ &&
+          !g_interrupted) {
+        --spares_available_;
+        std::printf("\nlmps: %s %s; a spare worker takes over its slot once "
+                    "its lease expires\n",
+                    c.name.c_str(), how.c_str());
+        std::fflush(stdout);
         continue;
       }
       return absl::AbortedError(absl::StrCat(c.name, " ", how, "; the end of ",
@@ -556,7 +569,22 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
     }
     LMPS_RETURN_IF_ERROR(Start(absl::StrCat("worker-", w), Bin("worker/lmps_worker"), args));
   }
-
+  // Spares (data-parallel jobs): each waits until the job is RUNNING, then
+  // for a slot whose worker died (worker_main.cc --spare).
+  const int spares = pipeline_ ? 0 : absl::GetFlag(FLAGS_spare_workers);
+  if (pipeline_ && absl::GetFlag(FLAGS_spare_workers) > 0) {
+    std::printf("lmps: --spare_workers ignored: a pipeline or tensor-parallel "
+                "job restarts from its checkpoint when a worker dies\n");
+  }
+  for (int i = 0; i < spares; ++i) {
+    std::vector<std::string> args = {"--scheduler=" + scheduler,
+                                     absl::StrCat("--threads=", std::max(1, cores / W)),
+                                     "--spare", "--sample_out=" + run_dir_ + "/sample.txt"};
+    for (const std::string& a : split_args(absl::GetFlag(FLAGS_worker_args))) args.push_back(a);
+    for (const std::string& a : worker_security_args_) args.push_back(a);
+    LMPS_RETURN_IF_ERROR(Start(absl::StrCat("worker-spare-", i), Bin("worker/lmps_worker"), args));
+  }
+  spares_available_ = spares;
   return absl::OkStatus();
 }
 

@@ -623,6 +623,15 @@ absl::StatusOr<PushResponse> ParameterShard::PushStepLocked(
     const std::string& who) {
   const int shard = options_.shard;
   if (step < version_) {
+    if (clocks_[rank] > step) {
+      // This rank's whole gradient for the step had arrived before it was
+      // applied: a retry (e.g. a replacement worker redoing the step its
+      // predecessor had half pushed). Acknowledge it as a duplicate.
+      PushResponse response;
+      response.set_chunks_duplicate(static_cast<int>(pieces.size()));
+      duplicates_ += static_cast<int64_t>(pieces.size());
+      return response;
+    }
     return absl::FailedPreconditionError(
         absl::StrCat(who, ": shard ", shard, " is at version ", version_,
                      "; step ", step, " was already applied"));

@@ -59,7 +59,10 @@
 //                             "owns no part of", a NaN/Inf value (also
 //                             counted in rejected_nonfinite_pushes);
 //                           FailedPrecondition wrong partition_version, a
-//                             step already applied ("already applied") or a
+//                             step already applied ("already applied"; but
+//                             a push of an applied step from a rank whose
+//                             gradient for it had completely arrived is a
+//                             retry, acknowledged as duplicate) or a
 //                             step beyond version + s ("far in the future").
 //                         A chunk (part) a rank's contributor already
 //                         pushed for the step (a retry) is counted as

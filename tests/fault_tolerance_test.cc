@@ -103,6 +103,33 @@ TEST(FaultToleranceTest, ShardKilledJobRollsBackToCheckpointExactly) {
   EXPECT_EQ(*diff, 0.0);
 }
 
+// A spare worker started with the job takes over a SIGKILLed worker's slot
+// (no new process is started), redoes exactly the lost step, and the final
+// parameters equal an uninterrupted run's.
+TEST(FaultToleranceTest, SpareWorkerTakesOverADeadWorkersSlot) {
+  const std::string straight = TempDir("straight_for_spare");
+  CommandResult a = Train(straight, {});
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+
+  const std::string faulty = TempDir("spare");
+  CommandResult b = Train(faulty, {"--spare_workers=1", "--restart_workers=0",
+                                   "--fault_worker=1", "--fault_kill_at_step=3"});
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_NE(b.output.find("a spare worker takes over its slot"), std::string::npos)
+      << b.output;
+  const std::string spare = ReadFile(faulty + "/logs/worker-spare-0.log");
+  EXPECT_NE(spare.find("joining a running job at step 3"), std::string::npos) << spare;
+  EXPECT_NE(ReadFile(faulty + "/logs/scheduler.log").find("whose lease had expired"),
+            std::string::npos);
+
+  auto ma = ReadSafetensorsFile(straight + "/model.safetensors");
+  auto mb = ReadSafetensorsFile(faulty + "/model.safetensors");
+  ASSERT_TRUE(ma.ok() && mb.ok());
+  auto diff = MaxAbsDiff(*ma, *mb);
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_EQ(*diff, 0.0);
+}
+
 // The scheduler SIGKILLed mid-job: the launcher restarts it on the same
 // address; shards and workers, which kept training, rejoin it with their
 // ranks (its state is rebuilt from them), and the job finishes with exactly

@@ -66,10 +66,11 @@ absl::Status Trainer::PullInto(int64_t step, int64_t* version) {
   return model_->SetParametersFromHost(host_params_.data());
 }
 
-absl::Status Trainer::ApplyStep(int64_t step) {
-  LMPS_ASSIGN_OR_RETURN(double sum_squares, ps_->GradNorm(step));
-  if (options_.spec.train().mode() == SYNC) {
-    LMPS_ASSIGN_OR_RETURN(int64_t version, ps_->Apply(step, sum_squares));
+absl::Status ApplyStepOnShards(PsClient* ps, ConsistencyMode mode,
+                               int64_t step) {
+  LMPS_ASSIGN_OR_RETURN(double sum_squares, ps->GradNorm(step));
+  if (mode == SYNC) {
+    LMPS_ASSIGN_OR_RETURN(int64_t version, ps->Apply(step, sum_squares));
     if (version != step + 1) {
       return absl::InternalError(absl::StrCat("after applying step ", step,
                                               " the servers are at version ",
@@ -77,7 +78,11 @@ absl::Status Trainer::ApplyStep(int64_t step) {
     }
     return absl::OkStatus();
   }
-  return ps_->ApplyBounded(step, sum_squares).status();
+  return ps->ApplyBounded(step, sum_squares).status();
+}
+
+absl::Status Trainer::ApplyStep(int64_t step) {
+  return ApplyStepOnShards(ps_, options_.spec.train().mode(), step);
 }
 
 int64_t Trainer::FinalVersion() const {

@@ -88,6 +88,13 @@ struct TrainerOptions {
   std::function<void(const std::string&)> log;
 };
 
+// GradNorm and Apply of `step` on every shard: the exact global gradient
+// norm, then the optimizer. SYNC checks the shards are then at step + 1;
+// BOUNDED_STALENESS allows them to be further (faster replicas applied later
+// steps). Shared by Trainer and PipelineTrainer.
+absl::Status ApplyStepOnShards(PsClient* ps, ConsistencyMode mode,
+                               int64_t step);
+
 class Trainer {
  public:
   // `model`, `ps` and `data` must outlive the trainer.

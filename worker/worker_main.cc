@@ -23,6 +23,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
@@ -75,6 +76,11 @@ ABSL_FLAG(int, fault_kill_at_step, -1,
           "step's pipeline schedule starts (-1: never)");
 ABSL_FLAG(int, assemble_timeout_s, 120,
           "how long to wait for the scheduler and the job to assemble");
+ABSL_FLAG(bool, spare, false,
+          "a spare worker: wait (up to --spare_wait_s) until a worker of the "
+          "running job dies and take over its slot, then train; exit 0 "
+          "without training if the job finishes first");
+ABSL_FLAG(int, spare_wait_s, 86400, "how long a --spare waits for a slot");
 ABSL_FLAG(std::string, peer_listen, "0.0.0.0:0",
           "where the WorkerPeer service (pipeline activations, tensor-parallel "
           "all-reduce) listens; port 0 picks a free port");
@@ -193,7 +199,45 @@ absl::Status RunWorker() {
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
   reg.set_hostname(host);
-  LMPS_RETURN_IF_ERROR(client.Register(reg, assemble).status());
+  const bool spare = absl::GetFlag(FLAGS_spare);
+  if (spare) {
+    // Never take a slot meant for a first worker: wait until the job runs.
+    auto status_stub =
+        Scheduler::NewStub(MakeChannel(scheduler, metrics.rpc.get(), security));
+    const absl::Time give_up =
+        absl::Now() + absl::Seconds(absl::GetFlag(FLAGS_spare_wait_s));
+    JobStatus status;
+    while (true) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+      status.Clear();
+      const bool ok = status_stub->GetStatus(&ctx, GetStatusRequest(), &status).ok();
+      if (ok && status.state() == RUNNING) break;
+      if (ok && status.state() == FINISHED) {
+        Log("worker", "spare: the job finished without needing this spare");
+        return absl::OkStatus();
+      }
+      if (ok && status.state() == FAILED) {
+        return absl::AbortedError(absl::StrCat("spare: the job FAILED: ", status.message()));
+      }
+      if (absl::Now() > give_up) {
+        return absl::DeadlineExceededError(absl::StrCat(
+            "spare: the job at ", scheduler, " did not start running within ",
+            absl::GetFlag(FLAGS_spare_wait_s), " s"));
+      }
+      absl::SleepFor(absl::Milliseconds(100));
+    }
+    Log("worker", "spare: waiting for a slot of the running job (a worker "
+                  "whose lease expired)");
+  }
+  absl::StatusOr<RegisterResponse> registered = client.Register(
+      reg, spare ? absl::Seconds(absl::GetFlag(FLAGS_spare_wait_s)) : assemble);
+  if (spare && registered.status().code() == absl::StatusCode::kFailedPrecondition &&
+      absl::StrContains(registered.status().message(), "FINISHED")) {
+    Log("worker", "spare: the job finished without needing this spare");
+    return absl::OkStatus();
+  }
+  LMPS_RETURN_IF_ERROR(registered.status());
   const std::string id = client.node_id();
   Log(id, absl::StrCat("registered with scheduler ", scheduler, " (",
                        security.Describe(),

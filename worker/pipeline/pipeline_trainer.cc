@@ -111,17 +111,7 @@ absl::Status PipelineTrainer::PullInto(int64_t step) {
 }
 
 absl::Status PipelineTrainer::ApplyStep(int64_t step) {
-  LMPS_ASSIGN_OR_RETURN(double sum_squares, ps_->GradNorm(step));
-  if (options_.spec.train().mode() == SYNC) {
-    LMPS_ASSIGN_OR_RETURN(int64_t version, ps_->Apply(step, sum_squares));
-    if (version != step + 1) {
-      return absl::InternalError(absl::StrCat("after applying step ", step,
-                                              " the servers are at version ",
-                                              version));
-    }
-    return absl::OkStatus();
-  }
-  return ps_->ApplyBounded(step, sum_squares).status();
+  return ApplyStepOnShards(ps_, options_.spec.train().mode(), step);
 }
 
 absl::StatusOr<int> PipelineTrainer::ForwardOne(int64_t step, bool eval, int i,
