@@ -32,19 +32,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Default: a free port (the machine may be shared with other iperf3 runs on
-# 5201, and a client could reach another run's server).
-PORT="${IPERF_PORT:-$(python3 -c '
-import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])')}"
-iperf_pid=""
+source bench/iperf3_loopback.sh
 cleanup() {
-  if [ -n "$iperf_pid" ] && kill -0 "$iperf_pid" 2>/dev/null; then
-    kill "$iperf_pid" 2>/dev/null || true
-    wait "$iperf_pid" 2>/dev/null || true
-  fi
+  iperf3_cleanup
   bazel shutdown >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -54,47 +44,7 @@ bazel build //bench:allreduce_bench >/dev/null 2>&1 ||
   bazel build //bench:allreduce_bench
 BIN="$(bazel info bazel-bin 2>/dev/null)/bench/allreduce_bench"
 
-echo "== iperf3, 1 stream on 127.0.0.1, 5 s"
-iperf3 -s -1 -p "$PORT" >/dev/null 2>&1 &
-iperf_pid=$!
-json=""
-err=""
-for _ in $(seq 1 50); do  # the server needs a moment to listen
-  if json="$(iperf3 -c 127.0.0.1 -p "$PORT" -t 5 -J 2>/dev/null)" &&
-     echo "$json" | python3 -c '
-import json, sys
-sys.exit(0 if "sum_received" in json.load(sys.stdin).get("end", {}) else 1)
-' 2>/dev/null; then
-    break
-  fi
-  err="$json"
-  json=""
-  sleep 0.1
-done
-# The server (-1) exits after its one test; don't wait on it forever.
-for _ in $(seq 1 50); do
-  kill -0 "$iperf_pid" 2>/dev/null || break
-  sleep 0.1
-done
-if kill -0 "$iperf_pid" 2>/dev/null; then kill "$iperf_pid" 2>/dev/null || true; fi
-wait "$iperf_pid" 2>/dev/null || true
-iperf_pid=""
-if [ -z "$json" ]; then
-  echo "allreduce_vs_iperf3: iperf3 -c 127.0.0.1 -p $PORT failed:" >&2
-  echo "$err" | tail -n 20 >&2
-  exit 1
-fi
-# Rate, and CPU seconds per GB of sender + receiver (iperf3 reports each
-# side's CPU utilisation over the test).
-read -r iperf_bps iperf_cpu < <(echo "$json" | python3 -c '
-import json, sys
-end = json.load(sys.stdin)["end"]
-r, cpu = end["sum_received"], end["cpu_utilization_percent"]
-cpu_s = (cpu["host_total"] + cpu["remote_total"]) / 100 * r["seconds"]
-print(r["bits_per_second"], cpu_s / (r["bytes"] / 1e9))')
-awk -v b="$iperf_bps" -v c="$iperf_cpu" 'BEGIN {
-  printf "iperf3: %.2f GB/s (%.2f Gbit/s); cpu s/GB (sender + receiver): %.2f\n",
-         b / 8e9, b / 1e9, c }'
+measure_iperf3
 
 echo "== allreduce_bench $*"
 status=0

@@ -11,17 +11,13 @@
 # The target is >= 0.5. Ends with `bazel shutdown`: nothing is left running.
 #
 # Usage: bench/ps_vs_iperf3.sh [ps_bench flags, e.g. --shards=4 --repeats=9]
-# Environment: IPERF_PORT (default 5201).
+# Environment: IPERF_PORT (default: a free port).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PORT="${IPERF_PORT:-5201}"
-iperf_pid=""
+source bench/iperf3_loopback.sh
 cleanup() {
-  if [ -n "$iperf_pid" ] && kill -0 "$iperf_pid" 2>/dev/null; then
-    kill "$iperf_pid" 2>/dev/null || true
-    wait "$iperf_pid" 2>/dev/null || true
-  fi
+  iperf3_cleanup
   bazel shutdown >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -30,32 +26,7 @@ scripts/install_deps.sh bench
 bazel build //bench:ps_bench >/dev/null 2>&1 || bazel build //bench:ps_bench
 BIN="$(bazel info bazel-bin 2>/dev/null)/bench/ps_bench"
 
-echo "== iperf3, 1 stream on 127.0.0.1, 5 s"
-iperf3 -s -1 -p "$PORT" >/dev/null 2>&1 &
-iperf_pid=$!
-json=""
-for _ in $(seq 1 50); do  # the server needs a moment to listen
-  if json="$(iperf3 -c 127.0.0.1 -p "$PORT" -t 5 -J 2>/dev/null)"; then break; fi
-  json=""
-  sleep 0.1
-done
-wait "$iperf_pid" 2>/dev/null || true
-iperf_pid=""
-if [ -z "$json" ]; then
-  echo "ps_vs_iperf3: iperf3 -c 127.0.0.1 -p $PORT failed" >&2
-  exit 1
-fi
-# Rate, and CPU seconds per GB of sender + receiver (iperf3 reports each
-# side's CPU utilisation over the test).
-read -r iperf_bps iperf_cpu < <(echo "$json" | python3 -c '
-import json, sys
-end = json.load(sys.stdin)["end"]
-r, cpu = end["sum_received"], end["cpu_utilization_percent"]
-cpu_s = (cpu["host_total"] + cpu["remote_total"]) / 100 * r["seconds"]
-print(r["bits_per_second"], cpu_s / (r["bytes"] / 1e9))')
-awk -v b="$iperf_bps" -v c="$iperf_cpu" 'BEGIN {
-  printf "iperf3: %.2f GB/s (%.2f Gbit/s); cpu s/GB (sender + receiver): %.2f\n",
-         b / 8e9, b / 1e9, c }'
+measure_iperf3
 
 echo "== ps_bench $*"
 status=0
