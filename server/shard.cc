@@ -958,10 +958,13 @@ absl::StatusOr<PushResponse> ParameterShard::PushAsyncLocked(
     const std::string& who) {
   const int shard = options_.shard;
   if (step < clocks_[rank]) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        who, ": shard ", shard, " has applied dp rank ", rank,
-        "'s steps up to ", clocks_[rank] - 1, "; step ", step,
-        " was already applied"));
+    // Each rank's steps arrive in order, so the rank's whole gradient for
+    // this step arrived and was applied: a retry (a replacement redoing its
+    // predecessor's half-pushed step). Acknowledged, nothing changes.
+    PushResponse response;
+    response.set_chunks_duplicate(static_cast<int>(pieces.size()));
+    duplicates_ += static_cast<int64_t>(pieces.size());
+    return response;
   }
   RankGrads& pending = rank_grads_[rank];
   const int n = static_cast<int>(chunks_.size());
@@ -1236,6 +1239,7 @@ absl::StatusOr<TensorInfoResponse> ParameterShard::TensorInfo(
   out.set_shard(options_.shard);
   out.set_version(version_);
   out.set_rejected_nonfinite_pushes(rejected_nonfinite_);
+  for (int64_t c : clocks_) out.add_replica_clocks(c);
   for (const TensorSpec& spec : tensors_) {
     if (!tensor.empty() && spec.name != tensor) continue;
     lmps::TensorInfo info;

@@ -119,8 +119,9 @@
 //
 //   Push(step)            as above, except that the step only has to be >=
 //                         the rank's clock (each rank's steps arrive in
-//                         order; an older one: FailedPrecondition "already
-//                         applied") and a rank has at most one push in
+//                         order; an older one was applied already and is
+//                         acknowledged as duplicate: a replacement's retry)
+//                         and a rank has at most one push in
 //                         flight (a different step while one is incomplete:
 //                         FailedPrecondition). As soon as the rank's gradient
 //                         for the step has every chunk of this shard it is

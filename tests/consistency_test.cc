@@ -60,15 +60,17 @@ struct JobRun {
   SafetensorsContents model;
 };
 
-JobRun Train(const std::string& name, const std::string& job) {
+JobRun Train(const std::string& name, const std::string& job,
+             const std::vector<std::string>& extra_flags = {}) {
   JobRun run;
   run.dir = TempDir(name);
   WriteFile(run.dir + "/job.textproto", job);
-  run.result = RunCommand({BinaryPath("launcher/lmps_local"),
-                           "--job=" + run.dir + "/job.textproto",
-                           "--run_dir=" + run.dir, "--workers=2", "--shards=2",
-                           "--quiet"},
-                          240);
+  std::vector<std::string> argv = {BinaryPath("launcher/lmps_local"),
+                                   "--job=" + run.dir + "/job.textproto",
+                                   "--run_dir=" + run.dir, "--workers=2",
+                                   "--shards=2", "--quiet"};
+  argv.insert(argv.end(), extra_flags.begin(), extra_flags.end());
+  run.result = RunCommand(argv, 240);
   EXPECT_EQ(run.result.exit_code, 0) << run.result.output;
   auto model = ReadSafetensorsFile(run.dir + "/model.safetensors");
   EXPECT_TRUE(model.ok()) << model.status() << run.result.output;
@@ -258,6 +260,30 @@ TEST(ConsistencyTest, AsyncLetsTheFastWorkerRunAheadAndTheLossFalls) {
   EXPECT_GT(MaxAbs(run.model, "h.0.mlp.c_fc.bias"), 1e-4);
   for (const SafeTensor& t : run.model.tensors) {
     for (float v : t.data) ASSERT_TRUE(std::isfinite(v)) << t.name;
+  }
+}
+
+// ASYNC with a worker SIGKILLed mid-push (shard 0 has its step, shard 1
+// not): the replacement resumes at its replica's clock (the smallest over
+// shards of the steps it completely pushed), its repeat of the half-pushed
+// step is a duplicate where it had arrived, and every shard applies exactly
+// dp x steps updates (the final pull waits for exactly that version).
+TEST(ConsistencyTest, AsyncReplacementResumesAtItsReplicasClock) {
+  const JobRun run = Train(
+      "async_fault", Job(absl::StrCat("mode: ASYNC eval_interval: 1000 ",
+                                      SlowWorker(100))),
+      {"--fault_worker=1", "--fault_kill_at_step=4", "--lease_s=2"});
+  const std::string replacement =
+      ReadFile(run.dir + "/logs/worker-1.restart1.log");
+  EXPECT_NE(replacement.find("joining a running ASYNC job at step 4"),
+            std::string::npos)
+      << replacement;
+  for (int s = 0; s < 2; ++s) {
+    const std::string log = ReadFile(absl::StrCat(run.dir, "/logs/server-", s, ".log"));
+    EXPECT_NE(log.find(absl::StrCat("replica clocks [", kSteps, ", ", kSteps, "]")),
+              std::string::npos)
+        << log;
+    EXPECT_NE(log.find(absl::StrCat(", version ", 2 * kSteps)), std::string::npos) << log;
   }
 }
 

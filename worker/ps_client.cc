@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/bf16.h"
 #include "common/model_spec.h"
 #include "common/parallel_layout.h"
@@ -396,7 +397,32 @@ namespace lmps {
 
 absl::StatusOr<std::vector<int64_t>> PsClient::Versions() {
   std::vector<int64_t> versions(stubs_.size(), 0);
-  LMPS_RETURN_IF_ERROR(ForEachShard([&](int s) -> absl::Status {
+  LMPS_RETURN_IF_ERROR(ForEachShardInfo(
+      [&](int s, const TensorInfoResponse& r) { versions[s] = r.version(); }));
+  return versions;
+}
+
+absl::StatusOr<int64_t> PsClient::ReplicaClock(int dp_rank) {
+  std::vector<int64_t> clocks(stubs_.size(), 0);
+  absl::Status bad;
+  absl::Mutex mu;
+  LMPS_RETURN_IF_ERROR(ForEachShardInfo([&](int s, const TensorInfoResponse& r) {
+    if (dp_rank < 0 || dp_rank >= r.replica_clocks_size()) {
+      absl::MutexLock lock(&mu);
+      bad = absl::InvalidArgumentError(absl::StrCat(
+          "shard ", s, " reports ", r.replica_clocks_size(),
+          " replica clocks; no dp rank ", dp_rank));
+      return;
+    }
+    clocks[s] = r.replica_clocks(dp_rank);
+  }));
+  LMPS_RETURN_IF_ERROR(bad);
+  return clocks.empty() ? 0 : *std::min_element(clocks.begin(), clocks.end());
+}
+
+absl::Status PsClient::ForEachShardInfo(
+    const std::function<void(int, const TensorInfoResponse&)>& fn) {
+  return ForEachShard([&](int s) -> absl::Status {
     TensorInfoRequest req;
     req.set_tensor("wpe.weight");  // small; NotFound on shards without it
     TensorInfoResponse resp;
@@ -411,10 +437,9 @@ absl::StatusOr<std::vector<int64_t>> PsClient::Versions() {
       st = FromGrpcStatus(stubs_[s]->GetTensorInfo(&all, req, &resp));
     }
     LMPS_RETURN_IF_ERROR(st);
-    versions[s] = resp.version();
+    fn(s, resp);
     return absl::OkStatus();
-  }));
-  return versions;
+  });
 }
 
 }  // namespace lmps

@@ -101,6 +101,9 @@ class PsClient {
 
   // The parameter version of every shard (index = shard id).
   absl::StatusOr<std::vector<int64_t>> Versions();
+  // The smallest over shards of the steps replica `dp_rank` has completely
+  // pushed (ASYNC: where a replacement of that replica resumes).
+  absl::StatusOr<int64_t> ReplicaClock(int dp_rank);
 
   // Floats in the flat buffers: the whole model, or with a view
   // HeldElements(pp_rank, tp_rank).
@@ -121,6 +124,10 @@ class PsClient {
   // Runs fn(shard) for every shard (or those in `shards`) on its own
   // thread; the first error in shard order wins.
   absl::Status ForEachShard(const std::function<absl::Status(int)>& fn);
+  // GetTensorInfo of a small tensor on every shard, handed to fn (called
+  // from the shards' threads).
+  absl::Status ForEachShardInfo(
+      const std::function<void(int, const TensorInfoResponse&)>& fn);
   absl::Status ForEachShard(const std::vector<int>& shards,
                             const std::function<absl::Status(int)>& fn);
   absl::Status Annotate(int shard, const absl::Status& status) const;

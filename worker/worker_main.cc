@@ -307,9 +307,27 @@ absl::Status RunWorker() {
   // the middle of an Apply the shards may differ by one; wait for the live
   // replicas to finish it.
   // In ASYNC mode versions count pushes, not steps, and differ between
-  // shards all the time: start at the assignment's step (a replacement may
-  // then repeat steps; see README, consistency modes).
+  // shards all the time: the replica's clock says where to start.
   int64_t start_step = assignment.start_step();
+  if (spec.train().mode() == ASYNC) {
+    // ASYNC: resume at this replica's clock (steps it completely pushed):
+    // a replacement neither repeats nor skips its predecessor's steps.
+    absl::StatusOr<int64_t> clock = ps->ReplicaClock(assignment.dp_rank());
+    for (int attempt = 0;
+         clock.status().code() == absl::StatusCode::kUnavailable &&
+         attempt * 0.1 < absl::GetFlag(FLAGS_rpc_timeout_s);
+         ++attempt) {
+      absl::SleepFor(absl::Milliseconds(100));  // a shard still starting up
+      clock = ps->ReplicaClock(assignment.dp_rank());
+    }
+    LMPS_RETURN_IF_ERROR(clock.status());
+    if (*clock > start_step) {
+      Log(id, absl::StrCat("joining a running ASYNC job at step ", *clock,
+                           " (dp rank ", assignment.dp_rank(),
+                           "'s clock; replacing a lost worker)"));
+      start_step = *clock;
+    }
+  }
   for (int attempt = 0; spec.train().mode() != ASYNC; ++attempt) {
     absl::StatusOr<std::vector<int64_t>> got = ps->Versions();
     if (got.status().code() == absl::StatusCode::kUnavailable &&
