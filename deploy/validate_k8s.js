@@ -141,13 +141,21 @@ for (const w of workloads) {
       if (!c[p]) problem(cw, `no ${p}`);
     }
     const ports = new Map((c.ports || []).map((p) => [p.name, p.containerPort]));
-    // gRPC health for the daemons that serve gRPC.
+    // gRPC health for the daemons that serve gRPC; with TLS (kubelet's gRPC
+    // probes cannot speak it) a TCP probe of the gRPC port instead.
     if (['scheduler', 'server'].includes(component(w))) {
-      for (const p of ['readinessProbe', 'livenessProbe']) {
-        if (c[p] && !c[p].grpc) problem(cw, `${p} is not a gRPC health probe`);
-        if (c[p] && c[p].grpc && c[p].grpc.port !== ports.get('grpc')) {
-          problem(cw, `${p} checks port ${c[p].grpc.port}, not the grpc port ${ports.get('grpc')}`);
+      const tls = (c.args || []).some((a) => a.startsWith('--tls_ca='));
+      for (const p of ['readinessProbe', 'livenessProbe', 'startupProbe']) {
+        if (!c[p]) continue;
+        const kind = tls ? 'tcpSocket' : 'grpc';
+        if (!c[p][kind]) {
+          problem(cw, `${p} is not a ${tls ? 'TCP probe (TLS is on)' : 'gRPC health probe'}`);
+        } else if (c[p][kind].port !== ports.get('grpc')) {
+          problem(cw, `${p} checks port ${c[p][kind].port}, not the grpc port ${ports.get('grpc')}`);
         }
+      }
+      if (tls && !(c.volumeMounts || []).some((m) => m.mountPath === '/etc/lmps/tls')) {
+        problem(cw, 'TLS flags but no certificates mounted at /etc/lmps/tls');
       }
     }
     // Prometheus annotations.

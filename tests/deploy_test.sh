@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks the deployment material under deploy/ with real tools, offline
 # after the first run:
-#  1. `kubectl kustomize` renders k8s/base, overlays/cpu and overlays/gpu;
+#  1. `kubectl kustomize` renders k8s/base, overlays/cpu, overlays/gpu and overlays/tls;
 #  2. deploy/validate_k8s.js validates every rendered object against the
 #     Kubernetes schemas (npm kubernetes-models + yaml, installed once with
 #     `npm ci` from deploy/package-lock.json into <repo>/.cache/deploy_test,
@@ -70,7 +70,7 @@ want="$(sha256sum "$deploy/package-lock.json" | cut -d' ' -f1)"
 export NODE_PATH="$cache/node_modules"
 
 # --- 1+2. render and validate -----------------------------------------------------------------
-for variant in base overlays/cpu overlays/gpu; do
+for variant in base overlays/cpu overlays/gpu overlays/tls; do
   out="$tmp/render-$(basename "$variant").yaml"
   kubectl kustomize "$deploy/k8s/$variant" >"$out" 2>"$tmp/kustomize.err" ||
     fail "kubectl kustomize deploy/k8s/$variant: $(cat "$tmp/kustomize.err")"
@@ -109,13 +109,17 @@ expect_rejected "no memory limit" "no resources.limits.memory" cpu \
   'delete by("StatefulSet","lmps-server").spec.template.spec.containers[0].resources.limits.memory'
 expect_rejected "a bad quantity" "schema" cpu "$sched.resources.limits.memory = \"plenty\""
 expect_rejected "a string port" "schema" cpu "$sched.ports[0].containerPort = \"grpc\""
+expect_rejected "a gRPC probe with TLS on" "TCP probe (TLS is on)" tls \
+  'by("Deployment","lmps-scheduler").spec.template.spec.containers[0].readinessProbe = {grpc: {port: 7070}}'
+expect_rejected "TLS flags without certificates" "no certificates mounted" tls \
+  'const c = by("StatefulSet","lmps-server").spec.template.spec.containers[0]; c.volumeMounts = c.volumeMounts.filter((m) => m.name !== "tls")'
 expect_rejected "replicas != dp x pp x tp" "layout.dp x pp x tp" cpu 'by("Deployment","lmps-worker").spec.replicas = 3'
 expect_rejected "a GPU worker without a GPU" "no nvidia.com/gpu limit" gpu \
   'delete by("Deployment","lmps-worker").spec.template.spec.containers[0].resources.limits["nvidia.com/gpu"]' --gpu
 expect_rejected "a GPU limit in the CPU rendering" "requests nvidia.com/gpu" gpu ''
 expect_rejected "a missing ConfigMap" "missing ConfigMap" cpu \
   'docs.splice(docs.findIndex((d) => d.kind === "ConfigMap" && d.metadata.name.startsWith("lmps-job")), 1)'
-note "ok: 9 broken renderings are rejected"
+note "ok: 11 broken renderings are rejected"
 
 # --- 3. the job spec is an lmps.JobSpec --------------------------------------------------------
 protoc=""
