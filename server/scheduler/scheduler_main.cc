@@ -68,6 +68,10 @@ ABSL_FLAG(double, lease_s, 10,
 ABSL_FLAG(bool, exit_when_finished, true,
           "Exit (0 after FINISHED, 1 after FAILED) once every server has seen "
           "the final state in a heartbeat, or 10 s after it");
+ABSL_FLAG(bool, exit_when_failed, true,
+          "Exit 1 after FAILED even with --exit_when_finished=false, so that "
+          "a supervisor (Kubernetes) restarts the job, which resumes from the "
+          "latest checkpoint (e.g. after a shard restarted)");
 
 namespace lmps {
 namespace {
@@ -130,6 +134,7 @@ struct MainOptions {
   std::string listen;
   std::string port_file;
   bool exit_when_finished = true;
+  bool exit_when_failed = true;
 };
 
 // Builds the options from the flags. InvalidArgument (exit 2) for a bad job
@@ -172,6 +177,7 @@ absl::StatusOr<MainOptions> OptionsFromFlags() {
   options.listen = absl::GetFlag(FLAGS_listen);
   options.port_file = absl::GetFlag(FLAGS_port_file);
   options.exit_when_finished = absl::GetFlag(FLAGS_exit_when_finished);
+  options.exit_when_failed = absl::GetFlag(FLAGS_exit_when_failed);
   return options;
 }
 
@@ -267,9 +273,12 @@ int Run(MainOptions options) {
       exit_code = 128 + signo;
       break;
     }
-    if (!options.exit_when_finished) continue;
     const JobState state = (*core)->CurrentState();
     if (state != FINISHED && state != FAILED) continue;
+    if (!(options.exit_when_finished ||
+          (state == FAILED && options.exit_when_failed))) {
+      continue;
+    }
     const absl::Time now = absl::Now();
     if (!ended) {
       ended = true;
