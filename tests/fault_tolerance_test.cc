@@ -68,10 +68,8 @@ TEST(FaultToleranceTest, WorkerKilledMidPushIsReplacedExactly) {
   EXPECT_NE(replacement.find("joining a running job at step 3"), std::string::npos)
       << replacement;
 
-  auto ma = ReadSafetensorsFile(straight + "/model.safetensors");
-  auto mb = ReadSafetensorsFile(faulty + "/model.safetensors");
-  ASSERT_TRUE(ma.ok() && mb.ok());
-  auto diff = MaxAbsDiff(*ma, *mb);
+  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
+                                faulty + "/model.safetensors");
   ASSERT_TRUE(diff.ok()) << diff.status();
   EXPECT_EQ(*diff, 0.0) << "no gradient may be lost or counted twice";
 }
@@ -95,10 +93,8 @@ TEST(FaultToleranceTest, ShardKilledJobRollsBackToCheckpointExactly) {
             std::string::npos)
       << b.output;
 
-  auto ma = ReadSafetensorsFile(straight + "/model.safetensors");
-  auto mb = ReadSafetensorsFile(faulty + "/model.safetensors");
-  ASSERT_TRUE(ma.ok() && mb.ok());
-  auto diff = MaxAbsDiff(*ma, *mb);
+  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
+                                faulty + "/model.safetensors");
   ASSERT_TRUE(diff.ok()) << diff.status();
   EXPECT_EQ(*diff, 0.0);
 }
@@ -122,10 +118,8 @@ TEST(FaultToleranceTest, SpareWorkerTakesOverADeadWorkersSlot) {
   EXPECT_NE(ReadFile(faulty + "/logs/scheduler.log").find("whose lease had expired"),
             std::string::npos);
 
-  auto ma = ReadSafetensorsFile(straight + "/model.safetensors");
-  auto mb = ReadSafetensorsFile(faulty + "/model.safetensors");
-  ASSERT_TRUE(ma.ok() && mb.ok());
-  auto diff = MaxAbsDiff(*ma, *mb);
+  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
+                                faulty + "/model.safetensors");
   ASSERT_TRUE(diff.ok()) << diff.status();
   EXPECT_EQ(*diff, 0.0);
 }
@@ -152,10 +146,8 @@ TEST(FaultToleranceTest, SchedulerRestartNodesRejoinAndTheJobContinues) {
   EXPECT_NE(log.find("rejoined the running job at step"), std::string::npos) << log;
   EXPECT_NE(log.find("RUNNING -> FINISHED"), std::string::npos) << log;
 
-  auto ma = ReadSafetensorsFile(straight + "/model.safetensors");
-  auto mb = ReadSafetensorsFile(faulty + "/model.safetensors");
-  ASSERT_TRUE(ma.ok() && mb.ok());
-  auto diff = MaxAbsDiff(*ma, *mb);
+  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
+                                faulty + "/model.safetensors");
   ASSERT_TRUE(diff.ok()) << diff.status();
   EXPECT_EQ(*diff, 0.0);
 }
@@ -233,10 +225,8 @@ TEST(FaultToleranceTest, RestartedShardRollsTheWholeJobBackToTheCheckpoint) {
                                        "--out=" + dir + "/model.safetensors"},
                                       60);
   ASSERT_EQ(exported.exit_code, 0) << exported.output;
-  auto ma = ReadSafetensorsFile(straight + "/model.safetensors");
-  auto mb = ReadSafetensorsFile(dir + "/model.safetensors");
-  ASSERT_TRUE(ma.ok() && mb.ok());
-  auto diff = MaxAbsDiff(*ma, *mb);
+  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
+                                dir + "/model.safetensors");
   ASSERT_TRUE(diff.ok()) << diff.status();
   EXPECT_EQ(*diff, 0.0);
 }

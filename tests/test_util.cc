@@ -159,4 +159,13 @@ absl::StatusOr<double> MaxAbsDiff(const SafetensorsContents& a,
   return worst;
 }
 
+absl::StatusOr<double> MaxAbsDiffOfFiles(const std::string& a,
+                                         const std::string& b) {
+  absl::StatusOr<SafetensorsContents> ma = ReadSafetensorsFile(a);
+  if (!ma.ok()) return ma.status();
+  absl::StatusOr<SafetensorsContents> mb = ReadSafetensorsFile(b);
+  if (!mb.ok()) return mb.status();
+  return MaxAbsDiff(*ma, *mb);
+}
+
 }  // namespace lmps::testing

@@ -56,6 +56,9 @@ std::string ReadFile(const std::string& path);
 // Largest |a - b| over every tensor; an error if names or shapes differ.
 absl::StatusOr<double> MaxAbsDiff(const SafetensorsContents& a,
                                   const SafetensorsContents& b);
+// The same for two safetensors files (an error if either cannot be read).
+absl::StatusOr<double> MaxAbsDiffOfFiles(const std::string& a,
+                                         const std::string& b);
 
 }  // namespace lmps::testing
 
