@@ -42,6 +42,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
@@ -75,6 +76,15 @@ ABSL_FLAG(std::string, server_args, "", "extra flags for every server");
 ABSL_FLAG(int, metrics_base_port, 0,
           "serve Prometheus /metrics on 127.0.0.1: the scheduler on this "
           "port, shard s on port+1+s, worker w on port+1+S+w (0: off)");
+ABSL_FLAG(int, resize_at_step, -1,
+          "elastic data parallelism (tests, demos): once the slowest worker "
+          "reaches this step, change dp to --resize_workers at the next step "
+          "boundary (SIGUSR1 / SIGUSR2 add / remove one replica at any time)");
+ABSL_FLAG(int, resize_workers, 0, "see --resize_at_step");
+ABSL_FLAG(std::string, elastic_batch, "keep",
+          "on a dp change: keep the global batch (each replica takes "
+          "batch/dp; the result equals the fixed-dp run's) or rescale it "
+          "(each replica keeps its batch, the global batch scales with dp)");
 ABSL_FLAG(int, spare_workers, 0,
           "spare workers started with the job: each waits for a worker to "
           "die and takes over its slot at once (data-parallel jobs)");
@@ -121,6 +131,8 @@ namespace fs = std::filesystem;
 
 volatile sig_atomic_t g_interrupted = 0;
 void OnSignal(int) { g_interrupted = 1; }
+volatile sig_atomic_t g_resize_delta = 0;  // SIGUSR1: +1 replica, SIGUSR2: -1
+void OnResizeSignal(int signo) { g_resize_delta += signo == SIGUSR1 ? 1 : -1; }
 
 struct Child {
   std::string name;
@@ -192,6 +204,10 @@ class Launcher {
   absl::Status Monitor();
   // --fault_kill_server: SIGKILLs the shard once the job reaches the step.
   void MaybeInjectServerFault(const JobStatus& status);
+  // Elastic dp (--resize_at_step, SIGUSR1/SIGUSR2): asks every shard to stop
+  // at the next step boundary; Run() then restarts the job with the new dp
+  // from that step's checkpoint.
+  void MaybeResize(const JobStatus& status);
   absl::Status Start(const std::string& name, const std::string& binary,
                      std::vector<std::string> args);
   // Reaps exited children; returns an error naming a child that failed.
@@ -217,6 +233,12 @@ class Launcher {
   bool fault_injected_ = false;
   bool scheduler_fault_injected_ = false;
   int spares_available_ = 0;  // spares not yet used for a dead worker
+  // Elastic resize in progress: the step boundary the shards stop at, and
+  // the spec the job restarts with.
+  int64_t resize_step_ = -1;
+  bool resize_flag_done_ = false;
+  JobSpec spec_;            // the running job's spec
+  JobSpec resized_spec_;
   std::vector<Child> children_;
   std::chrono::steady_clock::time_point start_;
   int64_t first_step_ = -1;
@@ -504,7 +526,87 @@ void Launcher::MaybeInjectServerFault(const JobStatus& status) {
   }
 }
 
+void Launcher::MaybeResize(const JobStatus& status) {
+  if (resize_step_ >= 0 || status.state() != RUNNING) return;
+  const int dp = spec_.layout().dp();
+  int want = dp;
+  int64_t slowest = INT64_MAX;
+  for (const NodeStatus& n : status.nodes()) {
+    if (n.role() == WORKER) slowest = std::min(slowest, n.step());
+  }
+  if (!resize_flag_done_ && absl::GetFlag(FLAGS_resize_at_step) >= 0 &&
+      slowest != INT64_MAX && slowest >= absl::GetFlag(FLAGS_resize_at_step)) {
+    resize_flag_done_ = true;
+    want = absl::GetFlag(FLAGS_resize_workers);
+  }
+  if (g_resize_delta != 0) {
+    want = dp + g_resize_delta;
+    g_resize_delta = 0;
+  }
+  if (want == dp) return;
+  JobSpec next = spec_;
+  next.mutable_layout()->set_dp(want);
+  if (absl::GetFlag(FLAGS_elastic_batch) == "rescale") {
+    next.mutable_train()->set_batch_size(spec_.train().batch_size() / dp * want);
+  }
+  if (absl::Status valid = ValidateJobSpec(next); want < 1 || !valid.ok()) {
+    std::printf("\nlmps: cannot resize dp %d -> %d: %s\n", dp, want,
+                want < 1 ? "dp must be >= 1" : std::string(valid.message()).c_str());
+    std::fflush(stdout);
+    return;
+  }
+  // The boundary: two steps past the most advanced shard, so no worker has
+  // pulled it yet; a shard already past it answers with its version and
+  // every shard is asked again for a later step.
+  std::vector<std::string> shards;
+  int64_t step = 0;
+  for (const NodeStatus& n : status.nodes()) {
+    if (n.role() == SERVER) {
+      shards.push_back(n.address());
+      step = std::max(step, n.step());
+    }
+  }
+  step += 2;
+  for (int attempt = 0; attempt < 20; ++attempt) {
+    int64_t past = -1;
+    absl::Status failed;
+    for (const std::string& address : shards) {
+      auto stub = ParameterServer::NewStub(MakeChannel(address, nullptr, security_));
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+      StopAtRequest req;
+      req.set_step(step);
+      StopAtResponse resp;
+      grpc::Status s = stub->StopAt(&ctx, req, &resp);
+      if (s.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
+          absl::StrContains(s.error_message(), "past the requested")) {
+        past = step;  // ask everyone again, later
+      } else if (!s.ok()) {
+        failed = absl::UnavailableError(absl::StrCat(address, ": ", s.error_message()));
+      }
+    }
+    if (!failed.ok()) {
+      std::printf("\nlmps: cannot resize: %s\n", std::string(failed.message()).c_str());
+      std::fflush(stdout);
+      return;
+    }
+    if (past < 0) {
+      resize_step_ = step;
+      resized_spec_ = next;
+      std::printf("\nlmps: elastic resize: dp %d -> %d at step %lld (global "
+                  "batch %d -> %d); the job stops there, checkpoints, and "
+                  "restarts with the new dp\n",
+                  dp, want, static_cast<long long>(step), spec_.train().batch_size(),
+                  next.train().batch_size());
+      std::fflush(stdout);
+      return;
+    }
+    step += 4;
+  }
+}
+
 absl::Status Launcher::StartJob(const JobSpec& spec) {
+  spec_ = spec;
   pipeline_ = spec.layout().pp() * spec.layout().tp() > 1;
   const int W = spec.layout().dp() * spec.layout().pp() * spec.layout().tp(),
             S = spec.layout().num_shards();
@@ -608,6 +710,7 @@ absl::Status Launcher::Monitor() {
       last = status;
       Progress(status, false);
       MaybeInjectServerFault(status);
+      MaybeResize(status);
     }
     const bool fault_pending =
         absl::GetFlag(FLAGS_fault_kill_server) >= 0 && !fault_injected_;
@@ -716,6 +819,24 @@ absl::Status Launcher::Run() {
   while (true) {
     LMPS_RETURN_IF_ERROR(StartJob(spec));
     absl::Status status = Monitor();
+    if (status.ok() && resize_step_ >= 0) {
+      // Every worker stopped at the boundary and every shard checkpointed
+      // it: restart the job there with the new dp.
+      std::printf("\nlmps: restarting at step %lld with dp %d\n",
+                  static_cast<long long>(resize_step_), resized_spec_.layout().dp());
+      std::fflush(stdout);
+      StopAll();
+      children_.clear();
+      spec = resized_spec_;
+      std::string resized;
+      google::protobuf::TextFormat::PrintToString(spec, &resized);
+      std::ofstream(job_file_) << resized;
+      resize_step_ = -1;
+      ++attempt_;
+      first_step_ = -1;
+      last_printed_step_ = -1;
+      continue;
+    }
     if (status.code() != absl::StatusCode::kUnavailable || lost_server_.empty()) {
       LMPS_RETURN_IF_ERROR(status);
       break;
@@ -808,6 +929,11 @@ int main(int argc, char** argv) {
   sa.sa_handler = lmps::OnSignal;
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
+  struct sigaction resize;
+  std::memset(&resize, 0, sizeof(resize));
+  resize.sa_handler = lmps::OnResizeSignal;
+  sigaction(SIGUSR1, &resize, nullptr);
+  sigaction(SIGUSR2, &resize, nullptr);
   signal(SIGPIPE, SIG_IGN);
   absl::Status status;
   {

@@ -260,4 +260,21 @@ grpc::ServerUnaryReactor* ParameterServerService::GetTensorInfo(
   return reactor;
 }
 
+grpc::ServerUnaryReactor* ParameterServerService::StopAt(
+    grpc::CallbackServerContext* context, const StopAtRequest* request,
+    StopAtResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  ParameterShard* shard = shard_.load();
+  if (shard == nullptr) {
+    reactor->Finish(NotReady());
+    return reactor;
+  }
+  work_pool_->Schedule([shard, reactor, request, response] {
+    absl::StatusOr<int64_t> result = shard->StopAt(request->step());
+    if (result.ok()) response->set_version(*result);
+    reactor->Finish(ToGrpcStatus(result.status()));
+  });
+  return reactor;
+}
+
 }  // namespace lmps

@@ -71,6 +71,9 @@ class ParameterServerService final : public ParameterServer::CallbackService {
   grpc::ServerUnaryReactor* GetTensorInfo(
       grpc::CallbackServerContext* context, const TensorInfoRequest* request,
       TensorInfoResponse* response) override;
+  grpc::ServerUnaryReactor* StopAt(grpc::CallbackServerContext* context,
+                                   const StopAtRequest* request,
+                                   StopAtResponse* response) override;
 
  private:
   class PushReactor;

@@ -847,6 +847,27 @@ absl::StatusOr<double> ParameterShard::GradNorm(int64_t step,
   return slot->sum_squares;
 }
 
+absl::StatusOr<int64_t> ParameterShard::StopAt(int64_t step) {
+  absl::MutexLock lock(&mu_);
+  if (mode_ == ASYNC) {
+    return absl::FailedPreconditionError(
+        "StopAt needs step boundaries; ASYNC mode has none");
+  }
+  if (step < 1 || version_ > step) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "shard ", options_.shard, " is at version ", version_,
+        ", past the requested stop step ", step, "; ask for a later one"));
+  }
+  const bool now = version_ == step && stop_at_ != step;
+  stop_at_ = step;
+  Log(absl::StrCat("the job stops at step ", step,
+                   " (elastic resize); at version ", version_));
+  if (now && !options_.checkpoint_dir.empty() && !ShouldCheckpoint(step)) {
+    if (absl::Status s = WriteCheckpointLocked(); !s.ok()) return s;
+  }
+  return version_;
+}
+
 bool ParameterShard::ShouldCheckpoint(int64_t step) const {
   if (options_.checkpoint_dir.empty()) return false;
   const TrainConfig& t = options_.spec.train();
@@ -938,7 +959,8 @@ absl::StatusOr<int64_t> ParameterShard::Apply(int64_t step,
   version_ = step + 1;
   last_grad_norm_ = std::sqrt(global_sum_squares);
   MaybeLogEndLocked();
-  if (ShouldCheckpoint(version_)) {
+  if (ShouldCheckpoint(version_) ||
+      (version_ == stop_at_ && !options_.checkpoint_dir.empty())) {
     if (absl::Status s = WriteCheckpointLocked(); !s.ok()) {
       return absl::Status(
           s.code(), absl::StrCat("shard ", shard, " applied step ", step,
@@ -1166,8 +1188,11 @@ absl::StatusOr<std::vector<PullResponse>> ParameterShard::Pull(
 
   // Shared: pulls of several workers copy the parameters in parallel.
   absl::ReaderMutexLock lock(&mu_);
-  auto ready = [this, need]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
-    return shutdown_ || version_ >= need;
+  auto stopped = [this, step]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    return stop_at_ >= 0 && step >= stop_at_;
+  };
+  auto ready = [this, need, &stopped]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    return shutdown_ || version_ >= need || stopped();
   };
   if (!mu_.AwaitWithDeadline(absl::Condition(&ready), until)) {
     std::string why;
@@ -1190,6 +1215,13 @@ absl::StatusOr<std::vector<PullResponse>> ParameterShard::Pull(
   if (shutdown_) {
     return absl::UnavailableError(
         absl::StrCat("parameter server shard ", shard, " is shutting down"));
+  }
+  if (stopped()) {
+    return absl::AbortedError(absl::StrCat(
+        "the job stops at step ", stop_at_,
+        " for a resize (elastic data parallelism): shard ", shard,
+        " serves no later step; the job restarts from the checkpoint of step ",
+        stop_at_));
   }
   const int64_t budget = options_.spec.max_message_bytes();
   const int elem = DTypeSize(dtype);

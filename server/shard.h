@@ -238,6 +238,12 @@ class ParameterShard {
   absl::StatusOr<std::vector<PullResponse>> Pull(const PullRequest& request,
                                                  absl::Time deadline);
 
+  // Elastic data parallelism (StopAtRequest in proto/lmps.proto): stop at
+  // step boundary `step`: checkpoint `step` once version `step` exists,
+  // Aborted for pulls of steps >= `step`. Returns the version;
+  // FailedPrecondition if the version is already past `step` or in ASYNC.
+  absl::StatusOr<int64_t> StopAt(int64_t step);
+
   // Metadata and L2 norm of this shard's part of `tensor` (empty: every
   // tensor the shard holds a chunk of). NotFound for an unknown tensor.
   absl::StatusOr<TensorInfoResponse> TensorInfo(
@@ -447,6 +453,7 @@ class ParameterShard {
   int64_t max_staleness_ ABSL_GUARDED_BY(mu_) = 0;
   bool logged_end_ ABSL_GUARDED_BY(mu_) = false;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t stop_at_ ABSL_GUARDED_BY(mu_) = -1;  // StopAt; -1: none
   int64_t rejected_nonfinite_ ABSL_GUARDED_BY(mu_) = 0;
   double last_grad_norm_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t duplicates_ ABSL_GUARDED_BY(mu_) = 0;

@@ -1449,5 +1449,39 @@ TEST(ShardTest, OwnedOnlyPullReturnsExactlyTheHeldRanges) {
   EXPECT_EQ(floats, shards[0]->num_elements() + shards[1]->num_elements());
 }
 
+// Elastic resize: StopAt(s) checkpoints step s once it exists and refuses
+// pulls of steps >= s (workers stop after s - 1); a stop step the shard is
+// already past is refused, one it is at checkpoints at once.
+TEST(ShardTest, StopAtCheckpointsTheBoundaryAndEndsPulls) {
+  const std::string dir = TestDir("stop_at");
+  JobSpec spec = Spec(2, 2, ADAMW);
+  spec.mutable_train()->set_checkpoint_interval(100);
+  ShardOptions o = Options(spec, 1);
+  o.checkpoint_dir = dir;
+  auto a = MakeShard(o);
+  auto step = [](ParameterShard* s, int64_t t) {
+    ASSERT_TRUE(s->Push(Stream(*s, 0, t)).ok());
+    ASSERT_TRUE(s->Push(Stream(*s, 1, t)).ok());
+    const double ss = *s->GradNorm(t, Soon());
+    ASSERT_TRUE(s->Apply(t, ss).ok());
+  };
+  ASSERT_EQ(*a->StopAt(2), 0);
+  step(a.get(), 0);
+  EXPECT_TRUE(a->Pull(PullFor(1), Soon()).ok());
+  step(a.get(), 1);
+  EXPECT_EQ(*ListCompleteCheckpointSteps(dir, 1), std::vector<int64_t>{2});
+  auto pull = a->Pull(PullFor(2), Soon());
+  EXPECT_EQ(pull.status().code(), absl::StatusCode::kAborted);
+  EXPECT_NE(pull.status().message().find("for a resize"), std::string::npos);
+  EXPECT_EQ(a->StopAt(1).status().code(), absl::StatusCode::kFailedPrecondition);
+
+  const std::string dir2 = TestDir("stop_at_now");
+  o.checkpoint_dir = dir2;
+  auto b = MakeShard(o);
+  step(b.get(), 0);
+  ASSERT_EQ(*b->StopAt(1), 1);  // at the boundary already: checkpoint now
+  EXPECT_EQ(*ListCompleteCheckpointSteps(dir2, 1), std::vector<int64_t>{1});
+}
+
 }  // namespace
 }  // namespace lmps

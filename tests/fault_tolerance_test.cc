@@ -124,6 +124,49 @@ TEST(FaultToleranceTest, SpareWorkerTakesOverADeadWorkersSlot) {
   EXPECT_EQ(*diff, 0.0);
 }
 
+// Elastic data parallelism: dp changes at a step boundary mid-job. With the
+// global batch kept, the result equals the fixed-dp run's (only the
+// summation order differs: within 2e-5, as tests/equivalence_test); with it
+// rescaled, every new replica keeps its per-replica batch.
+constexpr char kElasticJob[] = R"(
+model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 16 }
+train { steps: 40 batch_size: 8 eval_interval: 0 sample_tokens: 0
+        checkpoint_interval: 100 debug_slow_worker_rank: 0
+        debug_slow_worker_delay_ms: 50 }
+max_chunk_bytes: 4096
+)";
+
+TEST(FaultToleranceTest, ElasticDpChangesAtAStepBoundary) {
+  const std::string straight = TempDir("elastic_straight");
+  CommandResult a = Train(straight, {}, kElasticJob);
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+
+  const std::string shrunk = TempDir("elastic_shrunk");
+  CommandResult b = Train(shrunk, {"--resize_at_step=10", "--resize_workers=1"},
+                          kElasticJob);
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_NE(b.output.find("elastic resize: dp 2 -> 1 at step"), std::string::npos)
+      << b.output;
+  const std::string log = ReadFile(shrunk + "/logs/worker-0.attempt1.log");
+  EXPECT_NE(log.find("dp rank 0 of 1"), std::string::npos) << log;
+  EXPECT_EQ(log.find("resume step 0,"), std::string::npos) << log;
+  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
+                                shrunk + "/model.safetensors");
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_LE(*diff, 2e-5);
+  EXPECT_GT(*diff, 0.0) << "dp really changed (the summation order with it)";
+
+  const std::string grown = TempDir("elastic_grown");
+  CommandResult c = Train(grown, {"--resize_at_step=10", "--resize_workers=4",
+                                  "--elastic_batch=rescale"},
+                          kElasticJob);
+  ASSERT_EQ(c.exit_code, 0) << c.output;
+  EXPECT_NE(c.output.find("dp 2 -> 4 at step"), std::string::npos) << c.output;
+  EXPECT_NE(c.output.find("(global batch 8 -> 16)"), std::string::npos) << c.output;
+  EXPECT_NE(ReadFile(grown + "/logs/worker-3.attempt1.log").find("dp rank 3 of 4"),
+            std::string::npos);
+}
+
 // The scheduler SIGKILLed mid-job: the launcher restarts it on the same
 // address; shards and workers, which kept training, rejoin it with their
 // ranks (its state is rebuilt from them), and the job finishes with exactly

@@ -502,6 +502,14 @@ absl::Status RunWorker() {
 
   absl::Status status = trainer ? trainer->Run() : pipeline_trainer->Run();
   if (!status.ok() && pipeline) mailbox.Shutdown();
+  if (status.code() == absl::StatusCode::kAborted &&
+      absl::StrContains(status.message(), "for a resize")) {
+    // Elastic resize: the shards stopped the job at a step boundary and
+    // checkpointed it; the job restarts with another dp. Not a failure.
+    heartbeat.Stop();
+    Log(id, absl::StrCat("stopped for an elastic resize: ", status.message()));
+    return absl::OkStatus();
+  }
   // With pp * tp > 1 no worker holds the whole model: lmps_local samples
   // from the exported model instead (lmps_eval).
   if (status.ok() && trainer && assignment.dp_rank() == 0 &&
