@@ -202,79 +202,70 @@ grpc::ServerWriteReactor<PullResponse>* ParameterServerService::Pull(
   return new PullReactor(this, shard, context, request);
 }
 
-grpc::ServerUnaryReactor* ParameterServerService::GradNorm(
-    grpc::CallbackServerContext* context, const GradNormRequest* request,
-    GradNormResponse* response) {
+grpc::ServerUnaryReactor* ParameterServerService::OnPool(
+    grpc::CallbackServerContext* context, ThreadPool* pool,
+    std::function<grpc::Status(ParameterShard*)> fn) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   ParameterShard* shard = shard_.load();
   if (shard == nullptr) {
     reactor->Finish(NotReady());
     return reactor;
   }
-  const absl::Time deadline = CallDeadline(*context);
-  wait_pool_->Schedule([shard, reactor, request, response, deadline] {
-    absl::StatusOr<double> result = shard->GradNorm(request->step(), deadline);
-    if (result.ok()) response->set_sum_squares(*result);
-    reactor->Finish(ToGrpcStatus(result.status()));
-  });
+  pool->Schedule([shard, reactor, fn = std::move(fn)] { reactor->Finish(fn(shard)); });
   return reactor;
+}
+
+grpc::ServerUnaryReactor* ParameterServerService::GradNorm(
+    grpc::CallbackServerContext* context, const GradNormRequest* request,
+    GradNormResponse* response) {
+  const absl::Time deadline = CallDeadline(*context);
+  return OnPool(context, wait_pool_.get(),
+                [request, response, deadline](ParameterShard* shard) {
+                  absl::StatusOr<double> result =
+                      shard->GradNorm(request->step(), deadline);
+                  if (result.ok()) response->set_sum_squares(*result);
+                  return ToGrpcStatus(result.status());
+                });
 }
 
 grpc::ServerUnaryReactor* ParameterServerService::Apply(
     grpc::CallbackServerContext* context, const ApplyRequest* request,
     ApplyResponse* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  ParameterShard* shard = shard_.load();
-  if (shard == nullptr) {
-    reactor->Finish(NotReady());
-    return reactor;
-  }
-  work_pool_->Schedule([this, shard, reactor, request, response] {
-    absl::StatusOr<int64_t> result =
-        shard->Apply(request->step(), request->global_sum_squares());
-    if (result.ok()) {
-      response->set_version(*result);
-    } else {
-      Log(absl::StrCat("apply failed: ", result.status().ToString()));
-    }
-    reactor->Finish(ToGrpcStatus(result.status()));
-  });
-  return reactor;
+  return OnPool(context, work_pool_.get(),
+                [this, request, response](ParameterShard* shard) {
+                  absl::StatusOr<int64_t> result = shard->Apply(
+                      request->step(), request->global_sum_squares());
+                  if (result.ok()) {
+                    response->set_version(*result);
+                  } else {
+                    Log(absl::StrCat("apply failed: ",
+                                     result.status().ToString()));
+                  }
+                  return ToGrpcStatus(result.status());
+                });
 }
 
 grpc::ServerUnaryReactor* ParameterServerService::GetTensorInfo(
     grpc::CallbackServerContext* context, const TensorInfoRequest* request,
     TensorInfoResponse* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  ParameterShard* shard = shard_.load();
-  if (shard == nullptr) {
-    reactor->Finish(NotReady());
-    return reactor;
-  }
-  work_pool_->Schedule([shard, reactor, request, response] {
-    absl::StatusOr<TensorInfoResponse> result =
-        shard->TensorInfo(request->tensor());
-    if (result.ok()) *response = std::move(*result);
-    reactor->Finish(ToGrpcStatus(result.status()));
-  });
-  return reactor;
+  return OnPool(context, work_pool_.get(),
+                [request, response](ParameterShard* shard) {
+                  absl::StatusOr<TensorInfoResponse> result =
+                      shard->TensorInfo(request->tensor());
+                  if (result.ok()) *response = std::move(*result);
+                  return ToGrpcStatus(result.status());
+                });
 }
 
 grpc::ServerUnaryReactor* ParameterServerService::StopAt(
     grpc::CallbackServerContext* context, const StopAtRequest* request,
     StopAtResponse* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  ParameterShard* shard = shard_.load();
-  if (shard == nullptr) {
-    reactor->Finish(NotReady());
-    return reactor;
-  }
-  work_pool_->Schedule([shard, reactor, request, response] {
-    absl::StatusOr<int64_t> result = shard->StopAt(request->step());
-    if (result.ok()) response->set_version(*result);
-    reactor->Finish(ToGrpcStatus(result.status()));
-  });
-  return reactor;
+  return OnPool(context, work_pool_.get(),
+                [request, response](ParameterShard* shard) {
+                  absl::StatusOr<int64_t> result = shard->StopAt(request->step());
+                  if (result.ok()) response->set_version(*result);
+                  return ToGrpcStatus(result.status());
+                });
 }
 
 }  // namespace lmps

@@ -80,6 +80,11 @@ class ParameterServerService final : public ParameterServer::CallbackService {
   class PullReactor;
 
   void Log(const std::string& line) const;
+  // The unary RPCs: NotReady without a shard, else fn(shard) on `pool`
+  // (gRPC's callback threads never block) and its status finishes the call.
+  grpc::ServerUnaryReactor* OnPool(
+      grpc::CallbackServerContext* context, ThreadPool* pool,
+      std::function<grpc::Status(ParameterShard*)> fn);
   int64_t MaxPushBytes(const ParameterShard& shard) const;
 
   const ServiceOptions options_;
