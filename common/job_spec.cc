@@ -202,6 +202,26 @@ absl::Status ValidateConsistency(const JobSpec& s) {
         ") only applies to mode BOUNDED_STALENESS, but train.mode is ",
         ConsistencyMode_Name(mode)));
   }
+  const int backups = s.layout().shard_backups();
+  if (backups < 0 || backups > 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layout.shard_backups must be 0 or 1 (backups per shard), got ",
+        backups));
+  }
+  if (backups > 0 && t.staleness() > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layout.shard_backups needs train.mode SYNC (or BOUNDED_STALENESS "
+        "with staleness 0); train.mode is ",
+        ConsistencyMode_Name(mode), " with staleness ", t.staleness(),
+        " (a backup copies the shard at step boundaries, where SYNC has no "
+        "pending gradients)"));
+  }
+  if (backups > 0 && mode == ASYNC) {
+    return absl::InvalidArgumentError(
+        "layout.shard_backups needs train.mode SYNC (or BOUNDED_STALENESS "
+        "with staleness 0); ASYNC applies pushes in arrival order, which a "
+        "backup cannot reproduce");
+  }
   if (t.debug_slow_worker_delay_ms() < 0 ||
       t.debug_slow_worker_delay_ms() > 60000) {
     return absl::InvalidArgumentError(absl::StrCat(

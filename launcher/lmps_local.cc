@@ -106,6 +106,10 @@ ABSL_FLAG(int, fault_kill_server, -1,
           "fault injection for tests: shard to SIGKILL once the slowest "
           "worker reaches --fault_kill_server_at_step");
 ABSL_FLAG(int, fault_kill_server_at_step, -1, "see --fault_kill_server");
+ABSL_FLAG(int, fault_kill_primary_again_at_step, -1,
+          "fault injection for tests (layout.shard_backups = 1): after "
+          "--fault_kill_server, SIGKILL whichever node then serves that shard "
+          "as its primary once the slowest worker reaches this step");
 ABSL_FLAG(int, restart_scheduler, 3,
           "restart a scheduler that dies, on the same port, up to this many "
           "times; the running nodes rejoin it and the job continues");
@@ -230,8 +234,10 @@ class Launcher {
   // pp * tp > 1: a lost worker restarts the whole job too (its stage and
   // tensor-parallel partners cannot continue the step without it).
   bool pipeline_ = false;
+  bool replicated_ = false;  // layout.shard_backups = 1
   bool fault_injected_ = false;
   bool scheduler_fault_injected_ = false;
+  bool second_fault_injected_ = false;  // --fault_kill_primary_again_at_step
   int spares_available_ = 0;  // spares not yet used for a dead worker
   // Elastic resize in progress: the step boundary the shards stop at, and
   // the spec the job restarts with.
@@ -345,9 +351,26 @@ absl::Status Launcher::Reap() {
         ++c.restarts;
         continue;
       }
+      const bool server = c.name.rfind("server", 0) == 0 ||
+                          c.name.rfind("backup", 0) == 0;
+      if (server && replicated_ && c.restarts < 5 && !g_interrupted) {
+        // Replicated shards: the other node of the shard serves on (the
+        // workers fail over to it); the restarted process registers again
+        // and becomes the shard's new backup, with a snapshot.
+        std::printf("\nlmps: %s %s; its shard's other node serves on, and "
+                    "the restarted process becomes its backup (%d of 5)\n",
+                    c.name.c_str(), how.c_str(), c.restarts + 1);
+        std::fflush(stdout);
+        c.log = absl::StrCat(run_dir_, "/logs/", c.name, ".restart",
+                             c.restarts + 1, ".log");
+        LMPS_ASSIGN_OR_RETURN(c.pid, Spawn(c.binary, c.args, c.log));
+        c.exited = false;
+        ++c.restarts;
+        continue;
+      }
       const bool lost_worker_of_pipeline =
           pipeline_ && c.name.rfind("worker", 0) == 0;
-      if ((c.name.rfind("server", 0) == 0 || lost_worker_of_pipeline) &&
+      if ((server || lost_worker_of_pipeline) &&
           attempt_ < absl::GetFlag(FLAGS_restart_job) && !g_interrupted) {
         lost_server_ = absl::StrCat(c.name, " ", how);
         return absl::UnavailableError(lost_server_);
@@ -509,11 +532,30 @@ void Launcher::MaybeInjectServerFault(const JobStatus& status) {
     }
   }
   const int victim = absl::GetFlag(FLAGS_fault_kill_server);
-  if (victim < 0 || fault_injected_ || attempt_ > 0) return;
   int64_t step = INT64_MAX;
   for (const NodeStatus& n : status.nodes()) {
     if (n.role() == WORKER) step = std::min(step, n.step());
   }
+  const int64_t again = absl::GetFlag(FLAGS_fault_kill_primary_again_at_step);
+  if (victim >= 0 && fault_injected_ && !second_fault_injected_ &&
+      again >= 0 && step != INT64_MAX && step >= again) {
+    for (const NodeStatus& n : status.nodes()) {
+      if (n.role() != SERVER || n.shard() != victim || !n.serving_primary()) {
+        continue;
+      }
+      for (Child& c : children_) {
+        if (c.name == n.node_id() && !c.exited) {
+          std::printf("\nlmps: fault injection: SIGKILL %s, now the primary "
+                      "of shard %d, at step %lld\n",
+                      c.name.c_str(), victim, static_cast<long long>(step));
+          std::fflush(stdout);
+          kill(c.pid, SIGKILL);
+          second_fault_injected_ = true;
+        }
+      }
+    }
+  }
+  if (victim < 0 || fault_injected_ || attempt_ > 0) return;
   if (step == INT64_MAX || step < absl::GetFlag(FLAGS_fault_kill_server_at_step)) return;
   for (Child& c : children_) {
     if (c.name == absl::StrCat("server-", victim) && !c.exited) {
@@ -561,7 +603,7 @@ void Launcher::MaybeResize(const JobStatus& status) {
   std::vector<std::string> shards;
   int64_t step = 0;
   for (const NodeStatus& n : status.nodes()) {
-    if (n.role() == SERVER) {
+    if (n.role() == SERVER && n.serving_primary()) {  // a backup follows
       shards.push_back(n.address());
       step = std::max(step, n.step());
     }
@@ -608,6 +650,7 @@ void Launcher::MaybeResize(const JobStatus& status) {
 absl::Status Launcher::StartJob(const JobSpec& spec) {
   spec_ = spec;
   pipeline_ = spec.layout().pp() * spec.layout().tp() > 1;
+  replicated_ = spec.layout().shard_backups() > 0;
   const int W = spec.layout().dp() * spec.layout().pp() * spec.layout().tp(),
             S = spec.layout().num_shards();
   const int cores = std::max(1u, std::thread::hardware_concurrency());
@@ -656,6 +699,17 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
     for (const std::string& a : metrics_flag(1 + s)) args.push_back(a);
     for (const std::string& a : server_security_args_) args.push_back(a);
     LMPS_RETURN_IF_ERROR(Start(absl::StrCat("server-", s), Bin("server/lmps_server"), args));
+    if (replicated_) {
+      // Its synchronous backup, on the same checkpoint directory (both
+      // write identical files, each atomically).
+      args.push_back("--backup");
+      std::vector<std::string> backup_args;
+      for (const std::string& a : args) {
+        if (a.rfind("--metrics_listen=", 0) != 0) backup_args.push_back(a);
+      }
+      LMPS_RETURN_IF_ERROR(Start(absl::StrCat("backup-", s),
+                                 Bin("server/lmps_server"), backup_args));
+    }
   }
   for (int w = 0; w < W; ++w) {
     std::vector<std::string> args = {"--scheduler=" + scheduler,
@@ -864,7 +918,8 @@ absl::Status Launcher::Run() {
   }
   // Servers and the scheduler exit on their own once the job is finished.
   const auto wait_until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (!(AllExited("server") && AllExited("scheduler"))) {
+  while (!(AllExited("server") && AllExited("backup") &&
+           AllExited("scheduler"))) {
     LMPS_RETURN_IF_ERROR(Reap());
     if (g_interrupted) return absl::CancelledError("interrupted");
     if (std::chrono::steady_clock::now() > wait_until) {

@@ -17,6 +17,7 @@
 #include "common/status_util.h"
 #include "proto/lmps.grpc.pb.h"
 #include "server/checkpoint.h"
+#include "server/replication.h"
 #include "server/reshard.h"
 #include "server/service.h"
 #include "server/shard.h"
@@ -159,6 +160,8 @@ class Daemon {
     RegisterRequest req = register_request_;
     req.set_rejoin(true);
     req.set_requested_rank(assignment_.shard());
+    // The slot this node holds ("backup-<shard>" or "server-<shard>").
+    req.set_backup(node_id_.rfind("backup-", 0) == 0);
     req.set_step(shard_ != nullptr ? shard_->step_clock() : 0);
     RegisterResponse resp;
     grpc::Status s = Call(stop_, absl::Seconds(5), [&](grpc::ClientContext* ctx) {
@@ -177,6 +180,7 @@ class Daemon {
     req.set_role(SERVER);
     req.set_address(address_);
     req.set_requested_rank(options_.shard);
+    req.set_backup(options_.backup);
     req.set_hostname(Hostname());
     if (options_.shard >= 0 && !options_.checkpoint_dir.empty()) {
       absl::StatusOr<std::vector<int64_t>> steps =
@@ -310,12 +314,99 @@ class Daemon {
         ParameterShard::Create(std::move(so));
     if (!shard.ok()) return shard.status();
     shard_ = std::move(*shard);
-    service_->SetShard(shard_.get());
+    if (a.spec().layout().shard_backups() > 0) {
+      if (absl::Status s = CreateReplication(); !s.ok()) return s;
+    }
+    service_->SetShard(shard_.get(), replicated_.get());
     SetServing(server_.get(), true);
     log_(absl::StrCat(
-        "serving shard ", a.shard(), " of ", a.spec().layout().num_shards(),
-        " (", shard_->num_elements(), " parameters, version ",
-        shard_->version(), ") for job '", a.spec().name(), "' at ", address_));
+        replicated_ == nullptr ? "serving shard "
+        : a.backup()           ? "backing up shard "
+                               : "serving (replicated) shard ",
+        a.shard(), " of ", a.spec().layout().num_shards(), " (",
+        shard_->num_elements(), " parameters, version ", shard_->version(),
+        ") for job '", a.spec().name(), "' at ", address_));
+    return absl::OkStatus();
+  }
+
+  std::shared_ptr<BackupLink> LinkTo(const std::string& address) {
+    return NewGrpcBackupLink(
+        ParameterServer::NewStub(
+            MakeChannel(address, options_.rpc_metrics, options_.security)),
+        address, options_.wait_timeout);
+  }
+
+  absl::Status CreateReplication() {
+    const Assignment& a = assignment_;
+    const int k = a.shard();
+    const std::string primary =
+        k < a.shard_addresses_size() ? a.shard_addresses(k) : "";
+    ReplicationOptions ro;
+    ro.node_id = node_id_;
+    ro.backup = a.backup();
+    ro.awaiting_snapshot = a.needs_snapshot();
+    ro.primary_address = primary;
+    ro.max_message_bytes = a.spec().max_message_bytes();
+    ro.log = [this](const std::string& line) { log_(line); };
+    if (a.backup() && !primary.empty()) {
+      // One cheap call: NOT_FOUND for a tensor that does not exist means
+      // the primary answers (and serves: a fenced or backup node answers
+      // UNAVAILABLE).
+      auto stub = std::shared_ptr<ParameterServer::Stub>(ParameterServer::NewStub(
+          MakeChannel(primary, options_.rpc_metrics, options_.security)));
+      ro.probe_primary = [stub]() {
+        grpc::ClientContext ctx;
+        ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
+        TensorInfoRequest req;
+        req.set_tensor("lmps.probe");
+        TensorInfoResponse resp;
+        grpc::Status s = stub->GetTensorInfo(&ctx, req, &resp);
+        if (s.ok() || s.error_code() == grpc::StatusCode::NOT_FOUND) {
+          return absl::OkStatus();
+        }
+        return FromGrpcStatus(s);
+      };
+    }
+    absl::StatusOr<std::unique_ptr<ReplicatedShard>> rep =
+        ReplicatedShard::Create(shard_.get(), std::move(ro));
+    if (!rep.ok()) return rep.status();
+    replicated_ = std::move(*rep);
+    const std::string backup =
+        k < a.backup_addresses_size() ? a.backup_addresses(k) : "";
+    if (!a.backup() && !backup.empty()) {
+      replicated_->AttachBackup(LinkTo(backup), /*needs_snapshot=*/false);
+    }
+    return absl::OkStatus();
+  }
+
+  // Heartbeat side of replication: what to report, and what the answer
+  // asks for. Returns an error when this node was fenced off.
+  absl::Status ReplicationHeartbeat(HeartbeatRequest* req,
+                                    const HeartbeatResponse* resp) {
+    if (replicated_ == nullptr) return absl::OkStatus();
+    if (resp == nullptr) {
+      req->set_serving_primary(replicated_->role() ==
+                               ReplicatedShard::Role::kPrimary);
+      const std::vector<std::string> events = replicated_->TakeEvents();
+      req->set_replication_event(absl::StrJoin(events, "; "));
+      return absl::OkStatus();
+    }
+    if (resp->promote()) {
+      replicated_->Promote("the scheduler saw the primary's lease expire");
+    }
+    if (replicated_->role() == ReplicatedShard::Role::kPrimary &&
+        !resp->backup_address().empty() &&
+        resp->backup_address() != replicated_->backup_address()) {
+      replicated_->AttachBackup(LinkTo(resp->backup_address()),
+                                /*needs_snapshot=*/true);
+    }
+    if (replicated_->role() == ReplicatedShard::Role::kFenced) {
+      report_errors_ = false;
+      return absl::AbortedError(absl::StrCat(
+          "shard ", assignment_.shard(), " was taken over by its backup; this "
+          "node is fenced off and exits (restarted, it becomes the new "
+          "backup)"));
+    }
     return absl::OkStatus();
   }
 
@@ -329,6 +420,7 @@ class Daemon {
       req.set_node_id(node_id_);
       req.set_step(shard_->step_clock());  // steps, also in ASYNC mode
       req.set_eval_loss(std::nanf(""));
+      ReplicationHeartbeat(&req, nullptr);
       HeartbeatResponse resp;
       grpc::Status s = Call(stop_, std::max(interval, absl::Seconds(1)),
                             [&](grpc::ClientContext* ctx) {
@@ -347,6 +439,9 @@ class Daemon {
       } else if (s.ok()) {
         last_ok = absl::Now();
         if (resp.state() == FINISHED) return Finished();
+        if (absl::Status r = ReplicationHeartbeat(&req, &resp); !r.ok()) {
+          return r;
+        }
         if (resp.state() == FAILED) {
           report_errors_ = false;
           return absl::AbortedError(absl::StrCat(
@@ -410,6 +505,18 @@ class Daemon {
     }
     set("lmps_server_memory_bytes", "Resident memory of this server process.",
         static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE)));
+    if (replicated_ != nullptr) {
+      set("lmps_shard_serving_primary",
+          "1 if this node serves its shard as the primary (replicated jobs).",
+          replicated_->role() == ReplicatedShard::Role::kPrimary ? 1 : 0);
+      set("lmps_shard_backup_attached",
+          "1 if this primary forwards to a backup (or is sending it a "
+          "snapshot).",
+          replicated_->backup_address().empty() ? 0 : 1);
+      set("lmps_replication_forwarded_bytes",
+          "Bytes of operations this primary forwarded to its backup.",
+          static_cast<double>(replicated_->forwarded_bytes()));
+    }
     // Counters only grow: add what is new since the last update.
     if (auto c = m->Counter("lmps_rejected_pushes_total",
                             "Pushes rejected, by reason.",
@@ -454,6 +561,7 @@ class Daemon {
     }
     service_.reset();
     server_.reset();
+    replicated_.reset();
     shard_.reset();
   }
 
@@ -463,6 +571,7 @@ class Daemon {
   std::unique_ptr<ParameterServerService> service_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<ParameterShard> shard_;
+  std::unique_ptr<ReplicatedShard> replicated_;  // layout.shard_backups = 1
   std::unique_ptr<Scheduler::Stub> scheduler_;
   std::string address_;
   std::string node_id_;

@@ -18,6 +18,16 @@
 //      unreachable for longer than the lease (error), or `stop` fires
 //      (SIGTERM/SIGINT; returns OK after a clean shutdown).
 //
+// Shard replication (layout.shard_backups = 1, server/replication.h): the
+// shard is served through a ReplicatedShard. A primary forwards to the
+// backup its assignment names, and attaches a new backup (with a snapshot)
+// when a heartbeat response names another address; a backup probes its
+// primary (GetTensorInfo, 1 s) when a worker calls it, and takes over when
+// the probe fails or a heartbeat response says promote. Heartbeats report
+// serving_primary and replication events. A primary fenced off by its
+// backup's takeover stops (AbortedError, not reported to the scheduler) so
+// that it is restarted -- and then becomes the new backup.
+//
 // Errors after registration are reported to the scheduler in a heartbeat
 // (HeartbeatRequest.error) before returning. Every line is logged with a
 // "[server-N]" prefix (N: the shard, once known).
@@ -46,6 +56,9 @@ struct DaemonOptions {
   std::string listen = "0.0.0.0:0";  // port 0: a free port
   std::string advertise_host = "127.0.0.1";
   int shard = -1;              // requested shard; -1: any
+  // layout.shard_backups = 1: ask for the backup slot of `shard` while the
+  // job assembles (in a running job the scheduler decides).
+  bool backup = false;
   std::string checkpoint_dir;  // empty: no checkpoints
   std::string init_from;       // safetensors initial weights
   absl::Duration wait_timeout = absl::Seconds(60);

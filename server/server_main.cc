@@ -44,6 +44,9 @@ ABSL_FLAG(std::string, advertise_host, "127.0.0.1",
 ABSL_FLAG(std::string, metrics_listen, "",
           "serve Prometheus /metrics on this host:port (empty: off)");
 ABSL_FLAG(int, shard, -1, "Requested shard id; -1: any");
+ABSL_FLAG(bool, backup, false,
+          "layout.shard_backups = 1: register for the backup slot of --shard "
+          "(a synchronous copy that takes over when the primary dies)");
 ABSL_FLAG(std::string, checkpoint_dir, "",
           "Directory of shard checkpoints (written and resumed from); empty: "
           "no checkpoints");
@@ -79,6 +82,7 @@ int main(int argc, char** argv) {
   options.listen = absl::GetFlag(FLAGS_listen);
   options.advertise_host = absl::GetFlag(FLAGS_advertise_host);
   options.shard = absl::GetFlag(FLAGS_shard);
+  options.backup = absl::GetFlag(FLAGS_backup);
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   options.init_from = absl::GetFlag(FLAGS_init_from);
   options.wait_timeout = absl::Seconds(absl::GetFlag(FLAGS_wait_timeout_s));

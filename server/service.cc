@@ -10,6 +10,12 @@
 namespace lmps {
 namespace {
 
+#define LMPS_RETURN_GRPC_IF_ERROR(expr)              \
+  do {                                                \
+    const absl::Status lmps_status_ = (expr);         \
+    if (!lmps_status_.ok()) return ToGrpcStatus(lmps_status_); \
+  } while (0)
+
 grpc::Status NotReady() {
   return ToGrpcStatus(absl::UnavailableError(
       "parameter server has no shard assignment yet; retry shortly"));
@@ -33,13 +39,14 @@ absl::Time CallDeadline(const grpc::CallbackServerContext& context) {
 class ParameterServerService::PushReactor
     : public grpc::ServerReadReactor<PushRequest> {
  public:
-  PushReactor(ParameterServerService* service, ParameterShard* shard,
+  PushReactor(ParameterServerService* service, Target target,
               grpc::CallbackServerContext* context, PushResponse* response)
       : service_(service),
-        shard_(shard),
+        target_(target),
+        shard_(target.shard),
         context_(context),
         response_(response),
-        max_bytes_(service->MaxPushBytes(*shard)) {
+        max_bytes_(service->MaxPushBytes(*target.shard)) {
     StartRead(&incoming_);
   }
 
@@ -72,7 +79,9 @@ class ParameterServerService::PushReactor
 
  private:
   void Run() {
-    absl::StatusOr<PushResponse> result = shard_->Push(stream_);
+    absl::StatusOr<PushResponse> result =
+        target_.replicated != nullptr ? target_.replicated->Push(stream_)
+                                      : shard_->Push(stream_);
     stream_.clear();
     stream_.shrink_to_fit();
     if (result.ok()) {
@@ -85,6 +94,7 @@ class ParameterServerService::PushReactor
   }
 
   ParameterServerService* const service_;
+  const Target target_;
   ParameterShard* const shard_;
   grpc::CallbackServerContext* const context_;
   PushResponse* const response_;
@@ -101,9 +111,9 @@ class ParameterServerService::PushReactor
 class ParameterServerService::PullReactor
     : public grpc::ServerWriteReactor<PullResponse> {
  public:
-  PullReactor(ParameterServerService* service, ParameterShard* shard,
+  PullReactor(ParameterServerService* service, Target target,
               grpc::CallbackServerContext* context, const PullRequest* request)
-      : shard_(shard), request_(request), deadline_(CallDeadline(*context)) {
+      : target_(target), request_(request), deadline_(CallDeadline(*context)) {
     service->wait_pool_->Schedule([this] { Run(); });
   }
 
@@ -121,8 +131,12 @@ class ParameterServerService::PullReactor
 
  private:
   void Run() {
+    if (absl::Status serving = target_.Serving(); !serving.ok()) {
+      Finish(ToGrpcStatus(serving));
+      return;
+    }
     absl::StatusOr<std::vector<PullResponse>> result =
-        shard_->Pull(*request_, deadline_);
+        target_.shard->Pull(*request_, deadline_);
     if (!result.ok()) {
       Finish(ToGrpcStatus(result.status()));
       return;
@@ -139,7 +153,7 @@ class ParameterServerService::PullReactor
     StartWrite(&messages_[next_++]);
   }
 
-  ParameterShard* const shard_;
+  const Target target_;
   const PullRequest* const request_;
   const absl::Time deadline_;
   std::vector<PullResponse> messages_;
@@ -147,8 +161,65 @@ class ParameterServerService::PullReactor
 };
 
 // ---------------------------------------------------------------------------
+// Replicate: read the primary's whole stream, then run it on the work pool.
+// ---------------------------------------------------------------------------
+
+class ParameterServerService::ReplicateReactor
+    : public grpc::ServerReadReactor<ReplicateRequest> {
+ public:
+  ReplicateReactor(ParameterServerService* service, Target target,
+                   ReplicateResponse* response)
+      : service_(service),
+        target_(target),
+        response_(response),
+        max_bytes_(service->MaxPushBytes(*target.shard) +
+                   8 * target.shard->num_elements()) {
+    StartRead(&incoming_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      service_->work_pool_->Schedule([this] { Run(); });
+      return;
+    }
+    bytes_ += static_cast<int64_t>(incoming_.ByteSizeLong());
+    if (bytes_ > max_bytes_) {
+      Finish(ToGrpcStatus(absl::ResourceExhaustedError(absl::StrCat(
+          "Replicate stream exceeds ", max_bytes_, " bytes; nothing changed"))));
+      return;
+    }
+    stream_.push_back(std::move(incoming_));
+    incoming_ = ReplicateRequest();
+    StartRead(&incoming_);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void Run() {
+    absl::StatusOr<ReplicateResponse> result =
+        target_.replicated->Replicate(stream_);
+    stream_.clear();
+    if (result.ok()) *response_ = std::move(*result);
+    Finish(ToGrpcStatus(result.status()));
+  }
+
+  ParameterServerService* const service_;
+  const Target target_;
+  ReplicateResponse* const response_;
+  const int64_t max_bytes_;
+  int64_t bytes_ = 0;
+  ReplicateRequest incoming_;
+  std::vector<ReplicateRequest> stream_;
+};
+
+// ---------------------------------------------------------------------------
 // The service.
 // ---------------------------------------------------------------------------
+
+absl::Status ParameterServerService::Target::Serving() const {
+  return replicated != nullptr ? replicated->CheckServing() : absl::OkStatus();
+}
 
 ParameterServerService::ParameterServerService(ServiceOptions options)
     : options_(std::move(options)),
@@ -160,8 +231,15 @@ ParameterServerService::~ParameterServerService() {
   work_pool_.reset();
 }
 
-void ParameterServerService::SetShard(ParameterShard* shard) {
-  shard_.store(shard);
+void ParameterServerService::SetShard(ParameterShard* shard,
+                                      ReplicatedShard* replicated) {
+  absl::MutexLock lock(&mu_);
+  target_ = Target{shard, replicated};
+}
+
+ParameterServerService::Target ParameterServerService::target() const {
+  absl::MutexLock lock(&mu_);
+  return target_;
 }
 
 void ParameterServerService::Log(const std::string& line) const {
@@ -176,8 +254,8 @@ int64_t ParameterServerService::MaxPushBytes(
 
 grpc::ServerReadReactor<PushRequest>* ParameterServerService::Push(
     grpc::CallbackServerContext* context, PushResponse* response) {
-  ParameterShard* shard = shard_.load();
-  if (shard == nullptr) {
+  const Target t = target();
+  if (t.shard == nullptr) {
     class Refuse : public grpc::ServerReadReactor<PushRequest> {
      public:
       Refuse() { Finish(NotReady()); }
@@ -185,13 +263,13 @@ grpc::ServerReadReactor<PushRequest>* ParameterServerService::Push(
     };
     return new Refuse();
   }
-  return new PushReactor(this, shard, context, response);
+  return new PushReactor(this, t, context, response);
 }
 
 grpc::ServerWriteReactor<PullResponse>* ParameterServerService::Pull(
     grpc::CallbackServerContext* context, const PullRequest* request) {
-  ParameterShard* shard = shard_.load();
-  if (shard == nullptr) {
+  const Target t = target();
+  if (t.shard == nullptr) {
     class Refuse : public grpc::ServerWriteReactor<PullResponse> {
      public:
       Refuse() { Finish(NotReady()); }
@@ -199,19 +277,19 @@ grpc::ServerWriteReactor<PullResponse>* ParameterServerService::Pull(
     };
     return new Refuse();
   }
-  return new PullReactor(this, shard, context, request);
+  return new PullReactor(this, t, context, request);
 }
 
 grpc::ServerUnaryReactor* ParameterServerService::OnPool(
     grpc::CallbackServerContext* context, ThreadPool* pool,
-    std::function<grpc::Status(ParameterShard*)> fn) {
+    std::function<grpc::Status(const Target&)> fn) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  ParameterShard* shard = shard_.load();
-  if (shard == nullptr) {
+  const Target t = target();
+  if (t.shard == nullptr) {
     reactor->Finish(NotReady());
     return reactor;
   }
-  pool->Schedule([shard, reactor, fn = std::move(fn)] { reactor->Finish(fn(shard)); });
+  pool->Schedule([t, reactor, fn = std::move(fn)] { reactor->Finish(fn(t)); });
   return reactor;
 }
 
@@ -220,9 +298,10 @@ grpc::ServerUnaryReactor* ParameterServerService::GradNorm(
     GradNormResponse* response) {
   const absl::Time deadline = CallDeadline(*context);
   return OnPool(context, wait_pool_.get(),
-                [request, response, deadline](ParameterShard* shard) {
+                [request, response, deadline](const Target& t) {
+                  LMPS_RETURN_GRPC_IF_ERROR(t.Serving());
                   absl::StatusOr<double> result =
-                      shard->GradNorm(request->step(), deadline);
+                      t.shard->GradNorm(request->step(), deadline);
                   if (result.ok()) response->set_sum_squares(*result);
                   return ToGrpcStatus(result.status());
                 });
@@ -232,9 +311,13 @@ grpc::ServerUnaryReactor* ParameterServerService::Apply(
     grpc::CallbackServerContext* context, const ApplyRequest* request,
     ApplyResponse* response) {
   return OnPool(context, work_pool_.get(),
-                [this, request, response](ParameterShard* shard) {
-                  absl::StatusOr<int64_t> result = shard->Apply(
-                      request->step(), request->global_sum_squares());
+                [this, request, response](const Target& t) {
+                  absl::StatusOr<int64_t> result =
+                      t.replicated != nullptr
+                          ? t.replicated->Apply(request->step(),
+                                                request->global_sum_squares())
+                          : t.shard->Apply(request->step(),
+                                           request->global_sum_squares());
                   if (result.ok()) {
                     response->set_version(*result);
                   } else {
@@ -249,9 +332,10 @@ grpc::ServerUnaryReactor* ParameterServerService::GetTensorInfo(
     grpc::CallbackServerContext* context, const TensorInfoRequest* request,
     TensorInfoResponse* response) {
   return OnPool(context, work_pool_.get(),
-                [request, response](ParameterShard* shard) {
+                [request, response](const Target& t) {
+                  LMPS_RETURN_GRPC_IF_ERROR(t.Serving());
                   absl::StatusOr<TensorInfoResponse> result =
-                      shard->TensorInfo(request->tensor());
+                      t.shard->TensorInfo(request->tensor());
                   if (result.ok()) *response = std::move(*result);
                   return ToGrpcStatus(result.status());
                 });
@@ -261,11 +345,33 @@ grpc::ServerUnaryReactor* ParameterServerService::StopAt(
     grpc::CallbackServerContext* context, const StopAtRequest* request,
     StopAtResponse* response) {
   return OnPool(context, work_pool_.get(),
-                [request, response](ParameterShard* shard) {
-                  absl::StatusOr<int64_t> result = shard->StopAt(request->step());
+                [request, response](const Target& t) {
+                  absl::StatusOr<int64_t> result =
+                      t.replicated != nullptr
+                          ? t.replicated->StopAt(request->step())
+                          : t.shard->StopAt(request->step());
                   if (result.ok()) response->set_version(*result);
                   return ToGrpcStatus(result.status());
                 });
+}
+
+grpc::ServerReadReactor<ReplicateRequest>* ParameterServerService::Replicate(
+    grpc::CallbackServerContext* context, ReplicateResponse* response) {
+  const Target t = target();
+  if (t.shard == nullptr || t.replicated == nullptr) {
+    class Refuse : public grpc::ServerReadReactor<ReplicateRequest> {
+     public:
+      explicit Refuse(grpc::Status s) { Finish(s); }
+      void OnDone() override { delete this; }
+    };
+    return new Refuse(
+        t.shard == nullptr
+            ? NotReady()
+            : ToGrpcStatus(absl::FailedPreconditionError(
+                  "this parameter server does not replicate its shard "
+                  "(layout.shard_backups = 0)")));
+  }
+  return new ReplicateReactor(this, t, response);
 }
 
 }  // namespace lmps

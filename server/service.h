@@ -7,7 +7,15 @@
 //                  touching the shard), then ParameterShard::Push.
 //   Pull           ServerWriteReactor: ParameterShard::Pull, then writes the
 //                  precomputed messages one at a time.
-//   GradNorm, Apply, GetTensorInfo   unary reactors.
+//   GradNorm, Apply, GetTensorInfo, StopAt   unary reactors.
+//   Replicate      ServerReadReactor (primary -> backup, layout.shard_backups
+//                  = 1): collects the stream, then ReplicatedShard::Replicate.
+//
+// With replication (SetShard's `replicated`), Push, Apply and StopAt go
+// through the ReplicatedShard (forwarded to the backup first) and Pull,
+// GradNorm and GetTensorInfo are served only while
+// ReplicatedShard::CheckServing() is OK (a backup answers UNAVAILABLE
+// until it takes over). Without it Replicate is FAILED_PRECONDITION.
 //
 // gRPC's callback threads never block: calls that wait for other workers
 // (Pull, GradNorm) run on a "wait" thread pool, the others (Push, Apply
@@ -32,8 +40,10 @@
 #include <memory>
 #include <string>
 
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "proto/lmps.grpc.pb.h"
+#include "server/replication.h"
 #include "server/shard.h"
 #include "server/thread_pool.h"
 
@@ -54,8 +64,9 @@ class ParameterServerService final : public ParameterServer::CallbackService {
   explicit ParameterServerService(ServiceOptions options);
   ~ParameterServerService() override;
 
-  // Starts serving `shard` (not owned; must outlive this service).
-  void SetShard(ParameterShard* shard);
+  // Starts serving `shard` (not owned; must outlive this service), through
+  // `replicated` (not owned, may be null; wraps `shard`) when replicated.
+  void SetShard(ParameterShard* shard, ReplicatedShard* replicated = nullptr);
 
   grpc::ServerReadReactor<PushRequest>* Push(
       grpc::CallbackServerContext* context, PushResponse* response) override;
@@ -74,21 +85,34 @@ class ParameterServerService final : public ParameterServer::CallbackService {
   grpc::ServerUnaryReactor* StopAt(grpc::CallbackServerContext* context,
                                    const StopAtRequest* request,
                                    StopAtResponse* response) override;
+  grpc::ServerReadReactor<ReplicateRequest>* Replicate(
+      grpc::CallbackServerContext* context,
+      ReplicateResponse* response) override;
 
  private:
   class PushReactor;
   class PullReactor;
+  class ReplicateReactor;
+  // What the RPCs serve: the shard, and its replication (or null).
+  struct Target {
+    ParameterShard* shard = nullptr;
+    ReplicatedShard* replicated = nullptr;
+    // OK when this node serves workers (always without replication).
+    absl::Status Serving() const;
+  };
 
   void Log(const std::string& line) const;
   // The unary RPCs: NotReady without a shard, else fn(shard) on `pool`
   // (gRPC's callback threads never block) and its status finishes the call.
   grpc::ServerUnaryReactor* OnPool(
       grpc::CallbackServerContext* context, ThreadPool* pool,
-      std::function<grpc::Status(ParameterShard*)> fn);
+      std::function<grpc::Status(const Target&)> fn);
   int64_t MaxPushBytes(const ParameterShard& shard) const;
+  Target target() const;
 
   const ServiceOptions options_;
-  std::atomic<ParameterShard*> shard_{nullptr};
+  mutable absl::Mutex mu_;
+  Target target_ ABSL_GUARDED_BY(mu_);
   // Declared last: destroyed (joined) first, while the members above live.
   std::unique_ptr<ThreadPool> work_pool_;
   std::unique_ptr<ThreadPool> wait_pool_;

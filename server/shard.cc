@@ -1138,6 +1138,74 @@ ShardCheckpoint ParameterShard::Snapshot() const {
   return out;
 }
 
+std::map<int64_t, double> ParameterShard::AppliedSumSquares() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return applied_sum_squares_;
+}
+
+bool ParameterShard::HasPendingGradients() const {
+  absl::ReaderMutexLock lock(&mu_);
+  for (const StepGrads& slot : step_slots_) {
+    if (slot.step >= version_) return true;
+  }
+  for (const RankGrads& r : rank_grads_) {
+    if (r.parts_received > 0) return true;
+  }
+  return false;
+}
+
+absl::Status ParameterShard::Restore(const ShardCheckpoint& snapshot,
+                                     const std::map<int64_t, double>& applied,
+                                     double last_grad_norm) {
+  const int shard = options_.shard;
+  if (mode_ == ASYNC) return NotInAsync(shard, "Restore");
+  absl::MutexLock lock(&mu_);
+  if (snapshot.header.shard != shard ||
+      snapshot.header.partition_version != options_.map.version() ||
+      snapshot.chunks.size() != chunks_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "snapshot of shard ", snapshot.header.shard, " (partition version ",
+        snapshot.header.partition_version, ", ", snapshot.chunks.size(),
+        " chunks) does not fit shard ", shard, " (partition version ",
+        options_.map.version(), ", ", chunks_.size(), " chunks)"));
+  }
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    const ChunkData& in = snapshot.chunks[i];
+    const Chunk& c = chunks_[i];
+    if (in.desc.tensor() != c.desc.tensor() ||
+        in.desc.index() != c.desc.index() ||
+        static_cast<int64_t>(in.params.size()) != c.size() ||
+        in.state.size() != c.state.size()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "snapshot chunk ", i, " (", in.desc.tensor(), "#", in.desc.index(),
+          ", ", in.params.size(), " elements, ", in.state.size(),
+          " state buffers) does not match shard ", shard, "'s chunk ",
+          c.desc.tensor(), "#", c.desc.index(), " (", c.size(), ", ",
+          c.state.size(), ")"));
+    }
+    for (const std::vector<float>& b : in.state) {
+      if (static_cast<int64_t>(b.size()) != c.size()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "snapshot chunk ", c.desc.tensor(), "#", c.desc.index(),
+            " has a state buffer of ", b.size(), " elements, not ", c.size()));
+      }
+    }
+  }
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    chunks_[i].params = snapshot.chunks[i].params;
+    chunks_[i].state = snapshot.chunks[i].state;
+  }
+  version_ = snapshot.header.step;
+  clocks_.assign(dp_, version_);
+  for (StepGrads& slot : step_slots_) slot.step = -1;
+  applied_sum_squares_ = applied;
+  last_grad_norm_ = last_grad_norm;
+  Log(absl::StrCat("restored shard ", shard, " from its primary's snapshot at "
+                   "version ",
+                   version_));
+  return absl::OkStatus();
+}
+
 // ---------------------------------------------------------------------------
 // Pull and TensorInfo.
 // ---------------------------------------------------------------------------

@@ -259,8 +259,24 @@ class ParameterShard {
   void Shutdown();
 
   // A copy of the current parameters and optimizer state, as a checkpoint
-  // would hold them (for tests and tools).
+  // would hold them (for tests, tools and shard replication).
   ShardCheckpoint Snapshot() const;
+
+  // Shard replication (server/replication.h): what a new backup needs on
+  // top of Snapshot(). The sums of squares of the last s + 1 applied steps
+  // (answers to late GradNorm calls), by step.
+  std::map<int64_t, double> AppliedSumSquares() const;
+  // True while gradients of a step not yet applied are held (SYNC: between
+  // the first push of step `version` and its Apply).
+  bool HasPendingGradients() const;
+  // Makes this shard a copy of a primary's state: parameters and optimizer
+  // state of `snapshot` (same shard, chunks and optimizer, else
+  // InvalidArgument naming the difference), version = snapshot.header.step,
+  // every replica clock = version, no pending gradients, `applied` and
+  // `last_grad_norm` as the primary had them. SYNC / BOUNDED_STALENESS.
+  absl::Status Restore(const ShardCheckpoint& snapshot,
+                       const std::map<int64_t, double>& applied,
+                       double last_grad_norm);
 
   int shard() const { return options_.shard; }
   const JobSpec& spec() const { return options_.spec; }

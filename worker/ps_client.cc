@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "common/bf16.h"
 #include "common/model_spec.h"
@@ -101,6 +102,8 @@ absl::StatusOr<std::unique_ptr<PsClient>> PsClient::Create(
   c->partition_version_ = partition.version();
   c->stubs_ = std::move(stubs);
   c->addresses_ = std::move(addresses);
+  c->current_ = std::make_unique<std::atomic<int>[]>(c->stubs_.size());
+  for (size_t s = 0; s < c->stubs_.size(); ++s) c->current_[s].store(0);
   c->has_view_ = layout != nullptr;
   c->pp_rank_ = view.pp_rank;
   c->tp_rank_ = view.tp_rank;
@@ -174,9 +177,10 @@ absl::Status PsClient::ForEachShard(
   std::vector<absl::Status> results(n);
   std::vector<std::thread> threads;
   for (size_t i = 1; i < n; ++i) {
-    threads.emplace_back([&, i] { results[i] = fn(shards[i]); });
+    threads.emplace_back(
+        [&, i] { results[i] = CallWithFailover(shards[i], fn); });
   }
-  results[0] = fn(shards[0]);
+  results[0] = CallWithFailover(shards[0], fn);
   for (std::thread& t : threads) t.join();
   for (size_t i = 0; i < n; ++i) {
     if (!results[i].ok()) return Annotate(shards[i], results[i]);
@@ -184,10 +188,58 @@ absl::Status PsClient::ForEachShard(
   return absl::OkStatus();
 }
 
+void PsClient::SetBackups(
+    std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs,
+    std::vector<std::string> addresses) {
+  stubs.resize(stubs_.size());
+  addresses.resize(stubs_.size());
+  backup_stubs_ = std::move(stubs);
+  backup_addresses_ = std::move(addresses);
+}
+
+ParameterServer::StubInterface* PsClient::Stub(int shard) const {
+  return current_[shard].load() == 0 ? stubs_[shard].get()
+                                     : backup_stubs_[shard].get();
+}
+
+absl::Status PsClient::CallWithFailover(
+    int shard, const std::function<absl::Status(int)>& fn) {
+  absl::Status st = fn(shard);
+  if (backup_stubs_.empty() || backup_stubs_[shard] == nullptr) return st;
+  // Replicated shard: the other node takes over (or tells us to come back).
+  const absl::Time deadline = absl::Now() + options_.failover_timeout;
+  absl::Duration delay = absl::Milliseconds(20);
+  std::vector<std::string> errors;
+  while (st.code() == absl::StatusCode::kUnavailable) {
+    errors.push_back(absl::StrCat(Address(shard), ": ", st.message()));
+    if (absl::Now() >= deadline) {
+      return absl::UnavailableError(absl::StrCat(
+          "neither node of replicated shard ", shard, " served within ",
+          absl::FormatDuration(options_.failover_timeout), " (last answers: ",
+          absl::StrJoin(errors.end() - std::min<size_t>(errors.size(), 2),
+                        errors.end(), "; "),
+          ")"));
+    }
+    current_[shard].store(1 - current_[shard].load());
+    stats_.failovers++;
+    st = fn(shard);
+    if (st.code() == absl::StatusCode::kUnavailable) {
+      absl::SleepFor(delay);
+      delay = std::min(delay * 2, absl::Seconds(1));
+    }
+  }
+  return st;
+}
+
+std::string PsClient::Address(int shard) const {
+  return current_[shard].load() == 0 ? addresses_[shard]
+                                     : backup_addresses_[shard];
+}
+
 absl::Status PsClient::Annotate(int shard, const absl::Status& status) const {
   return absl::Status(status.code(),
                       absl::StrCat("parameter server shard ", shard, " (",
-                                   addresses_[shard], "): ", status.message()));
+                                   Address(shard), "): ", status.message()));
 }
 
 std::unique_ptr<grpc::ClientContext> PsClient::Context() const {
@@ -211,7 +263,7 @@ absl::Status PsClient::Pull(int64_t step, float* params,
     }
     auto ctx = Context();
     std::unique_ptr<grpc::ClientReaderInterface<PullResponse>> reader =
-        stubs_[s]->Pull(ctx.get(), req);
+        Stub(s)->Pull(ctx.get(), req);
     stats_.rpcs++;
     PullResponse resp;
     int64_t received = 0, expected = 0;
@@ -275,7 +327,7 @@ absl::Status PsClient::Push(int64_t step, const std::string& worker_id,
     PushResponse resp;
     auto ctx = Context();
     std::unique_ptr<grpc::ClientWriterInterface<PushRequest>> writer =
-        stubs_[s]->Push(ctx.get(), &resp);
+        Stub(s)->Push(ctx.get(), &resp);
     stats_.rpcs++;
     const size_t width = options_.push_dtype == BF16 ? 2 : 4;
     const int64_t max_elems =
@@ -337,7 +389,7 @@ absl::StatusOr<double> PsClient::GradNorm(int64_t step) {
     GradNormResponse resp;
     auto ctx = Context();
     stats_.rpcs++;
-    LMPS_RETURN_IF_ERROR(FromGrpcStatus(stubs_[s]->GradNorm(ctx.get(), req, &resp)));
+    LMPS_RETURN_IF_ERROR(FromGrpcStatus(Stub(s)->GradNorm(ctx.get(), req, &resp)));
     parts[s] = resp.sum_squares();
     return absl::OkStatus();
   }));
@@ -355,7 +407,7 @@ absl::StatusOr<int64_t> PsClient::Apply(int64_t step, double global_sum_squares)
     ApplyResponse resp;
     auto ctx = Context();
     stats_.rpcs++;
-    LMPS_RETURN_IF_ERROR(FromGrpcStatus(stubs_[s]->Apply(ctx.get(), req, &resp)));
+    LMPS_RETURN_IF_ERROR(FromGrpcStatus(Stub(s)->Apply(ctx.get(), req, &resp)));
     versions[s] = resp.version();
     return absl::OkStatus();
   }));
@@ -379,7 +431,7 @@ absl::StatusOr<int64_t> PsClient::ApplyBounded(int64_t step,
     ApplyResponse resp;
     auto ctx = Context();
     stats_.rpcs++;
-    LMPS_RETURN_IF_ERROR(FromGrpcStatus(stubs_[s]->Apply(ctx.get(), req, &resp)));
+    LMPS_RETURN_IF_ERROR(FromGrpcStatus(Stub(s)->Apply(ctx.get(), req, &resp)));
     if (resp.version() <= step) {
       return absl::InternalError(absl::StrCat("applied step ", step,
                                               " but the shard is at version ",
@@ -428,13 +480,13 @@ absl::Status PsClient::ForEachShardInfo(
     TensorInfoResponse resp;
     auto ctx = Context();
     stats_.rpcs++;
-    absl::Status st = FromGrpcStatus(stubs_[s]->GetTensorInfo(ctx.get(), req, &resp));
+    absl::Status st = FromGrpcStatus(Stub(s)->GetTensorInfo(ctx.get(), req, &resp));
     if (st.code() == absl::StatusCode::kNotFound) {
       // This shard holds no part of wpe: ask for everything instead.
       grpc::ClientContext all;
       all.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
       req.clear_tensor();
-      st = FromGrpcStatus(stubs_[s]->GetTensorInfo(&all, req, &resp));
+      st = FromGrpcStatus(Stub(s)->GetTensorInfo(&all, req, &resp));
     }
     LMPS_RETURN_IF_ERROR(st);
     fn(s, resp);

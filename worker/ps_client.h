@@ -20,6 +20,14 @@
 // in the chunk, elements, offset in the local buffer) -- whole chunks
 // without a view.
 //
+// Shard replication (layout.shard_backups = 1, SetBackups): a call to a
+// shard that fails with UNAVAILABLE is retried on the shard's other node,
+// alternating with a growing pause (20 ms .. 1 s), until one answers
+// otherwise or failover_timeout passes; the node that answered is used
+// from then on. Every call is safe to repeat on the backup: it holds
+// whatever the primary acknowledged (server/replication.h), so a retried
+// push counts as a duplicate and a retried apply returns the version.
+//
 // Errors name the shard and its address. Thread-safety: one call at a time
 // (the worker's training loop); Stats() may be read from any thread.
 #ifndef LMPS_WORKER_PS_CLIENT_H_
@@ -57,6 +65,10 @@ struct PsClientOptions {
   // starts (accepted = false) and after the shard accepted it (true). May be
   // empty. Used for fault injection in tests.
   std::function<void(int shard, int64_t step, bool accepted)> on_shard_push;
+  // Replicated shards: how long to alternate between a shard's two nodes
+  // while both answer UNAVAILABLE (covers the scheduler's lease, after
+  // which it promotes the backup).
+  absl::Duration failover_timeout = absl::Seconds(60);
 };
 
 struct PsClientStats {
@@ -64,6 +76,7 @@ struct PsClientStats {
   std::atomic<int64_t> bytes_pushed{0};
   std::atomic<int64_t> bytes_pulled{0};
   std::atomic<int64_t> rpcs{0};
+  std::atomic<int64_t> failovers{0};  // switches to a shard's other node
 };
 
 class PsClient {
@@ -77,6 +90,12 @@ class PsClient {
       std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs,
       std::vector<std::string> addresses, const PsClientOptions& options,
       const PsClientView& view = {});
+
+  // Shard replication: `stubs[s]` talks to shard s's backup at
+  // `addresses[s]` (null / "": shard s has none). Call before any other.
+  void SetBackups(
+      std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs,
+      std::vector<std::string> addresses);
 
   // Fills params[num_parameters] with the parameters the shards serve for
   // `step` (see server/shard.h for each consistency mode's read rule). If
@@ -131,6 +150,12 @@ class PsClient {
   absl::Status ForEachShard(const std::vector<int>& shards,
                             const std::function<absl::Status(int)>& fn);
   absl::Status Annotate(int shard, const absl::Status& status) const;
+  // fn(shard), and with a backup the failover described above.
+  absl::Status CallWithFailover(int shard,
+                                const std::function<absl::Status(int)>& fn);
+  // The node of `shard` in use.
+  ParameterServer::StubInterface* Stub(int shard) const;
+  std::string Address(int shard) const;
   std::unique_ptr<grpc::ClientContext> Context() const;
 
   PsClientOptions options_;
@@ -138,6 +163,11 @@ class PsClient {
   uint64_t partition_version_ = 0;
   std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs_;
   std::vector<std::string> addresses_;
+  // Replication: per shard the backup (or null) and which node is in use
+  // (0: primary, 1: backup).
+  std::vector<std::unique_ptr<ParameterServer::StubInterface>> backup_stubs_;
+  std::vector<std::string> backup_addresses_;
+  std::unique_ptr<std::atomic<int>[]> current_;
   bool has_view_ = false;
   int pp_rank_ = 0, tp_rank_ = 0;
   // Per shard: what Pull receives (held) and what Push sends (pushed), in

@@ -302,6 +302,20 @@ absl::Status RunWorker() {
       std::unique_ptr<PsClient> ps,
       PsClient::Create(spec.model(), assignment.partition(), std::move(stubs),
                        addresses, ps_options, view));
+  if (assignment.backup_addresses_size() > 0) {
+    // Replicated shards: fail over to a shard's backup when its primary is
+    // unavailable.
+    std::vector<std::unique_ptr<ParameterServer::StubInterface>> backups;
+    std::vector<std::string> backup_addresses(
+        assignment.backup_addresses().begin(),
+        assignment.backup_addresses().end());
+    for (const std::string& a : backup_addresses) {
+      backups.push_back(a.empty() ? nullptr
+                                  : ParameterServer::NewStub(MakeChannel(
+                                        a, metrics.rpc.get(), security)));
+    }
+    ps->SetBackups(std::move(backups), std::move(backup_addresses));
+  }
 
   // A replacement joins a running job: start at the servers' version. In
   // the middle of an Apply the shards may differ by one; wait for the live

@@ -80,6 +80,7 @@ struct SchedulerCore::Node {
   int shard = -1;
   int rank = -1;  // workers
   WorkerCoordinates coords;
+  bool backup_slot = false;  // servers of a replicated job: "backup-<shard>"
 
   // The node currently holding the slot.
   bool registered = false;
@@ -97,6 +98,9 @@ struct SchedulerCore::Node {
   bool done = false;
   std::string error;
   JobState last_told = JOB_STATE_UNSPECIFIED;  // in a HeartbeatResponse
+  // Replicated servers: joined a running job as the backup (gets a
+  // snapshot).
+  bool needs_snapshot = false;
   absl::Time down_since = absl::InfinitePast();  // InfinitePast: healthy
   std::string last_event;
 
@@ -118,6 +122,7 @@ struct SchedulerCore::Node {
     error.clear();
     last_told = JOB_STATE_UNSPECIFIED;
     down_since = absl::InfinitePast();
+    needs_snapshot = false;
   }
 };
 
@@ -168,7 +173,10 @@ SchedulerCore::SchedulerCore(SchedulerOptions options, Clock* clock,
       clock_(clock),
       partition_(std::move(partition)),
       layout_(std::make_unique<const ParallelLayout>(std::move(layout))),
-      expected_servers_(options_.spec.layout().num_shards()),
+      num_shards_(options_.spec.layout().num_shards()),
+      replicated_(options_.spec.layout().shard_backups() > 0),
+      expected_servers_(options_.spec.layout().num_shards() *
+                        (options_.spec.layout().shard_backups() > 0 ? 2 : 1)),
       expected_workers_(options_.spec.layout().dp() *
                         options_.spec.layout().pp() *
                         options_.spec.layout().tp()),
@@ -176,10 +184,14 @@ SchedulerCore::SchedulerCore(SchedulerOptions options, Clock* clock,
   absl::MutexLock lock(&mu_);
   servers_.resize(expected_servers_);
   for (int i = 0; i < expected_servers_; ++i) {
-    servers_[i].node_id = absl::StrCat("server-", i);
-    servers_[i].role = SERVER;
-    servers_[i].shard = i;
+    Node& n = servers_[i];
+    n.role = SERVER;
+    n.shard = i % num_shards_;
+    n.backup_slot = i >= num_shards_;
+    n.node_id = absl::StrCat(n.backup_slot ? "backup-" : "server-", n.shard);
   }
+  primary_.resize(num_shards_);
+  for (int k = 0; k < num_shards_; ++k) primary_[k] = k;
   workers_.resize(expected_workers_);
   for (int i = 0; i < expected_workers_; ++i) {
     workers_[i].node_id = absl::StrCat("worker-", i);
@@ -198,6 +210,19 @@ void SchedulerCore::Flush(Outbox* out) {
   for (auto& [done, result] : out->completions) done(std::move(result));
   out->logs.clear();
   out->completions.clear();
+}
+
+int SchedulerCore::SlotIndexLocked(const Node& n) const {
+  return static_cast<int>(&n - servers_.data());
+}
+
+SchedulerCore::Node& SchedulerCore::PartnerLocked(const Node& n) {
+  const int i = SlotIndexLocked(n);
+  return servers_[i < num_shards_ ? i + num_shards_ : i - num_shards_];
+}
+
+bool SchedulerCore::IsPrimaryLocked(const Node& n) const {
+  return !replicated_ || primary_[n.shard] == SlotIndexLocked(n);
 }
 
 SchedulerCore::Node* SchedulerCore::FindLocked(absl::string_view node_id) {
@@ -324,11 +349,26 @@ void SchedulerCore::AdvanceLocked(absl::Time now, Outbox* out) {
           const std::string event = absl::StrCat(
               "missed its heartbeat lease of ", Seconds(options_.lease),
               " (last heartbeat ", Seconds(now - n.last_heartbeat), " ago)");
-          out->logs.push_back(absl::StrCat(
-              "node ", n.Describe(), " ", event,
-              "; marked dead, its slot is open for a replacement"));
-          AddEventLocked(&n, event,
-                         "marked dead; its slot is open for a replacement");
+          std::string action =
+              "marked dead; its slot is open for a replacement";
+          if (replicated_ && n.role == SERVER) {
+            Node& partner = PartnerLocked(n);
+            const bool partner_up = partner.registered && partner.alive;
+            if (IsPrimaryLocked(n) && partner_up) {
+              primary_[n.shard] = SlotIndexLocked(partner);
+              absl::StrAppend(&action, "; its backup ", partner.Describe(),
+                              " takes over shard ", n.shard,
+                              " (told in its next heartbeat, if the workers "
+                              "have not made it take over already): no step "
+                              "is lost");
+            } else if (partner_up) {
+              absl::StrAppend(&action, "; the primary of shard ", n.shard,
+                              " serves alone until a new backup registers");
+            }
+          }
+          out->logs.push_back(
+              absl::StrCat("node ", n.Describe(), " ", event, "; ", action));
+          AddEventLocked(&n, event, action);
         }
       }
     }
@@ -415,12 +455,24 @@ Assignment SchedulerCore::AssignmentLocked(const Node& n) const {
   a.set_node_id(n.node_id);
   a.set_role(n.role);
   a.set_shard(n.role == SERVER ? n.shard : -1);
+  if (n.role == SERVER && replicated_) {
+    a.set_backup(!IsPrimaryLocked(n));
+    a.set_needs_snapshot(n.needs_snapshot);
+  }
   a.set_dp_rank(n.role == WORKER ? n.coords.dp : -1);
   a.set_pp_rank(n.role == WORKER ? n.coords.pp : -1);
   a.set_tp_rank(n.role == WORKER ? n.coords.tp : -1);
   *a.mutable_spec() = options_.spec;
   *a.mutable_partition() = partition_;
-  for (const Node& s : servers_) a.add_shard_addresses(s.address);
+  for (int k = 0; k < num_shards_; ++k) {
+    const Node& primary = servers_[primary_[k]];
+    a.add_shard_addresses(primary.address);
+    if (replicated_) {
+      const Node& b = servers_[primary_[k] < num_shards_ ? primary_[k] + num_shards_
+                                                         : primary_[k] - num_shards_];
+      a.add_backup_addresses(b.registered && b.alive ? b.address : "");
+    }
+  }
   a.set_start_step(start_step_);
   if (n.role == WORKER) {
     const StageRange& stage = layout_->stage(n.coords.pp);
@@ -498,7 +550,18 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
     const int n_slots = static_cast<int>(slots.size());
     const int requested = request.requested_rank();
     // Servers ask for a shard id, workers (optionally) for a worker rank.
-    const bool requested_valid = requested >= 0 && requested < n_slots;
+    const int n_ids = server ? num_shards_ : n_slots;
+    const bool requested_valid = requested >= 0 && requested < n_ids;
+    // The slots a valid request may take, preferred first: a server's
+    // shard has a primary and (replicated) a backup slot.
+    std::vector<Node*> wanted;
+    if (requested_valid) {
+      const bool backup_first = replicated_ && server && request.backup();
+      wanted.push_back(&slots[requested + (backup_first ? num_shards_ : 0)]);
+      if (replicated_ && server) {
+        wanted.push_back(&slots[requested + (backup_first ? 0 : num_shards_)]);
+      }
+    }
     Node* slot = nullptr;
     std::string how;
     // 0. A node of the running job re-registering with a restarted
@@ -507,10 +570,10 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
       if (!requested_valid) {
         return absl::InvalidArgumentError(absl::StrCat(
             "a rejoining ", server ? "server" : "worker",
-            " must name its ", server ? "shard" : "rank", " in [0, ", n_slots,
+            " must name its ", server ? "shard" : "rank", " in [0, ", n_ids,
             "), got ", requested));
       }
-      Node& n = slots[requested];
+      Node& n = *wanted[0];
       if (n.registered && n.alive && n.address != request.address()) {
         return absl::FailedPreconditionError(absl::StrCat(
             "cannot rejoin as ", server ? "shard " : "worker rank ", requested,
@@ -539,9 +602,10 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
     }
     // 2. A free slot: the requested shard, else the lowest free one.
     if (slot == nullptr) {
-      if (requested_valid && !slots[requested].registered) {
-        slot = &slots[requested];
-      } else {
+      for (Node* n : wanted) {
+        if (slot == nullptr && !n->registered) slot = n;
+      }
+      if (slot == nullptr) {
         for (Node& n : slots) {
           if (!n.registered) {
             slot = &n;
@@ -560,7 +624,9 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
     // 3. Every slot taken: replace a dead node.
     if (slot == nullptr) {
       Node* dead = nullptr;
-      if (requested_valid && !slots[requested].alive) dead = &slots[requested];
+      for (Node* n : wanted) {
+        if (dead == nullptr && !n->alive) dead = n;
+      }
       for (Node& n : slots) {
         if (dead == nullptr && !n.alive && !request.address().empty() &&
             n.address == request.address()) {
@@ -628,7 +694,22 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
                    : state_ == ASSEMBLING ? "waiting for the job to assemble"
                                           : "given the slot's assignment");
 
-    if (server && state_ == RUNNING && !request.rejoin()) {
+    Node* partner = replicated_ && server ? &PartnerLocked(*slot) : nullptr;
+    if (server && state_ == RUNNING && !request.rejoin() &&
+        partner != nullptr && partner->registered && partner->alive) {
+      // Replicated: the shard's other node serves it; this one becomes its
+      // backup and gets a snapshot of its state.
+      primary_[slot->shard] = SlotIndexLocked(*partner);
+      slot->needs_snapshot = true;
+      const std::string line = absl::StrCat(
+          slot->Describe(), " becomes the backup of shard ", slot->shard,
+          " (primary ", partner->Describe(), ")");
+      out.logs.push_back(line);
+      AddEventLocked(slot, absl::StrCat("becomes the backup of shard ",
+                                        slot->shard),
+                     absl::StrCat("the primary ", partner->Describe(),
+                                  " sends it a snapshot and replicates to it"));
+    } else if (server && state_ == RUNNING && !request.rejoin()) {
       // A new server process in a running job (e.g. Kubernetes restarted a
       // lost shard's pod): that shard's state after its checkpoint is gone,
       // so the other shards and the workers must roll back too. The job
@@ -734,6 +815,34 @@ absl::StatusOr<HeartbeatResponse> SchedulerCore::Heartbeat(
       AddEventLocked(n, "heartbeats again after its lease expired",
                      "marked alive");
     }
+    HeartbeatResponse r;
+    if (replicated_ && n->role == SERVER) {
+      const int me = SlotIndexLocked(*n);
+      const int k = n->shard;
+      if (!request.replication_event().empty()) {
+        out.logs.push_back(
+            absl::StrCat(n->Describe(), ": ", request.replication_event()));
+        AddEventLocked(n, request.replication_event(), "");
+      }
+      if (request.serving_primary() && primary_[k] != me) {
+        const Node& old = servers_[primary_[k]];
+        primary_[k] = me;
+        const std::string action = absl::StrCat(
+            "assignments name it as shard ", k, "'s primary; ",
+            old.Describe(), " is fenced off");
+        out.logs.push_back(absl::StrCat(n->Describe(), " took over shard ", k,
+                                        ": ", action));
+        AddEventLocked(n, absl::StrCat("took over shard ", k), action);
+      }
+      if (primary_[k] == me) {
+        const Node& partner = PartnerLocked(*n);
+        if (!request.serving_primary()) {
+          r.set_promote(true);
+        } else if (partner.registered && partner.alive) {
+          r.set_backup_address(partner.address);
+        }
+      }
+    }
     n->step = request.step();
     n->loss = request.loss();
     n->eval_loss = request.eval_loss();
@@ -768,7 +877,6 @@ absl::StatusOr<HeartbeatResponse> SchedulerCore::Heartbeat(
         SetStateLocked(FINISHED, "every worker reported done", &out);
       }
     }
-    HeartbeatResponse r;
     r.set_state(state_);
     if (state_ == FAILED) r.set_message(failure_);
     n->last_told = state_;
@@ -799,6 +907,10 @@ JobStatus SchedulerCore::Status() {
         s->set_role(n.role);
         s->set_address(n.address);
         s->set_shard(n.role == SERVER ? n.shard : -1);
+        if (n.role == SERVER) {
+          s->set_backup(!IsPrimaryLocked(n));
+          s->set_serving_primary(IsPrimaryLocked(n));
+        }
         s->set_dp_rank(n.role == WORKER ? n.coords.dp : -1);
         s->set_pp_rank(n.role == WORKER ? n.coords.pp : -1);
         s->set_tp_rank(n.role == WORKER ? n.coords.tp : -1);

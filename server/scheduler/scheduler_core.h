@@ -241,13 +241,20 @@ class SchedulerCore {
   std::string DescribeDeadLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string StateMessageLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Flush(Outbox* out);
+  // Replicated jobs: a server slot's index in servers_, and the other slot
+  // of its shard.
+  int SlotIndexLocked(const Node& n) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  Node& PartnerLocked(const Node& n) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool IsPrimaryLocked(const Node& n) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const SchedulerOptions options_;
   Clock* const clock_;
   const PartitionMap partition_;
   const std::unique_ptr<const ParallelLayout> layout_;
   static constexpr size_t kMaxEvents = 200;
-  const int expected_servers_;
+  const int num_shards_;
+  const bool replicated_;       // layout.shard_backups = 1
+  const int expected_servers_;  // num_shards_, twice that when replicated
   const int expected_workers_;
   const absl::Time start_time_;
 
@@ -260,7 +267,12 @@ class SchedulerCore {
   bool start_step_known_ ABSL_GUARDED_BY(mu_) = false;
   int64_t start_step_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Time assembled_at_ ABSL_GUARDED_BY(mu_);
-  std::vector<Node> servers_ ABSL_GUARDED_BY(mu_);  // index = shard
+  // index = shard; when replicated, index num_shards + shard is the shard's
+  // backup slot.
+  std::vector<Node> servers_ ABSL_GUARDED_BY(mu_);
+  // Replicated jobs, per shard: the index in servers_ of the slot serving
+  // as its primary (the other one is its backup).
+  std::vector<int> primary_ ABSL_GUARDED_BY(mu_);
   std::vector<Node> workers_ ABSL_GUARDED_BY(mu_);  // index = worker rank
   std::vector<Pending> pending_ ABSL_GUARDED_BY(mu_);
 };

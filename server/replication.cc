@@ -1,0 +1,549 @@
+#include "server/replication.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_util.h"
+
+namespace lmps {
+namespace {
+
+// A failure to reach the backup (as opposed to the backup's verdict on the
+// operation).
+bool IsTransport(const absl::Status& s) {
+  switch (s.code()) {
+    case absl::StatusCode::kUnavailable:
+    case absl::StatusCode::kDeadlineExceeded:
+    case absl::StatusCode::kCancelled:
+    case absl::StatusCode::kUnknown:
+    case absl::StatusCode::kInternal:
+    case absl::StatusCode::kResourceExhausted:
+    case absl::StatusCode::kUnauthenticated:
+    case absl::StatusCode::kPermissionDenied:
+      return true;
+    default:
+      return false;
+  }
+}
+
+const char* RoleName(ReplicatedShard::Role r) {
+  switch (r) {
+    case ReplicatedShard::Role::kPrimary:
+      return "primary";
+    case ReplicatedShard::Role::kBackup:
+      return "backup";
+    case ReplicatedShard::Role::kFenced:
+      return "fenced";
+  }
+  return "?";
+}
+
+class GrpcBackupLink final : public BackupLink {
+ public:
+  GrpcBackupLink(std::unique_ptr<ParameterServer::StubInterface> stub,
+                 std::string address, absl::Duration timeout)
+      : stub_(std::move(stub)), address_(std::move(address)), timeout_(timeout) {}
+
+  absl::StatusOr<ReplicateResponse> Replicate(
+      const std::vector<ReplicateRequest>& stream) override {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout_));
+    ReplicateResponse response;
+    std::unique_ptr<grpc::ClientWriterInterface<ReplicateRequest>> writer =
+        stub_->Replicate(&ctx, &response);
+    for (const ReplicateRequest& m : stream) {
+      if (!writer->Write(m)) break;  // Finish() returns the reason
+    }
+    writer->WritesDone();
+    grpc::Status s = writer->Finish();
+    if (!s.ok()) return FromGrpcStatus(s);
+    return response;
+  }
+
+  std::string address() const override { return address_; }
+
+ private:
+  const std::unique_ptr<ParameterServer::StubInterface> stub_;
+  const std::string address_;
+  const absl::Duration timeout_;
+};
+
+}  // namespace
+
+std::shared_ptr<BackupLink> NewGrpcBackupLink(
+    std::unique_ptr<ParameterServer::StubInterface> stub, std::string address,
+    absl::Duration timeout) {
+  return std::make_shared<GrpcBackupLink>(std::move(stub), std::move(address),
+                                          timeout);
+}
+
+absl::StatusOr<std::unique_ptr<ReplicatedShard>> ReplicatedShard::Create(
+    ParameterShard* shard, ReplicationOptions options) {
+  if (shard == nullptr) return absl::InvalidArgumentError("no shard");
+  const TrainConfig& t = shard->spec().train();
+  if (shard->mode() == ASYNC || t.staleness() > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "shard replication needs train.mode SYNC (or BOUNDED_STALENESS with "
+        "staleness 0); got ",
+        ConsistencyMode_Name(shard->mode()), " with staleness ",
+        t.staleness()));
+  }
+  if (options.max_message_bytes <= 0) options.max_message_bytes = 4 << 20;
+  return std::unique_ptr<ReplicatedShard>(
+      new ReplicatedShard(shard, std::move(options)));
+}
+
+ReplicatedShard::ReplicatedShard(ParameterShard* shard,
+                                 ReplicationOptions options)
+    : shard_(shard), options_(std::move(options)) {
+  absl::MutexLock lock(&mu_);
+  role_ = options_.backup ? Role::kBackup : Role::kPrimary;
+  awaiting_snapshot_ = options_.backup && options_.awaiting_snapshot;
+}
+
+ReplicatedShard::Role ReplicatedShard::role() const {
+  absl::MutexLock lock(&mu_);
+  return role_;
+}
+
+std::string ReplicatedShard::backup_address() const {
+  absl::MutexLock lock(&mu_);
+  if (pending_link_ != nullptr) return pending_link_->address();
+  return link_ != nullptr ? link_->address() : "";
+}
+
+std::vector<std::string> ReplicatedShard::TakeEvents() {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::string> out;
+  out.swap(events_);
+  return out;
+}
+
+int64_t ReplicatedShard::forwarded_ops() const {
+  absl::MutexLock lock(&mu_);
+  return forwarded_ops_;
+}
+
+int64_t ReplicatedShard::forwarded_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return forwarded_bytes_;
+}
+
+void ReplicatedShard::EventLocked(const std::string& line) {
+  events_.push_back(line);
+  if (events_.size() > 100) events_.erase(events_.begin());
+  if (options_.log) options_.log(line);
+}
+
+void ReplicatedShard::Event(const std::string& line) {
+  absl::MutexLock lock(&mu_);
+  EventLocked(line);
+}
+
+ReplicateRequest ReplicatedShard::Header() const {
+  ReplicateRequest r;
+  r.set_shard(shard_->shard());
+  r.set_primary(options_.node_id);
+  return r;
+}
+
+void ReplicatedShard::Detach(const std::shared_ptr<BackupLink>& link,
+                             const std::string& why) {
+  absl::MutexLock lock(&mu_);
+  if (link_ != link) return;  // already replaced or detached
+  link_.reset();
+  EventLocked(absl::StrCat("shard ", shard_->shard(), ": backup at ",
+                           link->address(), " detached: ", why,
+                           "; serving alone until a new backup attaches"));
+}
+
+void ReplicatedShard::AttachBackup(std::shared_ptr<BackupLink> link,
+                                   bool needs_snapshot) {
+  absl::MutexLock lock(&mu_);
+  if (role_ != Role::kPrimary || link == nullptr) return;
+  if (needs_snapshot) {
+    pending_link_ = std::move(link);
+    EventLocked(absl::StrCat("shard ", shard_->shard(), ": new backup at ",
+                             pending_link_->address(),
+                             "; it gets a snapshot at the next step boundary"));
+  } else {
+    pending_link_.reset();
+    link_ = std::move(link);
+    if (options_.log) {
+      options_.log(absl::StrCat("shard ", shard_->shard(),
+                                ": replicating synchronously to the backup at ",
+                                link_->address()));
+    }
+  }
+}
+
+void ReplicatedShard::Promote(const std::string& why) {
+  absl::MutexLock lock(&mu_);
+  if (role_ != Role::kBackup) return;
+  if (awaiting_snapshot_) {
+    EventLocked(absl::StrCat(
+        "shard ", shard_->shard(), ": cannot take over (", why,
+        "): this backup has not received its primary's snapshot yet"));
+    return;
+  }
+  role_ = Role::kPrimary;
+  EventLocked(absl::StrCat("shard ", shard_->shard(), ": backup ",
+                           options_.node_id, " took over as the primary at "
+                           "version ",
+                           shard_->version(), " (", why, ")"));
+}
+
+absl::Status ReplicatedShard::CheckServing() {
+  Role role;
+  {
+    absl::MutexLock lock(&mu_);
+    role = role_;
+    if (role == Role::kBackup && awaiting_snapshot_) {
+      return absl::UnavailableError(absl::StrCat(
+          "node ", options_.node_id, " is a new backup of shard ",
+          shard_->shard(), " waiting for its primary's snapshot; call the "
+          "primary at ",
+          options_.primary_address));
+    }
+  }
+  if (role == Role::kPrimary) return absl::OkStatus();
+  if (role == Role::kFenced) {
+    return absl::UnavailableError(absl::StrCat(
+        "node ", options_.node_id, " no longer serves shard ", shard_->shard(),
+        ": its backup took over (this node is fenced off); call the backup"));
+  }
+  absl::Status probe = options_.probe_primary
+                           ? options_.probe_primary()
+                           : absl::UnavailableError("no probe configured");
+  if (probe.ok()) {
+    return absl::UnavailableError(absl::StrCat(
+        "node ", options_.node_id, " is the backup of shard ", shard_->shard(),
+        "; its primary at ", options_.primary_address,
+        " answers: call it"));
+  }
+  Promote(absl::StrCat("a worker called it and the primary at ",
+                       options_.primary_address, " does not answer: ",
+                       probe.message()));
+  absl::MutexLock lock(&mu_);
+  if (role_ == Role::kPrimary) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat(
+      "node ", options_.node_id, " is the backup of shard ", shard_->shard(),
+      " and cannot take over yet"));
+}
+
+template <typename T>
+absl::StatusOr<T> ReplicatedShard::Run(
+    const std::function<std::vector<ReplicateRequest>()>& make_ops,
+    const std::function<absl::StatusOr<T>()>& local, const std::string& what) {
+  if (absl::Status s = CheckServing(); !s.ok()) return s;
+  std::shared_ptr<BackupLink> link;
+  {
+    absl::MutexLock lock(&mu_);
+    link = link_;
+  }
+  bool backup_ok = false;
+  std::string backup_error;
+  if (link != nullptr) {
+    const std::vector<ReplicateRequest> ops = make_ops();
+    int64_t bytes = 0;
+    for (const ReplicateRequest& m : ops) {
+      bytes += static_cast<int64_t>(m.ByteSizeLong());
+    }
+    absl::StatusOr<ReplicateResponse> r = link->Replicate(ops);
+    {
+      absl::MutexLock lock(&mu_);
+      ++forwarded_ops_;
+      forwarded_bytes_ += bytes;
+    }
+    if (r.ok()) {
+      backup_ok = true;
+    } else if (r.status().code() == absl::StatusCode::kAborted) {
+      // The backup took over: stop serving at once.
+      {
+        absl::MutexLock lock(&mu_);
+        if (role_ == Role::kPrimary) {
+          role_ = Role::kFenced;
+          link_.reset();
+          EventLocked(absl::StrCat(
+              "shard ", shard_->shard(), ": fenced off: the backup at ",
+              link->address(), " took over (", r.status().message(),
+              "); this node stops serving"));
+        }
+      }
+      return absl::UnavailableError(absl::StrCat(
+          "shard ", shard_->shard(), " moved to its backup at ",
+          link->address(), "; call it"));
+    } else if (IsTransport(r.status())) {
+      Detach(link, absl::StrCat("unreachable during ", what, ": ",
+                                r.status().ToString()));
+      link.reset();
+    } else {
+      backup_error = r.status().ToString();
+    }
+  }
+  absl::StatusOr<T> result = local();
+  if (link != nullptr && backup_ok != result.ok()) {
+    Detach(link, absl::StrCat("diverged on ", what, ": backup ",
+                              backup_ok ? "OK" : backup_error, ", primary ",
+                              result.ok() ? "OK" : result.status().ToString()));
+  }
+  return result;
+}
+
+absl::StatusOr<PushResponse> ReplicatedShard::Push(
+    const std::vector<PushRequest>& stream) {
+  absl::ReaderMutexLock op_lock(&op_mu_);
+  auto make_ops = [&] {
+    std::vector<ReplicateRequest> ops;
+    ops.reserve(stream.size());
+    for (const PushRequest& m : stream) {
+      ops.push_back(Header());
+      *ops.back().mutable_push() = m;
+    }
+    return ops;
+  };
+  const std::string what =
+      stream.empty() ? "push"
+                     : absl::StrCat("push of step ", stream[0].step(), " from ",
+                                    stream[0].worker_id());
+  return Run<PushResponse>(
+      make_ops, [&] { return shard_->Push(stream); }, what);
+}
+
+absl::StatusOr<int64_t> ReplicatedShard::Apply(int64_t step,
+                                               double global_sum_squares) {
+  bool attach;
+  {
+    absl::MutexLock lock(&mu_);
+    attach = pending_link_ != nullptr;
+  }
+  auto ops = [&] {
+    std::vector<ReplicateRequest> ops(1, Header());
+    ops[0].mutable_apply()->set_step(step);
+    ops[0].mutable_apply()->set_global_sum_squares(global_sum_squares);
+    return ops;
+  };
+  auto local = [&] { return shard_->Apply(step, global_sum_squares); };
+  const std::string what = absl::StrCat("apply of step ", step);
+  if (!attach) {
+    absl::ReaderMutexLock op_lock(&op_mu_);
+    return Run<int64_t>(ops, local, what);
+  }
+  // A backup waits for its snapshot: hold off every other call from the
+  // apply to the snapshot, so no push of the next step slips in between.
+  absl::MutexLock op_lock(&op_mu_);
+  absl::StatusOr<int64_t> result = Run<int64_t>(ops, local, what);
+  if (result.ok()) MaybeSendSnapshotLocked();
+  return result;
+}
+
+absl::StatusOr<int64_t> ReplicatedShard::StopAt(int64_t step) {
+  absl::ReaderMutexLock op_lock(&op_mu_);
+  auto ops = [&] {
+    std::vector<ReplicateRequest> ops(1, Header());
+    ops[0].mutable_stop_at()->set_step(step);
+    return ops;
+  };
+  return Run<int64_t>(
+      ops, [&] { return shard_->StopAt(step); },
+      absl::StrCat("stop at step ", step));
+}
+
+void ReplicatedShard::MaybeSendSnapshotLocked() {
+  std::shared_ptr<BackupLink> link;
+  {
+    absl::MutexLock lock(&mu_);
+    link = pending_link_;
+    if (link == nullptr || role_ != Role::kPrimary) return;
+  }
+  if (shard_->HasPendingGradients()) return;  // try at the next apply
+  const ShardCheckpoint snapshot = shard_->Snapshot();
+  const std::map<int64_t, double> applied = shard_->AppliedSumSquares();
+  const int buffers = snapshot.header.state_buffers;
+  const int64_t per_message = std::max<int64_t>(
+      1, options_.max_message_bytes / (4 * (1 + buffers)));
+  std::vector<ReplicateRequest> stream;
+  for (const ChunkData& c : snapshot.chunks) {
+    const int64_t n = static_cast<int64_t>(c.params.size());
+    for (int64_t off = 0; off < n || (n == 0 && off == 0); off += per_message) {
+      const int64_t len = std::min(per_message, n - off);
+      ReplicateRequest m = Header();
+      ShardSnapshot* s = m.mutable_snapshot();
+      s->set_version(snapshot.header.step);
+      s->set_tensor(c.desc.tensor());
+      s->set_chunk(c.desc.index());
+      s->set_offset(off);
+      s->set_params(reinterpret_cast<const char*>(c.params.data() + off),
+                    4 * len);
+      for (const std::vector<float>& b : c.state) {
+        s->add_state(reinterpret_cast<const char*>(b.data() + off), 4 * len);
+      }
+      if (stream.empty()) {
+        for (const auto& [step, ss] : applied) {
+          s->add_applied_steps(step);
+          s->add_applied_sum_squares(ss);
+        }
+        s->set_last_grad_norm(shard_->last_grad_norm());
+      }
+      stream.push_back(std::move(m));
+      if (n == 0) break;
+    }
+  }
+  absl::StatusOr<ReplicateResponse> r = link->Replicate(stream);
+  absl::MutexLock lock(&mu_);
+  if (pending_link_ != link) return;
+  pending_link_.reset();
+  if (!r.ok()) {
+    EventLocked(absl::StrCat("shard ", shard_->shard(),
+                             ": snapshot to the new backup at ",
+                             link->address(), " failed (", r.status().ToString(),
+                             "); still serving alone"));
+    return;
+  }
+  link_ = link;
+  EventLocked(absl::StrCat("shard ", shard_->shard(), ": backup at ",
+                           link->address(), " attached with a snapshot at "
+                           "version ",
+                           snapshot.header.step,
+                           "; replicating synchronously again"));
+}
+
+absl::Status ReplicatedShard::RestoreFrom(
+    const std::vector<ReplicateRequest>& stream) {
+  ShardCheckpoint cp = shard_->Snapshot();  // the layout to fill in
+  std::map<std::pair<std::string, int>, ChunkData*> index;
+  int64_t expected = 0;
+  for (ChunkData& c : cp.chunks) {
+    index[{c.desc.tensor(), c.desc.index()}] = &c;
+    expected += static_cast<int64_t>(c.params.size());
+  }
+  const int64_t version = stream[0].snapshot().version();
+  std::map<int64_t, double> applied;
+  int64_t received = 0;
+  for (const ReplicateRequest& m : stream) {
+    const ShardSnapshot& s = m.snapshot();
+    if (s.version() != version) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "snapshot messages disagree on the version: ", version, " and ",
+          s.version()));
+    }
+    auto it = index.find({s.tensor(), s.chunk()});
+    if (it == index.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "snapshot chunk ", s.tensor(), "#", s.chunk(), " is not one of shard ",
+          shard_->shard(), "'s"));
+    }
+    ChunkData& c = *it->second;
+    const int64_t n = static_cast<int64_t>(s.params().size() / 4);
+    const int64_t size = static_cast<int64_t>(c.params.size());
+    if (s.params().size() % 4 != 0 || s.offset() < 0 || s.offset() + n > size ||
+        s.state_size() != static_cast<int>(c.state.size())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "snapshot message for ", s.tensor(), "#", s.chunk(), " offset ",
+          s.offset(), " with ", s.params().size(), " bytes and ",
+          s.state_size(), " state buffers does not fit the chunk (", size,
+          " elements, ", c.state.size(), " buffers)"));
+    }
+    std::memcpy(c.params.data() + s.offset(), s.params().data(), 4 * n);
+    for (int b = 0; b < s.state_size(); ++b) {
+      if (s.state(b).size() != s.params().size()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "snapshot message for ", s.tensor(), "#", s.chunk(),
+            ": state buffer ", b, " has ", s.state(b).size(), " bytes, not ",
+            s.params().size()));
+      }
+      std::memcpy(c.state[b].data() + s.offset(), s.state(b).data(), 4 * n);
+    }
+    received += n;
+    for (int i = 0; i < s.applied_steps_size() &&
+                    i < s.applied_sum_squares_size();
+         ++i) {
+      applied[s.applied_steps(i)] = s.applied_sum_squares(i);
+    }
+  }
+  if (received != expected) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "snapshot covers ", received, " elements; shard ", shard_->shard(),
+        " holds ", expected));
+  }
+  cp.header.step = version;
+  return shard_->Restore(cp, applied, stream[0].snapshot().last_grad_norm());
+}
+
+absl::StatusOr<ReplicateResponse> ReplicatedShard::Replicate(
+    const std::vector<ReplicateRequest>& stream) {
+  absl::ReaderMutexLock op_lock(&op_mu_);
+  if (stream.empty()) {
+    return absl::InvalidArgumentError("empty Replicate stream");
+  }
+  const ReplicateRequest::OpCase op = stream[0].op_case();
+  for (const ReplicateRequest& m : stream) {
+    if (m.op_case() != op || op == ReplicateRequest::OP_NOT_SET) {
+      return absl::InvalidArgumentError(
+          "a Replicate stream must carry exactly one kind of operation");
+    }
+    if (m.shard() != shard_->shard()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "Replicate for shard ", m.shard(), " sent to the backup of shard ",
+          shard_->shard()));
+    }
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    if (role_ != Role::kBackup) {
+      return absl::AbortedError(absl::StrCat(
+          "node ", options_.node_id, " is the ", RoleName(role_),
+          " of shard ", shard_->shard(), ", not a backup taking operations "
+          "from ", stream[0].primary()));
+    }
+    if (awaiting_snapshot_ && op != ReplicateRequest::kSnapshot) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "node ", options_.node_id, " is a new backup of shard ",
+          shard_->shard(), " and has not received a snapshot yet"));
+    }
+  }
+  ReplicateResponse response;
+  switch (op) {
+    case ReplicateRequest::kPush: {
+      std::vector<PushRequest> push;
+      push.reserve(stream.size());
+      for (const ReplicateRequest& m : stream) push.push_back(m.push());
+      absl::StatusOr<PushResponse> r = shard_->Push(push);
+      if (!r.ok()) return r.status();
+      *response.mutable_push() = *r;
+      break;
+    }
+    case ReplicateRequest::kApply: {
+      absl::StatusOr<int64_t> r = shard_->Apply(
+          stream[0].apply().step(), stream[0].apply().global_sum_squares());
+      if (!r.ok()) return r.status();
+      break;
+    }
+    case ReplicateRequest::kStopAt: {
+      absl::StatusOr<int64_t> r = shard_->StopAt(stream[0].stop_at().step());
+      if (!r.ok()) return r.status();
+      break;
+    }
+    case ReplicateRequest::kSnapshot: {
+      LMPS_RETURN_IF_ERROR(RestoreFrom(stream));
+      absl::MutexLock lock(&mu_);
+      awaiting_snapshot_ = false;
+      EventLocked(absl::StrCat("shard ", shard_->shard(), ": backup ",
+                               options_.node_id, " holds its primary's "
+                               "snapshot at version ",
+                               shard_->version(), "; replicating"));
+      break;
+    }
+    default:
+      break;
+  }
+  response.set_version(shard_->version());
+  return response;
+}
+
+}  // namespace lmps
