@@ -10,8 +10,13 @@
 
 namespace lmps {
 
-absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const std::string& name,
-                                                       int num_threads) {
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(
+    const std::string& name, int num_threads, const std::string& cuda_matmul) {
+  if (!cuda_matmul.empty() && cuda_matmul != "tf32" && cuda_matmul != "bf16") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda_matmul '", cuda_matmul,
+                     "': expected tf32 or bf16 (or empty for the default)"));
+  }
   if (name == "cpu") {
     CpuBackendOptions options;
     options.num_threads = num_threads;
@@ -25,6 +30,12 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const std::string& name,
     if (name != "cuda" && !absl::SimpleAtoi(name.substr(5), &options.device)) {
       return absl::InvalidArgumentError(
           absl::StrCat("backend '", name, "': expected cuda:N"));
+    }
+    if (!cuda_matmul.empty()) {
+      absl::StatusOr<MatmulPrecision> precision =
+          ParseMatmulPrecision(cuda_matmul);
+      if (!precision.ok()) return precision.status();
+      options.matmul_precision = *precision;
     }
     absl::StatusOr<std::unique_ptr<CudaBackend>> cuda = CudaBackend::Create(options);
     if (!cuda.ok()) {

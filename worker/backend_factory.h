@@ -2,6 +2,11 @@
 // "cuda" / "cuda:N" where this build has the CUDA backend. Asking for a
 // backend this machine cannot run fails at start with a clear message.
 //
+// cuda_matmul (--cuda_matmul) is the CUDA backend's matrix-product input
+// precision: "tf32", "bf16", or "" for the backend's default
+// (CudaBackendOptions). It is validated for every backend (an unknown value
+// is InvalidArgumentError) and ignored by the CPU backend.
+//
 // Thread-safety: call once, from main().
 #ifndef LMPS_WORKER_BACKEND_FACTORY_H_
 #define LMPS_WORKER_BACKEND_FACTORY_H_
@@ -14,8 +19,9 @@
 
 namespace lmps {
 
-absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const std::string& name,
-                                                       int num_threads);
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(
+    const std::string& name, int num_threads,
+    const std::string& cuda_matmul = "");
 
 }  // namespace lmps
 

@@ -50,6 +50,10 @@
 
 ABSL_FLAG(std::string, scheduler, "", "scheduler address host:port (required)");
 ABSL_FLAG(std::string, backend, "cpu", "compute backend: cpu, or cuda[:N]");
+ABSL_FLAG(std::string, cuda_matmul, "",
+          "matrix-product input precision of --backend=cuda: tf32 or bf16 "
+          "(bf16 copies of fp32 operands, fp32 accumulation); empty: the "
+          "backend's default (tf32)");
 ABSL_FLAG(int, rank, -1,
           "worker rank to ask the scheduler for (-1: the next free one)");
 ABSL_FLAG(int, threads, 0,
@@ -135,7 +139,8 @@ absl::Status RunWorker() {
   Metrics* m = metrics.metrics.get();
   // Fail fast on a backend this machine cannot run, before joining a job.
   LMPS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
-                        CreateBackend(absl::GetFlag(FLAGS_backend), threads));
+                        CreateBackend(absl::GetFlag(FLAGS_backend), threads,
+                                      absl::GetFlag(FLAGS_cuda_matmul)));
 
   LMPS_ASSIGN_OR_RETURN(const Security security,
                         Security::Load(SecurityOptionsFromFlags()));

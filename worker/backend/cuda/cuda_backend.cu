@@ -5,7 +5,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -46,7 +48,36 @@ int64_t Alignment(const void* p) {
 
 cublasOperation_t Op(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
 
+// bf16 scratch pieces start 256-byte aligned (tensor-core friendly).
+constexpr size_t kBf16Align = 128;  // elements
+size_t PadBf16(size_t n) {
+  return (n + kBf16Align - 1) / kBf16Align * kBf16Align;
+}
+
+// The element of `image`, the bf16 copy of the fp32 tensor at `base`
+// (element for element), that corresponds to `p`.
+const uint16_t* At(const uint16_t* image, const float* base, const float* p) {
+  return image + (p - base);
+}
+
 }  // namespace
+
+std::string_view MatmulPrecisionName(MatmulPrecision precision) {
+  switch (precision) {
+    case MatmulPrecision::kTf32:
+      return "tf32";
+    case MatmulPrecision::kBf16:
+      return "bf16";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<MatmulPrecision> ParseMatmulPrecision(std::string_view name) {
+  if (name == "tf32") return MatmulPrecision::kTf32;
+  if (name == "bf16") return MatmulPrecision::kBf16;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown matmul precision '", std::string(name), "'; valid: tf32, bf16"));
+}
 
 // A cached cuBLASLt configuration for one LtKey.
 struct CudaBackend::LtPlan {
@@ -94,12 +125,17 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
     return absl::InvalidArgumentError(absl::StrCat(
         "cuda: device ", options.device, " is outside [0, ", *count, ")"));
   }
-  std::unique_ptr<CudaBackend> backend(new CudaBackend(options.device));
+  if (options.matmul_precision != MatmulPrecision::kTf32 &&
+      options.matmul_precision != MatmulPrecision::kBf16) {
+    return absl::InvalidArgumentError("cuda: invalid matmul_precision");
+  }
+  std::unique_ptr<CudaBackend> backend(new CudaBackend(options));
   if (absl::Status s = backend->Init(); !s.ok()) return s;
   return backend;
 }
 
-CudaBackend::CudaBackend(int device) : device_(device) {}
+CudaBackend::CudaBackend(const CudaBackendOptions& options)
+    : device_(options.device), precision_(options.matmul_precision) {}
 
 absl::Status CudaBackend::Init() {
   cudaError_t e = cudaSetDevice(device_);
@@ -134,6 +170,8 @@ CudaBackend::~CudaBackend() {
   UseDevice();
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   lt_plans_.clear();
+  DropBf16Weights(nullptr, SIZE_MAX);
+  if (bf16_scratch_ != nullptr) cudaFree(bf16_scratch_);
   if (cublaslt_ != nullptr) cublasLtDestroy(cublaslt_);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
   if (workspace_ != nullptr) cudaFree(workspace_);
@@ -196,12 +234,22 @@ absl::StatusOr<void*> CudaBackend::AllocBytes(size_t bytes) {
     cudaFree(p);
     return CudaError(e, "cudaMemsetAsync");
   }
+  allocations_[reinterpret_cast<uintptr_t>(p)] = bytes;
   return p;
 }
 
 void CudaBackend::FreeBytes(void* p) {
   if (p == nullptr) return;
   UseDevice();
+  // A later Alloc may return these addresses: drop the bf16 copies of
+  // weights in the allocation, not just invalidate them.
+  auto alloc = allocations_.find(reinterpret_cast<uintptr_t>(p));
+  if (alloc != allocations_.end()) {
+    DropBf16Weights(p, alloc->second);
+    allocations_.erase(alloc);
+  } else {
+    DropBf16Weights(nullptr, SIZE_MAX);  // not from Alloc: be safe
+  }
   // cudaFree waits for the device, so queued work using p finishes first.
   const cudaError_t e = cudaFree(p);
   if (e != cudaSuccess) Defer(CudaError(e, "cudaFree"));
@@ -222,30 +270,122 @@ absl::StatusOr<int32_t*> CudaBackend::AllocInt32(size_t n) {
 void CudaBackend::Free(float* p) { FreeBytes(p); }
 void CudaBackend::Free(int32_t* p) { FreeBytes(p); }
 
-void* CudaBackend::Scratch(size_t bytes) {
-  if (bytes <= scratch_bytes_) return scratch_;
-  // Growing: the old scratch may still be in use by queued work.
+size_t CudaBackend::AllocationBytesFrom(const void* p) const {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  auto it = allocations_.upper_bound(a);
+  if (it == allocations_.begin()) return 0;
+  --it;
+  const uintptr_t end = it->first + it->second;
+  return a < end ? end - a : 0;
+}
+
+void* CudaBackend::GrowDeviceBuffer(void** buf, size_t* have, size_t bytes,
+                                    const char* what) {
+  if (bytes <= *have) return *buf;
+  // Growing: the old buffer may still be in use by queued work.
   cudaError_t e = cudaStreamSynchronize(stream_);
   if (e != cudaSuccess) {
     Defer(CudaError(e, "cudaStreamSynchronize"));
     return nullptr;
   }
-  if (scratch_ != nullptr) cudaFree(scratch_);
-  scratch_ = nullptr;
-  scratch_bytes_ = 0;
+  if (*buf != nullptr) cudaFree(*buf);
+  *buf = nullptr;
+  *have = 0;
   const size_t want = (std::max(bytes, bytes / 2 * 3) + kScratchRound - 1) /
                       kScratchRound * kScratchRound;
-  e = cudaMalloc(&scratch_, want);
+  e = cudaMalloc(buf, want);
   if (e != cudaSuccess) {
     cudaGetLastError();
-    scratch_ = nullptr;
+    *buf = nullptr;
     Defer(absl::ResourceExhaustedError(
-        absl::StrCat("cuda: cannot allocate ", want,
-                     " bytes of scratch: ", cudaGetErrorString(e))));
+        absl::StrCat("cuda: cannot allocate ", want, " bytes of ", what, ": ",
+                     cudaGetErrorString(e))));
     return nullptr;
   }
-  scratch_bytes_ = want;
-  return scratch_;
+  *have = want;
+  return *buf;
+}
+
+void* CudaBackend::Scratch(size_t bytes) {
+  return GrowDeviceBuffer(&scratch_, &scratch_bytes_, bytes, "scratch");
+}
+
+uint16_t* CudaBackend::Bf16Scratch(size_t elements) {
+  // Never empty, so nullptr means an error even for zero-sized operands.
+  elements = std::max(elements, kBf16Align);
+  return static_cast<uint16_t*>(
+      GrowDeviceBuffer(&bf16_scratch_, &bf16_scratch_bytes_,
+                       elements * sizeof(uint16_t), "bf16 scratch"));
+}
+
+// ---------------------------------------------------------------------------
+// bf16 operands.
+// ---------------------------------------------------------------------------
+
+void CudaBackend::ToBf16(uint16_t* dst, const float* src, size_t n) {
+  cuda_kernels::FloatToBf16(stream_, dst, src, n);
+  CheckLaunch("FloatToBf16");
+}
+
+const uint16_t* CudaBackend::Bf16WeightOf(const float* weight, size_t n) {
+  const uintptr_t key = reinterpret_cast<uintptr_t>(weight);
+  Bf16Weight& w = bf16_weights_[key];
+  if (w.valid && w.n == n) return w.data;
+  if (w.data == nullptr || w.n != n) {
+    if (w.data != nullptr) cudaFree(w.data);  // waits for queued readers
+    w.data = nullptr;
+    w.valid = false;
+    w.n = n;
+    const cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&w.data),
+                                     std::max<size_t>(n, 1) * sizeof(uint16_t));
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      w.data = nullptr;
+      bf16_weights_.erase(key);
+      Defer(absl::ResourceExhaustedError(absl::StrCat(
+          "cuda: cannot allocate ", n * sizeof(uint16_t),
+          " bytes for the bf16 copy of a weight: ", cudaGetErrorString(e))));
+      return nullptr;
+    }
+    bf16_weights_max_bytes_ =
+        std::max(bf16_weights_max_bytes_, n * sizeof(float));
+  }
+  // Stream order: earlier products reading the old copy run first.
+  ToBf16(w.data, weight, n);
+  w.valid = true;
+  ++bf16_weight_conversions_;
+  return w.data;
+}
+
+template <typename F>
+void CudaBackend::ForEachBf16WeightIn(const void* p, size_t bytes, F f) {
+  if (bf16_weights_.empty() || bytes == 0) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t end =
+      bytes > UINTPTR_MAX - begin ? UINTPTR_MAX : begin + bytes;
+  // An entry overlaps [begin, end) iff key < end and key + its bytes >
+  // begin; every entry is at most bf16_weights_max_bytes_ long.
+  const uintptr_t lo =
+      begin > bf16_weights_max_bytes_ ? begin - bf16_weights_max_bytes_ : 0;
+  for (auto it = bf16_weights_.upper_bound(lo);
+       it != bf16_weights_.end() && it->first < end;) {
+    auto next = std::next(it);
+    if (it->first + it->second.n * sizeof(float) > begin) f(it);
+    it = next;
+  }
+}
+
+void CudaBackend::Wrote(const void* p, size_t bytes) {
+  ForEachBf16WeightIn(p, bytes, [](auto it) { it->second.valid = false; });
+}
+
+void CudaBackend::DropBf16Weights(const void* p, size_t bytes) {
+  ForEachBf16WeightIn(p, bytes, [this](auto it) {
+    // cudaFree waits for queued products that read the copy.
+    if (it->second.data != nullptr) cudaFree(it->second.data);
+    bf16_weights_.erase(it);
+  });
+  if (bf16_weights_.empty()) bf16_weights_max_bytes_ = 0;
 }
 
 bool CudaBackend::EnsureStaging() {
@@ -287,6 +427,7 @@ bool IsPinned(const void* host) {
 absl::Status CudaBackend::CopyIn(void* dst, const void* host_src,
                                  size_t bytes) {
   UseDevice();
+  Wrote(dst, bytes);
   if (bytes > 0) {
     if (bytes <= kDirectCopyBytes || IsPinned(host_src) || !EnsureStaging()) {
       const cudaError_t e = cudaMemcpyAsync(dst, host_src, bytes,
@@ -387,19 +528,13 @@ absl::Status CudaBackend::Synchronize() {
 // GEMM.
 // ---------------------------------------------------------------------------
 
-bool CudaBackend::LtGemm(const GemmPlan& p, const float* bias) {
-  const LtKey key = {p.trans_a,
-                     p.trans_b,
-                     p.m,
-                     p.n,
-                     p.k,
-                     p.lda,
-                     p.ldb,
-                     p.ldc,
-                     bias != nullptr,
-                     Alignment(p.a),
-                     Alignment(p.b),
-                     Alignment(p.c)};
+bool CudaBackend::LtGemm(const GemmPlan& p, const float* bias, const void* a,
+                         const void* b, bool bf16_inputs) {
+  const LtKey key = {p.trans_a,    p.trans_b,    p.m,
+                     p.n,          p.k,          p.lda,
+                     p.ldb,        p.ldc,        bias != nullptr,
+                     Alignment(a), Alignment(b), Alignment(p.c),
+                     bf16_inputs};
   std::unique_ptr<LtPlan>& slot = lt_plans_[key];
   if (slot == nullptr) {
     slot = std::make_unique<LtPlan>();
@@ -409,8 +544,11 @@ bool CudaBackend::LtGemm(const GemmPlan& p, const float* bias) {
     const cublasLtEpilogue_t epilogue =
         bias != nullptr ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
     cublasLtMatmulPreference_t pref = nullptr;
-    bool good = ok(cublasLtMatmulDescCreate(
-                    &plan.desc, CUBLAS_COMPUTE_32F_FAST_TF32, CUDA_R_32F)) &&
+    // fp32 alpha/beta, C, D and bias either way.
+    const cublasComputeType_t compute =
+        bf16_inputs ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32;
+    const cudaDataType_t in_type = bf16_inputs ? CUDA_R_16BF : CUDA_R_32F;
+    bool good = ok(cublasLtMatmulDescCreate(&plan.desc, compute, CUDA_R_32F)) &&
                 ok(cublasLtMatmulDescSetAttribute(
                     plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta))) &&
                 ok(cublasLtMatmulDescSetAttribute(
@@ -425,11 +563,9 @@ bool CudaBackend::LtGemm(const GemmPlan& p, const float* bias) {
     // Stored (pre-op) shapes, column-major.
     good =
         good &&
-        ok(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_32F,
-                                      p.trans_a ? p.k : p.m,
+        ok(cublasLtMatrixLayoutCreate(&plan.a, in_type, p.trans_a ? p.k : p.m,
                                       p.trans_a ? p.m : p.k, p.lda)) &&
-        ok(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_32F,
-                                      p.trans_b ? p.n : p.k,
+        ok(cublasLtMatrixLayoutCreate(&plan.b, in_type, p.trans_b ? p.n : p.k,
                                       p.trans_b ? p.k : p.n, p.ldb)) &&
         ok(cublasLtMatrixLayoutCreate(&plan.c, CUDA_R_32F, p.m, p.n, p.ldc)) &&
         ok(cublasLtMatmulPreferenceCreate(&pref));
@@ -473,17 +609,24 @@ bool CudaBackend::LtGemm(const GemmPlan& p, const float* bias) {
                              &bias, sizeof(bias)) != CUBLAS_STATUS_SUCCESS) {
     return false;
   }
-  return cublasLtMatmul(cublaslt_, plan.desc, &p.alpha, p.a, plan.a, p.b,
-                        plan.b, &p.beta, p.c, plan.c, p.c, plan.c, &plan.algo,
+  return cublasLtMatmul(cublaslt_, plan.desc, &p.alpha, a, plan.a, b, plan.b,
+                        &p.beta, p.c, plan.c, p.c, plan.c, &plan.algo,
                         workspace_, workspace_bytes_,
                         stream_) == CUBLAS_STATUS_SUCCESS;
 }
 
-void CudaBackend::Gemm(const GemmPlan& p, const float* bias) {
+void CudaBackend::Gemm(const GemmPlan& p, const float* bias,
+                       const uint16_t* a16, const uint16_t* b16) {
+  const bool bf16_inputs = a16 != nullptr;
+  const void* a = bf16_inputs ? static_cast<const void*>(a16) : p.a;
+  const void* b = bf16_inputs ? static_cast<const void*>(b16) : p.b;
+  const cudaDataType_t in_type = bf16_inputs ? CUDA_R_16BF : CUDA_R_32F;
+  const cublasComputeType_t compute =
+      bf16_inputs ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32;
   if (p.batch == 1) {
     // The bias epilogue reads the bias with vector loads.
     const bool fuse_bias = bias == nullptr || Alignment(bias) >= 16;
-    if (LtGemm(p, fuse_bias ? bias : nullptr)) {
+    if (LtGemm(p, fuse_bias ? bias : nullptr, a, b, bf16_inputs)) {
       if (!fuse_bias) {
         cuda_kernels::AddBias(stream_, p.c, bias, p.n, p.m);
         CheckLaunch("AddBias");
@@ -493,10 +636,9 @@ void CudaBackend::Gemm(const GemmPlan& p, const float* bias) {
     ++gemm_fallbacks_;
     const cublasStatus_t s =
         cublasGemmEx(cublas_, Op(p.trans_a), Op(p.trans_b), p.m, p.n, p.k,
-                     &p.alpha, p.a, CUDA_R_32F, static_cast<int>(p.lda), p.b,
-                     CUDA_R_32F, static_cast<int>(p.ldb), &p.beta, p.c,
-                     CUDA_R_32F, static_cast<int>(p.ldc),
-                     CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT);
+                     &p.alpha, a, in_type, static_cast<int>(p.lda), b, in_type,
+                     static_cast<int>(p.ldb), &p.beta, p.c, CUDA_R_32F,
+                     static_cast<int>(p.ldc), compute, CUBLAS_GEMM_DEFAULT);
     if (s != CUBLAS_STATUS_SUCCESS) {
       Defer(CublasError(s, "cublasGemmEx"));
       return;
@@ -509,11 +651,11 @@ void CudaBackend::Gemm(const GemmPlan& p, const float* bias) {
     return;
   }
   const cublasStatus_t s = cublasGemmStridedBatchedEx(
-      cublas_, Op(p.trans_a), Op(p.trans_b), p.m, p.n, p.k, &p.alpha, p.a,
-      CUDA_R_32F, static_cast<int>(p.lda), p.stride_a, p.b, CUDA_R_32F,
+      cublas_, Op(p.trans_a), Op(p.trans_b), p.m, p.n, p.k, &p.alpha, a,
+      in_type, static_cast<int>(p.lda), p.stride_a, b, in_type,
       static_cast<int>(p.ldb), p.stride_b, &p.beta, p.c, CUDA_R_32F,
-      static_cast<int>(p.ldc), p.stride_c, p.batch,
-      CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT);
+      static_cast<int>(p.ldc), p.stride_c, p.batch, compute,
+      CUBLAS_GEMM_DEFAULT);
   if (s != CUBLAS_STATUS_SUCCESS) {
     Defer(CublasError(s, "cublasGemmStridedBatchedEx"));
   }
@@ -526,12 +668,14 @@ void CudaBackend::Gemm(const GemmPlan& p, const float* bias) {
 void CudaBackend::Zero(float* p, size_t n) {
   if (n == 0) return;
   UseDevice();
+  WroteFloats(p, n);
   const cudaError_t e = cudaMemsetAsync(p, 0, n * sizeof(float), stream_);
   if (e != cudaSuccess) Defer(CudaError(e, "cudaMemsetAsync"));
 }
 
 void CudaBackend::Axpy(float* y, float alpha, const float* x, size_t n) {
   UseDevice();
+  WroteFloats(y, n);
   cuda_kernels::Axpy(stream_, y, alpha, x, n);
   CheckLaunch("Axpy");
 }
@@ -540,6 +684,7 @@ void CudaBackend::EncoderForward(float* out, const int32_t* inp,
                                  const float* wte, const float* wpe, int B,
                                  int T, int C) {
   UseDevice();
+  WroteFloats(out, static_cast<size_t>(B) * T * C);
   cuda_kernels::EncoderForward(stream_, out, inp, wte, wpe, B, T, C);
   CheckLaunch("EncoderForward");
 }
@@ -547,6 +692,11 @@ void CudaBackend::EncoderForward(float* out, const int32_t* inp,
 void CudaBackend::EncoderBackward(float* dwte, float* dwpe, const float* dout,
                                   const int32_t* inp, int B, int T, int C) {
   UseDevice();
+  // dwte is written at the rows of the tokens in inp, whose range [0, V)
+  // the call does not know: everything from dwte to the end of its
+  // allocation may be written.
+  Wrote(dwte, AllocationBytesFrom(dwte));
+  WroteFloats(dwpe, static_cast<size_t>(T) * C);
   cuda_kernels::EncoderBackwardWpe(stream_, dwpe, dout, B, T, C);
   CheckLaunch("EncoderBackward (wpe)");
   const int N = B * T;
@@ -563,6 +713,9 @@ void CudaBackend::LayerNormForward(float* out, float* mean, float* rstd,
                                    const float* inp, const float* weight,
                                    const float* bias, int N, int C) {
   UseDevice();
+  WroteFloats(out, static_cast<size_t>(N) * C);
+  WroteFloats(mean, N);
+  WroteFloats(rstd, N);
   cuda_kernels::LayerNormForward(stream_, out, mean, rstd, inp, weight, bias, N,
                                  C);
   CheckLaunch("LayerNormForward");
@@ -573,6 +726,9 @@ void CudaBackend::LayerNormBackward(float* dinp, float* dweight, float* dbias,
                                     const float* weight, const float* mean,
                                     const float* rstd, int N, int C) {
   UseDevice();
+  WroteFloats(dinp, static_cast<size_t>(N) * C);
+  WroteFloats(dweight, C);
+  WroteFloats(dbias, C);
   cuda_kernels::LayerNormBackwardInput(stream_, dinp, dout, inp, weight, mean,
                                        rstd, N, C);
   CheckLaunch("LayerNormBackward (input)");
@@ -588,15 +744,47 @@ void CudaBackend::MatmulForward(float* out, const float* inp,
                                 const float* weight, const float* bias, int N,
                                 int C, int OC) {
   UseDevice();
-  Gemm(cuda_gemm::MatmulForward(out, inp, weight, N, C, OC), bias);
+  WroteFloats(out, static_cast<size_t>(N) * OC);
+  const GemmPlan plan = cuda_gemm::MatmulForward(out, inp, weight, N, C, OC);
+  if (!bf16()) {
+    Gemm(plan, bias);
+    return;
+  }
+  const size_t nc = static_cast<size_t>(N) * C;
+  const uint16_t* w16 = Bf16WeightOf(weight, static_cast<size_t>(OC) * C);
+  uint16_t* inp16 = Bf16Scratch(nc);
+  if (w16 == nullptr || inp16 == nullptr) return;
+  ToBf16(inp16, inp, nc);
+  Gemm(plan, bias, w16, inp16);
 }
 
 void CudaBackend::MatmulBackward(float* dinp, float* dweight, float* dbias,
                                  const float* dout, const float* inp,
                                  const float* weight, int N, int C, int OC) {
   UseDevice();
-  Gemm(cuda_gemm::MatmulBackwardInput(dinp, dout, weight, N, C, OC), nullptr);
-  Gemm(cuda_gemm::MatmulBackwardWeight(dweight, dout, inp, N, C, OC), nullptr);
+  const size_t nc = static_cast<size_t>(N) * C;
+  const size_t noc = static_cast<size_t>(N) * OC;
+  WroteFloats(dinp, nc);
+  WroteFloats(dweight, static_cast<size_t>(OC) * C);
+  if (dbias != nullptr) WroteFloats(dbias, OC);
+  const GemmPlan input_plan =
+      cuda_gemm::MatmulBackwardInput(dinp, dout, weight, N, C, OC);
+  const GemmPlan weight_plan =
+      cuda_gemm::MatmulBackwardWeight(dweight, dout, inp, N, C, OC);
+  if (!bf16()) {
+    Gemm(input_plan, nullptr);
+    Gemm(weight_plan, nullptr);
+  } else {
+    // dout and inp in one scratch allocation; the weight from the cache.
+    const uint16_t* w16 = Bf16WeightOf(weight, static_cast<size_t>(OC) * C);
+    uint16_t* dout16 = Bf16Scratch(PadBf16(noc) + nc);
+    if (w16 == nullptr || dout16 == nullptr) return;
+    uint16_t* inp16 = dout16 + PadBf16(noc);
+    ToBf16(dout16, dout, noc);
+    ToBf16(inp16, inp, nc);
+    Gemm(input_plan, nullptr, w16, dout16);
+    Gemm(weight_plan, nullptr, inp16, dout16);
+  }
   if (dbias == nullptr) return;
   float* scratch = static_cast<float*>(
       Scratch(cuda_kernels::ColumnSumsScratchFloats(N, OC) * sizeof(float)));
@@ -609,14 +797,38 @@ void CudaBackend::MatmulBackward(float* dinp, float* dweight, float* dbias,
 void CudaBackend::AttentionForward(float* out, float* att, const float* qkv,
                                    int B, int T, int C, int NH) {
   UseDevice();
+  const size_t bt = static_cast<size_t>(B) * T;
+  const size_t att_n = static_cast<size_t>(B) * NH * T * T;
+  WroteFloats(out, bt * C);
+  WroteFloats(att, att_n);
+  // kBf16: qkv and (after the softmax) att as bf16 operands.
+  uint16_t* qkv16 = nullptr;
+  uint16_t* att16 = nullptr;
+  if (bf16()) {
+    qkv16 = Bf16Scratch(PadBf16(bt * 3 * C) + att_n);
+    if (qkv16 == nullptr) return;
+    att16 = qkv16 + PadBf16(bt * 3 * C);
+    ToBf16(qkv16, qkv, bt * 3 * C);
+  }
   for (int b = 0; b < B; ++b) {
-    Gemm(cuda_gemm::AttentionScores(att, qkv, b, T, C, NH), nullptr);
+    const GemmPlan p = cuda_gemm::AttentionScores(att, qkv, b, T, C, NH);
+    if (bf16()) {
+      Gemm(p, nullptr, At(qkv16, qkv, p.a), At(qkv16, qkv, p.b));
+    } else {
+      Gemm(p, nullptr);
+    }
   }
   cuda_kernels::AttentionSoftmaxForward(stream_, att,
                                         static_cast<int64_t>(B) * NH * T, T);
   CheckLaunch("AttentionForward (softmax)");
+  if (bf16()) ToBf16(att16, att, att_n);
   for (int b = 0; b < B; ++b) {
-    Gemm(cuda_gemm::AttentionValues(out, att, qkv, b, T, C, NH), nullptr);
+    const GemmPlan p = cuda_gemm::AttentionValues(out, att, qkv, b, T, C, NH);
+    if (bf16()) {
+      Gemm(p, nullptr, At(qkv16, qkv, p.a), At(att16, att, p.b));
+    } else {
+      Gemm(p, nullptr);
+    }
   }
 }
 
@@ -625,25 +837,62 @@ void CudaBackend::AttentionBackward(float* dqkv, float* scratch,
                                     const float* att, int B, int T, int C,
                                     int NH) {
   UseDevice();
+  const size_t bt = static_cast<size_t>(B) * T;
+  const size_t att_n = static_cast<size_t>(B) * NH * T * T;
+  WroteFloats(dqkv, bt * 3 * C);
+  WroteFloats(scratch, att_n);
+  // kBf16: dout, qkv and att as bf16 operands; after the V products the
+  // att slot takes dpreatt (the products that read att run first, in
+  // stream order).
+  uint16_t* dout16 = nullptr;
+  uint16_t* qkv16 = nullptr;
+  uint16_t* att16 = nullptr;
+  if (bf16()) {
+    dout16 = Bf16Scratch(PadBf16(bt * C) + PadBf16(bt * 3 * C) + att_n);
+    if (dout16 == nullptr) return;
+    qkv16 = dout16 + PadBf16(bt * C);
+    att16 = qkv16 + PadBf16(bt * 3 * C);
+    ToBf16(dout16, dout, bt * C);
+    ToBf16(qkv16, qkv, bt * 3 * C);
+    ToBf16(att16, att, att_n);
+  }
   for (int b = 0; b < B; ++b) {
-    Gemm(cuda_gemm::AttentionBackwardAtt(scratch, dout, qkv, b, T, C, NH),
-         nullptr);
-    Gemm(cuda_gemm::AttentionBackwardV(dqkv, dout, att, b, T, C, NH), nullptr);
+    const GemmPlan datt =
+        cuda_gemm::AttentionBackwardAtt(scratch, dout, qkv, b, T, C, NH);
+    const GemmPlan dv =
+        cuda_gemm::AttentionBackwardV(dqkv, dout, att, b, T, C, NH);
+    if (bf16()) {
+      Gemm(datt, nullptr, At(qkv16, qkv, datt.a), At(dout16, dout, datt.b));
+      Gemm(dv, nullptr, At(dout16, dout, dv.a), At(att16, att, dv.b));
+    } else {
+      Gemm(datt, nullptr);
+      Gemm(dv, nullptr);
+    }
   }
   cuda_kernels::AttentionSoftmaxBackward(stream_, scratch, att,
                                          static_cast<int64_t>(B) * NH * T, T,
                                          cuda_gemm::AttentionScale(C, NH));
   CheckLaunch("AttentionBackward (softmax)");
+  uint16_t* dpre16 = att16;
+  if (bf16()) ToBf16(dpre16, scratch, att_n);
   for (int b = 0; b < B; ++b) {
-    Gemm(cuda_gemm::AttentionBackwardQ(dqkv, scratch, qkv, b, T, C, NH),
-         nullptr);
-    Gemm(cuda_gemm::AttentionBackwardK(dqkv, scratch, qkv, b, T, C, NH),
-         nullptr);
+    const GemmPlan dq =
+        cuda_gemm::AttentionBackwardQ(dqkv, scratch, qkv, b, T, C, NH);
+    const GemmPlan dk =
+        cuda_gemm::AttentionBackwardK(dqkv, scratch, qkv, b, T, C, NH);
+    if (bf16()) {
+      Gemm(dq, nullptr, At(qkv16, qkv, dq.a), At(dpre16, scratch, dq.b));
+      Gemm(dk, nullptr, At(qkv16, qkv, dk.a), At(dpre16, scratch, dk.b));
+    } else {
+      Gemm(dq, nullptr);
+      Gemm(dk, nullptr);
+    }
   }
 }
 
 void CudaBackend::GeluForward(float* out, const float* inp, size_t N) {
   UseDevice();
+  WroteFloats(out, N);
   cuda_kernels::GeluForward(stream_, out, inp, N);
   CheckLaunch("GeluForward");
 }
@@ -651,6 +900,7 @@ void CudaBackend::GeluForward(float* out, const float* inp, size_t N) {
 void CudaBackend::GeluBackward(float* dinp, const float* inp, const float* dout,
                                size_t N) {
   UseDevice();
+  WroteFloats(dinp, N);
   cuda_kernels::GeluBackward(stream_, dinp, inp, dout, N);
   CheckLaunch("GeluBackward");
 }
@@ -658,6 +908,7 @@ void CudaBackend::GeluBackward(float* dinp, const float* inp, const float* dout,
 void CudaBackend::ResidualForward(float* out, const float* inp1,
                                   const float* inp2, size_t N) {
   UseDevice();
+  WroteFloats(out, N);
   cuda_kernels::ResidualForward(stream_, out, inp1, inp2, N);
   CheckLaunch("ResidualForward");
 }
@@ -665,6 +916,8 @@ void CudaBackend::ResidualForward(float* out, const float* inp1,
 void CudaBackend::ResidualBackward(float* dinp1, float* dinp2,
                                    const float* dout, size_t N) {
   UseDevice();
+  WroteFloats(dinp1, N);
+  WroteFloats(dinp2, N);
   cuda_kernels::ResidualBackward(stream_, dinp1, dinp2, dout, N);
   CheckLaunch("ResidualBackward");
 }
@@ -673,6 +926,8 @@ void CudaBackend::CrossEntropyForward(float* losses, float* probs,
                                       const float* logits,
                                       const int32_t* targets, int N, int V) {
   UseDevice();
+  WroteFloats(losses, N);
+  WroteFloats(probs, static_cast<size_t>(N) * V);
   cuda_kernels::CrossEntropyForward(stream_, losses, probs, logits, targets, N,
                                     V);
   CheckLaunch("CrossEntropyForward");
@@ -682,6 +937,7 @@ void CudaBackend::CrossEntropyBackward(float* dlogits, const float* probs,
                                        const int32_t* targets, float dloss,
                                        int N, int V) {
   UseDevice();
+  WroteFloats(dlogits, static_cast<size_t>(N) * V);
   cuda_kernels::CrossEntropyBackward(stream_, dlogits, probs, targets, dloss, N,
                                      V);
   CheckLaunch("CrossEntropyBackward");

@@ -11,18 +11,43 @@
 // memory is copied directly.
 //
 // Numerics. Matrix products (the linear layers and the four attention
-// products) run on tensor cores in TF32: fp32 storage and accumulation,
-// inputs rounded to a 10-bit mantissa (cuBLAS CUBLAS_COMPUTE_32F_FAST_TF32;
-// cuBLASLt with a fused bias epilogue for MatmulForward, strided batched
-// cublasGemmStridedBatchedEx over the heads for attention). TF32 carries
-// the interface's fp32 tensors without conversion passes, at about 1e-3
-// relative error per product (unit roundoff 2^-11 on each input), which the
-// tests bound at 1e-2 (max-norm relative). Set NVIDIA_TF32_OVERRIDE=0 in
-// the environment for full fp32 products. All other kernels (embedding,
-// LayerNorm, GELU, softmax, cross-entropy, residual, reductions for the
-// bias and LayerNorm gradients) are fp32 custom kernels whose per-element
-// math is worker/backend/cuda/kernel_math.h; they agree with the CPU
-// reference to ~1e-6 relative.
+// products) run on tensor cores with fp32 accumulation and fp32 output, in
+// one of two input precisions (CudaBackendOptions::matmul_precision; the
+// interface's tensors are fp32 either way):
+// - kTf32 (the default): fp32 operands read directly, rounded by the tensor
+//   cores to TF32, an 11-bit significand: unit roundoff 2^-11 = 4.9e-4 per
+//   input (cuBLAS CUBLAS_COMPUTE_32F_FAST_TF32). NVIDIA_TF32_OVERRIDE=0 in
+//   the environment gives full fp32 products. Tests: 1e-2 max-norm relative
+//   error per product, 2e-2 per parameter gradient of a model step.
+// - kBf16: each operand is first converted to bf16 on the device (round to
+//   nearest even, kernel_math.h FloatToBf16Bits, bit-identical to
+//   common/bf16.h), an 8-bit significand: unit roundoff 2^-8 = 3.9e-3 per
+//   input, about 8x TF32's; the products then run with CUDA_R_16BF A/B,
+//   CUBLAS_COMPUTE_32F and fp32 C/D (bias epilogue in fp32). Tests: 4e-2
+//   per product, 8e-2 per parameter gradient of a model step, 4e-3 on the
+//   loss. Gradients stay fp32: the weight-gradient products read bf16
+//   copies of dout and inp but accumulate into the fp32 gradient. The
+//   attention probabilities att (and dpreatt) are rounded to bf16 as
+//   operands of their products too, as under PyTorch autocast.
+// Both use cuBLASLt (with a fused bias epilogue) for MatmulForward and the
+// two MatmulBackward products, and strided batched
+// cublasGemmStridedBatchedEx over the heads for attention. All other
+// kernels (embedding, LayerNorm, GELU, softmax, cross-entropy, residual,
+// reductions for the bias and LayerNorm gradients) are fp32 custom kernels
+// whose per-element math is worker/backend/cuda/kernel_math.h; they agree
+// with the CPU reference to ~1e-6 relative.
+//
+// bf16 weights. In kBf16 the `weight` operand of MatmulForward and
+// MatmulBackward (the parameters) is converted once and its bf16 copy kept
+// (keyed by pointer and size) until backend memory overlapping it is
+// written: by CopyToBackend (a parameter pull), Zero, Axpy, or an output of
+// any layer function (EncoderBackward counts as writing dwte through the
+// end of its allocation); Free of the allocation releases the copy. So a
+// weight is converted once
+// per parameter version, not per micro-batch. The copies take 2 bytes per
+// weight element of device memory on top of the fp32 tensors. Activations
+// and gradients are converted per call into backend-owned scratch (2 bytes
+// per element of the call's operands).
 //
 // Determinism: no atomics. Reductions use a fixed order that depends only
 // on the shapes; the embedding backward groups positions by token with a
@@ -60,9 +85,23 @@ struct cublasLtContext;
 
 namespace lmps {
 
+// The input precision of the matrix products; see Numerics above.
+enum class MatmulPrecision {
+  kTf32,  // fp32 operands, TF32 tensor cores
+  kBf16,  // operands converted to bf16 on the device, fp32 accumulation
+};
+
+// "tf32" or "bf16".
+std::string_view MatmulPrecisionName(MatmulPrecision precision);
+// The inverse of MatmulPrecisionName; InvalidArgumentError otherwise.
+absl::StatusOr<MatmulPrecision> ParseMatmulPrecision(std::string_view name);
+
 struct CudaBackendOptions {
   // The CUDA device ordinal, in [0, cudaGetDeviceCount()).
   int device = 0;
+  // TF32 stays the default until bf16 has been validated on hardware
+  // (cuda_backend_test runs both).
+  MatmulPrecision matmul_precision = MatmulPrecision::kTf32;
 };
 
 class CudaBackend final : public Backend {
@@ -88,6 +127,10 @@ class CudaBackend final : public Backend {
   // shape and alignment) and that went through cublasGemmEx plus a bias
   // kernel instead. For tests and benchmarks.
   int64_t gemm_fallbacks() const { return gemm_fallbacks_; }
+  MatmulPrecision matmul_precision() const { return precision_; }
+  // kBf16: how many times a weight tensor has been converted to bf16 (the
+  // conversions the bf16 weight cache did not avoid). For tests.
+  int64_t bf16_weight_conversions() const { return bf16_weight_conversions_; }
 
   absl::StatusOr<float*> Alloc(size_t floats) override;
   absl::StatusOr<int32_t*> AllocInt32(size_t n) override;
@@ -140,10 +183,16 @@ class CudaBackend final : public Backend {
  private:
   struct LtPlan;  // a cached cuBLASLt matmul configuration (cuda_backend.cu)
   // Key of a LtPlan: transposes, m, n, k, leading dimensions, bias,
-  // pointer alignments.
-  using LtKey = std::array<int64_t, 12>;
+  // pointer alignments, bf16 inputs.
+  using LtKey = std::array<int64_t, 13>;
+  // The bf16 copy of a weight tensor (kBf16).
+  struct Bf16Weight {
+    size_t n = 0;              // elements
+    uint16_t* data = nullptr;  // device memory, n bf16
+    bool valid = false;        // false: the fp32 tensor was written since
+  };
 
-  explicit CudaBackend(int device);
+  explicit CudaBackend(const CudaBackendOptions& options);
   absl::Status Init();
 
   // Makes device_ current for the calling thread.
@@ -163,16 +212,52 @@ class CudaBackend final : public Backend {
   void* Scratch(size_t bytes);
   // Pinned staging buffers, created on first use; false if unavailable.
   bool EnsureStaging();
+  // Grows *buf (device memory, *bytes long) to at least `bytes` after
+  // waiting for queued work that may still use it. Errors are deferred
+  // (nullptr).
+  void* GrowDeviceBuffer(void** buf, size_t* have, size_t bytes,
+                         const char* what);
+
+  bool bf16() const { return precision_ == MatmulPrecision::kBf16; }
+  // kBf16: bf16 scratch of `elements` values, separate from Scratch() and
+  // with the same lifetime rule (valid until the next Bf16Scratch call).
+  // Errors are deferred (nullptr).
+  uint16_t* Bf16Scratch(size_t elements);
+  // Enqueues dst[i] = bf16(src[i]) for i in [0, n).
+  void ToBf16(uint16_t* dst, const float* src, size_t n);
+  // kBf16: the bf16 copy of weight[0, n), converted now if there is no
+  // valid one (see "bf16 weights" above). Errors are deferred (nullptr).
+  const uint16_t* Bf16WeightOf(const float* weight, size_t n);
+  // Backend memory [p, p + bytes) is being written: invalidates the bf16
+  // copies of weights that overlap it. Cheap when there are none.
+  void Wrote(const void* p, size_t bytes);
+  void WroteFloats(const float* p, size_t n) { Wrote(p, n * sizeof(float)); }
+  // Frees the bf16 weight copies overlapping [p, p + bytes).
+  void DropBf16Weights(const void* p, size_t bytes);
+  // Calls f(iterator) for each bf16_weights_ entry whose fp32 tensor
+  // overlaps [p, p + bytes); f may erase the entry.
+  template <typename F>
+  void ForEachBf16WeightIn(const void* p, size_t bytes, F f);
+  // The bytes from p to the end of the Alloc/AllocInt32 allocation holding
+  // it; 0 when p is in none.
+  size_t AllocationBytesFrom(const void* p) const;
 
   // Runs one plan: batch 1 through cuBLASLt with an optional bias epilogue
   // (bias[m] added to every column of C), falling back to cublasGemmEx plus
   // a bias kernel when cuBLASLt cannot; batched through
-  // cublasGemmStridedBatchedEx (bias must be null).
-  void Gemm(const cuda_gemm::GemmPlan& plan, const float* bias);
+  // cublasGemmStridedBatchedEx (bias must be null). With a16 and b16 (both
+  // or neither) the products read those bf16 operands, laid out exactly as
+  // plan.a and plan.b (same leading dimensions and strides, in elements),
+  // instead of plan.a and plan.b, and compute in CUBLAS_COMPUTE_32F;
+  // otherwise fp32 operands in TF32.
+  void Gemm(const cuda_gemm::GemmPlan& plan, const float* bias,
+            const uint16_t* a16 = nullptr, const uint16_t* b16 = nullptr);
   // False when cuBLASLt has no algorithm or fails to launch.
-  bool LtGemm(const cuda_gemm::GemmPlan& plan, const float* bias);
+  bool LtGemm(const cuda_gemm::GemmPlan& plan, const float* bias, const void* a,
+              const void* b, bool bf16_inputs);
 
   const int device_;
+  const MatmulPrecision precision_;
   std::string description_;
   CUstream_st* stream_ = nullptr;
   cublasContext* cublas_ = nullptr;
@@ -187,6 +272,15 @@ class CudaBackend final : public Backend {
   bool staging_failed_ = false;
   std::map<LtKey, std::unique_ptr<LtPlan>> lt_plans_;
   int64_t gemm_fallbacks_ = 0;
+  // kBf16 state.
+  void* bf16_scratch_ = nullptr;
+  size_t bf16_scratch_bytes_ = 0;
+  // Keyed by the fp32 tensor's address.
+  std::map<uintptr_t, Bf16Weight> bf16_weights_;
+  // Live allocations of AllocBytes: address -> bytes.
+  std::map<uintptr_t, size_t> allocations_;
+  size_t bf16_weights_max_bytes_ = 0;  // of any entry's fp32 tensor
+  int64_t bf16_weight_conversions_ = 0;
   absl::Status deferred_;
 };
 

@@ -2,22 +2,30 @@
 // naive ReferenceBackend on random inputs, the memory functions, and a
 // whole GptModel training step against the CpuBackend.
 //
-// Every test is skipped (GTEST_SKIP) when there is no CUDA device
-// (cudaGetDeviceCount fails, e.g. no driver, or finds 0 devices).
+// Every test runs once per MatmulPrecision (suffix /Tf32, /Bf16) and is
+// skipped (GTEST_SKIP) when there is no CUDA device (cudaGetDeviceCount
+// fails, e.g. no driver, or finds 0 devices).
 //
 // Tolerances (max-norm relative error, test_util.h AllClose):
-// - kRtolGemm = 1e-2 for outputs of matrix products (linear layers,
-//   attention): they run on tensor cores in TF32, whose inputs carry a
-//   10-bit mantissa (unit roundoff 2^-11 = 4.9e-4), so products differ from
-//   the fp32/double reference by ~1e-3 of the tensor's scale.
+// - Outputs of matrix products (linear layers, attention), per precision
+//   (MatmulTolerances):
+//   - kTf32: 1e-2. TF32 inputs carry an 11-bit significand (unit roundoff
+//     2^-11 = 4.9e-4), so products differ from the fp32/double reference by
+//     ~1e-3 of the tensor's scale.
+//   - kBf16: 4e-2. bf16 inputs carry an 8-bit significand (unit roundoff
+//     2^-8 = 3.9e-3, 8x TF32's), accumulation is fp32, so products differ
+//     by ~4e-3 to 1e-2 of the tensor's scale (the attention probabilities
+//     are rounded to bf16 too).
 // - kRtolElementwise = 1e-5 for elementwise kernels and kRtolReduction =
 //   2e-5 for fp32 reductions (LayerNorm, softmax, cross-entropy, column
-//   sums): a few ulp times the square root of the reduction length.
-// - Whole model step: loss within 1e-3 relative, every parameter gradient
-//   within kRtolModelGrad = 2e-2 (TF32 errors of ~1e-3 compound over the
-//   layers of the backward pass).
+//   sums): a few ulp times the square root of the reduction length. These
+//   kernels are fp32 in both precisions.
+// - Whole model step, per precision: the loss within 1e-3 (TF32) / 4e-3
+//   (bf16) relative, every parameter gradient within 2e-2 (TF32) / 8e-2
+//   (bf16): the per-product errors compound over the layers of the
+//   backward pass.
 // A real bug (a wrong index, a missing term, overwrite instead of
-// accumulate) gives errors of order 1.
+// accumulate, a stale bf16 weight) gives errors of order 1.
 //
 // Backward tests pre-fill every gradient with random values so they also
 // check accumulation (+=).
@@ -48,11 +56,25 @@ using ::lmps::testing::AllClose;
 using ::lmps::testing::RandomTokens;
 using ::lmps::testing::RandomVector;
 
-constexpr double kRtolGemm = 1e-2;
 constexpr double kRtolElementwise = 1e-5;
 constexpr double kRtolReduction = 2e-5;
-constexpr double kRtolModelGrad = 2e-2;
-constexpr double kRtolLoss = 1e-3;
+
+// The tolerances that depend on the matrix products' input precision.
+struct MatmulTolerances {
+  double gemm;        // a product's output
+  double model_grad;  // a parameter gradient of a whole model step
+  double loss;        // the loss of a whole model step
+};
+
+MatmulTolerances TolerancesFor(MatmulPrecision precision) {
+  switch (precision) {
+    case MatmulPrecision::kTf32:
+      return {.gemm = 1e-2, .model_grad = 2e-2, .loss = 1e-3};
+    case MatmulPrecision::kBf16:
+      return {.gemm = 4e-2, .model_grad = 8e-2, .loss = 4e-3};
+  }
+  return {};
+}
 
 template <typename T>
 T Must(absl::StatusOr<T> v, const char* what) {
@@ -74,13 +96,14 @@ std::string NoGpuReason() {
   return "";
 }
 
-class CudaBackendTest : public ::testing::Test {
+class CudaBackendTest : public ::testing::TestWithParam<MatmulPrecision> {
  protected:
   void SetUp() override {
     if (const std::string why = NoGpuReason(); !why.empty()) {
       GTEST_SKIP() << "no CUDA device (" << why << "): skipping";
     }
-    auto cuda = CudaBackend::Create({.device = 0});
+    auto cuda =
+        CudaBackend::Create({.device = 0, .matmul_precision = GetParam()});
     ASSERT_TRUE(cuda.ok()) << cuda.status();
     cuda_ = std::move(*cuda);
     auto ref = ReferenceBackend::Create();
@@ -122,6 +145,9 @@ class CudaBackendTest : public ::testing::Test {
     return v;
   }
 
+  // The tolerances of this run's precision.
+  MatmulTolerances tol() const { return TolerancesFor(GetParam()); }
+
   std::unique_ptr<CudaBackend> cuda_;
   std::unique_ptr<ReferenceBackend> ref_;
   std::vector<float*> floats_;
@@ -142,9 +168,10 @@ const Shape kShapes[] = {
 // Setup and memory.
 // ---------------------------------------------------------------------------
 
-TEST_F(CudaBackendTest, CreateAndDescribe) {
+TEST_P(CudaBackendTest, CreateAndDescribe) {
   EXPECT_EQ(cuda_->name(), "cuda");
   EXPECT_EQ(cuda_->device(), 0);
+  EXPECT_EQ(cuda_->matmul_precision(), GetParam());
   EXPECT_FALSE(cuda_->device_description().empty());
   const int count = Must(CudaBackend::DeviceCount(), "DeviceCount");
   EXPECT_GE(count, 1);
@@ -156,7 +183,7 @@ TEST_F(CudaBackendTest, CreateAndDescribe) {
       << bad.status();
 }
 
-TEST_F(CudaBackendTest, AllocIsZeroFilledAndAllocZeroIsValid) {
+TEST_P(CudaBackendTest, AllocIsZeroFilledAndAllocZeroIsValid) {
   float* p = Empty(1000);
   EXPECT_EQ(Down(p, 1000), std::vector<float>(1000, 0.0f));
   float* z = Must(cuda_->Alloc(0), "Alloc(0)");
@@ -170,7 +197,7 @@ TEST_F(CudaBackendTest, AllocIsZeroFilledAndAllocZeroIsValid) {
   EXPECT_TRUE(cuda_->Synchronize().ok());
 }
 
-TEST_F(CudaBackendTest, AllocTooMuchIsResourceExhausted) {
+TEST_P(CudaBackendTest, AllocTooMuchIsResourceExhausted) {
   auto p = cuda_->Alloc(size_t{1} << 50);  // 4 PiB
   EXPECT_EQ(p.status().code(), absl::StatusCode::kResourceExhausted)
       << p.status();
@@ -179,7 +206,7 @@ TEST_F(CudaBackendTest, AllocTooMuchIsResourceExhausted) {
             (std::vector<float>{1, 2, 3}));
 }
 
-TEST_F(CudaBackendTest, CopiesRoundTripExactly) {
+TEST_P(CudaBackendTest, CopiesRoundTripExactly) {
   // Small (direct), just over the staging chunk, and several chunks with an
   // odd tail (pipelined through the pinned buffers).
   for (size_t n : {size_t{1}, size_t{1000}, size_t{(8 << 20) / 4 + 1},
@@ -195,7 +222,7 @@ TEST_F(CudaBackendTest, CopiesRoundTripExactly) {
   }
 }
 
-TEST_F(CudaBackendTest, CopiesFromPinnedHostMemory) {
+TEST_P(CudaBackendTest, CopiesFromPinnedHostMemory) {
   const size_t n = 3'000'000;
   float* pinned = nullptr;
   ASSERT_EQ(cudaMallocHost(reinterpret_cast<void**>(&pinned), n * 4),
@@ -210,7 +237,7 @@ TEST_F(CudaBackendTest, CopiesFromPinnedHostMemory) {
   cudaFreeHost(pinned);
 }
 
-TEST_F(CudaBackendTest, ZeroAndAxpy) {
+TEST_P(CudaBackendTest, ZeroAndAxpy) {
   const size_t n = 100'003;
   const std::vector<float> x = RandomVector(4, n), y = RandomVector(5, n);
   float* dx = Up(x);
@@ -231,7 +258,7 @@ TEST_F(CudaBackendTest, ZeroAndAxpy) {
 // Layers.
 // ---------------------------------------------------------------------------
 
-TEST_F(CudaBackendTest, Encoder) {
+TEST_P(CudaBackendTest, Encoder) {
   for (const Shape& s : kShapes) {
     SCOPED_TRACE(::testing::Message()
                  << "B=" << s.B << " T=" << s.T << " C=" << s.C);
@@ -269,7 +296,7 @@ TEST_F(CudaBackendTest, Encoder) {
   }
 }
 
-TEST_F(CudaBackendTest, LayerNorm) {
+TEST_P(CudaBackendTest, LayerNorm) {
   for (const Shape& s : kShapes) {
     const int N = s.B * s.T, C = s.C;
     SCOPED_TRACE(::testing::Message() << "N=" << N << " C=" << C);
@@ -308,7 +335,7 @@ TEST_F(CudaBackendTest, LayerNorm) {
   }
 }
 
-TEST_F(CudaBackendTest, Matmul) {
+TEST_P(CudaBackendTest, Matmul) {
   struct MShape {
     int N, C, OC;
   };
@@ -333,7 +360,7 @@ TEST_F(CudaBackendTest, Matmul) {
       cuda_->MatmulForward(out, dinp_, dw_, bias, s.N, s.C, s.OC);
       ref_->MatmulForward(out_r.data(), inp.data(), w.data(),
                           with_bias ? b.data() : nullptr, s.N, s.C, s.OC);
-      EXPECT_TRUE(AllClose(Down(out, s.N * s.OC), out_r, kRtolGemm)) << "out";
+      EXPECT_TRUE(AllClose(Down(out, s.N * s.OC), out_r, tol().gemm)) << "out";
 
       const std::vector<float> dout = RandomVector(17, s.N * s.OC);
       std::vector<float> dinp_r = RandomVector(18, s.N * s.C);
@@ -347,8 +374,9 @@ TEST_F(CudaBackendTest, Matmul) {
       ref_->MatmulBackward(dinp_r.data(), dw_r.data(),
                            with_bias ? db_r.data() : nullptr, dout.data(),
                            inp.data(), w.data(), s.N, s.C, s.OC);
-      EXPECT_TRUE(AllClose(Down(dinp, s.N * s.C), dinp_r, kRtolGemm)) << "dinp";
-      EXPECT_TRUE(AllClose(Down(dweight, s.OC * s.C), dw_r, kRtolGemm))
+      EXPECT_TRUE(AllClose(Down(dinp, s.N * s.C), dinp_r, tol().gemm))
+          << "dinp";
+      EXPECT_TRUE(AllClose(Down(dweight, s.OC * s.C), dw_r, tol().gemm))
           << "dweight";
       if (with_bias) {
         // A column sum in fp32, not a tensor-core product.
@@ -359,7 +387,7 @@ TEST_F(CudaBackendTest, Matmul) {
   }
 }
 
-TEST_F(CudaBackendTest, MatmulUsesCublasLtForAlignedShapes) {
+TEST_P(CudaBackendTest, MatmulUsesCublasLtForAlignedShapes) {
   const int N = 256, C = 768, OC = 3072;
   float* out = Empty(static_cast<size_t>(N) * OC);
   float* inp = Up(RandomVector(21, N * C));
@@ -376,7 +404,7 @@ TEST_F(CudaBackendTest, MatmulUsesCublasLtForAlignedShapes) {
   EXPECT_EQ(cuda_->gemm_fallbacks(), before);
 }
 
-TEST_F(CudaBackendTest, Attention) {
+TEST_P(CudaBackendTest, Attention) {
   for (const Shape& s : kShapes) {
     SCOPED_TRACE(::testing::Message() << "B=" << s.B << " T=" << s.T
                                       << " C=" << s.C << " NH=" << s.NH);
@@ -391,8 +419,8 @@ TEST_F(CudaBackendTest, Attention) {
     ref_->AttentionForward(out_r.data(), att_r.data(), qkv.data(), s.B, s.T,
                            s.C, s.NH);
     const std::vector<float> att_c = Down(att, att_n);
-    EXPECT_TRUE(AllClose(att_c, att_r, kRtolGemm)) << "att";
-    EXPECT_TRUE(AllClose(Down(out, BT * s.C), out_r, kRtolGemm)) << "out";
+    EXPECT_TRUE(AllClose(att_c, att_r, tol().gemm)) << "att";
+    EXPECT_TRUE(AllClose(Down(out, BT * s.C), out_r, tol().gemm)) << "out";
     // The causal mask is exact: zeros above the diagonal.
     bool masked = true;
     for (size_t r = 0; r < att_n / s.T && masked; ++r) {
@@ -411,12 +439,12 @@ TEST_F(CudaBackendTest, Attention) {
                              s.T, s.C, s.NH);
     ref_->AttentionBackward(dqkv_r.data(), scratch_r.data(), dout.data(),
                             qkv.data(), att_r.data(), s.B, s.T, s.C, s.NH);
-    EXPECT_TRUE(AllClose(Down(dqkv, BT * 3 * s.C), dqkv_r, kRtolGemm))
+    EXPECT_TRUE(AllClose(Down(dqkv, BT * 3 * s.C), dqkv_r, tol().gemm))
         << "dqkv";
   }
 }
 
-TEST_F(CudaBackendTest, Gelu) {
+TEST_P(CudaBackendTest, Gelu) {
   const size_t n = 1'000'003;
   const std::vector<float> inp = RandomVector(27, n, -6.0f, 6.0f);
   float* dinp_ = Up(inp);
@@ -434,7 +462,7 @@ TEST_F(CudaBackendTest, Gelu) {
   EXPECT_TRUE(AllClose(Down(dinp, n), dinp_r, kRtolElementwise));
 }
 
-TEST_F(CudaBackendTest, Residual) {
+TEST_P(CudaBackendTest, Residual) {
   const size_t n = 300'007;
   const std::vector<float> a = RandomVector(30, n), b = RandomVector(31, n);
   float* da = Up(a);
@@ -458,7 +486,7 @@ TEST_F(CudaBackendTest, Residual) {
   EXPECT_EQ(Down(d2, n), d2_r);
 }
 
-TEST_F(CudaBackendTest, CrossEntropy) {
+TEST_P(CudaBackendTest, CrossEntropy) {
   struct CShape {
     int N, V;
   };
@@ -492,7 +520,7 @@ TEST_F(CudaBackendTest, CrossEntropy) {
   }
 }
 
-TEST_F(CudaBackendTest, ParameterGradientsAreDeterministic) {
+TEST_P(CudaBackendTest, ParameterGradientsAreDeterministic) {
   // Column sums (LayerNorm and bias gradients) over many rows: same bits
   // every time.
   const int N = 4096, C = 768;
@@ -559,7 +587,8 @@ StepResult RunStep(Backend* backend, const ModelConfig& config,
 }
 
 void CompareStep(CudaBackend* cuda, const ModelConfig& config,
-                 const std::vector<float>& params, int B, int T) {
+                 const std::vector<float>& params, int B, int T,
+                 const MatmulTolerances& tol) {
   const std::vector<int32_t> tokens =
       RandomTokens(43, B * T, config.vocab_size());
   const std::vector<int32_t> targets =
@@ -570,7 +599,7 @@ void CompareStep(CudaBackend* cuda, const ModelConfig& config,
       RunStep(cpu->get(), config, params, tokens, targets, B, T);
   const StepResult got = RunStep(cuda, config, params, tokens, targets, B, T);
   ASSERT_EQ(got.grads.size(), want.grads.size());
-  EXPECT_NEAR(got.loss, want.loss, kRtolLoss * std::fabs(want.loss));
+  EXPECT_NEAR(got.loss, want.loss, tol.loss * std::fabs(want.loss));
   // Tensor by tensor, so each is measured against its own scale.
   int64_t offset = 0;
   for (const TensorSpec& spec : GptTensorSpecs(config)) {
@@ -579,12 +608,12 @@ void CompareStep(CudaBackend* cuda, const ModelConfig& config,
                                got.grads.begin() + offset + n);
     const std::vector<float> w(want.grads.begin() + offset,
                                want.grads.begin() + offset + n);
-    EXPECT_TRUE(AllClose(g, w, kRtolModelGrad, 1e-8)) << spec.name;
+    EXPECT_TRUE(AllClose(g, w, tol.model_grad, 1e-8)) << spec.name;
     offset += n;
   }
 }
 
-TEST_F(CudaBackendTest, GptTrainingStepMatchesCpu) {
+TEST_P(CudaBackendTest, GptTrainingStepMatchesCpu) {
   const ModelConfig config = StepConfig();
   // GPT-2 initialisation, and "trained-like" parameters of order 1 whose
   // activations and gradients are all far from zero.
@@ -608,13 +637,102 @@ TEST_F(CudaBackendTest, GptTrainingStepMatchesCpu) {
   }
   {
     SCOPED_TRACE("GPT-2 init, B=4 T=48");
-    CompareStep(cuda_.get(), config, gpt2, 4, 48);
+    CompareStep(cuda_.get(), config, gpt2, 4, 48, tol());
   }
   {
     SCOPED_TRACE("large parameters, B=3 T=29");
-    CompareStep(cuda_.get(), config, large, 3, 29);
+    CompareStep(cuda_.get(), config, large, 3, 29, tol());
   }
 }
+
+// ---------------------------------------------------------------------------
+// The bf16 weight copies (kBf16): converted once per parameter version.
+// ---------------------------------------------------------------------------
+
+TEST_P(CudaBackendTest, Bf16WeightCopyFollowsEveryWrite) {
+  if (GetParam() != MatmulPrecision::kBf16) GTEST_SKIP() << "bf16 only";
+  const int N = 64, C = 96, OC = 128;
+  const std::vector<float> inp = RandomVector(50, N * C);
+  std::vector<float> w = RandomVector(51, OC * C);
+  float* dinp_ = Up(inp);
+  float* dw_ = Up(w);
+  float* out = Empty(static_cast<size_t>(N) * OC);
+  std::vector<float> out_r(static_cast<size_t>(N) * OC);
+  // Checks out against the reference with the current host weights w.
+  auto check = [&](const char* what) {
+    cuda_->MatmulForward(out, dinp_, dw_, nullptr, N, C, OC);
+    ref_->MatmulForward(out_r.data(), inp.data(), w.data(), nullptr, N, C, OC);
+    EXPECT_TRUE(AllClose(Down(out, out_r.size()), out_r, tol().gemm)) << what;
+  };
+  const int64_t c0 = cuda_->bf16_weight_conversions();
+  check("first use");
+  EXPECT_EQ(cuda_->bf16_weight_conversions(), c0 + 1);
+  check("second use");
+  // MatmulBackward reads the same copy; writes elsewhere keep it.
+  float* dinp = Empty(static_cast<size_t>(N) * C);
+  float* dweight = Empty(static_cast<size_t>(OC) * C);
+  cuda_->MatmulBackward(dinp, dweight, nullptr, out, dinp_, dw_, N, C, OC);
+  cuda_->Zero(dinp, static_cast<size_t>(N) * C);
+  EXPECT_EQ(cuda_->bf16_weight_conversions(), c0 + 1);
+
+  // A parameter pull (CopyToBackend) of one element in the middle.
+  w[w.size() / 2] = 100.0f;
+  ASSERT_TRUE(
+      cuda_->CopyToBackend(dw_ + w.size() / 2, &w[w.size() / 2], 1).ok());
+  check("after CopyToBackend");
+  EXPECT_EQ(cuda_->bf16_weight_conversions(), c0 + 2);
+
+  // An optimiser step on the device (Axpy), then Zero of the tail.
+  const std::vector<float> g = RandomVector(52, OC * C);
+  cuda_->Axpy(dw_, -0.5f, Up(g), w.size());
+  for (size_t i = 0; i < w.size(); ++i) w[i] += -0.5f * g[i];
+  check("after Axpy");
+  cuda_->Zero(dw_ + w.size() - 7, 7);
+  std::fill(w.end() - 7, w.end(), 0.0f);
+  check("after Zero");
+  // A layer output written over the weight.
+  cuda_->GeluForward(dw_, Up(g), w.size());
+  ref_->GeluForward(w.data(), g.data(), w.size());
+  check("after GeluForward");
+  EXPECT_EQ(cuda_->bf16_weight_conversions(), c0 + 5);
+}
+
+TEST_P(CudaBackendTest, Bf16WeightsConvertedOncePerParameterVersionInModel) {
+  if (GetParam() != MatmulPrecision::kBf16) GTEST_SKIP() << "bf16 only";
+  const ModelConfig config = StepConfig();
+  const int B = 2, T = 16;
+  auto model = GptModel::Create(config, cuda_.get(), B, T);
+  ASSERT_TRUE(model.ok()) << model.status();
+  ASSERT_TRUE((*model)->InitParameters(7).ok());
+  const std::vector<int32_t> tokens =
+      RandomTokens(53, B * T, config.vocab_size());
+  auto step = [&]() {
+    (*model)->ZeroGrad();
+    auto loss = (*model)->Forward(tokens.data(), tokens.data(), B, T);
+    ASSERT_TRUE(loss.ok()) << loss.status();
+    ASSERT_TRUE((*model)->Backward().ok());
+  };
+  step();
+  const int64_t per_version = cuda_->bf16_weight_conversions();
+  // 4 linear layers per block and the tied LM head.
+  EXPECT_EQ(per_version, 4 * config.n_layer() + 1);
+  step();  // micro-batches of the same parameters: no conversion
+  step();
+  EXPECT_EQ(cuda_->bf16_weight_conversions(), per_version);
+  std::vector<float> params((*model)->num_parameters());
+  ASSERT_TRUE((*model)->ParametersToHost(params.data()).ok());
+  ASSERT_TRUE((*model)->SetParametersFromHost(params.data()).ok());
+  step();  // a new parameter version: each weight once more
+  EXPECT_EQ(cuda_->bf16_weight_conversions(), 2 * per_version);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Precisions, CudaBackendTest,
+    ::testing::Values(MatmulPrecision::kTf32, MatmulPrecision::kBf16),
+    [](const ::testing::TestParamInfo<MatmulPrecision>& info) {
+      return info.param == MatmulPrecision::kTf32 ? std::string("Tf32")
+                                                  : std::string("Bf16");
+    });
 
 }  // namespace
 }  // namespace lmps

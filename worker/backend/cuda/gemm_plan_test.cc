@@ -8,7 +8,12 @@
 //
 // Tolerance: max-norm relative error <= 2e-5 (the host GEMM accumulates in
 // double like the reference; the rest is fp32 rounding). On the GPU the
-// same plans run in TF32; cuda_backend_test bounds that at 1e-2.
+// same plans run in TF32 (cuda_backend_test bounds that at 1e-2) or on bf16
+// operands (MatmulPrecision::kBf16, bounded there at 4e-2). The tests also
+// run every plan on operands rounded to bf16 by kernel_math.h's converter,
+// with exact accumulation, against the same 4e-2: that bf16 tolerance is
+// checked here on the CPU too, leaving the GPU only its fp32 accumulation
+// order to add.
 #include "worker/backend/cuda/gemm_plan.h"
 
 #include <cmath>
@@ -30,6 +35,15 @@ using ::lmps::testing::RandomVector;
 namespace km = ::lmps::cuda_math;
 
 constexpr double kRtol = 2e-5;
+// cuda_backend_test's tolerance for products of bf16 operands.
+constexpr double kRtolBf16 = 4e-2;
+
+double RtolFor(bool bf16) { return bf16 ? kRtolBf16 : kRtol; }
+
+// x as the kBf16 products see it.
+double Operand(float x, bool bf16) {
+  return bf16 ? km::Bf16BitsToFloat(km::FloatToBf16Bits(x)) : x;
+}
 
 // A host buffer a plan may touch.
 struct Span {
@@ -47,8 +61,10 @@ int64_t Index(const float* base, int64_t row, int64_t col, int64_t ld,
   return i;
 }
 
-// C_i = alpha op(A_i) op(B_i) + beta C_i, accumulating in double.
-void RunPlan(const GemmPlan& p, Span a_buf, Span b_buf, std::vector<float>* c) {
+// C_i = alpha op(A_i) op(B_i) + beta C_i, accumulating in double; with
+// bf16, A and B are read rounded to bf16 (as MatmulPrecision::kBf16).
+void RunPlan(const GemmPlan& p, Span a_buf, Span b_buf, std::vector<float>* c,
+             bool bf16 = false) {
   const Span c_buf{c->data(), c->size()};
   ASSERT_GE(p.lda, p.trans_a ? p.k : p.m);
   ASSERT_GE(p.ldb, p.trans_b ? p.n : p.k);
@@ -66,7 +82,7 @@ void RunPlan(const GemmPlan& p, Span a_buf, Span b_buf, std::vector<float>* c) {
           const int64_t ib = p.trans_b ? Index(b, col, l, p.ldb, b_buf, "B")
                                        : Index(b, l, col, p.ldb, b_buf, "B");
           if (::testing::Test::HasFailure()) return;
-          acc += static_cast<double>(a_buf.data[ia]) * b_buf.data[ib];
+          acc += Operand(a_buf.data[ia], bf16) * Operand(b_buf.data[ib], bf16);
         }
         const int64_t ic = Index(cc, row, col, p.ldc, c_buf, "C");
         if (::testing::Test::HasFailure()) return;
@@ -80,24 +96,28 @@ void RunPlan(const GemmPlan& p, Span a_buf, Span b_buf, std::vector<float>* c) {
 
 Span Of(const std::vector<float>& v) { return Span{v.data(), v.size()}; }
 
-class GemmPlanTest : public ::testing::Test {
+// Parameter: run the products on bf16-rounded operands (kBf16).
+class GemmPlanTest : public ::testing::TestWithParam<bool> {
  protected:
   void SetUp() override {
     auto ref = ReferenceBackend::Create();
     ASSERT_TRUE(ref.ok()) << ref.status();
     ref_ = std::move(*ref);
   }
+  bool bf16() const { return GetParam(); }
+  double rtol() const { return RtolFor(GetParam()); }
   std::unique_ptr<ReferenceBackend> ref_;
 };
 
-TEST_F(GemmPlanTest, Matmul) {
+TEST_P(GemmPlanTest, Matmul) {
+  const bool bf16 = this->bf16();
   struct MShape {
     int N, C, OC;
   };
   for (const MShape s : {MShape{1, 1, 1}, MShape{7, 3, 5}, MShape{37, 19, 53},
-                         MShape{64, 96, 128}}) {
-    SCOPED_TRACE(::testing::Message()
-                 << "N=" << s.N << " C=" << s.C << " OC=" << s.OC);
+                         MShape{64, 96, 128}, MShape{128, 768, 256}}) {
+    SCOPED_TRACE(::testing::Message() << "N=" << s.N << " C=" << s.C
+                                      << " OC=" << s.OC << " bf16=" << bf16);
     const std::vector<float> inp = RandomVector(1, s.N * s.C);
     const std::vector<float> w = RandomVector(2, s.OC * s.C);
     const std::vector<float> bias = RandomVector(3, s.OC);
@@ -105,13 +125,13 @@ TEST_F(GemmPlanTest, Matmul) {
     std::vector<float> out(s.N * s.OC, 7.0f), out_r(s.N * s.OC);
     RunPlan(cuda_gemm::MatmulForward(out.data(), inp.data(), w.data(), s.N, s.C,
                                      s.OC),
-            Of(w), Of(inp), &out);
+            Of(w), Of(inp), &out, bf16);
     for (int n = 0; n < s.N; ++n) {
       for (int o = 0; o < s.OC; ++o) out[n * s.OC + o] += bias[o];
     }
     ref_->MatmulForward(out_r.data(), inp.data(), w.data(), bias.data(), s.N,
                         s.C, s.OC);
-    EXPECT_TRUE(AllClose(out, out_r, kRtol)) << "out";
+    EXPECT_TRUE(AllClose(out, out_r, rtol())) << "out";
 
     // Backward accumulates into random gradients.
     const std::vector<float> dout = RandomVector(4, s.N * s.OC);
@@ -120,14 +140,14 @@ TEST_F(GemmPlanTest, Matmul) {
     std::vector<float> db_r = RandomVector(7, s.OC);
     RunPlan(cuda_gemm::MatmulBackwardInput(dinp.data(), dout.data(), w.data(),
                                            s.N, s.C, s.OC),
-            Of(w), Of(dout), &dinp);
+            Of(w), Of(dout), &dinp, bf16);
     RunPlan(cuda_gemm::MatmulBackwardWeight(dw.data(), dout.data(), inp.data(),
                                             s.N, s.C, s.OC),
-            Of(inp), Of(dout), &dw);
+            Of(inp), Of(dout), &dw, bf16);
     ref_->MatmulBackward(dinp_r.data(), dw_r.data(), db_r.data(), dout.data(),
                          inp.data(), w.data(), s.N, s.C, s.OC);
-    EXPECT_TRUE(AllClose(dinp, dinp_r, kRtol)) << "dinp";
-    EXPECT_TRUE(AllClose(dw, dw_r, kRtol)) << "dweight";
+    EXPECT_TRUE(AllClose(dinp, dinp_r, rtol())) << "dinp";
+    EXPECT_TRUE(AllClose(dw, dw_r, rtol())) << "dweight";
   }
 }
 
@@ -143,11 +163,12 @@ const AShape kAttentionShapes[] = {
 
 // AttentionForward as cuda_backend.cu runs it.
 void AttentionForwardHost(std::vector<float>* out, std::vector<float>* att,
-                          const std::vector<float>& qkv, const AShape& s) {
+                          const std::vector<float>& qkv, const AShape& s,
+                          bool bf16) {
   for (int b = 0; b < s.B; ++b) {
     RunPlan(
         cuda_gemm::AttentionScores(att->data(), qkv.data(), b, s.T, s.C, s.NH),
-        Of(qkv), Of(qkv), att);
+        Of(qkv), Of(qkv), att, bf16);
   }
   // The softmax kernel, row by row (row r has position t = r % T).
   const int64_t rows = static_cast<int64_t>(s.B) * s.NH * s.T;
@@ -163,32 +184,36 @@ void AttentionForwardHost(std::vector<float>* out, std::vector<float>* att,
   for (int b = 0; b < s.B; ++b) {
     RunPlan(cuda_gemm::AttentionValues(out->data(), att->data(), qkv.data(), b,
                                        s.T, s.C, s.NH),
-            Of(qkv), Of(*att), out);
+            Of(qkv), Of(*att), out, bf16);
   }
 }
 
-TEST_F(GemmPlanTest, AttentionForward) {
+TEST_P(GemmPlanTest, AttentionForward) {
+  const bool bf16 = this->bf16();
   for (const AShape& s : kAttentionShapes) {
-    SCOPED_TRACE(::testing::Message() << "B=" << s.B << " T=" << s.T
-                                      << " C=" << s.C << " NH=" << s.NH);
+    SCOPED_TRACE(::testing::Message()
+                 << "B=" << s.B << " T=" << s.T << " C=" << s.C
+                 << " NH=" << s.NH << " bf16=" << bf16);
     const size_t BT = static_cast<size_t>(s.B) * s.T;
     const size_t att_n = static_cast<size_t>(s.B) * s.NH * s.T * s.T;
     const std::vector<float> qkv = RandomVector(8, BT * 3 * s.C, -2.0f, 2.0f);
     // Garbage in the outputs checks they are overwritten.
     std::vector<float> out(BT * s.C, 5.0f), att(att_n, 5.0f);
     std::vector<float> out_r(BT * s.C), att_r(att_n);
-    AttentionForwardHost(&out, &att, qkv, s);
+    AttentionForwardHost(&out, &att, qkv, s, bf16);
     ref_->AttentionForward(out_r.data(), att_r.data(), qkv.data(), s.B, s.T,
                            s.C, s.NH);
-    EXPECT_TRUE(AllClose(att, att_r, kRtol)) << "att";
-    EXPECT_TRUE(AllClose(out, out_r, kRtol)) << "out";
+    EXPECT_TRUE(AllClose(att, att_r, rtol())) << "att";
+    EXPECT_TRUE(AllClose(out, out_r, rtol())) << "out";
   }
 }
 
-TEST_F(GemmPlanTest, AttentionBackward) {
+TEST_P(GemmPlanTest, AttentionBackward) {
+  const bool bf16 = this->bf16();
   for (const AShape& s : kAttentionShapes) {
-    SCOPED_TRACE(::testing::Message() << "B=" << s.B << " T=" << s.T
-                                      << " C=" << s.C << " NH=" << s.NH);
+    SCOPED_TRACE(::testing::Message()
+                 << "B=" << s.B << " T=" << s.T << " C=" << s.C
+                 << " NH=" << s.NH << " bf16=" << bf16);
     const size_t BT = static_cast<size_t>(s.B) * s.T;
     const size_t att_n = static_cast<size_t>(s.B) * s.NH * s.T * s.T;
     const std::vector<float> qkv = RandomVector(9, BT * 3 * s.C, -2.0f, 2.0f);
@@ -203,10 +228,10 @@ TEST_F(GemmPlanTest, AttentionBackward) {
     for (int b = 0; b < s.B; ++b) {
       RunPlan(cuda_gemm::AttentionBackwardAtt(scratch.data(), dout.data(),
                                               qkv.data(), b, s.T, s.C, s.NH),
-              Of(qkv), Of(dout), &scratch);
+              Of(qkv), Of(dout), &scratch, bf16);
       RunPlan(cuda_gemm::AttentionBackwardV(dqkv.data(), dout.data(),
                                             att.data(), b, s.T, s.C, s.NH),
-              Of(dout), Of(att), &dqkv);
+              Of(dout), Of(att), &dqkv, bf16);
     }
     const float scale = cuda_gemm::AttentionScale(s.C, s.NH);
     const int64_t rows = static_cast<int64_t>(s.B) * s.NH * s.T;
@@ -223,21 +248,26 @@ TEST_F(GemmPlanTest, AttentionBackward) {
     for (int b = 0; b < s.B; ++b) {
       RunPlan(cuda_gemm::AttentionBackwardQ(dqkv.data(), scratch.data(),
                                             qkv.data(), b, s.T, s.C, s.NH),
-              Of(qkv), Of(scratch), &dqkv);
+              Of(qkv), Of(scratch), &dqkv, bf16);
       RunPlan(cuda_gemm::AttentionBackwardK(dqkv.data(), scratch.data(),
                                             qkv.data(), b, s.T, s.C, s.NH),
-              Of(qkv), Of(scratch), &dqkv);
+              Of(qkv), Of(scratch), &dqkv, bf16);
     }
     ref_->AttentionBackward(dqkv_r.data(), scratch_r.data(), dout.data(),
                             qkv.data(), att.data(), s.B, s.T, s.C, s.NH);
-    EXPECT_TRUE(AllClose(dqkv, dqkv_r, kRtol)) << "dqkv";
+    EXPECT_TRUE(AllClose(dqkv, dqkv_r, rtol())) << "dqkv";
   }
 }
 
-TEST_F(GemmPlanTest, AttentionScale) {
+TEST(GemmPlanScaleTest, AttentionScale) {
   EXPECT_FLOAT_EQ(cuda_gemm::AttentionScale(768, 12), 0.125f);
   EXPECT_FLOAT_EQ(cuda_gemm::AttentionScale(6, 2), 1.0f / std::sqrt(3.0f));
 }
+
+INSTANTIATE_TEST_SUITE_P(Operands, GemmPlanTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& info) {
+                           return info.param ? "Bf16" : "Fp32";
+                         });
 
 }  // namespace
 }  // namespace lmps

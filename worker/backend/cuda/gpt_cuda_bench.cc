@@ -2,7 +2,7 @@
 // Forward with the loss, Backward; no optimiser, which lmps runs on the
 // parameter servers) on the CUDA backend.
 //
-//   bazel run //worker/backend/cuda:gpt_cuda_bench -- --batch=8
+//   bazel run //worker/backend/cuda:gpt_cuda_bench -- --batch=8 --matmul=bf16
 //
 // Default model: GPT-2 small (12 layers, C=768, 12 heads, T=1024,
 // V=50257). FLOPs per step, counted as in the PaLM paper (appendix B) and
@@ -11,8 +11,10 @@
 // head) plus 12 * L * C * T * tokens for the attention products
 // (QK^T and AV, forward and backward, over the full T x T square). MFU is
 // achieved FLOP/s over --peak_flops, by default 989e12, the dense bf16
-// tensor-core peak of an H100 SXM; the backend computes in TF32, whose
-// dense peak is half of that (494.7e12), so 50% MFU is its ceiling.
+// tensor-core peak of an H100 SXM, whatever --matmul is: with --matmul=bf16
+// the products run on bf16 tensor cores (that peak); with --matmul=tf32
+// they run in TF32, whose dense peak is half of that (494.7e12), so 50% MFU
+// is its ceiling.
 //
 // Exits 0 with a message when there is no CUDA device. Compare with
 // torch_gpt_bench.py (the same model in PyTorch eager) on the same GPU.
@@ -23,6 +25,7 @@
 #include <cstdio>
 #include <memory>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -42,6 +45,8 @@ ABSL_FLAG(int, block_size, 1024, "block_size (context length)");
 ABSL_FLAG(int, warmup, 3, "untimed steps");
 ABSL_FLAG(int, steps, 10, "timed steps");
 ABSL_FLAG(int, device, 0, "CUDA device");
+ABSL_FLAG(std::string, matmul, "tf32",
+          "matrix-product input precision: tf32 or bf16 (CudaBackendOptions)");
 ABSL_FLAG(double, peak_flops, 989e12,
           "peak FLOP/s for MFU (H100 SXM dense bf16)");
 
@@ -61,8 +66,15 @@ int Main() {
                 count.status().ToString().c_str());
     return 0;
   }
-  absl::StatusOr<std::unique_ptr<CudaBackend>> backend =
-      CudaBackend::Create({.device = absl::GetFlag(FLAGS_device)});
+  absl::StatusOr<MatmulPrecision> precision =
+      ParseMatmulPrecision(absl::GetFlag(FLAGS_matmul));
+  if (!precision.ok()) {
+    std::fprintf(stderr, "gpt_cuda_bench: --matmul: %s\n",
+                 precision.status().ToString().c_str());
+    return 1;
+  }
+  absl::StatusOr<std::unique_ptr<CudaBackend>> backend = CudaBackend::Create(
+      {.device = absl::GetFlag(FLAGS_device), .matmul_precision = *precision});
   if (!backend.ok()) {
     std::fprintf(stderr, "gpt_cuda_bench: %s\n",
                  backend.status().ToString().c_str());
@@ -101,6 +113,8 @@ int Main() {
   const double flops_per_token = 6.0 * N + 12.0 * L * C * T;
   const double flops_per_step = flops_per_token * n_tokens;
   std::printf("device: %s\n", (*backend)->device_description().c_str());
+  std::printf("matmul precision: %s\n",
+              std::string(MatmulPrecisionName(*precision)).c_str());
   std::printf(
       "model: L=%d C=%d NH=%d V=%d, %lld parameters; B=%d T=%d (%zu tokens "
       "per step)\n",
@@ -155,6 +169,12 @@ int Main() {
               absl::GetFlag(FLAGS_peak_flops));
   std::printf("cuBLASLt fallbacks: %lld\n",
               static_cast<long long>((*backend)->gemm_fallbacks()));
+  if (*precision == MatmulPrecision::kBf16) {
+    // Once per parameter version: the number of weight tensors, since the
+    // benchmark never changes the parameters after the first step.
+    std::printf("bf16 weight conversions: %lld\n",
+                static_cast<long long>((*backend)->bf16_weight_conversions()));
+  }
   return 0;
 }
 

@@ -3,7 +3,8 @@
 // (g++), so kernel_math_test can check them against the CPU reference
 // (worker/backend/cpu_reference.h) on a machine without a GPU.
 //
-// Everything is fp32, like the kernels; the reference works in double. The
+// Everything is fp32, like the kernels (except the bf16 conversion of the
+// matrix-product inputs); the reference works in double. The
 // functions use only IEEE operations and the C math library (tanhf, expf,
 // logf, sqrtf: at most 2 ulp in CUDA without --use_fast_math), so host and
 // device results differ by a few ulp at most.
@@ -13,6 +14,8 @@
 #define LMPS_WORKER_BACKEND_CUDA_KERNEL_MATH_H_
 
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 #ifdef __CUDACC__
 #define LMPS_HD __host__ __device__ __forceinline__
@@ -138,6 +141,36 @@ LMPS_HD float CrossEntropyLoss(SoftmaxState s, float x_target) {
 // d loss / d logit for one element: (prob - [is_target]) * dloss.
 LMPS_HD float CrossEntropyGrad(float prob, bool is_target, float dloss) {
   return (prob - (is_target ? 1.0f : 0.0f)) * dloss;
+}
+
+// ---------------------------------------------------------------------------
+// bfloat16 (the upper 16 bits of an IEEE binary32), the input format of the
+// matrix products in MatmulPrecision::kBf16. Bit for bit the same as
+// common/bf16.h (FloatToBf16Bits / Bf16BitsToFloat), so bf16 made on the
+// device and on the host agree.
+// ---------------------------------------------------------------------------
+
+// fp32 -> bf16 bits, round to nearest, ties to even. Finite values whose
+// magnitude rounds past the largest bf16 (about 3.39e38) become +-inf;
+// +-inf stay +-inf; NaN stays NaN (quieted: the sign and upper payload
+// bits are kept, the quiet bit set). Relative error at most 2^-8 (unit
+// roundoff of the 8-bit significand) for results in the normal range.
+LMPS_HD uint16_t FloatToBf16Bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof(u));  // a register move in device code
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    return static_cast<uint16_t>((u >> 16) | 0x40u);
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// bf16 bits -> fp32, exact.
+LMPS_HD float Bf16BitsToFloat(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
 }
 
 }  // namespace cuda_math

@@ -6,6 +6,9 @@
 // butterfly), so these tests check the same float arithmetic the GPU does,
 // up to the few-ulp differences of expf/tanhf/logf between libm and CUDA.
 //
+// The bf16 conversion of the matrix-product inputs is checked bit for bit
+// against common/bf16.h, and its rounding error against the 2^-8 bound.
+//
 // Tolerance: max-norm relative error (test_util.h AllClose) <= 1e-5 for
 // elementwise functions and 2e-5 for row reductions (LayerNorm, softmax,
 // cross-entropy). fp32 against the reference's double differs by a few ulp
@@ -13,12 +16,16 @@
 // formula gives errors of order 1.
 #include "worker/backend/cuda/kernel_math.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <memory>
 #include <vector>
 
+#include "common/bf16.h"
 #include "gtest/gtest.h"
 #include "worker/backend/cpu_reference.h"
 #include "worker/backend/test_util.h"
@@ -363,6 +370,85 @@ TEST_F(KernelMathTest, AttentionSoftmaxRows) {
     }
   }
   EXPECT_TRUE(AllClose(d, d_r, kRtolReduction)) << "dpreatt";
+}
+
+// ---------------------------------------------------------------------------
+// bf16 conversion (the kBf16 matrix products' inputs).
+// ---------------------------------------------------------------------------
+
+float FromBits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+TEST(Bf16Test, MatchesCommonBf16BitForBit) {
+  // Every 16-bit prefix with the low halves at and around the rounding
+  // boundary (0x8000 is the tie), plus a stride through all 2^32 patterns
+  // (NaNs, infinities, subnormals and zeros included).
+  const uint32_t lows[] = {0x0000u, 0x0001u, 0x7fffu, 0x8000u,
+                           0x8001u, 0xbeefu, 0xffffu};
+  int64_t checked = 0;
+  for (uint32_t hi = 0; hi <= 0xffffu; ++hi) {
+    for (uint32_t lo : lows) {
+      const float f = FromBits((hi << 16) | lo);
+      ASSERT_EQ(km::FloatToBf16Bits(f), FloatToBf16Bits(f))
+          << std::hex << "bits 0x" << ((hi << 16) | lo);
+      ++checked;
+    }
+  }
+  for (uint64_t u = 0; u <= 0xffffffffull; u += 0x10101ull) {
+    const float f = FromBits(static_cast<uint32_t>(u));
+    ASSERT_EQ(km::FloatToBf16Bits(f), FloatToBf16Bits(f))
+        << std::hex << "bits 0x" << u;
+    ++checked;
+  }
+  EXPECT_GT(checked, 500000);
+  for (uint32_t b = 0; b <= 0xffffu; ++b) {
+    const float x = km::Bf16BitsToFloat(static_cast<uint16_t>(b));
+    const float y = Bf16BitsToFloat(static_cast<uint16_t>(b));
+    ASSERT_EQ(std::memcmp(&x, &y, sizeof(x)), 0) << std::hex << b;
+    // Exactly representable: converts back to itself (NaN stays NaN).
+    if (!std::isnan(x)) {
+      ASSERT_EQ(km::FloatToBf16Bits(x), b) << std::hex << b;
+    } else {
+      ASSERT_TRUE(std::isnan(km::Bf16BitsToFloat(km::FloatToBf16Bits(x))));
+    }
+  }
+}
+
+TEST(Bf16Test, RoundsToNearestEven) {
+  auto round_trip = [](float f) {
+    return km::Bf16BitsToFloat(km::FloatToBf16Bits(f));
+  };
+  // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to the even 1.
+  EXPECT_EQ(round_trip(1.0f + 0x1p-8f), 1.0f);
+  // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: to 1 + 2^-6.
+  EXPECT_EQ(round_trip(1.0f + 3 * 0x1p-8f), 1.0f + 0x1p-6f);
+  EXPECT_EQ(round_trip(1.0f + 0x1p-8f + 0x1p-20f), 1.0f + 0x1p-7f);
+  EXPECT_EQ(round_trip(-1.0f - 0x1p-8f - 0x1p-20f), -1.0f - 0x1p-7f);
+  EXPECT_EQ(round_trip(0.0f), 0.0f);
+  EXPECT_TRUE(std::signbit(round_trip(-0.0f)));
+  const float inf = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(round_trip(inf), inf);
+  EXPECT_EQ(round_trip(-inf), -inf);
+  EXPECT_EQ(round_trip(std::numeric_limits<float>::max()), inf);
+  EXPECT_TRUE(std::isnan(round_trip(std::numeric_limits<float>::quiet_NaN())));
+  // A signalling NaN must not become infinity.
+  EXPECT_TRUE(std::isnan(round_trip(FromBits(0x7f800001u))));
+}
+
+TEST(Bf16Test, RelativeErrorIsAtMostTwoToTheMinusEight) {
+  const std::vector<float> x = RandomVector(50, 100000, -1e4f, 1e4f);
+  double worst = 0.0;
+  for (float f : x) {
+    if (f == 0.0f) continue;
+    const double r = km::Bf16BitsToFloat(km::FloatToBf16Bits(f));
+    worst = std::max(worst, std::fabs(r - f) / std::fabs(f));
+  }
+  // Unit roundoff of an 8-bit significand (7 stored + the implicit bit).
+  EXPECT_LE(worst, std::ldexp(1.0, -8));
+  EXPECT_GT(worst, std::ldexp(1.0, -9));  // and not a wider format
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 // every lane. No atomics: every reduction has a fixed order given the
 // shapes, so results are reproducible bit for bit.
 #include <algorithm>
+#include <cstdint>
 
 #include "worker/backend/cuda/kernel_math.h"
 #include "worker/backend/cuda/kernels.h"
@@ -96,6 +97,25 @@ __global__ void ResidualBackwardKernel(float* dinp1, float* dinp2,
     const float d = dout[i];
     dinp1[i] += d;
     dinp2[i] += d;
+  }
+}
+
+__global__ void FloatToBf16Kernel(uint16_t* dst, const float* src, size_t n) {
+  for (size_t i = GlobalThread(); i < n; i += GlobalStride()) {
+    dst[i] = km::FloatToBf16Bits(src[i]);
+  }
+}
+
+// Four elements per thread: n4 float4 loads, n4 8-byte stores.
+__global__ void FloatToBf16x4Kernel(uint2* dst, const float4* src, size_t n4) {
+  for (size_t i = GlobalThread(); i < n4; i += GlobalStride()) {
+    const float4 v = src[i];
+    uint2 out;
+    out.x = static_cast<uint32_t>(km::FloatToBf16Bits(v.x)) |
+            (static_cast<uint32_t>(km::FloatToBf16Bits(v.y)) << 16);
+    out.y = static_cast<uint32_t>(km::FloatToBf16Bits(v.z)) |
+            (static_cast<uint32_t>(km::FloatToBf16Bits(v.w)) << 16);
+    dst[i] = out;
   }
 }
 
@@ -414,6 +434,26 @@ void ColumnSums(cudaStream_t stream, float* scratch, float* dsum, float* dprod,
   }
   ColumnFinalizeKernel<<<(C + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
       dsum, dprod, part_sum, part_prod, chunks, C);
+}
+
+void FloatToBf16(cudaStream_t stream, uint16_t* dst, const float* src,
+                 size_t n) {
+  if (n == 0) return;
+  size_t done = 0;
+  if (reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(dst) % 8 == 0) {
+    const size_t n4 = n / 4;
+    if (n4 > 0) {
+      FloatToBf16x4Kernel<<<BlocksFor(n4), kThreads, 0, stream>>>(
+          reinterpret_cast<uint2*>(dst), reinterpret_cast<const float4*>(src),
+          n4);
+    }
+    done = n4 * 4;
+  }
+  if (done < n) {
+    FloatToBf16Kernel<<<BlocksFor(n - done), kThreads, 0, stream>>>(
+        dst + done, src + done, n - done);
+  }
 }
 
 void AddBias(cudaStream_t stream, float* out, const float* bias, int rows,

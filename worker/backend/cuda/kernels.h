@@ -58,6 +58,12 @@ void ColumnSums(cudaStream_t stream, float* scratch, float* dsum, float* dprod,
                 const float* dout, const float* inp, const float* mean,
                 const float* rstd, int N, int C);
 
+// dst[i] = bf16 bits of src[i] (kernel_math.h FloatToBf16Bits: round to
+// nearest even) for i in [0, n). dst and src must not overlap. Vectorised
+// (four elements per thread) when src is 16-byte and dst 8-byte aligned.
+void FloatToBf16(cudaStream_t stream, uint16_t* dst, const float* src,
+                 size_t n);
+
 // out[n, c] += bias[c] for out[rows, cols].
 void AddBias(cudaStream_t stream, float* out, const float* bias, int rows,
              int cols);
