@@ -99,6 +99,50 @@ TEST(FaultToleranceTest, ShardKilledJobRollsBackToCheckpointExactly) {
   EXPECT_EQ(*diff, 0.0);
 }
 
+// Shard replication (layout.shard_backups: 1): the primary of shard 1 is
+// SIGKILLed mid-job; the workers fail over to its backup, which takes over
+// without a rollback (no step is lost or repeated); the restarted process
+// becomes the new backup from a snapshot; later the new primary is killed
+// too and that restarted process takes over. The final parameters equal an
+// uninterrupted unreplicated run's bit for bit.
+TEST(FaultToleranceTest, ReplicatedShardKilledTwiceLosesNoStep) {
+  const std::string straight = TempDir("straight_replicated");
+  CommandResult a = Train(straight, {}, kLongerJob);
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+
+  const std::string faulty = TempDir("replicated_killed");
+  const std::string job = std::string(kSlowerJob) + "layout { shard_backups: 1 }\n";
+  CommandResult b = Train(faulty,
+                          {"--fault_kill_server=1", "--fault_kill_server_at_step=30",
+                           "--fault_kill_primary_again_at_step=150"},
+                          job.c_str());
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_NE(b.output.find("fault injection: SIGKILL server-1 at step"),
+            std::string::npos)
+      << b.output;
+  EXPECT_NE(b.output.find("fault injection: SIGKILL backup-1, now the primary of "
+                          "shard 1"),
+            std::string::npos)
+      << b.output;
+  EXPECT_NE(b.output.find("its shard's other node serves on"), std::string::npos)
+      << b.output;
+  EXPECT_EQ(b.output.find("restarting the job"), std::string::npos)
+      << "no rollback may happen: " << b.output;
+  const std::string backup_log = ReadFile(faulty + "/logs/backup-1.log");
+  EXPECT_NE(backup_log.find("took over as the primary"), std::string::npos)
+      << backup_log;
+  const std::string restarted = ReadFile(faulty + "/logs/server-1.restart1.log");
+  EXPECT_NE(restarted.find("holds its primary's snapshot"), std::string::npos)
+      << restarted;
+  EXPECT_NE(restarted.find("took over as the primary"), std::string::npos)
+      << restarted;
+
+  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
+                                faulty + "/model.safetensors");
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_EQ(*diff, 0.0) << "a shard's death must lose no step";
+}
+
 // A spare worker started with the job takes over a SIGKILLed worker's slot
 // (no new process is started), redoes exactly the lost step, and the final
 // parameters equal an uninterrupted run's.

@@ -189,12 +189,16 @@ absl::Status PsClient::ForEachShard(
 }
 
 void PsClient::SetBackups(
-    std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs,
-    std::vector<std::string> addresses) {
-  stubs.resize(stubs_.size());
-  addresses.resize(stubs_.size());
-  backup_stubs_ = std::move(stubs);
-  backup_addresses_ = std::move(addresses);
+    std::vector<std::string> backups, StubFactory make_stub,
+    std::function<absl::StatusOr<ShardNodes>(int shard)> resolve) {
+  backups.resize(stubs_.size());
+  backup_stubs_.clear();
+  for (const std::string& a : backups) {
+    backup_stubs_.push_back(a.empty() ? nullptr : make_stub(a));
+  }
+  backup_addresses_ = std::move(backups);
+  make_stub_ = std::move(make_stub);
+  resolve_ = std::move(resolve);
 }
 
 ParameterServer::StubInterface* PsClient::Stub(int shard) const {
@@ -222,6 +226,22 @@ absl::Status PsClient::CallWithFailover(
     }
     current_[shard].store(1 - current_[shard].load());
     stats_.failovers++;
+    if (current_[shard].load() == 0 && resolve_) {
+      // Both known nodes failed: ask where the shard's nodes are now.
+      absl::StatusOr<ShardNodes> now = resolve_(shard);
+      if (now.ok() && !now->primary.empty() &&
+          (now->primary != addresses_[shard] ||
+           now->backup != backup_addresses_[shard])) {
+        stubs_[shard] = make_stub_(now->primary);
+        addresses_[shard] = now->primary;
+        backup_stubs_[shard] =
+            now->backup.empty() ? nullptr : make_stub_(now->backup);
+        backup_addresses_[shard] = now->backup;
+      }
+    }
+    if (current_[shard].load() == 1 && backup_stubs_[shard] == nullptr) {
+      current_[shard].store(0);
+    }
     st = fn(shard);
     if (st.code() == absl::StatusCode::kUnavailable) {
       absl::SleepFor(delay);

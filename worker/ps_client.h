@@ -91,11 +91,20 @@ class PsClient {
       std::vector<std::string> addresses, const PsClientOptions& options,
       const PsClientView& view = {});
 
-  // Shard replication: `stubs[s]` talks to shard s's backup at
-  // `addresses[s]` (null / "": shard s has none). Call before any other.
-  void SetBackups(
-      std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs,
-      std::vector<std::string> addresses);
+  // Shard replication. `backups[s]`: shard s's backup ("": none);
+  // `make_stub` makes a stub for an address; `resolve` (may be empty) says
+  // where a shard's nodes are now (the scheduler's view: after a takeover
+  // and a restart both may have moved), asked whenever both known nodes
+  // answered UNAVAILABLE. Call before any other method.
+  struct ShardNodes {
+    std::string primary;
+    std::string backup;
+  };
+  using StubFactory =
+      std::function<std::unique_ptr<ParameterServer::StubInterface>(
+          const std::string& address)>;
+  void SetBackups(std::vector<std::string> backups, StubFactory make_stub,
+                  std::function<absl::StatusOr<ShardNodes>(int shard)> resolve);
 
   // Fills params[num_parameters] with the parameters the shards serve for
   // `step` (see server/shard.h for each consistency mode's read rule). If
@@ -167,6 +176,8 @@ class PsClient {
   // (0: primary, 1: backup).
   std::vector<std::unique_ptr<ParameterServer::StubInterface>> backup_stubs_;
   std::vector<std::string> backup_addresses_;
+  StubFactory make_stub_;
+  std::function<absl::StatusOr<ShardNodes>(int)> resolve_;
   std::unique_ptr<std::atomic<int>[]> current_;
   bool has_view_ = false;
   int pp_rank_ = 0, tp_rank_ = 0;

@@ -309,17 +309,27 @@ absl::Status RunWorker() {
                        addresses, ps_options, view));
   if (assignment.backup_addresses_size() > 0) {
     // Replicated shards: fail over to a shard's backup when its primary is
-    // unavailable.
-    std::vector<std::unique_ptr<ParameterServer::StubInterface>> backups;
-    std::vector<std::string> backup_addresses(
-        assignment.backup_addresses().begin(),
-        assignment.backup_addresses().end());
-    for (const std::string& a : backup_addresses) {
-      backups.push_back(a.empty() ? nullptr
-                                  : ParameterServer::NewStub(MakeChannel(
-                                        a, metrics.rpc.get(), security)));
-    }
-    ps->SetBackups(std::move(backups), std::move(backup_addresses));
+    // unavailable; when both are, ask the scheduler where they are now.
+    std::vector<std::string> backups(assignment.backup_addresses().begin(),
+                                     assignment.backup_addresses().end());
+    RpcMetrics* rpc = metrics.rpc.get();
+    ps->SetBackups(
+        std::move(backups),
+        [rpc, security](const std::string& address)
+            -> std::unique_ptr<ParameterServer::StubInterface> {
+          return ParameterServer::NewStub(MakeChannel(address, rpc, security));
+        },
+        [&client](int shard) -> absl::StatusOr<PsClient::ShardNodes> {
+          LMPS_ASSIGN_OR_RETURN(Assignment now,
+                                client.WaitForAssignment(absl::Seconds(5)));
+          if (shard >= now.shard_addresses_size()) {
+            return absl::InternalError("no such shard in the assignment");
+          }
+          return PsClient::ShardNodes{
+              now.shard_addresses(shard),
+              shard < now.backup_addresses_size() ? now.backup_addresses(shard)
+                                                  : ""};
+        });
   }
 
   // A replacement joins a running job: start at the servers' version. In

@@ -86,9 +86,10 @@ struct Captured {
 class SchedulerCoreTest : public ::testing::Test {
  protected:
   void Start(int dp, int shards, absl::Duration assemble = absl::Seconds(120),
-             absl::Duration lease = absl::Seconds(10)) {
+             absl::Duration lease = absl::Seconds(10), int backups = 0) {
     SchedulerOptions options;
     options.spec = Spec(dp, shards);
+    options.spec.mutable_layout()->set_shard_backups(backups);
     options.assemble_timeout = assemble;
     options.lease = lease;
     options.log = [this](absl::string_view line) {
@@ -779,6 +780,75 @@ TEST_F(SchedulerCoreTest, ReplacementTakesADeadSlot) {
   EXPECT_EQ(core_->Heartbeat(Beat("worker-0"))->state(), FAILED);
   EXPECT_EQ(core_->GetAssignment("server-1", absl::InfiniteFuture()).status().code(),
             absl::StatusCode::kFailedPrecondition);
+}
+
+// Shard replication: a backup slot per shard; when the primary's lease
+// expires the backup is told to take over (or says it did), assignments
+// name it, and a new server process for that shard becomes its backup with
+// a snapshot instead of failing the job.
+TEST_F(SchedulerCoreTest, ReplicatedShardFailsOverToItsBackup) {
+  Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10),
+        /*backups=*/1);
+  RegisterRequest backup = Server("b:1", /*requested=*/0);
+  backup.set_backup(true);
+  EXPECT_EQ(Id(backup), "backup-0");  // registering first
+  EXPECT_EQ(Id(Server("p:1", 0)), "server-0");
+  EXPECT_EQ(core_->CurrentState(), ASSEMBLING);
+  EXPECT_EQ(Id(Worker("host-0")), "worker-0");
+  ASSERT_EQ(core_->CurrentState(), RUNNING);
+  absl::StatusOr<Assignment> p = core_->GetAssignment("server-0", absl::InfiniteFuture());
+  absl::StatusOr<Assignment> b = core_->GetAssignment("backup-0", absl::InfiniteFuture());
+  absl::StatusOr<Assignment> w = core_->GetAssignment("worker-0", absl::InfiniteFuture());
+  ASSERT_TRUE(p.ok() && b.ok() && w.ok());
+  EXPECT_FALSE(p->backup());
+  EXPECT_TRUE(b->backup());
+  EXPECT_FALSE(b->needs_snapshot());  // both start from the same state
+  EXPECT_EQ(w->shard_addresses(0), "p:1");
+  EXPECT_EQ(w->backup_addresses(0), "b:1");
+  HeartbeatRequest primary_beat = Beat("server-0");
+  primary_beat.set_serving_primary(true);
+  absl::StatusOr<HeartbeatResponse> r = core_->Heartbeat(primary_beat);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->backup_address(), "b:1");
+  r = core_->Heartbeat(Beat("backup-0"));
+  EXPECT_FALSE(r->promote());
+
+  // The primary dies: the backup is told to take over.
+  clock_.Advance(absl::Seconds(8));
+  ASSERT_TRUE(core_->Heartbeat(Beat("backup-0")).ok());
+  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
+  clock_.Advance(absl::Seconds(3));
+  core_->Tick();
+  EXPECT_TRUE(Logged("its backup backup-0 (b:1) takes over shard 0")) << Log();
+  r = core_->Heartbeat(Beat("backup-0"));
+  EXPECT_TRUE(r->promote());
+  HeartbeatRequest took_over = Beat("backup-0");
+  took_over.set_serving_primary(true);
+  took_over.set_replication_event("shard 0: backup backup-0 took over");
+  r = core_->Heartbeat(took_over);
+  EXPECT_FALSE(r->promote());
+  EXPECT_EQ(r->backup_address(), "");  // no live backup now
+  JobStatus status = core_->Status();
+  EXPECT_EQ(status.state(), RUNNING);
+  EXPECT_TRUE(Find(status, "backup-0")->serving_primary());
+  EXPECT_FALSE(Find(status, "server-0")->serving_primary());
+  w = core_->GetAssignment("worker-0", absl::InfiniteFuture());
+  EXPECT_EQ(w->shard_addresses(0), "b:1");
+  EXPECT_EQ(w->backup_addresses(0), "");
+
+  // The restarted process becomes the backup and needs a snapshot; the job
+  // keeps running and the primary is told where its new backup is.
+  EXPECT_EQ(Id(Server("p:2", 0)), "server-0");
+  EXPECT_EQ(core_->CurrentState(), RUNNING);
+  p = core_->GetAssignment("server-0", absl::InfiniteFuture());
+  EXPECT_TRUE(p->backup());
+  EXPECT_TRUE(p->needs_snapshot());
+  EXPECT_EQ(p->shard_addresses(0), "b:1");
+  r = core_->Heartbeat(took_over);
+  EXPECT_EQ(r->backup_address(), "p:2");
+  EXPECT_FALSE(core_->Heartbeat(Beat("server-0"))->promote());
+  w = core_->GetAssignment("worker-0", absl::InfiniteFuture());
+  EXPECT_EQ(w->backup_addresses(0), "p:2");
 }
 
 // A restarted server takes the slot of its address; since it lost its
