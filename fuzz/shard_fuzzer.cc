@@ -7,6 +7,13 @@
 // values (NaN/Inf included), steps and ranks, optionally with one field
 // corrupted -- GradNorm, Apply, Pull and TensorInfo with fuzzed arguments.
 //
+// In SYNC a second shard serves as a synchronous backup (server/
+// replication.h) and gets Replicate streams: forwarded well-formed pushes,
+// applies and stops with fuzzed arguments, snapshots of the first shard
+// with one field sometimes corrupted, and arbitrary protobuf bytes; a
+// rejected one changes none of its parameters, and an accepted snapshot
+// makes it a bit-exact copy.
+//
 // Properties: no crash or undefined behaviour; the version never goes back;
 // a rejected Push changes no parameter; a successful Pull returns slices of
 // this shard's chunks, inside them, whole elements of the asked dtype, with
@@ -33,6 +40,7 @@
 #include "common/partition.h"
 #include "fuzz/fuzz_check.h"
 #include "proto/lmps.pb.h"
+#include "server/replication.h"
 #include "server/shard.h"
 
 namespace lmps {
@@ -143,12 +151,32 @@ class Harness {
     for (const ChunkDesc& c : map->chunks()) h->all_chunks_[{c.tensor(), c.index()}] = c;
     for (const ChunkDesc& c : h->chunks_) h->tensors_.push_back(c.tensor());
     h->partition_version_ = map->version();
+    if (!h->async_ && h->staleness_ == 0) {
+      ShardOptions backup;
+      backup.shard = shard;
+      backup.spec = *spec;
+      backup.map = *map;
+      backup.wait_timeout = absl::Milliseconds(1);
+      absl::StatusOr<std::unique_ptr<ParameterShard>> b =
+          ParameterShard::Create(std::move(backup));
+      LMPS_FUZZ_CHECK(b.ok(), b.status().ToString());
+      h->backup_ = std::move(*b);
+      ReplicationOptions ro;
+      ro.node_id = "backup";
+      ro.backup = true;
+      ro.awaiting_snapshot = in.ConsumeBool();
+      ro.max_message_bytes = in.ConsumeIntegralInRange<int>(1, 300);
+      absl::StatusOr<std::unique_ptr<ReplicatedShard>> r =
+          ReplicatedShard::Create(h->backup_.get(), ro);
+      LMPS_FUZZ_CHECK(r.ok(), r.status().ToString());
+      h->replica_ = std::move(*r);
+    }
     return h;
   }
 
   void Step(FuzzedDataProvider& in) {
     const int64_t before = shard_->version();
-    switch (in.ConsumeIntegralInRange<int>(0, 6)) {
+    switch (in.ConsumeIntegralInRange<int>(0, 7)) {
       case 0:
       case 1:
         Push(in, WellFormedPush(in));
@@ -183,6 +211,9 @@ class Harness {
         (void)info;
         break;
       }
+      case 7:
+        if (replica_ != nullptr) Replicate(in);
+        break;
     }
     const int64_t after = shard_->version();
     LMPS_FUZZ_CHECK(after >= before,
@@ -194,7 +225,10 @@ class Harness {
     }
   }
 
-  void Shutdown() { shard_->Shutdown(); }
+  void Shutdown() {
+    shard_->Shutdown();
+    if (backup_ != nullptr) backup_->Shutdown();
+  }
 
  private:
   Harness() = default;
@@ -275,6 +309,91 @@ class Harness {
     return stream;
   }
 
+  // A snapshot of the first shard as its primary would send it.
+  std::vector<ReplicateRequest> Snapshot(FuzzedDataProvider& in) {
+    std::vector<ReplicateRequest> out;
+    const ShardCheckpoint cp = shard_->Snapshot();
+    const size_t per = in.ConsumeIntegralInRange<size_t>(1, 64);
+    for (const ChunkData& c : cp.chunks) {
+      for (size_t off = 0; off < c.params.size(); off += per) {
+        const size_t n = std::min(per, c.params.size() - off);
+        ReplicateRequest& m = out.emplace_back();
+        m.set_shard(shard_->shard());
+        ShardSnapshot* s = m.mutable_snapshot();
+        s->set_version(cp.header.step);
+        s->set_tensor(c.desc.tensor());
+        s->set_chunk(c.desc.index());
+        s->set_offset(static_cast<int64_t>(off));
+        s->set_params(reinterpret_cast<const char*>(c.params.data() + off), 4 * n);
+        for (const auto& b : c.state) {
+          s->add_state(reinterpret_cast<const char*>(b.data() + off), 4 * n);
+        }
+      }
+    }
+    if (!out.empty() && in.ConsumeIntegralInRange<int>(0, 2) == 0) {
+      ShardSnapshot* s =
+          out[in.ConsumeIntegralInRange<size_t>(0, out.size() - 1)].mutable_snapshot();
+      switch (in.ConsumeIntegralInRange<int>(0, 5)) {
+        case 0: s->set_offset(in.ConsumeIntegral<int64_t>()); break;
+        case 1: s->set_tensor(in.ConsumeRandomLengthString(16)); break;
+        case 2: s->mutable_params()->resize(in.ConsumeIntegralInRange<size_t>(0, s->params().size() + 5)); break;
+        case 3: s->clear_state(); break;
+        case 4: s->set_version(in.ConsumeIntegral<int64_t>()); break;
+        case 5: out.pop_back(); break;
+      }
+    }
+    return out;
+  }
+
+  void Replicate(FuzzedDataProvider& in) {
+    std::vector<ReplicateRequest> stream;
+    bool snapshot = false;
+    switch (in.ConsumeIntegralInRange<int>(0, 4)) {
+      case 0:
+        for (PushRequest& p : WellFormedPush(in)) {
+          stream.emplace_back().set_shard(shard_->shard());
+          *stream.back().mutable_push() = std::move(p);
+        }
+        break;
+      case 1: {
+        stream.emplace_back().set_shard(shard_->shard());
+        ApplyRequest* a = stream.back().mutable_apply();
+        a->set_step(FuzzedStep(in));
+        a->set_global_sum_squares(in.ConsumeIntegralInRange<int>(-1, 100) / 10.0);
+        break;
+      }
+      case 2:
+        stream = Snapshot(in);
+        snapshot = true;
+        break;
+      case 3:
+        stream.resize(in.ConsumeIntegralInRange<int>(0, 3));
+        for (ReplicateRequest& r : stream) {
+          (void)r.ParseFromString(in.ConsumeRandomLengthString(512));
+        }
+        break;
+      case 4:
+        stream.emplace_back().set_shard(shard_->shard());
+        stream.back().mutable_stop_at()->set_step(FuzzedStep(in));
+        break;
+    }
+    const std::vector<float> before = Params(*backup_);
+    const int64_t version = backup_->version();
+    absl::StatusOr<ReplicateResponse> r = replica_->Replicate(stream);
+    if (!r.ok()) {
+      LMPS_FUZZ_CHECK(backup_->version() == version,
+                      "a rejected Replicate changed the version: " + r.status().ToString());
+      LMPS_FUZZ_CHECK(SameBits(before, Params(*backup_)),
+                      "a rejected Replicate changed parameters: " + r.status().ToString());
+    } else if (snapshot) {
+      LMPS_FUZZ_CHECK(SameBits(Params(*shard_), Params(*backup_)),
+                      "an accepted snapshot is not an exact copy");
+      LMPS_FUZZ_CHECK(backup_->version() == shard_->version(),
+                      "an accepted snapshot has another version");
+    }
+    (void)replica_->CheckServing();  // no probe: it stays a backup
+  }
+
   std::vector<PushRequest> RawPush(FuzzedDataProvider& in) {
     std::vector<PushRequest> stream(in.ConsumeIntegralInRange<int>(0, 3));
     for (PushRequest& r : stream) {
@@ -339,6 +458,8 @@ class Harness {
   bool async_ = false;
   uint64_t partition_version_ = 0;
   std::unique_ptr<ParameterShard> shard_;
+  std::unique_ptr<ParameterShard> backup_;     // SYNC: a backup of shard_
+  std::unique_ptr<ReplicatedShard> replica_;  // its replication (backup)
   std::vector<ChunkDesc> chunks_;
   std::map<std::pair<std::string, int>, ChunkDesc> all_chunks_;
   std::vector<std::string> tensors_;
