@@ -27,6 +27,20 @@
 //    for the replacement. A replacement server's address appears in the
 //    shard_addresses of assignments handed out from then on only.
 //
+// Shard replication (layout.shard_backups = 1): every shard has two server
+// slots, "server-<shard>" and "backup-<shard>" (2 * num_shards servers are
+// expected). A server gets the slot its RegisterRequest.backup asks for,
+// else the shard's other one. Per shard one slot serves as the primary
+// (initially server-<shard>; Assignment.backup tells each node its role,
+// shard_addresses name the primaries and backup_addresses the live backups).
+// The backup becomes the primary when it reports serving_primary in a
+// heartbeat (it took over because the workers came to it), or when the
+// primary's lease expires while it is alive (its next HeartbeatResponse says
+// promote). A primary's HeartbeatResponse names its live backup
+// (backup_address). A server registering into a RUNNING job for a shard
+// whose other slot is alive becomes that shard's backup (needs_snapshot)
+// instead of failing the job; only a shard with no live node fails it.
+//
 // Resume step. Once every server slot is registered (and until the job
 // assembles) start_step is recomputed by ChooseStartStep: the largest step
 // that EVERY server can load. A server can load step t if
