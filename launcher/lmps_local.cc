@@ -48,6 +48,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "common/grpc_server.h"
+#include "common/stop_shards.h"
 #include "common/job_spec.h"
 #include "common/security.h"
 #include "common/status_util.h"
@@ -608,43 +609,20 @@ void Launcher::MaybeResize(const JobStatus& status) {
       step = std::max(step, n.step());
     }
   }
-  step += 2;
-  for (int attempt = 0; attempt < 20; ++attempt) {
-    int64_t past = -1;
-    absl::Status failed;
-    for (const std::string& address : shards) {
-      auto stub = ParameterServer::NewStub(MakeChannel(address, nullptr, security_));
-      grpc::ClientContext ctx;
-      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-      StopAtRequest req;
-      req.set_step(step);
-      StopAtResponse resp;
-      grpc::Status s = stub->StopAt(&ctx, req, &resp);
-      if (s.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
-          absl::StrContains(s.error_message(), "past the requested")) {
-        past = step;  // ask everyone again, later
-      } else if (!s.ok()) {
-        failed = absl::UnavailableError(absl::StrCat(address, ": ", s.error_message()));
-      }
-    }
-    if (!failed.ok()) {
-      std::printf("\nlmps: cannot resize: %s\n", std::string(failed.message()).c_str());
-      std::fflush(stdout);
-      return;
-    }
-    if (past < 0) {
-      resize_step_ = step;
-      resized_spec_ = next;
-      std::printf("\nlmps: elastic resize: dp %d -> %d at step %lld (global "
-                  "batch %d -> %d); the job stops there, checkpoints, and "
-                  "restarts with the new dp\n",
-                  dp, want, static_cast<long long>(step), spec_.train().batch_size(),
-                  next.train().batch_size());
-      std::fflush(stdout);
-      return;
-    }
-    step += 4;
+  absl::StatusOr<int64_t> stop = StopShardsAt(shards, security_, step + 2);
+  if (!stop.ok()) {
+    std::printf("\nlmps: cannot resize: %s\n", std::string(stop.status().message()).c_str());
+    std::fflush(stdout);
+    return;
   }
+  resize_step_ = *stop;
+  resized_spec_ = next;
+  std::printf("\nlmps: elastic resize: dp %d -> %d at step %lld (global "
+              "batch %d -> %d); the job stops there, checkpoints, and "
+              "restarts with the new dp\n",
+              dp, want, static_cast<long long>(*stop), spec_.train().batch_size(),
+              next.train().batch_size());
+  std::fflush(stdout);
 }
 
 absl::Status Launcher::StartJob(const JobSpec& spec) {

@@ -820,8 +820,13 @@ absl::StatusOr<double> ParameterShard::GradNorm(int64_t step,
         absl::StrCat("shard ", shard, " step ", step, ": shard is at version ",
                      version_, "; step ", step, " is far in the future"));
   }
-  auto ready = [this, step]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return shutdown_ || version_ > step || CompleteLocked(step);
+  // A stop (StopAt) at or before `step` ends the wait: a dead replica's
+  // gradient will not come, the job restarts from the stop's checkpoint.
+  auto stopped = [this, step]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return stop_at_ >= 0 && step >= stop_at_ && version_ <= step;
+  };
+  auto ready = [this, step, &stopped]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return shutdown_ || version_ > step || CompleteLocked(step) || stopped();
   };
   if (!mu_.AwaitWithDeadline(absl::Condition(&ready), until)) {
     const std::string after = absl::StrCat(" after ", Seconds(until - start));
@@ -831,6 +836,13 @@ absl::StatusOr<double> ParameterShard::GradNorm(int64_t step,
   if (shutdown_) {
     return absl::UnavailableError(
         absl::StrCat("parameter server shard ", shard, " is shutting down"));
+  }
+  if (stopped() && !CompleteLocked(step)) {
+    return absl::AbortedError(absl::StrCat(
+        "the job stops at step ", stop_at_,
+        " for a resize (elastic data parallelism): shard ", shard,
+        " applies no later step; the job restarts from the checkpoint of step ",
+        stop_at_));
   }
   if (version_ > step) {
     auto it = applied_sum_squares_.find(step);

@@ -240,7 +240,8 @@ class ParameterShard {
 
   // Elastic data parallelism (StopAtRequest in proto/lmps.proto): stop at
   // step boundary `step`: checkpoint `step` once version `step` exists,
-  // Aborted for pulls of steps >= `step`. Returns the version;
+  // Aborted for pulls of steps >= `step` and for GradNorm waits of steps
+  // >= `step` whose gradients are incomplete (a dead replica's). Returns the version;
   // FailedPrecondition if the version is already past `step` or in ASYNC.
   absl::StatusOr<int64_t> StopAt(int64_t step);
 

@@ -101,6 +101,7 @@ struct SchedulerCore::Node {
   // Replicated servers: joined a running job as the backup (gets a
   // snapshot).
   bool needs_snapshot = false;
+  bool stopped_for_resize = false;  // workers: stopped at a resize boundary
   absl::Time down_since = absl::InfinitePast();  // InfinitePast: healthy
   std::string last_event;
 
@@ -123,6 +124,7 @@ struct SchedulerCore::Node {
     last_told = JOB_STATE_UNSPECIFIED;
     down_since = absl::InfinitePast();
     needs_snapshot = false;
+    stopped_for_resize = false;
   }
 };
 
@@ -177,11 +179,10 @@ SchedulerCore::SchedulerCore(SchedulerOptions options, Clock* clock,
       replicated_(options_.spec.layout().shard_backups() > 0),
       expected_servers_(options_.spec.layout().num_shards() *
                         (options_.spec.layout().shard_backups() > 0 ? 2 : 1)),
-      expected_workers_(options_.spec.layout().dp() *
-                        options_.spec.layout().pp() *
-                        options_.spec.layout().tp()),
       start_time_(clock_->Now()) {
   absl::MutexLock lock(&mu_);
+  spec_ = options_.spec;
+  assemble_start_ = start_time_;
   servers_.resize(expected_servers_);
   for (int i = 0; i < expected_servers_; ++i) {
     Node& n = servers_[i];
@@ -192,12 +193,19 @@ SchedulerCore::SchedulerCore(SchedulerOptions options, Clock* clock,
   }
   primary_.resize(num_shards_);
   for (int k = 0; k < num_shards_; ++k) primary_[k] = k;
+  ResetWorkerSlotsLocked();
+}
+
+void SchedulerCore::ResetWorkerSlotsLocked() {
+  const LayoutConfig& l = spec_.layout();
+  expected_workers_ = l.dp() * l.pp() * l.tp();
+  workers_.clear();
   workers_.resize(expected_workers_);
   for (int i = 0; i < expected_workers_; ++i) {
     workers_[i].node_id = absl::StrCat("worker-", i);
     workers_[i].role = WORKER;
     workers_[i].rank = i;
-    workers_[i].coords = WorkerRankToCoordinates(i, options_.spec.layout());
+    workers_[i].coords = WorkerRankToCoordinates(i, l);
   }
 }
 
@@ -314,7 +322,7 @@ void SchedulerCore::FailLocked(const std::string& message,
 
 void SchedulerCore::AdvanceLocked(absl::Time now, Outbox* out) {
   if (state_ == ASSEMBLING) {
-    if (now - start_time_ >= options_.assemble_timeout) {
+    if (now - assemble_start_ >= options_.assemble_timeout) {
       assembly_timed_out_ = true;
       const std::string message =
           absl::StrCat("job did not assemble within ",
@@ -330,7 +338,7 @@ void SchedulerCore::AdvanceLocked(absl::Time now, Outbox* out) {
     if (expired != pending_.end()) {
       const std::string message = absl::StrCat(
           "job did not assemble before the caller's deadline (",
-          Seconds(now - start_time_),
+          Seconds(now - assemble_start_),
           " after the scheduler started; it waits up to ",
           Seconds(options_.assemble_timeout), "): ", MissingLocked());
       for (auto it = expired; it != pending_.end(); ++it) {
@@ -340,6 +348,7 @@ void SchedulerCore::AdvanceLocked(absl::Time now, Outbox* out) {
       pending_.erase(expired, pending_.end());
     }
   }
+  if (state_ == RUNNING) ElasticLocked(now, out);
   if (state_ == RUNNING) {
     for (std::vector<Node>* slots : {&servers_, &workers_}) {
       for (Node& n : *slots) {
@@ -432,7 +441,7 @@ void SchedulerCore::AssembleLocked(absl::Time now, Outbox* out) {
     for (Node& n : *slots) n.lease_start = now;
   }
   out->logs.push_back(absl::StrCat(
-      "job assembled after ", Seconds(now - start_time_), ": ",
+      "job assembled after ", Seconds(now - assemble_start_), ": ",
       expected_servers_, " ", Plural(expected_servers_, "server"), ", ",
       expected_workers_, " ", Plural(expected_workers_, "worker"),
       ", start_step ", start_step_));
@@ -462,7 +471,8 @@ Assignment SchedulerCore::AssignmentLocked(const Node& n) const {
   a.set_dp_rank(n.role == WORKER ? n.coords.dp : -1);
   a.set_pp_rank(n.role == WORKER ? n.coords.pp : -1);
   a.set_tp_rank(n.role == WORKER ? n.coords.tp : -1);
-  *a.mutable_spec() = options_.spec;
+  *a.mutable_spec() = spec_;
+  a.set_elastic(options_.elastic.max_dp > 0);
   *a.mutable_partition() = partition_;
   for (int k = 0; k < num_shards_; ++k) {
     const Node& primary = servers_[primary_[k]];
@@ -536,6 +546,11 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
           failure_.empty() ? "" : ": ", failure_));
     }
     const bool server = request.role() == SERVER;
+    if (!server && resize_phase_ != ResizePhase::kNone) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "the job is being resized (", resize_why_,
+          "); register again once it re-assembles"));
+    }
     if (server && request.address().empty()) {
       return absl::InvalidArgumentError(
           "a server must register with the address (host:port) it serves on");
@@ -645,7 +660,19 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
     if (slot == nullptr) {
       std::vector<std::string> holders;
       for (const Node& n : slots) holders.push_back(n.Describe());
-      const LayoutConfig& l = options_.spec.layout();
+      const LayoutConfig& l = spec_.layout();
+      std::string elastic;
+      if (!server && options_.elastic.max_dp > 0 && state_ == RUNNING) {
+        const std::string key =
+            !request.instance_id().empty()
+                ? request.instance_id()
+                : absl::StrCat(request.hostname(), "/", request.address());
+        surplus_[key] = now;
+        elastic = absl::StrCat(
+            "; elastic: dp grows (up to ", options_.elastic.max_dp,
+            ") at the next step boundary once ", l.pp() * l.tp(),
+            " surplus worker(s) ask; keep registering");
+      }
       return absl::ResourceExhaustedError(absl::StrCat(
           "too many ", server ? "servers" : "workers", ": the job expects ",
           n_slots, " ",
@@ -653,8 +680,9 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
                  : absl::StrCat("(dp*pp*tp = ", l.dp(), "*", l.pp(), "*",
                                 l.tp(), ")"),
           " and every slot is held by a live node: ",
-          absl::StrJoin(holders, ", ")));
+          absl::StrJoin(holders, ", "), elastic));
     }
+    reassembling_ids_.erase(slot->node_id);
 
     slot->registered = true;
     slot->Reset();
@@ -801,9 +829,20 @@ absl::StatusOr<HeartbeatResponse> SchedulerCore::Heartbeat(
     const absl::Time now = clock_->Now();
     AdvanceLocked(now, &out);
     Node* n = FindLocked(request.node_id());
+    if (n == nullptr && reassembling_ids_.count(request.node_id()) > 0) {
+      HeartbeatResponse r;
+      r.set_state(state_);
+      r.set_reassemble(true);
+      return r;
+    }
     if (n == nullptr) {
       return absl::NotFoundError(absl::StrCat(
           "unknown node id '", request.node_id(), "'; Register first"));
+    }
+    if (request.stopped_for_resize() && !n->stopped_for_resize) {
+      n->stopped_for_resize = true;
+      AddEventLocked(n, "stopped at the resize boundary",
+                     "registers again for the resized job");
     }
     n->last_heartbeat = now;
     n->lease_start = now;
@@ -894,7 +933,7 @@ JobStatus SchedulerCore::Status() {
     const absl::Time now = clock_->Now();
     AdvanceLocked(now, &out);
     status.set_state(state_);
-    *status.mutable_spec() = options_.spec;
+    *status.mutable_spec() = spec_;
     status.set_start_step(start_step_);
     status.set_expected_servers(expected_servers_);
     status.set_expected_workers(expected_workers_);
@@ -957,6 +996,148 @@ void SchedulerCore::Shutdown() {
           absl::UnavailableError("the scheduler is shutting down"));
     }
     pending_.clear();
+  }
+  Flush(&out);
+}
+
+void SchedulerCore::ElasticLocked(absl::Time now, Outbox* out) {
+  const ElasticOptions& e = options_.elastic;
+  if (e.max_dp <= 0 || state_ != RUNNING) return;
+  if (resize_phase_ == ResizePhase::kStopping) {
+    for (const Node& w : workers_) {
+      if (w.registered && w.alive && !w.stopped_for_resize) return;
+    }
+    ReassembleLocked(now, out);
+    return;
+  }
+  if (resize_phase_ != ResizePhase::kNone || now < resize_retry_after_) return;
+  for (auto it = surplus_.begin(); it != surplus_.end();) {
+    it = now - it->second > absl::Seconds(5) ? surplus_.erase(it) : std::next(it);
+  }
+  const LayoutConfig& l = spec_.layout();
+  const int group = l.pp() * l.tp();
+  int live = 0, dead = 0;
+  for (const Node& w : workers_) {
+    if (w.done) return;  // the job is ending
+    if (w.registered && w.alive) {
+      ++live;
+    } else if (w.registered && now - w.down_since > e.grace) {
+      ++dead;
+    }
+  }
+  int target = l.dp();
+  std::string why;
+  if (dead > 0) {
+    target = live / group;
+    why = absl::StrCat(dead, " worker(s) dead for over ", Seconds(e.grace),
+                       " with no replacement");
+  } else if (static_cast<int>(surplus_.size()) >= group && l.dp() < e.max_dp) {
+    target = std::min(e.max_dp,
+                      l.dp() + static_cast<int>(surplus_.size()) / group);
+    why = absl::StrCat(surplus_.size(), " more worker(s) asking to join");
+  }
+  if (target == l.dp() || target < std::max(1, e.min_dp) ||
+      target > e.max_dp) {
+    return;
+  }
+  JobSpec next = spec_;
+  next.mutable_layout()->set_dp(target);
+  if (e.rescale_batch) {
+    next.mutable_train()->set_batch_size(spec_.train().batch_size() / l.dp() *
+                                         target);
+  }
+  if (absl::Status valid = ValidateJobSpec(next); !valid.ok()) {
+    const std::string event = absl::StrCat(
+        "elastic: cannot resize dp ", l.dp(), " -> ", target, " (", why,
+        "): ", valid.message());
+    out->logs.push_back(event);
+    AddEventLocked(nullptr, event, "the job goes on; tried again in 30s");
+    resize_retry_after_ = now + absl::Seconds(30);
+    return;
+  }
+  int64_t max_step = 0;
+  resize_plan_ = ResizePlan();
+  for (int k = 0; k < num_shards_; ++k) {
+    const Node& p = servers_[primary_[k]];
+    resize_plan_.shard_addresses.push_back(p.address);
+    max_step = std::max(max_step, p.step);
+  }
+  resize_plan_.from_dp = l.dp();
+  resize_plan_.to_dp = target;
+  resize_plan_.first_step = std::max<int64_t>(1, dead > 0 ? max_step : max_step + 2);
+  resize_spec_ = std::move(next);
+  resize_why_ = absl::StrCat("dp ", l.dp(), " -> ", target, ": ", why);
+  resize_phase_ = ResizePhase::kPlanned;
+  const std::string event = absl::StrCat(
+      "elastic resize ", resize_why_, "; global batch ",
+      spec_.train().batch_size(), " -> ", resize_spec_.train().batch_size());
+  out->logs.push_back(absl::StrCat(event, "; stopping every shard at a step "
+                                          "boundary >= ",
+                                   resize_plan_.first_step));
+  AddEventLocked(nullptr, event,
+                 absl::StrCat("the shards stop at a step boundary >= ",
+                              resize_plan_.first_step,
+                              " and checkpoint it; the job re-assembles"));
+}
+
+void SchedulerCore::ReassembleLocked(absl::Time now, Outbox* out) {
+  const int from = spec_.layout().dp();
+  spec_ = resize_spec_;
+  ResetWorkerSlotsLocked();
+  for (Node& n : servers_) {
+    if (n.registered) reassembling_ids_.insert(n.node_id);
+    n.registered = false;
+    n.Reset();
+    n.checkpoints = ShardCheckpoints();
+  }
+  for (int k = 0; k < num_shards_; ++k) primary_[k] = k;
+  resize_phase_ = ResizePhase::kNone;
+  surplus_.clear();
+  start_step_known_ = false;
+  assemble_start_ = now;
+  const std::string message = absl::StrCat(
+      "elastic resize: every worker stopped at step ", resize_plan_.first_step,
+      "; re-assembling with dp ", spec_.layout().dp(), " (was ", from,
+      ") from that step's checkpoint");
+  SetStateLocked(ASSEMBLING, message, out);
+}
+
+std::optional<ResizePlan> SchedulerCore::TakeResizePlan() {
+  absl::MutexLock lock(&mu_);
+  if (resize_phase_ != ResizePhase::kPlanned) return std::nullopt;
+  resize_phase_ = ResizePhase::kTaken;
+  return resize_plan_;
+}
+
+void SchedulerCore::ResizeStopped(int64_t step) {
+  Outbox out;
+  {
+    absl::MutexLock lock(&mu_);
+    if (resize_phase_ != ResizePhase::kTaken) return;
+    resize_phase_ = ResizePhase::kStopping;
+    resize_plan_.first_step = step;
+    const std::string event = absl::StrCat(
+        "elastic resize ", resize_why_, ": every shard stops at step ", step);
+    out.logs.push_back(event);
+    AddEventLocked(nullptr, event,
+                   "workers stop there and register again; the job "
+                   "re-assembles once all stopped");
+    AdvanceLocked(clock_->Now(), &out);
+  }
+  Flush(&out);
+}
+
+void SchedulerCore::ResizeFailed(const std::string& why) {
+  Outbox out;
+  {
+    absl::MutexLock lock(&mu_);
+    if (resize_phase_ != ResizePhase::kTaken) return;
+    resize_phase_ = ResizePhase::kNone;
+    resize_retry_after_ = clock_->Now() + absl::Seconds(10);
+    const std::string event =
+        absl::StrCat("elastic resize ", resize_why_, " failed: ", why);
+    out.logs.push_back(event);
+    AddEventLocked(nullptr, event, "the job goes on; tried again in 10s");
   }
   Flush(&out);
 }

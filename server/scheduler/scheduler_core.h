@@ -41,6 +41,26 @@
 // whose other slot is alive becomes that shard's backup (needs_snapshot)
 // instead of failing the job; only a shard with no live node fails it.
 //
+// Elastic data parallelism (SchedulerOptions.elastic, max_dp > 0). While
+// RUNNING (and no worker is done): a worker registering when every slot is
+// held by a live node gets RESOURCE_EXHAUSTED and is counted as surplus
+// (by RegisterRequest.instance_id, for 5 s after its last try); enough
+// surplus workers for another replica (pp * tp) grow dp, up to max_dp. A
+// worker slot dead for longer than `grace` (no replacement came) shrinks
+// dp to the complete replicas of the live workers, down to min_dp. The new
+// spec keeps (or rescales) the global batch and must validate, else the
+// resize is refused (an event) and retried after 30 s. The resize: a
+// ResizePlan (TakeResizePlan) for the controller, which stops every shard
+// at a boundary >= first_step (the largest shard version, plus 2 when every
+// worker is alive so that no worker has pulled it yet; a dead worker's
+// replicas wait in GradNorm, which StopAt ends) and reports ResizeStopped;
+// workers stop there (heartbeat stopped_for_resize) and register again
+// (Assignment.elastic); once every live worker has stopped the job
+// re-assembles: ASSEMBLING with the new spec and fresh worker slots, the
+// servers told to register again (HeartbeatResponse.reassemble), and
+// start_step = the boundary's checkpoint (ChooseStartStep). While a resize
+// is under way workers cannot register.
+//
 // Resume step. Once every server slot is registered (and until the job
 // assembles) start_step is recomputed by ChooseStartStep: the largest step
 // that EVERY server can load. A server can load step t if
@@ -95,7 +115,10 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
+#include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -111,6 +134,29 @@
 
 namespace lmps {
 
+// Elastic data parallelism driven by the scheduler: dp follows the workers
+// that come and go, within [min_dp, max_dp], changing at a step boundary.
+struct ElasticOptions {
+  int min_dp = 1;
+  int max_dp = 0;  // 0: elasticity off
+  // false: keep the global batch (each replica takes batch / dp); true:
+  // keep each replica's batch (the global batch scales with dp).
+  bool rescale_batch = false;
+  // A worker slot dead this long without a replacement shrinks dp.
+  absl::Duration grace = absl::Seconds(10);
+};
+
+// What the elastic controller (outside the core: it needs the network) must
+// do: stop every shard at one step boundary >= first_step
+// (ParameterServer.StopAt at each primary), then report ResizeStopped or
+// ResizeFailed.
+struct ResizePlan {
+  int from_dp = 0;
+  int to_dp = 0;
+  int64_t first_step = 0;
+  std::vector<std::string> shard_addresses;  // the primaries, by shard
+};
+
 struct SchedulerOptions {
   // The job. Unset fields get their defaults (ApplyJobSpecDefaults) and the
   // result must pass ValidateJobSpec.
@@ -119,6 +165,7 @@ struct SchedulerOptions {
   absl::Duration assemble_timeout = absl::Seconds(120);
   // A node that does not heartbeat for longer than this is marked dead.
   absl::Duration lease = absl::Seconds(10);
+  ElasticOptions elastic;
   // Receives one human-readable line per event (registrations, assembly,
   // start step, state changes, expired leases), without a prefix. May be
   // empty (no logging).
@@ -205,6 +252,15 @@ class SchedulerCore {
   // for (missing or dead nodes), or empty.
   std::string StateMessage();
 
+  // Elastic resize (options.elastic.max_dp > 0; see the header comment).
+  // A plan to carry out, handed out once.
+  std::optional<ResizePlan> TakeResizePlan();
+  // Every shard accepted stopping at `step`.
+  void ResizeStopped(int64_t step);
+  // The plan could not be carried out; the job goes on (a new plan may
+  // follow after 10 s).
+  void ResizeFailed(const std::string& why);
+
   // True once the job is FINISHED or FAILED and every registered server
   // that is alive has been told so in a HeartbeatResponse (so servers have
   // seen the end before the scheduler exits).
@@ -212,7 +268,10 @@ class SchedulerCore {
 
   const PartitionMap& partition() const { return partition_; }
   int expected_servers() const { return expected_servers_; }
-  int expected_workers() const { return expected_workers_; }
+  int expected_workers() {
+    absl::MutexLock lock(&mu_);
+    return expected_workers_;
+  }
 
  private:
   struct Node;
@@ -255,6 +314,14 @@ class SchedulerCore {
   std::string DescribeDeadLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string StateMessageLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Flush(Outbox* out);
+  // workers_ for spec_'s layout, all unregistered.
+  void ResetWorkerSlotsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Elastic: decides on a resize, or once every worker stopped at the
+  // boundary re-assembles the job with the new dp.
+  void ElasticLocked(absl::Time now, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReassembleLocked(absl::Time now, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Replicated jobs: a server slot's index in servers_, and the other slot
   // of its shard.
   int SlotIndexLocked(const Node& n) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -269,10 +336,15 @@ class SchedulerCore {
   const int num_shards_;
   const bool replicated_;       // layout.shard_backups = 1
   const int expected_servers_;  // num_shards_, twice that when replicated
-  const int expected_workers_;
   const absl::Time start_time_;
 
   absl::Mutex mu_;
+  // The job: options_.spec, or after an elastic resize its new dp (and
+  // batch), with the worker slots to match.
+  JobSpec spec_ ABSL_GUARDED_BY(mu_);
+  int expected_workers_ ABSL_GUARDED_BY(mu_) = 0;
+  // When the current assembly started (Create, or an elastic resize).
+  absl::Time assemble_start_ ABSL_GUARDED_BY(mu_);
   JobState state_ ABSL_GUARDED_BY(mu_) = ASSEMBLING;
   std::string failure_ ABSL_GUARDED_BY(mu_);  // the FAILED message
   std::deque<NodeEvent> events_ ABSL_GUARDED_BY(mu_);  // the last kMaxEvents
@@ -289,6 +361,19 @@ class SchedulerCore {
   std::vector<int> primary_ ABSL_GUARDED_BY(mu_);
   std::vector<Node> workers_ ABSL_GUARDED_BY(mu_);  // index = worker rank
   std::vector<Pending> pending_ ABSL_GUARDED_BY(mu_);
+
+  // Elastic resize.
+  enum class ResizePhase { kNone, kPlanned, kTaken, kStopping };
+  ResizePhase resize_phase_ ABSL_GUARDED_BY(mu_) = ResizePhase::kNone;
+  ResizePlan resize_plan_ ABSL_GUARDED_BY(mu_);
+  JobSpec resize_spec_ ABSL_GUARDED_BY(mu_);  // the job after the resize
+  std::string resize_why_ ABSL_GUARDED_BY(mu_);
+  absl::Time resize_retry_after_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
+  // Surplus workers asking for a slot: instance -> last time.
+  std::map<std::string, absl::Time> surplus_ ABSL_GUARDED_BY(mu_);
+  // Servers of the job before a resize: their heartbeats are answered
+  // "reassemble" until they register again.
+  std::set<std::string> reassembling_ids_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace lmps

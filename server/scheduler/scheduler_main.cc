@@ -22,7 +22,9 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <string>
+#include <thread>
 
 #include <cmath>
 #include <map>
@@ -41,6 +43,7 @@
 #include "common/job_spec.h"
 #include "common/security.h"
 #include "common/security_flags.h"
+#include "common/stop_shards.h"
 #include "proto/lmps.pb.h"
 #include "server/scheduler/clock.h"
 #include "server/scheduler/scheduler_core.h"
@@ -65,6 +68,17 @@ ABSL_FLAG(double, assemble_timeout_s, 120,
           "Seconds from start within which every node must register");
 ABSL_FLAG(double, lease_s, 10,
           "A node silent for longer than this many seconds is marked dead");
+ABSL_FLAG(int32_t, elastic_max_dp, 0,
+          "Elastic data parallelism: > 0 lets dp follow the workers that come "
+          "and go, up to this (surplus workers registering grow it, workers "
+          "dead for --elastic_grace_s shrink it), changing at a step boundary; "
+          "0: off");
+ABSL_FLAG(int32_t, elastic_min_dp, 1, "Elastic: the smallest dp");
+ABSL_FLAG(std::string, elastic_batch, "keep",
+          "Elastic: keep the global batch (keep) or each replica's (rescale)");
+ABSL_FLAG(double, elastic_grace_s, 10,
+          "Elastic: how long a dead worker's slot waits for a replacement "
+          "before dp shrinks");
 ABSL_FLAG(bool, exit_when_finished, true,
           "Exit (0 after FINISHED, 1 after FAILED) once every server has seen "
           "the final state in a heartbeat, or 10 s after it");
@@ -171,6 +185,28 @@ absl::StatusOr<MainOptions> OptionsFromFlags() {
   options.scheduler.assemble_timeout = absl::Seconds(assemble);
   options.scheduler.lease = absl::Seconds(lease);
   options.scheduler.log = Log;
+  ElasticOptions& e = options.scheduler.elastic;
+  e.max_dp = absl::GetFlag(FLAGS_elastic_max_dp);
+  e.min_dp = absl::GetFlag(FLAGS_elastic_min_dp);
+  e.grace = absl::Seconds(absl::GetFlag(FLAGS_elastic_grace_s));
+  const std::string batch = absl::GetFlag(FLAGS_elastic_batch);
+  if (batch != "keep" && batch != "rescale") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--elastic_batch must be keep or rescale, got '", batch, "'"));
+  }
+  e.rescale_batch = batch == "rescale";
+  if (e.max_dp < 0 || e.min_dp < 1 || (e.max_dp > 0 && e.min_dp > e.max_dp) ||
+      !(absl::GetFlag(FLAGS_elastic_grace_s) >= 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "elastic: need 1 <= --elastic_min_dp <= --elastic_max_dp (0: off) and "
+        "--elastic_grace_s >= 0; got min ",
+        e.min_dp, ", max ", e.max_dp));
+  }
+  if (e.max_dp > 0 && options.scheduler.spec.train().mode() == ASYNC) {
+    return absl::InvalidArgumentError(
+        "elastic data parallelism needs step boundaries: train.mode ASYNC has "
+        "none (use SYNC or BOUNDED_STALENESS)");
+  }
   absl::StatusOr<Security> security = Security::Load(SecurityOptionsFromFlags());
   if (!security.ok()) return security.status();
   options.security = *std::move(security);
@@ -258,6 +294,24 @@ int Run(MainOptions options) {
     }
   }
 
+  // The elastic controller: carries out the core's resize plans (stopping
+  // every shard at a step boundary needs the network).
+  std::atomic<bool> controller_stop{false};
+  std::thread controller([&] {
+    while (!controller_stop.load()) {
+      absl::SleepFor(absl::Milliseconds(100));
+      std::optional<ResizePlan> plan = (*core)->TakeResizePlan();
+      if (!plan.has_value()) continue;
+      absl::StatusOr<int64_t> step =
+          StopShardsAt(plan->shard_addresses, options.security, plan->first_step);
+      if (step.ok()) {
+        (*core)->ResizeStopped(*step);
+      } else {
+        (*core)->ResizeFailed(step.status().ToString());
+      }
+    }
+  });
+
   int exit_code = 0;
   bool ended = false;
   absl::Time ended_at;
@@ -301,6 +355,8 @@ int Run(MainOptions options) {
     }
   }
 
+  controller_stop = true;
+  controller.join();
   (*core)->Shutdown();
   SetServing(server->server.get(), false);
   // In-flight calls are short (parked GetAssignment calls were finished by

@@ -1,0 +1,42 @@
+#include "common/stop_shards.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/grpc_server.h"
+#include "proto/lmps.grpc.pb.h"
+
+namespace lmps {
+
+absl::StatusOr<int64_t> StopShardsAt(const std::vector<std::string>& addresses,
+                                     const Security& security, int64_t first) {
+  int64_t step = first;
+  for (int round = 0; round < 20; ++round, step += 4) {
+    bool past = false;
+    for (const std::string& address : addresses) {
+      auto stub = ParameterServer::NewStub(MakeChannel(address, nullptr, security));
+      grpc::ClientContext ctx;
+      ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+      StopAtRequest req;
+      req.set_step(step);
+      StopAtResponse resp;
+      const grpc::Status s = stub->StopAt(&ctx, req, &resp);
+      if (s.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
+          absl::StrContains(s.error_message(), "past the requested")) {
+        past = true;  // ask everyone again, later
+      } else if (!s.ok()) {
+        return absl::UnavailableError(absl::StrCat(
+            "shard at ", address, " refused to stop at step ", step, ": ",
+            s.error_message()));
+      }
+    }
+    if (!past) return step;
+  }
+  return absl::DeadlineExceededError(absl::StrCat(
+      "the shards kept moving past the stop step (last tried ", step - 4,
+      ") for 20 rounds"));
+}
+
+}  // namespace lmps
