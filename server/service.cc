@@ -223,8 +223,8 @@ absl::Status ParameterServerService::Target::Serving() const {
 
 ParameterServerService::ParameterServerService(ServiceOptions options)
     : options_(std::move(options)),
-      work_pool_(std::make_unique<ThreadPool>(options_.work_threads)),
-      wait_pool_(std::make_unique<ThreadPool>(options_.wait_threads)) {}
+      work_pool_(std::make_unique<RpcWorkPool>(options_.work_threads)),
+      wait_pool_(std::make_unique<RpcWorkPool>(options_.wait_threads)) {}
 
 ParameterServerService::~ParameterServerService() {
   wait_pool_.reset();
@@ -281,7 +281,7 @@ grpc::ServerWriteReactor<PullResponse>* ParameterServerService::Pull(
 }
 
 grpc::ServerUnaryReactor* ParameterServerService::OnPool(
-    grpc::CallbackServerContext* context, ThreadPool* pool,
+    grpc::CallbackServerContext* context, RpcWorkPool* pool,
     std::function<grpc::Status(const Target&)> fn) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const Target t = target();

@@ -105,7 +105,7 @@ class ParameterServerService final : public ParameterServer::CallbackService {
   // The unary RPCs: NotReady without a shard, else fn(shard) on `pool`
   // (gRPC's callback threads never block) and its status finishes the call.
   grpc::ServerUnaryReactor* OnPool(
-      grpc::CallbackServerContext* context, ThreadPool* pool,
+      grpc::CallbackServerContext* context, RpcWorkPool* pool,
       std::function<grpc::Status(const Target&)> fn);
   int64_t MaxPushBytes(const ParameterShard& shard) const;
   Target target() const;
@@ -114,8 +114,8 @@ class ParameterServerService final : public ParameterServer::CallbackService {
   mutable absl::Mutex mu_;
   Target target_ ABSL_GUARDED_BY(mu_);
   // Declared last: destroyed (joined) first, while the members above live.
-  std::unique_ptr<ThreadPool> work_pool_;
-  std::unique_ptr<ThreadPool> wait_pool_;
+  std::unique_ptr<RpcWorkPool> work_pool_;
+  std::unique_ptr<RpcWorkPool> wait_pool_;
 };
 
 // The absl deadline of a server call (InfiniteFuture if the client set none).

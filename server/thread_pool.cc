@@ -4,7 +4,7 @@
 
 namespace lmps {
 
-ThreadPool::ThreadPool(int num_threads) {
+RpcWorkPool::RpcWorkPool(int num_threads) {
   if (num_threads < 1) num_threads = 1;
   threads_.reserve(num_threads);
   for (int i = 0; i < num_threads; ++i) {
@@ -12,7 +12,7 @@ ThreadPool::ThreadPool(int num_threads) {
   }
 }
 
-ThreadPool::~ThreadPool() {
+RpcWorkPool::~RpcWorkPool() {
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
@@ -20,18 +20,18 @@ ThreadPool::~ThreadPool() {
   for (std::thread& t : threads_) t.join();
 }
 
-void ThreadPool::Schedule(std::function<void()> task) {
+void RpcWorkPool::Schedule(std::function<void()> task) {
   absl::MutexLock lock(&mu_);
   queue_.push_back(std::move(task));
 }
 
-void ThreadPool::Run() {
+void RpcWorkPool::Run() {
   while (true) {
     std::function<void()> task;
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
-          +[](ThreadPool* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) {
+          +[](RpcWorkPool* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) {
             return p->stopping_ || !p->queue_.empty();
           },
           this));

@@ -17,12 +17,12 @@
 
 namespace lmps {
 
-class ThreadPool {
+class RpcWorkPool {
  public:
-  explicit ThreadPool(int num_threads);
-  ~ThreadPool();
-  ThreadPool(const ThreadPool&) = delete;
-  ThreadPool& operator=(const ThreadPool&) = delete;
+  explicit RpcWorkPool(int num_threads);
+  ~RpcWorkPool();
+  RpcWorkPool(const RpcWorkPool&) = delete;
+  RpcWorkPool& operator=(const RpcWorkPool&) = delete;
 
   void Schedule(std::function<void()> task);
 

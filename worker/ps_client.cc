@@ -342,7 +342,39 @@ absl::Status PsClient::Pull(int64_t step, float* params,
 
 absl::Status PsClient::Push(int64_t step, const std::string& worker_id,
                             int dp_rank, const float* grads) {
-  return ForEachShard(push_shards_, [&](int s) -> absl::Status {
+  return PushChunks(step, worker_id, dp_rank, grads, {0, num_parameters_});
+}
+
+absl::Status PsClient::PushChunks(int64_t step, const std::string& worker_id,
+                                  int dp_rank, const float* grads,
+                                  ElementRange range, ElementRange done) {
+  // Per shard, the pieces of the chunks to push: a chunk's pieces are
+  // adjacent in push_pieces_ (added chunk by chunk), and a chunk is taken
+  // when all of them are inside `range` and not all inside `done`.
+  auto inside = [](const Piece& p, ElementRange r) {
+    return r.begin <= p.local_offset && p.local_offset + p.n <= r.end;
+  };
+  std::vector<std::vector<const Piece*>> selected(stubs_.size());
+  std::vector<int> shards;
+  for (int s : push_shards_) {
+    const std::vector<Piece>& pieces = push_pieces_[s];
+    for (size_t i = 0; i < pieces.size();) {
+      size_t j = i;
+      bool in_range = true, in_done = true;
+      for (; j < pieces.size() && pieces[j].tensor == pieces[i].tensor &&
+             pieces[j].chunk == pieces[i].chunk;
+           ++j) {
+        in_range = in_range && inside(pieces[j], range);
+        in_done = in_done && inside(pieces[j], done);
+      }
+      if (in_range && !in_done) {
+        for (size_t k = i; k < j; ++k) selected[s].push_back(&pieces[k]);
+      }
+      i = j;
+    }
+    if (!selected[s].empty()) shards.push_back(s);
+  }
+  return ForEachShard(shards, [&](int s) -> absl::Status {
     if (options_.on_shard_push) options_.on_shard_push(s, step, false);
     PushResponse resp;
     auto ctx = Context();
@@ -372,7 +404,8 @@ absl::Status PsClient::Push(int64_t step, const std::string& worker_id,
       reset();
     };
     reset();
-    for (const Piece& p : push_pieces_[s]) {
+    for (const Piece* piece : selected[s]) {
+      const Piece& p = *piece;
       for (int64_t off = 0; off < p.n && ok;) {
         if (in_msg == max_elems) flush();
         const int64_t n = std::min(p.n - off, max_elems - in_msg);

@@ -29,7 +29,9 @@
 // push counts as a duplicate and a retried apply returns the version.
 //
 // Errors name the shard and its address. Thread-safety: one call at a time
-// (the worker's training loop); Stats() may be read from any thread.
+// (the worker's training loop, or a thread it hands the pushes of a step to
+// while it does not call the client itself); stats() may be read from any
+// thread.
 #ifndef LMPS_WORKER_PS_CLIENT_H_
 #define LMPS_WORKER_PS_CLIENT_H_
 
@@ -43,11 +45,10 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/parallel_layout.h"
 #include "proto/lmps.grpc.pb.h"
 
 namespace lmps {
-
-class ParallelLayout;
 
 // The part of the model a worker holds and pushes.
 struct PsClientView {
@@ -61,8 +62,9 @@ struct PsClientOptions {
   int64_t max_message_bytes = 4 << 20;
   absl::Duration rpc_timeout = absl::Seconds(120);
   DType push_dtype = F32;  // F32, or BF16 to halve push bytes
-  // Called on the shard's push thread before the push of `step` to `shard`
-  // starts (accepted = false) and after the shard accepted it (true). May be
+  // Called on the shard's push thread before each push stream of `step` to
+  // `shard` starts (accepted = false) and after the shard accepted it
+  // (true); PushChunks may send a step in several streams per shard. May be
   // empty. Used for fault injection in tests.
   std::function<void(int shard, int64_t step, bool accepted)> on_shard_push;
   // Replicated shards: how long to alternate between a shard's two nodes
@@ -117,6 +119,20 @@ class PsClient {
   // a view: the Pushed part of this worker's local gradient).
   absl::Status Push(int64_t step, const std::string& worker_id, int dp_rank,
                     const float* grads);
+  // Pushes part of that gradient (to overlap pushing with the backward
+  // pass): every chunk whose pushed elements all lie inside `range` of the
+  // flat buffer and not all inside `done`, as one stream per shard (shards
+  // in parallel; none for a shard without such a chunk). A chunk is never
+  // split between calls: the shards accept a replica's chunks for a step in
+  // any number of streams, each holding whole chunks. Only grads[range] is
+  // read. Exactly-once rule: for calls of one step with growing ranges
+  // r1 <= r2 <= ... <= rk = [0, num_parameters()), each passing the
+  // previous call's range as `done` (empty for the first), every chunk is
+  // pushed exactly once, and together they equal Push. With an empty `done`
+  // and the whole buffer as `range` it is Push.
+  absl::Status PushChunks(int64_t step, const std::string& worker_id,
+                          int dp_rank, const float* grads, ElementRange range,
+                          ElementRange done = {});
   // Sum over shards of each shard's averaged-gradient sum of squares.
   absl::StatusOr<double> GradNorm(int64_t step);
   // Applies the optimizer for `step` on every shard; returns the new version.

@@ -14,11 +14,12 @@
 #include "common/parallel_layout.h"
 #include "common/partition.h"
 #include "gtest/gtest.h"
-#include "server/service.h"
-#include "server/shard.h"
+#include "worker/testing/ps_cluster.h"
 
 namespace lmps {
 namespace {
+
+using ::lmps::testing::Cluster;
 
 // 2 layers, 2 heads, width 8, 2 shards; chunks of at most 10 elements, so
 // they straddle the tensor-parallel slices' boundaries.
@@ -45,77 +46,6 @@ JobSpec Spec(int pp, int tp) {
   ApplyJobSpecDefaults(&spec);
   return spec;
 }
-
-// Every shard of a job behind its own gRPC server.
-class Cluster {
- public:
-  absl::Status Start(const JobSpec& spec) {
-    spec_ = spec;
-    const int n = spec.layout().num_shards();
-    absl::StatusOr<PartitionMap> map =
-        ComputePartition(spec.model(), n, spec.max_chunk_bytes());
-    if (!map.ok()) return map.status();
-    map_ = *map;
-    for (int s = 0; s < n; ++s) {
-      ShardOptions o;
-      o.shard = s;
-      o.spec = spec;
-      o.map = map_;
-      o.wait_timeout = absl::Seconds(10);
-      absl::StatusOr<std::unique_ptr<ParameterShard>> shard =
-          ParameterShard::Create(o);
-      if (!shard.ok()) return shard.status();
-      shards_.push_back(std::move(*shard));
-      ServiceOptions so;
-      so.wait_threads = 4;
-      so.work_threads = 1;
-      services_.push_back(std::make_unique<ParameterServerService>(so));
-      GrpcServerOptions go;
-      go.listen_address = "127.0.0.1:0";
-      absl::StatusOr<StartedServer> started =
-          StartGrpcServer(go, {services_.back().get()});
-      if (!started.ok()) return started.status();
-      services_.back()->SetShard(shards_.back().get());
-      SetServing(started->server.get(), true);
-      servers_.push_back(std::move(started->server));
-      addresses_.push_back(absl::StrCat("127.0.0.1:", started->port));
-    }
-    return absl::OkStatus();
-  }
-
-  ~Cluster() {
-    for (auto& shard : shards_) shard->Shutdown();
-    for (auto& server : servers_) {
-      server->Shutdown(std::chrono::system_clock::now());
-    }
-    servers_.clear();
-    services_.clear();
-    shards_.clear();
-  }
-
-  absl::StatusOr<std::unique_ptr<PsClient>> Client(
-      const PsClientView& view = {}) {
-    std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs;
-    for (const std::string& a : addresses_) {
-      stubs.push_back(ParameterServer::NewStub(MakeChannel(a)));
-    }
-    PsClientOptions o;
-    o.max_message_bytes = spec_.max_message_bytes();
-    o.rpc_timeout = absl::Seconds(20);
-    return PsClient::Create(spec_.model(), map_, std::move(stubs), addresses_,
-                            o, view);
-  }
-
-  const PartitionMap& map() const { return map_; }
-
- private:
-  JobSpec spec_;
-  PartitionMap map_;
-  std::vector<std::unique_ptr<ParameterShard>> shards_;
-  std::vector<std::unique_ptr<ParameterServerService>> services_;
-  std::vector<std::unique_ptr<grpc::Server>> servers_;
-  std::vector<std::string> addresses_;
-};
 
 // A random gradient per tensor (GptTensorSpecs order): `first` is what the
 // first stage computes, `last` is wte's gradient on the last stage (the
@@ -305,6 +235,83 @@ TEST(PsClientTest, StatsCountPayloadBytesWithoutAView) {
   // Ranks outside the layout.
   EXPECT_EQ(cluster.Client({&*layout, 1, 0}).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// PushChunks over growing ranges cut anywhere (chunks straddle the cuts,
+// some calls add nothing) pushes every chunk exactly once, whole: the
+// shards end up with exactly what one Push per worker gives, bit for bit,
+// in f32 and bf16, without a view and with a pp x tp view.
+TEST(PsClientTest, PushChunksOverGrowingRangesEqualsOnePush) {
+  for (const DType dtype : {F32, BF16}) {
+    for (const int parallel : {1, 2}) {
+      SCOPED_TRACE(absl::StrCat("dtype ", DType_Name(dtype), " pp = tp = ",
+                                parallel));
+      const JobSpec spec = Spec(parallel, parallel);
+      absl::StatusOr<ParallelLayout> layout =
+          ParallelLayout::Create(spec.model(), spec.layout());
+      ASSERT_TRUE(layout.ok()) << layout.status();
+      Cluster whole, parts;
+      ASSERT_TRUE(whole.Start(spec).ok());
+      ASSERT_TRUE(parts.Start(spec).ok());
+      PsClientOptions options;
+      options.push_dtype = dtype;
+      std::vector<std::unique_ptr<PsClient>> by_push, by_chunks;
+      for (int w = 0; w < parallel * parallel; ++w) {
+        PsClientView view;
+        if (parallel > 1) view = {&*layout, w / parallel, w % parallel};
+        auto a = whole.Client(view, options);
+        auto b = parts.Client(view, options);
+        ASSERT_TRUE(a.ok() && b.ok());
+        by_push.push_back(std::move(*a));
+        by_chunks.push_back(std::move(*b));
+      }
+      for (int64_t step = 0; step < 2; ++step) {
+        const Gradient g = RandomGradient(spec.model(), 21 + step);
+        for (int w = 0; w < parallel * parallel; ++w) {
+          const std::string id = absl::StrCat("worker-", w);
+          const std::vector<float> grads =
+              parallel == 1
+                  ? FullGradient(g)
+                  : LocalGradient(*layout, w / parallel, w % parallel, g);
+          std::vector<float> params(by_push[w]->num_parameters());
+          ASSERT_TRUE(by_push[w]->Pull(step, params.data()).ok());
+          ASSERT_TRUE(by_chunks[w]->Pull(step, params.data()).ok());
+          ASSERT_TRUE(by_push[w]->Push(step, id, 0, grads.data()).ok());
+          const int64_t n = by_chunks[w]->num_parameters();
+          const int64_t pushed = by_chunks[w]->stats().bytes_pushed;
+          const int64_t rpcs = by_chunks[w]->stats().rpcs;
+          ElementRange done;  // empty
+          const std::vector<int64_t> begins = {
+              n, n - 3, n - n / 5, n / 2 + 1, n / 2 + 1, n / 3, 7, 0};
+          for (const int64_t begin : begins) {
+            const ElementRange range{begin, n};
+            absl::Status s = by_chunks[w]->PushChunks(step, id, 0,
+                                                      grads.data(), range,
+                                                      done);
+            ASSERT_TRUE(s.ok()) << s;
+            done = range;
+          }
+          // The same bytes as one Push, in more streams.
+          EXPECT_EQ(by_chunks[w]->stats().bytes_pushed - pushed,
+                    by_push[w]->stats().bytes_pushed / (step + 1));
+          EXPECT_GT(by_chunks[w]->stats().rpcs - rpcs, 2);
+        }
+        absl::StatusOr<double> ss_whole = by_push[0]->GradNorm(step);
+        absl::StatusOr<double> ss_parts = by_chunks[0]->GradNorm(step);
+        ASSERT_TRUE(ss_whole.ok()) << ss_whole.status();
+        ASSERT_TRUE(ss_parts.ok()) << ss_parts.status();
+        EXPECT_EQ(*ss_whole, *ss_parts);
+        ASSERT_TRUE(by_push[0]->Apply(step, *ss_whole).ok());
+        ASSERT_TRUE(by_chunks[0]->Apply(step, *ss_parts).ok());
+      }
+      for (int w = 0; w < parallel * parallel; ++w) {
+        std::vector<float> a(by_push[w]->num_parameters()), b(a.size());
+        ASSERT_TRUE(by_push[w]->Pull(2, a.data()).ok());
+        ASSERT_TRUE(by_chunks[w]->Pull(2, b.data()).ok());
+        EXPECT_EQ(a, b) << "worker " << w;
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -3,11 +3,14 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "common/job_spec.h"
+#include "common/parallel_layout.h"
 #include "common/status_util.h"
 
 namespace lmps {
@@ -25,6 +28,90 @@ int64_t NowMicros() {
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
+
+// Pushes a step's host gradient grads[0, n) on a background thread while the
+// backward pass finishes it from the end: Ready(b) says grads[b, n) is final
+// on host; the thread pushes the chunks inside the finished suffix not
+// pushed yet (PsClient::PushChunks with the previous suffix as `done`, so
+// every chunk goes exactly once), coalescing the suffixes that became ready
+// during a push. Finish() (all final) pushes the rest and waits; Abandon()
+// (the backward pass failed) stops without pushing what is not final.
+// Thread-safety: Ready, Finish and Abandon on one thread (the trainer's); the
+// client is used by the pushing thread only until Finish/Abandon return.
+class SuffixPusher {
+ public:
+  SuffixPusher(PsClient* ps, int64_t step, const std::string& worker_id,
+               int dp_rank, const float* grads, int64_t n)
+      : ps_(ps),
+        step_(step),
+        worker_id_(worker_id),
+        dp_rank_(dp_rank),
+        grads_(grads),
+        n_(n),
+        ready_begin_(n) {
+    thread_ = std::thread([this] { Loop(); });
+  }
+  SuffixPusher(const SuffixPusher&) = delete;
+  SuffixPusher& operator=(const SuffixPusher&) = delete;
+  ~SuffixPusher() { Abandon(); }
+
+  void Ready(int64_t begin) {
+    absl::MutexLock lock(&mu_);
+    ready_begin_ = std::min(ready_begin_, begin);
+    cv_.Signal();
+  }
+  // The first push error, or OK once every chunk was pushed.
+  absl::Status Finish() {
+    Ready(0);
+    thread_.join();
+    return status_;
+  }
+  void Abandon() {
+    {
+      absl::MutexLock lock(&mu_);
+      abandoned_ = true;
+      cv_.Signal();
+    }
+    if (thread_.joinable()) thread_.join();
+  }
+  // Steady-clock microseconds when the first stream started (0: none); read
+  // after Finish.
+  int64_t first_push_us() const { return first_push_us_; }
+
+ private:
+  void Loop() {
+    ElementRange done{n_, n_};  // pushed: the chunks inside it
+    while (done.begin > 0) {
+      ElementRange range{0, n_};
+      {
+        absl::MutexLock lock(&mu_);
+        while (!abandoned_ && ready_begin_ >= done.begin) cv_.Wait(&mu_);
+        if (abandoned_) return;
+        range.begin = ready_begin_;
+      }
+      if (first_push_us_ == 0) first_push_us_ = NowMicros();
+      status_ = ps_->PushChunks(step_, worker_id_, dp_rank_, grads_, range,
+                                done);
+      if (!status_.ok()) return;
+      done = range;
+    }
+  }
+
+  PsClient* const ps_;
+  const int64_t step_;
+  const std::string worker_id_;
+  const int dp_rank_;
+  const float* const grads_;
+  const int64_t n_;
+  absl::Mutex mu_;
+  absl::CondVar cv_;
+  int64_t ready_begin_ ABSL_GUARDED_BY(mu_);
+  bool abandoned_ ABSL_GUARDED_BY(mu_) = false;
+  // Written by the pushing thread, read after it is joined.
+  absl::Status status_;
+  int64_t first_push_us_ = 0;
+  std::thread thread_;
+};
 
 }  // namespace
 
@@ -108,6 +195,46 @@ void Trainer::Log(const std::string& line) const {
   std::fflush(stderr);
 }
 
+absl::Status Trainer::BackwardAndPush(
+    int64_t step, float grad_scale,
+    std::chrono::steady_clock::time_point* backward_done,
+    int64_t* push_start_us) {
+  const int64_t n = model_->num_parameters();
+  float* host = host_grads_.data();
+  SuffixPusher pusher(ps_, step, options_.worker_id, options_.dp_rank, host,
+                      n);
+  const int64_t bytes_before = ps_->stats().bytes_pushed;
+  // host[suffix, n) is final and handed to the pusher. `overlapped`: bytes
+  // pushed before the pass's last range was final (its compute ended).
+  int64_t suffix = n;
+  int64_t overlapped = 0;
+  absl::Status status = model_->Backward(
+      grad_scale, [&](int64_t begin, int64_t end) -> absl::Status {
+        LMPS_RETURN_IF_ERROR(model_->backend()->CopyToHost(
+            host + begin, model_->grads() + begin, end - begin));
+        overlapped = ps_->stats().bytes_pushed - bytes_before;
+        if (end == suffix) {
+          suffix = begin;
+          pusher.Ready(begin);
+        }
+        return absl::OkStatus();
+      });
+  if (status.ok() && suffix > 0) {
+    // Ranges that did not extend the suffix: copied again, all at once
+    // (the pusher reads only host[suffix, n)).
+    status = model_->backend()->CopyToHost(host, model_->grads(), suffix);
+  }
+  if (!status.ok()) {
+    pusher.Abandon();  // nothing that is not final is pushed
+    return status;
+  }
+  *backward_done = std::chrono::steady_clock::now();
+  progress_.push_bytes_overlapped = overlapped;
+  status = pusher.Finish();
+  *push_start_us = pusher.first_push_us();
+  return status;
+}
+
 absl::StatusOr<float> Trainer::Evaluate() {
   const JobSpec& spec = options_.spec;
   const int T = spec.model().block_size();
@@ -158,7 +285,13 @@ absl::Status Trainer::Run() {
 
     auto t1 = std::chrono::steady_clock::now();
     model_->ZeroGrad();
+    const bool overlap = options_.overlap_push;
+    const float grad_scale = 1.0f / static_cast<float>(M);
+    const int64_t bytes_before = ps_->stats().bytes_pushed;
     double loss = 0;
+    double slept = 0;
+    int64_t push_start_us = 0;
+    std::chrono::steady_clock::time_point t2;
     for (int mb = 0; mb < M; ++mb) {
       const int first = options_.dp_rank * local_batch + mb * micro_batch_;
       data_->Batch(Split::kTrain, train.seed(), step, train.batch_size(),
@@ -166,26 +299,40 @@ absl::Status Trainer::Run() {
       LMPS_ASSIGN_OR_RETURN(float l, model_->Forward(tokens_.data(),
                                                      targets_.data(),
                                                      micro_batch_, T));
-      LMPS_RETURN_IF_ERROR(model_->Backward(1.0f / static_cast<float>(M)));
       loss += l / M;
+      if (overlap && mb == M - 1) break;  // pushed during its backward pass
+      LMPS_RETURN_IF_ERROR(model_->Backward(grad_scale));
     }
     if (!std::isfinite(loss)) {
       return absl::InternalError(absl::StrCat(
           "non-finite training loss at step ", step,
           "; the gradient is not pushed (the servers would reject it)"));
     }
-    LMPS_RETURN_IF_ERROR(model_->GradientsToHost(host_grads_.data()));
-    progress_.compute_seconds = SecondsSince(t1);
-    if (slow) {
+    if (slow && overlap) {
+      const auto sleep_start = std::chrono::steady_clock::now();
       absl::SleepFor(absl::Milliseconds(train.debug_slow_worker_delay_ms()));
+      slept = SecondsSince(sleep_start);
     }
-
-    auto t2 = std::chrono::steady_clock::now();
-    const int64_t push_start_us = NowMicros();
-    LMPS_RETURN_IF_ERROR(
-        ps_->Push(step, options_.worker_id, options_.dp_rank, host_grads_.data()));
+    if (overlap) {
+      LMPS_RETURN_IF_ERROR(
+          BackwardAndPush(step, grad_scale, &t2, &push_start_us));
+      progress_.compute_seconds =
+          std::chrono::duration<double>(t2 - t1).count() - slept;
+    } else {
+      LMPS_RETURN_IF_ERROR(model_->GradientsToHost(host_grads_.data()));
+      progress_.compute_seconds = SecondsSince(t1);
+      if (slow) {
+        absl::SleepFor(absl::Milliseconds(train.debug_slow_worker_delay_ms()));
+      }
+      t2 = std::chrono::steady_clock::now();
+      push_start_us = NowMicros();
+      LMPS_RETURN_IF_ERROR(ps_->Push(step, options_.worker_id,
+                                     options_.dp_rank, host_grads_.data()));
+      progress_.push_bytes_overlapped = 0;
+    }
     const int64_t push_done_us = NowMicros();
     progress_.push_seconds = SecondsSince(t2);
+    progress_.push_bytes = ps_->stats().bytes_pushed - bytes_before;
 
     auto t3 = std::chrono::steady_clock::now();
     if (mode == SYNC) {

@@ -25,10 +25,26 @@
 // Evaluation (data-parallel rank 0 only) runs on the pulled parameters every
 // eval_interval steps and at the end.
 //
+// Push overlap (TrainerOptions.overlap_push, the default): during the last
+// micro-batch's backward pass, each range of the gradient GptModel reports
+// final (ln_f, the blocks from the last to the first, the embeddings:
+// GptModel::GradientReadyFn) is copied to host at once, and a background
+// thread pushes the chunks lying in the finished part (a suffix of the flat
+// buffer, growing) with PsClient::PushChunks while the pass goes on; when it
+// ends the rest is pushed and the step waits for every stream. Every chunk
+// is pushed exactly once, with the same values, and the shards sum the
+// replicas' gradients in rank order whatever the streams, so the results
+// are bit-identical to overlap_push = false (push after backward). The
+// training loss is checked for NaN/Inf before that backward pass (every
+// micro-batch's loss is known by then), so a non-finite gradient is still
+// never pushed.
+//
 // Test knobs of the job spec (train.debug_*): the replica of rank
 // debug_slow_worker_rank sleeps debug_slow_worker_delay_ms per step between
-// computing and pushing; debug_trace_steps logs one "trace ..." line per
-// step (format in proto/lmps.proto).
+// computing and pushing (with overlap_push: before the last micro-batch's
+// backward pass, where pushing starts); debug_trace_steps logs one
+// "trace ..." line per step (format in proto/lmps.proto; push_start_us is
+// when the step's first push stream started).
 //
 // The worker holds nothing that cannot be rebuilt: parameters come from the
 // servers and batches are a pure function of (seed, step, rank).
@@ -38,6 +54,7 @@
 #define LMPS_WORKER_TRAINER_H_
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <functional>
 #include <memory>
@@ -67,8 +84,17 @@ struct TrainerProgress {
   float loss = NAN;          // training loss of the last step
   float eval_loss = NAN;     // last evaluation loss, NaN if none yet
   double tokens_per_second = 0;
+  // Of the last step. compute_seconds: forward and backward; push_seconds:
+  // pushing after the backward pass ended (with overlap_push the part of
+  // the push not hidden behind it, waiting for the last streams).
   double compute_seconds = 0, pull_seconds = 0, push_seconds = 0,
-         sync_seconds = 0;  // of the last step
+         sync_seconds = 0;
+  // Gradient payload bytes pushed in the last step (PsClientStats
+  // bytes_pushed), and how many of them were sent while the backward pass
+  // was still computing: before its last range of the gradient (the
+  // embeddings) was final (0 without overlap_push).
+  int64_t push_bytes = 0;
+  int64_t push_bytes_overlapped = 0;
   // Pipeline parallel (worker/pipeline/pipeline_trainer.h), last step: the
   // fraction of the schedule's time this stage waited for its neighbours,
   // the formula's (pp - 1) / (m + pp - 1), and the most micro-batches whose
@@ -86,6 +112,9 @@ struct TrainerOptions {
   // Where trace lines go (train.debug_trace_steps); empty: stderr, as
   // "[worker_id] line".
   std::function<void(const std::string&)> log;
+  // Push the gradient while the last micro-batch's backward pass runs (see
+  // the file comment); false: push it after the backward pass.
+  bool overlap_push = true;
 };
 
 // GradNorm and Apply of `step` on every shard: the exact global gradient
@@ -121,6 +150,15 @@ class Trainer {
   // Pulls for `step` into the model; sets *version (if not null) to the
   // smallest version served.
   absl::Status PullInto(int64_t step, int64_t* version = nullptr);
+  // The last micro-batch's backward pass of `step` with its gradient pushed
+  // as it becomes final (overlap_push). Sets progress_.push_bytes_overlapped
+  // and *backward_done, *push_start_us. On an error the chunks already
+  // pushed stay pushed (final values: a retried step counts them as
+  // duplicates); nothing not yet final is.
+  absl::Status BackwardAndPush(int64_t step, float grad_scale,
+                               std::chrono::steady_clock::time_point*
+                                   backward_done,
+                               int64_t* push_start_us);
   // GradNorm and Apply of `step` on every shard (SYNC, BOUNDED_STALENESS).
   absl::Status ApplyStep(int64_t step);
   // The version to pull for the final parameters: end_step, or in ASYNC

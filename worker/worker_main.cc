@@ -69,6 +69,11 @@ ABSL_FLAG(std::string, sample_prompt, "The ", "prompt for the sample");
 ABSL_FLAG(double, sample_temperature, 0.8, "sampling temperature (0: greedy)");
 ABSL_FLAG(int, sample_top_k, 40, "top-k for sampling (0: all)");
 ABSL_FLAG(std::string, push_dtype, "f32", "gradient payload: f32 or bf16");
+ABSL_FLAG(bool, overlap_push, true,
+          "data-parallel layouts (pp = tp = 1): push the gradient while the "
+          "last micro-batch's backward pass runs, each block's part as soon "
+          "as it is final (bit-identical results); false: push after the "
+          "backward pass");
 ABSL_FLAG(std::string, metrics_listen, "",
           "serve Prometheus /metrics on this host:port (empty: off)");
 ABSL_FLAG(int, rpc_timeout_s, 120,
@@ -76,7 +81,8 @@ ABSL_FLAG(int, rpc_timeout_s, 120,
 ABSL_FLAG(int, fault_kill_at_step, -1,
           "fault injection for tests: SIGKILL this worker in the middle of "
           "pushing its gradient for this step, right after shard 0 accepted "
-          "it and before the other shards did; with pp * tp > 1, as the "
+          "it (with --overlap_push: its first part) and before the other "
+          "shards did; with pp * tp > 1, as the "
           "step's pipeline schedule starts (-1: never)");
 ABSL_FLAG(int, assemble_timeout_s, 120,
           "how long to wait for the scheduler and the job to assemble");
@@ -388,6 +394,7 @@ absl::Status RunWorker() {
   options.dp_rank = assignment.dp_rank();
   options.spec = spec;
   options.start_step = start_step;
+  options.overlap_push = absl::GetFlag(FLAGS_overlap_push);
   absl::Mutex mu;
   TrainerProgress latest;
   latest.step = start_step;
@@ -412,6 +419,17 @@ absl::Status RunWorker() {
     SetGauge(m, "lmps_step_phase_seconds", help, p.pull_seconds, {{"phase", "pull"}});
     SetGauge(m, "lmps_step_phase_seconds", help, p.push_seconds, {{"phase", "push"}});
     SetGauge(m, "lmps_step_phase_seconds", help, p.sync_seconds, {{"phase", "wait"}});
+    if (!pipeline) {
+      const char* bytes =
+          "Gradient payload bytes pushed in the last step (total), and those "
+          "sent while its backward pass still ran (overlapped, "
+          "--overlap_push).";
+      SetGauge(m, "lmps_push_bytes", bytes, static_cast<double>(p.push_bytes),
+               {{"kind", "total"}});
+      SetGauge(m, "lmps_push_bytes", bytes,
+               static_cast<double>(p.push_bytes_overlapped),
+               {{"kind", "overlapped"}});
+    }
     if (pipeline) {
       const char* bubble =
           "Fraction of the last step's pipeline schedule this stage waited "

@@ -289,7 +289,8 @@ absl::Status GptModel::LogitsToHost(float* host) const {
       static_cast<size_t>(last_B_) * last_T_ * config_.vocab_size());
 }
 
-absl::Status GptModel::Backward(float grad_scale) {
+absl::Status GptModel::Backward(float grad_scale,
+                                const GradientReadyFn& on_ready) {
   if (!backward_ready_) {
     return absl::FailedPreconditionError(
         "gpt: Backward needs a preceding Forward with targets (once per "
@@ -313,6 +314,17 @@ absl::Status GptModel::Backward(float grad_scale) {
   be.Zero(dresidual_, NC);
   be.LayerNormBackward(dresidual_, g_.lnfw, g_.lnfb, dln_, last_residual,
                        p_.lnfw, lnf_mean_, lnf_rstd_, N, C);
+  // GptTensorSpecs order: wte, wpe, 12 tensors per layer, ln_f.{w,b}; the
+  // first element of layer l is offsets_[2 + 12 l], ln_f's g_.lnfw.
+  constexpr int kPerLayer = 12;
+  int64_t done_from = num_parameters_;  // grads()[done_from, end) are done
+  auto ready = [&](int64_t begin) -> absl::Status {
+    const int64_t end = done_from;
+    done_from = begin;
+    if (!on_ready || begin == end) return absl::OkStatus();
+    return on_ready(begin, end);
+  };
+  if (absl::Status s = ready(g_.lnfw - grads_); !s.ok()) return s;
 
   // dresidual_ carries the gradient of the residual stream from layer to
   // layer: on entry to layer l it is d(residual3[l]); since
@@ -344,8 +356,13 @@ absl::Status GptModel::Backward(float grad_scale) {
                       3 * C);
     be.LayerNormBackward(dresidual_, dw.ln1w, dw.ln1b, dln_, residual, w.ln1w,
                          a.ln1_mean, a.ln1_rstd, N, C);
+    if (absl::Status s = ready(offsets_[2 + static_cast<size_t>(l) * kPerLayer]);
+        !s.ok()) {
+      return s;
+    }
   }
   be.EncoderBackward(g_.wte, g_.wpe, dresidual_, tokens_, B, T, C);
+  if (absl::Status s = ready(0); !s.ok()) return s;
   return be.Synchronize();
 }
 

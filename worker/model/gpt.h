@@ -28,6 +28,7 @@
 #define LMPS_WORKER_MODEL_GPT_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -97,10 +98,27 @@ class GptModel {
   // FailedPreconditionError before any Forward.
   absl::Status LogitsToHost(float* host) const;
 
+  // Called by Backward each time a range [begin, end) of elements of
+  // grads() has received its last contribution of that Backward: on the
+  // last micro-batch of a step, that range of the accumulated gradient is
+  // final while the backward pass goes on (a caller overlaps sending it with
+  // the rest of the pass). The ranges of one Backward are disjoint, come in
+  // decreasing order and together cover [0, num_parameters()): ln_f, then
+  // the blocks from the last to the first, then wte and wpe (wte last: the
+  // tied head's gradient lands there too). Called on the thread running
+  // Backward, after the work writing the range was issued: it may read the
+  // range with backend()->CopyToHost (which waits for that work), must not
+  // write grads() or call other GptModel methods. A non-OK status stops
+  // Backward, which returns it (grads() is then partly accumulated).
+  using GradientReadyFn =
+      std::function<absl::Status(int64_t begin, int64_t end)>;
+
   // Accumulates grad_scale * d(mean loss of the last Forward)/d(params)
-  // into grads() (+=). FailedPreconditionError unless the last Forward had
-  // targets. Backward may be called once per Forward.
-  absl::Status Backward(float grad_scale = 1.0f);
+  // into grads() (+=), calling `on_ready` (if not empty) as ranges of it
+  // are done (see GradientReadyFn). FailedPreconditionError unless the last
+  // Forward had targets. Backward may be called once per Forward.
+  absl::Status Backward(float grad_scale = 1.0f,
+                        const GradientReadyFn& on_ready = nullptr);
 
   // grads() = 0.
   void ZeroGrad();

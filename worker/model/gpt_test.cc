@@ -6,6 +6,7 @@
 #include <cmath>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/model_spec.h"
@@ -309,6 +310,58 @@ TEST_P(GptModelTest, GradientsAreDeterministic) {
   }
   EXPECT_EQ(grads[0], grads[1]);
   EXPECT_EQ(grads[0], grads[2]);
+}
+
+// Backward's on_ready ranges: disjoint, decreasing, covering every
+// gradient element, each final when reported (copied in the callback, they
+// equal the gradient after Backward, bit for bit); an error stops Backward.
+TEST_P(GptModelTest, GradientReadyRangesAreFinalAndCoverEverything) {
+  const ModelConfig config = TinyConfig();
+  auto model = MakeModel(config, 2, 8);
+  ASSERT_NE(model, nullptr);
+  const std::vector<float> params = LargeParameters(config, 70);
+  ASSERT_TRUE(model->SetParametersFromHost(params.data()).ok());
+  const std::vector<int32_t> tok = RandomTokens(17, 16, 32);
+  const std::vector<int32_t> tgt = RandomTokens(18, 16, 32);
+  const int64_t P = model->num_parameters();
+  std::vector<float> copied(P, std::nanf(""));
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  model->ZeroGrad();
+  for (int mb = 0; mb < 2; ++mb) {  // the last micro-batch's ranges are final
+    ASSERT_TRUE(model->Forward(tok.data(), tgt.data(), 2, 8).ok());
+    ranges.clear();
+    ASSERT_TRUE(model
+                    ->Backward(0.5f,
+                               [&](int64_t begin, int64_t end) {
+                                 ranges.push_back({begin, end});
+                                 return model->backend()->CopyToHost(
+                                     copied.data() + begin,
+                                     model->grads() + begin, end - begin);
+                               })
+                    .ok());
+  }
+  std::vector<float> after(P);
+  ASSERT_TRUE(model->GradientsToHost(after.data()).ok());
+  EXPECT_EQ(copied, after);
+  // ln_f, every block (last first), then the embeddings.
+  ASSERT_EQ(ranges.size(), static_cast<size_t>(config.n_layer() + 2));
+  EXPECT_EQ(ranges.front().second, P);
+  EXPECT_EQ(ranges.front().first, *model->TensorOffset("ln_f.weight"));
+  EXPECT_EQ(ranges[1].first, *model->TensorOffset("h.1.ln_1.weight"));
+  EXPECT_EQ(ranges.back().first, 0);
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    EXPECT_EQ(ranges[i].second, ranges[i - 1].first);
+    EXPECT_LT(ranges[i].first, ranges[i].second);
+  }
+
+  ASSERT_TRUE(model->Forward(tok.data(), tgt.data(), 2, 8).ok());
+  int calls = 0;
+  absl::Status s = model->Backward(1.0f, [&](int64_t, int64_t) {
+    ++calls;
+    return absl::CancelledError("stop");
+  });
+  EXPECT_EQ(s.code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(calls, 1);
 }
 
 TEST_P(GptModelTest, SgdStepsDecreaseLoss) {
