@@ -82,6 +82,16 @@ ABSL_FLAG(int, resize_at_step, -1,
           "reaches this step, change dp to --resize_workers at the next step "
           "boundary (SIGUSR1 / SIGUSR2 add / remove one replica at any time)");
 ABSL_FLAG(int, resize_workers, 0, "see --resize_at_step");
+ABSL_FLAG(int, elastic_max_dp, 0,
+          "> 0: the scheduler drives elastic dp (lmps_scheduler "
+          "--elastic_max_dp): --resize_at_step/--resize_workers and "
+          "SIGUSR1/SIGUSR2 then only start or kill worker processes, and the "
+          "scheduler grows or shrinks dp at a step boundary, within "
+          "[--elastic_min_dp, --elastic_max_dp]");
+ABSL_FLAG(int, elastic_min_dp, 1, "see --elastic_max_dp");
+ABSL_FLAG(double, elastic_grace_s, 10,
+          "with --elastic_max_dp: how long a dead worker's slot waits for a "
+          "replacement before the scheduler shrinks dp");
 ABSL_FLAG(std::string, elastic_batch, "keep",
           "on a dp change: keep the global batch (each replica takes "
           "batch/dp; the result equals the fixed-dp run's) or rescale it "
@@ -148,6 +158,7 @@ struct Child {
   std::string log;
   bool exited = false;
   int status = 0;
+  bool removed = false;  // killed on purpose (elastic shrink)
 };
 
 std::string Tail(const std::string& path, int lines) {
@@ -213,6 +224,8 @@ class Launcher {
   // at the next step boundary; Run() then restarts the job with the new dp
   // from that step's checkpoint.
   void MaybeResize(const JobStatus& status);
+  // Elastic scheduler: starts or kills worker processes for `want` replicas.
+  void ElasticProcesses(int want);
   absl::Status Start(const std::string& name, const std::string& binary,
                      std::vector<std::string> args);
   // Reaps exited children; returns an error naming a child that failed.
@@ -236,6 +249,12 @@ class Launcher {
   // tensor-parallel partners cannot continue the step without it).
   bool pipeline_ = false;
   bool replicated_ = false;  // layout.shard_backups = 1
+  // --elastic_max_dp: the scheduler resizes; the launcher starts or kills
+  // worker processes toward elastic_dp_ replicas.
+  bool elastic_scheduler_ = false;
+  int elastic_dp_ = 0;
+  int extra_workers_ = 0;
+  std::vector<std::string> extra_worker_args_;
   bool fault_injected_ = false;
   bool scheduler_fault_injected_ = false;
   bool second_fault_injected_ = false;  // --fault_kill_primary_again_at_step
@@ -328,7 +347,7 @@ absl::Status Launcher::Reap() {
     if (waitpid(c.pid, &status, WNOHANG) != c.pid) continue;
     c.exited = true;
     c.status = status;
-    const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    const bool ok = (WIFEXITED(status) && WEXITSTATUS(status) == 0) || c.removed;
     if (!ok) {
       std::string how = WIFEXITED(status)
                             ? absl::StrCat("exited with status ", WEXITSTATUS(status))
@@ -394,6 +413,14 @@ absl::Status Launcher::Reap() {
         LMPS_ASSIGN_OR_RETURN(c.pid, Spawn(c.binary, c.args, c.log));
         c.exited = false;
         ++c.restarts;
+        continue;
+      }
+      if (c.name.rfind("worker", 0) == 0 && elastic_scheduler_ && !g_interrupted) {
+        std::printf("\nlmps: %s %s; the elastic scheduler shrinks dp once its "
+                    "lease and --elastic_grace_s expire (unless a worker "
+                    "takes its slot)\n",
+                    c.name.c_str(), how.c_str());
+        std::fflush(stdout);
         continue;
       }
       if (c.name.rfind("worker", 0) == 0 && spares_available_ > 0 && !pipeline_ &&
@@ -571,7 +598,7 @@ void Launcher::MaybeInjectServerFault(const JobStatus& status) {
 
 void Launcher::MaybeResize(const JobStatus& status) {
   if (resize_step_ >= 0 || status.state() != RUNNING) return;
-  const int dp = spec_.layout().dp();
+  const int dp = elastic_scheduler_ ? elastic_dp_ : spec_.layout().dp();
   int want = dp;
   int64_t slowest = INT64_MAX;
   for (const NodeStatus& n : status.nodes()) {
@@ -585,6 +612,10 @@ void Launcher::MaybeResize(const JobStatus& status) {
   if (g_resize_delta != 0) {
     want = dp + g_resize_delta;
     g_resize_delta = 0;
+  }
+  if (elastic_scheduler_) {
+    ElasticProcesses(want);
+    return;
   }
   if (want == dp) return;
   JobSpec next = spec_;
@@ -625,6 +656,51 @@ void Launcher::MaybeResize(const JobStatus& status) {
   std::fflush(stdout);
 }
 
+void Launcher::ElasticProcesses(int want) {
+  const int group = spec_.layout().pp() * spec_.layout().tp();
+  const int lo = absl::GetFlag(FLAGS_elastic_min_dp),
+            hi = absl::GetFlag(FLAGS_elastic_max_dp);
+  if (want == elastic_dp_) return;
+  if (want < lo || want > hi) {
+    std::printf("\nlmps: cannot resize dp %d -> %d: outside [%d, %d] "
+                "(--elastic_min_dp, --elastic_max_dp)\n",
+                elastic_dp_, want, lo, hi);
+    std::fflush(stdout);
+    return;
+  }
+  if (want > elastic_dp_) {
+    const int n = (want - elastic_dp_) * group;
+    std::printf("\nlmps: elastic: starting %d more worker process%s; the "
+                "scheduler grows dp %d -> %d at a step boundary\n",
+                n, n == 1 ? "" : "es", elastic_dp_, want);
+    std::fflush(stdout);
+    for (int i = 0; i < n; ++i) {
+      const absl::Status s = Start(absl::StrCat("worker-x", extra_workers_++),
+                                   Bin("worker/lmps_worker"), extra_worker_args_);
+      if (!s.ok()) {
+        std::printf("lmps: %s\n", std::string(s.message()).c_str());
+        return;
+      }
+    }
+  } else {
+    int n = (elastic_dp_ - want) * group;
+    std::printf("\nlmps: elastic: stopping %d worker process%s; the "
+                "scheduler shrinks dp %d -> %d once their leases and "
+                "--elastic_grace_s=%g expire\n",
+                n, n == 1 ? "" : "es", elastic_dp_, want,
+                absl::GetFlag(FLAGS_elastic_grace_s));
+    std::fflush(stdout);
+    for (auto it = children_.rbegin(); it != children_.rend() && n > 0; ++it) {
+      if (it->name.rfind("worker", 0) == 0 && !it->exited && !it->removed) {
+        it->removed = true;
+        kill(it->pid, SIGKILL);
+        --n;
+      }
+    }
+  }
+  elastic_dp_ = want;
+}
+
 absl::Status Launcher::StartJob(const JobSpec& spec) {
   spec_ = spec;
   pipeline_ = spec.layout().pp() * spec.layout().tp() > 1;
@@ -648,6 +724,17 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
       absl::StrCat("--lease_s=", absl::GetFlag(FLAGS_lease_s))};
   for (const std::string& a : metrics_flag(0)) scheduler_args.push_back(a);
   for (const std::string& a : server_security_args_) scheduler_args.push_back(a);
+  elastic_scheduler_ = absl::GetFlag(FLAGS_elastic_max_dp) > 0;
+  elastic_dp_ = spec.layout().dp();
+  if (elastic_scheduler_) {
+    scheduler_args.push_back(
+        absl::StrCat("--elastic_max_dp=", absl::GetFlag(FLAGS_elastic_max_dp)));
+    scheduler_args.push_back(
+        absl::StrCat("--elastic_min_dp=", absl::GetFlag(FLAGS_elastic_min_dp)));
+    scheduler_args.push_back(
+        absl::StrCat("--elastic_grace_s=", absl::GetFlag(FLAGS_elastic_grace_s)));
+    scheduler_args.push_back("--elastic_batch=" + absl::GetFlag(FLAGS_elastic_batch));
+  }
   LMPS_RETURN_IF_ERROR(Start("scheduler", Bin("server/scheduler/lmps_scheduler"),
                              scheduler_args));
   std::string port;
@@ -697,6 +784,14 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
     for (const std::string& a : split_args(absl::GetFlag(FLAGS_worker_args))) args.push_back(a);
     for (const std::string& a : metrics_flag(1 + S + w)) args.push_back(a);
     for (const std::string& a : worker_security_args_) args.push_back(a);
+    if (w == 0) {
+      extra_worker_args_.clear();
+      for (const std::string& a : args) {
+        if (a.rfind("--rank=", 0) != 0 && a.rfind("--metrics_listen=", 0) != 0) {
+          extra_worker_args_.push_back(a);
+        }
+      }
+    }
     if (w == absl::GetFlag(FLAGS_fault_worker) && attempt_ == 0) {
       args.push_back(absl::StrCat("--fault_kill_at_step=",
                                   absl::GetFlag(FLAGS_fault_kill_at_step)));

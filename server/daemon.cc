@@ -116,12 +116,33 @@ class Daemon {
     if (absl::Status s = StartServer(); !s.ok()) return s;
     scheduler_ = Scheduler::NewStub(MakeChannel(
         options_.scheduler, options_.rpc_metrics, options_.security));
-    const absl::Time assemble_deadline =
-        absl::Now() + options_.assemble_timeout;
-    if (absl::Status s = Register(assemble_deadline); !s.ok()) return s;
-    if (absl::Status s = GetAssignment(assemble_deadline); !s.ok()) return s;
-    if (absl::Status s = CreateShard(); !s.ok()) return s;
-    return HeartbeatLoop();
+    while (true) {
+      const absl::Time assemble_deadline =
+          absl::Now() + options_.assemble_timeout;
+      if (absl::Status s = Register(assemble_deadline); !s.ok()) return s;
+      if (absl::Status s = GetAssignment(assemble_deadline); !s.ok()) return s;
+      if (absl::Status s = CreateShard(); !s.ok()) return s;
+      absl::Status s = HeartbeatLoop();
+      if (!reassemble_) return s;
+      // Elastic resize: the job re-assembles with another dp from the
+      // boundary's checkpoint (written: the shard stopped there).
+      reassemble_ = false;
+      log_(absl::StrCat("the job re-assembles after an elastic resize at "
+                        "version ",
+                        shard_->version(), "; registering again"));
+      DropShard();
+    }
+  }
+
+  // Stops serving the current shard and frees it once calls in flight are
+  // over (every wait ends at Shutdown; no worker calls during a resize).
+  void DropShard() {
+    service_->SetShard(nullptr, nullptr);
+    SetServing(server_.get(), false);
+    shard_->Shutdown();
+    stop_->WaitFor(absl::Seconds(2));
+    replicated_.reset();
+    shard_.reset();
   }
 
   absl::Status StartServer() {
@@ -439,6 +460,10 @@ class Daemon {
       } else if (s.ok()) {
         last_ok = absl::Now();
         if (resp.state() == FINISHED) return Finished();
+        if (resp.reassemble()) {
+          reassemble_ = true;
+          return absl::OkStatus();
+        }
         if (absl::Status r = ReplicationHeartbeat(&req, &resp); !r.ok()) {
           return r;
         }
@@ -580,6 +605,7 @@ class Daemon {
   absl::Duration lease_ = absl::Seconds(10);
   Assignment assignment_;
   bool report_errors_ = true;
+  bool reassemble_ = false;  // the heartbeat said: elastic re-assembly
 };
 
 }  // namespace

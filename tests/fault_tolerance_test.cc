@@ -143,6 +143,57 @@ TEST(FaultToleranceTest, ReplicatedShardKilledTwiceLosesNoStep) {
   EXPECT_EQ(*diff, 0.0) << "a shard's death must lose no step";
 }
 
+// Elastic data parallelism driven by the scheduler: a third worker process
+// joins at step 30 and the scheduler grows dp 2 -> 3 at a step boundary;
+// at step 70 a worker is SIGKILLed mid-push and, no replacement coming, the
+// scheduler shrinks dp back to 2 (the surviving replicas were waiting for
+// its gradient: the stop ends their wait, and the job resumes from that
+// step's checkpoint). The global batch (12) is kept throughout, so the
+// parameters match a fixed dp = 2 run up to float summation order: within
+// 1e-4.
+TEST(FaultToleranceTest, ElasticSchedulerGrowsAndShrinksDp) {
+  constexpr char kElasticJob[] = R"(
+model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 16 }
+train { steps: 120 batch_size: 12 eval_interval: 0 sample_tokens: 0
+        checkpoint_interval: 1000 debug_slow_worker_rank: 0
+        debug_slow_worker_delay_ms: 60 }
+max_chunk_bytes: 4096
+)";
+  const std::string straight = TempDir("elastic_straight");
+  CommandResult a = Train(straight, {}, kElasticJob);
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+
+  const std::string elastic = TempDir("elastic_scheduler");
+  CommandResult b = Train(elastic,
+                          {"--elastic_max_dp=3", "--elastic_grace_s=1",
+                           "--resize_at_step=30", "--resize_workers=3",
+                           "--fault_worker=1", "--fault_kill_at_step=70",
+                           "--restart_workers=0"},
+                          kElasticJob);
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_NE(b.output.find("starting 1 more worker process"), std::string::npos)
+      << b.output;
+  const std::string scheduler = ReadFile(elastic + "/logs/scheduler.log");
+  EXPECT_NE(scheduler.find("elastic resize dp 2 -> 3: 1 more worker(s) asking "
+                           "to join"),
+            std::string::npos)
+      << scheduler;
+  EXPECT_NE(scheduler.find("elastic resize dp 3 -> 2: 1 worker(s) dead for over"),
+            std::string::npos)
+      << scheduler;
+  EXPECT_NE(scheduler.find("re-assembling with dp 3"), std::string::npos)
+      << scheduler;
+  EXPECT_NE(scheduler.find("re-assembling with dp 2"), std::string::npos)
+      << scheduler;
+  EXPECT_NE(scheduler.find("job FINISHED"), std::string::npos) << scheduler;
+
+  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
+                                elastic + "/model.safetensors");
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_LT(*diff, 1e-4);
+  std::printf("elastic grow+shrink vs fixed dp: max |diff| = %g\n", *diff);
+}
+
 // A spare worker started with the job takes over a SIGKILLed worker's slot
 // (no new process is started), redoes exactly the lost step, and the final
 // parameters equal an uninterrupted run's.

@@ -111,7 +111,9 @@ void Log(const std::string& id, const std::string& msg) {
   std::fflush(stderr);
 }
 
-absl::Status RunWorker() {
+// Sets *register_again when an elastic scheduler resized the job: the
+// caller runs it again (a fresh registration for the resized job).
+absl::Status RunWorker(bool* register_again) {
   const std::string scheduler = absl::GetFlag(FLAGS_scheduler);
   if (scheduler.empty()) {
     return absl::InvalidArgumentError("--scheduler=host:port is required");
@@ -210,6 +212,8 @@ absl::Status RunWorker() {
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
   reg.set_hostname(host);
+  reg.set_instance_id(absl::StrCat(host, "/", getpid(), "/",
+                                   absl::ToUnixNanos(absl::Now())));
   const bool spare = absl::GetFlag(FLAGS_spare);
   if (spare) {
     // Never take a slot meant for a first worker: wait until the job runs.
@@ -525,10 +529,12 @@ absl::Status RunWorker() {
   }
 
   bool done = false;
+  bool stopped_for_resize = false;
   std::string error;
   auto make_heartbeat = [&] {
     absl::MutexLock lock(&mu);
     HeartbeatRequest hb;
+    hb.set_stopped_for_resize(stopped_for_resize);
     hb.set_step(latest.step);
     hb.set_loss(latest.loss);
     hb.set_eval_loss(latest.eval_loss);
@@ -555,6 +561,20 @@ absl::Status RunWorker() {
     // checkpointed it; the job restarts with another dp. Not a failure.
     heartbeat.Stop();
     Log(id, absl::StrCat("stopped for an elastic resize: ", status.message()));
+    if (assignment.elastic()) {
+      // The scheduler re-assembles the job once every worker stopped: say
+      // so, then register again (main() runs RunWorker again).
+      {
+        absl::MutexLock lock(&mu);
+        stopped_for_resize = true;
+      }
+      absl::StatusOr<HeartbeatResponse> told = heartbeat.BeatNow();
+      for (int i = 0; i < 20 && !told.ok(); ++i) {
+        absl::SleepFor(absl::Milliseconds(250));
+        told = heartbeat.BeatNow();
+      }
+      *register_again = true;
+    }
     return absl::OkStatus();
   }
   // With pp * tp > 1 no worker holds the whole model: lmps_local samples
@@ -621,7 +641,12 @@ int main(int argc, char** argv) {
       "lmps training worker: lmps_worker --scheduler=host:port [--backend=cpu]");
   absl::ParseCommandLine(argc, argv);
   std::signal(SIGPIPE, SIG_IGN);
-  absl::Status status = lmps::RunWorker();
+  absl::Status status;
+  for (bool again = true; again;) {
+    again = false;
+    status = lmps::RunWorker(&again);
+    if (!status.ok()) break;
+  }
   if (!status.ok()) {
     std::fprintf(stderr, "[worker] error: %s\n", status.ToString().c_str());
     return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
