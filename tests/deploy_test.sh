@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks the deployment material under deploy/ with real tools, offline
 # after the first run:
-#  1. `kubectl kustomize` renders k8s/base, overlays/cpu, overlays/gpu and overlays/tls;
+#  1. `kubectl kustomize` renders k8s/base, overlays/cpu, overlays/gpu, overlays/tls and overlays/elastic;
 #  2. deploy/validate_k8s.js validates every rendered object against the
 #     Kubernetes schemas (npm kubernetes-models + yaml, installed once with
 #     `npm ci` from deploy/package-lock.json into <repo>/.cache/deploy_test,
@@ -70,7 +70,7 @@ want="$(sha256sum "$deploy/package-lock.json" | cut -d' ' -f1)"
 export NODE_PATH="$cache/node_modules"
 
 # --- 1+2. render and validate -----------------------------------------------------------------
-for variant in base overlays/cpu overlays/gpu overlays/tls; do
+for variant in base overlays/cpu overlays/gpu overlays/tls overlays/elastic; do
   out="$tmp/render-$(basename "$variant").yaml"
   kubectl kustomize "$deploy/k8s/$variant" >"$out" 2>"$tmp/kustomize.err" ||
     fail "kubectl kustomize deploy/k8s/$variant: $(cat "$tmp/kustomize.err")"

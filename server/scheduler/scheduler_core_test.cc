@@ -86,9 +86,13 @@ struct Captured {
 class SchedulerCoreTest : public ::testing::Test {
  protected:
   void Start(int dp, int shards, absl::Duration assemble = absl::Seconds(120),
-             absl::Duration lease = absl::Seconds(10), int backups = 0) {
+             absl::Duration lease = absl::Seconds(10), int backups = 0,
+             ElasticOptions elastic = {}) {
     SchedulerOptions options;
+    options.elastic = elastic;
     options.spec = Spec(dp, shards);
+    // Elastic tests resize between dp 1 and 3: a batch all of them divide.
+    if (elastic.max_dp > 0) options.spec.mutable_train()->set_batch_size(12);
     options.spec.mutable_layout()->set_shard_backups(backups);
     options.assemble_timeout = assemble;
     options.lease = lease;
@@ -849,6 +853,89 @@ TEST_F(SchedulerCoreTest, ReplicatedShardFailsOverToItsBackup) {
   EXPECT_FALSE(core_->Heartbeat(Beat("server-0"))->promote());
   w = core_->GetAssignment("worker-0", absl::InfiniteFuture());
   EXPECT_EQ(w->backup_addresses(0), "p:2");
+}
+
+// Elastic: a surplus worker grows dp at a boundary two steps past the
+// shards; once every worker stopped there the job re-assembles with the
+// new dp from that checkpoint. A dead worker without a replacement shrinks
+// it back, stopping at the shards' current version.
+TEST_F(SchedulerCoreTest, ElasticGrowsAndShrinksDp) {
+  ElasticOptions e;
+  e.min_dp = 1;
+  e.max_dp = 3;
+  e.grace = absl::Seconds(5);
+  Start(/*dp=*/2, /*shards=*/1, absl::Seconds(120), absl::Seconds(10), 0, e);
+  Id(Server("s:1", 0));
+  Id(Worker("host-0"));
+  Id(Worker("host-1"));
+  ASSERT_EQ(core_->CurrentState(), RUNNING);
+  EXPECT_TRUE(core_->GetAssignment("worker-0", absl::InfiniteFuture())->elastic());
+  ASSERT_TRUE(core_->Heartbeat(Beat("server-0", 40)).ok());
+  EXPECT_FALSE(core_->TakeResizePlan().has_value());
+
+  // A third worker asks to join: RESOURCE_EXHAUSTED, counted as surplus.
+  RegisterRequest extra = Worker("host-2");
+  extra.set_instance_id("host-2/1");
+  absl::StatusOr<RegisterResponse> r = core_->Register(extra);
+  ASSERT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "elastic")) << r.status();
+  core_->Tick();
+  std::optional<ResizePlan> plan = core_->TakeResizePlan();
+  ASSERT_TRUE(plan.has_value()) << Log();
+  EXPECT_EQ(plan->from_dp, 2);
+  EXPECT_EQ(plan->to_dp, 3);
+  EXPECT_EQ(plan->first_step, 42);
+  EXPECT_EQ(plan->shard_addresses, std::vector<std::string>{"s:1"});
+  EXPECT_FALSE(core_->TakeResizePlan().has_value());  // handed out once
+  // While resizing no worker can register.
+  EXPECT_EQ(core_->Register(extra).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  core_->ResizeStopped(43);
+  HeartbeatRequest stopped = Beat("worker-0", 42);
+  stopped.set_stopped_for_resize(true);
+  ASSERT_TRUE(core_->Heartbeat(stopped).ok());
+  EXPECT_EQ(core_->CurrentState(), RUNNING);  // worker-1 still running
+  stopped.set_node_id("worker-1");
+  ASSERT_TRUE(core_->Heartbeat(stopped).ok());
+  EXPECT_EQ(core_->CurrentState(), ASSEMBLING);
+  EXPECT_TRUE(Logged("re-assembling with dp 3 (was 2)")) << Log();
+  // The server is told to register again; it reports the boundary's
+  // checkpoint, which becomes the start step.
+  absl::StatusOr<HeartbeatResponse> hb = core_->Heartbeat(Beat("server-0", 43));
+  ASSERT_TRUE(hb.ok()) << hb.status();
+  EXPECT_TRUE(hb->reassemble());
+  Id(Server("s:1", 0, {40, 43}, core_->partition().version()));
+  for (int i = 0; i < 3; ++i) Id(Worker(absl::StrCat("host-", i)));
+  ASSERT_EQ(core_->CurrentState(), RUNNING);
+  absl::StatusOr<Assignment> a =
+      core_->GetAssignment("worker-2", absl::InfiniteFuture());
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->spec().layout().dp(), 3);
+  EXPECT_EQ(a->dp_rank(), 2);
+  EXPECT_EQ(a->start_step(), 43);
+  EXPECT_EQ(core_->expected_workers(), 3);
+
+  // worker-2 dies; after its lease and the grace dp shrinks to 2 at the
+  // shards' version (the others wait for its gradient there).
+  clock_.Advance(absl::Seconds(8));
+  ASSERT_TRUE(core_->Heartbeat(Beat("server-0", 50)).ok());
+  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0", 50)).ok());
+  ASSERT_TRUE(core_->Heartbeat(Beat("worker-1", 50)).ok());
+  clock_.Advance(absl::Seconds(3));  // worker-2's lease expires
+  core_->Tick();
+  EXPECT_FALSE(core_->TakeResizePlan().has_value());  // grace not over
+  ASSERT_TRUE(core_->Heartbeat(Beat("server-0", 50)).ok());
+  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0", 50)).ok());
+  ASSERT_TRUE(core_->Heartbeat(Beat("worker-1", 50)).ok());
+  clock_.Advance(absl::Seconds(6));
+  core_->Tick();
+  plan = core_->TakeResizePlan();
+  ASSERT_TRUE(plan.has_value()) << Log();
+  EXPECT_EQ(plan->to_dp, 2);
+  EXPECT_EQ(plan->first_step, 50);
+  core_->ResizeFailed("shard unreachable");
+  EXPECT_TRUE(Logged("failed: shard unreachable")) << Log();
+  EXPECT_EQ(core_->CurrentState(), RUNNING);
 }
 
 // A restarted server takes the slot of its address; since it lost its
