@@ -185,8 +185,8 @@ is_cuda_lib() {
   return 1
 }
 
-# lmps_worker is CPU-only; lmps_worker_cuda (built where nvcc exists) adds the
-# CUDA backend and links cuBLAS/cudart, which the CUDA base image provides.
+# lmps_worker is CPU-only; lmps_worker_cuda (built where nvcc exists) loads
+# the CUDA backend plugin, which links cuBLAS/cudart from the CUDA base image.
 # --- build context -------------------------------------------------------------
 # One context per image, <context>/<image>/{bin,lib}, holding only what that
 # image's binaries need.
@@ -194,10 +194,24 @@ rm -rf "$context"
 declare -A needs_cuda
 max_glibc="2.0"
 stage() {  # stage IMAGE BINARY
-  local dir="$context/$1" b="$2" src="${bin_path[$2]}" out lib real v
+  local dir="$context/$1" b="$2" src="${bin_path[$2]}" plugin
   mkdir -p "$dir/bin" "$dir/lib"
   cp "$src" "$dir/bin/$b"
   chmod 0755 "$dir/bin/$b"
+  stage_libs "$1" "$src"
+  if [ "$b" = lmps_worker_cuda ]; then
+    # The CUDA backend plugin (worker/backend/cuda/cuda_plugin.h), loaded
+    # from LD_LIBRARY_PATH (/usr/local/lib/lmps) with --backend=cuda.
+    plugin="$(dirname "$src")/backend/cuda/liblmps_cuda_backend.so"
+    [ -f "$plugin" ] || plugin="$(dirname "$src")/liblmps_cuda_backend.so"
+    [ -f "$plugin" ] || die "lmps_worker_cuda needs liblmps_cuda_backend.so beside it"
+    cp "$plugin" "$dir/lib/liblmps_cuda_backend.so"
+    stage_libs "$1" "$plugin"
+  fi
+}
+stage_libs() {  # stage_libs IMAGE FILE: the shared libraries FILE needs
+  local dir="$context/$1" b src="$2" out lib real v
+  b="$(basename "$src")"
   if ! out="$(ldd "$src" 2>&1)"; then die "ldd $b: $out"; fi
   if grep -q "not found" <<<"$out"; then
     die "$b has unresolved libraries:"$'\n'"$(grep 'not found' <<<"$out")"

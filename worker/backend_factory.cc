@@ -4,14 +4,69 @@
 #include "absl/strings/str_cat.h"
 #include "worker/backend/cpu_backend.h"
 #ifdef LMPS_HAVE_CUDA
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <vector>
+
 #include "absl/strings/numbers.h"
-#include "worker/backend/cuda/cuda_backend.h"
+#include "worker/backend/cuda/cuda_plugin.h"
 #endif
 
 namespace lmps {
+#ifdef LMPS_HAVE_CUDA
+namespace {
+
+// Loads the CUDA backend plugin (cuda_plugin.h) once: `path`, else beside
+// this executable, in its Bazel runfiles, then by name (LD_LIBRARY_PATH).
+// The library stays loaded for the life of the process.
+absl::StatusOr<CudaPluginEntry> LoadCudaPlugin(const std::string& path) {
+  std::vector<std::string> candidates;
+  if (!path.empty()) {
+    candidates.push_back(path);
+  } else {
+    char exe[4096] = {0};
+    const ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    if (n > 0) {
+      const std::string self(exe, n);
+      const std::string dir = self.substr(0, self.rfind('/') + 1);
+      candidates.push_back(dir + kCudaPluginFile);
+      candidates.push_back(self + ".runfiles/lmps/worker/backend/cuda/" +
+                           kCudaPluginFile);
+    }
+    candidates.push_back(kCudaPluginFile);
+  }
+  std::string errors;
+  for (const std::string& c : candidates) {
+    if (c.find('/') != std::string::npos && access(c.c_str(), R_OK) != 0) {
+      continue;
+    }
+    void* handle = dlopen(c.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (handle == nullptr) {
+      absl::StrAppend(&errors, "; ", dlerror());
+      continue;
+    }
+    void* entry = dlsym(handle, kCudaPluginEntry);
+    if (entry == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          c, " has no ", kCudaPluginEntry, ": not an lmps CUDA plugin"));
+    }
+    return reinterpret_cast<CudaPluginEntry>(entry);
+  }
+  return absl::FailedPreconditionError(absl::StrCat(
+      "cannot load the CUDA backend ", kCudaPluginFile, " (looked ",
+      path.empty() ? "beside the binary, in its runfiles and on "
+                     "LD_LIBRARY_PATH"
+                   : absl::StrCat("at ", path),
+      errors, ")"));
+}
+
+}  // namespace
+#endif
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(
-    const std::string& name, int num_threads, const std::string& cuda_matmul) {
+    const std::string& name, int num_threads, const std::string& cuda_matmul,
+    const std::string& cuda_plugin) {
   if (!cuda_matmul.empty() && cuda_matmul != "tf32" && cuda_matmul != "bf16") {
     return absl::InvalidArgumentError(
         absl::StrCat("cuda_matmul '", cuda_matmul,
@@ -26,24 +81,25 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(
   }
   if (name == "cuda" || absl::StartsWith(name, "cuda:")) {
 #ifdef LMPS_HAVE_CUDA
-    CudaBackendOptions options;
-    if (name != "cuda" && !absl::SimpleAtoi(name.substr(5), &options.device)) {
+    CudaPluginArgs args;
+    args.matmul = cuda_matmul;
+    if (name != "cuda" && !absl::SimpleAtoi(name.substr(5), &args.device)) {
       return absl::InvalidArgumentError(
           absl::StrCat("backend '", name, "': expected cuda:N"));
     }
-    if (!cuda_matmul.empty()) {
-      absl::StatusOr<MatmulPrecision> precision =
-          ParseMatmulPrecision(cuda_matmul);
-      if (!precision.ok()) return precision.status();
-      options.matmul_precision = *precision;
-    }
-    absl::StatusOr<std::unique_ptr<CudaBackend>> cuda = CudaBackend::Create(options);
-    if (!cuda.ok()) {
-      return absl::Status(cuda.status().code(),
+    absl::StatusOr<CudaPluginEntry> create = LoadCudaPlugin(cuda_plugin);
+    if (!create.ok()) {
+      return absl::Status(create.status().code(),
                           absl::StrCat("backend '", name, "': ",
-                                       cuda.status().message()));
+                                       create.status().message()));
     }
-    return std::unique_ptr<Backend>(std::move(*cuda));
+    std::string error;
+    Backend* cuda = (*create)(args, &error);
+    if (cuda == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("backend '", name, "': ", error));
+    }
+    return std::unique_ptr<Backend>(cuda);
 #else
     return absl::FailedPreconditionError(absl::StrCat(
         "backend '", name, "': this binary has no CUDA backend; use "

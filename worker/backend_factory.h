@@ -7,6 +7,11 @@
 // (CudaBackendOptions). It is validated for every backend (an unknown value
 // is InvalidArgumentError) and ignored by the CPU backend.
 //
+// The CUDA backend is a plugin loaded with dlopen on first use
+// (worker/backend/cuda/cuda_plugin.h): `cuda_plugin` is its path, or "" to
+// look beside the binary, in its runfiles and on LD_LIBRARY_PATH. A missing
+// plugin or GPU is FailedPreconditionError naming what is missing.
+//
 // Thread-safety: call once, from main().
 #ifndef LMPS_WORKER_BACKEND_FACTORY_H_
 #define LMPS_WORKER_BACKEND_FACTORY_H_
@@ -21,7 +26,8 @@ namespace lmps {
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(
     const std::string& name, int num_threads,
-    const std::string& cuda_matmul = "");
+    const std::string& cuda_matmul = "",
+    const std::string& cuda_plugin = "");
 
 }  // namespace lmps
 

@@ -50,6 +50,9 @@
 
 ABSL_FLAG(std::string, scheduler, "", "scheduler address host:port (required)");
 ABSL_FLAG(std::string, backend, "cpu", "compute backend: cpu, or cuda[:N]");
+ABSL_FLAG(std::string, cuda_backend_lib, "",
+          "lmps_worker_cuda: path of liblmps_cuda_backend.so (default: beside "
+          "the binary, in its runfiles, then LD_LIBRARY_PATH)");
 ABSL_FLAG(std::string, cuda_matmul, "",
           "matrix-product input precision of --backend=cuda: tf32 or bf16 "
           "(bf16 copies of fp32 operands, fp32 accumulation); empty: the "
@@ -134,21 +137,14 @@ absl::Status RunWorker(bool* register_again) {
   }
   absl::StatusOr<DaemonMetrics> started =
       StartDaemonMetrics(absl::GetFlag(FLAGS_metrics_listen), "worker");
-#ifdef LMPS_METRICS_OPTIONAL
-  if (!started.ok()) {
-    // lmps_worker_cuda: see the known issue in README.md.
-    Log("worker", absl::StrCat("warning: no /metrics endpoint: ",
-                               started.status().message()));
-    started = StartDaemonMetrics("", "worker");
-  }
-#endif
   LMPS_RETURN_IF_ERROR(started.status());
   DaemonMetrics metrics = std::move(*started);
   Metrics* m = metrics.metrics.get();
   // Fail fast on a backend this machine cannot run, before joining a job.
   LMPS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
                         CreateBackend(absl::GetFlag(FLAGS_backend), threads,
-                                      absl::GetFlag(FLAGS_cuda_matmul)));
+                                      absl::GetFlag(FLAGS_cuda_matmul),
+                                      absl::GetFlag(FLAGS_cuda_backend_lib)));
 
   LMPS_ASSIGN_OR_RETURN(const Security security,
                         Security::Load(SecurityOptionsFromFlags()));

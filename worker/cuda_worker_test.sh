@@ -1,0 +1,42 @@
+#!/bin/bash
+# lmps_worker_cuda loads the CUDA backend as a plugin (worker/backend/cuda/
+# cuda_plugin.h): the binary itself links no CUDA library, its /metrics
+# endpoint comes up (it did not while cuBLAS 13 was linked at start: its
+# static TLS left civetweb's small thread stacks no room), and
+# --backend=cuda loads the plugin -- on a machine without a GPU it then
+# fails with the CUDA runtime's reason, never with a loading error.
+set -euo pipefail
+bin="$1"
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+if ldd "$bin" | grep -q 'libcublas\|libcudart'; then
+  fail "$bin links CUDA libraries at start: $(ldd "$bin" | grep cu)"
+fi
+
+port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+log="${TEST_TMPDIR:-/tmp}/worker.log"
+# An unreachable scheduler: the worker keeps retrying its registration.
+"$bin" --metrics_listen=127.0.0.1:$port --scheduler=127.0.0.1:1 \
+  --backend=cpu --assemble_timeout_s=20 >"$log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true' EXIT
+body=""
+for _ in $(seq 50); do
+  body=$(/usr/bin/python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:$port/metrics', timeout=1).read().decode())" 2>/dev/null || true)
+  [ -n "$body" ] && break
+  sleep 0.1
+done
+grep -q '# TYPE' <<<"$body" || fail "no metrics on /metrics: $(head -5 "$log")"
+kill $pid; wait $pid 2>/dev/null || true
+
+out=$("$bin" --scheduler=127.0.0.1:1 --backend=cuda:0 --assemble_timeout_s=2 2>&1 || true)
+if grep -q 'cannot load the CUDA backend' <<<"$out"; then
+  fail "the plugin did not load: $out"
+fi
+if ! grep -q 'no CUDA device\|registered\|scheduler' <<<"$out"; then
+  fail "unexpected answer to --backend=cuda:0: $out"
+fi
+out=$("$bin" --scheduler=127.0.0.1:1 --backend=cuda:0 --cuda_backend_lib=/nonexistent/lib.so 2>&1 || true)
+grep -q 'cannot load the CUDA backend liblmps_cuda_backend.so (looked at /nonexistent/lib.so' <<<"$out" ||
+  fail "a missing plugin is not named: $out"
+echo "PASS: no CUDA library linked at start, /metrics up, the plugin loads"
