@@ -56,7 +56,7 @@ ABSL_FLAG(std::string, cuda_backend_lib, "",
 ABSL_FLAG(std::string, cuda_matmul, "",
           "matrix-product input precision of --backend=cuda: tf32 or bf16 "
           "(bf16 copies of fp32 operands, fp32 accumulation); empty: the "
-          "backend's default (tf32)");
+          "backend's default (bf16)");
 ABSL_FLAG(int, rank, -1,
           "worker rank to ask the scheduler for (-1: the next free one)");
 ABSL_FLAG(int, threads, 0,

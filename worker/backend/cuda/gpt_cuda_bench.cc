@@ -45,7 +45,7 @@ ABSL_FLAG(int, block_size, 1024, "block_size (context length)");
 ABSL_FLAG(int, warmup, 3, "untimed steps");
 ABSL_FLAG(int, steps, 10, "timed steps");
 ABSL_FLAG(int, device, 0, "CUDA device");
-ABSL_FLAG(std::string, matmul, "tf32",
+ABSL_FLAG(std::string, matmul, "bf16",
           "matrix-product input precision: tf32 or bf16 (CudaBackendOptions)");
 ABSL_FLAG(double, peak_flops, 989e12,
           "peak FLOP/s for MFU (H100 SXM dense bf16)");
