@@ -11,7 +11,8 @@
 //    servers), non-root pods, Prometheus annotations pointing at a declared
 //    port, Services selecting pods and naming their ports, ConfigMaps that
 //    exist, `$(VAR)` references that are defined, the daemons' flags, the
-//    job spec's layout matching the replicas, and for --gpu an
+//    job spec's layout matching the replicas (and a --backup server
+//    StatefulSet exactly when layout.shard_backups is 1), and for --gpu an
 //    nvidia.com/gpu limit with --backend=cuda (without --gpu: none, cpu).
 // 3. With --prometheus_out, writes the prometheus-config ConfigMap's files
 //    there for promtool, with kubernetes_sd_configs replaced by a static
@@ -250,6 +251,26 @@ if (!job) {
   }
   if (server && (server.spec.replicas ?? 1) !== shards) {
     problem(nameOf(server), `replicas ${server.spec.replicas} != layout.num_shards ${shards}`);
+  }
+  // Shard replication: one backup StatefulSet (--backup) of num_shards
+  // replicas, advertising its own headless Service's names; none without.
+  const backupsWanted = /\bshard_backups\s*:\s*1\b/.test(spec);
+  const backupSets = workloads.filter((w) => component(w) === 'server' &&
+    hasFlag(w.spec.template.spec.containers[0], '--backup'));
+  if (backupsWanted && backupSets.length !== 1) {
+    problem('rendering', `layout.shard_backups: 1 needs one server StatefulSet with --backup, found ${backupSets.length}`);
+  }
+  if (!backupsWanted && backupSets.length > 0) {
+    problem('rendering', '--backup servers but layout.shard_backups is not 1');
+  }
+  for (const b of backupSets) {
+    if ((b.spec.replicas ?? 1) !== shards) {
+      problem(nameOf(b), `replicas ${b.spec.replicas} != layout.num_shards ${shards}`);
+    }
+    if (!hasFlag(b.spec.template.spec.containers[0], `.${b.spec.serviceName}`) ||
+        b.spec.serviceName === server?.spec.serviceName) {
+      problem(nameOf(b), 'backups must advertise their own headless Service');
+    }
   }
   for (const c of ['scheduler', 'server', 'worker']) {
     if (!workloads.some((w) => component(w) === c)) problem('rendering', `no ${c} workload`);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks the deployment material under deploy/ with real tools, offline
 # after the first run:
-#  1. `kubectl kustomize` renders k8s/base, overlays/cpu, overlays/gpu, overlays/tls and overlays/elastic;
+#  1. `kubectl kustomize` renders k8s/base, overlays/cpu, overlays/gpu, overlays/tls, overlays/elastic and overlays/replicated;
 #  2. deploy/validate_k8s.js validates every rendered object against the
 #     Kubernetes schemas (npm kubernetes-models + yaml, installed once with
 #     `npm ci` from deploy/package-lock.json into <repo>/.cache/deploy_test,
@@ -70,7 +70,7 @@ want="$(sha256sum "$deploy/package-lock.json" | cut -d' ' -f1)"
 export NODE_PATH="$cache/node_modules"
 
 # --- 1+2. render and validate -----------------------------------------------------------------
-for variant in base overlays/cpu overlays/gpu overlays/tls overlays/elastic; do
+for variant in base overlays/cpu overlays/gpu overlays/tls overlays/elastic overlays/replicated; do
   out="$tmp/render-$(basename "$variant").yaml"
   kubectl kustomize "$deploy/k8s/$variant" >"$out" 2>"$tmp/kustomize.err" ||
     fail "kubectl kustomize deploy/k8s/$variant: $(cat "$tmp/kustomize.err")"
@@ -119,7 +119,11 @@ expect_rejected "a GPU worker without a GPU" "no nvidia.com/gpu limit" gpu \
 expect_rejected "a GPU limit in the CPU rendering" "requests nvidia.com/gpu" gpu ''
 expect_rejected "a missing ConfigMap" "missing ConfigMap" cpu \
   'docs.splice(docs.findIndex((d) => d.kind === "ConfigMap" && d.metadata.name.startsWith("lmps-job")), 1)'
-note "ok: 11 broken renderings are rejected"
+expect_rejected "backups of the wrong count" "replicas 3 != layout.num_shards 2" replicated \
+  'by("StatefulSet","lmps-server-backup").spec.replicas = 3'
+expect_rejected "backups without shard_backups" "layout.shard_backups is not 1" cpu \
+  'by("StatefulSet","lmps-server").spec.template.spec.containers[0].args.push("--backup")'
+note "ok: 13 broken renderings are rejected"
 
 # --- 3. the job spec is an lmps.JobSpec --------------------------------------------------------
 protoc=""
@@ -128,10 +132,12 @@ for p in "${TEST_SRCDIR:-}/sys/bin/protoc" "$runfiles/external/sys/bin/protoc" "
 done
 proto="$runfiles/proto/lmps.proto"
 if [ -n "$protoc" ] && [ -f "$proto" ]; then
-  "$protoc" -I "$(dirname "$proto")" --encode=lmps.JobSpec lmps.proto \
-    <"$deploy/k8s/base/job.textproto" >/dev/null 2>"$tmp/protoc.err" ||
-    fail "deploy/k8s/base/job.textproto is not a valid lmps.JobSpec: $(cat "$tmp/protoc.err")"
-  note "ok: job.textproto parses as lmps.JobSpec"
+  for f in base/job.textproto overlays/replicated/job.textproto; do
+    "$protoc" -I "$(dirname "$proto")" --encode=lmps.JobSpec lmps.proto \
+      <"$deploy/k8s/$f" >/dev/null 2>"$tmp/protoc.err" ||
+      fail "deploy/k8s/$f is not a valid lmps.JobSpec: $(cat "$tmp/protoc.err")"
+  done
+  note "ok: the job.textproto files parse as lmps.JobSpec"
 else
   note "note: protoc or proto/lmps.proto not found; job spec not parsed"
 fi
