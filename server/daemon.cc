@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/daemon_metrics.h"
@@ -120,6 +121,7 @@ class Daemon {
       const absl::Time assemble_deadline =
           absl::Now() + options_.assemble_timeout;
       if (absl::Status s = Register(assemble_deadline); !s.ok()) return s;
+      if (job_finished_) return absl::OkStatus();
       if (absl::Status s = GetAssignment(assemble_deadline); !s.ok()) return s;
       if (absl::Status s = CreateShard(); !s.ok()) return s;
       absl::Status s = HeartbeatLoop();
@@ -248,6 +250,14 @@ class Daemon {
                  return scheduler_->Register(ctx, req, &resp);
                });
       if (stop_->stopped()) return Stopped();
+      if (s.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
+          absl::StrContains(s.error_message(), "already FINISHED")) {
+        // A restarted (replicated) server coming back after the end.
+        log_("the job already finished: nothing to serve; exiting");
+        job_finished_ = true;
+        report_errors_ = false;
+        return absl::OkStatus();
+      }
       if (s.ok()) {
         register_request_ = req;
         node_id_ = resp.node_id();
@@ -408,6 +418,7 @@ class Daemon {
     if (resp == nullptr) {
       req->set_serving_primary(replicated_->role() ==
                                ReplicatedShard::Role::kPrimary);
+      req->set_awaiting_snapshot(replicated_->awaiting_snapshot());
       const std::vector<std::string> events = replicated_->TakeEvents();
       req->set_replication_event(absl::StrJoin(events, "; "));
       return absl::OkStatus();
@@ -606,6 +617,7 @@ class Daemon {
   Assignment assignment_;
   bool report_errors_ = true;
   bool reassemble_ = false;  // the heartbeat said: elastic re-assembly
+  bool job_finished_ = false;  // registered after the job FINISHED
 };
 
 }  // namespace

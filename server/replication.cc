@@ -111,6 +111,11 @@ ReplicatedShard::Role ReplicatedShard::role() const {
   return role_;
 }
 
+bool ReplicatedShard::awaiting_snapshot() const {
+  absl::MutexLock lock(&mu_);
+  return awaiting_snapshot_;
+}
+
 std::string ReplicatedShard::backup_address() const {
   absl::MutexLock lock(&mu_);
   if (pending_link_ != nullptr) return pending_link_->address();

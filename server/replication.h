@@ -122,6 +122,8 @@ class ReplicatedShard {
   void Promote(const std::string& why);
 
   Role role() const;
+  // A backup that joined a running job and has no snapshot yet.
+  bool awaiting_snapshot() const;
   // The attached (or being attached) backup's address, or "".
   std::string backup_address() const;
   // Events (takeover, fenced, backup lost or attached) since the last call.

@@ -143,6 +143,39 @@ TEST(FaultToleranceTest, ReplicatedShardKilledTwiceLosesNoStep) {
   EXPECT_EQ(*diff, 0.0) << "a shard's death must lose no step";
 }
 
+// The same with pipeline parallelism (pp = 2: each stage pushes only its
+// own parts of the chunks, and both stages push the tied embedding).
+TEST(FaultToleranceTest, ReplicatedShardsServeAPipelineJobThroughTwoKills) {
+  constexpr char kPipelineJob[] = R"(
+model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 16 }
+train { steps: 300 batch_size: 8 eval_interval: 0 sample_tokens: 0
+        checkpoint_interval: 50 debug_slow_worker_rank: 0
+        debug_slow_worker_delay_ms: 40 }
+max_chunk_bytes: 4096
+)";
+  const std::string straight = TempDir("pipeline_straight");
+  const std::string plain = std::string(kPipelineJob) + "layout { pp: 2 }\n";
+  CommandResult a = Train(straight, {"--workers=1"}, plain.c_str());
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  const std::string faulty = TempDir("pipeline_replicated");
+  const std::string job =
+      std::string(kPipelineJob) + "layout { pp: 2 shard_backups: 1 }\n";
+  CommandResult b = Train(faulty,
+                          {"--workers=1", "--fault_kill_server=0",
+                           "--fault_kill_server_at_step=60",
+                           "--fault_kill_primary_again_at_step=200"},
+                          job.c_str());
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_NE(b.output.find("SIGKILL backup-0, now the primary of shard 0"),
+            std::string::npos)
+      << b.output;
+  EXPECT_EQ(b.output.find("restarting the job"), std::string::npos) << b.output;
+  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
+                                faulty + "/model.safetensors");
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_EQ(*diff, 0.0);
+}
+
 // Elastic data parallelism driven by the scheduler: a third worker process
 // joins at step 30 and the scheduler grows dp 2 -> 3 at a step boundary;
 // at step 70 a worker is SIGKILLed mid-push and, no replacement coming, the

@@ -353,6 +353,7 @@ void SchedulerCore::AdvanceLocked(absl::Time now, Outbox* out) {
     for (std::vector<Node>* slots : {&servers_, &workers_}) {
       for (Node& n : *slots) {
         if (n.registered && n.alive && now - n.lease_start > options_.lease) {
+          int lost_shard = -1;
           n.alive = false;
           n.down_since = now;
           const std::string event = absl::StrCat(
@@ -362,8 +363,14 @@ void SchedulerCore::AdvanceLocked(absl::Time now, Outbox* out) {
               "marked dead; its slot is open for a replacement";
           if (replicated_ && n.role == SERVER) {
             Node& partner = PartnerLocked(n);
-            const bool partner_up = partner.registered && partner.alive;
-            if (IsPrimaryLocked(n) && partner_up) {
+            bool partner_up = partner.registered && partner.alive;
+            if (IsPrimaryLocked(n) && partner_up && partner.needs_snapshot) {
+              partner_up = false;  // it never got the shard's state
+              absl::StrAppend(&action, "; its backup ", partner.Describe(),
+                              " has no snapshot yet, so shard ", n.shard,
+                              " lost both copies");
+              lost_shard = n.shard;
+            } else if (IsPrimaryLocked(n) && partner_up) {
               primary_[n.shard] = SlotIndexLocked(partner);
               absl::StrAppend(&action, "; its backup ", partner.Describe(),
                               " takes over shard ", n.shard,
@@ -378,6 +385,19 @@ void SchedulerCore::AdvanceLocked(absl::Time now, Outbox* out) {
           out->logs.push_back(
               absl::StrCat("node ", n.Describe(), " ", event, "; ", action));
           AddEventLocked(&n, event, action);
+          if (lost_shard >= 0) {
+            const std::string message = absl::StrCat(
+                "shard ", lost_shard, " lost both copies (its primary ",
+                n.Describe(), " died before its new backup received a "
+                "snapshot); rolling back: every node stops, and the "
+                "restarted job resumes from the latest checkpoint every "
+                "shard holds");
+            FailLocked(message,
+                       absl::FailedPreconditionError(
+                           absl::StrCat("the job FAILED: ", message)),
+                       out);
+            return;
+          }
         }
       }
     }
@@ -724,7 +744,8 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
 
     Node* partner = replicated_ && server ? &PartnerLocked(*slot) : nullptr;
     if (server && state_ == RUNNING && !request.rejoin() &&
-        partner != nullptr && partner->registered && partner->alive) {
+        partner != nullptr && partner->registered && partner->alive &&
+        !partner->needs_snapshot) {
       // Replicated: the shard's other node serves it; this one becomes its
       // backup and gets a snapshot of its state.
       primary_[slot->shard] = SlotIndexLocked(*partner);
@@ -863,9 +884,21 @@ absl::StatusOr<HeartbeatResponse> SchedulerCore::Heartbeat(
             absl::StrCat(n->Describe(), ": ", request.replication_event()));
         AddEventLocked(n, request.replication_event(), "");
       }
+      if (n->needs_snapshot && !request.awaiting_snapshot()) {
+        n->needs_snapshot = false;  // it holds the shard's state now
+      }
       if (request.serving_primary() && primary_[k] != me) {
-        const Node& old = servers_[primary_[k]];
+        Node& old = servers_[primary_[k]];
         primary_[k] = me;
+        if (old.alive) {
+          // Dead or fenced off (it exits): its slot is open at once, and
+          // it is no backup to forward to.
+          old.alive = false;
+          old.down_since = now;
+          AddEventLocked(&old, absl::StrCat("its backup took over shard ", k),
+                         "marked dead (fenced off if still running); its slot "
+                         "is open for a replacement");
+        }
         const std::string action = absl::StrCat(
             "assignments name it as shard ", k, "'s primary; ",
             old.Describe(), " is fenced off");

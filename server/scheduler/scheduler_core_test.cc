@@ -834,6 +834,7 @@ TEST_F(SchedulerCoreTest, ReplicatedShardFailsOverToItsBackup) {
   EXPECT_EQ(r->backup_address(), "");  // no live backup now
   JobStatus status = core_->Status();
   EXPECT_EQ(status.state(), RUNNING);
+  EXPECT_FALSE(Find(status, "server-0")->alive());  // fenced off or dead
   EXPECT_TRUE(Find(status, "backup-0")->serving_primary());
   EXPECT_FALSE(Find(status, "server-0")->serving_primary());
   w = core_->GetAssignment("worker-0", absl::InfiniteFuture());
@@ -850,9 +851,22 @@ TEST_F(SchedulerCoreTest, ReplicatedShardFailsOverToItsBackup) {
   EXPECT_EQ(p->shard_addresses(0), "b:1");
   r = core_->Heartbeat(took_over);
   EXPECT_EQ(r->backup_address(), "p:2");
-  EXPECT_FALSE(core_->Heartbeat(Beat("server-0"))->promote());
+  HeartbeatRequest waiting = Beat("server-0");
+  waiting.set_awaiting_snapshot(true);  // as the new backup reports
+  EXPECT_FALSE(core_->Heartbeat(waiting)->promote());
   w = core_->GetAssignment("worker-0", absl::InfiniteFuture());
   EXPECT_EQ(w->backup_addresses(0), "p:2");
+
+  // The primary dies before the new backup got its snapshot: the shard's
+  // state is gone, the job fails for a rollback.
+  clock_.Advance(absl::Seconds(8));
+  ASSERT_TRUE(core_->Heartbeat(waiting).ok());
+  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
+  clock_.Advance(absl::Seconds(3));
+  core_->Tick();
+  EXPECT_EQ(core_->CurrentState(), FAILED);
+  EXPECT_TRUE(absl::StrContains(core_->StateMessage(), "shard 0 lost both copies"))
+      << core_->StateMessage();
 }
 
 // Elastic: a surplus worker grows dp at a boundary two steps past the
