@@ -245,9 +245,11 @@ absl::Status RunWorker(bool* register_again) {
   }
   absl::StatusOr<RegisterResponse> registered = client.Register(
       reg, spare ? absl::Seconds(absl::GetFlag(FLAGS_spare_wait_s)) : assemble);
-  if (spare && registered.status().code() == absl::StatusCode::kFailedPrecondition &&
-      absl::StrContains(registered.status().message(), "FINISHED")) {
-    Log("worker", "spare: the job finished without needing this spare");
+  if (registered.status().code() == absl::StatusCode::kFailedPrecondition &&
+      absl::StrContains(registered.status().message(), "already FINISHED")) {
+    // A spare, a surplus worker of an elastic job, or a replacement that
+    // came too late: nothing left to do.
+    Log("worker", "the job finished without needing this worker");
     return absl::OkStatus();
   }
   LMPS_RETURN_IF_ERROR(registered.status());
