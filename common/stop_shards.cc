@@ -2,6 +2,8 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -11,9 +13,32 @@
 namespace lmps {
 
 absl::StatusOr<int64_t> StopShardsAt(const std::vector<std::string>& addresses,
-                                     const Security& security, int64_t first) {
+                                     const Security& security, int64_t first,
+                                     int64_t ahead) {
   int64_t step = first;
-  for (int round = 0; round < 20; ++round, step += 4) {
+  for (const std::string& address : addresses) {
+    auto stub = ParameterServer::NewStub(MakeChannel(address, nullptr, security));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+    TensorInfoRequest req;
+    req.set_tensor("wpe.weight");  // small; NOT_FOUND where not held
+    TensorInfoResponse resp;
+    grpc::Status s = stub->GetTensorInfo(&ctx, req, &resp);
+    if (s.error_code() == grpc::StatusCode::NOT_FOUND) {
+      grpc::ClientContext all;
+      all.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+      req.clear_tensor();
+      s = stub->GetTensorInfo(&all, req, &resp);
+    }
+    // An unanswered version leaves `first`; StopAt then says "past".
+    if (s.ok()) step = std::max(step, resp.version() + ahead);
+  }
+  int64_t last = step;
+  // A shard past the step: every shard is asked again, 4, 8, 16, ... steps
+  // later (a fast job moves many steps during one round of calls).
+  for (int round = 0; round < 20; step += int64_t{4} << std::min(round, 20),
+           ++round) {
+    last = step;
     bool past = false;
     for (const std::string& address : addresses) {
       auto stub = ParameterServer::NewStub(MakeChannel(address, nullptr, security));
@@ -35,7 +60,7 @@ absl::StatusOr<int64_t> StopShardsAt(const std::vector<std::string>& addresses,
     if (!past) return step;
   }
   return absl::DeadlineExceededError(absl::StrCat(
-      "the shards kept moving past the stop step (last tried ", step - 4,
+      "the shards kept moving past the stop step (last tried ", last,
       ") for 20 rounds"));
 }
 

@@ -2,9 +2,11 @@
 // boundary on every parameter-server shard (ParameterServer.StopAt in
 // proto/lmps.proto), shared by lmps_local and the elastic scheduler.
 //
-// Starting with `first`, every shard at `addresses` (the primaries) is asked
-// to stop at the step; if one is already past it, every shard is asked again
-// four steps later, up to 20 rounds. A shard that accepted a step keeps
+// Starting with max(first, the largest shard version now + `ahead`) (the
+// versions asked with GetTensorInfo, so stale progress reports cost no
+// rounds), every shard at `addresses` (the primaries) is asked to stop at
+// the step; if one is already past it, every shard is asked again 4, 8,
+// 16, ... steps later, up to 20 rounds. A shard that accepted a step keeps
 // answering pulls of later steps with ABORTED, so callers pick `first` far
 // enough ahead that no worker reaches it before every shard was asked (two
 // steps past the most advanced shard), or at the version where a dead
@@ -26,7 +28,8 @@
 namespace lmps {
 
 absl::StatusOr<int64_t> StopShardsAt(const std::vector<std::string>& addresses,
-                                     const Security& security, int64_t first);
+                                     const Security& security, int64_t first,
+                                     int64_t ahead);
 
 }  // namespace lmps
 

@@ -640,7 +640,7 @@ void Launcher::MaybeResize(const JobStatus& status) {
       step = std::max(step, n.step());
     }
   }
-  absl::StatusOr<int64_t> stop = StopShardsAt(shards, security_, step + 2);
+  absl::StatusOr<int64_t> stop = StopShardsAt(shards, security_, step + 2, /*ahead=*/2);
   if (!stop.ok()) {
     std::printf("\nlmps: cannot resize: %s\n", std::string(stop.status().message()).c_str());
     std::fflush(stdout);

@@ -1098,6 +1098,7 @@ void SchedulerCore::ElasticLocked(absl::Time now, Outbox* out) {
   resize_plan_.from_dp = l.dp();
   resize_plan_.to_dp = target;
   resize_plan_.first_step = std::max<int64_t>(1, dead > 0 ? max_step : max_step + 2);
+  resize_plan_.ahead = dead > 0 ? 0 : 2;
   resize_spec_ = std::move(next);
   resize_why_ = absl::StrCat("dp ", l.dp(), " -> ", target, ": ", why);
   resize_phase_ = ResizePhase::kPlanned;

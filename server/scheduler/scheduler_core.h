@@ -154,6 +154,9 @@ struct ResizePlan {
   int from_dp = 0;
   int to_dp = 0;
   int64_t first_step = 0;
+  // Steps past the shards' current versions the boundary must be (2 when
+  // every worker runs, 0 when a dead one holds the others back).
+  int64_t ahead = 0;
   std::vector<std::string> shard_addresses;  // the primaries, by shard
 };
 

@@ -303,7 +303,8 @@ int Run(MainOptions options) {
       std::optional<ResizePlan> plan = (*core)->TakeResizePlan();
       if (!plan.has_value()) continue;
       absl::StatusOr<int64_t> step =
-          StopShardsAt(plan->shard_addresses, options.security, plan->first_step);
+          StopShardsAt(plan->shard_addresses, options.security,
+                       plan->first_step, plan->ahead);
       if (step.ok()) {
         (*core)->ResizeStopped(*step);
       } else {
