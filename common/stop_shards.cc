@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/grpc_server.h"
+#include "common/shard_info.h"
 #include "proto/lmps.grpc.pb.h"
 
 namespace lmps {
@@ -18,20 +19,10 @@ absl::StatusOr<int64_t> StopShardsAt(const std::vector<std::string>& addresses,
   int64_t step = first;
   for (const std::string& address : addresses) {
     auto stub = ParameterServer::NewStub(MakeChannel(address, nullptr, security));
-    grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
-    TensorInfoRequest req;
-    req.set_tensor("wpe.weight");  // small; NOT_FOUND where not held
-    TensorInfoResponse resp;
-    grpc::Status s = stub->GetTensorInfo(&ctx, req, &resp);
-    if (s.error_code() == grpc::StatusCode::NOT_FOUND) {
-      grpc::ClientContext all;
-      all.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
-      req.clear_tensor();
-      s = stub->GetTensorInfo(&all, req, &resp);
-    }
+    absl::StatusOr<TensorInfoResponse> info =
+        SmallShardInfo(stub.get(), absl::Seconds(5));
     // An unanswered version leaves `first`; StopAt then says "past".
-    if (s.ok()) step = std::max(step, resp.version() + ahead);
+    if (info.ok()) step = std::max(step, info->version() + ahead);
   }
   int64_t last = step;
   // A shard past the step: every shard is asked again, 4, 8, 16, ... steps

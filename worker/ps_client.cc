@@ -12,6 +12,7 @@
 #include "common/bf16.h"
 #include "common/model_spec.h"
 #include "common/parallel_layout.h"
+#include "common/shard_info.h"
 #include "common/status_util.h"
 
 namespace lmps {
@@ -528,20 +529,9 @@ absl::StatusOr<int64_t> PsClient::ReplicaClock(int dp_rank) {
 absl::Status PsClient::ForEachShardInfo(
     const std::function<void(int, const TensorInfoResponse&)>& fn) {
   return ForEachShard([&](int s) -> absl::Status {
-    TensorInfoRequest req;
-    req.set_tensor("wpe.weight");  // small; NotFound on shards without it
-    TensorInfoResponse resp;
-    auto ctx = Context();
     stats_.rpcs++;
-    absl::Status st = FromGrpcStatus(Stub(s)->GetTensorInfo(ctx.get(), req, &resp));
-    if (st.code() == absl::StatusCode::kNotFound) {
-      // This shard holds no part of wpe: ask for everything instead.
-      grpc::ClientContext all;
-      all.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
-      req.clear_tensor();
-      st = FromGrpcStatus(Stub(s)->GetTensorInfo(&all, req, &resp));
-    }
-    LMPS_RETURN_IF_ERROR(st);
+    LMPS_ASSIGN_OR_RETURN(TensorInfoResponse resp,
+                          SmallShardInfo(Stub(s), options_.rpc_timeout));
     fn(s, resp);
     return absl::OkStatus();
   });

@@ -55,9 +55,10 @@ size_t PadBf16(size_t n) {
 }
 
 // The element of `image`, the bf16 copy of the fp32 tensor at `base`
-// (element for element), that corresponds to `p`.
+// (element for element), that corresponds to `p`; null without an image
+// (kTf32: Gemm then reads the fp32 operands).
 const uint16_t* At(const uint16_t* image, const float* base, const float* p) {
-  return image + (p - base);
+  return image == nullptr ? nullptr : image + (p - base);
 }
 
 }  // namespace
@@ -812,11 +813,7 @@ void CudaBackend::AttentionForward(float* out, float* att, const float* qkv,
   }
   for (int b = 0; b < B; ++b) {
     const GemmPlan p = cuda_gemm::AttentionScores(att, qkv, b, T, C, NH);
-    if (bf16()) {
-      Gemm(p, nullptr, At(qkv16, qkv, p.a), At(qkv16, qkv, p.b));
-    } else {
-      Gemm(p, nullptr);
-    }
+    Gemm(p, nullptr, At(qkv16, qkv, p.a), At(qkv16, qkv, p.b));
   }
   cuda_kernels::AttentionSoftmaxForward(stream_, att,
                                         static_cast<int64_t>(B) * NH * T, T);
@@ -824,11 +821,7 @@ void CudaBackend::AttentionForward(float* out, float* att, const float* qkv,
   if (bf16()) ToBf16(att16, att, att_n);
   for (int b = 0; b < B; ++b) {
     const GemmPlan p = cuda_gemm::AttentionValues(out, att, qkv, b, T, C, NH);
-    if (bf16()) {
-      Gemm(p, nullptr, At(qkv16, qkv, p.a), At(att16, att, p.b));
-    } else {
-      Gemm(p, nullptr);
-    }
+    Gemm(p, nullptr, At(qkv16, qkv, p.a), At(att16, att, p.b));
   }
 }
 
@@ -861,13 +854,8 @@ void CudaBackend::AttentionBackward(float* dqkv, float* scratch,
         cuda_gemm::AttentionBackwardAtt(scratch, dout, qkv, b, T, C, NH);
     const GemmPlan dv =
         cuda_gemm::AttentionBackwardV(dqkv, dout, att, b, T, C, NH);
-    if (bf16()) {
-      Gemm(datt, nullptr, At(qkv16, qkv, datt.a), At(dout16, dout, datt.b));
-      Gemm(dv, nullptr, At(dout16, dout, dv.a), At(att16, att, dv.b));
-    } else {
-      Gemm(datt, nullptr);
-      Gemm(dv, nullptr);
-    }
+    Gemm(datt, nullptr, At(qkv16, qkv, datt.a), At(dout16, dout, datt.b));
+    Gemm(dv, nullptr, At(dout16, dout, dv.a), At(att16, att, dv.b));
   }
   cuda_kernels::AttentionSoftmaxBackward(stream_, scratch, att,
                                          static_cast<int64_t>(B) * NH * T, T,
@@ -880,13 +868,8 @@ void CudaBackend::AttentionBackward(float* dqkv, float* scratch,
         cuda_gemm::AttentionBackwardQ(dqkv, scratch, qkv, b, T, C, NH);
     const GemmPlan dk =
         cuda_gemm::AttentionBackwardK(dqkv, scratch, qkv, b, T, C, NH);
-    if (bf16()) {
-      Gemm(dq, nullptr, At(qkv16, qkv, dq.a), At(dpre16, scratch, dq.b));
-      Gemm(dk, nullptr, At(qkv16, qkv, dk.a), At(dpre16, scratch, dk.b));
-    } else {
-      Gemm(dq, nullptr);
-      Gemm(dk, nullptr);
-    }
+    Gemm(dq, nullptr, At(qkv16, qkv, dq.a), At(dpre16, scratch, dq.b));
+    Gemm(dk, nullptr, At(qkv16, qkv, dk.a), At(dpre16, scratch, dk.b));
   }
 }
 
