@@ -139,8 +139,12 @@ TEST(ParallelLayoutTest, PushedRangesCoverEveryElementOnce) {
       for (int s = 0; s < pp; ++s) {
         for (int r = 0; r < tp; ++r) held_total += l->HeldElements(s, r);
       }
-      if (pp == 1 && tp == 1) EXPECT_EQ(held_total, GptNumParameters(Model(3, 4, 32)));
-      if (tp > 1) EXPECT_GT(held_total, GptNumParameters(Model(3, 4, 32)));
+      if (pp == 1 && tp == 1) {
+        EXPECT_EQ(held_total, GptNumParameters(Model(3, 4, 32)));
+      }
+      if (tp > 1) {
+        EXPECT_GT(held_total, GptNumParameters(Model(3, 4, 32)));
+      }
     }
   }
 }

@@ -410,19 +410,20 @@ class Daemon {
     return absl::OkStatus();
   }
 
-  // Heartbeat side of replication: what to report, and what the answer
-  // asks for. Returns an error when this node was fenced off.
-  absl::Status ReplicationHeartbeat(HeartbeatRequest* req,
-                                    const HeartbeatResponse* resp) {
+  // Heartbeat side of replication: what to report...
+  void ReportReplication(HeartbeatRequest* req) {
+    if (replicated_ == nullptr) return;
+    req->set_serving_primary(replicated_->role() ==
+                             ReplicatedShard::Role::kPrimary);
+    req->set_awaiting_snapshot(replicated_->awaiting_snapshot());
+    const std::vector<std::string> events = replicated_->TakeEvents();
+    req->set_replication_event(absl::StrJoin(events, "; "));
+  }
+
+  // ...and what the answer asks for. Returns an error when this node was
+  // fenced off.
+  absl::Status FollowReplicationAnswer(const HeartbeatResponse* resp) {
     if (replicated_ == nullptr) return absl::OkStatus();
-    if (resp == nullptr) {
-      req->set_serving_primary(replicated_->role() ==
-                               ReplicatedShard::Role::kPrimary);
-      req->set_awaiting_snapshot(replicated_->awaiting_snapshot());
-      const std::vector<std::string> events = replicated_->TakeEvents();
-      req->set_replication_event(absl::StrJoin(events, "; "));
-      return absl::OkStatus();
-    }
     if (resp->promote()) {
       replicated_->Promote("the scheduler saw the primary's lease expire");
     }
@@ -452,7 +453,7 @@ class Daemon {
       req.set_node_id(node_id_);
       req.set_step(shard_->step_clock());  // steps, also in ASYNC mode
       req.set_eval_loss(std::nanf(""));
-      ReplicationHeartbeat(&req, nullptr);
+      ReportReplication(&req);
       HeartbeatResponse resp;
       grpc::Status s = Call(stop_, std::max(interval, absl::Seconds(1)),
                             [&](grpc::ClientContext* ctx) {
@@ -475,7 +476,7 @@ class Daemon {
           reassemble_ = true;
           return absl::OkStatus();
         }
-        if (absl::Status r = ReplicationHeartbeat(&req, &resp); !r.ok()) {
+        if (absl::Status r = FollowReplicationAnswer(&resp); !r.ok()) {
           return r;
         }
         if (resp.state() == FAILED) {

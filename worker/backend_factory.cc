@@ -5,6 +5,7 @@
 #include "worker/backend/cpu_backend.h"
 #ifdef LMPS_HAVE_CUDA
 #include <dlfcn.h>
+#include <errno.h>  // program_invocation_name
 #include <unistd.h>
 
 #include <vector>
@@ -25,14 +26,33 @@ absl::StatusOr<CudaPluginEntry> LoadCudaPlugin(const std::string& path) {
   if (!path.empty()) {
     candidates.push_back(path);
   } else {
+    // The binary as invoked (argv[0], made absolute, symlinks kept) and as
+    // resolved (/proc/self/exe). Run as another target's data (a test), the
+    // invoked path lies inside that target's runfiles tree, which holds the
+    // plugin; the resolved path's own runfiles tree may not exist.
+    std::vector<std::string> selves;
+    std::string invoked = program_invocation_name;
+    if (!invoked.empty() && invoked[0] != '/' &&
+        invoked.find('/') != std::string::npos) {
+      char cwd[4096] = {0};
+      if (getcwd(cwd, sizeof(cwd)) != nullptr) {
+        invoked = absl::StrCat(cwd, "/", invoked);
+      }
+    }
+    if (!invoked.empty() && invoked[0] == '/') selves.push_back(invoked);
     char exe[4096] = {0};
     const ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-    if (n > 0) {
-      const std::string self(exe, n);
-      const std::string dir = self.substr(0, self.rfind('/') + 1);
-      candidates.push_back(dir + kCudaPluginFile);
-      candidates.push_back(self + ".runfiles/lmps/worker/backend/cuda/" +
+    if (n > 0) selves.emplace_back(exe, n);
+    const std::string in_runfiles =
+        absl::StrCat("lmps/worker/backend/cuda/", kCudaPluginFile);
+    for (const std::string& self : selves) {
+      candidates.push_back(self.substr(0, self.rfind('/') + 1) +
                            kCudaPluginFile);
+      const size_t tree = self.rfind(".runfiles/");
+      if (tree != std::string::npos) {
+        candidates.push_back(self.substr(0, tree + 10) + in_runfiles);
+      }
+      candidates.push_back(absl::StrCat(self, ".runfiles/", in_runfiles));
     }
     candidates.push_back(kCudaPluginFile);
   }

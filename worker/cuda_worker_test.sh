@@ -36,6 +36,19 @@ fi
 if ! grep -q 'no CUDA device\|registered\|scheduler' <<<"$out"; then
   fail "unexpected answer to --backend=cuda:0: $out"
 fi
+# A copy of the binary inside another target's runfiles tree (as when it is
+# that target's data) with no runfiles of its own finds the plugin there.
+tree="${TEST_TMPDIR:-/tmp}/other.runfiles/lmps/worker"
+mkdir -p "$tree/backend/cuda"
+cp "$bin" "$tree/lmps_worker_cuda"
+plugin=$(dirname "$bin")/backend/cuda/liblmps_cuda_backend.so
+[ -f "$plugin" ] || plugin=$(find -L . -name liblmps_cuda_backend.so | head -1)
+[ -f "$plugin" ] || fail "liblmps_cuda_backend.so not found in the test's runfiles"
+ln -sf "$(readlink -f "$plugin")" "$tree/backend/cuda/liblmps_cuda_backend.so"
+out=$("$tree/lmps_worker_cuda" --scheduler=127.0.0.1:1 --backend=cuda:0 --assemble_timeout_s=2 2>&1 || true)
+if grep -q 'cannot load the CUDA backend' <<<"$out"; then
+  fail "the plugin was not found in the enclosing runfiles tree: $out"
+fi
 out=$("$bin" --scheduler=127.0.0.1:1 --backend=cuda:0 --cuda_backend_lib=/nonexistent/lib.so 2>&1 || true)
 grep -q 'cannot load the CUDA backend liblmps_cuda_backend.so (looked at /nonexistent/lib.so' <<<"$out" ||
   fail "a missing plugin is not named: $out"
