@@ -388,8 +388,21 @@ absl::Status Launcher::Reap() {
         ++c.restarts;
         continue;
       }
-      const bool lost_worker_of_pipeline =
-          pipeline_ && c.name.rfind("worker", 0) == 0;
+      const bool worker = c.name.rfind("worker", 0) == 0;
+      if (worker && pipeline_ && elastic_scheduler_ &&
+          elastic_dp_ > absl::GetFlag(FLAGS_elastic_min_dp) && !g_interrupted) {
+        // Its stage and tensor-parallel partners cannot go on without it:
+        // the elastic scheduler drops its whole replica (dp - 1) at the
+        // step it died in, and the partners register again.
+        --elastic_dp_;
+        std::printf("\nlmps: %s %s; the elastic scheduler drops its replica "
+                    "(dp %d -> %d) once its lease and --elastic_grace_s "
+                    "expire\n",
+                    c.name.c_str(), how.c_str(), elastic_dp_ + 1, elastic_dp_);
+        std::fflush(stdout);
+        continue;
+      }
+      const bool lost_worker_of_pipeline = pipeline_ && worker;
       if ((server || lost_worker_of_pipeline) &&
           attempt_ < absl::GetFlag(FLAGS_restart_job) && !g_interrupted) {
         lost_server_ = absl::StrCat(c.name, " ", how);

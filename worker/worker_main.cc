@@ -513,6 +513,9 @@ absl::Status RunWorker(bool* register_again) {
     po.spec = spec;
     po.start_step = start_step;
     po.on_progress = options.on_progress;
+    // The scheduler shrinks dp once a dead peer's lease and its grace
+    // (lmps_scheduler --elastic_grace_s, default 10 s) have passed.
+    if (assignment.elastic()) po.resize_wait = 3 * client.lease() + absl::Seconds(60);
     if (absl::GetFlag(FLAGS_fault_kill_at_step) >= 0) {
       // Pipeline: die as the step's schedule starts, leaving the stage and
       // tensor-parallel partners mid-step.

@@ -110,6 +110,29 @@ absl::Status PipelineTrainer::PullInto(int64_t step) {
   return model_->SetParametersFromHost(host_params_.data());
 }
 
+absl::Status PipelineTrainer::AwaitResizeStop(int64_t step,
+                                              absl::Status error) {
+  if (options_.resize_wait <= absl::ZeroDuration() ||
+      (error.code() != absl::StatusCode::kUnavailable &&
+       error.code() != absl::StatusCode::kDeadlineExceeded)) {
+    return error;
+  }
+  Log(absl::StrCat("step ", step, " failed (", error.message(),
+                   "); an elastic job: waiting up to ",
+                   absl::FormatDuration(options_.resize_wait),
+                   " for the scheduler to shrink dp at this step"));
+  // A shard stopped for a resize at or before `step` answers a pull of
+  // `step` with ABORTED (ParameterShard::Pull); until then the pull is
+  // served at once (version `step` exists), and is discarded.
+  const absl::Time give_up = absl::Now() + options_.resize_wait;
+  while (!cancelled_ && absl::Now() < give_up) {
+    const absl::Status pulled = ps_->Pull(step, host_params_.data());
+    if (pulled.code() == absl::StatusCode::kAborted) return pulled;
+    absl::SleepFor(absl::Milliseconds(250));
+  }
+  return error;
+}
+
 absl::Status PipelineTrainer::ApplyStep(int64_t step) {
   return ApplyStepOnShards(ps_, options_.spec.train().mode(), step);
 }
@@ -265,7 +288,9 @@ absl::Status PipelineTrainer::Run() {
     if (options_.on_step_start) options_.on_step_start(step);
     auto t1 = std::chrono::steady_clock::now();
     double loss = 0;
-    LMPS_RETURN_IF_ERROR(TrainStep(step, &loss));
+    if (absl::Status s = TrainStep(step, &loss); !s.ok()) {
+      return AwaitResizeStop(step, std::move(s));
+    }
     if (stage_.has_head && !std::isfinite(loss)) {
       return absl::InternalError(absl::StrCat(
           "non-finite training loss at step ", step,
@@ -273,6 +298,10 @@ absl::Status PipelineTrainer::Run() {
     }
     LMPS_RETURN_IF_ERROR(model_->GradientsToHost(host_grads_.data()));
     progress_.compute_seconds = SecondsSince(t1);
+    if (train.debug_slow_worker_delay_ms() > 0 &&
+        train.debug_slow_worker_rank() == options_.coords.dp) {
+      absl::SleepFor(absl::Milliseconds(train.debug_slow_worker_delay_ms()));
+    }
 
     auto t2 = std::chrono::steady_clock::now();
     LMPS_RETURN_IF_ERROR(ps_->Push(step, options_.worker_id, options_.coords.dp,

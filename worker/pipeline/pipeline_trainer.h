@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "common/parallel_layout.h"
 #include "proto/lmps.pb.h"
 #include "worker/data/dataset.h"
@@ -61,6 +62,13 @@ struct PipelineTrainerOptions {
   // Called before the schedule of every step (may be empty); tests inject
   // faults with it.
   std::function<void(int64_t step)> on_step_start;
+  // Elastic jobs (Assignment.elastic): when a step fails because a stage or
+  // tensor-parallel peer is gone (UNAVAILABLE or DEADLINE_EXCEEDED), wait up
+  // to this long for the shards to stop the job at that step for a resize
+  // (the scheduler shrinks dp once the peer's slot stays dead for its
+  // grace), and return that ABORTED status: the worker then registers
+  // again for the smaller job. Zero, or no stop in time: the peer's error.
+  absl::Duration resize_wait = absl::ZeroDuration();
 };
 
 class PipelineTrainer {
@@ -86,6 +94,8 @@ class PipelineTrainer {
  private:
   PipelineTrainer() = default;
   absl::Status PullInto(int64_t step);
+  // The step failed with `error`; see PipelineTrainerOptions::resize_wait.
+  absl::Status AwaitResizeStop(int64_t step, absl::Status error);
   absl::Status ApplyStep(int64_t step);
   // Runs the schedule of `step`; sets *loss (last stage) and the bubble.
   absl::Status TrainStep(int64_t step, double* loss);
