@@ -109,8 +109,8 @@ ABSL_FLAG(int, fault_worker, -1,
 ABSL_FLAG(int, fault_kill_at_step, -1,
           "fault injection: SIGKILL --fault_worker after it pushes this step");
 ABSL_FLAG(int, restart_job, 3,
-          "when a parameter-server shard (or, with pp * tp > 1, any worker) dies, "
-          "restart the whole job from the "
+          "when a parameter-server shard (or, with pp * tp > 1, a worker "
+          "out of --restart_workers) dies, restart the whole job from the "
           "latest complete checkpoint up to this many times (the job rolls "
           "back to that step everywhere)");
 ABSL_FLAG(int, fault_kill_server, -1,
@@ -402,7 +402,13 @@ absl::Status Launcher::Reap() {
         std::fflush(stdout);
         continue;
       }
-      const bool lost_worker_of_pipeline = pipeline_ && worker;
+      // Pipeline workers are replaced too (the scheduler regroups the job
+      // at the step in progress); out of replacements and spares, the job
+      // restarts.
+      const bool lost_worker_of_pipeline =
+          pipeline_ && worker &&
+          c.restarts >= absl::GetFlag(FLAGS_restart_workers) &&
+          spares_available_ == 0;
       if ((server || lost_worker_of_pipeline) &&
           attempt_ < absl::GetFlag(FLAGS_restart_job) && !g_interrupted) {
         lost_server_ = absl::StrCat(c.name, " ", how);
@@ -411,7 +417,8 @@ absl::Status Launcher::Reap() {
       if (c.name.rfind("worker", 0) == 0 &&
           c.restarts < absl::GetFlag(FLAGS_restart_workers) && !g_interrupted) {
         // Workers are stateless: a replacement takes the dead one's slot once
-        // its lease expires and redoes exactly the lost work.
+        // its lease expires and redoes exactly the lost work (a pipeline
+        // replica: the step in progress, after the scheduler's regroup).
         std::printf("\nlmps: %s %s; starting a replacement (%d of %d)\n",
                     c.name.c_str(), how.c_str(), c.restarts + 1,
                     absl::GetFlag(FLAGS_restart_workers));
@@ -436,7 +443,7 @@ absl::Status Launcher::Reap() {
         std::fflush(stdout);
         continue;
       }
-      if (c.name.rfind("worker", 0) == 0 && spares_available_ > 0 && !pipeline_ &&
+      if (c.name.rfind("worker", 0) == 0 && spares_available_ > 0 &&
           !g_interrupted) {
         --spares_available_;
         std::printf("\nlmps: %s %s; a spare worker takes over its slot once "
@@ -811,13 +818,10 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
     }
     LMPS_RETURN_IF_ERROR(Start(absl::StrCat("worker-", w), Bin("worker/lmps_worker"), args));
   }
-  // Spares (data-parallel jobs): each waits until the job is RUNNING, then
-  // for a slot whose worker died (worker_main.cc --spare).
-  const int spares = pipeline_ ? 0 : absl::GetFlag(FLAGS_spare_workers);
-  if (pipeline_ && absl::GetFlag(FLAGS_spare_workers) > 0) {
-    std::printf("lmps: --spare_workers ignored: a pipeline or tensor-parallel "
-                "job restarts from its checkpoint when a worker dies\n");
-  }
+  // Spares: each waits until the job is RUNNING, then for a slot whose
+  // worker died (worker_main.cc --spare; in a pipeline job, after the
+  // scheduler's regroup).
+  const int spares = absl::GetFlag(FLAGS_spare_workers);
   for (int i = 0; i < spares; ++i) {
     std::vector<std::string> args = {"--scheduler=" + scheduler,
                                      absl::StrCat("--threads=", std::max(1, cores / W)),

@@ -249,42 +249,71 @@ TEST(PipelineTest, CheckpointResumesUnderAnotherLayout) {
   EXPECT_LE(*diff, kTolerance);
 }
 
-// A pipeline worker SIGKILLed mid-job: its partners cannot finish the step,
-// so the launcher restarts the whole job from the latest complete checkpoint
-// (step 2); the result equals the uninterrupted run bit for bit.
-TEST(PipelineTest, LostWorkerRestartsTheJobFromTheCheckpointExactly) {
+// A pipeline (or tensor-parallel) worker SIGKILLed as its step 3 starts:
+// its partners cannot finish the step; the scheduler regroups the job at
+// that step (no rollback: checkpoints are every 2 steps, the job resumes
+// at 3), the launcher's replacement (or a spare worker started with the
+// job) takes the lost rank, and the result equals the uninterrupted run bit
+// for bit.
+void ExpectLostWorkerReplacedExactly(const Layout& layout, bool spare) {
   const std::string train = "steps: 6 checkpoint_interval: 2";
-  const std::string straight = TempDir("pp_straight");
+  const std::string name = absl::StrCat("pp", layout.pp, "tp", layout.tp);
+  const std::string straight = TempDir("straight_" + name);
   WriteFile(straight + "/job.textproto", Job(train));
-  CommandResult a = RunCommand(LaunchArgs(straight, L(1, 2, 1, 2)), 300);
+  CommandResult a = RunCommand(LaunchArgs(straight, layout), 300);
   ASSERT_EQ(a.exit_code, 0) << a.output;
 
-  const std::string faulty = TempDir("pp_faulty");
+  const std::string faulty = TempDir("faulty_" + name);
   WriteFile(faulty + "/job.textproto", Job(train));
-  std::vector<std::string> argv = LaunchArgs(faulty, L(1, 2, 1, 2));
+  std::vector<std::string> argv = LaunchArgs(faulty, layout);
   argv.push_back("--fault_worker=1");
   argv.push_back("--fault_kill_at_step=3");
+  if (spare) {
+    argv.push_back("--spare_workers=1");
+    argv.push_back("--restart_workers=0");
+  }
   CommandResult b = RunCommand(argv, 300);
   ASSERT_EQ(b.exit_code, 0) << b.output;
-  EXPECT_NE(b.output.find("restarting the job from the latest complete checkpoint"),
+  EXPECT_NE(b.output.find(spare ? "worker-1 was killed by signal 9; a spare "
+                                  "worker takes over its slot"
+                                : "worker-1 was killed by signal 9; starting "
+                                  "a replacement"),
             std::string::npos)
       << b.output;
+  EXPECT_EQ(b.output.find("restarting the job"), std::string::npos) << b.output;
+  const std::string scheduler = ReadFile(faulty + "/logs/scheduler.log");
+  EXPECT_NE(scheduler.find("regroup: every worker stopped at step 3; "
+                           "re-assembling with dp 1 (was 1)"),
+            std::string::npos)
+      << scheduler;
+  EXPECT_NE(scheduler.find("start_step 3"), std::string::npos) << scheduler;
   auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
                                 faulty + "/model.safetensors");
   ASSERT_TRUE(diff.ok()) << diff.status();
   EXPECT_EQ(*diff, 0.0);
 }
 
-// A dead stage or tensor-parallel peer: the partner fails the step with an
-// error naming it, within the peer timeout, and never hangs.
+TEST(PipelineTest, LostStageWorkerIsReplacedAndItsStepRedone) {
+  ExpectLostWorkerReplacedExactly(L(1, 2, 1, 2), /*spare=*/false);
+}
+
+TEST(PipelineTest, LostTensorParallelWorkerIsReplacedByASpare) {
+  ExpectLostWorkerReplacedExactly(L(1, 1, 2, 2), /*spare=*/true);
+}
+
+// A dead stage or tensor-parallel peer with no replacement: the partner's
+// step fails with an error naming it (at once: the scheduler reports the
+// lost worker, so nobody waits out train.peer_timeout_ms), the job
+// regroups, and the re-assembly times out naming the missing rank; the
+// partner exits with that error. Nothing hangs.
 void ExpectPartnerFailsNamingDeadPeer(int pp, int tp) {
   const std::string dir = TempDir(absl::StrCat("dead_pp", pp, "tp", tp));
   WriteFile(dir + "/job.textproto",
-            Job("peer_timeout_ms: 5000",
-                absl::StrCat("pp: ", pp, " tp: ", tp, " num_shards: 1")));
+            Job("", absl::StrCat("pp: ", pp, " tp: ", tp, " num_shards: 1")));
   BackgroundProcess scheduler(
       {BinaryPath("server/scheduler/lmps_scheduler"), "--job=" + dir + "/job.textproto",
-       "--listen=127.0.0.1:0", "--port_file=" + dir + "/port"},
+       "--listen=127.0.0.1:0", "--port_file=" + dir + "/port", "--lease_s=2",
+       "--assemble_timeout_s=15"},
       dir + "/scheduler.log");
   const std::string port(absl::StripAsciiWhitespace(WaitForFile(dir + "/port", 30)));
   ASSERT_FALSE(port.empty()) << ReadFile(dir + "/scheduler.log");
@@ -304,9 +333,10 @@ void ExpectPartnerFailsNamingDeadPeer(int pp, int tp) {
   const std::string log = ReadFile(dir + "/worker-0.log");
   EXPECT_EQ(code, 1) << log;
   EXPECT_LT(absl::Now() - start, absl::Seconds(60));
-  EXPECT_NE(log.find("error"), std::string::npos) << log;
+  EXPECT_NE(log.find("step 1 failed ("), std::string::npos) << log;
   EXPECT_NE(log.find("worker-1 (dp 0, pp "), std::string::npos) << log;
-  EXPECT_NE(log.find("step 1"), std::string::npos) << log;
+  EXPECT_NE(log.find("error"), std::string::npos) << log;
+  EXPECT_NE(log.find("worker rank 1 (dp 0, pp "), std::string::npos) << log;
 }
 
 TEST(PipelineTest, DeadStagePeerFailsThePartnerNamingIt) {

@@ -11,6 +11,7 @@
 // Exit status: 0 when the job finished, 1 on an error (printed), 2 on bad
 // flags.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
@@ -513,8 +514,8 @@ absl::Status RunWorker(bool* register_again) {
     po.spec = spec;
     po.start_step = start_step;
     po.on_progress = options.on_progress;
-    // The scheduler shrinks dp once a dead peer's lease and its grace
-    // (lmps_scheduler --elastic_grace_s, default 10 s) have passed.
+    // The scheduler regroups the job (or, elastic, shrinks dp) once a dead
+    // peer's lease (and then --elastic_grace_s, default 10 s) has passed.
     if (assignment.elastic()) po.resize_wait = 3 * client.lease() + absl::Seconds(60);
     if (absl::GetFlag(FLAGS_fault_kill_at_step) >= 0) {
       // Pipeline: die as the step's schedule starts, leaving the stage and
@@ -543,6 +544,7 @@ absl::Status RunWorker(bool* register_again) {
 
   bool done = false;
   bool stopped_for_resize = false;
+  std::atomic<bool> peers_lost{false};
   std::string error;
   auto make_heartbeat = [&] {
     absl::MutexLock lock(&mu);
@@ -563,6 +565,13 @@ absl::Status RunWorker(bool* register_again) {
           Log(id, absl::StrCat("the job failed: ", r->message(), "; stopping"));
           if (trainer) trainer->Cancel();
           if (pipeline_trainer) pipeline_trainer->Cancel();
+        }
+        if (r.ok() && r->peers_lost() && pipeline && !peers_lost.exchange(true)) {
+          // Nothing more comes from the lost peer: end the waits now (the
+          // step fails UNAVAILABLE and the trainer awaits the stop).
+          Log(id, "the scheduler reports a lost worker: the job regroups; "
+                  "ending the waits for peers");
+          mailbox.Shutdown();
         }
       });
 

@@ -6,6 +6,7 @@
 #include <set>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
@@ -261,10 +262,25 @@ std::string SchedulerCore::MissingLocked() const {
           where.empty() ? n.node_id : absl::StrCat(n.node_id, " at ", where));
     }
   }
+  // The free slots by name, when few (a lost node's, typically).
+  std::vector<std::string> free;
+  for (const Node& n : servers_) {
+    if (!n.registered) free.push_back(absl::StrCat("shard ", n.shard));
+  }
+  for (const Node& n : workers_) {
+    if (!n.registered) {
+      free.push_back(absl::StrCat("worker rank ", n.rank, " (dp ", n.coords.dp,
+                                  ", pp ", n.coords.pp, ", tp ", n.coords.tp,
+                                  ")"));
+    }
+  }
   return absl::StrCat(
       "missing ", expected_workers_ - workers, " of ", expected_workers_, " ",
       Plural(expected_workers_, "worker"), ", ", expected_servers_ - servers,
       " of ", expected_servers_, " ", Plural(expected_servers_, "server"),
+      free.empty() || free.size() > 8
+          ? ""
+          : absl::StrCat(": ", absl::StrJoin(free, ", ")),
       " (registered: ",
       registered.empty() ? "none" : absl::StrJoin(registered, ", "), ")");
 }
@@ -361,6 +377,11 @@ void SchedulerCore::AdvanceLocked(absl::Time now, Outbox* out) {
               " (last heartbeat ", Seconds(now - n.last_heartbeat), " ago)");
           std::string action =
               "marked dead; its slot is open for a replacement";
+          if (n.role == WORKER && layout_->pp() * layout_->tp() > 1 &&
+              regroup_why_.empty()) {
+            regroup_why_ = absl::StrCat(n.Describe(), " ", event);
+            absl::StrAppend(&action, "; its pipeline replica regroups");
+          }
           if (replicated_ && n.role == SERVER) {
             Node& partner = PartnerLocked(n);
             bool partner_up = partner.registered && partner.alive;
@@ -492,7 +513,8 @@ Assignment SchedulerCore::AssignmentLocked(const Node& n) const {
   a.set_pp_rank(n.role == WORKER ? n.coords.pp : -1);
   a.set_tp_rank(n.role == WORKER ? n.coords.tp : -1);
   *a.mutable_spec() = spec_;
-  a.set_elastic(options_.elastic.max_dp > 0);
+  a.set_elastic(options_.elastic.max_dp > 0 ||
+                layout_->pp() * layout_->tp() > 1);
   *a.mutable_partition() = partition_;
   for (int k = 0; k < num_shards_; ++k) {
     const Node& primary = servers_[primary_[k]];
@@ -915,6 +937,10 @@ absl::StatusOr<HeartbeatResponse> SchedulerCore::Heartbeat(
         }
       }
     }
+    if (n->role == WORKER && resize_phase_ != ResizePhase::kNone &&
+        resize_plan_.ahead == 0) {
+      r.set_peers_lost(true);
+    }
     n->step = request.step();
     n->loss = request.loss();
     n->eval_loss = request.eval_loss();
@@ -1035,7 +1061,8 @@ void SchedulerCore::Shutdown() {
 
 void SchedulerCore::ElasticLocked(absl::Time now, Outbox* out) {
   const ElasticOptions& e = options_.elastic;
-  if (e.max_dp <= 0 || state_ != RUNNING) return;
+  const bool elastic = e.max_dp > 0;
+  if ((!elastic && regroup_why_.empty()) || state_ != RUNNING) return;
   if (resize_phase_ == ResizePhase::kStopping) {
     for (const Node& w : workers_) {
       if (w.registered && w.alive && !w.stopped_for_resize) return;
@@ -1060,18 +1087,25 @@ void SchedulerCore::ElasticLocked(absl::Time now, Outbox* out) {
   }
   int target = l.dp();
   std::string why;
-  if (dead > 0) {
+  if (elastic && dead > 0) {
     target = live / group;
     why = absl::StrCat(dead, " worker(s) dead for over ", Seconds(e.grace),
                        " with no replacement");
-  } else if (static_cast<int>(surplus_.size()) >= group && l.dp() < e.max_dp) {
+  } else if (elastic && static_cast<int>(surplus_.size()) >= group &&
+             l.dp() < e.max_dp) {
     target = std::min(e.max_dp,
                       l.dp() + static_cast<int>(surplus_.size()) / group);
     why = absl::StrCat(surplus_.size(), " more worker(s) asking to join");
   }
+  bool regroup = false;
   if (target == l.dp() || target < std::max(1, e.min_dp) ||
       target > e.max_dp) {
-    return;
+    // No resize. A lost pipeline worker still needs a regroup: at once
+    // without elasticity, else once a replacement holds every slot.
+    const bool all_alive = live == static_cast<int>(workers_.size());
+    if (regroup_why_.empty() || (elastic && !all_alive)) return;
+    target = l.dp();
+    regroup = true;
   }
   JobSpec next = spec_;
   next.mutable_layout()->set_dp(target);
@@ -1097,14 +1131,24 @@ void SchedulerCore::ElasticLocked(absl::Time now, Outbox* out) {
   }
   resize_plan_.from_dp = l.dp();
   resize_plan_.to_dp = target;
-  resize_plan_.first_step = std::max<int64_t>(1, dead > 0 ? max_step : max_step + 2);
-  resize_plan_.ahead = dead > 0 ? 0 : 2;
+  // A dead worker (or, regrouping, a lost one) holds the others back at
+  // the shards' version: stop there. Otherwise two steps ahead, so that no
+  // worker has pulled the boundary yet.
+  const bool held_back = dead > 0 || regroup;
+  resize_plan_.first_step =
+      std::max<int64_t>(1, held_back ? max_step : max_step + 2);
+  resize_plan_.ahead = held_back ? 0 : 2;
   resize_spec_ = std::move(next);
-  resize_why_ = absl::StrCat("dp ", l.dp(), " -> ", target, ": ", why);
+  resize_why_ =
+      regroup ? absl::StrCat("regroup (dp ", l.dp(), "): ", regroup_why_)
+              : absl::StrCat("elastic resize dp ", l.dp(), " -> ", target,
+                             ": ", why);
   resize_phase_ = ResizePhase::kPlanned;
-  const std::string event = absl::StrCat(
-      "elastic resize ", resize_why_, "; global batch ",
-      spec_.train().batch_size(), " -> ", resize_spec_.train().batch_size());
+  const std::string event =
+      regroup ? resize_why_
+              : absl::StrCat(resize_why_, "; global batch ",
+                             spec_.train().batch_size(), " -> ",
+                             resize_spec_.train().batch_size());
   out->logs.push_back(absl::StrCat(event, "; stopping every shard at a step "
                                           "boundary >= ",
                                    resize_plan_.first_step));
@@ -1127,10 +1171,12 @@ void SchedulerCore::ReassembleLocked(absl::Time now, Outbox* out) {
   for (int k = 0; k < num_shards_; ++k) primary_[k] = k;
   resize_phase_ = ResizePhase::kNone;
   surplus_.clear();
+  regroup_why_.clear();
   start_step_known_ = false;
   assemble_start_ = now;
   const std::string message = absl::StrCat(
-      "elastic resize: every worker stopped at step ", resize_plan_.first_step,
+      absl::StartsWith(resize_why_, "regroup") ? "regroup" : "elastic resize",
+      ": every worker stopped at step ", resize_plan_.first_step,
       "; re-assembling with dp ", spec_.layout().dp(), " (was ", from,
       ") from that step's checkpoint");
   SetStateLocked(ASSEMBLING, message, out);
@@ -1150,8 +1196,8 @@ void SchedulerCore::ResizeStopped(int64_t step) {
     if (resize_phase_ != ResizePhase::kTaken) return;
     resize_phase_ = ResizePhase::kStopping;
     resize_plan_.first_step = step;
-    const std::string event = absl::StrCat(
-        "elastic resize ", resize_why_, ": every shard stops at step ", step);
+    const std::string event =
+        absl::StrCat(resize_why_, ": every shard stops at step ", step);
     out.logs.push_back(event);
     AddEventLocked(nullptr, event,
                    "workers stop there and register again; the job "
@@ -1169,7 +1215,7 @@ void SchedulerCore::ResizeFailed(const std::string& why) {
     resize_phase_ = ResizePhase::kNone;
     resize_retry_after_ = clock_->Now() + absl::Seconds(10);
     const std::string event =
-        absl::StrCat("elastic resize ", resize_why_, " failed: ", why);
+        absl::StrCat(resize_why_, " failed: ", why);
     out.logs.push_back(event);
     AddEventLocked(nullptr, event, "the job goes on; tried again in 10s");
   }

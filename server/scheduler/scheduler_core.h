@@ -61,6 +61,18 @@
 // start_step = the boundary's checkpoint (ChooseStartStep). While a resize
 // is under way workers cannot register.
 //
+// Regroup (pp * tp > 1, elastic or not): a worker that dies leaves its
+// stage and tensor-parallel partners unable to finish the step, so the
+// job goes through the same stop-and-re-assemble with dp unchanged, at
+// the shards' version (the step in progress, nothing lost): the partners
+// and the other replicas stop there and register again, a replacement
+// (restarted by the launcher or Kubernetes) takes the dead worker's rank,
+// and the whole step is redone from that step's checkpoint. Without
+// elasticity the regroup starts once the lease expires (the re-assembly
+// then waits up to the assemble timeout for the replacement); with it,
+// once a replacement took the slot, else the grace shrinks dp instead.
+// Assignment.elastic is set for these jobs too.
+//
 // Resume step. Once every server slot is registered (and until the job
 // assembles) start_step is recomputed by ChooseStartStep: the largest step
 // that EVERY server can load. A server can load step t if
@@ -370,7 +382,11 @@ class SchedulerCore {
   ResizePhase resize_phase_ ABSL_GUARDED_BY(mu_) = ResizePhase::kNone;
   ResizePlan resize_plan_ ABSL_GUARDED_BY(mu_);
   JobSpec resize_spec_ ABSL_GUARDED_BY(mu_);  // the job after the resize
+  // "elastic resize dp 2 -> 3: ..." or "regroup (dp 2): ...".
   std::string resize_why_ ABSL_GUARDED_BY(mu_);
+  // Pipeline/tensor-parallel jobs: why a regroup is due (a worker of the
+  // running job was lost); empty: none.
+  std::string regroup_why_ ABSL_GUARDED_BY(mu_);
   absl::Time resize_retry_after_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   // Surplus workers asking for a slot: instance -> last time.
   std::map<std::string, absl::Time> surplus_ ABSL_GUARDED_BY(mu_);

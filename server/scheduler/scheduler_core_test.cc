@@ -87,12 +87,16 @@ class SchedulerCoreTest : public ::testing::Test {
  protected:
   void Start(int dp, int shards, absl::Duration assemble = absl::Seconds(120),
              absl::Duration lease = absl::Seconds(10), int backups = 0,
-             ElasticOptions elastic = {}) {
+             ElasticOptions elastic = {}, int pp = 1) {
     SchedulerOptions options;
     options.elastic = elastic;
     options.spec = Spec(dp, shards);
+    options.spec.mutable_layout()->set_pp(pp);
     // Elastic tests resize between dp 1 and 3: a batch all of them divide.
-    if (elastic.max_dp > 0) options.spec.mutable_train()->set_batch_size(12);
+    if (elastic.max_dp > 0 || pp > 1) {
+      options.spec.mutable_train()->set_batch_size(12);
+      options.spec.mutable_train()->set_micro_batches(2);
+    }
     options.spec.mutable_layout()->set_shard_backups(backups);
     options.assemble_timeout = assemble;
     options.lease = lease;
@@ -455,8 +459,8 @@ TEST_F(SchedulerCoreTest, AssembleTimeoutNamesWhatIsMissing) {
   EXPECT_EQ(st.code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_EQ(st.message(),
             "job did not assemble within 120s: missing 1 of 2 workers, 1 of 2 "
-            "servers (registered: server-0 at 127.0.0.1:4001, worker-0 at "
-            "host-a)");
+            "servers: shard 1, worker rank 1 (dp 1, pp 0, tp 0) (registered: "
+            "server-0 at 127.0.0.1:4001, worker-0 at host-a)");
   EXPECT_EQ(core_->CurrentState(), FAILED);
   absl::StatusOr<HeartbeatResponse> hb = core_->Heartbeat(Beat("worker-0"));
   ASSERT_TRUE(hb.ok());
@@ -475,7 +479,8 @@ TEST_F(SchedulerCoreTest, NothingRegisteredSaysNone) {
   clock_.Advance(absl::Seconds(2));
   EXPECT_EQ(core_->StateMessage(),
             "job did not assemble within 2s: missing 1 of 1 worker, 1 of 1 "
-            "server (registered: none)");
+            "server: shard 0, worker rank 0 (dp 0, pp 0, tp 0) (registered: "
+            "none)");
 }
 
 TEST_F(SchedulerCoreTest, CallersDeadlineEndsOnlyThatWait) {
@@ -950,6 +955,104 @@ TEST_F(SchedulerCoreTest, ElasticGrowsAndShrinksDp) {
   core_->ResizeFailed("shard unreachable");
   EXPECT_TRUE(Logged("failed: shard unreachable")) << Log();
   EXPECT_EQ(core_->CurrentState(), RUNNING);
+}
+
+// Regroup: in a pipeline job a lost worker's stage partner cannot finish
+// the step. Once its lease expires the job stops at the shards' version
+// with dp unchanged (workers hear peers_lost, so they stop waiting for the
+// peer) and re-assembles from that step's checkpoint; a replacement takes
+// the lost rank and the step is redone.
+TEST_F(SchedulerCoreTest, LostPipelineWorkerRegroupsTheJobAtItsStep) {
+  Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10), 0, {},
+        /*pp=*/2);
+  auto worker = [](const std::string& address, int rank) {
+    RegisterRequest r = Worker("host");
+    r.set_address(address);
+    r.set_requested_rank(rank);
+    return r;
+  };
+  Id(Server("s:1", 0));
+  const std::string first = Id(worker("h0:1", 0));
+  Id(worker("h1:1", 1));
+  ASSERT_EQ(core_->CurrentState(), RUNNING);
+  EXPECT_TRUE(core_->GetAssignment(first, absl::InfiniteFuture())->elastic());
+  ASSERT_TRUE(core_->Heartbeat(Beat("server-0", 7)).ok());
+  EXPECT_FALSE(core_->Heartbeat(Beat(first, 7))->peers_lost());
+
+  clock_.Advance(absl::Seconds(8));
+  ASSERT_TRUE(core_->Heartbeat(Beat("server-0", 7)).ok());
+  ASSERT_TRUE(core_->Heartbeat(Beat(first, 7)).ok());
+  clock_.Advance(absl::Seconds(3));  // the rank-1 worker's lease expires
+  core_->Tick();
+  core_->Tick();
+  std::optional<ResizePlan> plan = core_->TakeResizePlan();
+  ASSERT_TRUE(plan.has_value()) << Log();
+  EXPECT_EQ(plan->from_dp, 1);
+  EXPECT_EQ(plan->to_dp, 1);
+  EXPECT_EQ(plan->first_step, 7);
+  EXPECT_EQ(plan->ahead, 0);
+  EXPECT_TRUE(Logged("regroup (dp 1): worker-1 (h1:1) missed its heartbeat "
+                     "lease"))
+      << Log();
+  EXPECT_TRUE(core_->Heartbeat(Beat(first, 7))->peers_lost());
+  const RegisterRequest replacement = worker("h9:1", 1);
+  EXPECT_EQ(core_->Register(replacement).status().code(),
+            absl::StatusCode::kResourceExhausted);  // not while regrouping
+
+  core_->ResizeStopped(7);
+  HeartbeatRequest stopped = Beat(first, 7);
+  stopped.set_stopped_for_resize(true);
+  ASSERT_TRUE(core_->Heartbeat(stopped).ok());
+  EXPECT_EQ(core_->CurrentState(), ASSEMBLING);
+  EXPECT_TRUE(Logged("regroup: every worker stopped at step 7; re-assembling "
+                     "with dp 1 (was 1)"))
+      << Log();
+  EXPECT_TRUE(core_->Heartbeat(Beat("server-0", 7))->reassemble());
+  Id(Server("s:1", 0, {7}, core_->partition().version()));
+  Id(worker("h0:1", 0));
+  const std::string replaced = Id(replacement);
+  ASSERT_EQ(core_->CurrentState(), RUNNING);
+  absl::StatusOr<Assignment> a =
+      core_->GetAssignment(replaced, absl::InfiniteFuture());
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->pp_rank(), 1);
+  EXPECT_EQ(a->start_step(), 7);
+  EXPECT_FALSE(core_->Heartbeat(Beat(replaced, 7))->peers_lost());
+}
+
+// Without a replacement the re-assembly times out naming the lost rank.
+TEST_F(SchedulerCoreTest, RegroupWithoutReplacementNamesTheMissingRank) {
+  Start(/*dp=*/1, /*shards=*/1, absl::Seconds(30), absl::Seconds(10), 0, {},
+        /*pp=*/2);
+  RegisterRequest w0 = Worker("host");
+  w0.set_address("h0:1");
+  RegisterRequest w1 = w0;
+  w1.set_address("h1:1");
+  Id(Server("s:1", 0));
+  const std::string first = Id(w0);
+  Id(w1);
+  ASSERT_EQ(core_->CurrentState(), RUNNING);
+  clock_.Advance(absl::Seconds(8));
+  ASSERT_TRUE(core_->Heartbeat(Beat("server-0", 3)).ok());
+  ASSERT_TRUE(core_->Heartbeat(Beat(first, 3)).ok());
+  clock_.Advance(absl::Seconds(3));
+  core_->Tick();
+  core_->Tick();
+  ASSERT_TRUE(core_->TakeResizePlan().has_value()) << Log();
+  core_->ResizeStopped(3);
+  HeartbeatRequest stopped = Beat(first, 3);
+  stopped.set_stopped_for_resize(true);
+  ASSERT_TRUE(core_->Heartbeat(stopped).ok());
+  ASSERT_EQ(core_->CurrentState(), ASSEMBLING);
+  Id(Server("s:1", 0, {3}, core_->partition().version()));
+  Id(w0);
+  clock_.Advance(absl::Seconds(31));
+  core_->Tick();
+  EXPECT_EQ(core_->CurrentState(), FAILED);
+  EXPECT_TRUE(absl::StrContains(core_->StateMessage(),
+                                "missing 1 of 2 workers, 0 of 1 server: "
+                                "worker rank 1 (dp 0, pp 1, tp 0)"))
+      << core_->StateMessage();
 }
 
 // A restarted server takes the slot of its address; since it lost its

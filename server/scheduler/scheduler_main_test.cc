@@ -218,7 +218,8 @@ TEST(SchedulerMainTest, AssemblyTimeoutExits1WithTheReason) {
   EXPECT_TRUE(absl::StrContains(
       s.Stderr(),
       "[scheduler] job FAILED: job did not assemble within 0.5s: missing 2 of "
-      "2 workers, 1 of 1 server (registered: none)"))
+      "2 workers, 1 of 1 server: shard 0, worker rank 0 (dp 0, pp 0, tp 0), "
+      "worker rank 1 (dp 1, pp 0, tp 0) (registered: none)"))
       << s.Stderr();
 }
 

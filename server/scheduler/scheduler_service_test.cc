@@ -176,8 +176,8 @@ TEST_F(SchedulerServiceTest, NeverAssemblingIsDeadlineExceededNamingMissing) {
   EXPECT_EQ(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   EXPECT_TRUE(absl::StrContains(
       st.error_message(),
-      "job did not assemble within 1s: missing 0 of 1 worker, 1 of 1 server "
-      "(registered: worker-0 at test-host)"))
+      "job did not assemble within 1s: missing 0 of 1 worker, 1 of 1 server: "
+      "shard 0 (registered: worker-0 at test-host)"))
       << st.error_message();
   EXPECT_LT(took, absl::Seconds(3));
   JobStatus status;

@@ -118,9 +118,9 @@ absl::Status PipelineTrainer::AwaitResizeStop(int64_t step,
     return error;
   }
   Log(absl::StrCat("step ", step, " failed (", error.message(),
-                   "); an elastic job: waiting up to ",
+                   "); waiting up to ",
                    absl::FormatDuration(options_.resize_wait),
-                   " for the scheduler to shrink dp at this step"));
+                   " for the scheduler to regroup the job at this step"));
   // A shard stopped for a resize at or before `step` answers a pull of
   // `step` with ABORTED (ParameterShard::Pull); until then the pull is
   // served at once (version `step` exists), and is discarded.

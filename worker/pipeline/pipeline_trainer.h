@@ -62,12 +62,12 @@ struct PipelineTrainerOptions {
   // Called before the schedule of every step (may be empty); tests inject
   // faults with it.
   std::function<void(int64_t step)> on_step_start;
-  // Elastic jobs (Assignment.elastic): when a step fails because a stage or
-  // tensor-parallel peer is gone (UNAVAILABLE or DEADLINE_EXCEEDED), wait up
-  // to this long for the shards to stop the job at that step for a resize
-  // (the scheduler shrinks dp once the peer's slot stays dead for its
-  // grace), and return that ABORTED status: the worker then registers
-  // again for the smaller job. Zero, or no stop in time: the peer's error.
+  // When a step fails because a stage or tensor-parallel peer is gone
+  // (UNAVAILABLE or DEADLINE_EXCEEDED), wait up to this long for the shards
+  // to stop the job at that step (the scheduler regroups the job once the
+  // peer's lease expires, or an elastic one shrinks dp), and return that
+  // ABORTED status: the worker then registers again and the step is redone.
+  // Zero, or no stop in time: the peer's error.
   absl::Duration resize_wait = absl::ZeroDuration();
 };
 
