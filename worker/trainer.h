@@ -131,6 +131,9 @@ class Trainer {
       TrainerOptions options, GptModel* model, PsClient* ps,
       const TextDataset* data);
 
+  // Unpins the host buffers (see Create).
+  ~Trainer();
+
   // Trains to min(steps, stop_after_step). Returns the first error.
   absl::Status Run();
   // Mean validation loss of the parameters currently in the model.

@@ -22,7 +22,7 @@
 // - Outputs must not alias inputs unless the function says so.
 //
 // Thread-safety: a Backend is used by one thread at a time (like a CUDA
-// stream); it may use threads internally.
+// stream), except WaitCopy; it may use threads internally.
 #ifndef LMPS_WORKER_BACKEND_BACKEND_H_
 #define LMPS_WORKER_BACKEND_BACKEND_H_
 
@@ -69,6 +69,32 @@ class Backend {
 
   // Waits for all issued work; reports any asynchronous error.
   virtual absl::Status Synchronize() = 0;
+
+  // Asynchronous copy to the host, so that a result can travel while later
+  // work computes (device backends; the defaults copy at once, as the CPU
+  // backends do). CopyToHostAsync issues a copy of n elements that starts
+  // once every operation issued before it has finished, and returns a
+  // ticket; host_dst must stay valid, and is not final, until
+  // WaitCopy(ticket) returns OK. Copies complete in issue order, so waiting
+  // for a ticket waits for every earlier one. WaitCopy is the one function
+  // that may run on another thread than the backend's user (a pushing
+  // thread). A destination not pinned by PinHostMemory may be copied
+  // synchronously.
+  virtual absl::StatusOr<uint64_t> CopyToHostAsync(float* host_dst,
+                                                   const float* src,
+                                                   size_t n) {
+    absl::Status s = CopyToHost(host_dst, src, n);
+    if (!s.ok()) return s;
+    return 0;
+  }
+  virtual absl::Status WaitCopy(uint64_t ticket) { return absl::OkStatus(); }
+  // Page-locks [p, p + bytes) of host memory for fast asynchronous copies
+  // until UnpinHostMemory(p) (call it before freeing the memory). A no-op
+  // for host backends.
+  virtual absl::Status PinHostMemory(void* p, size_t bytes) {
+    return absl::OkStatus();
+  }
+  virtual void UnpinHostMemory(void* p) {}
 
   // ---------------------------------------------------------------------
   // Vector utilities (for ZeroGrad and simple optimisers).

@@ -16,7 +16,9 @@
 
 namespace lmps {
 
-class ReferenceBackend final : public HostBackend {
+// Not final: tests derive from it to fake a device's behaviour (e.g.
+// deferred asynchronous copies in worker/trainer_test).
+class ReferenceBackend : public HostBackend {
  public:
   static absl::StatusOr<std::unique_ptr<ReferenceBackend>> Create();
 
@@ -59,7 +61,7 @@ class ReferenceBackend final : public HostBackend {
                             const int32_t* targets, float dloss, int N,
                             int V) override;
 
- private:
+ protected:
   ReferenceBackend() = default;
 };
 

@@ -181,6 +181,12 @@ CudaBackend::~CudaBackend() {
     if (staging_[k] != nullptr) cudaFreeHost(staging_[k]);
     if (staging_done_[k] != nullptr) cudaEventDestroy(staging_done_[k]);
   }
+  if (copy_stream_ != nullptr) {
+    cudaStreamSynchronize(copy_stream_);
+    for (auto& [ticket, done] : copies_) cudaEventDestroy(done);
+    cudaStreamDestroy(copy_stream_);
+  }
+  for (void* p : pinned_) cudaHostUnregister(p);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
@@ -516,6 +522,96 @@ absl::Status CudaBackend::CopyToBackend(int32_t* dst, const int32_t* host_src,
 absl::Status CudaBackend::CopyToHost(float* host_dst, const float* src,
                                      size_t n) {
   return CopyOut(host_dst, src, n * sizeof(float));
+}
+
+absl::StatusOr<uint64_t> CudaBackend::CopyToHostAsync(float* host_dst,
+                                                      const float* src,
+                                                      size_t n) {
+  if (n == 0 || !IsPinned(host_dst)) {
+    absl::Status s = CopyToHost(host_dst, src, n);
+    if (!s.ok()) return s;
+    return 0;
+  }
+  UseDevice();
+  if (absl::Status s = TakeDeferred(); !s.ok()) return s;
+  cudaError_t e = cudaSuccess;
+  if (copy_stream_ == nullptr) {
+    e = cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking);
+    if (e != cudaSuccess) {
+      copy_stream_ = nullptr;
+      return CudaError(e, "cudaStreamCreate (copy stream)");
+    }
+  }
+  // The copy starts once the work issued so far (which produced src) is
+  // done; the compute stream does not wait for the copy.
+  cudaEvent_t issued = nullptr, done = nullptr;
+  e = cudaEventCreateWithFlags(&issued, cudaEventDisableTiming);
+  if (e == cudaSuccess) e = cudaEventRecord(issued, stream_);
+  if (e == cudaSuccess) e = cudaStreamWaitEvent(copy_stream_, issued, 0);
+  if (e == cudaSuccess) {
+    e = cudaMemcpyAsync(host_dst, src, n * sizeof(float),
+                        cudaMemcpyDeviceToHost, copy_stream_);
+  }
+  if (e == cudaSuccess) e = cudaEventCreateWithFlags(&done, cudaEventDisableTiming);
+  if (e == cudaSuccess) e = cudaEventRecord(done, copy_stream_);
+  // Destroying a recorded event is safe: the wait on it is enqueued.
+  if (issued != nullptr) cudaEventDestroy(issued);
+  if (e != cudaSuccess) {
+    if (done != nullptr) cudaEventDestroy(done);
+    cudaGetLastError();
+    return CudaError(e, "asynchronous copy to the host");
+  }
+  std::lock_guard<std::mutex> lock(copies_mu_);
+  const uint64_t ticket = ++copies_issued_;
+  copies_[ticket] = done;
+  return ticket;
+}
+
+absl::Status CudaBackend::WaitCopy(uint64_t ticket) {
+  cudaEvent_t done = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(copies_mu_);
+    auto it = copies_.find(ticket);
+    // Gone: waited for already (directly or through a later ticket).
+    if (it == copies_.end()) return absl::OkStatus();
+    done = it->second;
+  }
+  // Possibly another thread than the backend's user: set the device here
+  // (per thread) without touching the deferred-error state.
+  cudaError_t e = cudaSetDevice(device_);
+  if (e == cudaSuccess) e = cudaEventSynchronize(done);
+  {
+    // Copies complete in order: every ticket up to this one has landed.
+    std::lock_guard<std::mutex> lock(copies_mu_);
+    for (auto it = copies_.begin(); it != copies_.end() && it->first <= ticket;) {
+      cudaEventDestroy(it->second);
+      it = copies_.erase(it);
+    }
+  }
+  if (e != cudaSuccess) return CudaError(e, "waiting for a copy to the host");
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::PinHostMemory(void* p, size_t bytes) {
+  if (p == nullptr || bytes == 0 || pinned_.count(p) > 0) {
+    return absl::OkStatus();
+  }
+  UseDevice();
+  const cudaError_t e = cudaHostRegister(p, bytes, cudaHostRegisterDefault);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return CudaError(e, "cudaHostRegister");
+  }
+  pinned_.insert(p);
+  return absl::OkStatus();
+}
+
+void CudaBackend::UnpinHostMemory(void* p) {
+  auto it = pinned_.find(p);
+  if (it == pinned_.end()) return;
+  UseDevice();
+  cudaHostUnregister(p);
+  pinned_.erase(it);
 }
 
 absl::Status CudaBackend::Synchronize() {

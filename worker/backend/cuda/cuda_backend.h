@@ -8,7 +8,11 @@
 // layer function, or an asynchronous fault). Host copies of more than
 // 1 MiB of pageable memory go through two pinned staging buffers, so the
 // host-side memcpy of one chunk overlaps the DMA of the other; pinned host
-// memory is copied directly.
+// memory is copied directly. CopyToHostAsync into pinned memory (cudaMallocHost
+// or PinHostMemory, i.e. cudaHostRegister) runs on a second stream, after
+// an event recorded on the compute stream, so the DMA overlaps the kernels
+// issued after it (the trainer's gradient push during backward); WaitCopy
+// synchronises with the copy's own event and may run on another thread.
 //
 // Numerics. Matrix products (the linear layers and the four attention
 // products) run on tensor cores with fp32 accumulation and fp32 output, in
@@ -69,6 +73,8 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <string>
 #include <string_view>
 
@@ -143,6 +149,13 @@ class CudaBackend final : public Backend {
                              size_t n) override;
   absl::Status CopyToHost(float* host_dst, const float* src, size_t n) override;
   absl::Status Synchronize() override;
+  // Into pinned memory: asynchronous on the copy stream (ticket > 0);
+  // otherwise CopyToHost (ticket 0).
+  absl::StatusOr<uint64_t> CopyToHostAsync(float* host_dst, const float* src,
+                                           size_t n) override;
+  absl::Status WaitCopy(uint64_t ticket) override;
+  absl::Status PinHostMemory(void* p, size_t bytes) override;
+  void UnpinHostMemory(void* p) override;
 
   void Zero(float* p, size_t n) override;
   void Axpy(float* y, float alpha, const float* x, size_t n) override;
@@ -261,6 +274,13 @@ class CudaBackend final : public Backend {
   const MatmulPrecision precision_;
   std::string description_;
   CUstream_st* stream_ = nullptr;
+  // Asynchronous copies to the host (created on first use), and the
+  // pending ones: ticket -> the event recorded after the copy.
+  CUstream_st* copy_stream_ = nullptr;
+  std::mutex copies_mu_;
+  uint64_t copies_issued_ = 0;                  // guarded by copies_mu_
+  std::map<uint64_t, CUevent_st*> copies_;      // guarded by copies_mu_
+  std::set<void*> pinned_;  // host memory registered by PinHostMemory
   cublasContext* cublas_ = nullptr;
   cublasLtContext* cublaslt_ = nullptr;
   void* workspace_ = nullptr;  // cuBLAS(Lt) workspace, shared (one stream)

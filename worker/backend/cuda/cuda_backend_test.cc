@@ -40,6 +40,7 @@
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/model_spec.h"
@@ -235,6 +236,41 @@ TEST_P(CudaBackendTest, CopiesFromPinnedHostMemory) {
   EXPECT_TRUE(cuda_->CopyToHost(pinned, p, n).ok());
   EXPECT_TRUE(std::equal(v.begin(), v.end(), pinned));
   cudaFreeHost(pinned);
+}
+
+// CopyToHostAsync: into registered (PinHostMemory) memory it returns
+// tickets in order and the data is there after WaitCopy, even while later
+// kernels overwrite the source; WaitCopy works from another thread and
+// for tickets already waited for; into pageable memory it copies at once.
+TEST_P(CudaBackendTest, AsyncCopiesToPinnedHostMemory) {
+  const size_t n = 1'000'003;
+  std::vector<float> host(2 * n, -1.0f);
+  ASSERT_TRUE(cuda_->PinHostMemory(host.data(), host.size() * 4).ok());
+  const std::vector<float> a = RandomVector(4, n), b = RandomVector(5, n);
+  float* p = Up(a);
+  float* q = Up(b);
+  absl::StatusOr<uint64_t> t1 = cuda_->CopyToHostAsync(host.data(), p, n);
+  ASSERT_TRUE(t1.ok()) << t1.status();
+  cuda_->Zero(p, n);  // issued after the copy: must not reach it
+  absl::StatusOr<uint64_t> t2 = cuda_->CopyToHostAsync(host.data() + n, q, n);
+  ASSERT_TRUE(t2.ok()) << t2.status();
+  EXPECT_GT(*t1, 0u);
+  EXPECT_GT(*t2, *t1);
+  absl::Status waited;
+  std::thread waiter([&] { waited = cuda_->WaitCopy(*t2); });
+  waiter.join();
+  EXPECT_TRUE(waited.ok()) << waited;
+  EXPECT_TRUE(cuda_->WaitCopy(*t1).ok());  // covered by t2 already
+  EXPECT_TRUE(std::equal(a.begin(), a.end(), host.begin()));
+  EXPECT_TRUE(std::equal(b.begin(), b.end(), host.begin() + n));
+  EXPECT_EQ(Down(p, 4), std::vector<float>(4, 0.0f));
+  cuda_->UnpinHostMemory(host.data());
+
+  std::vector<float> pageable(n, -1.0f);
+  absl::StatusOr<uint64_t> t3 = cuda_->CopyToHostAsync(pageable.data(), q, n);
+  ASSERT_TRUE(t3.ok()) << t3.status();
+  EXPECT_EQ(*t3, 0u);
+  EXPECT_EQ(pageable, b);
 }
 
 TEST_P(CudaBackendTest, ZeroAndAxpy) {
