@@ -210,7 +210,9 @@ ParameterServer::StubInterface* PsClient::Stub(int shard) const {
 absl::Status PsClient::CallWithFailover(
     int shard, const std::function<absl::Status(int)>& fn) {
   absl::Status st = fn(shard);
-  if (backup_stubs_.empty() || backup_stubs_[shard] == nullptr) return st;
+  // Not replicated (SetBackups never called). A replicated shard with no
+  // known backup still fails over: to where the scheduler says it is now.
+  if (backup_stubs_.empty()) return st;
   // Replicated shard: the other node takes over (or tells us to come back).
   const absl::Time deadline = absl::Now() + options_.failover_timeout;
   absl::Duration delay = absl::Milliseconds(20);
@@ -225,7 +227,10 @@ absl::Status PsClient::CallWithFailover(
                         errors.end(), "; "),
           ")"));
     }
-    current_[shard].store(1 - current_[shard].load());
+    // To the other node; with no known other node (none had registered
+    // when we last asked), straight back to asking the scheduler.
+    current_[shard].store(
+        backup_stubs_[shard] == nullptr ? 0 : 1 - current_[shard].load());
     stats_.failovers++;
     if (current_[shard].load() == 0 && resolve_) {
       // Both known nodes failed: ask where the shard's nodes are now.

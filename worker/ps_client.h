@@ -97,7 +97,8 @@ class PsClient {
   // `make_stub` makes a stub for an address; `resolve` (may be empty) says
   // where a shard's nodes are now (the scheduler's view: after a takeover
   // and a restart both may have moved), asked whenever both known nodes
-  // answered UNAVAILABLE. Call before any other method.
+  // answered UNAVAILABLE (the one known node, when no backup is known).
+  // Call before any other method.
   struct ShardNodes {
     std::string primary;
     std::string backup;

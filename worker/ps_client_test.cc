@@ -209,6 +209,45 @@ TEST(PsClientTest, PipelineAndTensorViewsMatchAFullModelClient) {
   }
 }
 
+// Failover when the client knows no backup for a shard (none had
+// registered when it last asked the scheduler) and the known node is gone:
+// it asks the resolver at once instead of calling the dead node until
+// failover_timeout.
+TEST(PsClientTest, FailoverWithNoKnownBackupAsksWhereTheShardIsNow) {
+  JobSpec spec = Spec(/*pp=*/1, /*tp=*/1);
+  spec.mutable_layout()->set_num_shards(1);
+  Cluster cluster;
+  ASSERT_TRUE(cluster.Start(spec).ok());
+  const std::string address = cluster.addresses()[0];
+
+  std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs;
+  stubs.push_back(ParameterServer::NewStub(MakeChannel("127.0.0.1:1")));
+  PsClientOptions options;
+  options.max_message_bytes = spec.max_message_bytes();
+  options.rpc_timeout = absl::Seconds(5);
+  options.failover_timeout = absl::Seconds(5);
+  absl::StatusOr<std::unique_ptr<PsClient>> client = PsClient::Create(
+      spec.model(), cluster.map(), std::move(stubs), {"127.0.0.1:1"}, options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  int resolved = 0;
+  (*client)->SetBackups(
+      {""},
+      [](const std::string& a) -> std::unique_ptr<ParameterServer::StubInterface> {
+        return ParameterServer::NewStub(MakeChannel(a));
+      },
+      [&](int) -> absl::StatusOr<PsClient::ShardNodes> {
+        ++resolved;
+        return PsClient::ShardNodes{address, ""};
+      });
+  std::vector<float> params((*client)->num_parameters());
+  const absl::Time start = absl::Now();
+  const absl::Status pulled = (*client)->Pull(0, params.data());
+  EXPECT_TRUE(pulled.ok()) << pulled;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(4));
+  EXPECT_EQ(resolved, 1);
+  EXPECT_GE((*client)->stats().failovers.load(), 1);
+}
+
 TEST(PsClientTest, StatsCountPayloadBytesWithoutAView) {
   const JobSpec spec = Spec(1, 1);
   Cluster cluster;

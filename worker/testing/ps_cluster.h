@@ -89,6 +89,8 @@ class Cluster {
   }
 
   const PartitionMap& map() const { return map_; }
+  // The shards' addresses, by shard.
+  const std::vector<std::string>& addresses() const { return addresses_; }
 
  private:
   JobSpec spec_;
