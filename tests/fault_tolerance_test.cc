@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
 #include "common/safetensors.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
@@ -272,6 +273,52 @@ max_chunk_bytes: 4096
   EXPECT_LT(*diff, 1e-4);
   std::printf("elastic pipeline grow+shrink vs fixed dp: max |diff| = %g\n",
               *diff);
+}
+
+// A worker beyond the elastic scheduler's largest dp stands by as surplus
+// (registering again, past its own --assemble_timeout_s) and exits 0 when
+// the job finishes without it.
+TEST(FaultToleranceTest, SurplusWorkerStandsByUntilTheJobEnds) {
+  constexpr char kJobText[] = R"(
+model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 16 }
+train { steps: 100 batch_size: 12 eval_interval: 0 sample_tokens: 0
+        checkpoint_interval: 1000 debug_slow_worker_rank: 0
+        debug_slow_worker_delay_ms: 60 }
+max_chunk_bytes: 4096
+)";
+  const std::string dir = TempDir("surplus");
+  WriteFile(dir + "/job.textproto", kJobText);
+  BackgroundProcess job({BinaryPath("launcher/lmps_local"),
+                         "--job=" + dir + "/job.textproto", "--run_dir=" + dir,
+                         "--workers=2", "--shards=2", "--lease_s=2",
+                         "--elastic_max_dp=2"},
+                        dir + "/launcher.log");
+  const std::string port(
+      absl::StripAsciiWhitespace(WaitForFile(dir + "/scheduler.port", 30)));
+  ASSERT_FALSE(port.empty()) << ReadFile(dir + "/launcher.log");
+  // Once the job's two workers hold their slots.
+  for (int i = 0; i < 300; ++i) {
+    if (ReadFile(dir + "/logs/worker-0.log").find("assigned dp rank") !=
+            std::string::npos &&
+        ReadFile(dir + "/logs/worker-1.log").find("assigned dp rank") !=
+            std::string::npos) {
+      break;
+    }
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  const absl::Time start = absl::Now();
+  BackgroundProcess surplus({BinaryPath("worker/lmps_worker"),
+                             "--scheduler=127.0.0.1:" + port,
+                             "--assemble_timeout_s=2", "--threads=1"},
+                            dir + "/surplus.log");
+  EXPECT_EQ(surplus.Wait(120), 0) << ReadFile(dir + "/surplus.log");
+  EXPECT_GT(absl::Now() - start, absl::Seconds(3)) << "it gave up early";
+  EXPECT_EQ(job.Wait(120), 0) << ReadFile(dir + "/launcher.log");
+  const std::string log = ReadFile(dir + "/surplus.log");
+  EXPECT_NE(log.find("standing by"), std::string::npos) << log;
+  EXPECT_NE(log.find("the job finished without needing this worker"),
+            std::string::npos)
+      << log;
 }
 
 // A spare worker started with the job takes over a SIGKILLed worker's slot

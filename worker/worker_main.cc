@@ -246,6 +246,20 @@ absl::Status RunWorker(bool* register_again) {
   }
   absl::StatusOr<RegisterResponse> registered = client.Register(
       reg, spare ? absl::Seconds(absl::GetFlag(FLAGS_spare_wait_s)) : assemble);
+  // A surplus worker of an elastic job (every slot held, dp at its largest
+  // or not enough surplus for a replica yet) stands by and keeps asking:
+  // it joins when dp grows or takes a dead worker's slot, and exits 0 when
+  // the job finishes without it.
+  for (bool said = false;
+       registered.status().code() == absl::StatusCode::kResourceExhausted &&
+       absl::StrContains(registered.status().message(), "elastic: dp grows");) {
+    if (!said) {
+      Log("worker", "surplus worker of an elastic job: standing by until dp "
+                    "grows or a worker's slot is free");
+      said = true;
+    }
+    registered = client.Register(reg, assemble);
+  }
   if (registered.status().code() == absl::StatusCode::kFailedPrecondition &&
       absl::StrContains(registered.status().message(), "already FINISHED")) {
     // A spare, a surplus worker of an elastic job, or a replacement that
