@@ -177,14 +177,56 @@ max_chunk_bytes: 4096
   EXPECT_EQ(*diff, 0.0);
 }
 
-// Elastic data parallelism driven by the scheduler: a third worker process
-// joins at step 30 and the scheduler grows dp 2 -> 3 at a step boundary;
-// at step 70 a worker is SIGKILLed mid-push and, no replacement coming, the
-// scheduler shrinks dp back to 2 (the surviving replicas were waiting for
-// its gradient: the stop ends their wait, and the job resumes from that
-// step's checkpoint). The global batch (12) is kept throughout, so the
-// parameters match a fixed dp = 2 run up to float summation order: within
-// 1e-4.
+// Elastic data parallelism driven by the scheduler: `job` trained with a
+// fixed dp 2, then elastically: worker processes for a third replica join
+// at step 30 and the scheduler grows dp 2 -> 3 at a step boundary; as step
+// 70 runs worker-1 is SIGKILLed and, no replacement coming, the scheduler
+// shrinks dp back to 2 (the surviving replicas were waiting for its
+// gradient or its activations: the stop ends their wait, and the job
+// resumes from that step's checkpoint). The global batch (12) is kept
+// throughout, so the parameters match the fixed run up to float summation
+// order: within 1e-4. `layout`: flags for both runs; `launcher_says` and
+// `scheduler_says`: lines the elastic run must print.
+void ExpectElasticGrowThenShrink(const std::string& name, const char* job,
+                                 const std::vector<std::string>& layout,
+                                 const std::vector<std::string>& launcher_says,
+                                 const std::vector<std::string>& scheduler_says) {
+  const std::string straight = TempDir(name + "_straight");
+  CommandResult a = Train(straight, layout, job);
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+
+  const std::string elastic = TempDir(name);
+  std::vector<std::string> flags = layout;
+  for (const char* f :
+       {"--elastic_max_dp=3", "--elastic_grace_s=1", "--resize_at_step=30",
+        "--resize_workers=3", "--fault_worker=1", "--fault_kill_at_step=70",
+        "--restart_workers=0"}) {
+    flags.push_back(f);
+  }
+  CommandResult b = Train(elastic, flags, job);
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  for (const std::string& line : launcher_says) {
+    EXPECT_NE(b.output.find(line), std::string::npos) << line << "\n" << b.output;
+  }
+  const std::string scheduler = ReadFile(elastic + "/logs/scheduler.log");
+  std::vector<std::string> expected = scheduler_says;
+  for (const char* line :
+       {"re-assembling with dp 3", "elastic resize dp 3 -> 2: 1 worker(s) dead",
+        "re-assembling with dp 2", "job FINISHED"}) {
+    expected.push_back(line);
+  }
+  for (const std::string& line : expected) {
+    EXPECT_NE(scheduler.find(line), std::string::npos) << line << "\n" << scheduler;
+  }
+  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
+                                elastic + "/model.safetensors");
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_LT(*diff, 1e-4);
+  std::printf("%s: elastic grow+shrink vs fixed dp: max |diff| = %g\n",
+              name.c_str(), *diff);
+}
+
+// Data parallel: the worker dies mid-push.
 TEST(FaultToleranceTest, ElasticSchedulerGrowsAndShrinksDp) {
   constexpr char kElasticJob[] = R"(
 model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 16 }
@@ -193,46 +235,14 @@ train { steps: 120 batch_size: 12 eval_interval: 0 sample_tokens: 0
         debug_slow_worker_delay_ms: 60 }
 max_chunk_bytes: 4096
 )";
-  const std::string straight = TempDir("elastic_straight");
-  CommandResult a = Train(straight, {}, kElasticJob);
-  ASSERT_EQ(a.exit_code, 0) << a.output;
-
-  const std::string elastic = TempDir("elastic_scheduler");
-  CommandResult b = Train(elastic,
-                          {"--elastic_max_dp=3", "--elastic_grace_s=1",
-                           "--resize_at_step=30", "--resize_workers=3",
-                           "--fault_worker=1", "--fault_kill_at_step=70",
-                           "--restart_workers=0"},
-                          kElasticJob);
-  ASSERT_EQ(b.exit_code, 0) << b.output;
-  EXPECT_NE(b.output.find("starting 1 more worker process"), std::string::npos)
-      << b.output;
-  const std::string scheduler = ReadFile(elastic + "/logs/scheduler.log");
-  EXPECT_NE(scheduler.find("elastic resize dp 2 -> 3: 1 more worker(s) asking "
-                           "to join"),
-            std::string::npos)
-      << scheduler;
-  EXPECT_NE(scheduler.find("elastic resize dp 3 -> 2: 1 worker(s) dead for over"),
-            std::string::npos)
-      << scheduler;
-  EXPECT_NE(scheduler.find("re-assembling with dp 3"), std::string::npos)
-      << scheduler;
-  EXPECT_NE(scheduler.find("re-assembling with dp 2"), std::string::npos)
-      << scheduler;
-  EXPECT_NE(scheduler.find("job FINISHED"), std::string::npos) << scheduler;
-
-  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
-                                elastic + "/model.safetensors");
-  ASSERT_TRUE(diff.ok()) << diff.status();
-  EXPECT_LT(*diff, 1e-4);
-  std::printf("elastic grow+shrink vs fixed dp: max |diff| = %g\n", *diff);
+  ExpectElasticGrowThenShrink(
+      "elastic_dp", kElasticJob, {}, {"starting 1 more worker process"},
+      {"elastic resize dp 2 -> 3: 1 more worker(s) asking to join"});
 }
 
-// The same with a dp x pp=2 pipeline job: dp 2 -> 3 (two more processes, a
-// whole replica), then a worker SIGKILLed as its step starts: its stage
-// partner's step fails (peer timeout), the scheduler drops the replica
-// (3 -> 2) at that step, and the partner registers again. Global batch kept:
-// within 1e-4 of a fixed dp 2 x pp 2 run.
+// dp x pp 2: a replica is two processes; the worker dies as its step
+// starts, its stage partner's step fails (it hears peers_lost) and waits
+// for the shrink instead of failing the job, and registers again.
 TEST(FaultToleranceTest, ElasticSchedulerGrowsAndShrinksAPipelineJob) {
   constexpr char kElasticPipelineJob[] = R"(
 model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 16 }
@@ -241,38 +251,11 @@ train { steps: 120 batch_size: 12 micro_batches: 2 eval_interval: 0
         debug_slow_worker_delay_ms: 60 peer_timeout_ms: 3000 }
 max_chunk_bytes: 4096
 )";
-  const std::string straight = TempDir("elastic_pp_straight");
-  CommandResult a = Train(straight, {"--pp=2"}, kElasticPipelineJob);
-  ASSERT_EQ(a.exit_code, 0) << a.output;
-
-  const std::string elastic = TempDir("elastic_pp");
-  CommandResult b = Train(elastic,
-                          {"--pp=2", "--elastic_max_dp=3", "--elastic_grace_s=1",
-                           "--resize_at_step=30", "--resize_workers=3",
-                           "--fault_worker=1", "--fault_kill_at_step=70"},
-                          kElasticPipelineJob);
-  ASSERT_EQ(b.exit_code, 0) << b.output;
-  EXPECT_NE(b.output.find("starting 2 more worker processes"), std::string::npos)
-      << b.output;
-  EXPECT_NE(b.output.find("the elastic scheduler drops its replica (dp 3 -> 2)"),
-            std::string::npos)
-      << b.output;
-  const std::string scheduler = ReadFile(elastic + "/logs/scheduler.log");
-  EXPECT_NE(scheduler.find("re-assembling with dp 3"), std::string::npos)
-      << scheduler;
-  EXPECT_NE(scheduler.find("elastic resize dp 3 -> 2: 1 worker(s) dead"),
-            std::string::npos)
-      << scheduler;
-  EXPECT_NE(scheduler.find("re-assembling with dp 2"), std::string::npos)
-      << scheduler;
-  EXPECT_NE(scheduler.find("job FINISHED"), std::string::npos) << scheduler;
-
-  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
-                                elastic + "/model.safetensors");
-  ASSERT_TRUE(diff.ok()) << diff.status();
-  EXPECT_LT(*diff, 1e-4);
-  std::printf("elastic pipeline grow+shrink vs fixed dp: max |diff| = %g\n",
-              *diff);
+  ExpectElasticGrowThenShrink(
+      "elastic_pp", kElasticPipelineJob, {"--pp=2"},
+      {"starting 2 more worker processes",
+       "the elastic scheduler drops its replica (dp 3 -> 2)"},
+      {"elastic resize dp 2 -> 3: 2 more worker(s) asking to join"});
 }
 
 // A worker beyond the elastic scheduler's largest dp stands by as surplus
