@@ -282,7 +282,9 @@ absl::Status PipelineTrainer::Run() {
     progress_.pull_seconds = SecondsSince(t0);
     if (evaluates && step % train.eval_interval() == 0 &&
         step > options_.start_step) {
-      LMPS_ASSIGN_OR_RETURN(progress_.eval_loss, Evaluate(step));
+      absl::StatusOr<float> eval = Evaluate(step);
+      if (!eval.ok()) return AwaitResizeStop(step, eval.status());
+      progress_.eval_loss = *eval;
     }
 
     if (options_.on_step_start) options_.on_step_start(step);
