@@ -63,17 +63,20 @@ struct TrainRun {
   SafetensorsContents model;
 };
 
-TrainRun Train(const Layout& l, const std::string& extra_train = "") {
+// `extra_args`: more lmps_local flags.
+TrainRun Train(const Layout& l, const std::string& extra_train = "",
+               const std::vector<std::string>& extra_args = {}) {
   TrainRun run;
-  run.dir = TempDir(l.Name());
+  run.dir = TempDir(absl::StrCat(l.Name(), extra_args.empty() ? "" : "_x"));
   WriteFile(run.dir + "/job.textproto", Job(extra_train));
-  run.result = RunCommand(
-      {BinaryPath("launcher/lmps_local"), "--job=" + run.dir + "/job.textproto",
-       "--run_dir=" + run.dir, absl::StrCat("--workers=", l.dp),
-       absl::StrCat("--pp=", l.pp), absl::StrCat("--tp=", l.tp),
-       absl::StrCat("--micro_batches=", l.m), "--schedule=" + l.schedule,
-       "--restart_workers=0", "--restart_job=0", "--quiet"},
-      300);
+  std::vector<std::string> argv = {
+      BinaryPath("launcher/lmps_local"), "--job=" + run.dir + "/job.textproto",
+      "--run_dir=" + run.dir, absl::StrCat("--workers=", l.dp),
+      absl::StrCat("--pp=", l.pp), absl::StrCat("--tp=", l.tp),
+      absl::StrCat("--micro_batches=", l.m), "--schedule=" + l.schedule,
+      "--restart_workers=0", "--restart_job=0", "--quiet"};
+  argv.insert(argv.end(), extra_args.begin(), extra_args.end());
+  run.result = RunCommand(argv, 300);
   EXPECT_EQ(run.result.exit_code, 0) << run.result.output;
   auto model = ReadSafetensorsFile(run.dir + "/model.safetensors");
   EXPECT_TRUE(model.ok()) << model.status() << run.result.output;
@@ -206,6 +209,37 @@ TEST(PipelineTest, NoWorkerTransfersParametersItDoesNotHold) {
   // tp rank 1 pushes no replicated tensor.
   EXPECT_LT((pushed[{0, 1}]), (pushed[{0, 0}]));
   EXPECT_LT((pushed[{1, 1}]), (pushed[{1, 0}]));
+}
+
+// --overlap_push=true: every stage pushes its part of the gradient while
+// the schedule's last backward pass runs; the bytes are the same, part of
+// them goes out before the pass ends, and the result is bit-identical.
+TEST(PipelineTest, OverlappedPushIsBitIdentical) {
+  const Layout l = L(1, 2, 2, 2);
+  TrainRun after = Train(l, "debug_trace_steps: true");
+  TrainRun during =
+      Train(l, "debug_trace_steps: true", {"--worker_args=--overlap_push=true"});
+  auto diff = MaxAbsDiff(after.model, during.model);
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_EQ(*diff, 0.0);
+  int64_t overlapped = 0;
+  for (int rank = 0; rank < 4; ++rank) {
+    const std::string name = absl::StrCat("/logs/worker-", rank, ".log");
+    auto a = Records(ReadFile(after.dir + name), "trace dp_rank=");
+    auto d = Records(ReadFile(during.dir + name), "trace dp_rank=");
+    ASSERT_EQ(a.size(), static_cast<size_t>(kSteps));
+    ASSERT_EQ(d.size(), a.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+      EXPECT_EQ(Int(d[i], "push_bytes"), Int(a[i], "push_bytes"));
+      EXPECT_GT(Int(a[i], "push_bytes"), 0);
+      EXPECT_EQ(Int(a[i], "push_bytes_overlapped"), 0);
+      // All of it when nothing this rank pushes is final last (tp rank 1
+      // of the last stage pushes no wte).
+      EXPECT_LE(Int(d[i], "push_bytes_overlapped"), Int(d[i], "push_bytes"));
+      overlapped += Int(d[i], "push_bytes_overlapped");
+    }
+  }
+  EXPECT_GT(overlapped, 0) << "nothing was pushed during a backward pass";
 }
 
 // The default local job's features work through a hybrid layout: eval

@@ -12,6 +12,7 @@
 #include "common/job_spec.h"
 #include "common/parallel_layout.h"
 #include "common/status_util.h"
+#include "worker/overlapped_push.h"
 
 namespace lmps {
 namespace {
@@ -28,110 +29,6 @@ int64_t NowMicros() {
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
-
-// Pushes a step's host gradient grads[0, n) on a background thread while the
-// backward pass finishes it from the end: Ready(b, ticket) says grads[b, n)
-// is final on host once the backend's asynchronous copy `ticket`
-// (Backend::CopyToHostAsync; 0: none) has landed; the thread waits for that
-// copy (Backend::WaitCopy), then pushes the chunks inside the finished
-// suffix not pushed yet (PsClient::PushChunks with the previous suffix as
-// `done`, so every chunk goes exactly once), coalescing the suffixes that
-// became ready during a push. Finish(ticket) (all final) pushes the rest
-// and waits; Abandon() (the backward pass failed) stops without pushing
-// what is not final, and waits for the copies issued so far.
-// Thread-safety: Ready, Finish and Abandon on one thread (the trainer's); the
-// client is used by the pushing thread only until Finish/Abandon return.
-class SuffixPusher {
- public:
-  SuffixPusher(Backend* backend, PsClient* ps, int64_t step,
-               const std::string& worker_id, int dp_rank, const float* grads,
-               int64_t n)
-      : backend_(backend),
-        ps_(ps),
-        step_(step),
-        worker_id_(worker_id),
-        dp_rank_(dp_rank),
-        grads_(grads),
-        n_(n),
-        ready_begin_(n) {
-    thread_ = std::thread([this] { Loop(); });
-  }
-  SuffixPusher(const SuffixPusher&) = delete;
-  SuffixPusher& operator=(const SuffixPusher&) = delete;
-  ~SuffixPusher() { Abandon(); }
-
-  void Ready(int64_t begin, uint64_t ticket) {
-    absl::MutexLock lock(&mu_);
-    ready_begin_ = std::min(ready_begin_, begin);
-    ready_ticket_ = std::max(ready_ticket_, ticket);
-    cv_.Signal();
-  }
-  // The first copy or push error, or OK once every chunk was pushed.
-  absl::Status Finish(uint64_t ticket) {
-    Ready(0, ticket);
-    thread_.join();
-    // After a push error too, no copy may land in the buffer later.
-    const absl::Status copied = backend_->WaitCopy(ticket);
-    return status_.ok() ? copied : status_;
-  }
-  void Abandon() {
-    uint64_t ticket = 0;
-    {
-      absl::MutexLock lock(&mu_);
-      abandoned_ = true;
-      ticket = ready_ticket_;
-      cv_.Signal();
-    }
-    if (thread_.joinable()) {
-      thread_.join();
-      // No copy may land in the host buffer after this returns.
-      backend_->WaitCopy(ticket).IgnoreError();
-    }
-  }
-  // Steady-clock microseconds when the first stream started (0: none); read
-  // after Finish.
-  int64_t first_push_us() const { return first_push_us_; }
-
- private:
-  void Loop() {
-    ElementRange done{n_, n_};  // pushed: the chunks inside it
-    while (done.begin > 0) {
-      ElementRange range{0, n_};
-      uint64_t ticket = 0;
-      {
-        absl::MutexLock lock(&mu_);
-        while (!abandoned_ && ready_begin_ >= done.begin) cv_.Wait(&mu_);
-        if (abandoned_) return;
-        range.begin = ready_begin_;
-        ticket = ready_ticket_;
-      }
-      status_ = backend_->WaitCopy(ticket);
-      if (!status_.ok()) return;
-      if (first_push_us_ == 0) first_push_us_ = NowMicros();
-      status_ = ps_->PushChunks(step_, worker_id_, dp_rank_, grads_, range,
-                                done);
-      if (!status_.ok()) return;
-      done = range;
-    }
-  }
-
-  Backend* const backend_;
-  PsClient* const ps_;
-  const int64_t step_;
-  const std::string worker_id_;
-  const int dp_rank_;
-  const float* const grads_;
-  const int64_t n_;
-  absl::Mutex mu_;
-  absl::CondVar cv_;
-  int64_t ready_begin_ ABSL_GUARDED_BY(mu_);
-  uint64_t ready_ticket_ ABSL_GUARDED_BY(mu_) = 0;
-  bool abandoned_ ABSL_GUARDED_BY(mu_) = false;
-  // Written by the pushing thread, read after it is joined.
-  absl::Status status_;
-  int64_t first_push_us_ = 0;
-  std::thread thread_;
-};
 
 }  // namespace
 
@@ -165,24 +62,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
   t->targets_.resize(t->tokens_.size());
   t->progress_.step = t->options_.start_step;
   t->progress_.end_step = t->end_step_;
-  // Page-locked host buffers make a device backend's copies asynchronous
-  // DMA (a no-op on the CPU); without them copies are only slower.
-  Backend* backend = model->backend();
-  for (std::vector<float>* buffer : {&t->host_params_, &t->host_grads_}) {
-    if (absl::Status s = backend->PinHostMemory(
-            buffer->data(), buffer->size() * sizeof(float));
-        !s.ok()) {
-      t->Log(absl::StrCat("cannot pin a host buffer (copies are slower): ",
-                          s.message()));
-    }
-  }
+  Trainer* raw = t.get();
+  t->pinned_ = std::make_unique<PinnedHostBuffers>(
+      model->backend(),
+      std::vector<std::pair<void*, size_t>>{
+          {t->host_params_.data(), t->host_params_.size() * sizeof(float)},
+          {t->host_grads_.data(), t->host_grads_.size() * sizeof(float)}},
+      [raw](const std::string& line) { raw->Log(line); });
   return t;
-}
-
-Trainer::~Trainer() {
-  if (model_ == nullptr) return;
-  model_->backend()->UnpinHostMemory(host_params_.data());
-  model_->backend()->UnpinHostMemory(host_grads_.data());
 }
 
 absl::Status Trainer::PullInto(int64_t step, int64_t* version) {
@@ -236,47 +123,16 @@ absl::Status Trainer::BackwardAndPush(
     int64_t step, float grad_scale,
     std::chrono::steady_clock::time_point* backward_done,
     int64_t* push_start_us) {
-  const int64_t n = model_->num_parameters();
-  float* host = host_grads_.data();
-  Backend* backend = model_->backend();
-  SuffixPusher pusher(backend, ps_, step, options_.worker_id,
-                      options_.dp_rank, host, n);
-  const int64_t bytes_before = ps_->stats().bytes_pushed;
-  // host[suffix, n) is final and handed to the pusher. `overlapped`: bytes
-  // pushed before the pass's last range was final (its compute ended).
-  // Each finished range is copied to the host asynchronously (on a device
-  // the copy runs while the backward pass goes on); the pusher waits for a
-  // copy before pushing what it covers.
-  int64_t suffix = n;
-  int64_t overlapped = 0;
-  uint64_t last_ticket = 0;
-  absl::Status status = model_->Backward(
-      grad_scale, [&](int64_t begin, int64_t end) -> absl::Status {
-        LMPS_ASSIGN_OR_RETURN(
-            const uint64_t ticket,
-            backend->CopyToHostAsync(host + begin, model_->grads() + begin,
-                                     end - begin));
-        last_ticket = std::max(last_ticket, ticket);
-        overlapped = ps_->stats().bytes_pushed - bytes_before;
-        if (end == suffix) {
-          suffix = begin;
-          pusher.Ready(begin, last_ticket);
-        }
-        return absl::OkStatus();
-      });
-  if (status.ok() && suffix > 0) {
-    // Ranges that did not extend the suffix: copied again, all at once
-    // (the pusher reads only host[suffix, n)).
-    status = backend->CopyToHost(host, model_->grads(), suffix);
-  }
-  if (!status.ok()) {
-    pusher.Abandon();  // nothing that is not final is pushed
-    return status;
-  }
+  OverlappedPush push(model_->backend(), ps_, step, options_.worker_id,
+                      options_.dp_rank, model_->grads(), host_grads_.data(),
+                      model_->num_parameters());
+  LMPS_RETURN_IF_ERROR(model_->Backward(
+      grad_scale,
+      [&](int64_t begin, int64_t end) { return push.Ready(begin, end); }));
   *backward_done = std::chrono::steady_clock::now();
-  progress_.push_bytes_overlapped = overlapped;
-  status = pusher.Finish(last_ticket);
-  *push_start_us = pusher.first_push_us();
+  progress_.push_bytes_overlapped = push.overlapped_bytes();
+  const absl::Status status = push.Finish();
+  *push_start_us = push.first_push_us();
   return status;
 }
 

@@ -65,6 +65,7 @@
 #include "proto/lmps.pb.h"
 #include "worker/data/dataset.h"
 #include "worker/model/gpt.h"
+#include "worker/overlapped_push.h"
 #include "worker/ps_client.h"
 
 namespace lmps {
@@ -131,9 +132,6 @@ class Trainer {
       TrainerOptions options, GptModel* model, PsClient* ps,
       const TextDataset* data);
 
-  // Unpins the host buffers (see Create).
-  ~Trainer();
-
   // Trains to min(steps, stop_after_step). Returns the first error.
   absl::Status Run();
   // Mean validation loss of the parameters currently in the model.
@@ -177,6 +175,7 @@ class Trainer {
   int64_t end_step_ = 0;
   int micro_batch_ = 0;  // sequences per micro-batch
   std::vector<float> host_params_, host_grads_;
+  std::unique_ptr<PinnedHostBuffers> pinned_;  // the two above
   std::vector<int32_t> tokens_, targets_;
   std::atomic<bool> cancelled_{false};
   TrainerProgress progress_;

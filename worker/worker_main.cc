@@ -74,8 +74,8 @@ ABSL_FLAG(double, sample_temperature, 0.8, "sampling temperature (0: greedy)");
 ABSL_FLAG(int, sample_top_k, 40, "top-k for sampling (0: all)");
 ABSL_FLAG(std::string, push_dtype, "f32", "gradient payload: f32 or bf16");
 ABSL_FLAG(std::string, overlap_push, "auto",
-          "data-parallel layouts (pp = tp = 1): true: push the gradient while "
-          "the last micro-batch's backward pass runs, each block's part as "
+          "true: push the gradient while the step's last backward pass runs "
+          "(pipeline stages: the schedule's last), each block's part as "
           "soon as it is final (bit-identical results); false: push after "
           "the backward pass; auto: true with a CUDA backend (the host is "
           "idle during backward), false with the CPU backend (its cores are "
@@ -448,7 +448,7 @@ absl::Status RunWorker(bool* register_again) {
     SetGauge(m, "lmps_step_phase_seconds", help, p.pull_seconds, {{"phase", "pull"}});
     SetGauge(m, "lmps_step_phase_seconds", help, p.push_seconds, {{"phase", "push"}});
     SetGauge(m, "lmps_step_phase_seconds", help, p.sync_seconds, {{"phase", "wait"}});
-    if (!pipeline) {
+    {
       const char* bytes =
           "Gradient payload bytes pushed in the last step (total), and those "
           "sent while its backward pass still ran (overlapped, "
@@ -528,6 +528,7 @@ absl::Status RunWorker(bool* register_again) {
     po.spec = spec;
     po.start_step = start_step;
     po.on_progress = options.on_progress;
+    po.overlap_push = options.overlap_push;
     // The scheduler regroups the job (or, elastic, shrinks dp) once a dead
     // peer's lease (and then --elastic_grace_s, default 10 s) has passed.
     if (assignment.elastic()) po.resize_wait = 3 * client.lease() + absl::Seconds(60);

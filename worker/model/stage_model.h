@@ -61,6 +61,7 @@
 #define LMPS_WORKER_MODEL_STAGE_MODEL_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -165,8 +166,16 @@ class StageModel {
   // FailedPreconditionError when the slot holds no forward or (has_head) a
   // forward without targets. On a TpComm error the slot is freed and the
   // gradients are partial: the step must be abandoned.
+  // `on_ready` (may be empty), for the step's last Backward: called as in
+  // GptModel::GradientReadyFn each time a range of grads() is final: the
+  // head's ln_f (has_head), then each block from the last to the first,
+  // then the front of the buffer (wte/wpe), in decreasing disjoint ranges
+  // covering [0, num_parameters()).
+  using GradientReadyFn =
+      std::function<absl::Status(int64_t begin, int64_t end)>;
   absl::Status Backward(int slot, const float* doutput, float grad_scale,
-                        float* dinput);
+                        float* dinput,
+                        const GradientReadyFn& on_ready = nullptr);
 
   // has_head: copies the logits [B,T,V] of the targets-less Forward held by
   // `slot` to host memory. FailedPreconditionError otherwise.
@@ -249,7 +258,9 @@ class StageModel {
   absl::Status AllReduce(float* data, size_t n);
   // The stage's blocks on slot `s` (residual stream in s.input).
   absl::Status BlocksForward(Slot& s, int B, int T);
-  absl::Status BlocksBackward(Slot& s, int B, int T);
+  // `ready(begin)`: grads()[begin, previous begin) is final.
+  absl::Status BlocksBackward(Slot& s, int B, int T,
+                              const std::function<absl::Status(int64_t)>& ready);
   // Residual stream after the last block of the stage.
   const float* StageOutput(const Slot& s) const;
 

@@ -304,6 +304,10 @@ struct Layout {
 struct StageResult {
   std::vector<LocalTensor> tensors;
   std::vector<float> grads;
+  // The last Backward's GradientReadyFn calls: the ranges, and each range
+  // copied when it was reported final.
+  std::vector<std::pair<int64_t, int64_t>> ready_ranges;
+  std::vector<float> ready_copy;
 };
 struct RankResult {
   absl::Status status;
@@ -353,6 +357,11 @@ absl::Status RunRank(const ModelConfig& config, const Layout& layout, int rank,
     stages.push_back(std::move(*m));
   }
   const size_t BTC = static_cast<size_t>(B) * T * kC;
+  out->stages.resize(S);
+  for (int s = 0; s < S; ++s) {
+    out->stages[s].ready_copy.assign(stages[s]->num_parameters(),
+                                     std::nanf(""));
+  }
   double loss_sum = 0;
   for (int m = 0; m < M; ++m) {
     std::vector<float> in, act(BTC);
@@ -371,8 +380,19 @@ absl::Status RunRank(const ModelConfig& config, const Layout& layout, int rank,
   for (int m = 0; m < M; ++m) {
     std::vector<float> dout, din(BTC);
     for (int s = S - 1; s >= 0; --s) {
-      if (absl::Status st =
-              stages[s]->Backward(m, dout.data(), 1.0f / M, din.data());
+      StageResult& r = out->stages[s];
+      StageModel& stage = *stages[s];
+      StageModel::GradientReadyFn on_ready = nullptr;
+      if (m == M - 1) {
+        on_ready = [&](int64_t begin, int64_t end) {
+          r.ready_ranges.push_back({begin, end});
+          return stage.backend()->CopyToHost(r.ready_copy.data() + begin,
+                                             stage.grads() + begin,
+                                             end - begin);
+        };
+      }
+      if (absl::Status st = stage.Backward(m, dout.data(), 1.0f / M,
+                                           din.data(), on_ready);
           !st.ok()) {
         return st;
       }
@@ -383,15 +403,15 @@ absl::Status RunRank(const ModelConfig& config, const Layout& layout, int rank,
     }
   }
   out->loss = static_cast<float>(loss_sum / M);
-  for (const auto& st : stages) {
-    if (st->slots_in_use() != 0) return absl::InternalError("slots in use");
-    StageResult r;
-    r.tensors = st->local_tensors();
-    r.grads.resize(st->num_parameters());
-    if (absl::Status s = st->GradientsToHost(r.grads.data()); !s.ok()) {
-      return s;
+  for (int s = 0; s < S; ++s) {
+    const StageModel& st = *stages[s];
+    if (st.slots_in_use() != 0) return absl::InternalError("slots in use");
+    StageResult& r = out->stages[s];
+    r.tensors = st.local_tensors();
+    r.grads.resize(st.num_parameters());
+    if (absl::Status e = st.GradientsToHost(r.grads.data()); !e.ok()) {
+      return e;
     }
-    out->stages.push_back(std::move(r));
   }
   return absl::OkStatus();
 }
@@ -450,6 +470,23 @@ void ExpectMatchesReference(const ModelConfig& config, const Layout& layout,
     std::map<std::string, int> seen;
     for (int s = 0; s < layout.stages(); ++s) {
       const StageResult& st = res.stages[s];
+      // The ready ranges: final when reported (bit for bit), decreasing,
+      // disjoint, covering the buffer; ln_f first on the last stage.
+      EXPECT_EQ(st.ready_copy, st.grads) << "stage " << s << " tp rank " << r;
+      ASSERT_FALSE(st.ready_ranges.empty());
+      EXPECT_EQ(st.ready_ranges.front().second,
+                static_cast<int64_t>(st.grads.size()));
+      EXPECT_EQ(st.ready_ranges.back().first, 0);
+      for (size_t i = 1; i < st.ready_ranges.size(); ++i) {
+        EXPECT_EQ(st.ready_ranges[i].second, st.ready_ranges[i - 1].first);
+        EXPECT_LT(st.ready_ranges[i].first, st.ready_ranges[i].second);
+      }
+      const int blocks = layout.bounds[s + 1] - layout.bounds[s];
+      const bool head = s == layout.stages() - 1;
+      const bool front = s == 0 || head;  // wte (and wpe)
+      EXPECT_EQ(st.ready_ranges.size(),
+                static_cast<size_t>(blocks + (head ? 1 : 0) + (front ? 1 : 0)))
+          << "stage " << s;
       for (const LocalTensor& t : st.tensors) {
         ++seen[t.name];
         const std::vector<float> actual(

@@ -92,6 +92,13 @@ absl::StatusOr<std::unique_ptr<PipelineTrainer>> PipelineTrainer::Create(
   t->targets_.resize(t->tokens_.size());
   t->progress_.step = t->options_.start_step;
   t->progress_.end_step = t->end_step_;
+  PipelineTrainer* raw = t.get();
+  t->pinned_ = std::make_unique<PinnedHostBuffers>(
+      model->backend(),
+      std::vector<std::pair<void*, size_t>>{
+          {t->host_params_.data(), t->host_params_.size() * sizeof(float)},
+          {t->host_grads_.data(), t->host_grads_.size() * sizeof(float)}},
+      [raw](const std::string& line) { raw->Log(line); });
   return t;
 }
 
@@ -180,8 +187,9 @@ absl::StatusOr<int> PipelineTrainer::ForwardOne(int64_t step, bool eval, int i,
   return slot;
 }
 
-absl::Status PipelineTrainer::BackwardOne(int64_t step, int i, int slot,
-                                          double* idle_seconds) {
+absl::Status PipelineTrainer::BackwardOne(
+    int64_t step, int i, int slot, double* idle_seconds,
+    const StageModel::GradientReadyFn& on_ready) {
   const float* dout = nullptr;
   std::vector<float> received;
   if (!stage_.has_head) {
@@ -199,7 +207,8 @@ absl::Status PipelineTrainer::BackwardOne(int64_t step, int i, int slot,
   }
   const float scale = 1.0f / static_cast<float>(options_.spec.train().micro_batches());
   LMPS_RETURN_IF_ERROR(model_->Backward(
-      slot, dout, scale, stage_.has_embedding ? nullptr : act_in_.data()));
+      slot, dout, scale, stage_.has_embedding ? nullptr : act_in_.data(),
+      on_ready));
   if (!stage_.has_embedding) {
     LMPS_RETURN_IF_ERROR(peers_->Send(prev_rank_,
                                       Key(ACTIVATION_GRAD, false, step, i),
@@ -208,7 +217,8 @@ absl::Status PipelineTrainer::BackwardOne(int64_t step, int i, int slot,
   return absl::OkStatus();
 }
 
-absl::Status PipelineTrainer::TrainStep(int64_t step, double* loss) {
+absl::Status PipelineTrainer::TrainStep(int64_t step, double* loss,
+                                        OverlappedPush* push) {
   const JobSpec& spec = options_.spec;
   const TrainConfig& train = spec.train();
   const int M = train.micro_batches();
@@ -220,8 +230,22 @@ absl::Status PipelineTrainer::TrainStep(int64_t step, double* loss) {
   double idle = 0;
   *loss = 0;
   const auto start = std::chrono::steady_clock::now();
-  for (const PipelineOp& op : StageSchedule(spec.layout().schedule(),
-                                            options_.coords.pp, layout_->pp(), M)) {
+  const std::vector<PipelineOp> ops = StageSchedule(
+      spec.layout().schedule(), options_.coords.pp, layout_->pp(), M);
+  // The last backward pass completes the step's gradient: its ready ranges
+  // go to the pusher.
+  size_t last_backward = ops.size();
+  for (size_t k = 0; k < ops.size(); ++k) {
+    if (!ops[k].forward) last_backward = k;
+  }
+  StageModel::GradientReadyFn on_ready = nullptr;
+  if (push != nullptr) {
+    on_ready = [push](int64_t begin, int64_t end) {
+      return push->Ready(begin, end);
+    };
+  }
+  for (size_t k = 0; k < ops.size(); ++k) {
+    const PipelineOp& op = ops[k];
     if (cancelled_) return absl::CancelledError("training cancelled");
     const int i = op.micro_batch;
     if (op.forward) {
@@ -236,7 +260,8 @@ absl::Status PipelineTrainer::TrainStep(int64_t step, double* loss) {
                                        targets_.data(), &l, &idle));
       *loss += l / M;
     } else {
-      LMPS_RETURN_IF_ERROR(BackwardOne(step, i, slot_of[i], &idle));
+      LMPS_RETURN_IF_ERROR(BackwardOne(step, i, slot_of[i], &idle,
+                                       k == last_backward ? on_ready : nullptr));
     }
   }
   const double total = SecondsSince(start);
@@ -290,7 +315,15 @@ absl::Status PipelineTrainer::Run() {
     if (options_.on_step_start) options_.on_step_start(step);
     auto t1 = std::chrono::steady_clock::now();
     double loss = 0;
-    if (absl::Status s = TrainStep(step, &loss); !s.ok()) {
+    const int64_t bytes_before = ps_->stats().bytes_pushed;
+    std::unique_ptr<OverlappedPush> push;
+    if (options_.overlap_push) {
+      push = std::make_unique<OverlappedPush>(
+          model_->backend(), ps_, step, options_.worker_id, options_.coords.dp,
+          model_->grads(), host_grads_.data(), model_->num_parameters());
+    }
+    if (absl::Status s = TrainStep(step, &loss, push.get()); !s.ok()) {
+      push.reset();  // pushes nothing more, waits for its copies
       return AwaitResizeStop(step, std::move(s));
     }
     if (stage_.has_head && !std::isfinite(loss)) {
@@ -298,7 +331,9 @@ absl::Status PipelineTrainer::Run() {
           "non-finite training loss at step ", step,
           "; the gradient is not pushed (the servers would reject it)"));
     }
-    LMPS_RETURN_IF_ERROR(model_->GradientsToHost(host_grads_.data()));
+    if (push == nullptr) {
+      LMPS_RETURN_IF_ERROR(model_->GradientsToHost(host_grads_.data()));
+    }
     progress_.compute_seconds = SecondsSince(t1);
     if (train.debug_slow_worker_delay_ms() > 0 &&
         train.debug_slow_worker_rank() == options_.coords.dp) {
@@ -306,8 +341,14 @@ absl::Status PipelineTrainer::Run() {
     }
 
     auto t2 = std::chrono::steady_clock::now();
-    LMPS_RETURN_IF_ERROR(ps_->Push(step, options_.worker_id, options_.coords.dp,
-                                   host_grads_.data()));
+    if (push != nullptr) {
+      progress_.push_bytes_overlapped = push->overlapped_bytes();
+      LMPS_RETURN_IF_ERROR(push->Finish());
+    } else {
+      LMPS_RETURN_IF_ERROR(ps_->Push(step, options_.worker_id,
+                                     options_.coords.dp, host_grads_.data()));
+    }
+    progress_.push_bytes = ps_->stats().bytes_pushed - bytes_before;
     progress_.push_seconds = SecondsSince(t2);
 
     auto t3 = std::chrono::steady_clock::now();
@@ -325,10 +366,11 @@ absl::Status PipelineTrainer::Run() {
       Log(absl::StrFormat(
           "trace dp_rank=%d pp_rank=%d tp_rank=%d step=%d loss=%.6f "
           "compute_s=%.6f bubble=%.4f ideal_bubble=%.4f "
-          "max_live_micro_batches=%d",
+          "max_live_micro_batches=%d push_bytes=%d push_bytes_overlapped=%d",
           options_.coords.dp, options_.coords.pp, options_.coords.tp, step,
           progress_.loss, progress_.compute_seconds, progress_.bubble_fraction,
-          progress_.ideal_bubble_fraction, progress_.max_live_micro_batches));
+          progress_.ideal_bubble_fraction, progress_.max_live_micro_batches,
+          progress_.push_bytes, progress_.push_bytes_overlapped));
     }
     if (options_.on_progress) options_.on_progress(progress_);
   }

@@ -18,7 +18,9 @@
 //      train.peer_timeout_ms with an error naming the peer;
 //   3. push the gradient slices this worker owns (tp rank 0 for replicated
 //      tensors; both the first and the last stage push the tied wte, and
-//      the shards sum them);
+//      the shards sum them); with overlap_push, during the schedule's last
+//      backward pass, each block's part as soon as it is final
+//      (worker/overlapped_push.h; bit-identical);
 //   4. GradNorm and Apply on every shard, as Trainer.
 // The last stage knows the loss; other stages report NaN. Evaluation (every
 // eval_interval steps and at the end, data-parallel replica 0) runs the
@@ -46,6 +48,7 @@
 #include "worker/data/dataset.h"
 #include "worker/model/stage_model.h"
 #include "worker/model/tp_comm.h"
+#include "worker/overlapped_push.h"
 #include "worker/peer/peer_network.h"
 #include "worker/ps_client.h"
 #include "worker/trainer.h"
@@ -62,6 +65,9 @@ struct PipelineTrainerOptions {
   // Called before the schedule of every step (may be empty); tests inject
   // faults with it.
   std::function<void(int64_t step)> on_step_start;
+  // Push the gradient while the schedule's last backward pass runs (see
+  // above) rather than after the schedule.
+  bool overlap_push = false;
   // When a step fails because a stage or tensor-parallel peer is gone
   // (UNAVAILABLE or DEADLINE_EXCEEDED), wait up to this long for the shards
   // to stop the job at that step (the scheduler regroups the job once the
@@ -98,13 +104,15 @@ class PipelineTrainer {
   absl::Status AwaitResizeStop(int64_t step, absl::Status error);
   absl::Status ApplyStep(int64_t step);
   // Runs the schedule of `step`; sets *loss (last stage) and the bubble.
-  absl::Status TrainStep(int64_t step, double* loss);
+  // `push` (may be null) receives the last backward pass's ready ranges.
+  absl::Status TrainStep(int64_t step, double* loss, OverlappedPush* push);
   // Forward of micro-batch i into a free slot; returns the slot.
   absl::StatusOr<int> ForwardOne(int64_t step, bool eval, int i,
                                  const int32_t* tokens, const int32_t* targets,
                                  float* loss, double* idle_seconds);
   absl::Status BackwardOne(int64_t step, int i, int slot,
-                           double* idle_seconds);
+                           double* idle_seconds,
+                           const StageModel::GradientReadyFn& on_ready);
   absl::StatusOr<float> Evaluate(int64_t step);
   void Log(const std::string& line) const;
 
@@ -120,6 +128,7 @@ class PipelineTrainer {
   int64_t end_step_ = 0;
   int micro_batch_ = 0;  // sequences per micro-batch
   std::vector<float> host_params_, host_grads_, act_in_, act_out_;
+  std::unique_ptr<PinnedHostBuffers> pinned_;  // host_params_, host_grads_
   std::vector<int32_t> tokens_, targets_;
   int64_t pulls_ = 0;
   std::atomic<bool> cancelled_{false};
