@@ -560,6 +560,7 @@ absl::Status RunWorker(bool* register_again) {
   bool done = false;
   bool stopped_for_resize = false;
   std::atomic<bool> peers_lost{false};
+  std::atomic<bool> failure_logged{false};
   std::string error;
   auto make_heartbeat = [&] {
     absl::MutexLock lock(&mu);
@@ -576,7 +577,7 @@ absl::Status RunWorker(bool* register_again) {
   HeartbeatLoop heartbeat(
       &client, client.lease() / 3, make_heartbeat,
       [&](const absl::StatusOr<HeartbeatResponse>& r) {
-        if (r.ok() && r->state() == FAILED) {
+        if (r.ok() && r->state() == FAILED && !failure_logged.exchange(true)) {
           Log(id, absl::StrCat("the job failed: ", r->message(), "; stopping"));
           if (trainer) trainer->Cancel();
           if (pipeline_trainer) pipeline_trainer->Cancel();
@@ -652,6 +653,12 @@ absl::Status RunWorker(bool* register_again) {
     absl::SleepFor(absl::Milliseconds(500));
   }
   if (!last.ok()) Log(id, std::string(last.status().message()));
+  if (!status.ok() && last.ok() && last->state() == FAILED &&
+      !failure_logged.exchange(true)) {
+    // This worker's error may be a consequence (a shard that stopped
+    // because the job failed): say what failed the job first.
+    Log(id, absl::StrCat("the job failed: ", last->message()));
+  }
   if (status.ok()) {
     const TrainerProgress& p =
         trainer ? trainer->progress() : pipeline_trainer->progress();
