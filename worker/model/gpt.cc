@@ -317,14 +317,8 @@ absl::Status GptModel::Backward(float grad_scale,
   // GptTensorSpecs order: wte, wpe, 12 tensors per layer, ln_f.{w,b}; the
   // first element of layer l is offsets_[2 + 12 l], ln_f's g_.lnfw.
   constexpr int kPerLayer = 12;
-  int64_t done_from = num_parameters_;  // grads()[done_from, end) are done
-  auto ready = [&](int64_t begin) -> absl::Status {
-    const int64_t end = done_from;
-    done_from = begin;
-    if (!on_ready || begin == end) return absl::OkStatus();
-    return on_ready(begin, end);
-  };
-  if (absl::Status s = ready(g_.lnfw - grads_); !s.ok()) return s;
+  GradientSuffix ready(num_parameters_, on_ready);
+  if (absl::Status s = ready.DoneFrom(g_.lnfw - grads_); !s.ok()) return s;
 
   // dresidual_ carries the gradient of the residual stream from layer to
   // layer: on entry to layer l it is d(residual3[l]); since
@@ -356,13 +350,14 @@ absl::Status GptModel::Backward(float grad_scale,
                       3 * C);
     be.LayerNormBackward(dresidual_, dw.ln1w, dw.ln1b, dln_, residual, w.ln1w,
                          a.ln1_mean, a.ln1_rstd, N, C);
-    if (absl::Status s = ready(offsets_[2 + static_cast<size_t>(l) * kPerLayer]);
+    if (absl::Status s =
+            ready.DoneFrom(offsets_[2 + static_cast<size_t>(l) * kPerLayer]);
         !s.ok()) {
       return s;
     }
   }
   be.EncoderBackward(g_.wte, g_.wpe, dresidual_, tokens_, B, T, C);
-  if (absl::Status s = ready(0); !s.ok()) return s;
+  if (absl::Status s = ready.DoneFrom(0); !s.ok()) return s;
   return be.Synchronize();
 }
 

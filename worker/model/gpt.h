@@ -40,6 +40,7 @@
 #include "common/model_spec.h"
 #include "proto/lmps.pb.h"
 #include "worker/backend/backend.h"
+#include "worker/model/gradient_ready.h"
 
 namespace lmps {
 
@@ -110,8 +111,7 @@ class GptModel {
   // range with backend()->CopyToHost (which waits for that work), must not
   // write grads() or call other GptModel methods. A non-OK status stops
   // Backward, which returns it (grads() is then partly accumulated).
-  using GradientReadyFn =
-      std::function<absl::Status(int64_t begin, int64_t end)>;
+  using GradientReadyFn = ::lmps::GradientReadyFn;  // gradient_ready.h
 
   // Accumulates grad_scale * d(mean loss of the last Forward)/d(params)
   // into grads() (+=), calling `on_ready` (if not empty) as ranges of it

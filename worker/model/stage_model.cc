@@ -523,13 +523,7 @@ absl::Status StageModel::Backward(int slot, const float* doutput,
   const int C = options_.config.n_embd(), V = options_.config.vocab_size();
   const size_t NC = static_cast<size_t>(N) * C;
   Backend& be = *backend_;
-  int64_t done_from = num_parameters_;  // grads()[done_from, end) are done
-  auto ready = [&](int64_t begin) -> absl::Status {
-    const int64_t end = done_from;
-    done_from = begin;
-    if (!on_ready || begin == end) return absl::OkStatus();
-    return on_ready(begin, end);
-  };
+  GradientSuffix ready(num_parameters_, on_ready);
 
   if (options_.has_head) {
     // d(mean loss)/d(losses[n]) = 1/N, times the caller's scale. logits_
@@ -545,7 +539,9 @@ absl::Status StageModel::Backward(int slot, const float* doutput,
     be.LayerNormBackward(dresidual_, g_.lnfw, g_.lnfb, dln_, StageOutput(s),
                          p_.lnfw, s.lnf_mean, s.lnf_rstd, N, C);
     // ln_f's tensors are the last of the buffer.
-    if (absl::Status st = ready(g_.lnfw - grads_); !st.ok()) return st;
+    if (absl::Status st = ready.DoneFrom(g_.lnfw - grads_); !st.ok()) {
+      return st;
+    }
   } else {
     if (absl::Status st = be.CopyToBackend(dresidual_, doutput, NC);
         !st.ok()) {
@@ -557,13 +553,13 @@ absl::Status StageModel::Backward(int slot, const float* doutput,
     be.EncoderBackward(g_.wte, g_.wpe, dresidual_, s.tokens, B, T, C);
   }
   // The front: wte and wpe (wte on a last stage: its head's gradient).
-  if (absl::Status st = ready(0); !st.ok()) return st;
+  if (absl::Status st = ready.DoneFrom(0); !st.ok()) return st;
   if (options_.has_embedding) return be.Synchronize();
   return be.CopyToHost(dinput, dresidual_, NC);
 }
 
-absl::Status StageModel::BlocksBackward(
-    Slot& s, int B, int T, const std::function<absl::Status(int64_t)>& ready) {
+absl::Status StageModel::BlocksBackward(Slot& s, int B, int T,
+                                        GradientSuffix& ready) {
   const int N = B * T;
   const int C = options_.config.n_embd(), Cl = Cl_, NHl = NHl_;
   const size_t NC = static_cast<size_t>(N) * C;
@@ -610,7 +606,9 @@ absl::Status StageModel::BlocksBackward(
     be.LayerNormBackward(dresidual_, dw.ln1w, dw.ln1b, dln_, residual, w.ln1w,
                          a.ln1_mean, a.ln1_rstd, N, C);
     // ln_1.weight is the block's first tensor (GptTensorSpecs order).
-    if (absl::Status st = ready(dw.ln1w - grads_); !st.ok()) return st;
+    if (absl::Status st = ready.DoneFrom(dw.ln1w - grads_); !st.ok()) {
+      return st;
+    }
   }
   return absl::OkStatus();
 }

@@ -71,6 +71,7 @@
 #include "absl/status/statusor.h"
 #include "proto/lmps.pb.h"
 #include "worker/backend/backend.h"
+#include "worker/model/gradient_ready.h"
 #include "worker/model/tp_comm.h"
 
 namespace lmps {
@@ -171,8 +172,7 @@ class StageModel {
   // head's ln_f (has_head), then each block from the last to the first,
   // then the front of the buffer (wte/wpe), in decreasing disjoint ranges
   // covering [0, num_parameters()).
-  using GradientReadyFn =
-      std::function<absl::Status(int64_t begin, int64_t end)>;
+  using GradientReadyFn = ::lmps::GradientReadyFn;  // gradient_ready.h
   absl::Status Backward(int slot, const float* doutput, float grad_scale,
                         float* dinput,
                         const GradientReadyFn& on_ready = nullptr);
@@ -258,9 +258,8 @@ class StageModel {
   absl::Status AllReduce(float* data, size_t n);
   // The stage's blocks on slot `s` (residual stream in s.input).
   absl::Status BlocksForward(Slot& s, int B, int T);
-  // `ready(begin)`: grads()[begin, previous begin) is final.
-  absl::Status BlocksBackward(Slot& s, int B, int T,
-                              const std::function<absl::Status(int64_t)>& ready);
+  // Reports each block's gradient to `ready` as it is final.
+  absl::Status BlocksBackward(Slot& s, int B, int T, GradientSuffix& ready);
   // Residual stream after the last block of the stage.
   const float* StageOutput(const Slot& s) const;
 
