@@ -171,11 +171,14 @@ int64_t OverlappedPush::first_push_us() const {
 }
 
 PinnedHostBuffers::PinnedHostBuffers(
-    Backend* backend, std::vector<std::pair<void*, size_t>> buffers,
+    Backend* backend, std::vector<std::vector<float>*> buffers,
     const std::function<void(const std::string&)>& log)
     : backend_(backend) {
-  for (const auto& [p, bytes] : buffers) {
-    if (absl::Status s = backend_->PinHostMemory(p, bytes); !s.ok()) {
+  for (std::vector<float>* buffer : buffers) {
+    void* p = buffer->data();
+    if (absl::Status s =
+            backend_->PinHostMemory(p, buffer->size() * sizeof(float));
+        !s.ok()) {
       log(absl::StrCat("cannot pin a host buffer (its copies are slower): ",
                        s.message()));
     } else {

@@ -27,7 +27,6 @@
 #include <functional>
 #include <memory>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -82,8 +81,8 @@ class OverlappedPush {
 // pins, so that it unpins them before they are freed.
 class PinnedHostBuffers {
  public:
-  PinnedHostBuffers(Backend* backend,
-                    std::vector<std::pair<void*, size_t>> buffers,
+  // The float vectors' current storage (do not resize them afterwards).
+  PinnedHostBuffers(Backend* backend, std::vector<std::vector<float>*> buffers,
                     const std::function<void(const std::string&)>& log);
   PinnedHostBuffers(const PinnedHostBuffers&) = delete;
   PinnedHostBuffers& operator=(const PinnedHostBuffers&) = delete;

@@ -95,9 +95,7 @@ absl::StatusOr<std::unique_ptr<PipelineTrainer>> PipelineTrainer::Create(
   PipelineTrainer* raw = t.get();
   t->pinned_ = std::make_unique<PinnedHostBuffers>(
       model->backend(),
-      std::vector<std::pair<void*, size_t>>{
-          {t->host_params_.data(), t->host_params_.size() * sizeof(float)},
-          {t->host_grads_.data(), t->host_grads_.size() * sizeof(float)}},
+      std::vector<std::vector<float>*>{&t->host_params_, &t->host_grads_},
       [raw](const std::string& line) { raw->Log(line); });
   return t;
 }
