@@ -120,7 +120,8 @@ ABSL_FLAG(int, fault_kill_server_at_step, -1, "see --fault_kill_server");
 ABSL_FLAG(int, fault_kill_primary_again_at_step, -1,
           "fault injection for tests (layout.shard_backups = 1): after "
           "--fault_kill_server, SIGKILL whichever node then serves that shard "
-          "as its primary once the slowest worker reaches this step");
+          "as its primary once the slowest worker reaches this step and the "
+          "shard's other node holds a complete copy again");
 ABSL_FLAG(int, restart_scheduler, 3,
           "restart a scheduler that dies, on the same port, up to this many "
           "times; the running nodes rejoin it and the job continues");
@@ -229,7 +230,16 @@ class Launcher {
   absl::Status Start(const std::string& name, const std::string& binary,
                      std::vector<std::string> args);
   // Reaps exited children; returns an error naming a child that failed.
+  // Restarts nothing once the job has FAILED.
   absl::Status Reap();
+  // The scheduler's status, asked now (2 s deadline).
+  absl::StatusOr<JobStatus> QueryStatus();
+  // The job FAILED: stops every process at once and says why. Returns
+  // Unavailable (Run() restarts the job from its checkpoint) for a rollback
+  // while --restart_job allows, else FailedPrecondition with the reason.
+  absl::Status JobFailed(const JobStatus& status);
+  // Before a process is restarted: the job's failure, if it failed.
+  absl::Status CheckNotFailed();
   void StopAll();
   bool AllExited(const std::string& prefix) const;
   void Progress(const JobStatus& status, bool final);
@@ -340,6 +350,40 @@ absl::Status Launcher::Start(const std::string& name, const std::string& binary,
   return absl::OkStatus();
 }
 
+absl::StatusOr<JobStatus> Launcher::QueryStatus() {
+  auto stub = Scheduler::NewStub(MakeChannel(scheduler_, nullptr, security_));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  JobStatus status;
+  grpc::Status s = stub->GetStatus(&ctx, GetStatusRequest(), &status);
+  if (!s.ok()) return FromGrpcStatus(s);
+  return status;
+}
+
+absl::Status Launcher::JobFailed(const JobStatus& status) {
+  const bool rollback = status.rollback() &&
+                        attempt_ < absl::GetFlag(FLAGS_restart_job) &&
+                        !g_interrupted;
+  std::printf("\nlmps: the job FAILED: %s\nlmps: stopping every process%s\n",
+              status.message().c_str(),
+              rollback ? "; the job restarts from its latest checkpoint" : "");
+  std::fflush(stdout);
+  StopAll();
+  if (rollback) {
+    lost_server_ = absl::StrCat("the job FAILED for a rollback (",
+                                status.message(), ")");
+    return absl::UnavailableError(lost_server_);
+  }
+  return absl::FailedPreconditionError(
+      absl::StrCat("the job FAILED: ", status.message()));
+}
+
+absl::Status Launcher::CheckNotFailed() {
+  absl::StatusOr<JobStatus> status = QueryStatus();
+  if (status.ok() && status->state() == FAILED) return JobFailed(*status);
+  return absl::OkStatus();
+}
+
 absl::Status Launcher::Reap() {
   for (Child& c : children_) {
     if (c.exited) continue;
@@ -373,6 +417,9 @@ absl::Status Launcher::Reap() {
       }
       const bool server = c.name.rfind("server", 0) == 0 ||
                           c.name.rfind("backup", 0) == 0;
+      if ((server && replicated_) || c.name.rfind("worker", 0) == 0) {
+        LMPS_RETURN_IF_ERROR(CheckNotFailed());
+      }
       if (server && replicated_ && c.restarts < 5 && !g_interrupted) {
         // Replicated shards: the other node of the shard serves on (the
         // workers fail over to it); the restarted process registers again
@@ -585,8 +632,18 @@ void Launcher::MaybeInjectServerFault(const JobStatus& status) {
     if (n.role() == WORKER) step = std::min(step, n.step());
   }
   const int64_t again = absl::GetFlag(FLAGS_fault_kill_primary_again_at_step);
+  // The shard must be protected again (its other node holds a complete
+  // copy): killing its only copy is a rollback, not the failover this
+  // fault tests.
+  bool protected_again = false;
+  for (const NodeStatus& n : status.nodes()) {
+    if (n.role() == SERVER && n.shard() == victim && n.backup() &&
+        n.alive() && !n.needs_snapshot()) {
+      protected_again = true;
+    }
+  }
   if (victim >= 0 && fault_injected_ && !second_fault_injected_ &&
-      again >= 0 && step != INT64_MAX && step >= again) {
+      again >= 0 && step != INT64_MAX && step >= again && protected_again) {
     for (const NodeStatus& n : status.nodes()) {
       if (n.role() != SERVER || n.shard() != victim || !n.serving_primary()) {
         continue;
@@ -851,6 +908,7 @@ absl::Status Launcher::Monitor() {
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
     JobStatus status;
     if (stub->GetStatus(&ctx, GetStatusRequest(), &status).ok()) {
+      if (status.state() == FAILED) return JobFailed(status);
       last = status;
       Progress(status, false);
       MaybeInjectServerFault(status);

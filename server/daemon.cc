@@ -186,6 +186,11 @@ class Daemon {
     // The slot this node holds ("backup-<shard>" or "server-<shard>").
     req.set_backup(node_id_.rfind("backup-", 0) == 0);
     req.set_step(shard_ != nullptr ? shard_->step_clock() : 0);
+    if (replicated_ != nullptr) {
+      req.set_epoch(replicated_->epoch());
+      req.set_serving_primary(replicated_->role() ==
+                              ReplicatedShard::Role::kPrimary);
+    }
     RegisterResponse resp;
     grpc::Status s = Call(stop_, absl::Seconds(5), [&](grpc::ClientContext* ctx) {
       return scheduler_->Register(ctx, req, &resp);
@@ -368,77 +373,15 @@ class Daemon {
   }
 
   absl::Status CreateReplication() {
-    const Assignment& a = assignment_;
-    const int k = a.shard();
-    const std::string primary =
-        k < a.shard_addresses_size() ? a.shard_addresses(k) : "";
-    ReplicationOptions ro;
-    ro.node_id = node_id_;
-    ro.backup = a.backup();
-    ro.awaiting_snapshot = a.needs_snapshot();
-    ro.primary_address = primary;
-    ro.max_message_bytes = a.spec().max_message_bytes();
-    ro.log = [this](const std::string& line) { log_(line); };
-    if (a.backup() && !primary.empty()) {
-      // One cheap call: NOT_FOUND for a tensor that does not exist means
-      // the primary answers (and serves: a fenced or backup node answers
-      // UNAVAILABLE).
-      auto stub = std::shared_ptr<ParameterServer::Stub>(ParameterServer::NewStub(
-          MakeChannel(primary, options_.rpc_metrics, options_.security)));
-      ro.probe_primary = [stub]() {
-        grpc::ClientContext ctx;
-        ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
-        TensorInfoRequest req;
-        req.set_tensor("lmps.probe");
-        TensorInfoResponse resp;
-        grpc::Status s = stub->GetTensorInfo(&ctx, req, &resp);
-        if (s.ok() || s.error_code() == grpc::StatusCode::NOT_FOUND) {
-          return absl::OkStatus();
-        }
-        return FromGrpcStatus(s);
-      };
-    }
+    ReplicaStart start = ReplicaStartFor(assignment_, node_id_);
+    start.options.log = [this](const std::string& line) { log_(line); };
     absl::StatusOr<std::unique_ptr<ReplicatedShard>> rep =
-        ReplicatedShard::Create(shard_.get(), std::move(ro));
+        ReplicatedShard::Create(shard_.get(), std::move(start.options));
     if (!rep.ok()) return rep.status();
     replicated_ = std::move(*rep);
-    const std::string backup =
-        k < a.backup_addresses_size() ? a.backup_addresses(k) : "";
-    if (!a.backup() && !backup.empty()) {
-      replicated_->AttachBackup(LinkTo(backup), /*needs_snapshot=*/false);
-    }
-    return absl::OkStatus();
-  }
-
-  // Heartbeat side of replication: what to report...
-  void ReportReplication(HeartbeatRequest* req) {
-    if (replicated_ == nullptr) return;
-    req->set_serving_primary(replicated_->role() ==
-                             ReplicatedShard::Role::kPrimary);
-    req->set_awaiting_snapshot(replicated_->awaiting_snapshot());
-    const std::vector<std::string> events = replicated_->TakeEvents();
-    req->set_replication_event(absl::StrJoin(events, "; "));
-  }
-
-  // ...and what the answer asks for. Returns an error when this node was
-  // fenced off.
-  absl::Status FollowReplicationAnswer(const HeartbeatResponse* resp) {
-    if (replicated_ == nullptr) return absl::OkStatus();
-    if (resp->promote()) {
-      replicated_->Promote("the scheduler saw the primary's lease expire");
-    }
-    if (replicated_->role() == ReplicatedShard::Role::kPrimary &&
-        !resp->backup_address().empty() &&
-        resp->backup_address() != replicated_->backup_address()) {
-      replicated_->AttachBackup(LinkTo(resp->backup_address()),
-                                /*needs_snapshot=*/true);
-    }
-    if (replicated_->role() == ReplicatedShard::Role::kFenced) {
-      report_errors_ = false;
-      return absl::AbortedError(absl::StrCat(
-          "shard ", assignment_.shard(), " was taken over by its backup; this "
-          "node is fenced off and exits (restarted, it becomes the new "
-          "backup)"));
+    if (!start.attach_backup.empty()) {
+      replicated_->AttachBackup(LinkTo(start.attach_backup),
+                                /*needs_snapshot=*/false);
     }
     return absl::OkStatus();
   }
@@ -453,7 +396,7 @@ class Daemon {
       req.set_node_id(node_id_);
       req.set_step(shard_->step_clock());  // steps, also in ASYNC mode
       req.set_eval_loss(std::nanf(""));
-      ReportReplication(&req);
+      if (replicated_ != nullptr) replicated_->FillHeartbeat(&req);
       HeartbeatResponse resp;
       grpc::Status s = Call(stop_, std::max(interval, absl::Seconds(1)),
                             [&](grpc::ClientContext* ctx) {
@@ -476,8 +419,13 @@ class Daemon {
           reassemble_ = true;
           return absl::OkStatus();
         }
-        if (absl::Status r = FollowReplicationAnswer(&resp); !r.ok()) {
-          return r;
+        if (replicated_ != nullptr) {
+          absl::Status r = replicated_->FollowHeartbeat(
+              resp, [this](const std::string& a) { return LinkTo(a); });
+          if (!r.ok()) {
+            report_errors_ = false;  // not a job error: it is restarted
+            return r;
+          }
         }
         if (resp.state() == FAILED) {
           report_errors_ = false;

@@ -19,14 +19,13 @@
 //      (SIGTERM/SIGINT; returns OK after a clean shutdown).
 //
 // Shard replication (layout.shard_backups = 1, server/replication.h): the
-// shard is served through a ReplicatedShard. A primary forwards to the
-// backup its assignment names, and attaches a new backup (with a snapshot)
-// when a heartbeat response names another address; a backup probes its
-// primary (GetTensorInfo, 1 s) when a worker calls it, and takes over when
-// the probe fails or a heartbeat response says promote. Heartbeats report
-// serving_primary and replication events. A primary fenced off by its
-// backup's takeover stops (AbortedError, not reported to the scheduler) so
-// that it is restarted -- and then becomes the new backup.
+// shard is served through a ReplicatedShard started from the assignment
+// (role, epoch, snapshot needed). Each heartbeat carries what the
+// ReplicatedShard reports (FillHeartbeat: role, epoch, a lost backup) and
+// its answer is handed back to it (FollowHeartbeat: promote, detach, attach
+// a new backup, fenced). A node fenced off stops (AbortedError, not
+// reported to the scheduler) so that it is restarted -- and then becomes
+// the new backup.
 //
 // Errors after registration are reported to the scheduler in a heartbeat
 // (HeartbeatRequest.error) before returning. Every line is logged with a

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/status_util.h"
 
 namespace lmps {
@@ -82,6 +83,24 @@ std::shared_ptr<BackupLink> NewGrpcBackupLink(
                                           timeout);
 }
 
+ReplicaStart ReplicaStartFor(const Assignment& a, const std::string& node_id) {
+  ReplicaStart start;
+  const int k = a.shard();
+  ReplicationOptions& o = start.options;
+  o.node_id = node_id;
+  o.backup = a.backup();
+  o.awaiting_snapshot = a.needs_snapshot();
+  o.primary_address = k >= 0 && k < a.shard_addresses_size()
+                          ? a.shard_addresses(k)
+                          : "";
+  o.epoch = a.epoch();
+  o.max_message_bytes = a.spec().max_message_bytes();
+  if (!a.backup() && k >= 0 && k < a.backup_addresses_size()) {
+    start.attach_backup = a.backup_addresses(k);
+  }
+  return start;
+}
+
 absl::StatusOr<std::unique_ptr<ReplicatedShard>> ReplicatedShard::Create(
     ParameterShard* shard, ReplicationOptions options) {
   if (shard == nullptr) return absl::InvalidArgumentError("no shard");
@@ -104,11 +123,22 @@ ReplicatedShard::ReplicatedShard(ParameterShard* shard,
   absl::MutexLock lock(&mu_);
   role_ = options_.backup ? Role::kBackup : Role::kPrimary;
   awaiting_snapshot_ = options_.backup && options_.awaiting_snapshot;
+  epoch_ = options_.epoch;
 }
 
 ReplicatedShard::Role ReplicatedShard::role() const {
   absl::MutexLock lock(&mu_);
   return role_;
+}
+
+int64_t ReplicatedShard::epoch() const {
+  absl::MutexLock lock(&mu_);
+  return epoch_;
+}
+
+bool ReplicatedShard::backup_lost() const {
+  absl::MutexLock lock(&mu_);
+  return backup_lost_;
 }
 
 bool ReplicatedShard::awaiting_snapshot() const {
@@ -150,21 +180,24 @@ void ReplicatedShard::Event(const std::string& line) {
   EventLocked(line);
 }
 
-ReplicateRequest ReplicatedShard::Header() const {
+ReplicateRequest ReplicatedShard::Header(int64_t epoch) const {
   ReplicateRequest r;
   r.set_shard(shard_->shard());
   r.set_primary(options_.node_id);
+  r.set_epoch(epoch);
   return r;
 }
 
-void ReplicatedShard::Detach(const std::shared_ptr<BackupLink>& link,
-                             const std::string& why) {
+void ReplicatedShard::MarkBackupLost(const std::shared_ptr<BackupLink>& link,
+                                     const std::string& why) {
   absl::MutexLock lock(&mu_);
-  if (link_ != link) return;  // already replaced or detached
-  link_.reset();
+  if (link_ != link || backup_lost_) return;  // replaced, or already lost
+  backup_lost_ = true;
   EventLocked(absl::StrCat("shard ", shard_->shard(), ": backup at ",
-                           link->address(), " detached: ", why,
-                           "; serving alone until a new backup attaches"));
+                           link->address(), " failed: ", why,
+                           "; acknowledging nothing until the scheduler "
+                           "allows serving without it (epoch ",
+                           epoch_, ")"));
 }
 
 void ReplicatedShard::AttachBackup(std::shared_ptr<BackupLink> link,
@@ -179,123 +212,195 @@ void ReplicatedShard::AttachBackup(std::shared_ptr<BackupLink> link,
   } else {
     pending_link_.reset();
     link_ = std::move(link);
+    backup_lost_ = false;
     if (options_.log) {
       options_.log(absl::StrCat("shard ", shard_->shard(),
                                 ": replicating synchronously to the backup at ",
-                                link_->address()));
+                                link_->address(), " (epoch ", epoch_, ")"));
     }
   }
 }
 
-void ReplicatedShard::Promote(const std::string& why) {
-  absl::MutexLock lock(&mu_);
-  if (role_ != Role::kBackup) return;
+void ReplicatedShard::PromoteLocked(int64_t epoch) {
+  if (role_ != Role::kBackup || epoch <= epoch_) return;
   if (awaiting_snapshot_) {
     EventLocked(absl::StrCat(
-        "shard ", shard_->shard(), ": cannot take over (", why,
-        "): this backup has not received its primary's snapshot yet"));
+        "shard ", shard_->shard(), ": cannot take over in epoch ", epoch,
+        ": this backup has not received its primary's snapshot yet"));
     return;
   }
   role_ = Role::kPrimary;
+  epoch_ = epoch;
   EventLocked(absl::StrCat("shard ", shard_->shard(), ": backup ",
-                           options_.node_id, " took over as the primary at "
-                           "version ",
-                           shard_->version(), " (", why, ")"));
+                           options_.node_id,
+                           " took over as the primary at version ",
+                           shard_->version(), " in epoch ", epoch,
+                           " (the scheduler saw the primary's lease expire)"));
+}
+
+void ReplicatedShard::FenceLocked(const std::string& why) {
+  if (role_ == Role::kFenced) return;
+  role_ = Role::kFenced;
+  link_.reset();
+  pending_link_.reset();
+  EventLocked(absl::StrCat("shard ", shard_->shard(), ": fenced off (", why,
+                           "); this node stops serving"));
+}
+
+void ReplicatedShard::FillHeartbeat(HeartbeatRequest* request) {
+  absl::MutexLock lock(&mu_);
+  request->set_serving_primary(role_ == Role::kPrimary);
+  request->set_awaiting_snapshot(awaiting_snapshot_);
+  request->set_epoch(epoch_);
+  request->set_backup_lost(role_ == Role::kPrimary && backup_lost_);
+  std::vector<std::string> events;
+  events.swap(events_);
+  request->set_replication_event(absl::StrJoin(events, "; "));
+}
+
+absl::Status ReplicatedShard::FollowHeartbeat(
+    const HeartbeatResponse& response,
+    const std::function<std::shared_ptr<BackupLink>(const std::string&)>&
+        make_link) {
+  std::string attach;
+  {
+    absl::MutexLock lock(&mu_);
+    if (response.fenced()) {
+      FenceLocked(absl::StrCat("the scheduler names another node the primary "
+                               "of shard ",
+                               shard_->shard(), " in epoch ",
+                               response.epoch()));
+    }
+    if (response.promote()) PromoteLocked(response.epoch());
+    if (response.detach_backup() && role_ == Role::kPrimary &&
+        response.epoch() > epoch_) {
+      const std::string gone =
+          link_ != nullptr ? link_->address() : std::string("(none)");
+      link_.reset();
+      backup_lost_ = false;
+      epoch_ = response.epoch();
+      EventLocked(absl::StrCat("shard ", shard_->shard(),
+                               ": serving without the backup at ", gone,
+                               " in epoch ", epoch_,
+                               " (the scheduler's leave) until a new backup "
+                               "attaches"));
+    }
+    if (role_ == Role::kFenced) {
+      return absl::AbortedError(absl::StrCat(
+          "shard ", shard_->shard(), " is served by another node now; this "
+          "node is fenced off and exits (restarted, it becomes the new "
+          "backup)"));
+    }
+    const std::string current =
+        pending_link_ != nullptr ? pending_link_->address()
+        : link_ != nullptr       ? link_->address()
+                                 : "";
+    if (role_ == Role::kPrimary && !backup_lost_ &&
+        !response.backup_address().empty() &&
+        response.backup_address() != current) {
+      attach = response.backup_address();
+    }
+  }
+  if (!attach.empty()) AttachBackup(make_link(attach), /*needs_snapshot=*/true);
+  return absl::OkStatus();
 }
 
 absl::Status ReplicatedShard::CheckServing() {
-  Role role;
-  {
-    absl::MutexLock lock(&mu_);
-    role = role_;
-    if (role == Role::kBackup && awaiting_snapshot_) {
-      return absl::UnavailableError(absl::StrCat(
-          "node ", options_.node_id, " is a new backup of shard ",
-          shard_->shard(), " waiting for its primary's snapshot; call the "
-          "primary at ",
-          options_.primary_address));
-    }
-  }
-  if (role == Role::kPrimary) return absl::OkStatus();
-  if (role == Role::kFenced) {
-    return absl::UnavailableError(absl::StrCat(
-        "node ", options_.node_id, " no longer serves shard ", shard_->shard(),
-        ": its backup took over (this node is fenced off); call the backup"));
-  }
-  absl::Status probe = options_.probe_primary
-                           ? options_.probe_primary()
-                           : absl::UnavailableError("no probe configured");
-  if (probe.ok()) {
-    return absl::UnavailableError(absl::StrCat(
-        "node ", options_.node_id, " is the backup of shard ", shard_->shard(),
-        "; its primary at ", options_.primary_address,
-        " answers: call it"));
-  }
-  Promote(absl::StrCat("a worker called it and the primary at ",
-                       options_.primary_address, " does not answer: ",
-                       probe.message()));
   absl::MutexLock lock(&mu_);
-  if (role_ == Role::kPrimary) return absl::OkStatus();
+  switch (role_) {
+    case Role::kPrimary:
+      return absl::OkStatus();
+    case Role::kFenced:
+      return absl::UnavailableError(absl::StrCat(
+          "node ", options_.node_id, " no longer serves shard ",
+          shard_->shard(), ": the scheduler moved it to another node (this "
+          "node is fenced off); ask the scheduler where it is"));
+    case Role::kBackup:
+      break;
+  }
+  if (awaiting_snapshot_) {
+    return absl::UnavailableError(absl::StrCat(
+        "node ", options_.node_id, " is a new backup of shard ",
+        shard_->shard(), " waiting for its primary's snapshot; call the "
+        "primary at ",
+        options_.primary_address));
+  }
   return absl::UnavailableError(absl::StrCat(
       "node ", options_.node_id, " is the backup of shard ", shard_->shard(),
-      " and cannot take over yet"));
+      " in epoch ", epoch_, "; its primary (", options_.primary_address,
+      " when this node started) serves until the scheduler promotes this "
+      "node: call it"));
 }
 
 template <typename T>
 absl::StatusOr<T> ReplicatedShard::Run(
-    const std::function<std::vector<ReplicateRequest>()>& make_ops,
+    const std::function<std::vector<ReplicateRequest>(int64_t)>& make_ops,
     const std::function<absl::StatusOr<T>()>& local, const std::string& what) {
   if (absl::Status s = CheckServing(); !s.ok()) return s;
   std::shared_ptr<BackupLink> link;
+  int64_t epoch;
   {
     absl::MutexLock lock(&mu_);
-    link = link_;
-  }
-  bool backup_ok = false;
-  std::string backup_error;
-  if (link != nullptr) {
-    const std::vector<ReplicateRequest> ops = make_ops();
-    int64_t bytes = 0;
-    for (const ReplicateRequest& m : ops) {
-      bytes += static_cast<int64_t>(m.ByteSizeLong());
-    }
-    absl::StatusOr<ReplicateResponse> r = link->Replicate(ops);
-    {
-      absl::MutexLock lock(&mu_);
-      ++forwarded_ops_;
-      forwarded_bytes_ += bytes;
-    }
-    if (r.ok()) {
-      backup_ok = true;
-    } else if (r.status().code() == absl::StatusCode::kAborted) {
-      // The backup took over: stop serving at once.
-      {
-        absl::MutexLock lock(&mu_);
-        if (role_ == Role::kPrimary) {
-          role_ = Role::kFenced;
-          link_.reset();
-          EventLocked(absl::StrCat(
-              "shard ", shard_->shard(), ": fenced off: the backup at ",
-              link->address(), " took over (", r.status().message(),
-              "); this node stops serving"));
-        }
-      }
+    if (backup_lost_) {
       return absl::UnavailableError(absl::StrCat(
-          "shard ", shard_->shard(), " moved to its backup at ",
-          link->address(), "; call it"));
-    } else if (IsTransport(r.status())) {
-      Detach(link, absl::StrCat("unreachable during ", what, ": ",
-                                r.status().ToString()));
-      link.reset();
-    } else {
-      backup_error = r.status().ToString();
+          "shard ", shard_->shard(), ": its backup failed an operation; the "
+          "primary ", options_.node_id, " waits for the scheduler's leave to "
+          "serve without it (epoch ",
+          epoch_, "); retry"));
     }
+    link = link_;
+    epoch = epoch_;
+  }
+  if (link == nullptr) return local();
+  const std::vector<ReplicateRequest> ops = make_ops(epoch);
+  int64_t bytes = 0;
+  for (const ReplicateRequest& m : ops) {
+    bytes += static_cast<int64_t>(m.ByteSizeLong());
+  }
+  absl::StatusOr<ReplicateResponse> r = link->Replicate(ops);
+  {
+    absl::MutexLock lock(&mu_);
+    ++forwarded_ops_;
+    forwarded_bytes_ += bytes;
+  }
+  if (!r.ok() && r.status().code() == absl::StatusCode::kAborted) {
+    // The backup is in a newer epoch: this node was replaced.
+    absl::MutexLock lock(&mu_);
+    if (role_ == Role::kPrimary) {
+      FenceLocked(absl::StrCat("the backup at ", link->address(),
+                               " is in a newer epoch: ", r.status().message()));
+    }
+    return absl::UnavailableError(absl::StrCat(
+        "shard ", shard_->shard(), " moved away from ", options_.node_id,
+        "; ask the scheduler where it is"));
+  }
+  if (r.ok() && r->epoch() != epoch) {
+    MarkBackupLost(link, absl::StrCat("it answered ", what, " in epoch ",
+                                      r->epoch(), ", not ", epoch));
+    return absl::UnavailableError(absl::StrCat(
+        "shard ", shard_->shard(), ": backup in another epoch; retry"));
+  }
+  if (!r.ok() && IsTransport(r.status())) {
+    // Not run here either: the worker's retry is the same operation.
+    MarkBackupLost(link, absl::StrCat("unreachable during ", what, ": ",
+                                      r.status().ToString()));
+    return absl::UnavailableError(absl::StrCat(
+        "shard ", shard_->shard(), ": its backup at ", link->address(),
+        " is unreachable (", r.status().message(), "); retry"));
   }
   absl::StatusOr<T> result = local();
-  if (link != nullptr && backup_ok != result.ok()) {
-    Detach(link, absl::StrCat("diverged on ", what, ": backup ",
-                              backup_ok ? "OK" : backup_error, ", primary ",
-                              result.ok() ? "OK" : result.status().ToString()));
+  if (r.ok() != result.ok()) {
+    // Diverged: the backup may lack what the primary did (or hold what it
+    // refused); the acknowledgement waits for the scheduler's leave, and the
+    // worker's retry is a duplicate here.
+    MarkBackupLost(link, absl::StrCat("diverged on ", what, ": backup ",
+                                      r.ok() ? "OK" : r.status().ToString(),
+                                      ", primary ",
+                                      result.ok() ? "OK"
+                                                  : result.status().ToString()));
+    return absl::UnavailableError(absl::StrCat(
+        "shard ", shard_->shard(), ": its backup diverged on ", what,
+        "; retry"));
   }
   return result;
 }
@@ -303,11 +408,11 @@ absl::StatusOr<T> ReplicatedShard::Run(
 absl::StatusOr<PushResponse> ReplicatedShard::Push(
     const std::vector<PushRequest>& stream) {
   absl::ReaderMutexLock op_lock(&op_mu_);
-  auto make_ops = [&] {
+  auto make_ops = [&](int64_t epoch) {
     std::vector<ReplicateRequest> ops;
     ops.reserve(stream.size());
     for (const PushRequest& m : stream) {
-      ops.push_back(Header());
+      ops.push_back(Header(epoch));
       *ops.back().mutable_push() = m;
     }
     return ops;
@@ -327,8 +432,8 @@ absl::StatusOr<int64_t> ReplicatedShard::Apply(int64_t step,
     absl::MutexLock lock(&mu_);
     attach = pending_link_ != nullptr;
   }
-  auto ops = [&] {
-    std::vector<ReplicateRequest> ops(1, Header());
+  auto ops = [&](int64_t epoch) {
+    std::vector<ReplicateRequest> ops(1, Header(epoch));
     ops[0].mutable_apply()->set_step(step);
     ops[0].mutable_apply()->set_global_sum_squares(global_sum_squares);
     return ops;
@@ -349,8 +454,8 @@ absl::StatusOr<int64_t> ReplicatedShard::Apply(int64_t step,
 
 absl::StatusOr<int64_t> ReplicatedShard::StopAt(int64_t step) {
   absl::ReaderMutexLock op_lock(&op_mu_);
-  auto ops = [&] {
-    std::vector<ReplicateRequest> ops(1, Header());
+  auto ops = [&](int64_t epoch) {
+    std::vector<ReplicateRequest> ops(1, Header(epoch));
     ops[0].mutable_stop_at()->set_step(step);
     return ops;
   };
@@ -361,10 +466,12 @@ absl::StatusOr<int64_t> ReplicatedShard::StopAt(int64_t step) {
 
 void ReplicatedShard::MaybeSendSnapshotLocked() {
   std::shared_ptr<BackupLink> link;
+  int64_t epoch;
   {
     absl::MutexLock lock(&mu_);
     link = pending_link_;
-    if (link == nullptr || role_ != Role::kPrimary) return;
+    if (link == nullptr || role_ != Role::kPrimary || backup_lost_) return;
+    epoch = epoch_;
   }
   if (shard_->HasPendingGradients()) return;  // try at the next apply
   const ShardCheckpoint snapshot = shard_->Snapshot();
@@ -377,7 +484,7 @@ void ReplicatedShard::MaybeSendSnapshotLocked() {
     const int64_t n = static_cast<int64_t>(c.params.size());
     for (int64_t off = 0; off < n || (n == 0 && off == 0); off += per_message) {
       const int64_t len = std::min(per_message, n - off);
-      ReplicateRequest m = Header();
+      ReplicateRequest m = Header(epoch);
       ShardSnapshot* s = m.mutable_snapshot();
       s->set_version(snapshot.header.step);
       s->set_tensor(c.desc.tensor());
@@ -403,6 +510,10 @@ void ReplicatedShard::MaybeSendSnapshotLocked() {
   absl::MutexLock lock(&mu_);
   if (pending_link_ != link) return;
   pending_link_.reset();
+  if (r.ok() && r->epoch() != epoch) {
+    r = absl::FailedPreconditionError(absl::StrCat(
+        "it answered in epoch ", r->epoch(), ", not ", epoch));
+  }
   if (!r.ok()) {
     EventLocked(absl::StrCat("shard ", shard_->shard(),
                              ": snapshot to the new backup at ",
@@ -410,7 +521,9 @@ void ReplicatedShard::MaybeSendSnapshotLocked() {
                              "); still serving alone"));
     return;
   }
+  if (epoch_ != epoch || role_ != Role::kPrimary) return;
   link_ = link;
+  backup_lost_ = false;
   EventLocked(absl::StrCat("shard ", shard_->shard(), ": backup at ",
                            link->address(), " attached with a snapshot at "
                            "version ",
@@ -498,18 +611,39 @@ absl::StatusOr<ReplicateResponse> ReplicatedShard::Replicate(
           shard_->shard()));
     }
   }
+  const int64_t epoch = stream[0].epoch();
+  for (const ReplicateRequest& m : stream) {
+    if (m.epoch() != epoch) {
+      return absl::InvalidArgumentError(
+          "the messages of a Replicate stream disagree on the epoch");
+    }
+  }
   {
     absl::MutexLock lock(&mu_);
+    if (epoch < epoch_) {
+      // The sender was replaced: it must stop serving.
+      return absl::AbortedError(absl::StrCat(
+          "node ", options_.node_id, " of shard ", shard_->shard(),
+          " is in epoch ", epoch_, "; ", stream[0].primary(),
+          " forwards in the older epoch ", epoch));
+    }
     if (role_ != Role::kBackup) {
       return absl::AbortedError(absl::StrCat(
           "node ", options_.node_id, " is the ", RoleName(role_),
-          " of shard ", shard_->shard(), ", not a backup taking operations "
-          "from ", stream[0].primary()));
+          " of shard ", shard_->shard(), " in epoch ", epoch_,
+          ", not a backup taking operations from ", stream[0].primary()));
     }
-    if (awaiting_snapshot_ && op != ReplicateRequest::kSnapshot) {
+    if (op == ReplicateRequest::kSnapshot) {
+      // Adopted below, once restored.
+    } else if (awaiting_snapshot_) {
       return absl::FailedPreconditionError(absl::StrCat(
           "node ", options_.node_id, " is a new backup of shard ",
           shard_->shard(), " and has not received a snapshot yet"));
+    } else if (epoch > epoch_) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "node ", options_.node_id, " of shard ", shard_->shard(),
+          " is in epoch ", epoch_, " and missed the change to epoch ", epoch,
+          ": it needs a snapshot"));
     }
   }
   ReplicateResponse response;
@@ -538,6 +672,7 @@ absl::StatusOr<ReplicateResponse> ReplicatedShard::Replicate(
       LMPS_RETURN_IF_ERROR(RestoreFrom(stream));
       absl::MutexLock lock(&mu_);
       awaiting_snapshot_ = false;
+      epoch_ = epoch;
       EventLocked(absl::StrCat("shard ", shard_->shard(), ": backup ",
                                options_.node_id, " holds its primary's "
                                "snapshot at version ",
@@ -548,6 +683,8 @@ absl::StatusOr<ReplicateResponse> ReplicatedShard::Replicate(
       break;
   }
   response.set_version(shard_->version());
+  absl::MutexLock lock(&mu_);
+  response.set_epoch(epoch_);
   return response;
 }
 

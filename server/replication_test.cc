@@ -107,7 +107,6 @@ class LocalLink final : public BackupLink {
 struct Node {
   std::unique_ptr<ParameterShard> shard;
   std::unique_ptr<ReplicatedShard> rep;
-  std::atomic<bool> primary_answers{true};  // what a backup's probe sees
 };
 
 std::unique_ptr<Node> MakeNode(const JobSpec& spec, bool backup,
@@ -119,16 +118,28 @@ std::unique_ptr<Node> MakeNode(const JobSpec& spec, bool backup,
   o.backup = backup;
   o.awaiting_snapshot = awaiting_snapshot;
   o.primary_address = "primary:1";
+  o.epoch = 1;
   o.max_message_bytes = 100;  // many snapshot messages
-  Node* self = n.get();
-  o.probe_primary = [self]() {
-    return self->primary_answers ? absl::OkStatus()
-                                 : absl::UnavailableError("refused");
-  };
   auto rep = ReplicatedShard::Create(n->shard.get(), std::move(o));
   EXPECT_TRUE(rep.ok()) << rep.status();
   n->rep = std::move(*rep);
   return n;
+}
+
+// Hands `rep` a heartbeat answer; returns FollowHeartbeat's status.
+absl::Status Answer(ReplicatedShard* rep, const HeartbeatResponse& r,
+                    BackupLink* attach = nullptr) {
+  return rep->FollowHeartbeat(r, [attach](const std::string&) {
+    return std::shared_ptr<BackupLink>(attach, [](BackupLink*) {});
+  });
+}
+
+// The scheduler promotes a backup in `epoch`.
+void Promote(ReplicatedShard* rep, int64_t epoch) {
+  HeartbeatResponse r;
+  r.set_promote(true);
+  r.set_epoch(epoch);
+  ASSERT_TRUE(Answer(rep, r).ok());
 }
 
 // One SYNC step through `rep`: both ranks push, GradNorm, Apply.
@@ -173,7 +184,7 @@ TEST(ReplicationTest, BackupRefusesWorkersWhileThePrimaryAnswers) {
   auto backup = MakeNode(Spec(), /*backup=*/true);
   auto p = backup->rep->Push(Stream(*backup->shard, 0, 0));
   ASSERT_EQ(p.status().code(), absl::StatusCode::kUnavailable);
-  EXPECT_NE(p.status().message().find("primary at primary:1 answers"),
+  EXPECT_NE(p.status().message().find("serves until the scheduler promotes"),
             std::string::npos)
       << p.status();
   EXPECT_EQ(backup->rep->role(), ReplicatedShard::Role::kBackup);
@@ -181,8 +192,9 @@ TEST(ReplicationTest, BackupRefusesWorkersWhileThePrimaryAnswers) {
 }
 
 // The primary dies in the middle of step 1 (rank 0 pushed, rank 1 not):
-// the workers redo their calls on the backup, which takes over; rank 0's
-// retry is a duplicate and the result equals an uninterrupted run.
+// the scheduler promotes the backup in epoch 2, the workers redo their
+// calls on it; rank 0's retry is a duplicate and the result equals an
+// uninterrupted run.
 TEST(ReplicationTest, FailoverMidStepLosesNothing) {
   const JobSpec spec = Spec();
   auto backup = MakeNode(spec, /*backup=*/true);
@@ -191,8 +203,11 @@ TEST(ReplicationTest, FailoverMidStepLosesNothing) {
   primary->rep->AttachBackup(link, false);
   Step(primary->rep.get(), 0);
   ASSERT_TRUE(primary->rep->Push(Stream(*primary->shard, 0, 1)).ok());
-  // The primary is gone.
-  backup->primary_answers = false;
+  // The primary is gone; until promoted the backup refuses the workers.
+  EXPECT_EQ(backup->rep->Push(Stream(*backup->shard, 0, 1)).status().code(),
+            absl::StatusCode::kUnavailable);
+  Promote(backup->rep.get(), 2);
+  EXPECT_EQ(backup->rep->epoch(), 2);
   auto retry = backup->rep->Push(Stream(*backup->shard, 0, 1));
   ASSERT_TRUE(retry.ok()) << retry.status();
   EXPECT_EQ(retry->chunks_accepted(), 0);
@@ -205,7 +220,8 @@ TEST(ReplicationTest, FailoverMidStepLosesNothing) {
   EXPECT_EQ(Bytes(*backup->shard), Reference(3));
   const std::vector<std::string> events = backup->rep->TakeEvents();
   ASSERT_FALSE(events.empty());
-  EXPECT_NE(events.back().find("took over as the primary at version 1"),
+  EXPECT_NE(events.back().find("took over as the primary at version 1 in "
+                               "epoch 2"),
             std::string::npos)
       << events.back();
 }
@@ -219,10 +235,11 @@ TEST(ReplicationTest, OldPrimaryIsFencedOff) {
   primary->rep->AttachBackup(std::make_shared<LocalLink>(backup->rep.get()),
                              false);
   Step(primary->rep.get(), 0);
-  backup->rep->Promote("the scheduler saw the primary's lease expire");
+  Promote(backup->rep.get(), 2);
   auto p = primary->rep->Push(Stream(*primary->shard, 0, 1));
   ASSERT_EQ(p.status().code(), absl::StatusCode::kUnavailable);
-  EXPECT_NE(p.status().message().find("moved to its backup"), std::string::npos);
+  EXPECT_NE(p.status().message().find("moved away"), std::string::npos)
+      << p.status();
   EXPECT_EQ(primary->rep->role(), ReplicatedShard::Role::kFenced);
   // Nothing was applied locally: the push did not reach the shard.
   EXPECT_EQ(primary->shard->replica_clocks()[0], 1);
@@ -232,7 +249,10 @@ TEST(ReplicationTest, OldPrimaryIsFencedOff) {
             absl::StatusCode::kUnavailable);
 }
 
-TEST(ReplicationTest, UnreachableBackupIsDetachedAndThePrimaryServesOn) {
+// The backup becomes unreachable: the primary acknowledges nothing (the
+// step's calls fail UNAVAILABLE and change nothing locally) until the
+// scheduler's answer lets it serve alone in a new epoch.
+TEST(ReplicationTest, UnreachableBackupIsDetachedOnlyWithTheSchedulersLeave) {
   const JobSpec spec = Spec();
   auto backup = MakeNode(spec, /*backup=*/true);
   auto primary = MakeNode(spec, /*backup=*/false);
@@ -240,15 +260,114 @@ TEST(ReplicationTest, UnreachableBackupIsDetachedAndThePrimaryServesOn) {
   primary->rep->AttachBackup(link, false);
   Step(primary->rep.get(), 0);
   link->down = true;
+  auto p = primary->rep->Push(Stream(*primary->shard, 0, 1));
+  ASSERT_EQ(p.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(primary->shard->replica_clocks()[0], 1);  // not run locally
+  EXPECT_TRUE(primary->rep->backup_lost());
+  // Nothing more is forwarded or acknowledged meanwhile.
+  EXPECT_EQ(primary->rep->Push(Stream(*primary->shard, 1, 1)).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(link->calls, 3 + 1);
+  HeartbeatRequest hb;
+  primary->rep->FillHeartbeat(&hb);
+  EXPECT_TRUE(hb.backup_lost());
+  EXPECT_TRUE(hb.serving_primary());
+  EXPECT_EQ(hb.epoch(), 1);
+  EXPECT_NE(hb.replication_event().find("failed: unreachable"),
+            std::string::npos)
+      << hb.replication_event();
+  // A stale answer (same epoch) changes nothing.
+  HeartbeatResponse stale;
+  stale.set_detach_backup(true);
+  stale.set_epoch(1);
+  ASSERT_TRUE(Answer(primary->rep.get(), stale).ok());
+  EXPECT_TRUE(primary->rep->backup_lost());
+  HeartbeatResponse leave;
+  leave.set_detach_backup(true);
+  leave.set_epoch(2);
+  ASSERT_TRUE(Answer(primary->rep.get(), leave).ok());
+  EXPECT_FALSE(primary->rep->backup_lost());
+  EXPECT_EQ(primary->rep->epoch(), 2);
+  EXPECT_EQ(primary->rep->backup_address(), "");
   Step(primary->rep.get(), 1);
   Step(primary->rep.get(), 2);
-  EXPECT_EQ(link->calls, 3 + 1);  // detached at its first failure
-  EXPECT_EQ(primary->rep->backup_address(), "");
+  EXPECT_EQ(link->calls, 3 + 1);
   EXPECT_EQ(Bytes(*primary->shard), Reference(3));
-  const std::vector<std::string> events = primary->rep->TakeEvents();
-  ASSERT_EQ(events.size(), 1u);
-  EXPECT_NE(events[0].find("detached: unreachable"), std::string::npos)
-      << events[0];
+  // The stale backup (still at epoch 1) refuses the primary's epoch-2
+  // operations until it gets a snapshot; the primary then detaches it.
+  link->down = false;
+  std::vector<ReplicateRequest> op(1);
+  op[0].set_shard(1);
+  op[0].set_epoch(2);
+  op[0].mutable_stop_at()->set_step(100);
+  EXPECT_EQ(backup->rep->Replicate(op).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+// The epoch is checked on both sides: an operation of an older epoch
+// fences its sender (ABORTED), the answer carries the backup's epoch.
+TEST(ReplicationTest, EpochsFenceTheOlderSide) {
+  const JobSpec spec = Spec();
+  auto backup = MakeNode(spec, /*backup=*/true);
+  std::vector<ReplicateRequest> op(1);
+  op[0].set_shard(1);
+  op[0].set_epoch(1);
+  op[0].mutable_stop_at()->set_step(100);
+  auto ok = backup->rep->Replicate(op);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->epoch(), 1);
+  op[0].set_epoch(0);
+  EXPECT_EQ(backup->rep->Replicate(op).status().code(),
+            absl::StatusCode::kAborted);
+  // Promotion needs a newer epoch than the node holds.
+  Promote(backup->rep.get(), 1);
+  EXPECT_EQ(backup->rep->role(), ReplicatedShard::Role::kBackup);
+  Promote(backup->rep.get(), 3);
+  EXPECT_EQ(backup->rep->role(), ReplicatedShard::Role::kPrimary);
+  op[0].set_epoch(3);
+  EXPECT_EQ(backup->rep->Replicate(op).status().code(),
+            absl::StatusCode::kAborted);  // a primary takes no operations
+  // The scheduler says another node serves: fenced, and the daemon exits.
+  HeartbeatResponse fenced;
+  fenced.set_fenced(true);
+  fenced.set_epoch(4);
+  EXPECT_EQ(Answer(backup->rep.get(), fenced).code(),
+            absl::StatusCode::kAborted);
+  EXPECT_EQ(backup->rep->role(), ReplicatedShard::Role::kFenced);
+  EXPECT_EQ(backup->rep->CheckServing().code(),
+            absl::StatusCode::kUnavailable);
+}
+
+// The split brain the epochs rule out: primary P and backup B are cut off
+// from each other; the scheduler (P's lease expired) promotes B in epoch 2
+// while P still runs and some workers reach only P. P acknowledges nothing
+// (it cannot forward, and asking for leave to serve alone reaches no
+// scheduler), and once the link is back its next forward is refused with
+// ABORTED and it is fenced. Every acknowledged step is on B.
+TEST(ReplicationTest, PartitionedPrimaryCannotServeBesideThePromotedBackup) {
+  const JobSpec spec = Spec();
+  auto backup = MakeNode(spec, /*backup=*/true);
+  auto primary = MakeNode(spec, /*backup=*/false);
+  auto link = std::make_shared<LocalLink>(backup->rep.get());
+  primary->rep->AttachBackup(link, false);
+  Step(primary->rep.get(), 0);
+  link->down = true;  // the partition
+  Promote(backup->rep.get(), 2);
+  Step(backup->rep.get(), 1);
+  EXPECT_EQ(primary->rep->Push(Stream(*primary->shard, 0, 1)).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(primary->rep->Apply(0, 1.0).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(primary->shard->version(), 1);
+  link->down = false;  // healed; a fresh link (backup_lost is per link)
+  auto primary2 = MakeNode(spec, /*backup=*/false);
+  Step(primary2->rep.get(), 0);
+  primary2->rep->AttachBackup(std::make_shared<LocalLink>(backup->rep.get()),
+                              false);
+  EXPECT_EQ(primary2->rep->Push(Stream(*primary2->shard, 0, 1)).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(primary2->rep->role(), ReplicatedShard::Role::kFenced);
+  EXPECT_EQ(Bytes(*backup->shard), Reference(2));
 }
 
 // A new backup joining a running job gets a snapshot at the next apply,
@@ -262,12 +381,14 @@ TEST(ReplicationTest, NewBackupGetsASnapshotAndCanTakeOver) {
   // Operations before the snapshot are refused.
   std::vector<ReplicateRequest> op(1);
   op[0].set_shard(1);
+  op[0].set_epoch(1);
   op[0].mutable_apply()->set_step(0);
   EXPECT_EQ(backup->rep->Replicate(op).status().code(),
             absl::StatusCode::kFailedPrecondition);
-  backup->primary_answers = false;
   EXPECT_EQ(backup->rep->CheckServing().code(), absl::StatusCode::kUnavailable);
-  backup->primary_answers = true;
+  // Nor can it be promoted.
+  Promote(backup->rep.get(), 2);
+  EXPECT_EQ(backup->rep->role(), ReplicatedShard::Role::kBackup);
 
   auto link = std::make_shared<LocalLink>(backup->rep.get());
   primary->rep->AttachBackup(link, /*needs_snapshot=*/true);
@@ -278,8 +399,8 @@ TEST(ReplicationTest, NewBackupGetsASnapshotAndCanTakeOver) {
   Step(primary->rep.get(), 3);
   EXPECT_EQ(link->calls, 1 + 3);  // then every operation
   EXPECT_EQ(Bytes(*backup->shard), Bytes(*primary->shard));
-  // The primary dies before step 4; the backup carries on.
-  backup->primary_answers = false;
+  // The primary dies before step 4; the backup is promoted and carries on.
+  Promote(backup->rep.get(), 2);
   Step(backup->rep.get(), 4);
   EXPECT_EQ(Bytes(*backup->shard), Reference(5));
 }
@@ -291,6 +412,7 @@ TEST(ReplicationTest, BadSnapshotsAndStreamsAreRejected) {
             absl::StatusCode::kInvalidArgument);
   std::vector<ReplicateRequest> snap(1);
   snap[0].set_shard(1);
+  snap[0].set_epoch(1);
   snap[0].mutable_snapshot()->set_tensor("nope");
   EXPECT_EQ(backup->rep->Replicate(snap).status().code(),
             absl::StatusCode::kInvalidArgument);

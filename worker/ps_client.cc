@@ -103,8 +103,6 @@ absl::StatusOr<std::unique_ptr<PsClient>> PsClient::Create(
   c->partition_version_ = partition.version();
   c->stubs_ = std::move(stubs);
   c->addresses_ = std::move(addresses);
-  c->current_ = std::make_unique<std::atomic<int>[]>(c->stubs_.size());
-  for (size_t s = 0; s < c->stubs_.size(); ++s) c->current_[s].store(0);
   c->has_view_ = layout != nullptr;
   c->pp_rank_ = view.pp_rank;
   c->tp_rank_ = view.tp_rank;
@@ -193,73 +191,55 @@ void PsClient::SetBackups(
     std::vector<std::string> backups, StubFactory make_stub,
     std::function<absl::StatusOr<ShardNodes>(int shard)> resolve) {
   backups.resize(stubs_.size());
-  backup_stubs_.clear();
-  for (const std::string& a : backups) {
-    backup_stubs_.push_back(a.empty() ? nullptr : make_stub(a));
+  failover_.clear();
+  node_stubs_.clear();
+  node_stubs_.resize(stubs_.size());
+  for (size_t s = 0; s < stubs_.size(); ++s) {
+    failover_.emplace_back(static_cast<int>(s),
+                           ShardFailover::Nodes{addresses_[s], backups[s]},
+                           options_.failover_timeout);
   }
-  backup_addresses_ = std::move(backups);
   make_stub_ = std::move(make_stub);
   resolve_ = std::move(resolve);
 }
 
-ParameterServer::StubInterface* PsClient::Stub(int shard) const {
-  return current_[shard].load() == 0 ? stubs_[shard].get()
-                                     : backup_stubs_[shard].get();
+ParameterServer::StubInterface* PsClient::Stub(int shard) {
+  if (failover_.empty()) return stubs_[shard].get();
+  const std::string& address = failover_[shard].current();
+  if (address == addresses_[shard]) return stubs_[shard].get();
+  std::unique_ptr<ParameterServer::StubInterface>& stub =
+      node_stubs_[shard][address];
+  if (stub == nullptr) stub = make_stub_(address);
+  return stub.get();
 }
 
 absl::Status PsClient::CallWithFailover(
     int shard, const std::function<absl::Status(int)>& fn) {
+  // Not replicated (SetBackups never called).
+  if (failover_.empty()) return fn(shard);
+  ShardFailover& f = failover_[shard];
+  f.Begin(absl::Now());
+  ShardFailover::Resolver resolve;
+  if (resolve_) {
+    resolve = [&]() -> absl::StatusOr<ShardFailover::Nodes> {
+      absl::StatusOr<ShardNodes> n = resolve_(shard);
+      if (!n.ok()) return n.status();
+      return ShardFailover::Nodes{n->primary, n->backup};
+    };
+  }
   absl::Status st = fn(shard);
-  // Not replicated (SetBackups never called). A replicated shard with no
-  // known backup still fails over: to where the scheduler says it is now.
-  if (backup_stubs_.empty()) return st;
-  // Replicated shard: the other node takes over (or tells us to come back).
-  const absl::Time deadline = absl::Now() + options_.failover_timeout;
-  absl::Duration delay = absl::Milliseconds(20);
-  std::vector<std::string> errors;
   while (st.code() == absl::StatusCode::kUnavailable) {
-    errors.push_back(absl::StrCat(Address(shard), ": ", st.message()));
-    if (absl::Now() >= deadline) {
-      return absl::UnavailableError(absl::StrCat(
-          "neither node of replicated shard ", shard, " served within ",
-          absl::FormatDuration(options_.failover_timeout), " (last answers: ",
-          absl::StrJoin(errors.end() - std::min<size_t>(errors.size(), 2),
-                        errors.end(), "; "),
-          ")"));
-    }
-    // To the other node; with no known other node (none had registered
-    // when we last asked), straight back to asking the scheduler.
-    current_[shard].store(
-        backup_stubs_[shard] == nullptr ? 0 : 1 - current_[shard].load());
+    absl::StatusOr<absl::Duration> pause = f.Failed(st, absl::Now(), resolve);
+    if (!pause.ok()) return pause.status();
     stats_.failovers++;
-    if (current_[shard].load() == 0 && resolve_) {
-      // Both known nodes failed: ask where the shard's nodes are now.
-      absl::StatusOr<ShardNodes> now = resolve_(shard);
-      if (now.ok() && !now->primary.empty() &&
-          (now->primary != addresses_[shard] ||
-           now->backup != backup_addresses_[shard])) {
-        stubs_[shard] = make_stub_(now->primary);
-        addresses_[shard] = now->primary;
-        backup_stubs_[shard] =
-            now->backup.empty() ? nullptr : make_stub_(now->backup);
-        backup_addresses_[shard] = now->backup;
-      }
-    }
-    if (current_[shard].load() == 1 && backup_stubs_[shard] == nullptr) {
-      current_[shard].store(0);
-    }
+    absl::SleepFor(*pause);
     st = fn(shard);
-    if (st.code() == absl::StatusCode::kUnavailable) {
-      absl::SleepFor(delay);
-      delay = std::min(delay * 2, absl::Seconds(1));
-    }
   }
   return st;
 }
 
 std::string PsClient::Address(int shard) const {
-  return current_[shard].load() == 0 ? addresses_[shard]
-                                     : backup_addresses_[shard];
+  return failover_.empty() ? addresses_[shard] : failover_[shard].current();
 }
 
 absl::Status PsClient::Annotate(int shard, const absl::Status& status) const {

@@ -21,12 +21,13 @@
 // without a view.
 //
 // Shard replication (layout.shard_backups = 1, SetBackups): a call to a
-// shard that fails with UNAVAILABLE is retried on the shard's other node,
-// alternating with a growing pause (20 ms .. 1 s), until one answers
-// otherwise or failover_timeout passes; the node that answered is used
-// from then on. Every call is safe to repeat on the backup: it holds
-// whatever the primary acknowledged (server/replication.h), so a retried
-// push counts as a duplicate and a retried apply returns the version.
+// shard that fails with UNAVAILABLE fails over between the shard's nodes
+// as worker/shard_failover.h decides (the other node, then where the
+// scheduler says the shard is now, with growing pauses, until
+// failover_timeout). Every call is safe to repeat on another node: the
+// primary acknowledges nothing its backup lacks (server/replication.h), so
+// a retried push counts as a duplicate and a retried apply returns the
+// version.
 //
 // Errors name the shard and its address. Thread-safety: one call at a time
 // (the worker's training loop, or a thread it hands the pushes of a step to
@@ -47,6 +48,7 @@
 #include "absl/time/time.h"
 #include "common/parallel_layout.h"
 #include "proto/lmps.grpc.pb.h"
+#include "worker/shard_failover.h"
 
 namespace lmps {
 
@@ -179,8 +181,8 @@ class PsClient {
   // fn(shard), and with a backup the failover described above.
   absl::Status CallWithFailover(int shard,
                                 const std::function<absl::Status(int)>& fn);
-  // The node of `shard` in use.
-  ParameterServer::StubInterface* Stub(int shard) const;
+  // The node of `shard` in use (on the shard's thread).
+  ParameterServer::StubInterface* Stub(int shard);
   std::string Address(int shard) const;
   std::unique_ptr<grpc::ClientContext> Context() const;
 
@@ -189,13 +191,14 @@ class PsClient {
   uint64_t partition_version_ = 0;
   std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs_;
   std::vector<std::string> addresses_;
-  // Replication: per shard the backup (or null) and which node is in use
-  // (0: primary, 1: backup).
-  std::vector<std::unique_ptr<ParameterServer::StubInterface>> backup_stubs_;
-  std::vector<std::string> backup_addresses_;
+  // Replication (empty unless SetBackups): per shard the failover state
+  // and the stubs of nodes other than addresses_[shard], by address.
+  std::vector<ShardFailover> failover_;
+  std::vector<std::map<std::string,
+                       std::unique_ptr<ParameterServer::StubInterface>>>
+      node_stubs_;
   StubFactory make_stub_;
   std::function<absl::StatusOr<ShardNodes>(int)> resolve_;
-  std::unique_ptr<std::atomic<int>[]> current_;
   bool has_view_ = false;
   int pp_rank_ = 0, tp_rank_ = 0;
   // Per shard: what Pull receives (held) and what Push sends (pushed), in

@@ -194,6 +194,8 @@ SchedulerCore::SchedulerCore(SchedulerOptions options, Clock* clock,
   }
   primary_.resize(num_shards_);
   for (int k = 0; k < num_shards_; ++k) primary_[k] = k;
+  epoch_.assign(num_shards_, 1);
+  orphaned_since_.assign(num_shards_, absl::InfiniteFuture());
   ResetWorkerSlotsLocked();
 }
 
@@ -232,6 +234,83 @@ SchedulerCore::Node& SchedulerCore::PartnerLocked(const Node& n) {
 
 bool SchedulerCore::IsPrimaryLocked(const Node& n) const {
   return !replicated_ || primary_[n.shard] == SlotIndexLocked(n);
+}
+
+void SchedulerCore::PromoteLocked(Node& to, const std::string& why,
+                                  Outbox* out) {
+  const int k = to.shard;
+  primary_[k] = SlotIndexLocked(to);
+  ++epoch_[k];
+  orphaned_since_[k] = absl::InfiniteFuture();
+  const std::string line =
+      absl::StrCat(to.Describe(), " becomes the primary of shard ", k,
+                   " in epoch ", epoch_[k], " (", why, ")");
+  out->logs.push_back(line);
+  AddEventLocked(&to, absl::StrCat("promoted to primary of shard ", k),
+                 absl::StrCat("epoch ", epoch_[k], ": ", why));
+}
+
+void SchedulerCore::ReplicationHeartbeatLocked(Node* n,
+                                               const HeartbeatRequest& request,
+                                               absl::Time now,
+                                               HeartbeatResponse* r,
+                                               Outbox* out) {
+  const int k = n->shard;
+  if (!request.replication_event().empty()) {
+    out->logs.push_back(
+        absl::StrCat(n->Describe(), ": ", request.replication_event()));
+    AddEventLocked(n, request.replication_event(), "");
+  }
+  Node& partner = PartnerLocked(*n);
+  if (!IsPrimaryLocked(*n)) {
+    // A backup counts as a complete copy once it holds the current epoch's
+    // state: not awaiting a snapshot, and not left behind by a change of
+    // epoch it did not take part in (a detach).
+    n->needs_snapshot =
+        request.awaiting_snapshot() || request.epoch() != epoch_[k];
+    if (orphaned_since_[k] != absl::InfiniteFuture() && !n->needs_snapshot &&
+        !request.serving_primary()) {
+      // Its primary died while its report lagged: it holds the shard.
+      PromoteLocked(*n,
+                    absl::StrCat("its primary ", partner.Describe(),
+                                 " is dead and it holds a complete copy"),
+                    out);
+      r->set_promote(true);
+      r->set_epoch(epoch_[k]);
+      return;
+    }
+    if (request.serving_primary()) {
+      // It still serves although the scheduler moved the shard (its lease
+      // had expired): it stops now.
+      // It exits: its slot is open for a replacement at once.
+      r->set_fenced(true);
+      n->alive = false;
+      n->down_since = now;
+      AddEventLocked(n, absl::StrCat("serves shard ", k, " in epoch ",
+                                     request.epoch(), " though ",
+                                     partner.Describe(), " is its primary in "
+                                     "epoch ",
+                                     epoch_[k]),
+                     "told it is fenced off (it exits); marked dead");
+    }
+  } else if (!request.serving_primary()) {
+    r->set_promote(true);  // it has not heard of its promotion yet
+  } else if (request.backup_lost() && request.epoch() == epoch_[k]) {
+    // The primary's backup failed an operation: it serves alone in a new
+    // epoch, and the backup is stale until it gets a snapshot.
+    ++epoch_[k];
+    partner.needs_snapshot = true;
+    r->set_detach_backup(true);
+    const std::string action = absl::StrCat(
+        "it serves shard ", k, " without ", partner.Describe(), " in epoch ",
+        epoch_[k], " until a new backup holds a snapshot");
+    out->logs.push_back(absl::StrCat(
+        n->Describe(), " lost its backup; ", action));
+    AddEventLocked(n, "lost its backup", action);
+  } else if (partner.registered && partner.alive) {
+    r->set_backup_address(partner.address);
+  }
+  r->set_epoch(epoch_[k]);
 }
 
 SchedulerCore::Node* SchedulerCore::FindLocked(absl::string_view node_id) {
@@ -328,7 +407,9 @@ void SchedulerCore::AddEventLocked(Node* node, const std::string& event,
 }
 
 void SchedulerCore::FailLocked(const std::string& message,
-                               const absl::Status& error, Outbox* out) {
+                               const absl::Status& error, Outbox* out,
+                               bool rollback) {
+  rollback_ = rollback;
   SetStateLocked(FAILED, message, out);
   for (Pending& p : pending_) {
     out->completions.emplace_back(std::move(p.done), error);
@@ -386,18 +467,28 @@ void SchedulerCore::AdvanceLocked(absl::Time now, Outbox* out) {
             Node& partner = PartnerLocked(n);
             bool partner_up = partner.registered && partner.alive;
             if (IsPrimaryLocked(n) && partner_up && partner.needs_snapshot) {
-              partner_up = false;  // it never got the shard's state
+              // Its last report may lag behind a snapshot it received:
+              // promoted if its next heartbeat shows a complete copy.
+              orphaned_since_[n.shard] = now;
               absl::StrAppend(&action, "; its backup ", partner.Describe(),
-                              " has no snapshot yet, so shard ", n.shard,
+                              " has shown no complete copy of shard ",
+                              n.shard, " yet: it takes over if it shows one "
+                              "within a lease, else the shard lost both "
+                              "copies");
+            } else if (IsPrimaryLocked(n) && !partner_up) {
+              absl::StrAppend(&action, "; its backup ", partner.Describe(),
+                              " is down, so shard ", n.shard,
                               " lost both copies");
               lost_shard = n.shard;
-            } else if (IsPrimaryLocked(n) && partner_up) {
-              primary_[n.shard] = SlotIndexLocked(partner);
+            } else if (IsPrimaryLocked(n)) {
+              PromoteLocked(partner,
+                            absl::StrCat(n.Describe(), "'s lease expired"),
+                            out);
               absl::StrAppend(&action, "; its backup ", partner.Describe(),
-                              " takes over shard ", n.shard,
-                              " (told in its next heartbeat, if the workers "
-                              "have not made it take over already): no step "
-                              "is lost");
+                              " takes over shard ", n.shard, " in epoch ",
+                              epoch_[n.shard],
+                              " (told in its next heartbeat): no step is "
+                              "lost");
             } else if (partner_up) {
               absl::StrAppend(&action, "; the primary of shard ", n.shard,
                               " serves alone until a new backup registers");
@@ -409,18 +500,41 @@ void SchedulerCore::AdvanceLocked(absl::Time now, Outbox* out) {
           if (lost_shard >= 0) {
             const std::string message = absl::StrCat(
                 "shard ", lost_shard, " lost both copies (its primary ",
-                n.Describe(), " died before its new backup received a "
-                "snapshot); rolling back: every node stops, and the "
+                n.Describe(), " died while its backup held no complete "
+                "copy); rolling back: every node stops, and the "
                 "restarted job resumes from the latest checkpoint every "
                 "shard holds");
             FailLocked(message,
                        absl::FailedPreconditionError(
                            absl::StrCat("the job FAILED: ", message)),
-                       out);
+                       out, /*rollback=*/true);
             return;
           }
         }
       }
+    }
+  }
+  if (state_ == RUNNING && replicated_) {
+    for (int k = 0; k < num_shards_; ++k) {
+      if (orphaned_since_[k] == absl::InfiniteFuture()) continue;
+      const Node& dead = servers_[primary_[k]];
+      const Node& backup = PartnerLocked(dead);
+      if (backup.registered && backup.alive &&
+          now - orphaned_since_[k] <= options_.lease) {
+        continue;
+      }
+      orphaned_since_[k] = absl::InfiniteFuture();
+      const std::string message = absl::StrCat(
+          "shard ", k, " lost both copies (its primary ", dead.Describe(),
+          " died and its backup ", backup.Describe(),
+          " showed no complete copy within a lease); rolling back: every "
+          "node stops, and the restarted job resumes from the latest "
+          "checkpoint every shard holds");
+      FailLocked(message,
+                 absl::FailedPreconditionError(
+                     absl::StrCat("the job FAILED: ", message)),
+                 out, /*rollback=*/true);
+      return;
     }
   }
 }
@@ -508,6 +622,7 @@ Assignment SchedulerCore::AssignmentLocked(const Node& n) const {
   if (n.role == SERVER && replicated_) {
     a.set_backup(!IsPrimaryLocked(n));
     a.set_needs_snapshot(n.needs_snapshot);
+    a.set_epoch(epoch_[n.shard]);
   }
   a.set_dp_rank(n.role == WORKER ? n.coords.dp : -1);
   a.set_pp_rank(n.role == WORKER ? n.coords.pp : -1);
@@ -741,6 +856,15 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
     slot->last_heartbeat = now;
     slot->lease_start = now;
     if (request.rejoin()) slot->step = request.step();
+    if (request.rejoin() && server && replicated_) {
+      // A restarted scheduler learns each shard's roles from its nodes: the
+      // primary of the newest epoch.
+      const int k = slot->shard;
+      if (request.serving_primary() && request.epoch() >= epoch_[k]) {
+        primary_[k] = SlotIndexLocked(*slot);
+      }
+      epoch_[k] = std::max(epoch_[k], request.epoch());
+    }
 
     std::string ranks =
         server ? absl::StrCat("shard ", slot->shard)
@@ -769,8 +893,13 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
         partner != nullptr && partner->registered && partner->alive &&
         !partner->needs_snapshot) {
       // Replicated: the shard's other node serves it; this one becomes its
-      // backup and gets a snapshot of its state.
-      primary_[slot->shard] = SlotIndexLocked(*partner);
+      // backup and gets a snapshot of its state. If this slot was the
+      // primary (its old node died before its lease expired), the other
+      // node is promoted in a new epoch.
+      if (IsPrimaryLocked(*slot)) {
+        PromoteLocked(*partner,
+                      absl::StrCat(slot->Describe(), " restarted"), &out);
+      }
       slot->needs_snapshot = true;
       const std::string line = absl::StrCat(
           slot->Describe(), " becomes the backup of shard ", slot->shard,
@@ -795,7 +924,7 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
       FailLocked(message,
                  absl::FailedPreconditionError(
                      absl::StrCat("the job FAILED: ", message)),
-                 &out);
+                 &out, /*rollback=*/true);
     }
     if (state_ == ASSEMBLING) {
       if (server) UpdateStartStepLocked(&out);
@@ -899,43 +1028,7 @@ absl::StatusOr<HeartbeatResponse> SchedulerCore::Heartbeat(
     }
     HeartbeatResponse r;
     if (replicated_ && n->role == SERVER) {
-      const int me = SlotIndexLocked(*n);
-      const int k = n->shard;
-      if (!request.replication_event().empty()) {
-        out.logs.push_back(
-            absl::StrCat(n->Describe(), ": ", request.replication_event()));
-        AddEventLocked(n, request.replication_event(), "");
-      }
-      if (n->needs_snapshot && !request.awaiting_snapshot()) {
-        n->needs_snapshot = false;  // it holds the shard's state now
-      }
-      if (request.serving_primary() && primary_[k] != me) {
-        Node& old = servers_[primary_[k]];
-        primary_[k] = me;
-        if (old.alive) {
-          // Dead or fenced off (it exits): its slot is open at once, and
-          // it is no backup to forward to.
-          old.alive = false;
-          old.down_since = now;
-          AddEventLocked(&old, absl::StrCat("its backup took over shard ", k),
-                         "marked dead (fenced off if still running); its slot "
-                         "is open for a replacement");
-        }
-        const std::string action = absl::StrCat(
-            "assignments name it as shard ", k, "'s primary; ",
-            old.Describe(), " is fenced off");
-        out.logs.push_back(absl::StrCat(n->Describe(), " took over shard ", k,
-                                        ": ", action));
-        AddEventLocked(n, absl::StrCat("took over shard ", k), action);
-      }
-      if (primary_[k] == me) {
-        const Node& partner = PartnerLocked(*n);
-        if (!request.serving_primary()) {
-          r.set_promote(true);
-        } else if (partner.registered && partner.alive) {
-          r.set_backup_address(partner.address);
-        }
-      }
+      ReplicationHeartbeatLocked(n, request, now, &r, &out);
     }
     if (n->role == WORKER && resize_phase_ != ResizePhase::kNone &&
         resize_plan_.ahead == 0) {
@@ -992,6 +1085,7 @@ JobStatus SchedulerCore::Status() {
     const absl::Time now = clock_->Now();
     AdvanceLocked(now, &out);
     status.set_state(state_);
+    status.set_rollback(state_ == FAILED && rollback_);
     *status.mutable_spec() = spec_;
     status.set_start_step(start_step_);
     status.set_expected_servers(expected_servers_);
@@ -1008,6 +1102,10 @@ JobStatus SchedulerCore::Status() {
         if (n.role == SERVER) {
           s->set_backup(!IsPrimaryLocked(n));
           s->set_serving_primary(IsPrimaryLocked(n));
+          if (replicated_) {
+            s->set_epoch(epoch_[n.shard]);
+            s->set_needs_snapshot(!IsPrimaryLocked(n) && n.needs_snapshot);
+          }
         }
         s->set_dp_rank(n.role == WORKER ? n.coords.dp : -1);
         s->set_pp_rank(n.role == WORKER ? n.coords.pp : -1);
@@ -1169,6 +1267,8 @@ void SchedulerCore::ReassembleLocked(absl::Time now, Outbox* out) {
     n.checkpoints = ShardCheckpoints();
   }
   for (int k = 0; k < num_shards_; ++k) primary_[k] = k;
+  epoch_.assign(num_shards_, 1);
+  orphaned_since_.assign(num_shards_, absl::InfiniteFuture());
   resize_phase_ = ResizePhase::kNone;
   surplus_.clear();
   regroup_why_.clear();

@@ -307,9 +307,9 @@ class SchedulerCore {
                       const std::string& action)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves to FAILED because of `message` and fails every waiting
-  // GetAssignment with `error`.
+  // GetAssignment with `error`. `rollback`: JobStatus.rollback.
   void FailLocked(const std::string& message, const absl::Status& error,
-                  Outbox* out)
+                  Outbox* out, bool rollback = false)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void AssembleLocked(absl::Time now, Outbox* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -342,6 +342,15 @@ class SchedulerCore {
   int SlotIndexLocked(const Node& n) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Node& PartnerLocked(const Node& n) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool IsPrimaryLocked(const Node& n) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Makes `to` the primary of its shard in a new epoch (told in its next
+  // heartbeat answer).
+  void PromoteLocked(Node& to, const std::string& why, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The replication part of a server's heartbeat answer.
+  void ReplicationHeartbeatLocked(Node* n, const HeartbeatRequest& request,
+                                  absl::Time now, HeartbeatResponse* r,
+                                  Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const SchedulerOptions options_;
   Clock* const clock_;
@@ -362,6 +371,7 @@ class SchedulerCore {
   absl::Time assemble_start_ ABSL_GUARDED_BY(mu_);
   JobState state_ ABSL_GUARDED_BY(mu_) = ASSEMBLING;
   std::string failure_ ABSL_GUARDED_BY(mu_);  // the FAILED message
+  bool rollback_ ABSL_GUARDED_BY(mu_) = false;  // JobStatus.rollback
   std::deque<NodeEvent> events_ ABSL_GUARDED_BY(mu_);  // the last kMaxEvents
   bool assembly_timed_out_ ABSL_GUARDED_BY(mu_) = false;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
@@ -374,6 +384,14 @@ class SchedulerCore {
   // Replicated jobs, per shard: the index in servers_ of the slot serving
   // as its primary (the other one is its backup).
   std::vector<int> primary_ ABSL_GUARDED_BY(mu_);
+  // Replicated jobs, per shard: the epoch (fencing token), raised at every
+  // change of the shard's roles (server/replication.h).
+  std::vector<int64_t> epoch_ ABSL_GUARDED_BY(mu_);
+  // Replicated jobs, per shard: since when its primary is dead while its
+  // live backup has not (yet) shown a complete copy; InfiniteFuture when
+  // not. The backup is promoted as soon as its heartbeat shows one; after a
+  // lease without that the shard has lost both copies.
+  std::vector<absl::Time> orphaned_since_ ABSL_GUARDED_BY(mu_);
   std::vector<Node> workers_ ABSL_GUARDED_BY(mu_);  // index = worker rank
   std::vector<Pending> pending_ ABSL_GUARDED_BY(mu_);
 

@@ -791,10 +791,21 @@ TEST_F(SchedulerCoreTest, ReplacementTakesADeadSlot) {
             absl::StatusCode::kFailedPrecondition);
 }
 
+// A server's heartbeat as a replicated node reports it (server/replication.h
+// FillHeartbeat).
+HeartbeatRequest ReplicaBeat(const std::string& id, bool serving,
+                             int64_t epoch, bool awaiting = false) {
+  HeartbeatRequest h = Beat(id);
+  h.set_serving_primary(serving);
+  h.set_epoch(epoch);
+  h.set_awaiting_snapshot(awaiting);
+  return h;
+}
+
 // Shard replication: a backup slot per shard; when the primary's lease
-// expires the backup is told to take over (or says it did), assignments
-// name it, and a new server process for that shard becomes its backup with
-// a snapshot instead of failing the job.
+// expires the backup is promoted in a new epoch, assignments name it, and a
+// new server process for that shard becomes its backup with a snapshot
+// instead of failing the job.
 TEST_F(SchedulerCoreTest, ReplicatedShardFailsOverToItsBackup) {
   Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10),
         /*backups=*/1);
@@ -812,39 +823,48 @@ TEST_F(SchedulerCoreTest, ReplicatedShardFailsOverToItsBackup) {
   EXPECT_FALSE(p->backup());
   EXPECT_TRUE(b->backup());
   EXPECT_FALSE(b->needs_snapshot());  // both start from the same state
+  EXPECT_EQ(p->epoch(), 1);
+  EXPECT_EQ(b->epoch(), 1);
   EXPECT_EQ(w->shard_addresses(0), "p:1");
   EXPECT_EQ(w->backup_addresses(0), "b:1");
-  HeartbeatRequest primary_beat = Beat("server-0");
-  primary_beat.set_serving_primary(true);
-  absl::StatusOr<HeartbeatResponse> r = core_->Heartbeat(primary_beat);
+  absl::StatusOr<HeartbeatResponse> r =
+      core_->Heartbeat(ReplicaBeat("server-0", true, 1));
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(r->backup_address(), "b:1");
-  r = core_->Heartbeat(Beat("backup-0"));
+  EXPECT_EQ(r->epoch(), 1);
+  r = core_->Heartbeat(ReplicaBeat("backup-0", false, 1));
   EXPECT_FALSE(r->promote());
 
-  // The primary dies: the backup is told to take over.
+  // The primary dies: the backup is promoted in epoch 2.
   clock_.Advance(absl::Seconds(8));
-  ASSERT_TRUE(core_->Heartbeat(Beat("backup-0")).ok());
+  ASSERT_TRUE(core_->Heartbeat(ReplicaBeat("backup-0", false, 1)).ok());
   ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
   clock_.Advance(absl::Seconds(3));
   core_->Tick();
-  EXPECT_TRUE(Logged("its backup backup-0 (b:1) takes over shard 0")) << Log();
-  r = core_->Heartbeat(Beat("backup-0"));
+  EXPECT_TRUE(Logged("its backup backup-0 (b:1) takes over shard 0 in epoch 2"))
+      << Log();
+  r = core_->Heartbeat(ReplicaBeat("backup-0", false, 1));
   EXPECT_TRUE(r->promote());
-  HeartbeatRequest took_over = Beat("backup-0");
-  took_over.set_serving_primary(true);
+  EXPECT_EQ(r->epoch(), 2);
+  HeartbeatRequest took_over = ReplicaBeat("backup-0", true, 2);
   took_over.set_replication_event("shard 0: backup backup-0 took over");
   r = core_->Heartbeat(took_over);
   EXPECT_FALSE(r->promote());
   EXPECT_EQ(r->backup_address(), "");  // no live backup now
   JobStatus status = core_->Status();
   EXPECT_EQ(status.state(), RUNNING);
-  EXPECT_FALSE(Find(status, "server-0")->alive());  // fenced off or dead
+  EXPECT_FALSE(Find(status, "server-0")->alive());
   EXPECT_TRUE(Find(status, "backup-0")->serving_primary());
   EXPECT_FALSE(Find(status, "server-0")->serving_primary());
+  EXPECT_EQ(Find(status, "backup-0")->epoch(), 2);
   w = core_->GetAssignment("worker-0", absl::InfiniteFuture());
   EXPECT_EQ(w->shard_addresses(0), "b:1");
   EXPECT_EQ(w->backup_addresses(0), "");
+
+  // The old primary was only slow: it heartbeats again, still serving in
+  // epoch 1, and is told it is fenced off.
+  r = core_->Heartbeat(ReplicaBeat("server-0", true, 1));
+  EXPECT_TRUE(r->fenced());
 
   // The restarted process becomes the backup and needs a snapshot; the job
   // keeps running and the primary is told where its new backup is.
@@ -853,25 +873,133 @@ TEST_F(SchedulerCoreTest, ReplicatedShardFailsOverToItsBackup) {
   p = core_->GetAssignment("server-0", absl::InfiniteFuture());
   EXPECT_TRUE(p->backup());
   EXPECT_TRUE(p->needs_snapshot());
+  EXPECT_EQ(p->epoch(), 2);
   EXPECT_EQ(p->shard_addresses(0), "b:1");
   r = core_->Heartbeat(took_over);
   EXPECT_EQ(r->backup_address(), "p:2");
-  HeartbeatRequest waiting = Beat("server-0");
-  waiting.set_awaiting_snapshot(true);  // as the new backup reports
+  HeartbeatRequest waiting = ReplicaBeat("server-0", false, 2, true);
   EXPECT_FALSE(core_->Heartbeat(waiting)->promote());
   w = core_->GetAssignment("worker-0", absl::InfiniteFuture());
   EXPECT_EQ(w->backup_addresses(0), "p:2");
 
-  // The primary dies before the new backup got its snapshot: the shard's
-  // state is gone, the job fails for a rollback.
+  // The primary dies before the new backup got its snapshot: the backup
+  // has a lease to show a complete copy; it does not, so the shard's state
+  // is gone and the job fails for a rollback.
   clock_.Advance(absl::Seconds(8));
   ASSERT_TRUE(core_->Heartbeat(waiting).ok());
   ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
   clock_.Advance(absl::Seconds(3));
   core_->Tick();
+  EXPECT_EQ(core_->CurrentState(), RUNNING);
+  EXPECT_FALSE(core_->Heartbeat(waiting)->promote());
+  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
+  clock_.Advance(absl::Seconds(11));
+  core_->Tick();
   EXPECT_EQ(core_->CurrentState(), FAILED);
+  EXPECT_TRUE(core_->Status().rollback());
   EXPECT_TRUE(absl::StrContains(core_->StateMessage(), "shard 0 lost both copies"))
       << core_->StateMessage();
+}
+
+// A backup counts as a complete copy only in the current epoch: once its
+// snapshot arrived it can be promoted; after the primary served without it
+// (detach, a new epoch) it cannot, until a new snapshot.
+TEST_F(SchedulerCoreTest, OnlyABackupOfTheCurrentEpochIsPromoted) {
+  Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10),
+        /*backups=*/1);
+  RegisterRequest backup = Server("b:1", 0);
+  backup.set_backup(true);
+  Id(backup);
+  Id(Server("p:1", 0));
+  Id(Worker("host-0"));
+  ASSERT_EQ(core_->CurrentState(), RUNNING);
+  // The backup becomes unreachable for the primary, which asks to serve
+  // alone: epoch 2, the backup is stale.
+  HeartbeatRequest lost = ReplicaBeat("server-0", true, 1);
+  lost.set_backup_lost(true);
+  absl::StatusOr<HeartbeatResponse> r = core_->Heartbeat(lost);
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(r->detach_backup());
+  EXPECT_EQ(r->epoch(), 2);
+  EXPECT_TRUE(Logged("server-0 (p:1) lost its backup; it serves shard 0 "
+                     "without backup-0 (b:1) in epoch 2"))
+      << Log();
+  // Asked again (a retried heartbeat): nothing more changes.
+  r = core_->Heartbeat(lost);
+  EXPECT_FALSE(r->detach_backup());
+  EXPECT_EQ(r->epoch(), 2);
+  // The stale backup still reports epoch 1; the primary dies: no promotion.
+  clock_.Advance(absl::Seconds(8));
+  ASSERT_TRUE(core_->Heartbeat(ReplicaBeat("backup-0", false, 1)).ok());
+  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
+  clock_.Advance(absl::Seconds(3));
+  core_->Tick();
+  EXPECT_FALSE(core_->Heartbeat(ReplicaBeat("backup-0", false, 1))->promote());
+  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
+  clock_.Advance(absl::Seconds(11));
+  core_->Tick();
+  EXPECT_EQ(core_->CurrentState(), FAILED);
+  EXPECT_TRUE(absl::StrContains(core_->StateMessage(), "lost both copies"))
+      << core_->StateMessage();
+}
+
+// The primary dies just after its new backup received the snapshot, before
+// the backup's heartbeat said so: the backup is promoted when it does.
+TEST_F(SchedulerCoreTest, ABackupWhoseReportLaggedIsPromoted) {
+  Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10),
+        /*backups=*/1);
+  RegisterRequest backup = Server("b:1", 0);
+  backup.set_backup(true);
+  Id(backup);
+  Id(Server("p:1", 0));
+  Id(Worker("host-0"));
+  HeartbeatRequest lost = ReplicaBeat("server-0", true, 1);
+  lost.set_backup_lost(true);
+  ASSERT_EQ(core_->Heartbeat(lost)->epoch(), 2);
+  clock_.Advance(absl::Seconds(8));
+  ASSERT_TRUE(core_->Heartbeat(ReplicaBeat("backup-0", false, 1)).ok());
+  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
+  clock_.Advance(absl::Seconds(3));
+  core_->Tick();
+  EXPECT_EQ(core_->CurrentState(), RUNNING);
+  absl::StatusOr<HeartbeatResponse> r =
+      core_->Heartbeat(ReplicaBeat("backup-0", false, 2));
+  EXPECT_TRUE(r->promote());
+  EXPECT_EQ(r->epoch(), 3);
+  for (int i = 0; i < 4; ++i) {  // past the orphan grace: still serving
+    clock_.Advance(absl::Seconds(5));
+    ASSERT_TRUE(core_->Heartbeat(ReplicaBeat("backup-0", true, 3)).ok());
+    ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
+    core_->Tick();
+  }
+  EXPECT_EQ(core_->CurrentState(), RUNNING);
+}
+
+TEST_F(SchedulerCoreTest, ABackupHoldingTheSnapshotIsPromoted) {
+  Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10),
+        /*backups=*/1);
+  RegisterRequest backup = Server("b:1", 0);
+  backup.set_backup(true);
+  Id(backup);
+  Id(Server("p:1", 0));
+  Id(Worker("host-0"));
+  HeartbeatRequest lost = ReplicaBeat("server-0", true, 1);
+  lost.set_backup_lost(true);
+  ASSERT_EQ(core_->Heartbeat(lost)->epoch(), 2);
+  // The primary re-attaches it with a snapshot of epoch 2.
+  EXPECT_EQ(core_->Heartbeat(ReplicaBeat("server-0", true, 2))->backup_address(),
+            "b:1");
+  ASSERT_TRUE(core_->Heartbeat(ReplicaBeat("backup-0", false, 2)).ok());
+  clock_.Advance(absl::Seconds(8));
+  ASSERT_TRUE(core_->Heartbeat(ReplicaBeat("backup-0", false, 2)).ok());
+  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
+  clock_.Advance(absl::Seconds(3));
+  core_->Tick();
+  EXPECT_EQ(core_->CurrentState(), RUNNING);
+  absl::StatusOr<HeartbeatResponse> r =
+      core_->Heartbeat(ReplicaBeat("backup-0", false, 2));
+  EXPECT_TRUE(r->promote());
+  EXPECT_EQ(r->epoch(), 3);
 }
 
 // Elastic: a surplus worker grows dp at a boundary two steps past the
