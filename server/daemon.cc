@@ -197,6 +197,7 @@ class Daemon {
     });
     if (!s.ok()) return FromGrpcStatus(s);
     node_id_ = resp.node_id();
+    incarnation_ = resp.incarnation();
     log_(absl::StrCat("the scheduler at ", options_.scheduler,
                       " restarted; rejoined as ", node_id_, " at step ",
                       req.step()));
@@ -266,6 +267,7 @@ class Daemon {
       if (s.ok()) {
         register_request_ = req;
         node_id_ = resp.node_id();
+        incarnation_ = resp.incarnation();
         lease_ = resp.lease_ms() > 0 ? absl::Milliseconds(resp.lease_ms())
                                      : absl::Seconds(10);
         log_(absl::StrCat("registered with the scheduler at ",
@@ -287,6 +289,7 @@ class Daemon {
   }
 
   absl::Status GetAssignment(absl::Time deadline) {
+    assignment_asked_ = absl::Now();
     GetAssignmentRequest req;
     req.set_node_id(node_id_);
     absl::Duration delay = absl::Milliseconds(100);
@@ -375,10 +378,13 @@ class Daemon {
   absl::Status CreateReplication() {
     ReplicaStart start = ReplicaStartFor(assignment_, node_id_);
     start.options.log = [this](const std::string& line) { log_(line); };
+    start.options.now = [] { return absl::Now(); };
+    start.options.lease = lease_;
     absl::StatusOr<std::unique_ptr<ReplicatedShard>> rep =
         ReplicatedShard::Create(shard_.get(), std::move(start.options));
     if (!rep.ok()) return rep.status();
     replicated_ = std::move(*rep);
+    replicated_->RenewLease(assignment_asked_);
     if (!start.attach_backup.empty()) {
       replicated_->AttachBackup(LinkTo(start.attach_backup),
                                 /*needs_snapshot=*/false);
@@ -394,10 +400,12 @@ class Daemon {
       UpdateMetrics();
       HeartbeatRequest req;
       req.set_node_id(node_id_);
+      req.set_incarnation(incarnation_);
       req.set_step(shard_->step_clock());  // steps, also in ASYNC mode
       req.set_eval_loss(std::nanf(""));
       if (replicated_ != nullptr) replicated_->FillHeartbeat(&req);
       HeartbeatResponse resp;
+      const absl::Time sent = absl::Now();
       grpc::Status s = Call(stop_, std::max(interval, absl::Seconds(1)),
                             [&](grpc::ClientContext* ctx) {
                               return scheduler_->Heartbeat(ctx, req, &resp);
@@ -415,6 +423,12 @@ class Daemon {
       } else if (s.ok()) {
         last_ok = absl::Now();
         if (resp.state() == FINISHED) return Finished();
+        if (resp.fenced() && replicated_ == nullptr) {
+          report_errors_ = false;
+          return absl::AbortedError(
+              "the scheduler gave this node's slot to a newer registration "
+              "(this process was cut off or frozen past its lease); exiting");
+        }
         if (resp.reassemble()) {
           reassemble_ = true;
           return absl::OkStatus();
@@ -426,6 +440,7 @@ class Daemon {
             report_errors_ = false;  // not a job error: it is restarted
             return r;
           }
+          replicated_->RenewLease(sent);
         }
         if (resp.state() == FAILED) {
           report_errors_ = false;
@@ -557,6 +572,8 @@ class Daemon {
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<ParameterShard> shard_;
   std::unique_ptr<ReplicatedShard> replicated_;  // layout.shard_backups = 1
+  absl::Time assignment_asked_;  // when the last GetAssignment started
+  int64_t incarnation_ = 0;      // RegisterResponse.incarnation
   std::unique_ptr<Scheduler::Stub> scheduler_;
   std::string address_;
   std::string node_id_;

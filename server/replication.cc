@@ -305,10 +305,22 @@ absl::Status ReplicatedShard::FollowHeartbeat(
   return absl::OkStatus();
 }
 
+void ReplicatedShard::RenewLease(absl::Time sent) {
+  absl::MutexLock lock(&mu_);
+  lease_until_ = std::max(lease_until_, sent + options_.lease * 9 / 10);
+}
+
 absl::Status ReplicatedShard::CheckServing() {
   absl::MutexLock lock(&mu_);
   switch (role_) {
     case Role::kPrimary:
+      if (options_.now && options_.now() >= lease_until_) {
+        return absl::UnavailableError(absl::StrCat(
+            "node ", options_.node_id, " (primary of shard ", shard_->shard(),
+            " in epoch ", epoch_, ") has had no answer from the scheduler "
+            "within its lease; it serves again once one comes (or it is "
+            "fenced)"));
+      }
       return absl::OkStatus();
     case Role::kFenced:
       return absl::UnavailableError(absl::StrCat(
@@ -515,10 +527,19 @@ void ReplicatedShard::MaybeSendSnapshotLocked() {
         "it answered in epoch ", r->epoch(), ", not ", epoch));
   }
   if (!r.ok()) {
+    // It may hold the snapshot all the same (only the answer was lost) and
+    // then counts as a complete copy of this epoch: acknowledge nothing
+    // more until the scheduler lets this node serve without it.
+    if (epoch_ == epoch && role_ == Role::kPrimary) {
+      link_ = link;
+      backup_lost_ = true;
+    }
     EventLocked(absl::StrCat("shard ", shard_->shard(),
                              ": snapshot to the new backup at ",
                              link->address(), " failed (", r.status().ToString(),
-                             "); still serving alone"));
+                             "); acknowledging nothing until the scheduler "
+                             "allows serving without it (epoch ",
+                             epoch, ")"));
     return;
   }
   if (epoch_ != epoch || role_ != Role::kPrimary) return;
@@ -542,6 +563,7 @@ absl::Status ReplicatedShard::RestoreFrom(
   }
   const int64_t version = stream[0].snapshot().version();
   std::map<int64_t, double> applied;
+  std::map<const ChunkData*, std::vector<bool>> covered;
   int64_t received = 0;
   for (const ReplicateRequest& m : stream) {
     const ShardSnapshot& s = m.snapshot();
@@ -559,13 +581,27 @@ absl::Status ReplicatedShard::RestoreFrom(
     ChunkData& c = *it->second;
     const int64_t n = static_cast<int64_t>(s.params().size() / 4);
     const int64_t size = static_cast<int64_t>(c.params.size());
-    if (s.params().size() % 4 != 0 || s.offset() < 0 || s.offset() + n > size ||
+    // (offset > size - n, not offset + n > size: a huge offset overflows.)
+    if (s.params().size() % 4 != 0 || s.offset() < 0 || n > size ||
+        s.offset() > size - n ||
         s.state_size() != static_cast<int>(c.state.size())) {
       return absl::InvalidArgumentError(absl::StrCat(
           "snapshot message for ", s.tensor(), "#", s.chunk(), " offset ",
           s.offset(), " with ", s.params().size(), " bytes and ",
           s.state_size(), " state buffers does not fit the chunk (", size,
           " elements, ", c.state.size(), " buffers)"));
+    }
+    // Every element exactly once: overlapping messages cannot add up to a
+    // complete snapshot with a hole in it.
+    std::vector<bool>& seen = covered[&c];
+    seen.resize(c.params.size());
+    for (int64_t i = s.offset(); i < s.offset() + n; ++i) {
+      if (seen[i]) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "snapshot messages for ", s.tensor(), "#", s.chunk(),
+            " overlap at element ", i));
+      }
+      seen[i] = true;
     }
     std::memcpy(c.params.data() + s.offset(), s.params().data(), 4 * n);
     for (int b = 0; b < s.state_size(); ++b) {

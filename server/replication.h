@@ -95,6 +95,14 @@ struct ReplicationOptions {
   int64_t epoch = 0;
   // The primary's address, for messages (backups).
   std::string primary_address;
+  // The serving lease: a primary serves (reads too) only until `lease`
+  // after sending the last heartbeat the scheduler answered (RenewLease),
+  // less a tenth for clock-rate differences; the scheduler promotes its
+  // backup only after that heartbeat's lease expired there, so a primary
+  // cut off from the scheduler has stopped serving by then. `now` reads
+  // the clock; empty: no lease (the primary serves until fenced).
+  std::function<absl::Time()> now;
+  absl::Duration lease = absl::Seconds(10);
   // Payload bytes per snapshot message.
   int64_t max_message_bytes = 4 << 20;
   // Receives a line for every role change, detach and snapshot; may be
@@ -115,8 +123,12 @@ class ReplicatedShard {
   absl::StatusOr<PushResponse> Push(const std::vector<PushRequest>& stream);
   absl::StatusOr<int64_t> Apply(int64_t step, double global_sum_squares);
   absl::StatusOr<int64_t> StopAt(int64_t step);
-  // For reads: OK when this node serves workers.
+  // For reads: OK when this node serves workers (a primary within its
+  // serving lease).
   absl::Status CheckServing();
+  // The scheduler answered a heartbeat sent at `sent` (or the assignment
+  // asked for at `sent`): the serving lease runs until sent + 0.9 lease.
+  void RenewLease(absl::Time sent);
 
   // The primary's forwarded operation (backups).
   absl::StatusOr<ReplicateResponse> Replicate(
@@ -189,6 +201,7 @@ class ReplicatedShard {
   Role role_ ABSL_GUARDED_BY(mu_);
   bool awaiting_snapshot_ ABSL_GUARDED_BY(mu_);
   int64_t epoch_ ABSL_GUARDED_BY(mu_);
+  absl::Time lease_until_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   // Forwarding to link_ failed; waiting for HeartbeatResponse.detach_backup.
   bool backup_lost_ ABSL_GUARDED_BY(mu_) = false;
   std::shared_ptr<BackupLink> link_ ABSL_GUARDED_BY(mu_);

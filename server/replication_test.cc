@@ -1,6 +1,7 @@
 #include "server/replication.h"
 
 #include <atomic>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -426,6 +427,28 @@ TEST(ReplicationTest, BadSnapshotsAndStreamsAreRejected) {
   auto r = backup->rep->Replicate(snap);
   ASSERT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(r.status().message().find("covers 2 elements"), std::string::npos)
+      << r.status();
+  // An offset near 2^63 (offset + n overflows) is refused, not written.
+  snap[0].mutable_snapshot()->set_offset(std::numeric_limits<int64_t>::max());
+  snap[0].mutable_snapshot()->set_params(std::string(4, '\0'));
+  snap[0].mutable_snapshot()->set_state(0, std::string(4, '\0'));
+  snap[0].mutable_snapshot()->set_state(1, std::string(4, '\0'));
+  r = backup->rep->Replicate(snap);
+  ASSERT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("does not fit"), std::string::npos)
+      << r.status();
+  // Overlapping messages do not add up to a complete snapshot.
+  const int64_t size = c.end() - c.begin();
+  std::vector<ReplicateRequest> twice(2, snap[0]);
+  for (ReplicateRequest& m : twice) {
+    m.mutable_snapshot()->set_offset(0);
+    m.mutable_snapshot()->set_params(std::string(4 * size, '\0'));
+    m.mutable_snapshot()->set_state(0, std::string(4 * size, '\0'));
+    m.mutable_snapshot()->set_state(1, std::string(4 * size, '\0'));
+  }
+  r = backup->rep->Replicate(twice);
+  ASSERT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("overlap"), std::string::npos)
       << r.status();
   snap[0].set_shard(0);
   EXPECT_EQ(backup->rep->Replicate(snap).status().code(),

@@ -103,6 +103,7 @@ struct SchedulerCore::Node {
   // snapshot).
   bool needs_snapshot = false;
   bool stopped_for_resize = false;  // workers: stopped at a resize boundary
+  int64_t incarnation = 0;  // of the registration holding the slot
   absl::Time down_since = absl::InfinitePast();  // InfinitePast: healthy
   std::string last_event;
 
@@ -295,7 +296,11 @@ void SchedulerCore::ReplicationHeartbeatLocked(Node* n,
     }
   } else if (!request.serving_primary()) {
     r->set_promote(true);  // it has not heard of its promotion yet
-  } else if (request.backup_lost() && request.epoch() == epoch_[k]) {
+  } else if (request.epoch() < epoch_[k]) {
+    // It missed the answer that let it serve alone (answers get lost): say
+    // it again; it adopts the epoch.
+    r->set_detach_backup(true);
+  } else if (request.backup_lost()) {
     // The primary's backup failed an operation: it serves alone in a new
     // epoch, and the backup is stale until it gets a snapshot.
     ++epoch_[k];
@@ -805,8 +810,12 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
           dead = &n;
         }
       }
+      // A server of a running replicated job that asked for a shard takes
+      // no other shard's slot: that shard's state is not on it.
+      const bool only_wanted =
+          server && replicated_ && requested_valid && state_ == RUNNING;
       for (Node& n : slots) {
-        if (dead == nullptr && !n.alive) dead = &n;
+        if (dead == nullptr && !n.alive && !only_wanted) dead = &n;
       }
       if (dead != nullptr) {
         slot = dead;
@@ -842,6 +851,7 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
     reassembling_ids_.erase(slot->node_id);
 
     slot->registered = true;
+    slot->incarnation = ++last_incarnation_;
     slot->Reset();
     slot->address = request.address();
     slot->hostname = request.hostname();
@@ -935,6 +945,7 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
     RegisterResponse r;
     r.set_node_id(slot->node_id);
     r.set_lease_ms(absl::ToInt64Milliseconds(options_.lease));
+    r.set_incarnation(slot->incarnation);
     return r;
   }();
   Flush(&out);
@@ -1010,6 +1021,18 @@ absl::StatusOr<HeartbeatResponse> SchedulerCore::Heartbeat(
     if (n == nullptr) {
       return absl::NotFoundError(absl::StrCat(
           "unknown node id '", request.node_id(), "'; Register first"));
+    }
+    if (request.incarnation() != 0 && request.incarnation() != n->incarnation) {
+      // An older process of this slot, replaced while it was cut off or
+      // frozen: it must stop; nothing of the slot changes.
+      HeartbeatResponse r;
+      r.set_state(state_);
+      r.set_fenced(true);
+      out.logs.push_back(absl::StrCat(
+          "a heartbeat of ", request.node_id(), " from registration ",
+          request.incarnation(), ", replaced by ", n->Describe(),
+          " (registration ", n->incarnation, "): told it is fenced off"));
+      return r;
     }
     if (request.stopped_for_resize() && !n->stopped_for_resize) {
       n->stopped_for_resize = true;

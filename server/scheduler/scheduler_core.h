@@ -392,6 +392,7 @@ class SchedulerCore {
   // not. The backup is promoted as soon as its heartbeat shows one; after a
   // lease without that the shard has lost both copies.
   std::vector<absl::Time> orphaned_since_ ABSL_GUARDED_BY(mu_);
+  int64_t last_incarnation_ ABSL_GUARDED_BY(mu_) = 0;  // RegisterResponse
   std::vector<Node> workers_ ABSL_GUARDED_BY(mu_);  // index = worker rank
   std::vector<Pending> pending_ ABSL_GUARDED_BY(mu_);
 
