@@ -7,7 +7,9 @@
 #include <utility>
 
 #include "absl/base/config.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 #ifndef ABSL_IS_LITTLE_ENDIAN
 #error "PeerMessage.data is fp32 little-endian; big-endian hosts would swap"
@@ -33,8 +35,17 @@ struct Plan {
   std::vector<Piece> pieces;
 };
 
+// The sender as shown in messages: escaped, and cut at 64 bytes (a hostile
+// client may send megabytes).
+std::string ShownSender(const std::string& sender) {
+  constexpr size_t kMax = 64;
+  if (sender.size() <= kMax) return absl::CHexEscape(sender);
+  return absl::StrCat(absl::CHexEscape(sender.substr(0, kMax)), "... (",
+                      sender.size(), " bytes)");
+}
+
 std::string From(const TransferKey& key) {
-  return absl::StrCat(DescribeKey(key), " from ", key.sender);
+  return absl::StrCat(DescribeKey(key), " from ", ShownSender(key.sender));
 }
 
 }  // namespace
@@ -144,7 +155,18 @@ absl::StatusOr<int64_t> PeerMailbox::Deliver(
   if (shutdown_) {
     return absl::UnavailableError("peer mailbox is shut down");
   }
-  // 2. Agreement with what is stored, overlaps and the memory cap.
+  // 2. Known senders, agreement with what is stored, overlaps and the
+  //    memory cap.
+  if (senders_.has_value()) {
+    for (const auto& [key, plan] : plans) {
+      if (senders_->count(key.sender) == 0) {
+        return absl::PermissionDeniedError(absl::StrCat(
+            "peer stream from '", ShownSender(key.sender),
+            "', which is not a worker of this job (",
+            absl::StrJoin(*senders_, ", "), "); nothing was stored"));
+      }
+    }
+  }
   int64_t new_bytes = 0;
   for (auto& [key, plan] : plans) {
     auto bad = [&](const std::string& what) {
@@ -291,6 +313,19 @@ void PeerMailbox::DropBefore(int64_t step) {
   absl::MutexLock lock(&mu_);
   for (auto it = transfers_.begin(); it != transfers_.end();) {
     if (!it->first.eval && it->first.step < step) {
+      pending_bytes_ -= 4 * it->second.total;
+      it = transfers_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void PeerMailbox::SetSenders(const std::vector<std::string>& ids) {
+  absl::MutexLock lock(&mu_);
+  senders_.emplace(ids.begin(), ids.end());
+  for (auto it = transfers_.begin(); it != transfers_.end();) {
+    if (senders_->count(it->first.sender) == 0) {
       pending_bytes_ -= 4 * it->second.total;
       it = transfers_.erase(it);
     } else {

@@ -30,6 +30,17 @@
 //                      < step, complete or not (after a failed step). A
 //                      piece of a dropped step arriving later is stored
 //                      again.
+//   SetSenders(ids)    the node ids of the job's workers (PeerNetwork::Create
+//                      sets them): from then on Deliver refuses a stream
+//                      with any other sender (PermissionDenied, nothing
+//                      stored), and the transfers already stored from other
+//                      senders are dropped. Until then every sender is
+//                      accepted: a peer may send before this worker has its
+//                      assignment. Without it, anyone able to reach the
+//                      service could fill the mailbox with transfers nobody
+//                      claims (up to max_pending_bytes: then the job's own
+//                      transfers are refused) -- seen with
+//                      tests/hostile_client_test.
 //
 // Memory: a transfer's buffer (4 * total_elements bytes) is allocated when
 // its first piece arrives and counted as pending until it is claimed or
@@ -43,6 +54,8 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -96,6 +109,7 @@ class PeerMailbox {
   // Wakes every waiter (they return Unavailable); later calls fail too.
   void Shutdown();
   void DropBefore(int64_t step);
+  void SetSenders(const std::vector<std::string>& ids);
 
   // Payload bytes stored so far (every accepted piece).
   int64_t bytes_received() const;
@@ -122,6 +136,8 @@ class PeerMailbox {
   mutable absl::Mutex mu_;
   absl::CondVar completed_cv_;  // signalled when a transfer completes
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  // The job's workers once known (SetSenders); unset: any sender.
+  std::optional<std::set<std::string>> senders_ ABSL_GUARDED_BY(mu_);
   std::map<TransferKey, Transfer> transfers_ ABSL_GUARDED_BY(mu_);
   int64_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t bytes_received_ ABSL_GUARDED_BY(mu_) = 0;

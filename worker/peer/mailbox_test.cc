@@ -349,5 +349,36 @@ TEST(PeerMailboxTest, DropBefore) {
             Expected(10));
 }
 
+// Once the job's workers are known, transfers from anyone else are refused
+// before anything is stored, and those stored before are dropped: a client
+// that is not a worker cannot fill the mailbox with transfers nobody claims.
+TEST(PeerMailboxTest, SetSendersRefusesOthersAndDropsTheirTransfers) {
+  auto mailbox = NewMailbox();
+  const TransferKey stranger = Key(ACTIVATION, 3, 0, "intruder");
+  const TransferKey peer = Key(ACTIVATION, 3, 0, "w2");
+  // Before SetSenders every sender is accepted (a peer may be faster).
+  ASSERT_TRUE(mailbox->Deliver({Msg(stranger, 1000, 0, 10)}).ok());
+  ASSERT_TRUE(mailbox->Deliver({Msg(peer, 4, 0, 2)}).ok());
+  EXPECT_EQ(mailbox->pending_bytes(), 4 * (1000 + 4));
+  mailbox->SetSenders({"w1", "w2"});
+  EXPECT_EQ(mailbox->pending_transfers(), 1);
+  EXPECT_EQ(mailbox->pending_bytes(), 4 * 4);
+  // A stream with one unknown sender (an enormous id) stores nothing.
+  const TransferKey huge = Key(ACTIVATION, 5, 0, std::string(100000, 'x'));
+  absl::StatusOr<int64_t> refused =
+      mailbox->Deliver({Msg(peer, 4, 2, 2), Msg(huge, 1000, 0, 1)});
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kPermissionDenied)
+      << refused.status();
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("not a worker of this job (w1, w2)"));
+  EXPECT_LT(refused.status().message().size(), 400u);
+  EXPECT_EQ(mailbox->pending_transfers(), 1);
+  EXPECT_EQ(mailbox->pending_bytes(), 4 * 4);
+  EXPECT_EQ(mailbox->Deliver({Msg(stranger, 10, 0, 10)}).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  ASSERT_TRUE(mailbox->Deliver({Msg(peer, 4, 2, 2)}).ok());
+  EXPECT_EQ(*mailbox->Receive(peer, absl::Seconds(1), kPeer), Expected(4));
+}
+
 }  // namespace
 }  // namespace lmps

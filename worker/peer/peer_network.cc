@@ -68,6 +68,7 @@ absl::StatusOr<std::unique_ptr<PeerNetwork>> PeerNetwork::Create(
     return bad(absl::StrCat("timeout ", absl::FormatDuration(options.timeout),
                             " is not positive"));
   }
+  mailbox->SetSenders(std::vector<std::string>(ids.begin(), ids.end()));
   return std::unique_ptr<PeerNetwork>(
       new PeerNetwork(std::move(options), std::move(workers), mailbox,
                       std::move(stub_factory)));

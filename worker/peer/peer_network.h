@@ -60,7 +60,9 @@ using PeerStubFactory =
 class PeerNetwork {
  public:
   // `workers[r]` is worker rank r. `mailbox` (not owned) is this worker's,
-  // served by its WorkerPeerService; it must outlive the network.
+  // served by its WorkerPeerService; it must outlive the network. From
+  // now on it accepts transfers only from these workers
+  // (PeerMailbox::SetSenders).
   // InvalidArgument for: no workers, self_rank out of range, self_id not
   // workers[self_rank].node_id, an empty or repeated node id, a null
   // mailbox or stub_factory, max_message_bytes < 4, timeout <= 0.

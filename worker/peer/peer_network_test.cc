@@ -257,6 +257,36 @@ TEST_F(PeerNetworkTest, ServiceRejectsMalformedStreamAndKeepsServing) {
   EXPECT_EQ(*got, data);
 }
 
+// A client that is not one of the job's workers cannot store anything
+// in a worker's mailbox once that worker's network exists.
+TEST_F(PeerNetworkTest, ServiceRefusesSendersOutsideTheJob) {
+  auto net0 = Network(0);
+  auto net1 = Network(1);
+  auto stub = NewStub(workers_[1].address());
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::seconds(10));
+  PeerAck ack;
+  auto writer = stub->Send(&context, &ack);
+  PeerMessage m;
+  m.set_kind(ACTIVATION);
+  m.set_sender("intruder");
+  m.set_total_elements(1 << 20);  // would reserve 4 MiB
+  m.set_data(std::string(8, '\0'));
+  writer->Write(m);
+  writer->WritesDone();
+  grpc::Status status = writer->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(status.error_message(), HasSubstr("not a worker of this job"));
+  EXPECT_EQ(nodes_[1]->mailbox->pending_transfers(), 0);
+  EXPECT_EQ(nodes_[1]->mailbox->pending_bytes(), 0);
+  const std::vector<float> data = {1.5f, -2.5f};
+  ASSERT_TRUE(net0->Send(1, Activation(0, 0), data.data(), 2).ok());
+  auto got = net1->Receive(0, Activation(0, 0));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, data);
+}
+
 TEST_F(PeerNetworkTest, StreamAboveTheServiceCapIsRefused) {
   WorkerPeerServiceOptions options;
   options.max_stream_bytes = 2000;

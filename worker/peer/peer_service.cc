@@ -3,6 +3,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_util.h"
 
@@ -31,8 +32,14 @@ class WorkerPeerService::SendReactor
     }
     bytes_ += static_cast<int64_t>(incoming_.ByteSizeLong());
     if (bytes_ > service_->options_.max_stream_bytes) {
+      // A hostile client may send a sender id of megabytes: cut it.
+      const std::string& sender = incoming_.sender();
+      const std::string shown =
+          sender.size() <= 64
+              ? absl::CHexEscape(sender)
+              : absl::StrCat(absl::CHexEscape(sender.substr(0, 64)), "...");
       const std::string msg = absl::StrCat(
-          "peer stream from ", incoming_.sender(), " (", context_->peer(),
+          "peer stream from ", shown, " (", context_->peer(),
           ") exceeds ", service_->options_.max_stream_bytes,
           " bytes; nothing was stored");
       service_->Log(msg);
