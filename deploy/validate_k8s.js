@@ -13,7 +13,9 @@
 //    exist, `$(VAR)` references that are defined, the daemons' flags, the
 //    job spec's layout matching the replicas (and a --backup server
 //    StatefulSet exactly when layout.shard_backups is 1), and for --gpu an
-//    nvidia.com/gpu limit with --backend=cuda (without --gpu: none, cpu).
+//    nvidia.com/gpu limit with --backend=cuda (without --gpu: none, cpu);
+//    a NetworkPolicy isolating every lmps pod, its gRPC ports reachable
+//    only from the job's own pods and its metrics port from Prometheus.
 // 3. With --prometheus_out, writes the prometheus-config ConfigMap's files
 //    there for promtool, with kubernetes_sd_configs replaced by a static
 //    target (Debian's Prometheus is built without Kubernetes discovery) and
@@ -230,6 +232,94 @@ if (!scheduler || !(scheduler.spec.ports || []).some((p) => p.port === 7070)) {
 }
 if (!scheduler || !(scheduler.spec.ports || []).some((p) => p.port === 9090)) {
   problem('Service/lmps-scheduler', 'no metrics port 9090');
+}
+
+// One namespace for every namespaced object: Service names, the scheduler's
+// address and the NetworkPolicy only work within it.
+const namespaces = new Map();
+for (const o of docs) {
+  if (o.kind === 'Namespace') continue;
+  const ns = (o.metadata && o.metadata.namespace) || '(none)';
+  namespaces.set(ns, [...(namespaces.get(ns) || []), nameOf(o)]);
+}
+if (namespaces.size > 1) {
+  problem('rendering', 'objects in more than one namespace: ' +
+    [...namespaces].map(([ns, objs]) => `${ns}: ${objs.join(', ')}`).join('; '));
+}
+
+// NetworkPolicy: every lmps pod is isolated for ingress by a policy; its
+// gRPC ports (every container port but `metrics`) are reachable only from
+// the job's own pods (a podSelector requiring app.kubernetes.io/name=lmps,
+// no namespaceSelector, no ipBlock), its metrics port only from Prometheus
+// (pods labelled app.kubernetes.io/name=prometheus, any namespace) and from
+// them at least. Policies are additive, so every rule of every policy that
+// selects the pod and covers the port counts.
+const netpols = byKind('NetworkPolicy');
+if (netpols.length === 0) problem('rendering', 'no NetworkPolicy (networking.k8s.io/v1): every port is open to every source');
+const selects = (sel, labels) => {
+  if (!sel) return true; // an absent or empty podSelector selects every pod
+  for (const [k, v] of Object.entries(sel.matchLabels || {})) if (labels[k] !== v) return false;
+  for (const e of sel.matchExpressions || []) {
+    const has = Object.prototype.hasOwnProperty.call(labels, e.key);
+    const vals = e.values || [];
+    if (e.operator === 'In' && !(has && vals.includes(labels[e.key]))) return false;
+    if (e.operator === 'NotIn' && has && vals.includes(labels[e.key])) return false;
+    if (e.operator === 'Exists' && !has) return false;
+    if (e.operator === 'DoesNotExist' && has) return false;
+  }
+  return true;
+};
+// Does the selector admit only pods labelled k=v?
+const requires = (sel, k, v) => !!sel && ((sel.matchLabels || {})[k] === v ||
+  (sel.matchExpressions || []).some((e) => e.key === k && e.operator === 'In' &&
+    (e.values || []).length > 0 && e.values.every((x) => x === v)));
+const ingressPolicy = (p) => !p.spec.policyTypes || p.spec.policyTypes.includes('Ingress');
+// Does an ingress rule cover a container port? (No ports: every port.)
+const covers = (rule, cp) => !rule.ports || rule.ports.length === 0 || rule.ports.some((np) => {
+  if ((np.protocol || 'TCP') !== (cp.protocol || 'TCP')) return false;
+  if (np.port === undefined) return true;
+  if (typeof np.port === 'string') return np.port === cp.name;
+  return cp.containerPort >= np.port && cp.containerPort <= (np.endPort ?? np.port);
+});
+const jobPeer = (peer) => !peer.ipBlock && !peer.namespaceSelector &&
+  requires(peer.podSelector, 'app.kubernetes.io/name', 'lmps');
+const promPeer = (peer) => !peer.ipBlock && requires(peer.podSelector, 'app.kubernetes.io/name', 'prometheus');
+for (const w of workloads) {
+  const where = nameOf(w);
+  const labels = w.spec.template.metadata.labels || {};
+  const pols = netpols.filter((p) => (p.metadata.namespace || '') === (w.metadata.namespace || '') &&
+    ingressPolicy(p) && selects(p.spec.podSelector, labels));
+  if (pols.length === 0) {
+    problem(where, 'its pods are selected by no NetworkPolicy for Ingress: every port is open to every source');
+    continue;
+  }
+  for (const c of w.spec.template.spec.containers || []) {
+    for (const cp of c.ports || []) {
+      const metrics = cp.name === 'metrics';
+      const what = `${metrics ? 'metrics' : 'gRPC'} port ${cp.name} (${cp.containerPort})`;
+      const allowed = metrics ? promPeer : jobPeer;
+      const who = metrics ? 'only Prometheus (app.kubernetes.io/name=prometheus)'
+        : "only the job's own pods (podSelector app.kubernetes.io/name=lmps)";
+      let fromProm = false;
+      for (const p of pols) {
+        for (const r of p.spec.ingress || []) {
+          if (!covers(r, cp)) continue;
+          const by = `NetworkPolicy/${p.metadata.name}`;
+          if (!r.from || r.from.length === 0) {
+            problem(where, `${what} is open to every source (${by} has an ingress rule without from); ${who} may reach it`);
+            continue;
+          }
+          for (const peer of r.from) {
+            if (!allowed(peer)) problem(where, `${what} is open to ${JSON.stringify(peer)} (${by}); ${who} may reach it`);
+            if (promPeer(peer)) fromProm = true;
+          }
+        }
+      }
+      if (metrics && !fromProm) {
+        problem(where, `${what} is not reachable by Prometheus: no NetworkPolicy ingress rule from app.kubernetes.io/name=prometheus pods covers it`);
+      }
+    }
+  }
 }
 
 // The job spec: present, and its layout matches the replicas.

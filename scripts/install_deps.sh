@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what lmps needs from Debian 12's packages, and only what is
-# missing. Usage: scripts/install_deps.sh [build|bench|all]   (default build)
+# missing. Usage: scripts/install_deps.sh [build|bench|stress|all]   (default build)
 #   build: Bazel, gRPC, protobuf, Abseil, GoogleTest, prometheus-cpp, OpenBLAS,
 #          and what the tests use (Prometheus, Python grpcio)
 #   bench: build + iperf3 and PyTorch (python3-torch) for the baselines
+#   stress: build + stress-ng (load for scripts/stress_tests.sh)
 set -euo pipefail
 what="${1:-build}"
 pkgs=(bazel-bootstrap g++ pkg-config libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev
@@ -18,8 +19,9 @@ pkgs=(bazel-bootstrap g++ pkg-config libgrpc++-dev protobuf-compiler-grpc libpro
 case "$what" in
   build) ;;
   bench) pkgs+=(iperf3) ;;
-  all) pkgs+=(iperf3) ;;
-  *) echo "usage: $0 [build|bench|all]" >&2; exit 2 ;;
+  stress) pkgs+=(stress-ng) ;;
+  all) pkgs+=(iperf3 stress-ng) ;;
+  *) echo "usage: $0 [build|bench|stress|all]" >&2; exit 2 ;;
 esac
 missing=()
 for p in "${pkgs[@]}"; do

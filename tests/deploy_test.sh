@@ -6,7 +6,9 @@
 #     Kubernetes schemas (npm kubernetes-models + yaml, installed once with
 #     `npm ci` from deploy/package-lock.json into <repo>/.cache/deploy_test,
 #     git-ignored) and lmps's own rules (limits, probes, GPU, flags, layout);
-#     deliberately broken renderings must be rejected;
+#     deliberately broken renderings must be rejected (among them
+#     NetworkPolicies that are missing, leave a gRPC port open beyond the
+#     job's pods or keep Prometheus from the metrics port);
 #  3. the job spec parses as an lmps.JobSpec (protoc --encode);
 #  4. the Prometheus config and alerts pass promtool (check config, check
 #     rules, test rules), and so do the dashboard's queries;
@@ -100,7 +102,9 @@ expect_rejected() {  # expect_rejected NAME EXPECTED-MESSAGE VARIANT JS [FLAGS]
     fail "validate_k8s.js accepted a rendering with $name"
   fi
   grep -q -- "$msg" <<<"$err" || fail "$name: expected \"$msg\", got: $err"
+  rejected=$((rejected + 1))
 }
+rejected=0
 sched='by("Deployment","lmps-scheduler").spec.template.spec.containers[0]'
 expect_rejected "no liveness probe" "no livenessProbe" cpu "delete $sched.livenessProbe"
 expect_rejected "an HTTP probe on the scheduler" "not a gRPC health probe" cpu \
@@ -123,7 +127,28 @@ expect_rejected "backups of the wrong count" "replicas 3 != layout.num_shards 2"
   'by("StatefulSet","lmps-server-backup").spec.replicas = 3'
 expect_rejected "backups without shard_backups" "layout.shard_backups is not 1" cpu \
   'by("StatefulSet","lmps-server").spec.template.spec.containers[0].args.push("--backup")'
-note "ok: 13 broken renderings are rejected"
+# The NetworkPolicy: missing, a gRPC port open to everything (or to other
+# namespaces, or to Prometheus), another policy allowing everything (policies
+# add up), the metrics port left out, pods the policy does not select.
+np='by("NetworkPolicy","lmps")'
+expect_rejected "no NetworkPolicy" "no NetworkPolicy" cpu \
+  'docs.splice(docs.findIndex((d) => d.kind === "NetworkPolicy"), 1)'
+expect_rejected "a gRPC rule without from" "gRPC port grpc (7070) is open to every source" cpu \
+  "delete $np.spec.ingress[0].from"
+expect_rejected "the gRPC ports open to every namespace" "gRPC port peer (7072) is open to" cpu \
+  "$np.spec.ingress[0].from[0].namespaceSelector = {}"
+expect_rejected "Prometheus allowed on every port" "gRPC port grpc (7071) is open to" cpu \
+  "delete $np.spec.ingress[1].ports"
+expect_rejected "a second policy allowing everything" "is open to every source (NetworkPolicy/allow-all" cpu \
+  'docs.push({apiVersion: "networking.k8s.io/v1", kind: "NetworkPolicy",
+     metadata: {name: "allow-all", namespace: "lmps"}, spec: {podSelector: {}, ingress: [{}]}})'
+expect_rejected "the metrics port left out" "metrics port metrics (9090) is not reachable by Prometheus" cpu \
+  "$np.spec.ingress.splice(1, 1)"
+expect_rejected "backups outside the policy" "StatefulSet/lmps-server-backup: its pods are selected by no NetworkPolicy" replicated \
+  "$np.spec.podSelector = {matchLabels: {\"app.kubernetes.io/name\": \"lmps\", \"lmps.io/slot\": \"primary\"}}"
+expect_rejected "backups in another namespace" "objects in more than one namespace" replicated \
+  'delete by("StatefulSet","lmps-server-backup").metadata.namespace'
+note "ok: $rejected broken renderings are rejected"
 
 # --- 3. the job spec is an lmps.JobSpec --------------------------------------------------------
 protoc=""

@@ -8,12 +8,16 @@
 #  (b) a real Prometheus server scrapes all five every second: every target
 #      is `up`, `lmps_loss` returns finite values below ln(256) from the
 #      workers and the scheduler, the workers' `lmps_step` grows between two
-#      queries, and the workers' `lmps_rpc_total` has
-#      method="lmps.ParameterServer/Push";
+#      queries, the workers' `lmps_rpc_total` has
+#      method="lmps.ParameterServer/Push", and the median Push latency from
+#      their `lmps_rpc_duration_seconds` histogram (histogram_quantile over
+#      rate()) is finite;
 #  (c) each daemon exports the metric families the README and the Grafana
 #      dashboard rely on (worker, server and scheduler lists below).
 # Then the job is stopped (SIGTERM to the launcher, which stops its
 # children). Every process this script starts is reaped on every exit path.
+# Every wait is on a condition, polled until a deadline whose failure names
+# what was awaited and the last answer seen; there are no fixed sleeps.
 # Skips (exit 0, with a message) only when prometheus/promtool are absent.
 set -euo pipefail
 
@@ -126,6 +130,21 @@ scrape() {  # scrape <port> <out file>
   curl -sf -m 5 "http://127.0.0.1:$1/metrics" >"$2"
 }
 
+# await <timeout s> <what> <command> [<arg>...]: runs the command (which
+# prints why not when it fails) every 0.5 s until it succeeds and leaves its
+# output in $why. Fails after the timeout naming what was awaited and the
+# command's last answer, or at once if the launcher has exited.
+await() {
+  local limit=$1 what=$2
+  local end=$((SECONDS + limit))
+  shift 2
+  until why=$("$@" 2>&1); do
+    launcher_alive
+    [ $SECONDS -lt $end ] || fail "waited ${limit} s for $what; last answer: ${why:-(none)}"
+    sleep 0.5
+  done
+}
+
 # Wait until every daemon serves /metrics and the workers have trained a few
 # steps (their lmps_step gauge appears after the first step).
 deadline=$((SECONDS + 60))
@@ -145,26 +164,10 @@ for w in $(seq 0 $((W - 1))); do
 done
 note "every daemon serves /metrics; the workers are training"
 
-# --- (a) promtool on every daemon's exposition ---------------------------------
-# Each scrape again now that every gauge has been set at least once (the
-# servers update theirs with each heartbeat, every lease/3).
-sleep 4
-for i in "${!names[@]}"; do
-  f="$tmp/${names[$i]}.prom"
-  scrape "${ports[$i]}" "$f" || fail "GET http://127.0.0.1:${ports[$i]}/metrics (${names[$i]})"
-  if ! out=$(promtool check metrics <"$f" 2>&1) || [ -n "$out" ]; then
-    fail "promtool check metrics rejects ${names[$i]} (127.0.0.1:${ports[$i]}): $out"
-  fi
-  daemon=${names[$i]%%-*}
-  grep -Eq "^lmps_[a-z_]+\{[^}]*daemon=\"$daemon\"" "$f" ||
-    fail "${names[$i]}: no lmps_ series with the constant label daemon=\"$daemon\""
-  note "ok: promtool check metrics accepts ${names[$i]} ($(grep -c '^# TYPE' "$f") families)"
-done
-
 # --- (c) the expected metric names ----------------------------------------------
-missing=()
 # need <daemon> <metric> [<label>=<value regex>|=<value regex>]...: some sample
-# of <metric> on <daemon> has every label (any order), and the value if given.
+# of <metric> on <daemon> has every label (any order), and the value if given;
+# if not, it is added to $missing.
 need() {
   local n=$1 m=$2 lines labels="" value=""
   shift 2
@@ -180,51 +183,78 @@ need() {
   done
   [ -n "$lines" ] || missing+=("$n: $m{$labels}$value")
 }
-for n in "${names[@]}"; do
-  case "$n" in
-    worker-*)
-      need "$n" lmps_step
-      need "$n" lmps_loss
-      need "$n" lmps_tokens_per_second
-      for phase in compute pull push wait; do
-        need "$n" lmps_step_phase_seconds "phase=$phase"
-      done
-      need "$n" lmps_rpc_total 'method=lmps\.ParameterServer/Push' code=OK
-      need "$n" lmps_rpc_total 'method=lmps\.ParameterServer/Pull' code=OK
-      need "$n" lmps_rpc_sent_bytes_total 'method=lmps\.ParameterServer/Push'
-      need "$n" lmps_rpc_received_bytes_total 'method=lmps\.ParameterServer/Pull'
-      need "$n" lmps_rpc_duration_seconds_bucket 'method=lmps\.ParameterServer/Push' 'le=\+Inf'
-      need "$n" lmps_node_info 'node_id=worker-[0-9]+' 'dp_rank=[0-9]+' role=worker
-      ;;
-    server-*)
-      for m in lmps_parameter_version lmps_grad_norm lmps_server_memory_bytes lmps_shard_parameters; do
-        need "$n" "$m"
-      done
-      need "$n" lmps_rejected_pushes_total reason=nonfinite
-      need "$n" lmps_rpc_total 'method=lmps\.ParameterServer/Push' code=OK
-      need "$n" lmps_node_info "node_id=$n" role=server "shard=${n#server-}"
-      ;;
-    scheduler)
-      need "$n" lmps_nodes_alive role=worker "=$W"
-      need "$n" lmps_nodes_alive role=server "=$S"
-      need "$n" lmps_heartbeat_age_seconds 'peer=worker-0'
-      need "$n" lmps_heartbeat_age_seconds "peer=server-$((S - 1))"
-      need "$n" lmps_loss
-      need "$n" lmps_step
-      need "$n" lmps_tokens_per_second
-      need "$n" lmps_job_state "=2"
-      need "$n" lmps_rpc_total 'method=lmps\.Scheduler/Heartbeat' code=OK
-      ;;
-  esac
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  printf '  missing: %s\n' "${missing[@]}" >&2
+# Scrapes every daemon into $tmp/<name>.prom and checks that each exports the
+# families below; prints what is missing (and what is exported) if not.
+expected_metrics() {
+  local i n
+  missing=()
   for i in "${!names[@]}"; do
-    echo "  ${names[$i]} (127.0.0.1:${ports[$i]}) exports:" $(sed -n 's/^# TYPE \([^ ]*\) .*/\1/p' "$tmp/${names[$i]}.prom") >&2
+    scrape "${ports[$i]}" "$tmp/${names[$i]}.prom" ||
+      { echo "GET http://127.0.0.1:${ports[$i]}/metrics (${names[$i]}) failed"; return 1; }
   done
-  fail "${#missing[@]} expected metric(s) missing"
-fi
+  for n in "${names[@]}"; do
+    case "$n" in
+      worker-*)
+        need "$n" lmps_step
+        need "$n" lmps_loss
+        need "$n" lmps_tokens_per_second
+        for phase in compute pull push wait; do
+          need "$n" lmps_step_phase_seconds "phase=$phase"
+        done
+        need "$n" lmps_rpc_total 'method=lmps\.ParameterServer/Push' code=OK
+        need "$n" lmps_rpc_total 'method=lmps\.ParameterServer/Pull' code=OK
+        need "$n" lmps_rpc_sent_bytes_total 'method=lmps\.ParameterServer/Push'
+        need "$n" lmps_rpc_received_bytes_total 'method=lmps\.ParameterServer/Pull'
+        need "$n" lmps_rpc_duration_seconds_bucket 'method=lmps\.ParameterServer/Push' 'le=\+Inf'
+        need "$n" lmps_node_info 'node_id=worker-[0-9]+' 'dp_rank=[0-9]+' role=worker
+        ;;
+      server-*)
+        for m in lmps_parameter_version lmps_grad_norm lmps_server_memory_bytes lmps_shard_parameters; do
+          need "$n" "$m"
+        done
+        need "$n" lmps_rejected_pushes_total reason=nonfinite
+        need "$n" lmps_rpc_total 'method=lmps\.ParameterServer/Push' code=OK
+        need "$n" lmps_node_info "node_id=$n" role=server "shard=${n#server-}"
+        ;;
+      scheduler)
+        need "$n" lmps_nodes_alive role=worker "=$W"
+        need "$n" lmps_nodes_alive role=server "=$S"
+        need "$n" lmps_heartbeat_age_seconds 'peer=worker-0'
+        need "$n" lmps_heartbeat_age_seconds "peer=server-$((S - 1))"
+        need "$n" lmps_loss
+        need "$n" lmps_step
+        need "$n" lmps_tokens_per_second
+        need "$n" lmps_job_state "=2"
+        need "$n" lmps_rpc_total 'method=lmps\.Scheduler/Heartbeat' code=OK
+        ;;
+    esac
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  echo "${#missing[@]} expected metric(s) missing:"
+  printf '  missing: %s\n' "${missing[@]}"
+  for i in "${!names[@]}"; do
+    echo "  ${names[$i]} (127.0.0.1:${ports[$i]}) exports:" $(sed -n 's/^# TYPE \([^ ]*\) .*/\1/p' "$tmp/${names[$i]}.prom")
+  done
+  return 1
+}
+# Some gauges are set only after a step or a heartbeat (the servers update
+# theirs with each heartbeat, every lease/3 = 3.3 s by default): scrape again
+# until every family is there.
+await 30 "every daemon to export the expected metric families" expected_metrics
 note "ok: every expected metric family is exported"
+
+# --- (a) promtool on every daemon's exposition ---------------------------------
+# The expositions just scraped, now that every gauge has been set.
+for i in "${!names[@]}"; do
+  f="$tmp/${names[$i]}.prom"
+  if ! out=$(promtool check metrics <"$f" 2>&1) || [ -n "$out" ]; then
+    fail "promtool check metrics rejects ${names[$i]} (127.0.0.1:${ports[$i]}): $out"
+  fi
+  daemon=${names[$i]%%-*}
+  grep -Eq "^lmps_[a-z_]+\{[^}]*daemon=\"$daemon\"" "$f" ||
+    fail "${names[$i]}: no lmps_ series with the constant label daemon=\"$daemon\""
+  note "ok: promtool check metrics accepts ${names[$i]} ($(grep -c '^# TYPE' "$f") families)"
+done
 
 # --- (b) a real Prometheus scraping the whole job ------------------------------
 {
@@ -289,55 +319,55 @@ elif what == "series":  # series <min count> [<lo> <hi>]: finite values in (lo, 
 
 query() { curl -sf -m 5 "$api/query" --data-urlencode "query=$1"; }
 
-deadline=$((SECONDS + 30))
-until why=$(curl -sf -m 5 "$api/targets" 2>&1 | check targets "${#names[@]}" 2>&1); do
-  launcher_alive
-  [ $SECONDS -lt $deadline ] || fail "Prometheus targets: $why"
-  sleep 0.5
-done
+# series <PromQL> <check series args>...: the instant query's answer passes
+# `check series`.
+series() { local q=$1; shift; query "$q" | check series "$@"; }
+targets_up() { curl -sf -m 5 "$api/targets" | check targets "${#names[@]}"; }
+
+await 30 "Prometheus to scrape all ${#names[@]} daemons (every target up)" targets_up
 note "ok: Prometheus scrapes every daemon: $why"
 
 # lmps_loss: the scheduler's job-level gauge and each worker's, finite and
 # below the loss of a uniform guess over 256 bytes (ln 256 = 5.545).
-expect_loss=$((1 + W))
-deadline=$((SECONDS + 20))
-until why=$(query 'lmps_loss' | check series "$expect_loss" 0 5.545 2>&1); do
-  launcher_alive
-  [ $SECONDS -lt $deadline ] || fail "query lmps_loss: $why"
-  sleep 0.5
-done
+await 20 "lmps_loss from the scheduler and $W workers, finite and below ln 256" \
+  series 'lmps_loss' $((1 + W)) 0 5.545
 note "ok: lmps_loss: $why"
 
-until why=$(query 'lmps_rpc_total{daemon="worker",method="lmps.ParameterServer/Push",code="OK"}' |
-            check series "$W" 0 1e18 2>&1); do
-  launcher_alive
-  [ $SECONDS -lt $deadline ] || fail "query lmps_rpc_total Push from the workers: $why"
-  sleep 0.5
-done
+await 20 "lmps_rpc_total{method=\"lmps.ParameterServer/Push\",code=\"OK\"} from $W workers" \
+  series 'lmps_rpc_total{daemon="worker",method="lmps.ParameterServer/Push",code="OK"}' "$W" 0 1e18
 note "ok: workers' lmps_rpc_total{method=\"lmps.ParameterServer/Push\"}: $why"
 
-why=$(query 'histogram_quantile(0.5, sum by (le) (rate(lmps_rpc_duration_seconds_bucket{daemon="worker",method="lmps.ParameterServer/Push"}[5s])))' |
-      check series 1 0 60 2>&1) || fail "median Push latency from the histogram: $why"
+# The median Push latency from the workers' histogram. The checks above pass
+# on the first scrape of each target (an instant query needs one sample),
+# but rate() needs at least two samples of a series inside its window, and
+# until each worker's buckets have them the quantile has no series at all.
+# So first wait for every worker's Push histogram to hold >= 2 samples in
+# the window, then for a finite median (NaN while no Push fell in the window).
+push_hist='lmps_rpc_duration_seconds_bucket{daemon="worker",method="lmps.ParameterServer/Push"'
+window=5s
+await 30 "each of the $W workers' Push latency histograms to hold >= 2 samples in the last $window (what rate() needs)" \
+  series "count_over_time(${push_hist},le=\"+Inf\"}[$window])" "$W" 1.5 1e9
+await 30 "a finite median Push latency from the workers' histogram (histogram_quantile over rate()[$window])" \
+  series "histogram_quantile(0.5, sum by (le) (rate(${push_hist}}[$window])))" 1 0 60
 note "ok: median Push latency (s): $why"
 
-# Training goes on while being scraped: the workers' step grows.
-first=$(query 'min(lmps_step{daemon="worker"})' | check series 1 2>&1) ||
-  fail "query lmps_step: $first"
-first=${first#*=}
-deadline=$((SECONDS + 20))
-while :; do
-  launcher_alive
-  now=$(query 'min(lmps_step{daemon="worker"})' | check series 1 2>&1) ||
-    fail "query lmps_step: $now"
+# Training goes on while being scraped: the workers' step grows. (A scrape
+# that times out on a loaded machine marks its series stale for a moment, so
+# even these instant queries are retried.)
+await 20 "min(lmps_step) of the workers" series 'min(lmps_step{daemon="worker"})' 1
+first=${why#*=}
+step_grew() {
+  local now
+  now=$(series 'min(lmps_step{daemon="worker"})' 1) || { echo "$now"; return 1; }
   now=${now#*=}
-  "$PY" -c 'import sys; sys.exit(0 if float(sys.argv[2]) > float(sys.argv[1]) else 1)' "$first" "$now" && break
-  [ $SECONDS -lt $deadline ] || fail "the workers' lmps_step did not grow in 20 s (stuck at $first)"
-  sleep 1
-done
-note "ok: min worker lmps_step grew from $first to $now while scraped"
+  echo "$now"
+  "$PY" -c 'import sys; sys.exit(0 if float(sys.argv[2]) > float(sys.argv[1]) else 1)' "$first" "$now"
+}
+await 20 "the workers' min lmps_step to grow beyond $first" step_grew
+note "ok: min worker lmps_step grew from $first to $why while scraped"
 
-why=$(query 'min(lmps_parameter_version)' | check series 1 0 1e12 2>&1) ||
-  fail "servers' lmps_parameter_version: $why"
+await 20 "the shards' min(lmps_parameter_version), finite and > 0" \
+  series 'min(lmps_parameter_version)' 1 0 1e12
 note "ok: shards' min lmps_parameter_version: $why"
 
 # --- stop the job ----------------------------------------------------------------
