@@ -298,7 +298,11 @@ absl::Status ReplicatedShard::FollowHeartbeat(
     if (role_ == Role::kPrimary && !backup_lost_ &&
         !response.backup_address().empty() &&
         response.backup_address() != current) {
-      attach = response.backup_address();
+      if (attach_wait_ > 0) {
+        --attach_wait_;
+      } else {
+        attach = response.backup_address();
+      }
     }
   }
   if (!attach.empty()) AttachBackup(make_link(attach), /*needs_snapshot=*/true);
@@ -534,6 +538,8 @@ void ReplicatedShard::MaybeSendSnapshotLocked() {
       link_ = link;
       backup_lost_ = true;
     }
+    attach_backoff_ = std::min(64, std::max(1, 2 * attach_backoff_));
+    attach_wait_ = attach_backoff_;
     EventLocked(absl::StrCat("shard ", shard_->shard(),
                              ": snapshot to the new backup at ",
                              link->address(), " failed (", r.status().ToString(),
@@ -545,6 +551,8 @@ void ReplicatedShard::MaybeSendSnapshotLocked() {
   if (epoch_ != epoch || role_ != Role::kPrimary) return;
   link_ = link;
   backup_lost_ = false;
+  attach_backoff_ = 0;
+  attach_wait_ = 0;
   EventLocked(absl::StrCat("shard ", shard_->shard(), ": backup at ",
                            link->address(), " attached with a snapshot at "
                            "version ",

@@ -50,8 +50,12 @@
 // AppliedSumSquares) with its epoch as a snapshot stream and forwards
 // everything from then on. A backup started with awaiting_snapshot refuses
 // forwarded operations (FAILED_PRECONDITION) until its snapshot arrived and
-// adopts the snapshot's epoch. A backup that starts with its primary (job
-// start, same start step) needs no snapshot: both initialise identically.
+// adopts the snapshot's epoch. A snapshot that fails may still have arrived
+// (only its answer lost), so the primary then needs the scheduler's leave
+// as for a failed forward, and waits 1, 2, 4 ... 64 heartbeat answers
+// before trying that backup again. A backup that starts with its primary
+// (job start, same start step) needs no snapshot: both initialise
+// identically.
 //
 // Thread-safety: thread-safe. Calls that change state hold a shared lock
 // across forward and local run; sending a snapshot holds it exclusively.
@@ -204,6 +208,11 @@ class ReplicatedShard {
   absl::Time lease_until_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   // Forwarding to link_ failed; waiting for HeartbeatResponse.detach_backup.
   bool backup_lost_ ABSL_GUARDED_BY(mu_) = false;
+  // After a failed snapshot the next attach waits this many heartbeat
+  // answers (doubling up to 64; 0 after a success): a live but unreachable
+  // backup costs a stall per attempt, not per heartbeat.
+  int attach_backoff_ ABSL_GUARDED_BY(mu_) = 0;
+  int attach_wait_ ABSL_GUARDED_BY(mu_) = 0;
   std::shared_ptr<BackupLink> link_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<BackupLink> pending_link_ ABSL_GUARDED_BY(mu_);
   std::vector<std::string> events_ ABSL_GUARDED_BY(mu_);

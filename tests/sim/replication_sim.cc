@@ -901,7 +901,25 @@ SimResult Job::Run() {
   }
   for (int r = 0; r < kDp; ++r) StartWorker(r);
   heal_at_ = world_.now();
-  if (options_.faults) ScheduleFaults();
+  if (options_.faults && options_.scenario == Scenario::kRandom) {
+    ScheduleFaults();
+  } else if (options_.faults) {
+    // Shard 0's primary cut off from its backup and from worker 1 (which
+    // reaches only the backup) for 800 ms, from step ~3 on; isolated: from
+    // the scheduler and worker 0 too.
+    std::vector<std::string> cut = {"backup-0", "w1"};
+    if (options_.scenario == Scenario::kSplitBrainPrimaryIsolated) {
+      cut.push_back(kScheduler);
+      cut.push_back("w0");
+    }
+    const absl::Time at = world_.now() + absl::Milliseconds(30);
+    heal_at_ = at + absl::Milliseconds(800);
+    for (const std::string& h : cut) {
+      faults_.push_back(absl::StrCat("partition server-0 | ", h, " for 800ms"));
+      world_.At(at, [this, h] { world_.Cut("server-0", h); });
+    }
+    world_.At(heal_at_, [this] { world_.HealAll(); });
+  }
   // After the heal: every host runs a process again (the launcher's
   // restarts), and the job must end within kLiveness.
   world_.At(heal_at_ + absl::Milliseconds(1), [this] {

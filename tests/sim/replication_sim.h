@@ -50,9 +50,21 @@ enum class Mutation {
   kSelfPromotion,
 };
 
+// Fixed fault schedules (instead of the seed's random one).
+enum class Scenario {
+  kRandom,
+  // The split brain of an asynchronous design: primary and backup of shard
+  // 0 are cut off from each other and worker 1 reaches only the backup,
+  // while the primary still hears the scheduler and worker 0...
+  kSplitBrainPrimaryHearsScheduler,
+  // ...or is cut off from the scheduler too.
+  kSplitBrainPrimaryIsolated,
+};
+
 struct SimOptions {
   uint64_t seed = 1;
   bool faults = true;
+  Scenario scenario = Scenario::kRandom;
   Mutation mutation = Mutation::kNone;
   bool verbose = false;  // every log line on stderr
 };

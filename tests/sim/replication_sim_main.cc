@@ -81,6 +81,24 @@ int main(int argc, char** argv) {
   const auto start = std::chrono::steady_clock::now();
   const std::map<int, std::string> reference = lmps::sim::RunReference();
   if (reference.empty()) return 1;
+  // The fixed split-brain schedules first.
+  for (auto scenario : {lmps::sim::Scenario::kSplitBrainPrimaryHearsScheduler,
+                        lmps::sim::Scenario::kSplitBrainPrimaryIsolated}) {
+    if (expect_violation) break;
+    lmps::sim::SimOptions o;
+    o.seed = first;
+    o.scenario = scenario;
+    o.mutation = mutation;
+    o.verbose = verbose;
+    const lmps::sim::SimResult r = lmps::sim::RunSeed(o, reference);
+    std::printf("split-brain schedule (%s): %s, %s\n",
+                scenario == lmps::sim::Scenario::kSplitBrainPrimaryIsolated
+                    ? "the primary cut off from everyone"
+                    : "the primary hears only the scheduler",
+                r.ok ? "every invariant held" : r.violation.c_str(),
+                r.outcome.c_str());
+    if (!r.ok) return 1;
+  }
   std::map<std::string, int> outcomes;
   int64_t events = 0;
   double sim_seconds = 0;
