@@ -125,6 +125,27 @@ class SchedulerCoreTest : public ::testing::Test {
     ASSERT_EQ(core_->CurrentState(), RUNNING);
   }
 
+  // A replicated job of one shard (primary p:1, backup b:1) and a worker.
+  void StartReplicatedJob() {
+    Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10),
+          /*backups=*/1);
+    RegisterRequest backup = Server("b:1", 0);
+    backup.set_backup(true);
+    Id(backup);
+    Id(Server("p:1", 0));
+    Id(Worker("host-0"));
+  }
+
+  // The primary stops heartbeating until its lease expired; meanwhile the
+  // backup sends `backup_beat` and the worker beats.
+  void PrimaryMissesItsLease(const HeartbeatRequest& backup_beat) {
+    clock_.Advance(absl::Seconds(8));
+    ASSERT_TRUE(core_->Heartbeat(backup_beat).ok());
+    ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
+    clock_.Advance(absl::Seconds(3));
+    core_->Tick();
+  }
+
   const NodeStatus* Find(const JobStatus& s, const std::string& id) {
     for (const NodeStatus& n : s.nodes()) {
       if (n.node_id() == id) return &n;
@@ -836,11 +857,7 @@ TEST_F(SchedulerCoreTest, ReplicatedShardFailsOverToItsBackup) {
   EXPECT_FALSE(r->promote());
 
   // The primary dies: the backup is promoted in epoch 2.
-  clock_.Advance(absl::Seconds(8));
-  ASSERT_TRUE(core_->Heartbeat(ReplicaBeat("backup-0", false, 1)).ok());
-  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
-  clock_.Advance(absl::Seconds(3));
-  core_->Tick();
+  PrimaryMissesItsLease(ReplicaBeat("backup-0", false, 1));
   EXPECT_TRUE(Logged("its backup backup-0 (b:1) takes over shard 0 in epoch 2"))
       << Log();
   r = core_->Heartbeat(ReplicaBeat("backup-0", false, 1));
@@ -905,13 +922,7 @@ TEST_F(SchedulerCoreTest, ReplicatedShardFailsOverToItsBackup) {
 // snapshot arrived it can be promoted; after the primary served without it
 // (detach, a new epoch) it cannot, until a new snapshot.
 TEST_F(SchedulerCoreTest, OnlyABackupOfTheCurrentEpochIsPromoted) {
-  Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10),
-        /*backups=*/1);
-  RegisterRequest backup = Server("b:1", 0);
-  backup.set_backup(true);
-  Id(backup);
-  Id(Server("p:1", 0));
-  Id(Worker("host-0"));
+  StartReplicatedJob();
   ASSERT_EQ(core_->CurrentState(), RUNNING);
   // The backup becomes unreachable for the primary, which asks to serve
   // alone: epoch 2, the backup is stale.
@@ -929,11 +940,7 @@ TEST_F(SchedulerCoreTest, OnlyABackupOfTheCurrentEpochIsPromoted) {
   EXPECT_TRUE(r->detach_backup());
   EXPECT_EQ(r->epoch(), 2);
   // The stale backup still reports epoch 1; the primary dies: no promotion.
-  clock_.Advance(absl::Seconds(8));
-  ASSERT_TRUE(core_->Heartbeat(ReplicaBeat("backup-0", false, 1)).ok());
-  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
-  clock_.Advance(absl::Seconds(3));
-  core_->Tick();
+  PrimaryMissesItsLease(ReplicaBeat("backup-0", false, 1));
   EXPECT_FALSE(core_->Heartbeat(ReplicaBeat("backup-0", false, 1))->promote());
   ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
   clock_.Advance(absl::Seconds(11));
@@ -946,21 +953,11 @@ TEST_F(SchedulerCoreTest, OnlyABackupOfTheCurrentEpochIsPromoted) {
 // The primary dies just after its new backup received the snapshot, before
 // the backup's heartbeat said so: the backup is promoted when it does.
 TEST_F(SchedulerCoreTest, ABackupWhoseReportLaggedIsPromoted) {
-  Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10),
-        /*backups=*/1);
-  RegisterRequest backup = Server("b:1", 0);
-  backup.set_backup(true);
-  Id(backup);
-  Id(Server("p:1", 0));
-  Id(Worker("host-0"));
+  StartReplicatedJob();
   HeartbeatRequest lost = ReplicaBeat("server-0", true, 1);
   lost.set_backup_lost(true);
   ASSERT_EQ(core_->Heartbeat(lost)->epoch(), 2);
-  clock_.Advance(absl::Seconds(8));
-  ASSERT_TRUE(core_->Heartbeat(ReplicaBeat("backup-0", false, 1)).ok());
-  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
-  clock_.Advance(absl::Seconds(3));
-  core_->Tick();
+  PrimaryMissesItsLease(ReplicaBeat("backup-0", false, 1));
   EXPECT_EQ(core_->CurrentState(), RUNNING);
   absl::StatusOr<HeartbeatResponse> r =
       core_->Heartbeat(ReplicaBeat("backup-0", false, 2));
@@ -976,13 +973,7 @@ TEST_F(SchedulerCoreTest, ABackupWhoseReportLaggedIsPromoted) {
 }
 
 TEST_F(SchedulerCoreTest, ABackupHoldingTheSnapshotIsPromoted) {
-  Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10),
-        /*backups=*/1);
-  RegisterRequest backup = Server("b:1", 0);
-  backup.set_backup(true);
-  Id(backup);
-  Id(Server("p:1", 0));
-  Id(Worker("host-0"));
+  StartReplicatedJob();
   HeartbeatRequest lost = ReplicaBeat("server-0", true, 1);
   lost.set_backup_lost(true);
   ASSERT_EQ(core_->Heartbeat(lost)->epoch(), 2);
@@ -990,11 +981,7 @@ TEST_F(SchedulerCoreTest, ABackupHoldingTheSnapshotIsPromoted) {
   EXPECT_EQ(core_->Heartbeat(ReplicaBeat("server-0", true, 2))->backup_address(),
             "b:1");
   ASSERT_TRUE(core_->Heartbeat(ReplicaBeat("backup-0", false, 2)).ok());
-  clock_.Advance(absl::Seconds(8));
-  ASSERT_TRUE(core_->Heartbeat(ReplicaBeat("backup-0", false, 2)).ok());
-  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
-  clock_.Advance(absl::Seconds(3));
-  core_->Tick();
+  PrimaryMissesItsLease(ReplicaBeat("backup-0", false, 2));
   EXPECT_EQ(core_->CurrentState(), RUNNING);
   absl::StatusOr<HeartbeatResponse> r =
       core_->Heartbeat(ReplicaBeat("backup-0", false, 2));
