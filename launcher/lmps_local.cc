@@ -253,6 +253,8 @@ class Launcher {
   // Flags for the serving daemons (scheduler, shards) and for the workers.
   std::vector<std::string> server_security_args_, worker_security_args_;
   Security security_;  // the launcher's status channel
+  std::unique_ptr<Scheduler::Stub> status_stub_;  // QueryStatus()
+  std::string status_stub_target_;
   int attempt_ = 0;             // job restarts after a lost shard
   std::string lost_server_;     // set by Reap() when a shard died
   // pp * tp > 1: a lost worker restarts the whole job too (its stage and
@@ -351,11 +353,15 @@ absl::Status Launcher::Start(const std::string& name, const std::string& binary,
 }
 
 absl::StatusOr<JobStatus> Launcher::QueryStatus() {
-  auto stub = Scheduler::NewStub(MakeChannel(scheduler_, nullptr, security_));
+  if (status_stub_ == nullptr || status_stub_target_ != scheduler_) {
+    status_stub_ =
+        Scheduler::NewStub(MakeChannel(scheduler_, nullptr, security_));
+    status_stub_target_ = scheduler_;
+  }
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
   JobStatus status;
-  grpc::Status s = stub->GetStatus(&ctx, GetStatusRequest(), &status);
+  grpc::Status s = status_stub_->GetStatus(&ctx, GetStatusRequest(), &status);
   if (!s.ok()) return FromGrpcStatus(s);
   return status;
 }
@@ -892,9 +898,7 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
 }
 
 absl::Status Launcher::Monitor() {
-  auto stub = Scheduler::NewStub(MakeChannel(scheduler_, nullptr, security_));
   const auto deadline = start_ + std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s));
-  JobStatus last;
   while (!AllExited("worker")) {
     if (g_interrupted) {
       return absl::CancelledError("interrupted; stopped every process");
@@ -904,12 +908,9 @@ absl::Status Launcher::Monitor() {
           "the job did not finish within --timeout_s=", absl::GetFlag(FLAGS_timeout_s)));
     }
     LMPS_RETURN_IF_ERROR(Reap());
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
-    JobStatus status;
-    if (stub->GetStatus(&ctx, GetStatusRequest(), &status).ok()) {
+    if (absl::StatusOr<JobStatus> polled = QueryStatus(); polled.ok()) {
+      const JobStatus& status = *polled;
       if (status.state() == FAILED) return JobFailed(status);
-      last = status;
       Progress(status, false);
       MaybeInjectServerFault(status);
       MaybeResize(status);
@@ -1054,16 +1055,12 @@ absl::Status Launcher::Run() {
     first_step_ = -1;
     last_printed_step_ = -1;
   }
-  auto stub = Scheduler::NewStub(MakeChannel(scheduler_, nullptr, security_));
   JobStatus last;
   LMPS_RETURN_IF_ERROR(Reap());
-  {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
-    JobStatus status;
-    if (stub->GetStatus(&ctx, GetStatusRequest(), &status).ok()) last = status;
-    Progress(last, true);
+  if (absl::StatusOr<JobStatus> polled = QueryStatus(); polled.ok()) {
+    last = *polled;
   }
+  Progress(last, true);
   // Servers and the scheduler exit on their own once the job is finished.
   const auto wait_until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (!(AllExited("server") && AllExited("backup") &&

@@ -282,8 +282,7 @@ void SchedulerCore::ReplicationHeartbeatLocked(Node* n,
     }
     if (request.serving_primary()) {
       // It still serves although the scheduler moved the shard (its lease
-      // had expired): it stops now.
-      // It exits: its slot is open for a replacement at once.
+      // had expired): it stops and exits, so its slot is open at once.
       r->set_fenced(true);
       n->alive = false;
       n->down_since = now;
