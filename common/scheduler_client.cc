@@ -18,6 +18,7 @@ absl::StatusOr<RegisterResponse> SchedulerClient::Register(
     if (last.ok()) {
       absl::MutexLock lock(&mu_);
       node_id_ = resp.node_id();
+      incarnation_ = resp.incarnation();
       if (resp.lease_ms() > 0) lease_ = absl::Milliseconds(resp.lease_ms());
       return resp;
     }
@@ -71,7 +72,11 @@ absl::StatusOr<HeartbeatResponse> SchedulerClient::Heartbeat(
   HeartbeatResponse resp;
   absl::Status s;
   for (int attempt = 0; attempt < 2; ++attempt) {
-    request.set_node_id(node_id());
+    {
+      absl::MutexLock lock(&mu_);
+      request.set_node_id(node_id_);
+      request.set_incarnation(incarnation_);
+    }
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
     s = FromGrpcStatus(stub_->Heartbeat(&ctx, request, &resp));

@@ -37,7 +37,8 @@ class SchedulerClient {
                                             absl::Duration timeout);
   // Waits for this node's assignment (the job must assemble in `timeout`).
   absl::StatusOr<Assignment> WaitForAssignment(absl::Duration timeout);
-  // One heartbeat; `request.node_id` is filled in. After EnableRejoin, a
+  // One heartbeat; `request.node_id` and `incarnation` are filled in (a
+  // replaced registration is answered `fenced`). After EnableRejoin, a
   // NOT_FOUND answer (the scheduler restarted and does not know this node)
   // makes it register again with that request and repeat the heartbeat.
   absl::StatusOr<HeartbeatResponse> Heartbeat(HeartbeatRequest request,
@@ -58,6 +59,8 @@ class SchedulerClient {
   std::string address_;
   mutable absl::Mutex mu_;
   std::string node_id_ ABSL_GUARDED_BY(mu_);
+  // RegisterResponse.incarnation, sent with every heartbeat.
+  int64_t incarnation_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Duration lease_ = absl::Seconds(10);
   bool rejoin_enabled_ ABSL_GUARDED_BY(mu_) = false;
   RegisterRequest rejoin_ ABSL_GUARDED_BY(mu_);

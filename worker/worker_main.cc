@@ -582,6 +582,14 @@ absl::Status RunWorker(bool* register_again) {
           if (trainer) trainer->Cancel();
           if (pipeline_trainer) pipeline_trainer->Cancel();
         }
+        if (r.ok() && r->fenced() && !failure_logged.exchange(true)) {
+          // Its slot went to a newer process while this one was cut off
+          // or frozen past its lease.
+          Log(id, "the scheduler gave this worker's slot to a newer "
+                  "registration; stopping");
+          if (trainer) trainer->Cancel();
+          if (pipeline_trainer) pipeline_trainer->Cancel();
+        }
         if (r.ok() && r->peers_lost() && pipeline && !peers_lost.exchange(true)) {
           // Nothing more comes from the lost peer: end the waits now (the
           // step fails UNAVAILABLE and the trainer awaits the stop).

@@ -918,6 +918,39 @@ TEST_F(SchedulerCoreTest, ReplicatedShardFailsOverToItsBackup) {
       << core_->StateMessage();
 }
 
+// A process whose slot went to a newer registration (it was frozen past
+// its lease) is told it is fenced off and changes nothing of the slot.
+TEST_F(SchedulerCoreTest, AReplacedRegistrationIsFenced) {
+  StartReplicatedJob();
+  // The backup freezes; its lease expires and a new process takes its slot.
+  clock_.Advance(absl::Seconds(8));
+  ASSERT_TRUE(core_->Heartbeat(ReplicaBeat("server-0", true, 1)).ok());
+  ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
+  clock_.Advance(absl::Seconds(3));
+  core_->Tick();
+  RegisterRequest again = Server("b:2", 0);
+  again.set_backup(true);
+  absl::StatusOr<RegisterResponse> r = core_->Register(again);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->node_id(), "backup-0");
+  const int64_t newer = r->incarnation();
+  EXPECT_GT(newer, 0);
+  // The frozen process wakes up and heartbeats under the same node id.
+  HeartbeatRequest old = ReplicaBeat("backup-0", false, 1);
+  old.set_incarnation(newer - 1);
+  absl::StatusOr<HeartbeatResponse> answer = core_->Heartbeat(old);
+  ASSERT_TRUE(answer.ok());
+  EXPECT_TRUE(answer->fenced());
+  const JobStatus status = core_->Status();
+  const NodeStatus* b = Find(status, "backup-0");
+  ASSERT_NE(b, nullptr);
+  EXPECT_EQ(b->address(), "b:2");
+  EXPECT_TRUE(b->needs_snapshot());  // the new process has no copy yet
+  HeartbeatRequest current = ReplicaBeat("backup-0", false, 1, true);
+  current.set_incarnation(newer);
+  EXPECT_FALSE(core_->Heartbeat(current)->fenced());
+}
+
 // A backup counts as a complete copy only in the current epoch: once its
 // snapshot arrived it can be promoted; after the primary served without it
 // (detach, a new epoch) it cannot, until a new snapshot.
