@@ -175,11 +175,6 @@ void ReplicatedShard::EventLocked(const std::string& line) {
   if (options_.log) options_.log(line);
 }
 
-void ReplicatedShard::Event(const std::string& line) {
-  absl::MutexLock lock(&mu_);
-  EventLocked(line);
-}
-
 ReplicateRequest ReplicatedShard::Header(int64_t epoch) const {
   ReplicateRequest r;
   r.set_shard(shard_->shard());

@@ -163,7 +163,8 @@ class ReplicatedShard {
   bool awaiting_snapshot() const;
   // The attached (or being attached) backup's address, or "".
   std::string backup_address() const;
-  // Events (takeover, fenced, backup lost or attached) since the last call.
+  // Events (takeover, fenced, backup lost or attached) not yet taken here
+  // or by FillHeartbeat.
   std::vector<std::string> TakeEvents();
   // Counters for metrics.
   int64_t forwarded_ops() const;
@@ -185,7 +186,6 @@ class ReplicatedShard {
   // gradients. Requires op_mu_ held exclusively.
   void MaybeSendSnapshotLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu_);
   absl::Status RestoreFrom(const std::vector<ReplicateRequest>& stream);
-  void Event(const std::string& line) ABSL_LOCKS_EXCLUDED(mu_);
   void EventLocked(const std::string& line) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The backup behind `link` failed an operation: acknowledge nothing more
   // until the scheduler allows serving without it (if it is still the
