@@ -36,7 +36,7 @@
 # imbalance: common/parallel_layout.h splits the layers by FLOPs, the last
 # stage also holds the LM head) and their sum against T1 (work the split
 # adds: activation messages, per-micro-batch overheads). Last line, for the
-# README:
+# docs/benchmarks.md:
 #   pipeline pp=2 m=8: ideal/measured X.XX
 # The pp=1 baseline runs with one worker on one core while the pp=2 runs use
 # both cores (plus the scheduler's and shard's threads): on a shared machine

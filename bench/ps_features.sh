@@ -19,7 +19,7 @@
 #   base       --overlap_push=true, no backups (what a CUDA worker does)
 #   no_overlap --overlap_push=false
 #   replicated layout.shard_backups: 1 (4 server processes)
-# Last lines, for the README:
+# Last lines, for docs/benchmarks.md:
 #   push overlap: step time no_overlap/base X.XX
 #   shard replication: step time replicated/base X.XX
 # Ends with `bazel shutdown`: nothing is left running.

@@ -1,6 +1,6 @@
 // The job specification: parsing from protobuf text format, defaults and
 // validation. Errors name the field (or line and column) and say what would
-// be valid. See README "Configuration reference" for every field.
+// be valid. See docs/configuration.md, "Configuration reference", for every field.
 //
 // Thread-safety: pure functions.
 #ifndef LMPS_COMMON_JOB_SPEC_H_

@@ -24,7 +24,7 @@ For every method of every daemon the client sends, with seeded randomness:
     itself get garbage too.
 
 THE RULE (what the client never sends). Without authentication every
-daemon obeys any well-formed control call (README, Security), so a hostile
+daemon obeys any well-formed control call (docs/security.md), so a hostile
 request must be one the protocol says the daemon refuses, or a pure read.
 Before anything is sent, the client decodes its bytes with the method's
 request type (Debian's python3-protobuf is the daemons' C++ runtime); if
@@ -1194,7 +1194,7 @@ def discover_methods(daemon, refl_pb2, health_pb2):
                 service, md.name, rct.message_class(pool, md.input_type.full_name),
                 rct.message_class(pool, md.output_type.full_name),
                 md.client_streaming, md.server_streaming))
-    # Health is not described by reflection (README); reflection describes
+    # Health is not described by reflection (docs/operations.md); reflection describes
     # itself, but the compiled copy is the same.
     for mod, service in [(health_pb2, "grpc.health.v1.Health"),
                          (refl_pb2, "grpc.reflection.v1alpha.ServerReflection")]:

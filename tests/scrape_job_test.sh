@@ -12,7 +12,7 @@
 #      method="lmps.ParameterServer/Push", and the median Push latency from
 #      their `lmps_rpc_duration_seconds` histogram (histogram_quantile over
 #      rate()) is finite;
-#  (c) each daemon exports the metric families the README and the Grafana
+#  (c) each daemon exports the metric families docs/operations.md and the Grafana
 #      dashboard rely on (worker, server and scheduler lists below).
 # Then the job is stopped (SIGTERM to the launcher, which stops its
 # children). Every process this script starts is reaped on every exit path.
