@@ -104,6 +104,10 @@ if [ ${#failed[@]} -ne 0 ]; then
   echo "run_fuzzers: ${#failed[@]} target(s) failed: ${failed[*]}" >&2
   exit 1
 fi
+if [ "$skipped" -gt 0 ]; then
+  # For scripts/test.sh: clang and libclang-rt are in scripts/install_deps.sh.
+  echo "LMPS_SKIP(installable): $skipped of ${#targets[@]} fuzz targets are stubs (clang/libFuzzer missing where they were built: apt-get install clang libclang-rt-14-dev)"
+fi
 if [ "$skipped" -eq ${#targets[@]} ]; then
   echo "run_fuzzers: every target SKIPPED (clang/libFuzzer missing where they were built)"
 elif [ "$skipped" -gt 0 ]; then

@@ -1,5 +1,6 @@
 // Bad input at the process level: each gets a clear error and an exit
 // status, never a hang. (RPC-level bad pushes are in server/service_test.)
+#include <filesystem>
 #include <string>
 
 #include "absl/strings/numbers.h"
@@ -87,13 +88,35 @@ TEST(BadInputTest, AJobThatNeverAssemblesNamesWhatIsMissing) {
   EXPECT_TRUE(Contains(r.output, "server")) << r.output;
 }
 
-TEST(BadInputTest, CudaBackendWithoutGpuFailsAtStart) {
+TEST(BadInputTest, CpuBinaryRefusesCudaNamingTheCudaBinary) {
   CommandResult r = RunCommand({BinaryPath("worker/lmps_worker"), "--scheduler=127.0.0.1:1",
-                         "--backend=cuda:0", "--assemble_timeout_s=2"},
-                        30);
-  EXPECT_NE(r.exit_code, 0) << r.output;
-  EXPECT_TRUE(Contains(r.output, "cuda")) << r.output;
+                                "--backend=cuda:0", "--assemble_timeout_s=2"},
+                               30);
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(Contains(r.output, "FAILED_PRECONDITION: backend 'cuda:0': this binary has "
+                                 "no CUDA backend; use lmps_worker_cuda"))
+      << r.output;
 }
+
+#ifdef LMPS_HAVE_CUDA
+// The CUDA worker asked for a device it cannot have fails at start, before
+// joining a job, naming the device: without a GPU any index (the CUDA
+// runtime's reason), with one an index past the last device.
+TEST(BadInputTest, CudaWorkerOnAMissingDeviceFailsAtStart) {
+  const bool gpu = std::filesystem::exists("/dev/nvidia0");
+  const std::string device = gpu ? "cuda:99" : "cuda:0";
+  CommandResult r = RunCommand({BinaryPath("worker/lmps_worker_cuda"), "--scheduler=127.0.0.1:1",
+                                "--backend=" + device, "--assemble_timeout_s=2"},
+                               30);
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(Contains(r.output, "FAILED_PRECONDITION: backend '" + device + "': "))
+      << r.output;
+  EXPECT_TRUE(Contains(r.output, gpu ? "device 99 is outside [0, "
+                                     : "no CUDA device: cudaGetDeviceCount"))
+      << r.output;
+  EXPECT_FALSE(Contains(r.output, "[worker] backend ")) << r.output;
+}
+#endif
 
 TEST(BadInputTest, UnknownBackendIsRejected) {
   CommandResult r = RunCommand({BinaryPath("worker/lmps_worker"), "--scheduler=127.0.0.1:1",

@@ -14,7 +14,8 @@
 #     rules, test rules), and so do the dashboard's queries;
 #  5. the Grafana dashboard parses and shows every metric family;
 #  6. the Dockerfiles run the binaries as a non-root user.
-# Without kubectl the test is skipped (exit 0, with a message); without
+# Without kubectl the test is skipped (exit 0, with an LMPS_SKIP line that
+# scripts/test.sh counts); without
 # node/npm, or when npm cannot install, it fails saying so.
 set -euo pipefail
 
@@ -33,8 +34,8 @@ else
 fi
 
 if ! command -v kubectl >/dev/null; then
-  note "SKIP: kubectl is not installed, so kustomize cannot render deploy/k8s" \
-       "(install kubectl to run this test)"
+  echo "LMPS_SKIP(environment): kubectl is not installed, so kustomize cannot render deploy/k8s" \
+       "(install kubectl to run this test; scripts/install_deps.sh does not install it)"
   exit 0
 fi
 note "kubectl: $(kubectl version --client 2>/dev/null | head -1)"

@@ -13,7 +13,7 @@ set -euo pipefail
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
-  echo "SKIP: promtool/prometheus not installed (apt-get install prometheus)"
+  echo "LMPS_SKIP(installable): promtool/prometheus not installed (apt-get install prometheus)"
   exit 0
 fi
 for tool in curl python3; do

@@ -16,7 +16,7 @@
 # checkpoint, every node registered with its own address, and the scheduler
 # (which stays up) reports FINISHED on its /metrics, read from another host.
 # Namespaces, links and processes are removed on every exit path.
-# Needs root; skips (exit 0, with a message) when not root or when network
+# Needs root; skips (exit 0, with an LMPS_SKIP line) when not root or when network
 # namespaces / veth / bridges cannot be created (an unprivileged sandbox).
 set -euo pipefail
 
@@ -24,10 +24,10 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 note() { echo "multihost_netns_test: $*"; }
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "SKIP: needs root to create network namespaces (run as root)"
+  echo "LMPS_SKIP(environment): needs root to create network namespaces (run as root)"
   exit 0
 fi
-command -v ip >/dev/null || { echo "SKIP: iproute2 (ip) is not installed"; exit 0; }
+command -v ip >/dev/null || { echo "LMPS_SKIP(installable): iproute2 (ip) is not installed"; exit 0; }
 command -v curl >/dev/null || fail "curl is needed"
 
 runfiles="${TEST_SRCDIR:-}/${TEST_WORKSPACE:-lmps}"
@@ -95,11 +95,11 @@ add_ns() {
 
 # The switch; if this much fails, the environment cannot do it: skip.
 if ! add_ns "$sw"; then
-  echo "SKIP: 'ip netns add' failed ($(cat "$tmp/netns.err")); network namespaces are unavailable here"
+  echo "LMPS_SKIP(environment): 'ip netns add' failed ($(cat "$tmp/netns.err")); network namespaces are unavailable here"
   exit 0
 fi
 if ! ip -n "$sw" link add br0 type bridge 2>"$tmp/netns.err"; then
-  echo "SKIP: cannot create a bridge in a network namespace ($(cat "$tmp/netns.err"))"
+  echo "LMPS_SKIP(environment): cannot create a bridge in a network namespace ($(cat "$tmp/netns.err"))"
   exit 0
 fi
 ip -n "$sw" link set br0 up
@@ -107,7 +107,7 @@ for h in "${hosts[@]}"; do
   ns="$pfx-$h"
   add_ns "$ns" || fail "ip netns add $ns: $(cat "$tmp/netns.err")"
   if ! ip link add eth0 netns "$ns" type veth peer name "p-$h" netns "$sw" 2>"$tmp/netns.err"; then
-    [ "$h" = sched ] && { echo "SKIP: cannot create veth pairs ($(cat "$tmp/netns.err"))"; exit 0; }
+    [ "$h" = sched ] && { echo "LMPS_SKIP(environment): cannot create veth pairs ($(cat "$tmp/netns.err"))"; exit 0; }
     fail "veth for $h: $(cat "$tmp/netns.err")"
   fi
   ip -n "$sw" link set "p-$h" master br0 up

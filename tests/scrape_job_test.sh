@@ -25,7 +25,7 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 note() { echo "scrape_job_test: $*"; }
 
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
-  echo "SKIP: promtool/prometheus not installed (apt-get install prometheus)"
+  echo "LMPS_SKIP(installable): promtool/prometheus not installed (apt-get install prometheus)"
   exit 0
 fi
 command -v curl >/dev/null || fail "curl is needed"

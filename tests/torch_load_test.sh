@@ -6,7 +6,7 @@
 # orders; a wrong name, layout or transpose changes the loss by > 0.1).
 set -euo pipefail
 if ! /usr/bin/python3 -c "import torch" 2>/dev/null; then
-  echo "SKIP: PyTorch is not installed (apt-get install python3-torch)"
+  echo "LMPS_SKIP(installable): PyTorch is not installed (apt-get install python3-torch)"
   exit 0
 fi
 root="${TEST_SRCDIR}/${TEST_WORKSPACE}"

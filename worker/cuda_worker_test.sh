@@ -33,9 +33,22 @@ out=$("$bin" --scheduler=127.0.0.1:1 --backend=cuda:0 --assemble_timeout_s=2 2>&
 if grep -q 'cannot load the CUDA backend' <<<"$out"; then
   fail "the plugin did not load: $out"
 fi
-if ! grep -q 'no CUDA device\|registered\|scheduler' <<<"$out"; then
-  fail "unexpected answer to --backend=cuda:0: $out"
+# The backend the worker reports must be CUDA where there is a GPU; without
+# one the worker must fail with the runtime's reason before choosing any
+# backend (never fall back to the CPU).
+if ls /dev/nvidia[0-9]* >/dev/null 2>&1; then
+  grep -q '^\[worker\] backend cuda (--backend=cuda:0)' <<<"$out" ||
+    fail "with a GPU, --backend=cuda:0 did not report the CUDA backend: $out"
+else
+  grep -q "error: FAILED_PRECONDITION: backend 'cuda:0': no CUDA device" <<<"$out" ||
+    fail "without a GPU, --backend=cuda:0 did not fail naming the missing device: $out"
+  if grep -q '^\[worker\] backend ' <<<"$out"; then
+    fail "without a GPU, the worker chose a backend anyway: $out"
+  fi
 fi
+out=$("$bin" --scheduler=127.0.0.1:1 --backend=cpu --assemble_timeout_s=1 2>&1 || true)
+grep -q '^\[worker\] backend cpu (--backend=cpu)' <<<"$out" ||
+  fail "--backend=cpu did not report the CPU backend: $out"
 # A copy of the binary inside another target's runfiles tree (as when it is
 # that target's data) with no runfiles of its own finds the plugin there.
 tree="${TEST_TMPDIR:-/tmp}/other.runfiles/lmps/worker"

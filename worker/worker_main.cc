@@ -148,6 +148,10 @@ absl::Status RunWorker(bool* register_again) {
                         CreateBackend(absl::GetFlag(FLAGS_backend), threads,
                                       absl::GetFlag(FLAGS_cuda_matmul),
                                       absl::GetFlag(FLAGS_cuda_backend_lib)));
+  // Says which backend computes (tests check that --backend=cuda never falls
+  // back to the CPU).
+  Log("worker", absl::StrCat("backend ", std::string(backend->name()),
+                             " (--backend=", absl::GetFlag(FLAGS_backend), ")"));
 
   LMPS_ASSIGN_OR_RETURN(const Security security,
                         Security::Load(SecurityOptionsFromFlags()));
