@@ -1,12 +1,24 @@
 #include "common/job_spec.h"
 
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
 
 namespace lmps {
 namespace {
+
+// The spec is refused with InvalidArgument and a message containing
+// `needle` (the key phrase a user reads).
+void ExpectInvalid(const std::string& text, const std::string& needle) {
+  absl::StatusOr<JobSpec> spec = ParseJobSpec(text);
+  ASSERT_FALSE(spec.ok()) << text;
+  EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument)
+      << text << " -> " << spec.status();
+  EXPECT_NE(spec.status().message().find(needle), std::string::npos)
+      << text << " -> " << spec.status() << "; want: " << needle;
+}
 
 TEST(JobSpecTest, EmptyTextGivesDefaults) {
   auto spec = ParseJobSpec("");
@@ -48,47 +60,31 @@ TEST(JobSpecTest, NegativeIntervalsTurnEvalAndCheckpointsOff) {
 }
 
 TEST(JobSpecTest, MalformedTextNamesLineAndColumn) {
-  auto spec = ParseJobSpec("model {\n  n_layer: two\n}");
-  ASSERT_FALSE(spec.ok());
-  EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(spec.status().message().find("line 2"), std::string::npos)
-      << spec.status();
+  ExpectInvalid("model {\n  n_layer: two\n}", "line 2");
 }
 
 TEST(JobSpecTest, UnknownFieldIsAnError) {
-  auto spec = ParseJobSpec("modle { n_layer: 2 }");
-  ASSERT_FALSE(spec.ok());
-  EXPECT_NE(spec.status().message().find("modle"), std::string::npos);
+  ExpectInvalid("modle { n_layer: 2 }", "modle");
 }
 
 TEST(JobSpecTest, IndivisibleBatchSaysWhatIsValid) {
-  auto spec = ParseJobSpec("train { batch_size: 5 } layout { dp: 2 }");
-  ASSERT_FALSE(spec.ok());
-  EXPECT_NE(spec.status().message().find("multiples of 2"), std::string::npos)
-      << spec.status();
+  ExpectInvalid("train { batch_size: 5 } layout { dp: 2 }", "multiples of 2");
 }
 
 TEST(JobSpecTest, RejectsBadModelAndLayout) {
-  EXPECT_FALSE(ParseJobSpec("model { n_embd: 30 n_head: 4 }").ok());
-  EXPECT_FALSE(ParseJobSpec("optimizer { lr: -1 }").ok());
+  ExpectInvalid("model { n_embd: 30 n_head: 4 }",
+                "n_embd (30) must be divisible by n_head (4)");
+  ExpectInvalid("optimizer { lr: -1 }",
+                "optimizer: need 0 < lr and 0 <= min_lr <= lr (got lr=-1");
 }
 
 TEST(JobSpecTest, ParallelLayoutsAreCheckedSayingWhatIsValid) {
   auto ok = ParseJobSpec("model { n_layer: 4 n_head: 4 } layout { pp: 2 tp: 2 }");
   ASSERT_TRUE(ok.ok()) << ok.status();
   EXPECT_EQ(ok->layout().schedule(), ONE_F_ONE_B);
-  auto heads = ParseJobSpec("model { n_head: 4 } layout { tp: 3 }");
-  ASSERT_FALSE(heads.ok());
-  EXPECT_NE(heads.status().message().find("valid tp: 1, 2, 4"),
-            std::string::npos) << heads.status();
-  auto stages = ParseJobSpec("model { n_layer: 2 } layout { pp: 3 }");
-  ASSERT_FALSE(stages.ok());
-  EXPECT_NE(stages.status().message().find("valid: pp in [1, 2]"),
-            std::string::npos) << stages.status();
-  auto async = ParseJobSpec("train { mode: ASYNC } layout { pp: 2 }");
-  ASSERT_FALSE(async.ok());
-  EXPECT_NE(async.status().message().find("SYNC, BOUNDED_STALENESS"),
-            std::string::npos) << async.status();
+  ExpectInvalid("model { n_head: 4 } layout { tp: 3 }", "valid tp: 1, 2, 4");
+  ExpectInvalid("model { n_layer: 2 } layout { pp: 3 }", "valid: pp in [1, 2]");
+  ExpectInvalid("train { mode: ASYNC } layout { pp: 2 }", "SYNC, BOUNDED_STALENESS");
 }
 
 TEST(JobSpecTest, ConsistencyModesParse) {
@@ -134,17 +130,10 @@ TEST(JobSpecTest, BadConsistencySettingsSayWhatIsValid) {
             "debug_slow_worker_rank 2 is not a data-parallel rank; valid: "
             "[0, 2)"},
        }) {
-    auto spec = ParseJobSpec(c.text);
-    ASSERT_FALSE(spec.ok()) << c.text;
-    EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
-    EXPECT_NE(spec.status().message().find(c.needle), std::string::npos)
-        << c.text << " -> " << spec.status();
+    ExpectInvalid(c.text, c.needle);
   }
   // A misspelt mode name is a parse error naming the value.
-  auto bad = ParseJobSpec("train { mode: EVENTUAL }");
-  ASSERT_FALSE(bad.ok());
-  EXPECT_NE(bad.status().message().find("EVENTUAL"), std::string::npos)
-      << bad.status();
+  ExpectInvalid("train { mode: EVENTUAL }", "EVENTUAL");
 }
 
 // The shipped examples parse, and default.textproto really is the defaults.

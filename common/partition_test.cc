@@ -63,12 +63,25 @@ TEST(PartitionTest, IsAPureFunctionWithAVersion) {
             static_cast<size_t>(a->chunks_size()));
 }
 
+// Each bad argument is InvalidArgument naming what is wrong.
+void ExpectInvalid(const absl::StatusOr<PartitionMap>& map,
+                   const std::string& needle) {
+  ASSERT_FALSE(map.ok()) << "want an error containing: " << needle;
+  EXPECT_EQ(map.status().code(), absl::StatusCode::kInvalidArgument)
+      << map.status();
+  EXPECT_NE(map.status().message().find(needle), std::string::npos)
+      << map.status() << "; want: " << needle;
+}
+
 TEST(PartitionTest, RejectsBadArguments) {
-  EXPECT_FALSE(ComputePartition(Model(), 0, 4096).ok());
-  EXPECT_FALSE(ComputePartition(Model(), 2, 2).ok());
+  ExpectInvalid(ComputePartition(Model(), 0, 4096),
+                "num_shards must be positive, got 0");
+  ExpectInvalid(ComputePartition(Model(), 2, 2),
+                "max_chunk_bytes must be at least 4, got 2");
   ModelConfig bad = Model();
   bad.set_n_head(3);
-  EXPECT_FALSE(ComputePartition(bad, 2, 4096).ok());
+  ExpectInvalid(ComputePartition(bad, 2, 4096),
+                "n_embd (32) must be divisible by n_head (3)");
 }
 
 }  // namespace

@@ -92,16 +92,31 @@ TEST(SafetensorsTest, ReadsHandWrittenFileInAnyKeyOrder) {
   EXPECT_EQ(parsed->metadata.at("k\xc3\xa9y"), "v\"");
 }
 
-TEST(SafetensorsTest, WriterRejectsBadInput) {
-  EXPECT_FALSE(SerializeSafetensors({{"a", {3}, {1, 2}}}).ok());
-  EXPECT_FALSE(SerializeSafetensors({{"a", {1}, {1}}, {"a", {1}, {1}}}).ok());
-  EXPECT_FALSE(SerializeSafetensors({{"", {1}, {1}}}).ok());
-  EXPECT_FALSE(SerializeSafetensors({{"a", {-1}, {}}}).ok());
+void ExpectWriterError(const std::vector<SafeTensor>& tensors,
+                       const std::string& needle) {
+  absl::StatusOr<std::string> bytes = SerializeSafetensors(tensors);
+  ASSERT_FALSE(bytes.ok()) << "expected error containing: " << needle;
+  EXPECT_EQ(bytes.status().code(), absl::StatusCode::kInvalidArgument)
+      << bytes.status();
+  EXPECT_NE(bytes.status().message().find(needle), std::string::npos)
+      << bytes.status() << "; want: " << needle;
 }
 
-void ExpectError(const std::string& bytes, const std::string& needle) {
+TEST(SafetensorsTest, WriterRejectsBadInput) {
+  ExpectWriterError({{"a", {3}, {1, 2}}},
+                    "tensor 'a' has shape [3] (3 elements) but 2 values");
+  ExpectWriterError({{"a", {1}, {1}}, {"a", {1}, {1}}}, "tensor 'a' appears twice");
+  ExpectWriterError({{"", {1}, {1}}}, "invalid tensor name ''");
+  ExpectWriterError({{"a", {-1}, {}}}, "tensor 'a' has a negative dimension");
+}
+
+// A corrupt file is DataLoss (an unsupported dtype InvalidArgument) with a
+// message naming the file and what is wrong.
+void ExpectError(const std::string& bytes, const std::string& needle,
+                 absl::StatusCode code = absl::StatusCode::kDataLoss) {
   auto parsed = ParseSafetensors(bytes, "f.safetensors");
   ASSERT_FALSE(parsed.ok()) << "expected error containing: " << needle;
+  EXPECT_EQ(parsed.status().code(), code) << parsed.status();
   EXPECT_NE(parsed.status().message().find(needle), std::string::npos)
       << parsed.status();
   EXPECT_NE(parsed.status().message().find("f.safetensors"), std::string::npos)
@@ -130,7 +145,7 @@ TEST(SafetensorsTest, CorruptFilesGiveClearErrors) {
   ExpectError(
       Raw("{\"a\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[0,4]}}",
           "abcd"),
-      "only F32");
+      "only F32", absl::StatusCode::kInvalidArgument);
   ExpectError(
       Raw("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,0]}}",
           Floats({1, 2})),

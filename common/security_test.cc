@@ -98,34 +98,34 @@ TEST(SecurityLoadTest, MutualTlsWithToken) {
   EXPECT_EQ(s.Describe(), "TLS with client certificates (mutual) + token");
 }
 
+// Security::Load refuses `o` with InvalidArgument and a message containing
+// `needle` (the flag and what to do).
+void ExpectLoadError(const SecurityOptions& o, const std::string& needle) {
+  absl::StatusOr<Security> s = Security::Load(o);
+  ASSERT_FALSE(s.ok()) << "want an error containing: " << needle;
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument) << s.status();
+  EXPECT_TRUE(absl::StrContains(s.status().message(), needle))
+      << s.status() << "; want: " << needle;
+}
+
 TEST(SecurityLoadTest, CertWithoutKeyIsAnError) {
   SecurityOptions o;
   o.cert = TestCerts().dir + "/server.crt";
-  absl::StatusOr<Security> s = Security::Load(o);
-  ASSERT_FALSE(s.ok());
-  EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_TRUE(absl::StrContains(s.status().message(),
-                                "--tls_cert and --tls_key go together"))
-      << s.status();
+  ExpectLoadError(o, "--tls_cert and --tls_key go together");
 }
 
 TEST(SecurityLoadTest, MissingFileNamesFlagAndPath) {
   SecurityOptions o;
   o.ca_cert = "/nonexistent/ca.crt";
-  absl::StatusOr<Security> s = Security::Load(o);
-  ASSERT_FALSE(s.ok());
-  EXPECT_TRUE(absl::StrContains(s.status().message(),
-                                "--tls_ca=/nonexistent/ca.crt"))
-      << s.status();
+  ExpectLoadError(o, "cannot read the ");
+  ExpectLoadError(o, "(--tls_ca=/nonexistent/ca.crt): No such file or directory");
 }
 
 TEST(SecurityLoadTest, KeyThatIsNotAKeyIsAnError) {
   SecurityOptions o = Mtls(TestCerts().dir, "server");
   o.key = o.cert;  // a certificate, not a key
-  absl::StatusOr<Security> s = Security::Load(o);
-  ASSERT_FALSE(s.ok());
-  EXPECT_TRUE(absl::StrContains(s.status().message(), "PRIVATE KEY"))
-      << s.status();
+  ExpectLoadError(o, "is not a PEM file with a ");
+  ExpectLoadError(o, "PRIVATE KEY");
 }
 
 TEST(SecurityLoadTest, TokenChecks) {
@@ -139,28 +139,17 @@ TEST(SecurityLoadTest, TokenChecks) {
   EXPECT_EQ(s->Describe(), "plaintext + token (the token travels unencrypted)");
 
   WriteFile(path, "short\n");
-  s = Security::Load(o);
-  ASSERT_FALSE(s.ok());
-  EXPECT_TRUE(absl::StrContains(s.status().message(), "at least 16"))
-      << s.status();
-
+  ExpectLoadError(o, "the token has 5 characters; use at least 16");
   WriteFile(path, "0123456789 abcdef0123\n");
-  s = Security::Load(o);
-  ASSERT_FALSE(s.ok());
-  EXPECT_TRUE(absl::StrContains(s.status().message(), "without spaces"))
-      << s.status();
-
+  ExpectLoadError(o, "the token must be printable ASCII without spaces");
   WriteFile(path, "\n");
-  s = Security::Load(o);
-  ASSERT_FALSE(s.ok());
-  EXPECT_TRUE(absl::StrContains(s.status().message(), "is empty"))
-      << s.status();
+  ExpectLoadError(o, "is empty");
 }
 
 TEST(SecurityLoadTest, ServerNameNeedsTls) {
   SecurityOptions o;
   o.server_name = "lmps";
-  EXPECT_FALSE(Security::Load(o).ok());
+  ExpectLoadError(o, "--tls_server_name needs TLS");
 }
 
 TEST(SecurityLoadTest, ServingTlsNeedsACertificate) {
@@ -169,6 +158,9 @@ TEST(SecurityLoadTest, ServingTlsNeedsACertificate) {
   auto creds = MakeServerCredentials(MustLoad(o), nullptr);
   ASSERT_FALSE(creds.ok());
   EXPECT_EQ(creds.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(absl::StrContains(creds.status().message(),
+                                "serving TLS needs this server's certificate and key"))
+      << creds.status();
 }
 
 // ------------------------------------------------------- token check

@@ -323,10 +323,14 @@ TEST_F(RunningSchedulerTest, ServerWithWrongTokenFailsFast) {
   EXPECT_TRUE(absl::StrContains(r.output, "wrong token")) << r.output;
 }
 
+// Bad security flags stop each daemon at start-up with its exit status (2:
+// a bad flag or file; 1: serving TLS without a certificate, found when the
+// server starts) and a message naming the flag, the path and what is wrong.
 TEST(SecurityTest, BadSecurityFlagsStopTheDaemonsAtStartup) {
   struct Case {
     std::string binary;
     std::vector<std::string> flags;
+    int exit_code;
     std::string message;
   };
   const std::string dir = TempDir("flags");
@@ -334,28 +338,35 @@ TEST(SecurityTest, BadSecurityFlagsStopTheDaemonsAtStartup) {
   const std::vector<Case> cases = {
       {"server/scheduler/lmps_scheduler",
        {"--tls_cert=" + Certs() + "/server.crt"},
-       "--tls_cert and --tls_key go together"},
+       2,
+       "[scheduler] error: --tls_cert and --tls_key go together"},
       {"server/scheduler/lmps_scheduler",
        {"--auth_token_file=" + dir + "/missing"},
-       "cannot read the auth token file"},
+       2,
+       "cannot read the auth token file (--auth_token_file=" + dir +
+           "/missing): No such file or directory"},
       {"server/lmps_server",
        {"--scheduler=127.0.0.1:1", "--auth_token_file=" + dir + "/short_token"},
-       "at least 16"},
+       2,
+       "the token has 3 characters; use at least 16"},
       {"worker/lmps_worker",
        {"--scheduler=127.0.0.1:1", "--tls_ca=" + dir + "/missing.crt"},
-       "--tls_ca="},
+       2,
+       "INVALID_ARGUMENT: cannot read the CA certificate (--tls_ca=" + dir +
+           "/missing.crt): No such file or directory"},
       {"server/scheduler/lmps_scheduler",
        {"--listen=127.0.0.1:0", "--tls_ca=" + Certs() + "/ca.crt"},
+       1,
        "serving TLS needs this server's certificate and key"},
   };
   for (const Case& c : cases) {
     std::vector<std::string> argv = {BinaryPath(c.binary)};
     for (const std::string& f : c.flags) argv.push_back(f);
     CommandResult r = RunCommand(argv, 30);
-    EXPECT_NE(r.exit_code, 0) << c.binary << " " << c.flags[0] << "\n" << r.output;
+    EXPECT_EQ(r.exit_code, c.exit_code) << c.binary << " " << c.flags[0] << "\n" << r.output;
     EXPECT_FALSE(r.timed_out) << c.binary << " " << c.flags[0];
     EXPECT_TRUE(absl::StrContains(r.output, c.message))
-        << c.binary << " " << c.flags[0] << "\n" << r.output;
+        << c.binary << " " << c.flags[0] << "\n" << r.output << "\nwant: " << c.message;
   }
 }
 
