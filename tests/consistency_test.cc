@@ -273,6 +273,11 @@ TEST(ConsistencyTest, AsyncReplacementResumesAtItsReplicasClock) {
       "async_fault", Job(absl::StrCat("mode: ASYNC eval_interval: 1000 ",
                                       SlowWorker(100))),
       {"--fault_worker=1", "--fault_kill_at_step=4", "--lease_s=2"});
+  const std::string killed = ReadFile(run.dir + "/logs/worker-1.log");
+  EXPECT_NE(killed.find("fault injection: SIGKILL mid-push of step 4: shard 0 "
+                        "accepted its push, 0 other shards had accepted theirs"),
+            std::string::npos)
+      << killed;
   const std::string replacement =
       ReadFile(run.dir + "/logs/worker-1.restart1.log");
   EXPECT_NE(replacement.find("joining a running ASYNC job at step 4"),

@@ -65,6 +65,12 @@ TEST(FaultToleranceTest, WorkerKilledMidPushIsReplacedExactly) {
   EXPECT_NE(b.output.find("worker-1 was killed by signal 9; starting a replacement"),
             std::string::npos)
       << b.output;
+  // The kill landed mid-push: shard 0 had the step's gradient, shard 1 not.
+  const std::string killed = ReadFile(faulty + "/logs/worker-1.log");
+  EXPECT_NE(killed.find("fault injection: SIGKILL mid-push of step 3: shard 0 "
+                        "accepted its push, 0 other shards had accepted theirs"),
+            std::string::npos)
+      << killed;
   const std::string replacement = ReadFile(faulty + "/logs/worker-1.restart1.log");
   EXPECT_NE(replacement.find("joining a running job at step 3"), std::string::npos)
       << replacement;

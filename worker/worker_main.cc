@@ -313,16 +313,27 @@ absl::Status RunWorker(bool* register_again) {
   ps_options.max_message_bytes = spec.max_message_bytes();
   if (!pipeline && absl::GetFlag(FLAGS_fault_kill_at_step) >= 0) {
     const int64_t kill_step = absl::GetFlag(FLAGS_fault_kill_at_step);
-    ps_options.on_shard_push = [id, kill_step](int shard, int64_t step,
-                                               bool accepted) {
+    // Shards other than 0 whose push of kill_step was accepted: the log
+    // line says where the kill landed, and tests check it (0: between
+    // shard 0's push and the others').
+    auto others_accepted = std::make_shared<std::atomic<int>>(0);
+    ps_options.on_shard_push = [id, kill_step, others_accepted](
+                                   int shard, int64_t step, bool accepted) {
       if (step != kill_step) return;
-      if (shard != 0 && !accepted) {
-        // Hold the other shards' pushes so the kill lands mid-push.
-        absl::SleepFor(absl::Seconds(5));
+      if (shard != 0) {
+        if (accepted) {
+          ++*others_accepted;
+        } else {
+          // Hold the other shards' pushes so the kill lands mid-push.
+          absl::SleepFor(absl::Seconds(5));
+        }
         return;
       }
-      if (shard != 0 || !accepted) return;
-      Log(id, absl::StrCat("fault injection: SIGKILL mid-push of step ", step));
+      if (!accepted) return;
+      Log(id, absl::StrCat("fault injection: SIGKILL mid-push of step ", step,
+                           ": shard 0 accepted its push, ",
+                           others_accepted->load(),
+                           " other shards had accepted theirs"));
       raise(SIGKILL);
     };
   }
