@@ -1,12 +1,15 @@
 // Sync-mode equivalence: W workers and S shards reach the same parameters
 // after several steps as one worker with one shard on the same global batch.
 //
-// Tolerance: max |difference| <= 2e-5 on every parameter after 4 AdamW
-// steps. The only difference between layouts is the order of floating-point
-// summation (per-replica gradient means summed on the servers versus one
-// mean over the whole batch), about 1e-7 relative per step; AdamW's update
-// is bounded by lr (here 1e-3) per step, so a layout bug (a lost, doubled or
-// misplaced gradient) moves parameters by ~1e-3 and fails loudly.
+// Tolerance: max |difference| <= 2e-5 on every parameter after 4 steps. The
+// only difference between layouts is the order of floating-point summation
+// (per-replica gradient means summed on the servers versus one mean over the
+// whole batch), about 1e-7 relative per step. AdamW's update is bounded by
+// lr (here 1e-3) per step, so a lost, doubled or misplaced gradient moves
+// parameters by ~1e-3 and fails loudly; but AdamW hardly reacts when every
+// gradient is scaled by one constant, so the layouts are also run with plain
+// SGD (lr 0.5, no momentum, no clipping), whose update is proportional to
+// the gradient: a wrong 1/M or 1/dp factor moves parameters by ~1e-2.
 #include <map>
 #include <string>
 #include <utility>
@@ -21,18 +24,25 @@ namespace {
 
 constexpr double kTolerance = 2e-5;
 
+constexpr char kAdamW[] = "lr: 0.001";
+constexpr char kSgd[] =
+    "type: SGD lr: 0.5 momentum: -1 weight_decay: -1 grad_clip: -1";
+
 constexpr char kJob[] = R"(
 model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 16 }
-optimizer { lr: 0.001 }
+optimizer { OPTIMIZER }
 train { steps: 4 batch_size: 12 eval_interval: 0 sample_tokens: 0 }
 max_chunk_bytes: 2048
 max_message_bytes: 1024
 )";
 
-SafetensorsContents Train(int workers, int shards, int micro_batches = 1) {
+SafetensorsContents Train(int workers, int shards, int micro_batches = 1,
+                          const std::string& optimizer = kAdamW) {
   const std::string dir =
-      TempDir(absl::StrCat("w", workers, "s", shards, "m", micro_batches));
+      TempDir(absl::StrCat("w", workers, "s", shards, "m", micro_batches,
+                           optimizer == kAdamW ? "" : "_sgd"));
   std::string job = kJob;
+  job.replace(job.find("OPTIMIZER"), 9, optimizer);
   if (micro_batches > 1) {
     job.replace(job.find("batch_size: 12"), 14,
                 absl::StrCat("batch_size: 12 micro_batches: ", micro_batches));
@@ -80,6 +90,34 @@ TEST_F(EquivalenceTest, MicroBatchesMatchOneBatch) {
   ASSERT_TRUE(diff.ok()) << diff.status();
   EXPECT_LE(*diff, kTolerance);
 }
+
+// The same with plain SGD, whose update is proportional to the gradient
+// (see the top): data-parallel replicas, shards and micro-batches.
+class SgdEquivalenceTest : public ::testing::TestWithParam<std::pair<int, int>> {
+ protected:
+  static const SafetensorsContents& Baseline() {
+    static const SafetensorsContents* baseline =
+        new SafetensorsContents(Train(1, 1, 1, kSgd));
+    return *baseline;
+  }
+};
+
+TEST_P(SgdEquivalenceTest, MatchesOneWorkerOneShard) {
+  const auto [workers, micro_batches] = GetParam();
+  SafetensorsContents got = Train(workers, 2, micro_batches, kSgd);
+  auto diff = MaxAbsDiff(Baseline(), got);
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_LE(*diff, kTolerance) << workers << " workers, " << micro_batches
+                               << " micro-batches";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Layouts, SgdEquivalenceTest,
+    ::testing::Values(std::make_pair(1, 3), std::make_pair(2, 1),
+                      std::make_pair(2, 3), std::make_pair(3, 2)),
+    [](const auto& info) {
+      return absl::StrCat("w", info.param.first, "s2m", info.param.second);
+    });
 
 INSTANTIATE_TEST_SUITE_P(
     Layouts, EquivalenceTest,

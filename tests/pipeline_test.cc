@@ -36,12 +36,20 @@ namespace {
 constexpr double kTolerance = 2e-5;
 constexpr int kSteps = 4;
 
+// AdamW (the default) and plain SGD, whose update is proportional to the
+// gradient: AdamW hardly reacts when every gradient is scaled by one
+// constant, so a wrong 1/M or 1/dp factor shows only with SGD (~1e-2).
+constexpr char kAdamW[] = "lr: 0.001";
+constexpr char kSgd[] =
+    "type: SGD lr: 0.5 momentum: -1 weight_decay: -1 grad_clip: -1";
+
 // The job, with extra fields for its train and layout sections.
 std::string Job(const std::string& train = "",
-                const std::string& layout = "num_shards: 2") {
+                const std::string& layout = "num_shards: 2",
+                const std::string& optimizer = kAdamW) {
   return absl::StrCat(
       "model { n_layer: 3 n_head: 2 n_embd: 32 block_size: 16 }\n"
-      "optimizer { lr: 0.001 }\n"
+      "optimizer { ", optimizer, " }\n"
       "train { batch_size: 12 eval_interval: 0 sample_tokens: 0 ",
       std::regex_search(train, std::regex("(^| )steps:")) ? "" : "steps: 4 ",
       train,
@@ -65,10 +73,13 @@ struct TrainRun {
 
 // `extra_args`: more lmps_local flags.
 TrainRun Train(const Layout& l, const std::string& extra_train = "",
-               const std::vector<std::string>& extra_args = {}) {
+               const std::vector<std::string>& extra_args = {},
+               const std::string& optimizer = kAdamW) {
   TrainRun run;
-  run.dir = TempDir(absl::StrCat(l.Name(), extra_args.empty() ? "" : "_x"));
-  WriteFile(run.dir + "/job.textproto", Job(extra_train));
+  run.dir = TempDir(absl::StrCat(l.Name(), extra_args.empty() ? "" : "_x",
+                                 optimizer == kAdamW ? "" : "_sgd"));
+  WriteFile(run.dir + "/job.textproto",
+            Job(extra_train, "num_shards: 2", optimizer));
   std::vector<std::string> argv = {
       BinaryPath("launcher/lmps_local"), "--job=" + run.dir + "/job.textproto",
       "--run_dir=" + run.dir, absl::StrCat("--workers=", l.dp),
@@ -121,6 +132,25 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(L(1, 2, 1, 2), L(1, 3, 1, 3), L(1, 2, 1, 3, "gpipe"),
                       L(1, 1, 2, 1), L(2, 2, 1, 2), L(1, 2, 2, 2),
                       L(2, 1, 2, 1), L(2, 2, 2, 2), L(2, 3, 1, 2, "gpipe")),
+    [](const auto& info) { return info.param.Name(); });
+
+// The same with plain SGD (see kSgd): the trainers' 1/M, the shards' 1/dp,
+// the tied embedding's two parts and the tensor-parallel sums all scale the
+// update directly.
+class PipelineSgdEquivalenceTest : public ::testing::TestWithParam<Layout> {};
+
+TEST_P(PipelineSgdEquivalenceTest, MatchesOneWorker) {
+  static const SafetensorsContents* baseline =
+      new SafetensorsContents(Train(Layout(), "", {}, kSgd).model);
+  TrainRun run = Train(GetParam(), "", {}, kSgd);
+  auto diff = MaxAbsDiff(*baseline, run.model);
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_LE(*diff, kTolerance) << GetParam().Name();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Layouts, PipelineSgdEquivalenceTest,
+    ::testing::Values(L(1, 2, 1, 3, "gpipe"), L(2, 1, 2, 1), L(2, 2, 2, 2)),
     [](const auto& info) { return info.param.Name(); });
 
 // Lines "key=value ..." of a worker log that contain `tag`.
