@@ -4,10 +4,13 @@
 // replicas and in ASYNC with one, with f32 and bf16 pushes; the overlap is
 // reported in TrainerProgress. With a backend whose copies to the host land
 // late (as a device's asynchronous copies do), the trainer waits for each
-// copy before pushing what it covers.
+// copy before pushing what it covers. One SGD step equals -lr times the mean
+// gradient of the global batch (the 1/M and 1/dp scaling).
 #include "worker/trainer.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <deque>
 #include <memory>
 #include <string>
@@ -107,7 +110,17 @@ class LateCopyBackend : public ReferenceBackend {
   std::deque<Copy> copies_ ABSL_GUARDED_BY(mu_);
 };
 
+// The training text of every run (and of the reference gradient below).
+absl::StatusOr<std::unique_ptr<TextDataset>> TestData(const JobSpec& spec) {
+  std::string text;
+  for (int i = 0; i < 200; ++i) {
+    absl::StrAppend(&text, "the quick brown fox ", i, " jumps over it. ");
+  }
+  return TextDataset::FromText(text, 0.1f, spec.model().block_size());
+}
+
 struct Result {
+  std::vector<float> initial_params;      // version 0, before training
   std::vector<float> params;              // after training
   std::vector<TrainerProgress> progress;  // per dp rank, last step
   int64_t late_copies_landed = 0;         // with late_copies, all ranks
@@ -119,15 +132,17 @@ absl::StatusOr<Result> Train(const JobSpec& spec, DType push_dtype,
                              bool overlap, bool late_copies = false) {
   Cluster cluster;
   if (absl::Status s = cluster.Start(spec); !s.ok()) return s;
-  std::string text;
-  for (int i = 0; i < 200; ++i) {
-    absl::StrAppend(&text, "the quick brown fox ", i, " jumps over it. ");
-  }
-  absl::StatusOr<std::unique_ptr<TextDataset>> data =
-      TextDataset::FromText(text, 0.1f, spec.model().block_size());
+  absl::StatusOr<std::unique_ptr<TextDataset>> data = TestData(spec);
   if (!data.ok()) return data.status();
   const int dp = spec.layout().dp();
   Result result;
+  absl::StatusOr<std::unique_ptr<PsClient>> reader = cluster.Client();
+  if (!reader.ok()) return reader.status();
+  result.initial_params.resize((*reader)->num_parameters());
+  if (absl::Status s = (*reader)->Pull(0, result.initial_params.data());
+      !s.ok()) {
+    return s;
+  }
   absl::Mutex result_mu;
   result.progress.resize(dp);
   std::vector<absl::Status> status(dp);
@@ -182,8 +197,6 @@ absl::StatusOr<Result> Train(const JobSpec& spec, DType push_dtype,
   for (const absl::Status& s : status) {
     if (!s.ok()) return s;
   }
-  absl::StatusOr<std::unique_ptr<PsClient>> reader = cluster.Client();
-  if (!reader.ok()) return reader.status();
   result.params.resize((*reader)->num_parameters());
   const int64_t steps = spec.train().steps();
   const int64_t final_version =
@@ -245,6 +258,59 @@ TEST(TrainerTest, PushWaitsForLateCopies) {
   // Every range of the last micro-batch's backward pass, every step, on
   // both replicas (4 blocks + ln_f + embeddings at least).
   EXPECT_GE(late->late_copies_landed, 2 * kSteps * 6);
+}
+
+// The trainer's gradient scaling, fixed: one plain SGD step (no momentum,
+// clipping or weight decay) by dp = 2 replicas of M = 2 micro-batches each
+// moves every parameter by exactly -lr times the gradient of the mean loss
+// over the whole global batch, computed here by one model in one pass.
+// Each micro-batch's gradient is scaled by 1/M on the worker and the
+// replicas' sum by 1/dp on the shards; without either the step doubles.
+TEST(TrainerTest, OneSgdStepIsTheMeanGradientOfTheGlobalBatch) {
+  JobSpec spec = Spec(SYNC, 2);
+  spec.mutable_train()->set_steps(1);
+  OptimizerConfig* o = spec.mutable_optimizer();
+  o->set_type(SGD);
+  o->set_lr(0.5f);
+  o->set_min_lr(0.5f);
+  o->set_momentum(-1);
+  o->set_weight_decay(-1);
+  o->set_grad_clip(-1);
+  ASSERT_EQ(spec.train().micro_batches(), 2);
+  absl::StatusOr<Result> trained = Train(spec, F32, /*overlap=*/false);
+  ASSERT_TRUE(trained.ok()) << trained.status();
+
+  // The reference: the gradient of the mean loss over all B sequences.
+  const int B = spec.train().batch_size(), T = spec.model().block_size();
+  absl::StatusOr<std::unique_ptr<TextDataset>> data = TestData(spec);
+  ASSERT_TRUE(data.ok()) << data.status();
+  absl::StatusOr<std::unique_ptr<ReferenceBackend>> backend =
+      ReferenceBackend::Create();
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  absl::StatusOr<std::unique_ptr<GptModel>> model =
+      GptModel::Create(spec.model(), backend->get(), B, T);
+  ASSERT_TRUE(model.ok()) << model.status();
+  ASSERT_TRUE((*model)->SetParametersFromHost(trained->initial_params.data()).ok());
+  std::vector<int32_t> tokens(B * T), targets(B * T);
+  (*data)->Batch(Split::kTrain, spec.train().seed(), /*step=*/0, B, /*first=*/0, B,
+                 tokens.data(), targets.data());
+  (*model)->ZeroGrad();
+  ASSERT_TRUE((*model)->Forward(tokens.data(), targets.data(), B, T).ok());
+  ASSERT_TRUE((*model)->Backward(1.0f).ok());
+  std::vector<float> grad(trained->params.size());
+  ASSERT_TRUE((*model)->GradientsToHost(grad.data()).ok());
+
+  double max_err = 0, max_step = 0;
+  for (size_t i = 0; i < grad.size(); ++i) {
+    const double want = trained->initial_params[i] - 0.5 * grad[i];
+    max_err = std::max(max_err, std::fabs(trained->params[i] - want));
+    max_step = std::max(max_step, std::fabs(0.5 * grad[i]));
+  }
+  // Only the summation order differs (per micro-batch, then across
+  // replicas): ~1e-7 of the step. A missing 1/M or 1/dp is an error as
+  // large as the step itself.
+  EXPECT_GT(max_step, 1e-3) << "the step must be large enough to tell";
+  EXPECT_LE(max_err, 1e-6) << "largest step " << max_step;
 }
 
 INSTANTIATE_TEST_SUITE_P(
