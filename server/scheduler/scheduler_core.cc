@@ -33,17 +33,6 @@ bool Terminal(JobState s) { return s == FINISHED || s == FAILED; }
 
 }  // namespace
 
-WorkerCoordinates WorkerRankToCoordinates(int rank,
-                                          const LayoutConfig& layout) {
-  const int tp = std::max(1, layout.tp());
-  const int pp = std::max(1, layout.pp());
-  WorkerCoordinates c;
-  c.tp = rank % tp;
-  c.pp = (rank / tp) % pp;
-  c.dp = rank / (tp * pp);
-  return c;
-}
-
 int64_t ChooseStartStep(const std::vector<ShardCheckpoints>& shards,
                         uint64_t partition_version) {
   if (shards.empty()) return 0;
@@ -80,7 +69,7 @@ struct SchedulerCore::Node {
   Role role = ROLE_UNSPECIFIED;
   int shard = -1;
   int rank = -1;  // workers
-  WorkerCoordinates coords;
+  WorkerCoords coords;  // ParallelLayout::Coords(rank)
   bool backup_slot = false;  // servers of a replicated job: "backup-<shard>"
 
   // The node currently holding the slot.
@@ -203,13 +192,14 @@ SchedulerCore::SchedulerCore(SchedulerOptions options, Clock* clock,
 void SchedulerCore::ResetWorkerSlotsLocked() {
   const LayoutConfig& l = spec_.layout();
   expected_workers_ = l.dp() * l.pp() * l.tp();
+  // Coordinates depend on pp and tp only, which an elastic resize keeps.
   workers_.clear();
   workers_.resize(expected_workers_);
   for (int i = 0; i < expected_workers_; ++i) {
     workers_[i].node_id = absl::StrCat("worker-", i);
     workers_[i].role = WORKER;
     workers_[i].rank = i;
-    workers_[i].coords = WorkerRankToCoordinates(i, l);
+    workers_[i].coords = layout_->Coords(i);
   }
 }
 

@@ -13,9 +13,14 @@
 //    lowest free shard. A server registering with the address of an
 //    already-registered server takes that server's slot again (a retried
 //    Register, or a restart on the same host:port).
-//  - Workers get ranks in registration order (requested_rank is ignored);
-//    rank r maps to (dp, pp, tp) coordinates with WorkerRankToCoordinates
-//    (today pp = tp = 1, so dp_rank = r).
+//  - A worker gets the rank it asks for (RegisterRequest.requested_rank,
+//    e.g. lmps_worker --rank) if that is in range and free, else the lowest
+//    free rank. Rank r maps to coordinates with ParallelLayout
+//    (common/parallel_layout.h): r = (dp_rank * pp + pp_rank) * tp + tp_rank.
+//    With pp * tp > 1 a worker must give the address of its WorkerPeer
+//    service.
+//  - A node re-registering with `rejoin` (the scheduler restarted) takes
+//    back exactly the slot it names.
 //  - When every slot of the role is taken but one belongs to a node whose
 //    lease expired (alive = false), the new node takes over that slot (same
 //    id and ranks; for servers the requested shard, then a slot with the same
@@ -30,16 +35,25 @@
 // Shard replication (layout.shard_backups = 1): every shard has two server
 // slots, "server-<shard>" and "backup-<shard>" (2 * num_shards servers are
 // expected). A server gets the slot its RegisterRequest.backup asks for,
-// else the shard's other one. Per shard one slot serves as the primary
-// (initially server-<shard>; Assignment.backup tells each node its role,
-// shard_addresses name the primaries and backup_addresses the live backups).
-// The backup becomes the primary when it reports serving_primary in a
-// heartbeat (it took over because the workers came to it), or when the
-// primary's lease expires while it is alive (its next HeartbeatResponse says
-// promote). A primary's HeartbeatResponse names its live backup
-// (backup_address). A server registering into a RUNNING job for a shard
-// whose other slot is alive becomes that shard's backup (needs_snapshot)
-// instead of failing the job; only a shard with no live node fails it.
+// else the shard's other one; in a RUNNING job a server that asked for a
+// shard never takes another shard's slot. The scheduler alone decides the
+// roles, with a per-shard epoch (a fencing token that grows with every
+// change of roles; Assignment.epoch, HeartbeatResponse.epoch): one slot is
+// the primary (initially server-<shard>; Assignment.backup tells each node
+// its role, shard_addresses name the primaries and backup_addresses the
+// live backups). When the primary's lease expires, the backup is promoted
+// in a new epoch (HeartbeatResponse.promote) only if it holds a complete
+// copy in the current epoch; a backup whose report lags gets one lease of
+// grace to show one; otherwise the job FAILS for a rollback
+// (JobStatus.rollback, "lost both copies"). A primary that could not
+// forward to its backup asks for leave to serve alone (backup_lost) and gets
+// it with a new epoch (detach_backup), in which the old backup is no copy
+// until it has a snapshot. A server registering into a RUNNING job for a
+// shard whose other slot is alive becomes that shard's backup
+// (needs_snapshot) instead of failing the job. Every registration gets an
+// incarnation number; a heartbeat of an older incarnation of a slot is
+// answered `fenced` (its slot belongs to a newer process). The protocol is
+// described in docs/fault-tolerance.md and checked by tests/sim.
 //
 // Elastic data parallelism (SchedulerOptions.elastic, max_dp > 0). While
 // RUNNING (and no worker is done): a worker registering when every slot is
@@ -186,17 +200,6 @@ struct SchedulerOptions {
   // empty (no logging).
   std::function<void(absl::string_view)> log;
 };
-
-// A worker's place in the (dp, pp, tp) grid.
-struct WorkerCoordinates {
-  int dp = 0;
-  int pp = 0;
-  int tp = 0;
-};
-
-// Maps a worker rank in [0, dp * pp * tp) to its coordinates: tp varies
-// fastest, then pp, then dp. With pp = tp = 1 this is dp = rank.
-WorkerCoordinates WorkerRankToCoordinates(int rank, const LayoutConfig& layout);
 
 // What one server reported about its checkpoints at registration.
 struct ShardCheckpoints {

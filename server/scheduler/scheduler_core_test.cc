@@ -172,33 +172,6 @@ class SchedulerCoreTest : public ::testing::Test {
   std::vector<std::string> log_ ABSL_GUARDED_BY(log_mu_);
 };
 
-TEST(WorkerRankToCoordinatesTest, TpFastestThenPpThenDp) {
-  LayoutConfig l;
-  l.set_dp(2);
-  l.set_pp(3);
-  l.set_tp(2);
-  WorkerCoordinates c = WorkerRankToCoordinates(0, l);
-  EXPECT_EQ(c.dp, 0);
-  EXPECT_EQ(c.pp, 0);
-  EXPECT_EQ(c.tp, 0);
-  c = WorkerRankToCoordinates(1, l);
-  EXPECT_EQ(c.tp, 1);
-  EXPECT_EQ(c.pp, 0);
-  c = WorkerRankToCoordinates(2, l);
-  EXPECT_EQ(c.tp, 0);
-  EXPECT_EQ(c.pp, 1);
-  EXPECT_EQ(c.dp, 0);
-  c = WorkerRankToCoordinates(11, l);
-  EXPECT_EQ(c.dp, 1);
-  EXPECT_EQ(c.pp, 2);
-  EXPECT_EQ(c.tp, 1);
-  LayoutConfig dp_only;
-  dp_only.set_dp(4);
-  dp_only.set_pp(1);
-  dp_only.set_tp(1);
-  for (int r = 0; r < 4; ++r) EXPECT_EQ(WorkerRankToCoordinates(r, dp_only).dp, r);
-}
-
 TEST(ChooseStartStepTest, LatestStepEveryShardHoldsWithTheRightVersion) {
   EXPECT_EQ(ChooseStartStep({}, 7), 0);
   EXPECT_EQ(ChooseStartStep({{{}, 7}}, 7), 0);
