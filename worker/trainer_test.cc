@@ -25,12 +25,15 @@
 #include "worker/data/dataset.h"
 #include "worker/model/gpt.h"
 #include "worker/ps_client.h"
+#include "worker/testing/full_batch_gradient.h"
 #include "worker/testing/ps_cluster.h"
 
 namespace lmps {
 namespace {
 
 using ::lmps::testing::Cluster;
+using ::lmps::testing::FullBatchGradient;
+using ::lmps::testing::QuickBrownFoxData;
 
 constexpr int kSteps = 3;
 
@@ -110,15 +113,6 @@ class LateCopyBackend : public ReferenceBackend {
   std::deque<Copy> copies_ ABSL_GUARDED_BY(mu_);
 };
 
-// The training text of every run (and of the reference gradient below).
-absl::StatusOr<std::unique_ptr<TextDataset>> TestData(const JobSpec& spec) {
-  std::string text;
-  for (int i = 0; i < 200; ++i) {
-    absl::StrAppend(&text, "the quick brown fox ", i, " jumps over it. ");
-  }
-  return TextDataset::FromText(text, 0.1f, spec.model().block_size());
-}
-
 struct Result {
   std::vector<float> initial_params;      // version 0, before training
   std::vector<float> params;              // after training
@@ -132,7 +126,7 @@ absl::StatusOr<Result> Train(const JobSpec& spec, DType push_dtype,
                              bool overlap, bool late_copies = false) {
   Cluster cluster;
   if (absl::Status s = cluster.Start(spec); !s.ok()) return s;
-  absl::StatusOr<std::unique_ptr<TextDataset>> data = TestData(spec);
+  absl::StatusOr<std::unique_ptr<TextDataset>> data = QuickBrownFoxData(spec);
   if (!data.ok()) return data.status();
   const int dp = spec.layout().dp();
   Result result;
@@ -281,30 +275,17 @@ TEST(TrainerTest, OneSgdStepIsTheMeanGradientOfTheGlobalBatch) {
   ASSERT_TRUE(trained.ok()) << trained.status();
 
   // The reference: the gradient of the mean loss over all B sequences.
-  const int B = spec.train().batch_size(), T = spec.model().block_size();
-  absl::StatusOr<std::unique_ptr<TextDataset>> data = TestData(spec);
+  absl::StatusOr<std::unique_ptr<TextDataset>> data = QuickBrownFoxData(spec);
   ASSERT_TRUE(data.ok()) << data.status();
-  absl::StatusOr<std::unique_ptr<ReferenceBackend>> backend =
-      ReferenceBackend::Create();
-  ASSERT_TRUE(backend.ok()) << backend.status();
-  absl::StatusOr<std::unique_ptr<GptModel>> model =
-      GptModel::Create(spec.model(), backend->get(), B, T);
-  ASSERT_TRUE(model.ok()) << model.status();
-  ASSERT_TRUE((*model)->SetParametersFromHost(trained->initial_params.data()).ok());
-  std::vector<int32_t> tokens(B * T), targets(B * T);
-  (*data)->Batch(Split::kTrain, spec.train().seed(), /*step=*/0, B, /*first=*/0, B,
-                 tokens.data(), targets.data());
-  (*model)->ZeroGrad();
-  ASSERT_TRUE((*model)->Forward(tokens.data(), targets.data(), B, T).ok());
-  ASSERT_TRUE((*model)->Backward(1.0f).ok());
-  std::vector<float> grad(trained->params.size());
-  ASSERT_TRUE((*model)->GradientsToHost(grad.data()).ok());
+  absl::StatusOr<std::vector<float>> grad =
+      FullBatchGradient(spec, **data, /*step=*/0, trained->initial_params);
+  ASSERT_TRUE(grad.ok()) << grad.status();
 
   double max_err = 0, max_step = 0;
-  for (size_t i = 0; i < grad.size(); ++i) {
-    const double want = trained->initial_params[i] - 0.5 * grad[i];
+  for (size_t i = 0; i < grad->size(); ++i) {
+    const double want = trained->initial_params[i] - 0.5 * (*grad)[i];
     max_err = std::max(max_err, std::fabs(trained->params[i] - want));
-    max_step = std::max(max_step, std::fabs(0.5 * grad[i]));
+    max_step = std::max(max_step, std::fabs(0.5 * (*grad)[i]));
   }
   // Only the summation order differs (per micro-batch, then across
   // replicas): ~1e-7 of the step. A missing 1/M or 1/dp is an error as
