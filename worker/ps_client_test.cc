@@ -14,7 +14,7 @@
 #include "common/parallel_layout.h"
 #include "common/partition.h"
 #include "gtest/gtest.h"
-#include "worker/testing/ps_cluster.h"
+#include "tests/testing/ps_cluster.h"
 
 namespace lmps {
 namespace {

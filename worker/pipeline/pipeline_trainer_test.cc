@@ -26,7 +26,7 @@
 #include "worker/model/stage_model.h"
 #include "worker/ps_client.h"
 #include "worker/testing/full_batch_gradient.h"
-#include "worker/testing/ps_cluster.h"
+#include "tests/testing/ps_cluster.h"
 
 namespace lmps {
 namespace {

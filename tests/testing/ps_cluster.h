@@ -4,8 +4,8 @@
 //
 // Thread-safety: Start and the destructor on one thread; Client and map()
 // from any thread after Start.
-#ifndef LMPS_WORKER_TESTING_PS_CLUSTER_H_
-#define LMPS_WORKER_TESTING_PS_CLUSTER_H_
+#ifndef LMPS_TESTS_TESTING_PS_CLUSTER_H_
+#define LMPS_TESTS_TESTING_PS_CLUSTER_H_
 
 #include <chrono>
 #include <memory>
@@ -103,4 +103,4 @@ class Cluster {
 
 }  // namespace lmps::testing
 
-#endif  // LMPS_WORKER_TESTING_PS_CLUSTER_H_
+#endif  // LMPS_TESTS_TESTING_PS_CLUSTER_H_
