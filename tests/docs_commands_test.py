@@ -50,7 +50,7 @@ BINARIES = {
     "lmps_worker": "worker/lmps_worker",
     "lmps_eval": "worker/lmps_eval",
     "lmps_worker_cuda": "worker/lmps_worker_cuda",
-    "gpt_cuda_bench": "worker/backend/cuda/gpt_cuda_bench",
+    "gpt_cuda_bench": "bench/gpt_cuda_bench",
 }
 # Built only where nvcc exists: without it their commands are reported as
 # unchecked, not as wrong.

@@ -2,7 +2,7 @@
 // Forward with the loss, Backward; no optimiser, which lmps runs on the
 // parameter servers) on the CUDA backend.
 //
-//   bazel run //worker/backend/cuda:gpt_cuda_bench -- --batch=8 --matmul=bf16
+//   bazel run //bench:gpt_cuda_bench -- --batch=8 --matmul=bf16
 //
 // Default model: GPT-2 small (12 layers, C=768, 12 heads, T=1024,
 // V=50257). FLOPs per step, counted as in the PaLM paper (appendix B) and

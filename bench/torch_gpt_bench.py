@@ -6,8 +6,8 @@ tied to the token embedding), same step (zero_grad, forward with the mean
 cross-entropy, backward; no optimiser), same FLOP count and MFU definition,
 so the two tokens/s numbers on the same GPU give the ratio lmps/PyTorch:
 
-    python3 worker/backend/cuda/torch_gpt_bench.py --batch 8
-    bazel run //worker/backend/cuda:gpt_cuda_bench -- --batch=8
+    python3 bench/torch_gpt_bench.py --batch 8
+    bazel run //bench:gpt_cuda_bench -- --batch=8
 
 --precision tf32 (default) matches the lmps CUDA backend (fp32 tensors,
 TF32 tensor-core matmuls); fp32 disables TF32; bf16 runs under autocast.
