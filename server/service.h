@@ -45,7 +45,7 @@
 #include "proto/lmps.grpc.pb.h"
 #include "server/replication.h"
 #include "server/shard.h"
-#include "server/thread_pool.h"
+#include "server/rpc_work_pool.h"
 
 namespace lmps {
 

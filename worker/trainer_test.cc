@@ -144,10 +144,9 @@ absl::StatusOr<Result> Train(const JobSpec& spec, DType push_dtype,
   for (int r = 0; r < dp; ++r) {
     threads.emplace_back([&, r] {
       status[r] = [&]() -> absl::Status {
-        // The reference backend: CpuBackend's lmps::ThreadPool
-        // (worker/backend/thread_pool.h) and the shard service's
-        // (server/thread_pool.h) are two classes of one name, which cannot
-        // be linked into one binary.
+        // The reference backend: single-threaded, so the replicas' threads
+        // do not compete for a pool (CpuBackend is checked against it in
+        // worker/backend).
         absl::StatusOr<std::unique_ptr<ReferenceBackend>> backend =
             ReferenceBackend::Create();
         if (!backend.ok()) return backend.status();

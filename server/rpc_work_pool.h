@@ -4,8 +4,8 @@
 // Thread-safety: Schedule may be called from any thread. The destructor runs
 // every task already scheduled, then joins the threads; scheduling after
 // destruction has begun is not allowed.
-#ifndef LMPS_SERVER_THREAD_POOL_H_
-#define LMPS_SERVER_THREAD_POOL_H_
+#ifndef LMPS_SERVER_RPC_WORK_POOL_H_
+#define LMPS_SERVER_RPC_WORK_POOL_H_
 
 #include <deque>
 #include <functional>
@@ -37,4 +37,4 @@ class RpcWorkPool {
 
 }  // namespace lmps
 
-#endif  // LMPS_SERVER_THREAD_POOL_H_
+#endif  // LMPS_SERVER_RPC_WORK_POOL_H_

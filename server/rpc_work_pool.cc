@@ -1,4 +1,4 @@
-#include "server/thread_pool.h"
+#include "server/rpc_work_pool.h"
 
 #include <utility>
 
