@@ -388,7 +388,7 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
   // Static validation: every slice names a chunk of this shard, a valid
   // dtype and an in-range element span; the slices of every chunk tile the
   // pusher's part of it exactly once.
-  Pieces pieces;
+  PushedPieces pieces;
   for (size_t m = 0; m < stream.size(); ++m) {
     for (const ChunkSlice& s : stream[m].slices()) {
       const int size = DTypeSize(s.dtype());
@@ -433,14 +433,14 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
                        " owns no part of ", name,
                        " (common/parallel_layout.h)"));
     }
-    for (const Piece& p : list) {
+    for (const PushedPiece& p : list) {
       if (p.offset < 0 || p.offset > sizes[c] - p.n) {
         return absl::InvalidArgumentError(absl::StrCat(
             who, ": ", name, " slice of ", p.n, " elements at offset ", p.offset,
             " is outside the chunk's ", sizes[c], " elements"));
       }
     }
-    std::sort(list.begin(), list.end(), [](const Piece& a, const Piece& b) {
+    std::sort(list.begin(), list.end(), [](const PushedPiece& a, const PushedPiece& b) {
       return a.offset < b.offset;
     });
     if (std::string error = TilingError(c, k, list); !error.empty()) {
@@ -449,7 +449,7 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
     }
   }
   for (auto& [c, list] : pieces) {
-    for (const Piece& p : list) {
+    for (const PushedPiece& p : list) {
       const int64_t bad = FirstNonFinite(p.slice->dtype(), p.slice->data());
       if (bad >= 0) {
         absl::MutexLock lock(&mu_);
@@ -491,7 +491,7 @@ std::string RangesText(const std::vector<Range>& ranges) {
 }  // namespace
 
 std::string ParameterShard::TilingError(int c, int k,
-                                        const std::vector<Piece>& list) const {
+                                        const std::vector<PushedPiece>& list) const {
   const int64_t size = chunk_sizes_[c];
   const std::vector<OffsetRange>& runs = owners_[c].contributors[k].ranges;
   // Owning the whole chunk (always so with pp = tp = 1): the messages of a
@@ -513,7 +513,7 @@ std::string ParameterShard::TilingError(int c, int k,
   };
   int64_t next = 0;  // end of the elements covered so far
   size_t j = 0;      // first run that may hold elements >= next
-  for (const Piece& p : list) {
+  for (const PushedPiece& p : list) {
     if (p.n == 0) continue;
     if (p.offset < next) {
       return absl::StrCat(
@@ -552,10 +552,10 @@ std::string ParameterShard::TilingError(int c, int k,
   return "";
 }
 
-void ParameterShard::DecodePart(int c, const std::vector<Piece>& list,
+void ParameterShard::DecodePart(int c, const std::vector<PushedPiece>& list,
                                 bool first, float* dst) const {
   if (owners_[c].direct) {
-    for (const Piece& p : list) {
+    for (const PushedPiece& p : list) {
       DecodePayload(p.slice->dtype(), p.slice->data(), dst + p.offset);
     }
     return;
@@ -564,7 +564,7 @@ void ParameterShard::DecodePart(int c, const std::vector<Piece>& list,
   // tied embedding, pushed by the first and the last stage).
   if (first) std::fill(dst, dst + chunk_sizes_[c], 0.0f);
   std::vector<float> values;
-  for (const Piece& p : list) {
+  for (const PushedPiece& p : list) {
     values.resize(p.n);
     DecodePayload(p.slice->dtype(), p.slice->data(), values.data());
     float* out = dst + p.offset;
@@ -619,7 +619,7 @@ ParameterShard::StepGrads& ParameterShard::SlotLocked(int64_t step) {
 }
 
 absl::StatusOr<PushResponse> ParameterShard::PushStepLocked(
-    int rank, int worker, int64_t step, const Pieces& pieces,
+    int rank, int worker, int64_t step, const PushedPieces& pieces,
     const std::string& who) {
   const int shard = options_.shard;
   if (step < version_) {
@@ -988,7 +988,7 @@ absl::StatusOr<int64_t> ParameterShard::Apply(int64_t step,
 // ---------------------------------------------------------------------------
 
 absl::StatusOr<PushResponse> ParameterShard::PushAsyncLocked(
-    int rank, int worker, int64_t step, const Pieces& pieces,
+    int rank, int worker, int64_t step, const PushedPieces& pieces,
     const std::string& who) {
   const int shard = options_.shard;
   if (step < clocks_[rank]) {

@@ -362,11 +362,12 @@ class ParameterShard {
     int chunks_received = 0;                  // complete chunks
   };
 
-  struct Piece {
+  // Part of a chunk carried by one ChunkSlice of a push.
+  struct PushedPiece {
     int64_t offset, n;
     const ChunkSlice* slice;
   };
-  using Pieces = std::map<int, std::vector<Piece>>;  // chunk -> pieces
+  using PushedPieces = std::map<int, std::vector<PushedPiece>>;  // chunk -> pieces
 
   explicit ParameterShard(ShardOptions options);
   absl::Status Init();
@@ -381,17 +382,17 @@ class ParameterShard {
 
   // Checks that the sorted `list` tiles exactly contributor `k`'s part of
   // chunk `c`; "" or what is wrong (missing, overlapping or extra elements).
-  std::string TilingError(int c, int k, const std::vector<Piece>& list) const;
+  std::string TilingError(int c, int k, const std::vector<PushedPiece>& list) const;
   // Decodes the pieces of a part of chunk `c` into `dst` (its gradient
   // buffer): directly when one contributor owns the whole chunk, else added
   // to it (zeroed first when `first`).
-  void DecodePart(int c, const std::vector<Piece>& list, bool first,
+  void DecodePart(int c, const std::vector<PushedPiece>& list, bool first,
                   float* dst) const;
 
   // SYNC / BOUNDED_STALENESS. `worker` = pp_rank * tp + tp_rank.
   absl::StatusOr<PushResponse> PushStepLocked(int rank, int worker,
                                               int64_t step,
-                                              const Pieces& pieces,
+                                              const PushedPieces& pieces,
                                               const std::string& who)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The slot for `step` (version <= step <= version + s), claimed for it.
@@ -417,7 +418,7 @@ class ParameterShard {
   // ASYNC.
   absl::StatusOr<PushResponse> PushAsyncLocked(int rank, int worker,
                                                int64_t step,
-                                               const Pieces& pieces,
+                                               const PushedPieces& pieces,
                                                const std::string& who)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Applies rank's complete gradient as one update; then checkpoints if the

@@ -27,13 +27,13 @@ struct Run {
   int64_t local = -1;
 };
 
-// Appends the pieces (PsClient::Piece) of chunk `d` covered by `ranges`
+// Appends the pieces (PsClient::LocalPiece) of chunk `d` covered by `ranges`
 // (sorted), placed at their offsets in the local buffer given by `held`
 // (sorted, containing every range), merging a piece with the previous one
 // when both are contiguous.
-template <typename Piece>
+template <typename LocalPiece>
 absl::Status AddPieces(const ChunkDesc& d, const std::vector<Run>& ranges,
-                       const std::vector<Run>& held, std::vector<Piece>* out) {
+                       const std::vector<Run>& held, std::vector<LocalPiece>* out) {
   for (const Run& r : ranges) {
     const int64_t b = std::max(r.begin, d.begin());
     const int64_t e = std::min(r.end, d.end());
@@ -49,7 +49,7 @@ absl::Status AddPieces(const ChunkDesc& d, const std::vector<Run>& ranges,
     --h;
     const int64_t local = h->local + (b - h->begin);
     if (!out->empty()) {
-      Piece& last = out->back();
+      LocalPiece& last = out->back();
       if (last.tensor == d.tensor() && last.chunk == d.index() &&
           last.chunk_offset + last.n == b - d.begin() &&
           last.local_offset + last.n == local) {
@@ -149,7 +149,7 @@ absl::StatusOr<std::unique_ptr<PsClient>> PsClient::Create(
   }
   c->index_.resize(num_shards);
   for (int s = 0; s < num_shards; ++s) {
-    for (const Piece& p : c->pull_pieces_[s]) {
+    for (const LocalPiece& p : c->pull_pieces_[s]) {
       c->index_[s][{p.tensor, p.chunk}].push_back(&p);  // by chunk_offset
     }
     // Without a view every shard is pulled, as a version source.
@@ -273,7 +273,7 @@ absl::Status PsClient::Pull(int64_t step, float* params,
     stats_.rpcs++;
     PullResponse resp;
     int64_t received = 0, expected = 0;
-    for (const Piece& p : pull_pieces_[s]) expected += p.n;
+    for (const LocalPiece& p : pull_pieces_[s]) expected += p.n;
     absl::Status bad;
     while (reader->Read(&resp)) {
       versions[s] = resp.version();
@@ -281,12 +281,12 @@ absl::Status PsClient::Pull(int64_t step, float* params,
         const size_t width = slice.dtype() == BF16 ? 2 : 4;
         const int64_t n = static_cast<int64_t>(slice.data().size() / width);
         // The piece holding the slice's first element.
-        const Piece* piece = nullptr;
+        const LocalPiece* piece = nullptr;
         auto it = index_[s].find({slice.tensor(), slice.chunk()});
         if (it != index_[s].end()) {
           auto next = std::upper_bound(
               it->second.begin(), it->second.end(), slice.offset(),
-              [](int64_t v, const Piece* p) { return v < p->chunk_offset; });
+              [](int64_t v, const LocalPiece* p) { return v < p->chunk_offset; });
           if (next != it->second.begin()) piece = *std::prev(next);
         }
         if (piece == nullptr || slice.data().size() % width != 0 ||
@@ -337,13 +337,13 @@ absl::Status PsClient::PushChunks(int64_t step, const std::string& worker_id,
   // Per shard, the pieces of the chunks to push: a chunk's pieces are
   // adjacent in push_pieces_ (added chunk by chunk), and a chunk is taken
   // when all of them are inside `range` and not all inside `done`.
-  auto inside = [](const Piece& p, ElementRange r) {
+  auto inside = [](const LocalPiece& p, ElementRange r) {
     return r.begin <= p.local_offset && p.local_offset + p.n <= r.end;
   };
-  std::vector<std::vector<const Piece*>> selected(stubs_.size());
+  std::vector<std::vector<const LocalPiece*>> selected(stubs_.size());
   std::vector<int> shards;
   for (int s : push_shards_) {
-    const std::vector<Piece>& pieces = push_pieces_[s];
+    const std::vector<LocalPiece>& pieces = push_pieces_[s];
     for (size_t i = 0; i < pieces.size();) {
       size_t j = i;
       bool in_range = true, in_done = true;
@@ -390,8 +390,8 @@ absl::Status PsClient::PushChunks(int64_t step, const std::string& worker_id,
       reset();
     };
     reset();
-    for (const Piece* piece : selected[s]) {
-      const Piece& p = *piece;
+    for (const LocalPiece* piece : selected[s]) {
+      const LocalPiece& p = *piece;
       for (int64_t off = 0; off < p.n && ok;) {
         if (in_msg == max_elems) flush();
         const int64_t n = std::min(p.n - off, max_elems - in_msg);

@@ -160,7 +160,7 @@ class PsClient {
  private:
   // Elements [chunk_offset, chunk_offset + n) of a chunk, at local_offset
   // in the flat buffer.
-  struct Piece {
+  struct LocalPiece {
     std::string tensor;
     int chunk = 0;
     int64_t chunk_offset = 0;
@@ -203,11 +203,11 @@ class PsClient {
   int pp_rank_ = 0, tp_rank_ = 0;
   // Per shard: what Pull receives (held) and what Push sends (pushed), in
   // partition order, adjacent pieces merged.
-  std::vector<std::vector<Piece>> pull_pieces_;
-  std::vector<std::vector<Piece>> push_pieces_;
+  std::vector<std::vector<LocalPiece>> pull_pieces_;
+  std::vector<std::vector<LocalPiece>> push_pieces_;
   std::vector<int> pull_shards_, push_shards_;  // shards with pieces
   // Per shard: (tensor, chunk index) -> its pull pieces, by chunk_offset.
-  std::vector<std::map<std::pair<std::string, int>, std::vector<const Piece*>>>
+  std::vector<std::map<std::pair<std::string, int>, std::vector<const LocalPiece*>>>
       index_;
   PsClientStats stats_;
 };
