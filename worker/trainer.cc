@@ -32,8 +32,8 @@ int64_t NowMicros() {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
-    TrainerOptions options, GptModel* model, PsClient* ps,
+absl::StatusOr<std::unique_ptr<DataParallelTrainer>> DataParallelTrainer::Create(
+    DataParallelTrainerOptions options, GptModel* model, PsClient* ps,
     const TextDataset* data) {
   const JobSpec& spec = options.spec;
   if (model->num_parameters() != ps->num_parameters()) {
@@ -44,7 +44,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
   if (data->block_size() != spec.model().block_size()) {
     return absl::InvalidArgumentError("dataset block size differs from model");
   }
-  std::unique_ptr<Trainer> t(new Trainer());
+  std::unique_ptr<DataParallelTrainer> t(new DataParallelTrainer());
   t->options_ = std::move(options);
   t->model_ = model;
   t->ps_ = ps;
@@ -62,7 +62,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
   t->targets_.resize(t->tokens_.size());
   t->progress_.step = t->options_.start_step;
   t->progress_.end_step = t->end_step_;
-  Trainer* raw = t.get();
+  DataParallelTrainer* raw = t.get();
   t->pinned_ = std::make_unique<PinnedHostBuffers>(
       model->backend(),
       std::vector<std::vector<float>*>{&t->host_params_, &t->host_grads_},
@@ -70,7 +70,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
   return t;
 }
 
-absl::Status Trainer::PullInto(int64_t step, int64_t* version) {
+absl::Status DataParallelTrainer::PullInto(int64_t step, int64_t* version) {
   LMPS_RETURN_IF_ERROR(ps_->Pull(step, host_params_.data(), version));
   return model_->SetParametersFromHost(host_params_.data());
 }
@@ -90,17 +90,17 @@ absl::Status ApplyStepOnShards(PsClient* ps, ConsistencyMode mode,
   return ps->ApplyBounded(step, sum_squares).status();
 }
 
-absl::Status Trainer::ApplyStep(int64_t step) {
+absl::Status DataParallelTrainer::ApplyStep(int64_t step) {
   return ApplyStepOnShards(ps_, options_.spec.train().mode(), step);
 }
 
-int64_t Trainer::FinalVersion() const {
+int64_t DataParallelTrainer::FinalVersion() const {
   if (options_.spec.train().mode() != ASYNC) return end_step_;
   const int64_t steps = std::max<int64_t>(0, end_step_ - options_.start_step);
   return options_.start_step + options_.spec.layout().dp() * steps;
 }
 
-int64_t Trainer::Staleness(int64_t step, int64_t pulled_version) const {
+int64_t DataParallelTrainer::Staleness(int64_t step, int64_t pulled_version) const {
   if (options_.spec.train().mode() != ASYNC) return step - pulled_version;
   const int64_t start = options_.start_step;
   const int64_t seen =
@@ -108,7 +108,7 @@ int64_t Trainer::Staleness(int64_t step, int64_t pulled_version) const {
   return std::max<int64_t>(0, step - seen);
 }
 
-void Trainer::Log(const std::string& line) const {
+void DataParallelTrainer::Log(const std::string& line) const {
   if (options_.log) {
     options_.log(line);
     return;
@@ -117,7 +117,7 @@ void Trainer::Log(const std::string& line) const {
   std::fflush(stderr);
 }
 
-absl::Status Trainer::BackwardAndPush(
+absl::Status DataParallelTrainer::BackwardAndPush(
     int64_t step, float grad_scale,
     std::chrono::steady_clock::time_point* backward_done,
     int64_t* push_start_us) {
@@ -134,7 +134,7 @@ absl::Status Trainer::BackwardAndPush(
   return status;
 }
 
-absl::StatusOr<float> Trainer::Evaluate() {
+absl::StatusOr<float> DataParallelTrainer::Evaluate() {
   const JobSpec& spec = options_.spec;
   const int T = spec.model().block_size();
   double sum = 0;
@@ -151,7 +151,7 @@ absl::StatusOr<float> Trainer::Evaluate() {
   return static_cast<float>(sum / std::max(1, n));
 }
 
-absl::Status Trainer::Run() {
+absl::Status DataParallelTrainer::Run() {
   const JobSpec& spec = options_.spec;
   const TrainConfig& train = spec.train();
   const ConsistencyMode mode = train.mode();
@@ -273,7 +273,7 @@ absl::Status Trainer::Run() {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> Trainer::Sample(const std::string& prompt, int n,
+absl::StatusOr<std::string> DataParallelTrainer::Sample(const std::string& prompt, int n,
                                             float temperature, int top_k) {
   LMPS_RETURN_IF_ERROR(PullInto(FinalVersion()));
   LMPS_ASSIGN_OR_RETURN(

@@ -25,7 +25,7 @@
 // Evaluation (data-parallel rank 0 only) runs on the pulled parameters every
 // eval_interval steps and at the end.
 //
-// Push overlap (TrainerOptions.overlap_push, the default): during the last
+// Push overlap (DataParallelTrainerOptions.overlap_push, the default): during the last
 // micro-batch's backward pass, each range of the gradient GptModel reports
 // final (ln_f, the blocks from the last to the first, the embeddings:
 // GptModel::GradientReadyFn) is copied to host at once, and a background
@@ -104,7 +104,7 @@ struct TrainerProgress {
   int max_live_micro_batches = 0;
 };
 
-struct TrainerOptions {
+struct DataParallelTrainerOptions {
   std::string worker_id;
   int dp_rank = 0;
   JobSpec spec;
@@ -121,15 +121,15 @@ struct TrainerOptions {
 // GradNorm and Apply of `step` on every shard: the exact global gradient
 // norm, then the optimizer. SYNC checks the shards are then at step + 1;
 // BOUNDED_STALENESS allows them to be further (faster replicas applied later
-// steps). Shared by Trainer and PipelineTrainer.
+// steps). Shared by DataParallelTrainer and PipelineTrainer.
 absl::Status ApplyStepOnShards(PsClient* ps, ConsistencyMode mode,
                                int64_t step);
 
-class Trainer {
+class DataParallelTrainer {
  public:
   // `model`, `ps` and `data` must outlive the trainer.
-  static absl::StatusOr<std::unique_ptr<Trainer>> Create(
-      TrainerOptions options, GptModel* model, PsClient* ps,
+  static absl::StatusOr<std::unique_ptr<DataParallelTrainer>> Create(
+      DataParallelTrainerOptions options, GptModel* model, PsClient* ps,
       const TextDataset* data);
 
   // Trains to min(steps, stop_after_step). Returns the first error.
@@ -147,7 +147,7 @@ class Trainer {
   const TrainerProgress& progress() const { return progress_; }
 
  private:
-  Trainer() = default;
+  DataParallelTrainer() = default;
   // Pulls for `step` into the model; sets *version (if not null) to the
   // smallest version served.
   absl::Status PullInto(int64_t step, int64_t* version = nullptr);
@@ -168,7 +168,7 @@ class Trainer {
   int64_t Staleness(int64_t step, int64_t pulled_version) const;
   void Log(const std::string& line) const;
 
-  TrainerOptions options_;
+  DataParallelTrainerOptions options_;
   GptModel* model_ = nullptr;
   PsClient* ps_ = nullptr;
   const TextDataset* data_ = nullptr;

@@ -1,4 +1,4 @@
-// Trainer against real in-process parameter-server shards: pushing the
+// DataParallelTrainer against real in-process parameter-server shards: pushing the
 // gradient while the backward pass runs (overlap_push) gives bit-identical
 // parameters to pushing it after the pass, in SYNC with two data-parallel
 // replicas and in ASYNC with one, with f32 and bf16 pushes; the overlap is
@@ -164,14 +164,14 @@ absl::StatusOr<Result> Train(const JobSpec& spec, DType push_dtype,
         absl::StatusOr<std::unique_ptr<PsClient>> ps =
             cluster.Client({}, options);
         if (!ps.ok()) return ps.status();
-        TrainerOptions to;
+        DataParallelTrainerOptions to;
         to.worker_id = absl::StrCat("worker-", r);
         to.dp_rank = r;
         to.spec = spec;
         to.overlap_push = overlap;
         to.log = [](const std::string&) {};
-        absl::StatusOr<std::unique_ptr<Trainer>> trainer =
-            Trainer::Create(to, model->get(), ps->get(), data->get());
+        absl::StatusOr<std::unique_ptr<DataParallelTrainer>> trainer =
+            DataParallelTrainer::Create(to, model->get(), ps->get(), data->get());
         if (!trainer.ok()) return trainer.status();
         if (absl::Status s = (*trainer)->Run(); !s.ok()) return s;
         result.progress[r] = (*trainer)->progress();

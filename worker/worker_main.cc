@@ -423,7 +423,7 @@ absl::Status RunWorker(bool* register_again) {
     absl::SleepFor(absl::Milliseconds(100));
   }
 
-  TrainerOptions options;
+  DataParallelTrainerOptions options;
   options.worker_id = id;
   options.dp_rank = assignment.dp_rank();
   options.spec = spec;
@@ -489,9 +489,9 @@ absl::Status RunWorker(bool* register_again) {
     absl::MutexLock lock(&mu);
     latest = p;
   };
-  // One of two loops: Trainer (data parallel only) or PipelineTrainer.
+  // One of two loops: DataParallelTrainer (data parallel only) or PipelineTrainer.
   std::unique_ptr<GptModel> model;
-  std::unique_ptr<Trainer> trainer;
+  std::unique_ptr<DataParallelTrainer> trainer;
   std::unique_ptr<StageModel> stage_model;
   std::unique_ptr<PeerNetwork> peers;
   std::unique_ptr<RingAllReduce> ring;
@@ -499,7 +499,7 @@ absl::Status RunWorker(bool* register_again) {
   if (!pipeline) {
     LMPS_ASSIGN_OR_RETURN(model, GptModel::Create(spec.model(), backend.get(), micro,
                                                   spec.model().block_size()));
-    LMPS_ASSIGN_OR_RETURN(trainer, Trainer::Create(options, model.get(), ps.get(),
+    LMPS_ASSIGN_OR_RETURN(trainer, DataParallelTrainer::Create(options, model.get(), ps.get(),
                                                    data.get()));
   } else {
     std::vector<PeerInfo> workers(assignment.workers().begin(),

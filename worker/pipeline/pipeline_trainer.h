@@ -4,7 +4,8 @@
 // tensor-parallel rank tp's slices, common/parallel_layout.h) for
 // data-parallel replica dp.
 //
-// One step t (SYNC; BOUNDED_STALENESS applies t - s instead, as Trainer):
+// One step t (SYNC; BOUNDED_STALENESS applies t - s instead, as
+// DataParallelTrainer):
 //   1. pull this worker's parameter slices at version t (PsClient with a
 //      view: nothing it does not hold);
 //   2. run the stage's micro-batch schedule (worker/pipeline/schedule.h,
@@ -21,7 +22,7 @@
 //      the shards sum them); with overlap_push, during the schedule's last
 //      backward pass, each block's part as soon as it is final
 //      (worker/overlapped_push.h; bit-identical);
-//   4. GradNorm and Apply on every shard, as Trainer.
+//   4. GradNorm and Apply on every shard, as DataParallelTrainer.
 // The last stage knows the loss; other stages report NaN. Evaluation (every
 // eval_interval steps and at the end, data-parallel replica 0) runs the
 // validation batches forward through the pipeline, tagged `eval`.

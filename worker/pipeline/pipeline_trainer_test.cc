@@ -1,6 +1,6 @@
 // PipelineTrainer's gradient scaling, fixed, as worker/trainer_test does for
-// the data-parallel Trainer: one plain SGD step (no momentum, clipping or
-// weight decay) by dp = 2 replicas of M = 2 micro-batches, each replica one
+// DataParallelTrainer: one plain SGD step (no momentum, clipping or weight
+// decay) by dp = 2 replicas of M = 2 micro-batches, each replica one
 // single-stage PipelineTrainer (pp = tp = 1: no peers) against real
 // in-process shards, moves every parameter by exactly -lr times the
 // gradient of the mean loss over the whole global batch, computed by one
