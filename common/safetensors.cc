@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "nlohmann/json.hpp"
 
 namespace lmps {
 namespace {
@@ -29,7 +30,9 @@ constexpr char kMetadataKey[] = "__metadata__";
 constexpr uint64_t kMaxHeaderBytes = 100 << 20;
 
 // ---------------------------------------------------------------------------
-// Minimal JSON.
+// The JSON header, parsed by nlohmann/json's SAX parser (Debian's
+// nlohmann-json3-dev) into a small document tree that keeps the entries in
+// file order (and repeated keys, which the caller rejects).
 // ---------------------------------------------------------------------------
 
 struct Json {
@@ -42,225 +45,117 @@ struct Json {
   std::vector<std::pair<std::string, Json>> object;  // in document order
 };
 
-class JsonParser {
+// nlohmann::json's SAX interface. Stops at the first error: a syntax error
+// (with its byte position), a non-integer number, an integer beyond int64,
+// or nesting deeper than kMaxDepth (safetensors headers are 3 deep).
+class JsonBuilder {
  public:
-  explicit JsonParser(absl::string_view text) : text_(text) {}
+  using json = nlohmann::json;
+  static constexpr size_t kMaxDepth = 16;
 
-  absl::StatusOr<Json> ParseDocument() {
-    Json value;
-    if (absl::Status s = ParseValue(&value, 0); !s.ok()) return s;
-    SkipSpace();
-    if (pos_ != text_.size()) return Error("trailing characters after JSON");
-    return value;
+  bool null() { return Add(Json()); }
+  bool boolean(bool b) {
+    Json v;
+    v.type = Json::Type::kBool;
+    v.boolean = b;
+    return Add(std::move(v));
+  }
+  bool number_integer(json::number_integer_t i) {
+    Json v;
+    v.type = Json::Type::kInt;
+    v.integer = i;
+    return Add(std::move(v));
+  }
+  bool number_unsigned(json::number_unsigned_t u) {
+    if (u > static_cast<json::number_unsigned_t>(
+                std::numeric_limits<int64_t>::max())) {
+      return Fail("integer out of range");
+    }
+    return number_integer(static_cast<int64_t>(u));
+  }
+  bool number_float(json::number_float_t, const std::string& text) {
+    return Fail(absl::StrCat("only integers are supported in this header, got ",
+                             text));
+  }
+  bool string(std::string& s) {
+    Json v;
+    v.type = Json::Type::kString;
+    v.str = std::move(s);
+    return Add(std::move(v));
+  }
+  bool binary(json::binary_t&) { return Fail("binary value"); }
+  bool start_object(std::size_t) { return Open(Json::Type::kObject); }
+  bool key(std::string& k) {
+    key_ = std::move(k);
+    return true;
+  }
+  bool end_object() { return Close(); }
+  bool start_array(std::size_t) { return Open(Json::Type::kArray); }
+  bool end_array() { return Close(); }
+  bool parse_error(std::size_t position, const std::string&,
+                   const nlohmann::detail::exception& e) {
+    error_ = absl::StrCat("malformed JSON header at byte ", position, ": ",
+                          e.what());
+    return false;
+  }
+
+  // The document, or the first error.
+  absl::StatusOr<Json> Parse(absl::string_view text) {
+    bool ok = false;
+    try {
+      ok = json::sax_parse(text.begin(), text.end(), this,
+                           json::input_format_t::json, /*strict=*/true);
+    } catch (const std::exception& e) {  // not expected from the SAX parser
+      error_ = absl::StrCat("malformed JSON header: ", e.what());
+    }
+    if (!ok || !error_.empty()) {
+      return absl::InvalidArgumentError(
+          error_.empty() ? "malformed JSON header" : error_);
+    }
+    return std::move(root_);
   }
 
  private:
-  absl::Status Error(absl::string_view what) const {
-    return absl::InvalidArgumentError(
-        absl::StrCat("malformed JSON header at byte ", pos_, ": ", what));
-  }
-
-  void SkipSpace() {
-    while (pos_ < text_.size() &&
-           (text_[pos_] == ' ' || text_[pos_] == '\t' || text_[pos_] == '\n' ||
-            text_[pos_] == '\r')) {
-      ++pos_;
+  // Puts v into the innermost open container (under the last key in an
+  // object), or makes it the document; returns where it now lives. The
+  // pointers on stack_ stay valid: only the innermost container grows.
+  Json* Place(Json v) {
+    if (stack_.empty()) {
+      root_ = std::move(v);
+      return &root_;
     }
-  }
-
-  bool Consume(char c) {
-    SkipSpace();
-    if (pos_ < text_.size() && text_[pos_] == c) {
-      ++pos_;
-      return true;
+    Json* top = stack_.back();
+    if (top->type == Json::Type::kObject) {
+      top->object.emplace_back(std::move(key_), std::move(v));
+      return &top->object.back().second;
     }
+    top->array.push_back(std::move(v));
+    return &top->array.back();
+  }
+  bool Add(Json v) {
+    Place(std::move(v));
+    return true;
+  }
+  bool Open(Json::Type type) {
+    if (stack_.size() >= kMaxDepth) return Fail("nested too deeply");
+    Json v;
+    v.type = type;
+    stack_.push_back(Place(std::move(v)));
+    return true;
+  }
+  bool Close() {
+    stack_.pop_back();
+    return true;
+  }
+  bool Fail(absl::string_view what) {
+    error_ = absl::StrCat("malformed JSON header: ", what);
     return false;
   }
 
-  bool ConsumeWord(absl::string_view word) {
-    if (text_.substr(pos_, word.size()) == word) {
-      pos_ += word.size();
-      return true;
-    }
-    return false;
-  }
-
-  absl::Status ParseValue(Json* out, int depth) {
-    if (depth > 16) return Error("nested too deeply");
-    SkipSpace();
-    if (pos_ >= text_.size()) return Error("unexpected end");
-    const char c = text_[pos_];
-    if (c == '{') return ParseObject(out, depth);
-    if (c == '[') return ParseArray(out, depth);
-    if (c == '"') {
-      out->type = Json::Type::kString;
-      return ParseString(&out->str);
-    }
-    if (c == '-' || (c >= '0' && c <= '9')) return ParseInt(out);
-    if (ConsumeWord("true")) {
-      out->type = Json::Type::kBool;
-      out->boolean = true;
-      return absl::OkStatus();
-    }
-    if (ConsumeWord("false")) {
-      out->type = Json::Type::kBool;
-      return absl::OkStatus();
-    }
-    if (ConsumeWord("null")) {
-      out->type = Json::Type::kNull;
-      return absl::OkStatus();
-    }
-    return Error(absl::StrCat("unexpected character '", std::string(1, c),
-                              "'"));
-  }
-
-  absl::Status ParseObject(Json* out, int depth) {
-    out->type = Json::Type::kObject;
-    ++pos_;  // '{'
-    if (Consume('}')) return absl::OkStatus();
-    while (true) {
-      SkipSpace();
-      if (pos_ >= text_.size() || text_[pos_] != '"') {
-        return Error("expected a string key");
-      }
-      std::string key;
-      if (absl::Status s = ParseString(&key); !s.ok()) return s;
-      if (!Consume(':')) return Error("expected ':'");
-      Json value;
-      if (absl::Status s = ParseValue(&value, depth + 1); !s.ok()) return s;
-      out->object.emplace_back(std::move(key), std::move(value));
-      if (Consume(',')) continue;
-      if (Consume('}')) return absl::OkStatus();
-      return Error("expected ',' or '}'");
-    }
-  }
-
-  absl::Status ParseArray(Json* out, int depth) {
-    out->type = Json::Type::kArray;
-    ++pos_;  // '['
-    if (Consume(']')) return absl::OkStatus();
-    while (true) {
-      Json value;
-      if (absl::Status s = ParseValue(&value, depth + 1); !s.ok()) return s;
-      out->array.push_back(std::move(value));
-      if (Consume(',')) continue;
-      if (Consume(']')) return absl::OkStatus();
-      return Error("expected ',' or ']'");
-    }
-  }
-
-  absl::Status ParseHex4(uint32_t* out) {
-    if (pos_ + 4 > text_.size()) return Error("truncated \\u escape");
-    uint32_t v = 0;
-    for (int i = 0; i < 4; ++i) {
-      const char h = text_[pos_++];
-      v <<= 4;
-      if (h >= '0' && h <= '9') {
-        v |= h - '0';
-      } else if (h >= 'a' && h <= 'f') {
-        v |= h - 'a' + 10;
-      } else if (h >= 'A' && h <= 'F') {
-        v |= h - 'A' + 10;
-      } else {
-        return Error("bad \\u escape");
-      }
-    }
-    *out = v;
-    return absl::OkStatus();
-  }
-
-  static void AppendUtf8(uint32_t cp, std::string* out) {
-    if (cp < 0x80) {
-      out->push_back(static_cast<char>(cp));
-    } else if (cp < 0x800) {
-      out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    } else if (cp < 0x10000) {
-      out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-      out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    } else {
-      out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-      out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-      out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    }
-  }
-
-  absl::Status ParseString(std::string* out) {
-    ++pos_;  // '"'
-    while (true) {
-      if (pos_ >= text_.size()) return Error("unterminated string");
-      const char c = text_[pos_++];
-      if (c == '"') return absl::OkStatus();
-      if (static_cast<unsigned char>(c) < 0x20) {
-        return Error("control character in string");
-      }
-      if (c != '\\') {
-        out->push_back(c);
-        continue;
-      }
-      if (pos_ >= text_.size()) return Error("unterminated escape");
-      const char e = text_[pos_++];
-      switch (e) {
-        case '"': out->push_back('"'); break;
-        case '\\': out->push_back('\\'); break;
-        case '/': out->push_back('/'); break;
-        case 'b': out->push_back('\b'); break;
-        case 'f': out->push_back('\f'); break;
-        case 'n': out->push_back('\n'); break;
-        case 'r': out->push_back('\r'); break;
-        case 't': out->push_back('\t'); break;
-        case 'u': {
-          uint32_t cp = 0;
-          if (absl::Status s = ParseHex4(&cp); !s.ok()) return s;
-          if (cp >= 0xD800 && cp < 0xDC00) {  // surrogate pair
-            uint32_t lo = 0;
-            if (!ConsumeWord("\\u")) return Error("lone surrogate");
-            if (absl::Status s = ParseHex4(&lo); !s.ok()) return s;
-            if (lo < 0xDC00 || lo >= 0xE000) return Error("bad surrogate");
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-          } else if (cp >= 0xDC00 && cp < 0xE000) {
-            return Error("lone surrogate");
-          }
-          AppendUtf8(cp, out);
-          break;
-        }
-        default:
-          return Error("bad escape");
-      }
-    }
-  }
-
-  absl::Status ParseInt(Json* out) {
-    out->type = Json::Type::kInt;
-    bool negative = false;
-    if (text_[pos_] == '-') {
-      negative = true;
-      ++pos_;
-    }
-    const size_t start = pos_;
-    uint64_t v = 0;
-    while (pos_ < text_.size() && text_[pos_] >= '0' && text_[pos_] <= '9') {
-      const uint64_t digit = text_[pos_] - '0';
-      if (v > (static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) -
-               digit) / 10) {
-        return Error("integer out of range");
-      }
-      v = v * 10 + digit;
-      ++pos_;
-    }
-    if (pos_ == start) return Error("expected digits");
-    if (pos_ < text_.size() &&
-        (text_[pos_] == '.' || text_[pos_] == 'e' || text_[pos_] == 'E')) {
-      return Error("only integers are supported in this header");
-    }
-    out->integer = negative ? -static_cast<int64_t>(v) : static_cast<int64_t>(v);
-    return absl::OkStatus();
-  }
-
-  absl::string_view text_;
-  size_t pos_ = 0;
+  Json root_;
+  std::vector<Json*> stack_;  // the open containers, outermost first
+  std::string key_;
+  std::string error_;
 };
 
 void AppendJsonString(absl::string_view s, std::string* out) {
@@ -432,7 +327,7 @@ absl::StatusOr<SafetensorsContents> ParseSafetensors(absl::string_view bytes,
   }
   absl::string_view header = bytes.substr(8, header_len);
   absl::string_view data = bytes.substr(8 + header_len);
-  absl::StatusOr<Json> doc = JsonParser(header).ParseDocument();
+  absl::StatusOr<Json> doc = JsonBuilder().Parse(header);
   if (!doc.ok()) return Corrupt(source, doc.status().message());
   if (doc->type != Json::Type::kObject) {
     return Corrupt(source, "header is not a JSON object");

@@ -1,5 +1,6 @@
 #include "common/safetensors.h"
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -171,6 +172,40 @@ TEST(SafetensorsTest, CorruptFilesGiveClearErrors) {
           Floats({1, 2})),
       "appears twice");
   ExpectError(Raw("{\"__metadata__\":{\"x\":1}}", ""), "not a string");
+}
+
+// The JSON header parser (nlohmann/json's SAX parser) on hostile input:
+// deep nesting, escapes, numbers it must refuse, and random bytes, each an
+// error (never a crash or a hang), valid escapes decoded.
+TEST(SafetensorsTest, HeaderParserRefusesHostileJson) {
+  ExpectError(Raw(std::string(100000, '['), ""), "nested too deeply");
+  ExpectError(Raw("{\"a\":{\"dtype\":\"F32\",\"shape\":[99999999999999999999],"
+                  "\"data_offsets\":[0,4]}}", ""),
+              "malformed JSON");
+  ExpectError(Raw("{\"a\":{\"dtype\":\"F32\",\"shape\":[1e3],"
+                  "\"data_offsets\":[0,4]}}", ""),
+              "only integers");
+  ExpectError(Raw("{\"a\\ud800\":1}", ""), "malformed JSON");  // lone surrogate
+  ExpectError(Raw("{\"a\nb\":1}", ""), "malformed JSON");       // raw control char
+  ExpectError(Raw("{\"a\":1} x", ""), "malformed JSON");         // trailing text
+  // Escapes are decoded: a name with a surrogate pair and a quote.
+  auto parsed = ParseSafetensors(
+      Raw("{\"\\ud83d\\ude00\\\"\":{\"dtype\":\"F32\",\"shape\":[1],"
+          "\"data_offsets\":[0,4]}}",
+          Floats({5})));
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->tensors[0].name, "\xf0\x9f\x98\x80\"");
+  // Random headers: an error or a parse, never a crash.
+  uint64_t x = 12345;
+  for (int i = 0; i < 3000; ++i) {
+    std::string header;
+    const int n = 1 + static_cast<int>(x % 64);
+    for (int k = 0; k < n; ++k) {
+      x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+      header.push_back("{}[]\":,0123456789-.eE \\u\"adtypeF32shape"[(x >> 33) % 39]);
+    }
+    (void)ParseSafetensors(Raw(header, ""));
+  }
 }
 
 TEST(SafetensorsTest, MissingFileIsNotFound) {

@@ -2,6 +2,7 @@
 # Installs what lmps needs from Debian 12's packages, and only what is
 # missing. Usage: scripts/install_deps.sh [build|bench|stress|all]   (default build)
 #   build: Bazel, gRPC, protobuf, Abseil, GoogleTest, prometheus-cpp, OpenBLAS,
+#          nlohmann-json,
 #          and what the tests use (Prometheus, Python grpcio)
 #   bench: build + iperf3 and PyTorch (python3-torch) for the baselines
 #   stress: build + stress-ng (load for scripts/stress_tests.sh)
@@ -10,6 +11,8 @@ what="${1:-build}"
 pkgs=(bazel-bootstrap g++ pkg-config libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev
       protobuf-compiler libabsl-dev libgtest-dev libgmock-dev prometheus-cpp-dev
       libopenblas-dev python3
+      # the safetensors header's JSON parser (header-only)
+      nlohmann-json3-dev
       # used by the tests: Prometheus (promtool), Python gRPC clients
       prometheus python3-grpcio python3-grpc-tools grpc-proto curl iproute2
       # PyTorch: the exported model is checked by loading it in PyTorch
