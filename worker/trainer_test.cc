@@ -21,19 +21,21 @@
 #include "absl/synchronization/mutex.h"
 #include "common/job_spec.h"
 #include "gtest/gtest.h"
+#include "tests/testing/ps_cluster.h"
 #include "worker/backend/cpu_reference.h"
 #include "worker/data/dataset.h"
 #include "worker/model/gpt.h"
 #include "worker/ps_client.h"
 #include "worker/testing/full_batch_gradient.h"
-#include "tests/testing/ps_cluster.h"
 
 namespace lmps {
 namespace {
 
 using ::lmps::testing::Cluster;
+using ::lmps::testing::CompareWithSgdStep;
 using ::lmps::testing::FullBatchGradient;
 using ::lmps::testing::QuickBrownFoxData;
+using ::lmps::testing::SgdStepError;
 
 constexpr int kSteps = 3;
 
@@ -280,17 +282,13 @@ TEST(TrainerTest, OneSgdStepIsTheMeanGradientOfTheGlobalBatch) {
       FullBatchGradient(spec, **data, /*step=*/0, trained->initial_params);
   ASSERT_TRUE(grad.ok()) << grad.status();
 
-  double max_err = 0, max_step = 0;
-  for (size_t i = 0; i < grad->size(); ++i) {
-    const double want = trained->initial_params[i] - 0.5 * (*grad)[i];
-    max_err = std::max(max_err, std::fabs(trained->params[i] - want));
-    max_step = std::max(max_step, std::fabs(0.5 * (*grad)[i]));
-  }
+  const SgdStepError e =
+      CompareWithSgdStep(trained->initial_params, trained->params, *grad, 0.5);
   // Only the summation order differs (per micro-batch, then across
   // replicas): ~1e-7 of the step. A missing 1/M or 1/dp is an error as
   // large as the step itself.
-  EXPECT_GT(max_step, 1e-3) << "the step must be large enough to tell";
-  EXPECT_LE(max_err, 1e-6) << "largest step " << max_step;
+  EXPECT_GT(e.max_step, 1e-3) << "the step must be large enough to tell";
+  EXPECT_LE(e.max_error, 1e-6) << "largest step " << e.max_step;
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -22,18 +22,20 @@
 #include "common/job_spec.h"
 #include "common/parallel_layout.h"
 #include "gtest/gtest.h"
+#include "tests/testing/ps_cluster.h"
 #include "worker/backend/cpu_reference.h"
 #include "worker/model/stage_model.h"
 #include "worker/ps_client.h"
 #include "worker/testing/full_batch_gradient.h"
-#include "tests/testing/ps_cluster.h"
 
 namespace lmps {
 namespace {
 
 using ::lmps::testing::Cluster;
+using ::lmps::testing::CompareWithSgdStep;
 using ::lmps::testing::FullBatchGradient;
 using ::lmps::testing::QuickBrownFoxData;
+using ::lmps::testing::SgdStepError;
 
 constexpr float kLr = 0.5f;
 
@@ -131,16 +133,12 @@ TEST(PipelineTrainerTest, OneSgdStepIsTheMeanGradientOfTheGlobalBatch) {
   absl::StatusOr<std::vector<float>> grad =
       FullBatchGradient(spec, **data, /*step=*/0, initial);
   ASSERT_TRUE(grad.ok()) << grad.status();
-  double max_err = 0, max_step = 0;
-  for (size_t i = 0; i < grad->size(); ++i) {
-    const double want = initial[i] - kLr * static_cast<double>((*grad)[i]);
-    max_err = std::max(max_err, std::fabs(trained[i] - want));
-    max_step = std::max(max_step, std::fabs(kLr * static_cast<double>((*grad)[i])));
-  }
-  // Only the summation order differs: ~1e-7 of the step. A missing 1/M or
-  // 1/dp is an error as large as the step itself.
-  EXPECT_GT(max_step, 1e-3) << "the step must be large enough to tell";
-  EXPECT_LE(max_err, 1e-6) << "largest step " << max_step;
+  const SgdStepError e = CompareWithSgdStep(initial, trained, *grad, kLr);
+  // Only the summation order differs (per micro-batch, then across
+  // replicas): ~1e-7 of the step. A missing 1/M or 1/dp is an error as
+  // large as the step itself.
+  EXPECT_GT(e.max_step, 1e-3) << "the step must be large enough to tell";
+  EXPECT_LE(e.max_error, 1e-6) << "largest step " << e.max_step;
 }
 
 }  // namespace

@@ -6,6 +6,8 @@
 #ifndef LMPS_WORKER_TESTING_FULL_BATCH_GRADIENT_H_
 #define LMPS_WORKER_TESTING_FULL_BATCH_GRADIENT_H_
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -65,6 +67,27 @@ inline absl::StatusOr<std::vector<float>> FullBatchGradient(
   std::vector<float> grad(params.size());
   if (absl::Status s = (*model)->GradientsToHost(grad.data()); !s.ok()) return s;
   return grad;
+}
+
+// How far `trained` is from one plain SGD step `initial - lr * grad`: the
+// largest |difference| over the elements, and the largest step lr * |grad|
+// (to show the comparison can tell a wrong scale: it must be well above
+// the difference).
+struct SgdStepError {
+  double max_error = 0;
+  double max_step = 0;
+};
+inline SgdStepError CompareWithSgdStep(const std::vector<float>& initial,
+                                       const std::vector<float>& trained,
+                                       const std::vector<float>& grad,
+                                       double lr) {
+  SgdStepError e;
+  for (size_t i = 0; i < grad.size(); ++i) {
+    const double step = lr * grad[i];
+    e.max_error = std::max(e.max_error, std::fabs(trained[i] - (initial[i] - step)));
+    e.max_step = std::max(e.max_step, std::fabs(step));
+  }
+  return e;
 }
 
 }  // namespace lmps::testing
