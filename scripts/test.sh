@@ -30,7 +30,7 @@ while read -r label; do
   pkg="${pkg%%:*}"
   # This run's logs: test.log, or shard_K_of_N/test.log (not the run_K_of_N
   # directories a --runs_per_test run may have left).
-  logs=$(find ".bazel/testlogs/$pkg/$name" -maxdepth 2 -name test.log -not -path '*run_*' 2>/dev/null)
+  logs=$(find ".bazel/testlogs/$pkg/$name" -maxdepth 2 -name test.log -not -path '*run_*_of_*' 2>/dev/null)
   [ -n "$logs" ] || continue
   # shellcheck disable=SC2086
   why=$(grep -h '^LMPS_SKIP(' $logs | sort -u)
