@@ -1274,8 +1274,15 @@ def version_monitor(info, daemons, pool, stop):
 
 
 def liveness(daemons, health_pb2):
-    """Every daemon answers a health check and an lmps call."""
-    problems = []
+    """Every daemon that still runs answers a health check with SERVING.
+
+    A daemon whose port refuses connections has exited: a crash shows in the
+    launcher's output (BAD_LAUNCHER) and fails the test there, while a
+    worker that finished its last step exits normally (the progress read
+    that ended phase 1 may lag the job by a few steps). So only a daemon
+    that accepts the connection but does not answer, or answers anything but
+    SERVING, is a problem here. Returns (problems, exited labels)."""
+    problems, exited = [], []
     for d in daemons:
         call = d.channel.unary_unary(
             "/grpc.health.v1.Health/Check",
@@ -1286,8 +1293,12 @@ def liveness(daemons, health_pb2):
             if st != health_pb2.HealthCheckResponse.SERVING:
                 problems.append("%s health %s" % (d.label, st))
         except grpc.RpcError as e:
-            problems.append("%s health: %s %s" % (d.label, e.code(), e.details()))
-    return problems
+            if (e.code() == grpc.StatusCode.UNAVAILABLE
+                    and "Connection refused" in (e.details() or "")):
+                exited.append(d.label)
+            else:
+                problems.append("%s health: %s %s" % (d.label, e.code(), e.details()))
+    return problems, exited
 
 
 # --- the test ----------------------------------------------------------------------
@@ -1362,8 +1373,10 @@ def body(args, tmp, seed):
         log("hostile phase 1 ends at step %d: %d calls" % (end_step, stats.total()))
         problems = []
         if job_b.poll() is None and end_step < info.steps:
-            problems = liveness(daemons, health_pb2)
-            log("liveness after phase 1: %s" % (problems or "every daemon SERVING"))
+            problems, exited = liveness(daemons, health_pb2)
+            log("liveness after phase 1: %s%s" % (
+                problems or "every running daemon SERVING",
+                "; exited (checked by the launcher's output): %s" % exited if exited else ""))
         # Phase 2: until the end, through the daemons' shutdown.
         hostile.phase = 2
         hostile.start(2)
