@@ -87,14 +87,14 @@ echo "ok: Prometheus target 127.0.0.1:$port is up"
 result=""
 for _ in $(seq 50); do
   result=$(curl -sf "$api/query" --data-urlencode 'query=lmps_rpc_total{method="Pull",code="OK"}' || true)
-  echo "$result" | grep -q '"node":"server-0"' && break
+  grep -q '"node":"server-0"' <<<"$result" && break
   sleep 0.2
 done
-echo "$result" | grep -q '"node":"server-0"' || fail "query lmps_rpc_total: $result"
-echo "$result" | grep -q '"daemon":"server"' || fail "no daemon label: $result"
+grep -q '"node":"server-0"' <<<"$result" || fail "query lmps_rpc_total: $result"
+grep -q '"daemon":"server"' <<<"$result" || fail "no daemon label: $result"
 result=$(curl -sf "$api/query" --data-urlencode \
   'query=histogram_quantile(0.5, sum by (le) (lmps_rpc_duration_seconds_bucket))') ||
   fail "histogram_quantile query"
-echo "$result" | grep -q '"resultType":"vector","result":\[{' || fail "histogram query: $result"
+grep -q '"resultType":"vector","result":\[{' <<<"$result" || fail "histogram query: $result"
 echo "ok: Prometheus queries return the series with node/daemon labels"
 echo "PASS"

@@ -189,9 +189,9 @@ done
 
 # The scheduler stays up (--exit_when_finished=false) and says FINISHED.
 m=$(inns w1 curl -sf -m 5 "http://$sched_ip:9090/metrics") || fail "scheduler /metrics after the job"
-echo "$m" | grep -Eq '^lmps_job_state\{[^}]*\} 3$' ||
+grep -Eq '^lmps_job_state\{[^}]*\} 3$' <<<"$m" ||
   fail "scheduler's lmps_job_state is not 3 (FINISHED): $(echo "$m" | grep '^lmps_job_state')"
-echo "$m" | grep -Eq '^lmps_step\{[^}]*\} 5$' ||
+grep -Eq '^lmps_step\{[^}]*\} 5$' <<<"$m" ||
   fail "scheduler's lmps_step is not 5: $(echo "$m" | grep '^lmps_step')"
 note "ok: the scheduler reports FINISHED at step 5 (read from worker1's namespace)"
 kill -TERM "${pid_of[sched]}"
