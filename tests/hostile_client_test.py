@@ -45,8 +45,10 @@ messages before it as if the client had half-closed (seen). Per method:
       headers, or a wrong partition_version, or dp/pp/tp rank outside the
       layout, or a step < 0 (acknowledged as an old duplicate, changing
       nothing) or > train.steps (never reached), or a slice with an
-      invalid dtype, a (tensor, chunk) the target shard does not hold, a
-      payload that is not whole elements, or a NaN/Inf element.
+      invalid dtype (unset is F32, as in the daemons), a (tensor, chunk)
+      the target shard does not hold, a payload that is not whole
+      elements, or a NaN/Inf element. (guard_self_check() pins the
+      dtypes: a hole there once let a legitimate push through.)
   ParameterServer.Apply (and inside Replicate): global_sum_squares NaN,
       Inf or negative, or a step already applied (below a version read
       from that shard's primary before the call: answered idempotently),
@@ -373,10 +375,12 @@ def is_real_id(info, s):
 
 
 F32, BF16 = 1, 2
+UNSET = 0  # DTYPE_UNSPECIFIED: the daemons read it as F32 (server/tensor_codec.h)
+DTYPE_SIZE = {UNSET: 4, F32: 4, BF16: 2}
 
 
 def non_finite(dtype, data):
-    if dtype == F32:
+    if dtype != BF16:
         n = len(data) // 4
         return any(not math.isfinite(x) for x in struct.unpack("<%df" % n, data[:4 * n]))
     n = len(data) // 2
@@ -403,7 +407,7 @@ def push_poisoned(info, shard, msgs):
         return True
     for m in msgs:
         for s in m.slices:
-            size = {F32: 4, BF16: 2}.get(s.dtype, 0)
+            size = DTYPE_SIZE.get(s.dtype, 0)
             if size == 0 or (s.tensor, s.chunk) not in info.held.get(shard, ()):
                 return True
             if len(s.data) % size != 0 or non_finite(s.dtype, s.data):
@@ -780,10 +784,10 @@ def force_push_poison(rnd, info, shard, msgs):
     else:
         s = msgs[0].slices.add()
         make_slice(rnd, info, shard, s, poison=True)
-        if not non_finite(s.dtype, s.data) and s.dtype in (F32, BF16):
+        if not non_finite(s.dtype, s.data) and s.dtype in DTYPE_SIZE:
             s.data = rnd.floats(max(1, len(s.data) // 4), F32, poison=True)
             s.dtype = F32
-        if s.dtype not in (F32, BF16) or not non_finite(s.dtype, s.data):
+        if s.dtype not in DTYPE_SIZE or not non_finite(s.dtype, s.data):
             s.dtype = 9  # invalid dtype: refused
     assert all(push_poisoned(info, shard, msgs[:i + 1]) for i in range(len(msgs)))
 
@@ -1252,7 +1256,31 @@ def discover(sched_addr, launcher, refl_pb2, health_pb2):
         want = "lmps.WorkerPeer" if d.kind == "worker" else "lmps.ParameterServer"
         check(want in svc, "%s at %s does not list %s: %s"
               % (d.label, d.address, want, svc))
+    guard_self_check(info, rct.message_class(pool, "lmps.PushRequest"))
     return info, daemons, get_status, pool
+
+
+def guard_self_check(info, push_cls):
+    """The guard must see a well-formed push of a whole chunk as one a shard
+    obeys (so it is withheld) in every dtype the daemons decode, unset
+    included (server/tensor_codec.h: DTYPE_UNSPECIFIED is F32), and as
+    poisoned with an invalid dtype or a NaN. Judging unset as invalid once
+    let the client send a legitimate push that changed the parameters."""
+    tensor, index, begin, end, shard = info.chunks[0]
+    def push(dtype, data):
+        m = push_cls(dp_rank=0, step=1, partition_version=info.partition_version)
+        m.slices.add(tensor=tensor, chunk=index, offset=0, dtype=dtype, data=data)
+        return [m]
+    n = end - begin
+    for dtype, size in [(UNSET, 4), (F32, 4), (BF16, 2)]:  # what the daemons decode
+        check(not push_poisoned(info, shard, push(dtype, bytes(size * n))),
+              "guard: a finite dtype-%d push of %s chunk %d counts as refused"
+              % (dtype, tensor, index))
+        nan = struct.pack("<f", float("nan")) if size == 4 else b"\xc0\x7f"
+        check(push_poisoned(info, shard, push(dtype, nan + bytes(size * (n - 1)))),
+              "guard: a dtype-%d push with a NaN counts as obeyed" % dtype)
+    check(push_poisoned(info, shard, push(3, bytes(4 * n))),
+          "guard: a push with dtype 3 counts as obeyed")
 
 
 def version_monitor(info, daemons, pool, stop):
