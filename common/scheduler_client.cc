@@ -31,7 +31,7 @@ absl::StatusOr<RegisterResponse> SchedulerClient::Register(
     if (!retry) break;
     if (absl::Now() + absl::Milliseconds(200) >= give_up) {
       if (last.code() == absl::StatusCode::kResourceExhausted) {
-        return absl::ResourceExhaustedError(absl::StrCat(
+        return WithMessage(last, absl::StrCat(
             "scheduler at ", address_, " had no free slot for ",
             absl::FormatDuration(timeout), ": ", last.message()));
       }
@@ -41,8 +41,8 @@ absl::StatusOr<RegisterResponse> SchedulerClient::Register(
     }
     absl::SleepFor(absl::Milliseconds(200));
   }
-  return absl::Status(last.code(), absl::StrCat("registering with scheduler ",
-                                                address_, ": ", last.message()));
+  return WithMessage(last, absl::StrCat("registering with scheduler ",
+                                        address_, ": ", last.message()));
 }
 
 absl::StatusOr<Assignment> SchedulerClient::WaitForAssignment(
@@ -54,8 +54,8 @@ absl::StatusOr<Assignment> SchedulerClient::WaitForAssignment(
   Assignment assignment;
   absl::Status s = FromGrpcStatus(stub_->GetAssignment(&ctx, req, &assignment));
   if (!s.ok()) {
-    return absl::Status(s.code(), absl::StrCat("waiting for assignment from ",
-                                               address_, ": ", s.message()));
+    return WithMessage(s, absl::StrCat("waiting for assignment from ",
+                                       address_, ": ", s.message()));
   }
   return assignment;
 }
@@ -92,15 +92,15 @@ absl::StatusOr<HeartbeatResponse> SchedulerClient::Heartbeat(
     rejoin.set_step(request.step());
     absl::StatusOr<RegisterResponse> r = Register(rejoin, timeout);
     if (!r.ok()) {
-      s = absl::Status(r.status().code(),
-                       absl::StrCat("rejoining after a scheduler restart: ",
-                                    r.status().message()));
+      s = WithMessage(r.status(),
+                      absl::StrCat("rejoining after a scheduler restart: ",
+                                   r.status().message()));
       break;
     }
   }
   if (!s.ok()) {
-    return absl::Status(s.code(), absl::StrCat("heartbeat to scheduler ",
-                                               address_, ": ", s.message()));
+    return WithMessage(s, absl::StrCat("heartbeat to scheduler ",
+                                       address_, ": ", s.message()));
   }
   return resp;
 }

@@ -1,5 +1,14 @@
-// Conversion between absl::Status and grpc::Status, in one place. The code
-// and the message are kept in both directions.
+// absl::Status helpers, in one place:
+//  - conversion between absl::Status and grpc::Status, keeping the code, the
+//    message and every payload (as the status details, a google.rpc.Status
+//    whose details are the payloads as google.protobuf.Any);
+//  - structured reasons (proto ErrorReason): a caller that acts on why a call
+//    failed reads ReasonOf(status), never the message text. The reason
+//    travels as a google.rpc.ErrorInfo payload (domain "lmps") and survives
+//    the trip through gRPC and WithMessage();
+//  - WithMessage(): another message, the same code and payloads (a status
+//    rebuilt with absl::Status(code, message) loses its reason);
+//  - LMPS_RETURN_IF_ERROR / LMPS_ASSIGN_OR_RETURN.
 //
 // Thread-safety: pure functions.
 #ifndef LMPS_COMMON_STATUS_UTIL_H_
@@ -8,11 +17,22 @@
 #include <grpcpp/support/status.h>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "proto/lmps.pb.h"
 
 namespace lmps {
 
 grpc::Status ToGrpcStatus(const absl::Status& status);
 absl::Status FromGrpcStatus(const grpc::Status& status);
+
+// `status` (not OK) with `reason` attached; an OK status is returned as is.
+absl::Status WithReason(absl::Status status, ErrorReason reason);
+
+// The reason attached to `status`, or ERROR_REASON_UNSPECIFIED.
+ErrorReason ReasonOf(const absl::Status& status);
+
+// `status` with `message` instead of its message; code and payloads kept.
+absl::Status WithMessage(const absl::Status& status, absl::string_view message);
 
 }  // namespace lmps
 

@@ -4,11 +4,11 @@
 
 #include <algorithm>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/grpc_server.h"
 #include "common/shard_info.h"
+#include "common/status_util.h"
 #include "proto/lmps.grpc.pb.h"
 
 namespace lmps {
@@ -39,8 +39,7 @@ absl::StatusOr<int64_t> StopShardsAt(const std::vector<std::string>& addresses,
       req.set_step(step);
       StopAtResponse resp;
       const grpc::Status s = stub->StopAt(&ctx, req, &resp);
-      if (s.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
-          absl::StrContains(s.error_message(), "past the requested")) {
+      if (ReasonOf(FromGrpcStatus(s)) == STOP_STEP_PASSED) {
         past = true;  // ask everyone again, later
       } else if (!s.ok()) {
         return absl::UnavailableError(absl::StrCat(

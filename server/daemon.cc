@@ -9,7 +9,6 @@
 #include <utility>
 #include <vector>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/daemon_metrics.h"
@@ -141,7 +140,7 @@ class Daemon {
   void DropShard() {
     service_->SetShard(nullptr, nullptr);
     SetServing(server_.get(), false);
-    shard_->Shutdown();
+    StopServing();
     stop_->WaitFor(absl::Seconds(2));
     replicated_.reset();
     shard_.reset();
@@ -184,7 +183,7 @@ class Daemon {
     req.set_rejoin(true);
     req.set_requested_rank(assignment_.shard());
     // The slot this node holds ("backup-<shard>" or "server-<shard>").
-    req.set_backup(node_id_.rfind("backup-", 0) == 0);
+    req.set_backup(backup_slot_);
     req.set_step(shard_ != nullptr ? shard_->step_clock() : 0);
     if (replicated_ != nullptr) {
       req.set_epoch(replicated_->epoch());
@@ -197,6 +196,7 @@ class Daemon {
     });
     if (!s.ok()) return FromGrpcStatus(s);
     node_id_ = resp.node_id();
+    backup_slot_ = resp.backup_slot();
     incarnation_ = resp.incarnation();
     log_(absl::StrCat("the scheduler at ", options_.scheduler,
                       " restarted; rejoined as ", node_id_, " at step ",
@@ -256,8 +256,7 @@ class Daemon {
                  return scheduler_->Register(ctx, req, &resp);
                });
       if (stop_->stopped()) return Stopped();
-      if (s.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
-          absl::StrContains(s.error_message(), "already FINISHED")) {
+      if (ReasonOf(FromGrpcStatus(s)) == JOB_FINISHED) {
         // A restarted (replicated) server coming back after the end.
         log_("the job already finished: nothing to serve; exiting");
         job_finished_ = true;
@@ -267,6 +266,7 @@ class Daemon {
       if (s.ok()) {
         register_request_ = req;
         node_id_ = resp.node_id();
+        backup_slot_ = resp.backup_slot();
         incarnation_ = resp.incarnation();
         lease_ = resp.lease_ms() > 0 ? absl::Milliseconds(resp.lease_ms())
                                      : absl::Seconds(10);
@@ -529,13 +529,12 @@ class Daemon {
 
   absl::Status Finished() {
     // Waits for an Apply (and its checkpoint) still in progress.
-    shard_->Shutdown();
+    StopServing();
     const absl::Status last = shard_->last_checkpoint_status();
     if (!last.ok()) {
-      return absl::Status(last.code(),
-                          absl::StrCat("job finished but the last checkpoint "
-                                       "failed: ",
-                                       last.message()));
+      return WithMessage(last, absl::StrCat("job finished but the last "
+                                            "checkpoint failed: ",
+                                            last.message()));
     }
     log_(absl::StrCat("job finished at version ", shard_->version(),
                       "; exiting"));
@@ -553,8 +552,18 @@ class Daemon {
     scheduler_->Heartbeat(&ctx, req, &resp);  // best effort
   }
 
+  // Ends every wait and refuses later calls; a replicated shard forwards
+  // none of them (ReplicatedShard::Shutdown).
+  void StopServing() {
+    if (replicated_ != nullptr) {
+      replicated_->Shutdown();
+    } else if (shard_ != nullptr) {
+      shard_->Shutdown();
+    }
+  }
+
   void Shutdown() {
-    if (shard_ != nullptr) shard_->Shutdown();
+    StopServing();
     if (server_ != nullptr) {
       SetServing(server_.get(), false);
       server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
@@ -577,6 +586,7 @@ class Daemon {
   std::unique_ptr<Scheduler::Stub> scheduler_;
   std::string address_;
   std::string node_id_;
+  bool backup_slot_ = false;  // holds "backup-<shard>" (RegisterResponse)
   RegisterRequest register_request_;  // for Rejoin
   bool scheduler_down_logged_ = false;
   absl::Duration lease_ = absl::Seconds(10);

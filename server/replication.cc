@@ -309,8 +309,21 @@ void ReplicatedShard::RenewLease(absl::Time sent) {
   lease_until_ = std::max(lease_until_, sent + options_.lease * 9 / 10);
 }
 
+void ReplicatedShard::Shutdown() {
+  absl::MutexLock op_lock(&op_mu_);
+  {
+    absl::MutexLock lock(&mu_);
+    shutdown_ = true;
+  }
+  shard_->Shutdown();
+}
+
 absl::Status ReplicatedShard::CheckServing() {
   absl::MutexLock lock(&mu_);
+  if (shutdown_) {
+    return absl::UnavailableError(absl::StrCat(
+        "parameter server shard ", shard_->shard(), " is shutting down"));
+  }
   switch (role_) {
     case Role::kPrimary:
       if (options_.now && options_.now() >= lease_until_) {

@@ -128,8 +128,14 @@ class ReplicatedShard {
   absl::StatusOr<int64_t> Apply(int64_t step, double global_sum_squares);
   absl::StatusOr<int64_t> StopAt(int64_t step);
   // For reads: OK when this node serves workers (a primary within its
-  // serving lease).
+  // serving lease, not shut down).
   absl::Status CheckServing();
+  // Ends serving (the job finished, or the shard is dropped): waits for the
+  // operations in flight, then refuses every later one UNAVAILABLE before
+  // it is forwarded, so a late call can neither diverge from the backup nor
+  // count a backup that already exited as failed; then shuts the local
+  // shard down (ParameterShard::Shutdown). Idempotent.
+  void Shutdown();
   // The scheduler answered a heartbeat sent at `sent` (or the assignment
   // asked for at `sent`): the serving lease runs until sent + 0.9 lease.
   void RenewLease(absl::Time sent);
@@ -204,6 +210,7 @@ class ReplicatedShard {
   mutable absl::Mutex mu_;
   Role role_ ABSL_GUARDED_BY(mu_);
   bool awaiting_snapshot_ ABSL_GUARDED_BY(mu_);
+  bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   int64_t epoch_ ABSL_GUARDED_BY(mu_);
   absl::Time lease_until_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   // Forwarding to link_ failed; waiting for HeartbeatResponse.detach_backup.

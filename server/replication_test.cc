@@ -305,6 +305,38 @@ TEST(ReplicationTest, UnreachableBackupIsDetachedOnlyWithTheSchedulersLeave) {
             absl::StatusCode::kFailedPrecondition);
 }
 
+// The job finished: the primary shuts down before its backup exits or
+// after. Either way a late call is refused UNAVAILABLE before it is
+// forwarded, so it neither reaches an exited backup (counted as lost) nor
+// diverges from one that still answers.
+TEST(ReplicationTest, ShutdownRefusesLateCallsWithoutForwarding) {
+  const JobSpec spec = Spec();
+  auto backup = MakeNode(spec, /*backup=*/true);
+  auto primary = MakeNode(spec, /*backup=*/false);
+  auto link = std::make_shared<LocalLink>(backup->rep.get());
+  primary->rep->AttachBackup(link, false);
+  Step(primary->rep.get(), 0);
+  const int calls = link->calls;
+  primary->rep->Shutdown();
+  link->down = true;  // the backup exited too
+  auto p = primary->rep->Push(Stream(*primary->shard, 0, 1));
+  EXPECT_EQ(p.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(p.status().message().find("shutting down"), std::string::npos)
+      << p.status();
+  EXPECT_EQ(primary->rep->Apply(0, 1.0).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(primary->rep->StopAt(5).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(primary->rep->CheckServing().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(link->calls, calls);
+  EXPECT_FALSE(primary->rep->backup_lost());
+  HeartbeatRequest hb;
+  primary->rep->FillHeartbeat(&hb);
+  EXPECT_EQ(hb.replication_event().find("failed"), std::string::npos)
+      << hb.replication_event();
+  primary->rep->Shutdown();  // idempotent
+}
+
 // The epoch is checked on both sides: an operation of an older epoch
 // fences its sender (ABORTED), the answer carries the backup's epoch.
 TEST(ReplicationTest, EpochsFenceTheOlderSide) {

@@ -12,6 +12,7 @@
 #include "common/parallel_layout.h"
 #include "common/partition.h"
 #include "common/safetensors.h"
+#include "common/status_util.h"
 #include "server/optimizer.h"
 #include "server/reshard.h"
 #include "server/tensor_codec.h"
@@ -21,6 +22,11 @@ namespace {
 
 std::string ChunkName(const std::string& tensor, int index) {
   return absl::StrCat("tensor '", tensor, "' chunk ", index);
+}
+
+// A call refused because the job stops for an elastic resize.
+absl::Status ResizeStop(const std::string& message) {
+  return WithReason(absl::AbortedError(message), STOPPED_FOR_RESIZE);
 }
 
 std::string Shape(const std::vector<int64_t>& shape) {
@@ -838,7 +844,7 @@ absl::StatusOr<double> ParameterShard::GradNorm(int64_t step,
         absl::StrCat("parameter server shard ", shard, " is shutting down"));
   }
   if (stopped() && !CompleteLocked(step)) {
-    return absl::AbortedError(absl::StrCat(
+    return ResizeStop(absl::StrCat(
         "the job stops at step ", stop_at_,
         " for a resize (elastic data parallelism): shard ", shard,
         " applies no later step; the job restarts from the checkpoint of step ",
@@ -866,9 +872,11 @@ absl::StatusOr<int64_t> ParameterShard::StopAt(int64_t step) {
         "StopAt needs step boundaries; ASYNC mode has none");
   }
   if (step < 1 || version_ > step) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "shard ", options_.shard, " is at version ", version_,
-        ", past the requested stop step ", step, "; ask for a later one"));
+    return WithReason(
+        absl::FailedPreconditionError(absl::StrCat(
+            "shard ", options_.shard, " is at version ", version_,
+            ", past the requested stop step ", step, "; ask for a later one")),
+        STOP_STEP_PASSED);
   }
   const bool now = version_ == step && stop_at_ != step;
   stop_at_ = step;
@@ -974,10 +982,10 @@ absl::StatusOr<int64_t> ParameterShard::Apply(int64_t step,
   if (ShouldCheckpoint(version_) ||
       (version_ == stop_at_ && !options_.checkpoint_dir.empty())) {
     if (absl::Status s = WriteCheckpointLocked(); !s.ok()) {
-      return absl::Status(
-          s.code(), absl::StrCat("shard ", shard, " applied step ", step,
-                                 " (now version ", version_,
-                                 ") but the checkpoint failed: ", s.message()));
+      return WithMessage(s, absl::StrCat("shard ", shard, " applied step ",
+                                         step, " (now version ", version_,
+                                         ") but the checkpoint failed: ",
+                                         s.message()));
     }
   }
   return version_;
@@ -1297,7 +1305,7 @@ absl::StatusOr<std::vector<PullResponse>> ParameterShard::Pull(
         absl::StrCat("parameter server shard ", shard, " is shutting down"));
   }
   if (stopped()) {
-    return absl::AbortedError(absl::StrCat(
+    return ResizeStop(absl::StrCat(
         "the job stops at step ", stop_at_,
         " for a resize (elastic data parallelism): shard ", shard,
         " serves no later step; the job restarts from the checkpoint of step ",

@@ -15,6 +15,7 @@
 #include "common/parallel_layout.h"
 #include "common/partition.h"
 #include "common/safetensors.h"
+#include "common/status_util.h"
 #include "gtest/gtest.h"
 #include "server/checkpoint.h"
 #include "server/tensor_codec.h"
@@ -1473,7 +1474,10 @@ TEST(ShardTest, StopAtCheckpointsTheBoundaryAndEndsPulls) {
   auto pull = a->Pull(PullFor(2), Soon());
   EXPECT_EQ(pull.status().code(), absl::StatusCode::kAborted);
   EXPECT_NE(pull.status().message().find("for a resize"), std::string::npos);
+  EXPECT_EQ(ReasonOf(pull.status()), STOPPED_FOR_RESIZE);
+  EXPECT_EQ(ReasonOf(a->GradNorm(2, Soon()).status()), STOPPED_FOR_RESIZE);
   EXPECT_EQ(a->StopAt(1).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(ReasonOf(a->StopAt(1).status()), STOP_STEP_PASSED);
 
   const std::string dir2 = TestDir("stop_at_now");
   o.checkpoint_dir = dir2;

@@ -243,9 +243,8 @@ std::string PsClient::Address(int shard) const {
 }
 
 absl::Status PsClient::Annotate(int shard, const absl::Status& status) const {
-  return absl::Status(status.code(),
-                      absl::StrCat("parameter server shard ", shard, " (",
-                                   Address(shard), "): ", status.message()));
+  return WithMessage(status, absl::StrCat("parameter server shard ", shard, " (",
+                                          Address(shard), "): ", status.message()));
 }
 
 std::unique_ptr<grpc::ClientContext> PsClient::Context() const {

@@ -255,8 +255,7 @@ absl::Status RunWorker(bool* register_again) {
   // it joins when dp grows or takes a dead worker's slot, and exits 0 when
   // the job finishes without it.
   for (bool said = false;
-       registered.status().code() == absl::StatusCode::kResourceExhausted &&
-       absl::StrContains(registered.status().message(), "elastic: dp grows");) {
+       ReasonOf(registered.status()) == ELASTIC_SURPLUS;) {
     if (!said) {
       Log("worker", "surplus worker of an elastic job: standing by until dp "
                     "grows or a worker's slot is free");
@@ -264,8 +263,7 @@ absl::Status RunWorker(bool* register_again) {
     }
     registered = client.Register(reg, assemble);
   }
-  if (registered.status().code() == absl::StatusCode::kFailedPrecondition &&
-      absl::StrContains(registered.status().message(), "already FINISHED")) {
+  if (ReasonOf(registered.status()) == JOB_FINISHED) {
     // A spare, a surplus worker of an elastic job, or a replacement that
     // came too late: nothing left to do.
     Log("worker", "the job finished without needing this worker");
@@ -616,8 +614,7 @@ absl::Status RunWorker(bool* register_again) {
 
   absl::Status status = trainer ? trainer->Run() : pipeline_trainer->Run();
   if (!status.ok() && pipeline) mailbox.Shutdown();
-  if (status.code() == absl::StatusCode::kAborted &&
-      absl::StrContains(status.message(), "for a resize")) {
+  if (ReasonOf(status) == STOPPED_FOR_RESIZE) {
     // Elastic resize: the shards stopped the job at a step boundary and
     // checkpointed it; the job restarts with another dp. Not a failure.
     heartbeat.Stop();

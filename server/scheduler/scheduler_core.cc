@@ -692,9 +692,10 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
       return absl::UnavailableError("the scheduler is shutting down");
     }
     if (Terminal(state_)) {
-      return absl::FailedPreconditionError(absl::StrCat(
+      absl::Status ended = absl::FailedPreconditionError(absl::StrCat(
           "cannot register: the job is already ", JobState_Name(state_),
           failure_.empty() ? "" : ": ", failure_));
+      return state_ == FINISHED ? WithReason(ended, JOB_FINISHED) : ended;
     }
     const bool server = request.role() == SERVER;
     if (!server && resize_phase_ != ResizePhase::kNone) {
@@ -828,7 +829,7 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
             ") at the next step boundary once ", l.pp() * l.tp(),
             " surplus worker(s) ask; keep registering");
       }
-      return absl::ResourceExhaustedError(absl::StrCat(
+      absl::Status full = absl::ResourceExhaustedError(absl::StrCat(
           "too many ", server ? "servers" : "workers", ": the job expects ",
           n_slots, " ",
           server ? absl::StrCat("(layout.num_shards=", l.num_shards(), ")")
@@ -836,6 +837,7 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
                                 l.tp(), ")"),
           " and every slot is held by a live node: ",
           absl::StrJoin(holders, ", "), elastic));
+      return elastic.empty() ? full : WithReason(full, ELASTIC_SURPLUS);
     }
     reassembling_ids_.erase(slot->node_id);
 
@@ -935,6 +937,7 @@ absl::StatusOr<RegisterResponse> SchedulerCore::Register(
     r.set_node_id(slot->node_id);
     r.set_lease_ms(absl::ToInt64Milliseconds(options_.lease));
     r.set_incarnation(slot->incarnation);
+    r.set_backup_slot(slot->backup_slot);
     return r;
   }();
   Flush(&out);

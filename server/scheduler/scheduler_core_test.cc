@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
+#include "common/status_util.h"
 #include "common/job_spec.h"
 #include "common/partition.h"
 #include "gtest/gtest.h"
@@ -405,6 +406,8 @@ TEST_F(SchedulerCoreTest, TooManyNodesIsResourceExhausted) {
       << extra.status();
   EXPECT_TRUE(absl::StrContains(extra.status().message(), "expects 2"))
       << extra.status();
+  EXPECT_EQ(ReasonOf(extra.status()), ERROR_REASON_UNSPECIFIED)
+      << "not elastic: no surplus to stand by";
   extra = core_->Register(Server("a:2"));
   EXPECT_EQ(extra.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_TRUE(absl::StrContains(extra.status().message(), "too many servers"));
@@ -623,6 +626,10 @@ TEST_F(SchedulerCoreTest, EveryWorkerDoneFinishesTheJob) {
   HeartbeatRequest bad = Beat("worker-0");
   bad.set_error("late");
   EXPECT_EQ(core_->Heartbeat(bad)->state(), FINISHED);
+  // A node that registers now learns the job finished, by reason.
+  const absl::Status late = core_->Register(Worker("late")).status();
+  EXPECT_EQ(late.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(ReasonOf(late), JOB_FINISHED) << late;
 }
 
 TEST_F(SchedulerCoreTest, ReportedErrorFailsTheJob) {
@@ -1019,6 +1026,7 @@ TEST_F(SchedulerCoreTest, ElasticGrowsAndShrinksDp) {
   absl::StatusOr<RegisterResponse> r = core_->Register(extra);
   ASSERT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_TRUE(absl::StrContains(r.status().message(), "elastic")) << r.status();
+  EXPECT_EQ(ReasonOf(r.status()), ELASTIC_SURPLUS) << r.status();
   core_->Tick();
   std::optional<ResizePlan> plan = core_->TakeResizePlan();
   ASSERT_TRUE(plan.has_value()) << Log();
