@@ -195,7 +195,8 @@ class CudaBackend final : public Backend {
                             int V) override;
 
  private:
-  struct LtPlan;  // a cached cuBLASLt matmul configuration (cuda_backend.cu)
+  // A cached cuBLASLt matmul configuration (cuda_backend_internal.h).
+  struct LtPlan;
   // Key of a LtPlan: transposes, m, n, k, leading dimensions, bias,
   // pointer alignments, bf16 inputs.
   using LtKey = std::array<int64_t, 13>;

@@ -1,6 +1,6 @@
 // The CUDA backend's GEMM plans (gemm_plan.h), run by a bounds-checked host
 // implementation of the column-major strided batched GEMM that cuBLAS
-// computes, composed exactly as cuda_backend.cu composes them (with the
+// computes, composed exactly as cuda_backend_layers.cu composes them (with the
 // kernels' softmax math from kernel_math.h), against the reference backend.
 // This checks every transpose, leading dimension, stride and pointer offset
 // of the matrix products on a machine without a GPU, and that no plan
@@ -164,7 +164,7 @@ const AShape kAttentionShapes[] = {
     {2, 17, 24, 4}, {1, 33, 40, 5}, {2, 64, 64, 4},
 };
 
-// AttentionForward as cuda_backend.cu runs it.
+// AttentionForward as cuda_backend_layers.cu runs it.
 void AttentionForwardHost(std::vector<float>* out, std::vector<float>* att,
                           const std::vector<float>& qkv, const AShape& s,
                           bool bf16) {
@@ -227,7 +227,8 @@ TEST_P(GemmPlanTest, AttentionBackward) {
     std::vector<float> dqkv = RandomVector(11, BT * 3 * s.C), dqkv_r = dqkv;
     std::vector<float> scratch(att_n, 3.0f), scratch_r(att_n);
 
-    // As cuda_backend.cu: datt and dv, softmax backward in place, dq and dk.
+    // As cuda_backend_layers.cu: datt and dv, softmax backward in place, dq
+    // and dk.
     for (int b = 0; b < s.B; ++b) {
       RunPlan(cuda_gemm::AttentionBackwardAtt(scratch.data(), dout.data(),
                                               qkv.data(), b, s.T, s.C, s.NH),
