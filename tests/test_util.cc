@@ -2,105 +2,95 @@
 
 #include <fcntl.h>
 #include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 
 namespace lmps::testing {
+
+namespace {
+
+// Each command leads its own process group (a kill reaches everything it
+// started) and, as always in these tests, is not tied to the test process's
+// life: the test stops it.
+SpawnOptions CommandOptions() {
+  SpawnOptions options;
+  options.die_with_parent = false;
+  options.new_process_group = true;
+  return options;
+}
+
+}  // namespace
 
 CommandResult RunCommand(const std::vector<std::string>& argv, int timeout_s) {
   CommandResult result;
   int pipefd[2];
-  if (pipe(pipefd) != 0) return result;
-  pid_t pid = fork();
-  if (pid == 0) {
-    setpgid(0, 0);
-    dup2(pipefd[1], 1);
-    dup2(pipefd[1], 2);
-    close(pipefd[0]);
-    close(pipefd[1]);
-    std::vector<char*> args;
-    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    execv(args[0], args.data());
-    _exit(127);
-  }
+  // The read end stays out of the command; the write end is its stdout and
+  // stderr.
+  if (pipe2(pipefd, O_CLOEXEC) != 0) return result;
+  ProcessGroup group;
+  SpawnOptions options = CommandOptions();
+  options.output_fd = pipefd[1];
+  absl::StatusOr<pid_t> pid = group.Spawn(argv, options);
   close(pipefd[1]);
+  if (!pid.ok()) {
+    close(pipefd[0]);
+    result.output = pid.status().ToString();
+    return result;
+  }
   fcntl(pipefd[0], F_SETFL, O_NONBLOCK);
   const auto deadline =
       std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
-  int status = 0;
-  bool exited = false;
+  std::optional<ExitStatus> status;
   char buf[4096];
   while (true) {
     ssize_t n;
     while ((n = read(pipefd[0], buf, sizeof(buf))) > 0) result.output.append(buf, n);
-    if (exited) break;
-    if (waitpid(pid, &status, WNOHANG) == pid) {
-      exited = true;  // drain once more
-      continue;
-    }
+    if (status.has_value()) break;
+    if ((status = group.Poll(*pid)).has_value()) continue;  // drain once more
     if (std::chrono::steady_clock::now() > deadline) {
       result.timed_out = true;
-      kill(-pid, SIGKILL);
-      kill(pid, SIGKILL);
-      waitpid(pid, &status, 0);
-      exited = true;
+      absl::StatusOr<ExitStatus> killed = group.Kill(*pid);
+      status = killed.ok() ? *killed : ExitStatus(SIGKILL);
       continue;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   close(pipefd[0]);
-  result.exit_code = WIFEXITED(status) && !result.timed_out ? WEXITSTATUS(status) : -1;
+  result.exit_code = status->exited() && !result.timed_out ? status->exit_code() : -1;
   return result;
 }
 
 BackgroundProcess::BackgroundProcess(const std::vector<std::string>& argv,
                                      const std::string& log_path) {
-  pid_ = fork();
-  if (pid_ == 0) {
-    setpgid(0, 0);
-    int fd = open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    dup2(fd, 1);
-    dup2(fd, 2);
-    std::vector<char*> args;
-    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    execv(args[0], args.data());
-    _exit(127);
+  SpawnOptions options = CommandOptions();
+  options.output_path = log_path;
+  absl::StatusOr<pid_t> pid = group_.Spawn(argv, options);
+  if (!pid.ok()) {
+    std::fprintf(stderr, "BackgroundProcess: %s\n", pid.status().ToString().c_str());
+    return;
   }
+  pid_ = *pid;
 }
 
 int BackgroundProcess::Wait(int timeout_s) {
-  const auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
-  while (std::chrono::steady_clock::now() < deadline) {
-    int status = 0;
-    if (waitpid(pid_, &status, WNOHANG) == pid_) {
-      reaped_ = true;
-      return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return -1;
+  if (pid_ < 0) return -1;
+  std::optional<ExitStatus> status = group_.Wait(pid_, absl::Seconds(timeout_s));
+  return status.has_value() ? status->exit_code() : -1;
 }
 
-BackgroundProcess::~BackgroundProcess() {
-  if (pid_ > 0 && !reaped_) {
-    kill(-pid_, SIGKILL);
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-  }
-}
+BackgroundProcess::~BackgroundProcess() { group_.StopAll(absl::ZeroDuration()); }
 
 std::string WaitForFile(const std::string& path, int timeout_s) {
   const auto deadline =

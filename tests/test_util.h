@@ -1,5 +1,8 @@
 // Helpers for the multi-process tests: run a binary of this build with a
 // timeout and capture its output, locate the binaries, compare models.
+// Processes are started with common/process/process_group.h, each leading
+// a process group of its own (so a kill reaches what it started), and do
+// not die with the test.
 //
 // Thread-safety: not thread-safe; one test at a time per process.
 #ifndef LMPS_TESTS_TEST_UTIL_H_
@@ -9,6 +12,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/process/process_group.h"
 #include "common/safetensors.h"
 
 namespace lmps::testing {
@@ -20,11 +24,13 @@ struct CommandResult {
 };
 
 // Runs argv[0] with the rest as arguments; kills it (and its children, via
-// a process group) after `timeout_s`.
+// a process group) after `timeout_s`. A binary that cannot be started:
+// exit_code -1, the reason in `output`.
 CommandResult RunCommand(const std::vector<std::string>& argv, int timeout_s);
 
 // A process running in the background, killed (with its process group) on
-// destruction. Its output goes to `log_path`.
+// destruction. Its output goes to `log_path`. One that cannot be started
+// says why on stderr and has pid() -1.
 class BackgroundProcess {
  public:
   BackgroundProcess(const std::vector<std::string>& argv,
@@ -35,8 +41,8 @@ class BackgroundProcess {
   int pid() const { return pid_; }
 
  private:
+  ProcessGroup group_;
   int pid_ = -1;
-  bool reaped_ = false;
 };
 
 // Polls until `path` exists and is non-empty (up to timeout_s); returns its
