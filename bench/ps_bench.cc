@@ -23,14 +23,11 @@
 //   push f32: ...
 //   push bf16: ...
 //
-// Children die with ps_bench (PR_SET_PDEATHSIG) and are stopped and reaped
-// on every exit path, including SIGINT/SIGTERM.
-#include <fcntl.h>
+// Children die with ps_bench (common/process/process_group.h) and are
+// stopped and reaped on every exit path, including SIGINT/SIGTERM.
 #include <signal.h>
 #include <stdlib.h>
-#include <sys/prctl.h>
 #include <sys/resource.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -46,6 +43,7 @@
 #include <functional>
 #include <iterator>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -66,6 +64,7 @@
 #include "common/grpc_server.h"
 #include "common/job_spec.h"
 #include "common/model_spec.h"
+#include "common/process/process_group.h"
 #include "common/scheduler_client.h"
 #include "common/status_util.h"
 #include "proto/lmps.grpc.pb.h"
@@ -103,33 +102,11 @@ using Clock = std::chrono::steady_clock;
 // Child processes.
 // ---------------------------------------------------------------------------
 
-// Pids of the running children, readable from the signal handler.
-constexpr int kMaxChildren = 64;
-std::atomic<pid_t> g_child_pids[kMaxChildren];
-
 // SIGINT/SIGTERM: kill and reap every child (async-signal-safe calls only),
 // then exit as if killed by the signal.
 void OnFatalSignal(int sig) {
-  for (std::atomic<pid_t>& slot : g_child_pids) {
-    const pid_t pid = slot.load();
-    if (pid > 0) {
-      kill(pid, SIGKILL);
-      waitpid(pid, nullptr, 0);
-    }
-  }
+  ProcessGroup::KillAllFromSignalHandler();
   _exit(128 + sig);
-}
-
-std::string Tail(const std::string& path, int lines) {
-  std::ifstream in(path);
-  std::vector<std::string> all;
-  std::string line;
-  while (std::getline(in, line)) all.push_back(line);
-  std::string out;
-  const size_t first =
-      all.size() > static_cast<size_t>(lines) ? all.size() - lines : 0;
-  for (size_t i = first; i < all.size(); ++i) out += "    " + all[i] + "\n";
-  return out;
 }
 
 struct ProcessUsage {
@@ -149,63 +126,36 @@ ProcessUsage SelfUsage() {
   return out;
 }
 
-// The scheduler and the shards. Destruction stops (SIGTERM, then SIGKILL
-// after 5 s) and reaps every child still running.
+// The scheduler and the shards (common/process/process_group.h): each
+// dies with ps_bench and ignores SIGINT. Destruction stops (SIGTERM, then
+// SIGKILL after 5 s) and reaps every child still running.
 class Children {
  public:
   struct Child {
     std::string name;
     std::string log;
     pid_t pid = -1;
-    int slot = -1;
-    bool exited = false;
+    bool exited = false;  // reported by CheckAlive, or stopped
   };
-
-  ~Children() { StopAll(); }
 
   // Starts `binary args...` with stdout and stderr to `log`.
   absl::Status Start(const std::string& name, const std::string& binary,
                      const std::vector<std::string>& args,
                      const std::string& log) {
-    if (access(binary.c_str(), X_OK) != 0) {
+    std::vector<std::string> argv = {binary};
+    argv.insert(argv.end(), args.begin(), args.end());
+    SpawnOptions options;
+    options.output_path = log;
+    options.ignore_sigint = true;  // ps_bench decides how children stop
+    absl::StatusOr<pid_t> pid = group_.Spawn(argv, options);
+    if (absl::IsNotFound(pid.status())) {
       return absl::NotFoundError(
-          absl::StrCat("binary not found: ", binary,
+          absl::StrCat(pid.status().message(),
                        " (bazel build //bench:ps_bench builds it, or pass "
                        "--bin_dir)"));
     }
-    int slot = -1;
-    for (int i = 0; i < kMaxChildren; ++i) {
-      if (g_child_pids[i].load() <= 0) {
-        slot = i;
-        break;
-      }
-    }
-    if (slot < 0) return absl::ResourceExhaustedError("too many children");
-    std::vector<char*> argv;
-    argv.push_back(const_cast<char*>(binary.c_str()));
-    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    const pid_t parent = getpid();
-    const pid_t pid = fork();
-    if (pid < 0) {
-      return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
-    }
-    if (pid == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGKILL);  // die with ps_bench, however it ends
-      if (getppid() != parent) _exit(1);
-      const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      if (fd >= 0) {
-        dup2(fd, 1);
-        dup2(fd, 2);
-        close(fd);
-      }
-      signal(SIGINT, SIG_IGN);  // ps_bench decides how children stop
-      execv(binary.c_str(), argv.data());
-      std::perror("execv");
-      _exit(127);
-    }
-    g_child_pids[slot].store(pid);
-    children_.push_back({name, log, pid, slot, false});
+    LMPS_RETURN_IF_ERROR(pid.status());
+    children_.push_back({name, log, *pid, false});
     return absl::OkStatus();
   }
 
@@ -213,15 +163,12 @@ class Children {
   absl::Status CheckAlive() {
     for (Child& c : children_) {
       if (c.exited) continue;
-      int status = 0;
-      if (waitpid(c.pid, &status, WNOHANG) != c.pid) continue;
-      MarkExited(c);
-      const std::string how =
-          WIFEXITED(status)
-              ? absl::StrCat("exited with status ", WEXITSTATUS(status))
-              : absl::StrCat("was killed by signal ", WTERMSIG(status));
-      return absl::AbortedError(absl::StrCat(c.name, " ", how, "; the end of ",
-                                             c.log, ":\n", Tail(c.log, 15)));
+      const std::optional<ExitStatus> status = group_.Poll(c.pid);
+      if (!status.has_value()) continue;
+      c.exited = true;
+      return absl::AbortedError(absl::StrCat(c.name, " ", status->Describe(),
+                                             "; the end of ", c.log, ":\n",
+                                             LogTail(c.log, 15)));
     }
     return absl::OkStatus();
   }
@@ -231,9 +178,8 @@ class Children {
   ProcessUsage Usage() const {
     const double tick = static_cast<double>(sysconf(_SC_CLK_TCK));
     ProcessUsage total;
-    for (const Child& c : children_) {
-      if (c.exited) continue;
-      std::ifstream in(absl::StrCat("/proc/", c.pid, "/stat"));
+    for (const pid_t pid : group_.running_pids()) {
+      std::ifstream in(absl::StrCat("/proc/", pid, "/stat"));
       std::string text((std::istreambuf_iterator<char>(in)),
                        std::istreambuf_iterator<char>());
       // The fields after the ")" that closes the command name start with
@@ -251,37 +197,12 @@ class Children {
   }
 
   void StopAll() {
-    for (Child& c : children_) {
-      if (!c.exited) kill(c.pid, SIGTERM);
-    }
-    const Clock::time_point deadline = Clock::now() + std::chrono::seconds(5);
-    while (Clock::now() < deadline) {
-      bool all = true;
-      for (Child& c : children_) {
-        if (c.exited) continue;
-        if (waitpid(c.pid, nullptr, WNOHANG) == c.pid) {
-          MarkExited(c);
-        } else {
-          all = false;
-        }
-      }
-      if (all) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    for (Child& c : children_) {
-      if (c.exited) continue;
-      kill(c.pid, SIGKILL);
-      waitpid(c.pid, nullptr, 0);
-      MarkExited(c);
-    }
+    group_.StopAll();
+    for (Child& c : children_) c.exited = true;
   }
 
  private:
-  void MarkExited(Child& c) {
-    c.exited = true;
-    g_child_pids[c.slot].store(-1);
-  }
-
+  ProcessGroup group_;
   std::vector<Child> children_;
 };
 
