@@ -17,11 +17,8 @@
 //
 // Layout of --run_dir: job.textproto (the effective spec), logs/<node>.log,
 // ckpt/step_*/shard_*.ckpt, model.safetensors, sample.txt.
-#include <fcntl.h>
 #include <signal.h>
-#include <sys/prctl.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -32,6 +29,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -50,6 +48,7 @@
 #include "common/grpc_server.h"
 #include "common/stop_shards.h"
 #include "common/job_spec.h"
+#include "common/process/process_group.h"
 #include "common/security.h"
 #include "common/status_util.h"
 #include "proto/lmps.grpc.pb.h"
@@ -158,54 +157,8 @@ struct Child {
   pid_t pid = -1;
   std::string log;
   bool exited = false;
-  int status = 0;
   bool removed = false;  // killed on purpose (elastic shrink)
 };
-
-std::string Tail(const std::string& path, int lines) {
-  std::ifstream in(path);
-  std::vector<std::string> all;
-  std::string line;
-  while (std::getline(in, line)) all.push_back(line);
-  std::string out;
-  for (size_t i = all.size() > static_cast<size_t>(lines) ? all.size() - lines : 0;
-       i < all.size(); ++i) {
-    out += "    " + all[i] + "\n";
-  }
-  return out;
-}
-
-absl::StatusOr<pid_t> Spawn(const std::string& binary,
-                            const std::vector<std::string>& args,
-                            const std::string& log) {
-  if (access(binary.c_str(), X_OK) != 0) {
-    return absl::NotFoundError(absl::StrCat("binary not found: ", binary,
-                                            " (build it, or pass --bin_dir)"));
-  }
-  const pid_t parent = getpid();
-  pid_t pid = fork();
-  if (pid < 0) return absl::InternalError("fork failed");
-  if (pid == 0) {
-    // Die with the launcher, whatever kills it.
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (getppid() != parent) _exit(1);
-    int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd >= 0) {
-      dup2(fd, 1);
-      dup2(fd, 2);
-      close(fd);
-    }
-    signal(SIGINT, SIG_IGN);  // the launcher decides how children stop
-    std::vector<char*> argv;
-    argv.push_back(const_cast<char*>(binary.c_str()));
-    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    execv(binary.c_str(), argv.data());
-    std::perror("execv");
-    _exit(127);
-  }
-  return pid;
-}
 
 class Launcher {
  public:
@@ -240,6 +193,11 @@ class Launcher {
   absl::Status JobFailed(const JobStatus& status);
   // Before a process is restarted: the job's failure, if it failed.
   absl::Status CheckNotFailed();
+  // Starts `binary args...` with its output to `log`; it dies with the
+  // launcher and ignores SIGINT (the launcher decides how children stop).
+  absl::StatusOr<pid_t> Spawn(const std::string& binary,
+                              const std::vector<std::string>& args,
+                              const std::string& log);
   void StopAll();
   bool AllExited(const std::string& prefix) const;
   void Progress(const JobStatus& status, bool final);
@@ -277,6 +235,7 @@ class Launcher {
   bool resize_flag_done_ = false;
   JobSpec spec_;            // the running job's spec
   JobSpec resized_spec_;
+  ProcessGroup processes_;
   std::vector<Child> children_;
   std::chrono::steady_clock::time_point start_;
   int64_t first_step_ = -1;
@@ -286,6 +245,22 @@ class Launcher {
   float last_eval_printed_ = NAN;
   bool tty_ = isatty(1);
 };
+
+absl::StatusOr<pid_t> Launcher::Spawn(const std::string& binary,
+                                      const std::vector<std::string>& args,
+                                      const std::string& log) {
+  std::vector<std::string> argv = {binary};
+  argv.insert(argv.end(), args.begin(), args.end());
+  SpawnOptions options;
+  options.output_path = log;
+  options.ignore_sigint = true;
+  absl::StatusOr<pid_t> pid = processes_.Spawn(argv, options);
+  if (absl::IsNotFound(pid.status())) {
+    return absl::NotFoundError(absl::StrCat(pid.status().message(),
+                                            " (build it, or pass --bin_dir)"));
+  }
+  return pid;
+}
 
 std::string Launcher::Bin(const std::string& rel) const {
   // Bazel layout (bin/server/lmps_server), or a flat directory.
@@ -393,15 +368,12 @@ absl::Status Launcher::CheckNotFailed() {
 absl::Status Launcher::Reap() {
   for (Child& c : children_) {
     if (c.exited) continue;
-    int status = 0;
-    if (waitpid(c.pid, &status, WNOHANG) != c.pid) continue;
+    const std::optional<ExitStatus> status = processes_.Poll(c.pid);
+    if (!status.has_value()) continue;
     c.exited = true;
-    c.status = status;
-    const bool ok = (WIFEXITED(status) && WEXITSTATUS(status) == 0) || c.removed;
+    const bool ok = status->success() || c.removed;
     if (!ok) {
-      std::string how = WIFEXITED(status)
-                            ? absl::StrCat("exited with status ", WEXITSTATUS(status))
-                            : absl::StrCat("was killed by signal ", WTERMSIG(status));
+      std::string how = status->Describe();
       if (c.name == "scheduler" &&
           c.restarts < absl::GetFlag(FLAGS_restart_scheduler) && !g_interrupted) {
         // Its state is rebuilt from the nodes: they keep training and rejoin
@@ -506,7 +478,7 @@ absl::Status Launcher::Reap() {
         continue;
       }
       return absl::AbortedError(absl::StrCat(c.name, " ", how, "; the end of ",
-                                             c.log, ":\n", Tail(c.log, 15)));
+                                             c.log, ":\n", LogTail(c.log, 15)));
     }
   }
   return absl::OkStatus();
@@ -520,31 +492,8 @@ bool Launcher::AllExited(const std::string& prefix) const {
 }
 
 void Launcher::StopAll() {
-  for (Child& c : children_) {
-    if (!c.exited) kill(c.pid, SIGTERM);
-  }
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  while (std::chrono::steady_clock::now() < deadline) {
-    bool all = true;
-    for (Child& c : children_) {
-      if (c.exited) continue;
-      int status;
-      if (waitpid(c.pid, &status, WNOHANG) == c.pid) {
-        c.exited = true;
-        c.status = status;
-      } else {
-        all = false;
-      }
-    }
-    if (all) return;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  for (Child& c : children_) {
-    if (c.exited) continue;
-    kill(c.pid, SIGKILL);
-    waitpid(c.pid, &c.status, 0);
-    c.exited = true;
-  }
+  processes_.StopAll();
+  for (Child& c : children_) c.exited = true;
 }
 
 std::string FormatEta(double seconds) {
@@ -626,7 +575,7 @@ void Launcher::MaybeInjectServerFault(const JobStatus& status) {
           std::printf("\nlmps: fault injection: SIGKILL the scheduler at step %lld\n",
                       static_cast<long long>(step));
           std::fflush(stdout);
-          kill(c.pid, SIGKILL);
+          processes_.Signal(c.pid, SIGKILL).IgnoreError();
           scheduler_fault_injected_ = true;
         }
       }
@@ -660,7 +609,7 @@ void Launcher::MaybeInjectServerFault(const JobStatus& status) {
                       "of shard %d, at step %lld\n",
                       c.name.c_str(), victim, static_cast<long long>(step));
           std::fflush(stdout);
-          kill(c.pid, SIGKILL);
+          processes_.Signal(c.pid, SIGKILL).IgnoreError();
           second_fault_injected_ = true;
         }
       }
@@ -673,7 +622,7 @@ void Launcher::MaybeInjectServerFault(const JobStatus& status) {
       std::printf("\nlmps: fault injection: SIGKILL %s at step %lld\n",
                   c.name.c_str(), static_cast<long long>(step));
       std::fflush(stdout);
-      kill(c.pid, SIGKILL);
+      processes_.Signal(c.pid, SIGKILL).IgnoreError();
       fault_injected_ = true;
     }
   }
@@ -776,7 +725,7 @@ void Launcher::ElasticProcesses(int want) {
     for (auto it = children_.rbegin(); it != children_.rend() && n > 0; ++it) {
       if (it->name.rfind("worker", 0) == 0 && !it->exited && !it->removed) {
         it->removed = true;
-        kill(it->pid, SIGKILL);
+        processes_.Signal(it->pid, SIGKILL).IgnoreError();
         --n;
       }
     }
