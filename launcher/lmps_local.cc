@@ -51,6 +51,7 @@
 #include "common/process/process_group.h"
 #include "common/security.h"
 #include "common/status_util.h"
+#include "launcher/progress.h"
 #include "proto/lmps.grpc.pb.h"
 
 ABSL_FLAG(std::string, job, "", "job spec (text proto); empty: the defaults");
@@ -200,7 +201,6 @@ class Launcher {
                               const std::string& log);
   void StopAll();
   bool AllExited(const std::string& prefix) const;
-  void Progress(const JobStatus& status, bool final);
   std::string Bin(const std::string& rel) const;
 
   // --tls_dir/--auth_token_file: checks the files and sets the daemons'
@@ -238,12 +238,7 @@ class Launcher {
   ProcessGroup processes_;
   std::vector<Child> children_;
   std::chrono::steady_clock::time_point start_;
-  int64_t first_step_ = -1;
-  std::chrono::steady_clock::time_point first_step_time_;
-  int64_t last_printed_step_ = -1;
-  std::chrono::steady_clock::time_point last_print_;
-  float last_eval_printed_ = NAN;
-  bool tty_ = isatty(1);
+  ProgressLine progress_{absl::GetFlag(FLAGS_quiet), isatty(1) != 0};
 };
 
 absl::StatusOr<pid_t> Launcher::Spawn(const std::string& binary,
@@ -494,72 +489,6 @@ bool Launcher::AllExited(const std::string& prefix) const {
 void Launcher::StopAll() {
   processes_.StopAll();
   for (Child& c : children_) c.exited = true;
-}
-
-std::string FormatEta(double seconds) {
-  if (!std::isfinite(seconds) || seconds < 0) return "--";
-  int s = static_cast<int>(seconds + 0.5);
-  if (s >= 3600) return absl::StrFormat("%dh%02dm", s / 3600, s / 60 % 60);
-  if (s >= 60) return absl::StrFormat("%dm%02ds", s / 60, s % 60);
-  return absl::StrFormat("%ds", s);
-}
-
-void Launcher::Progress(const JobStatus& status, bool final) {
-  if (absl::GetFlag(FLAGS_quiet)) return;
-  int64_t step = INT64_MAX;
-  double loss = 0, tps = 0;
-  float eval = NAN;
-  int workers = 0;
-  for (const NodeStatus& n : status.nodes()) {
-    if (n.role() != WORKER) continue;
-    step = std::min(step, n.step());
-    // Only the last pipeline stage knows the loss (others report NaN); tp
-    // ranks and stages of one replica process the same tokens.
-    if (std::isfinite(n.loss()) && n.tp_rank() <= 0) {
-      ++workers;
-      loss += n.loss();
-      tps += n.tokens_per_second();
-    }
-    if (n.dp_rank() == 0 && std::isfinite(n.eval_loss())) eval = n.eval_loss();
-  }
-  if (step == INT64_MAX) return;
-  loss = workers > 0 ? loss / workers : NAN;
-  const auto now = std::chrono::steady_clock::now();
-  if (first_step_ < 0 && step > status.start_step()) {
-    first_step_ = step;
-    first_step_time_ = now;
-  }
-  const int64_t total = status.spec().train().stop_after_step() > 0
-                            ? std::min(status.spec().train().stop_after_step(),
-                                       status.spec().train().steps())
-                            : status.spec().train().steps();
-  double eta = NAN;
-  if (first_step_ >= 0 && step > first_step_) {
-    double per_step = std::chrono::duration<double>(now - first_step_time_).count() /
-                      static_cast<double>(step - first_step_);
-    eta = per_step * static_cast<double>(total - step);
-  }
-  if (step == last_printed_step_ && (!final || !tty_)) return;
-  const bool new_eval = std::isfinite(eval) && eval != last_eval_printed_;
-  const double since =
-      std::chrono::duration<double>(now - last_print_).count();
-  if (!tty_ && !final && !new_eval && since < 5.0) return;
-  std::string line = absl::StrFormat(
-      "step %*d/%d | loss %s | eval %s | %.0f tok/s | ETA %s",
-      static_cast<int>(std::to_string(total).size()), step, total,
-      std::isfinite(loss) ? absl::StrFormat("%.4f", loss) : "-",
-      std::isfinite(eval) ? absl::StrFormat("%.4f", eval) : "-", tps,
-      FormatEta(eta));
-  if (tty_) {
-    std::printf("\r%-78s", line.c_str());
-    if (new_eval || final) std::printf("\n");
-  } else {
-    std::printf("%s\n", line.c_str());
-  }
-  std::fflush(stdout);
-  if (new_eval) last_eval_printed_ = eval;
-  last_printed_step_ = step;
-  last_print_ = now;
 }
 
 void Launcher::MaybeInjectServerFault(const JobStatus& status) {
@@ -860,14 +789,14 @@ absl::Status Launcher::Monitor() {
     if (absl::StatusOr<JobStatus> polled = QueryStatus(); polled.ok()) {
       const JobStatus& status = *polled;
       if (status.state() == FAILED) return JobFailed(status);
-      Progress(status, false);
+      progress_.Update(status, false);
       MaybeInjectServerFault(status);
       MaybeResize(status);
     }
     const bool fault_pending =
         absl::GetFlag(FLAGS_fault_kill_server) >= 0 && !fault_injected_;
     std::this_thread::sleep_for(
-        std::chrono::milliseconds(fault_pending ? 20 : tty_ ? 200 : 500));
+        std::chrono::milliseconds(fault_pending ? 20 : progress_.tty() ? 200 : 500));
   }
   return absl::OkStatus();
 }
@@ -985,8 +914,7 @@ absl::Status Launcher::Run() {
       std::ofstream(job_file_) << resized;
       resize_step_ = -1;
       ++attempt_;
-      first_step_ = -1;
-      last_printed_step_ = -1;
+      progress_.Restart();
       continue;
     }
     if (status.code() != absl::StatusCode::kUnavailable || lost_server_.empty()) {
@@ -1001,15 +929,14 @@ absl::Status Launcher::Run() {
     StopAll();
     children_.clear();
     lost_server_.clear();
-    first_step_ = -1;
-    last_printed_step_ = -1;
+    progress_.Restart();
   }
   JobStatus last;
   LMPS_RETURN_IF_ERROR(Reap());
   if (absl::StatusOr<JobStatus> polled = QueryStatus(); polled.ok()) {
     last = *polled;
   }
-  Progress(last, true);
+  progress_.Update(last, true);
   // Servers and the scheduler exit on their own once the job is finished.
   const auto wait_until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (!(AllExited("server") && AllExited("backup") &&

@@ -1,0 +1,56 @@
+// The launcher's progress line, from the scheduler's JobStatus:
+//
+//   step  120/400 | loss 2.3456 | eval 2.5678 | 5321 tok/s | ETA 1m05s
+//
+// step is the slowest worker's; loss and tok/s are over the replicas whose
+// last pipeline stage reports a loss (first tensor-parallel rank); eval is
+// data-parallel rank 0's; the ETA extrapolates the time per step since the
+// first step this run (or restart) saw advance.
+//
+// On a terminal the line is redrawn in place (\r) and a new line is started
+// for each new eval loss and at the end; otherwise a line is printed for a
+// new step at most every 5 s, at once for a new eval loss, and at the end.
+// Lines go to stdout, flushed. Quiet prints nothing.
+//
+// Thread-safety: not thread-safe; the launcher's monitor loop owns it.
+#ifndef LMPS_LAUNCHER_PROGRESS_H_
+#define LMPS_LAUNCHER_PROGRESS_H_
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "proto/lmps.pb.h"
+
+namespace lmps {
+
+// "--" (unknown), "42s", "3m07s" or "2h05m".
+std::string FormatEta(double seconds);
+
+class ProgressLine {
+ public:
+  // `tty`: whether stdout is a terminal.
+  ProgressLine(bool quiet, bool tty) : quiet_(quiet), tty_(tty) {}
+
+  // Prints the line for `status` if due (see above); `final`: the job ended.
+  void Update(const JobStatus& status, bool final);
+
+  // The job restarted: the ETA is measured afresh and the next step printed.
+  void Restart();
+
+  bool tty() const { return tty_; }
+
+ private:
+  const bool quiet_;
+  const bool tty_;
+  int64_t first_step_ = -1;
+  std::chrono::steady_clock::time_point first_step_time_;
+  int64_t last_printed_step_ = -1;
+  std::chrono::steady_clock::time_point last_print_;
+  float last_eval_printed_ = NAN;
+};
+
+}  // namespace lmps
+
+#endif  // LMPS_LAUNCHER_PROGRESS_H_
