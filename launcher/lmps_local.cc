@@ -51,6 +51,7 @@
 #include "common/process/process_group.h"
 #include "common/security.h"
 #include "common/status_util.h"
+#include "launcher/fault_injection.h"
 #include "launcher/progress.h"
 #include "proto/lmps.grpc.pb.h"
 
@@ -173,8 +174,8 @@ class Launcher {
   absl::Status StartJob(const JobSpec& spec);
   // Follows the job until every worker is done.
   absl::Status Monitor();
-  // --fault_kill_server: SIGKILLs the shard once the job reaches the step.
-  void MaybeInjectServerFault(const JobStatus& status);
+  // The fault injector's view of children_.
+  FaultTargets Targets();
   // Elastic dp (--resize_at_step, SIGUSR1/SIGUSR2): asks every shard to stop
   // at the next step boundary; Run() then restarts the job with the new dp
   // from that step's checkpoint.
@@ -225,9 +226,13 @@ class Launcher {
   int elastic_dp_ = 0;
   int extra_workers_ = 0;
   std::vector<std::string> extra_worker_args_;
-  bool fault_injected_ = false;
-  bool scheduler_fault_injected_ = false;
-  bool second_fault_injected_ = false;  // --fault_kill_primary_again_at_step
+  FaultInjector faults_{FaultOptions{
+      absl::GetFlag(FLAGS_fault_worker),
+      absl::GetFlag(FLAGS_fault_kill_at_step),
+      absl::GetFlag(FLAGS_fault_kill_server),
+      absl::GetFlag(FLAGS_fault_kill_server_at_step),
+      absl::GetFlag(FLAGS_fault_kill_primary_again_at_step),
+      absl::GetFlag(FLAGS_fault_kill_scheduler_at_step)}};
   int spares_available_ = 0;  // spares not yet used for a dead worker
   // Elastic resize in progress: the step boundary the shards stop at, and
   // the spec the job restarts with.
@@ -491,70 +496,22 @@ void Launcher::StopAll() {
   for (Child& c : children_) c.exited = true;
 }
 
-void Launcher::MaybeInjectServerFault(const JobStatus& status) {
-  if (absl::GetFlag(FLAGS_fault_kill_scheduler_at_step) >= 0 &&
-      !scheduler_fault_injected_) {
-    int64_t step = INT64_MAX;
-    for (const NodeStatus& n : status.nodes()) {
-      if (n.role() == WORKER) step = std::min(step, n.step());
+FaultTargets Launcher::Targets() {
+  FaultTargets targets;
+  targets.running = [this](const std::string& name) {
+    for (const Child& c : children_) {
+      if (c.name == name && !c.exited) return true;
     }
-    if (step != INT64_MAX && step >= absl::GetFlag(FLAGS_fault_kill_scheduler_at_step)) {
-      for (Child& c : children_) {
-        if (c.name == "scheduler" && !c.exited) {
-          std::printf("\nlmps: fault injection: SIGKILL the scheduler at step %lld\n",
-                      static_cast<long long>(step));
-          std::fflush(stdout);
-          processes_.Signal(c.pid, SIGKILL).IgnoreError();
-          scheduler_fault_injected_ = true;
-        }
+    return false;
+  };
+  targets.kill = [this](const std::string& name) {
+    for (Child& c : children_) {
+      if (c.name == name && !c.exited) {
+        processes_.Signal(c.pid, SIGKILL).IgnoreError();
       }
     }
-  }
-  const int victim = absl::GetFlag(FLAGS_fault_kill_server);
-  int64_t step = INT64_MAX;
-  for (const NodeStatus& n : status.nodes()) {
-    if (n.role() == WORKER) step = std::min(step, n.step());
-  }
-  const int64_t again = absl::GetFlag(FLAGS_fault_kill_primary_again_at_step);
-  // The shard must be protected again (its other node holds a complete
-  // copy): killing its only copy is a rollback, not the failover this
-  // fault tests.
-  bool protected_again = false;
-  for (const NodeStatus& n : status.nodes()) {
-    if (n.role() == SERVER && n.shard() == victim && n.backup() &&
-        n.alive() && !n.needs_snapshot()) {
-      protected_again = true;
-    }
-  }
-  if (victim >= 0 && fault_injected_ && !second_fault_injected_ &&
-      again >= 0 && step != INT64_MAX && step >= again && protected_again) {
-    for (const NodeStatus& n : status.nodes()) {
-      if (n.role() != SERVER || n.shard() != victim || !n.serving_primary()) {
-        continue;
-      }
-      for (Child& c : children_) {
-        if (c.name == n.node_id() && !c.exited) {
-          std::printf("\nlmps: fault injection: SIGKILL %s, now the primary "
-                      "of shard %d, at step %lld\n",
-                      c.name.c_str(), victim, static_cast<long long>(step));
-          std::fflush(stdout);
-          processes_.Signal(c.pid, SIGKILL).IgnoreError();
-          second_fault_injected_ = true;
-        }
-      }
-    }
-  }
-  if (victim < 0 || fault_injected_ || attempt_ > 0) return;
-  if (step == INT64_MAX || step < absl::GetFlag(FLAGS_fault_kill_server_at_step)) return;
-  for (Child& c : children_) {
-    if (c.name == absl::StrCat("server-", victim) && !c.exited) {
-      std::printf("\nlmps: fault injection: SIGKILL %s at step %lld\n",
-                  c.name.c_str(), static_cast<long long>(step));
-      std::fflush(stdout);
-      processes_.Signal(c.pid, SIGKILL).IgnoreError();
-      fault_injected_ = true;
-    }
-  }
+  };
+  return targets;
 }
 
 void Launcher::MaybeResize(const JobStatus& status) {
@@ -753,10 +710,7 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
         }
       }
     }
-    if (w == absl::GetFlag(FLAGS_fault_worker) && attempt_ == 0) {
-      args.push_back(absl::StrCat("--fault_kill_at_step=",
-                                  absl::GetFlag(FLAGS_fault_kill_at_step)));
-    }
+    for (const std::string& a : faults_.WorkerArgs(w, attempt_)) args.push_back(a);
     LMPS_RETURN_IF_ERROR(Start(absl::StrCat("worker-", w), Bin("worker/lmps_worker"), args));
   }
   // Spares: each waits until the job is RUNNING, then for a slot whose
@@ -790,13 +744,11 @@ absl::Status Launcher::Monitor() {
       const JobStatus& status = *polled;
       if (status.state() == FAILED) return JobFailed(status);
       progress_.Update(status, false);
-      MaybeInjectServerFault(status);
+      faults_.MaybeInject(status, attempt_, Targets());
       MaybeResize(status);
     }
-    const bool fault_pending =
-        absl::GetFlag(FLAGS_fault_kill_server) >= 0 && !fault_injected_;
-    std::this_thread::sleep_for(
-        std::chrono::milliseconds(fault_pending ? 20 : progress_.tty() ? 200 : 500));
+    std::this_thread::sleep_for(std::chrono::milliseconds(
+        faults_.server_fault_pending() ? 20 : progress_.tty() ? 200 : 500));
   }
   return absl::OkStatus();
 }
