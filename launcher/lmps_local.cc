@@ -52,6 +52,7 @@
 #include "common/security.h"
 #include "common/status_util.h"
 #include "launcher/fault_injection.h"
+#include "launcher/job_plan.h"
 #include "launcher/progress.h"
 #include "proto/lmps.grpc.pb.h"
 
@@ -169,7 +170,6 @@ class Launcher {
   absl::Status Run();
 
  private:
-  absl::StatusOr<JobSpec> PrepareSpec();
   // Starts the scheduler, the shards and the workers; sets scheduler_.
   absl::Status StartJob(const JobSpec& spec);
   // Follows the job until every worker is done.
@@ -202,16 +202,11 @@ class Launcher {
                               const std::string& log);
   void StopAll();
   bool AllExited(const std::string& prefix) const;
-  std::string Bin(const std::string& rel) const;
-
-  // --tls_dir/--auth_token_file: checks the files and sets the daemons'
-  // flags and the launcher's own channel security.
-  absl::Status PrepareSecurity();
+  std::string Bin(const std::string& rel) const { return BinaryIn(bin_dir_, rel); }
 
   std::string bin_dir_, run_dir_, job_file_, scheduler_;
-  // Flags for the serving daemons (scheduler, shards) and for the workers.
-  std::vector<std::string> server_security_args_, worker_security_args_;
-  Security security_;  // the launcher's status channel
+  // The daemons' flags and the launcher's own channel security.
+  SecurityPlan security_;
   std::unique_ptr<Scheduler::Stub> status_stub_;  // QueryStatus()
   std::string status_stub_target_;
   int attempt_ = 0;             // job restarts after a lost shard
@@ -262,57 +257,6 @@ absl::StatusOr<pid_t> Launcher::Spawn(const std::string& binary,
   return pid;
 }
 
-std::string Launcher::Bin(const std::string& rel) const {
-  // Bazel layout (bin/server/lmps_server), or a flat directory.
-  std::string nested = absl::StrCat(bin_dir_, "/", rel);
-  if (access(nested.c_str(), X_OK) == 0) return nested;
-  return absl::StrCat(bin_dir_, "/", fs::path(rel).filename().string());
-}
-
-absl::StatusOr<JobSpec> Launcher::PrepareSpec() {
-  JobSpec spec;
-  if (absl::GetFlag(FLAGS_job).empty()) {
-    LMPS_ASSIGN_OR_RETURN(spec, ParseJobSpec(""));
-  } else {
-    LMPS_ASSIGN_OR_RETURN(spec, LoadJobSpecFile(absl::GetFlag(FLAGS_job)));
-  }
-  if (absl::GetFlag(FLAGS_workers) > 0) {
-    spec.mutable_layout()->set_dp(absl::GetFlag(FLAGS_workers));
-  }
-  if (absl::GetFlag(FLAGS_shards) > 0) {
-    spec.mutable_layout()->set_num_shards(absl::GetFlag(FLAGS_shards));
-  }
-  if (absl::GetFlag(FLAGS_pp) > 0) spec.mutable_layout()->set_pp(absl::GetFlag(FLAGS_pp));
-  if (absl::GetFlag(FLAGS_tp) > 0) spec.mutable_layout()->set_tp(absl::GetFlag(FLAGS_tp));
-  if (absl::GetFlag(FLAGS_micro_batches) > 0) {
-    spec.mutable_train()->set_micro_batches(absl::GetFlag(FLAGS_micro_batches));
-  }
-  const std::string schedule = absl::GetFlag(FLAGS_schedule);
-  if (schedule == "1f1b") {
-    spec.mutable_layout()->set_schedule(ONE_F_ONE_B);
-  } else if (schedule == "gpipe") {
-    spec.mutable_layout()->set_schedule(GPIPE);
-  } else if (!schedule.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--schedule must be 1f1b or gpipe, got '", schedule, "'"));
-  }
-  if (absl::GetFlag(FLAGS_steps) > 0) {
-    spec.mutable_train()->set_steps(absl::GetFlag(FLAGS_steps));
-  }
-  if (!absl::GetFlag(FLAGS_data).empty()) {
-    spec.mutable_data()->set_path(absl::GetFlag(FLAGS_data));
-  }
-  if (absl::Status s = ValidateJobSpec(spec); !s.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("invalid job: ", s.message()));
-  }
-  // Catch a missing data file here rather than in every worker.
-  if (access(spec.data().path().c_str(), R_OK) != 0) {
-    return absl::NotFoundError(
-        absl::StrCat("cannot read data file '", spec.data().path(), "'"));
-  }
-  return spec;
-}
-
 absl::Status Launcher::Start(const std::string& name, const std::string& binary,
                              std::vector<std::string> args) {
   Child c;
@@ -330,7 +274,7 @@ absl::Status Launcher::Start(const std::string& name, const std::string& binary,
 absl::StatusOr<JobStatus> Launcher::QueryStatus() {
   if (status_stub_ == nullptr || status_stub_target_ != scheduler_) {
     status_stub_ =
-        Scheduler::NewStub(MakeChannel(scheduler_, nullptr, security_));
+        Scheduler::NewStub(MakeChannel(scheduler_, nullptr, security_.launcher));
     status_stub_target_ = scheduler_;
   }
   grpc::ClientContext ctx;
@@ -558,7 +502,7 @@ void Launcher::MaybeResize(const JobStatus& status) {
       step = std::max(step, n.step());
     }
   }
-  absl::StatusOr<int64_t> stop = StopShardsAt(shards, security_, step + 2, /*ahead=*/2);
+  absl::StatusOr<int64_t> stop = StopShardsAt(shards, security_.launcher, step + 2, /*ahead=*/2);
   if (!stop.ok()) {
     std::printf("\nlmps: cannot resize: %s\n", std::string(stop.status().message()).c_str());
     std::fflush(stdout);
@@ -641,7 +585,7 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
       "--job=" + job_file, "--listen=127.0.0.1:0", "--port_file=" + port_file,
       absl::StrCat("--lease_s=", absl::GetFlag(FLAGS_lease_s))};
   for (const std::string& a : metrics_flag(0)) scheduler_args.push_back(a);
-  for (const std::string& a : server_security_args_) scheduler_args.push_back(a);
+  for (const std::string& a : security_.server_args) scheduler_args.push_back(a);
   elastic_scheduler_ = absl::GetFlag(FLAGS_elastic_max_dp) > 0;
   elastic_dp_ = spec.layout().dp();
   if (elastic_scheduler_) {
@@ -680,7 +624,7 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
                                      "--checkpoint_dir=" + ckpt};
     for (const std::string& a : split_args(absl::GetFlag(FLAGS_server_args))) args.push_back(a);
     for (const std::string& a : metrics_flag(1 + s)) args.push_back(a);
-    for (const std::string& a : server_security_args_) args.push_back(a);
+    for (const std::string& a : security_.server_args) args.push_back(a);
     LMPS_RETURN_IF_ERROR(Start(absl::StrCat("server-", s), Bin("server/lmps_server"), args));
     if (replicated_) {
       // Its synchronous backup, on the same checkpoint directory (both
@@ -701,7 +645,7 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
                                      "--sample_out=" + run_dir_ + "/sample.txt"};
     for (const std::string& a : split_args(absl::GetFlag(FLAGS_worker_args))) args.push_back(a);
     for (const std::string& a : metrics_flag(1 + S + w)) args.push_back(a);
-    for (const std::string& a : worker_security_args_) args.push_back(a);
+    for (const std::string& a : security_.worker_args) args.push_back(a);
     if (w == 0) {
       extra_worker_args_.clear();
       for (const std::string& a : args) {
@@ -722,7 +666,7 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
                                      absl::StrCat("--threads=", std::max(1, cores / W)),
                                      "--spare", "--sample_out=" + run_dir_ + "/sample.txt"};
     for (const std::string& a : split_args(absl::GetFlag(FLAGS_worker_args))) args.push_back(a);
-    for (const std::string& a : worker_security_args_) args.push_back(a);
+    for (const std::string& a : security_.worker_args) args.push_back(a);
     LMPS_RETURN_IF_ERROR(Start(absl::StrCat("worker-spare-", i), Bin("worker/lmps_worker"), args));
   }
   spares_available_ = spares;
@@ -753,65 +697,23 @@ absl::Status Launcher::Monitor() {
   return absl::OkStatus();
 }
 
-absl::Status Launcher::PrepareSecurity() {
-  const std::string tls_dir = absl::GetFlag(FLAGS_tls_dir);
-  const std::string token = absl::GetFlag(FLAGS_auth_token_file);
-  SecurityOptions server, worker;
-  if (!tls_dir.empty()) {
-    const std::string dir = fs::absolute(tls_dir).string();
-    server.ca_cert = worker.ca_cert = dir + "/ca.crt";
-    server.cert = dir + "/server.crt";
-    server.key = dir + "/server.key";
-    worker.cert = dir + "/client.crt";
-    worker.key = dir + "/client.key";
-  }
-  if (!token.empty()) {
-    server.token_file = worker.token_file = fs::absolute(token).string();
-  }
-  // Every file is checked here, before any daemon starts.
-  absl::StatusOr<Security> s = Security::Load(server);
-  if (!s.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(s.status().message(),
-                     tls_dir.empty() ? "" : " (--tls_dir expects the files of "
-                                            "scripts/make_test_certs.sh)"));
-  }
-  s = Security::Load(worker);
-  if (!s.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        s.status().message(),
-        tls_dir.empty() ? "" : " (--tls_dir expects the files of "
-                               "scripts/make_test_certs.sh)"));
-  }
-  security_ = *std::move(s);
-  auto flags = [](const SecurityOptions& o) {
-    std::vector<std::string> out;
-    if (!o.ca_cert.empty()) {
-      out = {"--tls_ca=" + o.ca_cert, "--tls_cert=" + o.cert,
-             "--tls_key=" + o.key};
-    }
-    if (!o.token_file.empty()) out.push_back("--auth_token_file=" + o.token_file);
-    return out;
-  };
-  server_security_args_ = flags(server);
-  worker_security_args_ = flags(worker);
-  if (!server.ca_cert.empty()) {
-    // The workers' WorkerPeer service is a server to their peers.
-    worker_security_args_.push_back("--peer_tls_cert=" + server.cert);
-    worker_security_args_.push_back("--peer_tls_key=" + server.key);
-  }
-  return absl::OkStatus();
-}
-
 absl::Status Launcher::Run() {
   start_ = std::chrono::steady_clock::now();
-  LMPS_RETURN_IF_ERROR(PrepareSecurity());
-  bin_dir_ = absl::GetFlag(FLAGS_bin_dir);
-  if (bin_dir_.empty()) {
-    bin_dir_ = fs::canonical("/proc/self/exe").parent_path().parent_path().string();
-  }
+  LMPS_ASSIGN_OR_RETURN(security_, PlanSecurity(absl::GetFlag(FLAGS_tls_dir),
+                                                absl::GetFlag(FLAGS_auth_token_file)));
+  bin_dir_ = BinDir(absl::GetFlag(FLAGS_bin_dir));
   run_dir_ = fs::absolute(absl::GetFlag(FLAGS_run_dir)).string();
-  LMPS_ASSIGN_OR_RETURN(JobSpec spec, PrepareSpec());
+  JobOverrides overrides;
+  overrides.job_file = absl::GetFlag(FLAGS_job);
+  overrides.workers = absl::GetFlag(FLAGS_workers);
+  overrides.pp = absl::GetFlag(FLAGS_pp);
+  overrides.tp = absl::GetFlag(FLAGS_tp);
+  overrides.schedule = absl::GetFlag(FLAGS_schedule);
+  overrides.micro_batches = absl::GetFlag(FLAGS_micro_batches);
+  overrides.shards = absl::GetFlag(FLAGS_shards);
+  overrides.steps = absl::GetFlag(FLAGS_steps);
+  overrides.data = absl::GetFlag(FLAGS_data);
+  LMPS_ASSIGN_OR_RETURN(JobSpec spec, PlanJobSpec(overrides));
   std::error_code ec;
   fs::create_directories(run_dir_ + "/logs", ec);
   if (ec) {
@@ -844,8 +746,9 @@ absl::Status Launcher::Run() {
               spec.model().n_layer(), spec.model().n_embd(),
               absl::GetFlag(FLAGS_resume) ? "resuming" : "fresh start",
               spec.data().path().c_str(), run_dir_.c_str());
-  if (security_.tls() || security_.has_token()) {
-    std::printf("lmps: transport security: %s\n", security_.Describe().c_str());
+  if (security_.launcher.tls() || security_.launcher.has_token()) {
+    std::printf("lmps: transport security: %s\n",
+                security_.launcher.Describe().c_str());
   }
   std::fflush(stdout);
 
