@@ -22,6 +22,16 @@
 // Host pointers (tokens, targets, the *Host functions) are ordinary host
 // memory; the model copies them to and from the backend.
 //
+// Why this is not a facade over StageModel (stage_model.h), which
+// generalises it: GptModel is the independent one-process reference that
+// StageModel is proven against. stage_model_test checks that a single-stage,
+// single-rank StageModel equals it bit for bit and that every pipeline and
+// tensor-parallel layout reproduces its loss and gradients, and
+// worker/testing/full_batch_gradient.h uses it as the one-process truth of
+// the trainer tests; as a facade those checks would compare StageModel with
+// itself. It also keeps the logits (LogitsToHost: sampling, evaluation),
+// where StageModel's head keeps only the probabilities.
+//
 // Thread-safety: not thread-safe; one thread uses a model (and its backend)
 // at a time.
 #ifndef LMPS_WORKER_MODEL_GPT_H_
