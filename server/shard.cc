@@ -1064,7 +1064,7 @@ absl::Status ParameterShard::ApplyAsyncLocked(int rank) {
     }
   }
   const OptimizerConfig& opt = options_.spec.optimizer();
-  // This shard's share of the clip threshold (see the file comment).
+  // This shard's share of the clip threshold (docs/parameter-shard.md).
   const double clip = opt.grad_clip() > 0
                           ? opt.grad_clip() * async_clip_fraction_
                           : opt.grad_clip();
@@ -1271,7 +1271,7 @@ absl::StatusOr<std::vector<PullResponse>> ParameterShard::Pull(
   const absl::Time start = absl::Now();
   const absl::Time until = WaitDeadline(deadline);
 
-  // The read rule of the mode (see the file comment).
+  // The read rule of the mode (docs/parameter-shard.md).
   const int64_t need = mode_ == ASYNC ? step : step - staleness_;
 
   // Shared: pulls of several workers copy the parameters in parallel.

@@ -2,169 +2,28 @@
 // it is unit-tested without a network (server/service.h adapts it).
 //
 // A shard owns the chunks ChunksOfShard(map, shard) of the model: their fp32
-// parameters at `version` and the optimizer state. How pushed gradients
-// become updates depends on spec.train.mode (ConsistencyMode); the rules of
-// every mode are below. s is train.staleness in BOUNDED_STALENESS and 0 in
-// SYNC: SYNC is exactly BOUNDED_STALENESS with s = 0 (one code path).
+// parameters at version() and the optimizer state. It guarantees:
+//  - a push stream is validated whole before anything changes (a rejected
+//    push changes nothing but, for a NaN or Inf, a counter); a retried
+//    chunk (part) counts once;
+//  - SYNC and BOUNDED_STALENESS (staleness s; SYNC is s = 0, one code path):
+//    steps are applied in order, each averaging every dp replica's gradient
+//    (summed in rank order: deterministic whatever the arrival order) and
+//    clipped with the exact global norm; a pull of step t waits for version
+//    >= t - s;
+//  - ASYNC: each rank's complete push is one update, clipped by this
+//    shard's share of grad_clip; a pull of t waits for version >= t;
+//  - with pipeline or tensor parallelism a replica's chunk is the sum of its
+//    contributors' parts, so results equal a pp = tp = 1 job's;
+//  - a checkpoint holds one consistent version.
+// The full rules of every call in every mode, with their errors, are in
+// docs/parameter-shard.md.
 //
-// Chunk parts (pipeline and tensor parallel, layout.pp * layout.tp > 1):
-// the partition does not depend on pp or tp, so one replica's gradient of
-// a chunk may come in parts from several of its workers. The contributors
-// of a chunk are the workers (pp_rank, tp_rank) whose
-// ParallelLayout::Pushed ranges of the tensor intersect it
-// (common/parallel_layout.h); each pushes exactly its ranges within the
-// chunk (PushRequest.pp_rank/tp_rank), and the replica's chunk is complete
-// once every contributor pushed. Parts that overlap -- only wte, pushed by
-// the first and the last stage -- are summed (in float, 0 + a + b, whatever
-// the order). With pp = tp = 1 the only contributor is (0, 0), owning whole
-// chunks: everything below reads "chunk" for "chunk part" then. A chunk
-// owned whole by one contributor is decoded straight into its gradient
-// buffer; one of several is summed into a buffer zeroed when its first part
-// arrives. A
-// replica's gradient for a chunk is its contributors' parts summed, so
-// everything after a complete push (GradNorm, Apply, clocks, ASYNC updates)
-// is the same as with pp = tp = 1: the result equals a pp = tp = 1 job
-// pushed the equivalent full gradient.
-//
-// Replica clocks (every mode): clock[r] = the number of steps data-parallel
-// rank r has completely pushed to this shard (the step after the last one
-// whose every chunk of this shard arrived), starting at start_step. When a
-// push of step t from rank r completes, its lead t - min_q clock[q] (taken
-// before clock[r] advances) is how many steps ahead of the slowest replica
-// the gradient was computed; max_staleness_seen() is the largest lead so
-// far: always 0 in SYNC, <= s in BOUNDED_STALENESS, unbounded in ASYNC.
-//
-// SYNC and BOUNDED_STALENESS (stale synchronous parallel, SSP) --
-// `version` is the number of steps applied; step t's update averages every
-// replica's gradient for step t, and steps are applied in order:
-//
-//   Push(step)            accepted for version <= step <= version + s; every
-//                         dp rank pushes its gradient for every chunk (in
-//                         one or several streams; every contributor its
-//                         parts, each stream from one (dp_rank, pp_rank,
-//                         tp_rank)). The shard keeps one
-//                         gradient buffer per (pending step, rank), so up to
-//                         (s + 1) * dp copies of its chunks. The whole
-//                         stream is validated before anything changes;
-//                         errors:
-//                           InvalidArgument   malformed stream: mixed
-//                             headers, dp_rank, pp_rank or tp_rank out of
-//                             range, unknown tensor, chunk of another shard,
-//                             bad dtype, byte length not a multiple of the
-//                             dtype size, offsets out of range, a chunk (the
-//                             pusher's part of it) not covered exactly once
-//                             or with elements outside that part (naming the
-//                             chunk, "(dp rank R, pp P, tp T)" and the
-//                             missing or extra elements), a chunk the pusher
-//                             "owns no part of", a NaN/Inf value (also
-//                             counted in rejected_nonfinite_pushes);
-//                           FailedPrecondition wrong partition_version, a
-//                             step already applied ("already applied"; but
-//                             a push of an applied step from a rank whose
-//                             gradient for it had completely arrived is a
-//                             retry, acknowledged as duplicate) or a
-//                             step beyond version + s ("far in the future").
-//                         A chunk (part) a rank's contributor already
-//                         pushed for the step (a retry) is counted as
-//                         duplicate and ignored.
-//   GradNorm(step)        waits until every rank pushed every chunk for
-//                         step, then returns the sum of squares of the
-//                         averaged gradient (rank buffers summed in rank
-//                         order, divided by dp: deterministic whatever the
-//                         arrival order). Also answers for the last s + 1
-//                         applied steps. Timeout: DeadlineExceeded naming the
-//                         missing ranks (with pp * tp > 1 also the
-//                         contributors missing parts: "dp rank 0 (pp 1, tp
-//                         0) pushed 3 of 5 chunk parts"); a step beyond the
-//                         version: FailedPrecondition.
-//   Apply(step, gss)      first call for step == version: clip with the
-//                         global norm sqrt(gss), apply the optimizer with the
-//                         scheduled learning rate (server/optimizer.h),
-//                         version = step + 1, free the step's gradients, and
-//                         write a checkpoint when (step + 1) is a multiple of
-//                         train.checkpoint_interval, train.steps or
-//                         train.stop_after_step. Calls for older steps return
-//                         the current version. FailedPrecondition if the
-//                         gradients are incomplete or the step is beyond
-//                         the version; InvalidArgument for a negative or
-//                         non-finite gss.
-//   Pull(step)            the SSP read rule: waits until
-//                         version >= step - s, then returns the values of the
-//                         requested tensors' chunks (F32 or BF16) as messages
-//                         of at most spec.max_message_bytes of payload each,
-//                         with the version they hold (the latest, which may
-//                         be newer than step - s). version >= step - s means
-//                         steps < step - s are applied, so every replica has
-//                         completed at least step - s steps: a replica at
-//                         step t never computes on parameters that miss more
-//                         than s of the slowest replica's steps. A timeout
-//                         names the replicas whose clocks are behind. With
-//                         owned_only, only the element ranges worker
-//                         (pp_rank, tp_rank) holds (ParallelLayout::Held)
-//                         of each chunk, as slices with offsets inside the
-//                         chunk (a range may be split over messages);
-//                         InvalidArgument for ranks outside the layout.
-//
-//   Why this SSP and not per-push application: gradients are still
-//   aggregated per step over all replicas with the exact global-norm clip,
-//   only the parameters a replica reads may lag by up to s versions, so
-//   s = 0 is bit-for-bit SYNC and s > 0 only changes which parameter
-//   version each gradient was computed on (as in Ho et al., NIPS 2013,
-//   with the clock being the step and updates applied in step order).
-//   The worker (worker/trainer.h) drives it: after pushing step t it calls
-//   GradNorm/Apply for step t - s (which waits for the slowest replica to
-//   push step t - s), so its next pull, for t + 1, needs no wait.
-//
-// ASYNC -- `version` counts applied updates (pushes), not steps:
-//
-//   Push(step)            as above, except that the step only has to be >=
-//                         the rank's clock (each rank's steps arrive in
-//                         order; an older one was applied already and is
-//                         acknowledged as duplicate: a replacement's retry)
-//                         and a rank has at most one push in
-//                         flight (a different step while one is incomplete:
-//                         FailedPrecondition). As soon as the rank's gradient
-//                         for the step has every chunk of this shard it is
-//                         applied on its own, under the lock, before Push
-//                         returns: clipped, learning rate of `step` on the
-//                         train.steps schedule, AdamW bias correction
-//                         counting updates (version), version += 1.
-//                         Clipping cannot use the global norm without
-//                         synchronising the shards, so each shard clips its
-//                         part g_k of the pushed gradient to
-//                           c_k = grad_clip * sqrt(n_k / n)
-//                         (n_k: this shard's elements, n: the model's), i.e.
-//                         scale = min(1, c_k / (|g_k| + 1e-6)). The c_k^2 add
-//                         up to grad_clip^2, so the whole update's norm never
-//                         exceeds grad_clip; with one shard it is exactly the
-//                         global clip, with several it can clip a shard whose
-//                         part is unusually large when the total is not.
-//                         Checkpoints are written when min_r clock[r] reaches
-//                         a checkpoint step and are labelled with it (they
-//                         also hold the faster replicas' later updates, so a
-//                         resume repeats those: at-least-once); a resumed
-//                         shard starts with version = that step.
-//   GradNorm, Apply       FailedPrecondition: not used in ASYNC.
-//   Pull(step)            waits until version >= step (a worker asks for 0,
-//                         or its last seen version: no wait; the final pull
-//                         asks for the version after every replica's last
-//                         push) and returns the latest parameters.
-//
+// Thread-safety: every method is thread-safe. One reader/writer mutex guards
+// the state: Pull, TensorInfo and Snapshot share it, Push and Apply take it
+// exclusively (also while writing a checkpoint), and waits release it.
 // Every wait ends at the earlier of the caller's deadline and
-// options.wait_timeout from the call, or when Shutdown() is called
-// (Unavailable).
-//
-// Metrics (the daemon exports them): version() as lmps_parameter_version,
-// max_staleness_seen() as lmps_staleness_steps{kind="max_seen"}, and
-// replica_clocks()[r] as lmps_replica_clock_steps{dp_rank="r"}; step_clock()
-// is the shard's progress in steps for heartbeats (version in SYNC and
-// BOUNDED_STALENESS, min replica clock in ASYNC).
-//
-// Thread-safety: all methods are thread-safe. State is guarded by one
-// reader/writer mutex: Pull, TensorInfo and Snapshot share it (concurrent
-// pulls copy in parallel), Push/Apply take it exclusively (Apply, and an
-// ASYNC Push that completes a gradient, also while writing its checkpoint,
-// so a checkpoint is a consistent version), and waits release it.
+// options.wait_timeout, or with Unavailable at Shutdown().
 #ifndef LMPS_SERVER_SHARD_H_
 #define LMPS_SERVER_SHARD_H_
 
@@ -218,7 +77,8 @@ class ParameterShard {
   ParameterShard& operator=(const ParameterShard&) = delete;
   ~ParameterShard();
 
-  // One push stream (every message of one Push RPC). See the file comment.
+  // One push stream (every message of one Push RPC); see
+  // docs/parameter-shard.md.
   absl::StatusOr<PushResponse> Push(const std::vector<PushRequest>& stream);
 
   // Sum of squares of this shard's averaged gradient for `step`.
@@ -293,8 +153,8 @@ class ParameterShard {
   absl::Status last_checkpoint_status() const;
 
   ConsistencyMode mode() const { return options_.spec.train().mode(); }
-  // Per dp rank: steps completely pushed to this shard (see the file
-  // comment); index = dp rank.
+  // Per dp rank: steps completely pushed to this shard (replica clocks in
+  // docs/parameter-shard.md); index = dp rank.
   std::vector<int64_t> replica_clocks() const;
   // Largest lead (pushed step - slowest replica's clock) of a completed
   // push so far; 0 in SYNC, <= train.staleness in BOUNDED_STALENESS.
