@@ -24,6 +24,9 @@
 // exclusively (also while writing a checkpoint), and waits release it.
 // Every wait ends at the earlier of the caller's deadline and
 // options.wait_timeout, or with Unavailable at Shutdown().
+//
+// The definitions are split by seam over shard*.cc (docs/parameter-shard.md
+// lists which file holds what).
 #ifndef LMPS_SERVER_SHARD_H_
 #define LMPS_SERVER_SHARD_H_
 

@@ -1,0 +1,173 @@
+// ParameterShard reads: Pull (the mode's read rule, then the parameters in
+// messages of bounded size, whole chunks or a worker's held part) and
+// TensorInfo.
+#include "server/shard.h"
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "server/shard_internal.h"
+#include "server/tensor_codec.h"
+
+namespace lmps {
+
+using shard_internal::ResizeStop;
+using shard_internal::Seconds;
+
+// ---------------------------------------------------------------------------
+// Pull and TensorInfo.
+// ---------------------------------------------------------------------------
+
+absl::StatusOr<std::vector<PullResponse>> ParameterShard::Pull(
+    const PullRequest& request, absl::Time deadline) {
+  const int shard = options_.shard;
+  const DType dtype = request.dtype() == BF16 ? BF16 : F32;
+  if (DTypeSize(request.dtype()) == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pull dtype ", static_cast<int>(request.dtype()),
+                     " is not valid; valid: F32, BF16"));
+  }
+  if (request.partition_version() != 0 &&
+      request.partition_version() != options_.map.version()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "pull partition_version ", request.partition_version(),
+        " does not match shard ", shard, "'s ", options_.map.version(),
+        " (the worker and the servers disagree on model or layout)"));
+  }
+  if (request.step() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pull step must be >= 0, got ", request.step()));
+  }
+  for (const std::string& t : request.tensors()) {
+    if (tensor_index_.count(t) == 0) {
+      return absl::NotFoundError(absl::StrCat("unknown tensor '", t, "'"));
+    }
+  }
+  const bool owned_only = request.owned_only();
+  const int pp_rank = request.pp_rank(), tp_rank = request.tp_rank();
+  if (owned_only &&
+      (pp_rank < 0 || pp_rank >= pp_ || tp_rank < 0 || tp_rank >= tp_)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pull pp_rank ", pp_rank, " tp_rank ", tp_rank,
+        " is out of range: the layout has pp=", pp_, " tp=", tp_));
+  }
+  const int worker = pp_rank * tp_ + tp_rank;
+  const bool all = request.tensors().empty();
+  std::set<std::string> wanted(request.tensors().begin(),
+                               request.tensors().end());
+  const int64_t step = request.step();
+  const absl::Time start = absl::Now();
+  const absl::Time until = WaitDeadline(deadline);
+
+  // The read rule of the mode (docs/parameter-shard.md).
+  const int64_t need = mode_ == ASYNC ? step : step - staleness_;
+
+  // Shared: pulls of several workers copy the parameters in parallel.
+  absl::ReaderMutexLock lock(&mu_);
+  auto stopped = [this, step]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    return stop_at_ >= 0 && step >= stop_at_;
+  };
+  auto ready = [this, need, &stopped]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    return shutdown_ || version_ >= need || stopped();
+  };
+  if (!mu_.AwaitWithDeadline(absl::Condition(&ready), until)) {
+    std::string why;
+    if (mode_ == ASYNC) {
+      why = "; in ASYNC the version counts applied pushes";
+    } else if (const std::string slow = SlowRanksLocked(need); !slow.empty()) {
+      why = absl::StrCat(": ", slow);
+    } else {
+      why = absl::StrCat(", waiting for the apply of step ", version_);
+    }
+    return absl::DeadlineExceededError(absl::StrCat(
+        "shard ", shard, " step ", step, ": version ", need,
+        staleness_ > 0
+            ? absl::StrCat(" (step ", step, " - staleness bound ", staleness_,
+                           ")")
+            : "",
+        " not reached after ", Seconds(until - start), " (at version ",
+        version_, ")", why));
+  }
+  if (shutdown_) {
+    return absl::UnavailableError(
+        absl::StrCat("parameter server shard ", shard, " is shutting down"));
+  }
+  if (stopped()) {
+    return ResizeStop(absl::StrCat(
+        "the job stops at step ", stop_at_,
+        " for a resize (elastic data parallelism): shard ", shard,
+        " serves no later step; the job restarts from the checkpoint of step ",
+        stop_at_));
+  }
+  const int64_t budget = options_.spec.max_message_bytes();
+  const int elem = DTypeSize(dtype);
+  std::vector<PullResponse> out;
+  PullResponse current;
+  current.set_version(version_);
+  int64_t payload = 0;
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    const Chunk& c = chunks_[i];
+    if (!all && wanted.count(c.desc.tensor()) == 0) continue;
+    // The whole chunk, or the part of it the worker holds.
+    const std::vector<OffsetRange> whole = {{0, c.size()}};
+    for (const OffsetRange& r : owned_only ? owners_[i].held[worker] : whole) {
+      int64_t offset = r.begin;
+      while (offset < r.end) {
+        if (budget - payload < elem) {
+          out.push_back(std::move(current));
+          current = PullResponse();
+          current.set_version(version_);
+          payload = 0;
+        }
+        const int64_t n = std::min(r.end - offset, (budget - payload) / elem);
+        ChunkSlice* s = current.add_slices();
+        s->set_tensor(c.desc.tensor());
+        s->set_chunk(c.desc.index());
+        s->set_offset(offset);
+        s->set_dtype(dtype);
+        std::string* data = s->mutable_data();
+        data->reserve(n * elem);
+        EncodePayload(dtype, c.params.data() + offset, n, data);
+        payload += n * elem;
+        offset += n;
+      }
+    }
+  }
+  if (payload > 0 || out.empty()) out.push_back(std::move(current));
+  return out;
+}
+
+absl::StatusOr<TensorInfoResponse> ParameterShard::TensorInfo(
+    const std::string& tensor) const {
+  if (!tensor.empty() && tensor_index_.count(tensor) == 0) {
+    return absl::NotFoundError(absl::StrCat("unknown tensor '", tensor, "'"));
+  }
+  absl::ReaderMutexLock lock(&mu_);
+  TensorInfoResponse out;
+  out.set_shard(options_.shard);
+  out.set_version(version_);
+  out.set_rejected_nonfinite_pushes(rejected_nonfinite_);
+  for (int64_t c : clocks_) out.add_replica_clocks(c);
+  for (const TensorSpec& spec : tensors_) {
+    if (!tensor.empty() && spec.name != tensor) continue;
+    lmps::TensorInfo info;
+    info.set_name(spec.name);
+    for (int64_t d : spec.shape) info.add_shape(d);
+    info.set_weight_decay(spec.weight_decay);
+    double sum_squares = 0;
+    for (const Chunk& c : chunks_) {
+      if (c.desc.tensor() != spec.name) continue;
+      *info.add_chunks() = c.desc;
+      for (float v : c.params) sum_squares += static_cast<double>(v) * v;
+    }
+    if (tensor.empty() && info.chunks_size() == 0) continue;
+    info.set_l2_norm(std::sqrt(sum_squares));
+    *out.add_tensors() = std::move(info);
+  }
+  return out;
+}
+
+}  // namespace lmps
