@@ -135,6 +135,14 @@
 // Thread-safety: every method is safe to call from many threads. Callbacks
 // (GetAssignmentAsync's `done`, SchedulerOptions::log) are run without the
 // internal lock held and may call back into the SchedulerCore.
+//
+// Implementation, one part per file of the scheduler_core library:
+// scheduler_core.cc (job state, assembly, assignments, status),
+// scheduler_slots.cc (the node table), scheduler_register.cc (Register),
+// scheduler_liveness.cc (heartbeats, leases, failover) and
+// scheduler_elastic.cc (resize and regroup plans), with their private types
+// in scheduler_core_internal.h. The resume step is the pure function of
+// start_step.h (its own library).
 #ifndef LMPS_SERVER_SCHEDULER_SCHEDULER_CORE_H_
 #define LMPS_SERVER_SCHEDULER_SCHEDULER_CORE_H_
 
@@ -157,6 +165,7 @@
 #include "common/parallel_layout.h"
 #include "proto/lmps.pb.h"
 #include "server/scheduler/clock.h"
+#include "server/scheduler/start_step.h"  // ShardCheckpoints, ChooseStartStep
 
 namespace lmps {
 
@@ -200,21 +209,6 @@ struct SchedulerOptions {
   // empty (no logging).
   std::function<void(absl::string_view)> log;
 };
-
-// What one server reported about its checkpoints at registration.
-struct ShardCheckpoints {
-  std::vector<int64_t> steps;  // its own shard file is complete
-  uint64_t partition_version = 0;  // of `steps`
-  // Every shard file of the writing layout is in its directory (any layout).
-  std::vector<int64_t> relayout_steps;
-};
-
-// The largest step every element of `shards` can load: present in its
-// `steps` when its partition_version equals `partition_version`, or in its
-// `relayout_steps` (any version). 0 if there is no such step (or `shards` is
-// empty). Negative steps are ignored.
-int64_t ChooseStartStep(const std::vector<ShardCheckpoints>& shards,
-                        uint64_t partition_version);
 
 class SchedulerCore {
  public:
@@ -292,15 +286,24 @@ class SchedulerCore {
   }
 
  private:
+  // Defined in scheduler_core_internal.h.
   struct Node;
   struct Pending;
   struct Outbox;
+  // Defined in scheduler_register.cc.
+  struct SlotRequest;
 
   SchedulerCore(SchedulerOptions options, Clock* clock, PartitionMap partition,
                 ParallelLayout layout);
 
+  // --- Job state, assembly and assignments (scheduler_core.cc).
+
   // Applies timeouts at `now`; called at the start of every public method.
   void AdvanceLocked(absl::Time now, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // ASSEMBLING: fails the job after the assemble timeout, and waiting
+  // GetAssignment calls whose own deadline passed.
+  void AssemblyTimeoutsLocked(absl::Time now, Outbox* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SetStateLocked(JobState state, const std::string& message, Outbox* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -323,6 +326,15 @@ class SchedulerCore {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Assignment AssignmentLocked(const Node& node) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::string StateMessageLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Carries out `out` (logs, then completions); call without mu_ held.
+  void Flush(Outbox* out) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // --- The node table (scheduler_slots.cc).
+
+  // workers_ for spec_'s layout, all unregistered.
+  void ResetWorkerSlotsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The registered node with this id, or nullptr.
   Node* FindLocked(absl::string_view node_id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool AllRegisteredLocked(const std::vector<Node>& slots) const
@@ -330,21 +342,91 @@ class SchedulerCore {
   // "missing 1 of 2 workers, 0 of 1 server (registered: server-0 at ...)".
   std::string MissingLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string DescribeDeadLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  std::string StateMessageLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void Flush(Outbox* out);
-  // workers_ for spec_'s layout, all unregistered.
-  void ResetWorkerSlotsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Elastic: decides on a resize, or once every worker stopped at the
-  // boundary re-assembles the job with the new dp.
-  void ElasticLocked(absl::Time now, Outbox* out)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void ReassembleLocked(absl::Time now, Outbox* out)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Replicated jobs: a server slot's index in servers_, and the other slot
   // of its shard.
   int SlotIndexLocked(const Node& n) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Node& PartnerLocked(const Node& n) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool IsPrimaryLocked(const Node& n) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // --- Registration (scheduler_register.cc): Register's steps, in order.
+
+  absl::StatusOr<RegisterResponse> RegisterLocked(
+      const RegisterRequest& request, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Validation: OK if `request` may register now, else why not (unknown
+  // role, shutdown, the job ended, a resize under way, a missing address).
+  absl::Status CheckRegisterLocked(const RegisterRequest& request) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The slots of the request's role and those its requested_rank names.
+  SlotRequest SlotRequestLocked(const RegisterRequest& request)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Slot choice: the slot the node takes (setting *how to the log's words
+  // for it), nullptr when every slot is held by a live node, or an error
+  // for a rejoin that cannot take its slot. Runs the four steps below.
+  absl::StatusOr<Node*> ChooseSlotLocked(const RegisterRequest& request,
+                                         const SlotRequest& want,
+                                         std::string* how)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // 0. Rejoin handling (the scheduler restarted): exactly the named slot.
+  absl::StatusOr<Node*> RejoinSlotLocked(const RegisterRequest& request,
+                                         const SlotRequest& want,
+                                         std::string* how)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // 1. Servers: the slot of a server registered with the same address.
+  Node* SameAddressSlotLocked(const RegisterRequest& request,
+                              const SlotRequest& want, std::string* how) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // 2. A free slot: a requested one, else the lowest.
+  Node* FreeSlotLocked(const SlotRequest& want, std::string* how) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // 3. The slot of a dead node, to replace it.
+  Node* DeadSlotLocked(const RegisterRequest& request, const SlotRequest& want,
+                       std::string* how) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // No slot: the RESOURCE_EXHAUSTED answer; an elastic job counts the
+  // worker as surplus (ELASTIC_SURPLUS).
+  absl::Status NoSlotLocked(const RegisterRequest& request,
+                            const SlotRequest& want, absl::Time now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Assembly of the slot: gives `slot` to the registering node (a rejoining
+  // replicated server also tells its shard's roles and epoch).
+  void TakeSlotLocked(Node* slot, const RegisterRequest& request,
+                      absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void LogRegistrationLocked(Node* slot, const std::string& how,
+                             const RegisterRequest& request, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A new server process in a RUNNING job: the backup of its shard if the
+  // other slot serves it, else the job fails for a rollback.
+  void ServerJoinsRunningJobLocked(Node* slot, const std::string& how,
+                                   Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // --- Liveness (scheduler_liveness.cc): heartbeats, leases, failover.
+
+  absl::StatusOr<HeartbeatResponse> HeartbeatLocked(
+      const HeartbeatRequest& request, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Records a heartbeat's progress, done flag and error (which fails the
+  // job).
+  void RecordProgressLocked(Node* n, const HeartbeatRequest& request,
+                            absl::Time now, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // RUNNING: marks the nodes whose lease expired dead, with what follows
+  // (a regroup, a promotion, or the job failing for a rollback).
+  void ExpireLeasesLocked(absl::Time now, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // One node's lease expired. Returns true if the job failed.
+  bool ExpireLeaseLocked(Node& n, absl::Time now, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Replicated jobs: the failover decision for the server `n` whose lease
+  // expired, appended to *action. Returns the shard that lost both copies,
+  // or -1.
+  int FailoverLocked(Node& n, absl::Time now, std::string* action,
+                     Outbox* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Replicated jobs: fails the job (rollback) for a shard whose primary died
+  // while its backup showed no complete copy within a lease.
+  void CheckOrphanedShardsLocked(absl::Time now, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Makes `to` the primary of its shard in a new epoch (told in its next
   // heartbeat answer).
   void PromoteLocked(Node& to, const std::string& why, Outbox* out)
@@ -353,6 +435,21 @@ class SchedulerCore {
   void ReplicationHeartbeatLocked(Node* n, const HeartbeatRequest& request,
                                   absl::Time now, HeartbeatResponse* r,
                                   Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // --- Elastic resize and regroup (scheduler_elastic.cc).
+
+  // Decides on a resize, or once every worker stopped at the boundary
+  // re-assembles the job with the new dp.
+  void ElasticLocked(absl::Time now, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Plans the resize to dp = `target` (a regroup keeps dp) if the resized
+  // spec validates, else records why not and retries in 30 s. `held_back`:
+  // a dead or lost worker holds the others back at the shards' version.
+  void PlanResizeLocked(int target, const std::string& why, bool regroup,
+                        bool held_back, absl::Time now, Outbox* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReassembleLocked(absl::Time now, Outbox* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const SchedulerOptions options_;
