@@ -1,0 +1,867 @@
+#include "worker/worker_daemon.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/daemon_metrics.h"
+#include "common/grpc_server.h"
+#include "common/job_spec.h"
+#include "common/parallel_layout.h"
+#include "common/scheduler_client.h"
+#include "common/status_util.h"
+#include "proto/lmps.grpc.pb.h"
+#include "worker/data/dataset.h"
+#include "worker/model/gpt.h"
+#include "worker/model/stage_model.h"
+#include "worker/peer/mailbox.h"
+#include "worker/peer/peer_network.h"
+#include "worker/peer/peer_service.h"
+#include "worker/peer/ring_allreduce.h"
+#include "worker/pipeline/pipeline_trainer.h"
+#include "worker/ps_client.h"
+#include "worker/trainer.h"
+
+namespace lmps {
+namespace {
+
+absl::Status Stopped() { return absl::CancelledError("stopped"); }
+
+// Writes "[id] msg" lines to the options' sink, or to stderr. Copyable:
+// fault-injection hooks keep a copy.
+class WorkerLog {
+ public:
+  explicit WorkerLog(std::function<void(const std::string&)> sink)
+      : sink_(std::move(sink)) {}
+
+  void operator()(const std::string& id, const std::string& msg) const {
+    if (sink_) {
+      sink_(absl::StrCat("[", id, "] ", msg));
+      return;
+    }
+    std::fprintf(stderr, "[%s] %s\n", id.c_str(), msg.c_str());
+    std::fflush(stderr);
+  }
+
+  // What the trainers log through (they add no prefix to a sink's lines);
+  // empty without a sink: they write the same lines to stderr themselves.
+  std::function<void(const std::string&)> For(const std::string& id) const {
+    if (!sink_) return nullptr;
+    WorkerLog log = *this;
+    return [log, id](const std::string& line) { log(id, line); };
+  }
+
+ private:
+  std::function<void(const std::string&)> sink_;
+};
+
+// The WorkerPeer service: peers send activations, their gradients and
+// all-reduce parts here (pipeline and tensor-parallel layouts). Shut down
+// in the order worker/peer/peer_service.h asks for.
+class PeerEndpoint {
+ public:
+  static absl::StatusOr<std::unique_ptr<PeerEndpoint>> Start(
+      const WorkerDaemonOptions& options, const Security& security,
+      Metrics* metrics, RpcMetrics* rpc, const WorkerLog& log) {
+    auto peer = std::unique_ptr<PeerEndpoint>(new PeerEndpoint);
+    LMPS_ASSIGN_OR_RETURN(peer->mailbox_,
+                          PeerMailbox::Create(PeerMailboxOptions()));
+    LMPS_ASSIGN_OR_RETURN(
+        peer->service_, WorkerPeerService::Create(peer->mailbox_.get(),
+                                                  WorkerPeerServiceOptions()));
+    GrpcServerOptions server_options;
+    server_options.listen_address = options.peer_listen;
+    server_options.rpc_metrics = rpc;
+    server_options.security = security;
+    if (options.peer_security.has_value()) {
+      LMPS_ASSIGN_OR_RETURN(server_options.security,
+                            Security::Load(*options.peer_security));
+    }
+    server_options.metrics = metrics;
+    absl::StatusOr<StartedServer> started =
+        StartGrpcServer(server_options, {peer->service_.get()});
+    if (!started.ok()) {
+      // Data-parallel jobs do not need it; the scheduler refuses a worker
+      // without an address in a pipeline or tensor-parallel job.
+      log("worker", absl::StrCat("warning: no WorkerPeer service (pipeline and "
+                                 "tensor-parallel jobs need it): ",
+                                 started.status().ToString()));
+      return peer;
+    }
+    peer->server_ = std::move(started->server);
+    SetServing(peer->server_.get(), true);
+    peer->address_ = absl::StrCat(options.advertise_host, ":", started->port);
+    return peer;
+  }
+
+  ~PeerEndpoint() {
+    if (mailbox_ != nullptr) mailbox_->Shutdown();
+    if (server_ != nullptr) {
+      server_->Shutdown(std::chrono::system_clock::now() +
+                        std::chrono::seconds(2));
+    }
+  }
+
+  PeerMailbox* mailbox() const { return mailbox_.get(); }
+  // Empty when the service could not start.
+  const std::string& address() const { return address_; }
+
+ private:
+  PeerEndpoint() = default;
+
+  std::unique_ptr<PeerMailbox> mailbox_;
+  std::unique_ptr<WorkerPeerService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::string address_;
+};
+
+// What joining the job came to.
+enum class JoinResult {
+  kJoined,       // registered and assigned: train
+  kJobFinished,  // the job finished without needing this worker
+};
+
+// How one registration ended when it did not fail.
+enum class SessionEnd {
+  kFinished,       // the job finished (or this worker is not needed)
+  kRegisterAgain,  // stopped for an elastic resize: register again
+};
+
+// One registration of this worker with the scheduler, from starting its
+// resources to the final report (the steps of worker_daemon.h). The members
+// are declared in the order they are made, so that they are destroyed in
+// the reverse: the heartbeat and the training loop first, then the PS
+// client, the WorkerPeer service, the scheduler client, the backend and
+// /metrics last.
+class WorkerSession {
+ public:
+  WorkerSession(const WorkerDaemonOptions& options, WorkerStopSignal* stop)
+      : options_(options), stop_(stop), log_(options.log) {}
+
+  absl::StatusOr<SessionEnd> Run() {
+    LMPS_RETURN_IF_ERROR(Start());
+    LMPS_ASSIGN_OR_RETURN(const JoinResult joined, Join());
+    if (joined == JoinResult::kJobFinished) return SessionEnd::kFinished;
+    LMPS_RETURN_IF_ERROR(Connect());
+    LMPS_RETURN_IF_ERROR(Resume());
+    LMPS_RETURN_IF_ERROR(BuildTrainer());
+    return Train();
+  }
+
+ private:
+  // Step 1: /metrics, the backend, the scheduler client, the peer service.
+  absl::Status Start() {
+    threads_ = options_.threads;
+    if (threads_ <= 0) {
+      threads_ = std::max<int>(1, std::thread::hardware_concurrency() /
+                                      std::max(1, options_.workers_per_host));
+    }
+    LMPS_ASSIGN_OR_RETURN(
+        metrics_, StartDaemonMetrics(options_.metrics_listen, "worker"));
+    // Fail fast on a backend this machine cannot run, before joining a job.
+    LMPS_ASSIGN_OR_RETURN(backend_,
+                          options_.backend_factory(options_.backend, threads_,
+                                                   options_.cuda_matmul,
+                                                   options_.cuda_backend_lib));
+    // Says which backend computes (tests check that --backend=cuda never
+    // falls back to the CPU).
+    log_("worker", absl::StrCat("backend ", std::string(backend_->name()),
+                                " (--backend=", options_.backend, ")"));
+    LMPS_ASSIGN_OR_RETURN(security_, Security::Load(options_.security));
+    client_ = std::make_unique<SchedulerClient>(
+        Scheduler::NewStub(
+            MakeChannel(options_.scheduler, metrics_.rpc.get(), security_)),
+        options_.scheduler);
+    LMPS_ASSIGN_OR_RETURN(
+        peer_, PeerEndpoint::Start(options_, security_, metrics_.metrics.get(),
+                                   metrics_.rpc.get(), log_));
+    return absl::OkStatus();
+  }
+
+  // Step 2: registration (a spare's wait, a surplus worker's standby) and
+  // the assignment.
+  absl::StatusOr<JoinResult> Join() {
+    register_request_.set_role(WORKER);
+    register_request_.set_address(peer_->address());
+    register_request_.set_requested_rank(options_.rank);
+    char host[256] = {0};
+    gethostname(host, sizeof(host) - 1);
+    register_request_.set_hostname(host);
+    register_request_.set_instance_id(
+        absl::StrCat(host, "/", getpid(), "/", absl::ToUnixNanos(absl::Now())));
+    if (options_.spare) {
+      LMPS_ASSIGN_OR_RETURN(const JobState state, WaitUntilRunning());
+      if (state != RUNNING) return JoinResult::kJobFinished;
+    }
+    absl::StatusOr<RegisterResponse> registered = client_->Register(
+        register_request_,
+        options_.spare ? options_.spare_wait : options_.assemble_timeout);
+    // A surplus worker of an elastic job (every slot held, dp at its
+    // largest or not enough surplus for a replica yet) stands by and keeps
+    // asking: it joins when dp grows or takes a dead worker's slot, and
+    // exits 0 when the job finishes without it.
+    for (bool said = false; ReasonOf(registered.status()) == ELASTIC_SURPLUS;) {
+      if (!said) {
+        log_("worker",
+             "surplus worker of an elastic job: standing by until dp "
+             "grows or a worker's slot is free");
+        said = true;
+      }
+      if (stop_->stopped()) return Stopped();
+      registered =
+          client_->Register(register_request_, options_.assemble_timeout);
+    }
+    if (ReasonOf(registered.status()) == JOB_FINISHED) {
+      // A spare, a surplus worker of an elastic job, or a replacement that
+      // came too late: nothing left to do.
+      log_("worker", "the job finished without needing this worker");
+      return JoinResult::kJobFinished;
+    }
+    LMPS_RETURN_IF_ERROR(registered.status());
+    id_ = client_->node_id();
+    log_(id_, absl::StrCat("registered with scheduler ", options_.scheduler,
+                           " (", security_.Describe(),
+                           "); waiting for the job to assemble"));
+    LMPS_ASSIGN_OR_RETURN(
+        assignment_, client_->WaitForAssignment(options_.assemble_timeout));
+    spec_ = assignment_.spec();
+    if (!options_.data.empty()) spec_.mutable_data()->set_path(options_.data);
+    log_(id_, absl::StrCat("assigned dp rank ", assignment_.dp_rank(), " of ",
+                           spec_.layout().dp(), ", ",
+                           assignment_.shard_addresses_size(),
+                           " shards, resume step ", assignment_.start_step(),
+                           ", backend ", std::string(backend_->name()),
+                           " with ", threads_, " threads"));
+    return JoinResult::kJoined;
+  }
+
+  // A spare never takes a slot meant for a first worker: it waits until the
+  // job runs. Returns RUNNING, or FINISHED when the job finished first.
+  absl::StatusOr<JobState> WaitUntilRunning() {
+    auto status_stub = Scheduler::NewStub(
+        MakeChannel(options_.scheduler, metrics_.rpc.get(), security_));
+    const absl::Time give_up = absl::Now() + options_.spare_wait;
+    JobStatus status;
+    while (true) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+      status.Clear();
+      const bool ok =
+          status_stub->GetStatus(&ctx, GetStatusRequest(), &status).ok();
+      if (ok && status.state() == RUNNING) break;
+      if (ok && status.state() == FINISHED) {
+        log_("worker", "spare: the job finished without needing this spare");
+        return FINISHED;
+      }
+      if (ok && status.state() == FAILED) {
+        return absl::AbortedError(
+            absl::StrCat("spare: the job FAILED: ", status.message()));
+      }
+      if (absl::Now() > give_up) {
+        return absl::DeadlineExceededError(
+            absl::StrCat("spare: the job at ", options_.scheduler,
+                         " did not start running within ",
+                         absl::ToInt64Seconds(options_.spare_wait), " s"));
+      }
+      if (stop_->WaitFor(absl::Milliseconds(100))) return Stopped();
+    }
+    log_("worker",
+         "spare: waiting for a slot of the running job (a worker "
+         "whose lease expired)");
+    return RUNNING;
+  }
+
+  // Step 3: the dataset, the layout, and the PsClient to the shards.
+  absl::Status Connect() {
+    LMPS_ASSIGN_OR_RETURN(
+        data_,
+        TextDataset::Create(spec_.data().path(), spec_.data().val_fraction(),
+                            spec_.model().block_size()));
+    micro_ = LocalBatch(spec_) / spec_.train().micro_batches();
+    LMPS_ASSIGN_OR_RETURN(
+        layout_, ParallelLayout::Create(spec_.model(), spec_.layout()));
+    pipeline_ = layout_->pp() * layout_->tp() > 1;
+    coords_ = WorkerCoords{assignment_.dp_rank(), assignment_.pp_rank(),
+                           assignment_.tp_rank()};
+    {
+      // If the scheduler restarts, take this rank back from the new one.
+      RegisterRequest rejoin = register_request_;
+      rejoin.set_requested_rank(layout_->Rank(coords_));
+      client_->EnableRejoin(rejoin);
+    }
+    std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs;
+    std::vector<std::string> addresses(assignment_.shard_addresses().begin(),
+                                       assignment_.shard_addresses().end());
+    for (const std::string& a : addresses) {
+      stubs.push_back(ParameterServer::NewStub(
+          MakeChannel(a, metrics_.rpc.get(), security_)));
+    }
+    PsClientOptions ps_options;
+    ps_options.push_dtype = options_.push_dtype;
+    ps_options.rpc_timeout = options_.rpc_timeout;
+    ps_options.max_message_bytes = spec_.max_message_bytes();
+    if (!pipeline_ && options_.fault_kill_at_step >= 0) {
+      ps_options.on_shard_push = KillMidPush(options_.fault_kill_at_step);
+    }
+    PsClientView view;
+    if (pipeline_) {
+      view.layout = &*layout_;
+      view.pp_rank = coords_.pp;
+      view.tp_rank = coords_.tp;
+    }
+    LMPS_ASSIGN_OR_RETURN(
+        ps_, PsClient::Create(spec_.model(), assignment_.partition(),
+                              std::move(stubs), addresses, ps_options, view));
+    if (assignment_.backup_addresses_size() > 0) EnableFailover();
+    return absl::OkStatus();
+  }
+
+  // Fault injection (data parallel): SIGKILL mid-push of `kill_step`.
+  std::function<void(int, int64_t, bool)> KillMidPush(int64_t kill_step) {
+    // Shards other than 0 whose push of kill_step was accepted: the log
+    // line says where the kill landed, and tests check it (0: between
+    // shard 0's push and the others').
+    auto others_accepted = std::make_shared<std::atomic<int>>(0);
+    return [id = id_, log = log_, kill_step, others_accepted](
+               int shard, int64_t step, bool accepted) {
+      if (step != kill_step) return;
+      if (shard != 0) {
+        if (accepted) {
+          ++*others_accepted;
+        } else {
+          // Hold the other shards' pushes so the kill lands mid-push.
+          absl::SleepFor(absl::Seconds(5));
+        }
+        return;
+      }
+      if (!accepted) return;
+      log(id,
+          absl::StrCat("fault injection: SIGKILL mid-push of step ", step,
+                       ": shard 0 accepted its push, ", others_accepted->load(),
+                       " other shards had accepted theirs"));
+      raise(SIGKILL);
+    };
+  }
+
+  // Replicated shards: fail over to a shard's backup when its primary is
+  // unavailable; when both are, ask the scheduler where they are now.
+  void EnableFailover() {
+    std::vector<std::string> backups(assignment_.backup_addresses().begin(),
+                                     assignment_.backup_addresses().end());
+    RpcMetrics* rpc = metrics_.rpc.get();
+    ps_->SetBackups(
+        std::move(backups),
+        [rpc, security = security_](const std::string& address)
+            -> std::unique_ptr<ParameterServer::StubInterface> {
+          return ParameterServer::NewStub(MakeChannel(address, rpc, security));
+        },
+        [client =
+             client_.get()](int shard) -> absl::StatusOr<PsClient::ShardNodes> {
+          LMPS_ASSIGN_OR_RETURN(Assignment now,
+                                client->WaitForAssignment(absl::Seconds(5)));
+          if (shard >= now.shard_addresses_size()) {
+            return absl::InternalError("no such shard in the assignment");
+          }
+          return PsClient::ShardNodes{now.shard_addresses(shard),
+                                      shard < now.backup_addresses_size()
+                                          ? now.backup_addresses(shard)
+                                          : ""};
+        });
+  }
+
+  // Step 4: the step to start at. A replacement joins a running job at the
+  // servers' version. In the middle of an Apply the shards may differ by
+  // one; wait for the live replicas to finish it. In ASYNC mode versions
+  // count pushes, not steps, and differ between shards all the time: the
+  // replica's clock says where to start.
+  absl::Status Resume() {
+    start_step_ = assignment_.start_step();
+    return spec_.train().mode() == ASYNC ? ResumeAsync() : ResumeAtVersion();
+  }
+
+  // Whether a retry of an UNAVAILABLE shard (still starting up) is allowed.
+  bool WithinRpcTimeout(int attempt) const {
+    return attempt * 0.1 < absl::ToDoubleSeconds(options_.rpc_timeout);
+  }
+
+  // ASYNC: resume at this replica's clock (steps it completely pushed): a
+  // replacement neither repeats nor skips its predecessor's steps.
+  absl::Status ResumeAsync() {
+    absl::StatusOr<int64_t> clock = ps_->ReplicaClock(assignment_.dp_rank());
+    for (int attempt = 0;
+         clock.status().code() == absl::StatusCode::kUnavailable &&
+         WithinRpcTimeout(attempt);
+         ++attempt) {
+      absl::SleepFor(absl::Milliseconds(100));  // a shard still starting up
+      clock = ps_->ReplicaClock(assignment_.dp_rank());
+    }
+    LMPS_RETURN_IF_ERROR(clock.status());
+    if (*clock > start_step_) {
+      log_(id_, absl::StrCat("joining a running ASYNC job at step ", *clock,
+                             " (dp rank ", assignment_.dp_rank(),
+                             "'s clock; replacing a lost worker)"));
+      start_step_ = *clock;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status ResumeAtVersion() {
+    for (int attempt = 0;; ++attempt) {
+      absl::StatusOr<std::vector<int64_t>> got = ps_->Versions();
+      if (got.status().code() == absl::StatusCode::kUnavailable &&
+          WithinRpcTimeout(attempt)) {
+        absl::SleepFor(absl::Milliseconds(100));  // a shard still starting up
+        continue;
+      }
+      LMPS_RETURN_IF_ERROR(got.status());
+      const std::vector<int64_t>& versions = *got;
+      const auto [lo, hi] =
+          std::minmax_element(versions.begin(), versions.end());
+      if (*lo == *hi) {
+        if (*lo > start_step_) {
+          log_(id_, absl::StrCat("joining a running job at step ", *lo,
+                                 " (replacing a lost worker)"));
+          start_step_ = *lo;
+        }
+        return absl::OkStatus();
+      }
+      if (attempt * 0.1 > absl::ToDoubleSeconds(options_.rpc_timeout)) {
+        return absl::DeadlineExceededError(absl::StrCat(
+            "shards stay at different versions (", *lo, " and ", *hi,
+            "): an Apply was interrupted and no live replica completes it"));
+      }
+      absl::SleepFor(absl::Milliseconds(100));
+    }
+  }
+
+  // Step 5: one of two loops, DataParallelTrainer (data parallel only) or
+  // PipelineTrainer.
+  absl::Status BuildTrainer() {
+    DataParallelTrainerOptions options;
+    options.worker_id = id_;
+    options.dp_rank = assignment_.dp_rank();
+    options.spec = spec_;
+    options.start_step = start_step_;
+    options.log = log_.For(id_);
+    options.overlap_push = options_.overlap_push == OverlapPush::kOn ||
+                           (options_.overlap_push == OverlapPush::kAuto &&
+                            absl::StartsWith(options_.backend, "cuda"));
+    {
+      absl::MutexLock lock(&mu_);
+      latest_.step = start_step_;
+    }
+    SetGauge(metrics_.metrics.get(), "lmps_node_info",
+             "Identity of this node (value 1).", 1,
+             {{"node_id", id_},
+              {"role", "worker"},
+              {"dp_rank", std::to_string(assignment_.dp_rank())},
+              {"pp_rank", std::to_string(assignment_.pp_rank())},
+              {"tp_rank", std::to_string(assignment_.tp_rank())}});
+    options.on_progress = [this](const TrainerProgress& p) { OnProgress(p); };
+    if (pipeline_) return BuildPipelineTrainer(options);
+    LMPS_ASSIGN_OR_RETURN(
+        model_, GptModel::Create(spec_.model(), backend_.get(), micro_,
+                                 spec_.model().block_size()));
+    LMPS_ASSIGN_OR_RETURN(
+        trainer_, DataParallelTrainer::Create(options, model_.get(), ps_.get(),
+                                              data_.get()));
+    return absl::OkStatus();
+  }
+
+  // The pipeline loop: the peer network, the tensor-parallel ring (tp > 1),
+  // this stage's model and the PipelineTrainer; `dp` carries the options
+  // both loops share.
+  absl::Status BuildPipelineTrainer(const DataParallelTrainerOptions& dp) {
+    std::vector<PeerInfo> workers(assignment_.workers().begin(),
+                                  assignment_.workers().end());
+    PeerNetworkOptions peer_net;
+    peer_net.self_id = id_;
+    peer_net.self_rank = layout_->Rank(coords_);
+    peer_net.max_message_bytes = spec_.max_message_bytes();
+    peer_net.timeout = absl::Milliseconds(spec_.train().peer_timeout_ms());
+    RpcMetrics* rpc = metrics_.rpc.get();
+    LMPS_ASSIGN_OR_RETURN(
+        peers_,
+        PeerNetwork::Create(
+            peer_net, std::move(workers), peer_->mailbox(),
+            [security = security_, rpc](const std::string& address) {
+              return WorkerPeer::NewStub(MakeChannel(address, rpc, security));
+            }));
+    if (layout_->tp() > 1) {
+      std::vector<int> group;
+      for (int t = 0; t < layout_->tp(); ++t) {
+        group.push_back(layout_->Rank({coords_.dp, coords_.pp, t}));
+      }
+      LMPS_ASSIGN_OR_RETURN(
+          ring_, RingAllReduce::Create(peers_.get(), group, coords_.tp));
+    }
+    const StageRange& stage = layout_->stage(coords_.pp);
+    StageModelOptions so;
+    so.config = spec_.model();
+    so.layer_begin = stage.layer_begin;
+    so.layer_end = stage.layer_end;
+    so.has_embedding = stage.has_embedding;
+    so.has_head = stage.has_head;
+    so.tp_size = layout_->tp();
+    so.tp_rank = coords_.tp;
+    so.max_batch = micro_;
+    so.max_seq = spec_.model().block_size();
+    so.activation_slots = PipelineTrainer::StageSlots(spec_, coords_.pp);
+    LMPS_ASSIGN_OR_RETURN(stage_model_,
+                          StageModel::Create(so, backend_.get(), ring_.get()));
+    PipelineTrainerOptions po;
+    po.worker_id = id_;
+    po.coords = coords_;
+    po.spec = spec_;
+    po.start_step = start_step_;
+    po.on_progress = dp.on_progress;
+    po.log = dp.log;
+    po.overlap_push = dp.overlap_push;
+    // The scheduler regroups the job (or, elastic, shrinks dp) once a dead
+    // peer's lease (and then --elastic_grace_s, default 10 s) has passed.
+    if (assignment_.elastic()) {
+      po.resize_wait = 3 * client_->lease() + absl::Seconds(60);
+    }
+    if (options_.fault_kill_at_step >= 0) {
+      // Pipeline: die as the step's schedule starts, leaving the stage and
+      // tensor-parallel partners mid-step.
+      po.on_step_start = [id = id_, log = log_,
+                          kill_step =
+                              options_.fault_kill_at_step](int64_t step) {
+        if (step != kill_step) return;
+        log(id, absl::StrCat("fault injection: SIGKILL at the start of step ",
+                             step));
+        raise(SIGKILL);
+      };
+    }
+    LMPS_ASSIGN_OR_RETURN(
+        pipeline_trainer_,
+        PipelineTrainer::Create(po, &*layout_, stage_model_.get(), ps_.get(),
+                                peers_.get(), ring_.get(), data_.get()));
+    log_(id_, absl::StrCat(
+                  "pipeline stage ", coords_.pp, " of ", layout_->pp(),
+                  " (layers ", stage.layer_begin, "-", stage.layer_end - 1,
+                  stage.has_embedding ? ", embeddings" : "",
+                  stage.has_head ? ", head" : "", "), tp rank ", coords_.tp,
+                  " of ", layout_->tp(), ", schedule ",
+                  PipelineSchedule_Name(spec_.layout().schedule()), " with ",
+                  spec_.train().micro_batches(), " micro-batches, ",
+                  so.activation_slots, " activation slots, ",
+                  stage_model_->num_parameters(), " parameters held"));
+    return absl::OkStatus();
+  }
+
+  // The trainer's progress: exported as gauges and sent in heartbeats.
+  void OnProgress(const TrainerProgress& p) {
+    Metrics* m = metrics_.metrics.get();
+    SetGauge(m, "lmps_step", "Completed training steps.",
+             static_cast<double>(p.step));
+    SetGauge(m, "lmps_loss", "Training loss of the last step.", p.loss);
+    if (std::isfinite(p.eval_loss)) {
+      SetGauge(m, "lmps_eval_loss", "Last evaluation loss.", p.eval_loss);
+    }
+    SetGauge(m, "lmps_tokens_per_second", "Training tokens per second.",
+             p.tokens_per_second);
+    SetGauge(m, "lmps_staleness_steps",
+             "Steps between the parameters used and the step computed.",
+             static_cast<double>(p.staleness));
+    const char* help = "Seconds of the last step spent per phase.";
+    SetGauge(m, "lmps_step_phase_seconds", help, p.compute_seconds,
+             {{"phase", "compute"}});
+    SetGauge(m, "lmps_step_phase_seconds", help, p.pull_seconds,
+             {{"phase", "pull"}});
+    SetGauge(m, "lmps_step_phase_seconds", help, p.push_seconds,
+             {{"phase", "push"}});
+    SetGauge(m, "lmps_step_phase_seconds", help, p.sync_seconds,
+             {{"phase", "wait"}});
+    const char* bytes =
+        "Gradient payload bytes pushed in the last step (total), and those "
+        "sent while its backward pass still ran (overlapped, "
+        "--overlap_push).";
+    SetGauge(m, "lmps_push_bytes", bytes, static_cast<double>(p.push_bytes),
+             {{"kind", "total"}});
+    SetGauge(m, "lmps_push_bytes", bytes,
+             static_cast<double>(p.push_bytes_overlapped),
+             {{"kind", "overlapped"}});
+    if (pipeline_) {
+      const char* bubble =
+          "Fraction of the last step's pipeline schedule this stage waited "
+          "for its neighbours (measured), and (pp - 1) / (m + pp - 1) (ideal).";
+      SetGauge(m, "lmps_pipeline_bubble_fraction", bubble, p.bubble_fraction,
+               {{"kind", "measured"}});
+      SetGauge(m, "lmps_pipeline_bubble_fraction", bubble,
+               p.ideal_bubble_fraction, {{"kind", "ideal"}});
+      SetGauge(m, "lmps_pipeline_live_micro_batches",
+               "Most micro-batches whose activations were alive at once in the "
+               "last step.",
+               p.max_live_micro_batches);
+    }
+    absl::MutexLock lock(&mu_);
+    latest_ = p;
+  }
+
+  void CancelTraining() {
+    if (trainer_) trainer_->Cancel();
+    if (pipeline_trainer_) pipeline_trainer_->Cancel();
+  }
+
+  HeartbeatRequest MakeHeartbeat() {
+    absl::MutexLock lock(&mu_);
+    HeartbeatRequest hb;
+    hb.set_stopped_for_resize(stopped_for_resize_);
+    hb.set_step(latest_.step);
+    hb.set_loss(latest_.loss);
+    hb.set_eval_loss(latest_.eval_loss);
+    hb.set_tokens_per_second(latest_.tokens_per_second);
+    hb.set_done(done_);
+    hb.set_error(error_);
+    return hb;
+  }
+
+  // Runs on the heartbeat thread.
+  void OnHeartbeat(const absl::StatusOr<HeartbeatResponse>& r) {
+    if (r.ok() && r->state() == FAILED && !failure_logged_.exchange(true)) {
+      log_(id_, absl::StrCat("the job failed: ", r->message(), "; stopping"));
+      CancelTraining();
+    }
+    if (r.ok() && r->fenced() && !failure_logged_.exchange(true)) {
+      // Its slot went to a newer process while this one was cut off or
+      // frozen past its lease.
+      log_(id_,
+           "the scheduler gave this worker's slot to a newer "
+           "registration; stopping");
+      CancelTraining();
+    }
+    if (r.ok() && r->peers_lost() && pipeline_ && !peers_lost_.exchange(true)) {
+      // Nothing more comes from the lost peer: end the waits now (the step
+      // fails UNAVAILABLE and the trainer awaits the stop).
+      log_(id_,
+           "the scheduler reports a lost worker: the job regroups; "
+           "ending the waits for peers");
+      peer_->mailbox()->Shutdown();
+    }
+  }
+
+  // Step 6: trains while heartbeating, then reports.
+  absl::StatusOr<SessionEnd> Train() {
+    if (stop_->stopped()) return Stopped();
+    heartbeat_ = std::make_unique<HeartbeatLoop>(
+        client_.get(), client_->lease() / 3, [this] { return MakeHeartbeat(); },
+        [this](const absl::StatusOr<HeartbeatResponse>& r) { OnHeartbeat(r); });
+    stop_->Track([this] { CancelTraining(); });
+    absl::Status status = trainer_ ? trainer_->Run() : pipeline_trainer_->Run();
+    stop_->Untrack();
+    if (!status.ok() && pipeline_) peer_->mailbox()->Shutdown();
+    if (!status.ok() && stop_->stopped()) {
+      heartbeat_->Stop();
+      log_(id_, "stopped; not reporting to the scheduler");
+      return Stopped();
+    }
+    if (ReasonOf(status) == STOPPED_FOR_RESIZE) return EndForResize(status);
+    // With pp * tp > 1 no worker holds the whole model: lmps_local samples
+    // from the exported model instead (lmps_eval).
+    if (status.ok() && trainer_ && assignment_.dp_rank() == 0 &&
+        spec_.train().sample_tokens() > 0) {
+      status = Sample();
+    }
+    Report(status);
+    if (status.ok()) LogSummary();
+    LMPS_RETURN_IF_ERROR(status);
+    return SessionEnd::kFinished;
+  }
+
+  // Elastic resize: the shards stopped the job at a step boundary and
+  // checkpointed it; the job restarts with another dp. Not a failure.
+  SessionEnd EndForResize(const absl::Status& status) {
+    heartbeat_->Stop();
+    log_(id_,
+         absl::StrCat("stopped for an elastic resize: ", status.message()));
+    if (!assignment_.elastic()) return SessionEnd::kFinished;
+    // The scheduler re-assembles the job once every worker stopped: say so,
+    // then register again.
+    {
+      absl::MutexLock lock(&mu_);
+      stopped_for_resize_ = true;
+    }
+    absl::StatusOr<HeartbeatResponse> told = heartbeat_->BeatNow();
+    for (int i = 0; i < 20 && !told.ok(); ++i) {
+      absl::SleepFor(absl::Milliseconds(250));
+      told = heartbeat_->BeatNow();
+    }
+    return SessionEnd::kRegisterAgain;
+  }
+
+  // Generates the sample (data-parallel rank 0), logs it and writes it to
+  // sample_out.
+  absl::Status Sample() {
+    LMPS_ASSIGN_OR_RETURN(
+        const std::string sample,
+        trainer_->Sample(options_.sample_prompt, spec_.train().sample_tokens(),
+                         static_cast<float>(options_.sample_temperature),
+                         options_.sample_top_k));
+    log_(id_, absl::StrCat("sample after step ", trainer_->end_step(), ":\n",
+                           sample));
+    if (!options_.sample_out.empty()) {
+      std::ofstream f(options_.sample_out);
+      f << sample;
+      if (!f) {
+        return absl::InternalError(
+            absl::StrCat("cannot write ", options_.sample_out));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // The final report (done or the error) must reach the scheduler, which
+  // may be restarting: retry while it is unreachable, up to a minute.
+  void Report(const absl::Status& status) {
+    {
+      absl::MutexLock lock(&mu_);
+      done_ = status.ok();
+      if (!status.ok()) error_ = std::string(status.message());
+    }
+    heartbeat_->Stop();
+    absl::StatusOr<HeartbeatResponse> last = heartbeat_->BeatNow();
+    for (const absl::Time give_up = absl::Now() + absl::Seconds(60);
+         !last.ok() && absl::Now() < give_up &&
+         (last.status().code() == absl::StatusCode::kUnavailable ||
+          last.status().code() == absl::StatusCode::kDeadlineExceeded);
+         last = heartbeat_->BeatNow()) {
+      absl::SleepFor(absl::Milliseconds(500));
+    }
+    if (!last.ok()) log_(id_, std::string(last.status().message()));
+    if (!status.ok() && last.ok() && last->state() == FAILED &&
+        !failure_logged_.exchange(true)) {
+      // This worker's error may be a consequence (a shard that stopped
+      // because the job failed): say what failed the job first.
+      log_(id_, absl::StrCat("the job failed: ", last->message()));
+    }
+  }
+
+  void LogSummary() {
+    const TrainerProgress& p =
+        trainer_ ? trainer_->progress() : pipeline_trainer_->progress();
+    log_(id_,
+         absl::StrFormat("done: step %d loss %.4f eval %.4f %.0f tokens/s",
+                         p.step, p.loss, p.eval_loss, p.tokens_per_second));
+    // Read by tests/pipeline_test (no worker moves parameters it does not
+    // own) and bench/pipeline_bench.sh.
+    log_(id_,
+         absl::StrFormat(
+             "transfer: pulls=%d bytes_pulled=%d bytes_pushed=%d "
+             "peer_bytes_sent=%d held_parameters=%d",
+             pipeline_trainer_ ? pipeline_trainer_->pulls() : 0,
+             ps_->stats().bytes_pulled.load(), ps_->stats().bytes_pushed.load(),
+             peers_ ? peers_->bytes_sent() : 0, ps_->num_parameters()));
+  }
+
+  const WorkerDaemonOptions& options_;
+  WorkerStopSignal* const stop_;
+  const WorkerLog log_;
+
+  int threads_ = 0;
+  DaemonMetrics metrics_;
+  std::unique_ptr<Backend> backend_;
+  Security security_;
+  std::unique_ptr<SchedulerClient> client_;
+  std::unique_ptr<PeerEndpoint> peer_;
+
+  RegisterRequest register_request_;
+  std::string id_;  // the node id, once registered
+  Assignment assignment_;
+  JobSpec spec_;
+  std::unique_ptr<TextDataset> data_;
+  int micro_ = 0;  // the micro-batch size
+  std::optional<ParallelLayout> layout_;
+  bool pipeline_ = false;  // pp * tp > 1
+  WorkerCoords coords_;
+  std::unique_ptr<PsClient> ps_;
+  int64_t start_step_ = 0;
+
+  std::unique_ptr<GptModel> model_;
+  std::unique_ptr<DataParallelTrainer> trainer_;
+  std::unique_ptr<StageModel> stage_model_;
+  std::unique_ptr<PeerNetwork> peers_;
+  std::unique_ptr<RingAllReduce> ring_;
+  std::unique_ptr<PipelineTrainer> pipeline_trainer_;
+
+  // Shared with the trainer's progress callback and the heartbeat thread.
+  absl::Mutex mu_;
+  TrainerProgress latest_ ABSL_GUARDED_BY(mu_);
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  bool stopped_for_resize_ ABSL_GUARDED_BY(mu_) = false;
+  std::string error_ ABSL_GUARDED_BY(mu_);
+  std::atomic<bool> peers_lost_{false};
+  std::atomic<bool> failure_logged_{false};
+  std::unique_ptr<HeartbeatLoop> heartbeat_;  // destroyed first
+};
+
+}  // namespace
+
+void WorkerStopSignal::Stop() {
+  absl::MutexLock lock(&mu_);
+  stopped_ = true;
+  if (cancel_) {
+    cancel_();
+    cancel_ = nullptr;
+  }
+}
+
+bool WorkerStopSignal::stopped() const {
+  absl::MutexLock lock(&mu_);
+  return stopped_;
+}
+
+bool WorkerStopSignal::WaitFor(absl::Duration d) const {
+  absl::MutexLock lock(&mu_);
+  return mu_.AwaitWithTimeout(absl::Condition(&stopped_), d);
+}
+
+void WorkerStopSignal::Track(std::function<void()> cancel) {
+  absl::MutexLock lock(&mu_);
+  if (stopped_) {
+    cancel();
+    return;
+  }
+  cancel_ = std::move(cancel);
+}
+
+void WorkerStopSignal::Untrack() {
+  absl::MutexLock lock(&mu_);
+  cancel_ = nullptr;
+}
+
+absl::Status RunWorkerDaemon(const WorkerDaemonOptions& options,
+                             WorkerStopSignal* stop) {
+  if (options.scheduler.empty()) {
+    return absl::InvalidArgumentError("--scheduler=host:port is required");
+  }
+  if (!options.backend_factory) {
+    return absl::InvalidArgumentError(
+        "WorkerDaemonOptions.backend_factory is "
+        "required");
+  }
+  while (true) {
+    if (stop->stopped()) return Stopped();
+    WorkerSession session(options, stop);
+    LMPS_ASSIGN_OR_RETURN(const SessionEnd end, session.Run());
+    if (end == SessionEnd::kFinished) return absl::OkStatus();
+  }
+}
+
+}  // namespace lmps

@@ -1,0 +1,473 @@
+// Runs the worker daemon in-process against a fake scheduler and, to train,
+// in-process shards: joining (a spare, an elastic standby, a finished job),
+// training to the end, the stop signal, and a failed job. Resizes, pipelines
+// and replacements run in the multi-process tests of tests/.
+#include "worker/worker_daemon.h"
+
+#include <cstdlib>
+#include <deque>
+#include <fstream>
+#include <functional>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "common/grpc_server.h"
+#include "common/job_spec.h"
+#include "common/status_util.h"
+#include "gtest/gtest.h"
+#include "proto/lmps.grpc.pb.h"
+#include "tests/testing/ps_cluster.h"
+#include "worker/backend_factory.h"
+
+namespace lmps {
+namespace {
+
+// Answers Register from a script (its last answer repeats), GetStatus and
+// Heartbeat with a state; records calls.
+class FakeScheduler final : public Scheduler::Service {
+ public:
+  grpc::Status Register(grpc::ServerContext*, const RegisterRequest* req,
+                        RegisterResponse* resp) override {
+    absl::MutexLock lock(&mu_);
+    ++registers_;
+    registered_ = *req;
+    const absl::Status answer = register_answers_.front();
+    if (register_answers_.size() > 1) register_answers_.pop_front();
+    if (!answer.ok()) return ToGrpcStatus(answer);
+    resp->set_node_id("worker-0");
+    resp->set_lease_ms(300);
+    return grpc::Status::OK;
+  }
+  grpc::Status GetAssignment(grpc::ServerContext*,
+                             const GetAssignmentRequest* req,
+                             Assignment* resp) override {
+    absl::MutexLock lock(&mu_);
+    *resp = assignment_;
+    resp->set_node_id(req->node_id());
+    return grpc::Status::OK;
+  }
+  grpc::Status Heartbeat(grpc::ServerContext*, const HeartbeatRequest* req,
+                         HeartbeatResponse* resp) override {
+    absl::MutexLock lock(&mu_);
+    heartbeats_.push_back(*req);
+    resp->set_state(heartbeat_state_);
+    resp->set_message(message_);
+    return grpc::Status::OK;
+  }
+
+  // Waits until a heartbeat satisfies `pred`.
+  bool AwaitHeartbeat(std::function<bool(const HeartbeatRequest&)> pred) {
+    for (const absl::Time give_up = absl::Now() + absl::Seconds(30);
+         absl::Now() < give_up; absl::SleepFor(absl::Milliseconds(20))) {
+      absl::MutexLock lock(&mu_);
+      for (const HeartbeatRequest& hb : heartbeats_) {
+        if (pred(hb)) return true;
+      }
+    }
+    return false;
+  }
+  grpc::Status GetStatus(grpc::ServerContext*, const GetStatusRequest*,
+                         JobStatus* resp) override {
+    absl::MutexLock lock(&mu_);
+    ++get_status_;
+    resp->set_state(state_);
+    resp->set_message(message_);
+    return grpc::Status::OK;
+  }
+
+  absl::Mutex mu_;
+  std::deque<absl::Status> register_answers_ ABSL_GUARDED_BY(mu_) = {
+      absl::OkStatus()};
+  int registers_ ABSL_GUARDED_BY(mu_) = 0;
+  RegisterRequest registered_ ABSL_GUARDED_BY(mu_);
+  Assignment assignment_ ABSL_GUARDED_BY(mu_);
+  JobState state_ ABSL_GUARDED_BY(mu_) = ASSEMBLING;
+  JobState heartbeat_state_ ABSL_GUARDED_BY(mu_) = RUNNING;
+  std::vector<HeartbeatRequest> heartbeats_ ABSL_GUARDED_BY(mu_);
+  std::string message_ ABSL_GUARDED_BY(mu_);
+  int get_status_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+absl::Status Finished() {
+  return WithReason(
+      absl::FailedPreconditionError("cannot register: the job is already "
+                                    "FINISHED"),
+      JOB_FINISHED);
+}
+
+absl::Status Surplus() {
+  return WithReason(absl::ResourceExhaustedError("too many workers; elastic"),
+                    ELASTIC_SURPLUS);
+}
+
+class WorkerDaemonTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    GrpcServerOptions go;
+    go.listen_address = "127.0.0.1:0";
+    auto started = StartGrpcServer(go, {&fake_});
+    ASSERT_TRUE(started.ok()) << started.status();
+    scheduler_ = std::move(started->server);
+    options_.scheduler = absl::StrCat("127.0.0.1:", started->port);
+    options_.backend_factory = CreateBackend;
+    options_.threads = 1;
+    options_.peer_listen = "127.0.0.1:0";
+    options_.assemble_timeout = absl::Seconds(1);
+    options_.log = [this](const std::string& line) {
+      absl::MutexLock lock(&log_mu_);
+      log_.push_back(line);
+    };
+  }
+
+  void TearDown() override {
+    stop_.Stop();
+    if (daemon_.joinable()) daemon_.join();
+    scheduler_->Shutdown(std::chrono::system_clock::now());
+  }
+
+  void Start() {
+    daemon_ = std::thread([this] {
+      absl::Status result = RunWorkerDaemon(options_, &stop_);
+      absl::MutexLock lock(&log_mu_);
+      result_ = std::move(result);
+      done_ = true;
+    });
+  }
+
+  // The daemon's result, or DeadlineExceeded if it runs on after `timeout`.
+  absl::Status Result(absl::Duration timeout = absl::Seconds(20)) {
+    absl::MutexLock lock(&log_mu_);
+    if (!log_mu_.AwaitWithTimeout(absl::Condition(&done_), timeout)) {
+      return absl::DeadlineExceededError("the daemon still runs");
+    }
+    return result_;
+  }
+
+  // Waits until a log line contains `text`.
+  bool WaitForLine(const std::string& text) {
+    absl::MutexLock lock(&log_mu_);
+    auto logged = [&] {
+      for (const std::string& line : log_) {
+        if (absl::StrContains(line, text)) return true;
+      }
+      return false;
+    };
+    const absl::Time give_up = absl::Now() + absl::Seconds(20);
+    while (!logged()) {
+      if (done_ || absl::Now() > give_up) return false;
+      log_mu_.AwaitWithTimeout(absl::Condition(&done_), absl::Milliseconds(50));
+    }
+    return true;
+  }
+
+  std::vector<std::string> Lines() {
+    absl::MutexLock lock(&log_mu_);
+    return log_;
+  }
+
+  std::string Log() { return absl::StrJoin(Lines(), "\n"); }
+
+  FakeScheduler fake_;
+  std::unique_ptr<grpc::Server> scheduler_;
+  WorkerDaemonOptions options_;
+  WorkerStopSignal stop_;
+  std::thread daemon_;
+  absl::Mutex log_mu_;
+  std::vector<std::string> log_ ABSL_GUARDED_BY(log_mu_);
+  absl::Status result_ ABSL_GUARDED_BY(log_mu_);
+  bool done_ ABSL_GUARDED_BY(log_mu_) = false;
+};
+
+TEST_F(WorkerDaemonTest, RequiresScheduler) {
+  options_.scheduler.clear();
+  const absl::Status status = RunWorkerDaemon(options_, &stop_);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_EQ(status.message(), "--scheduler=host:port is required");
+}
+
+TEST_F(WorkerDaemonTest, LateWorkerOfFinishedJobExitsOk) {
+  {
+    absl::MutexLock lock(&fake_.mu_);
+    fake_.register_answers_ = {Finished()};
+  }
+  Start();
+  ASSERT_TRUE(Result().ok()) << Result() << "\n" << Log();
+  // The lines tests and tools read, byte for byte.
+  const std::vector<std::string> lines = Lines();
+  ASSERT_EQ(lines.size(), 2u) << Log();
+  EXPECT_EQ(lines[0], "[worker] backend cpu (--backend=cpu)");
+  EXPECT_EQ(lines[1], "[worker] the job finished without needing this worker");
+  absl::MutexLock lock(&fake_.mu_);
+  EXPECT_EQ(fake_.registered_.role(), WORKER);
+  EXPECT_EQ(fake_.registered_.requested_rank(), -1);
+  // The WorkerPeer service's advertised address.
+  EXPECT_TRUE(absl::StartsWith(fake_.registered_.address(), "127.0.0.1:"))
+      << fake_.registered_.address();
+}
+
+TEST_F(WorkerDaemonTest, SurplusWorkerStandsByUntilTheJobFinishes) {
+  {
+    absl::MutexLock lock(&fake_.mu_);
+    fake_.register_answers_ = {Surplus(), Surplus(), Surplus(),
+                               Surplus(), Surplus(), Surplus(),
+                               Surplus(), Surplus(), Finished()};
+  }
+  Start();
+  ASSERT_TRUE(Result().ok()) << Result() << "\n" << Log();
+  const std::string standby =
+      "[worker] surplus worker of an elastic job: standing by until dp grows "
+      "or a worker's slot is free";
+  int said = 0;
+  for (const std::string& line : Lines()) said += line == standby;
+  EXPECT_EQ(said, 1) << Log();
+  EXPECT_EQ(Lines().back(),
+            "[worker] the job finished without needing this worker");
+  absl::MutexLock lock(&fake_.mu_);
+  EXPECT_EQ(fake_.registers_, 9);
+}
+
+TEST_F(WorkerDaemonTest, StopEndsTheStandby) {
+  {
+    absl::MutexLock lock(&fake_.mu_);
+    fake_.register_answers_ = {Surplus()};
+  }
+  Start();
+  ASSERT_TRUE(WaitForLine("standing by")) << Log();
+  stop_.Stop();
+  // Within the registration in progress (assemble_timeout).
+  const absl::Status status = Result(absl::Seconds(10));
+  EXPECT_EQ(status.code(), absl::StatusCode::kCancelled) << status;
+}
+
+TEST_F(WorkerDaemonTest, SpareExitsOkWhenTheJobFinishesFirst) {
+  options_.spare = true;
+  Start();
+  ASSERT_TRUE(WaitForLine("backend cpu")) << Log();
+  {
+    absl::MutexLock lock(&fake_.mu_);
+    fake_.state_ = FINISHED;
+  }
+  ASSERT_TRUE(Result().ok()) << Result() << "\n" << Log();
+  EXPECT_EQ(Lines().back(),
+            "[worker] spare: the job finished without needing this spare");
+  absl::MutexLock lock(&fake_.mu_);
+  EXPECT_EQ(fake_.registers_, 0);  // never took a first worker's slot
+}
+
+TEST_F(WorkerDaemonTest, SpareFailsWithTheJob) {
+  options_.spare = true;
+  {
+    absl::MutexLock lock(&fake_.mu_);
+    fake_.state_ = FAILED;
+    fake_.message_ = "server-1 lost";
+  }
+  Start();
+  const absl::Status status = Result();
+  EXPECT_EQ(status.code(), absl::StatusCode::kAborted) << status;
+  EXPECT_EQ(status.message(), "spare: the job FAILED: server-1 lost");
+}
+
+TEST_F(WorkerDaemonTest, SpareRegistersOnceTheJobRuns) {
+  options_.spare = true;
+  {
+    absl::MutexLock lock(&fake_.mu_);
+    fake_.state_ = RUNNING;
+    fake_.register_answers_ = {Finished()};
+  }
+  Start();
+  ASSERT_TRUE(Result().ok()) << Result() << "\n" << Log();
+  EXPECT_TRUE(absl::StrContains(
+      Log(),
+      "[worker] spare: waiting for a slot of the running job (a worker "
+      "whose lease expired)"))
+      << Log();
+  absl::MutexLock lock(&fake_.mu_);
+  EXPECT_EQ(fake_.registers_, 1);
+}
+
+TEST_F(WorkerDaemonTest, StopEndsTheSparesWait) {
+  options_.spare = true;
+  Start();
+  ASSERT_TRUE(WaitForLine("backend cpu")) << Log();
+  stop_.Stop();
+  const absl::Status status = Result(absl::Seconds(10));
+  EXPECT_EQ(status.code(), absl::StatusCode::kCancelled) << status;
+}
+
+TEST_F(WorkerDaemonTest, RegistrationErrorIsReturned) {
+  {
+    absl::MutexLock lock(&fake_.mu_);
+    fake_.register_answers_ = {absl::PermissionDeniedError("no")};
+  }
+  Start();
+  const absl::Status status = Result();
+  EXPECT_EQ(status.code(), absl::StatusCode::kPermissionDenied) << status;
+}
+
+// Joined, then the data file is missing: the error of a step before
+// training is returned, after the join's log lines.
+TEST_F(WorkerDaemonTest, JoinsThenFailsOnMissingData) {
+  options_.data = "/nonexistent/data.txt";
+  {
+    absl::MutexLock lock(&fake_.mu_);
+    JobSpec* spec = fake_.assignment_.mutable_spec();
+    spec->mutable_layout()->set_dp(1);
+    fake_.assignment_.add_shard_addresses("127.0.0.1:1");
+  }
+  Start();
+  const absl::Status status = Result();
+  EXPECT_FALSE(status.ok());
+  EXPECT_TRUE(absl::StrContains(status.message(), "/nonexistent/data.txt"))
+      << status;
+  const std::vector<std::string> lines = Lines();
+  ASSERT_EQ(lines.size(), 3u) << Log();
+  EXPECT_TRUE(absl::StartsWith(
+      lines[1], absl::StrCat("[worker-0] registered with scheduler ",
+                             options_.scheduler, " (")))
+      << lines[1];
+  EXPECT_TRUE(absl::EndsWith(lines[1], "); waiting for the job to assemble"))
+      << lines[1];
+  EXPECT_EQ(lines[2],
+            "[worker-0] assigned dp rank 0 of 1, 1 shards, resume step 0, "
+            "backend cpu with 1 threads");
+}
+
+// A tiny data-parallel job on one in-process shard, assigned by the fake
+// scheduler; `steps` training steps.
+class WorkerDaemonTrainingTest : public WorkerDaemonTest {
+ protected:
+  void Assign(int steps, int sample_tokens = 0) {
+    JobSpec spec;
+    ModelConfig* m = spec.mutable_model();
+    m->set_n_layer(1);
+    m->set_n_head(2);
+    m->set_n_embd(16);
+    m->set_block_size(8);
+    m->set_vocab_size(256);
+    spec.mutable_layout()->set_dp(1);
+    spec.mutable_layout()->set_num_shards(1);
+    TrainConfig* t = spec.mutable_train();
+    t->set_batch_size(4);
+    t->set_micro_batches(1);
+    t->set_steps(steps);
+    t->set_eval_interval(0);
+    t->set_sample_tokens(sample_tokens);
+    t->set_checkpoint_interval(1000000);
+    spec.mutable_optimizer()->set_type(SGD);
+    spec.mutable_optimizer()->set_lr(0.01f);
+    ApplyJobSpecDefaults(&spec);
+    ASSERT_TRUE(cluster_.Start(spec).ok());
+    options_.data = TestFile("data.txt");
+    std::ofstream data(options_.data);
+    for (int i = 0; i < 200; ++i) {
+      data << "the quick brown fox " << i << " jumps over it. ";
+    }
+    ASSERT_TRUE(data.good());
+    absl::MutexLock lock(&fake_.mu_);
+    *fake_.assignment_.mutable_spec() = spec;
+    *fake_.assignment_.mutable_partition() = cluster_.map();
+    for (const std::string& a : cluster_.addresses()) {
+      fake_.assignment_.add_shard_addresses(a);
+    }
+  }
+
+  static std::string TestFile(const std::string& name) {
+    const char* dir = std::getenv("TEST_TMPDIR");
+    return absl::StrCat(dir != nullptr ? dir : "/tmp", "/", name);
+  }
+
+  ::lmps::testing::Cluster cluster_;
+};
+
+TEST_F(WorkerDaemonTrainingTest, TrainsSamplesAndReportsDone) {
+  Assign(/*steps=*/3, /*sample_tokens=*/5);
+  options_.sample_out = TestFile("sample.txt");
+  Start();
+  ASSERT_TRUE(Result(absl::Seconds(60)).ok()) << Result() << "\n" << Log();
+  const std::string log = Log();
+  EXPECT_TRUE(absl::StrContains(log, "[worker-0] sample after step 3:\nThe "))
+      << log;
+  EXPECT_TRUE(absl::StrContains(log, "[worker-0] done: step 3 loss ")) << log;
+  EXPECT_TRUE(absl::StrContains(log, "[worker-0] transfer: pulls=0 ")) << log;
+  std::ifstream sample(options_.sample_out);
+  std::stringstream written;
+  written << sample.rdbuf();
+  EXPECT_TRUE(absl::StartsWith(written.str(), "The ")) << written.str();
+  absl::MutexLock lock(&fake_.mu_);
+  ASSERT_FALSE(fake_.heartbeats_.empty());
+  EXPECT_TRUE(fake_.heartbeats_.back().done());
+  EXPECT_EQ(fake_.heartbeats_.back().step(), 3);
+  EXPECT_EQ(fake_.heartbeats_.back().error(), "");
+}
+
+TEST_F(WorkerDaemonTrainingTest, StopEndsTrainingWithoutAReport) {
+  Assign(/*steps=*/1000000);
+  Start();
+  ASSERT_TRUE(fake_.AwaitHeartbeat([](const HeartbeatRequest& hb) {
+    return hb.step() >= 2;
+  })) << Log();
+  stop_.Stop();
+  const absl::Status status = Result(absl::Seconds(20));
+  EXPECT_EQ(status.code(), absl::StatusCode::kCancelled) << status;
+  EXPECT_EQ(Lines().back(),
+            "[worker-0] stopped; not reporting to the scheduler");
+  absl::MutexLock lock(&fake_.mu_);
+  for (const HeartbeatRequest& hb : fake_.heartbeats_) {
+    EXPECT_FALSE(hb.done());
+    EXPECT_EQ(hb.error(), "");
+  }
+}
+
+TEST_F(WorkerDaemonTrainingTest, FailedJobCancelsTraining) {
+  Assign(/*steps=*/1000000);
+  Start();
+  ASSERT_TRUE(fake_.AwaitHeartbeat([](const HeartbeatRequest& hb) {
+    return hb.step() >= 1;
+  })) << Log();
+  {
+    absl::MutexLock lock(&fake_.mu_);
+    fake_.heartbeat_state_ = FAILED;
+    fake_.message_ = "server-0 lost";
+  }
+  const absl::Status status = Result(absl::Seconds(20));
+  EXPECT_FALSE(status.ok());
+  EXPECT_TRUE(absl::StrContains(
+      Log(), "[worker-0] the job failed: server-0 lost; stopping"))
+      << Log();
+  absl::MutexLock lock(&fake_.mu_);
+  // The final report carries this worker's error.
+  EXPECT_EQ(fake_.heartbeats_.back().error(), status.message());
+}
+
+TEST_F(WorkerDaemonTest, MissingBackendFactoryIsInvalid) {
+  options_.backend_factory = nullptr;
+  const absl::Status status = RunWorkerDaemon(options_, &stop_);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+}
+
+TEST(WorkerStopSignalTest, TrackedCancelRunsOnceOnStop) {
+  WorkerStopSignal stop;
+  int cancelled = 0;
+  stop.Track([&] { ++cancelled; });
+  EXPECT_FALSE(stop.WaitFor(absl::Milliseconds(1)));
+  stop.Stop();
+  stop.Stop();
+  EXPECT_EQ(cancelled, 1);
+  EXPECT_TRUE(stop.stopped());
+  EXPECT_TRUE(stop.WaitFor(absl::Seconds(10)));
+  // Tracking after the stop cancels at once; an untracked one never runs.
+  stop.Track([&] { ++cancelled; });
+  EXPECT_EQ(cancelled, 2);
+  WorkerStopSignal other;
+  other.Track([&] { ++cancelled; });
+  other.Untrack();
+  other.Stop();
+  EXPECT_EQ(cancelled, 2);
+}
+
+}  // namespace
+}  // namespace lmps
