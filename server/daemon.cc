@@ -14,6 +14,7 @@
 #include "common/daemon_metrics.h"
 #include "common/grpc_server.h"
 #include "common/partition.h"
+#include "common/scheduler_client.h"
 #include "common/status_util.h"
 #include "proto/lmps.grpc.pb.h"
 #include "server/checkpoint.h"
@@ -62,26 +63,6 @@ std::string Hostname() {
   return buf;
 }
 
-// Runs one RPC with a deadline, cancellable through `stop`.
-template <typename Fn>
-grpc::Status Call(StopSignal* stop, absl::Duration timeout, Fn fn) {
-  grpc::ClientContext context;
-  context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
-  stop->Track(&context);
-  grpc::Status status = fn(&context);
-  stop->Untrack();
-  return status;
-}
-
-// Register is retried while the scheduler is not up (UNAVAILABLE, or an
-// attempt timing out) and while every server slot is taken by a live node
-// (RESOURCE_EXHAUSTED: a dead node's slot frees when its lease expires).
-bool Retryable(const grpc::Status& s) {
-  return s.error_code() == grpc::StatusCode::UNAVAILABLE ||
-         s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED ||
-         s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED;
-}
-
 absl::Status Stopped() { return absl::CancelledError("stopped by a signal"); }
 
 class Daemon {
@@ -93,7 +74,10 @@ class Daemon {
                               ? absl::StrCat("[server-", options.shard, "]")
                               : std::string("[server]")) {}
 
-  ~Daemon() { Shutdown(); }
+  ~Daemon() {
+    stop_->OnStop(nullptr);  // before client_ goes
+    Shutdown();
+  }
 
   // Runs the life cycle; errors after registration are reported to the
   // scheduler unless they come from it (job FAILED, scheduler lost).
@@ -114,8 +98,15 @@ class Daemon {
       return absl::InvalidArgumentError("--scheduler=host:port is required");
     }
     if (absl::Status s = StartServer(); !s.ok()) return s;
-    scheduler_ = Scheduler::NewStub(MakeChannel(
-        options_.scheduler, options_.rpc_metrics, options_.security));
+    client_ = std::make_unique<SchedulerClient>(
+        Scheduler::NewStub(MakeChannel(options_.scheduler,
+                                       options_.rpc_metrics,
+                                       options_.security)),
+        options_.scheduler);
+    client_->set_backoff(absl::Milliseconds(100), absl::Seconds(2));
+    client_->set_raw_errors(true);  // the daemon words its own errors
+    // A stop (SIGTERM) cancels the call to the scheduler in flight.
+    stop_->OnStop([client = client_.get()] { client->Cancel(); });
     while (true) {
       const absl::Time assemble_deadline =
           absl::Now() + options_.assemble_timeout;
@@ -123,7 +114,8 @@ class Daemon {
       if (job_finished_) return absl::OkStatus();
       if (absl::Status s = GetAssignment(assemble_deadline); !s.ok()) return s;
       if (absl::Status s = CreateShard(); !s.ok()) return s;
-      absl::Status s = HeartbeatLoop();
+      EnableRejoin();
+      absl::Status s = HeartbeatUntilDone();
       if (!reassemble_) return s;
       // Elastic resize: the job re-assembles with another dp from the
       // boundary's checkpoint (written: the shard stopped there).
@@ -168,40 +160,37 @@ class Daemon {
     return absl::OkStatus();
   }
 
-  // Backoff sleep before the next retry; false if stopped or out of time.
-  bool Backoff(absl::Duration* delay, absl::Time deadline) {
-    const absl::Duration sleep = std::min(*delay, deadline - absl::Now());
-    if (sleep <= absl::ZeroDuration()) return false;
-    if (stop_->WaitFor(sleep)) return false;
-    *delay = std::min(*delay * 2, absl::Seconds(2));
-    return absl::Now() < deadline;
-  }
-
-  // Registers again with a restarted scheduler, as the shard it serves.
-  absl::Status Rejoin() {
+  // A heartbeat answered NOT_FOUND (the scheduler restarted and does not
+  // know this node) registers again, as the shard it serves: it takes this
+  // shard back (the scheduler rebuilds its state from the nodes).
+  void EnableRejoin() {
     RegisterRequest req = register_request_;
-    req.set_rejoin(true);
     req.set_requested_rank(assignment_.shard());
-    // The slot this node holds ("backup-<shard>" or "server-<shard>").
-    req.set_backup(backup_slot_);
-    req.set_step(shard_ != nullptr ? shard_->step_clock() : 0);
-    if (replicated_ != nullptr) {
-      req.set_epoch(replicated_->epoch());
-      req.set_serving_primary(replicated_->role() ==
-                              ReplicatedShard::Role::kPrimary);
-    }
-    RegisterResponse resp;
-    grpc::Status s = Call(stop_, absl::Seconds(5), [&](grpc::ClientContext* ctx) {
-      return scheduler_->Register(ctx, req, &resp);
-    });
-    if (!s.ok()) return FromGrpcStatus(s);
-    node_id_ = resp.node_id();
-    backup_slot_ = resp.backup_slot();
-    incarnation_ = resp.incarnation();
-    log_(absl::StrCat("the scheduler at ", options_.scheduler,
-                      " restarted; rejoined as ", node_id_, " at step ",
-                      req.step()));
-    return absl::OkStatus();
+    RejoinOptions rejoin;
+    rejoin.timeout = absl::Seconds(5);
+    rejoin.fill = [this](RegisterRequest* req) {
+      // The slot this node holds ("backup-<shard>" or "server-<shard>").
+      req->set_backup(client_->backup_slot());
+      req->set_step(shard_ != nullptr ? shard_->step_clock() : 0);
+      if (replicated_ != nullptr) {
+        req->set_epoch(replicated_->epoch());
+        req->set_serving_primary(replicated_->role() ==
+                                 ReplicatedShard::Role::kPrimary);
+      }
+    };
+    rejoin.done = [this](const RegisterRequest& req,
+                         const absl::StatusOr<RegisterResponse>& resp) {
+      if (!resp.ok()) {
+        rejoin_failed_ = true;
+        log_(absl::StrCat("rejoining after a scheduler restart: ",
+                          resp.status().message()));
+        return;
+      }
+      log_(absl::StrCat("the scheduler at ", options_.scheduler,
+                        " restarted; rejoined as ", resp->node_id(),
+                        " at step ", req.step()));
+    };
+    client_->EnableRejoin(std::move(req), std::move(rejoin));
   }
 
   absl::Status Register(absl::Time deadline) {
@@ -247,70 +236,50 @@ class Daemon {
                           absl::StrJoin(*full, ", "), "]"));
       }
     }
-    absl::Duration delay = absl::Milliseconds(100);
-    while (true) {
-      RegisterResponse resp;
-      grpc::Status s =
-          Call(stop_, std::min(absl::Seconds(5), deadline - absl::Now()),
-               [&](grpc::ClientContext* ctx) {
-                 return scheduler_->Register(ctx, req, &resp);
-               });
-      if (stop_->stopped()) return Stopped();
-      if (ReasonOf(FromGrpcStatus(s)) == JOB_FINISHED) {
-        // A restarted (replicated) server coming back after the end.
-        log_("the job already finished: nothing to serve; exiting");
-        job_finished_ = true;
-        report_errors_ = false;
-        return absl::OkStatus();
-      }
-      if (s.ok()) {
-        register_request_ = req;
-        node_id_ = resp.node_id();
-        backup_slot_ = resp.backup_slot();
-        incarnation_ = resp.incarnation();
-        lease_ = resp.lease_ms() > 0 ? absl::Milliseconds(resp.lease_ms())
-                                     : absl::Seconds(10);
-        log_(absl::StrCat("registered with the scheduler at ",
-                          options_.scheduler, " as ", node_id_, " (lease ",
-                          absl::FormatDuration(lease_), ")"));
-        return absl::OkStatus();
-      }
-      if (!Retryable(s) || !Backoff(&delay, deadline)) {
-        if (stop_->stopped()) return Stopped();
-        return absl::Status(
-            Retryable(s) ? absl::StatusCode::kDeadlineExceeded
-                         : static_cast<absl::StatusCode>(s.error_code()),
-            absl::StrCat("cannot register with the scheduler at ",
-                         options_.scheduler, " within ",
-                         absl::FormatDuration(options_.assemble_timeout), ": ",
-                         s.error_message()));
-      }
+    const absl::StatusOr<RegisterResponse> resp =
+        client_->Register(req, deadline - absl::Now());
+    if (stop_->stopped()) return Stopped();
+    if (ReasonOf(resp.status()) == JOB_FINISHED) {
+      // A restarted (replicated) server coming back after the end.
+      log_("the job already finished: nothing to serve; exiting");
+      job_finished_ = true;
+      report_errors_ = false;
+      return absl::OkStatus();
     }
+    if (!resp.ok()) {
+      // Retries running out (the scheduler not up, or no free slot in
+      // time) are a deadline missed.
+      return absl::Status(
+          SchedulerClient::IsRetryable(resp.status())
+              ? absl::StatusCode::kDeadlineExceeded
+              : resp.status().code(),
+          absl::StrCat("cannot register with the scheduler at ",
+                       options_.scheduler, " within ",
+                       absl::FormatDuration(options_.assemble_timeout), ": ",
+                       resp.status().message()));
+    }
+    register_request_ = req;
+    log_(absl::StrCat("registered with the scheduler at ", options_.scheduler,
+                      " as ", client_->node_id(), " (lease ",
+                      absl::FormatDuration(client_->lease()), ")"));
+    return absl::OkStatus();
   }
 
   absl::Status GetAssignment(absl::Time deadline) {
     assignment_asked_ = absl::Now();
-    GetAssignmentRequest req;
-    req.set_node_id(node_id_);
-    absl::Duration delay = absl::Milliseconds(100);
-    while (true) {
-      grpc::Status s =
-          Call(stop_, deadline - absl::Now(), [&](grpc::ClientContext* ctx) {
-            return scheduler_->GetAssignment(ctx, req, &assignment_);
-          });
-      if (stop_->stopped()) return Stopped();
-      if (s.ok()) return absl::OkStatus();
-      const bool retry = s.error_code() == grpc::StatusCode::UNAVAILABLE;
-      if (!retry || !Backoff(&delay, deadline)) {
-        if (stop_->stopped()) return Stopped();
-        return absl::Status(
-            static_cast<absl::StatusCode>(s.error_code()),
-            absl::StrCat("no assignment from the scheduler at ",
-                         options_.scheduler, " within ",
-                         absl::FormatDuration(options_.assemble_timeout), ": ",
-                         s.error_message()));
-      }
+    absl::StatusOr<Assignment> a =
+        client_->WaitForAssignment(deadline - absl::Now());
+    if (stop_->stopped()) return Stopped();
+    if (!a.ok()) {
+      return absl::Status(
+          a.status().code(),
+          absl::StrCat("no assignment from the scheduler at ",
+                       options_.scheduler, " within ",
+                       absl::FormatDuration(options_.assemble_timeout), ": ",
+                       a.status().message()));
     }
+    assignment_ = *std::move(a);
+    return absl::OkStatus();
   }
 
   absl::Status CreateShard() {
@@ -376,10 +345,10 @@ class Daemon {
   }
 
   absl::Status CreateReplication() {
-    ReplicaStart start = ReplicaStartFor(assignment_, node_id_);
+    ReplicaStart start = ReplicaStartFor(assignment_, client_->node_id());
     start.options.log = [this](const std::string& line) { log_(line); };
     start.options.now = [] { return absl::Now(); };
-    start.options.lease = lease_;
+    start.options.lease = client_->lease();
     absl::StatusOr<std::unique_ptr<ReplicatedShard>> rep =
         ReplicatedShard::Create(shard_.get(), std::move(start.options));
     if (!rep.ok()) return rep.status();
@@ -392,35 +361,31 @@ class Daemon {
     return absl::OkStatus();
   }
 
-  absl::Status HeartbeatLoop() {
+  absl::Status HeartbeatUntilDone() {
+    const absl::Duration lease = client_->lease();
     const absl::Duration interval =
-        std::max(lease_ / 3, absl::Milliseconds(20));
+        std::max(lease / 3, absl::Milliseconds(20));
     absl::Time last_ok = absl::Now();
     while (true) {
       UpdateMetrics();
-      HeartbeatRequest req;
-      req.set_node_id(node_id_);
-      req.set_incarnation(incarnation_);
+      HeartbeatRequest req;  // the client fills in node id and incarnation
       req.set_step(shard_->step_clock());  // steps, also in ASYNC mode
       req.set_eval_loss(std::nanf(""));
       if (replicated_ != nullptr) replicated_->FillHeartbeat(&req);
-      HeartbeatResponse resp;
       const absl::Time sent = absl::Now();
-      grpc::Status s = Call(stop_, std::max(interval, absl::Seconds(1)),
-                            [&](grpc::ClientContext* ctx) {
-                              return scheduler_->Heartbeat(ctx, req, &resp);
-                            });
+      rejoin_failed_ = false;
+      const absl::StatusOr<HeartbeatResponse> answer =
+          client_->Heartbeat(req, std::max(interval, absl::Seconds(1)));
+      const absl::Status& s = answer.status();
       if (stop_->stopped()) {
         log_("stop requested: shutting down");
         return absl::OkStatus();
       }
-      if (s.error_code() == grpc::StatusCode::NOT_FOUND) {
-        // The scheduler restarted and does not know this node: take this
-        // shard back from it (it rebuilds its state from the nodes).
-        if (absl::Status r = Rejoin(); !r.ok()) {
-          log_(absl::StrCat("rejoining after a scheduler restart: ", r.message()));
-        }
+      if (rejoin_failed_ || s.code() == absl::StatusCode::kNotFound) {
+        // The scheduler restarted and the rejoin failed (logged by the
+        // rejoin hook, EnableRejoin): the next heartbeat tries again.
       } else if (s.ok()) {
+        const HeartbeatResponse& resp = *answer;
         last_ok = absl::Now();
         if (resp.state() == FINISHED) return Finished();
         if (resp.fenced() && replicated_ == nullptr) {
@@ -448,7 +413,7 @@ class Daemon {
               "the scheduler reports the job FAILED: ", resp.message()));
         }
       } else if (absl::Now() - last_ok >
-                 std::max(lease_, options_.scheduler_grace)) {
+                 std::max(lease, options_.scheduler_grace)) {
         report_errors_ = false;
         return absl::UnavailableError(absl::StrCat(
             "the scheduler at ", options_.scheduler,
@@ -456,14 +421,14 @@ class Daemon {
             absl::FormatDuration(
                 absl::Trunc(absl::Now() - last_ok, absl::Milliseconds(1))),
             " (longer than --scheduler_grace_s=",
-            absl::ToInt64Seconds(std::max(lease_, options_.scheduler_grace)),
-            "): ", s.error_message()));
+            absl::ToInt64Seconds(std::max(lease, options_.scheduler_grace)),
+            "): ", s.message()));
       } else if (!scheduler_down_logged_) {
         scheduler_down_logged_ = true;
         log_(absl::StrCat("the scheduler at ", options_.scheduler,
-                          " is unreachable (", s.error_message(),
+                          " is unreachable (", s.message(),
                           "); serving on, waiting up to ",
-                          absl::FormatDuration(std::max(lease_, options_.scheduler_grace)),
+                          absl::FormatDuration(std::max(lease, options_.scheduler_grace)),
                           " for it to come back"));
       }
       if (s.ok()) scheduler_down_logged_ = false;
@@ -496,7 +461,7 @@ class Daemon {
     set("lmps_shard_parameters", "fp32 parameters held by this shard.",
         static_cast<double>(shard_->num_elements()));
     set("lmps_node_info", "Identity of this node (value 1).", 1,
-        {{"node_id", node_id_}, {"role", "server"},
+        {{"node_id", client_->node_id()}, {"role", "server"},
          {"shard", std::to_string(assignment_.shard())}});
     long pages = 0, resident = 0;
     if (FILE* f = std::fopen("/proc/self/statm", "r")) {
@@ -542,14 +507,9 @@ class Daemon {
   }
 
   void ReportError(const absl::Status& error) {
-    if (node_id_.empty() || scheduler_ == nullptr) return;
-    HeartbeatRequest req;
-    req.set_node_id(node_id_);
-    req.set_error(std::string(error.message()));
-    HeartbeatResponse resp;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
-    scheduler_->Heartbeat(&ctx, req, &resp);  // best effort
+    if (client_ == nullptr) return;
+    // Best effort (nothing is sent before a registration).
+    client_->ReportError(error.message(), absl::Seconds(2)).IgnoreError();
   }
 
   // Ends every wait and refuses later calls; a replicated shard forwards
@@ -582,14 +542,12 @@ class Daemon {
   std::unique_ptr<ParameterShard> shard_;
   std::unique_ptr<ReplicatedShard> replicated_;  // layout.shard_backups = 1
   absl::Time assignment_asked_;  // when the last GetAssignment started
-  int64_t incarnation_ = 0;      // RegisterResponse.incarnation
-  std::unique_ptr<Scheduler::Stub> scheduler_;
+  // Every call to the scheduler; cancelled by `stop_`.
+  std::unique_ptr<SchedulerClient> client_;
   std::string address_;
-  std::string node_id_;
-  bool backup_slot_ = false;  // holds "backup-<shard>" (RegisterResponse)
-  RegisterRequest register_request_;  // for Rejoin
+  RegisterRequest register_request_;  // for the rejoin (EnableRejoin)
+  bool rejoin_failed_ = false;  // in the current heartbeat (EnableRejoin)
   bool scheduler_down_logged_ = false;
-  absl::Duration lease_ = absl::Seconds(10);
   Assignment assignment_;
   bool report_errors_ = true;
   bool reassemble_ = false;  // the heartbeat said: elastic re-assembly
@@ -601,7 +559,7 @@ class Daemon {
 void StopSignal::Stop() {
   absl::MutexLock lock(&mu_);
   stopped_ = true;
-  if (active_ != nullptr) active_->TryCancel();
+  if (on_stop_) on_stop_();
 }
 
 bool StopSignal::stopped() const {
@@ -617,15 +575,10 @@ bool StopSignal::WaitFor(absl::Duration d) const {
   return stopped_;
 }
 
-void StopSignal::Track(grpc::ClientContext* context) {
+void StopSignal::OnStop(std::function<void()> on_stop) {
   absl::MutexLock lock(&mu_);
-  active_ = context;
-  if (stopped_) context->TryCancel();
-}
-
-void StopSignal::Untrack() {
-  absl::MutexLock lock(&mu_);
-  active_ = nullptr;
+  on_stop_ = std::move(on_stop);
+  if (stopped_ && on_stop_) on_stop_();
 }
 
 absl::Status RunParameterServer(const DaemonOptions& options,

@@ -6,7 +6,8 @@
 //   2. Register with the scheduler (role SERVER, requested shard, and for a
 //      requested shard the steps of its complete checkpoints under
 //      checkpoint_dir plus the partition version stored in them), retrying
-//      with backoff while the scheduler is not up;
+//      with backoff while the scheduler is not up (every call to the
+//      scheduler goes through SchedulerClient, common/scheduler_client.h);
 //   3. GetAssignment (waits for the job to assemble), retrying while the
 //      scheduler is unavailable; both steps give up after assemble_timeout
 //      with an error naming the scheduler address;
@@ -35,8 +36,6 @@
 // is thread-safe.
 #ifndef LMPS_SERVER_DAEMON_H_
 #define LMPS_SERVER_DAEMON_H_
-
-#include <grpcpp/grpcpp.h>
 
 #include <functional>
 #include <string>
@@ -76,21 +75,23 @@ struct DaemonOptions {
   std::function<void(const std::string&)> log;
 };
 
-// A stop request that also cancels the blocking RPC in flight.
+// A stop request that also cancels the blocking RPC in flight (the daemon
+// hands it to its SchedulerClient::Cancel through OnStop).
 class StopSignal {
  public:
   void Stop();
   bool stopped() const;
   // Sleeps up to `d`; returns true if stopped.
   bool WaitFor(absl::Duration d) const;
-  // While tracked, Stop() cancels `context`.
-  void Track(grpc::ClientContext* context);
-  void Untrack();
+  // Stop() calls `on_stop` (at once if already stopped), under the signal's
+  // lock: it must be quick and must not call this StopSignal. Replaces the
+  // previous one; after OnStop(nullptr) returns, none runs.
+  void OnStop(std::function<void()> on_stop);
 
  private:
   mutable absl::Mutex mu_;
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;
-  grpc::ClientContext* active_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::function<void()> on_stop_ ABSL_GUARDED_BY(mu_);
 };
 
 absl::Status RunParameterServer(const DaemonOptions& options, StopSignal* stop);

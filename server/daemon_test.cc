@@ -38,6 +38,8 @@ class FakeScheduler final : public Scheduler::Service {
                         RegisterResponse* resp) override {
     absl::MutexLock lock(&mu_);
     registered_ = *req;
+    if (req->rejoin() && !refuse_rejoin_.ok()) return refuse_rejoin_;
+    forgotten_ = false;
     resp->set_node_id("server-0");
     resp->set_lease_ms(300);
     return grpc::Status::OK;
@@ -54,6 +56,9 @@ class FakeScheduler final : public Scheduler::Service {
                          HeartbeatResponse* resp) override {
     absl::MutexLock lock(&mu_);
     heartbeats_.push_back(*req);
+    if (forgotten_) {
+      return grpc::Status(grpc::StatusCode::NOT_FOUND, "unknown node id");
+    }
     resp->set_state(state_);
     resp->set_message(message_);
     return grpc::Status::OK;
@@ -69,6 +74,9 @@ class FakeScheduler final : public Scheduler::Service {
   std::vector<HeartbeatRequest> heartbeats_ ABSL_GUARDED_BY(mu_);
   JobState state_ ABSL_GUARDED_BY(mu_) = RUNNING;
   std::string message_ ABSL_GUARDED_BY(mu_);
+  // As after a restart: heartbeats are answered NOT_FOUND until a Register.
+  bool forgotten_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status refuse_rejoin_ ABSL_GUARDED_BY(mu_);  // OK: accepted
 };
 
 std::string TestDir(const std::string& name) {
@@ -129,6 +137,22 @@ class DaemonTest : public ::testing::Test {
   std::string Log() {
     absl::MutexLock lock(&log_mu_);
     return absl::StrJoin(log_, "\n");
+  }
+
+  // Polls until the daemon logged `line` (or 10 s passed; the failure
+  // names the line).
+  ::testing::AssertionResult WaitForLogLine(const std::string& line) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(10);
+    while (Log().find(line) == std::string::npos) {
+      if (absl::Now() > deadline) {
+        return ::testing::AssertionFailure()
+               << "timed out waiting for the log line '" << line
+               << "'; the log:\n"
+               << Log();
+      }
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+    return ::testing::AssertionSuccess();
   }
 
   FakeScheduler fake_;
@@ -274,6 +298,42 @@ TEST_F(DaemonTest, SchedulerLostForLongerThanTheGrace) {
   EXPECT_NE(result_.message().find("unreachable"), std::string::npos);
   EXPECT_NE(result_.message().find("--scheduler_grace_s"), std::string::npos)
       << result_;
+}
+
+// A restarted scheduler answers heartbeats NOT_FOUND: the daemon registers
+// again as the shard it serves (a refused rejoin is logged and tried again
+// at the next heartbeat), and serves on.
+TEST_F(DaemonTest, RejoinsARestartedScheduler) {
+  Start();
+  ASSERT_TRUE(WaitForHeartbeat()) << Log();
+  {
+    absl::MutexLock lock(&fake_.mu_);
+    fake_.forgotten_ = true;
+    fake_.refuse_rejoin_ =
+        grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "not yet");
+  }
+  ASSERT_TRUE(
+      WaitForLogLine("rejoining after a scheduler restart: not yet"));
+  {
+    absl::MutexLock lock(&fake_.mu_);
+    fake_.refuse_rejoin_ = grpc::Status::OK;
+  }
+  ASSERT_TRUE(WaitForLogLine(absl::StrCat("the scheduler at ",
+                                          options_.scheduler,
+                                          " restarted; rejoined as server-0 "
+                                          "at step 0")));
+  {
+    absl::MutexLock lock(&fake_.mu_);
+    EXPECT_TRUE(fake_.registered_.rejoin());
+    EXPECT_EQ(fake_.registered_.role(), SERVER);
+    EXPECT_EQ(fake_.registered_.requested_rank(), 0);
+    EXPECT_FALSE(fake_.registered_.backup());
+    EXPECT_EQ(fake_.registered_.step(), 0);
+  }
+  EXPECT_EQ(Log().find("is unreachable"), std::string::npos) << Log();
+  stop_.Stop();
+  daemon_.join();
+  EXPECT_TRUE(result_.ok()) << result_;
 }
 
 TEST_F(DaemonTest, StopWhileWaitingForTheScheduler) {
