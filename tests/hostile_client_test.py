@@ -314,8 +314,11 @@ def scan_logs(run_dir):
         # failed: the job's shutdown order, not a hostile effect (every step
         # is applied by then; the final parameters are compared below). A
         # call after the primary's own end is refused before it is
-        # forwarded (ReplicatedShard::Shutdown).
+        # forwarded (ReplicatedShard::Shutdown). The scheduler relays such a
+        # report too; its lines carry no time, so there the job's end is its
+        # own "-> FINISHED" line.
         backup_gone = None
+        job_finished = False
         if name.startswith("server-"):
             backup_log = os.path.join(logs, name.replace("server-", "backup-", 1))
             if os.path.exists(backup_log):
@@ -326,11 +329,48 @@ def scan_logs(run_dir):
                 if (backup_gone is not None and t is not None and
                         t >= backup_gone and "backup" in line):
                     continue
+                if name == "scheduler.log":
+                    if "job state " in line and "-> FINISHED" in line:
+                        job_finished = True
+                    if job_finished and "backup" in line:
+                        continue
                 for bad in BAD_LOG:
                     if bad in line:
                         found.append("%s: %s" % (name, line.strip()[:400]))
                         break
     return found
+
+
+def scan_self_check(tmp):
+    """scan_logs must flag a backup failure before the job's end and skip it
+    after: in the primary's log from the backup's exit on, in the
+    scheduler's relay of it from its "-> FINISHED" line on (seed 1660855889:
+    the backup had exited, a hostile push reached the primary, the
+    scheduler relayed the primary's report)."""
+    failed = ("server-0 (127.0.0.1:1): shard 0: backup at 127.0.0.1:2 failed: "
+              "unreachable; acknowledging nothing until the scheduler allows "
+              "serving without it (epoch 1)")
+    logs = os.path.join(tmp, "scan_self_check", "logs")
+    os.makedirs(logs)
+    def scan(files):
+        for name in os.listdir(logs):
+            os.remove(os.path.join(logs, name))
+        for name, lines in files.items():
+            with open(os.path.join(logs, name), "w") as f:
+                f.write("".join(line + "\n" for line in lines))
+        return scan_logs(os.path.dirname(logs))
+    finished = "[scheduler] job state RUNNING -> FINISHED: every worker reported done"
+    exited = "[server-0] 10:00:01.000 job finished at version 150; exiting"
+    check(len(scan({"scheduler.log": ["[scheduler] " + failed, finished]})) == 1,
+          "scan_logs: a relayed backup failure before FINISHED is not flagged")
+    check(not scan({"scheduler.log": [finished, "[scheduler] " + failed]}),
+          "scan_logs: a relayed backup failure after FINISHED is flagged")
+    check(len(scan({"server-0.log": ["[server-0] 10:00:00.500 " + failed],
+                    "backup-0.log": [exited]})) == 1,
+          "scan_logs: a backup failure before the backup's exit is not flagged")
+    check(not scan({"server-0.log": ["[server-0] 10:00:01.500 " + failed],
+                    "backup-0.log": [exited]}),
+          "scan_logs: a backup failure after the backup's exit is flagged")
 
 
 # --- what the client knows about the job -------------------------------------------
@@ -1537,6 +1577,7 @@ def main():
     base = os.environ.get("TEST_TMPDIR")
     tmp = tempfile.mkdtemp(prefix="hostile_client_test.", dir=base)
     try:
+        scan_self_check(tmp)
         body(args, tmp, seed)
     except TestFailure as e:
         print("FAIL: %s" % e, file=sys.stderr, flush=True)
