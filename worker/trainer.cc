@@ -72,22 +72,8 @@ absl::StatusOr<std::unique_ptr<DataParallelTrainer>> DataParallelTrainer::Create
 
 absl::Status DataParallelTrainer::PullInto(int64_t step, int64_t* version) {
   LMPS_RETURN_IF_ERROR(ps_->Pull(step, host_params_.data(), version));
+  ++progress_.pulls;
   return model_->SetParametersFromHost(host_params_.data());
-}
-
-absl::Status ApplyStepOnShards(PsClient* ps, ConsistencyMode mode,
-                               int64_t step) {
-  LMPS_ASSIGN_OR_RETURN(double sum_squares, ps->GradNorm(step));
-  if (mode == SYNC) {
-    LMPS_ASSIGN_OR_RETURN(int64_t version, ps->Apply(step, sum_squares));
-    if (version != step + 1) {
-      return absl::InternalError(absl::StrCat("after applying step ", step,
-                                              " the servers are at version ",
-                                              version));
-    }
-    return absl::OkStatus();
-  }
-  return ps->ApplyBounded(step, sum_squares).status();
 }
 
 absl::Status DataParallelTrainer::ApplyStep(int64_t step) {

@@ -1,5 +1,6 @@
 // The data-parallel training loop of one worker, in the job's consistency
-// mode (train.mode; server/shard.h has the servers' side).
+// mode (train.mode; docs/parameter-shard.md has the servers' side). It is
+// the pp = tp = 1 TrainingLoop (worker/training_loop.h).
 //
 // SYNC: for every step t in [start_step, end_step):
 //   1. pull the parameters at version t from every shard;
@@ -67,84 +68,35 @@
 #include "worker/model/gpt.h"
 #include "worker/overlapped_push.h"
 #include "worker/ps_client.h"
+#include "worker/training_loop.h"
 
 namespace lmps {
 
-struct TrainerProgress {
-  int64_t step = 0;          // steps this replica completed
-  int64_t end_step = 0;
-  // The smallest version the shards served for the last step's pull.
-  int64_t pulled_version = 0;
-  // Staleness of the parameters the last step computed on, in steps
-  // (exported as lmps_staleness_steps): step - pulled_version in SYNC
-  // (always 0) and BOUNDED_STALENESS (at most train.staleness). In ASYNC the
-  // version counts pushes, so it is step - (start_step + (pulled_version -
-  // start_step) / dp), floored at 0: how far this replica is ahead of the
-  // replicas' average progress as seen in the parameters it used.
-  int64_t staleness = 0;
-  float loss = NAN;          // training loss of the last step
-  float eval_loss = NAN;     // last evaluation loss, NaN if none yet
-  double tokens_per_second = 0;
-  // Of the last step. compute_seconds: forward and backward; push_seconds:
-  // pushing after the backward pass ended (with overlap_push the part of
-  // the push not hidden behind it, waiting for the last streams).
-  double compute_seconds = 0, pull_seconds = 0, push_seconds = 0,
-         sync_seconds = 0;
-  // Gradient payload bytes pushed in the last step (PsClientStats
-  // bytes_pushed), and how many of them were sent while the backward pass
-  // was still computing: before its last range of the gradient (the
-  // embeddings) was final (0 without overlap_push).
-  int64_t push_bytes = 0;
-  int64_t push_bytes_overlapped = 0;
-  // Pipeline parallel (worker/pipeline/pipeline_trainer.h), last step: the
-  // fraction of the schedule's time this stage waited for its neighbours,
-  // the formula's (pp - 1) / (m + pp - 1), and the most micro-batches whose
-  // activations were alive at once.
-  double bubble_fraction = 0, ideal_bubble_fraction = 0;
-  int max_live_micro_batches = 0;
-};
-
-struct DataParallelTrainerOptions {
-  std::string worker_id;
+struct DataParallelTrainerOptions : TrainingLoopOptions {
   int dp_rank = 0;
-  JobSpec spec;
-  int64_t start_step = 0;
-  std::function<void(const TrainerProgress&)> on_progress;  // may be empty
-  // Where trace lines go (train.debug_trace_steps); empty: stderr, as
-  // "[worker_id] line".
-  std::function<void(const std::string&)> log;
   // Push the gradient while the last micro-batch's backward pass runs (see
   // the file comment); false: push it after the backward pass.
   bool overlap_push = true;
 };
 
-// GradNorm and Apply of `step` on every shard: the exact global gradient
-// norm, then the optimizer. SYNC checks the shards are then at step + 1;
-// BOUNDED_STALENESS allows them to be further (faster replicas applied later
-// steps). Shared by DataParallelTrainer and PipelineTrainer.
-absl::Status ApplyStepOnShards(PsClient* ps, ConsistencyMode mode,
-                               int64_t step);
-
-class DataParallelTrainer {
+class DataParallelTrainer : public TrainingLoop {
  public:
   // `model`, `ps` and `data` must outlive the trainer.
   static absl::StatusOr<std::unique_ptr<DataParallelTrainer>> Create(
       DataParallelTrainerOptions options, GptModel* model, PsClient* ps,
       const TextDataset* data);
 
-  // Trains to min(steps, stop_after_step). Returns the first error.
-  absl::Status Run();
+  absl::Status Run() override;
   // Mean validation loss of the parameters currently in the model.
   absl::StatusOr<float> Evaluate();
   // Generates `n` tokens after `prompt` with the final parameters (pulls
   // them first). temperature 0 is greedy.
   absl::StatusOr<std::string> Sample(const std::string& prompt, int n,
                                      float temperature, int top_k);
-  // Makes Run() return Cancelled at the next step boundary.
-  void Cancel() { cancelled_ = true; }
+  void Cancel() override { cancelled_ = true; }
 
-  int64_t end_step() const { return end_step_; }
-  const TrainerProgress& progress() const { return progress_; }
+  int64_t end_step() const override { return end_step_; }
+  const TrainerProgress& progress() const override { return progress_; }
 
  private:
   DataParallelTrainer() = default;

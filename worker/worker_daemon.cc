@@ -36,6 +36,7 @@
 #include "worker/pipeline/pipeline_trainer.h"
 #include "worker/ps_client.h"
 #include "worker/trainer.h"
+#include "worker/training_loop.h"
 
 namespace lmps {
 namespace {
@@ -449,18 +450,18 @@ class WorkerSession {
     }
   }
 
-  // Step 5: one of two loops, DataParallelTrainer (data parallel only) or
+  // Step 5: the training loop, DataParallelTrainer (data parallel only) or
   // PipelineTrainer.
   absl::Status BuildTrainer() {
-    DataParallelTrainerOptions options;
-    options.worker_id = id_;
-    options.dp_rank = assignment_.dp_rank();
-    options.spec = spec_;
-    options.start_step = start_step_;
-    options.log = log_.For(id_);
-    options.overlap_push = options_.overlap_push == OverlapPush::kOn ||
-                           (options_.overlap_push == OverlapPush::kAuto &&
-                            absl::StartsWith(options_.backend, "cuda"));
+    TrainingLoopOptions common;
+    common.worker_id = id_;
+    common.spec = spec_;
+    common.start_step = start_step_;
+    common.log = log_.For(id_);
+    const bool overlap_push =
+        options_.overlap_push == OverlapPush::kOn ||
+        (options_.overlap_push == OverlapPush::kAuto &&
+         absl::StartsWith(options_.backend, "cuda"));
     {
       absl::MutexLock lock(&mu_);
       latest_.step = start_step_;
@@ -472,21 +473,28 @@ class WorkerSession {
               {"dp_rank", std::to_string(assignment_.dp_rank())},
               {"pp_rank", std::to_string(assignment_.pp_rank())},
               {"tp_rank", std::to_string(assignment_.tp_rank())}});
-    options.on_progress = [this](const TrainerProgress& p) { OnProgress(p); };
-    if (pipeline_) return BuildPipelineTrainer(options);
+    common.on_progress = [this](const TrainerProgress& p) { OnProgress(p); };
+    if (pipeline_) return BuildPipelineTrainer(common, overlap_push);
     LMPS_ASSIGN_OR_RETURN(
         model_, GptModel::Create(spec_.model(), backend_.get(), micro_,
                                  spec_.model().block_size()));
+    DataParallelTrainerOptions options;
+    static_cast<TrainingLoopOptions&>(options) = common;
+    options.dp_rank = assignment_.dp_rank();
+    options.overlap_push = overlap_push;
     LMPS_ASSIGN_OR_RETURN(
-        trainer_, DataParallelTrainer::Create(options, model_.get(), ps_.get(),
-                                              data_.get()));
+        std::unique_ptr<DataParallelTrainer> trainer,
+        DataParallelTrainer::Create(options, model_.get(), ps_.get(),
+                                    data_.get()));
+    whole_model_trainer_ = trainer.get();
+    loop_ = std::move(trainer);
     return absl::OkStatus();
   }
 
   // The pipeline loop: the peer network, the tensor-parallel ring (tp > 1),
-  // this stage's model and the PipelineTrainer; `dp` carries the options
-  // both loops share.
-  absl::Status BuildPipelineTrainer(const DataParallelTrainerOptions& dp) {
+  // this stage's model and the PipelineTrainer.
+  absl::Status BuildPipelineTrainer(const TrainingLoopOptions& common,
+                                    bool overlap_push) {
     std::vector<PeerInfo> workers(assignment_.workers().begin(),
                                   assignment_.workers().end());
     PeerNetworkOptions peer_net;
@@ -510,28 +518,15 @@ class WorkerSession {
       LMPS_ASSIGN_OR_RETURN(
           ring_, RingAllReduce::Create(peers_.get(), group, coords_.tp));
     }
+    const StageModelOptions so =
+        PipelineTrainer::StageOptions(spec_, *layout_, coords_, micro_);
     const StageRange& stage = layout_->stage(coords_.pp);
-    StageModelOptions so;
-    so.config = spec_.model();
-    so.layer_begin = stage.layer_begin;
-    so.layer_end = stage.layer_end;
-    so.has_embedding = stage.has_embedding;
-    so.has_head = stage.has_head;
-    so.tp_size = layout_->tp();
-    so.tp_rank = coords_.tp;
-    so.max_batch = micro_;
-    so.max_seq = spec_.model().block_size();
-    so.activation_slots = PipelineTrainer::StageSlots(spec_, coords_.pp);
     LMPS_ASSIGN_OR_RETURN(stage_model_,
                           StageModel::Create(so, backend_.get(), ring_.get()));
     PipelineTrainerOptions po;
-    po.worker_id = id_;
+    static_cast<TrainingLoopOptions&>(po) = common;
     po.coords = coords_;
-    po.spec = spec_;
-    po.start_step = start_step_;
-    po.on_progress = dp.on_progress;
-    po.log = dp.log;
-    po.overlap_push = dp.overlap_push;
+    po.overlap_push = overlap_push;
     // The scheduler regroups the job (or, elastic, shrinks dp) once a dead
     // peer's lease (and then --elastic_grace_s, default 10 s) has passed.
     if (assignment_.elastic()) {
@@ -550,7 +545,7 @@ class WorkerSession {
       };
     }
     LMPS_ASSIGN_OR_RETURN(
-        pipeline_trainer_,
+        loop_,
         PipelineTrainer::Create(po, &*layout_, stage_model_.get(), ps_.get(),
                                 peers_.get(), ring_.get(), data_.get()));
     log_(id_, absl::StrCat(
@@ -616,8 +611,7 @@ class WorkerSession {
   }
 
   void CancelTraining() {
-    if (trainer_) trainer_->Cancel();
-    if (pipeline_trainer_) pipeline_trainer_->Cancel();
+    if (loop_) loop_->Cancel();
   }
 
   HeartbeatRequest MakeHeartbeat() {
@@ -664,7 +658,7 @@ class WorkerSession {
         client_.get(), client_->lease() / 3, [this] { return MakeHeartbeat(); },
         [this](const absl::StatusOr<HeartbeatResponse>& r) { OnHeartbeat(r); });
     stop_->Track([this] { CancelTraining(); });
-    absl::Status status = trainer_ ? trainer_->Run() : pipeline_trainer_->Run();
+    absl::Status status = loop_->Run();
     stop_->Untrack();
     if (!status.ok() && pipeline_) peer_->mailbox()->Shutdown();
     if (!status.ok() && stop_->stopped()) {
@@ -675,7 +669,7 @@ class WorkerSession {
     if (ReasonOf(status) == STOPPED_FOR_RESIZE) return EndForResize(status);
     // With pp * tp > 1 no worker holds the whole model: lmps_local samples
     // from the exported model instead (lmps_eval).
-    if (status.ok() && trainer_ && assignment_.dp_rank() == 0 &&
+    if (status.ok() && whole_model_trainer_ && assignment_.dp_rank() == 0 &&
         spec_.train().sample_tokens() > 0) {
       status = Sample();
     }
@@ -711,10 +705,10 @@ class WorkerSession {
   absl::Status Sample() {
     LMPS_ASSIGN_OR_RETURN(
         const std::string sample,
-        trainer_->Sample(options_.sample_prompt, spec_.train().sample_tokens(),
+        whole_model_trainer_->Sample(options_.sample_prompt, spec_.train().sample_tokens(),
                          static_cast<float>(options_.sample_temperature),
                          options_.sample_top_k));
-    log_(id_, absl::StrCat("sample after step ", trainer_->end_step(), ":\n",
+    log_(id_, absl::StrCat("sample after step ", loop_->end_step(), ":\n",
                            sample));
     if (!options_.sample_out.empty()) {
       std::ofstream f(options_.sample_out);
@@ -754,8 +748,7 @@ class WorkerSession {
   }
 
   void LogSummary() {
-    const TrainerProgress& p =
-        trainer_ ? trainer_->progress() : pipeline_trainer_->progress();
+    const TrainerProgress& p = loop_->progress();
     log_(id_,
          absl::StrFormat("done: step %d loss %.4f eval %.4f %.0f tokens/s",
                          p.step, p.loss, p.eval_loss, p.tokens_per_second));
@@ -765,7 +758,7 @@ class WorkerSession {
          absl::StrFormat(
              "transfer: pulls=%d bytes_pulled=%d bytes_pushed=%d "
              "peer_bytes_sent=%d held_parameters=%d",
-             pipeline_trainer_ ? pipeline_trainer_->pulls() : 0,
+             p.pulls,
              ps_->stats().bytes_pulled.load(), ps_->stats().bytes_pushed.load(),
              peers_ ? peers_->bytes_sent() : 0, ps_->num_parameters()));
   }
@@ -793,12 +786,14 @@ class WorkerSession {
   std::unique_ptr<PsClient> ps_;
   int64_t start_step_ = 0;
 
-  std::unique_ptr<GptModel> model_;
-  std::unique_ptr<DataParallelTrainer> trainer_;
-  std::unique_ptr<StageModel> stage_model_;
+  std::unique_ptr<GptModel> model_;  // pp = tp = 1
+  std::unique_ptr<StageModel> stage_model_;  // pp * tp > 1
   std::unique_ptr<PeerNetwork> peers_;
   std::unique_ptr<RingAllReduce> ring_;
-  std::unique_ptr<PipelineTrainer> pipeline_trainer_;
+  // Declared after what it uses, so destroyed first.
+  std::unique_ptr<TrainingLoop> loop_;
+  // loop_ when this worker holds the whole model (pp = tp = 1): it samples.
+  DataParallelTrainer* whole_model_trainer_ = nullptr;
 
   // Shared with the trainer's progress callback and the heartbeat thread.
   absl::Mutex mu_;

@@ -392,7 +392,8 @@ TEST_F(WorkerDaemonTrainingTest, TrainsSamplesAndReportsDone) {
   EXPECT_TRUE(absl::StrContains(log, "[worker-0] sample after step 3:\nThe "))
       << log;
   EXPECT_TRUE(absl::StrContains(log, "[worker-0] done: step 3 loss ")) << log;
-  EXPECT_TRUE(absl::StrContains(log, "[worker-0] transfer: pulls=0 ")) << log;
+  // One pull per step, one for the final evaluation, one for the sample.
+  EXPECT_TRUE(absl::StrContains(log, "[worker-0] transfer: pulls=5 ")) << log;
   std::ifstream sample(options_.sample_out);
   std::stringstream written;
   written << sample.rdbuf();

@@ -39,6 +39,25 @@ int PipelineTrainer::StageSlots(const JobSpec& spec, int stage) {
                                            spec.train().micro_batches()));
 }
 
+StageModelOptions PipelineTrainer::StageOptions(const JobSpec& spec,
+                                                const ParallelLayout& layout,
+                                                const WorkerCoords& coords,
+                                                int micro_batch) {
+  const StageRange& stage = layout.stage(coords.pp);
+  StageModelOptions so;
+  so.config = spec.model();
+  so.layer_begin = stage.layer_begin;
+  so.layer_end = stage.layer_end;
+  so.has_embedding = stage.has_embedding;
+  so.has_head = stage.has_head;
+  so.tp_size = layout.tp();
+  so.tp_rank = coords.tp;
+  so.max_batch = micro_batch;
+  so.max_seq = spec.model().block_size();
+  so.activation_slots = StageSlots(spec, coords.pp);
+  return so;
+}
+
 absl::StatusOr<std::unique_ptr<PipelineTrainer>> PipelineTrainer::Create(
     PipelineTrainerOptions options, const ParallelLayout* layout,
     StageModel* model, PsClient* ps, PeerNetwork* peers, TpComm* comm,
@@ -111,7 +130,7 @@ void PipelineTrainer::Log(const std::string& line) const {
 
 absl::Status PipelineTrainer::PullInto(int64_t step) {
   LMPS_RETURN_IF_ERROR(ps_->Pull(step, host_params_.data()));
-  ++pulls_;
+  ++progress_.pulls;
   return model_->SetParametersFromHost(host_params_.data());
 }
 

@@ -1,5 +1,6 @@
 // PipelineTrainer: the training loop of one worker of a dp x pp x tp layout
-// with pp * tp > 1 (worker/trainer.h is the pp = tp = 1 loop). The worker
+// with pp * tp > 1: the TrainingLoop (worker/training_loop.h) that
+// worker/trainer.h's DataParallelTrainer is for pp = tp = 1. The worker
 // (dp, pp, tp) computes pipeline stage pp's blocks (its StageModel holds
 // tensor-parallel rank tp's slices, common/parallel_layout.h) for
 // data-parallel replica dp.
@@ -52,17 +53,12 @@
 #include "worker/overlapped_push.h"
 #include "worker/peer/peer_network.h"
 #include "worker/ps_client.h"
-#include "worker/trainer.h"
+#include "worker/training_loop.h"
 
 namespace lmps {
 
-struct PipelineTrainerOptions {
-  std::string worker_id;
+struct PipelineTrainerOptions : TrainingLoopOptions {
   WorkerCoords coords;
-  JobSpec spec;
-  int64_t start_step = 0;
-  std::function<void(const TrainerProgress&)> on_progress;  // may be empty
-  std::function<void(const std::string&)> log;  // empty: stderr
   // Called before the schedule of every step (may be empty); tests inject
   // faults with it.
   std::function<void(int64_t step)> on_step_start;
@@ -78,7 +74,7 @@ struct PipelineTrainerOptions {
   absl::Duration resize_wait = absl::ZeroDuration();
 };
 
-class PipelineTrainer {
+class PipelineTrainer : public TrainingLoop {
  public:
   // Every pointer must outlive the trainer; `comm` may be null when tp = 1.
   // The model must have StageSlots(spec, stage) activation slots.
@@ -89,14 +85,19 @@ class PipelineTrainer {
 
   // Activation slots stage `stage` needs under the spec's schedule.
   static int StageSlots(const JobSpec& spec, int stage);
+  // The StageModel of worker `coords`: its stage's layers, its
+  // tensor-parallel slices, micro-batches of `micro_batch` sequences of
+  // block_size tokens and StageSlots activation slots.
+  static StageModelOptions StageOptions(const JobSpec& spec,
+                                        const ParallelLayout& layout,
+                                        const WorkerCoords& coords,
+                                        int micro_batch);
 
-  absl::Status Run();
-  void Cancel() { cancelled_ = true; }
+  absl::Status Run() override;
+  void Cancel() override { cancelled_ = true; }
 
-  int64_t end_step() const { return end_step_; }
-  const TrainerProgress& progress() const { return progress_; }
-  // Pulls done (each transfers exactly this worker's held slices).
-  int64_t pulls() const { return pulls_; }
+  int64_t end_step() const override { return end_step_; }
+  const TrainerProgress& progress() const override { return progress_; }
 
  private:
   PipelineTrainer() = default;
@@ -131,7 +132,6 @@ class PipelineTrainer {
   std::vector<float> host_params_, host_grads_, act_in_, act_out_;
   std::unique_ptr<PinnedHostBuffers> pinned_;  // host_params_, host_grads_
   std::vector<int32_t> tokens_, targets_;
-  int64_t pulls_ = 0;
   std::atomic<bool> cancelled_{false};
   TrainerProgress progress_;
 };

@@ -94,16 +94,9 @@ TEST(PipelineTrainerTest, OneSgdStepIsTheMeanGradientOfTheGlobalBatch) {
         absl::StatusOr<std::unique_ptr<ReferenceBackend>> backend =
             ReferenceBackend::Create();
         if (!backend.ok()) return backend.status();
-        const StageRange& stage = layout->stage(0);
-        StageModelOptions so;
-        so.config = spec.model();
-        so.layer_begin = stage.layer_begin;
-        so.layer_end = stage.layer_end;
-        so.has_embedding = stage.has_embedding;
-        so.has_head = stage.has_head;
-        so.max_batch = LocalBatch(spec) / spec.train().micro_batches();
-        so.max_seq = spec.model().block_size();
-        so.activation_slots = PipelineTrainer::StageSlots(spec, 0);
+        const StageModelOptions so = PipelineTrainer::StageOptions(
+            spec, *layout, layout->Coords(r),
+            LocalBatch(spec) / spec.train().micro_batches());
         absl::StatusOr<std::unique_ptr<StageModel>> model =
             StageModel::Create(so, backend->get(), /*comm=*/nullptr);
         if (!model.ok()) return model.status();

@@ -1,0 +1,99 @@
+// TrainingLoop: what the worker daemon (worker/worker_daemon.h) drives,
+// whatever the layout. Two loops implement it:
+//   DataParallelTrainer (worker/trainer.h): pp = tp = 1, the whole model
+//     (GptModel) per replica;
+//   PipelineTrainer (worker/pipeline/pipeline_trainer.h): pp * tp > 1, one
+//     stage's tensor-parallel slices (StageModel) per worker.
+// Both run the same step against the shards: pull, forward and backward,
+// push, then GradNorm and Apply (ApplyStepOnShards) in the job's
+// consistency mode; they report the same TrainerProgress.
+//
+// Thread-safety: Run() on one thread; Cancel() from any thread; progress()
+// and end_step() on Run()'s thread or after it returned.
+#ifndef LMPS_WORKER_TRAINING_LOOP_H_
+#define LMPS_WORKER_TRAINING_LOOP_H_
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "absl/status/status.h"
+#include "proto/lmps.pb.h"
+#include "worker/ps_client.h"
+
+namespace lmps {
+
+struct TrainerProgress {
+  int64_t step = 0;          // steps this replica completed
+  int64_t end_step = 0;
+  // The smallest version the shards served for the last step's pull.
+  int64_t pulled_version = 0;
+  // Staleness of the parameters the last step computed on, in steps
+  // (exported as lmps_staleness_steps): step - pulled_version in SYNC
+  // (always 0) and BOUNDED_STALENESS (at most train.staleness). In ASYNC the
+  // version counts pushes, so it is step - (start_step + (pulled_version -
+  // start_step) / dp), floored at 0: how far this replica is ahead of the
+  // replicas' average progress as seen in the parameters it used.
+  int64_t staleness = 0;
+  float loss = NAN;          // training loss of the last step
+  float eval_loss = NAN;     // last evaluation loss, NaN if none yet
+  double tokens_per_second = 0;
+  // Of the last step. compute_seconds: forward and backward; push_seconds:
+  // pushing after the backward pass ended (with overlap_push the part of
+  // the push not hidden behind it, waiting for the last streams).
+  double compute_seconds = 0, pull_seconds = 0, push_seconds = 0,
+         sync_seconds = 0;
+  // Gradient payload bytes pushed in the last step (PsClientStats
+  // bytes_pushed), and how many of them were sent while the backward pass
+  // was still computing: before its last range of the gradient (the
+  // embeddings) was final (0 without overlap_push).
+  int64_t push_bytes = 0;
+  int64_t push_bytes_overlapped = 0;
+  // Pulls done since the loop started (steps, evaluations and the final
+  // pull); each transfers exactly the parameters this worker holds.
+  int64_t pulls = 0;
+  // Pipeline parallel (worker/pipeline/pipeline_trainer.h), last step: the
+  // fraction of the schedule's time this stage waited for its neighbours,
+  // the formula's (pp - 1) / (m + pp - 1), and the most micro-batches whose
+  // activations were alive at once.
+  double bubble_fraction = 0, ideal_bubble_fraction = 0;
+  int max_live_micro_batches = 0;
+};
+
+// What both loops take; each loop's options struct derives from it.
+struct TrainingLoopOptions {
+  std::string worker_id;
+  JobSpec spec;
+  int64_t start_step = 0;
+  std::function<void(const TrainerProgress&)> on_progress;  // may be empty
+  // Where trace and evaluation lines go; empty: stderr, as
+  // "[worker_id] line".
+  std::function<void(const std::string&)> log;
+};
+
+class TrainingLoop {
+ public:
+  virtual ~TrainingLoop() = default;
+
+  // Trains from start_step to min(steps, stop_after_step). Returns the
+  // first error, or Cancelled after Cancel().
+  virtual absl::Status Run() = 0;
+  // Makes Run() return Cancelled at the next step boundary (or the next
+  // wait for a peer).
+  virtual void Cancel() = 0;
+
+  virtual int64_t end_step() const = 0;
+  virtual const TrainerProgress& progress() const = 0;
+};
+
+// GradNorm and Apply of `step` on every shard: the exact global gradient
+// norm, then the optimizer. SYNC checks the shards are then at step + 1;
+// BOUNDED_STALENESS allows them to be further (faster replicas applied later
+// steps). Shared by both loops.
+absl::Status ApplyStepOnShards(PsClient* ps, ConsistencyMode mode,
+                               int64_t step);
+
+}  // namespace lmps
+
+#endif  // LMPS_WORKER_TRAINING_LOOP_H_
