@@ -753,7 +753,7 @@ class WorkerSession {
          absl::StrFormat("done: step %d loss %.4f eval %.4f %.0f tokens/s",
                          p.step, p.loss, p.eval_loss, p.tokens_per_second));
     // Read by tests/pipeline_test (no worker moves parameters it does not
-    // own) and bench/pipeline_bench.sh.
+    // own) and worker_daemon_test.
     log_(id_,
          absl::StrFormat(
              "transfer: pulls=%d bytes_pulled=%d bytes_pushed=%d "
