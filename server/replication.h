@@ -27,9 +27,9 @@
 //    k; call its primary") and runs the primary's forwarded operations
 //    (Replicate) on its own shard: the same code on the same inputs, so
 //    both shards stay bit-identical (in SYNC the result of a step does not
-//    depend on the order its pushes arrive in: server/shard.h). It checks
-//    the epoch: an operation of an older epoch is answered ABORTED (its
-//    sender was replaced and must stop), one of a newer epoch is refused
+//    depend on the order its pushes arrive in: docs/parameter-shard.md). It
+//    checks the epoch: an operation of an older epoch is answered ABORTED
+//    (its sender was replaced and must stop), one of a newer epoch is refused
 //    (FAILED_PRECONDITION: this backup missed a change and must be
 //    re-snapshotted). It becomes kPrimary only when the scheduler says so
 //    (HeartbeatResponse.promote with the new epoch: the primary's lease

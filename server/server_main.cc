@@ -1,5 +1,5 @@
 // lmps_server: one parameter-server shard of an lmps job. See
-// server/daemon.h for the life cycle and server/shard.h for the semantics.
+// server/daemon.h for the life cycle and docs/parameter-shard.md for the semantics.
 //
 //   lmps_server --scheduler=host:port [--listen=0.0.0.0:0]
 //               [--advertise_host=127.0.0.1] [--shard=-1]

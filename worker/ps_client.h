@@ -112,10 +112,10 @@ class PsClient {
                   std::function<absl::StatusOr<ShardNodes>(int shard)> resolve);
 
   // Fills params[num_parameters] with the parameters the shards serve for
-  // `step` (see server/shard.h for each consistency mode's read rule). If
-  // `min_version` is not null, sets it to the smallest version any shard
-  // pulled from returned (shards may differ in BOUNDED_STALENESS and
-  // ASYNC).
+  // `step` (docs/parameter-shard.md has each consistency mode's read
+  // rule). If `min_version` is not null, sets it to the smallest version
+  // any shard pulled from returned (shards may differ in BOUNDED_STALENESS
+  // and ASYNC).
   absl::Status Pull(int64_t step, float* params,
                     int64_t* min_version = nullptr);
   // Pushes grads[num_parameters] as this replica's gradient for `step` (with
