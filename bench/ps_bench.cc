@@ -64,6 +64,7 @@
 #include "common/grpc_server.h"
 #include "common/job_spec.h"
 #include "common/model_spec.h"
+#include "common/process/binaries.h"
 #include "common/process/process_group.h"
 #include "common/scheduler_client.h"
 #include "common/status_util.h"
@@ -267,13 +268,6 @@ void Report(const Samples& s, int shards, double model_mb) {
 // The benchmark.
 // ---------------------------------------------------------------------------
 
-std::string Bin(const std::string& bin_dir, const std::string& rel) {
-  // Bazel layout (bin/server/lmps_server), or a flat directory.
-  const std::string nested = absl::StrCat(bin_dir, "/", rel);
-  if (access(nested.c_str(), X_OK) == 0) return nested;
-  return absl::StrCat(bin_dir, "/", fs::path(rel).filename().string());
-}
-
 absl::StatusOr<JobSpec> MakeSpec(int shards) {
   JobSpec spec;
   LMPS_ASSIGN_OR_RETURN(spec, ParseJobSpec(""));
@@ -308,11 +302,7 @@ absl::Status Run(const std::string& work_dir) {
     return absl::InvalidArgumentError(
         "--shards and --repeats must be >= 1, --warmup >= 0");
   }
-  std::string bin_dir = absl::GetFlag(FLAGS_bin_dir);
-  if (bin_dir.empty()) {
-    bin_dir =
-        fs::canonical("/proc/self/exe").parent_path().parent_path().string();
-  }
+  const std::string bin_dir = BinDir(absl::GetFlag(FLAGS_bin_dir));
   LMPS_ASSIGN_OR_RETURN(const JobSpec spec, MakeSpec(shards));
   const int64_t num_params = GptNumParameters(spec.model());
   const double model_mb = 4.0 * static_cast<double>(num_params) / 1e6;
@@ -344,7 +334,7 @@ absl::Status Run(const std::string& work_dir) {
   // Scheduler first, on a free port it reports through a file.
   const std::string port_file = work_dir + "/scheduler.port";
   LMPS_RETURN_IF_ERROR(children.Start(
-      "scheduler", Bin(bin_dir, "server/scheduler/lmps_scheduler"),
+      "scheduler", BinaryIn(bin_dir, "server/scheduler/lmps_scheduler"),
       {"--job=" + job_file, "--listen=127.0.0.1:0", "--port_file=" + port_file,
        timeout_arg},
       work_dir + "/scheduler.log"));
@@ -364,7 +354,7 @@ absl::Status Run(const std::string& work_dir) {
   const std::string scheduler = "127.0.0.1:" + port;
   for (int s = 0; s < shards; ++s) {
     LMPS_RETURN_IF_ERROR(children.Start(
-        absl::StrCat("server-", s), Bin(bin_dir, "server/lmps_server"),
+        absl::StrCat("server-", s), BinaryIn(bin_dir, "server/lmps_server"),
         {"--scheduler=" + scheduler, "--listen=127.0.0.1:0",
          "--advertise_host=127.0.0.1", absl::StrCat("--shard=", s),
          timeout_arg},

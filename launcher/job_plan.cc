@@ -108,16 +108,4 @@ absl::StatusOr<SecurityPlan> PlanSecurity(const std::string& tls_dir,
   return plan;
 }
 
-std::string BinDir(const std::string& bin_dir) {
-  if (!bin_dir.empty()) return bin_dir;
-  return fs::canonical("/proc/self/exe").parent_path().parent_path().string();
-}
-
-std::string BinaryIn(const std::string& bin_dir, const std::string& rel) {
-  // Bazel layout (bin/server/lmps_server), or a flat directory.
-  std::string nested = absl::StrCat(bin_dir, "/", rel);
-  if (access(nested.c_str(), X_OK) == 0) return nested;
-  return absl::StrCat(bin_dir, "/", fs::path(rel).filename().string());
-}
-
 }  // namespace lmps

@@ -48,15 +48,6 @@ struct SecurityPlan {
 absl::StatusOr<SecurityPlan> PlanSecurity(const std::string& tls_dir,
                                           const std::string& auth_token_file);
 
-// The directory of the lmps binaries: `bin_dir`, or (empty) the Bazel
-// output root two levels above this executable (bin/launcher/lmps_local).
-std::string BinDir(const std::string& bin_dir);
-
-// Binary `rel` (e.g. "server/lmps_server") in `bin_dir`: at that path (the
-// Bazel layout) if executable there, else by its file name alone (a flat
-// directory).
-std::string BinaryIn(const std::string& bin_dir, const std::string& rel);
-
 }  // namespace lmps
 
 #endif  // LMPS_LAUNCHER_JOB_PLAN_H_

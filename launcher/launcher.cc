@@ -26,6 +26,7 @@
 #include "absl/strings/str_split.h"
 #include "common/grpc_server.h"
 #include "common/job_spec.h"
+#include "common/process/binaries.h"
 #include "common/process/process_group.h"
 #include "common/security.h"
 #include "common/status_util.h"
