@@ -49,9 +49,9 @@
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "common/allocator.h"
-#include "common/grpc_server.h"
-#include "common/status_util.h"
+#include "common/rpc/allocator.h"
+#include "common/rpc/grpc_server.h"
+#include "common/rpc/status_util.h"
 #include "proto/lmps.grpc.pb.h"
 #include "worker/backend/cpu_backend.h"
 #include "worker/peer/mailbox.h"
@@ -410,7 +410,7 @@ absl::Status Run() {
 }  // namespace lmps
 
 int main(int argc, char** argv) {
-  // As lmps_worker does (common/allocator.h).
+  // As lmps_worker does (common/rpc/allocator.h).
   lmps::TuneAllocatorForLargeBuffers();
   absl::SetProgramUsageMessage(
       "tensor-parallel all-reduce bandwidth on loopback: allreduce_bench "

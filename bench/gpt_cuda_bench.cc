@@ -30,7 +30,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "common/model_spec.h"
+#include "common/model/model_spec.h"
 #include "proto/lmps.pb.h"
 #include "worker/backend/cuda/cuda_backend.h"
 #include "worker/model/gpt.h"

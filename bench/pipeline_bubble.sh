@@ -33,7 +33,7 @@
 # Printed per m: T1, Tpp measured, Tpp ideal, ideal/measured (1.00 = as good
 # as the formula allows), measured bubble, formula bubble, speed-up T1/Tpp;
 # then per stage the busy time compute_s * (1 - bubble) against T1/pp (stage
-# imbalance: common/parallel_layout.h splits the layers by FLOPs, the last
+# imbalance: common/model/parallel_layout.h splits the layers by FLOPs, the last
 # stage also holds the LM head) and their sum against T1 (work the split
 # adds: activation messages, per-micro-batch overheads). Last line, for the
 # docs/benchmarks.md:

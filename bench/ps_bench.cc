@@ -60,14 +60,14 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "common/allocator.h"
-#include "common/grpc_server.h"
-#include "common/job_spec.h"
-#include "common/model_spec.h"
+#include "common/clients/scheduler_client.h"
+#include "common/model/job_spec.h"
+#include "common/model/model_spec.h"
 #include "common/process/binaries.h"
 #include "common/process/process_group.h"
-#include "common/scheduler_client.h"
-#include "common/status_util.h"
+#include "common/rpc/allocator.h"
+#include "common/rpc/grpc_server.h"
+#include "common/rpc/status_util.h"
 #include "proto/lmps.grpc.pb.h"
 #include "worker/ps_client.h"
 
@@ -499,7 +499,7 @@ absl::Status Run(const std::string& work_dir) {
 }  // namespace lmps
 
 int main(int argc, char** argv) {
-  // As lmps_worker does (common/allocator.h): this process is the worker.
+  // As lmps_worker does (common/rpc/allocator.h): this process is the worker.
   lmps::TuneAllocatorForLargeBuffers();
   absl::SetProgramUsageMessage(
       "parameter-server throughput: ps_bench [--shards=2] [--repeats=5] "

@@ -18,7 +18,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/status/status.h"
-#include "common/rng.h"
+#include "common/model/rng.h"
 #include "proto/lmps.pb.h"
 #include "worker/backend/cpu_backend.h"
 #include "worker/model/gpt.h"

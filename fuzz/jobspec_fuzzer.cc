@@ -1,4 +1,4 @@
-// Fuzzes the job-spec text parser (common/job_spec.h) with arbitrary text.
+// Fuzzes the job-spec text parser (common/model/job_spec.h) with arbitrary text.
 // Properties: no crash or undefined behaviour; an error has a message; an
 // accepted spec validates, and printing and parsing it again gives the same
 // spec (defaults are idempotent, nothing is lost in the text form).
@@ -9,7 +9,7 @@
 #include <google/protobuf/text_format.h>
 #include <google/protobuf/util/message_differencer.h>
 
-#include "common/job_spec.h"
+#include "common/model/job_spec.h"
 #include "fuzz/fuzz_check.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

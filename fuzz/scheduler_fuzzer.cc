@@ -21,7 +21,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
-#include "common/job_spec.h"
+#include "common/model/job_spec.h"
 #include "fuzz/fuzz_check.h"
 #include "proto/lmps.pb.h"
 #include "server/scheduler/clock.h"

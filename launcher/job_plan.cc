@@ -6,8 +6,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "common/job_spec.h"
-#include "common/status_util.h"
+#include "common/model/job_spec.h"
+#include "common/rpc/status_util.h"
 
 namespace lmps {
 

@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "common/security.h"
+#include "common/rpc/security.h"
 #include "proto/lmps.pb.h"
 
 namespace lmps {

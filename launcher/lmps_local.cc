@@ -9,7 +9,7 @@
 //              [--run_dir=DIR] [--resume]
 //              [--tls_dir=DIR] [--auth_token_file=FILE]
 //
-// Transport security (common/security.h): --tls_dir names the output of
+// Transport security (common/rpc/security.h): --tls_dir names the output of
 // scripts/make_test_certs.sh; the scheduler and the shards then serve mutual
 // TLS with DIR/server.{crt,key}, the workers and the launcher's own status
 // channel use DIR/client.{crt,key}, all trusting DIR/ca.crt.

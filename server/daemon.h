@@ -7,7 +7,7 @@
 //      requested shard the steps of its complete checkpoints under
 //      checkpoint_dir plus the partition version stored in them), retrying
 //      with backoff while the scheduler is not up (every call to the
-//      scheduler goes through SchedulerClient, common/scheduler_client.h);
+//      scheduler goes through SchedulerClient, common/clients/scheduler_client.h);
 //   3. GetAssignment (waits for the job to assemble), retrying while the
 //      scheduler is unavailable; both steps give up after assemble_timeout
 //      with an error naming the scheduler address;
@@ -44,8 +44,8 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "common/metrics.h"
-#include "common/security.h"
+#include "common/rpc/metrics.h"
+#include "common/rpc/security.h"
 
 namespace lmps {
 

@@ -6,9 +6,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "common/grpc_server.h"
-#include "common/job_spec.h"
-#include "common/partition.h"
+#include "common/model/job_spec.h"
+#include "common/model/partition.h"
+#include "common/rpc/grpc_server.h"
 #include "gtest/gtest.h"
 #include "proto/lmps.grpc.pb.h"
 #include "server/checkpoint.h"

@@ -1,8 +1,8 @@
 // Exporting a job's shard checkpoints of one step as a single safetensors
-// file of whole tensors (common/safetensors.h), e.g. for inference, analysis
+// file of whole tensors (common/formats/safetensors.h), e.g. for inference, analysis
 // or as initial weights of another job (lmps_server --init_from).
 //
-// Tensor names are the canonical names of common/model_spec.h, in that
+// Tensor names are the canonical names of common/model/model_spec.h, in that
 // order (L = n_layer, C = n_embd, V = vocab_size, T = block_size):
 //   wte.weight (V, C)  wpe.weight (T, C)
 //   h.{l}.ln_1.weight (C)  h.{l}.ln_1.bias (C)
@@ -27,7 +27,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "common/safetensors.h"
+#include "common/formats/safetensors.h"
 #include "proto/lmps.pb.h"
 
 namespace lmps {

@@ -2,10 +2,10 @@
 
 #include <cstdlib>
 
-#include "common/init.h"
-#include "common/job_spec.h"
-#include "common/model_spec.h"
-#include "common/partition.h"
+#include "common/model/init.h"
+#include "common/model/job_spec.h"
+#include "common/model/model_spec.h"
+#include "common/model/partition.h"
 #include "gtest/gtest.h"
 #include "server/checkpoint.h"
 #include "server/shard.h"

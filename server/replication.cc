@@ -9,7 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "common/status_util.h"
+#include "common/rpc/status_util.h"
 
 namespace lmps {
 namespace {

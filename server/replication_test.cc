@@ -6,8 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "common/job_spec.h"
-#include "common/partition.h"
+#include "common/model/job_spec.h"
+#include "common/model/partition.h"
 #include "gtest/gtest.h"
 #include "server/tensor_codec.h"
 

@@ -13,7 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
-#include "common/partition.h"
+#include "common/model/partition.h"
 #include "server/optimizer.h"
 
 namespace lmps {

@@ -11,8 +11,8 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "common/job_spec.h"
-#include "common/partition.h"
+#include "common/model/job_spec.h"
+#include "common/model/partition.h"
 #include "gtest/gtest.h"
 #include "server/checkpoint.h"
 #include "server/shard.h"

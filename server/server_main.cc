@@ -8,7 +8,7 @@
 //               [--tls_ca=ca.crt --tls_cert=server.crt --tls_key=server.key]
 //               [--auth_token_file=token]
 //
-// Transport security (common/security.h): the TLS flags secure both the
+// Transport security (common/rpc/security.h): the TLS flags secure both the
 // served port and the channel to the scheduler; the certificate must allow
 // both serverAuth and clientAuth (scripts/make_test_certs.sh's server.crt
 // does).
@@ -29,11 +29,11 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "common/rpc/allocator.h"
+#include "common/rpc/daemon_metrics.h"
+#include "common/rpc/security.h"
+#include "common/rpc/security_flags.h"
 #include "server/daemon.h"
-#include "common/allocator.h"
-#include "common/daemon_metrics.h"
-#include "common/security.h"
-#include "common/security_flags.h"
 
 ABSL_FLAG(std::string, scheduler, "", "Scheduler address host:port (required)");
 ABSL_FLAG(std::string, listen, "0.0.0.0:0",

@@ -1,6 +1,6 @@
 // ParameterServerService: the gRPC adapter (callback API) of one
 // ParameterShard. It holds no training logic: every RPC converts its
-// messages, calls the shard and converts the status (common/status_util).
+// messages, calls the shard and converts the status (common/rpc/status_util).
 //
 //   Push           ServerReadReactor: collects the client stream (at most
 //                  max_push_bytes in total, else RESOURCE_EXHAUSTED without
@@ -44,8 +44,8 @@
 #include "absl/time/time.h"
 #include "proto/lmps.grpc.pb.h"
 #include "server/replication.h"
-#include "server/shard.h"
 #include "server/rpc_work_pool.h"
+#include "server/shard.h"
 
 namespace lmps {
 

@@ -8,10 +8,10 @@
 #include <limits>
 #include <thread>
 
-#include "common/grpc_server.h"
-#include "common/job_spec.h"
-#include "common/partition.h"
-#include "common/status_util.h"
+#include "common/model/job_spec.h"
+#include "common/model/partition.h"
+#include "common/rpc/grpc_server.h"
+#include "common/rpc/status_util.h"
 #include "gtest/gtest.h"
 #include "server/tensor_codec.h"
 

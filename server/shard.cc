@@ -14,8 +14,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/types/span.h"
-#include "common/job_spec.h"
-#include "common/partition.h"
+#include "common/model/job_spec.h"
+#include "common/model/partition.h"
 #include "server/optimizer.h"
 
 namespace lmps {

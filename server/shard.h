@@ -44,7 +44,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "common/model_spec.h"
+#include "common/model/model_spec.h"
 #include "proto/lmps.pb.h"
 #include "server/checkpoint.h"
 
@@ -62,7 +62,7 @@ struct ShardOptions {
   int64_t start_step = 0;
   // With start_step 0: initial weights from this safetensors file (every
   // tensor the shard holds must be present with the model's shape); empty:
-  // deterministic initialisation (common/init.h, seed train.seed).
+  // deterministic initialisation (common/model/init.h, seed train.seed).
   std::string init_from_safetensors;
   // Upper bound of every wait (GradNorm, Pull).
   absl::Duration wait_timeout = absl::Seconds(60);

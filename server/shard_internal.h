@@ -10,7 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
-#include "common/status_util.h"
+#include "common/rpc/status_util.h"
 
 namespace lmps {
 namespace shard_internal {

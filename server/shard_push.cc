@@ -117,7 +117,7 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
       return absl::InvalidArgumentError(
           absl::StrCat("push for step ", step, ": ", contributor,
                        " owns no part of ", name,
-                       " (common/parallel_layout.h)"));
+                       " (common/model/parallel_layout.h)"));
     }
     for (const PushedPiece& p : list) {
       if (p.offset < 0 || p.offset > sizes[c] - p.n) {

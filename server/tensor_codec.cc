@@ -2,7 +2,7 @@
 
 #include <cstring>
 
-#include "common/bf16.h"
+#include "common/model/bf16.h"
 
 namespace lmps {
 

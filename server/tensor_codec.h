@@ -3,7 +3,7 @@
 //
 // bf16 -> fp32 is exact (the bf16 bits are the upper half of the fp32);
 // fp32 -> bf16 rounds to nearest, ties to even (as torch's .to(bfloat16));
-// NaN stays NaN, +-Inf stay +-Inf (common/bf16.h).
+// NaN stays NaN, +-Inf stay +-Inf (common/model/bf16.h).
 //
 // Thread-safety: pure functions.
 #ifndef LMPS_SERVER_TENSOR_CODEC_H_

@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "common/safetensors.h"
+#include "common/formats/safetensors.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
 

@@ -12,7 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "common/safetensors.h"
+#include "common/formats/safetensors.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
 

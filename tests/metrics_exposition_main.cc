@@ -12,7 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "common/metrics.h"
+#include "common/rpc/metrics.h"
 
 ABSL_FLAG(std::string, listen, "", "serve /metrics here (empty: print)");
 ABSL_FLAG(std::string, port_file, "", "write the bound port here");

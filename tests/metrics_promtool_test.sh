@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The metrics exposition of common/metrics, judged by Prometheus's own tools:
+# The metrics exposition of common/rpc/metrics, judged by Prometheus's own tools:
 #  1. `promtool check metrics` lints the text exposition (naming conventions,
 #     _total on counters, base units, HELP on every family);
 #  2. the same over HTTP from a live exposer (bound to 127.0.0.1:0);

@@ -24,9 +24,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
-#include "common/job_spec.h"
-#include "common/parallel_layout.h"
-#include "common/safetensors.h"
+#include "common/formats/safetensors.h"
+#include "common/model/job_spec.h"
+#include "common/model/parallel_layout.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
 

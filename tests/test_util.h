@@ -12,8 +12,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/formats/safetensors.h"
 #include "common/process/process_group.h"
-#include "common/safetensors.h"
 
 namespace lmps::testing {
 

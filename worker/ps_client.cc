@@ -9,11 +9,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
-#include "common/bf16.h"
-#include "common/model_spec.h"
-#include "common/parallel_layout.h"
-#include "common/shard_info.h"
-#include "common/status_util.h"
+#include "common/clients/shard_info.h"
+#include "common/model/bf16.h"
+#include "common/model/model_spec.h"
+#include "common/model/parallel_layout.h"
+#include "common/rpc/status_util.h"
 
 namespace lmps {
 

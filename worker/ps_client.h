@@ -4,11 +4,11 @@
 // max_message_bytes of payload.
 //
 // Without a view the flat buffers hold the whole model as in
-// common/model_spec.h: tensors in GptTensorSpecs order, each row-major, back
+// common/model/model_spec.h: tensors in GptTensorSpecs order, each row-major, back
 // to back. With a view (pipeline and tensor parallel) they hold the worker's
 // local parameters: for every tensor in GptTensorSpecs order the
 // concatenation of the element ranges Held(tensor, pp_rank, tp_rank)
-// (common/parallel_layout.h), tensors it holds nothing of left out -- each
+// (common/model/parallel_layout.h), tensors it holds nothing of left out -- each
 // tensor in its local shape, as worker/model/stage_model lays them out.
 // Pull asks the shards for those ranges only (PullRequest.owned_only) and
 // only the shards holding some of them; Push sends only
@@ -46,7 +46,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "common/parallel_layout.h"
+#include "common/model/parallel_layout.h"
 #include "proto/lmps.grpc.pb.h"
 #include "worker/shard_failover.h"
 

@@ -8,11 +8,11 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
-#include "common/grpc_server.h"
-#include "common/job_spec.h"
-#include "common/model_spec.h"
-#include "common/parallel_layout.h"
-#include "common/partition.h"
+#include "common/model/job_spec.h"
+#include "common/model/model_spec.h"
+#include "common/model/parallel_layout.h"
+#include "common/model/partition.h"
+#include "common/rpc/grpc_server.h"
 #include "gtest/gtest.h"
 #include "tests/testing/ps_cluster.h"
 

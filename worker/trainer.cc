@@ -9,9 +9,9 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
-#include "common/job_spec.h"
-#include "common/parallel_layout.h"
-#include "common/status_util.h"
+#include "common/model/job_spec.h"
+#include "common/model/parallel_layout.h"
+#include "common/rpc/status_util.h"
 #include "worker/overlapped_push.h"
 
 namespace lmps {

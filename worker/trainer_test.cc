@@ -19,7 +19,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "common/job_spec.h"
+#include "common/model/job_spec.h"
 #include "gtest/gtest.h"
 #include "tests/testing/ps_cluster.h"
 #include "worker/backend/cpu_reference.h"

@@ -1,7 +1,7 @@
 #include "worker/training_loop.h"
 
 #include "absl/strings/str_cat.h"
-#include "common/status_util.h"
+#include "common/rpc/status_util.h"
 
 namespace lmps {
 

@@ -63,7 +63,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "common/security.h"
+#include "common/rpc/security.h"
 #include "proto/lmps.pb.h"
 #include "worker/backend/backend.h"
 

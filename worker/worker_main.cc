@@ -6,7 +6,7 @@
 // worker/worker_daemon.h has the life cycle; this file turns the flags into
 // its options.
 //
-// Transport security (common/security.h): --tls_ca, --tls_cert/--tls_key
+// Transport security (common/rpc/security.h): --tls_ca, --tls_cert/--tls_key
 // (the client certificate shown to the scheduler and the shards) and
 // --auth_token_file secure every channel this worker opens.
 //
@@ -23,9 +23,9 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
-#include "common/allocator.h"
-#include "common/security.h"
-#include "common/security_flags.h"
+#include "common/rpc/allocator.h"
+#include "common/rpc/security.h"
+#include "common/rpc/security_flags.h"
 #include "worker/backend_factory.h"
 #include "worker/worker_daemon.h"
 

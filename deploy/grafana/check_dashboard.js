@@ -12,7 +12,7 @@
 
 const fs = require('fs');
 
-// The metric families the lmps daemons export (common/metrics.h users).
+// The metric families the lmps daemons export (common/rpc/metrics.h users).
 const METRICS = [
   'lmps_step', 'lmps_loss', 'lmps_eval_loss', 'lmps_tokens_per_second',
   'lmps_step_phase_seconds', 'lmps_rpc_total', 'lmps_rpc_received_bytes_total',

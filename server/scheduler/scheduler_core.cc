@@ -9,9 +9,9 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "common/job_spec.h"
-#include "common/partition.h"
-#include "common/status_util.h"
+#include "common/model/job_spec.h"
+#include "common/model/partition.h"
+#include "common/rpc/status_util.h"
 #include "server/scheduler/scheduler_core_internal.h"
 #include "server/scheduler/start_step.h"
 

@@ -16,7 +16,7 @@
 //  - A worker gets the rank it asks for (RegisterRequest.requested_rank,
 //    e.g. lmps_worker --rank) if that is in range and free, else the lowest
 //    free rank. Rank r maps to coordinates with ParallelLayout
-//    (common/parallel_layout.h): r = (dp_rank * pp + pp_rank) * tp + tp_rank.
+//    (common/model/parallel_layout.h): r = (dp_rank * pp + pp_rank) * tp + tp_rank.
 //    With pp * tp > 1 a worker must give the address of its WorkerPeer
 //    service.
 //  - A node re-registering with `rejoin` (the scheduler restarted) takes
@@ -162,7 +162,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "common/parallel_layout.h"
+#include "common/model/parallel_layout.h"
 #include "proto/lmps.pb.h"
 #include "server/scheduler/clock.h"
 #include "server/scheduler/start_step.h"  // ShardCheckpoints, ChooseStartStep

@@ -12,9 +12,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
-#include "common/status_util.h"
-#include "common/job_spec.h"
-#include "common/partition.h"
+#include "common/model/job_spec.h"
+#include "common/model/partition.h"
+#include "common/rpc/status_util.h"
 #include "gtest/gtest.h"
 #include "server/scheduler/clock.h"
 

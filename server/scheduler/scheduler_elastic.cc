@@ -15,7 +15,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "common/job_spec.h"
+#include "common/model/job_spec.h"
 #include "server/scheduler/scheduler_core_internal.h"
 
 namespace lmps {

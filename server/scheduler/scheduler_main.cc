@@ -8,7 +8,7 @@
 //   lmps_scheduler ... --tls_ca=ca.crt --tls_cert=server.crt
 //       --tls_key=server.key --auth_token_file=token
 //
-// Transport security: common/security.h (TLS with client certificates and
+// Transport security: common/rpc/security.h (TLS with client certificates and
 // the shared token; the health service needs no token).
 //
 // Exit codes: 0 the job FINISHED; 1 the job FAILED (the reason is printed),
@@ -38,12 +38,12 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "common/daemon_metrics.h"
-#include "common/grpc_server.h"
-#include "common/job_spec.h"
-#include "common/security.h"
-#include "common/security_flags.h"
-#include "common/stop_shards.h"
+#include "common/clients/stop_shards.h"
+#include "common/model/job_spec.h"
+#include "common/rpc/daemon_metrics.h"
+#include "common/rpc/grpc_server.h"
+#include "common/rpc/security.h"
+#include "common/rpc/security_flags.h"
 #include "proto/lmps.pb.h"
 #include "server/scheduler/clock.h"
 #include "server/scheduler/scheduler_core.h"

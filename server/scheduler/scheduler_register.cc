@@ -14,7 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "common/status_util.h"
+#include "common/rpc/status_util.h"
 #include "server/scheduler/scheduler_core_internal.h"
 
 namespace lmps {

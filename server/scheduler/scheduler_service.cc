@@ -6,7 +6,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
-#include "common/status_util.h"
+#include "common/rpc/status_util.h"
 
 namespace lmps {
 

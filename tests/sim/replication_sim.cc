@@ -6,8 +6,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "common/job_spec.h"
-#include "common/partition.h"
+#include "common/model/job_spec.h"
+#include "common/model/partition.h"
 #include "tests/sim/sim_job.h"
 
 namespace lmps {

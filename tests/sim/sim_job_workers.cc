@@ -4,7 +4,7 @@
 #include <optional>
 
 #include "absl/strings/str_cat.h"
-#include "common/partition.h"
+#include "common/model/partition.h"
 #include "server/tensor_codec.h"
 
 namespace lmps {

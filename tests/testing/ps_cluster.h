@@ -15,8 +15,8 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
-#include "common/grpc_server.h"
-#include "common/partition.h"
+#include "common/model/partition.h"
+#include "common/rpc/grpc_server.h"
 #include "proto/lmps.pb.h"
 #include "server/service.h"
 #include "server/shard.h"

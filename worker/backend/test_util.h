@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "common/rng.h"
+#include "common/model/rng.h"
 #include "gtest/gtest.h"
 
 namespace lmps {

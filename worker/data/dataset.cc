@@ -4,7 +4,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
-#include "common/rng.h"
+#include "common/model/rng.h"
 
 namespace lmps {
 

@@ -7,8 +7,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "common/init.h"
-#include "common/rng.h"
+#include "common/model/init.h"
+#include "common/model/rng.h"
 
 namespace lmps {
 

@@ -4,7 +4,7 @@
 //
 // Memory: the model owns, in backend memory,
 // - a flat parameter buffer and a flat gradient buffer, both laid out
-//   exactly as GptTensorSpecs(config) (common/model_spec.h): tensors in
+//   exactly as GptTensorSpecs(config) (common/model/model_spec.h): tensors in
 //   that order, each row-major with that shape, matrices out x in;
 // - the activations of one forward pass of up to max_batch x max_seq
 //   tokens (what the backward pass needs), and the activation gradients.
@@ -47,7 +47,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
-#include "common/model_spec.h"
+#include "common/model/model_spec.h"
 #include "proto/lmps.pb.h"
 #include "worker/backend/backend.h"
 #include "worker/model/gradient_ready.h"
@@ -93,7 +93,7 @@ class GptModel {
 
   // GPT-2 initialisation from the specs (normal(0, init_std), zeros, ones).
   // Element i of tensor `name` is init_std * StandardNormal(StableKey(seed,
-  // name), i) (common/rng.h), so any process can reproduce any slice.
+  // name), i) (common/model/rng.h), so any process can reproduce any slice.
   absl::Status InitParameters(uint64_t seed);
 
   // Runs the forward pass on host tokens[B,T] (values in [0, V)). With

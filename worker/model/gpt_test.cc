@@ -9,7 +9,7 @@
 #include <utility>
 #include <vector>
 
-#include "common/model_spec.h"
+#include "common/model/model_spec.h"
 #include "gtest/gtest.h"
 #include "worker/backend/backend.h"
 #include "worker/backend/cpu_backend.h"

@@ -4,7 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "common/model_spec.h"
+#include "common/model/model_spec.h"
 
 namespace lmps {
 namespace {

@@ -19,7 +19,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "common/model_spec.h"
+#include "common/model/model_spec.h"
 #include "gtest/gtest.h"
 #include "worker/backend/backend.h"
 #include "worker/backend/cpu_backend.h"

@@ -5,7 +5,7 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
-#include "common/status_util.h"
+#include "common/rpc/status_util.h"
 
 namespace lmps {
 

@@ -5,7 +5,7 @@
 //          max_stream_bytes serialized bytes in total, else
 //          RESOURCE_EXHAUSTED without touching the mailbox), then
 //          PeerMailbox::Deliver, and finishes with its status converted
-//          (common/status_util.h); PeerAck.elements on success.
+//          (common/rpc/status_util.h); PeerAck.elements on success.
 //
 // A malformed stream fails that call only (INVALID_ARGUMENT); the service
 // keeps serving. Deliver never waits for the receiver, so the reactor runs

@@ -8,8 +8,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
-#include "common/job_spec.h"
-#include "common/status_util.h"
+#include "common/model/job_spec.h"
+#include "common/rpc/status_util.h"
 #include "worker/pipeline/schedule.h"
 
 namespace lmps {

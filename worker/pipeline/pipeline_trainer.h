@@ -2,7 +2,7 @@
 // with pp * tp > 1: the TrainingLoop (worker/training_loop.h) that
 // worker/trainer.h's DataParallelTrainer is for pp = tp = 1. The worker
 // (dp, pp, tp) computes pipeline stage pp's blocks (its StageModel holds
-// tensor-parallel rank tp's slices, common/parallel_layout.h) for
+// tensor-parallel rank tp's slices, common/model/parallel_layout.h) for
 // data-parallel replica dp.
 //
 // One step t (SYNC; BOUNDED_STALENESS applies t - s instead, as
@@ -45,7 +45,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "common/parallel_layout.h"
+#include "common/model/parallel_layout.h"
 #include "proto/lmps.pb.h"
 #include "worker/data/dataset.h"
 #include "worker/model/stage_model.h"

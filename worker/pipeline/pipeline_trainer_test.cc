@@ -19,8 +19,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "common/job_spec.h"
-#include "common/parallel_layout.h"
+#include "common/model/job_spec.h"
+#include "common/model/parallel_layout.h"
 #include "gtest/gtest.h"
 #include "tests/testing/ps_cluster.h"
 #include "worker/backend/cpu_reference.h"

@@ -26,7 +26,7 @@
 // - kBf16 (the default, as issue #4 asks: bf16 inputs, fp32
 //   accumulation): each operand is first converted to bf16 on the device (round to
 //   nearest even, kernel_math.h FloatToBf16Bits, bit-identical to
-//   common/bf16.h), an 8-bit significand: unit roundoff 2^-8 = 3.9e-3 per
+//   common/model/bf16.h), an 8-bit significand: unit roundoff 2^-8 = 3.9e-3 per
 //   input, about 8x TF32's; the products then run with CUDA_R_16BF A/B,
 //   CUBLAS_COMPUTE_32F and fp32 C/D (bias epilogue in fp32). Tests: 4e-2
 //   per product, 8e-2 per parameter gradient of a model step, 4e-3 on the

@@ -50,7 +50,7 @@
 #include <thread>
 #include <vector>
 
-#include "common/model_spec.h"
+#include "common/model/model_spec.h"
 #include "gtest/gtest.h"
 #include "worker/backend/cpu_backend.h"
 #include "worker/backend/cpu_reference.h"

@@ -146,7 +146,7 @@ LMPS_HD float CrossEntropyGrad(float prob, bool is_target, float dloss) {
 // ---------------------------------------------------------------------------
 // bfloat16 (the upper 16 bits of an IEEE binary32), the input format of the
 // matrix products in MatmulPrecision::kBf16. Bit for bit the same as
-// common/bf16.h (FloatToBf16Bits / Bf16BitsToFloat), so bf16 made on the
+// common/model/bf16.h (FloatToBf16Bits / Bf16BitsToFloat), so bf16 made on the
 // device and on the host agree.
 // ---------------------------------------------------------------------------
 

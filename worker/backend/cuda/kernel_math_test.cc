@@ -7,7 +7,7 @@
 // up to the few-ulp differences of expf/tanhf/logf between libm and CUDA.
 //
 // The bf16 conversion of the matrix-product inputs is checked bit for bit
-// against common/bf16.h, and its rounding error against the 2^-8 bound.
+// against common/model/bf16.h, and its rounding error against the 2^-8 bound.
 //
 // Tolerance: max-norm relative error (test_util.h AllClose) <= 1e-5 for
 // elementwise functions and 2e-5 for row reductions (LayerNorm, softmax,
@@ -25,7 +25,7 @@
 #include <memory>
 #include <vector>
 
-#include "common/bf16.h"
+#include "common/model/bf16.h"
 #include "gtest/gtest.h"
 #include "worker/backend/cpu_reference.h"
 #include "worker/backend/test_util.h"

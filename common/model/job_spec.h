@@ -1,0 +1,49 @@
+// The job specification: parsing from protobuf text format, defaults and
+// validation. Errors name the field (or line and column) and say what would
+// be valid. See docs/configuration.md, "Configuration reference", for every field.
+//
+// Thread-safety: pure functions.
+#ifndef LMPS_COMMON_MODEL_JOB_SPEC_H_
+#define LMPS_COMMON_MODEL_JOB_SPEC_H_
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "proto/lmps.pb.h"
+
+namespace lmps {
+
+// Default data file: a real English text on every Debian system.
+inline constexpr char kDefaultDataPath[] = "/usr/share/common-licenses/GPL-3";
+
+// Parses text-format `text`, fills defaults and validates.
+absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text);
+
+// Reads and parses a text-format file.
+absl::StatusOr<JobSpec> LoadJobSpecFile(const std::string& path);
+
+// Fills every unset (zero) field with its documented default.
+void ApplyJobSpecDefaults(JobSpec* spec);
+
+// Checks a spec with defaults applied: positive sizes, divisibility of the
+// batch by dp * micro_batches, supported layout, sane optimizer values.
+absl::Status ValidateJobSpec(const JobSpec& spec);
+
+// The consistency part of ValidateJobSpec: train.mode is SYNC, ASYNC or
+// BOUNDED_STALENESS; 0 <= train.staleness <= kMaxStaleness, and > 0 only
+// with BOUNDED_STALENESS; the debug_slow_worker_* knobs are in range.
+absl::Status ValidateConsistency(const JobSpec& spec);
+
+// Largest train.staleness accepted.
+inline constexpr int kMaxStaleness = 1000;
+
+// The bound s of BOUNDED_STALENESS; 0 for SYNC (which is s = 0) and ASYNC
+// (which has no bound; see ConsistencyMode).
+int EffectiveStaleness(const JobSpec& spec);
+
+// Sequences each data-parallel replica computes per step.
+int LocalBatch(const JobSpec& spec);
+
+}  // namespace lmps
+
+#endif  // LMPS_COMMON_MODEL_JOB_SPEC_H_
