@@ -556,31 +556,6 @@ class Daemon {
 
 }  // namespace
 
-void StopSignal::Stop() {
-  absl::MutexLock lock(&mu_);
-  stopped_ = true;
-  if (on_stop_) on_stop_();
-}
-
-bool StopSignal::stopped() const {
-  absl::MutexLock lock(&mu_);
-  return stopped_;
-}
-
-bool StopSignal::WaitFor(absl::Duration d) const {
-  absl::MutexLock lock(&mu_);
-  auto stopped = [this]()
-                     ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopped_; };
-  mu_.AwaitWithTimeout(absl::Condition(&stopped), d);
-  return stopped_;
-}
-
-void StopSignal::OnStop(std::function<void()> on_stop) {
-  absl::MutexLock lock(&mu_);
-  on_stop_ = std::move(on_stop);
-  if (stopped_ && on_stop_) on_stop_();
-}
-
 absl::Status RunParameterServer(const DaemonOptions& options,
                                 StopSignal* stop) {
   Daemon daemon(options, stop);

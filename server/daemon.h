@@ -46,6 +46,7 @@
 #include "absl/time/time.h"
 #include "common/rpc/metrics.h"
 #include "common/rpc/security.h"
+#include "common/rpc/stop_signal.h"
 
 namespace lmps {
 
@@ -73,25 +74,6 @@ struct DaemonOptions {
   RpcMetrics* rpc_metrics = nullptr;
   // Receives every log line, prefix included; empty: stderr.
   std::function<void(const std::string&)> log;
-};
-
-// A stop request that also cancels the blocking RPC in flight (the daemon
-// hands it to its SchedulerClient::Cancel through OnStop).
-class StopSignal {
- public:
-  void Stop();
-  bool stopped() const;
-  // Sleeps up to `d`; returns true if stopped.
-  bool WaitFor(absl::Duration d) const;
-  // Stop() calls `on_stop` (at once if already stopped), under the signal's
-  // lock: it must be quick and must not call this StopSignal. Replaces the
-  // previous one; after OnStop(nullptr) returns, none runs.
-  void OnStop(std::function<void()> on_stop);
-
- private:
-  mutable absl::Mutex mu_;
-  bool stopped_ ABSL_GUARDED_BY(mu_) = false;
-  std::function<void()> on_stop_ ABSL_GUARDED_BY(mu_);
 };
 
 absl::Status RunParameterServer(const DaemonOptions& options, StopSignal* stop);

@@ -151,7 +151,7 @@ enum class SessionEnd {
 // /metrics last.
 class WorkerSession {
  public:
-  WorkerSession(const WorkerDaemonOptions& options, WorkerStopSignal* stop)
+  WorkerSession(const WorkerDaemonOptions& options, StopSignal* stop)
       : options_(options), stop_(stop), log_(options.log) {}
 
   absl::StatusOr<SessionEnd> Run() {
@@ -657,9 +657,9 @@ class WorkerSession {
     heartbeat_ = std::make_unique<HeartbeatLoop>(
         client_.get(), client_->lease() / 3, [this] { return MakeHeartbeat(); },
         [this](const absl::StatusOr<HeartbeatResponse>& r) { OnHeartbeat(r); });
-    stop_->Track([this] { CancelTraining(); });
+    stop_->OnStop([this] { CancelTraining(); });
     absl::Status status = loop_->Run();
-    stop_->Untrack();
+    stop_->OnStop(nullptr);
     if (!status.ok() && pipeline_) peer_->mailbox()->Shutdown();
     if (!status.ok() && stop_->stopped()) {
       heartbeat_->Stop();
@@ -764,7 +764,7 @@ class WorkerSession {
   }
 
   const WorkerDaemonOptions& options_;
-  WorkerStopSignal* const stop_;
+  StopSignal* const stop_;
   const WorkerLog log_;
 
   int threads_ = 0;
@@ -808,41 +808,8 @@ class WorkerSession {
 
 }  // namespace
 
-void WorkerStopSignal::Stop() {
-  absl::MutexLock lock(&mu_);
-  stopped_ = true;
-  if (cancel_) {
-    cancel_();
-    cancel_ = nullptr;
-  }
-}
-
-bool WorkerStopSignal::stopped() const {
-  absl::MutexLock lock(&mu_);
-  return stopped_;
-}
-
-bool WorkerStopSignal::WaitFor(absl::Duration d) const {
-  absl::MutexLock lock(&mu_);
-  return mu_.AwaitWithTimeout(absl::Condition(&stopped_), d);
-}
-
-void WorkerStopSignal::Track(std::function<void()> cancel) {
-  absl::MutexLock lock(&mu_);
-  if (stopped_) {
-    cancel();
-    return;
-  }
-  cancel_ = std::move(cancel);
-}
-
-void WorkerStopSignal::Untrack() {
-  absl::MutexLock lock(&mu_);
-  cancel_ = nullptr;
-}
-
 absl::Status RunWorkerDaemon(const WorkerDaemonOptions& options,
-                             WorkerStopSignal* stop) {
+                             StopSignal* stop) {
   if (options.scheduler.empty()) {
     return absl::InvalidArgumentError("--scheduler=host:port is required");
   }

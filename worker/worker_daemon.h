@@ -48,7 +48,8 @@
 // lmps_worker never calls it: SIGTERM keeps its default action.
 //
 // Thread-safety: RunWorkerDaemon runs on the caller's thread and joins the
-// threads it starts before returning; WorkerStopSignal is thread-safe.
+// threads it starts before returning; the StopSignal
+// (common/rpc/stop_signal.h) is thread-safe.
 #ifndef LMPS_WORKER_WORKER_DAEMON_H_
 #define LMPS_WORKER_WORKER_DAEMON_H_
 
@@ -64,6 +65,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/rpc/security.h"
+#include "common/rpc/stop_signal.h"
 #include "proto/lmps.pb.h"
 #include "worker/backend/backend.h"
 
@@ -122,27 +124,8 @@ struct WorkerDaemonOptions {
   std::function<void(const std::string&)> log;
 };
 
-// A stop request; see the file comment for what it ends and when.
-class WorkerStopSignal {
- public:
-  void Stop();
-  bool stopped() const;
-  // Sleeps up to `d`; returns true if stopped.
-  bool WaitFor(absl::Duration d) const;
-  // While tracked, Stop() calls `cancel` (at once if already stopped). It
-  // runs under the signal's lock: it must not call the signal.
-  void Track(std::function<void()> cancel);
-  // After Untrack returns, `cancel` is not running and will not run.
-  void Untrack();
-
- private:
-  mutable absl::Mutex mu_;
-  bool stopped_ ABSL_GUARDED_BY(mu_) = false;
-  std::function<void()> cancel_ ABSL_GUARDED_BY(mu_);
-};
-
 absl::Status RunWorkerDaemon(const WorkerDaemonOptions& options,
-                             WorkerStopSignal* stop);
+                             StopSignal* stop);
 
 }  // namespace lmps
 

@@ -174,7 +174,7 @@ class WorkerDaemonTest : public ::testing::Test {
   FakeScheduler fake_;
   std::unique_ptr<grpc::Server> scheduler_;
   WorkerDaemonOptions options_;
-  WorkerStopSignal stop_;
+  StopSignal stop_;
   std::thread daemon_;
   absl::Mutex log_mu_;
   std::vector<std::string> log_ ABSL_GUARDED_BY(log_mu_);
@@ -448,26 +448,6 @@ TEST_F(WorkerDaemonTest, MissingBackendFactoryIsInvalid) {
   options_.backend_factory = nullptr;
   const absl::Status status = RunWorkerDaemon(options_, &stop_);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
-}
-
-TEST(WorkerStopSignalTest, TrackedCancelRunsOnceOnStop) {
-  WorkerStopSignal stop;
-  int cancelled = 0;
-  stop.Track([&] { ++cancelled; });
-  EXPECT_FALSE(stop.WaitFor(absl::Milliseconds(1)));
-  stop.Stop();
-  stop.Stop();
-  EXPECT_EQ(cancelled, 1);
-  EXPECT_TRUE(stop.stopped());
-  EXPECT_TRUE(stop.WaitFor(absl::Seconds(10)));
-  // Tracking after the stop cancels at once; an untracked one never runs.
-  stop.Track([&] { ++cancelled; });
-  EXPECT_EQ(cancelled, 2);
-  WorkerStopSignal other;
-  other.Track([&] { ++cancelled; });
-  other.Untrack();
-  other.Stop();
-  EXPECT_EQ(cancelled, 2);
 }
 
 }  // namespace

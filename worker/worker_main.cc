@@ -161,7 +161,7 @@ int main(int argc, char** argv) {
   if (!options.ok()) return Fail(options.status());
   // Nothing stops it: SIGTERM and SIGINT keep their default action (the
   // worker dies at once, like a killed one, and its slot is taken over).
-  lmps::WorkerStopSignal stop;
+  lmps::StopSignal stop;
   const absl::Status status = lmps::RunWorkerDaemon(*options, &stop);
   return status.ok() ? 0 : Fail(status);
 }
