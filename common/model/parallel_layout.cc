@@ -7,6 +7,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/model/balanced_cuts.h"
 
 namespace lmps {
 namespace {
@@ -36,38 +37,6 @@ TpSplit SplitOf(const std::string& name) {
     return TpSplit::kRow;
   }
   return TpSplit::kReplicated;
-}
-
-// Contiguous split of `costs` into `parts` non-empty ranges minimising the
-// largest sum (extra[p] is added to part p). Returns the cut points
-// (size parts + 1). Ties prefer the earliest cut (deterministic).
-std::vector<int> BalancedCuts(const std::vector<double>& costs,
-                              const std::vector<double>& extra, int parts) {
-  const int n = static_cast<int>(costs.size());
-  std::vector<double> prefix(n + 1, 0);
-  for (int i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + costs[i];
-  const double inf = std::numeric_limits<double>::infinity();
-  // best[p][i]: the smallest max over the first p parts covering items [0, i).
-  std::vector<std::vector<double>> best(parts + 1,
-                                        std::vector<double>(n + 1, inf));
-  std::vector<std::vector<int>> arg(parts + 1, std::vector<int>(n + 1, -1));
-  best[0][0] = 0;
-  for (int p = 1; p <= parts; ++p) {
-    for (int i = p; i <= n - (parts - p); ++i) {
-      for (int j = p - 1; j < i; ++j) {
-        if (best[p - 1][j] == inf) continue;
-        const double v = std::max(best[p - 1][j],
-                                  prefix[i] - prefix[j] + extra[p - 1]);
-        if (v < best[p][i] - 1e-9 * std::max(1.0, v)) {
-          best[p][i] = v;
-          arg[p][i] = j;
-        }
-      }
-    }
-  }
-  std::vector<int> cuts(parts + 1, n);
-  for (int p = parts; p >= 1; --p) cuts[p - 1] = arg[p][cuts[p]];
-  return cuts;
 }
 
 }  // namespace
