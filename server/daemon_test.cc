@@ -12,6 +12,7 @@
 #include "gtest/gtest.h"
 #include "proto/lmps.grpc.pb.h"
 #include "server/checkpoint.h"
+#include "tests/testing/fake_scheduler.h"
 
 namespace lmps {
 namespace {
@@ -31,53 +32,6 @@ JobSpec Spec() {
   ApplyJobSpecDefaults(&spec);
   return spec;
 }
-
-class FakeScheduler final : public Scheduler::Service {
- public:
-  grpc::Status Register(grpc::ServerContext*, const RegisterRequest* req,
-                        RegisterResponse* resp) override {
-    absl::MutexLock lock(&mu_);
-    registered_ = *req;
-    if (req->rejoin() && !refuse_rejoin_.ok()) return refuse_rejoin_;
-    forgotten_ = false;
-    resp->set_node_id("server-0");
-    resp->set_lease_ms(300);
-    return grpc::Status::OK;
-  }
-  grpc::Status GetAssignment(grpc::ServerContext*,
-                             const GetAssignmentRequest* req,
-                             Assignment* resp) override {
-    absl::MutexLock lock(&mu_);
-    *resp = assignment_;
-    resp->set_node_id(req->node_id());
-    return grpc::Status::OK;
-  }
-  grpc::Status Heartbeat(grpc::ServerContext*, const HeartbeatRequest* req,
-                         HeartbeatResponse* resp) override {
-    absl::MutexLock lock(&mu_);
-    heartbeats_.push_back(*req);
-    if (forgotten_) {
-      return grpc::Status(grpc::StatusCode::NOT_FOUND, "unknown node id");
-    }
-    resp->set_state(state_);
-    resp->set_message(message_);
-    return grpc::Status::OK;
-  }
-  grpc::Status GetStatus(grpc::ServerContext*, const GetStatusRequest*,
-                         JobStatus*) override {
-    return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "");
-  }
-
-  absl::Mutex mu_;
-  Assignment assignment_ ABSL_GUARDED_BY(mu_);
-  RegisterRequest registered_ ABSL_GUARDED_BY(mu_);
-  std::vector<HeartbeatRequest> heartbeats_ ABSL_GUARDED_BY(mu_);
-  JobState state_ ABSL_GUARDED_BY(mu_) = RUNNING;
-  std::string message_ ABSL_GUARDED_BY(mu_);
-  // As after a restart: heartbeats are answered NOT_FOUND until a Register.
-  bool forgotten_ ABSL_GUARDED_BY(mu_) = false;
-  grpc::Status refuse_rejoin_ ABSL_GUARDED_BY(mu_);  // OK: accepted
-};
 
 std::string TestDir(const std::string& name) {
   const char* tmp = std::getenv("TEST_TMPDIR");
@@ -126,12 +80,8 @@ class DaemonTest : public ::testing::Test {
 
   // Waits until the daemon heartbeats (it serves by then).
   bool WaitForHeartbeat() {
-    absl::MutexLock lock(&fake_.mu_);
-    return fake_.mu_.AwaitWithTimeout(
-        absl::Condition(
-            +[](std::vector<HeartbeatRequest>* h) { return !h->empty(); },
-            &fake_.heartbeats_),
-        absl::Seconds(10));
+    return fake_.AwaitHeartbeat([](const HeartbeatRequest&) { return true; },
+                                absl::Seconds(10));
   }
 
   std::string Log() {
@@ -155,7 +105,7 @@ class DaemonTest : public ::testing::Test {
     return ::testing::AssertionSuccess();
   }
 
-  FakeScheduler fake_;
+  ::lmps::testing::FakeScheduler fake_{"server-0"};
   std::unique_ptr<grpc::Server> scheduler_;
   DaemonOptions options_;
   StopSignal stop_;
@@ -214,7 +164,7 @@ TEST_F(DaemonTest, ServesUntilFinishedAndWritesTheLastCheckpoint) {
   }
   {
     absl::MutexLock lock(&fake_.mu_);
-    fake_.state_ = FINISHED;
+    fake_.heartbeat_state_ = FINISHED;
   }
   daemon_.join();
   EXPECT_TRUE(result_.ok()) << result_;
@@ -228,7 +178,7 @@ TEST_F(DaemonTest, ServesUntilFinishedAndWritesTheLastCheckpoint) {
   // assigned step.
   {
     absl::MutexLock lock(&fake_.mu_);
-    fake_.state_ = RUNNING;
+    fake_.heartbeat_state_ = RUNNING;
     fake_.heartbeats_.clear();
     fake_.assignment_.set_start_step(2);
   }
@@ -249,7 +199,7 @@ TEST_F(DaemonTest, ServesUntilFinishedAndWritesTheLastCheckpoint) {
 TEST_F(DaemonTest, JobFailedEndsWithError) {
   {
     absl::MutexLock lock(&fake_.mu_);
-    fake_.state_ = FAILED;
+    fake_.heartbeat_state_ = FAILED;
     fake_.message_ = "worker-1 crashed";
   }
   Start();
@@ -310,13 +260,13 @@ TEST_F(DaemonTest, RejoinsARestartedScheduler) {
     absl::MutexLock lock(&fake_.mu_);
     fake_.forgotten_ = true;
     fake_.refuse_rejoin_ =
-        grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "not yet");
+        absl::FailedPreconditionError("not yet");
   }
   ASSERT_TRUE(
       WaitForLogLine("rejoining after a scheduler restart: not yet"));
   {
     absl::MutexLock lock(&fake_.mu_);
-    fake_.refuse_rejoin_ = grpc::Status::OK;
+    fake_.refuse_rejoin_ = absl::OkStatus();
   }
   ASSERT_TRUE(WaitForLogLine(absl::StrCat("the scheduler at ",
                                           options_.scheduler,

@@ -20,77 +20,12 @@
 #include "common/rpc/status_util.h"
 #include "gtest/gtest.h"
 #include "proto/lmps.grpc.pb.h"
+#include "tests/testing/fake_scheduler.h"
 #include "tests/testing/ps_cluster.h"
 #include "worker/backend_factory.h"
 
 namespace lmps {
 namespace {
-
-// Answers Register from a script (its last answer repeats), GetStatus and
-// Heartbeat with a state; records calls.
-class FakeScheduler final : public Scheduler::Service {
- public:
-  grpc::Status Register(grpc::ServerContext*, const RegisterRequest* req,
-                        RegisterResponse* resp) override {
-    absl::MutexLock lock(&mu_);
-    ++registers_;
-    registered_ = *req;
-    const absl::Status answer = register_answers_.front();
-    if (register_answers_.size() > 1) register_answers_.pop_front();
-    if (!answer.ok()) return ToGrpcStatus(answer);
-    resp->set_node_id("worker-0");
-    resp->set_lease_ms(300);
-    return grpc::Status::OK;
-  }
-  grpc::Status GetAssignment(grpc::ServerContext*,
-                             const GetAssignmentRequest* req,
-                             Assignment* resp) override {
-    absl::MutexLock lock(&mu_);
-    *resp = assignment_;
-    resp->set_node_id(req->node_id());
-    return grpc::Status::OK;
-  }
-  grpc::Status Heartbeat(grpc::ServerContext*, const HeartbeatRequest* req,
-                         HeartbeatResponse* resp) override {
-    absl::MutexLock lock(&mu_);
-    heartbeats_.push_back(*req);
-    resp->set_state(heartbeat_state_);
-    resp->set_message(message_);
-    return grpc::Status::OK;
-  }
-
-  // Waits until a heartbeat satisfies `pred`.
-  bool AwaitHeartbeat(std::function<bool(const HeartbeatRequest&)> pred) {
-    for (const absl::Time give_up = absl::Now() + absl::Seconds(30);
-         absl::Now() < give_up; absl::SleepFor(absl::Milliseconds(20))) {
-      absl::MutexLock lock(&mu_);
-      for (const HeartbeatRequest& hb : heartbeats_) {
-        if (pred(hb)) return true;
-      }
-    }
-    return false;
-  }
-  grpc::Status GetStatus(grpc::ServerContext*, const GetStatusRequest*,
-                         JobStatus* resp) override {
-    absl::MutexLock lock(&mu_);
-    ++get_status_;
-    resp->set_state(state_);
-    resp->set_message(message_);
-    return grpc::Status::OK;
-  }
-
-  absl::Mutex mu_;
-  std::deque<absl::Status> register_answers_ ABSL_GUARDED_BY(mu_) = {
-      absl::OkStatus()};
-  int registers_ ABSL_GUARDED_BY(mu_) = 0;
-  RegisterRequest registered_ ABSL_GUARDED_BY(mu_);
-  Assignment assignment_ ABSL_GUARDED_BY(mu_);
-  JobState state_ ABSL_GUARDED_BY(mu_) = ASSEMBLING;
-  JobState heartbeat_state_ ABSL_GUARDED_BY(mu_) = RUNNING;
-  std::vector<HeartbeatRequest> heartbeats_ ABSL_GUARDED_BY(mu_);
-  std::string message_ ABSL_GUARDED_BY(mu_);
-  int get_status_ ABSL_GUARDED_BY(mu_) = 0;
-};
 
 absl::Status Finished() {
   return WithReason(
@@ -171,7 +106,7 @@ class WorkerDaemonTest : public ::testing::Test {
 
   std::string Log() { return absl::StrJoin(Lines(), "\n"); }
 
-  FakeScheduler fake_;
+  ::lmps::testing::FakeScheduler fake_{"worker-0"};
   std::unique_ptr<grpc::Server> scheduler_;
   WorkerDaemonOptions options_;
   StopSignal stop_;
@@ -249,7 +184,7 @@ TEST_F(WorkerDaemonTest, SpareExitsOkWhenTheJobFinishesFirst) {
   ASSERT_TRUE(WaitForLine("backend cpu")) << Log();
   {
     absl::MutexLock lock(&fake_.mu_);
-    fake_.state_ = FINISHED;
+    fake_.status_state_ = FINISHED;
   }
   ASSERT_TRUE(Result().ok()) << Result() << "\n" << Log();
   EXPECT_EQ(Lines().back(),
@@ -262,7 +197,7 @@ TEST_F(WorkerDaemonTest, SpareFailsWithTheJob) {
   options_.spare = true;
   {
     absl::MutexLock lock(&fake_.mu_);
-    fake_.state_ = FAILED;
+    fake_.status_state_ = FAILED;
     fake_.message_ = "server-1 lost";
   }
   Start();
@@ -275,7 +210,7 @@ TEST_F(WorkerDaemonTest, SpareRegistersOnceTheJobRuns) {
   options_.spare = true;
   {
     absl::MutexLock lock(&fake_.mu_);
-    fake_.state_ = RUNNING;
+    fake_.status_state_ = RUNNING;
     fake_.register_answers_ = {Finished()};
   }
   Start();
