@@ -63,6 +63,13 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
         "push pp_rank ", pp_rank, " tp_rank ", tp_rank,
         " is out of range: the layout has pp=", pp_, " tp=", tp_));
   }
+  // A step of the job: the clocks count steps, so a step past the job's
+  // end (INT64_MAX once overflowed one) is a bad request in every mode.
+  const int64_t steps = options_.spec.train().steps();
+  if (step < 0 || step >= steps) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "push step ", step, " is outside the job's steps [0, ", steps, ")"));
+  }
   const int worker = pp_rank * tp_ + tp_rank;
   const std::string contributor = absl::StrCat(
       "(dp rank ", rank, ", pp ", pp_rank, ", tp ", tp_rank, ")");

@@ -812,7 +812,10 @@ TEST(ShardTest, BoundedStalenessPullWaitsForTheSlowestReplica) {
   std::vector<std::string> log;
   ShardOptions o = Options(WithMode(Spec(2, 1, SGD), BOUNDED_STALENESS, 2), 0);
   o.log = [&](const std::string& line) { log.push_back(line); };
-  o.spec.mutable_train()->set_steps(3);
+  // This run ends after step 2 of a 4-step job (so step 3 is a step of the
+  // job, refused only by the staleness bound).
+  o.spec.mutable_train()->set_steps(4);
+  o.spec.mutable_train()->set_stop_after_step(3);
   auto shard = MakeShard(o);
   ASSERT_NE(shard, nullptr);
   const uint64_t pv = shard->partition().version();
@@ -961,6 +964,27 @@ TEST(ShardTest, AsyncAppliesEachPushAsItArrives) {
       << gn.status();
   EXPECT_EQ(shard->Apply(1, 1.0).status().code(),
             absl::StatusCode::kFailedPrecondition);
+}
+
+// A push of a step outside the job's steps is refused in every mode and
+// changes nothing (shard_fuzzer: an ASYNC push of step INT64_MAX overflowed
+// the replica clock).
+TEST(ShardTest, PushOfAStepOutsideTheJobIsRefused) {
+  for (ConsistencyMode mode : {SYNC, BOUNDED_STALENESS, ASYNC}) {
+    SCOPED_TRACE(ConsistencyMode_Name(mode));
+    const JobSpec spec = WithMode(Spec(2, 1, SGD), mode);
+    auto shard = MakeShard(Options(spec, 0));
+    ASSERT_NE(shard, nullptr);
+    const int64_t steps = spec.train().steps();
+    for (int64_t step : {int64_t{-1}, steps, std::numeric_limits<int64_t>::max()}) {
+      ExpectRejected(shard.get(), Stream(*shard, 0, step),
+                     absl::StatusCode::kInvalidArgument,
+                     absl::StrCat("push step ", step,
+                                  " is outside the job's steps [0, ", steps,
+                                  ")"));
+    }
+    EXPECT_EQ(shard->replica_clocks(), (std::vector<int64_t>{0, 0}));
+  }
 }
 
 // ASYNC clipping: each shard clips its part to grad_clip * sqrt(n_k / n).
