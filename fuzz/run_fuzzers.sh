@@ -15,6 +15,12 @@
 #
 # Each target starts from its seed corpus (fuzz/corpus/<target>/, plus the
 # example job specs for the job-spec parser) copied to a scratch directory.
+# Exploring (the default): a random seed each run, for SECONDS each. A fixed
+# replay (what //tests:fuzz_test does, so that the suite gives the same
+# answer every time): LMPS_FUZZ_SEED=N (libFuzzer's -seed) and
+# LMPS_FUZZ_RUNS=R (-runs: R inputs, SECONDS only a cap); a slower machine
+# that hits the cap has run a prefix of the same inputs.
+#
 # Crashing inputs are written to $LMPS_FUZZ_ARTIFACTS (default: the scratch
 # directory, or Bazel's undeclared test outputs); reproduce one with
 #   .bazel/bin/fuzz/<target> <crash-file>
@@ -80,8 +86,14 @@ for t in "${targets[@]}"; do
     # grows the length limit slowly, and a short run never gets far).
     extra+=(-max_len=2048 -len_control=0)
   fi
+  if [ -n "${LMPS_FUZZ_SEED:-}" ]; then
+    extra+=("-seed=$LMPS_FUZZ_SEED")
+  fi
+  if [ -n "${LMPS_FUZZ_RUNS:-}" ]; then
+    extra+=("-runs=$LMPS_FUZZ_RUNS")
+  fi
   log="$scratch/$t.log"
-  echo "run_fuzzers: $t for ${seconds}s"
+  echo "run_fuzzers: $t for ${seconds}s${LMPS_FUZZ_SEED:+ (seed $LMPS_FUZZ_SEED)}${LMPS_FUZZ_RUNS:+, at most $LMPS_FUZZ_RUNS inputs}"
   # -timeout: one input taking longer is a hang (a bug); -rss_limit_mb: so is
   # runaway memory. Leak checking stays on (ASan's default).
   "$exe" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
@@ -111,7 +123,7 @@ fi
 if [ "$skipped" -eq ${#targets[@]} ]; then
   echo "run_fuzzers: every target SKIPPED (clang/libFuzzer missing where they were built)"
 elif [ "$skipped" -gt 0 ]; then
-  echo "run_fuzzers: $skipped target(s) SKIPPED; the others ran ${seconds}s without a crash"
+  echo "run_fuzzers: $skipped target(s) SKIPPED; the others ran without a crash"
 else
-  echo "run_fuzzers: all targets ran ${seconds}s without a crash"
+  echo "run_fuzzers: all targets ran without a crash"
 fi
