@@ -30,8 +30,8 @@
 #include "worker/model/gpt.h"
 #include "worker/model/stage_model.h"
 #include "worker/peer/mailbox.h"
+#include "worker/peer/peer_endpoint.h"
 #include "worker/peer/peer_network.h"
-#include "worker/peer/peer_service.h"
 #include "worker/peer/ring_allreduce.h"
 #include "worker/pipeline/pipeline_trainer.h"
 #include "worker/ps_client.h"
@@ -69,66 +69,6 @@ class WorkerLog {
 
  private:
   std::function<void(const std::string&)> sink_;
-};
-
-// The WorkerPeer service: peers send activations, their gradients and
-// all-reduce parts here (pipeline and tensor-parallel layouts). Shut down
-// in the order worker/peer/peer_service.h asks for.
-class PeerEndpoint {
- public:
-  static absl::StatusOr<std::unique_ptr<PeerEndpoint>> Start(
-      const WorkerDaemonOptions& options, const Security& security,
-      Metrics* metrics, RpcMetrics* rpc, const WorkerLog& log) {
-    auto peer = std::unique_ptr<PeerEndpoint>(new PeerEndpoint);
-    LMPS_ASSIGN_OR_RETURN(peer->mailbox_,
-                          PeerMailbox::Create(PeerMailboxOptions()));
-    LMPS_ASSIGN_OR_RETURN(
-        peer->service_, WorkerPeerService::Create(peer->mailbox_.get(),
-                                                  WorkerPeerServiceOptions()));
-    GrpcServerOptions server_options;
-    server_options.listen_address = options.peer_listen;
-    server_options.rpc_metrics = rpc;
-    server_options.security = security;
-    if (options.peer_security.has_value()) {
-      LMPS_ASSIGN_OR_RETURN(server_options.security,
-                            Security::Load(*options.peer_security));
-    }
-    server_options.metrics = metrics;
-    absl::StatusOr<StartedServer> started =
-        StartGrpcServer(server_options, {peer->service_.get()});
-    if (!started.ok()) {
-      // Data-parallel jobs do not need it; the scheduler refuses a worker
-      // without an address in a pipeline or tensor-parallel job.
-      log("worker", absl::StrCat("warning: no WorkerPeer service (pipeline and "
-                                 "tensor-parallel jobs need it): ",
-                                 started.status().ToString()));
-      return peer;
-    }
-    peer->server_ = std::move(started->server);
-    SetServing(peer->server_.get(), true);
-    peer->address_ = absl::StrCat(options.advertise_host, ":", started->port);
-    return peer;
-  }
-
-  ~PeerEndpoint() {
-    if (mailbox_ != nullptr) mailbox_->Shutdown();
-    if (server_ != nullptr) {
-      server_->Shutdown(std::chrono::system_clock::now() +
-                        std::chrono::seconds(2));
-    }
-  }
-
-  PeerMailbox* mailbox() const { return mailbox_.get(); }
-  // Empty when the service could not start.
-  const std::string& address() const { return address_; }
-
- private:
-  PeerEndpoint() = default;
-
-  std::unique_ptr<PeerMailbox> mailbox_;
-  std::unique_ptr<WorkerPeerService> service_;
-  std::unique_ptr<grpc::Server> server_;
-  std::string address_;
 };
 
 // What joining the job came to.
@@ -188,9 +128,15 @@ class WorkerSession {
         Scheduler::NewStub(
             MakeChannel(options_.scheduler, metrics_.rpc.get(), security_)),
         options_.scheduler);
-    LMPS_ASSIGN_OR_RETURN(
-        peer_, PeerEndpoint::Start(options_, security_, metrics_.metrics.get(),
-                                   metrics_.rpc.get(), log_));
+    PeerEndpointOptions peer;
+    peer.listen = options_.peer_listen;
+    peer.advertise_host = options_.advertise_host;
+    peer.security = security_;
+    peer.peer_security = options_.peer_security;
+    peer.metrics = metrics_.metrics.get();
+    peer.rpc = metrics_.rpc.get();
+    peer.warn = [log = log_](const std::string& line) { log("worker", line); };
+    LMPS_ASSIGN_OR_RETURN(peer_, PeerEndpoint::Start(peer));
     return absl::OkStatus();
   }
 
