@@ -1,14 +1,6 @@
-// Optimizer math of the parameter servers: learning-rate schedule, global
-// gradient-norm clipping, AdamW and SGD with momentum on flat fp32 spans.
-//
-// Learning rate for the update with 0-based index `step` (the update that
-// turns version `step` into version `step + 1`), W = warmup_steps,
-// S = total_steps:
-//   step < W:  lr * (step + 1) / W                  (lr/W, 2 lr/W, ..., lr)
-//   else:      p  = clamp((step - W) / max(1, S - W), 0, 1)
-//              min_lr + 0.5 * (1 + cos(pi * p)) * (lr - min_lr)
-// so the first update after warm-up uses lr and the cosine reaches min_lr at
-// step S (the last update, S - 1, is just above min_lr).
+// Optimizer math of the parameter servers: learning-rate schedule
+// (LearningRate, common/model/learning_rate.h), global gradient-norm
+// clipping, AdamW and SGD with momentum on flat fp32 spans.
 //
 // Clipping (identical to torch.nn.utils.clip_grad_norm_):
 //   scale = min(1, grad_clip / (global_norm + 1e-6)) when grad_clip > 0,
@@ -35,13 +27,10 @@
 #include <cstdint>
 
 #include "absl/types/span.h"
+#include "common/model/learning_rate.h"
 #include "proto/lmps.pb.h"
 
 namespace lmps {
-
-// Learning rate of update `step` (0-based) of `total_steps`; see above.
-double LearningRate(const OptimizerConfig& config, int64_t step,
-                    int64_t total_steps);
 
 // Gradient multiplier for a global L2 norm; see above.
 double ClipScale(double grad_clip, double global_norm);

@@ -10,6 +10,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "common/model/job_spec.h"
+#include "common/model/learning_rate.h"
 #include "common/model/parallel_layout.h"
 #include "common/rpc/status_util.h"
 #include "worker/overlapped_push.h"
@@ -77,7 +78,8 @@ absl::Status DataParallelTrainer::PullInto(int64_t step, int64_t* version) {
 }
 
 absl::Status DataParallelTrainer::ApplyStep(int64_t step) {
-  return ApplyStepOnShards(ps_, options_.spec.train().mode(), step);
+  return ApplyStepOnShards(ps_, options_.spec.train().mode(), step,
+                           &progress_.grad_norm);
 }
 
 int64_t DataParallelTrainer::FinalVersion() const {
@@ -155,6 +157,7 @@ absl::Status DataParallelTrainer::Run() {
   for (int64_t step = options_.start_step; step < end_step_; ++step) {
     if (cancelled_) return absl::CancelledError("training cancelled");
     auto t0 = std::chrono::steady_clock::now();
+    const int64_t pulled_before = ps_->stats().bytes_pulled;
     int64_t version = 0;
     LMPS_RETURN_IF_ERROR(
         PullInto(mode == ASYNC ? async_seen : step, &version));
@@ -232,6 +235,9 @@ absl::Status DataParallelTrainer::Run() {
     progress_.step = step + 1;
     progress_.loss = static_cast<float>(loss);
     progress_.tokens_per_second = tokens_done / SecondsSince(run_start);
+    progress_.learning_rate =
+        LearningRate(options_.spec.optimizer(), step, train.steps());
+    progress_.pull_bytes = ps_->stats().bytes_pulled - pulled_before;
     if (train.debug_trace_steps()) {
       Log(absl::StrFormat(
           "trace dp_rank=%d step=%d pulled_version=%d staleness=%d loss=%.6f "

@@ -38,6 +38,13 @@ struct TrainerProgress {
   int64_t staleness = 0;
   float loss = NAN;          // training loss of the last step
   float eval_loss = NAN;     // last evaluation loss, NaN if none yet
+  // The schedule's learning rate for the last step's update
+  // (common/model/learning_rate.h), and the global gradient norm (before
+  // clipping) of the last step this worker applied: the last step itself in
+  // SYNC, step - staleness in BOUNDED_STALENESS; NaN in ASYNC (no GradNorm)
+  // and before the first apply.
+  double learning_rate = NAN;
+  double grad_norm = NAN;
   double tokens_per_second = 0;
   // Of the last step. compute_seconds: forward and backward; push_seconds:
   // pushing after the backward pass ended (with overlap_push the part of
@@ -50,6 +57,9 @@ struct TrainerProgress {
   // embeddings) was final (0 without overlap_push).
   int64_t push_bytes = 0;
   int64_t push_bytes_overlapped = 0;
+  // Parameter payload bytes pulled in the last step (PsClientStats
+  // bytes_pulled; an evaluation's pull at a step boundary included).
+  int64_t pull_bytes = 0;
   // Pulls done since the loop started (steps, evaluations and the final
   // pull); each transfers exactly the parameters this worker holds.
   int64_t pulls = 0;
@@ -90,9 +100,10 @@ class TrainingLoop {
 // GradNorm and Apply of `step` on every shard: the exact global gradient
 // norm, then the optimizer. SYNC checks the shards are then at step + 1;
 // BOUNDED_STALENESS allows them to be further (faster replicas applied later
-// steps). Shared by both loops.
+// steps). Sets *grad_norm (when not null) to the global gradient norm.
+// Shared by both loops.
 absl::Status ApplyStepOnShards(PsClient* ps, ConsistencyMode mode,
-                               int64_t step);
+                               int64_t step, double* grad_norm = nullptr);
 
 }  // namespace lmps
 

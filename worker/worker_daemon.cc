@@ -35,6 +35,7 @@
 #include "worker/peer/ring_allreduce.h"
 #include "worker/pipeline/pipeline_trainer.h"
 #include "worker/ps_client.h"
+#include "worker/step_log.h"
 #include "worker/trainer.h"
 #include "worker/training_loop.h"
 
@@ -420,6 +421,7 @@ class WorkerSession {
               {"pp_rank", std::to_string(assignment_.pp_rank())},
               {"tp_rank", std::to_string(assignment_.tp_rank())}});
     common.on_progress = [this](const TrainerProgress& p) { OnProgress(p); };
+    OpenStepLog();
     if (pipeline_) return BuildPipelineTrainer(common, overlap_push);
     LMPS_ASSIGN_OR_RETURN(
         model_, GptModel::Create(spec_.model(), backend_.get(), micro_,
@@ -507,8 +509,33 @@ class WorkerSession {
     return absl::OkStatus();
   }
 
-  // The trainer's progress: exported as gauges and sent in heartbeats.
+  // The step log (options_.step_log), appended to from OnProgress.
+  void OpenStepLog() {
+    if (options_.step_log.empty()) return;
+    StepLogIdentity who;
+    who.node = id_;
+    who.dp = assignment_.dp_rank();
+    who.pp = assignment_.pp_rank();
+    who.tp = assignment_.tp_rank();
+    who.pipeline = pipeline_;
+    absl::StatusOr<std::unique_ptr<StepLog>> log =
+        StepLog::Open(options_.step_log, std::move(who));
+    if (!log.ok()) {
+      log_(id_, absl::StrCat("warning: no step log: ", log.status().message()));
+      return;
+    }
+    step_log_ = *std::move(log);
+  }
+
+  // The trainer's progress: exported as gauges, appended to the step log
+  // and sent in heartbeats.
   void OnProgress(const TrainerProgress& p) {
+    if (step_log_ != nullptr) {
+      if (absl::Status s = step_log_->Append(p); !s.ok()) {
+        log_(id_, absl::StrCat("warning: the step log stops: ", s.message()));
+        step_log_.reset();
+      }
+    }
     Metrics* m = metrics_.metrics.get();
     SetGauge(m, "lmps_step", "Completed training steps.",
              static_cast<double>(p.step));
@@ -736,6 +763,7 @@ class WorkerSession {
   std::unique_ptr<StageModel> stage_model_;  // pp * tp > 1
   std::unique_ptr<PeerNetwork> peers_;
   std::unique_ptr<RingAllReduce> ring_;
+  std::unique_ptr<StepLog> step_log_;  // null: none
   // Declared after what it uses, so destroyed first.
   std::unique_ptr<TrainingLoop> loop_;
   // loop_ when this worker holds the whole model (pp = tp = 1): it samples.

@@ -99,6 +99,9 @@ struct WorkerDaemonOptions {
   // asks for sample tokens (logged; also written to sample_out if set).
   std::string sample_out;
   std::string sample_prompt = "The ";
+  // Appends one JSON line per step here (worker/step_log.h); empty: no step
+  // log. A log that cannot be written is reported once and dropped.
+  std::string step_log;
   double sample_temperature = 0.8;  // 0: greedy
   int sample_top_k = 40;            // 0: all
   DType push_dtype = F32;           // gradient payload: F32 or BF16

@@ -4,6 +4,7 @@
 // and replacements run in the multi-process tests of tests/.
 #include "worker/worker_daemon.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <deque>
 #include <fstream>
@@ -321,6 +322,8 @@ class WorkerDaemonTrainingTest : public WorkerDaemonTest {
 TEST_F(WorkerDaemonTrainingTest, TrainsSamplesAndReportsDone) {
   Assign(/*steps=*/3, /*sample_tokens=*/5);
   options_.sample_out = TestFile("sample.txt");
+  options_.step_log = TestFile("steps.jsonl");
+  std::remove(options_.step_log.c_str());
   Start();
   ASSERT_TRUE(Result(absl::Seconds(60)).ok()) << Result() << "\n" << Log();
   const std::string log = Log();
@@ -333,6 +336,22 @@ TEST_F(WorkerDaemonTrainingTest, TrainsSamplesAndReportsDone) {
   std::stringstream written;
   written << sample.rdbuf();
   EXPECT_TRUE(absl::StartsWith(written.str(), "The ")) << written.str();
+  // The step log: steps 0, 1, 2, then step 2 again with the final
+  // evaluation's loss.
+  std::ifstream steps(options_.step_log);
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(steps, line);) lines.push_back(line);
+  ASSERT_EQ(lines.size(), 4u) << absl::StrJoin(lines, "\n");
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_TRUE(absl::StartsWith(lines[i], absl::StrCat("{\"step\":", i, ",")))
+        << lines[i];
+    EXPECT_TRUE(absl::StrContains(lines[i], "\"node\":\"worker-0\""))
+        << lines[i];
+    EXPECT_TRUE(absl::StrContains(lines[i], "\"grad_norm\":")) << lines[i];
+    EXPECT_FALSE(absl::StrContains(lines[i], "eval_loss")) << lines[i];
+  }
+  EXPECT_TRUE(absl::StrContains(lines[3], "\"eval_loss\":")) << lines[3];
+  EXPECT_TRUE(absl::StartsWith(lines[3], "{\"step\":2,")) << lines[3];
   absl::MutexLock lock(&fake_.mu_);
   ASSERT_FALSE(fake_.heartbeats_.empty());
   EXPECT_TRUE(fake_.heartbeats_.back().done());

@@ -47,6 +47,10 @@ ABSL_FLAG(int, workers_per_host, 1,
 ABSL_FLAG(std::string, data, "",
           "data file; overrides the job spec's data.path (same contents "
           "expected on every worker)");
+ABSL_FLAG(std::string, step_log, "",
+          "append one JSON line per training step to this file (the "
+          "launcher merges the workers' into RUN_DIR/steps.jsonl); empty: "
+          "none");
 ABSL_FLAG(std::string, sample_out, "",
           "data-parallel rank 0 writes the generated sample here");
 ABSL_FLAG(std::string, sample_prompt, "The ", "prompt for the sample");
@@ -110,6 +114,7 @@ absl::StatusOr<lmps::WorkerDaemonOptions> OptionsFromFlags() {
   options.rank = absl::GetFlag(FLAGS_rank);
   options.data = absl::GetFlag(FLAGS_data);
   options.sample_out = absl::GetFlag(FLAGS_sample_out);
+  options.step_log = absl::GetFlag(FLAGS_step_log);
   options.sample_prompt = absl::GetFlag(FLAGS_sample_prompt);
   options.sample_temperature = absl::GetFlag(FLAGS_sample_temperature);
   options.sample_top_k = absl::GetFlag(FLAGS_sample_top_k);

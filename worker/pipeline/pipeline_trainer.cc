@@ -9,6 +9,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "common/model/job_spec.h"
+#include "common/model/learning_rate.h"
 #include "common/rpc/status_util.h"
 #include "worker/pipeline/schedule.h"
 
@@ -158,7 +159,8 @@ absl::Status PipelineTrainer::AwaitResizeStop(int64_t step,
 }
 
 absl::Status PipelineTrainer::ApplyStep(int64_t step) {
-  return ApplyStepOnShards(ps_, options_.spec.train().mode(), step);
+  return ApplyStepOnShards(ps_, options_.spec.train().mode(), step,
+                           &progress_.grad_norm);
 }
 
 absl::StatusOr<int> PipelineTrainer::ForwardOne(int64_t step, bool eval, int i,
@@ -319,6 +321,7 @@ absl::Status PipelineTrainer::Run() {
   for (int64_t step = options_.start_step; step < end_step_; ++step) {
     if (cancelled_) return absl::CancelledError("training cancelled");
     auto t0 = std::chrono::steady_clock::now();
+    const int64_t pulled_before = ps_->stats().bytes_pulled;
     LMPS_RETURN_IF_ERROR(PullInto(step));
     progress_.pulled_version = step;
     progress_.pull_seconds = SecondsSince(t0);
@@ -378,6 +381,9 @@ absl::Status PipelineTrainer::Run() {
     tokens_done += static_cast<int64_t>(LocalBatch(spec)) * T;
     progress_.step = step + 1;
     progress_.loss = stage_.has_head ? static_cast<float>(loss) : NAN;
+    progress_.learning_rate =
+        LearningRate(spec.optimizer(), step, train.steps());
+    progress_.pull_bytes = ps_->stats().bytes_pulled - pulled_before;
     progress_.tokens_per_second = tokens_done / SecondsSince(run_start);
     if (train.debug_trace_steps()) {
       Log(absl::StrFormat(

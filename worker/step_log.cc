@@ -1,0 +1,81 @@
+#include "worker/step_log.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "nlohmann/json.hpp"
+
+namespace lmps {
+namespace {
+
+// Adds `key` unless `v` is NaN or infinite.
+void PutFinite(nlohmann::ordered_json* j, const char* key, double v) {
+  if (std::isfinite(v)) (*j)[key] = v;
+}
+
+}  // namespace
+
+std::string StepLogLine(const StepLogIdentity& who, const TrainerProgress& p,
+                        bool evaluated, double unix_seconds) {
+  nlohmann::ordered_json j;
+  j["step"] = p.step - 1;
+  j["time"] = std::round(unix_seconds * 1000) / 1000;
+  j["node"] = who.node;
+  j["dp"] = who.dp;
+  j["pp"] = who.pp;
+  j["tp"] = who.tp;
+  PutFinite(&j, "loss", p.loss);
+  if (evaluated) PutFinite(&j, "eval_loss", p.eval_loss);
+  PutFinite(&j, "lr", p.learning_rate);
+  PutFinite(&j, "grad_norm", p.grad_norm);
+  PutFinite(&j, "tokens_per_second", p.tokens_per_second);
+  PutFinite(&j, "compute_s", p.compute_seconds);
+  PutFinite(&j, "pull_s", p.pull_seconds);
+  PutFinite(&j, "push_s", p.push_seconds);
+  PutFinite(&j, "wait_s", p.sync_seconds);
+  j["bytes_pulled"] = p.pull_bytes;
+  j["bytes_pushed"] = p.push_bytes;
+  if (who.pipeline) PutFinite(&j, "bubble", p.bubble_fraction);
+  return j.dump();
+}
+
+absl::StatusOr<std::unique_ptr<StepLog>> StepLog::Open(const std::string& path,
+                                                       StepLogIdentity who) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC,
+                        0644);
+  if (fd < 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "step log ", path, ": cannot open for appending: ", std::strerror(errno)));
+  }
+  return std::unique_ptr<StepLog>(new StepLog(fd, path, std::move(who)));
+}
+
+StepLog::~StepLog() { ::close(fd_); }
+
+absl::Status StepLog::Append(const TrainerProgress& p) {
+  if (p.step <= 0) return absl::OkStatus();  // nothing computed yet
+  const bool evaluated =
+      std::isfinite(p.eval_loss) &&
+      !(std::isfinite(last_eval_) && last_eval_ == p.eval_loss);
+  const std::string line =
+      StepLogLine(who_, p, evaluated, absl::ToUnixMicros(absl::Now()) / 1e6) +
+      "\n";
+  // One write: O_APPEND puts the whole line at the end of the file.
+  const ssize_t n = ::write(fd_, line.data(), line.size());
+  if (n != static_cast<ssize_t>(line.size())) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "step log ", path_, ": ",
+        n < 0 ? std::strerror(errno)
+              : absl::StrCat("short write (", n, " of ", line.size(),
+                             " bytes): the disk is full?")));
+  }
+  if (evaluated) last_eval_ = p.eval_loss;
+  return absl::OkStatus();
+}
+
+}  // namespace lmps
