@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -21,6 +22,7 @@
 #include <google/protobuf/text_format.h>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
@@ -32,6 +34,7 @@
 #include "common/rpc/security.h"
 #include "common/rpc/status_util.h"
 #include "launcher/progress.h"
+#include "launcher/step_log_merge.h"
 #include "proto/lmps.grpc.pb.h"
 
 namespace lmps {
@@ -70,6 +73,9 @@ class Launcher {
   absl::Status StartJob(const JobSpec& spec);
   // Follows the job until every worker is done.
   absl::Status Monitor();
+  // Writes the steps every worker is past (every step read when `final`)
+  // to RUN_DIR/steps.jsonl.
+  void MergeSteps(const JobStatus& status, bool final);
   // The fault injector's view of children_.
   FaultTargets Targets();
   // Elastic dp (--resize_at_step, SIGUSR1/SIGUSR2): asks every shard to stop
@@ -130,6 +136,9 @@ class Launcher {
   std::vector<Child> children_;
   std::chrono::steady_clock::time_point start_;
   ProgressLine progress_;
+  // RUN_DIR/steps.jsonl from the workers' RUN_DIR/steps/<name>.jsonl; null
+  // when it could not be opened or a write failed (reported once).
+  std::unique_ptr<StepLogMerger> steps_;
 };
 
 absl::StatusOr<pid_t> Launcher::Spawn(const std::string& binary,
@@ -150,6 +159,12 @@ absl::StatusOr<pid_t> Launcher::Spawn(const std::string& binary,
 
 absl::Status Launcher::Start(const std::string& name, const std::string& binary,
                              std::vector<std::string> args) {
+  if (absl::EndsWith(binary, "lmps_worker")) {
+    // Every process of a worker slot (replacements, restarts) appends to
+    // the same step log.
+    args.push_back(absl::StrCat("--step_log=", run_dir_, "/steps/", name,
+                                ".jsonl"));
+  }
   Child c;
   c.name = name;
   c.binary = binary;
@@ -564,6 +579,31 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
   return absl::OkStatus();
 }
 
+void Launcher::MergeSteps(const JobStatus& status, bool final) {
+  if (steps_ == nullptr) return;
+  int64_t complete_before = std::numeric_limits<int64_t>::max();
+  if (!final) {
+    bool any = false;
+    for (const NodeStatus& n : status.nodes()) {
+      if (n.role() != WORKER) continue;
+      complete_before = std::min(complete_before, n.step());
+      any = true;
+    }
+    if (!any) return;
+  }
+  if (absl::Status s = steps_->Poll(complete_before); !s.ok()) {
+    std::printf("lmps: warning: the step log stops: %s\n",
+                std::string(s.message()).c_str());
+    steps_.reset();
+    return;
+  }
+  if (final) {
+    std::printf("lmps: %lld steps logged in %s/steps.jsonl\n",
+                static_cast<long long>(steps_->last_written() + 1),
+                run_dir_.c_str());
+  }
+}
+
 absl::Status Launcher::Monitor() {
   const auto deadline = start_ + std::chrono::seconds(options_.timeout_s);
   while (!AllExited("worker")) {
@@ -579,6 +619,7 @@ absl::Status Launcher::Monitor() {
       const JobStatus& status = *polled;
       if (status.state() == FAILED) return JobFailed(status);
       progress_.Update(status, false);
+      MergeSteps(status, /*final=*/false);
       faults_.MaybeInject(status, attempt_, Targets());
       MaybeResize(status);
     }
@@ -604,6 +645,24 @@ absl::Status Launcher::Run() {
   if (!options_.resume) fs::remove_all(ckpt, ec);
   fs::create_directories(ckpt, ec);
   fs::remove(run_dir_ + "/sample.txt", ec);
+  // The step log: a fresh run starts it afresh, a resumed one continues it.
+  if (!options_.resume) {
+    fs::remove_all(run_dir_ + "/steps", ec);
+    fs::remove(run_dir_ + "/steps.jsonl", ec);
+  }
+  fs::create_directories(run_dir_ + "/steps", ec);
+  if (absl::StatusOr<std::unique_ptr<StepLogMerger>> steps =
+          StepLogMerger::Create(
+              run_dir_ + "/steps", run_dir_ + "/steps.jsonl",
+              [](const std::string& w) {
+                std::printf("lmps: step log: %s\n", w.c_str());
+              });
+      steps.ok()) {
+    steps_ = *std::move(steps);
+  } else {
+    std::printf("lmps: warning: no step log: %s\n",
+                std::string(steps.status().message()).c_str());
+  }
   fs::remove(run_dir_ + "/scheduler.port", ec);
   std::string text;
   google::protobuf::TextFormat::PrintToString(spec, &text);
@@ -673,6 +732,7 @@ absl::Status Launcher::Run() {
     last = *polled;
   }
   progress_.Update(last, true);
+  MergeSteps(last, /*final=*/true);
   // Servers and the scheduler exit on their own once the job is finished.
   const auto wait_until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (!(AllExited("server") && AllExited("backup") &&

@@ -9,8 +9,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "common/formats/safetensors.h"
 #include "gtest/gtest.h"
@@ -77,6 +80,27 @@ TEST(LocalJobTest, TrainsWritesCheckpointsExportsAndSamples) {
   const std::string sample = ReadFile(run + "/sample.txt");
   EXPECT_GE(sample.size(), 40u);
   EXPECT_NE(r.output.find("sample:"), std::string::npos);
+
+  // The step log: steps 0..39 in order, each with both workers' phases;
+  // evaluations (every 10 steps and at the end) carry eval_loss.
+  const std::vector<std::string> steps =
+      absl::StrSplit(ReadFile(run + "/steps.jsonl"), '\n', absl::SkipEmpty());
+  ASSERT_EQ(steps.size(), 40u) << r.output;
+  int evals = 0;
+  for (int i = 0; i < 40; ++i) {
+    EXPECT_TRUE(absl::StartsWith(steps[i], absl::StrCat("{\"step\":", i, ",")))
+        << steps[i];
+    for (const char* key : {"\"loss\":", "\"lr\":", "\"grad_norm\":",
+                            "\"tokens_per_second\":", "\"worker-0\":{",
+                            "\"worker-1\":{", "\"compute_s\":"}) {
+      EXPECT_TRUE(absl::StrContains(steps[i], key)) << key << " in " << steps[i];
+    }
+    evals += absl::StrContains(steps[i], "\"eval_loss\":");
+  }
+  EXPECT_EQ(evals, 4);  // at steps 10, 20, 30 and after the last
+  EXPECT_NE(r.output.find("lmps: 40 steps logged in " + run + "/steps.jsonl"),
+            std::string::npos)
+      << r.output;
 }
 
 TEST(LocalJobTest, ResumeContinuesExactly) {
@@ -93,6 +117,14 @@ TEST(LocalJobTest, ResumeContinuesExactly) {
   ASSERT_FALSE(fs::exists(resumed + "/run/ckpt/step_00000006"));
   CommandResult b2 = RunLocal(resumed, job, {"--workers=2", "--shards=2", "--resume"});
   ASSERT_EQ(b2.exit_code, 0) << b2.output;
+  // The resumed run continued the step log: steps 0..5 once each.
+  const std::vector<std::string> steps = absl::StrSplit(
+      ReadFile(resumed + "/run/steps.jsonl"), '\n', absl::SkipEmpty());
+  ASSERT_EQ(steps.size(), 6u) << ReadFile(resumed + "/run/steps.jsonl");
+  for (int i = 0; i < 6; ++i) {
+    EXPECT_TRUE(absl::StartsWith(steps[i], absl::StrCat("{\"step\":", i, ",")))
+        << steps[i];
+  }
   const std::string logs = ReadFile(resumed + "/run/logs/worker-0.log") +
                            ReadFile(resumed + "/run/logs/worker-1.log");
   EXPECT_NE(logs.find("resume step 3"), std::string::npos) << logs;
