@@ -36,6 +36,7 @@
 #include "launcher/progress.h"
 #include "launcher/step_log_merge.h"
 #include "proto/lmps.grpc.pb.h"
+#include "report/run_report.h"
 
 namespace lmps {
 namespace {
@@ -781,6 +782,15 @@ absl::Status Launcher::Run() {
     std::stringstream s;
     s << sample.rdbuf();
     std::printf("lmps: sample:\n----\n%s\n----\n", s.str().c_str());
+  }
+  if (absl::Status s = WriteRunReport(run_dir_, [](const std::string& w) {
+        std::printf("lmps: report: %s\n", w.c_str());
+      });
+      s.ok()) {
+    std::printf("lmps: report in %s/report.html\n", run_dir_.c_str());
+  } else {
+    std::printf("lmps: warning: no report: %s\n",
+                std::string(s.message()).c_str());
   }
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();

@@ -49,6 +49,7 @@ BINARIES = {
     "lmps_export": "server/lmps_export",
     "lmps_worker": "worker/lmps_worker",
     "lmps_eval": "worker/lmps_eval",
+    "lmps_report": "report/lmps_report",
     "lmps_worker_cuda": "worker/lmps_worker_cuda",
     "gpt_cuda_bench": "bench/gpt_cuda_bench",
 }

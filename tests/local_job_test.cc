@@ -101,6 +101,15 @@ TEST(LocalJobTest, TrainsWritesCheckpointsExportsAndSamples) {
   EXPECT_NE(r.output.find("lmps: 40 steps logged in " + run + "/steps.jsonl"),
             std::string::npos)
       << r.output;
+  // The run report charts them: a point per step on the loss curve.
+  const std::string report = ReadFile(run + "/report.html");
+  EXPECT_TRUE(absl::StrContains(
+      report, "data-name=\"train\" data-points=\"40\""))
+      << report.substr(0, 2000);
+  EXPECT_TRUE(absl::StrContains(report, "<pre id=\"sample\">")) << report;
+  EXPECT_NE(r.output.find("lmps: report in " + run + "/report.html"),
+            std::string::npos)
+      << r.output;
 }
 
 TEST(LocalJobTest, ResumeContinuesExactly) {
