@@ -74,8 +74,8 @@ nlohmann::ordered_json MergeStep(
   if (lr) m["lr"] = *lr;
   if (grad_norm) m["grad_norm"] = *grad_norm;
   if (losses > 0) m["tokens_per_second"] = tokens;
-  m["bytes_pulled"] = pulled;
-  m["bytes_pushed"] = pushed;
+  m["bytes_pulled"] = static_cast<int64_t>(pulled);
+  m["bytes_pushed"] = static_cast<int64_t>(pushed);
   if (bubbles > 0) m["bubble"] = bubble_sum / bubbles;
   m["workers"] = workers;
   return m;
