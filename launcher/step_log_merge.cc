@@ -49,7 +49,12 @@ nlohmann::ordered_json MergeStep(
     if (Number(r, "loss", &v)) {
       loss_sum += v;
       ++losses;
-      if (Number(r, "tokens_per_second", &v)) tokens += v;
+      // One per data-parallel replica: tensor-parallel ranks of a stage
+      // process the same tokens.
+      double tp = 0;
+      if (!Number(r, "tp", &tp) || tp == 0) {
+        if (Number(r, "tokens_per_second", &v)) tokens += v;
+      }
     }
     if (!eval && Number(r, "eval_loss", &v)) eval = v;
     if (!lr && Number(r, "lr", &v)) lr = v;

@@ -9,7 +9,8 @@
 // time: the latest worker's; loss: the mean over the workers that report
 // one (the last pipeline stage's); eval_loss, lr, grad_norm: the first
 // worker's that has one (they agree); tokens_per_second: the sum over the
-// workers that report a loss (one per data-parallel replica); bytes: the
+// workers that report a loss with tensor-parallel rank 0 (one per
+// data-parallel replica); bytes: the
 // sums; bubble: the mean over pipeline stages. Keys are absent where no
 // worker gave a value. Two lines of one worker for one step merge, the later
 // winning (the final evaluation adds eval_loss).

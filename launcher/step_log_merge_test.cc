@@ -77,6 +77,11 @@ TEST_F(StepLogMergeTest, MergesWorkersStepByStepOnceComplete) {
                    0.5);
   EXPECT_FALSE(out[0].contains("eval_loss"));
 
+  // A late line of a step already written changes nothing.
+  Append("worker-2", Line(0, "worker-2", 1.0));
+  ASSERT_TRUE(m->Poll(/*complete_before=*/1).ok());
+  EXPECT_EQ(Out().size(), 1u);
+
   // The final evaluation's line for step 1 merges into it; Flush writes it.
   Append("worker-0", Line(1, "worker-0", 2.0, ",\"eval_loss\":2.5"));
   ASSERT_TRUE(m->Flush().ok());
@@ -85,8 +90,23 @@ TEST_F(StepLogMergeTest, MergesWorkersStepByStepOnceComplete) {
   EXPECT_EQ(out[1]["step"], 1);
   EXPECT_DOUBLE_EQ(out[1]["eval_loss"].get<double>(), 2.5);
   EXPECT_DOUBLE_EQ(out[1]["loss"].get<double>(), 1.5);
+  EXPECT_DOUBLE_EQ(out[1]["tokens_per_second"].get<double>(), 2000);
   EXPECT_EQ(m->last_written(), 1);
   EXPECT_TRUE(warnings_.empty());
+}
+
+// Tensor-parallel ranks of one replica report the same loss and tokens:
+// tokens/s counts the replica once.
+TEST_F(StepLogMergeTest, TensorParallelRanksCountTheirTokensOnce) {
+  auto m = Merger();
+  ASSERT_NE(m, nullptr);
+  Append("worker-0", Line(0, "worker-0", 2.0, ",\"tp\":0"));
+  Append("worker-1", Line(0, "worker-1", 2.0, ",\"tp\":1"));
+  ASSERT_TRUE(m->Flush().ok());
+  const std::vector<nlohmann::json> out = Out();
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_DOUBLE_EQ(out[0]["tokens_per_second"].get<double>(), 1000);
+  EXPECT_EQ(out[0]["workers"].size(), 2u);
 }
 
 TEST_F(StepLogMergeTest, LineWithoutItsNewlineWaits) {
