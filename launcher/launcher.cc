@@ -33,6 +33,7 @@
 #include "common/rpc/grpc_server.h"
 #include "common/rpc/security.h"
 #include "common/rpc/status_util.h"
+#include "launcher/event_log.h"
 #include "launcher/progress.h"
 #include "launcher/step_log_merge.h"
 #include "proto/lmps.grpc.pb.h"
@@ -77,6 +78,11 @@ class Launcher {
   // Writes the steps every worker is past (every step read when `final`)
   // to RUN_DIR/steps.jsonl.
   void MergeSteps(const JobStatus& status, bool final);
+  // Adds the scheduler's new events (`status`), or one of the launcher's
+  // (`node`, `event`, `action`), to RUN_DIR/events.jsonl.
+  void LogEvents(const JobStatus& status);
+  void LogEvent(const std::string& node, const std::string& event,
+                const std::string& action);
   // The fault injector's view of children_.
   FaultTargets Targets();
   // Elastic dp (--resize_at_step, SIGUSR1/SIGUSR2): asks every shard to stop
@@ -140,6 +146,8 @@ class Launcher {
   // RUN_DIR/steps.jsonl from the workers' RUN_DIR/steps/<name>.jsonl; null
   // when it could not be opened or a write failed (reported once).
   std::unique_ptr<StepLogMerger> steps_;
+  // RUN_DIR/events.jsonl; null when it could not be written (reported once).
+  std::unique_ptr<EventLog> events_;
 };
 
 absl::StatusOr<pid_t> Launcher::Spawn(const std::string& binary,
@@ -233,6 +241,7 @@ absl::Status Launcher::Reap() {
                     "the nodes rejoin it\n",
                     how.c_str(), scheduler_.c_str(), c.restarts + 1,
                     options_.restart_scheduler);
+        LogEvent("scheduler", how, "restarted; the nodes rejoin it");
         std::fflush(stdout);
         for (std::string& a : c.args) {
           if (a.rfind("--listen=", 0) == 0) a = "--listen=" + scheduler_;
@@ -256,6 +265,7 @@ absl::Status Launcher::Reap() {
         std::printf("\nlmps: %s %s; its shard's other node serves on, and "
                     "the restarted process becomes its backup (%d of 5)\n",
                     c.name.c_str(), how.c_str(), c.restarts + 1);
+        LogEvent(c.name, how, "restarted; becomes its shard's backup");
         std::fflush(stdout);
         c.log = absl::StrCat(run_dir_, "/logs/", c.name, ".restart",
                              c.restarts + 1, ".log");
@@ -298,6 +308,7 @@ absl::Status Launcher::Reap() {
         std::printf("\nlmps: %s %s; starting a replacement (%d of %d)\n",
                     c.name.c_str(), how.c_str(), c.restarts + 1,
                     options_.restart_workers);
+        LogEvent(c.name, how, "a replacement takes its slot");
         std::fflush(stdout);
         std::vector<std::string> args;
         for (const std::string& a : c.args) {
@@ -605,6 +616,25 @@ void Launcher::MergeSteps(const JobStatus& status, bool final) {
   }
 }
 
+void Launcher::LogEvents(const JobStatus& status) {
+  if (events_ == nullptr) return;
+  if (absl::Status s = events_->AddFrom(status); !s.ok()) {
+    std::printf("lmps: warning: the event log stops: %s\n",
+                std::string(s.message()).c_str());
+    events_.reset();
+  }
+}
+
+void Launcher::LogEvent(const std::string& node, const std::string& event,
+                        const std::string& action) {
+  if (events_ == nullptr) return;
+  if (absl::Status s = events_->Add(node, event, action); !s.ok()) {
+    std::printf("lmps: warning: the event log stops: %s\n",
+                std::string(s.message()).c_str());
+    events_.reset();
+  }
+}
+
 absl::Status Launcher::Monitor() {
   const auto deadline = start_ + std::chrono::seconds(options_.timeout_s);
   while (!AllExited("worker")) {
@@ -621,6 +651,7 @@ absl::Status Launcher::Monitor() {
       if (status.state() == FAILED) return JobFailed(status);
       progress_.Update(status, false);
       MergeSteps(status, /*final=*/false);
+      LogEvents(status);
       faults_.MaybeInject(status, attempt_, Targets());
       MaybeResize(status);
     }
@@ -650,6 +681,15 @@ absl::Status Launcher::Run() {
   if (!options_.resume) {
     fs::remove_all(run_dir_ + "/steps", ec);
     fs::remove(run_dir_ + "/steps.jsonl", ec);
+    fs::remove(run_dir_ + "/events.jsonl", ec);
+  }
+  if (absl::StatusOr<std::unique_ptr<EventLog>> events =
+          EventLog::Create(run_dir_ + "/events.jsonl");
+      events.ok()) {
+    events_ = *std::move(events);
+  } else {
+    std::printf("lmps: warning: no event log: %s\n",
+                std::string(events.status().message()).c_str());
   }
   fs::create_directories(run_dir_ + "/steps", ec);
   if (absl::StatusOr<std::unique_ptr<StepLogMerger>> steps =
@@ -701,6 +741,9 @@ absl::Status Launcher::Run() {
       // it: restart the job there with the new dp.
       std::printf("\nlmps: restarting at step %lld with dp %d\n",
                   static_cast<long long>(resize_step_), resized_spec_.layout().dp());
+      LogEvent("", "elastic resize",
+               absl::StrCat("the job restarts at step ", resize_step_,
+                            " with dp ", resized_spec_.layout().dp()));
       std::fflush(stdout);
       StopAll();
       children_.clear();
@@ -718,6 +761,8 @@ absl::Status Launcher::Run() {
       break;
     }
     ++attempt_;
+    LogEvent("", lost_server_,
+             "the job restarts from the latest complete checkpoint");
     std::printf("\nlmps: %s; restarting the job from the latest complete "
                 "checkpoint (restart %d of %d)\n",
                 lost_server_.c_str(), attempt_, options_.restart_job);
@@ -734,6 +779,7 @@ absl::Status Launcher::Run() {
   }
   progress_.Update(last, true);
   MergeSteps(last, /*final=*/true);
+  LogEvents(last);
   // Servers and the scheduler exit on their own once the job is finished.
   const auto wait_until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (!(AllExited("server") && AllExited("backup") &&

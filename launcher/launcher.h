@@ -18,7 +18,8 @@
 // Layout of RUN_DIR: job.textproto (the effective spec), logs/<node>.log,
 // ckpt/step_*/shard_*.ckpt, steps/<worker>.jsonl (each worker's step log)
 // and steps.jsonl (merged, one line per step: launcher/step_log_merge.h),
-// model.safetensors, sample.txt.
+// events.jsonl (launcher/event_log.h), model.safetensors, sample.txt,
+// report.html (report/run_report.h).
 //
 // Progress and events go to stdout; the lines the tests match ("lmps:
 // worker-1 was killed by signal 9; starting a replacement (1 of 3)", ...)

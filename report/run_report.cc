@@ -205,8 +205,37 @@ std::vector<StepRow> ParseSteps(
   return rows;
 }
 
+std::vector<RunEvent> ParseEvents(
+    const std::string& text,
+    const std::function<void(const std::string&)>& warn) {
+  std::vector<RunEvent> events;
+  int64_t number = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    ++number;
+    if (line.empty()) continue;
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    const std::optional<double> time =
+        j.is_object() ? Get(j, "time") : std::nullopt;
+    if (!time || !j.contains("event") || !j["event"].is_string()) {
+      if (warn) {
+        warn(absl::StrCat("events.jsonl:", number,
+                          ": not an event record; skipped"));
+      }
+      continue;
+    }
+    RunEvent e;
+    e.time = *time;
+    e.event = j["event"].get<std::string>();
+    if (j.contains("node") && j["node"].is_string()) e.node = j["node"];
+    if (j.contains("action") && j["action"].is_string()) e.action = j["action"];
+    events.push_back(std::move(e));
+  }
+  return events;
+}
+
 std::string SvgLineChart(const std::string& id, const std::string& title,
-                         const std::vector<ChartSeries>& series, bool log_y) {
+                         const std::vector<ChartSeries>& series, bool log_y,
+                         const std::vector<ChartMarker>& markers) {
   auto y_of = [log_y](double v) { return log_y ? std::log10(v) : v; };
   double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
   for (const ChartSeries& s : series) {
@@ -257,6 +286,13 @@ std::string SvgLineChart(const std::string& id, const std::string& title,
                         "text-anchor=\"middle\">step%s</text>",
                         kLeft + pw / 2, kHeight - 4,
                         log_y ? " (log scale)" : "");
+  for (const ChartMarker& m : markers) {
+    if (m.x < x0 || m.x > x1) continue;
+    absl::StrAppendFormat(&svg,
+                          "<path class=\"event\" data-step=\"%g\" "
+                          "d=\"M%.1f %.1f V%.1f\"><title>%s</title></path>",
+                          m.x, px(m.x), kTop, kTop + ph, HtmlEscape(m.label));
+  }
   double legend = kLeft + pw;
   for (auto it = series.rbegin(); it != series.rend(); ++it) {
     const ChartSeries& s = *it;
@@ -289,6 +325,7 @@ std::string SvgLineChart(const std::string& id, const std::string& title,
 }
 
 std::string RenderRunReport(const std::vector<StepRow>& steps,
+                            const std::vector<RunEvent>& events,
                             const std::string& job_text,
                             const std::string& sample) {
   std::string html =
@@ -299,7 +336,7 @@ std::string RenderRunReport(const std::vector<StepRow>& steps,
       "border:1px solid #ddd}"
       "svg text{font-size:12px;fill:#333}svg text.title{font-weight:bold}"
       ".series{fill:none;stroke-width:1.5}.axis{stroke:#333;fill:none}"
-      ".grid{stroke:#e4e4e4}pre{background:#f4f4f4;padding:8px;"
+      ".grid{stroke:#e4e4e4}.event{stroke:#e15759;stroke-dasharray:4 3}pre{background:#f4f4f4;padding:8px;"
       "white-space:pre-wrap}td{padding:2px 12px 2px 0}"
       "</style></head><body><h1>lmps run report</h1>\n";
   // Summary.
@@ -365,10 +402,28 @@ std::string RenderRunReport(const std::vector<StepRow>& steps,
       }
     }
   }
+  // Events during training, at the step then in progress: the first step
+  // whose record (written when it ended) is not older than the event.
+  std::vector<ChartMarker> markers;
+  std::vector<int64_t> event_step(events.size(), -1);
+  for (size_t i = 0; i < events.size(); ++i) {
+    if (steps.empty() || events[i].time < steps.front().time) continue;
+    for (const StepRow& r : steps) {
+      if (r.time >= events[i].time) {
+        event_step[i] = r.step;
+        break;
+      }
+    }
+    if (event_step[i] < 0) continue;
+    markers.push_back(
+        {double(event_step[i]),
+         absl::StrCat(events[i].node.empty() ? "job" : events[i].node, ": ",
+                      events[i].event)});
+  }
   html += SvgLineChart("loss", "Loss",
                        {Series(steps, "train", "#4e79a7", &StepRow::loss),
                         Series(steps, "eval", "#e15759", &StepRow::eval_loss)},
-                       /*log_y=*/lo > 0 && hi / lo > 10);
+                       /*log_y=*/lo > 0 && hi / lo > 10, markers);
   html += SvgLineChart("lr", "Learning rate",
                        {Series(steps, "lr", "#76b7b2", &StepRow::lr)}, false);
   html += SvgLineChart(
@@ -381,6 +436,21 @@ std::string RenderRunReport(const std::vector<StepRow>& steps,
        Series(steps, "pushed", "#b07aa1", &StepRow::bytes_pushed)},
       false);
   html += PhaseChart(steps);
+  if (!events.empty()) {
+    html += "<h2>Events</h2><table id=\"events\"><tr><td>time</td><td>step"
+            "</td><td>node</td><td>event</td><td>action</td></tr>";
+    const double t0 = steps.empty() ? events.front().time : steps.front().time;
+    for (size_t i = 0; i < events.size(); ++i) {
+      absl::StrAppend(
+          &html, "<tr class=\"event\"><td>",
+          absl::StrFormat("%+.1f s", events[i].time - t0), "</td><td>",
+          event_step[i] >= 0 ? absl::StrCat(event_step[i]) : "", "</td><td>",
+          HtmlEscape(events[i].node.empty() ? "job" : events[i].node),
+          "</td><td>", HtmlEscape(events[i].event), "</td><td>",
+          HtmlEscape(events[i].action), "</td></tr>");
+    }
+    html += "</table>\n";
+  }
   if (!sample.empty()) {
     absl::StrAppend(&html, "<h2>Sample</h2><pre id=\"sample\">",
                     HtmlEscape(sample), "</pre>\n");
@@ -397,9 +467,11 @@ absl::Status WriteRunReport(
     const std::function<void(const std::string&)>& warn) {
   const std::vector<StepRow> steps =
       ParseSteps(ReadFileOrEmpty(run_dir + "/steps.jsonl"), warn);
-  const std::string html =
-      RenderRunReport(steps, ReadFileOrEmpty(run_dir + "/job.textproto"),
-                      ReadFileOrEmpty(run_dir + "/sample.txt"));
+  const std::vector<RunEvent> events =
+      ParseEvents(ReadFileOrEmpty(run_dir + "/events.jsonl"), warn);
+  const std::string html = RenderRunReport(
+      steps, events, ReadFileOrEmpty(run_dir + "/job.textproto"),
+      ReadFileOrEmpty(run_dir + "/sample.txt"));
   const std::string out = run_dir + "/report.html";
   const std::string tmp = out + ".tmp";
   {

@@ -3,7 +3,10 @@
 //   steps.jsonl      the step log (launcher/step_log_merge.h): the charts;
 //   job.textproto    the effective job spec: shown, with the layout and the
 //                    parameter servers' partition imbalance computed from it;
-//   sample.txt       the generated sample, if any.
+//   sample.txt       the generated sample, if any;
+//   events.jsonl     the run's events (launcher/event_log.h): listed, and
+//                    those during training marked on the loss chart at the
+//                    step then in progress.
 // Charts: training and eval loss against step (a log-scaled y axis when the
 // loss spans more than a factor of 10), the learning rate, tokens/s, bytes
 // on the wire per step, and a stacked bar per worker of its mean seconds
@@ -55,13 +58,32 @@ struct ChartSeries {
   std::vector<std::pair<double, double>> points;
 };
 
+// A vertical marker on a chart: <path class="event" data-step="X">.
+struct ChartMarker {
+  double x = 0;
+  std::string label;
+};
+
 // An SVG line chart (see the file comment for its markup); `log_y`: a log
 // scale (non-positive values are left out).
 std::string SvgLineChart(const std::string& id, const std::string& title,
-                         const std::vector<ChartSeries>& series, bool log_y);
+                         const std::vector<ChartSeries>& series, bool log_y,
+                         const std::vector<ChartMarker>& markers = {});
+
+// One line of events.jsonl.
+struct RunEvent {
+  double time = 0;  // Unix seconds
+  std::string node, event, action;
+};
+
+// The events of an events.jsonl's text; bad lines go to `warn`.
+std::vector<RunEvent> ParseEvents(const std::string& text,
+                                  const std::function<void(const std::string&)>&
+                                      warn);
 
 // The whole page.
 std::string RenderRunReport(const std::vector<StepRow>& steps,
+                            const std::vector<RunEvent>& events,
                             const std::string& job_text,
                             const std::string& sample);
 

@@ -47,8 +47,13 @@ int Points(const std::string& html, const std::string& id,
 TEST(RunReportTest, ChartsHaveOnePointPerStep) {
   const std::vector<StepRow> steps = ParseSteps(StepsText(30), nullptr);
   ASSERT_EQ(steps.size(), 30u);
+  const std::vector<RunEvent> events = {
+      {990, "", "job state ASSEMBLING -> RUNNING", ""},  // before training
+      {1012.5, "worker-1", "missed its <lease>", "slot open"},
+      {1020, "", "elastic resize", "restarts at step 20"}};
   const std::string html = RenderRunReport(
-      steps, "model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 32 }\n",
+      steps, events,
+      "model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 32 }\n",
       "The <sample> & more");
   EXPECT_EQ(Points(html, "loss", "train"), 30);
   EXPECT_EQ(Points(html, "loss", "eval"), 3);
@@ -63,6 +68,23 @@ TEST(RunReportTest, ChartsHaveOnePointPerStep) {
   EXPECT_EQ(html.find("<script"), std::string::npos);
   EXPECT_EQ(html.find("http://"), html.find("http://www.w3.org/2000/svg"));
   EXPECT_NE(html.find("partition imbalance"), std::string::npos);
+  // Events during training are marked at the step then in progress; all
+  // are listed.
+  EXPECT_NE(html.find("class=\"event\" data-step=\"13\""), std::string::npos);
+  EXPECT_NE(html.find("class=\"event\" data-step=\"20\""), std::string::npos);
+  size_t marks = 0;
+  for (size_t at = html.find("<path class=\"event\""); at != std::string::npos;
+       at = html.find("<path class=\"event\"", at + 1)) {
+    ++marks;
+  }
+  EXPECT_EQ(marks, 2u);
+  size_t rows = 0;
+  for (size_t at = html.find("<tr class=\"event\">"); at != std::string::npos;
+       at = html.find("<tr class=\"event\">", at + 1)) {
+    ++rows;
+  }
+  EXPECT_EQ(rows, 3u);
+  EXPECT_NE(html.find("missed its &lt;lease&gt;"), std::string::npos);
 }
 
 TEST(RunReportTest, CorruptLinesAreReportedAndSkipped) {
@@ -76,7 +98,14 @@ TEST(RunReportTest, CorruptLinesAreReportedAndSkipped) {
   ASSERT_EQ(warnings.size(), 2u);
   EXPECT_NE(warnings[0].find("steps.jsonl:1:"), std::string::npos);
   EXPECT_NE(warnings[1].find("steps.jsonl:7:"), std::string::npos);
-  const std::string html = RenderRunReport(steps, "", "");
+  std::vector<std::string> event_warnings;
+  const std::vector<RunEvent> events = ParseEvents(
+      "{\"time\": 1, \"event\": \"x\"}\nnot json\n",
+      [&](const std::string& w) { event_warnings.push_back(w); });
+  EXPECT_EQ(events.size(), 1u);
+  ASSERT_EQ(event_warnings.size(), 1u);
+  EXPECT_NE(event_warnings[0].find("events.jsonl:2:"), std::string::npos);
+  const std::string html = RenderRunReport(steps, {}, "", "");
   EXPECT_EQ(Points(html, "loss", "train"), 5);
   EXPECT_NE(html.find("missing (no job.textproto)"), std::string::npos);
 }

@@ -107,6 +107,11 @@ TEST(LocalJobTest, TrainsWritesCheckpointsExportsAndSamples) {
       report, "data-name=\"train\" data-points=\"40\""))
       << report.substr(0, 2000);
   EXPECT_TRUE(absl::StrContains(report, "<pre id=\"sample\">")) << report;
+  // The scheduler's events (registrations, the job's states) are logged
+  // and listed.
+  const std::string events = ReadFile(run + "/events.jsonl");
+  EXPECT_TRUE(absl::StrContains(events, "-> RUNNING")) << events;
+  EXPECT_TRUE(absl::StrContains(report, "<table id=\"events\">")) << report;
   EXPECT_NE(r.output.find("lmps: report in " + run + "/report.html"),
             std::string::npos)
       << r.output;
