@@ -1,16 +1,10 @@
 #include "launcher/event_log.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
-#include <cerrno>
 #include <cmath>
-#include <cstring>
-#include <filesystem>
-#include <fstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/rpc/status_util.h"
 #include "nlohmann/json.hpp"
 
 namespace lmps {
@@ -25,31 +19,20 @@ std::string Key(int64_t unix_ms, const std::string& node,
 
 absl::StatusOr<std::unique_ptr<EventLog>> EventLog::Create(std::string path) {
   std::set<std::string> seen;
-  std::error_code ec;
-  if (std::filesystem::is_regular_file(path, ec)) {
-    std::ifstream f(path);
-    for (std::string line; std::getline(f, line);) {
-      const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-      if (!j.is_object() || !j.contains("time") || !j["time"].is_number()) {
-        continue;  // a torn line: the report skips it too
-      }
-      seen.insert(Key(std::llround(j["time"].get<double>() * 1000),
-                      j.value("node", ""), j.value("event", "")));
+  for (const std::string& line : ReadLinesIfRegular(path)) {
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    if (!j.is_object() || !j.contains("time") || !j["time"].is_number()) {
+      continue;  // a torn line: the report skips it too
     }
+    seen.insert(Key(std::llround(j["time"].get<double>() * 1000),
+                    j.value("node", ""), j.value("event", "")));
   }
-  const int fd =
-      ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("event log ", path, ": cannot open for appending: ",
-                     std::strerror(errno)));
-  }
-  std::unique_ptr<EventLog> log(new EventLog(std::move(path), fd));
+  LMPS_ASSIGN_OR_RETURN(std::unique_ptr<AppendFile> file,
+                        AppendFile::Open(std::move(path), "event log"));
+  std::unique_ptr<EventLog> log(new EventLog(std::move(file)));
   log->seen_ = std::move(seen);
   return log;
 }
-
-EventLog::~EventLog() { ::close(fd_); }
 
 absl::Status EventLog::Append(int64_t unix_ms, const std::string& node,
                               const std::string& event,
@@ -60,14 +43,7 @@ absl::Status EventLog::Append(int64_t unix_ms, const std::string& node,
   j["node"] = node;
   j["event"] = event;
   j["action"] = action;
-  const std::string line = j.dump() + "\n";
-  const ssize_t n = ::write(fd_, line.data(), line.size());
-  if (n != static_cast<ssize_t>(line.size())) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "event log ", path_, ": ",
-        n < 0 ? std::strerror(errno) : "short write: the disk is full?"));
-  }
-  return absl::OkStatus();
+  return file_->AppendLine(j.dump());
 }
 
 absl::Status EventLog::AddFrom(const JobStatus& status) {

@@ -22,6 +22,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "common/formats/append_file.h"
 #include "proto/lmps.pb.h"
 
 namespace lmps {
@@ -29,7 +30,6 @@ namespace lmps {
 class EventLog {
  public:
   static absl::StatusOr<std::unique_ptr<EventLog>> Create(std::string path);
-  ~EventLog();
 
   // Appends the events of `status` not logged yet.
   absl::Status AddFrom(const JobStatus& status);
@@ -38,12 +38,12 @@ class EventLog {
                    const std::string& action);
 
  private:
-  EventLog(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
+  explicit EventLog(std::unique_ptr<AppendFile> file)
+      : file_(std::move(file)) {}
   absl::Status Append(int64_t unix_ms, const std::string& node,
                       const std::string& event, const std::string& action);
 
-  const std::string path_;
-  const int fd_;
+  const std::unique_ptr<AppendFile> file_;
   std::set<std::string> seen_;  // time|node|event of every line
 };
 

@@ -1,17 +1,13 @@
 #include "launcher/step_log_merge.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <optional>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/rpc/status_util.h"
 
 namespace lmps {
 namespace {
@@ -90,39 +86,25 @@ absl::StatusOr<std::unique_ptr<StepLogMerger>> StepLogMerger::Create(
     std::string in_dir, std::string out_path,
     std::function<void(const std::string&)> warn) {
   // A resumed run: the file's last step.
-  int64_t last = -1;
-  std::error_code ec;
-  if (fs::is_regular_file(out_path, ec)) {
-    std::ifstream existing(out_path);
-    int64_t number = 0;
-    for (std::string line; std::getline(existing, line);) {
-      ++number;
-      const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-      const int64_t step = StepOf(j);
-      if (step < 0) {
-        if (warn) {
-          warn(absl::StrCat(out_path, ":", number,
-                            ": not a step record; skipped"));
-        }
-        continue;
+  int64_t last = -1, number = 0;
+  for (const std::string& line : ReadLinesIfRegular(out_path)) {
+    ++number;
+    const int64_t step = StepOf(nlohmann::json::parse(line, nullptr, false));
+    if (step < 0) {
+      if (warn) {
+        warn(absl::StrCat(out_path, ":", number, ": not a step record; skipped"));
       }
-      last = std::max(last, step);
+      continue;
     }
+    last = std::max(last, step);
   }
-  const int fd = ::open(out_path.c_str(),
-                        O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("step log ", out_path, ": cannot open for appending: ",
-                     std::strerror(errno)));
-  }
-  std::unique_ptr<StepLogMerger> m(new StepLogMerger(
-      std::move(in_dir), std::move(out_path), fd, std::move(warn)));
+  LMPS_ASSIGN_OR_RETURN(std::unique_ptr<AppendFile> out,
+                        AppendFile::Open(std::move(out_path), "step log"));
+  std::unique_ptr<StepLogMerger> m(
+      new StepLogMerger(std::move(in_dir), std::move(out), std::move(warn)));
   m->last_written_ = last;
   return m;
 }
-
-StepLogMerger::~StepLogMerger() { ::close(fd_); }
 
 void StepLogMerger::ReadLine(const std::string& file, int64_t number,
                              const std::string& line) {
@@ -170,26 +152,13 @@ void StepLogMerger::ReadNew() {
   }
 }
 
-absl::Status StepLogMerger::Write(const nlohmann::ordered_json& merged) {
-  const std::string line = merged.dump() + "\n";
-  const ssize_t n = ::write(fd_, line.data(), line.size());
-  if (n != static_cast<ssize_t>(line.size())) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "step log ", out_path_, ": ",
-        n < 0 ? std::strerror(errno) : "short write: the disk is full?"));
-  }
-  return absl::OkStatus();
-}
-
 absl::Status StepLogMerger::Poll(int64_t complete_before) {
   ReadNew();
   while (!pending_.empty() && pending_.begin()->first < complete_before) {
     auto first = pending_.begin();
     if (first->first > last_written_) {
-      if (absl::Status s = Write(MergeStep(first->first, first->second));
-          !s.ok()) {
-        return s;
-      }
+      LMPS_RETURN_IF_ERROR(
+          out_->AppendLine(MergeStep(first->first, first->second).dump()));
       last_written_ = first->first;
     }
     pending_.erase(first);

@@ -35,6 +35,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "common/formats/append_file.h"
 #include "nlohmann/json.hpp"
 
 namespace lmps {
@@ -44,7 +45,6 @@ class StepLogMerger {
   static absl::StatusOr<std::unique_ptr<StepLogMerger>> Create(
       std::string in_dir, std::string out_path,
       std::function<void(const std::string&)> warn);
-  ~StepLogMerger();
 
   // Reads what the workers appended since the last call, then writes every
   // step below `complete_before` that is not written yet.
@@ -61,21 +61,18 @@ class StepLogMerger {
     int64_t lines = 0;    // lines consumed
   };
 
-  StepLogMerger(std::string in_dir, std::string out_path, int fd,
+  StepLogMerger(std::string in_dir, std::unique_ptr<AppendFile> out,
                 std::function<void(const std::string&)> warn)
       : in_dir_(std::move(in_dir)),
-        out_path_(std::move(out_path)),
-        fd_(fd),
+        out_(std::move(out)),
         warn_(std::move(warn)) {}
 
   void ReadNew();
   void ReadLine(const std::string& file, int64_t number,
                 const std::string& line);
-  absl::Status Write(const nlohmann::ordered_json& merged);
 
   const std::string in_dir_;
-  const std::string out_path_;
-  const int fd_;
+  const std::unique_ptr<AppendFile> out_;
   const std::function<void(const std::string&)> warn_;
   std::map<std::string, Input> inputs_;
   // step -> node -> its record.

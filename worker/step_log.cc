@@ -1,13 +1,8 @@
 #include "worker/step_log.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
-
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/rpc/status_util.h"
 #include "nlohmann/json.hpp"
 
 namespace lmps {
@@ -46,34 +41,18 @@ std::string StepLogLine(const StepLogIdentity& who, const TrainerProgress& p,
 
 absl::StatusOr<std::unique_ptr<StepLog>> StepLog::Open(const std::string& path,
                                                        StepLogIdentity who) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC,
-                        0644);
-  if (fd < 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "step log ", path, ": cannot open for appending: ", std::strerror(errno)));
-  }
-  return std::unique_ptr<StepLog>(new StepLog(fd, path, std::move(who)));
+  LMPS_ASSIGN_OR_RETURN(std::unique_ptr<AppendFile> file,
+                        AppendFile::Open(path, "step log"));
+  return std::unique_ptr<StepLog>(new StepLog(std::move(file), std::move(who)));
 }
-
-StepLog::~StepLog() { ::close(fd_); }
 
 absl::Status StepLog::Append(const TrainerProgress& p) {
   if (p.step <= 0) return absl::OkStatus();  // nothing computed yet
   const bool evaluated =
       std::isfinite(p.eval_loss) &&
       !(std::isfinite(last_eval_) && last_eval_ == p.eval_loss);
-  const std::string line =
-      StepLogLine(who_, p, evaluated, absl::ToUnixMicros(absl::Now()) / 1e6) +
-      "\n";
-  // One write: O_APPEND puts the whole line at the end of the file.
-  const ssize_t n = ::write(fd_, line.data(), line.size());
-  if (n != static_cast<ssize_t>(line.size())) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "step log ", path_, ": ",
-        n < 0 ? std::strerror(errno)
-              : absl::StrCat("short write (", n, " of ", line.size(),
-                             " bytes): the disk is full?")));
-  }
+  LMPS_RETURN_IF_ERROR(file_->AppendLine(StepLogLine(
+      who_, p, evaluated, absl::ToUnixMicros(absl::Now()) / 1e6)));
   if (evaluated) last_eval_ = p.eval_loss;
   return absl::OkStatus();
 }

@@ -31,6 +31,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "common/formats/append_file.h"
 #include "worker/training_loop.h"
 
 namespace lmps {
@@ -49,17 +50,15 @@ class StepLog {
  public:
   static absl::StatusOr<std::unique_ptr<StepLog>> Open(
       const std::string& path, StepLogIdentity who);
-  ~StepLog();
 
   // Appends the line of `p` (eval_loss when it changed since the last line).
   absl::Status Append(const TrainerProgress& p);
 
  private:
-  StepLog(int fd, std::string path, StepLogIdentity who)
-      : fd_(fd), path_(std::move(path)), who_(std::move(who)) {}
+  StepLog(std::unique_ptr<AppendFile> file, StepLogIdentity who)
+      : file_(std::move(file)), who_(std::move(who)) {}
 
-  const int fd_;
-  const std::string path_;
+  const std::unique_ptr<AppendFile> file_;
   const StepLogIdentity who_;
   float last_eval_ = NAN;
 };
