@@ -131,9 +131,12 @@ void StepLogMerger::ReadLine(const std::string& file, int64_t number,
 void StepLogMerger::ReadNew() {
   std::error_code ec;
   std::vector<std::string> files;
-  for (const auto& e : fs::directory_iterator(in_dir_, ec)) {
-    if (e.path().extension() == ".jsonl" && e.is_regular_file(ec)) {
-      files.push_back(e.path().string());
+  // increment(ec), not ++: a directory changing under the launcher must not
+  // throw.
+  for (fs::directory_iterator it(in_dir_, ec), end; !ec && it != end;
+       it.increment(ec)) {
+    if (it->path().extension() == ".jsonl" && it->is_regular_file(ec)) {
+      files.push_back(it->path().string());
     }
   }
   std::sort(files.begin(), files.end());
