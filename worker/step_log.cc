@@ -1,6 +1,7 @@
 #include "worker/step_log.h"
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "common/rpc/status_util.h"
 #include "nlohmann/json.hpp"
@@ -26,7 +27,11 @@ std::string StepLogLine(const StepLogIdentity& who, const TrainerProgress& p,
   j["tp"] = who.tp;
   PutFinite(&j, "loss", p.loss);
   if (evaluated) PutFinite(&j, "eval_loss", p.eval_loss);
-  PutFinite(&j, "lr", p.learning_rate);
+  // The schedule is computed from OptimizerConfig's float lr: 7 significant
+  // digits say all it holds (6e-4, not 0.0006000000284984708).
+  if (std::isfinite(p.learning_rate)) {
+    j["lr"] = std::stod(absl::StrFormat("%.7g", p.learning_rate));
+  }
   PutFinite(&j, "grad_norm", p.grad_norm);
   PutFinite(&j, "tokens_per_second", p.tokens_per_second);
   PutFinite(&j, "compute_s", p.compute_seconds);

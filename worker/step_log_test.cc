@@ -50,6 +50,11 @@ TEST(StepLogTest, LineHasEveryFieldAndOmitsUnknownValues) {
   EXPECT_EQ(j["tp"], 1);
   EXPECT_FLOAT_EQ(j["loss"].get<double>(), 2.5);
   EXPECT_DOUBLE_EQ(j["lr"].get<double>(), 6e-4);
+  // A float's rate is written to float precision.
+  p.learning_rate = static_cast<float>(6e-4);
+  EXPECT_NE(StepLogLine(who, p, false, 1).find("\"lr\":0.0006,"),
+            std::string::npos)
+      << StepLogLine(who, p, false, 1);
   EXPECT_DOUBLE_EQ(j["grad_norm"].get<double>(), 0.75);
   EXPECT_DOUBLE_EQ(j["compute_s"].get<double>(), 0.2);
   EXPECT_DOUBLE_EQ(j["wait_s"].get<double>(), 0.003);
