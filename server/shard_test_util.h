@@ -85,15 +85,14 @@ inline float Grad(int rank, int64_t step, const ChunkDesc& c, int64_t i) {
 }
 
 inline void AppendValues(DType dtype, const std::vector<float>& v,
-                         int64_t begin,
-                  int64_t n, std::string* out) {
+                         int64_t begin, int64_t n, std::string* out) {
   EncodePayload(dtype, v.data() + begin, n, out);
 }
 
 // A push stream of `rank` for `step` covering every chunk of the shard, each
 // chunk cut into 2 slices and the slices spread over several messages.
 inline std::vector<PushRequest> Stream(const ParameterShard& shard, int rank,
-                                int64_t step, DType dtype = F32) {
+                                       int64_t step, DType dtype = F32) {
   std::vector<PushRequest> stream;
   int slices_in_message = 0;
   for (const ChunkDesc& c : ChunksOfShard(shard.partition(), shard.shard())) {
@@ -158,7 +157,7 @@ inline std::map<std::pair<std::string, int>, std::vector<float>> Values(
 
 inline void ExpectRejected(ParameterShard* shard,
                            std::vector<PushRequest> stream,
-                    absl::StatusCode code, const std::string& needle) {
+                           absl::StatusCode code, const std::string& needle) {
   const std::string before = Bytes(shard->Snapshot());
   auto r = shard->Push(stream);
   ASSERT_FALSE(r.ok()) << "expected: " << needle;
