@@ -53,6 +53,12 @@ def _system_libs_impl(ctx):
             opts = ["-Wl,--push-state,--no-as-needed", "-lgrpc++_reflection", "-Wl,--pop-state"] + opts
         build.append("cc_library(\n    name = %r,\n    linkopts = %r,\n)\n" % (name, opts + ["-lpthread"]))
 
+    # civetweb (libcivetweb-dev, a dependency of prometheus-cpp-dev) has no
+    # .pc file.
+    if not ctx.path("/usr/include/CivetServer.h").exists:
+        fail("civetweb not found: run scripts/install_deps.sh")
+    build.append("cc_library(\n    name = \"civetweb\",\n    linkopts = [\"-lcivetweb-cpp\", \"-lcivetweb\", \"-lpthread\"],\n)\n")
+
     for tool in ["protoc", "grpc_cpp_plugin"]:
         path = ctx.which(tool)
         if path == None:

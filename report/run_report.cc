@@ -327,10 +327,19 @@ std::string SvgLineChart(const std::string& id, const std::string& title,
 std::string RenderRunReport(const std::vector<StepRow>& steps,
                             const std::vector<RunEvent>& events,
                             const std::string& job_text,
-                            const std::string& sample) {
+                            const std::string& sample,
+                            const PageOptions& page) {
   std::string html =
       "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-      "<title>lmps run report</title><style>"
+      // No favicon request: the page loads nothing.
+      "<link rel=\"icon\" href=\"data:,\">";
+  if (page.refresh_seconds > 0) {
+    absl::StrAppend(&html, "<meta http-equiv=\"refresh\" content=\"",
+                    page.refresh_seconds, "\">");
+  }
+  absl::StrAppend(&html, "<title>", HtmlEscape(page.title), "</title>");
+  html +=
+      "<style>"
       "body{font-family:sans-serif;margin:24px;max-width:780px;color:#222}"
       "svg.chart{display:block;margin:12px 0;background:#fafafa;"
       "border:1px solid #ddd}"
@@ -338,7 +347,10 @@ std::string RenderRunReport(const std::vector<StepRow>& steps,
       ".series{fill:none;stroke-width:1.5}.axis{stroke:#333;fill:none}"
       ".grid{stroke:#e4e4e4}.event{stroke:#e15759;stroke-dasharray:4 3}pre{background:#f4f4f4;padding:8px;"
       "white-space:pre-wrap}td{padding:2px 12px 2px 0}"
-      "</style></head><body><h1>lmps run report</h1>\n";
+      "tr.dead td{color:#c0392b}"
+      "</style></head><body>";
+  absl::StrAppend(&html, "<h1>", HtmlEscape(page.title), "</h1>\n",
+                  page.header_html);
   // Summary.
   JobSpec spec;
   const bool have_spec =

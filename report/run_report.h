@@ -81,11 +81,22 @@ std::vector<RunEvent> ParseEvents(const std::string& text,
                                   const std::function<void(const std::string&)>&
                                       warn);
 
+// What differs between the report file and the scheduler's live /status
+// page (report/status_page.h).
+struct PageOptions {
+  std::string title = "lmps run report";
+  // > 0: the page reloads itself every refresh_seconds.
+  int refresh_seconds = 0;
+  // HTML placed after the title, before the summary (the live nodes table).
+  std::string header_html;
+};
+
 // The whole page.
 std::string RenderRunReport(const std::vector<StepRow>& steps,
                             const std::vector<RunEvent>& events,
                             const std::string& job_text,
-                            const std::string& sample);
+                            const std::string& sample,
+                            const PageOptions& page = {});
 
 // Reads RUN_DIR's files and writes RUN_DIR/report.html.
 absl::Status WriteRunReport(const std::string& run_dir,

@@ -9,7 +9,7 @@
 set -euo pipefail
 what="${1:-build}"
 pkgs=(bazel-bootstrap g++ pkg-config libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev
-      protobuf-compiler libabsl-dev libgtest-dev libgmock-dev prometheus-cpp-dev
+      protobuf-compiler libabsl-dev libgtest-dev libgmock-dev prometheus-cpp-dev libcivetweb-dev
       libopenblas-dev python3
       # the safetensors header's JSON parser (header-only)
       nlohmann-json3-dev
@@ -17,6 +17,8 @@ pkgs=(bazel-bootstrap g++ pkg-config libgrpc++-dev protobuf-compiler-grpc libpro
       prometheus python3-grpcio python3-grpc-tools grpc-proto curl iproute2
       # PyTorch: the exported model is checked by loading it in PyTorch
       python3-torch
+      # the browser tests of the run report and the live status page
+      chromium
       # fuzz tests (libFuzzer) and the test certificates
       clang libclang-rt-14-dev openssl)
 case "$what" in

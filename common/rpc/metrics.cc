@@ -1,22 +1,12 @@
 #include "common/rpc/metrics.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <atomic>
 #include <exception>
-#include <optional>
-#include <thread>
 #include <utility>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/time/clock.h"
 #include "prometheus/check_names.h"
-#include "prometheus/exposer.h"
 #include "prometheus/text_serializer.h"
 
 namespace lmps {
@@ -24,53 +14,6 @@ namespace {
 
 constexpr char kNodeLabel[] = "node";
 constexpr char kDaemonLabel[] = "daemon";
-
-// Splits "host:port", "[v6]:port" or "port" and checks the port; the host
-// part is left to civetweb.
-absl::Status CheckListenAddress(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  const std::string port =
-      colon == std::string::npos ? address : address.substr(colon + 1);
-  int value = -1;
-  if (port.empty() || !absl::SimpleAtoi(port, &value) || value < 0 ||
-      value > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "metrics listen address \"", address,
-        "\" is not host:port with a port in 0..65535"));
-  }
-  if (colon == 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "metrics listen address \"", address,
-        "\" has no host: use 0.0.0.0:PORT or 127.0.0.1:PORT"));
-  }
-  return absl::OkStatus();
-}
-
-// The IPv4 address to connect to for reaching a listener bound to `address`
-// ("0.0.0.0:p" and "localhost:p" via loopback); nullopt for anything else.
-std::optional<in_addr> WakeAddress(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  std::string host =
-      colon == std::string::npos ? "" : address.substr(0, colon);
-  if (host.empty() || host == "0.0.0.0" || host == "localhost") {
-    host = "127.0.0.1";
-  }
-  in_addr addr{};
-  if (inet_pton(AF_INET, host.c_str(), &addr) != 1) return std::nullopt;
-  return addr;
-}
-
-// Opens and closes one TCP connection to addr:port, ignoring errors.
-void Knock(in_addr addr, int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return;
-  sockaddr_in sa{};
-  sa.sin_family = AF_INET;
-  sa.sin_port = htons(static_cast<uint16_t>(port));
-  sa.sin_addr = addr;
-  (void)connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa));
-  close(fd);
-}
 
 template <typename T>
 prometheus::detail::Builder<T> Build();
@@ -111,26 +54,7 @@ Metrics::Metrics(MetricsOptions options)
                        {kDaemonLabel, options_.daemon}},
       registry_(std::make_shared<prometheus::Registry>()) {}
 
-Metrics::~Metrics() {
-  if (exposer_ == nullptr) return;
-  // civetweb's accept loop checks for a stop only between polls of its
-  // listening socket, which wait up to 2 s: stopping an idle exposer would
-  // take that long. Connections wake the poll, so knock until it is gone.
-  const std::optional<in_addr> wake = WakeAddress(options_.listen_address);
-  std::atomic<bool> stopped{false};
-  std::thread knocker;
-  if (wake.has_value()) {
-    knocker = std::thread([&] {
-      for (int i = 0; i < 1000 && !stopped.load(); ++i) {
-        Knock(*wake, port_);
-        absl::SleepFor(absl::Milliseconds(5));
-      }
-    });
-  }
-  exposer_.reset();
-  stopped.store(true);
-  if (knocker.joinable()) knocker.join();
-}
+Metrics::~Metrics() = default;
 
 absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(
     const MetricsOptions& options) {
@@ -144,22 +68,35 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(
   const std::string& address = options.listen_address;
   if (address.empty() || address == "0") return metrics;
 
-  absl::Status valid = CheckListenAddress(address);
-  if (!valid.ok()) return valid;
-  try {
-    metrics->exposer_ = std::make_unique<prometheus::Exposer>(address);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat(
-        "metrics: cannot serve /metrics on ", address, ": ", e.what()));
+  absl::StatusOr<std::unique_ptr<HttpServer>> http =
+      HttpServer::Create(address);
+  if (!http.ok()) {
+    return absl::Status(http.status().code(),
+                        absl::StrCat("metrics: cannot serve /metrics on ",
+                                     address, ": ", http.status().message()));
   }
-  metrics->exposer_->RegisterCollectable(metrics->registry_);
-  const std::vector<int> ports = metrics->exposer_->GetListeningPorts();
-  if (ports.empty()) {
-    return absl::UnavailableError(
-        absl::StrCat("metrics: exposer on ", address, " bound no port"));
-  }
-  metrics->port_ = ports.front();
+  metrics->http_ = *std::move(http);
+  metrics->port_ = metrics->http_->port();
+  Metrics* m = metrics.get();
+  (void)metrics->http_->Handle("/metrics", [m](const HttpRequest&) {
+    return HttpResponse{
+        .content_type = "text/plain; version=0.0.4; charset=utf-8",
+        .body = m->Serialize()};
+  });
   return metrics;
+}
+
+void Metrics::StopServing() { http_.reset(); }
+
+absl::Status Metrics::AddPage(const std::string& path, HttpHandler handler) {
+  if (http_ == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "metrics: no HTTP endpoint (no listen address) to serve ", path));
+  }
+  if (path == "/metrics") {
+    return absl::InvalidArgumentError("metrics: /metrics is the registry's");
+  }
+  return http_->Handle(path, std::move(handler));
 }
 
 template <typename T>

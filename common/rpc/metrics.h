@@ -1,8 +1,9 @@
 // Prometheus metrics for the lmps daemons.
 //
 // A Metrics object owns one prometheus::Registry and, when given a listen
-// address, a prometheus::Exposer that serves the registry's text exposition
-// at http://<listen_address>/metrics. Every metric created through it carries
+// address, an HttpServer (http_server.h) that serves the registry's text
+// exposition at http://<listen_address>/metrics, and any further pages a
+// daemon adds (AddPage; the scheduler's /status). Every metric created through it carries
 // the constant labels node="<node_id>" and daemon="<daemon>", so a scrape of
 // many daemons needs no relabelling to tell them apart.
 //
@@ -21,8 +22,7 @@
 // already registered with another type are InvalidArgument errors, never
 // exceptions or aborts. A metric about another node (the scheduler's
 // heartbeat age per node, say) names it with the label `peer`, since `node`
-// is always the reporting process. GET /metrics also serves prometheus-cpp's
-// own exposer_* metrics (without the constant labels).
+// is always the reporting process.
 //
 // RpcMetrics records per-method RPC counts by status code, payload bytes in
 // and out, and a latency histogram:
@@ -47,16 +47,13 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/rpc/http_server.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/labels.h"
 #include "prometheus/registry.h"
-
-namespace prometheus {
-class Exposer;
-}  // namespace prometheus
 
 namespace lmps {
 
@@ -81,7 +78,7 @@ std::vector<double> ExponentialBuckets(double start, double factor, int count);
 class Metrics {
  public:
   // Creates the registry and, if `options.listen_address` names one, starts
-  // the HTTP exposer. Fails with InvalidArgument for empty daemon/node_id or
+  // the HTTP server. Fails with InvalidArgument for empty daemon/node_id or
   // a malformed address, and Unavailable if the address cannot be bound.
   static absl::StatusOr<std::unique_ptr<Metrics>> Create(
       const MetricsOptions& options);
@@ -116,11 +113,21 @@ class Metrics {
       const std::vector<double>& buckets,
       const prometheus::Labels& labels = {});
 
-  // The registry's text exposition format (what GET /metrics returns,
-  // without the exposer's own exposer_* metrics).
+  // The registry's text exposition format (what GET /metrics returns).
   std::string Serialize() const;
 
-  // The port the exposer is bound to (the actual one when asked for port 0),
+  // Serves GET `path` on the metrics port with `handler` (see
+  // http_server.h; the handler must be thread-safe and whatever it uses
+  // must outlive this object). FailedPrecondition without an HTTP endpoint;
+  // InvalidArgument for "/metrics" itself or a path not starting with '/'.
+  absl::Status AddPage(const std::string& path, HttpHandler handler);
+
+  // Stops the HTTP endpoint now, waiting for requests in progress (the
+  // destructor does it otherwise): call it before destroying what pages
+  // use. Metric handles stay valid.
+  void StopServing();
+
+  // The port the HTTP server is bound to (the actual one when asked for port 0),
   // or 0 when there is no HTTP endpoint.
   int port() const { return port_; }
   const std::string& daemon() const { return options_.daemon; }
@@ -140,7 +147,7 @@ class Metrics {
   const prometheus::Labels constant_labels_;
   std::shared_ptr<prometheus::Registry> registry_;
   // Declared after registry_ so it stops serving before the registry goes.
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<HttpServer> http_;
   int port_ = 0;
 };
 

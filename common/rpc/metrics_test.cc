@@ -1,10 +1,5 @@
 #include "common/rpc/metrics.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <map>
 #include <optional>
 #include <string>
@@ -16,6 +11,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/rpc/http_test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -270,29 +266,6 @@ TEST(RpcMetricsTest, ConcurrentRecordsAreAllCounted) {
             2.0 * kThreads / 2 * kCalls);
 }
 
-// GET `path` from 127.0.0.1:`port` over a plain socket; the whole response.
-std::string HttpGet(int port, const std::string& path) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return "";
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(port);
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string response;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string request =
-        "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-    if (write(fd, request.data(), request.size()) ==
-        static_cast<ssize_t>(request.size())) {
-      char buf[4096];
-      ssize_t n;
-      while ((n = read(fd, buf, sizeof(buf))) > 0) response.append(buf, n);
-    }
-  }
-  close(fd);
-  return response;
-}
-
 TEST(MetricsTest, ServesMetricsOverHttp) {
   auto metrics = MakeMetrics("127.0.0.1:0");
   ASSERT_NE(metrics, nullptr);
@@ -310,7 +283,7 @@ TEST(MetricsTest, ServesMetricsOverHttp) {
                    {{"node", "server-0"}, {"daemon", "server"}}),
             42);
 
-  // The port is taken now: a second exposer on it fails cleanly.
+  // The port is taken now: a second server on it fails cleanly.
   auto clash = Metrics::Create(
       {.listen_address = "127.0.0.1:" + std::to_string(metrics->port()),
        .daemon = "server",
@@ -324,6 +297,23 @@ TEST(MetricsTest, ServesMetricsOverHttp) {
   metrics.reset();
   EXPECT_LT(absl::Now() - start, absl::Seconds(1));  // not civetweb's 2 s
   EXPECT_EQ(HttpGet(port, "/metrics"), "");
+}
+
+TEST(MetricsTest, ServesAddedPages) {
+  EXPECT_EQ(MakeMetrics()->AddPage("/status", [](const HttpRequest&) {
+    return HttpResponse{};
+  }).code(), absl::StatusCode::kFailedPrecondition);
+  auto metrics = MakeMetrics("127.0.0.1:0");
+  ASSERT_NE(metrics, nullptr);
+  EXPECT_EQ(metrics->AddPage("/metrics", [](const HttpRequest&) {
+    return HttpResponse{};
+  }).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(metrics->AddPage("/status", [](const HttpRequest&) {
+    return HttpResponse{.body = "<p>running</p>"};
+  }).ok());
+  EXPECT_EQ(HttpBody(HttpGet(metrics->port(), "/status")), "<p>running</p>");
+  EXPECT_THAT(HttpGet(metrics->port(), "/metrics"),
+              HasSubstr("Content-Type: text/plain; version=0.0.4"));
 }
 
 }  // namespace

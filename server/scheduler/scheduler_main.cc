@@ -45,9 +45,11 @@
 #include "common/rpc/security.h"
 #include "common/rpc/security_flags.h"
 #include "proto/lmps.pb.h"
+#include "report/status_page.h"
 #include "server/scheduler/clock.h"
 #include "server/scheduler/scheduler_core.h"
 #include "server/scheduler/scheduler_service.h"
+#include "server/scheduler/status_endpoint.h"
 
 ABSL_FLAG(std::string, job, "",
           "Job spec in protobuf text format (JobSpec); empty: every field at "
@@ -251,11 +253,29 @@ int Run(MainOptions options) {
     Log(absl::StrCat("error: ", service.status().message()));
     return 1;
   }
+  // The live status page (GET /status on the metrics port); its HTTP
+  // threads stop (StopServing below) before the core goes.
+  StatusHistory history;
+  StatusEndpoint status_page({.token = options.security.token(),
+                              .job_status = [&core] { return (*core)->Status(); },
+                              .history = &history});
   absl::StatusOr<DaemonMetrics> metrics =
       StartDaemonMetrics(absl::GetFlag(FLAGS_metrics_listen), "scheduler");
   if (!metrics.ok()) {
     Log(absl::StrCat("error: ", metrics.status().message()));
     return 2;
+  }
+  if (metrics->metrics->port() > 0) {
+    if (absl::Status s = metrics->metrics->AddPage(
+            "/status",
+            [&status_page](const HttpRequest& r) { return status_page.Serve(r); });
+        !s.ok()) {
+      Log(absl::StrCat("error: ", s.message()));
+      return 1;
+    }
+    Log(absl::StrCat("live status page on the metrics port: http://HOST:",
+                     metrics->metrics->port(), "/status",
+                     options.security.has_token() ? "?token=TOKEN" : ""));
   }
   GrpcServerOptions server_options;
   server_options.listen_address = options.listen;
@@ -320,8 +340,11 @@ int Run(MainOptions options) {
   while (true) {
     absl::SleepFor(absl::Milliseconds(100));
     if (absl::Now() - last_metrics >= absl::Seconds(1)) {
-      UpdateMetrics((*core)->Status(), metrics->metrics.get());
+      const JobStatus status = (*core)->Status();
+      UpdateMetrics(status, metrics->metrics.get());
       last_metrics = absl::Now();
+      history.Observe(status, absl::ToDoubleSeconds(last_metrics -
+                                                     absl::UnixEpoch()));
     }
     if (int signo = g_signal.load(); signo != 0) {
       Log(absl::StrCat("caught signal ", signo, "; shutting down"));
@@ -365,6 +388,7 @@ int Run(MainOptions options) {
   // their connections open, so keep it short.
   server->server->Shutdown(std::chrono::system_clock::now() +
                            std::chrono::milliseconds(500));
+  metrics->metrics->StopServing();
   service->reset();
   core->reset();
   Log(absl::StrCat("exiting with code ", exit_code));
