@@ -4,10 +4,10 @@
 //
 // Why: cuBLASLt 13 has about 94 KiB of static TLS. Linked at start, static
 // TLS is carved out of every thread's stack, and Debian's civetweb (the HTTP
-// server of prometheus-cpp's /metrics) creates its threads with ~100 KiB
+// server of /metrics, common/rpc/http_server.h) creates its threads with ~100 KiB
 // stacks, so pthread_create fails and /metrics never comes up. A library
 // loaded with dlopen gets dynamic TLS instead (allocated on first use), so
-// the exposer's threads start normally; and the CPU backend of the same
+// the HTTP server's threads start normally; and the CPU backend of the same
 // binary never loads CUDA at all.
 //
 // The plugin exports one C function, kCudaPluginEntry, of type
