@@ -11,7 +11,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <limits>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -33,11 +32,10 @@
 #include "common/rpc/grpc_server.h"
 #include "common/rpc/security.h"
 #include "common/rpc/status_util.h"
-#include "launcher/event_log.h"
 #include "launcher/progress.h"
-#include "launcher/step_log_merge.h"
+#include "launcher/restart_policy.h"
+#include "launcher/run_logs.h"
 #include "proto/lmps.grpc.pb.h"
-#include "report/run_report.h"
 
 namespace lmps {
 namespace {
@@ -64,6 +62,10 @@ class Launcher {
  public:
   explicit Launcher(const LauncherOptions& options)
       : options_(options),
+        restart_policy_(RestartLimits{options.restart_scheduler,
+                                      options.restart_workers,
+                                      options.restart_job,
+                                      options.elastic_min_dp}),
         faults_(options.faults),
         progress_(options.quiet, isatty(1) != 0) {}
   ~Launcher() { StopAll(); }
@@ -75,14 +77,6 @@ class Launcher {
   absl::Status StartJob(const JobSpec& spec);
   // Follows the job until every worker is done.
   absl::Status Monitor();
-  // Writes the steps every worker is past (every step read when `final`)
-  // to RUN_DIR/steps.jsonl.
-  void MergeSteps(const JobStatus& status, bool final);
-  // Adds the scheduler's new events (`status`), or one of the launcher's
-  // (`node`, `event`, `action`), to RUN_DIR/events.jsonl.
-  void LogEvents(const JobStatus& status);
-  void LogEvent(const std::string& node, const std::string& event,
-                const std::string& action);
   // The fault injector's view of children_.
   FaultTargets Targets();
   // Elastic dp (--resize_at_step, SIGUSR1/SIGUSR2): asks every shard to stop
@@ -93,9 +87,14 @@ class Launcher {
   void ElasticProcesses(int want);
   absl::Status Start(const std::string& name, const std::string& binary,
                      std::vector<std::string> args);
-  // Reaps exited children; returns an error naming a child that failed.
-  // Restarts nothing once the job has FAILED.
+  // Reaps exited children and restarts what restart_policy_ says; returns
+  // an error naming a child that failed. Restarts nothing once the job has
+  // FAILED.
   absl::Status Reap();
+  // The job as restart_policy_ sees it now.
+  JobRestartState RestartState() const;
+  // Starts the exited child `c` again, its output to `log`.
+  absl::Status Respawn(Child* c, std::string log);
   // The scheduler's status, asked now (2 s deadline).
   absl::StatusOr<JobStatus> QueryStatus();
   // The job FAILED: stops every process at once and says why. Returns
@@ -114,6 +113,7 @@ class Launcher {
   std::string Bin(const std::string& rel) const { return BinaryIn(bin_dir_, rel); }
 
   const LauncherOptions options_;
+  const RestartPolicy restart_policy_;  // what Reap() restarts
   std::string bin_dir_, run_dir_, job_file_, scheduler_;
   // The daemons' flags and the launcher's own channel security.
   SecurityPlan security_;
@@ -143,11 +143,8 @@ class Launcher {
   std::vector<Child> children_;
   std::chrono::steady_clock::time_point start_;
   ProgressLine progress_;
-  // RUN_DIR/steps.jsonl from the workers' RUN_DIR/steps/<name>.jsonl; null
-  // when it could not be opened or a write failed (reported once).
-  std::unique_ptr<StepLogMerger> steps_;
-  // RUN_DIR/events.jsonl; null when it could not be written (reported once).
-  std::unique_ptr<EventLog> events_;
+  // RUN_DIR/steps.jsonl, events.jsonl and report.html; opened by Run().
+  RunLogs logs_;
 };
 
 absl::StatusOr<pid_t> Launcher::Spawn(const std::string& binary,
@@ -224,62 +221,64 @@ absl::Status Launcher::CheckNotFailed() {
   return absl::OkStatus();
 }
 
+JobRestartState Launcher::RestartState() const {
+  JobRestartState job;
+  job.replicated = replicated_;
+  job.pipeline = pipeline_;
+  job.elastic_scheduler = elastic_scheduler_;
+  job.elastic_dp = elastic_dp_;
+  job.spares_available = spares_available_;
+  job.attempt = attempt_;
+  job.interrupted = g_interrupted != 0;
+  return job;
+}
+
+absl::Status Launcher::Respawn(Child* c, std::string log) {
+  c->log = std::move(log);
+  LMPS_ASSIGN_OR_RETURN(c->pid, Spawn(c->binary, c->args, c->log));
+  c->exited = false;
+  ++c->restarts;
+  return absl::OkStatus();
+}
+
 absl::Status Launcher::Reap() {
   for (Child& c : children_) {
     if (c.exited) continue;
     const std::optional<ExitStatus> status = processes_.Poll(c.pid);
     if (!status.has_value()) continue;
     c.exited = true;
-    const bool ok = status->success() || c.removed;
-    if (!ok) {
-      std::string how = status->Describe();
-      if (c.name == "scheduler" &&
-          c.restarts < options_.restart_scheduler && !g_interrupted) {
-        // Its state is rebuilt from the nodes: they keep training and rejoin
-        // the new scheduler on the same address.
+    if (status->success() || c.removed) continue;
+    const std::string how = status->Describe();
+    if (restart_policy_.ChecksJobFailedFirst(c.name, RestartState())) {
+      LMPS_RETURN_IF_ERROR(CheckNotFailed());
+    }
+    switch (restart_policy_.Decide(c.name, c.restarts, RestartState())) {
+      case RestartAction::kRestartScheduler:
         std::printf("\nlmps: the scheduler %s; restarting it on %s (%d of %d); "
                     "the nodes rejoin it\n",
                     how.c_str(), scheduler_.c_str(), c.restarts + 1,
                     options_.restart_scheduler);
-        LogEvent("scheduler", how, "restarted; the nodes rejoin it");
+        logs_.LogEvent("scheduler", how, "restarted; the nodes rejoin it");
         std::fflush(stdout);
         for (std::string& a : c.args) {
           if (a.rfind("--listen=", 0) == 0) a = "--listen=" + scheduler_;
         }
-        c.log = absl::StrCat(run_dir_, "/logs/scheduler.restart", c.restarts + 1,
-                             ".log");
-        LMPS_ASSIGN_OR_RETURN(c.pid, Spawn(c.binary, c.args, c.log));
-        c.exited = false;
-        ++c.restarts;
+        LMPS_RETURN_IF_ERROR(Respawn(
+            &c, absl::StrCat(run_dir_, "/logs/scheduler.restart",
+                            c.restarts + 1, ".log")));
         continue;
-      }
-      const bool server = c.name.rfind("server", 0) == 0 ||
-                          c.name.rfind("backup", 0) == 0;
-      if ((server && replicated_) || c.name.rfind("worker", 0) == 0) {
-        LMPS_RETURN_IF_ERROR(CheckNotFailed());
-      }
-      if (server && replicated_ && c.restarts < 5 && !g_interrupted) {
-        // Replicated shards: the other node of the shard serves on (the
-        // workers fail over to it); the restarted process registers again
-        // and becomes the shard's new backup, with a snapshot.
+      case RestartAction::kRestartAsBackup:
         std::printf("\nlmps: %s %s; its shard's other node serves on, and "
-                    "the restarted process becomes its backup (%d of 5)\n",
-                    c.name.c_str(), how.c_str(), c.restarts + 1);
-        LogEvent(c.name, how, "restarted; becomes its shard's backup");
+                    "the restarted process becomes its backup (%d of %d)\n",
+                    c.name.c_str(), how.c_str(), c.restarts + 1,
+                    RestartPolicy::kMaxBackupRestarts);
+        logs_.LogEvent(c.name, how, "restarted; becomes its shard's backup");
         std::fflush(stdout);
-        c.log = absl::StrCat(run_dir_, "/logs/", c.name, ".restart",
-                             c.restarts + 1, ".log");
-        LMPS_ASSIGN_OR_RETURN(c.pid, Spawn(c.binary, c.args, c.log));
-        c.exited = false;
-        ++c.restarts;
+        LMPS_RETURN_IF_ERROR(Respawn(
+            &c, absl::StrCat(run_dir_, "/logs/", c.name, ".restart",
+                            c.restarts + 1, ".log")));
         continue;
-      }
-      const bool worker = c.name.rfind("worker", 0) == 0;
-      if (worker && pipeline_ && elastic_scheduler_ &&
-          elastic_dp_ > options_.elastic_min_dp && !g_interrupted) {
-        // Its stage and tensor-parallel partners cannot go on without it:
-        // the elastic scheduler drops its whole replica (dp - 1) at the
-        // step it died in, and the partners register again.
+      case RestartAction::kDropReplica:
         --elastic_dp_;
         std::printf("\nlmps: %s %s; the elastic scheduler drops its replica "
                     "(dp %d -> %d) once its lease and --elastic_grace_s "
@@ -287,61 +286,39 @@ absl::Status Launcher::Reap() {
                     c.name.c_str(), how.c_str(), elastic_dp_ + 1, elastic_dp_);
         std::fflush(stdout);
         continue;
-      }
-      // Pipeline workers are replaced too (the scheduler regroups the job
-      // at the step in progress); out of replacements and spares, the job
-      // restarts.
-      const bool lost_worker_of_pipeline =
-          pipeline_ && worker &&
-          c.restarts >= options_.restart_workers &&
-          spares_available_ == 0;
-      if ((server || lost_worker_of_pipeline) &&
-          attempt_ < options_.restart_job && !g_interrupted) {
+      case RestartAction::kRestartJob:
         lost_server_ = absl::StrCat(c.name, " ", how);
         return absl::UnavailableError(lost_server_);
-      }
-      if (c.name.rfind("worker", 0) == 0 &&
-          c.restarts < options_.restart_workers && !g_interrupted) {
-        // Workers are stateless: a replacement takes the dead one's slot once
-        // its lease expires and redoes exactly the lost work (a pipeline
-        // replica: the step in progress, after the scheduler's regroup).
+      case RestartAction::kReplaceWorker:
         std::printf("\nlmps: %s %s; starting a replacement (%d of %d)\n",
                     c.name.c_str(), how.c_str(), c.restarts + 1,
                     options_.restart_workers);
-        LogEvent(c.name, how, "a replacement takes its slot");
+        logs_.LogEvent(c.name, how, "a replacement takes its slot");
         std::fflush(stdout);
-        std::vector<std::string> args;
-        for (const std::string& a : c.args) {
-          if (a.rfind("--fault_", 0) != 0) args.push_back(a);
-        }
-        c.args = args;
-        c.log = absl::StrCat(run_dir_, "/logs/", c.name, ".restart",
-                             c.restarts + 1, ".log");
-        LMPS_ASSIGN_OR_RETURN(c.pid, Spawn(c.binary, c.args, c.log));
-        c.exited = false;
-        ++c.restarts;
+        c.args = WithoutFaultFlags(c.args);
+        LMPS_RETURN_IF_ERROR(Respawn(
+            &c, absl::StrCat(run_dir_, "/logs/", c.name, ".restart",
+                            c.restarts + 1, ".log")));
         continue;
-      }
-      if (c.name.rfind("worker", 0) == 0 && elastic_scheduler_ && !g_interrupted) {
+      case RestartAction::kAwaitElasticShrink:
         std::printf("\nlmps: %s %s; the elastic scheduler shrinks dp once its "
                     "lease and --elastic_grace_s expire (unless a worker "
                     "takes its slot)\n",
                     c.name.c_str(), how.c_str());
         std::fflush(stdout);
         continue;
-      }
-      if (c.name.rfind("worker", 0) == 0 && spares_available_ > 0 &&
-          !g_interrupted) {
+      case RestartAction::kAwaitSpare:
         --spares_available_;
         std::printf("\nlmps: %s %s; a spare worker takes over its slot once "
                     "its lease expires\n",
                     c.name.c_str(), how.c_str());
         std::fflush(stdout);
         continue;
-      }
-      return absl::AbortedError(absl::StrCat(c.name, " ", how, "; the end of ",
-                                             c.log, ":\n", LogTail(c.log, 15)));
+      case RestartAction::kFail:
+        break;
     }
+    return absl::AbortedError(absl::StrCat(c.name, " ", how, "; the end of ",
+                                           c.log, ":\n", LogTail(c.log, 15)));
   }
   return absl::OkStatus();
 }
@@ -591,50 +568,6 @@ absl::Status Launcher::StartJob(const JobSpec& spec) {
   return absl::OkStatus();
 }
 
-void Launcher::MergeSteps(const JobStatus& status, bool final) {
-  if (steps_ == nullptr) return;
-  int64_t complete_before = std::numeric_limits<int64_t>::max();
-  if (!final) {
-    bool any = false;
-    for (const NodeStatus& n : status.nodes()) {
-      if (n.role() != WORKER) continue;
-      complete_before = std::min(complete_before, n.step());
-      any = true;
-    }
-    if (!any) return;
-  }
-  if (absl::Status s = steps_->Poll(complete_before); !s.ok()) {
-    std::printf("lmps: warning: the step log stops: %s\n",
-                std::string(s.message()).c_str());
-    steps_.reset();
-    return;
-  }
-  if (final) {
-    std::printf("lmps: %lld steps logged in %s/steps.jsonl\n",
-                static_cast<long long>(steps_->last_written() + 1),
-                run_dir_.c_str());
-  }
-}
-
-void Launcher::LogEvents(const JobStatus& status) {
-  if (events_ == nullptr) return;
-  if (absl::Status s = events_->AddFrom(status); !s.ok()) {
-    std::printf("lmps: warning: the event log stops: %s\n",
-                std::string(s.message()).c_str());
-    events_.reset();
-  }
-}
-
-void Launcher::LogEvent(const std::string& node, const std::string& event,
-                        const std::string& action) {
-  if (events_ == nullptr) return;
-  if (absl::Status s = events_->Add(node, event, action); !s.ok()) {
-    std::printf("lmps: warning: the event log stops: %s\n",
-                std::string(s.message()).c_str());
-    events_.reset();
-  }
-}
-
 absl::Status Launcher::Monitor() {
   const auto deadline = start_ + std::chrono::seconds(options_.timeout_s);
   while (!AllExited("worker")) {
@@ -650,8 +583,8 @@ absl::Status Launcher::Monitor() {
       const JobStatus& status = *polled;
       if (status.state() == FAILED) return JobFailed(status);
       progress_.Update(status, false);
-      MergeSteps(status, /*final=*/false);
-      LogEvents(status);
+      logs_.MergeSteps(status, /*final=*/false);
+      logs_.LogEvents(status);
       faults_.MaybeInject(status, attempt_, Targets());
       MaybeResize(status);
     }
@@ -677,33 +610,7 @@ absl::Status Launcher::Run() {
   if (!options_.resume) fs::remove_all(ckpt, ec);
   fs::create_directories(ckpt, ec);
   fs::remove(run_dir_ + "/sample.txt", ec);
-  // The step log: a fresh run starts it afresh, a resumed one continues it.
-  if (!options_.resume) {
-    fs::remove_all(run_dir_ + "/steps", ec);
-    fs::remove(run_dir_ + "/steps.jsonl", ec);
-    fs::remove(run_dir_ + "/events.jsonl", ec);
-  }
-  if (absl::StatusOr<std::unique_ptr<EventLog>> events =
-          EventLog::Create(run_dir_ + "/events.jsonl");
-      events.ok()) {
-    events_ = *std::move(events);
-  } else {
-    std::printf("lmps: warning: no event log: %s\n",
-                std::string(events.status().message()).c_str());
-  }
-  fs::create_directories(run_dir_ + "/steps", ec);
-  if (absl::StatusOr<std::unique_ptr<StepLogMerger>> steps =
-          StepLogMerger::Create(
-              run_dir_ + "/steps", run_dir_ + "/steps.jsonl",
-              [](const std::string& w) {
-                std::printf("lmps: step log: %s\n", w.c_str());
-              });
-      steps.ok()) {
-    steps_ = *std::move(steps);
-  } else {
-    std::printf("lmps: warning: no step log: %s\n",
-                std::string(steps.status().message()).c_str());
-  }
+  logs_.Open(run_dir_, options_.resume);
   fs::remove(run_dir_ + "/scheduler.port", ec);
   std::string text;
   google::protobuf::TextFormat::PrintToString(spec, &text);
@@ -741,9 +648,9 @@ absl::Status Launcher::Run() {
       // it: restart the job there with the new dp.
       std::printf("\nlmps: restarting at step %lld with dp %d\n",
                   static_cast<long long>(resize_step_), resized_spec_.layout().dp());
-      LogEvent("", "elastic resize",
-               absl::StrCat("the job restarts at step ", resize_step_,
-                            " with dp ", resized_spec_.layout().dp()));
+      logs_.LogEvent("", "elastic resize",
+                     absl::StrCat("the job restarts at step ", resize_step_,
+                                  " with dp ", resized_spec_.layout().dp()));
       std::fflush(stdout);
       StopAll();
       children_.clear();
@@ -761,8 +668,8 @@ absl::Status Launcher::Run() {
       break;
     }
     ++attempt_;
-    LogEvent("", lost_server_,
-             "the job restarts from the latest complete checkpoint");
+    logs_.LogEvent("", lost_server_,
+                   "the job restarts from the latest complete checkpoint");
     std::printf("\nlmps: %s; restarting the job from the latest complete "
                 "checkpoint (restart %d of %d)\n",
                 lost_server_.c_str(), attempt_, options_.restart_job);
@@ -778,8 +685,8 @@ absl::Status Launcher::Run() {
     last = *polled;
   }
   progress_.Update(last, true);
-  MergeSteps(last, /*final=*/true);
-  LogEvents(last);
+  logs_.MergeSteps(last, /*final=*/true);
+  logs_.LogEvents(last);
   // Servers and the scheduler exit on their own once the job is finished.
   const auto wait_until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (!(AllExited("server") && AllExited("backup") &&
@@ -829,15 +736,7 @@ absl::Status Launcher::Run() {
     s << sample.rdbuf();
     std::printf("lmps: sample:\n----\n%s\n----\n", s.str().c_str());
   }
-  if (absl::Status s = WriteRunReport(run_dir_, [](const std::string& w) {
-        std::printf("lmps: report: %s\n", w.c_str());
-      });
-      s.ok()) {
-    std::printf("lmps: report in %s/report.html\n", run_dir_.c_str());
-  } else {
-    std::printf("lmps: warning: no report: %s\n",
-                std::string(s.message()).c_str());
-  }
+  logs_.WriteReport();
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   std::printf("lmps: done in %.1f s\n", secs);

@@ -7,19 +7,20 @@
 // It follows the job with the scheduler's status (the progress line,
 // launcher/progress.h), replaces dead workers, restarts a dead scheduler,
 // restarts the whole job from its latest checkpoint when a shard (or a
-// pipeline worker out of replacements) is lost, resizes data parallelism on
-// request (elastic dp), injects the tests' faults
-// (launcher/fault_injection.h), and once the workers are done waits for the
-// servers and the scheduler to exit, exports the final model to
-// RUN_DIR/model.safetensors and prints the generated sample. Every child is
-// stopped (SIGTERM, SIGKILL after 5 s) and reaped before it returns, on
-// success, error or interruption.
+// pipeline worker out of replacements) is lost (the rules:
+// launcher/restart_policy.h), resizes data parallelism on request (elastic
+// dp), injects the tests' faults (launcher/fault_injection.h), and once
+// the workers are done waits for the servers and the scheduler to exit,
+// exports the final model to RUN_DIR/model.safetensors and prints the
+// generated sample. Every child is stopped (SIGTERM, SIGKILL after 5 s) and
+// reaped before it returns, on success, error or interruption.
 //
 // Layout of RUN_DIR: job.textproto (the effective spec), logs/<node>.log,
 // ckpt/step_*/shard_*.ckpt, steps/<worker>.jsonl (each worker's step log)
 // and steps.jsonl (merged, one line per step: launcher/step_log_merge.h),
 // events.jsonl (launcher/event_log.h), model.safetensors, sample.txt,
-// report.html (report/run_report.h).
+// report.html (report/run_report.h); the logs and the report are kept by
+// launcher/run_logs.h.
 //
 // Progress and events go to stdout; the lines the tests match ("lmps:
 // worker-1 was killed by signal 9; starting a replacement (1 of 3)", ...)

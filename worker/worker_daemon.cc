@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -34,6 +33,7 @@
 #include "worker/peer/peer_network.h"
 #include "worker/peer/ring_allreduce.h"
 #include "worker/pipeline/pipeline_trainer.h"
+#include "worker/progress_export.h"
 #include "worker/ps_client.h"
 #include "worker/step_log.h"
 #include "worker/trainer.h"
@@ -421,7 +421,7 @@ class WorkerSession {
               {"pp_rank", std::to_string(assignment_.pp_rank())},
               {"tp_rank", std::to_string(assignment_.tp_rank())}});
     common.on_progress = [this](const TrainerProgress& p) { OnProgress(p); };
-    OpenStepLog();
+    StartProgressExport();
     if (pipeline_) return BuildPipelineTrainer(common, overlap_push);
     LMPS_ASSIGN_OR_RETURN(
         model_, GptModel::Create(spec_.model(), backend_.get(), micro_,
@@ -509,76 +509,24 @@ class WorkerSession {
     return absl::OkStatus();
   }
 
-  // The step log (options_.step_log), appended to from OnProgress.
-  void OpenStepLog() {
-    if (options_.step_log.empty()) return;
+  // The step log (options_.step_log) and the progress gauges, fed from
+  // OnProgress.
+  void StartProgressExport() {
     StepLogIdentity who;
     who.node = id_;
     who.dp = assignment_.dp_rank();
     who.pp = assignment_.pp_rank();
     who.tp = assignment_.tp_rank();
     who.pipeline = pipeline_;
-    absl::StatusOr<std::unique_ptr<StepLog>> log =
-        StepLog::Open(options_.step_log, std::move(who));
-    if (!log.ok()) {
-      log_(id_, absl::StrCat("warning: no step log: ", log.status().message()));
-      return;
-    }
-    step_log_ = *std::move(log);
+    progress_export_ = std::make_unique<ProgressExport>(
+        metrics_.metrics.get(), options_.step_log, std::move(who),
+        [log = log_, id = id_](const std::string& line) { log(id, line); });
   }
 
-  // The trainer's progress: exported as gauges, appended to the step log
-  // and sent in heartbeats.
+  // The trainer's progress: exported (the step log, the gauges) and sent in
+  // heartbeats.
   void OnProgress(const TrainerProgress& p) {
-    if (step_log_ != nullptr) {
-      if (absl::Status s = step_log_->Append(p); !s.ok()) {
-        log_(id_, absl::StrCat("warning: the step log stops: ", s.message()));
-        step_log_.reset();
-      }
-    }
-    Metrics* m = metrics_.metrics.get();
-    SetGauge(m, "lmps_step", "Completed training steps.",
-             static_cast<double>(p.step));
-    SetGauge(m, "lmps_loss", "Training loss of the last step.", p.loss);
-    if (std::isfinite(p.eval_loss)) {
-      SetGauge(m, "lmps_eval_loss", "Last evaluation loss.", p.eval_loss);
-    }
-    SetGauge(m, "lmps_tokens_per_second", "Training tokens per second.",
-             p.tokens_per_second);
-    SetGauge(m, "lmps_staleness_steps",
-             "Steps between the parameters used and the step computed.",
-             static_cast<double>(p.staleness));
-    const char* help = "Seconds of the last step spent per phase.";
-    SetGauge(m, "lmps_step_phase_seconds", help, p.compute_seconds,
-             {{"phase", "compute"}});
-    SetGauge(m, "lmps_step_phase_seconds", help, p.pull_seconds,
-             {{"phase", "pull"}});
-    SetGauge(m, "lmps_step_phase_seconds", help, p.push_seconds,
-             {{"phase", "push"}});
-    SetGauge(m, "lmps_step_phase_seconds", help, p.sync_seconds,
-             {{"phase", "wait"}});
-    const char* bytes =
-        "Gradient payload bytes pushed in the last step (total), and those "
-        "sent while its backward pass still ran (overlapped, "
-        "--overlap_push).";
-    SetGauge(m, "lmps_push_bytes", bytes, static_cast<double>(p.push_bytes),
-             {{"kind", "total"}});
-    SetGauge(m, "lmps_push_bytes", bytes,
-             static_cast<double>(p.push_bytes_overlapped),
-             {{"kind", "overlapped"}});
-    if (pipeline_) {
-      const char* bubble =
-          "Fraction of the last step's pipeline schedule this stage waited "
-          "for its neighbours (measured), and (pp - 1) / (m + pp - 1) (ideal).";
-      SetGauge(m, "lmps_pipeline_bubble_fraction", bubble, p.bubble_fraction,
-               {{"kind", "measured"}});
-      SetGauge(m, "lmps_pipeline_bubble_fraction", bubble,
-               p.ideal_bubble_fraction, {{"kind", "ideal"}});
-      SetGauge(m, "lmps_pipeline_live_micro_batches",
-               "Most micro-batches whose activations were alive at once in the "
-               "last step.",
-               p.max_live_micro_batches);
-    }
+    if (progress_export_ != nullptr) progress_export_->Export(p);
     absl::MutexLock lock(&mu_);
     latest_ = p;
   }
@@ -763,7 +711,7 @@ class WorkerSession {
   std::unique_ptr<StageModel> stage_model_;  // pp * tp > 1
   std::unique_ptr<PeerNetwork> peers_;
   std::unique_ptr<RingAllReduce> ring_;
-  std::unique_ptr<StepLog> step_log_;  // null: none
+  std::unique_ptr<ProgressExport> progress_export_;  // from BuildTrainer
   // Declared after what it uses, so destroyed first.
   std::unique_ptr<TrainingLoop> loop_;
   // loop_ when this worker holds the whole model (pp = tp = 1): it samples.
