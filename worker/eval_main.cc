@@ -76,7 +76,7 @@ absl::Status Run() {
       sum += static_cast<double>(loss) * n;
       count += n;
     }
-    std::printf("loss: %.6f\n", sum / static_cast<double>(count));
+    std::printf("loss: %.8f\n", sum / static_cast<double>(count));
   }
   if (absl::GetFlag(FLAGS_generate) > 0) {
     LMPS_ASSIGN_OR_RETURN(
