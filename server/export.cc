@@ -1,15 +1,57 @@
 #include "server/export.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
 #include <map>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/formats/hf_gpt2.h"
 #include "common/model/model_spec.h"
 #include "common/model/partition.h"
 #include "server/checkpoint.h"
 
 namespace lmps {
+namespace {
+
+// Writes `text` to `path` through a temporary file, fsync and rename(2).
+absl::Status WriteFileAtomically(const std::string& path,
+                                 const std::string& text) {
+  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
+  auto fail = [&](absl::string_view what) {
+    absl::Status s = absl::InternalError(
+        absl::StrCat("cannot ", what, " ", tmp, ": ", std::strerror(errno)));
+    ::unlink(tmp.c_str());
+    return s;
+  };
+  const int fd =
+      ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return fail("create");
+  size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      ::close(fd);
+      return fail("write");
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0) {
+    ::close(fd);
+    return fail("fsync");
+  }
+  if (::close(fd) != 0) return fail("close");
+  if (::rename(tmp.c_str(), path.c_str()) != 0) return fail("rename to");
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::StatusOr<int64_t> LatestCompleteStep(absl::string_view dir) {
   absl::StatusOr<std::vector<int64_t>> steps = ListCheckpointStepDirs(dir);
@@ -115,9 +157,19 @@ absl::StatusOr<AssembledModel> AssembleCheckpoint(absl::string_view dir,
   return model;
 }
 
+absl::StatusOr<ExportFormat> ParseExportFormat(absl::string_view name) {
+  if (name == "lmps") return ExportFormat::kLmps;
+  if (name == "hf") return ExportFormat::kHuggingFace;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown export format '", name,
+      "': lmps (one safetensors file, lmps's names) or hf (a Hugging Face "
+      "GPT-2 directory: model.safetensors and config.json)"));
+}
+
 absl::StatusOr<AssembledModel> ExportCheckpoint(absl::string_view dir,
                                                 int64_t step,
-                                                const std::string& out_path) {
+                                                const std::string& out_path,
+                                                ExportFormat format) {
   if (step < 0) {
     absl::StatusOr<int64_t> latest = LatestCompleteStep(dir);
     if (!latest.ok()) return latest.status();
@@ -131,7 +183,31 @@ absl::StatusOr<AssembledModel> ExportCheckpoint(absl::string_view dir,
       {"lmps.job", model->spec.name()},
       {"lmps.model", model->spec.model().ShortDebugString()},
   };
-  if (absl::Status s = WriteSafetensorsFile(out_path, model->tensors, metadata);
+  if (format == ExportFormat::kLmps) {
+    if (absl::Status s =
+            WriteSafetensorsFile(out_path, model->tensors, metadata);
+        !s.ok()) {
+      return s;
+    }
+    return model;
+  }
+  absl::StatusOr<std::vector<SafeTensor>> hf =
+      LmpsToHfGpt2(model->spec.model(), model->tensors);
+  if (!hf.ok()) return hf.status();
+  std::error_code ec;
+  std::filesystem::create_directories(out_path, ec);
+  if (ec) {
+    return absl::InternalError(
+        absl::StrCat("cannot create directory ", out_path, ": ", ec.message()));
+  }
+  if (absl::Status s = WriteSafetensorsFile(
+          absl::StrCat(out_path, "/model.safetensors"), *hf, metadata);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s =
+          WriteFileAtomically(absl::StrCat(out_path, "/config.json"),
+                              HfGpt2ConfigJson(model->spec.model()));
       !s.ok()) {
     return s;
   }

@@ -1,8 +1,10 @@
 // Exporting a job's shard checkpoints of one step as a single safetensors
 // file of whole tensors (common/formats/safetensors.h), e.g. for inference, analysis
-// or as initial weights of another job (lmps_server --init_from).
+// or as initial weights of another job (lmps_server --init_from), in one of
+// two formats:
 //
-// Tensor names are the canonical names of common/model/model_spec.h, in that
+// ExportFormat::kLmps (the default), one file. Tensor names are the
+// canonical names of common/model/model_spec.h, in that
 // order (L = n_layer, C = n_embd, V = vocab_size, T = block_size):
 //   wte.weight (V, C)  wpe.weight (T, C)
 //   h.{l}.ln_1.weight (C)  h.{l}.ln_1.bias (C)
@@ -15,6 +17,14 @@
 // all F32, matrices out x in (PyTorch nn.Linear layout); the LM head is tied
 // to wte.weight and not stored. __metadata__ holds "format": "pt",
 // "lmps.step", "lmps.job" and "lmps.model" (the ModelConfig in text form).
+//
+// ExportFormat::kHuggingFace, a directory that transformers'
+// GPT2LMHeadModel.from_pretrained loads: model.safetensors with Hugging
+// Face's names and Conv1D shapes (common/formats/hf_gpt2.h: the names above
+// prefixed "transformer.", the four projection matrices of each block
+// transposed to in x out, no lm_head.weight: it is tied) and the same
+// metadata, and config.json (HfGpt2ConfigJson).
+//
 // Optimizer state is not exported.
 //
 // Thread-safety: pure functions over the file system.
@@ -48,11 +58,18 @@ struct AssembledModel {
 absl::StatusOr<AssembledModel> AssembleCheckpoint(absl::string_view dir,
                                                   int64_t step);
 
+enum class ExportFormat { kLmps, kHuggingFace };
+
+// "lmps" or "hf"; InvalidArgument naming the valid values otherwise.
+absl::StatusOr<ExportFormat> ParseExportFormat(absl::string_view name);
+
 // AssembleCheckpoint of `step` (-1: LatestCompleteStep) written to
-// `out_path`. Returns the model written (without copying it elsewhere).
-absl::StatusOr<AssembledModel> ExportCheckpoint(absl::string_view dir,
-                                                int64_t step,
-                                                const std::string& out_path);
+// `out_path`: the safetensors file (kLmps), or the directory, created if
+// missing, with model.safetensors and config.json (kHuggingFace). Files are
+// written atomically. Returns the model written, in lmps's layout.
+absl::StatusOr<AssembledModel> ExportCheckpoint(
+    absl::string_view dir, int64_t step, const std::string& out_path,
+    ExportFormat format = ExportFormat::kLmps);
 
 }  // namespace lmps
 

@@ -1,8 +1,9 @@
 // lmps_export: writes the parameters of one checkpoint step (every shard's
-// file, reassembled into whole tensors) as a safetensors file. Tensor names
-// and layout: server/export.h.
+// file, reassembled into whole tensors) as a safetensors file, or as a
+// Hugging Face GPT-2 directory. Tensor names and layouts: server/export.h.
 //
 //   lmps_export --checkpoint_dir=ckpt --out=model.safetensors [--step=N]
+//   lmps_export --checkpoint_dir=ckpt --format=hf --out=DIR [--step=N]
 //
 // --step defaults to the latest step for which every shard's file exists
 // and verifies. Exit status 0 on success, 1 with a message otherwise.
@@ -18,12 +19,22 @@ ABSL_FLAG(std::string, checkpoint_dir, "",
           "Directory holding step_<N>/shard_<id>.ckpt files (required)");
 ABSL_FLAG(int64_t, step, -1,
           "Step to export; -1: the latest complete step across all shards");
-ABSL_FLAG(std::string, out, "", "Output .safetensors path (required)");
+ABSL_FLAG(std::string, out, "",
+          "Output .safetensors path; with --format=hf the output directory "
+          "(required)");
+ABSL_FLAG(std::string, format, "lmps",
+          "lmps: one safetensors file with lmps's tensor names; hf: a "
+          "directory with model.safetensors (Hugging Face GPT-2 names and "
+          "Conv1D shapes) and config.json, for transformers' "
+          "GPT2LMHeadModel.from_pretrained");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "Exports a checkpoint step as one safetensors file.\n"
+      "Exports a checkpoint step as one safetensors file, or as a Hugging "
+      "Face GPT-2 directory.\n"
       "  lmps_export --checkpoint_dir=DIR --out=model.safetensors "
+      "[--step=N]\n"
+      "  lmps_export --checkpoint_dir=DIR --format=hf --out=OUT_DIR "
       "[--step=N]");
   absl::ParseCommandLine(argc, argv);
   const std::string dir = absl::GetFlag(FLAGS_checkpoint_dir);
@@ -34,8 +45,15 @@ int main(int argc, char** argv) {
                  "--help)\n");
     return 1;
   }
+  absl::StatusOr<lmps::ExportFormat> format =
+      lmps::ParseExportFormat(absl::GetFlag(FLAGS_format));
+  if (!format.ok()) {
+    std::fprintf(stderr, "[export] --format: %s\n",
+                 std::string(format.status().message()).c_str());
+    return 1;
+  }
   absl::StatusOr<lmps::AssembledModel> model =
-      lmps::ExportCheckpoint(dir, absl::GetFlag(FLAGS_step), out);
+      lmps::ExportCheckpoint(dir, absl::GetFlag(FLAGS_step), out, *format);
   if (!model.ok()) {
     std::fprintf(stderr, "[export] %s\n", model.status().ToString().c_str());
     return 1;
@@ -44,9 +62,12 @@ int main(int argc, char** argv) {
   for (const lmps::SafeTensor& t : model->tensors) params += t.data.size();
   std::fprintf(stderr,
                "[export] wrote step %lld of job '%s' (%zu tensors, %lld "
-               "parameters) to %s\n",
+               "parameters) to %s%s\n",
                static_cast<long long>(model->step), model->spec.name().c_str(),
                model->tensors.size(), static_cast<long long>(params),
-               out.c_str());
+               out.c_str(),
+               *format == lmps::ExportFormat::kHuggingFace
+                   ? " (Hugging Face GPT-2: model.safetensors, config.json)"
+                   : "");
   return 0;
 }

@@ -1,7 +1,10 @@
 #include "server/export.h"
 
 #include <cstdlib>
+#include <fstream>
+#include <sstream>
 
+#include "common/formats/hf_gpt2.h"
 #include "common/model/init.h"
 #include "common/model/job_spec.h"
 #include "common/model/model_spec.h"
@@ -80,12 +83,10 @@ TEST(ExportTest, FreshShardsExportTheInitialisation) {
   EXPECT_EQ(file->metadata.at("lmps.step"), "0");
 }
 
-TEST(ExportTest, RoundTripsThroughTheShards) {
-  const std::string dir = TestDir("roundtrip");
-  const JobSpec spec = Spec();
-  auto shards = Shards(spec, dir);
-  // Move the parameters away from the initialisation with one SGD step.
-  for (auto& s : shards) {
+// One SGD step on every shard with a constant gradient, then a checkpoint:
+// parameters away from the initialisation, at step 1.
+void StepAndCheckpoint(std::vector<std::unique_ptr<ParameterShard>>* shards) {
+  for (auto& s : *shards) {
     std::vector<PushRequest> stream(1);
     stream[0].set_partition_version(s->partition().version());
     for (const ChunkDesc& c : ChunksOfShard(s->partition(), s->shard())) {
@@ -102,20 +103,93 @@ TEST(ExportTest, RoundTripsThroughTheShards) {
     ASSERT_TRUE(s->Apply(0, 0.0).ok());
     ASSERT_TRUE(s->WriteCheckpoint().ok());
   }
+}
+
+void ExpectSameParameters(
+    const std::vector<std::unique_ptr<ParameterShard>>& a,
+    const std::vector<std::unique_ptr<ParameterShard>>& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t s = 0; s < a.size(); ++s) {
+    const ShardCheckpoint x = a[s]->Snapshot();
+    const ShardCheckpoint y = b[s]->Snapshot();
+    ASSERT_EQ(x.chunks.size(), y.chunks.size());
+    for (size_t c = 0; c < x.chunks.size(); ++c) {
+      EXPECT_EQ(x.chunks[c].params, y.chunks[c].params)
+          << x.chunks[c].desc.ShortDebugString();
+    }
+  }
+}
+
+TEST(ExportTest, RoundTripsThroughTheShards) {
+  const std::string dir = TestDir("roundtrip");
+  const JobSpec spec = Spec();
+  auto shards = Shards(spec, dir);
+  StepAndCheckpoint(&shards);
   const std::string out = dir + "/step1.safetensors";
   auto model = ExportCheckpoint(dir, 1, out);
   ASSERT_TRUE(model.ok()) << model.status();
   EXPECT_EQ(model->step, 1);
   // New shards initialised from the export hold the same parameters.
   auto copies = Shards(spec, dir + "/other", out);
-  for (size_t s = 0; s < shards.size(); ++s) {
-    const ShardCheckpoint a = shards[s]->Snapshot();
-    const ShardCheckpoint b = copies[s]->Snapshot();
-    ASSERT_EQ(a.chunks.size(), b.chunks.size());
-    for (size_t c = 0; c < a.chunks.size(); ++c) {
-      EXPECT_EQ(a.chunks[c].params, b.chunks[c].params);
+  ExpectSameParameters(shards, copies);
+}
+
+// --format=hf: a directory with Hugging Face's names, Conv1D shapes and
+// config.json; shards initialised from it (each copying its chunks, which
+// cut the transposed matrices mid-row) hold exactly the exported parameters.
+TEST(ExportTest, HuggingFaceFormatRoundTripsThroughTheShards) {
+  const std::string dir = TestDir("hf");
+  const JobSpec spec = Spec();
+  auto shards = Shards(spec, dir);
+  StepAndCheckpoint(&shards);
+  const std::string out = dir + "/hf";
+  auto model = ExportCheckpoint(dir, 1, out, ExportFormat::kHuggingFace);
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto file = ReadSafetensorsFile(out + "/model.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status();
+  const auto specs = GptTensorSpecs(spec.model());
+  ASSERT_EQ(file->tensors.size(), specs.size());  // no lm_head.weight
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const SafeTensor& t = file->tensors[i];
+    EXPECT_EQ(t.name, "transformer." + specs[i].name);
+    EXPECT_EQ(t.shape, HfGpt2Shape(specs[i]));
+    const SafeTensor& lmps = model->tensors[i];
+    if (IsHfConv1DWeight(specs[i].name)) {
+      EXPECT_EQ(t.data,
+                TransposeMatrix(lmps.data, lmps.shape[0], lmps.shape[1]))
+          << t.name;
+    } else {
+      EXPECT_EQ(t.data, lmps.data) << t.name;
     }
   }
+  EXPECT_EQ(file->metadata.at("format"), "pt");  // from_pretrained needs it
+  std::ifstream in(out + "/config.json");
+  std::stringstream json;
+  json << in.rdbuf();
+  auto config = ParseHfGpt2ConfigJson(json.str(), "config.json");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->ShortDebugString(), spec.model().ShortDebugString());
+
+  auto copies = Shards(spec, dir + "/other", out);
+  ExpectSameParameters(shards, copies);
+  // Exporting that again gives the same bytes.
+  for (auto& s : copies) ASSERT_TRUE(s->WriteCheckpoint().ok());
+  ASSERT_TRUE(ExportCheckpoint(dir + "/other", 0, dir + "/hf2",
+                               ExportFormat::kHuggingFace)
+                  .ok());
+  auto again = ReadSafetensorsFile(dir + "/hf2/model.safetensors");
+  ASSERT_TRUE(again.ok());
+  for (size_t i = 0; i < specs.size(); ++i) {
+    EXPECT_EQ(again->tensors[i].data, file->tensors[i].data);
+  }
+}
+
+TEST(ExportTest, FormatNames) {
+  EXPECT_EQ(*ParseExportFormat("lmps"), ExportFormat::kLmps);
+  EXPECT_EQ(*ParseExportFormat("hf"), ExportFormat::kHuggingFace);
+  auto bad = ParseExportFormat("onnx");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("hf"), std::string::npos);
 }
 
 TEST(ExportTest, IncompleteStepsAreSkippedOrReported) {

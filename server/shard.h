@@ -60,8 +60,10 @@ struct ShardOptions {
   // 0: initialise (see init_from_safetensors); > 0: load the checkpoint of
   // this step for this shard from checkpoint_dir (error if missing/corrupt).
   int64_t start_step = 0;
-  // With start_step 0: initial weights from this safetensors file (every
-  // tensor the shard holds must be present with the model's shape); empty:
+  // With start_step 0: initial weights from this safetensors file, or a
+  // directory holding model.safetensors, in lmps's or Hugging Face's layout
+  // (common/formats/gpt2_weights.h: the file must hold exactly the model's
+  // tensors, with its shapes; the shard copies its own chunks); empty:
   // deterministic initialisation (common/model/init.h, seed train.seed).
   std::string init_from_safetensors;
   // Upper bound of every wait (GradNorm, Pull).

@@ -1,7 +1,8 @@
 // ParameterShard initialisation: the chunks of this shard and who pushes
 // which part of them (the parallel layout), then the initial parameters: a
 // fresh deterministic initialisation, a checkpoint (resume, also one written
-// under another layout) or a safetensors file.
+// under another layout) or a safetensors file (lmps's or Hugging Face's
+// layout).
 #include "server/shard.h"
 
 #include <algorithm>
@@ -10,7 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "common/formats/safetensors.h"
+#include "common/formats/gpt2_weights.h"
 #include "common/model/init.h"
 #include "common/model/job_spec.h"
 #include "common/model/parallel_layout.h"
@@ -21,14 +22,6 @@
 namespace lmps {
 
 using shard_internal::ChunkName;
-
-namespace {
-
-std::string Shape(const std::vector<int64_t>& shape) {
-  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
-}
-
-}  // namespace
 
 absl::Status ParameterShard::Init() {
   dp_ = options_.spec.layout().dp();
@@ -223,32 +216,30 @@ absl::Status ParameterShard::InitFromCheckpoint() {
 }
 
 absl::Status ParameterShard::InitFromSafetensors() {
-  const std::string& path = options_.init_from_safetensors;
-  absl::StatusOr<SafetensorsContents> file = ReadSafetensorsFile(path);
-  if (!file.ok()) return file.status();
+  // lmps's or Hugging Face's layout (common/formats/gpt2_weights.h); only
+  // this shard's element ranges are copied (and transposed where the file
+  // holds Conv1D weights).
+  absl::StatusOr<Gpt2Weights> weights = Gpt2Weights::Load(
+      options_.init_from_safetensors, &options_.spec.model());
+  if (!weights.ok()) {
+    return absl::Status(weights.status().code(),
+                        absl::StrCat("initial weights: ",
+                                     weights.status().message()));
+  }
   for (Chunk& c : chunks_) {
-    const SafeTensor* t = file->Find(c.desc.tensor());
-    if (t == nullptr) {
-      return absl::NotFoundError(absl::StrCat(
-          "initial weights ", path, " have no tensor '", c.desc.tensor(),
-          "' (shape ", Shape(c.tensor->shape), ")"));
-    }
-    if (t->shape != c.tensor->shape) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "initial weights ", path, ": tensor '", t->name, "' has shape ",
-          Shape(t->shape), ", the model needs ", Shape(c.tensor->shape)));
-    }
-    const float* src = t->data.data() + c.desc.begin();
+    weights->CopyRange(tensor_index_.at(c.desc.tensor()), c.desc.begin(),
+                       c.desc.end(), c.params.data());
     for (int64_t i = 0; i < c.size(); ++i) {
-      if (!std::isfinite(src[i])) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("initial weights ", path, ": tensor '", t->name,
-                         "' element ", c.desc.begin() + i, " is not finite"));
+      if (!std::isfinite(c.params[i])) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "initial weights ", weights->path(), ": tensor '",
+            c.desc.tensor(), "' element ", c.desc.begin() + i,
+            " is not finite"));
       }
     }
-    std::copy(src, src + c.size(), c.params.begin());
   }
-  Log(absl::StrCat("initial weights from ", path));
+  Log(absl::StrCat("initial weights from ", weights->path(), " (",
+                   Gpt2LayoutName(weights->layout()), " layout)"));
   return absl::OkStatus();
 }
 

@@ -1,8 +1,12 @@
-// lmps_eval: loads an exported model (lmps_export's safetensors, whose
-// metadata "lmps.model" holds the ModelConfig) and either prints the mean
-// next-token loss of a text or generates text from a prompt.
+// lmps_eval: loads an exported model and either prints the mean next-token
+// loss of a text or generates text from a prompt. The model is lmps_export's
+// safetensors file (its metadata "lmps.model" holds the ModelConfig), or a
+// Hugging Face GPT-2 checkpoint: lmps_export --format=hf's directory, or any
+// GPT-2 model.safetensors with a config.json beside it
+// (common/formats/gpt2_weights.h).
 //
 //   lmps_eval --model=model.safetensors --text_file=FILE   -> "loss: 2.1234"
+//   lmps_eval --model=hf_dir --text_file=FILE
 //   lmps_eval --model=model.safetensors --prompt="The " --generate=200
 //
 // Exit status: 0 on success, 1 on an error (printed), 2 on bad flags.
@@ -12,19 +16,19 @@
 #include <string>
 #include <vector>
 
-#include <google/protobuf/text_format.h>
-
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
-#include "common/formats/safetensors.h"
+#include "common/formats/gpt2_weights.h"
 #include "common/model/model_spec.h"
 #include "common/rpc/status_util.h"
 #include "worker/backend_factory.h"
 #include "worker/data/dataset.h"
 #include "worker/model/gpt.h"
 
-ABSL_FLAG(std::string, model, "", "exported model (safetensors)");
+ABSL_FLAG(std::string, model, "",
+          "exported model: a safetensors file, or a directory holding "
+          "model.safetensors (lmps's or Hugging Face's GPT-2 layout)");
 ABSL_FLAG(std::string, text_file, "", "text whose loss to print");
 ABSL_FLAG(std::string, prompt, "", "prompt for --generate");
 ABSL_FLAG(int, generate, 0, "tokens to generate after --prompt");
@@ -40,26 +44,14 @@ namespace lmps {
 namespace {
 
 absl::Status Run() {
-  LMPS_ASSIGN_OR_RETURN(SafetensorsContents file,
-                        ReadSafetensorsFile(absl::GetFlag(FLAGS_model)));
-  auto it = file.metadata.find("lmps.model");
-  ModelConfig config;
-  if (it == file.metadata.end() ||
-      !google::protobuf::TextFormat::ParseFromString(it->second, &config)) {
-    return absl::InvalidArgumentError(
-        "the file has no lmps.model metadata (not written by lmps_export)");
-  }
-  LMPS_RETURN_IF_ERROR(ValidateModelConfig(config));
+  // lmps_export's file (either format) or a Hugging Face GPT-2 checkpoint;
+  // the model from its lmps.model metadata or config.json.
+  LMPS_ASSIGN_OR_RETURN(
+      Gpt2Weights weights,
+      Gpt2Weights::Load(absl::GetFlag(FLAGS_model), /*model=*/nullptr));
+  const ModelConfig config = weights.model();
   // Parameters in the canonical flat order.
-  std::vector<float> flat;
-  for (const TensorSpec& spec : GptTensorSpecs(config)) {
-    const SafeTensor* t = file.Find(spec.name);
-    if (t == nullptr || t->shape != spec.shape) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tensor ", spec.name, " is missing or has the wrong shape"));
-    }
-    flat.insert(flat.end(), t->data.begin(), t->data.end());
-  }
+  const std::vector<float> flat = weights.Flat();
   LMPS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
                         CreateBackend("cpu", absl::GetFlag(FLAGS_threads)));
   const int T = config.block_size();
@@ -84,7 +76,7 @@ absl::Status Run() {
       sum += static_cast<double>(loss) * n;
       count += n;
     }
-    std::printf("loss: %.6f\n", sum / static_cast<double>(count));
+    std::printf("loss: %.8f\n", sum / static_cast<double>(count));
   }
   if (absl::GetFlag(FLAGS_generate) > 0) {
     LMPS_ASSIGN_OR_RETURN(

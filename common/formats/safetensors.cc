@@ -188,13 +188,25 @@ absl::StatusOr<int64_t> NumElements(const std::vector<int64_t>& shape,
       return absl::InvalidArgumentError(
           absl::StrCat("tensor '", name, "' has a negative dimension"));
     }
-    if (d != 0 && n > std::numeric_limits<int64_t>::max() / 4 / d) {
+    if (d != 0 && n > std::numeric_limits<int64_t>::max() / 8 / d) {
       return absl::InvalidArgumentError(
           absl::StrCat("tensor '", name, "' is too large"));
     }
     n *= d;
   }
   return n;
+}
+
+// Bytes per element of the safetensors specification's dtypes; 0 if unknown.
+int DtypeBytes(absl::string_view dtype) {
+  static const std::map<absl::string_view, int>* const kSizes =
+      new std::map<absl::string_view, int>{
+          {"BOOL", 1},    {"U8", 1},  {"I8", 1},       {"F8_E4M3", 1},
+          {"F8_E5M2", 1}, {"I16", 2}, {"U16", 2},      {"F16", 2},
+          {"BF16", 2},    {"I32", 4}, {"U32", 4},      {"F32", 4},
+          {"I64", 8},     {"U64", 8}, {"F64", 8}};
+  auto it = kSizes->find(dtype);
+  return it == kSizes->end() ? 0 : it->second;
 }
 
 // The JSON header (unpadded) and the total data size.
@@ -308,8 +320,9 @@ absl::StatusOr<std::string> SerializeSafetensors(
   return out;
 }
 
-absl::StatusOr<SafetensorsContents> ParseSafetensors(absl::string_view bytes,
-                                                     absl::string_view source) {
+absl::StatusOr<SafetensorsContents> ParseSafetensors(
+    absl::string_view bytes, absl::string_view source,
+    const SafetensorsReadOptions& options) {
   if (bytes.size() < 8) {
     return Corrupt(source, absl::StrCat("only ", bytes.size(),
                                         " bytes, shorter than the 8-byte "
@@ -337,6 +350,7 @@ absl::StatusOr<SafetensorsContents> ParseSafetensors(absl::string_view bytes,
   struct Entry {
     int64_t begin, end;
     size_t index;
+    std::string other_dtype;  // empty: F32
   };
   std::vector<Entry> entries;
   std::set<std::string> names;
@@ -386,7 +400,9 @@ absl::StatusOr<SafetensorsContents> ParseSafetensors(absl::string_view bytes,
       return Corrupt(source,
                      absl::StrCat("tensor '", name, "': dtype is not a string"));
     }
-    if (dtype->str != "F32") {
+    const int element_bytes = DtypeBytes(dtype->str);
+    if (dtype->str != "F32" &&
+        (!options.list_other_dtypes || element_bytes == 0)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "safetensors file ", source, ": tensor '", name, "' has dtype ",
           dtype->str, "; only F32 is supported"));
@@ -421,12 +437,13 @@ absl::StatusOr<SafetensorsContents> ParseSafetensors(absl::string_view bytes,
                                           "': bad data_offsets [", begin, ", ",
                                           end, "]"));
     }
-    if (end - begin != 4 * *n) {
+    if (end - begin != element_bytes * *n) {
       return Corrupt(source,
                      absl::StrCat("tensor '", name, "': shape [",
-                                  absl::StrJoin(t.shape, ","), "] needs ",
-                                  4 * *n, " bytes but data_offsets [", begin,
-                                  ", ", end, "] hold ", end - begin));
+                                  absl::StrJoin(t.shape, ","), "] of ",
+                                  dtype->str, " needs ", element_bytes * *n,
+                                  " bytes but data_offsets [", begin, ", ",
+                                  end, "] hold ", end - begin));
     }
     if (static_cast<uint64_t>(end) > data.size()) {
       return Corrupt(source, absl::StrCat("tensor '", name,
@@ -435,7 +452,8 @@ absl::StatusOr<SafetensorsContents> ParseSafetensors(absl::string_view bytes,
                                           data.size(),
                                           " bytes (truncated file?)"));
     }
-    entries.push_back({begin, end, out.tensors.size()});
+    entries.push_back({begin, end, out.tensors.size(),
+                       dtype->str == "F32" ? "" : dtype->str});
     out.tensors.push_back(std::move(t));
   }
   // The tensors must tile the data buffer exactly.
@@ -455,6 +473,11 @@ absl::StatusOr<SafetensorsContents> ParseSafetensors(absl::string_view bytes,
                                   expect, " (overlapping or gap)"));
     }
     expect = e.end;
+    if (!e.other_dtype.empty()) {
+      out.others.push_back({std::move(t.name), e.other_dtype,
+                            std::move(t.shape)});
+      continue;
+    }
     t.data.resize((e.end - e.begin) / 4);
     if (!t.data.empty()) {
       std::memcpy(t.data.data(), data.data() + e.begin, e.end - e.begin);
@@ -516,7 +539,7 @@ absl::Status WriteSafetensorsFile(
 }
 
 absl::StatusOr<SafetensorsContents> ReadSafetensorsFile(
-    const std::string& path) {
+    const std::string& path, const SafetensorsReadOptions& options) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return ErrnoError("cannot open safetensors file", path);
   struct stat st;
@@ -540,7 +563,7 @@ absl::StatusOr<SafetensorsContents> ReadSafetensorsFile(
   }
   ::close(fd);
   bytes.resize(got);
-  return ParseSafetensors(bytes, path);
+  return ParseSafetensors(bytes, path, options);
 }
 
 }  // namespace lmps

@@ -16,7 +16,10 @@
 // file and the offending tensor: truncated files, header lengths past the
 // end, malformed JSON, dtypes other than F32, shapes whose size does not
 // match data_offsets, offsets outside the buffer, overlapping or
-// non-contiguous tensors, duplicate names.
+// non-contiguous tensors, duplicate names. Tensors of another dtype are
+// an error, or, when asked (SafetensorsReadOptions), listed by name, dtype and
+// shape without their data: Hugging Face checkpoints carry BOOL or F16
+// buffers (e.g. attention masks) beside their F32 parameters.
 //
 // The JSON support is the minimum this header format needs (objects,
 // arrays, strings, integers); it is not a general JSON library.
@@ -42,8 +45,23 @@ struct SafeTensor {
   std::vector<float> data;  // row-major, product(shape) elements
 };
 
+// A tensor of a dtype other than F32, listed but not decoded.
+struct OtherTensor {
+  std::string name;
+  std::string dtype;  // as in the file: "BOOL", "F16", "BF16", "I64", ...
+  std::vector<int64_t> shape;
+};
+
+struct SafetensorsReadOptions {
+  // false: a tensor of a dtype other than F32 is an InvalidArgument error.
+  // true: such a tensor (of a dtype of the safetensors specification) is
+  // validated like the others and listed in SafetensorsContents::others.
+  bool list_other_dtypes = false;
+};
+
 struct SafetensorsContents {
-  std::vector<SafeTensor> tensors;  // in data-offset (file) order
+  std::vector<SafeTensor> tensors;  // F32 tensors in data-offset (file) order
+  std::vector<OtherTensor> others;  // other dtypes (list_other_dtypes only)
   std::map<std::string, std::string> metadata;  // "__metadata__"
 
   // The tensor called `name`, or nullptr.
@@ -60,7 +78,8 @@ absl::StatusOr<std::string> SerializeSafetensors(
 // Parses and validates the bytes of a safetensors file. `source` names the
 // bytes in error messages (e.g. the path).
 absl::StatusOr<SafetensorsContents> ParseSafetensors(
-    absl::string_view bytes, absl::string_view source = "safetensors");
+    absl::string_view bytes, absl::string_view source = "safetensors",
+    const SafetensorsReadOptions& options = {});
 
 // Writes `path` atomically. Errors name the path.
 absl::Status WriteSafetensorsFile(
@@ -69,7 +88,7 @@ absl::Status WriteSafetensorsFile(
 
 // Reads and validates `path`.
 absl::StatusOr<SafetensorsContents> ReadSafetensorsFile(
-    const std::string& path);
+    const std::string& path, const SafetensorsReadOptions& options = {});
 
 }  // namespace lmps
 

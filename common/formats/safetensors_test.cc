@@ -174,6 +174,46 @@ TEST(SafetensorsTest, CorruptFilesGiveClearErrors) {
   ExpectError(Raw("{\"__metadata__\":{\"x\":1}}", ""), "not a string");
 }
 
+TEST(SafetensorsTest, OtherDtypesAreListedWhenAsked) {
+  // A BOOL mask between two F32 tensors, as in Hugging Face checkpoints.
+  const std::string bytes = Raw(
+      "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+      "\"mask\":{\"dtype\":\"BOOL\",\"shape\":[2,2],\"data_offsets\":[4,8]},"
+      "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}",
+      Floats({1, 0, 2}));
+  auto strict = ParseSafetensors(bytes, "f.safetensors");
+  ASSERT_FALSE(strict.ok());
+  EXPECT_NE(strict.status().message().find("'mask' has dtype BOOL"),
+            std::string::npos)
+      << strict.status();
+  SafetensorsReadOptions options;
+  options.list_other_dtypes = true;
+  auto parsed = ParseSafetensors(bytes, "f.safetensors", options);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  ASSERT_EQ(parsed->tensors.size(), 2u);
+  EXPECT_EQ(parsed->tensors[0].data, std::vector<float>{1});
+  EXPECT_EQ(parsed->tensors[1].data, std::vector<float>{2});
+  ASSERT_EQ(parsed->others.size(), 1u);
+  EXPECT_EQ(parsed->others[0].name, "mask");
+  EXPECT_EQ(parsed->others[0].dtype, "BOOL");
+  EXPECT_EQ(parsed->others[0].shape, (std::vector<int64_t>{2, 2}));
+  // Their sizes are checked like F32's: F16 [3] needs 6 bytes.
+  auto bad = ParseSafetensors(
+      Raw("{\"h\":{\"dtype\":\"F16\",\"shape\":[3],\"data_offsets\":[0,8]}}",
+          Floats({1, 2})),
+      "f.safetensors", options);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("of F16 needs 6 bytes"),
+            std::string::npos)
+      << bad.status();
+  // Unknown dtypes stay errors.
+  auto unknown = ParseSafetensors(
+      Raw("{\"q\":{\"dtype\":\"Q4\",\"shape\":[1],\"data_offsets\":[0,4]}}",
+          Floats({1})),
+      "f.safetensors", options);
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 // The JSON header parser (nlohmann/json's SAX parser) on hostile input:
 // deep nesting, escapes, numbers it must refuse, and random bytes, each an
 // error (never a crash or a hang), valid escapes decoded.
