@@ -27,6 +27,7 @@ _LIBS = {
         "absl_raw_hash_set",
     ],
     "prometheus": ["prometheus-cpp-pull", "prometheus-cpp-core"],
+    "re2": ["re2"],
 }
 
 def _pkg_config(ctx, modules):
