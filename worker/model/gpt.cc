@@ -364,6 +364,14 @@ absl::Status GptModel::Backward(float grad_scale,
 absl::StatusOr<std::vector<int32_t>> GptModel::Generate(
     absl::Span<const int32_t> prompt, int n_new, float temperature, int top_k,
     uint64_t seed) {
+  return Generate(prompt, n_new,
+                  SamplingOptions{.temperature = temperature, .top_k = top_k},
+                  seed);
+}
+
+absl::StatusOr<std::vector<int32_t>> GptModel::Generate(
+    absl::Span<const int32_t> prompt, int n_new,
+    const SamplingOptions& sampling, uint64_t seed, int32_t stop_token) {
   if (prompt.empty()) {
     return absl::InvalidArgumentError("gpt: Generate needs a non-empty prompt");
   }
@@ -371,25 +379,20 @@ absl::StatusOr<std::vector<int32_t>> GptModel::Generate(
     return absl::InvalidArgumentError(
         absl::StrCat("gpt: n_new must be >= 0, got ", n_new));
   }
-  if (!(temperature >= 0.0f) || std::isinf(temperature)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "gpt: temperature must be finite and >= 0, got ", temperature));
-  }
-  if (top_k < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("gpt: top_k must be >= 0, got ", top_k));
+  const int V = config_.vocab_size();
+  if (absl::Status s = ValidateSampling(sampling, V); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("gpt: ", s.message()));
   }
   if (absl::Status s = CheckTokens(prompt.data(), "prompt", prompt.size());
       !s.ok()) {
     return s;
   }
-  const int V = config_.vocab_size();
   const uint64_t key = StableKey(seed, "gpt.generate");
   std::vector<int32_t> context(prompt.begin(), prompt.end());
   std::vector<int32_t> generated;
   generated.reserve(n_new);
   std::vector<float> logits(V);
-  std::vector<double> probs(V);
+  std::vector<double> scratch;
   for (int step = 0; step < n_new; ++step) {
     const int T = static_cast<int>(
         std::min<size_t>(context.size(), static_cast<size_t>(max_seq_)));
@@ -401,39 +404,10 @@ absl::StatusOr<std::vector<int32_t>> GptModel::Generate(
         !s.ok()) {
       return s;
     }
-    int32_t next = 0;
-    if (temperature == 0.0f) {
-      next = static_cast<int32_t>(std::max_element(logits.begin(),
-                                                   logits.end()) -
-                                  logits.begin());
-    } else {
-      // Softmax of logits / temperature over the top_k largest logits.
-      float threshold = -std::numeric_limits<float>::infinity();
-      if (top_k > 0 && top_k < V) {
-        std::vector<float> sorted = logits;
-        std::nth_element(sorted.begin(), sorted.begin() + (top_k - 1),
-                         sorted.end(), std::greater<float>());
-        threshold = sorted[top_k - 1];
-      }
-      const float maxval = *std::max_element(logits.begin(), logits.end());
-      double sum = 0.0;
-      for (int v = 0; v < V; ++v) {
-        probs[v] = logits[v] >= threshold
-                       ? std::exp((static_cast<double>(logits[v]) - maxval) /
-                                  temperature)
-                       : 0.0;
-        sum += probs[v];
-      }
-      const double u = UniformDouble(key, static_cast<uint64_t>(step)) * sum;
-      double cdf = 0.0;
-      next = -1;
-      for (int v = 0; v < V; ++v) {
-        if (probs[v] == 0.0) continue;
-        cdf += probs[v];
-        next = v;  // the last eligible token absorbs rounding at the top
-        if (u < cdf) break;
-      }
-    }
+    const int32_t next =
+        SampleToken(logits, sampling,
+                    UniformDouble(key, static_cast<uint64_t>(step)), &scratch);
+    if (next == stop_token) break;
     context.push_back(next);
     generated.push_back(next);
   }

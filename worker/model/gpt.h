@@ -51,6 +51,7 @@
 #include "proto/lmps.pb.h"
 #include "worker/backend/backend.h"
 #include "worker/model/gradient_ready.h"
+#include "worker/model/sampling.h"
 
 namespace lmps {
 
@@ -145,6 +146,13 @@ class GptModel {
   absl::StatusOr<std::vector<int32_t>> Generate(
       absl::Span<const int32_t> prompt, int n_new, float temperature,
       int top_k, uint64_t seed);
+  // The same with every sampling option (sampling.h: top_p, a vocabulary
+  // limit for padded vocabularies). With stop_token >= 0, generation ends
+  // early after producing it (it is not returned).
+  absl::StatusOr<std::vector<int32_t>> Generate(
+      absl::Span<const int32_t> prompt, int n_new,
+      const SamplingOptions& sampling, uint64_t seed,
+      int32_t stop_token = -1);
 
  private:
   // Pointers to the tensors of one flat buffer (parameters or gradients).
