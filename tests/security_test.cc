@@ -33,6 +33,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/rpc/grpc_server.h"
+#include "common/rpc/health_check_test_util.h"
 #include "common/rpc/security.h"
 #include "gtest/gtest.h"
 #include "proto/lmps.grpc.pb.h"
@@ -101,25 +102,7 @@ grpc::Status GetStatus(const std::shared_ptr<grpc::Channel>& channel) {
 // grpc.health.v1.Health/Check for "": the response bytes (08 01: SERVING)
 // or "error: ...".
 std::string Health(const std::shared_ptr<grpc::Channel>& channel) {
-  grpc::GenericStub stub(channel);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
-  grpc::Slice empty;
-  grpc::ByteBuffer request(&empty, 1);
-  grpc::ByteBuffer response;
-  std::promise<grpc::Status> done;
-  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(),
-                 &request, &response,
-                 [&done](grpc::Status s) { done.set_value(std::move(s)); });
-  grpc::Status st = done.get_future().get();
-  if (!st.ok()) return absl::StrCat("error: ", st.error_message());
-  std::vector<grpc::Slice> slices;
-  if (!response.Dump(&slices).ok()) return "error: dump";
-  std::string bytes;
-  for (const grpc::Slice& s : slices) {
-    bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
-  }
-  return bytes;
+  return HealthCheckBytes(channel);
 }
 
 // A port that was free a moment ago.

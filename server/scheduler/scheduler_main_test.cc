@@ -23,6 +23,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/rpc/grpc_server.h"
+#include "common/rpc/health_check_test_util.h"
 #include "gtest/gtest.h"
 #include "proto/lmps.grpc.pb.h"
 
@@ -108,28 +109,9 @@ int WaitForPort(const std::string& path, absl::Duration timeout) {
   return 0;
 }
 
-// grpc.health.v1.Health/Check for "" through a generic stub (no generated
-// health proto on this system). Returns the HealthCheckResponse bytes.
+// grpc.health.v1.Health/Check for "": the HealthCheckResponse bytes.
 std::string HealthCheck(const std::shared_ptr<grpc::Channel>& channel) {
-  grpc::GenericStub stub(channel);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
-  grpc::Slice empty;
-  grpc::ByteBuffer request(&empty, 1);  // HealthCheckRequest{service: ""}
-  grpc::ByteBuffer response;
-  std::promise<grpc::Status> done;
-  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(),
-                 &request, &response,
-                 [&done](grpc::Status s) { done.set_value(std::move(s)); });
-  grpc::Status st = done.get_future().get();
-  if (!st.ok()) return absl::StrCat("error: ", st.error_message());
-  std::vector<grpc::Slice> slices;
-  if (!response.Dump(&slices).ok()) return "error: dump";
-  std::string bytes;
-  for (const grpc::Slice& s : slices) {
-    bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
-  }
-  return bytes;
+  return HealthCheckBytes(channel, absl::Seconds(5));
 }
 
 TEST(SchedulerMainTest, MalformedJobFileExits2) {
