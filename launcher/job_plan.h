@@ -1,11 +1,12 @@
 // The job lmps_local runs, planned before any process starts: the effective
 // job spec (the spec file with the command line's overrides, validated, its
-// data file readable), the transport security of every daemon and of the
+// data file readable; token shards read and checked completely), the transport security of every daemon and of the
 // launcher's own status channel (every file checked), and where the lmps
 // binaries are.
 //
 // Errors: InvalidArgument for a bad spec, flag or security file (the
-// launcher exits 2), NotFound for an unreadable data file.
+// launcher exits 2), NotFound for an unreadable data file or shard,
+// InvalidArgument for a bad shard (docs/data.md).
 // Thread-safety: pure functions of their arguments and the files they read.
 #ifndef LMPS_LAUNCHER_JOB_PLAN_H_
 #define LMPS_LAUNCHER_JOB_PLAN_H_
@@ -33,7 +34,7 @@ struct JobOverrides {
 };
 
 // The spec file (or the defaults) with `overrides` applied; validated, and
-// its data file readable.
+// its data file readable (TOKEN_SHARDS: every shard valid).
 absl::StatusOr<JobSpec> PlanJobSpec(const JobOverrides& overrides);
 
 // --tls_dir (the files of scripts/make_test_certs.sh) and --auth_token_file

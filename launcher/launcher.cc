@@ -32,6 +32,7 @@
 #include "common/rpc/grpc_server.h"
 #include "common/rpc/security.h"
 #include "common/rpc/status_util.h"
+#include "common/text/gpt2_bpe.h"
 #include "launcher/progress.h"
 #include "launcher/restart_policy.h"
 #include "launcher/run_logs.h"
@@ -633,7 +634,10 @@ absl::Status Launcher::Run() {
               spec.train().batch_size(), spec.model().block_size(),
               spec.model().n_layer(), spec.model().n_embd(),
               options_.resume ? "resuming" : "fresh start",
-              spec.data().path().c_str(), run_dir_.c_str());
+              spec.data().format() == TOKEN_SHARDS
+                  ? absl::StrCat("token shards ", spec.data().train_shards()).c_str()
+                  : spec.data().path().c_str(),
+              run_dir_.c_str());
   if (security_.launcher.tls() || security_.launcher.has_token()) {
     std::printf("lmps: transport security: %s\n",
                 security_.launcher.Describe().c_str());
@@ -717,13 +721,22 @@ absl::Status Launcher::Run() {
       spec.train().sample_tokens() > 0) {
     // With pp * tp > 1 no worker holds the whole model: sample from the
     // exported one.
-    LMPS_RETURN_IF_ERROR(Start(
-        "sample", Bin("worker/lmps_eval"),
-        {"--model=" + run_dir_ + "/model.safetensors", "--prompt=The ",
-         absl::StrCat("--generate=", spec.train().sample_tokens()),
-         "--temperature=0.8", "--top_k=40",
-         absl::StrCat("--seed=", spec.train().seed()),
-         "--generate_out=" + run_dir_ + "/sample.txt"}));
+    std::vector<std::string> args = {
+        "--model=" + run_dir_ + "/model.safetensors", "--prompt=The ",
+        absl::StrCat("--generate=", spec.train().sample_tokens()),
+        "--temperature=0.8", "--top_k=40",
+        absl::StrCat("--seed=", spec.train().seed()),
+        "--generate_out=" + run_dir_ + "/sample.txt"};
+    if (spec.data().format() == TOKEN_SHARDS) {
+      // GPT-2's tokenizer where the workers would find it
+      // (worker/data/create_dataset.h); without it, bytes.
+      std::string dir = spec.data().tokenizer_dir();
+      if (dir.empty()) dir = DefaultGpt2VocabDir();
+      if (access((dir + "/encoder.json").c_str(), R_OK) == 0) {
+        args.push_back("--gpt2_vocab_dir=" + dir);
+      }
+    }
+    LMPS_RETURN_IF_ERROR(Start("sample", Bin("worker/lmps_eval"), args));
     while (!AllExited("sample")) {
       LMPS_RETURN_IF_ERROR(Reap());
       std::this_thread::sleep_for(std::chrono::milliseconds(20));

@@ -50,6 +50,8 @@ BINARIES = {
     "lmps_worker": "worker/lmps_worker",
     "lmps_eval": "worker/lmps_eval",
     "lmps_report": "report/lmps_report",
+    "lmps_prepare": "tools/lmps_prepare",
+    "bpe_tool": "common/text/bpe_tool",
     "lmps_worker_cuda": "worker/lmps_worker_cuda",
     "gpt_cuda_bench": "bench/gpt_cuda_bench",
 }

@@ -9,6 +9,9 @@
 //   lmps_eval --model=hf_dir --text_file=FILE
 //   lmps_eval --model=model.safetensors --prompt="The " --generate=200
 //
+// Tokens are bytes, or GPT-2's BPE with --gpt2_vocab_dir (models trained on
+// token shards; the prompt then follows the end-of-text token).
+//
 // Exit status: 0 on success, 1 on an error (printed), 2 on bad flags.
 #include <cstdio>
 #include <fstream>
@@ -22,6 +25,7 @@
 #include "common/formats/gpt2_weights.h"
 #include "common/model/model_spec.h"
 #include "common/rpc/status_util.h"
+#include "common/text/gpt2_bpe.h"
 #include "worker/backend_factory.h"
 #include "worker/data/dataset.h"
 #include "worker/model/gpt.h"
@@ -39,11 +43,35 @@ ABSL_FLAG(std::string, generate_out, "",
           "stdout");
 ABSL_FLAG(uint64_t, seed, 1, "sampling seed");
 ABSL_FLAG(int, threads, 1, "compute threads");
+ABSL_FLAG(std::string, gpt2_vocab_dir, "",
+          "folder with GPT-2's encoder.json and vocab.bpe: tokenize with "
+          "GPT-2's BPE (a model trained on token shards) instead of bytes");
 
 namespace lmps {
 namespace {
 
 absl::Status Run() {
+  std::unique_ptr<Gpt2Bpe> bpe;
+  if (!absl::GetFlag(FLAGS_gpt2_vocab_dir).empty()) {
+    LMPS_ASSIGN_OR_RETURN(bpe,
+                          Gpt2Bpe::FromDir(absl::GetFlag(FLAGS_gpt2_vocab_dir)));
+  }
+  auto encode = [&](const std::string& text, bool prompt) {
+    if (bpe == nullptr) return TextDataset::Encode(text);
+    std::vector<int32_t> ids;
+    if (prompt && bpe->eot_token() >= 0) ids.push_back(bpe->eot_token());
+    bpe->EncodeAppend(text, &ids);
+    return ids;
+  };
+  auto decode = [&](const std::vector<int32_t>& ids) {
+    if (bpe == nullptr) return TextDataset::Decode(ids);
+    std::string out;
+    for (int32_t t : ids) {
+      out += t >= 0 && t < bpe->vocab_size() ? bpe->token_bytes(t)
+                                             : absl::StrCat("<", t, ">");
+    }
+    return out;
+  };
   // lmps_export's file (either format) or a Hugging Face GPT-2 checkpoint;
   // the model from its lmps.model metadata or config.json.
   LMPS_ASSIGN_OR_RETURN(
@@ -64,7 +92,7 @@ absl::Status Run() {
     if (!in) return absl::NotFoundError("cannot read --text_file");
     std::stringstream buf;
     buf << in.rdbuf();
-    std::vector<int32_t> tokens = TextDataset::Encode(buf.str());
+    std::vector<int32_t> tokens = encode(buf.str(), /*prompt=*/false);
     if (tokens.size() < 2) return absl::InvalidArgumentError("text too short");
     // Non-overlapping windows of up to T tokens; loss averaged per token.
     double sum = 0;
@@ -81,12 +109,12 @@ absl::Status Run() {
   if (absl::GetFlag(FLAGS_generate) > 0) {
     LMPS_ASSIGN_OR_RETURN(
         std::vector<int32_t> out,
-        model->Generate(TextDataset::Encode(absl::GetFlag(FLAGS_prompt)),
+        model->Generate(encode(absl::GetFlag(FLAGS_prompt), /*prompt=*/true),
                         absl::GetFlag(FLAGS_generate),
                         static_cast<float>(absl::GetFlag(FLAGS_temperature)),
                         absl::GetFlag(FLAGS_top_k), absl::GetFlag(FLAGS_seed)));
     const std::string text =
-        absl::GetFlag(FLAGS_prompt) + TextDataset::Decode(out);
+        absl::GetFlag(FLAGS_prompt) + decode(out);
     if (absl::GetFlag(FLAGS_generate_out).empty()) {
       std::printf("%s\n", text.c_str());
     } else {

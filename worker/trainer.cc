@@ -35,7 +35,7 @@ int64_t NowMicros() {
 
 absl::StatusOr<std::unique_ptr<DataParallelTrainer>> DataParallelTrainer::Create(
     DataParallelTrainerOptions options, GptModel* model, PsClient* ps,
-    const TextDataset* data) {
+    const Dataset* data) {
   const JobSpec& spec = options.spec;
   if (model->num_parameters() != ps->num_parameters()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -270,10 +270,10 @@ absl::StatusOr<std::string> DataParallelTrainer::Sample(const std::string& promp
   LMPS_RETURN_IF_ERROR(PullInto(FinalVersion()));
   LMPS_ASSIGN_OR_RETURN(
       std::vector<int32_t> out,
-      model_->Generate(TextDataset::Encode(prompt), n, temperature, top_k,
+      model_->Generate(data_->EncodePrompt(prompt), n, temperature, top_k,
                        options_.spec.train().seed()));
   // Generate returns only the new tokens.
-  return prompt + TextDataset::Decode(out);
+  return prompt + data_->DecodeSample(out);
 }
 
 }  // namespace lmps

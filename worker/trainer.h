@@ -84,7 +84,7 @@ class DataParallelTrainer : public TrainingLoop {
   // `model`, `ps` and `data` must outlive the trainer.
   static absl::StatusOr<std::unique_ptr<DataParallelTrainer>> Create(
       DataParallelTrainerOptions options, GptModel* model, PsClient* ps,
-      const TextDataset* data);
+      const Dataset* data);
 
   absl::Status Run() override;
   // Mean validation loss of the parameters currently in the model.
@@ -123,7 +123,7 @@ class DataParallelTrainer : public TrainingLoop {
   DataParallelTrainerOptions options_;
   GptModel* model_ = nullptr;
   PsClient* ps_ = nullptr;
-  const TextDataset* data_ = nullptr;
+  const Dataset* data_ = nullptr;
   int64_t end_step_ = 0;
   int micro_batch_ = 0;  // sequences per micro-batch
   std::vector<float> host_params_, host_grads_;

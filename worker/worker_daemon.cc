@@ -25,6 +25,7 @@
 #include "common/rpc/grpc_server.h"
 #include "common/rpc/status_util.h"
 #include "proto/lmps.grpc.pb.h"
+#include "worker/data/create_dataset.h"
 #include "worker/data/dataset.h"
 #include "worker/model/gpt.h"
 #include "worker/model/stage_model.h"
@@ -236,10 +237,7 @@ class WorkerSession {
 
   // Step 3: the dataset, the layout, and the PsClient to the shards.
   absl::Status Connect() {
-    LMPS_ASSIGN_OR_RETURN(
-        data_,
-        TextDataset::Create(spec_.data().path(), spec_.data().val_fraction(),
-                            spec_.model().block_size()));
+    LMPS_ASSIGN_OR_RETURN(data_, CreateDataset(spec_));
     micro_ = LocalBatch(spec_) / spec_.train().micro_batches();
     LMPS_ASSIGN_OR_RETURN(
         layout_, ParallelLayout::Create(spec_.model(), spec_.layout()));
@@ -699,7 +697,7 @@ class WorkerSession {
   std::string id_;  // the node id, once registered
   Assignment assignment_;
   JobSpec spec_;
-  std::unique_ptr<TextDataset> data_;
+  std::unique_ptr<Dataset> data_;
   int micro_ = 0;  // the micro-batch size
   std::optional<ParallelLayout> layout_;
   bool pipeline_ = false;  // pp * tp > 1

@@ -59,7 +59,10 @@ void ApplyJobSpecDefaults(JobSpec* s) {
   if (o->grad_clip() == 0) o->set_grad_clip(1.0f);
 
   DataConfig* d = s->mutable_data();
-  if (d->path().empty()) d->set_path(kDefaultDataPath);
+  if (d->format() == DATA_FORMAT_UNSPECIFIED) d->set_format(BYTE_TEXT);
+  if (d->path().empty() && d->format() == BYTE_TEXT) {
+    d->set_path(kDefaultDataPath);
+  }
   if (d->val_fraction() == 0) d->set_val_fraction(0.1f);
 
   TrainConfig* t = s->mutable_train();
@@ -108,6 +111,20 @@ absl::Status ValidateJobSpec(const JobSpec& s) {
     return absl::InvalidArgumentError(absl::StrCat(
         "data.val_fraction must be a finite number, got ",
         s.data().val_fraction()));
+  }
+  if (s.data().format() == TOKEN_SHARDS) {
+    if (s.data().train_shards().empty() || s.data().val_shards().empty()) {
+      return absl::InvalidArgumentError(
+          "data: format TOKEN_SHARDS needs train_shards and val_shards");
+    }
+    if (s.model().vocab_size() > 65536) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "data: token shards hold uint16 tokens, so model.vocab_size must "
+          "be at most 65536 (got ", s.model().vocab_size(), ")"));
+    }
+  } else if (s.data().format() != BYTE_TEXT) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "data.format ", s.data().format(), " is not BYTE_TEXT or TOKEN_SHARDS"));
   }
   if (!(o.lr() > 0) || !std::isfinite(o.lr()) || o.min_lr() < 0 ||
       o.min_lr() > o.lr()) {

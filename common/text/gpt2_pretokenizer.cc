@@ -1,7 +1,8 @@
 #include "common/text/gpt2_pretokenizer.h"
 
-#include <cstdlib>
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 
 #include "re2/re2.h"
 
@@ -59,6 +60,15 @@ bool IsJsWhitespace(char32_t c) {
          c == ' ' || c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) ||
          c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
          c == 0x3000 || c == 0xFEFF;
+}
+
+size_t Gpt2SafeCut(absl::string_view text, size_t from) {
+  for (size_t p = std::max<size_t>(from, 1); p < text.size(); ++p) {
+    if (text[p] != ' ') continue;
+    const auto prev = static_cast<unsigned char>(text[p - 1]);
+    if (prev < 0x80 && !IsJsWhitespace(prev)) return p;
+  }
+  return text.size();
 }
 
 void Gpt2PreTokenize(absl::string_view text,

@@ -46,6 +46,14 @@ std::vector<absl::string_view> Gpt2PreTokenize(absl::string_view text);
 // True for the code points of JavaScript's `\s`.
 bool IsJsWhitespace(char32_t c);
 
+// The first position p >= from where no piece spans p, found cheaply: a
+// space (0x20) right after an ASCII non-space; text.size() if there is none.
+// Pieces end there (every alternative holding a non-space stops before a
+// space) and the pieces after p depend only on text[p, end) (nothing looks
+// behind), so encoding text[0, p) and text[p, end) separately gives the
+// tokens of the whole. For cutting large texts into chunks.
+size_t Gpt2SafeCut(absl::string_view text, size_t from);
+
 }  // namespace lmps
 
 #endif  // LMPS_COMMON_TEXT_GPT2_PRETOKENIZER_H_

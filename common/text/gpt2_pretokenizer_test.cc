@@ -96,5 +96,31 @@ TEST(Gpt2PreTokenizerTest, PiecesConcatenateToAnyByteString) {
   }
 }
 
+TEST(Gpt2PreTokenizerTest, SafeCutsSplitNoPiece) {
+  EXPECT_EQ(Gpt2SafeCut("ab  cd ef", 0), 2u);
+  EXPECT_EQ(Gpt2SafeCut("ab  cd ef", 3), 6u);
+  EXPECT_EQ(Gpt2SafeCut("ab  cd ef", 7), 9u);
+  EXPECT_EQ(Gpt2SafeCut(" x", 0), 2u);
+  std::mt19937 rng(9);
+  const std::string alphabet[] = {"a", " ", " ", "\n", "1", "'s", "!",
+                                  "\xC2\xA0", "\xE6\x97\xA5", "\xFF"};
+  for (int trial = 0; trial < 500; ++trial) {
+    std::string text;
+    const int len = rng() % 60;
+    for (int i = 0; i < len; ++i) text += alphabet[rng() % 10];
+    std::vector<absl::string_view> whole = Gpt2PreTokenize(text);
+    std::vector<absl::string_view> chunked;
+    for (size_t start = 0; start < text.size();) {
+      const size_t cut = Gpt2SafeCut(text, start + rng() % 8);
+      for (absl::string_view p :
+           Gpt2PreTokenize(absl::string_view(text).substr(start, cut - start))) {
+        chunked.push_back(p);
+      }
+      start = cut;
+    }
+    ASSERT_EQ(chunked, whole) << text;
+  }
+}
+
 }  // namespace
 }  // namespace lmps

@@ -47,22 +47,27 @@ absl::StatusOr<std::unique_ptr<TextDataset>> TextDataset::FromText(
       new TextDataset(std::move(text), split, block_size));
 }
 
+int64_t SampleStart(Split split, uint64_t seed, int64_t step,
+                    int global_batch, int sample, int64_t positions) {
+  const uint64_t key =
+      StableKey(seed, split == Split::kTrain ? "data.train" : "data.val");
+  const uint64_t index =
+      static_cast<uint64_t>(step) * static_cast<uint64_t>(global_batch) +
+      static_cast<uint64_t>(sample);
+  return static_cast<int64_t>(RandomBits(key, index) %
+                              static_cast<uint64_t>(positions));
+}
+
 void TextDataset::Batch(Split split, uint64_t seed, int64_t step,
                         int global_batch, int first, int n, int32_t* tokens,
                         int32_t* targets) const {
   const int64_t base = split == Split::kTrain ? 0 : split_;
   const int64_t len = split == Split::kTrain ? split_ : val_tokens();
   const int64_t positions = len - block_size_;  // valid start positions
-  const uint64_t key =
-      StableKey(seed, split == Split::kTrain ? "data.train" : "data.val");
   const auto* bytes = reinterpret_cast<const unsigned char*>(text_.data());
   for (int i = 0; i < n; ++i) {
-    const uint64_t index =
-        static_cast<uint64_t>(step) * static_cast<uint64_t>(global_batch) +
-        static_cast<uint64_t>(first + i);
     const int64_t start =
-        base + static_cast<int64_t>(RandomBits(key, index) %
-                                    static_cast<uint64_t>(positions));
+        base + SampleStart(split, seed, step, global_batch, first + i, positions);
     for (int t = 0; t < block_size_; ++t) {
       tokens[i * block_size_ + t] = bytes[start + t];
       targets[i * block_size_ + t] = bytes[start + t + 1];

@@ -62,7 +62,7 @@ StageModelOptions PipelineTrainer::StageOptions(const JobSpec& spec,
 absl::StatusOr<std::unique_ptr<PipelineTrainer>> PipelineTrainer::Create(
     PipelineTrainerOptions options, const ParallelLayout* layout,
     StageModel* model, PsClient* ps, PeerNetwork* peers, TpComm* comm,
-    const TextDataset* data) {
+    const Dataset* data) {
   const JobSpec& spec = options.spec;
   const WorkerCoords& c = options.coords;
   if (c.dp < 0 || c.dp >= layout->dp() || c.pp < 0 || c.pp >= layout->pp() ||

@@ -81,7 +81,7 @@ class PipelineTrainer : public TrainingLoop {
   static absl::StatusOr<std::unique_ptr<PipelineTrainer>> Create(
       PipelineTrainerOptions options, const ParallelLayout* layout,
       StageModel* model, PsClient* ps, PeerNetwork* peers, TpComm* comm,
-      const TextDataset* data);
+      const Dataset* data);
 
   // Activation slots stage `stage` needs under the spec's schedule.
   static int StageSlots(const JobSpec& spec, int stage);
@@ -124,7 +124,7 @@ class PipelineTrainer : public TrainingLoop {
   PsClient* ps_ = nullptr;
   PeerNetwork* peers_ = nullptr;
   TpComm* comm_ = nullptr;
-  const TextDataset* data_ = nullptr;
+  const Dataset* data_ = nullptr;
   StageRange stage_;
   int prev_rank_ = -1, next_rank_ = -1;  // neighbouring stages, or -1
   int64_t end_step_ = 0;

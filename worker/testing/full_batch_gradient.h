@@ -39,7 +39,7 @@ inline absl::StatusOr<std::unique_ptr<TextDataset>> QuickBrownFoxData(
 // micro-batch's gradient scaled 1/M on the worker, the replicas' sum 1/dp
 // on the shards) must average to exactly this, up to summation order.
 inline absl::StatusOr<std::vector<float>> FullBatchGradient(
-    const JobSpec& spec, const TextDataset& data, int64_t step,
+    const JobSpec& spec, const Dataset& data, int64_t step,
     const std::vector<float>& params) {
   const int B = spec.train().batch_size(), T = spec.model().block_size();
   absl::StatusOr<std::unique_ptr<ReferenceBackend>> backend =
