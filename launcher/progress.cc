@@ -1,6 +1,7 @@
 #include "launcher/progress.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <string>
 
@@ -51,6 +52,17 @@ void ProgressLine::Update(const JobStatus& status, bool final) {
                       static_cast<double>(step - first_step_);
     eta = per_step * static_cast<double>(total - step);
   }
+  PrintLine(step, total, loss, eval, tps, eta, final, now);
+  if (final && std::isfinite(eval)) {
+    std::printf("lmps: eval loss %.4f (perplexity %.1f)\n", eval,
+                std::exp(static_cast<double>(eval)));
+    std::fflush(stdout);
+  }
+}
+
+void ProgressLine::PrintLine(int64_t step, int64_t total, double loss,
+                             float eval, double tps, double eta, bool final,
+                             std::chrono::steady_clock::time_point now) {
   if (step == last_printed_step_ && (!final || !tty_)) return;
   const bool new_eval = std::isfinite(eval) && eval != last_eval_printed_;
   const double since =

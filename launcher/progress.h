@@ -33,7 +33,9 @@ class ProgressLine {
   // `tty`: whether stdout is a terminal.
   ProgressLine(bool quiet, bool tty) : quiet_(quiet), tty_(tty) {}
 
-  // Prints the line for `status` if due (see above); `final`: the job ended.
+  // Prints the line for `status` if due (see above); `final`: the job
+  // ended, and then also "lmps: eval loss L (perplexity P)" when the job
+  // evaluated.
   void Update(const JobStatus& status, bool final);
 
   // The job restarted: the ETA is measured afresh and the next step printed.
@@ -42,6 +44,10 @@ class ProgressLine {
   bool tty() const { return tty_; }
 
  private:
+  void PrintLine(int64_t step, int64_t total, double loss, float eval,
+                 double tps, double eta, bool final,
+                 std::chrono::steady_clock::time_point now);
+
   const bool quiet_;
   const bool tty_;
   int64_t first_step_ = -1;

@@ -25,6 +25,9 @@ pkgs=(bazel-bootstrap g++ pkg-config libgrpc++-dev protobuf-compiler-grpc libpro
       python3-torch
       # the browser tests of the run report and the live status page
       chromium
+      # the main job's corpus: the King James Bible (bible-kjv-text) and the
+      # program that prints it (scripts/prepare_kjv.sh)
+      bible-kjv
       # fuzz tests (libFuzzer) and the test certificates
       clang libclang-rt-14-dev openssl)
 case "$what" in

@@ -140,7 +140,7 @@ TEST(JobSpecTest, BadConsistencySettingsSayWhatIsValid) {
 TEST(JobSpecTest, ExamplesParse) {
   const std::string dir = std::string(std::getenv("TEST_SRCDIR")) + "/" +
                           std::getenv("TEST_WORKSPACE") + "/examples/";
-  for (const char* name : {"small.textproto", "main.textproto"}) {
+  for (const char* name : {"small.textproto", "main.textproto", "gpl3.textproto"}) {
     auto spec = LoadJobSpecFile(dir + name);
     ASSERT_TRUE(spec.ok()) << spec.status();
   }
