@@ -13,6 +13,7 @@
 // token shards; the prompt then follows the end-of-text token).
 //
 // Exit status: 0 on success, 1 on an error (printed), 2 on bad flags.
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -111,8 +112,17 @@ absl::Status Run() {
         std::vector<int32_t> out,
         model->Generate(encode(absl::GetFlag(FLAGS_prompt), /*prompt=*/true),
                         absl::GetFlag(FLAGS_generate),
-                        static_cast<float>(absl::GetFlag(FLAGS_temperature)),
-                        absl::GetFlag(FLAGS_top_k), absl::GetFlag(FLAGS_seed)));
+                        SamplingOptions{
+                            .temperature = static_cast<float>(
+                                absl::GetFlag(FLAGS_temperature)),
+                            .top_k = absl::GetFlag(FLAGS_top_k),
+                            // Only the tokenizer's ids (not padding rows).
+                            .vocab_limit =
+                                bpe == nullptr
+                                    ? 0
+                                    : std::min(bpe->vocab_size(),
+                                               config.vocab_size())},
+                        absl::GetFlag(FLAGS_seed)));
     const std::string text =
         absl::GetFlag(FLAGS_prompt) + decode(out);
     if (absl::GetFlag(FLAGS_generate_out).empty()) {

@@ -270,7 +270,12 @@ absl::StatusOr<std::string> DataParallelTrainer::Sample(const std::string& promp
   LMPS_RETURN_IF_ERROR(PullInto(FinalVersion()));
   LMPS_ASSIGN_OR_RETURN(
       std::vector<int32_t> out,
-      model_->Generate(data_->EncodePrompt(prompt), n, temperature, top_k,
+      model_->Generate(data_->EncodePrompt(prompt), n,
+                       SamplingOptions{.temperature = temperature,
+                                       .top_k = top_k,
+                                       .vocab_limit = std::min(
+                                           data_->SampleVocab(),
+                                           model_->config().vocab_size())},
                        options_.spec.train().seed()));
   // Generate returns only the new tokens.
   return prompt + data_->DecodeSample(out);

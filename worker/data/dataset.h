@@ -55,6 +55,10 @@ class Dataset {
   // tokens as text.
   virtual std::vector<int32_t> EncodePrompt(const std::string& text) const = 0;
   virtual std::string DecodeSample(const std::vector<int32_t>& tokens) const = 0;
+  // How many of the model's token ids the tokenizer has (the sample draws
+  // only from those: a vocabulary padded for speed never yields a padding
+  // row); 0: every id.
+  virtual int SampleVocab() const { return 0; }
 };
 
 class TextDataset : public Dataset {

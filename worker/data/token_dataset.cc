@@ -117,6 +117,10 @@ std::vector<int32_t> TokenDataset::EncodePrompt(const std::string& text) const {
   return out;
 }
 
+int TokenDataset::SampleVocab() const {
+  return tokenizer_ != nullptr ? tokenizer_->vocab_size() : 0;
+}
+
 std::string TokenDataset::DecodeSample(
     const std::vector<int32_t>& tokens) const {
   std::string out;

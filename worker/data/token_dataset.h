@@ -49,6 +49,7 @@ class TokenDataset : public Dataset {
   int64_t val_tokens() const override { return val_.total; }
   std::vector<int32_t> EncodePrompt(const std::string& text) const override;
   std::string DecodeSample(const std::vector<int32_t>& tokens) const override;
+  int SampleVocab() const override;
 
   // Token `i` of a split (for tests).
   uint16_t Token(Split split, int64_t i) const;

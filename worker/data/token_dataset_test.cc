@@ -84,6 +84,7 @@ TEST(TokenDatasetTest, TokensAboveByteRange) {
   for (int32_t v : x) EXPECT_GE(v, 50000);
   // Without a tokenizer the sample shows ids.
   EXPECT_EQ((*ds)->DecodeSample({50256, 7}), " <50256> <7>");
+  EXPECT_EQ((*ds)->SampleVocab(), 0);  // no tokenizer: every id
 }
 
 void ExpectError(absl::StatusOr<std::unique_ptr<TokenDataset>> ds,
