@@ -50,7 +50,7 @@ absl::StatusOr<JobSpec> PlanJobSpec(const JobOverrides& overrides) {
   if (absl::Status s = ValidateJobSpec(spec); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("invalid job: ", s.message()));
   }
-  if (spec.data().format() == TOKEN_SHARDS) {
+  if (IsTokenData(spec.data())) {
     // Every shard checked here (magic, version, size, each token below
     // vocab_size), as each worker will, before any process starts.
     absl::StatusOr<std::unique_ptr<Dataset>> data = CreateDataset(spec);

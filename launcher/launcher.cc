@@ -634,7 +634,7 @@ absl::Status Launcher::Run() {
               spec.train().batch_size(), spec.model().block_size(),
               spec.model().n_layer(), spec.model().n_embd(),
               options_.resume ? "resuming" : "fresh start",
-              spec.data().format() == TOKEN_SHARDS
+              IsTokenData(spec.data())
                   ? absl::StrCat("token shards ", spec.data().train_shards()).c_str()
                   : spec.data().path().c_str(),
               run_dir_.c_str());
@@ -727,7 +727,7 @@ absl::Status Launcher::Run() {
         "--temperature=0.8", "--top_k=40",
         absl::StrCat("--seed=", spec.train().seed()),
         "--generate_out=" + run_dir_ + "/sample.txt"};
-    if (spec.data().format() == TOKEN_SHARDS) {
+    if (IsTokenData(spec.data())) {
       // GPT-2's tokenizer where the workers would find it
       // (worker/data/create_dataset.h); without it, bytes.
       std::string dir = spec.data().tokenizer_dir();

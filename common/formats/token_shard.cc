@@ -17,11 +17,13 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
 namespace lmps {
 
 absl::StatusOr<std::unique_ptr<TokenShard>> TokenShard::Open(
-    const std::string& path, int vocab_size) {
+    const std::string& path, int vocab_size, TokenShardLayout layout) {
+  const bool raw = layout == TokenShardLayout::kRaw;
   auto invalid = [&](auto&&... what) {
     return absl::InvalidArgumentError(absl::StrCat(
         "token shard '", path, "': ", what...,
-        " (llm.c's .bin format, docs/data.md: made by lmps_prepare)"));
+        raw ? " (nanoGPT's raw uint16 tokens, docs/data.md)"
+            : " (llm.c's .bin format, docs/data.md: made by lmps_prepare)"));
   };
   const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
@@ -35,7 +37,12 @@ absl::StatusOr<std::unique_ptr<TokenShard>> TokenShard::Open(
         absl::StrCat("token shard '", path, "' is not a regular file"));
   }
   const auto bytes = static_cast<int64_t>(st.st_size);
-  if (bytes < kTokenShardHeaderBytes) {
+  if (raw && (bytes == 0 || bytes % 2 != 0)) {
+    close(fd);
+    return invalid(bytes == 0 ? "empty file"
+                              : absl::StrCat(bytes, " bytes, an odd number"));
+  }
+  if (!raw && bytes < kTokenShardHeaderBytes) {
     close(fd);
     return invalid("file of ", bytes, " bytes is shorter than the ",
                    kTokenShardHeaderBytes, "-byte header");
@@ -51,26 +58,32 @@ absl::StatusOr<std::unique_ptr<TokenShard>> TokenShard::Open(
     munmap(map, static_cast<size_t>(bytes));
     return s;
   };
-  int32_t header[3];
-  std::memcpy(header, map, sizeof(header));
-  if (header[0] != kTokenShardMagic) {
-    return fail(invalid("wrong magic ", header[0], ", expected ",
-                        kTokenShardMagic));
-  }
-  if (header[1] != kTokenShardVersion) {
-    return fail(invalid("version ", header[1], ", expected ",
-                        kTokenShardVersion, " (uint16 tokens)"));
-  }
-  const int64_t count = header[2];
-  if (count < 0) return fail(invalid("negative token count ", count));
-  const int64_t want = kTokenShardHeaderBytes + 2 * count;
-  if (bytes != want) {
-    return fail(invalid(
-        "the header counts ", count, " tokens (", want, " bytes) but the file has ",
-        bytes, " bytes", bytes < want ? ": truncated" : ": bytes after the tokens"));
+  int64_t count = bytes / 2;
+  int64_t offset = 0;
+  if (!raw) {
+    int32_t header[3];
+    std::memcpy(header, map, sizeof(header));
+    if (header[0] != kTokenShardMagic) {
+      return fail(invalid("wrong magic ", header[0], ", expected ",
+                          kTokenShardMagic));
+    }
+    if (header[1] != kTokenShardVersion) {
+      return fail(invalid("version ", header[1], ", expected ",
+                          kTokenShardVersion, " (uint16 tokens)"));
+    }
+    count = header[2];
+    if (count < 0) return fail(invalid("negative token count ", count));
+    const int64_t want = kTokenShardHeaderBytes + 2 * count;
+    if (bytes != want) {
+      return fail(invalid("the header counts ", count, " tokens (", want,
+                          " bytes) but the file has ", bytes, " bytes",
+                          bytes < want ? ": truncated"
+                                       : ": bytes after the tokens"));
+    }
+    offset = kTokenShardHeaderBytes;
   }
   const auto* tokens = reinterpret_cast<const uint16_t*>(
-      static_cast<const char*>(map) + kTokenShardHeaderBytes);
+      static_cast<const char*>(map) + offset);
   if (vocab_size > 0 && vocab_size <= UINT16_MAX) {
     for (int64_t i = 0; i < count; ++i) {
       if (tokens[i] >= vocab_size) {

@@ -1,4 +1,6 @@
-// Token shards in llm.c's .bin format: a header of 256 little-endian int32
+// Token shards in llm.c's .bin format (or, with TokenShardLayout::kRaw,
+// nanoGPT's: the uint16 tokens alone, no header): a header of 256
+// little-endian int32
 // (header[0] = 20240520, the magic; header[1] = 1, the version; header[2] =
 // n, the number of tokens; the rest 0), then the n tokens as little-endian
 // uint16. Made by lmps_prepare (tools/) and by llm.c's data scripts;
@@ -28,6 +30,11 @@ inline constexpr int32_t kTokenShardVersion = 1;
 inline constexpr int kTokenShardHeaderInts = 256;
 inline constexpr int64_t kTokenShardHeaderBytes = kTokenShardHeaderInts * 4;
 
+enum class TokenShardLayout {
+  kLlmc,  // the 1024-byte header, then the tokens
+  kRaw,   // nanoGPT's train.bin/val.bin: only the tokens
+};
+
 class TokenShard {
  public:
   // Maps `path`. NotFound if it cannot be opened; InvalidArgument, naming
@@ -35,8 +42,10 @@ class TokenShard {
   // version, a negative token count, a size other than header + 2 * count
   // bytes (truncated, or bytes after the tokens), or a token >= vocab_size
   // (the first one, with its index). vocab_size <= 0 checks no token.
+  // kRaw: InvalidArgument for an empty file or an odd number of bytes.
   static absl::StatusOr<std::unique_ptr<TokenShard>> Open(
-      const std::string& path, int vocab_size);
+      const std::string& path, int vocab_size,
+      TokenShardLayout layout = TokenShardLayout::kLlmc);
   ~TokenShard();
   TokenShard(const TokenShard&) = delete;
   TokenShard& operator=(const TokenShard&) = delete;

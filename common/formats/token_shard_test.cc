@@ -123,6 +123,40 @@ TEST(TokenShardTest, TokenOutsideTheVocabulary) {
   ExpectInvalid(path, 256, "token 50256 at index 1");
 }
 
+// nanoGPT's train.bin: the tokens alone.
+TEST(TokenShardTest, RawNanoGptTokens) {
+  const std::string path = TmpPath("raw.bin");
+  const std::vector<uint16_t> tokens = {15496, 995, 50256, 0, 7};
+  {
+    std::ofstream f(path, std::ios::binary | std::ios::trunc);
+    f.write(reinterpret_cast<const char*>(tokens.data()), 10);
+  }
+  auto shard = TokenShard::Open(path, 50257, TokenShardLayout::kRaw);
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  ASSERT_EQ((*shard)->size(), 5);
+  EXPECT_EQ(std::vector<uint16_t>((*shard)->tokens(), (*shard)->tokens() + 5),
+            tokens);
+  // The same file is not an llm.c shard (no header).
+  EXPECT_FALSE(TokenShard::Open(path, 50257).ok());
+  auto raw_invalid = [](const std::string& p, int vocab,
+                        const std::string& needle) {
+    auto s = TokenShard::Open(p, vocab, TokenShardLayout::kRaw);
+    ASSERT_FALSE(s.ok()) << needle;
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(s.status().message().find(needle), std::string::npos)
+        << s.status().message();
+    EXPECT_NE(s.status().message().find("nanoGPT"), std::string::npos);
+  };
+  raw_invalid(path, 50000, "token 50256 at index 2");
+  {
+    std::ofstream f(path, std::ios::binary | std::ios::app);
+    f.put('\1');
+  }
+  raw_invalid(path, 50257, "11 bytes, an odd number");
+  { std::ofstream f(path, std::ios::binary | std::ios::trunc); }
+  raw_invalid(path, 50257, "empty file");
+}
+
 TEST(TokenShardTest, MissingFile) {
   auto s = TokenShard::Open("/nonexistent/x.bin", 10);
   EXPECT_EQ(s.status().code(), absl::StatusCode::kNotFound);

@@ -112,10 +112,11 @@ absl::Status ValidateJobSpec(const JobSpec& s) {
         "data.val_fraction must be a finite number, got ",
         s.data().val_fraction()));
   }
-  if (s.data().format() == TOKEN_SHARDS) {
+  if (IsTokenData(s.data())) {
     if (s.data().train_shards().empty() || s.data().val_shards().empty()) {
-      return absl::InvalidArgumentError(
-          "data: format TOKEN_SHARDS needs train_shards and val_shards");
+      return absl::InvalidArgumentError(absl::StrCat(
+          "data: format ", DataFormat_Name(s.data().format()),
+          " needs train_shards and val_shards"));
     }
     if (s.model().vocab_size() > 65536) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -124,7 +125,8 @@ absl::Status ValidateJobSpec(const JobSpec& s) {
     }
   } else if (s.data().format() != BYTE_TEXT) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "data.format ", s.data().format(), " is not BYTE_TEXT or TOKEN_SHARDS"));
+        "data.format ", s.data().format(),
+        " is not BYTE_TEXT, TOKEN_SHARDS or RAW_TOKENS"));
   }
   if (!(o.lr() > 0) || !std::isfinite(o.lr()) || o.min_lr() < 0 ||
       o.min_lr() > o.lr()) {

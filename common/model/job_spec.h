@@ -25,6 +25,12 @@ absl::StatusOr<JobSpec> LoadJobSpecFile(const std::string& path);
 // Fills every unset (zero) field with its documented default.
 void ApplyJobSpecDefaults(JobSpec* spec);
 
+// Whether the data are token files (TOKEN_SHARDS, llm.c's; RAW_TOKENS,
+// nanoGPT's) rather than bytes of text.
+inline bool IsTokenData(const DataConfig& data) {
+  return data.format() == TOKEN_SHARDS || data.format() == RAW_TOKENS;
+}
+
 // Checks a spec with defaults applied: positive sizes, divisibility of the
 // batch by dp * micro_batches, supported layout, sane optimizer values.
 absl::Status ValidateJobSpec(const JobSpec& spec);

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/model/job_spec.h"
 #include "common/text/gpt2_bpe.h"
 #include "worker/data/token_dataset.h"
 
@@ -11,7 +12,7 @@ namespace lmps {
 absl::StatusOr<std::unique_ptr<Dataset>> CreateDataset(const JobSpec& spec) {
   const DataConfig& d = spec.data();
   const int block_size = spec.model().block_size();
-  if (d.format() != TOKEN_SHARDS) {
+  if (!IsTokenData(d)) {
     absl::StatusOr<std::unique_ptr<TextDataset>> text =
         TextDataset::Create(d.path(), d.val_fraction(), block_size);
     if (!text.ok()) return text.status();
@@ -32,7 +33,10 @@ absl::StatusOr<std::unique_ptr<Dataset>> CreateDataset(const JobSpec& spec) {
     tokenizer = std::move(*bpe);
   }
   tokens = TokenDataset::Create(d.train_shards(), d.val_shards(), block_size,
-                                spec.model().vocab_size(), std::move(tokenizer));
+                                spec.model().vocab_size(), std::move(tokenizer),
+                                d.format() == RAW_TOKENS
+                                    ? TokenShardLayout::kRaw
+                                    : TokenShardLayout::kLlmc);
   if (!tokens.ok()) return tokens.status();
   return std::unique_ptr<Dataset>(std::move(*tokens));
 }

@@ -1,6 +1,7 @@
 #include "worker/data/create_dataset.h"
 
 #include <cstdlib>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -70,8 +71,50 @@ TEST(CreateDatasetTest, TokenShards) {
       << ds.status();
 }
 
+// nanoGPT's headerless train.bin/val.bin give the same batches as llm.c
+// shards of the same tokens.
+TEST(CreateDatasetTest, RawTokensEqualTokenShards) {
+  const std::string dir = TmpDir();
+  std::vector<uint16_t> train(500), val(120);
+  for (size_t i = 0; i < train.size(); ++i) train[i] = (i * 7919) % 50257;
+  for (size_t i = 0; i < val.size(); ++i) val[i] = (i * 104729) % 50257;
+  ASSERT_TRUE(WriteTokenShard(dir + "/lt.bin", train).ok());
+  ASSERT_TRUE(WriteTokenShard(dir + "/lv.bin", val).ok());
+  for (const auto& [name, tokens] :
+       {std::pair<std::string, const std::vector<uint16_t>*>{"/rt.bin", &train},
+        {"/rv.bin", &val}}) {
+    std::ofstream f(dir + name, std::ios::binary | std::ios::trunc);
+    f.write(reinterpret_cast<const char*>(tokens->data()),
+            static_cast<std::streamsize>(tokens->size() * 2));
+  }
+  const std::string model = " model { block_size: 16 vocab_size: 50304 }";
+  auto llmc = CreateDataset(Spec(
+      "data { format: TOKEN_SHARDS train_shards: '" + dir + "/lt.bin' val_shards: '" +
+      dir + "/lv.bin' }" + model));
+  auto raw = CreateDataset(Spec(
+      "data { format: RAW_TOKENS train_shards: '" + dir + "/rt.bin' val_shards: '" +
+      dir + "/rv.bin' }" + model));
+  ASSERT_TRUE(llmc.ok()) << llmc.status();
+  ASSERT_TRUE(raw.ok()) << raw.status();
+  EXPECT_EQ((*raw)->train_tokens(), 500);
+  EXPECT_EQ((*raw)->val_tokens(), 120);
+  for (Split split : {Split::kTrain, Split::kVal}) {
+    std::vector<int32_t> x1(4 * 16), y1(4 * 16), x2(4 * 16), y2(4 * 16);
+    (*llmc)->Batch(split, 3, 5, 4, 0, 4, x1.data(), y1.data());
+    (*raw)->Batch(split, 3, 5, 4, 0, 4, x2.data(), y2.data());
+    EXPECT_EQ(x1, x2);
+    EXPECT_EQ(y1, y2);
+  }
+  // An llm.c shard read as raw tokens has its header's bytes as tokens, and
+  // the raw file read as llm.c's fails on the magic.
+  EXPECT_FALSE(CreateDataset(Spec("data { format: TOKEN_SHARDS train_shards: '" + dir +
+                                  "/rt.bin' val_shards: '" + dir + "/rv.bin' }" + model))
+                   .ok());
+}
+
 TEST(CreateDatasetTest, SpecValidation) {
   EXPECT_FALSE(ParseJobSpec("data { format: TOKEN_SHARDS }").ok());
+  EXPECT_FALSE(ParseJobSpec("data { format: RAW_TOKENS train_shards: 'a' }").ok());
   EXPECT_FALSE(ParseJobSpec("data { format: TOKEN_SHARDS train_shards: 'a' val_shards: 'b' } "
                             "model { vocab_size: 70000 }").ok());
   EXPECT_TRUE(ParseJobSpec("data { format: TOKEN_SHARDS train_shards: 'a' val_shards: 'b' } "

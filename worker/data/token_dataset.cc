@@ -9,7 +9,8 @@
 namespace lmps {
 
 absl::StatusOr<TokenDataset::Part> TokenDataset::OpenPart(
-    const std::string& what, const std::string& pattern, int vocab_size) {
+    const std::string& what, const std::string& pattern, int vocab_size,
+    TokenShardLayout layout) {
   if (pattern.empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat("data.", what, "_shards is empty: give the ", what,
@@ -30,7 +31,7 @@ absl::StatusOr<TokenDataset::Part> TokenDataset::OpenPart(
   Part part;
   for (const std::string& path : paths) {
     absl::StatusOr<std::unique_ptr<TokenShard>> shard =
-        TokenShard::Open(path, vocab_size);
+        TokenShard::Open(path, vocab_size, layout);
     if (!shard.ok()) return shard.status();
     part.starts.push_back(part.total);
     part.total += (*shard)->size();
@@ -41,7 +42,8 @@ absl::StatusOr<TokenDataset::Part> TokenDataset::OpenPart(
 
 absl::StatusOr<std::unique_ptr<TokenDataset>> TokenDataset::Create(
     const std::string& train_pattern, const std::string& val_pattern,
-    int block_size, int vocab_size, std::shared_ptr<const Gpt2Bpe> tokenizer) {
+    int block_size, int vocab_size, std::shared_ptr<const Gpt2Bpe> tokenizer,
+    TokenShardLayout layout) {
   if (block_size <= 0) {
     return absl::InvalidArgumentError("block_size must be positive");
   }
@@ -50,9 +52,9 @@ absl::StatusOr<std::unique_ptr<TokenDataset>> TokenDataset::Create(
         "token shards hold uint16 tokens: vocab_size must be in [1, 65536], "
         "got ", vocab_size));
   }
-  absl::StatusOr<Part> train = OpenPart("train", train_pattern, vocab_size);
+  absl::StatusOr<Part> train = OpenPart("train", train_pattern, vocab_size, layout);
   if (!train.ok()) return train.status();
-  absl::StatusOr<Part> val = OpenPart("val", val_pattern, vocab_size);
+  absl::StatusOr<Part> val = OpenPart("val", val_pattern, vocab_size, layout);
   if (!val.ok()) return val.status();
   for (const auto& [name, part, pattern] :
        {std::tuple<const char*, const Part*, const std::string*>{

@@ -39,7 +39,8 @@ class TokenDataset : public Dataset {
   static absl::StatusOr<std::unique_ptr<TokenDataset>> Create(
       const std::string& train_pattern, const std::string& val_pattern,
       int block_size, int vocab_size,
-      std::shared_ptr<const Gpt2Bpe> tokenizer);
+      std::shared_ptr<const Gpt2Bpe> tokenizer,
+      TokenShardLayout layout = TokenShardLayout::kLlmc);
 
   void Batch(Split split, uint64_t seed, int64_t step, int global_batch,
              int first, int n, int32_t* tokens,
@@ -69,7 +70,8 @@ class TokenDataset : public Dataset {
         tokenizer_(std::move(tokenizer)) {}
   static absl::StatusOr<Part> OpenPart(const std::string& what,
                                        const std::string& pattern,
-                                       int vocab_size);
+                                       int vocab_size,
+                                       TokenShardLayout layout);
   // Copies tokens [begin, begin + n) of `part` into out (as int32).
   static void Copy(const Part& part, int64_t begin, int n, int32_t* out);
 
