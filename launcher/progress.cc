@@ -68,7 +68,7 @@ void ProgressLine::Update(const JobStatus& status, bool final) {
       std::chrono::duration<double>(now - last_print_).count();
   if (!tty_ && !final && !new_eval && since < 5.0) return;
   std::string line = absl::StrFormat(
-      "step %*d/%d | loss %s | eval %s | %.0f tok/s | push %s/step | ETA %s",
+      "step %*d/%d | loss %s | eval %s | %.0f tok/s | push %s | ETA %s",
       static_cast<int>(std::to_string(total).size()), step, total,
       std::isfinite(loss) ? absl::StrFormat("%.4f", loss) : "-",
       std::isfinite(eval) ? absl::StrFormat("%.4f", eval) : "-", tps,

@@ -1,12 +1,13 @@
 // The launcher's progress line, from the scheduler's JobStatus:
 //
 //   step  120/400 | loss 2.3456 | eval 2.5678 | 5321 tok/s |
-//       push 1.6 MB/step | ETA 1m05s   (one line)
+//       push 1.6 MB | ETA 1m05s   (one line)
 //
 // step is the slowest worker's; loss and tok/s are over the replicas whose
 // last pipeline stage reports a loss (first tensor-parallel rank); eval is
 // data-parallel rank 0's; push is the bytes every worker's last gradient
-// push put on the wire (HeartbeatRequest.push_wire_bytes), summed: what
+// push put on the wire (per step; not written "/step", so that "step "
+// starts only the line) (HeartbeatRequest.push_wire_bytes), summed: what
 // train.compression reduces; the ETA extrapolates the time per step since the
 // first step this run (or restart) saw advance.
 //

@@ -33,7 +33,7 @@ struct Result {
 };
 
 // The last progress line: "step 200/200 | loss L | eval E | T tok/s | push
-// 56.6 kB/step | ETA --".
+// 56.6 kB | ETA --" (push: the last step's, all workers).
 Result RunJob(const std::string& name, const std::string& compression) {
   const std::string dir = TempDir(name);
   WriteFile(dir + "/job.textproto", Job(compression));
@@ -57,8 +57,8 @@ Result RunJob(const std::string& name, const std::string& compression) {
   out.eval = std::strtof(r.output.c_str() + eval + 5, nullptr);
   char* unit = nullptr;
   out.push_bytes = std::strtod(r.output.c_str() + push + 5, &unit);
-  const std::string rest(unit, 4);
-  out.push_bytes *= rest == " kB/" ? 1e3 : rest == " MB/" ? 1e6 : 1;
+  const std::string rest(unit, 3);
+  out.push_bytes *= rest == " kB" ? 1e3 : rest == " MB" ? 1e6 : 1;
   std::printf("%s: eval %.4f, push %.0f bytes/step\n", name.c_str(),
               out.eval, out.push_bytes);
   return out;
