@@ -17,10 +17,20 @@ std::string FormatEta(double seconds) {
   return absl::StrFormat("%ds", s);
 }
 
+std::string FormatBytes(int64_t bytes) {
+  if (bytes < 1000) return absl::StrFormat("%d B", bytes);
+  if (bytes < 1000 * 1000) return absl::StrFormat("%.1f kB", bytes / 1e3);
+  if (bytes < 1000 * 1000 * 1000) {
+    return absl::StrFormat("%.1f MB", bytes / 1e6);
+  }
+  return absl::StrFormat("%.2f GB", bytes / 1e9);
+}
+
 void ProgressLine::Update(const JobStatus& status, bool final) {
   if (quiet_) return;
   int64_t step = INT64_MAX;
   double loss = 0, tps = 0;
+  int64_t push_bytes = 0;
   float eval = NAN;
   int workers = 0;
   for (const NodeStatus& n : status.nodes()) {
@@ -34,6 +44,7 @@ void ProgressLine::Update(const JobStatus& status, bool final) {
       tps += n.tokens_per_second();
     }
     if (n.dp_rank() == 0 && std::isfinite(n.eval_loss())) eval = n.eval_loss();
+    push_bytes += n.push_wire_bytes();
   }
   if (step == INT64_MAX) return;
   loss = workers > 0 ? loss / workers : NAN;
@@ -69,11 +80,11 @@ void ProgressLine::PrintLine(int64_t step, int64_t total, double loss,
       std::chrono::duration<double>(now - last_print_).count();
   if (!tty_ && !final && !new_eval && since < 5.0) return;
   std::string line = absl::StrFormat(
-      "step %*d/%d | loss %s | eval %s | %.0f tok/s | ETA %s",
+      "step %*d/%d | loss %s | eval %s | %.0f tok/s | push %s | ETA %s",
       static_cast<int>(std::to_string(total).size()), step, total,
       std::isfinite(loss) ? absl::StrFormat("%.4f", loss) : "-",
       std::isfinite(eval) ? absl::StrFormat("%.4f", eval) : "-", tps,
-      FormatEta(eta));
+      FormatBytes(push_bytes), FormatEta(eta));
   if (tty_) {
     std::printf("\r%-78s", line.c_str());
     if (new_eval || final) std::printf("\n");

@@ -1,10 +1,14 @@
 // The launcher's progress line, from the scheduler's JobStatus:
 //
-//   step  120/400 | loss 2.3456 | eval 2.5678 | 5321 tok/s | ETA 1m05s
+//   step  120/400 | loss 2.3456 | eval 2.5678 | 5321 tok/s |
+//       push 1.6 MB | ETA 1m05s   (one line)
 //
 // step is the slowest worker's; loss and tok/s are over the replicas whose
 // last pipeline stage reports a loss (first tensor-parallel rank); eval is
-// data-parallel rank 0's; the ETA extrapolates the time per step since the
+// data-parallel rank 0's; push is the bytes every worker's last gradient
+// push put on the wire (per step; not written "/step", so that "step "
+// starts only the line) (HeartbeatRequest.push_wire_bytes), summed: what
+// train.compression reduces; the ETA extrapolates the time per step since the
 // first step this run (or restart) saw advance.
 //
 // On a terminal the line is redrawn in place (\r) and a new line is started
@@ -27,6 +31,9 @@ namespace lmps {
 
 // "--" (unknown), "42s", "3m07s" or "2h05m".
 std::string FormatEta(double seconds);
+
+// "512 B", "3.4 kB", "1.6 MB" or "2.05 GB" (powers of 1000).
+std::string FormatBytes(int64_t bytes);
 
 class ProgressLine {
  public:

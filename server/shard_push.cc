@@ -1,5 +1,5 @@
 // ParameterShard::Push: validation of a whole push stream before anything
-// changes, the tiling of a contributor's chunk part (pipeline and tensor
+// changes (compressed slices' encodings too: server/tensor_codec.h), the tiling of a contributor's chunk part (pipeline and tensor
 // parallel) and decoding into gradient buffers; the mode then takes the
 // gradient (shard_step.cc or shard_async.cc).
 #include "server/shard.h"
@@ -84,11 +84,13 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
   PushedPieces pieces;
   for (size_t m = 0; m < stream.size(); ++m) {
     for (const ChunkSlice& s : stream[m].slices()) {
-      const int size = DTypeSize(s.dtype());
-      if (size == 0) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            who, ": ", ChunkName(s.tensor(), s.chunk()), " has dtype ",
-            static_cast<int>(s.dtype()), "; valid: F32, BF16"));
+      // The encoding (dtype, sparse indices, INT8 scale): how many of the
+      // chunk's elements the slice covers.
+      absl::StatusOr<int64_t> covered = SliceElements(s);
+      if (!covered.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(who, ": ", ChunkName(s.tensor(), s.chunk()), " ",
+                         covered.status().message()));
       }
       const int c = FindChunk(s.tensor(), s.chunk());
       if (c < 0) {
@@ -105,13 +107,7 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
             who, ": ", ChunkName(s.tensor(), s.chunk()), " is held by shard ",
             owner->second, ", not shard ", shard));
       }
-      if (s.data().size() % size != 0) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            who, ": ", ChunkName(s.tensor(), s.chunk()), " payload of ",
-            s.data().size(), " bytes is not a multiple of ", size, " (",
-            DType_Name(s.dtype() == BF16 ? BF16 : F32), ")"));
-      }
-      const int64_t n = static_cast<int64_t>(s.data().size()) / size;
+      const int64_t n = *covered;
       pieces[c].push_back({s.offset(), n, &s});
     }
   }
@@ -143,7 +139,7 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
   }
   for (auto& [c, list] : pieces) {
     for (const PushedPiece& p : list) {
-      const int64_t bad = FirstNonFinite(p.slice->dtype(), p.slice->data());
+      const int64_t bad = FirstNonFiniteElement(*p.slice);
       if (bad >= 0) {
         absl::MutexLock lock(&mu_);
         ++rejected_nonfinite_;
@@ -249,7 +245,7 @@ void ParameterShard::DecodePart(int c, const std::vector<PushedPiece>& list,
                                 bool first, float* dst) const {
   if (owners_[c].direct) {
     for (const PushedPiece& p : list) {
-      DecodePayload(p.slice->dtype(), p.slice->data(), dst + p.offset);
+      DecodeSlice(*p.slice, dst + p.offset);
     }
     return;
   }
@@ -259,7 +255,7 @@ void ParameterShard::DecodePart(int c, const std::vector<PushedPiece>& list,
   std::vector<float> values;
   for (const PushedPiece& p : list) {
     values.resize(p.n);
-    DecodePayload(p.slice->dtype(), p.slice->data(), values.data());
+    DecodeSlice(*p.slice, values.data());
     float* out = dst + p.offset;
     for (int64_t i = 0; i < p.n; ++i) out[i] += values[i];
   }

@@ -1,7 +1,12 @@
 #include "server/tensor_codec.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
+#include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/model/bf16.h"
 
 namespace lmps {
@@ -58,6 +63,119 @@ void EncodePayload(DType dtype, const float* values, int64_t n,
     return;
   }
   out->append(reinterpret_cast<const char*>(values), 4 * n);
+}
+
+int PushDTypeSize(DType dtype) { return dtype == INT8 ? 1 : DTypeSize(dtype); }
+
+namespace {
+
+uint32_t IndexAt(const std::string& indices, int64_t i) {
+  uint32_t v;
+  std::memcpy(&v, indices.data() + 4 * i, 4);
+  return v;
+}
+
+// Decodes `count` values of `data` (dtype, INT8 with `scale`) to out.
+void DecodeValues(const ChunkSlice& s, int64_t count, float* out) {
+  if (s.dtype() == INT8) {
+    const float scale = s.scale();
+    for (int64_t i = 0; i < count; ++i) {
+      out[i] = static_cast<float>(static_cast<int8_t>(s.data()[i])) * scale;
+    }
+    return;
+  }
+  DecodePayload(s.dtype(), s.data(), out);
+}
+
+}  // namespace
+
+absl::StatusOr<int64_t> SliceElements(const ChunkSlice& s) {
+  const int size = PushDTypeSize(s.dtype());
+  if (size == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("has dtype ", static_cast<int>(s.dtype()),
+                     "; valid: F32, BF16, INT8 (INT8 only in pushes)"));
+  }
+  if (s.data().size() % size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "payload of ", s.data().size(), " bytes is not a multiple of ", size,
+        " (", DType_Name(s.dtype() == DTYPE_UNSPECIFIED ? F32 : s.dtype()),
+        ")"));
+  }
+  const int64_t values = static_cast<int64_t>(s.data().size()) / size;
+  if (s.dtype() == INT8) {
+    // 128 * scale must be finite so that every decoded value is.
+    const float scale = s.scale();
+    if (!std::isfinite(scale) || scale < 0 ||
+        !std::isfinite(scale * 128.0f)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "INT8 scale ", scale,
+          " is not a finite non-negative number (with 128 * scale finite)"));
+    }
+  } else if (s.scale() != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "has scale ", s.scale(), " but dtype ", DType_Name(s.dtype()),
+        " (a scale is for INT8 only)"));
+  }
+  if (!s.sparse()) {
+    if (s.num_elements() != 0 || !s.indices().empty()) {
+      return absl::InvalidArgumentError(
+          "has num_elements or indices but is not sparse");
+    }
+    return values;
+  }
+  const int64_t n = s.num_elements();
+  if (n < 0 || n > (int64_t{1} << 32)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sparse num_elements ", n, " is outside [0, 2^32]"));
+  }
+  if (s.indices().size() % 4 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sparse indices of ", s.indices().size(),
+        " bytes are not a multiple of 4 (uint32)"));
+  }
+  const int64_t count = static_cast<int64_t>(s.indices().size() / 4);
+  if (count != values) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sparse slice has ", count, " indices but ", values, " values"));
+  }
+  int64_t previous = -1;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t index = IndexAt(s.indices(), i);
+    if (index >= n) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sparse index ", index, " (position ", i,
+          ") is not below num_elements ", n));
+    }
+    if (index <= previous) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sparse indices are not strictly increasing: ", index,
+          " at position ", i, " after ", previous));
+    }
+    previous = index;
+  }
+  return n;
+}
+
+int64_t FirstNonFiniteElement(const ChunkSlice& s) {
+  if (s.dtype() == INT8) return -1;  // a valid scale keeps q * scale finite
+  const int64_t bad = FirstNonFinite(s.dtype(), s.data());
+  if (bad < 0 || !s.sparse()) return bad;
+  return IndexAt(s.indices(), bad);
+}
+
+void DecodeSlice(const ChunkSlice& s, float* out) {
+  if (!s.sparse()) {
+    DecodeValues(s, static_cast<int64_t>(s.data().size()) /
+                        PushDTypeSize(s.dtype()),
+                 out);
+    return;
+  }
+  const int64_t count = static_cast<int64_t>(s.indices().size() / 4);
+  std::vector<float> values(count);
+  DecodeValues(s, count, values.data());
+  std::fill(out, out + s.num_elements(), 0.0f);
+  for (int64_t i = 0; i < count; ++i) out[IndexAt(s.indices(), i)] = values[i];
 }
 
 }  // namespace lmps

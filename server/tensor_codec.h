@@ -1,5 +1,8 @@
 // Payload encodings of the wire protocol (DType): little-endian fp32 and
 // bfloat16, to and from fp32 arrays. DTYPE_UNSPECIFIED is treated as F32.
+// Compressed push slices (ChunkSlice.sparse / INT8 with a scale; see
+// proto/lmps.proto) are validated and decoded to fp32 by SliceElements and
+// DecodeSlice; a malformed slice is InvalidArgument, never a crash.
 //
 // bf16 -> fp32 is exact (the bf16 bits are the upper half of the fp32);
 // fp32 -> bf16 rounds to nearest, ties to even (as torch's .to(bfloat16));
@@ -12,6 +15,7 @@
 #include <cstdint>
 #include <string>
 
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "proto/lmps.pb.h"
 
@@ -31,6 +35,28 @@ void DecodePayload(DType dtype, absl::string_view data, float* out);
 // Appends n elements of `values` encoded as `dtype` to `out`.
 void EncodePayload(DType dtype, const float* values, int64_t n,
                    std::string* out);
+
+// Bytes per element of a push slice's data: DTypeSize, and 1 for INT8.
+int PushDTypeSize(DType dtype);
+
+// Checks the encoding of a push slice (not which chunk or range it names)
+// and returns how many chunk elements it covers: len(data) / size when
+// dense, num_elements when sparse. InvalidArgument (text without the
+// chunk's name, for the caller to prefix) for: a dtype that is not F32,
+// BF16 or INT8; data not a multiple of the element size; a scale that is
+// not finite, negative, or so large that 128 * scale overflows, or set on a
+// non-INT8 slice; sparse fields on a dense slice; num_elements < 0 or >
+// 2^32; indices not a multiple of 4 bytes, not one per value, not strictly
+// increasing or not < num_elements.
+absl::StatusOr<int64_t> SliceElements(const ChunkSlice& slice);
+
+// The first element (relative to the slice's offset) whose decoded value
+// is NaN or Inf, or -1. Requires SliceElements(slice).ok().
+int64_t FirstNonFiniteElement(const ChunkSlice& slice);
+
+// Writes the slice's n = SliceElements(slice) elements as fp32 to out[0, n)
+// (0 where a sparse slice has no value). Requires SliceElements(slice).ok().
+void DecodeSlice(const ChunkSlice& slice, float* out);
 
 }  // namespace lmps
 

@@ -65,6 +65,16 @@ void ProgressExport::SetGauges(const TrainerProgress& p) {
   SetGauge(m, "lmps_push_bytes", bytes,
            static_cast<double>(p.push_bytes_overlapped),
            {{"kind", "overlapped"}});
+  // The wire bytes of every step's push, counted once per step (a final
+  // evaluation exports the last step again).
+  if (m != nullptr && p.step != counted_step_) {
+    counted_step_ = p.step;
+    absl::StatusOr<prometheus::Counter*> wire = m->Counter(
+        "lmps_push_wire_bytes_total",
+        "Bytes of gradient pushed on the wire (payload, compressed slices' "
+        "indices and scales; train.compression reduces them), all steps.");
+    if (wire.ok()) (*wire)->Increment(static_cast<double>(p.push_bytes));
+  }
   if (pipeline_) {
     const char* bubble =
         "Fraction of the last step's pipeline schedule this stage waited "

@@ -5,7 +5,9 @@
 //   lmps_step, lmps_loss, lmps_eval_loss (once finite),
 //   lmps_tokens_per_second, lmps_staleness_steps,
 //   lmps_step_phase_seconds{phase="compute"|"pull"|"push"|"wait"},
-//   lmps_push_bytes{kind="total"|"overlapped"}, and for a pipeline stage
+//   lmps_push_bytes{kind="total"|"overlapped"} (the last step's; total is
+//   the wire bytes, which train.compression reduces), the counter
+//   lmps_push_wire_bytes_total (every step's, once), and for a pipeline stage
 //   (pp * tp > 1) lmps_pipeline_bubble_fraction{kind="measured"|"ideal"}
 //   and lmps_pipeline_live_micro_batches.
 // (The heartbeat's copy of the progress is the daemon's, not this.)
@@ -56,6 +58,7 @@ class ProgressExport {
   const bool pipeline_;
   const std::function<void(const std::string&)> warn_;
   std::unique_ptr<StepLog> step_log_;  // null: none
+  int64_t counted_step_ = -1;  // last step added to the wire-bytes counter
 };
 
 }  // namespace lmps

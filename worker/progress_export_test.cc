@@ -109,6 +109,7 @@ TEST_F(ProgressExportTest, SetsTheGaugesOfEachStep) {
   EXPECT_EQ(Value("lmps_step_phase_seconds", "phase=\"wait\""), 0.5);
   EXPECT_EQ(Value("lmps_push_bytes", "kind=\"total\""), 4096);
   EXPECT_EQ(Value("lmps_push_bytes", "kind=\"overlapped\""), 1024);
+  EXPECT_EQ(Value("lmps_push_wire_bytes_total"), 4096);
   // No evaluation yet, and no pipeline.
   EXPECT_TRUE(Samples("lmps_eval_loss").empty());
   EXPECT_TRUE(Samples("lmps_pipeline_bubble_fraction").empty());
@@ -118,6 +119,9 @@ TEST_F(ProgressExportTest, SetsTheGaugesOfEachStep) {
   next.eval_loss = 3.0f;
   exporter->Export(next);
   EXPECT_EQ(Value("lmps_step"), 42);
+  EXPECT_EQ(Value("lmps_push_wire_bytes_total"), 2 * 4096);
+  exporter->Export(next);  // the same step again (a final evaluation)
+  EXPECT_EQ(Value("lmps_push_wire_bytes_total"), 2 * 4096);
   EXPECT_EQ(Value("lmps_eval_loss"), 3.0);
   EXPECT_TRUE(warnings_.empty());
 }

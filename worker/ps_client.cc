@@ -11,9 +11,11 @@
 #include "absl/synchronization/mutex.h"
 #include "common/clients/shard_info.h"
 #include "common/model/bf16.h"
+#include "common/model/job_spec.h"
 #include "common/model/model_spec.h"
 #include "common/model/parallel_layout.h"
 #include "common/rpc/status_util.h"
+#include "worker/compression.h"
 
 namespace lmps {
 
@@ -77,6 +79,15 @@ absl::StatusOr<std::unique_ptr<PsClient>> PsClient::Create(
   }
   if (options.push_dtype != F32 && options.push_dtype != BF16) {
     return absl::InvalidArgumentError("push dtype must be F32 or BF16");
+  }
+  if (absl::Status s = ValidateCompression(options.compression); !s.ok()) {
+    return s;
+  }
+  if (options.compression.kind() != COMPRESSION_NONE &&
+      options.push_dtype != F32) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train.compression ", CompressionKind_Name(options.compression.kind()),
+        " sends its own encoding; the push dtype must be F32 (not bf16)"));
   }
   const std::vector<TensorSpec> specs = GptTensorSpecs(model);
   const ParallelLayout* layout = view.layout;
@@ -157,6 +168,11 @@ absl::StatusOr<std::unique_ptr<PsClient>> PsClient::Create(
       c->pull_shards_.push_back(s);
     }
     if (!c->push_pieces_[s].empty()) c->push_shards_.push_back(s);
+  }
+  c->compress_ = options.compression.kind() != COMPRESSION_NONE;
+  if (c->compress_) {
+    c->residual_[0].assign(c->num_parameters_, 0.0f);
+    c->residual_[1].assign(c->num_parameters_, 0.0f);
   }
   return c;
 }
@@ -359,6 +375,12 @@ absl::Status PsClient::PushChunks(int64_t step, const std::string& worker_id,
     }
     if (!selected[s].empty()) shards.push_back(s);
   }
+  if (compress_ && step != residual_step_) {
+    // A new step: the residual it starts from is the last step's result.
+    // (The same step again -- a retry -- starts from the same one.)
+    if (residual_step_ >= 0) prev_ = 1 - prev_;
+    residual_step_ = step;
+  }
   return ForEachShard(shards, [&](int s) -> absl::Status {
     if (options_.on_shard_push) options_.on_shard_push(s, step, false);
     PushResponse resp;
@@ -366,11 +388,14 @@ absl::Status PsClient::PushChunks(int64_t step, const std::string& worker_id,
     std::unique_ptr<grpc::ClientWriterInterface<PushRequest>> writer =
         Stub(s)->Push(ctx.get(), &resp);
     stats_.rpcs++;
-    const size_t width = options_.push_dtype == BF16 ? 2 : 4;
+    // Slices are cut by elements, the same with or without compression (a
+    // compressed slice is smaller than the dense one).
+    const size_t width =
+        options_.push_dtype == BF16 && !compress_ ? 2 : 4;
     const int64_t max_elems =
         std::max<int64_t>(1, options_.max_message_bytes / static_cast<int64_t>(width));
     PushRequest msg;
-    int64_t in_msg = 0;
+    int64_t in_msg = 0, msg_bytes = 0;
     auto reset = [&] {
       msg.Clear();
       msg.set_worker_id(worker_id);
@@ -380,36 +405,34 @@ absl::Status PsClient::PushChunks(int64_t step, const std::string& worker_id,
       msg.set_step(step);
       msg.set_partition_version(partition_version_);
       in_msg = 0;
+      msg_bytes = 0;
     };
     bool ok = true;
     auto flush = [&] {
       if (msg.slices_size() == 0) return;
-      stats_.bytes_pushed += in_msg * static_cast<int64_t>(width);
+      stats_.bytes_pushed += msg_bytes;
       ok = ok && writer->Write(msg);
       reset();
     };
     reset();
+    absl::Status encoded;
     for (const LocalPiece* piece : selected[s]) {
       const LocalPiece& p = *piece;
-      for (int64_t off = 0; off < p.n && ok;) {
+      for (int64_t off = 0; off < p.n && ok && encoded.ok();) {
         if (in_msg == max_elems) flush();
         const int64_t n = std::min(p.n - off, max_elems - in_msg);
         ChunkSlice* slice = msg.add_slices();
-        slice->set_tensor(p.tensor);
-        slice->set_chunk(p.chunk);
-        slice->set_offset(p.chunk_offset + off);
-        slice->set_dtype(options_.push_dtype);
-        const float* src = grads + p.local_offset + off;
-        std::string* data = slice->mutable_data();
-        data->resize(n * width);
-        if (options_.push_dtype == BF16) {
-          FloatToBf16(src, n, data->data());
-        } else {
-          std::memcpy(data->data(), src, n * 4);
-        }
+        encoded = EncodePushSlice(step, dp_rank, p, off, n, grads, slice);
+        msg_bytes += CompressedWireBytes(*slice);
         in_msg += n;
         off += n;
       }
+    }
+    if (!encoded.ok()) {
+      // Nothing of this stream may count: cancel it before it ends.
+      ctx->TryCancel();
+      writer->Finish().IgnoreError();
+      return encoded;
     }
     flush();
     writer->WritesDone();
@@ -417,6 +440,41 @@ absl::Status PsClient::PushChunks(int64_t step, const std::string& worker_id,
     if (options_.on_shard_push) options_.on_shard_push(s, step, true);
     return absl::OkStatus();
   });
+}
+
+absl::Status PsClient::EncodePushSlice(int64_t step, int dp_rank,
+                                       const LocalPiece& p, int64_t off,
+                                       int64_t n, const float* grads,
+                                       ChunkSlice* slice) {
+  slice->set_tensor(p.tensor);
+  slice->set_chunk(p.chunk);
+  slice->set_offset(p.chunk_offset + off);
+  const int64_t at = p.local_offset + off;
+  const float* src = grads + at;
+  if (compress_) {
+    SliceKey key;
+    key.seed = options_.seed;
+    key.step = step;
+    key.dp_rank = dp_rank;
+    key.pp_rank = pp_rank_;
+    key.tp_rank = tp_rank_;
+    key.tensor = p.tensor;
+    key.chunk = p.chunk;
+    key.offset = p.chunk_offset + off;
+    return CompressSlice(options_.compression, key, src,
+                         residual_[prev_].data() + at, n,
+                         residual_[1 - prev_].data() + at, slice);
+  }
+  slice->set_dtype(options_.push_dtype);
+  std::string* data = slice->mutable_data();
+  if (options_.push_dtype == BF16) {
+    data->resize(n * 2);
+    FloatToBf16(src, n, data->data());
+  } else {
+    data->resize(n * 4);
+    std::memcpy(data->data(), src, n * 4);
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<double> PsClient::GradNorm(int64_t step) {

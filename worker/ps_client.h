@@ -29,6 +29,14 @@
 // a retried push counts as a duplicate and a retried apply returns the
 // version.
 //
+// Gradient compression (PsClientOptions.compression, worker/compression.h):
+// every push slice (at most max_message_bytes / 4 elements of one chunk) is
+// compressed with error feedback. The residual (one float per pushed
+// element) lives here; a step's residual is computed from the previous
+// step's, kept apart, so a push of the same step again (a failover retry)
+// sends exactly the same bytes. A new client (a replacement worker) starts
+// with a zero residual.
+//
 // Errors name the shard and its address. Thread-safety: one call at a time
 // (the worker's training loop, or a thread it hands the pushes of a step to
 // while it does not call the client itself); stats() may be read from any
@@ -64,6 +72,10 @@ struct PsClientOptions {
   int64_t max_message_bytes = 4 << 20;
   absl::Duration rpc_timeout = absl::Seconds(120);
   DType push_dtype = F32;  // F32, or BF16 to halve push bytes
+  // train.compression (then push_dtype must be F32), and train.seed for
+  // RANDOMK.
+  CompressionConfig compression;
+  uint64_t seed = 0;
   // Called on the shard's push thread before each push stream of `step` to
   // `shard` starts (accepted = false) and after the shard accepted it
   // (true); PushChunks may send a step in several streams per shard. May be
@@ -76,7 +88,8 @@ struct PsClientOptions {
 };
 
 struct PsClientStats {
-  // Payload bytes (ChunkSlice.data), headers not counted.
+  // Payload bytes (ChunkSlice.data; pushes also compressed slices' indices
+  // and scales: the wire bytes of the gradient), headers not counted.
   std::atomic<int64_t> bytes_pushed{0};
   std::atomic<int64_t> bytes_pulled{0};
   std::atomic<int64_t> rpcs{0};
@@ -184,6 +197,11 @@ class PsClient {
   // The node of `shard` in use (on the shard's thread).
   ParameterServer::StubInterface* Stub(int shard);
   std::string Address(int shard) const;
+  // Fills `slice`'s payload with grads[p.local_offset + off, + n): dense in
+  // push_dtype, or compressed (updating the residual).
+  absl::Status EncodePushSlice(int64_t step, int dp_rank, const LocalPiece& p,
+                               int64_t off, int64_t n, const float* grads,
+                               ChunkSlice* slice);
   std::unique_ptr<grpc::ClientContext> Context() const;
 
   PsClientOptions options_;
@@ -210,6 +228,13 @@ class PsClient {
   std::vector<std::map<std::pair<std::string, int>, std::vector<const LocalPiece*>>>
       index_;
   PsClientStats stats_;
+  // Compression: residual_[prev_] is the residual after the step before
+  // residual_step_, residual_[1 - prev_] the one after residual_step_ (only
+  // the pushed elements are used).
+  bool compress_ = false;
+  std::vector<float> residual_[2];
+  int prev_ = 0;
+  int64_t residual_step_ = -1;
 };
 
 }  // namespace lmps

@@ -353,5 +353,100 @@ TEST(PsClientTest, PushChunksOverGrowingRangesEqualsOnePush) {
   }
 }
 
+// Compressed pushes (train.compression) with plain SGD at lr 1: each
+// step's parameter change is minus what the shards decoded. Top-k and
+// random-k send about `ratio` of the elements (8 bytes each), the rest
+// stays in the worker's residual and goes in the next step (a zero
+// gradient then sends exactly what was held back); int8 is within half a
+// quantisation step and about 4x smaller than fp32.
+TEST(PsClientTest, CompressedPushesReachTheShardsWithErrorFeedback) {
+  for (const CompressionKind kind : {TOPK, RANDOMK, QUANT_INT8}) {
+    SCOPED_TRACE(CompressionKind_Name(kind));
+    JobSpec spec = Spec(1, 1);
+    OptimizerConfig* o = spec.mutable_optimizer();
+    o->set_type(SGD);
+    o->set_lr(1.0f);
+    o->set_min_lr(1.0f);
+    o->set_momentum(-1);
+    o->set_weight_decay(-1);
+    o->set_grad_clip(-1);
+    Cluster cluster;
+    ASSERT_TRUE(cluster.Start(spec).ok());
+    PsClientOptions options;
+    options.compression.set_kind(kind);
+    if (kind != QUANT_INT8) options.compression.set_ratio(0.25f);
+    options.seed = spec.train().seed();
+    absl::StatusOr<std::unique_ptr<PsClient>> c =
+        cluster.Client({}, options);
+    ASSERT_TRUE(c.ok()) << c.status();
+    const int64_t n = (*c)->num_parameters();
+    const std::vector<float> g = FullGradient(RandomGradient(spec.model(), 5));
+    const std::vector<float> zero(n, 0.0f);
+    std::vector<float> before(n), after(n);
+    std::vector<std::vector<float>> sent;
+    std::vector<int64_t> bytes;
+    for (int64_t step = 0; step < 2; ++step) {
+      ASSERT_TRUE((*c)->Pull(step, before.data()).ok());
+      const int64_t pushed = (*c)->stats().bytes_pushed;
+      absl::Status st =
+          (*c)->Push(step, "w", 0, step == 0 ? g.data() : zero.data());
+      ASSERT_TRUE(st.ok()) << st;
+      bytes.push_back((*c)->stats().bytes_pushed - pushed);
+      absl::StatusOr<double> ss = (*c)->GradNorm(step);
+      ASSERT_TRUE(ss.ok()) << ss.status();
+      ASSERT_TRUE((*c)->Apply(step, *ss).ok());
+      ASSERT_TRUE((*c)->Pull(step + 1, after.data()).ok());
+      sent.emplace_back(n);
+      for (int64_t i = 0; i < n; ++i) sent[step][i] = before[i] - after[i];
+    }
+    if (kind == QUANT_INT8) {
+      float max = 0;
+      for (float x : g) max = std::max(max, std::fabs(x));
+      for (int64_t i = 0; i < n; ++i) {
+        ASSERT_NEAR(sent[0][i], g[i], 0.5f * max / 127 + 1e-5f) << i;
+      }
+      // One byte per element and a 4-byte scale per slice (<= 10 elements).
+      EXPECT_GT(bytes[0], n);
+      EXPECT_LE(bytes[0], n + 4 * (n / 5));
+      EXPECT_LT(bytes[0], 4 * n / 2);
+      continue;
+    }
+    int64_t sent0 = 0, sent1 = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const bool first = std::fabs(sent[0][i]) > 1e-6f;
+      const bool second = std::fabs(sent[1][i]) > 1e-6f;
+      sent0 += first;
+      sent1 += second;
+      if (first) {
+        ASSERT_NEAR(sent[0][i], g[i], 1e-5f) << i;
+      }
+      // The second step sends only what the first held back, as it was.
+      if (second) {
+        ASSERT_FALSE(first) << i;
+        ASSERT_NEAR(sent[1][i], g[i], 1e-5f) << i;
+      }
+    }
+    // ceil(0.25 * m) of each chunk's m <= 10 elements: 25% to 35% of them.
+    EXPECT_GE(sent0, n / 4);
+    EXPECT_LE(sent0, n * 35 / 100);
+    EXPECT_EQ(bytes[0], 8 * sent0);  // 4-byte index + fp32 value each
+    // Top-k: about as many again (fewer in one-element chunks), all held
+    // back the step before (random-k may pick zeros left where it sent).
+    if (kind == TOPK) {
+      EXPECT_GE(sent1, sent0 * 9 / 10);
+    }
+    EXPECT_GT(sent1, 0);
+    EXPECT_LT(bytes[0], 4 * n * 2 / 3);  // vs 4n dense
+  }
+  // Compression encodes its own values: not with bf16 pushes.
+  Cluster cluster;
+  ASSERT_TRUE(cluster.Start(Spec(1, 1)).ok());
+  PsClientOptions bf16;
+  bf16.push_dtype = BF16;
+  bf16.compression.set_kind(QUANT_INT8);
+  EXPECT_EQ(cluster.Client({}, bf16).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace lmps

@@ -261,6 +261,8 @@ class WorkerSession {
     ps_options.push_dtype = options_.push_dtype;
     ps_options.rpc_timeout = options_.rpc_timeout;
     ps_options.max_message_bytes = spec_.max_message_bytes();
+    ps_options.compression = spec_.train().compression();
+    ps_options.seed = spec_.train().seed();
     if (!pipeline_ && options_.fault_kill_at_step >= 0) {
       ps_options.on_shard_push = KillMidPush(options_.fault_kill_at_step);
     }
@@ -541,6 +543,7 @@ class WorkerSession {
     hb.set_loss(latest_.loss);
     hb.set_eval_loss(latest_.eval_loss);
     hb.set_tokens_per_second(latest_.tokens_per_second);
+    hb.set_push_wire_bytes(latest_.push_bytes);
     hb.set_done(done_);
     hb.set_error(error_);
     return hb;

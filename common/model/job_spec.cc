@@ -192,7 +192,44 @@ absl::Status ValidateJobSpec(const JobSpec& s) {
     return absl::InvalidArgumentError(
         "max_message_bytes must be at most 64 MiB");
   }
+  if (absl::Status st = ValidateCompression(s.train().compression());
+      !st.ok()) {
+    return st;
+  }
   return ValidateConsistency(s);
+}
+
+absl::Status ValidateCompression(const CompressionConfig& c) {
+  const float ratio = c.ratio();
+  switch (c.kind()) {
+    case COMPRESSION_NONE:
+    case QUANT_INT8:
+      if (ratio != 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "train.compression.ratio (", ratio, ") is for TOPK and RANDOMK "
+            "only; train.compression.kind is ",
+            CompressionKind_Name(c.kind())));
+      }
+      return absl::OkStatus();
+    case TOPK:
+    case RANDOMK:
+      // NaN fails every comparison: test for the valid range.
+      if (!(ratio > 0 && ratio <= kMaxCompressionRatio)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "train.compression.ratio must be in (0, ", kMaxCompressionRatio,
+            "] for ", CompressionKind_Name(c.kind()), ", got ", ratio,
+            ratio == 0 ? " (unset)" : "",
+            ratio > kMaxCompressionRatio
+                ? " (above 0.5 a sparse slice's indices make it larger than "
+                  "the dense one)"
+                : ""));
+      }
+      return absl::OkStatus();
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "train.compression.kind ", static_cast<int>(c.kind()),
+          " is not valid; valid: COMPRESSION_NONE, TOPK, RANDOMK, QUANT_INT8"));
+  }
 }
 
 absl::Status ValidateConsistency(const JobSpec& s) {

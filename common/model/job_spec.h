@@ -40,6 +40,14 @@ absl::Status ValidateJobSpec(const JobSpec& spec);
 // with BOUNDED_STALENESS; the debug_slow_worker_* knobs are in range.
 absl::Status ValidateConsistency(const JobSpec& spec);
 
+// train.compression: a known kind; ratio in (0, kMaxCompressionRatio] for
+// TOPK and RANDOMK, unset (0) for the others. Part of ValidateJobSpec.
+absl::Status ValidateCompression(const CompressionConfig& compression);
+
+// Largest train.compression.ratio accepted (a sparse element costs 8 bytes,
+// a dense one 4).
+inline constexpr float kMaxCompressionRatio = 0.5f;
+
 // Largest train.staleness accepted.
 inline constexpr int kMaxStaleness = 1000;
 

@@ -136,6 +136,46 @@ TEST(JobSpecTest, BadConsistencySettingsSayWhatIsValid) {
   ExpectInvalid("train { mode: EVENTUAL }", "EVENTUAL");
 }
 
+TEST(JobSpecTest, CompressionParsesAndBadSettingsSayWhatIsValid) {
+  absl::StatusOr<JobSpec> off = ParseJobSpec("");
+  ASSERT_TRUE(off.ok()) << off.status();
+  EXPECT_EQ(off->train().compression().kind(), COMPRESSION_NONE);
+  EXPECT_FALSE(off->train().has_compression());  // off: nothing on the wire
+  for (const char* text :
+       {"train { compression { kind: TOPK ratio: 0.01 } }",
+        "train { compression { kind: RANDOMK ratio: 0.5 } }",
+        "train { compression { kind: QUANT_INT8 } }",
+        "train { compression { } }"}) {
+    absl::StatusOr<JobSpec> spec = ParseJobSpec(text);
+    EXPECT_TRUE(spec.ok()) << text << " -> " << spec.status();
+  }
+  struct Case {
+    const char* text;
+    const char* needle;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"train { compression { kind: TOPK } }",
+            "train.compression.ratio must be in (0, 0.5] for TOPK, got 0 "
+            "(unset)"},
+           {"train { compression { kind: RANDOMK ratio: -0.1 } }",
+            "must be in (0, 0.5] for RANDOMK, got -0.1"},
+           {"train { compression { kind: TOPK ratio: 0.75 } }",
+            "larger than the dense one"},
+           {"train { compression { kind: TOPK ratio: nan } }",
+            "got nan"},
+           {"train { compression { kind: QUANT_INT8 ratio: 0.1 } }",
+            "is for TOPK and RANDOMK only; train.compression.kind is "
+            "QUANT_INT8"},
+           {"train { compression { ratio: 0.1 } }",
+            "kind is COMPRESSION_NONE"},
+           {"train { compression { kind: 9 } }",
+            "train.compression.kind 9 is not valid; valid: COMPRESSION_NONE, "
+            "TOPK, RANDOMK, QUANT_INT8"},
+       }) {
+    ExpectInvalid(c.text, c.needle);
+  }
+}
+
 // The shipped examples parse, and default.textproto really is the defaults.
 TEST(JobSpecTest, ExamplesParse) {
   const std::string dir = std::string(std::getenv("TEST_SRCDIR")) + "/" +

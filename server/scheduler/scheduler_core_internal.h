@@ -77,6 +77,7 @@ struct SchedulerCore::Node {
   float loss = scheduler_internal::kNaN;
   float eval_loss = scheduler_internal::kNaN;
   double tokens_per_second = 0;
+  int64_t push_wire_bytes = 0;  // workers: the last step's push
   bool alive = true;
   bool done = false;
   std::string error;
@@ -102,6 +103,7 @@ struct SchedulerCore::Node {
     loss = scheduler_internal::kNaN;
     eval_loss = scheduler_internal::kNaN;
     tokens_per_second = 0;
+    push_wire_bytes = 0;
     alive = true;
     done = false;
     error.clear();

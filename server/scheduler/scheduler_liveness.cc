@@ -99,6 +99,7 @@ void SchedulerCore::RecordProgressLocked(Node* n,
   n->loss = request.loss();
   n->eval_loss = request.eval_loss();
   n->tokens_per_second = request.tokens_per_second();
+  n->push_wire_bytes = request.push_wire_bytes();
   if (request.done() && !n->done) {
     n->done = true;
     out->logs.push_back(
