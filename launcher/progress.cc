@@ -63,7 +63,9 @@ void ProgressLine::Update(const JobStatus& status, bool final) {
                       static_cast<double>(step - first_step_);
     eta = per_step * static_cast<double>(total - step);
   }
-  PrintLine(step, total, loss, eval, tps, eta, final, now);
+  PrintLine({.step = step, .total = total, .loss = loss, .eval = eval,
+             .tps = tps, .push_bytes = push_bytes, .eta = eta},
+            final, now);
   if (final && std::isfinite(eval)) {
     std::printf("lmps: eval loss %.4f (perplexity %.1f)\n", eval,
                 std::exp(static_cast<double>(eval)));
@@ -71,9 +73,10 @@ void ProgressLine::Update(const JobStatus& status, bool final) {
   }
 }
 
-void ProgressLine::PrintLine(int64_t step, int64_t total, double loss,
-                             float eval, double tps, double eta, bool final,
+void ProgressLine::PrintLine(const Figures& f, bool final,
                              std::chrono::steady_clock::time_point now) {
+  const int64_t step = f.step;
+  const float eval = f.eval;
   if (step == last_printed_step_ && (!final || !tty_)) return;
   const bool new_eval = std::isfinite(eval) && eval != last_eval_printed_;
   const double since =
@@ -81,10 +84,10 @@ void ProgressLine::PrintLine(int64_t step, int64_t total, double loss,
   if (!tty_ && !final && !new_eval && since < 5.0) return;
   std::string line = absl::StrFormat(
       "step %*d/%d | loss %s | eval %s | %.0f tok/s | push %s | ETA %s",
-      static_cast<int>(std::to_string(total).size()), step, total,
-      std::isfinite(loss) ? absl::StrFormat("%.4f", loss) : "-",
-      std::isfinite(eval) ? absl::StrFormat("%.4f", eval) : "-", tps,
-      FormatBytes(push_bytes), FormatEta(eta));
+      static_cast<int>(std::to_string(f.total).size()), step, f.total,
+      std::isfinite(f.loss) ? absl::StrFormat("%.4f", f.loss) : "-",
+      std::isfinite(eval) ? absl::StrFormat("%.4f", eval) : "-", f.tps,
+      FormatBytes(f.push_bytes), FormatEta(f.eta));
   if (tty_) {
     std::printf("\r%-78s", line.c_str());
     if (new_eval || final) std::printf("\n");

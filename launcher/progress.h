@@ -51,8 +51,16 @@ class ProgressLine {
   bool tty() const { return tty_; }
 
  private:
-  void PrintLine(int64_t step, int64_t total, double loss, float eval,
-                 double tps, double eta, bool final,
+  // What one progress line shows.
+  struct Figures {
+    int64_t step = 0, total = 0;
+    double loss = 0;
+    float eval = 0;
+    double tps = 0;
+    int64_t push_bytes = 0;
+    double eta = 0;
+  };
+  void PrintLine(const Figures& f, bool final,
                  std::chrono::steady_clock::time_point now);
 
   const bool quiet_;
