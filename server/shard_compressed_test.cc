@@ -55,12 +55,21 @@ void MakeInt8(ChunkSlice* s, ChunkSlice* rounded) {
   s->set_data(q);
 }
 
+// The spec with train.compression of `kind` (ratio 0.1 for the sparse
+// kinds).
+JobSpec Compressed(JobSpec spec, CompressionKind kind) {
+  CompressionConfig* c = spec.mutable_train()->mutable_compression();
+  c->set_kind(kind);
+  if (kind == TOPK || kind == RANDOMK) c->set_ratio(0.1f);
+  return spec;
+}
+
 TEST(ShardCompressedTest, SparseAndInt8DecodeLikeTheDensePush) {
   const JobSpec spec = Spec(1, 2, ADAMW);
   // Sparse: exactly the dense gradient (its zeros left out).
   {
     auto dense = MakeShard(Options(spec, 0));
-    auto sparse = MakeShard(Options(spec, 0));
+    auto sparse = MakeShard(Options(Compressed(spec, TOPK), 0));
     std::vector<PushRequest> s = Stream(*sparse, 0, 0);
     for (PushRequest& m : s) {
       for (ChunkSlice& slice : *m.mutable_slices()) MakeSparse(&slice);
@@ -76,7 +85,7 @@ TEST(ShardCompressedTest, SparseAndInt8DecodeLikeTheDensePush) {
   // INT8: exactly the dense push of q * scale.
   {
     auto dense = MakeShard(Options(spec, 0));
-    auto quantised = MakeShard(Options(spec, 0));
+    auto quantised = MakeShard(Options(Compressed(spec, QUANT_INT8), 0));
     std::vector<PushRequest> q = Stream(*quantised, 0, 0);
     std::vector<PushRequest> d = q;
     for (size_t m = 0; m < q.size(); ++m) {
@@ -92,7 +101,7 @@ TEST(ShardCompressedTest, SparseAndInt8DecodeLikeTheDensePush) {
 }
 
 TEST(ShardCompressedTest, MalformedCompressedSlicesAreRefused) {
-  const JobSpec spec = Spec(1, 2, ADAMW);
+  const JobSpec spec = Compressed(Spec(1, 2, ADAMW), TOPK);
   auto shard = MakeShard(Options(spec, 0));
   std::vector<PushRequest> good = Stream(*shard, 0, 0);
   for (PushRequest& m : good) {
@@ -160,6 +169,56 @@ TEST(ShardCompressedTest, MalformedCompressedSlicesAreRefused) {
   auto pulled = shard->Pull(pull, Soon());
   EXPECT_EQ(pulled.status().code(), Code::kInvalidArgument)
       << pulled.status();
+}
+
+// A slice in another form than the job's kind sends is refused, naming
+// both, and changes nothing; the right form is then accepted.
+TEST(ShardCompressedTest, SlicesOfAnotherCompressionKindAreRefused) {
+  const JobSpec base = Spec(1, 2, ADAMW);
+  struct Case {
+    CompressionKind job;
+    const char* sent;  // "dense", "bf16", "sparse", "int8"
+    const char* message;
+  };
+  const Case cases[] = {
+      {COMPRESSION_NONE, "sparse", "sparse F32 slice but the job's "
+                                   "train.compression is COMPRESSION_NONE"},
+      {COMPRESSION_NONE, "int8", "dense INT8 slice"},
+      {TOPK, "dense", "dense F32 slice but the job's train.compression is "
+                      "TOPK, which sends sparse F32"},
+      {RANDOMK, "bf16", "dense BF16 slice"},
+      {RANDOMK, "int8", "dense INT8 slice"},
+      {QUANT_INT8, "sparse", "which sends dense INT8"},
+      {QUANT_INT8, "dense", "dense F32 slice"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(absl::StrCat(CompressionKind_Name(c.job), " <- ", c.sent));
+    auto shard = MakeShard(Options(Compressed(base, c.job), 0));
+    std::vector<PushRequest> bad = Stream(*shard, 0, 0);
+    std::vector<PushRequest> good = bad;
+    for (size_t m = 0; m < bad.size(); ++m) {
+      for (int i = 0; i < bad[m].slices_size(); ++i) {
+        ChunkSlice* b = bad[m].mutable_slices(i);
+        ChunkSlice* g = good[m].mutable_slices(i);
+        ChunkSlice rounded;
+        const std::string sent = c.sent;
+        if (sent == "sparse") MakeSparse(b);
+        if (sent == "int8") MakeInt8(b, &rounded);
+        if (sent == "bf16") {
+          const std::vector<float> v = DenseValues(*b);
+          b->clear_data();
+          b->set_dtype(BF16);
+          EncodePayload(BF16, v.data(), static_cast<int64_t>(v.size()),
+                        b->mutable_data());
+        }
+        if (c.job == TOPK || c.job == RANDOMK) MakeSparse(g);
+        if (c.job == QUANT_INT8) MakeInt8(g, &rounded);
+      }
+    }
+    ExpectRejected(shard.get(), bad, Code::kInvalidArgument, c.message);
+    auto r = shard->Push(good);
+    EXPECT_TRUE(r.ok()) << r.status();
+  }
 }
 
 }  // namespace

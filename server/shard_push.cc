@@ -92,6 +92,12 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
             absl::StrCat(who, ": ", ChunkName(s.tensor(), s.chunk()), " ",
                          covered.status().message()));
       }
+      absl::Status form = SliceMatchesCompression(
+          s, options_.spec.train().compression().kind());
+      if (!form.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            who, ": ", ChunkName(s.tensor(), s.chunk()), " ", form.message()));
+      }
       const int c = FindChunk(s.tensor(), s.chunk());
       if (c < 0) {
         if (tensor_index_.count(s.tensor()) == 0) {

@@ -89,6 +89,35 @@ void DecodeValues(const ChunkSlice& s, int64_t count, float* out) {
 
 }  // namespace
 
+absl::Status SliceMatchesCompression(const ChunkSlice& s,
+                                     CompressionKind kind) {
+  const bool int8 = s.dtype() == INT8;
+  const bool f32 = s.dtype() == F32 || s.dtype() == DTYPE_UNSPECIFIED;
+  bool ok = false;
+  switch (kind) {
+    case TOPK:
+    case RANDOMK:
+      ok = s.sparse() && f32;
+      break;
+    case QUANT_INT8:
+      ok = !s.sparse() && int8;
+      break;
+    default:  // COMPRESSION_NONE
+      ok = !s.sparse() && !int8;
+      break;
+  }
+  if (ok) return absl::OkStatus();
+  const std::string form =
+      absl::StrCat(s.sparse() ? "sparse " : "dense ",
+                   DType_Name(s.dtype() == DTYPE_UNSPECIFIED ? F32 : s.dtype()));
+  const char* expected = kind == TOPK || kind == RANDOMK ? "sparse F32"
+                         : kind == QUANT_INT8           ? "dense INT8"
+                                                        : "dense F32 or BF16";
+  return absl::InvalidArgumentError(absl::StrCat(
+      "is a ", form, " slice but the job's train.compression is ",
+      CompressionKind_Name(kind), ", which sends ", expected));
+}
+
 absl::StatusOr<int64_t> SliceElements(const ChunkSlice& s) {
   const int size = PushDTypeSize(s.dtype());
   if (size == 0) {

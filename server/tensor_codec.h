@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <string>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "proto/lmps.pb.h"
@@ -49,6 +50,15 @@ int PushDTypeSize(DType dtype);
 // 2^32; indices not a multiple of 4 bytes, not one per value, not strictly
 // increasing or not < num_elements.
 absl::StatusOr<int64_t> SliceElements(const ChunkSlice& slice);
+
+// Whether the slice has the form the job's compression kind sends
+// (worker/compression.h): COMPRESSION_NONE dense F32 or BF16; TOPK and
+// RANDOMK sparse F32; QUANT_INT8 dense INT8. InvalidArgument naming the
+// slice's form and the kind otherwise (text without the chunk's name). A
+// shard refuses the other forms so that a misconfigured or foreign pusher
+// cannot mix encodings into a job. Requires SliceElements(slice).ok().
+absl::Status SliceMatchesCompression(const ChunkSlice& slice,
+                                     CompressionKind kind);
 
 // The first element (relative to the slice's offset) whose decoded value
 // is NaN or Inf, or -1. Requires SliceElements(slice).ok().
