@@ -2,8 +2,12 @@
 // real binaries: a small job (2 workers, 2 shards, SGD with momentum, 200
 // steps) ends within 2% of the uncompressed run's evaluation loss with
 // top-k (ratio 0.1), random-k (0.5) and int8, and the progress line's push
-// bytes per step shrink by the expected factor. Figures:
-// docs/configuration.md, "Gradient compression".
+// bytes per step shrink by the expected factor. Compression also composes
+// with pipeline and tensor parallelism (each stage and tp rank compresses
+// its own part of the push) and with ASYNC mode: each of those ends within
+// 2% (5% for ASYNC, whose runs are not deterministic) of the same layout or
+// mode uncompressed. Figures: docs/configuration.md, "Gradient
+// compression".
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -16,7 +20,7 @@
 namespace lmps::testing {
 namespace {
 
-std::string Job(const std::string& compression) {
+std::string Job(const std::string& train_extra) {
   return absl::StrCat(R"(
 model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 32 }
 optimizer { type: SGD lr: 0.5 momentum: 0.9 warmup_steps: 2 }
@@ -24,7 +28,7 @@ max_chunk_bytes: 4096
 max_message_bytes: 2048
 train { batch_size: 8 steps: 200 eval_interval: 1000 eval_batches: 16
         sample_tokens: 0 checkpoint_interval: -1 )",
-                      compression, " }\n");
+                      train_extra, " }\n");
 }
 
 struct Result {
@@ -34,13 +38,17 @@ struct Result {
 
 // The last progress line: "step 200/200 | loss L | eval E | T tok/s | push
 // 56.6 kB | ETA --" (push: the last step's, all workers).
-Result RunJob(const std::string& name, const std::string& compression) {
+// `train_extra`: more fields of `train { }` (compression, mode); `flags`:
+// more lmps_local flags (the layout; the default is --workers=2).
+Result RunJob(const std::string& name, const std::string& train_extra,
+              std::vector<std::string> flags = {"--workers=2"}) {
   const std::string dir = TempDir(name);
-  WriteFile(dir + "/job.textproto", Job(compression));
-  CommandResult r = RunCommand(
-      {BinaryPath("launcher/lmps_local"), "--job=" + dir + "/job.textproto",
-       "--run_dir=" + dir + "/run", "--workers=2", "--shards=2"},
-      240);
+  WriteFile(dir + "/job.textproto", Job(train_extra));
+  std::vector<std::string> argv = {
+      BinaryPath("launcher/lmps_local"), "--job=" + dir + "/job.textproto",
+      "--run_dir=" + dir + "/run", "--shards=2"};
+  argv.insert(argv.end(), flags.begin(), flags.end());
+  CommandResult r = RunCommand(argv, 240);
   EXPECT_EQ(r.exit_code, 0) << r.output;
   Result out;
   const size_t line = r.output.rfind("step 200/200");
@@ -85,6 +93,36 @@ TEST(CompressionTest, LossWithinTwoPercentAndFewerBytes) {
     // ceil(ratio * n) per slice and int8's scales: a little above.
     EXPECT_GE(r.push_bytes, 0.99 * c.bytes_factor * none.push_bytes);
     EXPECT_LE(r.push_bytes, 1.05 * c.bytes_factor * none.push_bytes);
+  }
+}
+
+// Each case against the same layout and mode uncompressed.
+TEST(CompressionTest, WithPipelineTensorParallelismAndAsync) {
+  struct Case {
+    const char* name;
+    std::vector<std::string> flags;
+    const char* mode;         // extra train fields of both runs
+    const char* compression;  // of the compressed run
+    double tolerance;         // relative, of the eval loss
+  };
+  for (const Case& c : std::vector<Case>{
+           {"pp2_topk", {"--workers=1", "--pp=2"}, "",
+            "compression { kind: TOPK ratio: 0.1 }", 0.02},
+           {"dp2_tp2_int8", {"--workers=2", "--tp=2"}, "",
+            "compression { kind: QUANT_INT8 }", 0.02},
+           {"async_int8", {"--workers=2"}, "mode: ASYNC",
+            "compression { kind: QUANT_INT8 }", 0.05},
+       }) {
+    SCOPED_TRACE(c.name);
+    const Result none =
+        RunJob(absl::StrCat(c.name, "_none"), c.mode, c.flags);
+    ASSERT_TRUE(std::isfinite(none.eval));
+    ASSERT_LT(none.eval, 4.0f);  // it trained (ln 256 = 5.55)
+    const Result r = RunJob(c.name, absl::StrCat(c.mode, " ", c.compression),
+                            c.flags);
+    EXPECT_LT(std::fabs(r.eval - none.eval), c.tolerance * none.eval)
+        << r.eval << " vs " << none.eval;
+    EXPECT_LT(r.push_bytes, 0.3 * none.push_bytes);
   }
 }
 
