@@ -253,7 +253,8 @@ absl::Status Launcher::Reap() {
     if (restart_policy_.ChecksJobFailedFirst(c.name, RestartState())) {
       LMPS_RETURN_IF_ERROR(CheckNotFailed());
     }
-    switch (restart_policy_.Decide(c.name, c.restarts, RestartState())) {
+    switch (restart_policy_.Decide(c.name, c.restarts, RestartState(),
+                                   status->exit_code())) {
       case RestartAction::kRestartScheduler:
         std::printf("\nlmps: the scheduler %s; restarting it on %s (%d of %d); "
                     "the nodes rejoin it\n",

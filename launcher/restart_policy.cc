@@ -21,8 +21,16 @@ bool RestartPolicy::ChecksJobFailedFirst(const std::string& name,
 }
 
 RestartAction RestartPolicy::Decide(const std::string& name, int restarts,
-                                    const JobRestartState& job) const {
+                                    const JobRestartState& job,
+                                    int exit_code) const {
   if (job.interrupted) return RestartAction::kFail;
+  if (exit_code == kExitInvalidInput &&
+      (name == "scheduler" || IsShardNode(name))) {
+    // Invalid flags, configuration or input: it would fail the same way
+    // again. (Workers also exit with it, but a worker's InvalidArgument
+    // can come from a shard refusing one push: rules 3-8 decide for them.)
+    return RestartAction::kFail;
+  }
   if (name == "scheduler" && restarts < limits_.restart_scheduler) {
     // Its state is rebuilt from the nodes: they keep training and rejoin
     // the new scheduler on the same address.

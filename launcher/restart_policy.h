@@ -5,6 +5,10 @@
 // slot, an elastic extra or a spare), anything else ("export", "sample").
 // The rules, first match wins (none matches once interrupted: kFail):
 //
+//   0. the scheduler or a shard's node that exited with kExitInvalidInput
+//      (its flags, configuration or input, e.g. an --init_from file that
+//      does not fit the model, are invalid): kFail at once, since a restart,
+//      of it or of the job, would fail the same way;
 //   1. the scheduler, restarted up to --restart_scheduler times
 //      (kRestartScheduler): the nodes rejoin it;
 //   2. a shard's node of a replicated job (shard_backups = 1), restarted up
@@ -41,6 +45,10 @@
 #include <vector>
 
 namespace lmps {
+
+// The exit code of the daemons (scheduler, server, worker) when their flags,
+// configuration or input are invalid (an InvalidArgument error at start).
+inline constexpr int kExitInvalidInput = 2;
 
 // The limits, from lmps_local's flags of the same names.
 struct RestartLimits {
@@ -84,9 +92,10 @@ class RestartPolicy {
                             const JobRestartState& job) const;
 
   // What to do for process `name`, restarted `restarts` times so far,
-  // which exited with an error.
+  // which exited with an error: exit code `exit_code` (-1: killed by a
+  // signal).
   RestartAction Decide(const std::string& name, int restarts,
-                       const JobRestartState& job) const;
+                       const JobRestartState& job, int exit_code = 1) const;
 
   const RestartLimits& limits() const { return limits_; }
 

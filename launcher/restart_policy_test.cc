@@ -30,6 +30,23 @@ RestartLimits Limits() {
   return limits;
 }
 
+TEST(RestartPolicyTest, InvalidInputOfTheSchedulerOrAShardIsNotRestarted) {
+  const RestartPolicy policy(Limits());
+  JobRestartState job;
+  for (const char* name : {"scheduler", "server-0", "backup-1"}) {
+    EXPECT_EQ(policy.Decide(name, 0, job, kExitInvalidInput), A::kFail)
+        << name;
+  }
+  job.replicated = true;
+  EXPECT_EQ(policy.Decide("server-0", 0, job, kExitInvalidInput), A::kFail);
+  // Other exits are restarted as before; workers are replaced whatever
+  // their code.
+  EXPECT_EQ(policy.Decide("server-0", 0, job, 1), A::kRestartAsBackup);
+  EXPECT_EQ(policy.Decide("scheduler", 0, job, -1), A::kRestartScheduler);
+  EXPECT_EQ(policy.Decide("worker-0", 0, job, kExitInvalidInput),
+            A::kReplaceWorker);
+}
+
 TEST(RestartPolicyTest, SchedulerRestartsUpToItsLimit) {
   const RestartPolicy policy(Limits());
   const JobRestartState job;

@@ -320,6 +320,15 @@ class Daemon {
     }
     absl::StatusOr<std::unique_ptr<ParameterShard>> shard =
         ParameterShard::Create(std::move(so));
+    if (!shard.ok() && a.start_step() == 0) {
+      // Initialising (not resuming) depends only on the job spec and
+      // --init_from: the same start would fail the same way, so it is
+      // invalid input (server_main exits with 2 and lmps_local does not
+      // restart the job for it).
+      return absl::InvalidArgumentError(
+          absl::StrCat("cannot initialise the shard: ",
+                       shard.status().ToString()));
+    }
     if (!shard.ok()) return shard.status();
     shard_ = std::move(*shard);
     if (a.spec().layout().shard_backups() > 0) {

@@ -134,6 +134,10 @@ int main(int argc, char** argv) {
     }
   }).detach();
 
+  // 2 (lmps_local's kExitInvalidInput) for an invalid configuration or
+  // input, e.g. an --init_from file that does not fit the model: restarting
+  // would fail the same way.
   const absl::Status status = lmps::RunParameterServer(options, stop);
-  return status.ok() ? 0 : 1;
+  if (status.ok()) return 0;
+  return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
 }

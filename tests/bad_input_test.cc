@@ -67,6 +67,26 @@ TEST(BadInputTest, ServerGivesUpOnAMissingScheduler) {
   EXPECT_TRUE(Contains(r.output, "127.0.0.1:1")) << r.output;
 }
 
+// A shard that cannot initialise (an --init_from file that does not
+// exist) fails the same way on every start: lmps_local stops at once,
+// naming the file, instead of restarting the job.
+TEST(BadInputTest, AShardThatCannotInitialiseIsNotRestarted) {
+  const std::string dir = TempDir("init_from_missing");
+  WriteFile(dir + "/job.textproto",
+            "model { n_layer: 1 n_head: 2 n_embd: 16 block_size: 16 }\n"
+            "train { batch_size: 2 steps: 5 }\n");
+  CommandResult r = RunCommand(
+      {BinaryPath("launcher/lmps_local"), "--job=" + dir + "/job.textproto",
+       "--run_dir=" + dir + "/run", "--workers=1", "--shards=1",
+       "--server_args=--init_from=" + dir + "/missing.safetensors"},
+      120);
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_FALSE(r.timed_out);
+  EXPECT_TRUE(Contains(r.output, "server-0 exited with status 2")) << r.output;
+  EXPECT_TRUE(Contains(r.output, "missing.safetensors")) << r.output;
+  EXPECT_FALSE(Contains(r.output, "restarting the job")) << r.output;
+}
+
 TEST(BadInputTest, AJobThatNeverAssemblesNamesWhatIsMissing) {
   const std::string dir = TempDir("assemble");
   WriteFile(dir + "/job.textproto", "layout { dp: 2 num_shards: 1 }\n");
