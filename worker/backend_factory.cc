@@ -1,8 +1,10 @@
 #include "worker/backend_factory.h"
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "worker/backend/cpu_backend.h"
+#include "worker/backend/sim_backend.h"
 #ifdef LMPS_HAVE_CUDA
 #include <dlfcn.h>
 #include <errno.h>  // program_invocation_name
@@ -99,6 +101,20 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(
     if (!cpu.ok()) return cpu.status();
     return std::unique_ptr<Backend>(std::move(*cpu));
   }
+  if (absl::StartsWith(name, "sim:")) {
+    // A simulated device of the given TFLOP/s (bench/gpu_sim.sh).
+    double tflops = 0;
+    if (!absl::SimpleAtod(name.substr(4), &tflops)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("backend '", name, "': expected sim:TFLOPS"));
+    }
+    SimBackendOptions options;
+    options.flops_per_second = tflops * 1e12;
+    absl::StatusOr<std::unique_ptr<SimBackend>> sim =
+        SimBackend::Create(options);
+    if (!sim.ok()) return sim.status();
+    return std::unique_ptr<Backend>(std::move(*sim));
+  }
   if (name == "cuda" || absl::StartsWith(name, "cuda:")) {
 #ifdef LMPS_HAVE_CUDA
     CudaPluginArgs args;
@@ -127,7 +143,8 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(
 #endif
   }
   return absl::InvalidArgumentError(absl::StrCat(
-      "unknown backend '", name, "'; valid: cpu, cuda, cuda:N"));
+      "unknown backend '", name,
+                   "'; valid: cpu, cuda, cuda:N, sim:TFLOPS"));
 }
 
 }  // namespace lmps

@@ -1,5 +1,7 @@
-// Chooses a worker's compute backend from its --backend flag: "cpu", or
-// "cuda" / "cuda:N" where this build has the CUDA backend. Asking for a
+// Chooses a worker's compute backend from its --backend flag: "cpu",
+// "cuda" / "cuda:N" where this build has the CUDA backend, or "sim:TFLOPS",
+// a simulated device of that throughput that computes nothing
+// (worker/backend/sim_backend.h; communication benchmarks only). Asking for a
 // backend this machine cannot run fails at start with a clear message.
 //
 // cuda_matmul (--cuda_matmul) is the CUDA backend's matrix-product input

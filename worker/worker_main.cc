@@ -30,7 +30,8 @@
 #include "worker/worker_daemon.h"
 
 ABSL_FLAG(std::string, scheduler, "", "scheduler address host:port (required)");
-ABSL_FLAG(std::string, backend, "cpu", "compute backend: cpu, or cuda[:N]");
+ABSL_FLAG(std::string, backend, "cpu", "compute backend: cpu, cuda[:N], or sim:TFLOPS (a simulated "
+          "device that computes nothing: bench/gpu_sim.sh)");
 ABSL_FLAG(std::string, cuda_backend_lib, "",
           "lmps_worker_cuda: path of liblmps_cuda_backend.so (default: beside "
           "the binary, in its runfiles, then LD_LIBRARY_PATH)");
