@@ -226,6 +226,10 @@ absl::Status ParameterShard::InitFromSafetensors() {
                         absl::StrCat("initial weights: ",
                                      weights.status().message()));
   }
+  if (options_.log && !weights->adaptations().empty()) {
+    options_.log(absl::StrCat("initial weights ", weights->path(), ": ",
+                              absl::StrJoin(weights->adaptations(), "; ")));
+  }
   for (Chunk& c : chunks_) {
     weights->CopyRange(tensor_index_.at(c.desc.tensor()), c.desc.begin(),
                        c.desc.end(), c.params.data());

@@ -65,12 +65,20 @@ def read_safetensors(path):
 
 
 def write_safetensors(path, tensors, metadata):
-    """tensors: {name: tensor (float32 or bool)}, written in name order."""
+    """tensors: {name: tensor (float32, bfloat16, float16 or bool)}, written in
+    name order."""
     header, chunks, offset = {"__metadata__": metadata}, [], 0
+    names = {torch.bool: "BOOL", torch.float32: "F32", torch.bfloat16: "BF16",
+             torch.float16: "F16"}
     for name in sorted(tensors):
         t = tensors[name].contiguous()
-        dtype = "BOOL" if t.dtype == torch.bool else "F32"
-        raw = (t.to(torch.uint8) if dtype == "BOOL" else t).numpy().tobytes()
+        dtype = names[t.dtype]
+        if dtype == "BOOL":
+            raw = t.to(torch.uint8).numpy().tobytes()
+        elif dtype in ("BF16", "F16"):
+            raw = t.view(torch.int16).numpy().tobytes()
+        else:
+            raw = t.numpy().tobytes()
         header[name] = {"dtype": dtype, "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(raw)]}
         chunks.append(raw)
@@ -332,6 +340,42 @@ def part_b(bin_dir, work, text, tokens):
               f"are bit-identical; lmps_eval {trained:.8f} |diff| {abs(trained - ref):.2e}",
               flush=True)
         check(trained == direct, (trained, direct))
+    # Half precision, a shorter context and a padded vocabulary: the
+    # checkpoint in BF16 and F16 (n_positions 32, 256 tokens) into a job with
+    # block_size 16 and vocab_size 320 over 3 shards. The parameters are
+    # the widened values, wpe's first 16 rows and wte's 256 rows then 64
+    # zero rows.
+    for half in (torch.bfloat16, torch.float16):
+        hf = os.path.join(work, f"b_{half}".replace("torch.", ""))
+        os.makedirs(hf)
+        write_safetensors(os.path.join(hf, "model.safetensors"),
+                          {"transformer." + n: t.to(half) for n, t in params.items()},
+                          {"format": "pt"})
+        json.dump(hf_config(cfg), open(os.path.join(hf, "config.json"), "w"), indent=2)
+        job = dict(cfg, n_positions=16, vocab_size=320)
+        run_dir, _ = lmps_local(bin_dir, work, os.path.basename(hf) + "_run",
+                                job_file(work, os.path.basename(hf), job, 1, optimizer),
+                                [f"--server_args=--init_from={hf}"])
+        exported, _, _ = read_safetensors(os.path.join(run_dir, "model.safetensors"))
+        for n, t in params.items():
+            want = t.to(half).to(torch.float32)
+            want = want.T if n in conv else want
+            if n == "wpe.weight":
+                want = want[:16]
+            got = exported[n]
+            if n == "wte.weight":
+                # The padding rows start at 0; the job's one step (lr 1e-30)
+                # moves them to ~1e-32, which fp32 holds, unlike the others.
+                pad = got[256:].abs().max().item()
+                check(got.shape[0] == 320 and pad < 1e-20, f"{half} wte padding: {pad}")
+                got = got[:256]
+            check(torch.equal(got, want),
+                  f"{half} {n}: {tuple(got.shape)} vs {tuple(want.shape)}")
+        logs = open(os.path.join(run_dir, "logs", "server-0.log"), errors="replace").read()
+        check("the first 16 of its 32 positions" in logs and "then 64 zero rows" in logs,
+              f"the shard's log does not say how the file was fitted:\n{logs[-2000:]}")
+        print(f"(b) hf -> lmps, {half}: widened exactly, wpe cropped to 16 positions, "
+              f"wte padded to 320 tokens", flush=True)
     # A job whose model is not the checkpoint's: n_head 2, config.json says 4.
     wrong = dict(cfg, n_head=2)
     _, out = lmps_local(bin_dir, work, "b_wrong", job_file(work, "b_wrong", wrong, 1, optimizer),

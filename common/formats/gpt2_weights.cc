@@ -38,17 +38,28 @@ int64_t LayerOf(absl::string_view name) {
   return l;
 }
 
-// What differs between two models, e.g. "n_head 4 vs 2"; empty if nothing.
-std::string ModelDifferences(const ModelConfig& a, const ModelConfig& b) {
+// What differs between the file's model and the job's, e.g. "n_head 4 vs
+// 2"; empty if nothing. A shorter context (block_size <= the file's: the
+// first rows of wpe) and a larger vocabulary (vocab_size >= the file's: wte
+// padded with zero rows) are not differences.
+std::string ModelDifferences(const ModelConfig& file, const ModelConfig& job) {
   std::vector<std::string> diffs;
   auto cmp = [&](const char* name, int32_t x, int32_t y) {
     if (x != y) diffs.push_back(absl::StrCat(name, " ", x, " vs ", y));
   };
-  cmp("n_layer", a.n_layer(), b.n_layer());
-  cmp("n_head", a.n_head(), b.n_head());
-  cmp("n_embd", a.n_embd(), b.n_embd());
-  cmp("block_size", a.block_size(), b.block_size());
-  cmp("vocab_size", a.vocab_size(), b.vocab_size());
+  cmp("n_layer", file.n_layer(), job.n_layer());
+  cmp("n_head", file.n_head(), job.n_head());
+  cmp("n_embd", file.n_embd(), job.n_embd());
+  if (file.block_size() < job.block_size()) {
+    diffs.push_back(absl::StrCat("block_size ", file.block_size(), " vs ",
+                                 job.block_size(),
+                                 ": the file has fewer positions"));
+  }
+  if (file.vocab_size() > job.vocab_size()) {
+    diffs.push_back(absl::StrCat("vocab_size ", file.vocab_size(), " vs ",
+                                 job.vocab_size(),
+                                 ": the file has more tokens"));
+  }
   return absl::StrJoin(diffs, ", ");
 }
 
@@ -77,6 +88,7 @@ absl::StatusOr<Gpt2File> ReadGpt2File(const std::string& path) {
   }
   SafetensorsReadOptions options;
   options.list_other_dtypes = true;
+  options.widen_half = true;
   absl::StatusOr<SafetensorsContents> contents =
       ReadSafetensorsFile(file, options);
   if (!contents.ok()) return contents.status();
@@ -179,10 +191,18 @@ absl::StatusOr<Gpt2Weights> Gpt2Weights::Create(Gpt2File file,
     used.insert(n);
     if (other.count(n) > 0) {
       return invalid("tensor '", n, "' has dtype ", other[n],
-                     "; lmps reads F32 parameters only");
+                     "; lmps reads F32, F16 and BF16 parameters");
     }
     const SafeTensor& t = c.tensors[f32[n]];
-    if (t.shape != want) {
+    // wpe may have more rows (positions) than the job uses, wte fewer rows
+    // (tokens) than its padded vocabulary: the same columns, rows read
+    // from the front, the rest zero.
+    const bool rows_may_differ =
+        (spec.name == "wpe.weight" || spec.name == "wte.weight") &&
+        t.shape.size() == 2 && want.size() == 2 && t.shape[1] == want[1] &&
+        (spec.name == "wpe.weight" ? t.shape[0] > want[0]
+                                   : t.shape[0] < want[0]);
+    if (t.shape != want && !rows_may_differ) {
       const bool conv = hf && IsHfConv1DWeight(spec.name);
       return invalid("tensor '", n, "' has shape ", ShapeString(t.shape),
                      "; the job's model (", ModelConfigSummary(model),
@@ -192,7 +212,23 @@ absl::StatusOr<Gpt2Weights> Gpt2Weights::Create(Gpt2File file,
                          ? " (lmps's matrices are out x in)"
                          : "");
     }
-    w.sources_.push_back({f32[n], hf && IsHfConv1DWeight(spec.name)});
+    const int64_t rows = std::min(t.shape.empty() ? 0 : t.shape[0],
+                                  want.empty() ? 0 : want[0]);
+    if (rows_may_differ && spec.name == "wpe.weight") {
+      w.adaptations_.push_back(
+          absl::StrCat(n, ": the first ", rows, " of its ", t.shape[0],
+                       " positions (block_size ", model.block_size(), ")"));
+    } else if (rows_may_differ) {
+      w.adaptations_.push_back(absl::StrCat(
+          n, ": its ", t.shape[0], " tokens, then ", want[0] - t.shape[0],
+          " zero rows (vocab_size ", model.vocab_size(), ")"));
+    }
+    if (t.dtype != "F32") {
+      w.adaptations_.push_back(absl::StrCat(n, ": ", t.dtype, " widened to F32"));
+    }
+    w.sources_.push_back({f32[n], hf && IsHfConv1DWeight(spec.name),
+                          rows_may_differ ? rows * want[1]
+                                          : spec.num_elements()});
   }
 
   // Everything else: attention buffers and a tied lm_head are fine.
@@ -207,7 +243,7 @@ absl::StatusOr<Gpt2Weights> Gpt2Weights::Create(Gpt2File file,
     if (hf && n == "lm_head.weight") {
       if (other.count(n) > 0) {
         return invalid("tensor 'lm_head.weight' has dtype ", other[n],
-                       "; lmps reads F32 parameters only");
+                       "; lmps reads F32, F16 and BF16 parameters");
       }
       const SafeTensor& head = c.tensors[f32[n]];
       if (head.shape != wte.shape || head.data != wte.data) {
@@ -268,7 +304,10 @@ void Gpt2Weights::CopyRange(size_t i, int64_t begin, int64_t end,
   const Source& s = sources_[i];
   const std::vector<float>& data = file_.contents.tensors[s.tensor].data;
   if (!s.transposed) {
-    std::copy(data.begin() + begin, data.begin() + end, out);
+    // Elements past the file's (wte padding rows) are zero.
+    const int64_t split = std::clamp(s.file_elements, begin, end);
+    std::copy(data.begin() + begin, data.begin() + split, out);
+    std::fill(out + (split - begin), out + (end - begin), 0.0f);
     return;
   }
   // lmps's (r, c) of an out x in matrix is the file's (c, r) of in x out.

@@ -62,12 +62,18 @@ class Gpt2Weights {
  public:
   // Maps `file`'s tensors onto the tensors of `model` (GptTensorSpecs
   // order). Errors name the file and the tensor:
+  // Two differences are allowed, as nanoGPT's crop_block_size and llm.c's
+  // vocabulary padding do (see adaptations()): a job block_size below the
+  // file's (wpe's first block_size rows are used) and a job vocab_size above
+  // the file's (wte's extra rows are zero: e.g. GPT-2's 50257 tokens in a
+  // model padded to 50304).
   //   NotFound: a tensor of the model is missing (named as the layout names
   //     it);
   //   InvalidArgument: the file's config (metadata or config.json) differs
   //     from `model`; a tensor's shape differs from the one `model` needs in
   //     the file's layout (both shapes named); a model tensor of a dtype
-  //     other than F32; a tensor present both with and without the prefix;
+  //     other than F32, F16 or BF16 (those two are widened exactly); a
+  //     tensor present both with and without the prefix;
   //     lm_head.weight not equal to wte.weight; tensors `model` does not
   //     have (e.g. layers beyond n_layer).
   static absl::StatusOr<Gpt2Weights> Create(Gpt2File file,
@@ -83,6 +89,12 @@ class Gpt2Weights {
   const ModelConfig& model() const { return model_; }
   const std::vector<TensorSpec>& specs() const { return specs_; }
 
+  // How the file was fitted to the model, one line per tensor concerned
+  // (empty when it matched exactly): "wpe.weight: the first 64 of its 1024
+  // positions (block_size 64)", "wte.weight: its 50257 tokens, then 47 zero
+  // rows (vocab_size 50304)", "h.0.ln_1.weight: BF16 widened to F32".
+  const std::vector<std::string>& adaptations() const { return adaptations_; }
+
   // Elements [begin, end) of tensor specs()[i] in lmps's layout (row-major,
   // matrices out x in), copied to out[0, end - begin). Requires
   // 0 <= begin <= end <= specs()[i].num_elements().
@@ -95,6 +107,9 @@ class Gpt2Weights {
   struct Source {
     size_t tensor = 0;        // index in file_.contents.tensors
     bool transposed = false;  // stored in x out: lmps's (r, c) is (c, r)
+    // Elements of lmps's tensor the file provides (a prefix); the rest are
+    // zero (wte's padding rows). Not transposed when below the total.
+    int64_t file_elements = 0;
   };
 
   Gpt2Weights() = default;
@@ -104,6 +119,7 @@ class Gpt2Weights {
   Gpt2Layout layout_ = Gpt2Layout::kLmps;
   std::vector<TensorSpec> specs_;
   std::vector<Source> sources_;  // per spec
+  std::vector<std::string> adaptations_;
 };
 
 }  // namespace lmps

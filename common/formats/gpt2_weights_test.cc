@@ -263,16 +263,112 @@ TEST(Gpt2WeightsTest, MismatchesNameTheTensorAndBothShapes) {
   t.push_back(F32(head));
   ExpectError(LoadRaw(dir, t, c), absl::StatusCode::kInvalidArgument,
               {"lm_head.weight", "ties"});
-  // A parameter in half precision.
+  // A parameter in double precision (half precision is widened: below).
   t = Hf(c, lmps, true);
-  t[2] = {t[2].name, "F16", t[2].shape, std::string(2 * 4, '\0')};
+  t[2] = {t[2].name, "F64", t[2].shape, std::string(8 * 4, '\0')};
   ExpectError(LoadRaw(dir, t, c), absl::StatusCode::kInvalidArgument,
-              {t[2].name, "F16", "F32"});
+              {t[2].name, "F64", "F32, F16 and BF16"});
+  // A job with a longer context than the file's wpe, or a smaller
+  // vocabulary than its wte.
+  ModelConfig longer = c;
+  longer.set_block_size(4);
+  ExpectError(LoadRaw(dir, Hf(c, lmps, true), longer),
+              absl::StatusCode::kInvalidArgument,
+              {"transformer.wpe.weight", "[3, 4]", "[4, 4]"});
+  ModelConfig fewer = c;
+  fewer.set_vocab_size(4);
+  ExpectError(LoadRaw(dir, Hf(c, lmps, true), fewer),
+              absl::StatusCode::kInvalidArgument,
+              {"transformer.wte.weight", "[5, 4]", "[4, 4]"});
   // A stray tensor.
   t = Hf(c, lmps, false);
   t.push_back(F32({"score.weight", {2, 4}, std::vector<float>(8)}));
   ExpectError(LoadRaw(dir, t, c), absl::StatusCode::kInvalidArgument,
               {"score.weight"});
+}
+
+// F16 and BF16 parameters are widened exactly; a job with a shorter context
+// reads wpe's first rows, one with a padded vocabulary gets zero rows after
+// the file's tokens (also when config.json says the file's sizes).
+TEST(Gpt2WeightsTest, HalfPrecisionShorterContextAndPaddedVocabulary) {
+  const ModelConfig c = Small();  // block_size 3, vocab_size 5
+  std::vector<SafeTensor> lmps = Lmps(c);
+  // Values every half format holds exactly: k / 64, |k| < 64.
+  for (SafeTensor& t : lmps) {
+    for (size_t i = 0; i < t.data.size(); ++i) {
+      t.data[i] = static_cast<float>(static_cast<int>(i % 97) - 48) / 64;
+    }
+  }
+  const std::string dir = Dir("half");
+  WriteText(dir + "/config.json", HfGpt2ConfigJson(c));
+  for (const char* dtype : {"F16", "BF16"}) {
+    SCOPED_TRACE(dtype);
+    std::vector<RawTensor> t = Hf(c, lmps, true);
+    for (RawTensor& r : t) {
+      std::vector<float> v(r.bytes.size() / 4);
+      std::memcpy(v.data(), r.bytes.data(), r.bytes.size());
+      std::string half(2 * v.size(), '\0');
+      for (size_t i = 0; i < v.size(); ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, &v[i], 4);
+        // Exact for these values: BF16 is the upper half; F16 rebiases.
+        uint16_t h = static_cast<uint16_t>(bits >> 16);
+        if (std::string(dtype) == "F16") {
+          const uint32_t sign = (bits >> 16) & 0x8000u;
+          const int e = static_cast<int>((bits >> 23) & 0xff) - 127 + 15;
+          h = v[i] == 0 ? static_cast<uint16_t>(sign)
+                        : static_cast<uint16_t>(sign | (e << 10) |
+                                                ((bits >> 13) & 0x3ff));
+        }
+        std::memcpy(half.data() + 2 * i, &h, 2);
+      }
+      r.dtype = dtype;
+      r.bytes = half;
+    }
+    auto w = LoadRaw(dir, t, c);
+    ASSERT_TRUE(w.ok()) << w.status();
+    EXPECT_TRUE(BitEqual(w->Flat(), Flatten(lmps)));
+    ASSERT_FALSE(w->adaptations().empty());
+    EXPECT_NE(w->adaptations()[0].find(absl::StrCat(dtype, " widened to F32")),
+              std::string::npos)
+        << w->adaptations()[0];
+  }
+  // block_size 2 of the file's 3, vocab_size 7 for the file's 5.
+  ModelConfig job = c;
+  job.set_block_size(2);
+  job.set_vocab_size(7);
+  auto w = LoadRaw(dir, Hf(c, lmps, true), job);
+  ASSERT_TRUE(w.ok()) << w.status();
+  const std::vector<TensorSpec> specs = GptTensorSpecs(job);
+  ASSERT_EQ(specs[0].name, "wte.weight");
+  ASSERT_EQ(specs[1].name, "wpe.weight");
+  std::vector<float> wte(7 * 4), wpe(2 * 4);
+  w->CopyRange(0, 0, 28, wte.data());
+  w->CopyRange(1, 0, 8, wpe.data());
+  std::vector<float> want_wte = lmps[0].data;  // 5 rows, then 2 zero rows
+  want_wte.resize(28, 0.0f);
+  EXPECT_TRUE(BitEqual(wte, want_wte));
+  EXPECT_TRUE(BitEqual(wpe, std::vector<float>(lmps[1].data.begin(),
+                                               lmps[1].data.begin() + 8)));
+  // A range inside the padding, and one across its start.
+  std::vector<float> part(6);
+  w->CopyRange(0, 18, 24, part.data());
+  EXPECT_TRUE(BitEqual(part, std::vector<float>{lmps[0].data[18],
+                                                lmps[0].data[19], 0, 0, 0,
+                                                0}));
+  ASSERT_EQ(w->adaptations().size(), 2u);
+  EXPECT_EQ(w->adaptations()[0],
+            "transformer.wte.weight: its 5 tokens, then 2 zero rows "
+            "(vocab_size 7)");
+  EXPECT_EQ(w->adaptations()[1],
+            "transformer.wpe.weight: the first 2 of its 3 positions "
+            "(block_size 2)");
+  // The rest of the model is unchanged.
+  std::vector<float> flat = w->Flat();
+  std::vector<float> rest(flat.begin() + 28 + 8, flat.end());
+  std::vector<float> lmps_flat = Flatten(lmps);
+  EXPECT_TRUE(BitEqual(rest, std::vector<float>(lmps_flat.begin() + 20 + 12,
+                                                lmps_flat.end())));
 }
 
 TEST(Gpt2WeightsTest, TheFilesConfigMustBeTheJobs) {

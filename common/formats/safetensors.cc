@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/model/bf16.h"
 #include "nlohmann/json.hpp"
 
 namespace lmps {
@@ -350,7 +351,8 @@ absl::StatusOr<SafetensorsContents> ParseSafetensors(
   struct Entry {
     int64_t begin, end;
     size_t index;
-    std::string other_dtype;  // empty: F32
+    std::string other_dtype;  // empty: F32 or a widened half
+    std::string dtype;        // as in the file
   };
   std::vector<Entry> entries;
   std::set<std::string> names;
@@ -401,7 +403,9 @@ absl::StatusOr<SafetensorsContents> ParseSafetensors(
                      absl::StrCat("tensor '", name, "': dtype is not a string"));
     }
     const int element_bytes = DtypeBytes(dtype->str);
-    if (dtype->str != "F32" &&
+    const bool widen =
+        options.widen_half && (dtype->str == "F16" || dtype->str == "BF16");
+    if (dtype->str != "F32" && !widen &&
         (!options.list_other_dtypes || element_bytes == 0)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "safetensors file ", source, ": tensor '", name, "' has dtype ",
@@ -453,7 +457,8 @@ absl::StatusOr<SafetensorsContents> ParseSafetensors(
                                           " bytes (truncated file?)"));
     }
     entries.push_back({begin, end, out.tensors.size(),
-                       dtype->str == "F32" ? "" : dtype->str});
+                       dtype->str == "F32" || widen ? "" : dtype->str,
+                       dtype->str});
     out.tensors.push_back(std::move(t));
   }
   // The tensors must tile the data buffer exactly.
@@ -478,9 +483,20 @@ absl::StatusOr<SafetensorsContents> ParseSafetensors(
                             std::move(t.shape)});
       continue;
     }
-    t.data.resize((e.end - e.begin) / 4);
-    if (!t.data.empty()) {
-      std::memcpy(t.data.data(), data.data() + e.begin, e.end - e.begin);
+    t.dtype = e.dtype;
+    if (e.dtype == "F32") {
+      t.data.resize((e.end - e.begin) / 4);
+      if (!t.data.empty()) {
+        std::memcpy(t.data.data(), data.data() + e.begin, e.end - e.begin);
+      }
+    } else {  // F16 or BF16, widened
+      t.data.resize((e.end - e.begin) / 2);
+      const char* src = data.data() + e.begin;
+      for (size_t i = 0; i < t.data.size(); ++i) {
+        uint16_t h;
+        std::memcpy(&h, src + 2 * i, 2);
+        t.data[i] = e.dtype == "BF16" ? Bf16BitsToFloat(h) : HalfBitsToFloat(h);
+      }
     }
     ordered.push_back(std::move(t));
   }
@@ -491,6 +507,31 @@ absl::StatusOr<SafetensorsContents> ParseSafetensors(
   }
   out.tensors = std::move(ordered);
   return out;
+}
+
+float HalfBitsToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  uint32_t mantissa = h & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0x1f) {  // Inf or NaN (the payload kept, NaN stays NaN)
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else if (exponent != 0) {  // normal: rebias 15 -> 127
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {  // +-0
+    bits = sign;
+  } else {  // subnormal: m * 2^-24, normalised
+    int e = -1;
+    do {
+      ++e;
+      mantissa <<= 1;
+    } while ((mantissa & 0x400u) == 0);
+    bits = sign | static_cast<uint32_t>(112 - e) << 23 |
+           ((mantissa & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
 }
 
 absl::Status WriteSafetensorsFile(

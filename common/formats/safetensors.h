@@ -1,5 +1,6 @@
 // Reading and writing safetensors files (https://github.com/huggingface/
-// safetensors), restricted to fp32 tensors:
+// safetensors), restricted to fp32 tensors (F16 and BF16 are widened to fp32
+// when asked):
 //
 //   [8 bytes]  N, little-endian uint64: length of the JSON header
 //   [N bytes]  JSON object, space-padded to a multiple of 8 bytes:
@@ -43,6 +44,9 @@ struct SafeTensor {
   std::string name;
   std::vector<int64_t> shape;
   std::vector<float> data;  // row-major, product(shape) elements
+  // The dtype in the file read: "F32", or "F16"/"BF16" widened to fp32
+  // (SafetensorsReadOptions::widen_half). The writer always writes F32.
+  std::string dtype = "F32";
 };
 
 // A tensor of a dtype other than F32, listed but not decoded.
@@ -57,6 +61,10 @@ struct SafetensorsReadOptions {
   // true: such a tensor (of a dtype of the safetensors specification) is
   // validated like the others and listed in SafetensorsContents::others.
   bool list_other_dtypes = false;
+  // true: F16 and BF16 tensors are decoded into SafetensorsContents::tensors
+  // as fp32 (exactly: every half-precision value is a float; NaN stays NaN,
+  // +-Inf stay +-Inf), with SafeTensor::dtype saying which they were.
+  bool widen_half = false;
 };
 
 struct SafetensorsContents {
@@ -74,6 +82,10 @@ struct SafetensorsContents {
 absl::StatusOr<std::string> SerializeSafetensors(
     const std::vector<SafeTensor>& tensors,
     const std::map<std::string, std::string>& metadata = {});
+
+// The fp32 value of an IEEE binary16 (F16), exact (subnormals, +-Inf and NaN
+// included).
+float HalfBitsToFloat(uint16_t h);
 
 // Parses and validates the bytes of a safetensors file. `source` names the
 // bytes in error messages (e.g. the path).

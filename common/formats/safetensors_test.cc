@@ -1,5 +1,6 @@
 #include "common/formats/safetensors.h"
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -212,6 +213,65 @@ TEST(SafetensorsTest, OtherDtypesAreListedWhenAsked) {
           Floats({1})),
       "f.safetensors", options);
   EXPECT_EQ(unknown.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Every one of the 65536 F16 bit patterns against the definition
+// (-1)^s * 2^(e-15) * 1.m, subnormals 2^-14 * 0.m, e = 31 Inf/NaN.
+TEST(SafetensorsTest, HalfBitsToFloatIsExactForEveryPattern) {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const int sign = (h >> 15) & 1, e = (h >> 10) & 31, m = h & 1023;
+    const float got = HalfBitsToFloat(static_cast<uint16_t>(h));
+    if (e == 31) {
+      if (m == 0) {
+        EXPECT_TRUE(std::isinf(got) && std::signbit(got) == sign) << h;
+      } else {
+        EXPECT_TRUE(std::isnan(got)) << h;
+      }
+      continue;
+    }
+    const double want = (sign ? -1.0 : 1.0) *
+                        (e == 0 ? std::ldexp(m, -24)
+                                : std::ldexp(1024 + m, e - 25));
+    EXPECT_EQ(static_cast<double>(got), want) << h;
+    EXPECT_EQ(std::signbit(got), sign == 1) << h;
+  }
+}
+
+// F16 and BF16 tensors are decoded to fp32 when asked, their dtype kept;
+// otherwise they are refused (or listed) as before.
+TEST(SafetensorsTest, HalfPrecisionIsWidenedWhenAsked) {
+  // F16 [2]: 1.5 (0x3e00), -2^-24 (0x8001); BF16 [2]: 1.0 (0x3f80), -3.0
+  // (0xc040); then an F32 [1].
+  std::string data;
+  for (uint16_t v : {0x3e00, 0x8001, 0x3f80, 0xc040}) {
+    data.append(reinterpret_cast<const char*>(&v), 2);
+  }
+  data += Floats({7});
+  const std::string bytes = Raw(
+      "{\"h\":{\"dtype\":\"F16\",\"shape\":[2],\"data_offsets\":[0,4]},"
+      "\"b\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[4,8]},"
+      "\"f\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}",
+      data);
+  EXPECT_FALSE(ParseSafetensors(bytes, "f.safetensors").ok());
+  SafetensorsReadOptions options;
+  options.widen_half = true;
+  auto parsed = ParseSafetensors(bytes, "f.safetensors", options);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  ASSERT_EQ(parsed->tensors.size(), 3u);
+  EXPECT_EQ(parsed->tensors[0].dtype, "F16");
+  EXPECT_EQ(parsed->tensors[0].data,
+            (std::vector<float>{1.5f, -std::ldexp(1.0f, -24)}));
+  EXPECT_EQ(parsed->tensors[1].dtype, "BF16");
+  EXPECT_EQ(parsed->tensors[1].data, (std::vector<float>{1.0f, -3.0f}));
+  EXPECT_EQ(parsed->tensors[2].dtype, "F32");
+  EXPECT_EQ(parsed->tensors[2].data, std::vector<float>{7});
+  EXPECT_TRUE(parsed->others.empty());
+  // Sizes are still checked: F16 [3] needs 6 bytes.
+  auto bad = ParseSafetensors(
+      Raw("{\"h\":{\"dtype\":\"F16\",\"shape\":[3],\"data_offsets\":[0,4]}}",
+          Floats({1})),
+      "f.safetensors", options);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kDataLoss) << bad.status();
 }
 
 // The JSON header parser (nlohmann/json's SAX parser) on hostile input:
