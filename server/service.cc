@@ -1,6 +1,7 @@
 #include "server/service.h"
 
 #include <chrono>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -105,7 +106,9 @@ class ParameterServerService::PushReactor
 };
 
 // ---------------------------------------------------------------------------
-// Pull: wait for the version on the wait pool, then stream the messages.
+// Pull: wait for the version on the wait pool, then stream the messages,
+// each encoded from the parameters on the work pool while the one before it
+// is being written (two buffers), so a pull holds at most two messages.
 // ---------------------------------------------------------------------------
 
 class ParameterServerService::PullReactor
@@ -113,51 +116,125 @@ class ParameterServerService::PullReactor
  public:
   PullReactor(ParameterServerService* service, Target target,
               grpc::CallbackServerContext* context, const PullRequest* request)
-      : target_(target), request_(request), deadline_(CallDeadline(*context)) {
-    service->wait_pool_->Schedule([this] { Run(); });
+      : service_(service),
+        target_(target),
+        request_(request),
+        deadline_(CallDeadline(*context)) {
+    service->wait_pool_->Schedule([this] { Start(); });
   }
 
   void OnWriteDone(bool ok) override {
-    if (!ok) {
-      Finish(grpc::Status(grpc::StatusCode::CANCELLED,
-                          "pull stream broken by the client"));
-      return;
+    Actions next;
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      ++written_;
+      if (!ok && error_.ok()) {
+        error_ = grpc::Status(grpc::StatusCode::CANCELLED,
+                              "pull stream broken by the client");
+      }
+      next = PumpLocked();
     }
-    messages_[next_ - 1].Clear();  // sent: release its payload
-    NextWrite();
+    Run(next);
   }
 
   void OnDone() override { delete this; }
 
  private:
-  void Run() {
+  // What to start once mu_ is released (gRPC may run a reaction inline, and
+  // OnDone deletes this).
+  struct Actions {
+    PullResponse* write = nullptr;
+    int64_t encode = -1;
+    std::optional<grpc::Status> finish;
+  };
+
+  // On the wait pool: the read rule's wait, then the plan.
+  void Start() {
+    absl::StatusOr<ParameterShard::PullPlan> plan;
     if (absl::Status serving = target_.Serving(); !serving.ok()) {
-      Finish(ToGrpcStatus(serving));
-      return;
+      plan = serving;
+    } else {
+      plan = target_.shard->StartPull(*request_, deadline_);
     }
-    absl::StatusOr<std::vector<PullResponse>> result =
-        target_.shard->Pull(*request_, deadline_);
-    if (!result.ok()) {
-      Finish(ToGrpcStatus(result.status()));
-      return;
+    Actions next;
+    {
+      absl::MutexLock lock(&mu_);
+      if (!plan.ok()) {
+        error_ = ToGrpcStatus(plan.status());
+      } else {
+        plan_ = *std::move(plan);
+        planned_ = true;
+      }
+      next = PumpLocked();
     }
-    messages_ = std::move(*result);
-    NextWrite();
+    Run(next);
   }
 
-  void NextWrite() {
-    if (next_ == messages_.size()) {
-      Finish(grpc::Status::OK);
-      return;
+  // On the work pool: message e into its buffer.
+  void Encode(size_t e) {
+    const absl::Status s =
+        target_.shard->EncodePull(plan_, e, &buffers_[e % 2]);
+    Actions next;
+    {
+      absl::MutexLock lock(&mu_);
+      encoding_ = false;
+      if (!s.ok() && error_.ok()) error_ = ToGrpcStatus(s);
+      if (s.ok()) ++encoded_;
+      next = PumpLocked();
     }
-    StartWrite(&messages_[next_++]);
+    Run(next);
   }
 
+  // What can start now: the next write of an encoded message, the next
+  // encoding into a free buffer (message e's buffer held message e - 2),
+  // or the end once nothing is in flight after an error or the last write.
+  Actions PumpLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Actions next;
+    if (finished_) return next;
+    const size_t n = planned_ ? plan_.messages.size() : 0;
+    const bool failed = !error_.ok();
+    if (!failed && planned_) {
+      if (!writing_ && written_ < encoded_) {
+        writing_ = true;
+        next.write = &buffers_[written_ % 2];
+      }
+      if (!encoding_ && encoded_ < n && encoded_ < written_ + 2) {
+        encoding_ = true;
+        next.encode = static_cast<int64_t>(encoded_);
+      }
+    }
+    if (!writing_ && !encoding_ && (failed || (planned_ && written_ == n))) {
+      finished_ = true;
+      next.finish = failed ? error_ : grpc::Status::OK;
+    }
+    return next;
+  }
+
+  void Run(const Actions& next) {
+    if (next.encode >= 0) {
+      const size_t e = static_cast<size_t>(next.encode);
+      service_->work_pool_->Schedule([this, e] { Encode(e); });
+    }
+    if (next.write != nullptr) StartWrite(next.write);
+    if (next.finish.has_value()) Finish(*next.finish);
+  }
+
+  ParameterServerService* const service_;
   const Target target_;
   const PullRequest* const request_;
   const absl::Time deadline_;
-  std::vector<PullResponse> messages_;
-  size_t next_ = 0;
+  absl::Mutex mu_;
+  // Set once by Start (under mu_) before any encoding or write reads it.
+  ParameterShard::PullPlan plan_;
+  bool planned_ ABSL_GUARDED_BY(mu_) = false;
+  PullResponse buffers_[2];  // message e in buffers_[e % 2]
+  size_t encoded_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t written_ ABSL_GUARDED_BY(mu_) = 0;
+  bool encoding_ ABSL_GUARDED_BY(mu_) = false;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status error_ ABSL_GUARDED_BY(mu_);
 };
 
 // ---------------------------------------------------------------------------

@@ -210,6 +210,44 @@ TEST_F(ServiceTest, FullStepOverTheNetwork) {
   EXPECT_GT(info.tensors(0).l2_norm(), 0);
 }
 
+// Pulls stream message by message: a client that leaves after one message
+// (many times, so some leave while the next is being encoded) ends only its
+// own call; the shard shutting down ends a pull with Unavailable.
+TEST_F(ServiceTest, StreamedPullsSurviveClientsThatLeave) {
+  Ready();
+  PullRequest pull;
+  pull.set_partition_version(shard_->partition().version());
+  for (int i = 0; i < 20; ++i) {
+    auto ctx = Ctx();
+    auto reader = stub_->Pull(ctx.get(), pull);
+    PullResponse msg;
+    ASSERT_TRUE(reader->Read(&msg));
+    ctx->TryCancel();
+    while (reader->Read(&msg)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  // A whole pull still works, and holds every parameter once.
+  auto ctx = Ctx();
+  auto reader = stub_->Pull(ctx.get(), pull);
+  PullResponse msg;
+  int64_t bytes = 0;
+  while (reader->Read(&msg)) {
+    for (const ChunkSlice& s : msg.slices()) bytes += s.data().size();
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(bytes, 4 * shard_->num_elements());
+  // The plan, then a shutdown before a message is encoded.
+  auto plan = shard_->StartPull(pull, absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_GT(plan->messages.size(), 1u);
+  PullResponse first;
+  ASSERT_TRUE(shard_->EncodePull(*plan, 0, &first).ok());
+  shard_->Shutdown();
+  EXPECT_EQ(shard_->EncodePull(*plan, 1, &first).code(),
+            absl::StatusCode::kUnavailable);
+}
+
 TEST_F(ServiceTest, BadRequestsGiveErrorsAndTheServerKeepsServing) {
   Ready();
   PushResponse resp;

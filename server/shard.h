@@ -103,6 +103,34 @@ class ParameterShard {
   absl::StatusOr<std::vector<PullResponse>> Pull(const PullRequest& request,
                                                  absl::Time deadline);
 
+  // The same pull, streamed: StartPull validates the request and waits like
+  // Pull, then returns the plan of its messages (which element ranges each
+  // holds, at most max_message_bytes of payload), and EncodePull encodes
+  // message i of the plan straight from the parameters under the shared
+  // lock, so a pull never holds more than the message being encoded (Pull
+  // builds them all). Every message carries the plan's version: the version
+  // the read rule admitted. In SYNC the parameters cannot change while the
+  // pull streams (the next Apply needs this worker's push); in the other
+  // modes a later message may hold a newer version's values, at least the
+  // plan's (like the shards of one pull, which were never one snapshot).
+  // EncodePull fails like Pull once the shard is shutting down or stopped
+  // for a resize.
+  struct PullPiece {
+    int chunk = 0;       // index into chunks_
+    int64_t begin = 0;   // element range inside the chunk
+    int64_t end = 0;
+  };
+  struct PullPlan {
+    int64_t version = 0;
+    int64_t step = 0;
+    DType dtype = F32;
+    std::vector<std::vector<PullPiece>> messages;  // at least one (empty)
+  };
+  absl::StatusOr<PullPlan> StartPull(const PullRequest& request,
+                                     absl::Time deadline);
+  absl::Status EncodePull(const PullPlan& plan, size_t i,
+                          PullResponse* out) const;
+
   // Elastic data parallelism (StopAtRequest in proto/lmps.proto): stop at
   // step boundary `step`: checkpoint `step` once version `step` exists,
   // Aborted for pulls of steps >= `step` and for GradNorm waits of steps
@@ -236,6 +264,9 @@ class ParameterShard {
 
   explicit ParameterShard(ShardOptions options);
   absl::Status Init();
+  // The error of a pull of a step at or after stop_at_.
+  absl::Status PullStoppedLocked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+
   // pp_, tp_, owners_ and parts_of_worker_ from the layout (after chunks_).
   absl::Status InitOwners() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status InitFromCheckpoint() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -23,6 +23,17 @@ using shard_internal::Seconds;
 
 absl::StatusOr<std::vector<PullResponse>> ParameterShard::Pull(
     const PullRequest& request, absl::Time deadline) {
+  absl::StatusOr<PullPlan> plan = StartPull(request, deadline);
+  if (!plan.ok()) return plan.status();
+  std::vector<PullResponse> out(plan->messages.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (absl::Status s = EncodePull(*plan, i, &out[i]); !s.ok()) return s;
+  }
+  return out;
+}
+
+absl::StatusOr<ParameterShard::PullPlan> ParameterShard::StartPull(
+    const PullRequest& request, absl::Time deadline) {
   const int shard = options_.shard;
   const DType dtype = request.dtype() == BF16 ? BF16 : F32;
   if (DTypeSize(request.dtype()) == 0) {
@@ -96,17 +107,15 @@ absl::StatusOr<std::vector<PullResponse>> ParameterShard::Pull(
         absl::StrCat("parameter server shard ", shard, " is shutting down"));
   }
   if (stopped()) {
-    return ResizeStop(absl::StrCat(
-        "the job stops at step ", stop_at_,
-        " for a resize (elastic data parallelism): shard ", shard,
-        " serves no later step; the job restarts from the checkpoint of step ",
-        stop_at_));
+    return PullStoppedLocked();
   }
   const int64_t budget = options_.spec.max_message_bytes();
   const int elem = DTypeSize(dtype);
-  std::vector<PullResponse> out;
-  PullResponse current;
-  current.set_version(version_);
+  PullPlan plan;
+  plan.version = version_;
+  plan.step = step;
+  plan.dtype = dtype;
+  plan.messages.emplace_back();
   int64_t payload = 0;
   for (size_t i = 0; i < chunks_.size(); ++i) {
     const Chunk& c = chunks_[i];
@@ -117,27 +126,54 @@ absl::StatusOr<std::vector<PullResponse>> ParameterShard::Pull(
       int64_t offset = r.begin;
       while (offset < r.end) {
         if (budget - payload < elem) {
-          out.push_back(std::move(current));
-          current = PullResponse();
-          current.set_version(version_);
+          plan.messages.emplace_back();
           payload = 0;
         }
         const int64_t n = std::min(r.end - offset, (budget - payload) / elem);
-        ChunkSlice* s = current.add_slices();
-        s->set_tensor(c.desc.tensor());
-        s->set_chunk(c.desc.index());
-        s->set_offset(offset);
-        s->set_dtype(dtype);
-        std::string* data = s->mutable_data();
-        data->reserve(n * elem);
-        EncodePayload(dtype, c.params.data() + offset, n, data);
+        plan.messages.back().push_back(
+            {static_cast<int>(i), offset, offset + n});
         payload += n * elem;
         offset += n;
       }
     }
   }
-  if (payload > 0 || out.empty()) out.push_back(std::move(current));
-  return out;
+  return plan;
+}
+
+absl::Status ParameterShard::PullStoppedLocked() const {
+  return ResizeStop(absl::StrCat(
+      "the job stops at step ", stop_at_,
+      " for a resize (elastic data parallelism): shard ", options_.shard,
+      " serves no later step; the job restarts from the checkpoint of step ",
+      stop_at_));
+}
+
+absl::Status ParameterShard::EncodePull(const PullPlan& plan, size_t i,
+                                        PullResponse* out) const {
+  out->Clear();
+  out->set_version(plan.version);
+  absl::ReaderMutexLock lock(&mu_);
+  if (shutdown_) {
+    return absl::UnavailableError(absl::StrCat(
+        "parameter server shard ", options_.shard, " is shutting down"));
+  }
+  if (stop_at_ >= 0 && plan.step >= stop_at_) {
+    return PullStoppedLocked();
+  }
+  const int elem = DTypeSize(plan.dtype);
+  for (const PullPiece& p : plan.messages[i]) {
+    const Chunk& c = chunks_[p.chunk];
+    ChunkSlice* s = out->add_slices();
+    s->set_tensor(c.desc.tensor());
+    s->set_chunk(c.desc.index());
+    s->set_offset(p.begin);
+    s->set_dtype(plan.dtype);
+    std::string* data = s->mutable_data();
+    data->reserve((p.end - p.begin) * elem);
+    EncodePayload(plan.dtype, c.params.data() + p.begin, p.end - p.begin,
+                  data);
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<TensorInfoResponse> ParameterShard::TensorInfo(

@@ -370,11 +370,14 @@ TEST(PsClientTest, CompressedPushesReachTheShardsWithErrorFeedback) {
     o->set_momentum(-1);
     o->set_weight_decay(-1);
     o->set_grad_clip(-1);
+    // The shards refuse slices of another kind than the job's.
+    CompressionConfig* compression = spec.mutable_train()->mutable_compression();
+    compression->set_kind(kind);
+    if (kind != QUANT_INT8) compression->set_ratio(0.25f);
     Cluster cluster;
     ASSERT_TRUE(cluster.Start(spec).ok());
     PsClientOptions options;
-    options.compression.set_kind(kind);
-    if (kind != QUANT_INT8) options.compression.set_ratio(0.25f);
+    options.compression = *compression;
     options.seed = spec.train().seed();
     absl::StatusOr<std::unique_ptr<PsClient>> c =
         cluster.Client({}, options);
