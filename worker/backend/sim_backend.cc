@@ -76,24 +76,6 @@ absl::StatusOr<int32_t*> SimBackend::AllocInt32(size_t n) {
 void SimBackend::Free(float* p) { Unmap(p); }
 void SimBackend::Free(int32_t* p) { Unmap(p); }
 
-absl::Status SimBackend::CopyToBackend(float* dst, const float* host_src,
-                                       size_t n) {
-  if (n > 0) std::memcpy(dst, host_src, n * sizeof(float));
-  return absl::OkStatus();
-}
-
-absl::Status SimBackend::CopyToBackend(int32_t* dst, const int32_t* host_src,
-                                       size_t n) {
-  if (n > 0) std::memcpy(dst, host_src, n * sizeof(int32_t));
-  return absl::OkStatus();
-}
-
-absl::Status SimBackend::CopyToHost(float* host_dst, const float* src,
-                                    size_t n) {
-  if (n > 0) std::memcpy(host_dst, src, n * sizeof(float));
-  return absl::OkStatus();
-}
-
 void SimBackend::Charge(double flops) {
   const absl::Duration d = absl::Seconds(flops / options_.flops_per_second);
   charged_ += d;

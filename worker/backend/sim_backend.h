@@ -37,6 +37,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "worker/backend/backend.h"
+#include "worker/backend/host_backend.h"
 
 namespace lmps {
 
@@ -48,7 +49,7 @@ struct SimBackendOptions {
   std::function<absl::Duration(absl::Duration)> sleep;
 };
 
-class SimBackend : public Backend {
+class SimBackend : public HostBackend {
  public:
   // InvalidArgument for a throughput that is not a positive finite number.
   static absl::StatusOr<std::unique_ptr<SimBackend>> Create(
@@ -60,17 +61,11 @@ class SimBackend : public Backend {
   absl::Duration charged() const { return charged_; }
 
   std::string_view name() const override { return "sim"; }
+  // Copies are HostBackend's memcpys; memory is mapped on demand.
   absl::StatusOr<float*> Alloc(size_t floats) override;
   absl::StatusOr<int32_t*> AllocInt32(size_t n) override;
   void Free(float* p) override;
   void Free(int32_t* p) override;
-  absl::Status CopyToBackend(float* dst, const float* host_src,
-                             size_t n) override;
-  absl::Status CopyToBackend(int32_t* dst, const int32_t* host_src,
-                             size_t n) override;
-  absl::Status CopyToHost(float* host_dst, const float* src,
-                          size_t n) override;
-  absl::Status Synchronize() override { return absl::OkStatus(); }
 
   void Zero(float*, size_t) override {}
   void Axpy(float*, float, const float*, size_t) override {}
