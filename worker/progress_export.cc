@@ -65,6 +65,10 @@ void ProgressExport::SetGauges(const TrainerProgress& p) {
   SetGauge(m, "lmps_push_bytes", bytes,
            static_cast<double>(p.push_bytes_overlapped),
            {{"kind", "overlapped"}});
+  SetGauge(m, "lmps_pull_bytes",
+           "Parameter payload bytes pulled in the last step (F32 or BF16: "
+           "train.pull_dtype).",
+           static_cast<double>(p.pull_bytes));
   // The wire bytes of every step's push, counted once per step (a final
   // evaluation exports the last step again).
   if (m != nullptr && p.step != counted_step_) {
@@ -74,6 +78,11 @@ void ProgressExport::SetGauges(const TrainerProgress& p) {
         "Bytes of gradient pushed on the wire (payload, compressed slices' "
         "indices and scales; train.compression reduces them), all steps.");
     if (wire.ok()) (*wire)->Increment(static_cast<double>(p.push_bytes));
+    absl::StatusOr<prometheus::Counter*> pulled = m->Counter(
+        "lmps_pull_wire_bytes_total",
+        "Bytes of parameters pulled on the wire (payload; train.pull_dtype "
+        "BF16 halves them), all steps.");
+    if (pulled.ok()) (*pulled)->Increment(static_cast<double>(p.pull_bytes));
   }
   if (pipeline_) {
     const char* bubble =

@@ -66,6 +66,12 @@ absl::Status AddPieces(const ChunkDesc& d, const std::vector<Run>& ranges,
 
 }  // namespace
 
+DType ResolvePullDtype(DType configured, const std::string& backend) {
+  if (configured != DTYPE_UNSPECIFIED) return configured;
+  const bool cuda = backend == "cuda" || backend.rfind("cuda:", 0) == 0;
+  return cuda ? BF16 : F32;
+}
+
 absl::StatusOr<std::unique_ptr<PsClient>> PsClient::Create(
     const ModelConfig& model, const PartitionMap& partition,
     std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs,
@@ -79,6 +85,12 @@ absl::StatusOr<std::unique_ptr<PsClient>> PsClient::Create(
   }
   if (options.push_dtype != F32 && options.push_dtype != BF16) {
     return absl::InvalidArgumentError("push dtype must be F32 or BF16");
+  }
+  if (options.pull_dtype != F32 && options.pull_dtype != BF16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pull dtype must be F32 or BF16, got ",
+        DType_IsValid(options.pull_dtype) ? DType_Name(options.pull_dtype)
+                                          : std::to_string(options.pull_dtype)));
   }
   if (absl::Status s = ValidateCompression(options.compression); !s.ok()) {
     return s;
@@ -276,7 +288,7 @@ absl::Status PsClient::Pull(int64_t step, float* params,
     PullRequest req;
     req.set_step(step);
     req.set_partition_version(partition_version_);
-    req.set_dtype(F32);
+    req.set_dtype(options_.pull_dtype);
     if (has_view_) {
       req.set_owned_only(true);
       req.set_pp_rank(pp_rank_);
@@ -293,7 +305,17 @@ absl::Status PsClient::Pull(int64_t step, float* params,
     while (reader->Read(&resp)) {
       versions[s] = resp.version();
       for (const ChunkSlice& slice : resp.slices()) {
-        const size_t width = slice.dtype() == BF16 ? 2 : 4;
+        const DType got = slice.dtype() == BF16 ? BF16 : F32;
+        if (got != options_.pull_dtype ||
+            (slice.dtype() != F32 && slice.dtype() != BF16 &&
+             slice.dtype() != DTYPE_UNSPECIFIED)) {
+          bad = absl::DataLossError(absl::StrCat(
+              "pull asked for ", DType_Name(options_.pull_dtype),
+              " but a slice of ", slice.tensor(), "#", slice.chunk(),
+              " came as dtype ", static_cast<int>(slice.dtype())));
+          continue;
+        }
+        const size_t width = got == BF16 ? 2 : 4;
         const int64_t n = static_cast<int64_t>(slice.data().size() / width);
         // The piece holding the slice's first element.
         const LocalPiece* piece = nullptr;

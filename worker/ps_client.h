@@ -72,6 +72,10 @@ struct PsClientOptions {
   int64_t max_message_bytes = 4 << 20;
   absl::Duration rpc_timeout = absl::Seconds(120);
   DType push_dtype = F32;  // F32, or BF16 to halve push bytes
+  // What Pull asks the shards for (train.pull_dtype): F32, or BF16 to halve
+  // the pull bytes (each value rounded to nearest even by the shard and
+  // widened back to fp32 here, exactly).
+  DType pull_dtype = F32;
   // train.compression (then push_dtype must be F32), and train.seed for
   // RANDOMK.
   CompressionConfig compression;
@@ -89,12 +93,18 @@ struct PsClientOptions {
 
 struct PsClientStats {
   // Payload bytes (ChunkSlice.data; pushes also compressed slices' indices
-  // and scales: the wire bytes of the gradient), headers not counted.
+  // and scales: the wire bytes of the gradient; pulls 2 bytes per element
+  // with pull_dtype BF16), headers not counted.
   std::atomic<int64_t> bytes_pushed{0};
   std::atomic<int64_t> bytes_pulled{0};
   std::atomic<int64_t> rpcs{0};
   std::atomic<int64_t> failovers{0};  // switches to a shard's other node
 };
+
+// The pull dtype a worker asks for: train.pull_dtype when set (F32 or
+// BF16), else BF16 for a CUDA backend (`backend` "cuda" or "cuda:N") and
+// F32 for any other.
+DType ResolvePullDtype(DType configured, const std::string& backend);
 
 class PsClient {
  public:
