@@ -65,6 +65,21 @@ void ProgressExport::SetGauges(const TrainerProgress& p) {
   SetGauge(m, "lmps_push_bytes", bytes,
            static_cast<double>(p.push_bytes_overlapped),
            {{"kind", "overlapped"}});
+  if (p.comm_seconds > 0) {
+    SetGauge(m, "lmps_comm_hidden_fraction",
+             "Fraction of the last step's communication (pull and push, wall "
+             "time in flight) hidden behind compute: in flight while the step "
+             "computed (train.layerwise_pull, --overlap_push).",
+             p.comm_hidden_seconds / p.comm_seconds);
+  }
+  SetGauge(m, "lmps_comm_seconds",
+           "Seconds of the last step's communication (pull and push) in "
+           "flight (total), and of it hidden behind compute (hidden).",
+           p.comm_seconds, {{"kind", "total"}});
+  SetGauge(m, "lmps_comm_seconds",
+           "Seconds of the last step's communication (pull and push) in "
+           "flight (total), and of it hidden behind compute (hidden).",
+           p.comm_hidden_seconds, {{"kind", "hidden"}});
   SetGauge(m, "lmps_pull_bytes",
            "Parameter payload bytes pulled in the last step (F32 or BF16: "
            "train.pull_dtype).",

@@ -440,6 +440,8 @@ class WorkerSession {
     static_cast<TrainingLoopOptions&>(options) = common;
     options.dp_rank = assignment_.dp_rank();
     options.overlap_push = overlap_push;
+    options.layerwise_pull =
+        spec_.train().layerwise_pull() != LAYERWISE_PULL_OFF;
     LMPS_ASSIGN_OR_RETURN(
         std::unique_ptr<DataParallelTrainer> trainer,
         DataParallelTrainer::Create(options, model_.get(), ps_.get(),

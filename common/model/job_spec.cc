@@ -205,6 +205,11 @@ absl::Status ValidateJobSpec(const JobSpec& s) {
         " is not valid; valid: F32, BF16 (unset: BF16 on CUDA workers, F32 on "
         "CPU workers)"));
   }
+  if (!LayerwisePullMode_IsValid(s.train().layerwise_pull())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train.layerwise_pull ", static_cast<int>(s.train().layerwise_pull()),
+        " is not valid; valid: LAYERWISE_PULL_ON, LAYERWISE_PULL_OFF"));
+  }
   return ValidateConsistency(s);
 }
 
