@@ -22,6 +22,17 @@
 // apply it at once); no GradNorm/Apply. The final pull (evaluation,
 // sample) waits for the version after every replica's last push.
 //
+// Layer-wise pulls (DataParallelTrainerOptions.layerwise_pull, the default;
+// used in SYNC and BOUNDED_STALENESS with s = 0): the pull of 1. above is
+// started as soon as step t - 1 is applied (the first step's at once), one
+// PsClient::PullTensors per layer group and shard in forward order through
+// a CommScheduler (worker/layerwise_pull.h), and the first micro-batch's
+// forward pass waits for each block's parameters only
+// (GptModel::ParametersReadyFn), copying each landed group into the model.
+// The same bytes land in the same places: bit-identical to the whole pull.
+// TrainerProgress.comm_seconds / comm_hidden_seconds say how much of the
+// step's communication (pull and push) was hidden behind compute.
+//
 // Every step's pulled version and staleness are in TrainerProgress.
 // Evaluation (data-parallel rank 0 only) runs on the pulled parameters every
 // eval_interval steps and at the end.
