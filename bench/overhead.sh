@@ -19,14 +19,23 @@
 # only at its last step (written inside the last Apply, so inside the timed
 # loop: a few MB).
 #
+# The distributed job runs twice per round: with train.layerwise_pull OFF
+# (the whole pull before the forward pass: the "before") and ON (layer-wise
+# pull pipelining, the default: the "after"), each printed with its ratio and
+# the mean fraction of communication hidden behind compute (comm_hidden of
+# the step log).
+#
 # Usage: bench/overhead.sh [small|medium]...   (default: both)
-# Environment: STEPS (default 80), THREADS (default 2), ROUNDS (default 2).
+# Environment: STEPS (default 80), THREADS (default 2), ROUNDS (default 2),
+# VARIANTS (default "off on").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 STEPS="${STEPS:-80}"
 THREADS="${THREADS:-2}"
 ROUNDS="${ROUNDS:-2}"
+VARIANTS="${VARIANTS:-off on}"
+declare -A best_dist hidden
 configs=("$@")
 [ ${#configs[@]} -gt 0 ] || configs=(small medium)
 
@@ -49,40 +58,60 @@ for config in "${configs[@]}"; do
     medium) layers=4 heads=4 embd=256 block=128 batch=8 ;;
     *) echo "overhead: unknown config '$config' (small, medium)" >&2; exit 2 ;;
   esac
-  spec="$tmp/$config.textproto"
-  cat >"$spec" <<EOF
+  for variant in $VARIANTS; do
+    case "$variant" in
+      off) mode=LAYERWISE_PULL_OFF ;;
+      on) mode=LAYERWISE_PULL_ON ;;
+      *) echo "overhead: unknown variant '$variant' (off, on)" >&2; exit 2 ;;
+    esac
+    cat >"$tmp/$config-$variant.textproto" <<EOF
 name: "overhead-$config"
 model { n_layer: $layers n_head: $heads n_embd: $embd block_size: $block vocab_size: 256 }
 train {
   steps: $STEPS batch_size: $batch micro_batches: 1 seed: 1337
   eval_interval: $((STEPS + 1)) eval_batches: 1 checkpoint_interval: $STEPS
-  sample_tokens: 1
+  sample_tokens: 1 layerwise_pull: $mode
 }
 layout { dp: 1 num_shards: 1 }
 EOF
+    best_dist[$variant]=0
+    hidden[$variant]=-
+  done
   echo "=== $config: n_layer=$layers n_head=$heads n_embd=$embd" \
        "block_size=$block batch=$batch threads=$THREADS steps=$STEPS"
-  best_dist=0
   best_mean=0
   best_median=0
   for round in $(seq 1 "$ROUNDS"); do
-    run_dir="$tmp/run-$config-$round"
-    start=$(date +%s.%N)
-    if ! "$BIN/launcher/lmps_local" --job="$spec" --workers=1 --shards=1 \
-        --run_dir="$run_dir" --quiet --export_model=false \
-        --worker_args="--threads=$THREADS" >"$run_dir.out" 2>&1; then
-      cat "$run_dir.out" >&2
-      echo "overhead: lmps_local failed; logs in $run_dir/logs" >&2
-      trap - EXIT
-      bazel shutdown >/dev/null 2>&1 || true
-      exit 1
-    fi
-    secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
-    done_line="$(grep -h 'done: step' "$run_dir/logs/worker-0.log" | tail -1)"
-    dist="$(echo "$done_line" | awk '{ for (i = 1; i < NF; ++i)
-      if ($(i + 1) == "tokens/s") print $i }')"
-    echo "round $round distributed: $done_line (lmps_local ran ${secs} s)"
-    best_dist="$(max "$best_dist" "$dist")"
+    for variant in $VARIANTS; do
+      run_dir="$tmp/run-$config-$variant-$round"
+      start=$(date +%s.%N)
+      if ! "$BIN/launcher/lmps_local" --job="$tmp/$config-$variant.textproto" \
+          --workers=1 --shards=1 \
+          --run_dir="$run_dir" --quiet --export_model=false \
+          --worker_args="--threads=$THREADS" >"$run_dir.out" 2>&1; then
+        cat "$run_dir.out" >&2
+        echo "overhead: lmps_local failed; logs in $run_dir/logs" >&2
+        trap - EXIT
+        bazel shutdown >/dev/null 2>&1 || true
+        exit 1
+      fi
+      secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
+      done_line="$(grep -h 'done: step' "$run_dir/logs/worker-0.log" | tail -1)"
+      dist="$(echo "$done_line" | awk '{ for (i = 1; i < NF; ++i)
+        if ($(i + 1) == "tokens/s") print $i }')"
+      # The mean over the steps of the worker's comm_hidden (steps.jsonl).
+      h="$(python3 -c '
+import json, sys
+v = [r["workers"][w]["comm_hidden"] for r in map(json.loads, open(sys.argv[1]))
+     for w in r.get("workers", {}) if "comm_hidden" in r["workers"][w]]
+print("%.2f" % (sum(v) / len(v)) if v else "-")' "$run_dir/steps.jsonl" 2>/dev/null || echo -)"
+      echo "round $round distributed, layerwise_pull $variant: $done_line" \
+           "(comm hidden $h; lmps_local ran ${secs} s)"
+      if awk -v a="$dist" -v b="${best_dist[$variant]}" 'BEGIN { exit !(a > b) }'; then
+        best_dist[$variant]="$dist"
+        hidden[$variant]="$h"
+      fi
+    done
 
     out="$("$BIN/bench/train_step_bench" --n_layer="$layers" --n_head="$heads" \
       --n_embd="$embd" --block_size="$block" --batch="$batch" \
@@ -95,13 +124,17 @@ EOF
     best_median="$(max "$best_median" "$median")"
   done
   echo "--- $config, best of $ROUNDS rounds"
-  echo "distributed tokens/s: $best_dist"
   echo "in-process tokens/s: $best_mean (mean; median-step: $best_median)"
-  awk -v d="$best_dist" -v m="$best_mean" -v md="$best_median" -v b="$batch" \
-      -v t="$block" 'BEGIN {
-    printf "per step: distributed %.1f ms, in-process %.1f ms (overhead %.1f ms)\n",
-           1e3 * b * t / d, 1e3 * b * t / m, 1e3 * b * t / d - 1e3 * b * t / m
-    printf "distributed/in-process (median-step) tokens/s ratio: %.2f\n", d / md
-    printf "distributed/in-process tokens/s ratio: %.2f\n", d / m
-  }'
+  for variant in $VARIANTS; do
+    d="${best_dist[$variant]}"
+    echo "layerwise_pull $variant: distributed tokens/s: $d" \
+         "(comm hidden ${hidden[$variant]})"
+    awk -v d="$d" -v m="$best_mean" -v md="$best_median" -v b="$batch" \
+        -v t="$block" -v v="$variant" 'BEGIN {
+      printf "layerwise_pull %s: per step: distributed %.1f ms, in-process %.1f ms (overhead %.1f ms)\n",
+             v, 1e3 * b * t / d, 1e3 * b * t / m, 1e3 * b * t / d - 1e3 * b * t / m
+      printf "layerwise_pull %s: distributed/in-process (median-step) tokens/s ratio: %.2f\n", v, d / md
+      printf "layerwise_pull %s: distributed/in-process tokens/s ratio: %.2f\n", v, d / m
+    }'
+  done
 done

@@ -30,7 +30,7 @@ void ProgressLine::Update(const JobStatus& status, bool final) {
   if (quiet_) return;
   int64_t step = INT64_MAX;
   double loss = 0, tps = 0;
-  int64_t push_bytes = 0;
+  int64_t push_bytes = 0, pull_bytes = 0;
   float eval = NAN;
   int workers = 0;
   for (const NodeStatus& n : status.nodes()) {
@@ -45,6 +45,7 @@ void ProgressLine::Update(const JobStatus& status, bool final) {
     }
     if (n.dp_rank() == 0 && std::isfinite(n.eval_loss())) eval = n.eval_loss();
     push_bytes += n.push_wire_bytes();
+    pull_bytes += n.pull_wire_bytes();
   }
   if (step == INT64_MAX) return;
   loss = workers > 0 ? loss / workers : NAN;
@@ -64,7 +65,8 @@ void ProgressLine::Update(const JobStatus& status, bool final) {
     eta = per_step * static_cast<double>(total - step);
   }
   PrintLine({.step = step, .total = total, .loss = loss, .eval = eval,
-             .tps = tps, .push_bytes = push_bytes, .eta = eta},
+             .tps = tps, .pull_bytes = pull_bytes,
+             .push_bytes = push_bytes, .eta = eta},
             final, now);
   if (final && std::isfinite(eval)) {
     std::printf("lmps: eval loss %.4f (perplexity %.1f)\n", eval,
@@ -83,11 +85,12 @@ void ProgressLine::PrintLine(const Figures& f, bool final,
       std::chrono::duration<double>(now - last_print_).count();
   if (!tty_ && !final && !new_eval && since < 5.0) return;
   std::string line = absl::StrFormat(
-      "step %*d/%d | loss %s | eval %s | %.0f tok/s | push %s | ETA %s",
+      "step %*d/%d | loss %s | eval %s | %.0f tok/s | pull %s | push %s | "
+      "ETA %s",
       static_cast<int>(std::to_string(f.total).size()), step, f.total,
       std::isfinite(f.loss) ? absl::StrFormat("%.4f", f.loss) : "-",
       std::isfinite(eval) ? absl::StrFormat("%.4f", eval) : "-", f.tps,
-      FormatBytes(f.push_bytes), FormatEta(f.eta));
+      FormatBytes(f.pull_bytes), FormatBytes(f.push_bytes), FormatEta(f.eta));
   if (tty_) {
     std::printf("\r%-78s", line.c_str());
     if (new_eval || final) std::printf("\n");

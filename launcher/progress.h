@@ -1,14 +1,16 @@
 // The launcher's progress line, from the scheduler's JobStatus:
 //
 //   step  120/400 | loss 2.3456 | eval 2.5678 | 5321 tok/s |
-//       push 1.6 MB | ETA 1m05s   (one line)
+//       pull 3.3 MB | push 1.6 MB | ETA 1m05s   (one line)
 //
 // step is the slowest worker's; loss and tok/s are over the replicas whose
 // last pipeline stage reports a loss (first tensor-parallel rank); eval is
 // data-parallel rank 0's; push is the bytes every worker's last gradient
 // push put on the wire (per step; not written "/step", so that "step "
 // starts only the line) (HeartbeatRequest.push_wire_bytes), summed: what
-// train.compression reduces; the ETA extrapolates the time per step since the
+// train.compression reduces; pull likewise the payload bytes of every
+// worker's last parameter pull (HeartbeatRequest.pull_wire_bytes), which
+// train.pull_dtype BF16 halves; the ETA extrapolates the time per step since the
 // first step this run (or restart) saw advance.
 //
 // On a terminal the line is redrawn in place (\r) and a new line is started
@@ -57,6 +59,7 @@ class ProgressLine {
     double loss = 0;
     float eval = 0;
     double tps = 0;
+    int64_t pull_bytes = 0;
     int64_t push_bytes = 0;
     double eta = 0;
   };

@@ -62,7 +62,8 @@ nlohmann::ordered_json MergeStep(
       ++bubbles;
     }
     nlohmann::ordered_json phases = nlohmann::ordered_json::object();
-    for (const char* key : {"compute_s", "pull_s", "push_s", "wait_s"}) {
+    for (const char* key :
+         {"compute_s", "pull_s", "push_s", "wait_s", "comm_hidden"}) {
       if (Number(r, key, &v)) phases[key] = v;
     }
     workers[node] = phases;

@@ -3,6 +3,8 @@
 // tensor-parallel parts: shard_parts_test.cc).
 #include "server/shard_test_util.h"
 
+#include <functional>
+
 namespace lmps {
 namespace shard_test {
 namespace {
@@ -323,6 +325,61 @@ TEST(ShardTest, Bf16PayloadsArePushedAndPulled) {
       EXPECT_EQ(got[i], Bf16BitsToFloat(FloatToBf16Bits(c.params[i])));
     }
   }
+}
+
+// A pull the shard cannot serve is refused with the reason, and the shard
+// serves the next good one (bf16 pulls included: half the bytes).
+TEST(ShardTest, BadPullsAreRefusedWithTheReason) {
+  const JobSpec spec = Spec(1, 1, SGD);
+  auto shard = MakeShard(Options(spec, 0));
+  struct Case {
+    std::function<void(PullRequest*)> mutate;
+    absl::StatusCode code;
+    const char* needle;
+  };
+  const std::vector<Case> cases = {
+      {[](PullRequest* r) { r->set_dtype(INT8); }, absl::StatusCode::kInvalidArgument,
+       "pull dtype 3 is not valid; valid: F32, BF16"},
+      {[](PullRequest* r) { r->set_dtype(static_cast<DType>(42)); },
+       absl::StatusCode::kInvalidArgument, "pull dtype 42 is not valid"},
+      {[](PullRequest* r) { r->set_step(-1); }, absl::StatusCode::kInvalidArgument,
+       "pull step must be >= 0, got -1"},
+      {[](PullRequest* r) { r->add_tensors("h.9.attn.c_attn.weight"); },
+       absl::StatusCode::kNotFound, "unknown tensor 'h.9.attn.c_attn.weight'"},
+      {[&](PullRequest* r) {
+         r->set_partition_version(shard->partition().version() + 1);
+       },
+       absl::StatusCode::kFailedPrecondition, "partition_version"},
+      {[](PullRequest* r) {
+         r->set_owned_only(true);
+         r->set_pp_rank(1);
+       },
+       absl::StatusCode::kInvalidArgument, "pull pp_rank 1 tp_rank 0 is out of range"},
+  };
+  for (const Case& c : cases) {
+    PullRequest bad;
+    bad.set_dtype(BF16);
+    c.mutate(&bad);
+    auto r = shard->Pull(bad, Soon());
+    EXPECT_EQ(r.status().code(), c.code) << c.needle << ": " << r.status();
+    EXPECT_NE(r.status().message().find(c.needle), std::string::npos)
+        << r.status();
+  }
+  int64_t f32_bytes = 0, bf16_bytes = 0;
+  for (const DType dtype : {F32, BF16}) {
+    PullRequest good;
+    good.set_dtype(dtype);
+    auto r = shard->Pull(good, Soon());
+    ASSERT_TRUE(r.ok()) << r.status();
+    for (const PullResponse& m : *r) {
+      for (const ChunkSlice& s : m.slices()) {
+        EXPECT_EQ(s.dtype(), dtype);
+        (dtype == BF16 ? bf16_bytes : f32_bytes) += s.data().size();
+      }
+    }
+  }
+  EXPECT_EQ(f32_bytes, 4 * shard->num_elements());
+  EXPECT_EQ(bf16_bytes, 2 * shard->num_elements());
 }
 
 TEST(ShardTest, PullSplitsMessagesAndFilters) {

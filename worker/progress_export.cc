@@ -65,6 +65,25 @@ void ProgressExport::SetGauges(const TrainerProgress& p) {
   SetGauge(m, "lmps_push_bytes", bytes,
            static_cast<double>(p.push_bytes_overlapped),
            {{"kind", "overlapped"}});
+  if (p.comm_seconds > 0) {
+    SetGauge(m, "lmps_comm_hidden_fraction",
+             "Fraction of the last step's communication (pull and push, wall "
+             "time in flight) hidden behind compute: in flight while the step "
+             "computed (train.layerwise_pull, --overlap_push).",
+             p.comm_hidden_seconds / p.comm_seconds);
+  }
+  SetGauge(m, "lmps_comm_seconds",
+           "Seconds of the last step's communication (pull and push) in "
+           "flight (total), and of it hidden behind compute (hidden).",
+           p.comm_seconds, {{"kind", "total"}});
+  SetGauge(m, "lmps_comm_seconds",
+           "Seconds of the last step's communication (pull and push) in "
+           "flight (total), and of it hidden behind compute (hidden).",
+           p.comm_hidden_seconds, {{"kind", "hidden"}});
+  SetGauge(m, "lmps_pull_bytes",
+           "Parameter payload bytes pulled in the last step (F32 or BF16: "
+           "train.pull_dtype).",
+           static_cast<double>(p.pull_bytes));
   // The wire bytes of every step's push, counted once per step (a final
   // evaluation exports the last step again).
   if (m != nullptr && p.step != counted_step_) {
@@ -74,6 +93,11 @@ void ProgressExport::SetGauges(const TrainerProgress& p) {
         "Bytes of gradient pushed on the wire (payload, compressed slices' "
         "indices and scales; train.compression reduces them), all steps.");
     if (wire.ok()) (*wire)->Increment(static_cast<double>(p.push_bytes));
+    absl::StatusOr<prometheus::Counter*> pulled = m->Counter(
+        "lmps_pull_wire_bytes_total",
+        "Bytes of parameters pulled on the wire (payload; train.pull_dtype "
+        "BF16 halves them), all steps.");
+    if (pulled.ok()) (*pulled)->Increment(static_cast<double>(p.pull_bytes));
   }
   if (pipeline_) {
     const char* bubble =

@@ -7,7 +7,12 @@
 //   lmps_step_phase_seconds{phase="compute"|"pull"|"push"|"wait"},
 //   lmps_push_bytes{kind="total"|"overlapped"} (the last step's; total is
 //   the wire bytes, which train.compression reduces), the counter
-//   lmps_push_wire_bytes_total (every step's, once), and for a pipeline stage
+//   lmps_push_wire_bytes_total (every step's, once), lmps_pull_bytes (the
+//   last step's pull payload, halved by train.pull_dtype BF16) and the
+//   counter lmps_pull_wire_bytes_total,
+//   lmps_comm_seconds{kind="total"|"hidden"} and lmps_comm_hidden_fraction
+//   (hidden / total, once total > 0: the last step's pull and push time in
+//   flight and the part of it hidden behind compute), and for a pipeline stage
 //   (pp * tp > 1) lmps_pipeline_bubble_fraction{kind="measured"|"ideal"}
 //   and lmps_pipeline_live_micro_batches.
 // (The heartbeat's copy of the progress is the daemon's, not this.)

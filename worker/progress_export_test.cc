@@ -77,6 +77,9 @@ class ProgressExportTest : public ::testing::Test {
     p.sync_seconds = 0.5;
     p.push_bytes = 4096;
     p.push_bytes_overlapped = 1024;
+    p.pull_bytes = 2048;
+    p.comm_seconds = 0.5;
+    p.comm_hidden_seconds = 0.125;
     p.bubble_fraction = 0.3;
     p.ideal_bubble_fraction = 0.2;
     p.max_live_micro_batches = 2;
@@ -110,6 +113,11 @@ TEST_F(ProgressExportTest, SetsTheGaugesOfEachStep) {
   EXPECT_EQ(Value("lmps_push_bytes", "kind=\"total\""), 4096);
   EXPECT_EQ(Value("lmps_push_bytes", "kind=\"overlapped\""), 1024);
   EXPECT_EQ(Value("lmps_push_wire_bytes_total"), 4096);
+  EXPECT_EQ(Value("lmps_pull_bytes"), 2048);
+  EXPECT_EQ(Value("lmps_pull_wire_bytes_total"), 2048);
+  EXPECT_EQ(Value("lmps_comm_seconds", "kind=\"total\""), 0.5);
+  EXPECT_EQ(Value("lmps_comm_seconds", "kind=\"hidden\""), 0.125);
+  EXPECT_EQ(Value("lmps_comm_hidden_fraction"), 0.25);
   // No evaluation yet, and no pipeline.
   EXPECT_TRUE(Samples("lmps_eval_loss").empty());
   EXPECT_TRUE(Samples("lmps_pipeline_bubble_fraction").empty());
@@ -122,6 +130,7 @@ TEST_F(ProgressExportTest, SetsTheGaugesOfEachStep) {
   EXPECT_EQ(Value("lmps_push_wire_bytes_total"), 2 * 4096);
   exporter->Export(next);  // the same step again (a final evaluation)
   EXPECT_EQ(Value("lmps_push_wire_bytes_total"), 2 * 4096);
+  EXPECT_EQ(Value("lmps_pull_wire_bytes_total"), 2 * 2048);
   EXPECT_EQ(Value("lmps_eval_loss"), 3.0);
   EXPECT_TRUE(warnings_.empty());
 }

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <iterator>
 #include <map>
+#include <set>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -66,6 +67,12 @@ absl::Status AddPieces(const ChunkDesc& d, const std::vector<Run>& ranges,
 
 }  // namespace
 
+DType ResolvePullDtype(DType configured, const std::string& backend) {
+  if (configured != DTYPE_UNSPECIFIED) return configured;
+  const bool cuda = backend == "cuda" || backend.rfind("cuda:", 0) == 0;
+  return cuda ? BF16 : F32;
+}
+
 absl::StatusOr<std::unique_ptr<PsClient>> PsClient::Create(
     const ModelConfig& model, const PartitionMap& partition,
     std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs,
@@ -79,6 +86,12 @@ absl::StatusOr<std::unique_ptr<PsClient>> PsClient::Create(
   }
   if (options.push_dtype != F32 && options.push_dtype != BF16) {
     return absl::InvalidArgumentError("push dtype must be F32 or BF16");
+  }
+  if (options.pull_dtype != F32 && options.pull_dtype != BF16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pull dtype must be F32 or BF16, got ",
+        DType_IsValid(options.pull_dtype) ? DType_Name(options.pull_dtype)
+                                          : std::to_string(options.pull_dtype)));
   }
   if (absl::Status s = ValidateCompression(options.compression); !s.ok()) {
     return s;
@@ -269,69 +282,90 @@ std::unique_ptr<grpc::ClientContext> PsClient::Context() const {
   return ctx;
 }
 
+absl::Status PsClient::PullShard(int64_t step, int s,
+                                 const std::set<std::string>* tensors,
+                                 float* params, int64_t* version) {
+  PullRequest req;
+  req.set_step(step);
+  if (tensors != nullptr) {
+    for (const std::string& t : *tensors) req.add_tensors(t);
+  }
+  req.set_partition_version(partition_version_);
+  req.set_dtype(options_.pull_dtype);
+  if (has_view_) {
+    req.set_owned_only(true);
+    req.set_pp_rank(pp_rank_);
+    req.set_tp_rank(tp_rank_);
+  }
+  auto ctx = Context();
+  std::unique_ptr<grpc::ClientReaderInterface<PullResponse>> reader =
+      Stub(s)->Pull(ctx.get(), req);
+  stats_.rpcs++;
+  PullResponse resp;
+  int64_t received = 0, expected = 0;
+  for (const LocalPiece& p : pull_pieces_[s]) {
+    if (tensors == nullptr || tensors->count(p.tensor) > 0) expected += p.n;
+  }
+  absl::Status bad;
+  while (reader->Read(&resp)) {
+    *version = resp.version();
+    for (const ChunkSlice& slice : resp.slices()) {
+      const DType got = slice.dtype() == BF16 ? BF16 : F32;
+      if (got != options_.pull_dtype ||
+          (slice.dtype() != F32 && slice.dtype() != BF16 &&
+           slice.dtype() != DTYPE_UNSPECIFIED)) {
+        bad = absl::DataLossError(absl::StrCat(
+            "pull asked for ", DType_Name(options_.pull_dtype),
+            " but a slice of ", slice.tensor(), "#", slice.chunk(),
+            " came as dtype ", static_cast<int>(slice.dtype())));
+        continue;
+      }
+      const size_t width = got == BF16 ? 2 : 4;
+      const int64_t n = static_cast<int64_t>(slice.data().size() / width);
+      // The piece holding the slice's first element.
+      const LocalPiece* piece = nullptr;
+      auto it = index_[s].find({slice.tensor(), slice.chunk()});
+      if (it != index_[s].end()) {
+        auto next = std::upper_bound(
+            it->second.begin(), it->second.end(), slice.offset(),
+            [](int64_t v, const LocalPiece* p) { return v < p->chunk_offset; });
+        if (next != it->second.begin()) piece = *std::prev(next);
+      }
+      if (piece == nullptr || slice.data().size() % width != 0 ||
+          slice.offset() + n > piece->chunk_offset + piece->n) {
+        bad = absl::DataLossError(absl::StrCat(
+            "pull returned a slice outside the parts of this shard's chunks "
+            "this worker holds: ",
+            slice.tensor(), "#", slice.chunk(), " elements [",
+            slice.offset(), ", ", slice.offset() + n, ")"));
+        continue;
+      }
+      float* dst = params + piece->local_offset +
+                   (slice.offset() - piece->chunk_offset);
+      if (slice.dtype() == BF16) {
+        Bf16ToFloat(slice.data().data(), n, dst);
+      } else {
+        std::memcpy(dst, slice.data().data(), n * 4);
+      }
+      received += n;
+      stats_.bytes_pulled += static_cast<int64_t>(slice.data().size());
+    }
+  }
+  LMPS_RETURN_IF_ERROR(FromGrpcStatus(reader->Finish()));
+  LMPS_RETURN_IF_ERROR(bad);
+  if (received != expected) {
+    return absl::DataLossError(absl::StrCat("pull of step ", step, " returned ",
+                                            received, " of ", expected,
+                                            " elements"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status PsClient::Pull(int64_t step, float* params,
                             int64_t* min_version) {
   std::vector<int64_t> versions(stubs_.size(), 0);
   LMPS_RETURN_IF_ERROR(ForEachShard(pull_shards_, [&](int s) -> absl::Status {
-    PullRequest req;
-    req.set_step(step);
-    req.set_partition_version(partition_version_);
-    req.set_dtype(F32);
-    if (has_view_) {
-      req.set_owned_only(true);
-      req.set_pp_rank(pp_rank_);
-      req.set_tp_rank(tp_rank_);
-    }
-    auto ctx = Context();
-    std::unique_ptr<grpc::ClientReaderInterface<PullResponse>> reader =
-        Stub(s)->Pull(ctx.get(), req);
-    stats_.rpcs++;
-    PullResponse resp;
-    int64_t received = 0, expected = 0;
-    for (const LocalPiece& p : pull_pieces_[s]) expected += p.n;
-    absl::Status bad;
-    while (reader->Read(&resp)) {
-      versions[s] = resp.version();
-      for (const ChunkSlice& slice : resp.slices()) {
-        const size_t width = slice.dtype() == BF16 ? 2 : 4;
-        const int64_t n = static_cast<int64_t>(slice.data().size() / width);
-        // The piece holding the slice's first element.
-        const LocalPiece* piece = nullptr;
-        auto it = index_[s].find({slice.tensor(), slice.chunk()});
-        if (it != index_[s].end()) {
-          auto next = std::upper_bound(
-              it->second.begin(), it->second.end(), slice.offset(),
-              [](int64_t v, const LocalPiece* p) { return v < p->chunk_offset; });
-          if (next != it->second.begin()) piece = *std::prev(next);
-        }
-        if (piece == nullptr || slice.data().size() % width != 0 ||
-            slice.offset() + n > piece->chunk_offset + piece->n) {
-          bad = absl::DataLossError(absl::StrCat(
-              "pull returned a slice outside the parts of this shard's chunks "
-              "this worker holds: ",
-              slice.tensor(), "#", slice.chunk(), " elements [",
-              slice.offset(), ", ", slice.offset() + n, ")"));
-          continue;
-        }
-        float* dst = params + piece->local_offset +
-                     (slice.offset() - piece->chunk_offset);
-        if (slice.dtype() == BF16) {
-          Bf16ToFloat(slice.data().data(), n, dst);
-        } else {
-          std::memcpy(dst, slice.data().data(), n * 4);
-        }
-        received += n;
-        stats_.bytes_pulled += static_cast<int64_t>(slice.data().size());
-      }
-    }
-    LMPS_RETURN_IF_ERROR(FromGrpcStatus(reader->Finish()));
-    LMPS_RETURN_IF_ERROR(bad);
-    if (received != expected) {
-      return absl::DataLossError(absl::StrCat("pull of step ", step, " returned ",
-                                              received, " of ", expected,
-                                              " elements"));
-    }
-    return absl::OkStatus();
+    return PullShard(step, s, nullptr, params, &versions[s]);
   }));
   if (min_version != nullptr && !pull_shards_.empty()) {
     int64_t v = versions[pull_shards_[0]];
@@ -339,6 +373,27 @@ absl::Status PsClient::Pull(int64_t step, float* params,
     *min_version = v;
   }
   return absl::OkStatus();
+}
+
+absl::Status PsClient::PullTensors(int64_t step, int shard,
+                                   const std::set<std::string>& tensors,
+                                   float* params, int64_t* version) {
+  int64_t v = 0;
+  const absl::Status st = CallWithFailover(shard, [&](int s) {
+    return PullShard(step, s, &tensors, params, &v);
+  });
+  if (!st.ok()) return Annotate(shard, st);
+  if (version != nullptr) *version = v;
+  return absl::OkStatus();
+}
+
+int64_t PsClient::HeldElements(int shard,
+                               const std::set<std::string>& tensors) const {
+  int64_t n = 0;
+  for (const LocalPiece& p : pull_pieces_[shard]) {
+    if (tensors.count(p.tensor) > 0) n += p.n;
+  }
+  return n;
 }
 
 absl::Status PsClient::Push(int64_t step, const std::string& worker_id,

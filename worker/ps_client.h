@@ -49,6 +49,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -72,6 +73,10 @@ struct PsClientOptions {
   int64_t max_message_bytes = 4 << 20;
   absl::Duration rpc_timeout = absl::Seconds(120);
   DType push_dtype = F32;  // F32, or BF16 to halve push bytes
+  // What Pull asks the shards for (train.pull_dtype): F32, or BF16 to halve
+  // the pull bytes (each value rounded to nearest even by the shard and
+  // widened back to fp32 here, exactly).
+  DType pull_dtype = F32;
   // train.compression (then push_dtype must be F32), and train.seed for
   // RANDOMK.
   CompressionConfig compression;
@@ -89,12 +94,18 @@ struct PsClientOptions {
 
 struct PsClientStats {
   // Payload bytes (ChunkSlice.data; pushes also compressed slices' indices
-  // and scales: the wire bytes of the gradient), headers not counted.
+  // and scales: the wire bytes of the gradient; pulls 2 bytes per element
+  // with pull_dtype BF16), headers not counted.
   std::atomic<int64_t> bytes_pushed{0};
   std::atomic<int64_t> bytes_pulled{0};
   std::atomic<int64_t> rpcs{0};
   std::atomic<int64_t> failovers{0};  // switches to a shard's other node
 };
+
+// The pull dtype a worker asks for: train.pull_dtype when set (F32 or
+// BF16), else BF16 for a CUDA backend (`backend` "cuda" or "cuda:N") and
+// F32 for any other.
+DType ResolvePullDtype(DType configured, const std::string& backend);
 
 class PsClient {
  public:
@@ -131,6 +142,23 @@ class PsClient {
   // and ASYNC).
   absl::Status Pull(int64_t step, float* params,
                     int64_t* min_version = nullptr);
+  // Part of Pull, for layer-wise pulls (worker/layerwise_pull.h): the
+  // elements of `tensors` (names) this worker holds on `shard`, for `step`,
+  // into their places in params (the other elements are not touched); sets
+  // *version (if not null) to the version served. Several may run at once
+  // for different shards, and -- without shard replication (SetBackups),
+  // whose failover state is per shard and single-threaded -- also for one
+  // shard and beside GradNorm / Apply / Push calls (each call has its own
+  // RPC; the stubs are thread-safe).
+  absl::Status PullTensors(int64_t step, int shard,
+                           const std::set<std::string>& tensors, float* params,
+                           int64_t* version = nullptr);
+  // Elements of `tensors` PullTensors receives from `shard` (0: none).
+  int64_t HeldElements(int shard, const std::set<std::string>& tensors) const;
+  int num_shards() const { return static_cast<int>(stubs_.size()); }
+  DType pull_dtype() const { return options_.pull_dtype; }
+  // Whether SetBackups was called (shard replication).
+  bool replicated() const { return !failover_.empty(); }
   // Pushes grads[num_parameters] as this replica's gradient for `step` (with
   // a view: the Pushed part of this worker's local gradient).
   absl::Status Push(int64_t step, const std::string& worker_id, int dp_rank,
@@ -192,6 +220,11 @@ class PsClient {
                             const std::function<absl::Status(int)>& fn);
   absl::Status Annotate(int shard, const absl::Status& status) const;
   // fn(shard), and with a backup the failover described above.
+  // Pulls `tensors` (all: nullptr) of shard s for `step` into params;
+  // *version: the version served.
+  absl::Status PullShard(int64_t step, int s,
+                         const std::set<std::string>* tensors, float* params,
+                         int64_t* version);
   absl::Status CallWithFailover(int shard,
                                 const std::function<absl::Status(int)>& fn);
   // The node of `shard` in use (on the shard's thread).

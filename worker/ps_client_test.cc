@@ -8,6 +8,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "common/model/bf16.h"
 #include "common/model/job_spec.h"
 #include "common/model/model_spec.h"
 #include "common/model/parallel_layout.h"
@@ -274,6 +275,61 @@ TEST(PsClientTest, StatsCountPayloadBytesWithoutAView) {
   // Ranks outside the layout.
   EXPECT_EQ(cluster.Client({&*layout, 1, 0}).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+TEST(PsClientTest, PullDtypeDefaultsToBf16OnlyOnCuda) {
+  EXPECT_EQ(ResolvePullDtype(DTYPE_UNSPECIFIED, "cpu"), F32);
+  EXPECT_EQ(ResolvePullDtype(DTYPE_UNSPECIFIED, "cuda"), BF16);
+  EXPECT_EQ(ResolvePullDtype(DTYPE_UNSPECIFIED, "cuda:1"), BF16);
+  EXPECT_EQ(ResolvePullDtype(DTYPE_UNSPECIFIED, "cudax"), F32);
+  EXPECT_EQ(ResolvePullDtype(F32, "cuda"), F32);
+  EXPECT_EQ(ResolvePullDtype(BF16, "cpu"), BF16);
+}
+
+// train.pull_dtype BF16: half the bytes, every value the fp32 master
+// rounded to nearest even, with and without a pp x tp view.
+TEST(PsClientTest, Bf16PullsHalveTheBytesAndRoundEachValue) {
+  for (const auto& [pp, tp] : {std::pair{1, 1}, std::pair{2, 2}}) {
+    const JobSpec spec = Spec(pp, tp);
+    Cluster cluster;
+    ASSERT_TRUE(cluster.Start(spec).ok());
+    absl::StatusOr<ParallelLayout> layout =
+        ParallelLayout::Create(spec.model(), spec.layout());
+    ASSERT_TRUE(layout.ok());
+    PsClientOptions f32, bf16;
+    bf16.pull_dtype = BF16;
+    for (int p = 0; p < pp; ++p) {
+      for (int t = 0; t < tp; ++t) {
+        const PsClientView view = {pp * tp > 1 ? &*layout : nullptr, p, t};
+        absl::StatusOr<std::unique_ptr<PsClient>> a = cluster.Client(view, f32);
+        absl::StatusOr<std::unique_ptr<PsClient>> b =
+            cluster.Client(view, bf16);
+        ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+        const int64_t n = (*a)->num_parameters();
+        std::vector<float> exact(n), rounded(n);
+        ASSERT_TRUE((*a)->Pull(0, exact.data()).ok());
+        ASSERT_TRUE((*b)->Pull(0, rounded.data()).ok());
+        EXPECT_EQ((*a)->stats().bytes_pulled, 4 * n);
+        EXPECT_EQ((*b)->stats().bytes_pulled, 2 * n);
+        int64_t differ = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          ASSERT_EQ(rounded[i], Bf16BitsToFloat(FloatToBf16Bits(exact[i])))
+              << "pp " << p << " tp " << t << " element " << i;
+          differ += rounded[i] != exact[i];
+        }
+        EXPECT_GT(differ, n / 2);  // the init values do need rounding
+      }
+    }
+  }
+  PsClientOptions bad;
+  bad.pull_dtype = INT8;
+  Cluster cluster;
+  ASSERT_TRUE(cluster.Start(Spec(1, 1)).ok());
+  absl::StatusOr<std::unique_ptr<PsClient>> c = cluster.Client({}, bad);
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(c.status().message().find("pull dtype must be F32 or BF16"),
+            std::string::npos)
+      << c.status();
 }
 
 // PushChunks over growing ranges cut anywhere (chunks straddle the cuts,

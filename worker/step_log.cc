@@ -38,6 +38,9 @@ std::string StepLogLine(const StepLogIdentity& who, const TrainerProgress& p,
   PutFinite(&j, "pull_s", p.pull_seconds);
   PutFinite(&j, "push_s", p.push_seconds);
   PutFinite(&j, "wait_s", p.sync_seconds);
+  if (p.comm_seconds > 0) {
+    PutFinite(&j, "comm_hidden", p.comm_hidden_seconds / p.comm_seconds);
+  }
   j["bytes_pulled"] = p.pull_bytes;
   j["bytes_pushed"] = p.push_bytes;
   if (who.pipeline) PutFinite(&j, "bubble", p.bubble_fraction);

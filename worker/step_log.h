@@ -7,13 +7,14 @@
 //    "dp": 0, "pp": 0, "tp": 0,
 //    "loss": 2.31, "eval_loss": 2.45, "lr": 0.0006, "grad_norm": 0.87,
 //    "tokens_per_second": 5321, "compute_s": 0.21, "pull_s": 0.01,
-//    "push_s": 0.02, "wait_s": 0.004, "bytes_pulled": 1200000,
-//    "bytes_pushed": 1200000, "bubble": 0.25}
+//    "push_s": 0.02, "wait_s": 0.004, "comm_hidden": 0.6,
+//    "bytes_pulled": 1200000, "bytes_pushed": 1200000, "bubble": 0.25}
 // step: the 0-based index of the step just computed; time: Unix seconds;
 // loss: this worker's training loss (pipeline: the last stage's only);
 // eval_loss: only on the line of the step whose parameters were evaluated;
 // lr, grad_norm, *_s, bytes_*: TrainerProgress (worker/training_loop.h);
-// bubble: pipeline stages only. A second line for the same step updates
+// comm_hidden: comm_hidden_seconds / comm_seconds (absent while no
+// communication was timed); bubble: pipeline stages only. A second line for the same step updates
 // the first (the final evaluation's eval_loss).
 //
 // Each line goes out in one write() on a file opened O_APPEND, so lines of

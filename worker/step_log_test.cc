@@ -34,6 +34,8 @@ TrainerProgress Progress(int64_t step) {
   p.sync_seconds = 0.003;
   p.pull_bytes = 400;
   p.push_bytes = 300;
+  p.comm_seconds = 0.04;
+  p.comm_hidden_seconds = 0.01;
   p.bubble_fraction = 0.25;
   return p;
 }
@@ -58,6 +60,7 @@ TEST(StepLogTest, LineHasEveryFieldAndOmitsUnknownValues) {
   EXPECT_DOUBLE_EQ(j["grad_norm"].get<double>(), 0.75);
   EXPECT_DOUBLE_EQ(j["compute_s"].get<double>(), 0.2);
   EXPECT_DOUBLE_EQ(j["wait_s"].get<double>(), 0.003);
+  EXPECT_DOUBLE_EQ(j["comm_hidden"].get<double>(), 0.25);
   EXPECT_EQ(j["bytes_pulled"], 400);
   EXPECT_EQ(j["bytes_pushed"], 300);
   EXPECT_DOUBLE_EQ(j["bubble"].get<double>(), 0.25);

@@ -13,6 +13,7 @@
 #include "common/model/learning_rate.h"
 #include "common/model/parallel_layout.h"
 #include "common/rpc/status_util.h"
+#include "worker/layerwise_pull.h"
 #include "worker/overlapped_push.h"
 
 namespace lmps {
@@ -64,6 +65,17 @@ absl::StatusOr<std::unique_ptr<DataParallelTrainer>> DataParallelTrainer::Create
   t->progress_.step = t->options_.start_step;
   t->progress_.end_step = t->end_step_;
   DataParallelTrainer* raw = t.get();
+  t->layerwise_ = t->options_.layerwise_pull && train.mode() != ASYNC &&
+                  EffectiveStaleness(t->options_.spec) == 0;
+  if (t->layerwise_) {
+    t->groups_ = GptPullGroups(t->options_.spec.model());
+    const int per_lane = ps->replicated() ? 1 : 2;
+    t->scheduler_ = std::make_unique<CommScheduler>(CommSchedulerOptions{
+        .credit_bytes = std::max<int64_t>(4 << 20,
+                                          t->options_.spec.max_message_bytes()),
+        .max_per_lane = per_lane,
+        .threads = std::max(2, ps->num_shards() * per_lane)});
+  }
   t->pinned_ = std::make_unique<PinnedHostBuffers>(
       model->backend(),
       std::vector<std::vector<float>*>{&t->host_params_, &t->host_grads_},
@@ -75,6 +87,18 @@ absl::Status DataParallelTrainer::PullInto(int64_t step, int64_t* version) {
   LMPS_RETURN_IF_ERROR(ps_->Pull(step, host_params_.data(), version));
   ++progress_.pulls;
   return model_->SetParametersFromHost(host_params_.data());
+}
+
+std::unique_ptr<LayerwisePull> DataParallelTrainer::StartPull(int64_t step) {
+  pull_bytes_start_ = ps_->stats().bytes_pulled;
+  return std::make_unique<LayerwisePull>(ps_, scheduler_.get(), &groups_, step,
+                                         host_params_.data());
+}
+
+absl::Status DataParallelTrainer::CopyParams(int64_t begin, int64_t end) {
+  return model_->backend()->CopyToBackend(model_->params() + begin,
+                                          host_params_.data() + begin,
+                                          end - begin);
 }
 
 absl::Status DataParallelTrainer::ApplyStep(int64_t step) {
@@ -154,22 +178,36 @@ absl::Status DataParallelTrainer::Run() {
   // ASYNC: the last version seen; pulling for it never waits (versions only
   // grow) and keeps reads monotonic.
   int64_t async_seen = options_.start_step;
+  // Layer-wise: the pull of the next step, started once this step applied.
+  std::unique_ptr<LayerwisePull> ahead;
+  const auto copy = [this](int64_t begin, int64_t end) {
+    return CopyParams(begin, end);
+  };
   for (int64_t step = options_.start_step; step < end_step_; ++step) {
     if (cancelled_) return absl::CancelledError("training cancelled");
     auto t0 = std::chrono::steady_clock::now();
-    const int64_t pulled_before = ps_->stats().bytes_pulled;
     int64_t version = 0;
-    LMPS_RETURN_IF_ERROR(
-        PullInto(mode == ASYNC ? async_seen : step, &version));
-    const int64_t pull_done_us = NowMicros();
-    async_seen = std::max(async_seen, version);
-    progress_.pulled_version = version;
-    progress_.staleness = Staleness(step, version);
+    int64_t pull_done_us = 0;
+    std::unique_ptr<LayerwisePull> pull;  // layer-wise: lands in the forward
+    if (layerwise_) {
+      pull = ahead != nullptr ? std::move(ahead) : StartPull(step);
+      ++progress_.pulls;
+    } else {
+      pull_bytes_start_ = ps_->stats().bytes_pulled;
+      LMPS_RETURN_IF_ERROR(
+          PullInto(mode == ASYNC ? async_seen : step, &version));
+      pull_done_us = NowMicros();
+      async_seen = std::max(async_seen, version);
+      progress_.pulled_version = version;
+      progress_.staleness = Staleness(step, version);
+    }
     progress_.pull_seconds = SecondsSince(t0);
     if (options_.dp_rank == 0 && train.eval_interval() > 0 &&
         step % train.eval_interval() == 0 && step > options_.start_step) {
+      if (pull != nullptr) LMPS_RETURN_IF_ERROR(pull->WaitAll(copy));
       LMPS_ASSIGN_OR_RETURN(progress_.eval_loss, Evaluate());
     }
+    const double waited_before = pull != nullptr ? pull->exposed_seconds() : 0;
 
     auto t1 = std::chrono::steady_clock::now();
     model_->ZeroGrad();
@@ -184,9 +222,21 @@ absl::Status DataParallelTrainer::Run() {
       const int first = options_.dp_rank * local_batch + mb * micro_batch_;
       data_->Batch(Split::kTrain, train.seed(), step, train.batch_size(),
                    first, micro_batch_, tokens_.data(), targets_.data());
-      LMPS_ASSIGN_OR_RETURN(float l, model_->Forward(tokens_.data(),
-                                                     targets_.data(),
-                                                     micro_batch_, T));
+      // The first forward pass waits for each block's parameters only.
+      GptModel::ParametersReadyFn ready;
+      if (pull != nullptr && mb == 0) {
+        ready = [&](int64_t end) { return pull->WaitFor(end, copy); };
+      }
+      LMPS_ASSIGN_OR_RETURN(
+          float l, model_->Forward(tokens_.data(), targets_.data(),
+                                   micro_batch_, T, ready));
+      if (pull != nullptr && mb == 0) {
+        LMPS_RETURN_IF_ERROR(pull->WaitAll(copy));
+        version = pull->min_version();
+        pull_done_us = pull->landed_us();
+        progress_.pulled_version = version;
+        progress_.staleness = Staleness(step, version);
+      }
       loss += l / M;
       if (overlap && mb == M - 1) break;  // pushed during its backward pass
       LMPS_RETURN_IF_ERROR(model_->Backward(grad_scale));
@@ -201,14 +251,17 @@ absl::Status DataParallelTrainer::Run() {
       absl::SleepFor(absl::Milliseconds(train.debug_slow_worker_delay_ms()));
       slept = SecondsSince(sleep_start);
     }
+    // The forward pass's waits for parameters are the pull's, not compute.
+    const double pull_waited =
+        pull != nullptr ? pull->exposed_seconds() - waited_before : 0;
     if (overlap) {
       LMPS_RETURN_IF_ERROR(
           BackwardAndPush(step, grad_scale, &t2, &push_start_us));
       progress_.compute_seconds =
-          std::chrono::duration<double>(t2 - t1).count() - slept;
+          std::chrono::duration<double>(t2 - t1).count() - slept - pull_waited;
     } else {
       LMPS_RETURN_IF_ERROR(model_->GradientsToHost(host_grads_.data()));
-      progress_.compute_seconds = SecondsSince(t1);
+      progress_.compute_seconds = SecondsSince(t1) - pull_waited;
       if (slow) {
         absl::SleepFor(absl::Milliseconds(train.debug_slow_worker_delay_ms()));
       }
@@ -237,7 +290,23 @@ absl::Status DataParallelTrainer::Run() {
     progress_.tokens_per_second = tokens_done / SecondsSince(run_start);
     progress_.learning_rate =
         LearningRate(options_.spec.optimizer(), step, train.steps());
-    progress_.pull_bytes = ps_->stats().bytes_pulled - pulled_before;
+    progress_.pull_bytes = ps_->stats().bytes_pulled - pull_bytes_start_;
+    // Communication hidden behind compute: the pull's and the push's wall
+    // time in flight, less the time the step waited for them.
+    double pull_total = progress_.pull_seconds;
+    if (pull != nullptr) {
+      progress_.pull_seconds = pull->exposed_seconds();
+      pull_total = pull->total_seconds();
+    }
+    const double push_total =
+        overlap ? std::max(0.0, (push_done_us - push_start_us) / 1e6)
+                : progress_.push_seconds;
+    progress_.comm_seconds = pull_total + push_total;
+    progress_.comm_hidden_seconds =
+        std::max(0.0, progress_.comm_seconds - progress_.pull_seconds -
+                          progress_.push_seconds);
+    pull.reset();
+    if (layerwise_ && step + 1 < end_step_) ahead = StartPull(step + 1);
     if (train.debug_trace_steps()) {
       Log(absl::StrFormat(
           "trace dp_rank=%d step=%d pulled_version=%d staleness=%d loss=%.6f "

@@ -22,6 +22,17 @@
 // apply it at once); no GradNorm/Apply. The final pull (evaluation,
 // sample) waits for the version after every replica's last push.
 //
+// Layer-wise pulls (DataParallelTrainerOptions.layerwise_pull, the default;
+// used in SYNC and BOUNDED_STALENESS with s = 0): the pull of 1. above is
+// started as soon as step t - 1 is applied (the first step's at once), one
+// PsClient::PullTensors per layer group and shard in forward order through
+// a CommScheduler (worker/layerwise_pull.h), and the first micro-batch's
+// forward pass waits for each block's parameters only
+// (GptModel::ParametersReadyFn), copying each landed group into the model.
+// The same bytes land in the same places: bit-identical to the whole pull.
+// TrainerProgress.comm_seconds / comm_hidden_seconds say how much of the
+// step's communication (pull and push) was hidden behind compute.
+//
 // Every step's pulled version and staleness are in TrainerProgress.
 // Evaluation (data-parallel rank 0 only) runs on the pulled parameters every
 // eval_interval steps and at the end.
@@ -65,6 +76,8 @@
 #include "absl/status/statusor.h"
 #include "proto/lmps.pb.h"
 #include "worker/data/dataset.h"
+#include "worker/comm_scheduler.h"
+#include "worker/layerwise_pull.h"
 #include "worker/model/gpt.h"
 #include "worker/overlapped_push.h"
 #include "worker/ps_client.h"
@@ -77,6 +90,9 @@ struct DataParallelTrainerOptions : TrainingLoopOptions {
   // Push the gradient while the last micro-batch's backward pass runs (see
   // the file comment); false: push it after the backward pass.
   bool overlap_push = true;
+  // Layer-wise pull pipelining (train.layerwise_pull; see the file
+  // comment). Used in SYNC (and BOUNDED_STALENESS with staleness 0) only.
+  bool layerwise_pull = true;
 };
 
 class DataParallelTrainer : public TrainingLoop {
@@ -103,6 +119,10 @@ class DataParallelTrainer : public TrainingLoop {
   // Pulls for `step` into the model; sets *version (if not null) to the
   // smallest version served.
   absl::Status PullInto(int64_t step, int64_t* version = nullptr);
+  // Layer-wise: starts the pull of `step` into host_params_.
+  std::unique_ptr<LayerwisePull> StartPull(int64_t step);
+  // Copies host_params_[begin, end) into the model.
+  absl::Status CopyParams(int64_t begin, int64_t end);
   // The last micro-batch's backward pass of `step` with its gradient pushed
   // as it becomes final (overlap_push). Sets progress_.push_bytes_overlapped
   // and *backward_done, *push_start_us. On an error the chunks already
@@ -128,6 +148,10 @@ class DataParallelTrainer : public TrainingLoop {
   int micro_batch_ = 0;  // sequences per micro-batch
   std::vector<float> host_params_, host_grads_;
   std::unique_ptr<PinnedHostBuffers> pinned_;  // the two above
+  bool layerwise_ = false;
+  std::vector<PullGroup> groups_;
+  std::unique_ptr<CommScheduler> scheduler_;
+  int64_t pull_bytes_start_ = 0;  // bytes_pulled when the step's pull began
   std::vector<int32_t> tokens_, targets_;
   std::atomic<bool> cancelled_{false};
   TrainerProgress progress_;

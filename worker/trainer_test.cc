@@ -125,7 +125,8 @@ struct Result {
 // Trains `spec` with every replica on its own thread (its own backend,
 // model and client) against fresh shards; returns the final parameters.
 absl::StatusOr<Result> Train(const JobSpec& spec, DType push_dtype,
-                             bool overlap, bool late_copies = false) {
+                             bool overlap, bool late_copies = false,
+                             bool layerwise = true) {
   Cluster cluster;
   if (absl::Status s = cluster.Start(spec); !s.ok()) return s;
   absl::StatusOr<std::unique_ptr<TextDataset>> data = QuickBrownFoxData(spec);
@@ -171,6 +172,7 @@ absl::StatusOr<Result> Train(const JobSpec& spec, DType push_dtype,
         to.dp_rank = r;
         to.spec = spec;
         to.overlap_push = overlap;
+        to.layerwise_pull = layerwise;
         to.log = [](const std::string&) {};
         absl::StatusOr<std::unique_ptr<DataParallelTrainer>> trainer =
             DataParallelTrainer::Create(to, model->get(), ps->get(), data->get());
@@ -253,6 +255,39 @@ TEST(TrainerTest, PushWaitsForLateCopies) {
   // Every range of the last micro-batch's backward pass, every step, on
   // both replicas (4 blocks + ln_f + embeddings at least).
   EXPECT_GE(late->late_copies_landed, 2 * kSteps * 6);
+}
+
+// Layer-wise pulls (the default) against whole pulls before the forward
+// pass: bit-identical parameters, the same bytes, with and without the
+// push overlap; the communication time and its hidden part are reported.
+TEST(TrainerTest, LayerwisePullIsBitIdenticalAndReported) {
+  JobSpec spec = Spec(SYNC, 2);
+  spec.mutable_train()->set_eval_interval(2);  // an evaluation mid-run too
+  for (const bool overlap : {false, true}) {
+    SCOPED_TRACE(absl::StrCat("overlap_push ", overlap));
+    absl::StatusOr<Result> whole = Train(spec, F32, overlap, false,
+                                         /*layerwise=*/false);
+    ASSERT_TRUE(whole.ok()) << whole.status();
+    absl::StatusOr<Result> layered = Train(spec, F32, overlap, false,
+                                           /*layerwise=*/true);
+    ASSERT_TRUE(layered.ok()) << layered.status();
+    EXPECT_EQ(whole->params, layered->params);
+    EXPECT_NE(whole->params, whole->initial_params);
+    const int64_t n = static_cast<int64_t>(whole->params.size());
+    for (int r = 0; r < 2; ++r) {
+      SCOPED_TRACE(absl::StrCat("dp rank ", r));
+      const TrainerProgress& w = whole->progress[r];
+      const TrainerProgress& l = layered->progress[r];
+      EXPECT_EQ(l.pull_bytes, 4 * n);
+      EXPECT_EQ(w.pull_bytes, 4 * n);
+      EXPECT_EQ(l.pulled_version, w.pulled_version);
+      EXPECT_GT(l.comm_seconds, 0);
+      EXPECT_GE(l.comm_hidden_seconds, 0);
+      EXPECT_LE(l.comm_hidden_seconds, l.comm_seconds);
+      EXPECT_LE(l.pull_seconds, l.comm_seconds);
+      EXPECT_GE(w.comm_seconds, w.pull_seconds);
+    }
+  }
 }
 
 // The trainer's gradient scaling, fixed: one plain SGD step (no momentum,

@@ -49,8 +49,15 @@ struct TrainerProgress {
   // Of the last step. compute_seconds: forward and backward; push_seconds:
   // pushing after the backward pass ended (with overlap_push the part of
   // the push not hidden behind it, waiting for the last streams).
+  // pull_seconds: the pull's time not hidden (with layer-wise pulls, the
+  // forward pass's waits for parameters).
   double compute_seconds = 0, pull_seconds = 0, push_seconds = 0,
          sync_seconds = 0;
+  // The last step's communication (pull and push) time in flight, and the
+  // part of it hidden behind compute (in flight while the step computed:
+  // comm_seconds less pull_seconds and push_seconds). Exported as
+  // lmps_comm_hidden_fraction = hidden / comm.
+  double comm_seconds = 0, comm_hidden_seconds = 0;
   // Gradient payload bytes pushed in the last step (PsClientStats
   // bytes_pushed), and how many of them were sent while the backward pass
   // was still computing: before its last range of the gradient (the

@@ -259,6 +259,16 @@ class WorkerSession {
     }
     PsClientOptions ps_options;
     ps_options.push_dtype = options_.push_dtype;
+    ps_options.pull_dtype =
+        ResolvePullDtype(spec_.train().pull_dtype(), options_.backend);
+    if (ps_options.pull_dtype == BF16) {
+      log_(id_, absl::StrCat(
+                    "pulls parameters in bf16 (train.pull_dtype ",
+                    spec_.train().pull_dtype() == DTYPE_UNSPECIFIED
+                        ? "unset: the default with a CUDA backend"
+                        : "BF16",
+                    "): half the bytes, each value rounded to nearest even"));
+    }
     ps_options.rpc_timeout = options_.rpc_timeout;
     ps_options.max_message_bytes = spec_.max_message_bytes();
     ps_options.compression = spec_.train().compression();
@@ -430,6 +440,8 @@ class WorkerSession {
     static_cast<TrainingLoopOptions&>(options) = common;
     options.dp_rank = assignment_.dp_rank();
     options.overlap_push = overlap_push;
+    options.layerwise_pull =
+        spec_.train().layerwise_pull() != LAYERWISE_PULL_OFF;
     LMPS_ASSIGN_OR_RETURN(
         std::unique_ptr<DataParallelTrainer> trainer,
         DataParallelTrainer::Create(options, model_.get(), ps_.get(),
@@ -544,6 +556,7 @@ class WorkerSession {
     hb.set_eval_loss(latest_.eval_loss);
     hb.set_tokens_per_second(latest_.tokens_per_second);
     hb.set_push_wire_bytes(latest_.push_bytes);
+    hb.set_pull_wire_bytes(latest_.pull_bytes);
     hb.set_done(done_);
     hb.set_error(error_);
     return hb;

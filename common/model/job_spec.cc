@@ -196,6 +196,20 @@ absl::Status ValidateJobSpec(const JobSpec& s) {
       !st.ok()) {
     return st;
   }
+  const DType pull = s.train().pull_dtype();
+  if (pull != DTYPE_UNSPECIFIED && pull != F32 && pull != BF16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train.pull_dtype ",
+        DType_IsValid(pull) ? DType_Name(pull)
+                            : std::to_string(static_cast<int>(pull)),
+        " is not valid; valid: F32, BF16 (unset: BF16 on CUDA workers, F32 on "
+        "CPU workers)"));
+  }
+  if (!LayerwisePullMode_IsValid(s.train().layerwise_pull())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train.layerwise_pull ", static_cast<int>(s.train().layerwise_pull()),
+        " is not valid; valid: LAYERWISE_PULL_ON, LAYERWISE_PULL_OFF"));
+  }
   return ValidateConsistency(s);
 }
 

@@ -145,7 +145,8 @@ TEST(JobSpecTest, CompressionParsesAndBadSettingsSayWhatIsValid) {
        {"train { compression { kind: TOPK ratio: 0.01 } }",
         "train { compression { kind: RANDOMK ratio: 0.5 } }",
         "train { compression { kind: QUANT_INT8 } }",
-        "train { compression { } }"}) {
+        "train { compression { } }", "train { pull_dtype: BF16 }",
+        "train { pull_dtype: F32 }", "train { layerwise_pull: LAYERWISE_PULL_OFF }"}) {
     absl::StatusOr<JobSpec> spec = ParseJobSpec(text);
     EXPECT_TRUE(spec.ok()) << text << " -> " << spec.status();
   }
@@ -171,6 +172,12 @@ TEST(JobSpecTest, CompressionParsesAndBadSettingsSayWhatIsValid) {
            {"train { compression { kind: 9 } }",
             "train.compression.kind 9 is not valid; valid: COMPRESSION_NONE, "
             "TOPK, RANDOMK, QUANT_INT8"},
+           {"train { pull_dtype: INT8 }",
+            "train.pull_dtype INT8 is not valid; valid: F32, BF16"},
+           {"train { pull_dtype: 7 }", "train.pull_dtype 7 is not valid"},
+           {"train { layerwise_pull: 5 }",
+            "train.layerwise_pull 5 is not valid; valid: LAYERWISE_PULL_ON, "
+            "LAYERWISE_PULL_OFF"},
        }) {
     ExpectInvalid(c.text, c.needle);
   }

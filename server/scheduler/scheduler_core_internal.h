@@ -78,6 +78,7 @@ struct SchedulerCore::Node {
   float eval_loss = scheduler_internal::kNaN;
   double tokens_per_second = 0;
   int64_t push_wire_bytes = 0;  // workers: the last step's push
+  int64_t pull_wire_bytes = 0;  // workers: the last step's pull
   bool alive = true;
   bool done = false;
   std::string error;
@@ -104,6 +105,7 @@ struct SchedulerCore::Node {
     eval_loss = scheduler_internal::kNaN;
     tokens_per_second = 0;
     push_wire_bytes = 0;
+    pull_wire_bytes = 0;
     alive = true;
     done = false;
     error.clear();

@@ -100,6 +100,7 @@ void SchedulerCore::RecordProgressLocked(Node* n,
   n->eval_loss = request.eval_loss();
   n->tokens_per_second = request.tokens_per_second();
   n->push_wire_bytes = request.push_wire_bytes();
+  n->pull_wire_bytes = request.pull_wire_bytes();
   if (request.done() && !n->done) {
     n->done = true;
     out->logs.push_back(

@@ -201,7 +201,8 @@ absl::Status GptModel::CheckTokens(const int32_t* tokens, const char* what,
 }
 
 absl::StatusOr<float> GptModel::Forward(const int32_t* tokens,
-                                        const int32_t* targets, int B, int T) {
+                                        const int32_t* targets, int B, int T,
+                                        const ParametersReadyFn& params_ready) {
   if (B < 1 || B > max_batch_) {
     return absl::InvalidArgumentError(absl::StrCat(
         "gpt: batch size ", B, " is outside [1, max_batch=", max_batch_, "]"));
@@ -238,9 +239,22 @@ absl::StatusOr<float> GptModel::Forward(const int32_t* tokens,
   const int C = config_.n_embd(), NH = config_.n_head(),
             V = config_.vocab_size();
   Backend& be = *backend_;
+  const int L = config_.n_layer();
+  // params()[0, end) must be in place before the pass reads it.
+  auto need = [&](const float* end) -> absl::Status {
+    if (!params_ready) return absl::OkStatus();
+    return params_ready(end - params_);
+  };
+  if (absl::Status s = need(L > 0 ? p_.layers[0].ln1w : p_.lnfw); !s.ok()) {
+    return s;
+  }
   be.EncoderForward(encoded_, tokens_, p_.wte, p_.wpe, B, T, C);
   const float* residual = encoded_;
-  for (int l = 0; l < config_.n_layer(); ++l) {
+  for (int l = 0; l < L; ++l) {
+    if (absl::Status s = need(l + 1 < L ? p_.layers[l + 1].ln1w : p_.lnfw);
+        !s.ok()) {
+      return s;
+    }
     const LayerTensors& w = p_.layers[l];
     const LayerActivations& a = acts_[l];
     be.LayerNormForward(a.ln1, a.ln1_mean, a.ln1_rstd, residual, w.ln1w,
@@ -259,6 +273,7 @@ absl::StatusOr<float> GptModel::Forward(const int32_t* tokens,
                        static_cast<size_t>(N) * C);
     residual = a.residual3;
   }
+  if (absl::Status s = need(params_ + num_parameters_); !s.ok()) return s;
   be.LayerNormForward(lnf_, lnf_mean_, lnf_rstd_, residual, p_.lnfw, p_.lnfb,
                       N, C);
   // Tied LM head: logits[N,V] = lnf[N,C] @ wte[V,C]^T.

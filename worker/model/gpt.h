@@ -103,8 +103,18 @@ class GptModel {
   // nullptr it only computes the logits and returns 0.
   // InvalidArgumentError for B outside [1, max_batch], T outside
   // [1, max_seq], or a token/target outside [0, V).
+  //
+  // `params_ready` (may be empty; layer-wise pulls, worker/layerwise_pull.h)
+  // is called with `end` before the pass first reads params()[0, end),
+  // with growing ends in forward order: the end of wpe (before the
+  // embedding), of block l (before block l), and num_parameters() (before
+  // ln_f and the tied head); the caller puts those parameters in place
+  // (e.g. with backend()->CopyToBackend) before returning OK. A non-OK
+  // status stops the pass, which returns it.
+  using ParametersReadyFn = std::function<absl::Status(int64_t end)>;
   absl::StatusOr<float> Forward(const int32_t* tokens, const int32_t* targets,
-                                int B, int T);
+                                int B, int T,
+                                const ParametersReadyFn& params_ready = nullptr);
 
   // Copies the logits [B,T,V] of the last Forward to host memory.
   // FailedPreconditionError before any Forward.

@@ -129,6 +129,57 @@ TEST_P(GptModelTest, LossAtInitIsLogVocab) {
   EXPECT_NEAR(*loss, std::log(32.0), 0.05);
 }
 
+// Forward's params_ready: called in forward order with the end of the
+// embeddings, of each block, then of everything; a model whose parameters
+// arrive only through it computes the same loss, bit for bit, as one given
+// them all before; an error stops the pass.
+TEST_P(GptModelTest, ForwardAsksForEachLayersParametersInOrder) {
+  const ModelConfig config = TinyConfig();
+  auto whole = MakeModel(config, 2, 8);
+  auto layered = MakeModel(config, 2, 8);
+  ASSERT_NE(whole, nullptr);
+  ASSERT_NE(layered, nullptr);
+  const std::vector<float> host = LargeParameters(config, 7);
+  ASSERT_TRUE(whole->SetParametersFromHost(host.data()).ok());
+  const std::vector<float> nan(host.size(), std::nanf(""));
+  ASSERT_TRUE(layered->SetParametersFromHost(nan.data()).ok());
+  const std::vector<int32_t> tok = RandomTokens(2, 16, 32);
+  const std::vector<int32_t> tgt = RandomTokens(3, 16, 32);
+  auto want = whole->Forward(tok.data(), tgt.data(), 2, 8);
+  ASSERT_TRUE(want.ok()) << want.status();
+
+  std::vector<int64_t> ends;
+  int64_t landed = 0;
+  auto got = layered->Forward(
+      tok.data(), tgt.data(), 2, 8, [&](int64_t end) -> absl::Status {
+        ends.push_back(end);
+        if (end > landed) {
+          absl::Status s = layered->backend()->CopyToBackend(
+              layered->params() + landed, host.data() + landed, end - landed);
+          landed = end;
+          return s;
+        }
+        return absl::OkStatus();
+      });
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, *want);
+  const int64_t first_block = *layered->TensorOffset("h.0.ln_1.weight");
+  const int64_t second_block = *layered->TensorOffset("h.1.ln_1.weight");
+  const int64_t lnf = *layered->TensorOffset("ln_f.weight");
+  ASSERT_EQ(config.n_layer(), 2);
+  EXPECT_EQ(ends, (std::vector<int64_t>{first_block, second_block, lnf,
+                                        layered->num_parameters()}));
+
+  int calls = 0;
+  auto failed = layered->Forward(
+      tok.data(), tgt.data(), 2, 8, [&](int64_t) -> absl::Status {
+        return ++calls == 2 ? absl::UnavailableError("shard 0 went away")
+                            : absl::OkStatus();
+      });
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(calls, 2);
+}
+
 TEST_P(GptModelTest, RejectsBadInput) {
   const ModelConfig config = TinyConfig();
   auto model = MakeModel(config, 2, 8);
