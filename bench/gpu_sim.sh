@@ -11,10 +11,13 @@
 # "device" memory. The loss is meaningless (0): this measures time only.
 #
 # For each configuration prints the median step time (the spacing of the
-# steps' end times in steps.jsonl, the first and the last steps left out)
-# and its ratio to the declared compute time: 1.0 would be communication
-# entirely hidden or free. Configurations: see CONFIGS below; each row is
-# "name|train fields|lmps_local flags|worker flags".
+# steps' end times in steps.jsonl, the first and the last steps left out),
+# its ratio to the declared compute time (1.0 would be communication
+# entirely hidden or free) and the median fraction of communication hidden
+# behind compute that layer-wise pulls report. Configurations: see CONFIGS
+# below, numbered as issue #13's parts; each row is "name|train
+# fields|lmps_local flags|worker flags". Parts 4 (hierarchical
+# aggregation) and 5 (ring all-reduce) are not implemented yet.
 #
 # Usage: bench/gpu_sim.sh [name-filter]
 # Environment: WORKERS (2), SHARDS (2), STEPS (8), DELAY_MS (40), BATCH (8
@@ -31,11 +34,15 @@ SEQ="${SEQ:-1024}"
 FILTER="${1:-}"
 
 L=12 C=768 NH=12 V=50304
+OFF="layerwise_pull: LAYERWISE_PULL_OFF pull_dtype: F32"
 CONFIGS=(
-  "baseline: PS, fp32 pulls and pushes|||"
-  "bf16 pushes (--push_dtype=bf16)|||--push_dtype=bf16"
-  "3. int8 compression with error feedback|compression { kind: QUANT_INT8 }||"
-  "3. top-k 0.01 with error feedback|compression { kind: TOPK ratio: 0.01 }||"
+  "baseline: fp32 whole-model pull and push|$OFF||"
+  "1. bf16 pulls|layerwise_pull: LAYERWISE_PULL_OFF pull_dtype: BF16||"
+  "2. layer-wise prioritised pulls|layerwise_pull: LAYERWISE_PULL_ON pull_dtype: F32||"
+  "3. int8 compression (error feedback)|$OFF compression { kind: QUANT_INT8 }||"
+  "3. top-k 0.01 (error feedback)|$OFF compression { kind: TOPK ratio: 0.01 }||"
+  "bf16 pushes (--push_dtype=bf16)|$OFF||--push_dtype=bf16"
+  "1+2+3: bf16 pulls, layer-wise, int8 pushes|layerwise_pull: LAYERWISE_PULL_ON pull_dtype: BF16 compression { kind: QUANT_INT8 }||"
 )
 
 tmp="$(mktemp -d /tmp/lmps_gpu_sim.XXXXXX)"
@@ -63,7 +70,7 @@ echo "SIMULATION (not a GPU): GPT-2 small, $WORKERS workers x $SHARDS shards" \
      "on loopback, batch $BATCH x $SEQ per worker, compute replaced by" \
      "$DELAY_MS ms per step ($FLOPS FLOP at a declared $TFLOPS TFLOP/s)," \
      "$(nproc) cores"
-printf '%-46s %12s %14s\n' "configuration" "step (ms)" "step/compute"
+printf '%-46s %10s %13s %7s\n' "configuration" "step (ms)" "step/compute" "hidden"
 for row in "${CONFIGS[@]}"; do
   IFS='|' read -r name train flags worker_flags <<<"$row"
   [[ -z "$FILTER" || "$name" == *"$FILTER"* ]] || continue
@@ -97,6 +104,11 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 times = [r["time"] for r in rows]
 gaps = [b - a for a, b in zip(times, times[1:])][:-1]  # not the last step
 ms = 1e3 * statistics.median(gaps)
-print("%-46s %12.0f %14.1f" % (sys.argv[3], ms, ms / float(sys.argv[2])))
+# The fraction of communication time hidden behind compute (layer-wise
+# pulls report it; "-" where the configuration does not).
+hidden = [w["comm_hidden"] for r in rows for w in r.get("workers", {}).values()
+          if "comm_hidden" in w]
+h = "%.2f" % statistics.median(hidden) if hidden else "-"
+print("%-46s %10.0f %13.1f %7s" % (sys.argv[3], ms, ms / float(sys.argv[2]), h))
 EOF
 done
