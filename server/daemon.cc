@@ -6,11 +6,13 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/notification.h"
 #include "common/clients/scheduler_client.h"
 #include "common/model/partition.h"
 #include "common/rpc/daemon_metrics.h"
@@ -113,7 +115,7 @@ class Daemon {
       if (absl::Status s = Register(assemble_deadline); !s.ok()) return s;
       if (job_finished_) return absl::OkStatus();
       if (absl::Status s = GetAssignment(assemble_deadline); !s.ok()) return s;
-      if (absl::Status s = CreateShard(); !s.ok()) return s;
+      if (absl::Status s = CreateShardHeartbeating(); !s.ok()) return s;
       EnableRejoin();
       absl::Status s = HeartbeatUntilDone();
       if (!reassemble_) return s;
@@ -280,6 +282,36 @@ class Daemon {
     }
     assignment_ = *std::move(a);
     return absl::OkStatus();
+  }
+
+  // CreateShard on another thread while this one keeps the lease with
+  // plain heartbeats (the start step; their answers wait for the serving
+  // heartbeats): initialising or loading a large shard can take longer than
+  // the lease, and the scheduler would declare the shard dead. A
+  // replicated shard's heartbeats carry its role, so it heartbeats once it
+  // serves, as before.
+  absl::Status CreateShardHeartbeating() {
+    if (assignment_.spec().layout().shard_backups() > 0) {
+      if (options_.before_create_shard) options_.before_create_shard();
+      return CreateShard();
+    }
+    absl::Status created;
+    absl::Notification done;
+    std::thread creator([&] {
+      if (options_.before_create_shard) options_.before_create_shard();
+      created = CreateShard();
+      done.Notify();
+    });
+    const absl::Duration interval =
+        std::max(client_->lease() / 3, absl::Milliseconds(20));
+    while (!done.WaitForNotificationWithTimeout(interval)) {
+      HeartbeatRequest req;  // the client fills in node id and incarnation
+      req.set_step(assignment_.start_step());
+      req.set_eval_loss(std::nanf(""));
+      (void)client_->Heartbeat(req, std::max(interval, absl::Seconds(1)));
+    }
+    creator.join();
+    return created;
   }
 
   absl::Status CreateShard() {

@@ -74,6 +74,9 @@ struct DaemonOptions {
   RpcMetrics* rpc_metrics = nullptr;
   // Receives every log line, prefix included; empty: stderr.
   std::function<void(const std::string&)> log;
+  // Tests: runs on the thread creating the shard, before it does (e.g. to
+  // make creation slow).
+  std::function<void()> before_create_shard;
 };
 
 absl::Status RunParameterServer(const DaemonOptions& options, StopSignal* stop);

@@ -9,6 +9,7 @@
 #include "common/model/job_spec.h"
 #include "common/model/partition.h"
 #include "common/rpc/grpc_server.h"
+#include "absl/synchronization/notification.h"
 #include "gtest/gtest.h"
 #include "proto/lmps.grpc.pb.h"
 #include "server/checkpoint.h"
@@ -194,6 +195,32 @@ TEST_F(DaemonTest, ServesUntilFinishedAndWritesTheLastCheckpoint) {
   stop_.Stop();  // as SIGTERM would
   daemon_.join();
   EXPECT_TRUE(result_.ok()) << result_;
+}
+
+// A shard whose creation takes longer than its lease (300 ms here; a
+// large model's initialisation) keeps the lease with heartbeats meanwhile:
+// the scheduler does not declare it dead. The 1 s delay is the slowness
+// under test, injected.
+TEST_F(DaemonTest, HeartbeatsWhileTheShardIsCreated) {
+  absl::Notification creating;
+  options_.before_create_shard = [&creating] {
+    creating.Notify();
+    absl::SleepFor(absl::Seconds(1));
+  };
+  int during = -1;
+  options_.log = [this, &during](const std::string& line) {
+    if (line.find("serving shard") != std::string::npos && during < 0) {
+      absl::MutexLock lock(&fake_.mu_);
+      during = static_cast<int>(fake_.heartbeats_.size());
+    }
+    absl::MutexLock lock(&log_mu_);
+    log_.push_back(line);
+  };
+  Start();
+  ASSERT_TRUE(creating.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  ASSERT_TRUE(WaitForLogLine("serving shard"));
+  // Every 100 ms (lease / 3) for 1 s; a loaded machine sends fewer.
+  EXPECT_GE(during, 3) << Log();
 }
 
 TEST_F(DaemonTest, JobFailedEndsWithError) {

@@ -30,6 +30,13 @@ absl::StatusOr<StartedServer> StartGrpcServer(
                            &started.port);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
+  // Accept the keepalive pings of ClientChannelArgs (every 10 s, also
+  // without calls) during long waits.
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(
+      GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+      static_cast<int>(absl::ToInt64Milliseconds(
+          options.min_client_ping_interval)));
   for (grpc::Service* service : services) builder.RegisterService(service);
   if (options.rpc_metrics != nullptr) {
     std::vector<std::unique_ptr<

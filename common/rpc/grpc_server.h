@@ -22,6 +22,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "common/rpc/security.h"
 
 namespace lmps {
@@ -44,6 +45,12 @@ struct GrpcServerOptions {
   // Receives security events (summaries of rejected calls, at most one line
   // per 10 s); empty: stderr.
   std::function<void(const std::string&)> log;
+  // The shortest interval between a client's keepalive pings that the
+  // server accepts while it sends no data (gRPC's default, 5 minutes, makes
+  // a server answer lmps clients' 10 s keepalive pings during a long wait,
+  // e.g. a pull waiting for the next version, with GOAWAY "too_many_pings",
+  // which fails the waiting call). Pings without any call are allowed too.
+  absl::Duration min_client_ping_interval = absl::Seconds(5);
 };
 
 struct StartedServer {
