@@ -39,8 +39,8 @@
 //
 // Errors name the shard and its address. Thread-safety: one call at a time
 // (the worker's training loop, or a thread it hands the pushes of a step to
-// while it does not call the client itself); stats() may be read from any
-// thread.
+// while it does not call the client itself), except PullTensors (layer-wise
+// pulls: see there); stats() may be read from any thread.
 #ifndef LMPS_WORKER_PS_CLIENT_H_
 #define LMPS_WORKER_PS_CLIENT_H_
 
