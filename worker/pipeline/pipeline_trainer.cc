@@ -53,6 +53,8 @@ StageModelOptions PipelineTrainer::StageOptions(const JobSpec& spec,
   so.has_head = stage.has_head;
   so.tp_size = layout.tp();
   so.tp_rank = coords.tp;
+  so.sequence_parallel = layout.sequence_parallel();
+  so.vocab_parallel = layout.vocab_parallel();
   so.max_batch = micro_batch;
   so.max_seq = spec.model().block_size();
   so.activation_slots = StageSlots(spec, coords.pp);
@@ -102,8 +104,11 @@ absl::StatusOr<std::unique_ptr<PipelineTrainer>> PipelineTrainer::Create(
   }
   t->micro_batch_ = LocalBatch(t->options_.spec) / train.micro_batches();
   const int T = t->options_.spec.model().block_size();
+  // With sequence parallelism a stage exchanges its tp rank's token chunk.
   const size_t act =
-      static_cast<size_t>(t->micro_batch_) * T * t->options_.spec.model().n_embd();
+      static_cast<size_t>(t->micro_batch_) * T *
+      t->options_.spec.model().n_embd() /
+      (layout->sequence_parallel() ? layout->tp() : 1);
   t->host_params_.resize(model->num_parameters());
   t->host_grads_.resize(model->num_parameters());
   t->act_in_.resize(act);
