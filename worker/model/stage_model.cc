@@ -221,9 +221,9 @@ absl::Status StageModel::Allocate() {
   for (size_t i = 0; i < slots_.size(); ++i) {
     Slot& s = slots_[i];
     // Count the first slot (all are alike).
-    int64_t ignored = 0, ignored_ln = 0;
+    int64_t ignored = 0;
     counter = i == 0 ? &memory_.per_slot : &ignored;
-    int64_t saved_ln = memory_.layernorm_region_per_slot;
+    const int64_t saved_ln = memory_.layernorm_region_per_slot;
     if (options_.has_embedding) {
       alloc_int(&s.tokens, BT);
       if (vp_) alloc_int(&s.local_ids, BT);
@@ -254,7 +254,6 @@ absl::Status StageModel::Allocate() {
       alloc(&s.losses, BT);
     }
     if (i != 0) memory_.layernorm_region_per_slot = saved_ln;
-    (void)ignored_ln;
   }
   counter = &memory_.scratch;
   alloc(&dresidual_, BTl * C);
