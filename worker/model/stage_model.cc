@@ -273,7 +273,13 @@ absl::Status StageModel::Allocate() {
   }
   if (sp_) {
     alloc(&gather_, BT * C);
-    alloc(&dgather_, BT * C);
+    // The backward pass's gathered output gradient reuses the forward's
+    // row-parallel scratch (one Forward or Backward at a time).
+    if (proj_ != nullptr) {
+      dgather_ = proj_;
+    } else {
+      alloc(&dgather_, BT * C);
+    }
     alloc(&scatter_, BTl * C);
     alloc(&dln_local_, BTl * C);
     alloc(&ln_grad_, 4 * C);

@@ -389,6 +389,7 @@ class StageModel {
   // Sequence parallel scratch.
   float* gather_ = nullptr;      // (B, T, C) a gathered LayerNorm output
   float* dgather_ = nullptr;     // (B, T, C) a gathered output gradient
+                                 // (= proj_ when the stage has blocks)
   float* scatter_ = nullptr;     // (B*T/tp, C) a reduce-scattered output
   float* dln_local_ = nullptr;   // (B*T/tp, C) a reduce-scattered dln_
   float* ln_grad_ = nullptr;     // (4C) partial LayerNorm gradients
