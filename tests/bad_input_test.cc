@@ -2,6 +2,7 @@
 // status, never a hang. (RPC-level bad pushes are in server/service_test.)
 #include <filesystem>
 #include <string>
+#include <utility>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -35,6 +36,32 @@ TEST(BadInputTest, InvalidLayoutSaysWhatIsValid) {
                         30);
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_TRUE(Contains(r.output, "multiples of 3")) << r.output;
+}
+
+// Sequence / vocabulary parallelism that does not split evenly over the tp
+// ranks is refused at submission, saying why (issue 16).
+TEST(BadInputTest, IndivisibleSequenceOrVocabParallelSaysWhy) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"model { n_head: 4 block_size: 30 }\n"
+       "layout { tp: 4 sequence_parallel: true }\n",
+       "block_size=30 is not divisible by tp=4"},
+      {"model { n_head: 4 vocab_size: 258 }\n"
+       "layout { tp: 4 vocab_parallel: true }\n",
+       "pad the vocabulary, e.g. vocab_size: 260"},
+      {"layout { sequence_parallel: true }\n",
+       "needs tensor parallelism (tp > 1)"},
+  };
+  int i = 0;
+  for (const auto& [job, why] : cases) {
+    const std::string dir = TempDir(absl::StrCat("sp_vp_", i++));
+    WriteFile(dir + "/job.textproto", job);
+    CommandResult r = RunCommand(
+        {BinaryPath("launcher/lmps_local"), "--job=" + dir + "/job.textproto",
+         "--run_dir=" + dir + "/run"},
+        30);
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    EXPECT_TRUE(Contains(r.output, why)) << r.output;
+  }
 }
 
 TEST(BadInputTest, MissingDataFileIsNamed) {

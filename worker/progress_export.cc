@@ -111,6 +111,18 @@ void ProgressExport::SetGauges(const TrainerProgress& p) {
              "Most micro-batches whose activations were alive at once in the "
              "last step.",
              p.max_live_micro_batches);
+    const char* activations =
+        "Backend bytes of activations at the last step's peak on this "
+        "worker (region=all: live micro-batches' activations plus shared "
+        "scratch; region=layernorm: the residual stream and LayerNorm "
+        "outputs of the live micro-batches, divided by tp under "
+        "layout.sequence_parallel).";
+    SetGauge(m, "lmps_peak_activation_bytes", activations,
+             static_cast<double>(p.peak_activation_bytes),
+             {{"region", "all"}});
+    SetGauge(m, "lmps_peak_activation_bytes", activations,
+             static_cast<double>(p.peak_layernorm_activation_bytes),
+             {{"region", "layernorm"}});
   }
 }
 

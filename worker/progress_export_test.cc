@@ -83,6 +83,8 @@ class ProgressExportTest : public ::testing::Test {
     p.bubble_fraction = 0.3;
     p.ideal_bubble_fraction = 0.2;
     p.max_live_micro_batches = 2;
+    p.peak_activation_bytes = 1 << 20;
+    p.peak_layernorm_activation_bytes = 1 << 18;
     return p;
   }
 
@@ -122,6 +124,7 @@ TEST_F(ProgressExportTest, SetsTheGaugesOfEachStep) {
   EXPECT_TRUE(Samples("lmps_eval_loss").empty());
   EXPECT_TRUE(Samples("lmps_pipeline_bubble_fraction").empty());
   EXPECT_TRUE(Samples("lmps_pipeline_live_micro_batches").empty());
+  EXPECT_TRUE(Samples("lmps_peak_activation_bytes").empty());
 
   TrainerProgress next = Progress(42);
   next.eval_loss = 3.0f;
@@ -143,6 +146,9 @@ TEST_F(ProgressExportTest, PipelineStageExportsItsBubble) {
   EXPECT_DOUBLE_EQ(Value("lmps_pipeline_bubble_fraction", "kind=\"ideal\""),
                    0.2);
   EXPECT_EQ(Value("lmps_pipeline_live_micro_batches"), 2);
+  EXPECT_EQ(Value("lmps_peak_activation_bytes", "region=\"all\""), 1 << 20);
+  EXPECT_EQ(Value("lmps_peak_activation_bytes", "region=\"layernorm\""),
+            1 << 18);
 }
 
 TEST_F(ProgressExportTest, AppendsOneStepLogLinePerStep) {

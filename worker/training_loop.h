@@ -76,6 +76,13 @@ struct TrainerProgress {
   // activations were alive at once.
   double bubble_fraction = 0, ideal_bubble_fraction = 0;
   int max_live_micro_batches = 0;
+  // Pipeline/tensor parallel (StageModel::peak_activation_bytes), last
+  // step: the backend bytes of activations at the schedule's peak (live
+  // micro-batches' slots plus shared scratch), and of those the LayerNorm
+  // region (residual stream, LayerNorm outputs and statistics of the live
+  // slots), which sequence parallelism divides by tp.
+  int64_t peak_activation_bytes = 0;
+  int64_t peak_layernorm_activation_bytes = 0;
 };
 
 // What both loops take; each loop's options struct derives from it.

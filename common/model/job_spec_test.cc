@@ -87,6 +87,32 @@ TEST(JobSpecTest, ParallelLayoutsAreCheckedSayingWhatIsValid) {
   ExpectInvalid("train { mode: ASYNC } layout { pp: 2 }", "SYNC, BOUNDED_STALENESS");
 }
 
+// Sequence and vocabulary parallelism (issue 16): rejected at submission,
+// saying why, when tp = 1, the sequence length or the vocabulary does not
+// split evenly over the tp ranks.
+TEST(JobSpecTest, SequenceAndVocabParallelAreCheckedSayingWhy) {
+  auto ok = ParseJobSpec(
+      "model { n_head: 4 block_size: 32 vocab_size: 256 } "
+      "layout { tp: 4 sequence_parallel: true vocab_parallel: true }");
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  ExpectInvalid("layout { sequence_parallel: true }",
+                "sequence_parallel needs tensor parallelism (tp > 1)");
+  ExpectInvalid("layout { vocab_parallel: true }",
+                "vocab_parallel needs tensor parallelism (tp > 1)");
+  ExpectInvalid(
+      "model { n_head: 4 block_size: 30 } "
+      "layout { tp: 4 sequence_parallel: true }",
+      "the sequence length block_size=30 is not divisible by tp=4");
+  ExpectInvalid(
+      "model { n_head: 4 vocab_size: 258 } layout { tp: 4 vocab_parallel: true }",
+      "vocab_size=258 is not divisible by tp=4; pad the vocabulary, e.g. "
+      "vocab_size: 260");
+  // Each alone is fine with the other's size indivisible.
+  EXPECT_TRUE(ParseJobSpec("model { n_head: 4 vocab_size: 258 } "
+                           "layout { tp: 4 sequence_parallel: true }")
+                  .ok());
+}
+
 TEST(JobSpecTest, ConsistencyModesParse) {
   auto sync = ParseJobSpec("");
   ASSERT_TRUE(sync.ok());

@@ -68,14 +68,38 @@ absl::StatusOr<ParallelLayout> ParallelLayout::Create(
         " (every tensor-parallel rank holds whole attention heads); valid tp: ",
         absl::StrJoin(valid, ", ")));
   }
+  if ((layout.sequence_parallel() || layout.vocab_parallel()) && tp == 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layout: ",
+        layout.sequence_parallel() ? "sequence_parallel" : "vocab_parallel",
+        " needs tensor parallelism (tp > 1), got tp=1"));
+  }
+  if (layout.sequence_parallel() && model.block_size() % tp != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layout: sequence_parallel splits the sequence over the tp ranks, but "
+        "the sequence length block_size=", model.block_size(),
+        " is not divisible by tp=", tp,
+        "; use a block_size that is a multiple of ", tp));
+  }
+  if (layout.vocab_parallel() && model.vocab_size() % tp != 0) {
+    const int padded = (model.vocab_size() + tp - 1) / tp * tp;
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layout: vocab_parallel splits wte's rows over the tp ranks, but "
+        "vocab_size=", model.vocab_size(), " is not divisible by tp=", tp,
+        "; pad the vocabulary, e.g. vocab_size: ", padded));
+  }
   ParallelLayout l;
+  l.sequence_parallel_ = layout.sequence_parallel();
+  l.vocab_parallel_ = layout.vocab_parallel();
   l.dp_ = dp;
   l.pp_ = pp;
   l.tp_ = tp;
   l.model_ = model;
   l.tensors_ = GptTensorSpecs(model);
   for (const TensorSpec& t : l.tensors_) {
-    l.splits_.push_back(SplitOf(t.name));
+    l.splits_.push_back(t.name == "wte.weight" && l.vocab_parallel_
+                            ? TpSplit::kVocabRows
+                            : SplitOf(t.name));
     l.layer_of_.push_back(LayerOf(t.name));
   }
   const double C = model.n_embd(), T = model.block_size(),
@@ -150,6 +174,7 @@ std::vector<ElementRange> ParallelLayout::Held(int tensor, int pp_rank,
       }
       break;
     }
+    case TpSplit::kVocabRows:
     case TpSplit::kColumn: {
       const int64_t rows = t.shape[0] / tp_;
       out.push_back({r * rows * cols, (r + 1) * rows * cols});
@@ -183,6 +208,7 @@ std::vector<int64_t> ParallelLayout::LocalShape(int tensor) const {
       break;
     case TpSplit::kColumnQkv:
     case TpSplit::kColumn:
+    case TpSplit::kVocabRows:
       shape[0] /= tp_;
       break;
     case TpSplit::kRow:

@@ -34,7 +34,14 @@
 //                        row -- (C, Fl); bias replicated.
 //   LayerNorms, row-parallel biases, wte, wpe: replicated on every tp rank
 //   (each rank computes them on identical inputs, so their gradients are
-//   identical on every rank); only tp rank 0 pushes them.
+//   identical on every rank); only tp rank 0 pushes them. With sequence
+//   parallelism the LayerNorms see 1/tp of the tokens, and the workers
+//   all-reduce their gradients before the push (worker/model/stage_model.h),
+//   so the same holds.
+//   wte (V, C) with layout.vocab_parallel: split by rows (kVocabRows), rank
+//                        r holds rows [r V/tp, (r+1) V/tp) -- (V/tp, C) --
+//                        and pushes them (both stages of the tied
+//                        embedding push the same rows; the shards sum).
 // A worker's local copy of a tensor is the concatenation of its held ranges
 // in element order, which is exactly the local matrix shapes above.
 //
@@ -70,6 +77,7 @@ enum class TpSplit {
   kColumnQkv,   // attn.c_attn: q, k and v blocks split by output rows
   kColumn,      // mlp.c_fc: output rows
   kRow,         // c_proj weights: input columns
+  kVocabRows,   // wte with vocab_parallel: rows (vocabulary entries)
 };
 
 struct WorkerCoords {
@@ -80,13 +88,17 @@ class ParallelLayout {
  public:
   // InvalidArgumentError, saying what would be valid, when the layout does
   // not fit the model: n_head not divisible by tp, more stages than layers,
-  // dp/pp/tp outside [1, 1024] or tp > 64.
+  // dp/pp/tp outside [1, 1024] or tp > 64; sequence_parallel or
+  // vocab_parallel with tp = 1, block_size (sequence_parallel) or
+  // vocab_size (vocab_parallel) not divisible by tp.
   static absl::StatusOr<ParallelLayout> Create(const ModelConfig& model,
                                                const LayoutConfig& layout);
 
   int dp() const { return dp_; }
   int pp() const { return pp_; }
   int tp() const { return tp_; }
+  bool sequence_parallel() const { return sequence_parallel_; }
+  bool vocab_parallel() const { return vocab_parallel_; }
   int num_workers() const { return dp_ * pp_ * tp_; }
   WorkerCoords Coords(int rank) const;
   int Rank(const WorkerCoords& c) const;
@@ -120,6 +132,7 @@ class ParallelLayout {
   bool StageUses(int tensor, int pp_rank) const;
 
   int dp_ = 1, pp_ = 1, tp_ = 1;
+  bool sequence_parallel_ = false, vocab_parallel_ = false;
   ModelConfig model_;
   std::vector<StageRange> stages_;
   std::vector<double> stage_costs_;

@@ -97,9 +97,13 @@ TEST(ParallelLayoutTest, RanksRoundTripWithTpFastest) {
 // which the first and the last stage both push when pp > 1; held ranges of a
 // split tensor tile it across tp ranks, and their sizes match LocalShape.
 TEST(ParallelLayoutTest, PushedRangesCoverEveryElementOnce) {
+  for (bool vp : {false, true})
   for (int pp : {1, 2, 3}) {
     for (int tp : {1, 2, 4}) {
-      auto l = ParallelLayout::Create(Model(3, 4, 32), Layout(1, pp, tp));
+      if (vp && tp == 1) continue;
+      LayoutConfig config = Layout(1, pp, tp);
+      config.set_vocab_parallel(vp);
+      auto l = ParallelLayout::Create(Model(3, 4, 32), config);
       ASSERT_TRUE(l.ok()) << l.status();
       int64_t held_total = 0;
       for (int t = 0; t < static_cast<int>(l->tensors().size()); ++t) {
@@ -164,6 +168,28 @@ TEST(ParallelLayoutTest, ColumnQkvHoldsWholeHeadsOfQKAndV) {
   EXPECT_EQ(r[0].end, 8 * 8);
   EXPECT_EQ(r[1].begin, 12 * 8);
   EXPECT_EQ(r[2].end, 24 * 8);
+}
+
+// Vocab parallel: wte's rows split by tp rank, pushed by every rank.
+TEST(ParallelLayoutTest, VocabParallelSplitsWteRows) {
+  LayoutConfig config = Layout(1, 2, 4);
+  config.set_vocab_parallel(true);
+  auto l = ParallelLayout::Create(Model(2, 4, 32, 256), config);
+  ASSERT_TRUE(l.ok()) << l.status();
+  EXPECT_EQ(l->split(0), TpSplit::kVocabRows);
+  EXPECT_EQ(l->LocalShape(0), (std::vector<int64_t>{64, 32}));
+  for (int s : {0, 1}) {
+    for (int r = 0; r < 4; ++r) {
+      const std::vector<ElementRange> held = l->Held(0, s, r);
+      ASSERT_EQ(held.size(), 1u);
+      EXPECT_EQ(held[0].begin, r * 64 * 32);
+      EXPECT_EQ(held[0].end, (r + 1) * 64 * 32);
+      EXPECT_EQ(l->Pushed(0, s, r).size(), 1u);
+    }
+  }
+  // wpe stays replicated (tp rank 0 pushes it).
+  EXPECT_EQ(l->split(1), TpSplit::kReplicated);
+  EXPECT_TRUE(l->Pushed(1, 0, 1).empty());
 }
 
 TEST(ParallelLayoutTest, IntersectRanges) {

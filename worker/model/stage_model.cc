@@ -66,6 +66,19 @@ absl::StatusOr<std::unique_ptr<StageModel>> StageModel::Create(
         absl::StrCat("stage: n_head=", config.n_head(),
                      " is not divisible by tp_size=", options.tp_size));
   }
+  if (options.tp_size > 1 && options.sequence_parallel &&
+      options.max_seq % options.tp_size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "stage: sequence parallelism needs max_seq (", options.max_seq,
+        ") divisible by tp_size=", options.tp_size));
+  }
+  if (options.tp_size > 1 && options.vocab_parallel &&
+      config.vocab_size() % options.tp_size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "stage: vocab parallelism needs vocab_size (", config.vocab_size(),
+        ") divisible by tp_size=", options.tp_size,
+        " (pad the vocabulary)"));
+  }
   if (options.tp_size > 1 && comm == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat(
         "stage: tp_size=", options.tp_size, " needs a TpComm, got null"));
@@ -102,7 +115,11 @@ StageModel::StageModel(const StageModelOptions& options, Backend* backend,
       comm_(comm),
       num_layers_(options.layer_end - options.layer_begin),
       Cl_(options.config.n_embd() / options.tp_size),
-      NHl_(options.config.n_head() / options.tp_size) {
+      NHl_(options.config.n_head() / options.tp_size),
+      sp_(options.sequence_parallel && options.tp_size > 1),
+      vp_(options.vocab_parallel && options.tp_size > 1),
+      Vl_(vp_ ? options.config.vocab_size() / options.tp_size
+              : options.config.vocab_size()) {
   // The local tensors: canonical order restricted to the stage, local
   // shapes (Megatron-LM partition, see stage_model.h).
   const int64_t C = options_.config.n_embd();
@@ -116,6 +133,8 @@ StageModel::StageModel(const StageModelOptions& options, Backend* backend,
     bool held = false;
     if (i == 0) {  // wte: embedding and tied head
       held = options_.has_embedding || options_.has_head;
+      // Vocab parallel: rows [r*Vl, (r+1)*Vl) -> (Vl, C).
+      if (vp_) shape = {Vl_, C};
     } else if (i == 1) {  // wpe
       held = options_.has_embedding;
     } else if (i >= ln_f) {
@@ -156,22 +175,34 @@ StageModel::~StageModel() {
 }
 
 absl::Status StageModel::Allocate() {
-  const size_t C = options_.config.n_embd(), V = options_.config.vocab_size();
-  const size_t Cl = Cl_;
+  const size_t C = options_.config.n_embd(), V = Vl_;
+  const size_t Cl = Cl_, tp = options_.tp_size;
   const size_t BT = static_cast<size_t>(options_.max_batch) * options_.max_seq;
+  // Tokens of the residual stream / LayerNorm region on this rank.
+  const size_t BTl = sp_ ? BT / tp : BT;
   const size_t att = static_cast<size_t>(options_.max_batch) * NHl_ *
                      options_.max_seq * options_.max_seq;
 
   absl::Status status;
+  // Where the bytes of an allocation are counted (null: not activations).
+  int64_t* counter = nullptr;
+  int64_t* ln_counter = nullptr;  // also counted as LayerNorm region
   auto alloc = [&](float** dst, size_t n) {
     if (!status.ok()) return;
     absl::StatusOr<float*> p = backend_->Alloc(n);
     if (p.ok()) {
       owned_.push_back(*p);
       *dst = *p;
+      if (counter != nullptr) *counter += static_cast<int64_t>(4 * n);
+      if (ln_counter != nullptr) *ln_counter += static_cast<int64_t>(4 * n);
     } else {
       status = p.status();
     }
+  };
+  auto alloc_ln = [&](float** dst, size_t n) {
+    ln_counter = &memory_.layernorm_region_per_slot;
+    alloc(dst, n);
+    ln_counter = nullptr;
   };
   auto alloc_int = [&](int32_t** dst, size_t n) {
     if (!status.ok()) return;
@@ -179,6 +210,7 @@ absl::Status StageModel::Allocate() {
     if (p.ok()) {
       owned_int_.push_back(*p);
       *dst = *p;
+      if (counter != nullptr) *counter += static_cast<int64_t>(4 * n);
     } else {
       status = p.status();
     }
@@ -186,35 +218,45 @@ absl::Status StageModel::Allocate() {
   alloc(&params_, num_parameters_);
   alloc(&grads_, num_parameters_);
   slots_.resize(options_.activation_slots);
-  for (Slot& s : slots_) {
-    if (options_.has_embedding) alloc_int(&s.tokens, BT);
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    Slot& s = slots_[i];
+    // Count the first slot (all are alike).
+    int64_t ignored = 0;
+    counter = i == 0 ? &memory_.per_slot : &ignored;
+    const int64_t saved_ln = memory_.layernorm_region_per_slot;
+    if (options_.has_embedding) {
+      alloc_int(&s.tokens, BT);
+      if (vp_) alloc_int(&s.local_ids, BT);
+    }
     if (options_.has_head) alloc_int(&s.targets, BT);
-    alloc(&s.input, BT * C);
+    alloc_ln(&s.input, BTl * C);
     s.layers.resize(num_layers_);
     for (LayerActivations& a : s.layers) {
-      alloc(&a.ln1, BT * C);
-      alloc(&a.ln1_mean, BT);
-      alloc(&a.ln1_rstd, BT);
+      alloc_ln(&a.ln1, BTl * C);
+      alloc_ln(&a.ln1_mean, BTl);
+      alloc_ln(&a.ln1_rstd, BTl);
       alloc(&a.qkv, BT * 3 * Cl);
       alloc(&a.atty, BT * Cl);
       alloc(&a.att, att);
-      alloc(&a.residual2, BT * C);
-      alloc(&a.ln2, BT * C);
-      alloc(&a.ln2_mean, BT);
-      alloc(&a.ln2_rstd, BT);
+      alloc_ln(&a.residual2, BTl * C);
+      alloc_ln(&a.ln2, BTl * C);
+      alloc_ln(&a.ln2_mean, BTl);
+      alloc_ln(&a.ln2_rstd, BTl);
       alloc(&a.fch, BT * 4 * Cl);
       alloc(&a.fch_gelu, BT * 4 * Cl);
-      alloc(&a.residual3, BT * C);
+      alloc_ln(&a.residual3, BTl * C);
     }
     if (options_.has_head) {
-      alloc(&s.lnf, BT * C);
-      alloc(&s.lnf_mean, BT);
-      alloc(&s.lnf_rstd, BT);
+      alloc_ln(&s.lnf, BTl * C);
+      alloc_ln(&s.lnf_mean, BTl);
+      alloc_ln(&s.lnf_rstd, BTl);
       alloc(&s.probs, BT * V);
       alloc(&s.losses, BT);
     }
+    if (i != 0) memory_.layernorm_region_per_slot = saved_ln;
   }
-  alloc(&dresidual_, BT * C);
+  counter = &memory_.scratch;
+  alloc(&dresidual_, BTl * C);
   if (num_layers_ > 0) {
     alloc(&proj_, BT * C);
     alloc(&dln_, BT * C);
@@ -229,6 +271,28 @@ absl::Status StageModel::Allocate() {
     alloc(&logits_, BT * V);
     host_losses_.resize(BT);
   }
+  if (sp_) {
+    alloc(&gather_, BT * C);
+    // The backward pass's gathered output gradient reuses the forward's
+    // row-parallel scratch (one Forward or Backward at a time).
+    if (proj_ != nullptr) {
+      dgather_ = proj_;
+    } else {
+      alloc(&dgather_, BT * C);
+    }
+    alloc(&scatter_, BTl * C);
+    alloc(&dln_local_, BTl * C);
+    alloc(&ln_grad_, 4 * C);
+  }
+  if (vp_ && options_.has_embedding) {
+    alloc(&zero_wpe_, static_cast<size_t>(options_.max_seq) * C);
+    alloc(&dwpe_scratch_, static_cast<size_t>(options_.max_seq) * C);
+    if (zero_wpe_ != nullptr) {
+      backend_->Zero(zero_wpe_, static_cast<size_t>(options_.max_seq) * C);
+    }
+  }
+  if (vp_ && options_.has_head) alloc(&ce_scratch_, (tp + 2) * BT);
+  counter = nullptr;
   if (!status.ok()) return status;
   p_ = BindTensors(params_);
   g_ = BindTensors(grads_);
@@ -357,6 +421,11 @@ absl::StatusOr<float> StageModel::Forward(int slot, const int32_t* tokens,
         absl::StrCat("stage: sequence length ", T, " is outside [1, max_seq=",
                      options_.max_seq, "]"));
   }
+  if (sp_ && (B * T) % options_.tp_size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "stage: sequence parallelism needs B*T (", B * T,
+        ") divisible by tp_size=", options_.tp_size));
+  }
   const size_t n = static_cast<size_t>(B) * T;
   if (options_.has_embedding) {
     if (tokens == nullptr) {
@@ -382,18 +451,17 @@ absl::StatusOr<float> StageModel::Forward(int slot, const int32_t* tokens,
   }
 
   Slot& s = slots_[slot];
-  const int N = B * T;
-  const int C = options_.config.n_embd(), V = options_.config.vocab_size();
-  const size_t NC = static_cast<size_t>(N) * C;
+  const int C = options_.config.n_embd();
+  const size_t NlC = static_cast<size_t>(LocalTokens(B * T)) * C;
   Backend& be = *backend_;
   if (options_.has_embedding) {
     if (absl::Status st = be.CopyToBackend(s.tokens, tokens, n); !st.ok()) {
       return st;
     }
-    // encoded[B,T,C] = wte[tokens] + wpe[t]
-    be.EncoderForward(s.input, s.tokens, p_.wte, p_.wpe, B, T, C);
+    if (vp_) s.host_tokens.assign(tokens, tokens + n);
+    if (absl::Status st = EmbeddingForward(s, B, T); !st.ok()) return st;
   } else {
-    if (absl::Status st = be.CopyToBackend(s.input, input, NC); !st.ok()) {
+    if (absl::Status st = be.CopyToBackend(s.input, input, NlC); !st.ok()) {
       return st;
     }
   }
@@ -402,35 +470,13 @@ absl::StatusOr<float> StageModel::Forward(int slot, const int32_t* tokens,
   float loss = 0.0f;
   SlotState state = SlotState::kForward;
   if (!options_.has_head) {
-    if (absl::Status st = be.CopyToHost(output, StageOutput(s), NC); !st.ok()) {
+    if (absl::Status st = be.CopyToHost(output, StageOutput(s), NlC);
+        !st.ok()) {
       return st;
     }
-  } else {
-    be.LayerNormForward(s.lnf, s.lnf_mean, s.lnf_rstd, StageOutput(s), p_.lnfw,
-                        p_.lnfb, N, C);
-    if (targets == nullptr) {
-      // Logits only, kept in the slot's probs buffer for LogitsToHost.
-      // Tied LM head: logits[N,V] = lnf[N,C] @ wte[V,C]^T.
-      be.MatmulForward(s.probs, s.lnf, p_.wte, nullptr, N, C, V);
-      if (absl::Status st = be.Synchronize(); !st.ok()) return st;
-      state = SlotState::kForwardNoTargets;
-    } else {
-      if (absl::Status st = be.CopyToBackend(s.targets, targets, n);
-          !st.ok()) {
-        return st;
-      }
-      // Tied LM head: logits[N,V] = lnf[N,C] @ wte[V,C]^T (shared scratch;
-      // the backward pass needs only the probabilities).
-      be.MatmulForward(logits_, s.lnf, p_.wte, nullptr, N, C, V);
-      be.CrossEntropyForward(s.losses, s.probs, logits_, s.targets, N, V);
-      if (absl::Status st = be.CopyToHost(host_losses_.data(), s.losses, N);
-          !st.ok()) {
-        return st;
-      }
-      double sum = 0.0;
-      for (int i = 0; i < N; ++i) sum += host_losses_[i];
-      loss = static_cast<float>(sum / N);
-    }
+  } else if (absl::Status st = HeadForward(s, targets, B, T, &loss, &state);
+             !st.ok()) {
+    return st;
   }
   s.state = state;
   s.B = B;
@@ -438,44 +484,6 @@ absl::StatusOr<float> StageModel::Forward(int slot, const int32_t* tokens,
   const int in_use = slots_in_use();
   if (in_use > max_slots_in_use_) max_slots_in_use_ = in_use;
   return loss;
-}
-
-absl::Status StageModel::BlocksForward(Slot& s, int B, int T) {
-  const int N = B * T;
-  const int C = options_.config.n_embd(), Cl = Cl_, NHl = NHl_;
-  const size_t NC = static_cast<size_t>(N) * C;
-  const bool rank0 = options_.tp_rank == 0;
-  Backend& be = *backend_;
-  const float* residual = s.input;
-  for (int i = 0; i < num_layers_; ++i) {
-    const LayerTensors& w = p_.layers[i];
-    const LayerActivations& a = s.layers[i];
-    be.LayerNormForward(a.ln1, a.ln1_mean, a.ln1_rstd, residual, w.ln1w,
-                        w.ln1b, N, C);
-    // Column-parallel c_attn: qkv[N,3Cl] = ln1[N,C] @ W_r[3Cl,C]^T + b_r,
-    // i.e. q|k|v of this rank's NHl heads.
-    be.MatmulForward(a.qkv, a.ln1, w.qkvw, w.qkvb, N, C, 3 * Cl);
-    be.AttentionForward(a.atty, a.att, a.qkv, B, T, Cl, NHl);
-    // Row-parallel c_proj: proj[N,C] = sum_r atty_r[N,Cl] @ W_r[C,Cl]^T + b,
-    // the bias added by rank 0 only.
-    be.MatmulForward(proj_, a.atty, w.attprojw, rank0 ? w.attprojb : nullptr,
-                     N, Cl, C);
-    if (absl::Status st = AllReduce(proj_, NC); !st.ok()) return st;
-    be.ResidualForward(a.residual2, residual, proj_, NC);
-    be.LayerNormForward(a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, w.ln2w,
-                        w.ln2b, N, C);
-    // Column-parallel c_fc: fch[N,4Cl] = ln2[N,C] @ W_r[4Cl,C]^T + b_r.
-    be.MatmulForward(a.fch, a.ln2, w.fcw, w.fcb, N, C, 4 * Cl);
-    be.GeluForward(a.fch_gelu, a.fch, static_cast<size_t>(N) * 4 * Cl);
-    // Row-parallel mlp.c_proj: proj[N,C] = sum_r gelu_r[N,4Cl] @
-    // W_r[C,4Cl]^T + b (rank 0).
-    be.MatmulForward(proj_, a.fch_gelu, w.fcprojw,
-                     rank0 ? w.fcprojb : nullptr, N, 4 * Cl, C);
-    if (absl::Status st = AllReduce(proj_, NC); !st.ok()) return st;
-    be.ResidualForward(a.residual3, a.residual2, proj_, NC);
-    residual = a.residual3;
-  }
-  return absl::OkStatus();
 }
 
 absl::Status StageModel::LogitsToHost(int slot, float* host) const {
@@ -488,9 +496,8 @@ absl::Status StageModel::LogitsToHost(int slot, float* host) const {
         "without targets)"));
   }
   if (host == nullptr) return absl::InvalidArgumentError("stage: host is null");
-  return backend_->CopyToHost(
-      host, s.probs,
-      static_cast<size_t>(s.B) * s.T * options_.config.vocab_size());
+  return backend_->CopyToHost(host, s.probs,
+                              static_cast<size_t>(s.B) * s.T * Vl_);
 }
 
 absl::Status StageModel::Backward(int slot, const float* doutput,
@@ -519,98 +526,30 @@ absl::Status StageModel::Backward(int slot, const float* doutput,
         "gradient of its input)");
   }
   s.state = SlotState::kFree;
-  const int B = s.B, T = s.T, N = B * T;
-  const int C = options_.config.n_embd(), V = options_.config.vocab_size();
-  const size_t NC = static_cast<size_t>(N) * C;
+  const int B = s.B, T = s.T;
+  const int C = options_.config.n_embd();
+  const size_t NlC = static_cast<size_t>(LocalTokens(B * T)) * C;
   Backend& be = *backend_;
   GradientSuffix ready(num_parameters_, on_ready);
 
   if (options_.has_head) {
-    // d(mean loss)/d(losses[n]) = 1/N, times the caller's scale. logits_
-    // serves as dlogits.
-    float* dlogits = logits_;
-    be.Zero(dlogits, static_cast<size_t>(N) * V);
-    be.CrossEntropyBackward(dlogits, s.probs, s.targets, grad_scale / N, N,
-                            V);
-    // Tied head: the head's weight gradient lands in wte's gradient.
-    be.Zero(dln_, NC);
-    be.MatmulBackward(dln_, g_.wte, nullptr, dlogits, s.lnf, p_.wte, N, C, V);
-    be.Zero(dresidual_, NC);
-    be.LayerNormBackward(dresidual_, g_.lnfw, g_.lnfb, dln_, StageOutput(s),
-                         p_.lnfw, s.lnf_mean, s.lnf_rstd, N, C);
-    // ln_f's tensors are the last of the buffer.
-    if (absl::Status st = ready.DoneFrom(g_.lnfw - grads_); !st.ok()) {
+    if (absl::Status st = HeadBackward(s, grad_scale, ready); !st.ok()) {
       return st;
     }
   } else {
-    if (absl::Status st = be.CopyToBackend(dresidual_, doutput, NC);
+    if (absl::Status st = be.CopyToBackend(dresidual_, doutput, NlC);
         !st.ok()) {
       return st;
     }
   }
   if (absl::Status st = BlocksBackward(s, B, T, ready); !st.ok()) return st;
   if (options_.has_embedding) {
-    be.EncoderBackward(g_.wte, g_.wpe, dresidual_, s.tokens, B, T, C);
+    if (absl::Status st = EmbeddingBackward(s, B, T); !st.ok()) return st;
   }
   // The front: wte and wpe (wte on a last stage: its head's gradient).
   if (absl::Status st = ready.DoneFrom(0); !st.ok()) return st;
   if (options_.has_embedding) return be.Synchronize();
-  return be.CopyToHost(dinput, dresidual_, NC);
-}
-
-absl::Status StageModel::BlocksBackward(Slot& s, int B, int T,
-                                        GradientSuffix& ready) {
-  const int N = B * T;
-  const int C = options_.config.n_embd(), Cl = Cl_, NHl = NHl_;
-  const size_t NC = static_cast<size_t>(N) * C;
-  const size_t NCl = static_cast<size_t>(N) * Cl;
-  const bool rank0 = options_.tp_rank == 0;
-  Backend& be = *backend_;
-
-  // dresidual_ carries the gradient of the residual stream from block to
-  // block (replicated on every tp rank): on entry to block i it is
-  // d(residual3[i]) = d(mlp proj output), the first part of d(residual2);
-  // LayerNorm 2 adds the rest, and so on (see GptModel::Backward).
-  for (int i = num_layers_ - 1; i >= 0; --i) {
-    const LayerTensors& w = p_.layers[i];
-    const LayerTensors& dw = g_.layers[i];
-    const LayerActivations& a = s.layers[i];
-    const float* residual = i == 0 ? s.input : s.layers[i - 1].residual3;
-
-    // Row-parallel mlp.c_proj: its output gradient is replicated, so the
-    // local products need no communication; the bias gradient is rank 0's.
-    be.Zero(dfch_gelu_, 4 * NCl);
-    be.MatmulBackward(dfch_gelu_, dw.fcprojw, rank0 ? dw.fcprojb : nullptr,
-                      dresidual_, a.fch_gelu, w.fcprojw, N, 4 * Cl, C);
-    be.Zero(dfch_, 4 * NCl);
-    be.GeluBackward(dfch_, a.fch, dfch_gelu_, 4 * NCl);
-    // Column-parallel c_fc: each rank has a partial d(ln2)[N,C] =
-    // dfch_r @ W_r; their sum (all-reduce) is the full gradient.
-    be.Zero(dln_, NC);
-    be.MatmulBackward(dln_, dw.fcw, dw.fcb, dfch_, a.ln2, w.fcw, N, C, 4 * Cl);
-    if (absl::Status st = AllReduce(dln_, NC); !st.ok()) return st;
-    be.LayerNormBackward(dresidual_, dw.ln2w, dw.ln2b, dln_, a.residual2,
-                         w.ln2w, a.ln2_mean, a.ln2_rstd, N, C);
-    // dresidual_ is now d(residual2) = d(attn proj output) + d(residual).
-    // Row-parallel attn.c_proj.
-    be.Zero(datty_, NCl);
-    be.MatmulBackward(datty_, dw.attprojw, rank0 ? dw.attprojb : nullptr,
-                      dresidual_, a.atty, w.attprojw, N, Cl, C);
-    be.Zero(dqkv_, 3 * NCl);
-    be.AttentionBackward(dqkv_, datt_, datty_, a.qkv, a.att, B, T, Cl, NHl);
-    // Column-parallel c_attn: partial d(ln1), all-reduced.
-    be.Zero(dln_, NC);
-    be.MatmulBackward(dln_, dw.qkvw, dw.qkvb, dqkv_, a.ln1, w.qkvw, N, C,
-                      3 * Cl);
-    if (absl::Status st = AllReduce(dln_, NC); !st.ok()) return st;
-    be.LayerNormBackward(dresidual_, dw.ln1w, dw.ln1b, dln_, residual, w.ln1w,
-                         a.ln1_mean, a.ln1_rstd, N, C);
-    // ln_1.weight is the block's first tensor (GptTensorSpecs order).
-    if (absl::Status st = ready.DoneFrom(dw.ln1w - grads_); !st.ok()) {
-      return st;
-    }
-  }
-  return absl::OkStatus();
+  return be.CopyToHost(dinput, dresidual_, NlC);
 }
 
 }  // namespace lmps

@@ -39,13 +39,43 @@
 // all-reduces of N*C floats per block in Forward and two in Backward, in a
 // fixed order.
 //
+// Sequence parallelism (sequence_parallel, tp > 1; Korthikanti et al.
+// 2022): outside the column/row-parallel pairs the activations are split
+// along the tokens (worker/model/tp_collectives.h: rank r holds tokens
+// [r*N/tp, (r+1)*N/tp) of the flattened [B,T]). The residual stream, the
+// LayerNorms and their outputs live at 1/tp; a column-parallel layer's input
+// is the all-gather of the local LayerNorm output (re-gathered in Backward
+// rather than kept), a row-parallel layer's output is reduce-scattered
+// instead of all-reduced; Backward uses the conjugates (reduce-scatter of
+// the partial input gradient, all-gather of the output gradient). The
+// LayerNorm parameters' gradients are partial sums over the local tokens:
+// each micro-batch's are all-reduced (one 4C all-reduce per block, 2C for
+// ln_f) before they are accumulated, so every rank holds the full gradient
+// (and tp rank 0 pushes it, as without sequence parallelism). Forward's
+// input/output and Backward's doutput/dinput are the rank's token chunk
+// [B*T/tp, C] (stages exchange chunks rank to rank). The first stage's
+// embedding is computed for all tokens and reduce-scattered (vocab
+// parallel) or sliced. Requires max_seq % tp == 0 and B*T % tp == 0.
+//
+// Vocabulary parallelism (vocab_parallel, tp > 1; Megatron-LM's
+// VocabParallelEmbedding and vocab-parallel cross-entropy): wte (V, C) is
+// split by rows, rank r holding rows [r*V/tp, (r+1)*V/tp) -> (V/tp, C)
+// (V % tp == 0). The embedding masks the tokens other ranks hold and sums
+// the partial embeddings over the group (all-reduce, or reduce-scatter with
+// sequence parallelism); the tied head computes its logit columns
+// [N, V/tp] only, and the cross-entropy all-reduces the per-token max, sum
+// of exponentials and target logit (tp_collectives.h); the head's input
+// gradient is a partial sum, all-reduced (reduce-scattered with sequence
+// parallelism). The wte gradient of each rank is its slice's, pushed by
+// every rank. LogitsToHost then copies the rank's [B,T,V/tp] columns.
+//
 // Memory (backend memory, owned by the model):
 // - a flat parameter buffer and a flat gradient buffer holding only this
 //   worker's local tensors (local_tensors(): canonical GptTensorSpecs order
 //   restricted to the stage, local shapes, back to back);
 // - per activation slot, the forward activations the backward pass needs
 //   for max_batch x max_seq tokens (GptModel's set with local widths; the
-//   head keeps probs, not logits);
+//   head keeps probs, not logits); activation_memory() reports them;
 // - shared scratch: the row-parallel outputs before the residual add, the
 //   logits/dlogits, and the activation gradients (one Backward at a time).
 //
@@ -72,6 +102,7 @@
 #include "proto/lmps.pb.h"
 #include "worker/backend/backend.h"
 #include "worker/model/gradient_ready.h"
+#include "worker/model/tp_collectives.h"
 #include "worker/model/tp_comm.h"
 
 namespace lmps {
@@ -82,6 +113,8 @@ struct StageModelOptions {
   bool has_embedding = false;  // first stage: wte/wpe lookup from tokens
   bool has_head = false;       // last stage: ln_f, tied LM head, loss
   int tp_size = 1, tp_rank = 0;
+  bool sequence_parallel = false;  // see above; no-op when tp_size == 1
+  bool vocab_parallel = false;     // see above; no-op when tp_size == 1
   int max_batch = 1, max_seq = 1;  // bounds of B and T
   int activation_slots = 1;  // micro-batches whose activations may coexist
 };
@@ -100,7 +133,9 @@ class StageModel {
   // options.tp_size == 1; otherwise its size()/rank() must equal
   // tp_size/tp_rank. InvalidArgumentError for a bad config, layer range
   // (0 <= begin <= end <= n_layer, and the stage must hold something),
-  // tp layout (n_head % tp_size == 0, 0 <= tp_rank < tp_size), bounds
+  // tp layout (n_head % tp_size == 0, 0 <= tp_rank < tp_size; with
+  // sequence_parallel max_seq % tp_size == 0, with vocab_parallel
+  // vocab_size % tp_size == 0), bounds
   // (max_batch >= 1, 1 <= max_seq <= block_size, activation_slots >= 1);
   // the backend's error when allocation fails. Parameters and gradients
   // start at zero.
@@ -138,8 +173,9 @@ class StageModel {
   // Forward of one micro-batch into activation slot `slot` (in
   // [0, activation_slots), not holding a forward).
   // tokens: host [B,T] in [0, V), required when has_embedding (else
-  //   ignored); input: host [B,T,C], the previous stage's output, required
-  //   when !has_embedding (else ignored).
+  //   ignored); input: host [B,T,C] (the rank's [B*T/tp, C] chunk with
+  //   sequence parallelism, as output, doutput and dinput), the previous
+  //   stage's output, required when !has_embedding (else ignored).
   // targets: host [B,T] in [0, V), used when has_head (ignored otherwise);
   //   may be null there to compute the logits only (see LogitsToHost; such
   //   a forward cannot be backwarded).
@@ -189,6 +225,22 @@ class StageModel {
   // The most slots in use at once since Create / ResetMaxSlotsInUse.
   int max_slots_in_use() const { return max_slots_in_use_; }
   void ResetMaxSlotsInUse();
+
+  // Bytes of backend memory for activations (not parameters/gradients).
+  struct ActivationMemory {
+    int64_t per_slot = 0;  // one activation slot (max_batch x max_seq)
+    // Of per_slot: the LayerNorm region (the stage input / residual
+    // stream, the LayerNorm outputs and their mean/rstd) -- what sequence
+    // parallelism divides by tp.
+    int64_t layernorm_region_per_slot = 0;
+    int64_t scratch = 0;   // shared by all slots (gathers, gradients, logits)
+  };
+  const ActivationMemory& activation_memory() const { return memory_; }
+  // max_slots_in_use() * per_slot + scratch: the activation bytes the
+  // schedule since ResetMaxSlotsInUse needed at its peak.
+  int64_t peak_activation_bytes() const {
+    return max_slots_in_use_ * memory_.per_slot + memory_.scratch;
+  }
 
  private:
   // Pointers to the local tensors of one flat buffer (parameters or
@@ -244,6 +296,9 @@ class StageModel {
     float* lnf_rstd = nullptr;   // (B, T)
     float* probs = nullptr;      // (B, T, V); the logits without targets
     float* losses = nullptr;     // (B, T)
+    // vocab_parallel: the host tokens/targets (masks), local wte rows.
+    std::vector<int32_t> host_tokens, host_targets;
+    int32_t* local_ids = nullptr;  // (B, T) when has_embedding
   };
 
   StageModel(const StageModelOptions& options, Backend* backend,
@@ -256,6 +311,39 @@ class StageModel {
   // Sum all-reduce of n floats of backend memory over the tp group (no-op
   // for tp_size == 1).
   absl::Status AllReduce(float* data, size_t n);
+  // Tokens this rank holds in the residual stream: N / tp with sequence
+  // parallelism, else N.
+  int LocalTokens(int N) const { return sp_ ? N / options_.tp_size : N; }
+  // The embedding of s.tokens into s.input (local tokens).
+  absl::Status EmbeddingForward(Slot& s, int B, int T);
+  // The gradient of s.input (dresidual_, local tokens) into wte/wpe.
+  absl::Status EmbeddingBackward(Slot& s, int B, int T);
+  // ln_f, tied head and loss of slot s; sets *loss and s's state.
+  absl::Status HeadForward(Slot& s, const int32_t* targets, int B, int T,
+                           float* loss, SlotState* state);
+  // From the loss to dresidual_ (local tokens).
+  absl::Status HeadBackward(Slot& s, float grad_scale, GradientSuffix& ready);
+  // Sequence parallel: the full [N,C] of a local LayerNorm output into
+  // gather_ (returns gather_); else returns `local` itself.
+  absl::StatusOr<const float*> FullTokens(const float* local, int N);
+  // The row-parallel partial output proj_ [N,C] summed over the group into
+  // the local tokens: reduce-scatter into scatter_ (sequence parallel) or
+  // all-reduce in place. Returns the local sum.
+  absl::StatusOr<const float*> SumPartialOutput(int N);
+  // The partial gradient dln_ [N,C] of a replicated/gathered input summed
+  // over the group, local tokens (reduce-scatter into dln_local_, or
+  // all-reduce in place). Returns it.
+  absl::StatusOr<const float*> SumPartialInputGrad(int N);
+  // Sequence parallel: the full output gradient [N,C] from dresidual_'s
+  // local tokens, into dgather_; else dresidual_.
+  absl::StatusOr<float*> FullOutputGrad(int N);
+  // Sequence parallel: the partial LayerNorm gradients in ln_grad_ [0, 2n)
+  // all-reduced and added to a[0, n) and b[0, n) (b may be null when
+  // n covers one contiguous pair).
+  absl::Status AccumulateLayerNormGrads(float* a, float* b, size_t n);
+  VocabShard vocab_shard() const {
+    return {options_.tp_rank * Vl_, (options_.tp_rank + 1) * Vl_};
+  }
   // The stage's blocks on slot `s` (residual stream in s.input).
   absl::Status BlocksForward(Slot& s, int B, int T);
   // Reports each block's gradient to `ready` as it is final.
@@ -269,6 +357,9 @@ class StageModel {
   const int num_layers_;  // layer_end - layer_begin
   const int Cl_;          // n_embd / tp_size
   const int NHl_;         // n_head / tp_size
+  const bool sp_;         // sequence_parallel && tp_size > 1
+  const bool vp_;         // vocab_parallel && tp_size > 1
+  const int Vl_;          // vocab rows held: V / tp_size with vp_, else V
   std::vector<LocalTensor> tensors_;
   int64_t num_parameters_ = 0;
 
@@ -281,6 +372,7 @@ class StageModel {
 
   std::vector<Slot> slots_;
   int max_slots_in_use_ = 0;
+  ActivationMemory memory_;
 
   // Shared forward scratch.
   float* proj_ = nullptr;    // (B, T, C) row-parallel output, all-reduced
@@ -294,6 +386,17 @@ class StageModel {
   float* datt_ = nullptr;       // (B, NHl, T, T) attention scratch
   float* dfch_ = nullptr;       // (B, T, 4Cl)
   float* dfch_gelu_ = nullptr;  // (B, T, 4Cl)
+  // Sequence parallel scratch.
+  float* gather_ = nullptr;      // (B, T, C) a gathered LayerNorm output
+  float* dgather_ = nullptr;     // (B, T, C) a gathered output gradient
+                                 // (= proj_ when the stage has blocks)
+  float* scatter_ = nullptr;     // (B*T/tp, C) a reduce-scattered output
+  float* dln_local_ = nullptr;   // (B*T/tp, C) a reduce-scattered dln_
+  float* ln_grad_ = nullptr;     // (4C) partial LayerNorm gradients
+  // Vocab parallel scratch.
+  float* zero_wpe_ = nullptr;    // (max_seq, C) zeros
+  float* dwpe_scratch_ = nullptr;  // (max_seq, C)
+  float* ce_scratch_ = nullptr;  // ((tp + 2) * B * T)
   std::vector<float> host_losses_;
 };
 

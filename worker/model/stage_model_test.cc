@@ -27,6 +27,7 @@
 #include "worker/backend/test_util.h"
 #include "worker/model/gpt.h"
 #include "worker/model/tp_comm.h"
+#include "worker/testing/in_process_tp_comm.h"
 
 namespace lmps {
 namespace {
@@ -108,13 +109,18 @@ void AppendBlock(const float* m, int64_t width, int64_t row_begin,
 }
 
 // Tp rank r's part of global tensor `name` (full data `full`, global shape).
+// vp: vocabulary parallel (wte split by rows).
 std::vector<float> SliceForRank(const std::string& name,
                                 const std::vector<int64_t>& shape,
-                                const float* full, int tp, int r) {
+                                const float* full, int tp, int r,
+                                bool vp = false) {
   std::vector<float> out;
   const int64_t rows = shape[0];
   const int64_t cols = shape.size() > 1 ? shape[1] : 1;
-  if (absl::EndsWith(name, "attn.c_attn.weight") ||
+  if (vp && name == "wte.weight") {
+    const int64_t part = rows / tp;  // (V, C): rows
+    AppendBlock(full, cols, r * part, part, 0, cols, &out);
+  } else if (absl::EndsWith(name, "attn.c_attn.weight") ||
       absl::EndsWith(name, "attn.c_attn.bias")) {
     // (3C, C): the same rows of the q, k and v blocks.
     const int64_t C = rows / 3, Cl = C / tp;
@@ -156,97 +162,16 @@ std::vector<float> LocalParameters(const StageModel& model,
     const GlobalTensor& g = global.at(t.name);
     std::vector<float> part =
         SliceForRank(t.name, g.shape, full.data() + g.offset,
-                     model.options().tp_size, model.options().tp_rank);
+                     model.options().tp_size, model.options().tp_rank,
+                     model.options().vocab_parallel);
     EXPECT_EQ(static_cast<int64_t>(part.size()), t.num_elements()) << t.name;
     std::copy(part.begin(), part.end(), local.begin() + t.offset);
   }
   return local;
 }
 
-// ---------------------------------------------------------------------------
-// In-process TpComm: a barrier-style all-reduce. Every rank deposits a host
-// copy; the last to arrive sums them in rank order; everyone copies the sum
-// back (bitwise identical on every rank).
-// ---------------------------------------------------------------------------
-class TpGroup {
- public:
-  explicit TpGroup(int size) : size_(size), deposits_(size) {}
-
-  absl::Status AllReduce(int rank, Backend* backend, float* data, size_t n) {
-    std::vector<float> host(n);
-    if (absl::Status s = backend->CopyToHost(host.data(), data, n); !s.ok()) {
-      return s;
-    }
-    std::unique_lock<std::mutex> lock(mu_);
-    if (aborted_) return absl::AbortedError("tp group aborted");
-    deposits_[rank] = std::move(host);
-    const int64_t generation = generation_;
-    if (++arrived_ == size_) {
-      sum_ = deposits_[0];
-      mismatch_ = false;
-      for (int r = 1; r < size_; ++r) {
-        if (deposits_[r].size() != sum_.size()) {
-          mismatch_ = true;
-          continue;
-        }
-        for (size_t i = 0; i < sum_.size(); ++i) sum_[i] += deposits_[r][i];
-      }
-      arrived_ = 0;
-      ++generation_;
-      cv_.notify_all();
-    } else if (!cv_.wait_for(lock, std::chrono::seconds(60), [&] {
-                 return generation_ != generation || aborted_;
-               })) {
-      aborted_ = true;
-      cv_.notify_all();
-      return absl::DeadlineExceededError("tp group: peers did not arrive");
-    }
-    if (generation_ == generation) return absl::AbortedError("tp aborted");
-    if (mismatch_) return absl::InvalidArgumentError("tp: sizes differ");
-    const std::vector<float> result = sum_;
-    lock.unlock();
-    return backend->CopyToBackend(data, result.data(), n);
-  }
-
-  void Abort() {
-    std::lock_guard<std::mutex> lock(mu_);
-    aborted_ = true;
-    cv_.notify_all();
-  }
-
-  int64_t collectives() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return generation_;
-  }
-
- private:
-  const int size_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<std::vector<float>> deposits_;
-  std::vector<float> sum_;
-  int arrived_ = 0;
-  int64_t generation_ = 0;  // completed all-reduces
-  bool mismatch_ = false;
-  bool aborted_ = false;
-};
-
-class TestTpComm : public TpComm {
- public:
-  TestTpComm(TpGroup* group, int size, int rank)
-      : group_(group), size_(size), rank_(rank) {}
-  int size() const override { return size_; }
-  int rank() const override { return rank_; }
-  void SetStep(int64_t, bool) override {}
-  absl::Status AllReduceSum(Backend* backend, float* data,
-                            size_t n) override {
-    return group_->AllReduce(rank_, backend, data, n);
-  }
-
- private:
-  TpGroup* const group_;
-  const int size_, rank_;
-};
+using TpGroup = InProcessTpGroup;
+using TestTpComm = InProcessTpComm;
 
 // ---------------------------------------------------------------------------
 // Reference (GptModel) and parallel runs of the same micro-batches.
@@ -298,6 +223,8 @@ Result RunReference(const ModelConfig& config, const std::vector<float>& params,
 struct Layout {
   std::vector<int> bounds;
   int tp = 1;
+  bool sp = false;  // sequence parallel
+  bool vp = false;  // vocab parallel
   int stages() const { return static_cast<int>(bounds.size()) - 1; }
 };
 
@@ -338,6 +265,8 @@ absl::Status RunRank(const ModelConfig& config, const Layout& layout, int rank,
     o.has_head = s == S - 1;
     o.tp_size = layout.tp;
     o.tp_rank = rank;
+    o.sequence_parallel = layout.sp;
+    o.vocab_parallel = layout.vp;
     o.max_batch = B;
     o.max_seq = T;
     o.activation_slots = M;
@@ -356,7 +285,9 @@ absl::Status RunRank(const ModelConfig& config, const Layout& layout, int rank,
     (*m)->ZeroGrad();
     stages.push_back(std::move(*m));
   }
-  const size_t BTC = static_cast<size_t>(B) * T * kC;
+  // With sequence parallelism stages exchange the rank's token chunk.
+  const size_t BTC =
+      static_cast<size_t>(B) * T * kC / (layout.sp ? layout.tp : 1);
   out->stages.resize(S);
   for (int s = 0; s < S; ++s) {
     out->stages[s].ready_copy.assign(stages[s]->num_parameters(),
@@ -439,7 +370,9 @@ std::vector<RankResult> RunParallel(const ModelConfig& config,
   }
   for (std::thread& t : threads) t.join();
   // Per micro-batch: 2 all-reduces per block forward and 2 backward.
-  for (int s = 0; s < layout.stages() && layout.tp > 1; ++s) {
+  for (int s = 0; s < layout.stages() && layout.tp > 1 && !layout.sp &&
+                  !layout.vp;
+       ++s) {
     EXPECT_EQ(groups[s]->collectives(),
               4 * (layout.bounds[s + 1] - layout.bounds[s]) *
                   static_cast<int64_t>(mbs.size()))
@@ -457,16 +390,23 @@ void ExpectMatchesReference(const ModelConfig& config, const Layout& layout,
   double scale = 1e-6;
   for (float g : ref.grads) scale = std::max(scale, std::fabs(double{g}));
   const GlobalTensor& wte = global.at("wte.weight");
-  const std::vector<float> ref_wte(ref.grads.begin() + wte.offset,
-                                   ref.grads.begin() + wte.offset + kV * kC);
+  const std::vector<float> ref_wte_full(
+      ref.grads.begin() + wte.offset,
+      ref.grads.begin() + wte.offset + kV * kC);
   for (int r = 0; r < layout.tp; ++r) {
     const RankResult& res = results[r];
     ASSERT_TRUE(res.status.ok()) << "rank " << r << ": " << res.status;
     EXPECT_NEAR(res.loss, ref.loss, 1e-5 * std::fabs(ref.loss)) << "rank " << r;
     ASSERT_EQ(static_cast<int>(res.stages.size()), layout.stages());
-    // Activations crossing stages are identical on every tp rank.
-    EXPECT_TRUE(res.activations == results[0].activations) << "rank " << r;
-    std::vector<float> wte_sum(kV * kC, 0.0f);
+    // Activations crossing stages are identical on every tp rank (each
+    // rank's chunk with sequence parallelism).
+    if (!layout.sp) {
+      EXPECT_TRUE(res.activations == results[0].activations) << "rank " << r;
+    }
+    const std::vector<float> ref_wte =
+        SliceForRank("wte.weight", {kV, kC}, ref_wte_full.data(), layout.tp,
+                     r, layout.vp);
+    std::vector<float> wte_sum(ref_wte.size(), 0.0f);
     std::map<std::string, int> seen;
     for (int s = 0; s < layout.stages(); ++s) {
       const StageResult& st = res.stages[s];
@@ -635,6 +575,46 @@ TEST_P(StageModelTest, TensorParallelFour) {
 
 TEST_P(StageModelTest, TensorParallelWithPipeline) {
   CheckParallel(TinyConfig(3, 2), {{0, 1, 3}, 2}, 2, 60);
+}
+
+// (d) Sequence parallelism and vocabulary parallelism, alone and together,
+// tp = 2 and 4, one stage and two (so the stages exchange token chunks and
+// the tied wte slice sits on both ends), against GptModel.
+TEST_P(StageModelTest, SequenceAndVocabParallel) {
+  for (int tp : {2, 4}) {
+    for (bool sp : {false, true}) {
+      for (bool vp : {false, true}) {
+        if (!sp && !vp) continue;
+        SCOPED_TRACE(absl::StrCat("tp ", tp, " sp ", sp, " vp ", vp));
+        Layout one{{0, 2}, tp, sp, vp};
+        CheckParallel(TinyConfig(2, 4), one, 2, 70 + tp);
+        Layout two{{0, 1, 2}, tp, sp, vp};
+        CheckParallel(TinyConfig(2, 4), two, 2, 80 + tp);
+        Layout ends{{0, 0, 2, 2}, tp, sp, vp};  // embedding-only, head-only
+        CheckParallel(TinyConfig(2, 4), ends, 1, 90 + tp);
+      }
+    }
+  }
+}
+
+// Sequence parallelism stores the LayerNorm region at 1/tp.
+TEST_P(StageModelTest, SequenceParallelDividesLayerNormRegion) {
+  const ModelConfig config = TinyConfig(2, 4);
+  StageModelOptions o = FullOptions(config, 2, kT);
+  o.tp_size = 4;
+  TpGroup group(4);
+  TestTpComm comm(&group, 4, 1);
+  o.tp_rank = 1;
+  auto plain = StageModel::Create(o, backend_.get(), &comm);
+  o.sequence_parallel = true;
+  auto seq = StageModel::Create(o, backend_.get(), &comm);
+  ASSERT_TRUE(plain.ok() && seq.ok());
+  const auto& a = (*plain)->activation_memory();
+  const auto& b = (*seq)->activation_memory();
+  EXPECT_GT(a.layernorm_region_per_slot, 0);
+  EXPECT_EQ(b.layernorm_region_per_slot * 4, a.layernorm_region_per_slot);
+  EXPECT_EQ(a.per_slot - b.per_slot,
+            a.layernorm_region_per_slot - b.layernorm_region_per_slot);
 }
 
 // Local shapes under tp, for a middle stage.
@@ -874,6 +854,22 @@ TEST_P(StageModelTest, CreateValidates) {
   TpGroup group4(4);
   TestTpComm comm4(&group4, 4, 0);
   EXPECT_EQ(code(o, &comm4), kInvalid);
+  // Sequence parallelism: max_seq divisible by tp; vocab parallelism:
+  // vocab_size divisible by tp.
+  o = good;
+  o.tp_size = 2;
+  o.sequence_parallel = true;
+  o.max_seq = 7;
+  EXPECT_EQ(code(o, &comm0), kInvalid);
+  o.max_seq = 6;
+  EXPECT_EQ(code(o, &comm0), absl::StatusCode::kOk);
+  o = good;
+  o.tp_size = 2;
+  o.vocab_parallel = true;
+  o.config.set_vocab_size(33);
+  EXPECT_EQ(code(o, &comm0), kInvalid);
+  o.config.set_vocab_size(34);
+  EXPECT_EQ(code(o, &comm0), absl::StatusCode::kOk);
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, StageModelTest,

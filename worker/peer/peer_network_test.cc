@@ -437,6 +437,111 @@ TEST_F(RingAllReduceTest, SizesSmallOddAndLarge) {
   }
 }
 
+// Sequence parallelism's collectives: every rank reduce-scatters its input
+// (segment r of the sum lands on rank r), then all-gathers the segments.
+// The gathered sum is bitwise identical on every rank and across two
+// repetitions (one summation order per segment, whatever the timing), and
+// close to the exact sum; sizes not divisible by the group are refused.
+TEST_F(RingAllReduceTest, ReduceScatterThenAllGather) {
+  for (int size : {1, 2, 3}) {
+    SCOPED_TRACE(absl::StrCat("group of ", size));
+    std::vector<std::unique_ptr<PeerNetwork>> networks;
+    for (int r = 0; r < size; ++r) networks.push_back(Network(r, 256));
+    std::vector<int> group;
+    for (int r = 0; r < size; ++r) group.push_back(r);
+    std::vector<std::unique_ptr<RingAllReduce>> rings(size);
+    for (int r = 0; r < size; ++r) {
+      auto ring = RingAllReduce::Create(networks[r].get(), group, r);
+      ASSERT_TRUE(ring.ok()) << ring.status();
+      rings[r] = std::move(*ring);
+    }
+    const std::vector<size_t> sizes = {0, static_cast<size_t>(size),
+                                       static_cast<size_t>(size) * 333};
+    // gathered[rank][rep][size index]
+    std::vector<std::vector<std::vector<std::vector<float>>>> gathered(size);
+    std::vector<absl::Status> statuses(size);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < size; ++r) {
+      threads.emplace_back([&, r]() {
+        statuses[r] = [&]() -> absl::Status {
+          auto backend = CpuBackend::Create({.num_threads = 1});
+          if (!backend.ok()) return backend.status();
+          Backend& be = **backend;
+          gathered[r].resize(2);
+          for (int rep = 0; rep < 2; ++rep) {
+            rings[r]->SetStep(rep, false);
+            for (size_t k = 0; k < sizes.size(); ++k) {
+              const size_t n = sizes[k], part = n / size;
+              std::vector<float> host = Inputs(r, n, static_cast<int>(k));
+              std::vector<float> all(n);
+              auto in = be.Alloc(n + 1), mid = be.Alloc(part + 1),
+                   out = be.Alloc(n + 1);
+              if (!in.ok() || !mid.ok() || !out.ok()) {
+                return absl::InternalError("alloc");
+              }
+              absl::Status s = be.CopyToBackend(*in, host.data(), n);
+              if (s.ok()) s = rings[r]->ReduceScatterSum(&be, *in, *mid, n);
+              if (s.ok()) s = rings[r]->AllGather(&be, *mid, *out, n);
+              if (s.ok()) s = be.CopyToHost(all.data(), *out, n);
+              be.Free(*in);
+              be.Free(*mid);
+              be.Free(*out);
+              if (!s.ok()) return s;
+              gathered[r][rep].push_back(std::move(all));
+            }
+            if (size > 1) {
+              // Not divisible: refused before any communication.
+              float dummy[4] = {0, 0, 0, 0};
+              auto d = be.Alloc(4);
+              if (!d.ok()) return d.status();
+              absl::Status s =
+                  rings[r]->ReduceScatterSum(&be, *d, dummy, size + 1);
+              absl::Status g = rings[r]->AllGather(&be, *d, dummy, size + 1);
+              be.Free(*d);
+              if (s.code() != absl::StatusCode::kInvalidArgument ||
+                  g.code() != absl::StatusCode::kInvalidArgument) {
+                return absl::InternalError(absl::StrCat(
+                    "indivisible sizes accepted: ", s.ToString(), " / ",
+                    g.ToString()));
+              }
+            }
+          }
+          return absl::OkStatus();
+        }();
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    for (int r = 0; r < size; ++r) {
+      ASSERT_TRUE(statuses[r].ok()) << "rank " << r << ": " << statuses[r];
+    }
+    for (size_t k = 0; k < sizes.size(); ++k) {
+      const size_t n = sizes[k];
+      for (int r = 0; r < size; ++r) {
+        for (int rep = 0; rep < 2; ++rep) {
+          ASSERT_EQ(gathered[r][rep][k].size(), n);
+          EXPECT_EQ(std::memcmp(gathered[r][rep][k].data(),
+                                gathered[0][0][k].data(), 4 * n),
+                    0)
+              << "rank " << r << " rep " << rep << " n " << n;
+        }
+      }
+      for (size_t i = 0; i < n; ++i) {
+        double sum = 0;
+        for (int r = 0; r < size; ++r) {
+          sum += Inputs(r, n, static_cast<int>(k))[i];
+        }
+        ASSERT_NEAR(gathered[0][0][k][i], sum, 1e-6) << "n " << n << " i " << i;
+      }
+    }
+    // Each of the two collectives sends (size - 1) / size of n per rank.
+    int64_t sent = 0;
+    for (int r = 0; r < size; ++r) sent += rings[r]->bytes_sent();
+    int64_t elements = 0;
+    for (size_t n : sizes) elements += static_cast<int64_t>(n);
+    EXPECT_EQ(sent, 2 * 2 * 4 * elements * (size - 1));
+  }
+}
+
 TEST_F(RingAllReduceTest, CreateValidates) {
   auto net1 = Network(1);
   EXPECT_EQ(RingAllReduce::Create(net1.get(), {0, 1}, 0).status().code(),

@@ -58,13 +58,61 @@ absl::Status RingAllReduce::AllReduceSum(Backend* backend, float* data,
   }
   std::vector<float> host(n);
   LMPS_RETURN_IF_ERROR(backend->CopyToHost(host.data(), data, n));
-  LMPS_RETURN_IF_ERROR(Ring(host, seq));
+  LMPS_RETURN_IF_ERROR(Ring(host, seq, Phase::kAllReduce));
   LMPS_RETURN_IF_ERROR(backend->CopyToBackend(data, host.data(), n));
   collectives_++;
   return absl::OkStatus();
 }
 
-absl::Status RingAllReduce::Ring(std::vector<float>& host, int32_t seq) {
+absl::Status RingAllReduce::ReduceScatterSum(Backend* backend,
+                                             const float* in, float* out,
+                                             size_t n) {
+  const int32_t seq = seq_++;
+  const size_t s = static_cast<size_t>(size());
+  if (n % s != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "RingAllReduce: reduce-scatter of ", n,
+        " elements is not divisible by the group size ", s));
+  }
+  if (n == 0) {
+    collectives_++;
+    return absl::OkStatus();
+  }
+  std::vector<float> host(n);
+  LMPS_RETURN_IF_ERROR(backend->CopyToHost(host.data(), in, n));
+  if (s > 1) {
+    LMPS_RETURN_IF_ERROR(Ring(host, seq, Phase::kReduceScatterToOwn));
+  }
+  LMPS_RETURN_IF_ERROR(
+      backend->CopyToBackend(out, host.data() + index_ * (n / s), n / s));
+  collectives_++;
+  return absl::OkStatus();
+}
+
+absl::Status RingAllReduce::AllGather(Backend* backend, const float* in,
+                                      float* out, size_t n) {
+  const int32_t seq = seq_++;
+  const size_t s = static_cast<size_t>(size());
+  if (n % s != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "RingAllReduce: all-gather of ", n,
+        " elements is not divisible by the group size ", s));
+  }
+  if (n == 0) {
+    collectives_++;
+    return absl::OkStatus();
+  }
+  std::vector<float> host(n);
+  LMPS_RETURN_IF_ERROR(
+      backend->CopyToHost(host.data() + index_ * (n / s), in, n / s));
+  if (s > 1) LMPS_RETURN_IF_ERROR(Ring(host, seq, Phase::kGatherFromOwn));
+  LMPS_RETURN_IF_ERROR(backend->CopyToBackend(out, host.data(), n));
+  collectives_++;
+  return absl::OkStatus();
+}
+
+absl::Status RingAllReduce::Ring(std::vector<float>& host, int32_t seq,
+                                 Phase phase) {
   const int s = size();
   const size_t n = host.size();
   const int next = group_[(index_ + 1) % s];
@@ -95,8 +143,8 @@ absl::Status RingAllReduce::Ring(std::vector<float>& host, int32_t seq) {
       return absl::FailedPreconditionError(absl::StrCat(
           DescribeKey(key), " from ", network_->Describe(prev), " has ",
           got.size(), " elements, expected ", in_n,
-          " (do all ranks of the tp group all-reduce the same sizes in the "
-          "same order?)"));
+          " (do all ranks of the tp group run the same collectives with the "
+          "same sizes in the same order?)"));
     }
     float* local = host.data() + in_begin;
     if (add) {
@@ -106,13 +154,31 @@ absl::Status RingAllReduce::Ring(std::vector<float>& host, int32_t seq) {
     }
     return absl::OkStatus();
   };
-  for (int k = 0; k < s - 1; ++k) {
-    LMPS_RETURN_IF_ERROR(
-        round(k, mod(index_ - k), mod(index_ - k - 1), /*add=*/true));
-  }
-  for (int k = 0; k < s - 1; ++k) {
-    LMPS_RETURN_IF_ERROR(
-        round(s - 1 + k, mod(index_ + 1 - k), mod(index_ - k), /*add=*/false));
+  switch (phase) {
+    case Phase::kAllReduce:
+      for (int k = 0; k < s - 1; ++k) {
+        LMPS_RETURN_IF_ERROR(
+            round(k, mod(index_ - k), mod(index_ - k - 1), /*add=*/true));
+      }
+      for (int k = 0; k < s - 1; ++k) {
+        LMPS_RETURN_IF_ERROR(round(s - 1 + k, mod(index_ + 1 - k),
+                                   mod(index_ - k), /*add=*/false));
+      }
+      break;
+    case Phase::kReduceScatterToOwn:
+      // Shifted by one against the all-reduce's first half, so that rank r
+      // ends with the total of its own segment r.
+      for (int k = 0; k < s - 1; ++k) {
+        LMPS_RETURN_IF_ERROR(round(k, mod(index_ - k - 1),
+                                   mod(index_ - k - 2), /*add=*/true));
+      }
+      break;
+    case Phase::kGatherFromOwn:
+      for (int k = 0; k < s - 1; ++k) {
+        LMPS_RETURN_IF_ERROR(
+            round(k, mod(index_ - k), mod(index_ - k - 1), /*add=*/false));
+      }
+      break;
   }
   return absl::OkStatus();
 }

@@ -12,7 +12,15 @@
 //   all-gather, rounds k = 0 .. size-2 (tagged round size-1+k): send segment
 //     (rank + 1 - k) mod size to next, receive segment (rank - k) mod size
 //     from prev and copy it.
-// and copies the result back to the backend. Each segment's sum is computed
+// and copies the result back to the backend.
+// ReduceScatterSum(backend, in, out, n) (n % size() == 0) runs only the
+// reduce-scatter, shifted by one segment so that rank r ends with segment r:
+// rounds k = 0 .. size-2 send segment (rank - k - 1) mod size and receive
+// and add segment (rank - k - 2) mod size; out = segment rank.
+// AllGather(backend, in, out, n) (n % size() == 0) places `in` as segment
+// rank and runs only the all-gather from there: rounds k = 0 .. size-2
+// send segment (rank - k) mod size and receive segment (rank - k - 1) mod
+// size. Each segment's sum is computed
 // once, on one rank, in ring order, and then copied: the result is bitwise
 // identical on every rank. Messages are ALL_REDUCE transfers tagged with the
 // (step, eval) of SetStep, seq = the number of AllReduceSum calls since then
@@ -56,16 +64,21 @@ class RingAllReduce final : public TpComm {
   int rank() const override { return index_; }
   void SetStep(int64_t step, bool eval) override;
   absl::Status AllReduceSum(Backend* backend, float* data, size_t n) override;
+  absl::Status ReduceScatterSum(Backend* backend, const float* in, float* out,
+                                size_t n) override;
+  absl::Status AllGather(Backend* backend, const float* in, float* out,
+                         size_t n) override;
 
-  // Payload bytes this rank sent and received in all-reduces.
+  // Payload bytes this rank sent and received in collectives.
   int64_t bytes_sent() const { return bytes_sent_.load(); }
   int64_t bytes_received() const { return bytes_received_.load(); }
-  // AllReduceSum calls that completed.
+  // Collectives (all three kinds) that completed.
   int64_t collectives() const { return collectives_.load(); }
 
  private:
   RingAllReduce(PeerNetwork* network, std::vector<int> group, int index);
-  absl::Status Ring(std::vector<float>& host, int32_t seq);
+  enum class Phase { kAllReduce, kReduceScatterToOwn, kGatherFromOwn };
+  absl::Status Ring(std::vector<float>& host, int32_t seq, Phase phase);
 
   PeerNetwork* const network_;
   const std::vector<int> group_;

@@ -53,6 +53,8 @@ StageModelOptions PipelineTrainer::StageOptions(const JobSpec& spec,
   so.has_head = stage.has_head;
   so.tp_size = layout.tp();
   so.tp_rank = coords.tp;
+  so.sequence_parallel = layout.sequence_parallel();
+  so.vocab_parallel = layout.vocab_parallel();
   so.max_batch = micro_batch;
   so.max_seq = spec.model().block_size();
   so.activation_slots = StageSlots(spec, coords.pp);
@@ -102,8 +104,11 @@ absl::StatusOr<std::unique_ptr<PipelineTrainer>> PipelineTrainer::Create(
   }
   t->micro_batch_ = LocalBatch(t->options_.spec) / train.micro_batches();
   const int T = t->options_.spec.model().block_size();
+  // With sequence parallelism a stage exchanges its tp rank's token chunk.
   const size_t act =
-      static_cast<size_t>(t->micro_batch_) * T * t->options_.spec.model().n_embd();
+      static_cast<size_t>(t->micro_batch_) * T *
+      t->options_.spec.model().n_embd() /
+      (layout->sequence_parallel() ? layout->tp() : 1);
   t->host_params_.resize(model->num_parameters());
   t->host_grads_.resize(model->num_parameters());
   t->act_in_.resize(act);
@@ -287,6 +292,10 @@ absl::Status PipelineTrainer::TrainStep(int64_t step, double* loss,
   progress_.bubble_fraction = total > 0 ? idle / total : 0;
   progress_.ideal_bubble_fraction = IdealBubbleFraction(layout_->pp(), M);
   progress_.max_live_micro_batches = model_->max_slots_in_use();
+  progress_.peak_activation_bytes = model_->peak_activation_bytes();
+  progress_.peak_layernorm_activation_bytes =
+      static_cast<int64_t>(model_->max_slots_in_use()) *
+      model_->activation_memory().layernorm_region_per_slot;
   return absl::OkStatus();
 }
 
@@ -389,11 +398,14 @@ absl::Status PipelineTrainer::Run() {
       Log(absl::StrFormat(
           "trace dp_rank=%d pp_rank=%d tp_rank=%d step=%d loss=%.6f "
           "compute_s=%.6f bubble=%.4f ideal_bubble=%.4f "
-          "max_live_micro_batches=%d push_bytes=%d push_bytes_overlapped=%d",
+          "max_live_micro_batches=%d push_bytes=%d push_bytes_overlapped=%d "
+          "peak_activation_bytes=%d peak_layernorm_activation_bytes=%d",
           options_.coords.dp, options_.coords.pp, options_.coords.tp, step,
           progress_.loss, progress_.compute_seconds, progress_.bubble_fraction,
           progress_.ideal_bubble_fraction, progress_.max_live_micro_batches,
-          progress_.push_bytes, progress_.push_bytes_overlapped));
+          progress_.push_bytes, progress_.push_bytes_overlapped,
+          progress_.peak_activation_bytes,
+          progress_.peak_layernorm_activation_bytes));
     }
     if (options_.on_progress) options_.on_progress(progress_);
   }

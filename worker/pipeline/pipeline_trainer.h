@@ -16,7 +16,9 @@
 //      output's gradient from stage pp + 1 (the last stage starts from the
 //      loss, scaled 1/m), computes and sends the input's gradient back.
 //      Tensor-parallel ranks of a stage run the same schedule and
-//      all-reduce inside each block (TpComm). Every wait ends after
+//      all-reduce inside each block (TpComm); with layout.sequence_parallel
+//      they reduce-scatter / all-gather instead and the stages exchange
+//      each tp rank's [B*T/tp, C] token chunk (worker/model/stage_model.h). Every wait ends after
 //      train.peer_timeout_ms with an error naming the peer;
 //   3. push the gradient slices this worker owns (tp rank 0 for replicated
 //      tensors; both the first and the last stage push the tied wte, and
