@@ -31,47 +31,12 @@ train { batch_size: 8 steps: 200 eval_interval: 1000 eval_batches: 16
                       pull_dtype, " }\n");
 }
 
-struct Result {
-  float eval = NAN;
-  double pull_bytes = NAN;  // per step, all workers
-};
-
-double ParseBytes(const std::string& text, size_t at) {
-  char* unit = nullptr;
-  double v = std::strtod(text.c_str() + at, &unit);
-  const std::string rest(unit, 3);
-  return v * (rest == " kB" ? 1e3 : rest == " MB" ? 1e6 : 1);
-}
-
-// The last progress line: "step 200/200 | loss L | eval E | T tok/s | pull
-// 26.4 kB | push 56.6 kB | ETA --" (pull: the last step's, all workers).
-Result RunJob(const std::string& name, const std::string& pull_dtype,
-              const std::vector<std::string>& layout) {
-  const std::string dir = TempDir(name);
-  WriteFile(dir + "/job.textproto", Job(pull_dtype));
-  std::vector<std::string> args = {BinaryPath("launcher/lmps_local"),
-                                   "--job=" + dir + "/job.textproto",
-                                   "--run_dir=" + dir + "/run", "--shards=2"};
-  args.insert(args.end(), layout.begin(), layout.end());
-  CommandResult r = RunCommand(args, 240);
-  EXPECT_EQ(r.exit_code, 0) << r.output;
-  Result out;
-  const size_t line = r.output.rfind("step 200/200");
-  if (line == std::string::npos) {
-    ADD_FAILURE() << "no final progress line: " << r.output;
-    return out;
-  }
-  const size_t eval = r.output.find("eval ", line);
-  const size_t pull = r.output.find("pull ", line);
-  if (eval == std::string::npos || pull == std::string::npos) {
-    ADD_FAILURE() << r.output.substr(line);
-    return out;
-  }
-  out.eval = std::strtof(r.output.c_str() + eval + 5, nullptr);
-  out.pull_bytes = ParseBytes(r.output, pull + 5);
-  std::printf("%s: eval %.4f, pull %.0f bytes/step\n", name.c_str(), out.eval,
-              out.pull_bytes);
-  return out;
+// The final progress line's eval loss and pull bytes (the last step's, all
+// workers).
+FinalProgress RunJob(const std::string& name, const std::string& pull_dtype,
+                     std::vector<std::string> flags) {
+  flags.push_back("--shards=2");
+  return RunLocalJob(name, Job(pull_dtype), flags, 200);
 }
 
 TEST(Bf16PullTest, LossWithinOnePercentOfF32AndHalfTheBytes) {
@@ -84,10 +49,10 @@ TEST(Bf16PullTest, LossWithinOnePercentOfF32AndHalfTheBytes) {
            {"pp2", {"--workers=2", "--pp=2"}},
        }) {
     SCOPED_TRACE(l.name);
-    const Result f32 = RunJob(absl::StrCat(l.name, "-f32"), "F32", l.flags);
+    const FinalProgress f32 = RunJob(absl::StrCat(l.name, "-f32"), "F32", l.flags);
     ASSERT_TRUE(std::isfinite(f32.eval));
     ASSERT_LT(f32.eval, 4.0f);  // it trained (ln 256 = 5.55)
-    const Result bf16 = RunJob(absl::StrCat(l.name, "-bf16"), "BF16", l.flags);
+    const FinalProgress bf16 = RunJob(absl::StrCat(l.name, "-bf16"), "BF16", l.flags);
     EXPECT_LT(std::fabs(bf16.eval - f32.eval), 0.01 * f32.eval)
         << bf16.eval << " vs " << f32.eval;
     // (The progress line's 4 digits often agree; that the values the

@@ -31,49 +31,17 @@ train { batch_size: 8 steps: 200 eval_interval: 1000 eval_batches: 16
                       train_extra, " }\n");
 }
 
-struct Result {
-  float eval = NAN;
-  double push_bytes = NAN;  // per step, all workers
-};
-
-// The last progress line: "step 200/200 | loss L | eval E | T tok/s | push
-// 56.6 kB | ETA --" (push: the last step's, all workers).
-// `train_extra`: more fields of `train { }` (compression, mode); `flags`:
-// more lmps_local flags (the layout; the default is --workers=2).
-Result RunJob(const std::string& name, const std::string& train_extra,
-              std::vector<std::string> flags = {"--workers=2"}) {
-  const std::string dir = TempDir(name);
-  WriteFile(dir + "/job.textproto", Job(train_extra));
-  std::vector<std::string> argv = {
-      BinaryPath("launcher/lmps_local"), "--job=" + dir + "/job.textproto",
-      "--run_dir=" + dir + "/run", "--shards=2"};
-  argv.insert(argv.end(), flags.begin(), flags.end());
-  CommandResult r = RunCommand(argv, 240);
-  EXPECT_EQ(r.exit_code, 0) << r.output;
-  Result out;
-  const size_t line = r.output.rfind("step 200/200");
-  if (line == std::string::npos) {
-    ADD_FAILURE() << "no final progress line: " << r.output;
-    return out;
-  }
-  const size_t eval = r.output.find("eval ", line);
-  const size_t push = r.output.find("push ", line);
-  if (eval == std::string::npos || push == std::string::npos) {
-    ADD_FAILURE() << r.output.substr(line);
-    return out;
-  }
-  out.eval = std::strtof(r.output.c_str() + eval + 5, nullptr);
-  char* unit = nullptr;
-  out.push_bytes = std::strtod(r.output.c_str() + push + 5, &unit);
-  const std::string rest(unit, 3);
-  out.push_bytes *= rest == " kB" ? 1e3 : rest == " MB" ? 1e6 : 1;
-  std::printf("%s: eval %.4f, push %.0f bytes/step\n", name.c_str(),
-              out.eval, out.push_bytes);
-  return out;
+// The final progress line's eval loss and push bytes (the last step's, all
+// workers). `train_extra`: more fields of `train { }` (compression, mode);
+// `flags`: more lmps_local flags (the layout; the default is --workers=2).
+FinalProgress RunJob(const std::string& name, const std::string& train_extra,
+                     std::vector<std::string> flags = {"--workers=2"}) {
+  flags.push_back("--shards=2");
+  return RunLocalJob(name, Job(train_extra), flags, 200);
 }
 
 TEST(CompressionTest, LossWithinTwoPercentAndFewerBytes) {
-  const Result none = RunJob("none", "");
+  const FinalProgress none = RunJob("none", "");
   ASSERT_TRUE(std::isfinite(none.eval));
   ASSERT_LT(none.eval, 4.0f);  // it trained (ln 256 = 5.55)
   struct Case {
@@ -87,7 +55,7 @@ TEST(CompressionTest, LossWithinTwoPercentAndFewerBytes) {
            {"int8", "compression { kind: QUANT_INT8 }", 0.25},
        }) {
     SCOPED_TRACE(c.name);
-    const Result r = RunJob(c.name, c.spec);
+    const FinalProgress r = RunJob(c.name, c.spec);
     EXPECT_LT(std::fabs(r.eval - none.eval), 0.02 * none.eval)
         << r.eval << " vs " << none.eval;
     // ceil(ratio * n) per slice and int8's scales: a little above.
@@ -114,11 +82,11 @@ TEST(CompressionTest, WithPipelineTensorParallelismAndAsync) {
             "compression { kind: QUANT_INT8 }", 0.05},
        }) {
     SCOPED_TRACE(c.name);
-    const Result none =
+    const FinalProgress none =
         RunJob(absl::StrCat(c.name, "_none"), c.mode, c.flags);
     ASSERT_TRUE(std::isfinite(none.eval));
     ASSERT_LT(none.eval, 4.0f);  // it trained (ln 256 = 5.55)
-    const Result r = RunJob(c.name, absl::StrCat(c.mode, " ", c.compression),
+    const FinalProgress r = RunJob(c.name, absl::StrCat(c.mode, " ", c.compression),
                             c.flags);
     EXPECT_LT(std::fabs(r.eval - none.eval), c.tolerance * none.eval)
         << r.eval << " vs " << none.eval;

@@ -4,10 +4,12 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -16,6 +18,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "gtest/gtest.h"
 
 namespace lmps::testing {
 
@@ -156,6 +159,52 @@ absl::StatusOr<double> MaxAbsDiffOfFiles(const std::string& a,
   absl::StatusOr<SafetensorsContents> mb = ReadSafetensorsFile(b);
   if (!mb.ok()) return mb.status();
   return MaxAbsDiff(*ma, *mb);
+}
+
+namespace {
+
+// The bytes figure at text[at]: "56.6 kB", "1.2 MB" or "830 B".
+double ParseBytes(const std::string& text, size_t at) {
+  char* unit = nullptr;
+  const double v = std::strtod(text.c_str() + at, &unit);
+  const std::string rest(unit, std::min<size_t>(3, std::strlen(unit)));
+  return v * (rest == " kB" ? 1e3 : rest == " MB" ? 1e6 : 1);
+}
+
+}  // namespace
+
+FinalProgress RunLocalJob(const std::string& name, const std::string& job,
+                          const std::vector<std::string>& flags, int steps,
+                          int timeout_s) {
+  const std::string dir = TempDir(name);
+  WriteFile(dir + "/job.textproto", job);
+  std::vector<std::string> argv = {BinaryPath("launcher/lmps_local"),
+                                   "--job=" + dir + "/job.textproto",
+                                   "--run_dir=" + dir + "/run"};
+  argv.insert(argv.end(), flags.begin(), flags.end());
+  CommandResult r = RunCommand(argv, timeout_s);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  FinalProgress out;
+  const std::string last = absl::StrCat("step ", steps, "/", steps);
+  const size_t line = r.output.rfind(last);
+  if (line == std::string::npos) {
+    ADD_FAILURE() << "no progress line '" << last << "': " << r.output;
+    return out;
+  }
+  const size_t end = r.output.find('\n', line);
+  const std::string text = r.output.substr(line, end - line);
+  if (const size_t at = text.find("eval "); at != std::string::npos) {
+    out.eval = std::strtof(text.c_str() + at + 5, nullptr);
+  }
+  if (const size_t at = text.find("pull "); at != std::string::npos) {
+    out.pull_bytes = ParseBytes(text, at + 5);
+  }
+  if (const size_t at = text.find("push "); at != std::string::npos) {
+    out.push_bytes = ParseBytes(text, at + 5);
+  }
+  std::printf("%s: eval %.4f, pull %.0f, push %.0f bytes/step\n",
+              name.c_str(), out.eval, out.pull_bytes, out.push_bytes);
+  return out;
 }
 
 }  // namespace lmps::testing

@@ -8,6 +8,7 @@
 #ifndef LMPS_TESTS_TEST_UTIL_H_
 #define LMPS_TESTS_TEST_UTIL_H_
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -65,6 +66,22 @@ absl::StatusOr<double> MaxAbsDiff(const SafetensorsContents& a,
 // The same for two safetensors files (an error if either cannot be read).
 absl::StatusOr<double> MaxAbsDiffOfFiles(const std::string& a,
                                          const std::string& b);
+
+// The figures of lmps_local's final progress line, "step N/N | loss L |
+// eval E | T tok/s | pull P | push Q | ETA --" (pull and push: the last
+// step's bytes, all workers); NaN where the line has no such field.
+struct FinalProgress {
+  float eval = NAN;
+  double pull_bytes = NAN;
+  double push_bytes = NAN;
+};
+
+// Runs lmps_local on `job` (text proto) in TempDir(name) with `flags`,
+// expects it to succeed within `timeout_s` and parses the progress line of
+// its last step `steps` (a test failure names what is missing).
+FinalProgress RunLocalJob(const std::string& name, const std::string& job,
+                          const std::vector<std::string>& flags, int steps,
+                          int timeout_s = 240);
 
 }  // namespace lmps::testing
 
