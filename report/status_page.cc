@@ -62,7 +62,7 @@ std::string NodesTable(const JobStatus& status) {
 
 void StatusHistory::Observe(const JobStatus& status, double now_unix_s) {
   int64_t min_step = -1;
-  double loss = 0, tps = 0;
+  double loss = 0, tps = 0, pulled = 0, pushed = 0, lr = 0;
   int workers = 0;
   std::optional<double> eval;
   for (const NodeStatus& n : status.nodes()) {
@@ -71,6 +71,9 @@ void StatusHistory::Observe(const JobStatus& status, double now_unix_s) {
     min_step = min_step < 0 ? n.step() : std::min<int64_t>(min_step, n.step());
     loss += n.loss();
     tps += n.tokens_per_second();
+    pulled += static_cast<double>(n.pull_wire_bytes());
+    pushed += static_cast<double>(n.push_wire_bytes());
+    lr = std::max(lr, static_cast<double>(n.lr()));
     if (n.dp_rank() == 0 && n.pp_rank() == 0 && n.tp_rank() == 0 &&
         std::isfinite(n.eval_loss()) && n.eval_loss() > 0) {
       eval = n.eval_loss();
@@ -84,6 +87,9 @@ void StatusHistory::Observe(const JobStatus& status, double now_unix_s) {
   row.time = now_unix_s;
   if (std::isfinite(loss) && loss > 0) row.loss = loss / workers;
   row.tokens_per_second = tps;
+  if (lr > 0) row.lr = lr;
+  if (pulled > 0) row.bytes_pulled = pulled;
+  if (pushed > 0) row.bytes_pushed = pushed;
   if (eval.has_value() && eval != last_eval_) {
     row.eval_loss = eval;
     last_eval_ = eval;

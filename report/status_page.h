@@ -6,8 +6,10 @@
 // second) into step rows for the charts: one row per snapshot in which the
 // slowest worker's step advanced (so a row per second, not per step),
 // with the workers' mean training loss, dp rank 0's eval loss when it
-// changed, and the workers' summed tokens/s. The heartbeats carry no phases
-// or byte counts, so those charts stay empty on the live page.
+// changed, the workers' summed tokens/s, the learning rate and the bytes
+// the workers' last pulls and pushes put on the wire (summed). The
+// heartbeats carry no phase times, so that chart stays empty on the live
+// page.
 //
 // Thread-safety: StatusHistory is thread-safe (the scheduler's main loop
 // observes while HTTP threads read). RenderStatusPage is a pure function.

@@ -23,6 +23,9 @@ NodeStatus* AddWorker(JobStatus* s, const std::string& id, int dp,
   n->set_loss(loss);
   n->set_eval_loss(eval);
   n->set_tokens_per_second(1000);
+  n->set_lr(0.001f);
+  n->set_pull_wire_bytes(300 + dp);
+  n->set_push_wire_bytes(100 + dp);
   n->set_alive(true);
   n->set_heartbeat_age_ms(250);
   return n;
@@ -57,6 +60,9 @@ TEST(StatusHistoryTest, OneRowPerStepOfTheSlowestWorker) {
   EXPECT_EQ(rows[0].time, 101);
   EXPECT_DOUBLE_EQ(*rows[0].loss, 4.0);  // mean over the workers
   EXPECT_DOUBLE_EQ(*rows[0].tokens_per_second, 2000);  // sum
+  EXPECT_DOUBLE_EQ(*rows[0].lr, 0.001f);
+  EXPECT_DOUBLE_EQ(*rows[0].bytes_pulled, 601);  // sums
+  EXPECT_DOUBLE_EQ(*rows[0].bytes_pushed, 201);
   EXPECT_FALSE(rows[0].eval_loss.has_value());
   EXPECT_EQ(rows[1].step, 3);
   EXPECT_DOUBLE_EQ(*rows[1].eval_loss, 2.5);

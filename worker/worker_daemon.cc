@@ -557,6 +557,9 @@ class WorkerSession {
     hb.set_tokens_per_second(latest_.tokens_per_second);
     hb.set_push_wire_bytes(latest_.push_bytes);
     hb.set_pull_wire_bytes(latest_.pull_bytes);
+    if (std::isfinite(latest_.learning_rate)) {
+      hb.set_lr(static_cast<float>(latest_.learning_rate));
+    }
     hb.set_done(done_);
     hb.set_error(error_);
     return hb;

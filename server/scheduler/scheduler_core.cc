@@ -361,6 +361,7 @@ JobStatus SchedulerCore::Status() {
         s->set_tokens_per_second(n.tokens_per_second);
         s->set_push_wire_bytes(n.push_wire_bytes);
         s->set_pull_wire_bytes(n.pull_wire_bytes);
+        s->set_lr(n.lr);
         s->set_alive(n.alive);
         s->set_done(n.done);
         s->set_error(n.error);

@@ -79,6 +79,7 @@ struct SchedulerCore::Node {
   double tokens_per_second = 0;
   int64_t push_wire_bytes = 0;  // workers: the last step's push
   int64_t pull_wire_bytes = 0;  // workers: the last step's pull
+  float lr = 0;                 // workers: the last step's learning rate
   bool alive = true;
   bool done = false;
   std::string error;
@@ -106,6 +107,7 @@ struct SchedulerCore::Node {
     tokens_per_second = 0;
     push_wire_bytes = 0;
     pull_wire_bytes = 0;
+    lr = 0;
     alive = true;
     done = false;
     error.clear();

@@ -101,6 +101,7 @@ void SchedulerCore::RecordProgressLocked(Node* n,
   n->tokens_per_second = request.tokens_per_second();
   n->push_wire_bytes = request.push_wire_bytes();
   n->pull_wire_bytes = request.pull_wire_bytes();
+  n->lr = request.lr();
   if (request.done() && !n->done) {
     n->done = true;
     out->logs.push_back(
