@@ -24,7 +24,11 @@ namespace lmps {
 using shard_internal::ChunkName;
 
 absl::Status ParameterShard::Init() {
-  dp_ = options_.spec.layout().dp();
+  // RING_ALLREDUCE: dp rank 0 alone pushes the replicas' averaged
+  // gradient (worker/trainer.h), so the shards see a one-replica job.
+  dp_ = options_.spec.train().dp_aggregation() == RING_ALLREDUCE
+            ? 1
+            : options_.spec.layout().dp();
   const TrainConfig& train = options_.spec.train();
   mode_ = train.mode();
   staleness_ = EffectiveStaleness(options_.spec);

@@ -12,8 +12,10 @@
 #include "common/model/job_spec.h"
 #include "common/model/learning_rate.h"
 #include "common/model/parallel_layout.h"
+#include "common/model/model_spec.h"
 #include "common/rpc/status_util.h"
 #include "worker/layerwise_pull.h"
+#include "server/optimizer.h"
 #include "worker/overlapped_push.h"
 
 namespace lmps {
@@ -66,6 +68,7 @@ absl::StatusOr<std::unique_ptr<DataParallelTrainer>> DataParallelTrainer::Create
   t->progress_.end_step = t->end_step_;
   DataParallelTrainer* raw = t.get();
   t->layerwise_ = t->options_.layerwise_pull && train.mode() != ASYNC &&
+                  train.dp_aggregation() != RING_ALLREDUCE &&
                   EffectiveStaleness(t->options_.spec) == 0;
   if (t->layerwise_) {
     t->groups_ = GptPullGroups(t->options_.spec.model());
@@ -76,11 +79,108 @@ absl::StatusOr<std::unique_ptr<DataParallelTrainer>> DataParallelTrainer::Create
         .max_per_lane = per_lane,
         .threads = std::max(2, ps->num_shards() * per_lane)});
   }
+  if (train.dp_aggregation() == RING_ALLREDUCE) {
+    const JobSpec& spec = t->options_.spec;  // `options` was moved from
+    const int dp = spec.layout().dp();
+    if (t->options_.dp_ring == nullptr || t->options_.dp_ring->size() != dp ||
+        t->options_.dp_ring->rank() != t->options_.dp_rank) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "train.dp_aggregation RING_ALLREDUCE needs a data-parallel ring of ",
+          dp, " replicas with this replica at rank ", t->options_.dp_rank));
+    }
+    int64_t total = 0;
+    for (const TensorSpec& ts : GptTensorSpecs(spec.model())) {
+      t->tensor_decay_.emplace_back(ts.num_elements(), ts.weight_decay);
+      total += ts.num_elements();
+    }
+    if (total != model->num_parameters()) {
+      return absl::InternalError(absl::StrCat(
+          "tensor specs hold ", total, " parameters, the model ",
+          model->num_parameters()));
+    }
+    t->opt_state_.assign(OptimizerStateBuffers(spec.optimizer().type()),
+                         std::vector<float>(total, 0.0f));
+  }
   t->pinned_ = std::make_unique<PinnedHostBuffers>(
       model->backend(),
       std::vector<std::vector<float>*>{&t->host_params_, &t->host_grads_},
       [raw](const std::string& line) { raw->Log(line); });
   return t;
+}
+
+DataParallelTrainer::~DataParallelTrainer() {
+  if (shard_update_.joinable()) shard_update_.join();
+}
+
+absl::Status DataParallelTrainer::JoinShardUpdate() {
+  if (shard_update_.joinable()) shard_update_.join();
+  return std::exchange(shard_update_status_, absl::OkStatus());
+}
+
+absl::Status DataParallelTrainer::RingStep(int64_t step) {
+  const JobSpec& spec = options_.spec;
+  const int64_t n = model_->num_parameters();
+  // Sum over the replicas (bitwise identical everywhere), then the mean as
+  // the shards compute it (sum, then divide by dp).
+  options_.dp_ring->SetStep(step, /*eval=*/false);
+  LMPS_RETURN_IF_ERROR(
+      options_.dp_ring->AllReduceSum(model_->backend(), model_->grads(), n));
+  LMPS_RETURN_IF_ERROR(model_->GradientsToHost(host_grads_.data()));
+  const float dp = static_cast<float>(spec.layout().dp());
+  double sum_squares = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    host_grads_[i] /= dp;
+    sum_squares += static_cast<double>(host_grads_[i]) * host_grads_[i];
+  }
+  if (!std::isfinite(sum_squares)) {
+    return absl::InternalError(absl::StrCat(
+        "non-finite averaged gradient at step ", step, " (ring all-reduce)"));
+  }
+  // dp rank 0 hands the same gradient to the shards, off the critical path.
+  if (options_.dp_rank == 0) {
+    LMPS_RETURN_IF_ERROR(JoinShardUpdate());
+    shard_grads_ = host_grads_;
+    const int64_t bytes_before = ps_->stats().bytes_pushed;
+    shard_update_ = std::thread([this, step, bytes_before] {
+      absl::Status s = ps_->Push(step, options_.worker_id, 0,
+                                 shard_grads_.data());
+      if (s.ok()) s = ApplyStepOnShards(ps_, SYNC, step);
+      shard_update_status_ = std::move(s);
+    });
+  }
+  // The shards' update (ParameterShard::OptimizerStepLocked), per tensor.
+  const OptimizerConfig& opt = spec.optimizer();
+  const double lr = LearningRate(opt, step, spec.train().steps());
+  const float scale = static_cast<float>(
+      ClipScale(opt.grad_clip(), std::sqrt(sum_squares)));
+  progress_.grad_norm = std::sqrt(sum_squares);
+  int64_t off = 0;
+  for (const auto& [len, decays] : tensor_decay_) {
+    const double wd = decays ? std::max(0.0f, opt.weight_decay()) : 0.0;
+    const absl::Span<const float> g(host_grads_.data() + off, len);
+    const absl::Span<float> p(host_params_.data() + off, len);
+    if (opt.type() == SGD) {
+      SgdHyper h;
+      h.lr = lr;
+      h.momentum = std::max(0.0f, opt.momentum());
+      h.weight_decay = wd;
+      SgdMomentumStep(h, scale, g, p,
+                      absl::MakeSpan(opt_state_[0].data() + off, len));
+    } else {
+      AdamWHyper h;
+      h.lr = lr;
+      h.beta1 = opt.beta1();
+      h.beta2 = opt.beta2();
+      h.eps = opt.eps();
+      h.weight_decay = wd;
+      h.step = step;
+      AdamWStep(h, scale, g, p,
+                absl::MakeSpan(opt_state_[0].data() + off, len),
+                absl::MakeSpan(opt_state_[1].data() + off, len));
+    }
+    off += len;
+  }
+  return model_->SetParametersFromHost(host_params_.data());
 }
 
 absl::Status DataParallelTrainer::PullInto(int64_t step, int64_t* version) {
@@ -194,8 +294,12 @@ absl::Status DataParallelTrainer::Run() {
       ++progress_.pulls;
     } else {
       pull_bytes_start_ = ps_->stats().bytes_pulled;
-      LMPS_RETURN_IF_ERROR(
-          PullInto(mode == ASYNC ? async_seen : step, &version));
+      if (!ring() || step == options_.start_step) {
+        LMPS_RETURN_IF_ERROR(
+            PullInto(mode == ASYNC ? async_seen : step, &version));
+      } else {
+        version = step;  // the local copy, updated by RingStep
+      }
       pull_done_us = NowMicros();
       async_seen = std::max(async_seen, version);
       progress_.pulled_version = version;
@@ -211,7 +315,7 @@ absl::Status DataParallelTrainer::Run() {
 
     auto t1 = std::chrono::steady_clock::now();
     model_->ZeroGrad();
-    const bool overlap = options_.overlap_push;
+    const bool overlap = options_.overlap_push && !ring();
     const float grad_scale = 1.0f / static_cast<float>(M);
     const int64_t bytes_before = ps_->stats().bytes_pushed;
     double loss = 0;
@@ -254,7 +358,13 @@ absl::Status DataParallelTrainer::Run() {
     // The forward pass's waits for parameters are the pull's, not compute.
     const double pull_waited =
         pull != nullptr ? pull->exposed_seconds() - waited_before : 0;
-    if (overlap) {
+    if (ring()) {
+      t2 = std::chrono::steady_clock::now();
+      progress_.compute_seconds = std::chrono::duration<double>(t2 - t1).count();
+      push_start_us = NowMicros();
+      LMPS_RETURN_IF_ERROR(RingStep(step));
+      progress_.push_bytes_overlapped = 0;
+    } else if (overlap) {
       LMPS_RETURN_IF_ERROR(
           BackwardAndPush(step, grad_scale, &t2, &push_start_us));
       progress_.compute_seconds =
@@ -276,7 +386,9 @@ absl::Status DataParallelTrainer::Run() {
     progress_.push_bytes = ps_->stats().bytes_pushed - bytes_before;
 
     auto t3 = std::chrono::steady_clock::now();
-    if (mode == SYNC) {
+    if (ring()) {
+      // RingStep updated the parameters.
+    } else if (mode == SYNC) {
       LMPS_RETURN_IF_ERROR(ApplyStep(step));
     } else if (mode == BOUNDED_STALENESS &&
                step - staleness >= options_.start_step) {
@@ -325,9 +437,13 @@ absl::Status DataParallelTrainer::Run() {
       LMPS_RETURN_IF_ERROR(ApplyStep(j));
     }
   }
+  // RING_ALLREDUCE: the shards have the last step before Run returns (the
+  // checkpoint after the last step, export and the final eval read them).
+  LMPS_RETURN_IF_ERROR(JoinShardUpdate());
   if (options_.dp_rank == 0 && train.eval_interval() > 0 &&
       end_step_ > options_.start_step) {
-    LMPS_RETURN_IF_ERROR(PullInto(FinalVersion()));
+    // RING_ALLREDUCE: the model already holds the final parameters.
+    if (!ring()) LMPS_RETURN_IF_ERROR(PullInto(FinalVersion()));
     LMPS_ASSIGN_OR_RETURN(progress_.eval_loss, Evaluate());
     if (options_.on_progress) options_.on_progress(progress_);
   }

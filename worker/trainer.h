@@ -58,6 +58,22 @@
 // "trace ..." line per step (format in proto/lmps.proto; push_start_us is
 // when the step's first push stream started).
 //
+// RING_ALLREDUCE (train.dp_aggregation; SYNC, pp = tp = 1): the parameters
+// are pulled once, at start_step. Every step: forward and backward as above;
+// the gradient is summed over the replicas by options.dp_ring (a ring
+// all-reduce over the peer service, bitwise identical on every replica) and
+// divided by dp; its global norm is computed locally; every replica applies
+// the same update with the shards' optimizer code (server/optimizer.h:
+// schedule, clipping, per-tensor weight decay, AdamW or SGD) to its own
+// copy, so the copies stay bitwise identical without a pull. No shard is on
+// the critical path: dp rank 0 also pushes the averaged gradient and runs
+// GradNorm/Apply on a background thread (joined before the next step's
+// push and at the end), and the shards, which count a one-replica job in
+// this mode, apply the same update: they keep the durable copy for
+// checkpoints, export, eval and replacement. The worker's optimizer state
+// (AdamW moments, SGD momentum) starts at zero on every (re)start: a resumed
+// or replaced run is exact only for SGD without momentum (docs/limits.md).
+//
 // The worker holds nothing that cannot be rebuilt: parameters come from the
 // servers and batches are a pure function of (seed, step, rank).
 //
@@ -71,6 +87,8 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -79,6 +97,7 @@
 #include "worker/comm_scheduler.h"
 #include "worker/layerwise_pull.h"
 #include "worker/model/gpt.h"
+#include "worker/model/tp_comm.h"
 #include "worker/overlapped_push.h"
 #include "worker/ps_client.h"
 #include "worker/training_loop.h"
@@ -93,6 +112,10 @@ struct DataParallelTrainerOptions : TrainingLoopOptions {
   // Layer-wise pull pipelining (train.layerwise_pull; see the file
   // comment). Used in SYNC (and BOUNDED_STALENESS with staleness 0) only.
   bool layerwise_pull = true;
+
+  // train.dp_aggregation RING_ALLREDUCE: the all-reduce among the replicas
+  // of this job (size dp, rank dp_rank), not owned; required in that mode.
+  TpComm* dp_ring = nullptr;
 };
 
 class DataParallelTrainer : public TrainingLoop {
@@ -102,6 +125,7 @@ class DataParallelTrainer : public TrainingLoop {
       DataParallelTrainerOptions options, GptModel* model, PsClient* ps,
       const Dataset* data);
 
+  ~DataParallelTrainer() override;
   absl::Status Run() override;
   // Mean validation loss of the parameters currently in the model.
   absl::StatusOr<float> Evaluate();
@@ -138,6 +162,14 @@ class DataParallelTrainer : public TrainingLoop {
   // the version after every replica's last push.
   int64_t FinalVersion() const;
   int64_t Staleness(int64_t step, int64_t pulled_version) const;
+  // RING_ALLREDUCE: all-reduces the model's gradient of `step` (computed),
+  // updates the local parameters and (dp rank 0) starts the shards' copy.
+  absl::Status RingStep(int64_t step);
+  // Waits for dp rank 0's background push/Apply of the shards' copy.
+  absl::Status JoinShardUpdate();
+  bool ring() const {
+    return options_.spec.train().dp_aggregation() == RING_ALLREDUCE;
+  }
   void Log(const std::string& line) const;
 
   DataParallelTrainerOptions options_;
@@ -153,6 +185,14 @@ class DataParallelTrainer : public TrainingLoop {
   std::unique_ptr<CommScheduler> scheduler_;
   int64_t pull_bytes_start_ = 0;  // bytes_pulled when the step's pull began
   std::vector<int32_t> tokens_, targets_;
+  // RING_ALLREDUCE: optimizer state (1 or 2 buffers of num_parameters),
+  // the weight-decay flag and length of every tensor in flat order, the
+  // gradient being pushed to the shards by shard_update_.
+  std::vector<std::vector<float>> opt_state_;
+  std::vector<std::pair<int64_t, bool>> tensor_decay_;
+  std::vector<float> shard_grads_;
+  std::thread shard_update_;
+  absl::Status shard_update_status_;
   std::atomic<bool> cancelled_{false};
   TrainerProgress progress_;
 };

@@ -258,9 +258,18 @@ class WorkerSession {
           MakeChannel(a, metrics_.rpc.get(), security_)));
     }
     PsClientOptions ps_options;
-    ps_options.push_dtype = options_.push_dtype;
+    // RING_ALLREDUCE: the replicas' copies of the parameters and the shards'
+    // master must stay equal, so the one pull and dp rank 0's pushes are
+    // exact fp32 (job_spec rejects train.pull_dtype BF16 there).
+    const bool ring = spec_.train().dp_aggregation() == RING_ALLREDUCE;
+    ps_options.push_dtype = ring ? F32 : options_.push_dtype;
+    if (ring && options_.push_dtype != F32) {
+      log_(id_, "--push_dtype ignored: train.dp_aggregation RING_ALLREDUCE "
+                "pushes the averaged gradient in fp32");
+    }
     ps_options.pull_dtype =
-        ResolvePullDtype(spec_.train().pull_dtype(), options_.backend);
+        ring ? F32
+             : ResolvePullDtype(spec_.train().pull_dtype(), options_.backend);
     if (ps_options.pull_dtype == BF16) {
       log_(id_, absl::StrCat(
                     "pulls parameters in bf16 (train.pull_dtype ",
@@ -442,6 +451,18 @@ class WorkerSession {
     options.overlap_push = overlap_push;
     options.layerwise_pull =
         spec_.train().layerwise_pull() != LAYERWISE_PULL_OFF;
+    if (spec_.train().dp_aggregation() == RING_ALLREDUCE) {
+      // The data-parallel ring: every worker of the job, in dp-rank order
+      // (pp = tp = 1, so worker rank = dp rank).
+      LMPS_RETURN_IF_ERROR(CreatePeerNetwork());
+      std::vector<int> group;
+      for (int d = 0; d < layout_->dp(); ++d) {
+        group.push_back(layout_->Rank({d, 0, 0}));
+      }
+      LMPS_ASSIGN_OR_RETURN(
+          ring_, RingAllReduce::Create(peers_.get(), group, coords_.dp));
+      options.dp_ring = ring_.get();
+    }
     LMPS_ASSIGN_OR_RETURN(
         std::unique_ptr<DataParallelTrainer> trainer,
         DataParallelTrainer::Create(options, model_.get(), ps_.get(),
@@ -451,10 +472,9 @@ class WorkerSession {
     return absl::OkStatus();
   }
 
-  // The pipeline loop: the peer network, the tensor-parallel ring (tp > 1),
-  // this stage's model and the PipelineTrainer.
-  absl::Status BuildPipelineTrainer(const TrainingLoopOptions& common,
-                                    bool overlap_push) {
+  // peers_: this worker's view of the job's workers (pipeline, tensor
+  // parallel and RING_ALLREDUCE data parallel transfers).
+  absl::Status CreatePeerNetwork() {
     std::vector<PeerInfo> workers(assignment_.workers().begin(),
                                   assignment_.workers().end());
     PeerNetworkOptions peer_net;
@@ -470,6 +490,14 @@ class WorkerSession {
             [security = security_, rpc](const std::string& address) {
               return WorkerPeer::NewStub(MakeChannel(address, rpc, security));
             }));
+    return absl::OkStatus();
+  }
+
+  // The pipeline loop: the peer network, the tensor-parallel ring (tp > 1),
+  // this stage's model and the PipelineTrainer.
+  absl::Status BuildPipelineTrainer(const TrainingLoopOptions& common,
+                                    bool overlap_push) {
+    LMPS_RETURN_IF_ERROR(CreatePeerNetwork());
     if (layout_->tp() > 1) {
       std::vector<int> group;
       for (int t = 0; t < layout_->tp(); ++t) {
@@ -579,7 +607,8 @@ class WorkerSession {
            "registration; stopping");
       CancelTraining();
     }
-    if (r.ok() && r->peers_lost() && pipeline_ && !peers_lost_.exchange(true)) {
+    if (r.ok() && r->peers_lost() && (pipeline_ || ring_ != nullptr) &&
+        !peers_lost_.exchange(true)) {
       // Nothing more comes from the lost peer: end the waits now (the step
       // fails UNAVAILABLE and the trainer awaits the stop).
       log_(id_,
@@ -598,7 +627,9 @@ class WorkerSession {
     stop_->OnStop([this] { CancelTraining(); });
     absl::Status status = loop_->Run();
     stop_->OnStop(nullptr);
-    if (!status.ok() && pipeline_) peer_->mailbox()->Shutdown();
+    if (!status.ok() && (pipeline_ || ring_ != nullptr)) {
+      peer_->mailbox()->Shutdown();
+    }
     if (!status.ok() && stop_->stopped()) {
       heartbeat_->Stop();
       log_(id_, "stopped; not reporting to the scheduler");

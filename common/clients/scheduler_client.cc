@@ -81,6 +81,10 @@ absl::StatusOr<RegisterResponse> SchedulerClient::Register(
     raw = raw_errors_;
   }
   absl::Status last;
+  // The scheduler's last answer. An attempt that ran out of time (the last
+  // one is cut short by `give_up`) is not an answer: retries running out
+  // report what the scheduler said before it, where it said anything.
+  absl::Status answer;
   while (true) {
     RegisterResponse resp;
     last = Call(std::min(give_up - absl::Now(), absl::Seconds(5)),
@@ -97,6 +101,8 @@ absl::StatusOr<RegisterResponse> SchedulerClient::Register(
     }
     if (cancelled()) return CancelledStatus();
     if (!IsRetryable(last)) break;
+    if (last.code() != absl::StatusCode::kDeadlineExceeded) answer = last;
+    if (!answer.ok()) last = answer;
     const absl::Duration sleep = std::min(delay, give_up - absl::Now());
     if (sleep <= absl::ZeroDuration() || WaitUnlessCancelled(sleep) ||
         absl::Now() >= give_up) {

@@ -70,7 +70,8 @@ class SchedulerClient {
   void set_backoff(absl::Duration initial, absl::Duration max);
   // true: errors are the scheduler's answers as they came (code, message,
   // reason), without the client's words; Register's retries running out
-  // return the last answer (its code one that IsRetryable accepts).
+  // return the last answer (its code one that IsRetryable accepts; an
+  // attempt that timed out counts only when no attempt got an answer).
   void set_raw_errors(bool raw);
 
   // Registers, retrying UNAVAILABLE (scheduler not up yet), an attempt

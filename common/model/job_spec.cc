@@ -172,6 +172,39 @@ absl::Status ValidateJobSpec(const JobSpec& s) {
         "; valid with pipeline or tensor parallelism: SYNC, "
         "BOUNDED_STALENESS"));
   }
+  if (t.dp_aggregation() != PARAMETER_SERVER &&
+      t.dp_aggregation() != RING_ALLREDUCE) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train.dp_aggregation: unknown value ",
+        static_cast<int>(t.dp_aggregation()),
+        "; valid: PARAMETER_SERVER, RING_ALLREDUCE"));
+  }
+  if (t.dp_aggregation() == RING_ALLREDUCE) {
+    if (t.mode() == ASYNC || t.mode() == BOUNDED_STALENESS) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "train.dp_aggregation RING_ALLREDUCE needs train.mode SYNC, got ",
+          ConsistencyMode_Name(t.mode()),
+          ": the ring all-reduce is a barrier of every replica each step"));
+    }
+    if (l.pp() * l.tp() > 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "train.dp_aggregation RING_ALLREDUCE is not supported with pp=",
+          l.pp(), " tp=", l.tp(), " yet (pp = tp = 1 only)"));
+    }
+    if (t.has_compression() && t.compression().kind() != 0) {
+      return absl::InvalidArgumentError(
+          "train.dp_aggregation RING_ALLREDUCE does not compress: "
+          "train.compression must be unset (it compresses pushes to the "
+          "shards)");
+    }
+    if (t.pull_dtype() == BF16) {
+      return absl::InvalidArgumentError(
+          "train.dp_aggregation RING_ALLREDUCE needs fp32 pulls: "
+          "train.pull_dtype BF16 would start the replicas from rounded "
+          "parameters while the shards keep the fp32 master; unset it or set "
+          "F32");
+    }
+  }
   if (t.peer_timeout_ms() < 1 || t.peer_timeout_ms() > 3600000) {
     return absl::InvalidArgumentError(absl::StrCat(
         "train.peer_timeout_ms must be in [1, 3600000], got ",

@@ -209,6 +209,23 @@ TEST(JobSpecTest, CompressionParsesAndBadSettingsSayWhatIsValid) {
   }
 }
 
+TEST(JobSpecTest, RingAllReduceCombinationsSayWhy) {
+  absl::StatusOr<JobSpec> ring =
+      ParseJobSpec("train { dp_aggregation: RING_ALLREDUCE }");
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  EXPECT_EQ(ring->train().dp_aggregation(), RING_ALLREDUCE);
+  ExpectInvalid("train { dp_aggregation: RING_ALLREDUCE pull_dtype: BF16 }",
+                "RING_ALLREDUCE needs fp32 pulls");
+  ExpectInvalid("train { dp_aggregation: RING_ALLREDUCE mode: ASYNC }",
+                "RING_ALLREDUCE needs train.mode SYNC");
+  ExpectInvalid(
+      "train { dp_aggregation: RING_ALLREDUCE compression { kind: QUANT_INT8 } "
+      "}",
+      "RING_ALLREDUCE does not compress");
+  ExpectInvalid("train { dp_aggregation: 4 }",
+                "train.dp_aggregation: unknown value 4");
+}
+
 // The shipped examples parse, and default.textproto really is the defaults.
 TEST(JobSpecTest, ExamplesParse) {
   const std::string dir = std::string(std::getenv("TEST_SRCDIR")) + "/" +

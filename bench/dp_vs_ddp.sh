@@ -1,0 +1,88 @@
+#!/bin/bash
+# Data-parallel training throughput: lmps with dp = 2 workers (one CPU
+# thread each) in both aggregation modes -- the parameter servers
+# (train.dp_aggregation PARAMETER_SERVER, 2 shards) and the ring all-reduce
+# among the workers (RING_ALLREDUCE; the shards only receive dp rank 0's
+# background copy) -- against PyTorch DDP (gloo, 2 processes of 1 thread,
+# bench/torch_ddp.py), same GPT (4 layers x 256 wide, block 128, byte
+# vocabulary), same per-worker batch and steps, AdamW everywhere. lmps's
+# figure is the sum over both workers of their "done: ... tokens/s" (tokens
+# over the wall time of the whole training loop, first pull included);
+# DDP's is measured the same way on rank 0. ROUNDS rounds alternate the
+# three (the machine may be shared); the best round of each is compared:
+#   ps/ddp tokens/s ratio: X.XX
+#   ring/ddp tokens/s ratio: X.XX
+#
+# Usage: bench/dp_vs_ddp.sh
+# Environment: STEPS (default 40), BATCH per worker (default 8), ROUNDS
+# (default 2), PYTHON (default /usr/bin/python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+STEPS="${STEPS:-40}"
+BATCH="${BATCH:-8}"
+ROUNDS="${ROUNDS:-2}"
+PYTHON="${PYTHON:-/usr/bin/python3}"
+
+tmp="$(mktemp -d /tmp/lmps_dp_vs_ddp.XXXXXX)"
+trap 'rm -rf "$tmp"' EXIT
+
+bazel build //launcher:lmps_local >/dev/null 2>&1 ||
+  bazel build //launcher:lmps_local
+BIN="$(bazel info bazel-bin 2>/dev/null)"
+
+max() { awk -v a="$1" -v b="$2" 'BEGIN { print (a > b) ? a : b }'; }
+
+# lmps MODE: prints the job's tokens/s (sum over the two workers) in V.
+lmps() {
+  local mode="$1" run_dir="$tmp/run-$1-$2" spec="$tmp/$1.textproto"
+  cat >"$spec" <<SPEC
+name: "dp-vs-ddp-$mode"
+model { n_layer: 4 n_head: 4 n_embd: 256 block_size: 128 vocab_size: 256 }
+train {
+  steps: $STEPS batch_size: $((2 * BATCH)) micro_batches: 1 seed: 1337
+  eval_interval: $((STEPS + 1)) eval_batches: 1 checkpoint_interval: $STEPS
+  sample_tokens: 1 dp_aggregation: $mode
+}
+layout { dp: 2 num_shards: 2 }
+SPEC
+  if ! OPENBLAS_NUM_THREADS=1 "$BIN/launcher/lmps_local" --job="$spec" \
+      --workers=2 --shards=2 --run_dir="$run_dir" --quiet \
+      --export_model=false --worker_args="--threads=1" \
+      >"$run_dir.out" 2>&1; then
+    cat "$run_dir.out" >&2
+    echo "dp_vs_ddp: lmps_local ($mode) failed; logs in $run_dir/logs" >&2
+    trap - EXIT
+    exit 1
+  fi
+  V="$(grep -h 'done: step' "$run_dir"/logs/worker-[01].log | awk '
+    { for (i = 1; i < NF; ++i) if ($(i + 1) == "tokens/s") s += $i }
+    END { printf "%.1f", s }')"
+}
+
+best_ps=0
+best_ring=0
+best_ddp=0
+for round in $(seq 1 "$ROUNDS"); do
+  lmps PARAMETER_SERVER "$round"
+  echo "round $round lmps dp=2 PARAMETER_SERVER: $V tokens/s"
+  best_ps="$(max "$best_ps" "$V")"
+  lmps RING_ALLREDUCE "$round"
+  echo "round $round lmps dp=2 RING_ALLREDUCE: $V tokens/s"
+  best_ring="$(max "$best_ring" "$V")"
+  out="$(OPENBLAS_NUM_THREADS=1 "$PYTHON" bench/torch_ddp.py --world=2 \
+    --threads=1 --batch="$BATCH" --steps="$STEPS")"
+  echo "$out" | sed "s/^/round $round /"
+  V="$(echo "$out" | awk -F': ' '/^ddp tokens\/s:/ { print $2 }')"
+  best_ddp="$(max "$best_ddp" "$V")"
+done
+echo "== best of $ROUNDS rounds (steps $STEPS, batch $BATCH per worker)"
+echo "lmps PARAMETER_SERVER tokens/s: $best_ps"
+echo "lmps RING_ALLREDUCE tokens/s: $best_ring"
+echo "torch DDP tokens/s: $best_ddp"
+awk -v a="$best_ps" -v b="$best_ddp" \
+  'BEGIN { printf "ps/ddp tokens/s ratio: %.2f\n", a / b }'
+awk -v a="$best_ring" -v b="$best_ddp" \
+  'BEGIN { printf "ring/ddp tokens/s ratio: %.2f\n", a / b }'
+awk -v a="$best_ring" -v b="$best_ps" \
+  'BEGIN { printf "ring/ps tokens/s ratio: %.2f\n", a / b }'
