@@ -100,6 +100,8 @@ class ParameterShard {
   // >= step - s; ASYNC: version >= step); partition_version 0 is not
   // checked, for grpcurl. NotFound for a tensor not in the model. With
   // request.owned_only: only the parts worker (pp_rank, tp_rank) holds.
+  // With request.with_optimizer_state (F32 only) each slice also carries
+  // the optimizer state of its elements.
   absl::StatusOr<std::vector<PullResponse>> Pull(const PullRequest& request,
                                                  absl::Time deadline);
 
@@ -124,6 +126,7 @@ class ParameterShard {
     int64_t version = 0;
     int64_t step = 0;
     DType dtype = F32;
+    bool with_state = false;  // request.with_optimizer_state
     std::vector<std::vector<PullPiece>> messages;  // at least one (empty)
   };
   absl::StatusOr<PullPlan> StartPull(const PullRequest& request,

@@ -69,6 +69,12 @@ absl::StatusOr<ParameterShard::PullPlan> ParameterShard::StartPull(
   const bool all = request.tensors().empty();
   std::set<std::string> wanted(request.tensors().begin(),
                                request.tensors().end());
+  const bool with_state = request.with_optimizer_state();
+  if (with_state && dtype != F32) {
+    return absl::InvalidArgumentError(
+        "a pull with_optimizer_state must ask for dtype F32 (the state is "
+        "fp32)");
+  }
   const int64_t step = request.step();
   const absl::Time start = absl::Now();
   const absl::Time until = WaitDeadline(deadline);
@@ -110,11 +116,18 @@ absl::StatusOr<ParameterShard::PullPlan> ParameterShard::StartPull(
     return PullStoppedLocked();
   }
   const int64_t budget = options_.spec.max_message_bytes();
-  const int elem = DTypeSize(dtype);
+  // Bytes per element: the parameter and, if asked, each state buffer.
+  const int elem =
+      DTypeSize(dtype) *
+      (1 + (with_state ? static_cast<int>(chunks_.empty()
+                                               ? 0
+                                               : chunks_[0].state.size())
+                       : 0));
   PullPlan plan;
   plan.version = version_;
   plan.step = step;
   plan.dtype = dtype;
+  plan.with_state = with_state;
   plan.messages.emplace_back();
   int64_t payload = 0;
   for (size_t i = 0; i < chunks_.size(); ++i) {
@@ -172,6 +185,12 @@ absl::Status ParameterShard::EncodePull(const PullPlan& plan, size_t i,
     data->reserve((p.end - p.begin) * elem);
     EncodePayload(plan.dtype, c.params.data() + p.begin, p.end - p.begin,
                   data);
+    if (plan.with_state) {
+      for (const std::vector<float>& buffer : c.state) {
+        EncodePayload(F32, buffer.data() + p.begin, p.end - p.begin,
+                      s->add_state());
+      }
+    }
   }
   return absl::OkStatus();
 }

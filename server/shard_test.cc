@@ -3,6 +3,7 @@
 // tensor-parallel parts: shard_parts_test.cc).
 #include "server/shard_test_util.h"
 
+#include <cstring>
 #include <functional>
 
 namespace lmps {
@@ -123,6 +124,38 @@ TEST(ShardTest, PushApplyPullMatchesHandComputedSgd) {
                   1e-8);
     }
   }
+
+  // A pull with the optimizer state (a ring all-reduce worker resuming):
+  // every element's momentum beside its parameter, messages still within
+  // max_message_bytes counting both.
+  pull.set_step(2);
+  pull.set_with_optimizer_state(true);
+  msgs = shard->Pull(pull, Soon());
+  ASSERT_TRUE(msgs.ok()) << msgs.status();
+  int64_t elements = 0;
+  for (const PullResponse& m : *msgs) {
+    int64_t bytes = 0;
+    for (const ChunkSlice& slice : m.slices()) {
+      ASSERT_EQ(slice.state_size(), 1);
+      ASSERT_EQ(slice.state(0).size(), slice.data().size());
+      bytes += slice.data().size() + slice.state(0).size();
+      const int64_t n = slice.data().size() / 4;
+      std::vector<float> momentum(n);
+      std::memcpy(momentum.data(), slice.state(0).data(), n * 4);
+      for (const ChunkData& c : two.chunks) {
+        if (c.desc.tensor() != slice.tensor() ||
+            c.desc.index() != slice.chunk()) {
+          continue;
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          EXPECT_EQ(momentum[i], c.state[0][slice.offset() + i]);
+        }
+      }
+      elements += n;
+    }
+    EXPECT_LE(bytes, spec.max_message_bytes());
+  }
+  EXPECT_EQ(elements, shard->num_elements());
 }
 
 TEST(ShardTest, ResultIndependentOfArrivalOrder) {
@@ -355,6 +388,9 @@ TEST(ShardTest, BadPullsAreRefusedWithTheReason) {
          r->set_pp_rank(1);
        },
        absl::StatusCode::kInvalidArgument, "pull pp_rank 1 tp_rank 0 is out of range"},
+      {[](PullRequest* r) { r->set_with_optimizer_state(true); },
+       absl::StatusCode::kInvalidArgument,
+       "a pull with_optimizer_state must ask for dtype F32"},
   };
   for (const Case& c : cases) {
     PullRequest bad;

@@ -284,9 +284,11 @@ std::unique_ptr<grpc::ClientContext> PsClient::Context() const {
 
 absl::Status PsClient::PullShard(int64_t step, int s,
                                  const std::set<std::string>* tensors,
-                                 float* params, int64_t* version) {
+                                 float* params, int64_t* version,
+                                 absl::Span<float* const> state) {
   PullRequest req;
   req.set_step(step);
+  req.set_with_optimizer_state(!state.empty());
   if (tensors != nullptr) {
     for (const std::string& t : *tensors) req.add_tensors(t);
   }
@@ -340,12 +342,36 @@ absl::Status PsClient::PullShard(int64_t step, int s,
             slice.offset(), ", ", slice.offset() + n, ")"));
         continue;
       }
-      float* dst = params + piece->local_offset +
-                   (slice.offset() - piece->chunk_offset);
+      const int64_t local =
+          piece->local_offset + (slice.offset() - piece->chunk_offset);
+      if (static_cast<size_t>(slice.state_size()) != state.size()) {
+        bad = absl::DataLossError(absl::StrCat(
+            "pull asked for ", state.size(),
+            " optimizer state buffers but a slice of ", slice.tensor(), "#",
+            slice.chunk(), " came with ", slice.state_size(),
+            " (the shards run another optimizer?)"));
+        continue;
+      }
+      bool state_ok = true;
+      for (const std::string& buffer : slice.state()) {
+        state_ok = state_ok && buffer.size() == static_cast<size_t>(n) * 4;
+      }
+      if (!state_ok) {
+        bad = absl::DataLossError(absl::StrCat(
+            "a slice of ", slice.tensor(), "#", slice.chunk(),
+            " has optimizer state of another length than its ", n,
+            " parameters"));
+        continue;
+      }
+      float* dst = params + local;
       if (slice.dtype() == BF16) {
         Bf16ToFloat(slice.data().data(), n, dst);
       } else {
         std::memcpy(dst, slice.data().data(), n * 4);
+      }
+      for (size_t k = 0; k < state.size(); ++k) {
+        std::memcpy(state[k] + local, slice.state(k).data(), n * 4);
+        stats_.bytes_pulled += static_cast<int64_t>(slice.state(k).size());
       }
       received += n;
       stats_.bytes_pulled += static_cast<int64_t>(slice.data().size());
@@ -363,9 +389,25 @@ absl::Status PsClient::PullShard(int64_t step, int s,
 
 absl::Status PsClient::Pull(int64_t step, float* params,
                             int64_t* min_version) {
+  return PullAll(step, params, {}, min_version);
+}
+
+absl::Status PsClient::PullWithOptimizerState(
+    int64_t step, float* params, absl::Span<float* const> state,
+    int64_t* min_version) {
+  if (options_.pull_dtype != F32) {
+    return absl::FailedPreconditionError(
+        "pulling the optimizer state needs fp32 pulls (train.pull_dtype F32)");
+  }
+  return PullAll(step, params, state, min_version);
+}
+
+absl::Status PsClient::PullAll(int64_t step, float* params,
+                               absl::Span<float* const> state,
+                               int64_t* min_version) {
   std::vector<int64_t> versions(stubs_.size(), 0);
   LMPS_RETURN_IF_ERROR(ForEachShard(pull_shards_, [&](int s) -> absl::Status {
-    return PullShard(step, s, nullptr, params, &versions[s]);
+    return PullShard(step, s, nullptr, params, &versions[s], state);
   }));
   if (min_version != nullptr && !pull_shards_.empty()) {
     int64_t v = versions[pull_shards_[0]];

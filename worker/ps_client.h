@@ -54,6 +54,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "absl/time/time.h"
 #include "common/model/parallel_layout.h"
 #include "proto/lmps.grpc.pb.h"
@@ -142,6 +143,15 @@ class PsClient {
   // and ASYNC).
   absl::Status Pull(int64_t step, float* params,
                     int64_t* min_version = nullptr);
+  // Pull, plus the shards' optimizer state for the same elements into
+  // state[k][num_parameters] (one buffer per OptimizerStateBuffers: SGD
+  // momentum; AdamW m, v), for a worker that runs the optimizer itself
+  // (train.dp_aggregation RING_ALLREDUCE) and starts or resumes where the
+  // shards are. FailedPrecondition unless the pull dtype is F32; DataLoss
+  // if a shard holds another number of buffers.
+  absl::Status PullWithOptimizerState(int64_t step, float* params,
+                                      absl::Span<float* const> state,
+                                      int64_t* min_version = nullptr);
   // Part of Pull, for layer-wise pulls (worker/layerwise_pull.h): the
   // elements of `tensors` (names) this worker holds on `shard`, for `step`,
   // into their places in params (the other elements are not touched); sets
@@ -222,9 +232,15 @@ class PsClient {
   // fn(shard), and with a backup the failover described above.
   // Pulls `tensors` (all: nullptr) of shard s for `step` into params;
   // *version: the version served.
+  // Pull and PullWithOptimizerState (`state` empty: no state).
+  absl::Status PullAll(int64_t step, float* params,
+                       absl::Span<float* const> state, int64_t* min_version);
+  // With a non-empty `state` (one buffer per optimizer buffer, laid out
+  // like params) also the shard's optimizer state (F32 pulls only).
   absl::Status PullShard(int64_t step, int s,
                          const std::set<std::string>* tensors, float* params,
-                         int64_t* version);
+                         int64_t* version,
+                         absl::Span<float* const> state = {});
   absl::Status CallWithFailover(int shard,
                                 const std::function<absl::Status(int)>& fn);
   // The node of `shard` in use (on the shard's thread).

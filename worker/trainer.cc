@@ -294,9 +294,19 @@ absl::Status DataParallelTrainer::Run() {
       ++progress_.pulls;
     } else {
       pull_bytes_start_ = ps_->stats().bytes_pulled;
-      if (!ring() || step == options_.start_step) {
+      if (!ring()) {
         LMPS_RETURN_IF_ERROR(
             PullInto(mode == ASYNC ? async_seen : step, &version));
+      } else if (step == options_.start_step) {
+        // The shards' parameters and optimizer state: a resumed or replaced
+        // worker continues where the other replicas are (bitwise).
+        std::vector<float*> state;
+        for (std::vector<float>& b : opt_state_) state.push_back(b.data());
+        LMPS_RETURN_IF_ERROR(ps_->PullWithOptimizerState(
+            step, host_params_.data(), state, &version));
+        ++progress_.pulls;
+        LMPS_RETURN_IF_ERROR(
+            model_->SetParametersFromHost(host_params_.data()));
       } else {
         version = step;  // the local copy, updated by RingStep
       }

@@ -59,7 +59,7 @@
 // when the step's first push stream started).
 //
 // RING_ALLREDUCE (train.dp_aggregation; SYNC, pp = tp = 1): the parameters
-// are pulled once, at start_step. Every step: forward and backward as above;
+// and the optimizer state are pulled once, at start_step. Every step: forward and backward as above;
 // the gradient is summed over the replicas by options.dp_ring (a ring
 // all-reduce over the peer service, bitwise identical on every replica) and
 // divided by dp; its global norm is computed locally; every replica applies
@@ -70,9 +70,10 @@
 // GradNorm/Apply on a background thread (joined before the next step's
 // push and at the end), and the shards, which count a one-replica job in
 // this mode, apply the same update: they keep the durable copy for
-// checkpoints, export, eval and replacement. The worker's optimizer state
-// (AdamW moments, SGD momentum) starts at zero on every (re)start: a resumed
-// or replaced run is exact only for SGD without momentum (docs/limits.md).
+// checkpoints, export, eval and replacement. The pull at start_step also
+// reads the shards' optimizer state (AdamW moments, SGD momentum:
+// PsClient::PullWithOptimizerState), so a resumed or replaced run
+// continues exactly where the shards are.
 //
 // The worker holds nothing that cannot be rebuilt: parameters come from the
 // servers and batches are a pure function of (seed, step, rank).
