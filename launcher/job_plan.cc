@@ -19,7 +19,9 @@ absl::StatusOr<JobSpec> PlanJobSpec(const JobOverrides& overrides) {
   if (overrides.job_file.empty()) {
     LMPS_ASSIGN_OR_RETURN(spec, ParseJobSpec(""));
   } else {
-    LMPS_ASSIGN_OR_RETURN(spec, LoadJobSpecFile(overrides.job_file));
+    // Validated below, with the flags' changes.
+    LMPS_ASSIGN_OR_RETURN(spec, LoadJobSpecFile(overrides.job_file,
+                                                JobSpecCheck::kParseOnly));
   }
   if (overrides.workers > 0) {
     spec.mutable_layout()->set_dp(overrides.workers);
@@ -48,7 +50,10 @@ absl::StatusOr<JobSpec> PlanJobSpec(const JobOverrides& overrides) {
     spec.mutable_data()->set_path(overrides.data);
   }
   if (absl::Status s = ValidateJobSpec(spec); !s.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("invalid job: ", s.message()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "invalid job spec",
+        overrides.job_file.empty() ? "" : absl::StrCat(" ", overrides.job_file),
+        ": ", s.message()));
   }
   if (IsTokenData(spec.data())) {
     // Every shard checked here (magic, version, size, each token below

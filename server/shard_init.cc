@@ -24,11 +24,7 @@ namespace lmps {
 using shard_internal::ChunkName;
 
 absl::Status ParameterShard::Init() {
-  // RING_ALLREDUCE: dp rank 0 alone pushes the replicas' averaged
-  // gradient (worker/trainer.h), so the shards see a one-replica job.
-  dp_ = options_.spec.train().dp_aggregation() == RING_ALLREDUCE
-            ? 1
-            : options_.spec.layout().dp();
+  dp_ = PushingReplicas(options_.spec);
   const TrainConfig& train = options_.spec.train();
   mode_ = train.mode();
   staleness_ = EffectiveStaleness(options_.spec);

@@ -185,6 +185,7 @@ FinalProgress RunLocalJob(const std::string& name, const std::string& job,
   CommandResult r = RunCommand(argv, timeout_s);
   EXPECT_EQ(r.exit_code, 0) << r.output;
   FinalProgress out;
+  out.run_dir = dir + "/run";
   const std::string last = absl::StrCat("step ", steps, "/", steps);
   const size_t line = r.output.rfind(last);
   if (line == std::string::npos) {

@@ -74,6 +74,7 @@ struct FinalProgress {
   float eval = NAN;
   double pull_bytes = NAN;
   double push_bytes = NAN;
+  std::string run_dir;  // lmps_local's --run_dir (model.safetensors, logs/)
 };
 
 // Runs lmps_local on `job` (text proto) in TempDir(name) with `flags`,

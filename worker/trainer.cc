@@ -69,6 +69,7 @@ absl::StatusOr<std::unique_ptr<DataParallelTrainer>> DataParallelTrainer::Create
   DataParallelTrainer* raw = t.get();
   t->layerwise_ = t->options_.layerwise_pull && train.mode() != ASYNC &&
                   train.dp_aggregation() != RING_ALLREDUCE &&
+                  t->options_.host_ring == nullptr &&
                   EffectiveStaleness(t->options_.spec) == 0;
   if (t->layerwise_) {
     t->groups_ = GptPullGroups(t->options_.spec.model());
@@ -78,6 +79,20 @@ absl::StatusOr<std::unique_ptr<DataParallelTrainer>> DataParallelTrainer::Create
                                           t->options_.spec.max_message_bytes()),
         .max_per_lane = per_lane,
         .threads = std::max(2, ps->num_shards() * per_lane)});
+  }
+  const int per_host = WorkersPerHost(t->options_.spec);
+  if (per_host > 1) {
+    const TpComm* ring = t->options_.host_ring;
+    if (ring == nullptr || ring->size() != per_host ||
+        ring->rank() != t->options_.dp_rank % per_host) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "train.workers_per_host ", per_host, " needs a host ring of ",
+          per_host, " workers with this worker at rank ",
+          t->options_.dp_rank % per_host));
+    }
+  } else if (t->options_.host_ring != nullptr) {
+    return absl::InvalidArgumentError(
+        "a host ring is only for train.workers_per_host > 1");
   }
   if (train.dp_aggregation() == RING_ALLREDUCE) {
     const JobSpec& spec = t->options_.spec;  // `options` was moved from
@@ -181,6 +196,33 @@ absl::Status DataParallelTrainer::RingStep(int64_t step) {
     off += len;
   }
   return model_->SetParametersFromHost(host_params_.data());
+}
+
+absl::Status DataParallelTrainer::HostPull(int64_t step, int64_t* version) {
+  TpComm* ring = options_.host_ring;
+  ring->SetStep(step, /*eval=*/false);
+  if (host_leader()) {
+    LMPS_RETURN_IF_ERROR(PullInto(step, version));
+  } else {
+    std::fill(host_params_.begin(), host_params_.end(), 0.0f);
+    LMPS_RETURN_IF_ERROR(model_->SetParametersFromHost(host_params_.data()));
+    *version = step;  // SYNC: the leader's pull waited for it
+  }
+  return ring->AllReduceSum(model_->backend(), model_->params(),
+                            model_->num_parameters());
+}
+
+absl::Status DataParallelTrainer::HostPush(int64_t step) {
+  TpComm* ring = options_.host_ring;
+  const int64_t n = model_->num_parameters();
+  LMPS_RETURN_IF_ERROR(
+      ring->AllReduceSum(model_->backend(), model_->grads(), n));
+  LMPS_RETURN_IF_ERROR(model_->GradientsToHost(host_grads_.data()));
+  if (!host_leader()) return absl::OkStatus();
+  const float w = static_cast<float>(ring->size());
+  for (int64_t i = 0; i < n; ++i) host_grads_[i] /= w;
+  return ps_->Push(step, options_.worker_id, options_.dp_rank / ring->size(),
+                   host_grads_.data());
 }
 
 absl::Status DataParallelTrainer::PullInto(int64_t step, int64_t* version) {
@@ -294,7 +336,9 @@ absl::Status DataParallelTrainer::Run() {
       ++progress_.pulls;
     } else {
       pull_bytes_start_ = ps_->stats().bytes_pulled;
-      if (!ring()) {
+      if (hierarchical()) {
+        LMPS_RETURN_IF_ERROR(HostPull(step, &version));
+      } else if (!ring()) {
         LMPS_RETURN_IF_ERROR(
             PullInto(mode == ASYNC ? async_seen : step, &version));
       } else if (step == options_.start_step) {
@@ -325,7 +369,7 @@ absl::Status DataParallelTrainer::Run() {
 
     auto t1 = std::chrono::steady_clock::now();
     model_->ZeroGrad();
-    const bool overlap = options_.overlap_push && !ring();
+    const bool overlap = options_.overlap_push && !ring() && !hierarchical();
     const float grad_scale = 1.0f / static_cast<float>(M);
     const int64_t bytes_before = ps_->stats().bytes_pushed;
     double loss = 0;
@@ -368,11 +412,11 @@ absl::Status DataParallelTrainer::Run() {
     // The forward pass's waits for parameters are the pull's, not compute.
     const double pull_waited =
         pull != nullptr ? pull->exposed_seconds() - waited_before : 0;
-    if (ring()) {
+    if (ring() || hierarchical()) {
       t2 = std::chrono::steady_clock::now();
       progress_.compute_seconds = std::chrono::duration<double>(t2 - t1).count();
       push_start_us = NowMicros();
-      LMPS_RETURN_IF_ERROR(RingStep(step));
+      LMPS_RETURN_IF_ERROR(ring() ? RingStep(step) : HostPush(step));
       progress_.push_bytes_overlapped = 0;
     } else if (overlap) {
       LMPS_RETURN_IF_ERROR(
@@ -398,6 +442,8 @@ absl::Status DataParallelTrainer::Run() {
     auto t3 = std::chrono::steady_clock::now();
     if (ring()) {
       // RingStep updated the parameters.
+    } else if (hierarchical() && !host_leader()) {
+      // The leader applies; the next HostPull shares the result.
     } else if (mode == SYNC) {
       LMPS_RETURN_IF_ERROR(ApplyStep(step));
     } else if (mode == BOUNDED_STALENESS &&

@@ -75,6 +75,18 @@
 // PsClient::PullWithOptimizerState), so a resumed or replaced run
 // continues exactly where the shards are.
 //
+// Hierarchical aggregation (train.workers_per_host W > 1; SYNC, pp = tp =
+// 1): the W workers of a host (dp ranks hW .. hW + W - 1) form a group with
+// a ring (options.host_ring). Each step the group's first worker, the
+// leader, pulls, and the group shares its parameters over the ring (an
+// all-reduce in which the others contribute zeros: x + 0 = x exactly); after
+// the backward pass the group sums its gradients over the ring and the
+// leader pushes the mean, as dp rank h of dp / W replicas the shards see,
+// then runs GradNorm/Apply. The others push and pull nothing. The shards
+// average the hosts' means: the same global mean as dp replicas pushing,
+// up to the order of the float summation. Push overlap and layer-wise
+// pulls do not apply.
+//
 // The worker holds nothing that cannot be rebuilt: parameters come from the
 // servers and batches are a pure function of (seed, step, rank).
 //
@@ -117,6 +129,10 @@ struct DataParallelTrainerOptions : TrainingLoopOptions {
   // train.dp_aggregation RING_ALLREDUCE: the all-reduce among the replicas
   // of this job (size dp, rank dp_rank), not owned; required in that mode.
   TpComm* dp_ring = nullptr;
+  // train.workers_per_host > 1 (hierarchical aggregation): the ring of this
+  // worker's host group (size workers_per_host, rank dp_rank %
+  // workers_per_host), not owned; required in that mode.
+  TpComm* host_ring = nullptr;
 };
 
 class DataParallelTrainer : public TrainingLoop {
@@ -171,6 +187,15 @@ class DataParallelTrainer : public TrainingLoop {
   bool ring() const {
     return options_.spec.train().dp_aggregation() == RING_ALLREDUCE;
   }
+  // Hierarchical aggregation (train.workers_per_host > 1).
+  bool hierarchical() const { return options_.host_ring != nullptr; }
+  // The host's leader (first worker of the group) pushes and pulls.
+  bool host_leader() const { return options_.host_ring->rank() == 0; }
+  // Pull for `step`: the leader pulls, the group shares its parameters.
+  absl::Status HostPull(int64_t step, int64_t* version);
+  // Sums the group's gradients of `step` into host_grads_ as their mean;
+  // the leader pushes it for its host (dp rank dp_rank / workers_per_host).
+  absl::Status HostPush(int64_t step);
   void Log(const std::string& line) const;
 
   DataParallelTrainerOptions options_;

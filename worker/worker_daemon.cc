@@ -150,7 +150,8 @@ class WorkerSession {
     register_request_.set_requested_rank(options_.rank);
     char host[256] = {0};
     gethostname(host, sizeof(host) - 1);
-    register_request_.set_hostname(host);
+    register_request_.set_hostname(
+        options_.host_name.empty() ? std::string(host) : options_.host_name);
     register_request_.set_instance_id(
         absl::StrCat(host, "/", getpid(), "/", absl::ToUnixNanos(absl::Now())));
     if (options_.spare) {
@@ -462,6 +463,19 @@ class WorkerSession {
       LMPS_ASSIGN_OR_RETURN(
           ring_, RingAllReduce::Create(peers_.get(), group, coords_.dp));
       options.dp_ring = ring_.get();
+    }
+    if (const int w = WorkersPerHost(spec_); w > 1) {
+      // The host group: dp ranks hW .. hW + W - 1 (the scheduler gave the
+      // workers of one host one group).
+      LMPS_RETURN_IF_ERROR(CreatePeerNetwork());
+      const int first = coords_.dp / w * w;
+      std::vector<int> group;
+      for (int d = first; d < first + w; ++d) {
+        group.push_back(layout_->Rank({d, 0, 0}));
+      }
+      LMPS_ASSIGN_OR_RETURN(
+          ring_, RingAllReduce::Create(peers_.get(), group, coords_.dp - first));
+      options.host_ring = ring_.get();
     }
     LMPS_ASSIGN_OR_RETURN(
         std::unique_ptr<DataParallelTrainer> trainer,

@@ -118,6 +118,10 @@ struct WorkerDaemonOptions {
   absl::Duration spare_wait = absl::Seconds(86400);
   std::string peer_listen = "0.0.0.0:0";  // WorkerPeer service; port 0: any
   std::string advertise_host = "127.0.0.1";
+  // The machine this worker runs on, as the scheduler groups workers for
+  // train.workers_per_host (hierarchical aggregation); empty: the hostname.
+  // In Kubernetes: the node name (the downward API's spec.nodeName).
+  std::string host_name;
   // Transport security of every channel this worker opens and of its
   // WorkerPeer service; `peer_security`, when set, replaces it for the
   // WorkerPeer service (another certificate). Loaded at each registration.

@@ -90,6 +90,11 @@ ABSL_FLAG(std::string, peer_tls_cert, "",
           "WorkerPeer service presents to other workers, who check it like a "
           "server's; empty: --tls_cert");
 ABSL_FLAG(std::string, peer_tls_key, "", "see --peer_tls_cert");
+ABSL_FLAG(std::string, host_name, "",
+          "the machine this worker runs on, for train.workers_per_host "
+          "(hierarchical aggregation: the scheduler gives the workers of one "
+          "host consecutive dp ranks); empty: the hostname. In Kubernetes: "
+          "the node name (spec.nodeName through the downward API)");
 ABSL_FLAG(std::string, advertise_host, "127.0.0.1",
           "host other workers reach this worker's WorkerPeer service at; the "
           "advertised address is advertise_host:<bound port>");
@@ -144,6 +149,7 @@ absl::StatusOr<lmps::WorkerDaemonOptions> OptionsFromFlags() {
   options.spare_wait = absl::Seconds(absl::GetFlag(FLAGS_spare_wait_s));
   options.peer_listen = absl::GetFlag(FLAGS_peer_listen);
   options.advertise_host = absl::GetFlag(FLAGS_advertise_host);
+  options.host_name = absl::GetFlag(FLAGS_host_name);
   options.security = lmps::SecurityOptionsFromFlags();
   if (!absl::GetFlag(FLAGS_peer_tls_cert).empty() ||
       !absl::GetFlag(FLAGS_peer_tls_key).empty()) {

@@ -1,5 +1,6 @@
 #include "common/model/job_spec.h"
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <sstream>
@@ -205,6 +206,35 @@ absl::Status ValidateJobSpec(const JobSpec& s) {
           "F32");
     }
   }
+  if (t.workers_per_host() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train.workers_per_host must be >= 0, got ", t.workers_per_host()));
+  }
+  if (t.workers_per_host() > 1) {
+    const std::string what =
+        absl::StrCat("train.workers_per_host ", t.workers_per_host(),
+                     " (hierarchical aggregation)");
+    if (l.dp() % t.workers_per_host() != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " must divide layout.dp ", l.dp(),
+                       ": every host holds the same number of replicas"));
+    }
+    if (t.mode() == ASYNC || t.mode() == BOUNDED_STALENESS) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " needs train.mode SYNC, got ", ConsistencyMode_Name(t.mode()),
+          ": a host's workers sum their gradients every step"));
+    }
+    if (l.pp() * l.tp() > 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " is not supported with pp=", l.pp(), " tp=",
+                       l.tp(), " yet (pp = tp = 1 only)"));
+    }
+    if (t.dp_aggregation() == RING_ALLREDUCE) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " groups the pushes to the shards; RING_ALLREDUCE has none "
+                "(every replica is in one ring already)"));
+    }
+  }
   if (t.peer_timeout_ms() < 1 || t.peer_timeout_ms() > 3600000) {
     return absl::InvalidArgumentError(absl::StrCat(
         "train.peer_timeout_ms must be in [1, 3600000], got ",
@@ -346,7 +376,17 @@ int EffectiveStaleness(const JobSpec& spec) {
                                                   : 0;
 }
 
-absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text) {
+int WorkersPerHost(const JobSpec& spec) {
+  return std::max(1, spec.train().workers_per_host());
+}
+
+int PushingReplicas(const JobSpec& spec) {
+  if (spec.train().dp_aggregation() == RING_ALLREDUCE) return 1;
+  return spec.layout().dp() / WorkersPerHost(spec);
+}
+
+absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text,
+                                     JobSpecCheck check) {
   JobSpec spec;
   google::protobuf::TextFormat::Parser parser;
   CollectErrors errors;
@@ -356,6 +396,7 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text) {
         absl::StrCat("malformed job spec: ", errors.Joined()));
   }
   ApplyJobSpecDefaults(&spec);
+  if (check == JobSpecCheck::kParseOnly) return spec;
   if (absl::Status s = ValidateJobSpec(spec); !s.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("invalid job spec: ", s.message()));
@@ -363,7 +404,8 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text) {
   return spec;
 }
 
-absl::StatusOr<JobSpec> LoadJobSpecFile(const std::string& path) {
+absl::StatusOr<JobSpec> LoadJobSpecFile(const std::string& path,
+                                        JobSpecCheck check) {
   std::ifstream in(path);
   if (!in) {
     return absl::NotFoundError(
@@ -371,7 +413,7 @@ absl::StatusOr<JobSpec> LoadJobSpecFile(const std::string& path) {
   }
   std::stringstream buf;
   buf << in.rdbuf();
-  absl::StatusOr<JobSpec> spec = ParseJobSpec(buf.str());
+  absl::StatusOr<JobSpec> spec = ParseJobSpec(buf.str(), check);
   if (!spec.ok()) {
     return absl::Status(spec.status().code(),
                         absl::StrCat(path, ": ", spec.status().message()));

@@ -16,11 +16,19 @@ namespace lmps {
 // Default data file: a real English text on every Debian system.
 inline constexpr char kDefaultDataPath[] = "/usr/share/common-licenses/GPL-3";
 
+// How ParseJobSpec / LoadJobSpecFile finish: kValidate checks the whole
+// spec (ValidateJobSpec); kParseOnly stops after the defaults, for a caller
+// that changes fields first (the launcher's --workers, --shards, ...) and
+// validates the result itself.
+enum class JobSpecCheck { kValidate, kParseOnly };
+
 // Parses text-format `text`, fills defaults and validates.
-absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text);
+absl::StatusOr<JobSpec> ParseJobSpec(
+    const std::string& text, JobSpecCheck check = JobSpecCheck::kValidate);
 
 // Reads and parses a text-format file.
-absl::StatusOr<JobSpec> LoadJobSpecFile(const std::string& path);
+absl::StatusOr<JobSpec> LoadJobSpecFile(
+    const std::string& path, JobSpecCheck check = JobSpecCheck::kValidate);
 
 // Fills every unset (zero) field with its documented default.
 void ApplyJobSpecDefaults(JobSpec* spec);
@@ -54,6 +62,14 @@ inline constexpr int kMaxStaleness = 1000;
 // The bound s of BOUNDED_STALENESS; 0 for SYNC (which is s = 0) and ASYNC
 // (which has no bound; see ConsistencyMode).
 int EffectiveStaleness(const JobSpec& spec);
+
+// The data-parallel replicas whose pushes a shard sums each step: dp; 1
+// with RING_ALLREDUCE (dp rank 0 alone pushes the all-reduced gradient);
+// dp / workers_per_host with hierarchical aggregation (one push per host).
+int PushingReplicas(const JobSpec& spec);
+
+// Workers per host group: train.workers_per_host, 1 when unset.
+int WorkersPerHost(const JobSpec& spec);
 
 // Sequences each data-parallel replica computes per step.
 int LocalBatch(const JobSpec& spec);

@@ -226,6 +226,39 @@ TEST(JobSpecTest, RingAllReduceCombinationsSayWhy) {
                 "train.dp_aggregation: unknown value 4");
 }
 
+TEST(JobSpecTest, HierarchicalAggregationCombinationsSayWhy) {
+  absl::StatusOr<JobSpec> hier =
+      ParseJobSpec("layout { dp: 4 } train { workers_per_host: 2 }");
+  ASSERT_TRUE(hier.ok()) << hier.status();
+  EXPECT_EQ(WorkersPerHost(*hier), 2);
+  EXPECT_EQ(PushingReplicas(*hier), 2);
+  absl::StatusOr<JobSpec> flat = ParseJobSpec("layout { dp: 4 }");
+  ASSERT_TRUE(flat.ok());
+  EXPECT_EQ(WorkersPerHost(*flat), 1);
+  EXPECT_EQ(PushingReplicas(*flat), 4);
+  absl::StatusOr<JobSpec> ring =
+      ParseJobSpec("layout { dp: 4 } train { dp_aggregation: RING_ALLREDUCE }");
+  ASSERT_TRUE(ring.ok());
+  EXPECT_EQ(PushingReplicas(*ring), 1);
+  ExpectInvalid("layout { dp: 4 } train { workers_per_host: -1 }",
+                "train.workers_per_host must be >= 0, got -1");
+  ExpectInvalid("layout { dp: 4 } train { workers_per_host: 3 }",
+                "train.workers_per_host 3 (hierarchical aggregation) must "
+                "divide layout.dp 4");
+  ExpectInvalid(
+      "layout { dp: 4 } train { workers_per_host: 2 mode: BOUNDED_STALENESS "
+      "staleness: 1 }",
+      "needs train.mode SYNC, got BOUNDED_STALENESS");
+  ExpectInvalid(
+      "layout { dp: 2 pp: 2 } model { n_layer: 2 } "
+      "train { workers_per_host: 2 }",
+      "is not supported with pp=2 tp=1");
+  ExpectInvalid(
+      "layout { dp: 4 } train { workers_per_host: 2 dp_aggregation: "
+      "RING_ALLREDUCE }",
+      "RING_ALLREDUCE has none");
+}
+
 // The shipped examples parse, and default.textproto really is the defaults.
 TEST(JobSpecTest, ExamplesParse) {
   const std::string dir = std::string(std::getenv("TEST_SRCDIR")) + "/" +

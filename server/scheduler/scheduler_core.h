@@ -376,8 +376,13 @@ class SchedulerCore {
   Node* SameAddressSlotLocked(const RegisterRequest& request,
                               const SlotRequest& want, std::string* how) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // 2. A free slot: a requested one, else the lowest.
+  // 2. A free slot: a requested one, else (2a) one by host, else the
+  // lowest.
   Node* FreeSlotLocked(const SlotRequest& want, std::string* how) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // 2a. Workers with train.workers_per_host > 1: a free slot in the group
+  // of their host (RegisterRequest.hostname), else in an empty group.
+  Node* HostGroupSlotLocked(const SlotRequest& want) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // 3. The slot of a dead node, to replace it.
   Node* DeadSlotLocked(const RegisterRequest& request, const SlotRequest& want,

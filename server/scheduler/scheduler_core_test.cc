@@ -60,6 +60,25 @@ TEST_F(SchedulerCoreTest, PipelineAndTensorParallelAssignments) {
   EXPECT_EQ(w0->layer_end(), 1);
 }
 
+// train.workers_per_host: the workers of one host (hostname) get the
+// consecutive dp ranks of one group, whatever order they register in; a
+// host with more workers than a group spills into an empty group.
+TEST_F(SchedulerCoreTest, WorkersOfOneHostShareAHostGroup) {
+  SchedulerOptions options;
+  options.spec = Spec(6, 1);
+  options.spec.mutable_train()->set_batch_size(12);
+  options.spec.mutable_train()->set_workers_per_host(2);
+  auto created = SchedulerCore::Create(options, &clock_);
+  ASSERT_TRUE(created.ok()) << created.status();
+  core_ = std::move(*created);
+  EXPECT_EQ(Id(Worker("a")), "worker-0");
+  EXPECT_EQ(Id(Worker("b")), "worker-2");
+  EXPECT_EQ(Id(Worker("a")), "worker-1");
+  EXPECT_EQ(Id(Worker("b")), "worker-3");
+  EXPECT_EQ(Id(Worker("a")), "worker-4");  // a third worker on host a
+  EXPECT_EQ(Id(Worker("c")), "worker-5");  // no empty group left
+}
+
 // A restarted scheduler: the running nodes rejoin with their ranks (in any
 // order) and the job is RUNNING again without anyone asking for an
 // assignment; a rejoin must name its rank.

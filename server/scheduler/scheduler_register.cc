@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/model/job_spec.h"
 #include "common/rpc/status_util.h"
 #include "server/scheduler/scheduler_core_internal.h"
 
@@ -34,6 +35,7 @@ struct SchedulerCore::SlotRequest {
   int n_ids = 0;
   bool requested_valid = false;  // requested in [0, n_ids)
   std::vector<Node*> wanted;
+  std::string hostname;  // RegisterRequest.hostname
 };
 
 absl::StatusOr<RegisterResponse> SchedulerCore::Register(
@@ -125,6 +127,7 @@ SchedulerCore::SlotRequest SchedulerCore::SlotRequestLocked(
   want.requested = request.requested_rank();
   want.n_ids = want.server ? num_shards_ : want.n_slots;
   want.requested_valid = want.requested >= 0 && want.requested < want.n_ids;
+  want.hostname = request.hostname();
   if (want.requested_valid) {
     std::vector<Node>& slots = *want.slots;
     const bool backup_first = replicated_ && want.server && request.backup();
@@ -199,6 +202,7 @@ SchedulerCore::Node* SchedulerCore::FreeSlotLocked(const SlotRequest& want,
   for (Node* n : want.wanted) {
     if (slot == nullptr && !n->registered) slot = n;
   }
+  if (slot == nullptr && !want.server) slot = HostGroupSlotLocked(want);
   if (slot == nullptr) {
     for (Node& n : *want.slots) {
       if (!n.registered) {
@@ -217,6 +221,34 @@ SchedulerCore::Node* SchedulerCore::FreeSlotLocked(const SlotRequest& want,
     }
   }
   return slot;
+}
+
+SchedulerCore::Node* SchedulerCore::HostGroupSlotLocked(
+    const SlotRequest& want) const {
+  // Hierarchical aggregation: groups of train.workers_per_host consecutive
+  // worker slots (pp = tp = 1: slot index = dp rank) are hosts. A free slot
+  // in a group that holds a worker of the same hostname, else one in an
+  // empty group, else none (the caller takes the lowest free slot).
+  const size_t w = WorkersPerHost(spec_);
+  if (w <= 1 || want.hostname.empty()) return nullptr;
+  std::vector<Node>& slots = *want.slots;
+  Node* in_empty_group = nullptr;
+  for (size_t g = 0; g + w <= slots.size(); g += w) {
+    bool same_host = false, used = false;
+    Node* free = nullptr;
+    for (size_t i = g; i < g + w; ++i) {
+      if (slots[i].registered) {
+        used = true;
+        same_host = same_host || slots[i].hostname == want.hostname;
+      } else if (free == nullptr) {
+        free = &slots[i];
+      }
+    }
+    if (free == nullptr) continue;
+    if (same_host) return free;
+    if (!used && in_empty_group == nullptr) in_empty_group = free;
+  }
+  return in_empty_group;
 }
 
 SchedulerCore::Node* SchedulerCore::DeadSlotLocked(
