@@ -16,6 +16,8 @@
 # checkpoint, every node registered with its own address, and the scheduler
 # (which stays up) reports FINISHED on its /metrics, read from another host.
 # Namespaces, links and processes are removed on every exit path.
+# Then a second job on two more hosts (hA, hB, two workers each) checks
+# hierarchical aggregation (train.workers_per_host 2) against a flat dp 4 run.
 # Needs root; skips (exit 0, with an LMPS_SKIP line) when not root or when network
 # namespaces / veth / bridges cannot be created (an unprivileged sandbox).
 set -euo pipefail
@@ -49,8 +51,9 @@ data=/usr/share/common-licenses/GPL-3
 # --- namespaces: unique names, removed on every exit --------------------------------
 pfx="lmps$$"
 sw="$pfx-sw"
-hosts=(sched s0 s1 w0 w1)
-declare -A ip_of=([sched]=10.77.0.10 [s0]=10.77.0.20 [s1]=10.77.0.21 [w0]=10.77.0.30 [w1]=10.77.0.31)
+hosts=(sched s0 s1 w0 w1 hA hB)
+declare -A ip_of=([sched]=10.77.0.10 [s0]=10.77.0.20 [s1]=10.77.0.21 [w0]=10.77.0.30 [w1]=10.77.0.31
+                  [hA]=10.77.0.40 [hB]=10.77.0.41)
 created=()
 declare -A pid_of=()
 
@@ -127,11 +130,12 @@ train { steps: 5 batch_size: 4 eval_interval: 5 checkpoint_interval: 5 sample_to
 layout { dp: 2 num_shards: 2 }
 EOF
 
-start() {  # start <host> <binary> <args...>: in <host>'s namespace, logs to <host>.log
-  local h=$1; shift
-  inns "$h" "$@" >"$tmp/$h.log" 2>&1 &
-  pid_of[$h]=$!
+start_as() {  # start_as <name> <host> <binary> <args...>: in <host>'s namespace, logs to <name>.log
+  local name=$1 h=$2; shift 2
+  inns "$h" "$@" >"$tmp/$name.log" 2>&1 &
+  pid_of[$name]=$!
 }
+start() { start_as "$1" "$@"; }  # start <host> <binary> <args...>
 
 start sched "$bin/server/scheduler/lmps_scheduler" --job="$tmp/job.textproto" \
   --listen=0.0.0.0:7070 --metrics_listen=0.0.0.0:9090 --exit_when_finished=false
@@ -202,4 +206,80 @@ while kill -0 "${pid_of[sched]}" 2>/dev/null; do
 done
 wait "${pid_of[sched]}" 2>/dev/null || true
 unset "pid_of[sched]"
+
+# --- hierarchical aggregation: 2 hosts x 2 workers --------------------------------------
+# train.workers_per_host 2 with dp 4 on hosts hA and hB (two workers each, named
+# by --host_name). They register interleaved (hA, hB, hA, hB), which the lowest
+# free rank would split across hosts; the scheduler must give each host the
+# ranks of one group. The final parameters (exported from the shards'
+# checkpoint) equal a flat dp 4 run of lmps_local within 2e-5.
+hjob() {  # hjob <extra train fields>
+  cat <<EOF2
+name: "multihost-hierarchical"
+model { n_layer: 1 n_head: 2 n_embd: 32 block_size: 16 }
+data { path: "$data" }
+train { steps: 4 batch_size: 8 eval_interval: -1 checkpoint_interval: -1 sample_tokens: 0 $1 }
+layout { dp: 4 num_shards: 2 }
+EOF2
+}
+hjob "workers_per_host: 2" >"$tmp/hier.textproto"
+hjob "" >"$tmp/flat.textproto"
+# Ports of their own: the first job's may still be in TIME_WAIT.
+start_as hsched sched "$bin/server/scheduler/lmps_scheduler" --job="$tmp/hier.textproto" \
+  --listen=0.0.0.0:7080 --metrics_listen=0.0.0.0:9190
+for s in 0 1; do
+  start_as "hs$s" "s$s" "$bin/server/lmps_server" --shard="$s" --scheduler="$sched_ip:7080" \
+    --listen=0.0.0.0:7081 --advertise_host="${ip_of[s$s]}" --checkpoint_dir="$tmp/hckpt"
+done
+n=0
+for w in hA0 hB0 hA1 hB1; do
+  h=${w%?}
+  start_as "$w" "$h" "$bin/worker/lmps_worker" --scheduler="$sched_ip:7080" --backend=cpu \
+    --data="$data" --threads=1 --host_name="$h" --advertise_host="${ip_of[$h]}" \
+    --metrics_listen="0.0.0.0:$((9190 + ${w: -1}))"
+  n=$((n + 1))
+  deadline=$((SECONDS + 30))
+  until [ "$(grep -Ec '^.*worker-[0-9]+ \(10\.77\.0\.4[01]:[0-9]+\) registered' "$tmp/hsched.log")" -ge "$n" ]; do
+    kill -0 "${pid_of[$w]}" 2>/dev/null || fail "worker $w exited before registering"
+    [ $SECONDS -lt $deadline ] || fail "worker $w did not register within 30 s"
+    sleep 0.1
+  done
+done
+for w in hA0 hB0 hA1 hB1; do wait_exit "$w" 90; done
+for s in 0 1; do wait_exit "hs$s" 30; done
+wait_exit hsched 30
+for pair in "0 1" "2 3"; do
+  set -- $pair
+  a=$(grep -Eo "worker-$1 \(10\.77\.0\.4[01]" "$tmp/hsched.log" | head -1 | grep -Eo '10\.77\.0\.4[01]')
+  b=$(grep -Eo "worker-$2 \(10\.77\.0\.4[01]" "$tmp/hsched.log" | head -1 | grep -Eo '10\.77\.0\.4[01]')
+  [ -n "$a" ] && [ "$a" = "$b" ] ||
+    fail "dp ranks $1 and $2 are not one host's: worker-$1 at '$a', worker-$2 at '$b'"
+done
+note "ok: the workers of each host hold one group's dp ranks (0-1, 2-3)"
+"$bin/server/lmps_export" --checkpoint_dir="$tmp/hckpt" --out="$tmp/hier.safetensors" \
+  >"$tmp/export.log" 2>&1 || fail "lmps_export of the hierarchical run: $(cat "$tmp/export.log")"
+"$bin/launcher/lmps_local" --job="$tmp/flat.textproto" --run_dir="$tmp/flat" --quiet \
+  >"$tmp/flat.log" 2>&1 || fail "the flat dp 4 run failed: $(tail -5 "$tmp/flat.log")"
+python3 - "$tmp/hier.safetensors" "$tmp/flat/model.safetensors" <<'PY' || fail "hierarchical != flat dp 4"
+import json, struct, sys
+def load(path):
+    with open(path, 'rb') as f:
+        raw = f.read()
+    (n,) = struct.unpack('<Q', raw[:8])
+    header = json.loads(raw[8:8 + n])
+    out = {}
+    for name, t in header.items():
+        if name == '__metadata__':
+            continue
+        assert t['dtype'] == 'F32', (name, t['dtype'])
+        b, e = t['data_offsets']
+        out[name] = struct.unpack('<%df' % ((e - b) // 4), raw[8 + n + b:8 + n + e])
+    return out
+a, b = load(sys.argv[1]), load(sys.argv[2])
+assert a.keys() == b.keys(), (sorted(a), sorted(b))
+worst = max(max(abs(x - y) for x, y in zip(a[k], b[k])) for k in a)
+print('multihost_netns_test: max |hierarchical - flat dp 4| = %.3g' % worst)
+sys.exit(0 if worst <= 2e-5 else 1)
+PY
+note "ok: 2 hosts x 2 workers with workers_per_host 2 equal flat dp 4 within 2e-5"
 echo "PASS"
