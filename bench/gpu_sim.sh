@@ -16,8 +16,10 @@
 # entirely hidden or free) and the median fraction of communication hidden
 # behind compute that layer-wise pulls report. Configurations: see CONFIGS
 # below, numbered as issue #13's parts; each row is "name|train
-# fields|lmps_local flags|worker flags". Parts 4 (hierarchical
-# aggregation) and 5 (ring all-reduce) are not implemented yet.
+# fields|lmps_local flags|worker flags". Part 4 (hierarchical aggregation)
+# puts all WORKERS on one "host" (workers_per_host = WORKERS): on loopback
+# that measures the cost of the local ring plus one push, not a network
+# saved.
 #
 # Usage: bench/gpu_sim.sh [name-filter]
 # Environment: WORKERS (2), SHARDS (2), STEPS (8), DELAY_MS (40), BATCH (8
@@ -43,6 +45,8 @@ CONFIGS=(
   "3. top-k 0.01 (error feedback)|$OFF compression { kind: TOPK ratio: 0.01 }||"
   "bf16 pushes (--push_dtype=bf16)|$OFF||--push_dtype=bf16"
   "1+2+3: bf16 pulls, layer-wise, int8 pushes|layerwise_pull: LAYERWISE_PULL_ON pull_dtype: BF16 compression { kind: QUANT_INT8 }||"
+  "4. hierarchical aggregation (one host)|$OFF workers_per_host: $WORKERS||"
+  "5. ring all-reduce (dp_aggregation)|dp_aggregation: RING_ALLREDUCE pull_dtype: F32||"
 )
 
 tmp="$(mktemp -d /tmp/lmps_gpu_sim.XXXXXX)"
