@@ -453,29 +453,14 @@ class WorkerSession {
     options.layerwise_pull =
         spec_.train().layerwise_pull() != LAYERWISE_PULL_OFF;
     if (spec_.train().dp_aggregation() == RING_ALLREDUCE) {
-      // The data-parallel ring: every worker of the job, in dp-rank order
-      // (pp = tp = 1, so worker rank = dp rank).
-      LMPS_RETURN_IF_ERROR(CreatePeerNetwork());
-      std::vector<int> group;
-      for (int d = 0; d < layout_->dp(); ++d) {
-        group.push_back(layout_->Rank({d, 0, 0}));
-      }
-      LMPS_ASSIGN_OR_RETURN(
-          ring_, RingAllReduce::Create(peers_.get(), group, coords_.dp));
-      options.dp_ring = ring_.get();
+      // Every worker of the job.
+      LMPS_ASSIGN_OR_RETURN(options.dp_ring, CreateDpRing(0, layout_->dp()));
     }
     if (const int w = WorkersPerHost(spec_); w > 1) {
       // The host group: dp ranks hW .. hW + W - 1 (the scheduler gave the
       // workers of one host one group).
-      LMPS_RETURN_IF_ERROR(CreatePeerNetwork());
-      const int first = coords_.dp / w * w;
-      std::vector<int> group;
-      for (int d = first; d < first + w; ++d) {
-        group.push_back(layout_->Rank({d, 0, 0}));
-      }
-      LMPS_ASSIGN_OR_RETURN(
-          ring_, RingAllReduce::Create(peers_.get(), group, coords_.dp - first));
-      options.host_ring = ring_.get();
+      LMPS_ASSIGN_OR_RETURN(options.host_ring,
+                            CreateDpRing(coords_.dp / w * w, w));
     }
     LMPS_ASSIGN_OR_RETURN(
         std::unique_ptr<DataParallelTrainer> trainer,
@@ -486,8 +471,22 @@ class WorkerSession {
     return absl::OkStatus();
   }
 
+  // ring_: a ring all-reduce over the workers of dp ranks [first, first +
+  // size), in dp-rank order (pp = tp = 1, so worker rank = dp rank), over
+  // the peer network, which it creates.
+  absl::StatusOr<TpComm*> CreateDpRing(int first, int size) {
+    LMPS_RETURN_IF_ERROR(CreatePeerNetwork());
+    std::vector<int> group;
+    for (int d = first; d < first + size; ++d) {
+      group.push_back(layout_->Rank({d, 0, 0}));
+    }
+    LMPS_ASSIGN_OR_RETURN(
+        ring_, RingAllReduce::Create(peers_.get(), group, coords_.dp - first));
+    return ring_.get();
+  }
+
   // peers_: this worker's view of the job's workers (pipeline, tensor
-  // parallel and RING_ALLREDUCE data parallel transfers).
+  // parallel, and data-parallel rings: RING_ALLREDUCE and host groups).
   absl::Status CreatePeerNetwork() {
     std::vector<PeerInfo> workers(assignment_.workers().begin(),
                                   assignment_.workers().end());
