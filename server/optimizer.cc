@@ -57,4 +57,28 @@ void SgdMomentumStep(const SgdHyper& h, float grad_scale,
   }
 }
 
+void OptimizerStep(const OptimizerConfig& opt, double lr, int64_t step,
+                   bool decays, float grad_scale, absl::Span<const float> grads,
+                   absl::Span<float> params,
+                   absl::Span<const absl::Span<float>> state) {
+  // Negative values mean "disabled" (see lmps.proto).
+  const double wd = decays ? std::max(0.0f, opt.weight_decay()) : 0.0;
+  if (opt.type() == SGD) {
+    SgdHyper h;
+    h.lr = lr;
+    h.momentum = std::max(0.0f, opt.momentum());
+    h.weight_decay = wd;
+    SgdMomentumStep(h, grad_scale, grads, params, state[0]);
+  } else {
+    AdamWHyper h;
+    h.lr = lr;
+    h.beta1 = opt.beta1();
+    h.beta2 = opt.beta2();
+    h.eps = opt.eps();
+    h.weight_decay = wd;
+    h.step = step;
+    AdamWStep(h, grad_scale, grads, params, state[0], state[1]);
+  }
+}
+
 }  // namespace lmps

@@ -66,6 +66,18 @@ void SgdMomentumStep(const SgdHyper& h, float grad_scale,
                      absl::Span<const float> grads, absl::Span<float> params,
                      absl::Span<float> momentum_buffer);
 
+// One step of `opt` (SGD with momentum, or AdamW) on one tensor's elements
+// (or a part of them): learning rate `lr`, AdamW's bias correction for
+// `step`, weight decay only if `decays` (and opt.weight_decay >= 0),
+// gradients scaled by grad_scale (clipping). `state` holds
+// OptimizerStateBuffers(opt.type()) spans as long as `params`. The shards
+// (ParameterShard) and the ring all-reduce workers (DataParallelTrainer)
+// both update through it, so their copies stay bitwise equal.
+void OptimizerStep(const OptimizerConfig& opt, double lr, int64_t step,
+                   bool decays, float grad_scale, absl::Span<const float> grads,
+                   absl::Span<float> params,
+                   absl::Span<const absl::Span<float>> state);
+
 }  // namespace lmps
 
 #endif  // LMPS_SERVER_OPTIMIZER_H_

@@ -173,27 +173,12 @@ void ParameterShard::OptimizerStepLocked(const std::vector<const float*>& grads,
   for (size_t i = 0; i < chunks_.size(); ++i) {
     Chunk& c = chunks_[i];
     const absl::Span<const float> g(grads[i], c.size());
-    // Negative values mean "disabled" (see lmps.proto).
-    const double wd =
-        c.tensor->weight_decay ? std::max(0.0f, opt.weight_decay()) : 0.0;
-    if (opt.type() == SGD) {
-      SgdHyper h;
-      h.lr = lr;
-      h.momentum = std::max(0.0f, opt.momentum());
-      h.weight_decay = wd;
-      SgdMomentumStep(h, scale, g, absl::MakeSpan(c.params),
-                      absl::MakeSpan(c.state[0]));
-    } else {
-      AdamWHyper h;
-      h.lr = lr;
-      h.beta1 = opt.beta1();
-      h.beta2 = opt.beta2();
-      h.eps = opt.eps();
-      h.weight_decay = wd;
-      h.step = update;
-      AdamWStep(h, scale, g, absl::MakeSpan(c.params),
-                absl::MakeSpan(c.state[0]), absl::MakeSpan(c.state[1]));
+    std::vector<absl::Span<float>> state;
+    for (std::vector<float>& buffer : c.state) {
+      state.push_back(absl::MakeSpan(buffer));
     }
+    OptimizerStep(opt, lr, update, c.tensor->weight_decay, scale, g,
+                  absl::MakeSpan(c.params), state);
   }
 }
 

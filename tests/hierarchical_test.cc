@@ -20,18 +20,6 @@ namespace {
 
 constexpr double kTolerance = 2e-5;
 
-std::string Job(const std::string& optimizer, const std::string& train) {
-  return absl::StrCat(
-      "model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 16 }\n"
-      "optimizer { ",
-      optimizer,
-      " }\n"
-      "train { steps: 4 batch_size: 12 eval_interval: 0 sample_tokens: 0 ",
-      train,
-      " }\n"
-      "max_chunk_bytes: 2048\nmax_message_bytes: 1024\n");
-}
-
 struct TrainedRun {
   FinalProgress progress;
   std::string model;  // model.safetensors
@@ -40,7 +28,7 @@ struct TrainedRun {
 TrainedRun Train(const std::string& name, int workers, const std::string& optimizer,
           const std::string& train) {
   TrainedRun r;
-  r.progress = RunLocalJob(name, Job(optimizer, train),
+  r.progress = RunLocalJob(name, SmallAggregationJob(optimizer, train),
                            {absl::StrCat("--workers=", workers),
                             workers == 1 ? "--shards=1" : "--shards=2"},
                            4);
@@ -84,7 +72,8 @@ INSTANTIATE_TEST_SUITE_P(Optimizers, HierarchicalTest, ::testing::Bool(),
 // common/model/job_spec_test.cc).
 TEST(HierarchicalRejectTest, SubmissionSaysWhy) {
   const std::string dir = TempDir("hier_bad");
-  WriteFile(dir + "/job.textproto", Job("lr: 0.001", "workers_per_host: 3"));
+  WriteFile(dir + "/job.textproto",
+            SmallAggregationJob("lr: 0.001", "workers_per_host: 3"));
   CommandResult r = RunCommand(
       {BinaryPath("launcher/lmps_local"), "--job=" + dir + "/job.textproto",
        "--run_dir=" + dir, "--workers=4", "--shards=1", "--quiet"},

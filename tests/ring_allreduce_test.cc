@@ -28,18 +28,6 @@ constexpr char kSgd[] =
 constexpr char kSgdMomentum[] =
     "type: SGD lr: 0.1 momentum: 0.9 weight_decay: -1 grad_clip: -1";
 
-std::string Job(const std::string& optimizer, const std::string& train) {
-  return absl::StrCat(
-      "model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 16 }\n"
-      "optimizer { ",
-      optimizer,
-      " }\n"
-      "train { steps: 4 batch_size: 12 eval_interval: 0 sample_tokens: 0 ",
-      train,
-      " }\n"
-      "max_chunk_bytes: 2048\nmax_message_bytes: 1024\n");
-}
-
 CommandResult Launch(const std::string& dir, int workers, int shards,
                      bool resume = false) {
   std::vector<std::string> argv = {
@@ -54,7 +42,7 @@ SafetensorsContents Train(const std::string& name, int workers, int shards,
                           const std::string& optimizer,
                           const std::string& train) {
   const std::string dir = TempDir(name);
-  WriteFile(dir + "/job.textproto", Job(optimizer, train));
+  WriteFile(dir + "/job.textproto", SmallAggregationJob(optimizer, train));
   CommandResult r = Launch(dir, workers, shards);
   EXPECT_EQ(r.exit_code, 0) << r.output;
   auto model = ReadSafetensorsFile(dir + "/model.safetensors");
@@ -116,11 +104,12 @@ TEST_P(RingResumeTest, CheckpointResumesExactly) {
   const std::string optimizer = GetParam();
   const std::string dir = TempDir("ring_resume");
   WriteFile(dir + "/job.textproto",
-            Job(optimizer, "dp_aggregation: RING_ALLREDUCE stop_after_step: 2"));
+            SmallAggregationJob(
+                optimizer, "dp_aggregation: RING_ALLREDUCE stop_after_step: 2"));
   CommandResult first = Launch(dir, 2, 2);
   ASSERT_EQ(first.exit_code, 0) << first.output;
   WriteFile(dir + "/job.textproto",
-            Job(optimizer, "dp_aggregation: RING_ALLREDUCE"));
+            SmallAggregationJob(optimizer, "dp_aggregation: RING_ALLREDUCE"));
   CommandResult second = Launch(dir, 2, 2, /*resume=*/true);
   ASSERT_EQ(second.exit_code, 0) << second.output;
   EXPECT_NE(ReadFile(dir + "/logs/worker-0.log").find("resume step 2"),
@@ -144,7 +133,8 @@ INSTANTIATE_TEST_SUITE_P(Optimizers, RingResumeTest,
 void ExpectRejected(const std::string& train, const std::string& reason) {
   const std::string dir = TempDir("ring_bad");
   WriteFile(dir + "/job.textproto",
-            Job(kAdamW, "dp_aggregation: RING_ALLREDUCE " + train));
+            SmallAggregationJob(kAdamW,
+                                "dp_aggregation: RING_ALLREDUCE " + train));
   CommandResult r = Launch(dir, 2, 1);
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find(reason), std::string::npos) << r.output;

@@ -173,6 +173,19 @@ double ParseBytes(const std::string& text, size_t at) {
 
 }  // namespace
 
+std::string SmallAggregationJob(const std::string& optimizer,
+                                const std::string& train) {
+  return absl::StrCat(
+      "model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 16 }\n"
+      "optimizer { ",
+      optimizer,
+      " }\n"
+      "train { steps: 4 batch_size: 12 eval_interval: 0 sample_tokens: 0 ",
+      train,
+      " }\n"
+      "max_chunk_bytes: 2048\nmax_message_bytes: 1024\n");
+}
+
 FinalProgress RunLocalJob(const std::string& name, const std::string& job,
                           const std::vector<std::string>& flags, int steps,
                           int timeout_s) {

@@ -67,6 +67,13 @@ absl::StatusOr<double> MaxAbsDiff(const SafetensorsContents& a,
 absl::StatusOr<double> MaxAbsDiffOfFiles(const std::string& a,
                                          const std::string& b);
 
+// The data-parallel aggregation tests' job (ring all-reduce, hierarchical):
+// a 2-layer, 32-wide GPT, 4 steps of batch 12, 2 KiB chunks and 1 KiB
+// messages (many of each per tensor), no evaluation or sample; `optimizer`
+// and `train` are fields inside optimizer { } and train { }.
+std::string SmallAggregationJob(const std::string& optimizer,
+                                const std::string& train);
+
 // The figures of lmps_local's final progress line, "step N/N | loss L |
 // eval E | T tok/s | pull P | push Q | ETA --" (pull and push: the last
 // step's bytes, all workers); NaN where the line has no such field.

@@ -171,28 +171,13 @@ absl::Status DataParallelTrainer::RingStep(int64_t step) {
   progress_.grad_norm = std::sqrt(sum_squares);
   int64_t off = 0;
   for (const auto& [len, decays] : tensor_decay_) {
-    const double wd = decays ? std::max(0.0f, opt.weight_decay()) : 0.0;
     const absl::Span<const float> g(host_grads_.data() + off, len);
     const absl::Span<float> p(host_params_.data() + off, len);
-    if (opt.type() == SGD) {
-      SgdHyper h;
-      h.lr = lr;
-      h.momentum = std::max(0.0f, opt.momentum());
-      h.weight_decay = wd;
-      SgdMomentumStep(h, scale, g, p,
-                      absl::MakeSpan(opt_state_[0].data() + off, len));
-    } else {
-      AdamWHyper h;
-      h.lr = lr;
-      h.beta1 = opt.beta1();
-      h.beta2 = opt.beta2();
-      h.eps = opt.eps();
-      h.weight_decay = wd;
-      h.step = step;
-      AdamWStep(h, scale, g, p,
-                absl::MakeSpan(opt_state_[0].data() + off, len),
-                absl::MakeSpan(opt_state_[1].data() + off, len));
+    std::vector<absl::Span<float>> state;
+    for (std::vector<float>& buffer : opt_state_) {
+      state.push_back(absl::MakeSpan(buffer.data() + off, len));
     }
+    OptimizerStep(opt, lr, step, decays, scale, g, p, state);
     off += len;
   }
   return model_->SetParametersFromHost(host_params_.data());

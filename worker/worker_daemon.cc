@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <csignal>
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -26,6 +25,7 @@
 #include "common/rpc/status_util.h"
 #include "proto/lmps.grpc.pb.h"
 #include "worker/data/create_dataset.h"
+#include "worker/fault_injection.h"
 #include "worker/data/dataset.h"
 #include "worker/model/gpt.h"
 #include "worker/model/stage_model.h"
@@ -284,7 +284,8 @@ class WorkerSession {
     ps_options.compression = spec_.train().compression();
     ps_options.seed = spec_.train().seed();
     if (!pipeline_ && options_.fault_kill_at_step >= 0) {
-      ps_options.on_shard_push = KillMidPush(options_.fault_kill_at_step);
+      ps_options.on_shard_push =
+          KillMidPush(options_.fault_kill_at_step, LineLog());
     }
     PsClientView view;
     if (pipeline_) {
@@ -299,31 +300,9 @@ class WorkerSession {
     return absl::OkStatus();
   }
 
-  // Fault injection (data parallel): SIGKILL mid-push of `kill_step`.
-  std::function<void(int, int64_t, bool)> KillMidPush(int64_t kill_step) {
-    // Shards other than 0 whose push of kill_step was accepted: the log
-    // line says where the kill landed, and tests check it (0: between
-    // shard 0's push and the others').
-    auto others_accepted = std::make_shared<std::atomic<int>>(0);
-    return [id = id_, log = log_, kill_step, others_accepted](
-               int shard, int64_t step, bool accepted) {
-      if (step != kill_step) return;
-      if (shard != 0) {
-        if (accepted) {
-          ++*others_accepted;
-        } else {
-          // Hold the other shards' pushes so the kill lands mid-push.
-          absl::SleepFor(absl::Seconds(5));
-        }
-        return;
-      }
-      if (!accepted) return;
-      log(id,
-          absl::StrCat("fault injection: SIGKILL mid-push of step ", step,
-                       ": shard 0 accepted its push, ", others_accepted->load(),
-                       " other shards had accepted theirs"));
-      raise(SIGKILL);
-    };
+  // A line logger for hooks that outlive no one but may run on any thread.
+  FaultLog LineLog() const {
+    return [log = log_, id = id_](const std::string& line) { log(id, line); };
   }
 
   // Replicated shards: fail over to a shard's backup when its primary is
@@ -534,16 +513,8 @@ class WorkerSession {
       po.resize_wait = 3 * client_->lease() + absl::Seconds(60);
     }
     if (options_.fault_kill_at_step >= 0) {
-      // Pipeline: die as the step's schedule starts, leaving the stage and
-      // tensor-parallel partners mid-step.
-      po.on_step_start = [id = id_, log = log_,
-                          kill_step =
-                              options_.fault_kill_at_step](int64_t step) {
-        if (step != kill_step) return;
-        log(id, absl::StrCat("fault injection: SIGKILL at the start of step ",
-                             step));
-        raise(SIGKILL);
-      };
+      po.on_step_start =
+          KillAtStepStart(options_.fault_kill_at_step, LineLog());
     }
     LMPS_ASSIGN_OR_RETURN(
         loop_,
