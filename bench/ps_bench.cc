@@ -80,6 +80,8 @@ ABSL_FLAG(int, repeats, 5, "timed rounds (pull, push f32, push bf16 each)");
 ABSL_FLAG(int, warmup, 1, "untimed rounds before the timed ones");
 ABSL_FLAG(int64_t, max_message_bytes, 0,
           "job's max_message_bytes (0: the spec default, 4 MiB)");
+ABSL_FLAG(int64_t, max_push_stream_bytes, 0,
+          "job's max_push_stream_bytes (0: the spec default, 8 MiB)");
 ABSL_FLAG(int64_t, max_chunk_bytes, 0,
           "job's max_chunk_bytes (0: the spec default, 4 MiB)");
 ABSL_FLAG(std::string, bin_dir, "",
@@ -281,6 +283,9 @@ absl::StatusOr<JobSpec> MakeSpec(int shards) {
   spec.mutable_layout()->set_num_shards(shards);
   // Nothing is ever applied; keep the job long enough not to finish.
   spec.mutable_train()->set_steps(1000);
+  if (absl::GetFlag(FLAGS_max_push_stream_bytes) > 0) {
+    spec.set_max_push_stream_bytes(absl::GetFlag(FLAGS_max_push_stream_bytes));
+  }
   if (absl::GetFlag(FLAGS_max_message_bytes) > 0) {
     spec.set_max_message_bytes(absl::GetFlag(FLAGS_max_message_bytes));
   }
@@ -406,6 +411,7 @@ absl::Status Run(const std::string& work_dir) {
     for (const auto& c : channels) stubs.push_back(ParameterServer::NewStub(c));
     PsClientOptions options;
     options.max_message_bytes = assignment->spec().max_message_bytes();
+    options.max_push_stream_bytes = assignment->spec().max_push_stream_bytes();
     options.push_dtype = push_dtype;
     return PsClient::Create(assignment->spec().model(), assignment->partition(),
                             std::move(stubs), addresses, options);

@@ -19,6 +19,7 @@ cd "$(dirname "$0")/.."
 
 LAYERS="${LAYERS:-12}"
 EMBD="${EMBD:-512}"
+VOCAB="${VOCAB:-256}"
 DP="${DP:-2}"
 STEPS="${STEPS:-6}"
 SHARDS="${SHARDS:-1}"
@@ -43,7 +44,7 @@ fi
 
 cat >"$tmp/job.textproto" <<EOF
 name: "shard-memory"
-model { n_layer: $LAYERS n_head: 8 n_embd: $EMBD block_size: 64 vocab_size: 256 }
+model { n_layer: $LAYERS n_head: 8 n_embd: $EMBD block_size: 64 vocab_size: $VOCAB }
 optimizer { type: ADAMW lr: 0.0003 }
 train {
   steps: $STEPS batch_size: $((2 * DP)) seed: 1

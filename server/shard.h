@@ -185,6 +185,10 @@ class ParameterShard {
   // ASYNC the norm of this shard's part of the last applied push.
   double last_grad_norm() const;
   int64_t duplicate_chunks() const;
+  // Bytes of gradient buffers held now: SYNC / BOUNDED_STALENESS one
+  // accumulator per chunk per pending step plus the ranks held while they
+  // wait for their turn (StepGrads); ASYNC one buffer per rank.
+  int64_t gradient_bytes() const;
   // The status of the last checkpoint write (OK if none yet).
   absl::Status last_checkpoint_status() const;
 
@@ -235,11 +239,25 @@ class ParameterShard {
   // SYNC / BOUNDED_STALENESS: the gradients of one pending step. Slot
   // step % (s + 1) of step_slots_ holds step `step`, whose buffers are
   // allocated on first use.
+  //
+  // Memory: one accumulator per chunk, not one buffer per rank. The average
+  // is (((g0 + g1) + g2) + ...) / dp in rank order (deterministic whatever
+  // the arrival order); a rank's gradient is folded into the accumulator
+  // as soon as its turn has come -- decoded and added straight from the
+  // push when one contributor owns the whole chunk -- and held in a buffer
+  // of its own only while it waits for earlier ranks or for its other
+  // contributors' parts. Ranks 0 and 1 may come in either order: the first
+  // addition is commutative, so g1 + g0 == g0 + g1 bit for bit.
   struct StepGrads {
     int64_t step = -1;  // -1: free
-    // [chunk][rank]: the gradient rank pushed (its contributors' parts
-    // summed); after the reduction [chunk][0] holds the average.
-    std::vector<std::vector<std::vector<float>>> grads;
+    // [chunk]: the sum of the folded ranks' gradients; after the
+    // reduction, the average.
+    std::vector<std::vector<float>> sum;
+    std::vector<int> folded;        // [chunk]: ranks folded into sum
+    std::vector<int> first_folded;  // [chunk]: rank folded first (0 or 1)
+    // [chunk][rank]: a rank's gradient (its contributors' parts summed)
+    // waiting to be folded; empty when none.
+    std::vector<std::vector<std::vector<float>>> held;
     // [chunk][rank * contributors + k]: contributor k pushed its part.
     std::vector<std::vector<char>> received;
     std::vector<std::vector<int>> parts;  // [chunk][rank]: parts received
@@ -306,8 +324,19 @@ class ParameterShard {
   // rank 2 (pp 1, tp 0) pushed 3 of 5 chunk parts)".
   std::string MissingRanksLocked(int64_t step, absl::string_view after) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  // Sums the rank buffers into grads[c][0], divides by dp, computes the sum
-  // of squares; once per step.
+  // Takes rank `rank`'s part of chunk `c` (pieces of one push) into the
+  // slot: folded now when its turn has come, else held (StepGrads).
+  void TakePartLocked(StepGrads* slot, int c, int rank,
+                      const std::vector<PushedPiece>& list)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether rank `rank` is next to be folded into chunk c's sum.
+  bool FoldableLocked(const StepGrads& slot, int c, int rank) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Folds every held, complete rank of chunk c whose turn has come.
+  void FoldHeldLocked(StepGrads* slot, int c)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Divides the sums by dp and computes the sum of squares; once per step
+  // (every rank folded).
   void ReduceLocked(StepGrads* slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Applies the optimizer to every chunk with gradient grads[c] * scale.
   void OptimizerStepLocked(const std::vector<const float*>& grads,

@@ -11,6 +11,7 @@
 #include "common/rpc/status_util.h"
 #include "server/optimizer.h"
 #include "server/shard_internal.h"
+#include "server/tensor_codec.h"
 
 namespace lmps {
 
@@ -43,24 +44,30 @@ ParameterShard::StepGrads& ParameterShard::SlotLocked(int64_t step) {
   slot.step = step;
   slot.reduced = false;
   slot.sum_squares = 0;
-  if (slot.grads.empty()) {
-    slot.grads.resize(chunks_.size());
+  if (slot.sum.empty()) {
+    slot.sum.resize(chunks_.size());
+    slot.held.resize(chunks_.size());
     slot.received.resize(chunks_.size());
     slot.parts.resize(chunks_.size());
     for (size_t c = 0; c < chunks_.size(); ++c) {
-      slot.grads[c].assign(dp_, std::vector<float>(chunks_[c].size(), 0.0f));
+      slot.sum[c].assign(chunks_[c].size(), 0.0f);
+      slot.held[c].resize(dp_);
       slot.received[c].assign(dp_ * owners_[c].contributors.size(), 0);
       slot.parts[c].assign(dp_, 0);
     }
     slot.chunks_received.assign(dp_, 0);
   } else {
-    // The buffers keep the old step's values: a part owning the whole chunk
-    // overwrites them, several contributors' parts are summed into a buffer
-    // zeroed when the first arrives (DecodePart).
+    // The sums keep the old step's values: the first rank folded
+    // overwrites them (TakePartLocked).
     for (auto& r : slot.received) std::fill(r.begin(), r.end(), 0);
     for (auto& r : slot.parts) std::fill(r.begin(), r.end(), 0);
+    for (auto& c : slot.held) {
+      for (auto& h : c) std::vector<float>().swap(h);
+    }
     std::fill(slot.chunks_received.begin(), slot.chunks_received.end(), 0);
   }
+  slot.folded.assign(chunks_.size(), 0);
+  slot.first_folded.assign(chunks_.size(), -1);
   return slot;
 }
 
@@ -106,9 +113,10 @@ absl::StatusOr<PushResponse> ParameterShard::PushStepLocked(
       ++duplicates_;
       continue;
     }
-    DecodePart(c, list, slot.parts[c][rank] == 0, slot.grads[c][rank].data());
     received = 1;
-    if (++slot.parts[c][rank] == contributors) ++slot.chunks_received[rank];
+    ++slot.parts[c][rank];
+    TakePartLocked(&slot, c, rank, list);
+    if (slot.parts[c][rank] == contributors) ++slot.chunks_received[rank];
     response.set_chunks_accepted(response.chunks_accepted() + 1);
   }
   if (!was_complete && slot.chunks_received[rank] == n) {
@@ -176,17 +184,85 @@ std::string ParameterShard::MissingRanksLocked(int64_t step,
   return out;
 }
 
+bool ParameterShard::FoldableLocked(const StepGrads& slot, int c,
+                                    int rank) const {
+  const int k = slot.folded[c];
+  if (k == 0) return rank <= 1;
+  if (k == 1) return rank == 1 - slot.first_folded[c];
+  return rank == k;
+}
+
+void ParameterShard::TakePartLocked(StepGrads* slot, int c, int rank,
+                                    const std::vector<PushedPiece>& list) {
+  std::vector<float>& sum = slot->sum[c];
+  if (owners_[c].direct && FoldableLocked(*slot, c, rank)) {
+    // The whole chunk, in turn: decoded into (first rank) or added to the
+    // sum, with no buffer of its own.
+    for (const PushedPiece& p : list) {
+      if (slot->folded[c] == 0) {
+        DecodeSlice(*p.slice, sum.data() + p.offset);
+      } else {
+        AccumulateSlice(*p.slice, sum.data() + p.offset);
+      }
+    }
+    if (slot->folded[c]++ == 0) slot->first_folded[c] = rank;
+  } else {
+    std::vector<float>& held = slot->held[c][rank];
+    if (held.empty()) held.resize(chunks_[c].size());
+    DecodePart(c, list, slot->parts[c][rank] == 1, held.data());
+  }
+  FoldHeldLocked(slot, c);
+}
+
+void ParameterShard::FoldHeldLocked(StepGrads* slot, int c) {
+  const int contributors = static_cast<int>(owners_[c].contributors.size());
+  while (slot->folded[c] < dp_) {
+    int rank = -1;
+    for (int r = 0; r < dp_ && r <= std::max(1, slot->folded[c]); ++r) {
+      if (!slot->held[c][r].empty() &&
+          slot->parts[c][r] == contributors && FoldableLocked(*slot, c, r)) {
+        rank = r;
+        break;
+      }
+    }
+    if (rank < 0) return;
+    std::vector<float>& held = slot->held[c][rank];
+    if (slot->folded[c] == 0) {
+      slot->sum[c].swap(held);
+      slot->first_folded[c] = rank;
+    } else {
+      float* acc = slot->sum[c].data();
+      const float* g = held.data();
+      const int64_t n = chunks_[c].size();
+      for (int64_t i = 0; i < n; ++i) acc[i] += g[i];
+    }
+    std::vector<float>().swap(held);  // freed: at most one buffer per chunk
+    ++slot->folded[c];
+  }
+}
+
+int64_t ParameterShard::gradient_bytes() const {
+  absl::ReaderMutexLock lock(&mu_);
+  int64_t floats = 0;
+  for (const StepGrads& slot : step_slots_) {
+    for (const auto& sum : slot.sum) floats += sum.capacity();
+    for (const auto& chunk : slot.held) {
+      for (const auto& h : chunk) floats += h.capacity();
+    }
+  }
+  for (const RankGrads& r : rank_grads_) {
+    for (const auto& g : r.grads) floats += g.capacity();
+  }
+  return 4 * floats;
+}
+
 void ParameterShard::ReduceLocked(StepGrads* slot) {
   if (slot->reduced) return;
   const float dp = static_cast<float>(dp_);
   double sum_squares = 0;
   for (size_t c = 0; c < chunks_.size(); ++c) {
-    float* acc = slot->grads[c][0].data();
+    float* acc = slot->sum[c].data();
     const int64_t n = chunks_[c].size();
-    for (int r = 1; r < dp_; ++r) {
-      const float* g = slot->grads[c][r].data();
-      for (int64_t i = 0; i < n; ++i) acc[i] += g[i];
-    }
     for (int64_t i = 0; i < n; ++i) {
       acc[i] /= dp;
       sum_squares += static_cast<double>(acc[i]) * acc[i];
@@ -304,7 +380,7 @@ absl::StatusOr<int64_t> ParameterShard::Apply(int64_t step,
     sum_squares = slot->sum_squares;
     std::vector<const float*> grads(chunks_.size());
     for (size_t c = 0; c < chunks_.size(); ++c) {
-      grads[c] = slot->grads[c][0].data();
+      grads[c] = slot->sum[c].data();
     }
     const OptimizerConfig& opt = options_.spec.optimizer();
     const double lr = LearningRate(opt, step, options_.spec.train().steps());

@@ -75,16 +75,22 @@ uint32_t IndexAt(const std::string& indices, int64_t i) {
   return v;
 }
 
-// Decodes `count` values of `data` (dtype, INT8 with `scale`) to out.
-void DecodeValues(const ChunkSlice& s, int64_t count, float* out) {
+// Decodes values [first, first + count) of the slice's data (dtype, INT8
+// with `scale`) to out.
+void DecodeValues(const ChunkSlice& s, int64_t first, int64_t count,
+                  float* out) {
   if (s.dtype() == INT8) {
     const float scale = s.scale();
+    const char* data = s.data().data() + first;
     for (int64_t i = 0; i < count; ++i) {
-      out[i] = static_cast<float>(static_cast<int8_t>(s.data()[i])) * scale;
+      out[i] = static_cast<float>(static_cast<int8_t>(data[i])) * scale;
     }
     return;
   }
-  DecodePayload(s.dtype(), s.data(), out);
+  const int size = DTypeSize(s.dtype());
+  DecodePayload(s.dtype(),
+                absl::string_view(s.data()).substr(first * size, count * size),
+                out);
 }
 
 }  // namespace
@@ -195,16 +201,42 @@ int64_t FirstNonFiniteElement(const ChunkSlice& s) {
 
 void DecodeSlice(const ChunkSlice& s, float* out) {
   if (!s.sparse()) {
-    DecodeValues(s, static_cast<int64_t>(s.data().size()) /
-                        PushDTypeSize(s.dtype()),
+    DecodeValues(s, 0,
+                 static_cast<int64_t>(s.data().size()) /
+                     PushDTypeSize(s.dtype()),
                  out);
     return;
   }
   const int64_t count = static_cast<int64_t>(s.indices().size() / 4);
   std::vector<float> values(count);
-  DecodeValues(s, count, values.data());
+  DecodeValues(s, 0, count, values.data());
   std::fill(out, out + s.num_elements(), 0.0f);
   for (int64_t i = 0; i < count; ++i) out[IndexAt(s.indices(), i)] = values[i];
+}
+
+void AccumulateSlice(const ChunkSlice& s, float* acc) {
+  // Blocks small enough for the L1 cache: decoded (zeros and the sparse
+  // values in place), then added.
+  constexpr int64_t kBlock = 2048;
+  float block[kBlock];
+  const int64_t n = s.sparse() ? static_cast<int64_t>(s.num_elements())
+                               : static_cast<int64_t>(s.data().size()) /
+                                     PushDTypeSize(s.dtype());
+  const int64_t count = static_cast<int64_t>(s.indices().size() / 4);
+  int64_t next = 0;  // sparse: the first value not yet placed
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min(kBlock, n - b);
+    if (!s.sparse()) {
+      DecodeValues(s, b, m, block);
+    } else {
+      std::fill(block, block + m, 0.0f);
+      for (; next < count && IndexAt(s.indices(), next) < b + m; ++next) {
+        DecodeValues(s, next, 1, &block[IndexAt(s.indices(), next) - b]);
+      }
+    }
+    float* out = acc + b;
+    for (int64_t i = 0; i < m; ++i) out[i] += block[i];
+  }
 }
 
 }  // namespace lmps

@@ -68,6 +68,12 @@ int64_t FirstNonFiniteElement(const ChunkSlice& slice);
 // (0 where a sparse slice has no value). Requires SliceElements(slice).ok().
 void DecodeSlice(const ChunkSlice& slice, float* out);
 
+// Adds the slice's n elements, decoded as DecodeSlice would, to acc[0, n):
+// acc[i] += value[i] (value 0 where a sparse slice has none), bit for bit
+// what DecodeSlice into a buffer followed by that addition gives, without
+// the buffer (decoded block by block). Requires SliceElements(slice).ok().
+void AccumulateSlice(const ChunkSlice& slice, float* acc);
+
 }  // namespace lmps
 
 #endif  // LMPS_SERVER_TENSOR_CODEC_H_

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <set>
 #include <thread>
@@ -478,65 +479,100 @@ absl::Status PsClient::PushChunks(int64_t step, const std::string& worker_id,
     if (residual_step_ >= 0) prev_ = 1 - prev_;
     residual_step_ = step;
   }
+  // Slices are cut by elements, the same with or without compression (a
+  // compressed slice is smaller than the dense one).
+  const int64_t width = options_.push_dtype == BF16 && !compress_ ? 2 : 4;
+  const int64_t max_elems =
+      std::max<int64_t>(1, options_.max_message_bytes / width);
+  // Each shard's chunks go in streams of at most max_stream_bytes (whole
+  // chunks, at least one), one after another: a shard holds a stream whole
+  // before it takes it, so this bounds its memory per pusher.
+  const int64_t stream_elems =
+      options_.max_push_stream_bytes > 0
+          ? std::max<int64_t>(1, options_.max_push_stream_bytes / width)
+          : std::numeric_limits<int64_t>::max();
   return ForEachShard(shards, [&](int s) -> absl::Status {
-    if (options_.on_shard_push) options_.on_shard_push(s, step, false);
-    PushResponse resp;
-    auto ctx = Context();
-    std::unique_ptr<grpc::ClientWriterInterface<PushRequest>> writer =
-        Stub(s)->Push(ctx.get(), &resp);
-    stats_.rpcs++;
-    // Slices are cut by elements, the same with or without compression (a
-    // compressed slice is smaller than the dense one).
-    const size_t width =
-        options_.push_dtype == BF16 && !compress_ ? 2 : 4;
-    const int64_t max_elems =
-        std::max<int64_t>(1, options_.max_message_bytes / static_cast<int64_t>(width));
-    PushRequest msg;
-    int64_t in_msg = 0, msg_bytes = 0;
-    auto reset = [&] {
-      msg.Clear();
-      msg.set_worker_id(worker_id);
-      msg.set_dp_rank(dp_rank);
-      msg.set_pp_rank(pp_rank_);
-      msg.set_tp_rank(tp_rank_);
-      msg.set_step(step);
-      msg.set_partition_version(partition_version_);
-      in_msg = 0;
-      msg_bytes = 0;
-    };
-    bool ok = true;
-    auto flush = [&] {
-      if (msg.slices_size() == 0) return;
-      stats_.bytes_pushed += msg_bytes;
-      ok = ok && writer->Write(msg);
-      reset();
-    };
-    reset();
-    absl::Status encoded;
-    for (const LocalPiece* piece : selected[s]) {
-      const LocalPiece& p = *piece;
-      for (int64_t off = 0; off < p.n && ok && encoded.ok();) {
-        if (in_msg == max_elems) flush();
-        const int64_t n = std::min(p.n - off, max_elems - in_msg);
-        ChunkSlice* slice = msg.add_slices();
-        encoded = EncodePushSlice(step, dp_rank, p, off, n, grads, slice);
-        msg_bytes += CompressedWireBytes(*slice);
-        in_msg += n;
-        off += n;
+    const std::vector<const LocalPiece*>& pieces = selected[s];
+    for (size_t i = 0; i < pieces.size();) {
+      // [i, j): whole chunks, together at most stream_elems (or one chunk).
+      size_t j = i;
+      int64_t elems = 0;
+      while (j < pieces.size()) {
+        size_t k = j;
+        int64_t chunk_elems = 0;
+        for (; k < pieces.size() && pieces[k]->tensor == pieces[j]->tensor &&
+               pieces[k]->chunk == pieces[j]->chunk;
+             ++k) {
+          chunk_elems += pieces[k]->n;
+        }
+        if (j > i && elems + chunk_elems > stream_elems) break;
+        elems += chunk_elems;
+        j = k;
       }
+      LMPS_RETURN_IF_ERROR(PushStream(
+          step, worker_id, dp_rank, grads, s,
+          absl::MakeConstSpan(pieces.data() + i, j - i), max_elems));
+      i = j;
     }
-    if (!encoded.ok()) {
-      // Nothing of this stream may count: cancel it before it ends.
-      ctx->TryCancel();
-      writer->Finish().IgnoreError();
-      return encoded;
-    }
-    flush();
-    writer->WritesDone();
-    LMPS_RETURN_IF_ERROR(FromGrpcStatus(writer->Finish()));
-    if (options_.on_shard_push) options_.on_shard_push(s, step, true);
     return absl::OkStatus();
   });
+}
+
+absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
+                                  int dp_rank, const float* grads, int s,
+                                  absl::Span<const LocalPiece* const> pieces,
+                                  int64_t max_elems) {
+  if (options_.on_shard_push) options_.on_shard_push(s, step, false);
+  PushResponse resp;
+  auto ctx = Context();
+  std::unique_ptr<grpc::ClientWriterInterface<PushRequest>> writer =
+      Stub(s)->Push(ctx.get(), &resp);
+  stats_.rpcs++;
+  PushRequest msg;
+  int64_t in_msg = 0, msg_bytes = 0;
+  auto reset = [&] {
+    msg.Clear();
+    msg.set_worker_id(worker_id);
+    msg.set_dp_rank(dp_rank);
+    msg.set_pp_rank(pp_rank_);
+    msg.set_tp_rank(tp_rank_);
+    msg.set_step(step);
+    msg.set_partition_version(partition_version_);
+    in_msg = 0;
+    msg_bytes = 0;
+  };
+  bool ok = true;
+  auto flush = [&] {
+    if (msg.slices_size() == 0) return;
+    stats_.bytes_pushed += msg_bytes;
+    ok = ok && writer->Write(msg);
+    reset();
+  };
+  reset();
+  absl::Status encoded;
+  for (const LocalPiece* piece : pieces) {
+    const LocalPiece& p = *piece;
+    for (int64_t off = 0; off < p.n && ok && encoded.ok();) {
+      if (in_msg == max_elems) flush();
+      const int64_t n = std::min(p.n - off, max_elems - in_msg);
+      ChunkSlice* slice = msg.add_slices();
+      encoded = EncodePushSlice(step, dp_rank, p, off, n, grads, slice);
+      msg_bytes += CompressedWireBytes(*slice);
+      in_msg += n;
+      off += n;
+    }
+  }
+  if (!encoded.ok()) {
+    // Nothing of this stream may count: cancel it before it ends.
+    ctx->TryCancel();
+    writer->Finish().IgnoreError();
+    return encoded;
+  }
+  flush();
+  writer->WritesDone();
+  LMPS_RETURN_IF_ERROR(FromGrpcStatus(writer->Finish()));
+  if (options_.on_shard_push) options_.on_shard_push(s, step, true);
+  return absl::OkStatus();
 }
 
 absl::Status PsClient::EncodePushSlice(int64_t step, int dp_rank,

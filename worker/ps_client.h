@@ -72,6 +72,10 @@ struct PsClientView {
 
 struct PsClientOptions {
   int64_t max_message_bytes = 4 << 20;
+  // A push sends each shard its chunks in streams of at most this many
+  // payload bytes (whole chunks; a larger chunk goes alone), one after
+  // another (JobSpec.max_push_stream_bytes); <= 0: one stream per shard.
+  int64_t max_push_stream_bytes = 0;
   absl::Duration rpc_timeout = absl::Seconds(120);
   DType push_dtype = F32;  // F32, or BF16 to halve push bytes
   // What Pull asks the shards for (train.pull_dtype): F32, or BF16 to halve
@@ -248,6 +252,12 @@ class PsClient {
   std::string Address(int shard) const;
   // Fills `slice`'s payload with grads[p.local_offset + off, + n): dense in
   // push_dtype, or compressed (updating the residual).
+  // One push stream of `pieces` (whole chunks) to shard s, in messages of
+  // at most max_elems elements.
+  absl::Status PushStream(int64_t step, const std::string& worker_id,
+                          int dp_rank, const float* grads, int s,
+                          absl::Span<const LocalPiece* const> pieces,
+                          int64_t max_elems);
   absl::Status EncodePushSlice(int64_t step, int dp_rank, const LocalPiece& p,
                                int64_t off, int64_t n, const float* grads,
                                ChunkSlice* slice);

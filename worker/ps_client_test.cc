@@ -409,6 +409,54 @@ TEST(PsClientTest, PushChunksOverGrowingRangesEqualsOnePush) {
   }
 }
 
+// max_push_stream_bytes cuts each shard's push into several streams of
+// whole chunks (bounding what a shard holds per pusher); the shards take
+// the same gradient as from one stream per shard, bit for bit.
+TEST(PsClientTest, PushInBoundedStreamsEqualsOneStreamPerShard) {
+  for (const DType dtype : {F32, BF16}) {
+    SCOPED_TRACE(DType_Name(dtype));
+    const JobSpec spec = Spec(1, 1);
+    Cluster one, bounded;
+    ASSERT_TRUE(one.Start(spec).ok());
+    ASSERT_TRUE(bounded.Start(spec).ok());
+    PsClientOptions options;
+    options.push_dtype = dtype;
+    options.max_push_stream_bytes = 0;
+    auto a = one.Client({}, options);
+    options.max_push_stream_bytes = 1024;
+    auto b = bounded.Client({}, options);
+    ASSERT_TRUE(a.ok() && b.ok());
+    PsClient& whole = **a;
+    PsClient& cut = **b;
+    for (int64_t step = 0; step < 2; ++step) {
+      const std::vector<float> grads =
+          FullGradient(RandomGradient(spec.model(), 5 + step));
+      std::vector<float> params(whole.num_parameters());
+      ASSERT_TRUE(whole.Pull(step, params.data()).ok());
+      ASSERT_TRUE(cut.Pull(step, params.data()).ok());
+      const int64_t rpcs_whole = whole.stats().rpcs;
+      const int64_t rpcs_cut = cut.stats().rpcs;
+      ASSERT_TRUE(whole.Push(step, "w", 0, grads.data()).ok());
+      ASSERT_TRUE(cut.Push(step, "w", 0, grads.data()).ok());
+      // One stream per shard against at least payload / 1024 streams.
+      EXPECT_EQ(whole.stats().rpcs - rpcs_whole, 2);
+      const int64_t payload = cut.stats().bytes_pushed / (step + 1);
+      EXPECT_GE(cut.stats().rpcs - rpcs_cut, payload / 1024);
+      EXPECT_EQ(cut.stats().bytes_pushed, whole.stats().bytes_pushed);
+      absl::StatusOr<double> ss_whole = whole.GradNorm(step);
+      absl::StatusOr<double> ss_cut = cut.GradNorm(step);
+      ASSERT_TRUE(ss_whole.ok() && ss_cut.ok());
+      EXPECT_EQ(*ss_whole, *ss_cut);
+      ASSERT_TRUE(whole.Apply(step, *ss_whole).ok());
+      ASSERT_TRUE(cut.Apply(step, *ss_cut).ok());
+    }
+    std::vector<float> p_whole(whole.num_parameters()), p_cut(p_whole.size());
+    ASSERT_TRUE(whole.Pull(2, p_whole.data()).ok());
+    ASSERT_TRUE(cut.Pull(2, p_cut.data()).ok());
+    EXPECT_EQ(p_whole, p_cut);
+  }
+}
+
 // Compressed pushes (train.compression) with plain SGD at lr 1: each
 // step's parameter change is minus what the shards decoded. Top-k and
 // random-k send about `ratio` of the elements (8 bytes each), the rest

@@ -89,6 +89,10 @@ void ApplyJobSpecDefaults(JobSpec* s) {
 
   if (s->max_chunk_bytes() == 0) s->set_max_chunk_bytes(4 << 20);
   if (s->max_message_bytes() == 0) s->set_max_message_bytes(4 << 20);
+  if (s->max_push_stream_bytes() == 0) {
+    s->set_max_push_stream_bytes(
+        std::max<int64_t>(8 << 20, s->max_message_bytes()));
+  }
 }
 
 absl::Status ValidateJobSpec(const JobSpec& s) {
@@ -254,6 +258,12 @@ absl::Status ValidateJobSpec(const JobSpec& s) {
   if (s.max_message_bytes() > (64 << 20)) {
     return absl::InvalidArgumentError(
         "max_message_bytes must be at most 64 MiB");
+  }
+  if (s.max_push_stream_bytes() < s.max_message_bytes()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_push_stream_bytes (", s.max_push_stream_bytes(),
+        ") must be at least max_message_bytes (", s.max_message_bytes(),
+        "): a push stream holds at least one message"));
   }
   if (absl::Status st = ValidateCompression(s.train().compression());
       !st.ok()) {
