@@ -3,23 +3,25 @@
 # target: <= 16.8 B per parameter; 16 B is the floor of this design: the
 # fp32 parameter, AdamW's m and v, and one gradient accumulator).
 #
-# Runs a real job with lmps_local (default: 12 layers x 512, byte
-# vocabulary, 38 M parameters on one shard, AdamW, dp workers pulling and
-# pushing every step) and samples /proc/<pid>/status of every lmps_server
+# Runs a real job with lmps_local (default: GPT-2 small's shape, 12 layers
+# x 768 with GPT-2's 50257-token vocabulary and a 64-token context, 123.7 M
+# parameters on one shard, AdamW, dp workers pulling and pushing every
+# step; about 90 s here) and samples /proc/<pid>/status of every lmps_server
 # process every 50 ms: VmHWM (peak resident set) and the largest VmRSS seen.
 # Prints both in MB and in bytes per parameter the shard holds, and the
 # shard's RSS after its model was initialised (before the first step) for
 # scale.
 #
 # Usage: bench/shard_memory.sh
-# Environment: LAYERS (12), EMBD (512), DP (2), STEPS (6), SHARDS (1),
+# Environment: LAYERS (12), EMBD (768), VOCAB (50257), DP (2), STEPS (6),
+#   SHARDS (1),
 #   BIN_DIR (take lmps_* from here instead of building with Bazel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LAYERS="${LAYERS:-12}"
-EMBD="${EMBD:-512}"
-VOCAB="${VOCAB:-256}"
+EMBD="${EMBD:-768}"
+VOCAB="${VOCAB:-50257}"
 DP="${DP:-2}"
 STEPS="${STEPS:-6}"
 SHARDS="${SHARDS:-1}"
