@@ -82,6 +82,8 @@ ABSL_FLAG(int64_t, max_message_bytes, 0,
           "job's max_message_bytes (0: the spec default, 4 MiB)");
 ABSL_FLAG(int64_t, max_push_stream_bytes, 0,
           "job's max_push_stream_bytes (0: the spec default, 8 MiB)");
+ABSL_FLAG(int, streams_per_shard, 0,
+          "job's streams_per_shard (0: the spec default, 1)");
 ABSL_FLAG(int64_t, max_chunk_bytes, 0,
           "job's max_chunk_bytes (0: the spec default, 4 MiB)");
 ABSL_FLAG(std::string, bin_dir, "",
@@ -286,6 +288,9 @@ absl::StatusOr<JobSpec> MakeSpec(int shards) {
   if (absl::GetFlag(FLAGS_max_push_stream_bytes) > 0) {
     spec.set_max_push_stream_bytes(absl::GetFlag(FLAGS_max_push_stream_bytes));
   }
+  if (absl::GetFlag(FLAGS_streams_per_shard) > 0) {
+    spec.set_streams_per_shard(absl::GetFlag(FLAGS_streams_per_shard));
+  }
   if (absl::GetFlag(FLAGS_max_message_bytes) > 0) {
     spec.set_max_message_bytes(absl::GetFlag(FLAGS_max_message_bytes));
   }
@@ -412,6 +417,7 @@ absl::Status Run(const std::string& work_dir) {
     PsClientOptions options;
     options.max_message_bytes = assignment->spec().max_message_bytes();
     options.max_push_stream_bytes = assignment->spec().max_push_stream_bytes();
+    options.streams_per_shard = assignment->spec().streams_per_shard();
     options.push_dtype = push_dtype;
     return PsClient::Create(assignment->spec().model(), assignment->partition(),
                             std::move(stubs), addresses, options);

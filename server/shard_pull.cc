@@ -75,6 +75,13 @@ absl::StatusOr<ParameterShard::PullPlan> ParameterShard::StartPull(
         "a pull with_optimizer_state must ask for dtype F32 (the state is "
         "fp32)");
   }
+  const int streams = std::max(1, request.streams());
+  if (request.streams() < 0 || request.streams() > 64 ||
+      request.stream() < 0 || request.stream() >= streams) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pull stream ", request.stream(), " of ", request.streams(),
+        " is out of range (streams at most 64, 0 <= stream < streams)"));
+  }
   const int64_t step = request.step();
   const absl::Time start = absl::Now();
   const absl::Time until = WaitDeadline(deadline);
@@ -149,6 +156,15 @@ absl::StatusOr<ParameterShard::PullPlan> ParameterShard::StartPull(
         offset += n;
       }
     }
+  }
+  if (streams > 1) {
+    // This stream's share: messages stream, stream + streams, ...
+    std::vector<std::vector<PullPiece>> mine;
+    for (size_t m = request.stream(); m < plan.messages.size(); m += streams) {
+      mine.push_back(std::move(plan.messages[m]));
+    }
+    if (mine.empty()) mine.emplace_back();
+    plan.messages = std::move(mine);
   }
   return plan;
 }

@@ -391,6 +391,13 @@ TEST(ShardTest, BadPullsAreRefusedWithTheReason) {
       {[](PullRequest* r) { r->set_with_optimizer_state(true); },
        absl::StatusCode::kInvalidArgument,
        "a pull with_optimizer_state must ask for dtype F32"},
+      {[](PullRequest* r) {
+         r->set_streams(2);
+         r->set_stream(2);
+       },
+       absl::StatusCode::kInvalidArgument, "pull stream 2 of 2 is out of range"},
+      {[](PullRequest* r) { r->set_streams(65); },
+       absl::StatusCode::kInvalidArgument, "pull stream 0 of 65 is out of range"},
   };
   for (const Case& c : cases) {
     PullRequest bad;
@@ -431,6 +438,20 @@ TEST(ShardTest, PullSplitsMessagesAndFilters) {
   const ShardCheckpoint snap = shard->Snapshot();
   for (const ChunkData& c : snap.chunks) {
     EXPECT_EQ((values[{c.desc.tensor(), c.desc.index()}]), c.params);
+  }
+  // In 3 streams: messages m % 3 == k each, together the whole pull once.
+  for (int k = 0; k < 3; ++k) {
+    PullRequest part = pull;
+    part.set_streams(3);
+    part.set_stream(k);
+    auto share = shard->Pull(part, Soon());
+    ASSERT_TRUE(share.ok()) << share.status();
+    EXPECT_EQ(static_cast<int64_t>(share->size()),
+              (static_cast<int64_t>(msgs->size()) - k + 2) / 3);
+    for (size_t i = 0; i < share->size(); ++i) {
+      EXPECT_EQ((*share)[i].SerializeAsString(),
+                (*msgs)[k + 3 * i].SerializeAsString());
+    }
   }
   // Filtered.
   pull.add_tensors("h.0.ln_1.weight");

@@ -287,7 +287,47 @@ absl::Status PsClient::PullShard(int64_t step, int s,
                                  const std::set<std::string>* tensors,
                                  float* params, int64_t* version,
                                  absl::Span<float* const> state) {
+  int64_t expected = 0;
+  for (const LocalPiece& p : pull_pieces_[s]) {
+    if (tensors == nullptr || tensors->count(p.tensor) > 0) expected += p.n;
+  }
+  const int streams = StreamsPerShard();
+  std::vector<int64_t> received(streams, 0), versions(streams, 0);
+  std::vector<absl::Status> results(streams);
+  std::vector<std::thread> threads;
+  for (int k = 1; k < streams; ++k) {
+    threads.emplace_back([&, k] {
+      results[k] = PullStream(step, s, tensors, params, &versions[k], state,
+                              k, streams, &received[k]);
+    });
+  }
+  results[0] = PullStream(step, s, tensors, params, &versions[0], state, 0,
+                          streams, &received[0]);
+  for (std::thread& t : threads) t.join();
+  int64_t total = 0;
+  for (int k = 0; k < streams; ++k) {
+    LMPS_RETURN_IF_ERROR(results[k]);
+    total += received[k];
+  }
+  *version = *std::min_element(versions.begin(), versions.end());
+  if (total != expected) {
+    return absl::DataLossError(absl::StrCat("pull of step ", step, " returned ",
+                                            total, " of ", expected,
+                                            " elements"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PsClient::PullStream(int64_t step, int s,
+                                  const std::set<std::string>* tensors,
+                                  float* params, int64_t* version,
+                                  absl::Span<float* const> state, int stream,
+                                  int streams, int64_t* received) {
   PullRequest req;
+  if (streams > 1) {
+    req.set_stream(stream);
+    req.set_streams(streams);
+  }
   req.set_step(step);
   req.set_with_optimizer_state(!state.empty());
   if (tensors != nullptr) {
@@ -305,10 +345,6 @@ absl::Status PsClient::PullShard(int64_t step, int s,
       Stub(s)->Pull(ctx.get(), req);
   stats_.rpcs++;
   PullResponse resp;
-  int64_t received = 0, expected = 0;
-  for (const LocalPiece& p : pull_pieces_[s]) {
-    if (tensors == nullptr || tensors->count(p.tensor) > 0) expected += p.n;
-  }
   absl::Status bad;
   while (reader->Read(&resp)) {
     *version = resp.version();
@@ -374,18 +410,12 @@ absl::Status PsClient::PullShard(int64_t step, int s,
         std::memcpy(state[k] + local, slice.state(k).data(), n * 4);
         stats_.bytes_pulled += static_cast<int64_t>(slice.state(k).size());
       }
-      received += n;
+      *received += n;
       stats_.bytes_pulled += static_cast<int64_t>(slice.data().size());
     }
   }
   LMPS_RETURN_IF_ERROR(FromGrpcStatus(reader->Finish()));
-  LMPS_RETURN_IF_ERROR(bad);
-  if (received != expected) {
-    return absl::DataLossError(absl::StrCat("pull of step ", step, " returned ",
-                                            received, " of ", expected,
-                                            " elements"));
-  }
-  return absl::OkStatus();
+  return bad;
 }
 
 absl::Status PsClient::Pull(int64_t step, float* params,
@@ -493,6 +523,8 @@ absl::Status PsClient::PushChunks(int64_t step, const std::string& worker_id,
           : std::numeric_limits<int64_t>::max();
   return ForEachShard(shards, [&](int s) -> absl::Status {
     const std::vector<const LocalPiece*>& pieces = selected[s];
+    // The shard's streams: [begin, end) ranges of `pieces`.
+    std::vector<std::pair<size_t, size_t>> groups;
     for (size_t i = 0; i < pieces.size();) {
       // [i, j): whole chunks, together at most stream_elems (or one chunk).
       size_t j = i;
@@ -509,11 +541,30 @@ absl::Status PsClient::PushChunks(int64_t step, const std::string& worker_id,
         elems += chunk_elems;
         j = k;
       }
-      LMPS_RETURN_IF_ERROR(PushStream(
-          step, worker_id, dp_rank, grads, s,
-          absl::MakeConstSpan(pieces.data() + i, j - i), max_elems));
+      groups.push_back({i, j});
       i = j;
     }
+    // streams_per_shard at once, each taking every K-th stream in turn.
+    const size_t lanes =
+        std::min<size_t>(groups.size(), StreamsPerShard());
+    auto lane = [&](size_t k) -> absl::Status {
+      for (size_t g = k; g < groups.size(); g += lanes) {
+        const auto [begin, end] = groups[g];
+        LMPS_RETURN_IF_ERROR(PushStream(
+            step, worker_id, dp_rank, grads, s,
+            absl::MakeConstSpan(pieces.data() + begin, end - begin),
+            max_elems));
+      }
+      return absl::OkStatus();
+    };
+    std::vector<absl::Status> results(lanes);
+    std::vector<std::thread> threads;
+    for (size_t k = 1; k < lanes; ++k) {
+      threads.emplace_back([&, k] { results[k] = lane(k); });
+    }
+    if (lanes > 0) results[0] = lane(0);
+    for (std::thread& t : threads) t.join();
+    for (const absl::Status& r : results) LMPS_RETURN_IF_ERROR(r);
     return absl::OkStatus();
   });
 }

@@ -44,6 +44,7 @@
 #ifndef LMPS_WORKER_PS_CLIENT_H_
 #define LMPS_WORKER_PS_CLIENT_H_
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -76,6 +77,10 @@ struct PsClientOptions {
   // payload bytes (whole chunks; a larger chunk goes alone), one after
   // another (JobSpec.max_push_stream_bytes); <= 0: one stream per shard.
   int64_t max_push_stream_bytes = 0;
+  // Concurrent streams per shard for each pull and push
+  // (JobSpec.streams_per_shard); 1: one at a time. Ignored (1) with shard
+  // replication.
+  int streams_per_shard = 1;
   absl::Duration rpc_timeout = absl::Seconds(120);
   DType push_dtype = F32;  // F32, or BF16 to halve push bytes
   // What Pull asks the shards for (train.pull_dtype): F32, or BF16 to halve
@@ -241,10 +246,22 @@ class PsClient {
                        absl::Span<float* const> state, int64_t* min_version);
   // With a non-empty `state` (one buffer per optimizer buffer, laid out
   // like params) also the shard's optimizer state (F32 pulls only).
+  // options.streams_per_shard, or 1 with shard replication (whose failover
+  // state is per shard and single-threaded).
+  int StreamsPerShard() const {
+    return replicated() ? 1 : std::max(1, options_.streams_per_shard);
+  }
+  // In StreamsPerShard() concurrent PullStreams.
   absl::Status PullShard(int64_t step, int s,
                          const std::set<std::string>* tensors, float* params,
                          int64_t* version,
                          absl::Span<float* const> state = {});
+  // One Pull RPC, stream `stream` of `streams` (PullRequest.streams); adds
+  // the elements it received to *received.
+  absl::Status PullStream(int64_t step, int s,
+                          const std::set<std::string>* tensors, float* params,
+                          int64_t* version, absl::Span<float* const> state,
+                          int stream, int streams, int64_t* received);
   absl::Status CallWithFailover(int shard,
                                 const std::function<absl::Status(int)>& fn);
   // The node of `shard` in use (on the shard's thread).

@@ -412,9 +412,12 @@ TEST(PsClientTest, PushChunksOverGrowingRangesEqualsOnePush) {
 // max_push_stream_bytes cuts each shard's push into several streams of
 // whole chunks (bounding what a shard holds per pusher); the shards take
 // the same gradient as from one stream per shard, bit for bit.
+// With streams_per_shard 3 as well: the pulls and the push streams run 3 at
+// a time per shard (PullRequest.streams), with the same result.
 TEST(PsClientTest, PushInBoundedStreamsEqualsOneStreamPerShard) {
-  for (const DType dtype : {F32, BF16}) {
-    SCOPED_TRACE(DType_Name(dtype));
+  for (const auto [dtype, streams] : {std::pair<DType, int>{F32, 1},
+                                      {BF16, 1}, {F32, 3}, {BF16, 3}}) {
+    SCOPED_TRACE(absl::StrCat(DType_Name(dtype), " streams ", streams));
     const JobSpec spec = Spec(1, 1);
     Cluster one, bounded;
     ASSERT_TRUE(one.Start(spec).ok());
@@ -424,6 +427,7 @@ TEST(PsClientTest, PushInBoundedStreamsEqualsOneStreamPerShard) {
     options.max_push_stream_bytes = 0;
     auto a = one.Client({}, options);
     options.max_push_stream_bytes = 1024;
+    options.streams_per_shard = streams;
     auto b = bounded.Client({}, options);
     ASSERT_TRUE(a.ok() && b.ok());
     PsClient& whole = **a;
@@ -432,8 +436,12 @@ TEST(PsClientTest, PushInBoundedStreamsEqualsOneStreamPerShard) {
       const std::vector<float> grads =
           FullGradient(RandomGradient(spec.model(), 5 + step));
       std::vector<float> params(whole.num_parameters());
+      std::vector<float> cut_params(params.size());
+      const int64_t pulls_before = cut.stats().rpcs;
       ASSERT_TRUE(whole.Pull(step, params.data()).ok());
-      ASSERT_TRUE(cut.Pull(step, params.data()).ok());
+      ASSERT_TRUE(cut.Pull(step, cut_params.data()).ok());
+      EXPECT_EQ(cut_params, params);
+      EXPECT_EQ(cut.stats().rpcs - pulls_before, 2 * streams);  // 2 shards
       const int64_t rpcs_whole = whole.stats().rpcs;
       const int64_t rpcs_cut = cut.stats().rpcs;
       ASSERT_TRUE(whole.Push(step, "w", 0, grads.data()).ok());

@@ -282,6 +282,7 @@ class WorkerSession {
     ps_options.rpc_timeout = options_.rpc_timeout;
     ps_options.max_message_bytes = spec_.max_message_bytes();
     ps_options.max_push_stream_bytes = spec_.max_push_stream_bytes();
+    ps_options.streams_per_shard = spec_.streams_per_shard();
     ps_options.compression = spec_.train().compression();
     ps_options.seed = spec_.train().seed();
     if (!pipeline_ && options_.fault_kill_at_step >= 0) {

@@ -89,6 +89,7 @@ void ApplyJobSpecDefaults(JobSpec* s) {
 
   if (s->max_chunk_bytes() == 0) s->set_max_chunk_bytes(4 << 20);
   if (s->max_message_bytes() == 0) s->set_max_message_bytes(4 << 20);
+  if (s->streams_per_shard() == 0) s->set_streams_per_shard(1);
   if (s->max_push_stream_bytes() == 0) {
     s->set_max_push_stream_bytes(
         std::max<int64_t>(8 << 20, s->max_message_bytes()));
@@ -258,6 +259,10 @@ absl::Status ValidateJobSpec(const JobSpec& s) {
   if (s.max_message_bytes() > (64 << 20)) {
     return absl::InvalidArgumentError(
         "max_message_bytes must be at most 64 MiB");
+  }
+  if (s.streams_per_shard() < 1 || s.streams_per_shard() > 16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "streams_per_shard must be in [1, 16], got ", s.streams_per_shard()));
   }
   if (s.max_push_stream_bytes() < s.max_message_bytes()) {
     return absl::InvalidArgumentError(absl::StrCat(
