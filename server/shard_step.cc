@@ -236,7 +236,7 @@ void ParameterShard::FoldHeldLocked(StepGrads* slot, int c) {
       const int64_t n = chunks_[c].size();
       for (int64_t i = 0; i < n; ++i) acc[i] += g[i];
     }
-    std::vector<float>().swap(held);  // freed: at most one buffer per chunk
+    std::vector<float>().swap(held);  // freed once folded
     ++slot->folded[c];
   }
 }
