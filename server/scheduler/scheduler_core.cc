@@ -134,6 +134,14 @@ void SchedulerCore::AdvanceLocked(absl::Time now, Outbox* out) {
   if (state_ == ASSEMBLING) AssemblyTimeoutsLocked(now, out);
   if (state_ == RUNNING) ElasticLocked(now, out);
   if (state_ == RUNNING) ExpireLeasesLocked(now, out);
+  // A lease that expired just now may make a regroup due: plan it in this
+  // same call, before the caller (e.g. the dead worker's replacement
+  // registering) can take the freed slot in place in the running job while
+  // the dead worker's peers are about to be stopped for the regroup.
+  if (state_ == RUNNING && !regroup_why_.empty() &&
+      resize_phase_ == ResizePhase::kNone) {
+    ElasticLocked(now, out);
+  }
   if (state_ == RUNNING && replicated_) CheckOrphanedShardsLocked(now, out);
 }
 

@@ -354,6 +354,34 @@ TEST_F(SchedulerCoreTest, LostPipelineWorkerRegroupsTheJobAtItsStep) {
   EXPECT_FALSE(core_->Heartbeat(Beat(replaced, 7))->peers_lost());
 }
 
+// The dead worker's replacement registering is the first call after the
+// lease expired: the regroup is planned in that same call, so the
+// replacement is refused until the job re-assembles instead of taking the
+// slot in place in the running job (whose other workers are about to stop
+// for the regroup: it would train alone, waiting for peers that left).
+TEST_F(SchedulerCoreTest, ReplacementRegisteringAsTheLeaseExpiresWaitsForTheRegroup) {
+  Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10), 0, {},
+        /*pp=*/2);
+  auto worker = [](const std::string& address, int rank) {
+    RegisterRequest r = Worker("host");
+    r.set_address(address);
+    r.set_requested_rank(rank);
+    return r;
+  };
+  Id(Server("s:1", 0));
+  const std::string first = Id(worker("h0:1", 0));
+  Id(worker("h1:1", 1));
+  ASSERT_EQ(core_->CurrentState(), RUNNING);
+  clock_.Advance(absl::Seconds(8));
+  ASSERT_TRUE(core_->Heartbeat(Beat("server-0", 7)).ok());
+  ASSERT_TRUE(core_->Heartbeat(Beat(first, 7)).ok());
+  clock_.Advance(absl::Seconds(3));  // the rank-1 worker's lease expires
+  EXPECT_EQ(core_->Register(worker("h9:1", 1)).status().code(),
+            absl::StatusCode::kResourceExhausted)
+      << Log();
+  EXPECT_TRUE(core_->TakeResizePlan().has_value()) << Log();
+}
+
 // Without a replacement the re-assembly times out naming the lost rank.
 TEST_F(SchedulerCoreTest, RegroupWithoutReplacementNamesTheMissingRank) {
   Start(/*dp=*/1, /*shards=*/1, absl::Seconds(30), absl::Seconds(10), 0, {},
