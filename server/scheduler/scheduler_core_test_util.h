@@ -134,6 +134,26 @@ class SchedulerCoreTest : public ::testing::Test {
     ASSERT_EQ(core_->CurrentState(), RUNNING);
   }
 
+  // A pipeline worker (pp rank `rank`) with its peer address.
+  static RegisterRequest PipelineWorker(const std::string& address,
+                                        int rank) {
+    RegisterRequest r = Worker("host");
+    r.set_address(address);
+    r.set_requested_rank(rank);
+    return r;
+  }
+
+  // A running pp = 2 job (lease 10 s): server s:1, pipeline workers h0:1
+  // (rank 0) and h1:1 (rank 1). Returns rank 0's node id.
+  std::string StartPipelineJob() {
+    Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10), 0,
+          {}, /*pp=*/2);
+    Id(Server("s:1", 0));
+    const std::string first = Id(PipelineWorker("h0:1", 0));
+    Id(PipelineWorker("h1:1", 1));
+    return first;
+  }
+
   // A replicated job of one shard (primary p:1, backup b:1) and a worker.
   void StartReplicatedJob() {
     Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10),

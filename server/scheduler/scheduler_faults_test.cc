@@ -297,17 +297,7 @@ TEST_F(SchedulerCoreTest, ElasticGrowsAndShrinksDp) {
 // peer) and re-assembles from that step's checkpoint; a replacement takes
 // the lost rank and the step is redone.
 TEST_F(SchedulerCoreTest, LostPipelineWorkerRegroupsTheJobAtItsStep) {
-  Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10), 0, {},
-        /*pp=*/2);
-  auto worker = [](const std::string& address, int rank) {
-    RegisterRequest r = Worker("host");
-    r.set_address(address);
-    r.set_requested_rank(rank);
-    return r;
-  };
-  Id(Server("s:1", 0));
-  const std::string first = Id(worker("h0:1", 0));
-  Id(worker("h1:1", 1));
+  const std::string first = StartPipelineJob();
   ASSERT_EQ(core_->CurrentState(), RUNNING);
   EXPECT_TRUE(core_->GetAssignment(first, absl::InfiniteFuture())->elastic());
   ASSERT_TRUE(core_->Heartbeat(Beat("server-0", 7)).ok());
@@ -329,7 +319,7 @@ TEST_F(SchedulerCoreTest, LostPipelineWorkerRegroupsTheJobAtItsStep) {
                      "lease"))
       << Log();
   EXPECT_TRUE(core_->Heartbeat(Beat(first, 7))->peers_lost());
-  const RegisterRequest replacement = worker("h9:1", 1);
+  const RegisterRequest replacement = PipelineWorker("h9:1", 1);
   EXPECT_EQ(core_->Register(replacement).status().code(),
             absl::StatusCode::kResourceExhausted);  // not while regrouping
 
@@ -343,7 +333,7 @@ TEST_F(SchedulerCoreTest, LostPipelineWorkerRegroupsTheJobAtItsStep) {
       << Log();
   EXPECT_TRUE(core_->Heartbeat(Beat("server-0", 7))->reassemble());
   Id(Server("s:1", 0, {7}, core_->partition().version()));
-  Id(worker("h0:1", 0));
+  Id(PipelineWorker("h0:1", 0));
   const std::string replaced = Id(replacement);
   ASSERT_EQ(core_->CurrentState(), RUNNING);
   absl::StatusOr<Assignment> a =
@@ -360,23 +350,13 @@ TEST_F(SchedulerCoreTest, LostPipelineWorkerRegroupsTheJobAtItsStep) {
 // slot in place in the running job (whose other workers are about to stop
 // for the regroup: it would train alone, waiting for peers that left).
 TEST_F(SchedulerCoreTest, ReplacementRegisteringAsTheLeaseExpiresWaitsForTheRegroup) {
-  Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10), 0, {},
-        /*pp=*/2);
-  auto worker = [](const std::string& address, int rank) {
-    RegisterRequest r = Worker("host");
-    r.set_address(address);
-    r.set_requested_rank(rank);
-    return r;
-  };
-  Id(Server("s:1", 0));
-  const std::string first = Id(worker("h0:1", 0));
-  Id(worker("h1:1", 1));
+  const std::string first = StartPipelineJob();
   ASSERT_EQ(core_->CurrentState(), RUNNING);
   clock_.Advance(absl::Seconds(8));
   ASSERT_TRUE(core_->Heartbeat(Beat("server-0", 7)).ok());
   ASSERT_TRUE(core_->Heartbeat(Beat(first, 7)).ok());
   clock_.Advance(absl::Seconds(3));  // the rank-1 worker's lease expires
-  EXPECT_EQ(core_->Register(worker("h9:1", 1)).status().code(),
+  EXPECT_EQ(core_->Register(PipelineWorker("h9:1", 1)).status().code(),
             absl::StatusCode::kResourceExhausted)
       << Log();
   EXPECT_TRUE(core_->TakeResizePlan().has_value()) << Log();
