@@ -412,15 +412,13 @@ absl::Status Run(const std::string& work_dir) {
   for (const std::string& a : addresses) channels.push_back(MakeChannel(a));
   auto make_client = [&](DType push_dtype)
       -> absl::StatusOr<std::unique_ptr<PsClient>> {
-    std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs;
-    for (const auto& c : channels) stubs.push_back(ParameterServer::NewStub(c));
     PsClientOptions options;
     options.max_message_bytes = assignment->spec().max_message_bytes();
     options.max_push_stream_bytes = assignment->spec().max_push_stream_bytes();
     options.streams_per_shard = assignment->spec().streams_per_shard();
     options.push_dtype = push_dtype;
     return PsClient::Create(assignment->spec().model(), assignment->partition(),
-                            std::move(stubs), addresses, options);
+                            channels, addresses, options);
   };
   LMPS_ASSIGN_OR_RETURN(std::unique_ptr<PsClient> ps_f32, make_client(F32));
   LMPS_ASSIGN_OR_RETURN(std::unique_ptr<PsClient> ps_bf16, make_client(BF16));

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/rpc/status_util.h"
+#include "common/wire/chunk_wire.h"
 
 namespace lmps {
 namespace {
@@ -112,13 +113,13 @@ class ParameterServerService::PushReactor
 // ---------------------------------------------------------------------------
 
 class ParameterServerService::PullReactor
-    : public grpc::ServerWriteReactor<PullResponse> {
+    : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   PullReactor(ParameterServerService* service, Target target,
-              grpc::CallbackServerContext* context, const PullRequest* request)
+              grpc::CallbackServerContext* context, PullRequest request)
       : service_(service),
         target_(target),
-        request_(request),
+        request_(std::move(request)),
         deadline_(CallDeadline(*context)) {
     service->wait_pool_->Schedule([this] { Start(); });
   }
@@ -144,7 +145,7 @@ class ParameterServerService::PullReactor
   // What to start once mu_ is released (gRPC may run a reaction inline, and
   // OnDone deletes this).
   struct Actions {
-    PullResponse* write = nullptr;
+    grpc::ByteBuffer* write = nullptr;
     int64_t encode = -1;
     std::optional<grpc::Status> finish;
   };
@@ -155,7 +156,7 @@ class ParameterServerService::PullReactor
     if (absl::Status serving = target_.Serving(); !serving.ok()) {
       plan = serving;
     } else {
-      plan = target_.shard->StartPull(*request_, deadline_);
+      plan = target_.shard->StartPull(request_, deadline_);
     }
     Actions next;
     {
@@ -222,13 +223,15 @@ class ParameterServerService::PullReactor
 
   ParameterServerService* const service_;
   const Target target_;
-  const PullRequest* const request_;
+  const PullRequest request_;
   const absl::Time deadline_;
   absl::Mutex mu_;
   // Set once by Start (under mu_) before any encoding or write reads it.
   ParameterShard::PullPlan plan_;
   bool planned_ ABSL_GUARDED_BY(mu_) = false;
-  PullResponse buffers_[2];  // message e in buffers_[e % 2]
+  // Message e in buffers_[e % 2]: serialized PullResponses whose payloads
+  // were encoded once from the parameters (ParameterShard::EncodePull).
+  grpc::ByteBuffer buffers_[2];
   size_t encoded_ ABSL_GUARDED_BY(mu_) = 0;
   size_t written_ ABSL_GUARDED_BY(mu_) = 0;
   bool encoding_ ABSL_GUARDED_BY(mu_) = false;
@@ -343,18 +346,20 @@ grpc::ServerReadReactor<PushRequest>* ParameterServerService::Push(
   return new PushReactor(this, t, context, response);
 }
 
-grpc::ServerWriteReactor<PullResponse>* ParameterServerService::Pull(
-    grpc::CallbackServerContext* context, const PullRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* ParameterServerService::Pull(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
+  class Refuse : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+   public:
+    explicit Refuse(const grpc::Status& status) { Finish(status); }
+    void OnDone() override { delete this; }
+  };
   const Target t = target();
-  if (t.shard == nullptr) {
-    class Refuse : public grpc::ServerWriteReactor<PullResponse> {
-     public:
-      Refuse() { Finish(NotReady()); }
-      void OnDone() override { delete this; }
-    };
-    return new Refuse();
+  if (t.shard == nullptr) return new Refuse(NotReady());
+  PullRequest parsed;
+  if (absl::Status s = ParseProto(*request, &parsed); !s.ok()) {
+    return new Refuse(ToGrpcStatus(s));
   }
-  return new PullReactor(this, t, context, request);
+  return new PullReactor(this, t, context, std::move(parsed));
 }
 
 grpc::ServerUnaryReactor* ParameterServerService::OnPool(

@@ -5,8 +5,11 @@
 //   Push           ServerReadReactor: collects the client stream (at most
 //                  max_push_bytes in total, else RESOURCE_EXHAUSTED without
 //                  touching the shard), then ParameterShard::Push.
-//   Pull           ServerWriteReactor: ParameterShard::Pull, then writes the
-//                  precomputed messages one at a time.
+//   Pull           ServerWriteReactor over raw byte buffers (gRPC's raw
+//                  callback method): ParameterShard::StartPull, then each
+//                  message encoded by EncodePull straight into the slices
+//                  gRPC sends (common/wire/chunk_wire.h; the wire format is
+//                  PullResponse's, unchanged).
 //   GradNorm, Apply, GetTensorInfo, StopAt   unary reactors.
 //   Replicate      ServerReadReactor (primary -> backup, layout.shard_backups
 //                  = 1): collects the stream, then ReplicatedShard::Replicate.
@@ -59,7 +62,9 @@ struct ServiceOptions {
   std::function<void(const std::string&)> log;
 };
 
-class ParameterServerService final : public ParameterServer::CallbackService {
+class ParameterServerService final
+    : public ParameterServer::WithRawCallbackMethod_Pull<
+          ParameterServer::CallbackService> {
  public:
   explicit ParameterServerService(ServiceOptions options);
   ~ParameterServerService() override;
@@ -70,9 +75,10 @@ class ParameterServerService final : public ParameterServer::CallbackService {
 
   grpc::ServerReadReactor<PushRequest>* Push(
       grpc::CallbackServerContext* context, PushResponse* response) override;
-  grpc::ServerWriteReactor<PullResponse>* Pull(
+  // `request` is a serialized PullRequest.
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Pull(
       grpc::CallbackServerContext* context,
-      const PullRequest* request) override;
+      const grpc::ByteBuffer* request) override;
   grpc::ServerUnaryReactor* GradNorm(grpc::CallbackServerContext* context,
                                      const GradNormRequest* request,
                                      GradNormResponse* response) override;

@@ -241,7 +241,7 @@ TEST_F(ServiceTest, StreamedPullsSurviveClientsThatLeave) {
   auto plan = shard_->StartPull(pull, absl::Now() + absl::Seconds(5));
   ASSERT_TRUE(plan.ok()) << plan.status();
   ASSERT_GT(plan->messages.size(), 1u);
-  PullResponse first;
+  grpc::ByteBuffer first;
   ASSERT_TRUE(shard_->EncodePull(*plan, 0, &first).ok());
   shard_->Shutdown();
   EXPECT_EQ(shard_->EncodePull(*plan, 1, &first).code(),

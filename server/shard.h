@@ -30,6 +30,8 @@
 #ifndef LMPS_SERVER_SHARD_H_
 #define LMPS_SERVER_SHARD_H_
 
+#include <grpcpp/support/byte_buffer.h>
+
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -131,8 +133,10 @@ class ParameterShard {
   };
   absl::StatusOr<PullPlan> StartPull(const PullRequest& request,
                                      absl::Time deadline);
+  // Message i as the serialized PullResponse (common/wire/chunk_wire.h:
+  // the payloads are encoded once into the slices gRPC sends).
   absl::Status EncodePull(const PullPlan& plan, size_t i,
-                          PullResponse* out) const;
+                          grpc::ByteBuffer* out) const;
 
   // Elastic data parallelism (StopAtRequest in proto/lmps.proto): stop at
   // step boundary `step`: checkpoint `step` once version `step` exists,

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/wire/chunk_wire.h"
 #include "server/shard_internal.h"
 #include "server/tensor_codec.h"
 
@@ -27,7 +28,9 @@ absl::StatusOr<std::vector<PullResponse>> ParameterShard::Pull(
   if (!plan.ok()) return plan.status();
   std::vector<PullResponse> out(plan->messages.size());
   for (size_t i = 0; i < out.size(); ++i) {
-    if (absl::Status s = EncodePull(*plan, i, &out[i]); !s.ok()) return s;
+    grpc::ByteBuffer message;
+    if (absl::Status s = EncodePull(*plan, i, &message); !s.ok()) return s;
+    if (absl::Status s = ParseProto(message, &out[i]); !s.ok()) return s;
   }
   return out;
 }
@@ -178,36 +181,41 @@ absl::Status ParameterShard::PullStoppedLocked() const {
 }
 
 absl::Status ParameterShard::EncodePull(const PullPlan& plan, size_t i,
-                                        PullResponse* out) const {
-  out->Clear();
-  out->set_version(plan.version);
-  absl::ReaderMutexLock lock(&mu_);
-  if (shutdown_) {
-    return absl::UnavailableError(absl::StrCat(
-        "parameter server shard ", options_.shard, " is shutting down"));
-  }
-  if (stop_at_ >= 0 && plan.step >= stop_at_) {
-    return PullStoppedLocked();
-  }
-  const int elem = DTypeSize(plan.dtype);
-  for (const PullPiece& p : plan.messages[i]) {
-    const Chunk& c = chunks_[p.chunk];
-    ChunkSlice* s = out->add_slices();
-    s->set_tensor(c.desc.tensor());
-    s->set_chunk(c.desc.index());
-    s->set_offset(p.begin);
-    s->set_dtype(plan.dtype);
-    std::string* data = s->mutable_data();
-    data->reserve((p.end - p.begin) * elem);
-    EncodePayload(plan.dtype, c.params.data() + p.begin, p.end - p.begin,
-                  data);
-    if (plan.with_state) {
-      for (const std::vector<float>& buffer : c.state) {
-        EncodePayload(F32, buffer.data() + p.begin, p.end - p.begin,
-                      s->add_state());
+                                        grpc::ByteBuffer* out) const {
+  std::vector<ChunkSliceOut> slices;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    if (shutdown_) {
+      return absl::UnavailableError(absl::StrCat(
+          "parameter server shard ", options_.shard, " is shutting down"));
+    }
+    if (stop_at_ >= 0 && plan.step >= stop_at_) {
+      return PullStoppedLocked();
+    }
+    const int elem = DTypeSize(plan.dtype);
+    for (const PullPiece& p : plan.messages[i]) {
+      const Chunk& c = chunks_[p.chunk];
+      const int64_t n = p.end - p.begin;
+      ChunkSliceOut& s = slices.emplace_back();
+      s.tensor = c.desc.tensor();
+      s.chunk = c.desc.index();
+      s.offset = p.begin;
+      s.dtype = plan.dtype;
+      // Encoded once, straight from the parameters into the slice gRPC
+      // sends (common/wire/chunk_wire.h).
+      s.data = NewPayloadSlice(n * elem);
+      EncodePayloadTo(plan.dtype, c.params.data() + p.begin, n,
+                      MutableBytes(&s.data));
+      if (plan.with_state) {
+        for (const std::vector<float>& buffer : c.state) {
+          grpc::Slice& state = s.state.emplace_back(NewPayloadSlice(n * 4));
+          EncodePayloadTo(F32, buffer.data() + p.begin, n,
+                          MutableBytes(&state));
+        }
       }
     }
   }
+  *out = SerializePullResponse(plan.version, slices);
   return absl::OkStatus();
 }
 

@@ -56,13 +56,17 @@ void DecodePayload(DType dtype, absl::string_view data, float* out) {
 
 void EncodePayload(DType dtype, const float* values, int64_t n,
                    std::string* out) {
+  const size_t start = out->size();
+  out->resize(start + DTypeSize(dtype) * n);
+  EncodePayloadTo(dtype, values, n, out->data() + start);
+}
+
+void EncodePayloadTo(DType dtype, const float* values, int64_t n, char* out) {
   if (dtype == BF16) {
-    const size_t start = out->size();
-    out->resize(start + 2 * n);
-    FloatToBf16(values, n, out->data() + start);
-    return;
+    FloatToBf16(values, n, out);
+  } else {
+    std::memcpy(out, values, 4 * n);
   }
-  out->append(reinterpret_cast<const char*>(values), 4 * n);
 }
 
 int PushDTypeSize(DType dtype) { return dtype == INT8 ? 1 : DTypeSize(dtype); }

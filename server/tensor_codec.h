@@ -36,6 +36,8 @@ void DecodePayload(DType dtype, absl::string_view data, float* out);
 // Appends n elements of `values` encoded as `dtype` to `out`.
 void EncodePayload(DType dtype, const float* values, int64_t n,
                    std::string* out);
+// Writes them to out[0, n * DTypeSize(dtype)).
+void EncodePayloadTo(DType dtype, const float* values, int64_t n, char* out);
 
 // Bytes per element of a push slice's data: DTypeSize, and 1 for INT8.
 int PushDTypeSize(DType dtype);

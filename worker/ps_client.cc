@@ -17,11 +17,16 @@
 #include "common/model/model_spec.h"
 #include "common/model/parallel_layout.h"
 #include "common/rpc/status_util.h"
+#include "common/wire/raw_call.h"
 #include "worker/compression.h"
 
 namespace lmps {
 
 namespace {
+
+// The raw methods (ParameterServer in proto/lmps.proto).
+const char kPullMethod[] = "/lmps.ParameterServer/Pull";
+const char kPushMethod[] = "/lmps.ParameterServer/Push";
 
 // Elements [begin, end) of a tensor; `local`: where `begin` sits in the
 // local buffer (-1: not known).
@@ -76,14 +81,14 @@ DType ResolvePullDtype(DType configured, const std::string& backend) {
 
 absl::StatusOr<std::unique_ptr<PsClient>> PsClient::Create(
     const ModelConfig& model, const PartitionMap& partition,
-    std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs,
+    std::vector<std::shared_ptr<grpc::Channel>> channels,
     std::vector<std::string> addresses, const PsClientOptions& options,
     const PsClientView& view) {
-  if (static_cast<int>(stubs.size()) != partition.num_shards() ||
-      addresses.size() != stubs.size()) {
+  if (static_cast<int>(channels.size()) != partition.num_shards() ||
+      addresses.size() != channels.size()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "partition has ", partition.num_shards(), " shards but ",
-        stubs.size(), " stubs and ", addresses.size(), " addresses"));
+        channels.size(), " channels and ", addresses.size(), " addresses"));
   }
   if (options.push_dtype != F32 && options.push_dtype != BF16) {
     return absl::InvalidArgumentError("push dtype must be F32 or BF16");
@@ -126,7 +131,9 @@ absl::StatusOr<std::unique_ptr<PsClient>> PsClient::Create(
   std::unique_ptr<PsClient> c(new PsClient());
   c->options_ = options;
   c->partition_version_ = partition.version();
-  c->stubs_ = std::move(stubs);
+  for (std::shared_ptr<grpc::Channel>& channel : channels) {
+    c->stubs_.push_back(std::make_unique<NodeStubs>(std::move(channel)));
+  }
   c->addresses_ = std::move(addresses);
   c->has_view_ = layout != nullptr;
   c->pp_rank_ = view.pp_rank;
@@ -218,7 +225,7 @@ absl::Status PsClient::ForEachShard(
 }
 
 void PsClient::SetBackups(
-    std::vector<std::string> backups, StubFactory make_stub,
+    std::vector<std::string> backups, ChannelFactory make_channel,
     std::function<absl::StatusOr<ShardNodes>(int shard)> resolve) {
   backups.resize(stubs_.size());
   failover_.clear();
@@ -229,17 +236,22 @@ void PsClient::SetBackups(
                            ShardFailover::Nodes{addresses_[s], backups[s]},
                            options_.failover_timeout);
   }
-  make_stub_ = std::move(make_stub);
+  make_channel_ = std::move(make_channel);
   resolve_ = std::move(resolve);
 }
 
-ParameterServer::StubInterface* PsClient::Stub(int shard) {
+PsClient::NodeStubs::NodeStubs(std::shared_ptr<grpc::Channel> channel)
+    : rpc(ParameterServer::NewStub(channel)),
+      raw(std::make_unique<grpc::GenericStub>(channel)) {}
+
+PsClient::NodeStubs* PsClient::Stub(int shard) {
   if (failover_.empty()) return stubs_[shard].get();
   const std::string& address = failover_[shard].current();
   if (address == addresses_[shard]) return stubs_[shard].get();
-  std::unique_ptr<ParameterServer::StubInterface>& stub =
-      node_stubs_[shard][address];
-  if (stub == nullptr) stub = make_stub_(address);
+  std::unique_ptr<NodeStubs>& stub = node_stubs_[shard][address];
+  if (stub == nullptr) {
+    stub = std::make_unique<NodeStubs>(make_channel_(address));
+  }
   return stub.get();
 }
 
@@ -341,81 +353,95 @@ absl::Status PsClient::PullStream(int64_t step, int s,
     req.set_tp_rank(tp_rank_);
   }
   auto ctx = Context();
-  std::unique_ptr<grpc::ClientReaderInterface<PullResponse>> reader =
-      Stub(s)->Pull(ctx.get(), req);
   stats_.rpcs++;
-  PullResponse resp;
+  // Each message is parsed in place (common/wire/chunk_wire.h) and its
+  // payloads decoded straight from the received slices into `params`.
+  PullResponseView resp;
   absl::Status bad;
-  while (reader->Read(&resp)) {
-    *version = resp.version();
-    for (const ChunkSlice& slice : resp.slices()) {
-      const DType got = slice.dtype() == BF16 ? BF16 : F32;
-      if (got != options_.pull_dtype ||
-          (slice.dtype() != F32 && slice.dtype() != BF16 &&
-           slice.dtype() != DTYPE_UNSPECIFIED)) {
-        bad = absl::DataLossError(absl::StrCat(
-            "pull asked for ", DType_Name(options_.pull_dtype),
-            " but a slice of ", slice.tensor(), "#", slice.chunk(),
-            " came as dtype ", static_cast<int>(slice.dtype())));
-        continue;
-      }
-      const size_t width = got == BF16 ? 2 : 4;
-      const int64_t n = static_cast<int64_t>(slice.data().size() / width);
-      // The piece holding the slice's first element.
-      const LocalPiece* piece = nullptr;
-      auto it = index_[s].find({slice.tensor(), slice.chunk()});
-      if (it != index_[s].end()) {
-        auto next = std::upper_bound(
-            it->second.begin(), it->second.end(), slice.offset(),
-            [](int64_t v, const LocalPiece* p) { return v < p->chunk_offset; });
-        if (next != it->second.begin()) piece = *std::prev(next);
-      }
-      if (piece == nullptr || slice.data().size() % width != 0 ||
-          slice.offset() + n > piece->chunk_offset + piece->n) {
-        bad = absl::DataLossError(absl::StrCat(
-            "pull returned a slice outside the parts of this shard's chunks "
-            "this worker holds: ",
-            slice.tensor(), "#", slice.chunk(), " elements [",
-            slice.offset(), ", ", slice.offset() + n, ")"));
-        continue;
-      }
-      const int64_t local =
-          piece->local_offset + (slice.offset() - piece->chunk_offset);
-      if (static_cast<size_t>(slice.state_size()) != state.size()) {
-        bad = absl::DataLossError(absl::StrCat(
-            "pull asked for ", state.size(),
-            " optimizer state buffers but a slice of ", slice.tensor(), "#",
-            slice.chunk(), " came with ", slice.state_size(),
-            " (the shards run another optimizer?)"));
-        continue;
-      }
-      bool state_ok = true;
-      for (const std::string& buffer : slice.state()) {
-        state_ok = state_ok && buffer.size() == static_cast<size_t>(n) * 4;
-      }
-      if (!state_ok) {
-        bad = absl::DataLossError(absl::StrCat(
-            "a slice of ", slice.tensor(), "#", slice.chunk(),
-            " has optimizer state of another length than its ", n,
-            " parameters"));
-        continue;
-      }
-      float* dst = params + local;
-      if (slice.dtype() == BF16) {
-        Bf16ToFloat(slice.data().data(), n, dst);
-      } else {
-        std::memcpy(dst, slice.data().data(), n * 4);
-      }
-      for (size_t k = 0; k < state.size(); ++k) {
-        std::memcpy(state[k] + local, slice.state(k).data(), n * 4);
-        stats_.bytes_pulled += static_cast<int64_t>(slice.state(k).size());
-      }
-      *received += n;
-      stats_.bytes_pulled += static_cast<int64_t>(slice.data().size());
+  auto on_message = [&](const grpc::ByteBuffer& message) -> absl::Status {
+    LMPS_RETURN_IF_ERROR(ParsePullResponse(message, &resp));
+    *version = resp.version;
+    for (const ChunkSliceView& slice : resp.slices) {
+      absl::Status got = ReceivePulledSlice(s, slice, params, state, received);
+      if (!got.ok()) bad = got;
+    }
+    return absl::OkStatus();
+  };
+  LMPS_RETURN_IF_ERROR(ServerStreamingCall(Stub(s)->raw.get(), kPullMethod,
+                                           ctx.get(), SerializeProto(req),
+                                           on_message));
+  return bad;
+}
+
+absl::Status PsClient::ReceivePulledSlice(int s, const ChunkSliceView& slice,
+                                          float* params,
+                                          absl::Span<float* const> state,
+                                          int64_t* received) {
+  const DType got = slice.dtype == BF16 ? BF16 : F32;
+  if (got != options_.pull_dtype ||
+      (slice.dtype != F32 && slice.dtype != BF16 &&
+       slice.dtype != DTYPE_UNSPECIFIED)) {
+    return absl::DataLossError(absl::StrCat(
+        "pull asked for ", DType_Name(options_.pull_dtype), " but a slice of ",
+        slice.tensor, "#", slice.chunk, " came as dtype ",
+        static_cast<int>(slice.dtype)));
+  }
+  const int width = got == BF16 ? 2 : 4;
+  const int64_t n = static_cast<int64_t>(slice.data.size() / width);
+  // The piece holding the slice's first element.
+  const LocalPiece* piece = nullptr;
+  auto it = index_[s].find({slice.tensor, slice.chunk});
+  if (it != index_[s].end()) {
+    auto next = std::upper_bound(
+        it->second.begin(), it->second.end(), slice.offset,
+        [](int64_t v, const LocalPiece* p) { return v < p->chunk_offset; });
+    if (next != it->second.begin()) piece = *std::prev(next);
+  }
+  if (piece == nullptr || slice.data.size() % width != 0 ||
+      slice.offset + n > piece->chunk_offset + piece->n) {
+    return absl::DataLossError(absl::StrCat(
+        "pull returned a slice outside the parts of this shard's chunks "
+        "this worker holds: ",
+        slice.tensor, "#", slice.chunk, " elements [", slice.offset, ", ",
+        slice.offset + n, ")"));
+  }
+  const int64_t local =
+      piece->local_offset + (slice.offset - piece->chunk_offset);
+  if (slice.state.size() != state.size()) {
+    return absl::DataLossError(absl::StrCat(
+        "pull asked for ", state.size(),
+        " optimizer state buffers but a slice of ", slice.tensor, "#",
+        slice.chunk, " came with ", slice.state.size(),
+        " (the shards run another optimizer?)"));
+  }
+  for (const ByteSpans& buffer : slice.state) {
+    if (buffer.size() != static_cast<size_t>(n) * 4) {
+      return absl::DataLossError(absl::StrCat(
+          "a slice of ", slice.tensor, "#", slice.chunk,
+          " has optimizer state of another length than its ", n,
+          " parameters"));
     }
   }
-  LMPS_RETURN_IF_ERROR(FromGrpcStatus(reader->Finish()));
-  return bad;
+  float* dst = params + local;
+  slice.data.ForEachElements(
+      width, [&](const char* bytes, int64_t first, int64_t count) {
+        if (got == BF16) {
+          Bf16ToFloat(bytes, count, dst + first);
+        } else {
+          std::memcpy(dst + first, bytes, count * 4);
+        }
+      });
+  for (size_t k = 0; k < state.size(); ++k) {
+    float* out = state[k] + local;
+    slice.state[k].ForEachElements(
+        4, [&](const char* bytes, int64_t first, int64_t count) {
+          std::memcpy(out + first, bytes, count * 4);
+        });
+    stats_.bytes_pulled += static_cast<int64_t>(slice.state[k].size());
+  }
+  *received += n;
+  stats_.bytes_pulled += static_cast<int64_t>(slice.data.size());
+  return absl::OkStatus();
 }
 
 absl::Status PsClient::Pull(int64_t step, float* params,
@@ -574,54 +600,52 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
                                   absl::Span<const LocalPiece* const> pieces,
                                   int64_t max_elems) {
   if (options_.on_shard_push) options_.on_shard_push(s, step, false);
-  PushResponse resp;
-  auto ctx = Context();
-  std::unique_ptr<grpc::ClientWriterInterface<PushRequest>> writer =
-      Stub(s)->Push(ctx.get(), &resp);
-  stats_.rpcs++;
-  PushRequest msg;
-  int64_t in_msg = 0, msg_bytes = 0;
-  auto reset = [&] {
-    msg.Clear();
-    msg.set_worker_id(worker_id);
-    msg.set_dp_rank(dp_rank);
-    msg.set_pp_rank(pp_rank_);
-    msg.set_tp_rank(tp_rank_);
-    msg.set_step(step);
-    msg.set_partition_version(partition_version_);
-    in_msg = 0;
-    msg_bytes = 0;
-  };
-  bool ok = true;
-  auto flush = [&] {
-    if (msg.slices_size() == 0) return;
-    stats_.bytes_pushed += msg_bytes;
-    ok = ok && writer->Write(msg);
-    reset();
-  };
-  reset();
-  absl::Status encoded;
-  for (const LocalPiece* piece : pieces) {
-    const LocalPiece& p = *piece;
-    for (int64_t off = 0; off < p.n && ok && encoded.ok();) {
-      if (in_msg == max_elems) flush();
+  PushHeader header;
+  header.worker_id = worker_id;
+  header.dp_rank = dp_rank;
+  header.step = step;
+  header.partition_version = partition_version_;
+  header.pp_rank = pp_rank_;
+  header.tp_rank = tp_rank_;
+  // Builds the next message (at most max_elems elements) into `out`: the
+  // gradient encoded once into the slices gRPC sends, while the message
+  // before it is being written (ClientStreamingCall).
+  size_t piece = 0;
+  int64_t off = 0;
+  auto next = [&](grpc::ByteBuffer* out) -> absl::StatusOr<bool> {
+    std::vector<ChunkSliceOut> slices;
+    int64_t in_msg = 0, msg_bytes = 0;
+    while (piece < pieces.size() && in_msg < max_elems) {
+      const LocalPiece& p = *pieces[piece];
       const int64_t n = std::min(p.n - off, max_elems - in_msg);
-      ChunkSlice* slice = msg.add_slices();
-      encoded = EncodePushSlice(step, dp_rank, p, off, n, grads, slice);
-      msg_bytes += CompressedWireBytes(*slice);
+      ChunkSliceOut& slice = slices.emplace_back();
+      LMPS_RETURN_IF_ERROR(
+          EncodePushSlice(step, dp_rank, p, off, n, grads, &slice));
+      // As CompressedWireBytes counts: payload, indices, INT8's scale.
+      msg_bytes += static_cast<int64_t>(slice.data.size() +
+                                        slice.indices.size()) +
+                   (slice.dtype == INT8 ? 4 : 0);
       in_msg += n;
       off += n;
+      if (off == p.n) {
+        ++piece;
+        off = 0;
+      }
     }
-  }
-  if (!encoded.ok()) {
-    // Nothing of this stream may count: cancel it before it ends.
-    ctx->TryCancel();
-    writer->Finish().IgnoreError();
-    return encoded;
-  }
-  flush();
-  writer->WritesDone();
-  LMPS_RETURN_IF_ERROR(FromGrpcStatus(writer->Finish()));
+    if (slices.empty()) return false;
+    stats_.bytes_pushed += msg_bytes;
+    *out = SerializePushRequest(header, slices);
+    return true;
+  };
+  auto ctx = Context();
+  stats_.rpcs++;
+  grpc::ByteBuffer response;
+  // An encoding error cancels the stream before it ends, so nothing of it
+  // counts on the shard.
+  LMPS_RETURN_IF_ERROR(ClientStreamingCall(Stub(s)->raw.get(), kPushMethod,
+                                           ctx.get(), next, &response));
+  PushResponse resp;
+  LMPS_RETURN_IF_ERROR(ParseProto(response, &resp));
   if (options_.on_shard_push) options_.on_shard_push(s, step, true);
   return absl::OkStatus();
 }
@@ -629,10 +653,10 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
 absl::Status PsClient::EncodePushSlice(int64_t step, int dp_rank,
                                        const LocalPiece& p, int64_t off,
                                        int64_t n, const float* grads,
-                                       ChunkSlice* slice) {
-  slice->set_tensor(p.tensor);
-  slice->set_chunk(p.chunk);
-  slice->set_offset(p.chunk_offset + off);
+                                       ChunkSliceOut* slice) {
+  slice->tensor = p.tensor;
+  slice->chunk = p.chunk;
+  slice->offset = p.chunk_offset + off;
   const int64_t at = p.local_offset + off;
   const float* src = grads + at;
   if (compress_) {
@@ -645,18 +669,28 @@ absl::Status PsClient::EncodePushSlice(int64_t step, int dp_rank,
     key.tensor = p.tensor;
     key.chunk = p.chunk;
     key.offset = p.chunk_offset + off;
-    return CompressSlice(options_.compression, key, src,
-                         residual_[prev_].data() + at, n,
-                         residual_[1 - prev_].data() + at, slice);
+    // Compressed slices are small: built as a ChunkSlice, then copied.
+    ChunkSlice compressed;
+    LMPS_RETURN_IF_ERROR(CompressSlice(options_.compression, key, src,
+                                       residual_[prev_].data() + at, n,
+                                       residual_[1 - prev_].data() + at,
+                                       &compressed));
+    slice->dtype = compressed.dtype();
+    slice->data = grpc::Slice(compressed.data());
+    slice->sparse = compressed.sparse();
+    slice->num_elements = compressed.num_elements();
+    slice->indices = grpc::Slice(compressed.indices());
+    slice->scale = compressed.scale();
+    return absl::OkStatus();
   }
-  slice->set_dtype(options_.push_dtype);
-  std::string* data = slice->mutable_data();
+  slice->dtype = options_.push_dtype;
+  const int width = options_.push_dtype == BF16 ? 2 : 4;
+  slice->data = NewPayloadSlice(n * width);
+  char* data = MutableBytes(&slice->data);
   if (options_.push_dtype == BF16) {
-    data->resize(n * 2);
-    FloatToBf16(src, n, data->data());
+    FloatToBf16(src, n, data);
   } else {
-    data->resize(n * 4);
-    std::memcpy(data->data(), src, n * 4);
+    std::memcpy(data, src, n * 4);
   }
   return absl::OkStatus();
 }
@@ -669,7 +703,7 @@ absl::StatusOr<double> PsClient::GradNorm(int64_t step) {
     GradNormResponse resp;
     auto ctx = Context();
     stats_.rpcs++;
-    LMPS_RETURN_IF_ERROR(FromGrpcStatus(Stub(s)->GradNorm(ctx.get(), req, &resp)));
+    LMPS_RETURN_IF_ERROR(FromGrpcStatus(Stub(s)->rpc->GradNorm(ctx.get(), req, &resp)));
     parts[s] = resp.sum_squares();
     return absl::OkStatus();
   }));
@@ -687,7 +721,7 @@ absl::StatusOr<int64_t> PsClient::Apply(int64_t step, double global_sum_squares)
     ApplyResponse resp;
     auto ctx = Context();
     stats_.rpcs++;
-    LMPS_RETURN_IF_ERROR(FromGrpcStatus(Stub(s)->Apply(ctx.get(), req, &resp)));
+    LMPS_RETURN_IF_ERROR(FromGrpcStatus(Stub(s)->rpc->Apply(ctx.get(), req, &resp)));
     versions[s] = resp.version();
     return absl::OkStatus();
   }));
@@ -711,7 +745,7 @@ absl::StatusOr<int64_t> PsClient::ApplyBounded(int64_t step,
     ApplyResponse resp;
     auto ctx = Context();
     stats_.rpcs++;
-    LMPS_RETURN_IF_ERROR(FromGrpcStatus(Stub(s)->Apply(ctx.get(), req, &resp)));
+    LMPS_RETURN_IF_ERROR(FromGrpcStatus(Stub(s)->rpc->Apply(ctx.get(), req, &resp)));
     if (resp.version() <= step) {
       return absl::InternalError(absl::StrCat("applied step ", step,
                                               " but the shard is at version ",
@@ -757,7 +791,7 @@ absl::Status PsClient::ForEachShardInfo(
   return ForEachShard([&](int s) -> absl::Status {
     stats_.rpcs++;
     LMPS_ASSIGN_OR_RETURN(TensorInfoResponse resp,
-                          SmallShardInfo(Stub(s), options_.rpc_timeout));
+                          SmallShardInfo(Stub(s)->rpc.get(), options_.rpc_timeout));
     fn(s, resp);
     return absl::OkStatus();
   });

@@ -37,12 +37,20 @@
 // sends exactly the same bytes. A new client (a replacement worker) starts
 // with a zero residual.
 //
+// Pull and Push messages travel as raw byte buffers in PullResponse's and
+// PushRequest's wire format (common/wire/chunk_wire.h, raw_call.h): each
+// payload byte is encoded once into the slice gRPC sends, and a pulled one
+// decoded once from the slice gRPC received; protobuf copies none.
+//
 // Errors name the shard and its address. Thread-safety: one call at a time
 // (the worker's training loop, or a thread it hands the pushes of a step to
 // while it does not call the client itself), except PullTensors (layer-wise
 // pulls: see there); stats() may be read from any thread.
 #ifndef LMPS_WORKER_PS_CLIENT_H_
 #define LMPS_WORKER_PS_CLIENT_H_
+
+#include <grpcpp/channel.h>
+#include <grpcpp/generic/generic_stub.h>
 
 #include <algorithm>
 #include <atomic>
@@ -58,6 +66,7 @@
 #include "absl/types/span.h"
 #include "absl/time/time.h"
 #include "common/model/parallel_layout.h"
+#include "common/wire/chunk_wire.h"
 #include "proto/lmps.grpc.pb.h"
 #include "worker/shard_failover.h"
 
@@ -125,7 +134,7 @@ class PsClient {
   // layout is of another model.
   static absl::StatusOr<std::unique_ptr<PsClient>> Create(
       const ModelConfig& model, const PartitionMap& partition,
-      std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs,
+      std::vector<std::shared_ptr<grpc::Channel>> channels,
       std::vector<std::string> addresses, const PsClientOptions& options,
       const PsClientView& view = {});
 
@@ -139,10 +148,10 @@ class PsClient {
     std::string primary;
     std::string backup;
   };
-  using StubFactory =
-      std::function<std::unique_ptr<ParameterServer::StubInterface>(
-          const std::string& address)>;
-  void SetBackups(std::vector<std::string> backups, StubFactory make_stub,
+  using ChannelFactory = std::function<std::shared_ptr<grpc::Channel>(
+      const std::string& address)>;
+  void SetBackups(std::vector<std::string> backups,
+                  ChannelFactory make_channel,
                   std::function<absl::StatusOr<ShardNodes>(int shard)> resolve);
 
   // Fills params[num_parameters] with the parameters the shards serve for
@@ -265,7 +274,14 @@ class PsClient {
   absl::Status CallWithFailover(int shard,
                                 const std::function<absl::Status(int)>& fn);
   // The node of `shard` in use (on the shard's thread).
-  ParameterServer::StubInterface* Stub(int shard);
+  // A shard node's stubs: generated (unary calls) and raw (Pull and Push,
+  // whose messages common/wire/chunk_wire.h writes and reads).
+  struct NodeStubs {
+    explicit NodeStubs(std::shared_ptr<grpc::Channel> channel);
+    std::unique_ptr<ParameterServer::StubInterface> rpc;
+    std::unique_ptr<grpc::GenericStub> raw;
+  };
+  NodeStubs* Stub(int shard);
   std::string Address(int shard) const;
   // Fills `slice`'s payload with grads[p.local_offset + off, + n): dense in
   // push_dtype, or compressed (updating the residual).
@@ -277,21 +293,25 @@ class PsClient {
                           int64_t max_elems);
   absl::Status EncodePushSlice(int64_t step, int dp_rank, const LocalPiece& p,
                                int64_t off, int64_t n, const float* grads,
-                               ChunkSlice* slice);
+                               ChunkSliceOut* slice);
+  // Writes a pulled slice of shard s into params (and state), checking it
+  // is one this worker asked for; adds its elements to *received.
+  absl::Status ReceivePulledSlice(int s, const ChunkSliceView& slice,
+                                  float* params,
+                                  absl::Span<float* const> state,
+                                  int64_t* received);
   std::unique_ptr<grpc::ClientContext> Context() const;
 
   PsClientOptions options_;
   int64_t num_parameters_ = 0;
   uint64_t partition_version_ = 0;
-  std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs_;
+  std::vector<std::unique_ptr<NodeStubs>> stubs_;
   std::vector<std::string> addresses_;
   // Replication (empty unless SetBackups): per shard the failover state
   // and the stubs of nodes other than addresses_[shard], by address.
   std::vector<ShardFailover> failover_;
-  std::vector<std::map<std::string,
-                       std::unique_ptr<ParameterServer::StubInterface>>>
-      node_stubs_;
-  StubFactory make_stub_;
+  std::vector<std::map<std::string, std::unique_ptr<NodeStubs>>> node_stubs_;
+  ChannelFactory make_channel_;
   std::function<absl::StatusOr<ShardNodes>(int)> resolve_;
   bool has_view_ = false;
   int pp_rank_ = 0, tp_rank_ = 0;

@@ -221,21 +221,19 @@ TEST(PsClientTest, FailoverWithNoKnownBackupAsksWhereTheShardIsNow) {
   ASSERT_TRUE(cluster.Start(spec).ok());
   const std::string address = cluster.addresses()[0];
 
-  std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs;
-  stubs.push_back(ParameterServer::NewStub(MakeChannel("127.0.0.1:1")));
+  std::vector<std::shared_ptr<grpc::Channel>> channels;
+  channels.push_back(MakeChannel("127.0.0.1:1"));
   PsClientOptions options;
   options.max_message_bytes = spec.max_message_bytes();
   options.rpc_timeout = absl::Seconds(5);
   options.failover_timeout = absl::Seconds(5);
   absl::StatusOr<std::unique_ptr<PsClient>> client = PsClient::Create(
-      spec.model(), cluster.map(), std::move(stubs), {"127.0.0.1:1"}, options);
+      spec.model(), cluster.map(), std::move(channels), {"127.0.0.1:1"}, options);
   ASSERT_TRUE(client.ok()) << client.status();
   int resolved = 0;
   (*client)->SetBackups(
       {""},
-      [](const std::string& a) -> std::unique_ptr<ParameterServer::StubInterface> {
-        return ParameterServer::NewStub(MakeChannel(a));
-      },
+      [](const std::string& a) { return MakeChannel(a); },
       [&](int) -> absl::StatusOr<PsClient::ShardNodes> {
         ++resolved;
         return PsClient::ShardNodes{address, ""};

@@ -251,12 +251,11 @@ class WorkerSession {
       rejoin.set_requested_rank(layout_->Rank(coords_));
       client_->EnableRejoin(rejoin);
     }
-    std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs;
+    std::vector<std::shared_ptr<grpc::Channel>> channels;
     std::vector<std::string> addresses(assignment_.shard_addresses().begin(),
                                        assignment_.shard_addresses().end());
     for (const std::string& a : addresses) {
-      stubs.push_back(ParameterServer::NewStub(
-          MakeChannel(a, metrics_.rpc.get(), security_)));
+      channels.push_back(MakeChannel(a, metrics_.rpc.get(), security_));
     }
     PsClientOptions ps_options;
     // RING_ALLREDUCE: the replicas' copies of the parameters and the shards'
@@ -297,7 +296,7 @@ class WorkerSession {
     }
     LMPS_ASSIGN_OR_RETURN(
         ps_, PsClient::Create(spec_.model(), assignment_.partition(),
-                              std::move(stubs), addresses, ps_options, view));
+                              std::move(channels), addresses, ps_options, view));
     if (assignment_.backup_addresses_size() > 0) EnableFailover();
     return absl::OkStatus();
   }
@@ -315,9 +314,8 @@ class WorkerSession {
     RpcMetrics* rpc = metrics_.rpc.get();
     ps_->SetBackups(
         std::move(backups),
-        [rpc, security = security_](const std::string& address)
-            -> std::unique_ptr<ParameterServer::StubInterface> {
-          return ParameterServer::NewStub(MakeChannel(address, rpc, security));
+        [rpc, security = security_](const std::string& address) {
+          return MakeChannel(address, rpc, security);
         },
         [client =
              client_.get()](int shard) -> absl::StatusOr<PsClient::ShardNodes> {

@@ -19,15 +19,25 @@ std::string MethodName(const char* method) {
   return m;
 }
 
+// The lmps methods whose messages are raw grpc::ByteBuffers rather than
+// protobuf objects on each side (common/wire/chunk_wire.h: the server
+// streams pulls raw; the worker's PsClient pulls and pushes raw).
+bool IsRaw(const std::string& method, bool server) {
+  if (method == "lmps.ParameterServer/Pull") return true;
+  return !server && method == "lmps.ParameterServer/Push";
+}
+
 class MetricsInterceptor : public grpc::experimental::Interceptor {
  public:
-  MetricsInterceptor(RpcMetrics* metrics, std::string method)
+  MetricsInterceptor(RpcMetrics* metrics, std::string method, bool server)
       : metrics_(metrics),
         method_(std::move(method)),
-        // Only lmps services are known to carry protobuf messages; others
-        // (the health service) pass raw ByteBuffers, so they are counted
-        // but their bytes are not.
+        // Only lmps services are known to carry protobuf messages or the
+        // raw buffers above; others (the health service) pass raw
+        // ByteBuffers of their own, so they are counted but their bytes
+        // are not.
         count_bytes_(method_.rfind("lmps.", 0) == 0),
+        raw_(IsRaw(method_, server)),
         start_(absl::Now()) {}
 
   ~MetricsInterceptor() override {
@@ -37,17 +47,16 @@ class MetricsInterceptor : public grpc::experimental::Interceptor {
   void Intercept(InterceptorBatchMethods* methods) override {
     if (count_bytes_ && methods->QueryInterceptionHookPoint(
                             InterceptionHookPoints::PRE_SEND_MESSAGE)) {
-      if (const auto* msg = static_cast<const google::protobuf::MessageLite*>(
-              methods->GetSendMessage())) {
-        sent_ += static_cast<int64_t>(msg->ByteSizeLong());
+      if (const void* msg = methods->GetSendMessage()) {
+        sent_ += Size(msg);
+      } else if (const grpc::ByteBuffer* b =
+                     methods->GetSerializedSendMessage()) {
+        sent_ += static_cast<int64_t>(b->Length());  // already serialized
       }
     }
     if (count_bytes_ && methods->QueryInterceptionHookPoint(
                             InterceptionHookPoints::POST_RECV_MESSAGE)) {
-      if (const auto* msg = static_cast<const google::protobuf::MessageLite*>(
-              methods->GetRecvMessage())) {
-        received_ += static_cast<int64_t>(msg->ByteSizeLong());
-      }
+      received_ += Size(methods->GetRecvMessage());
     }
     if (methods->QueryInterceptionHookPoint(
             InterceptionHookPoints::PRE_SEND_STATUS)) {
@@ -63,9 +72,21 @@ class MetricsInterceptor : public grpc::experimental::Interceptor {
   }
 
  private:
+  int64_t Size(const void* message) const {
+    if (message == nullptr) return 0;
+    if (raw_) {
+      return static_cast<int64_t>(
+          static_cast<const grpc::ByteBuffer*>(message)->Length());
+    }
+    return static_cast<int64_t>(
+        static_cast<const google::protobuf::MessageLite*>(message)
+            ->ByteSizeLong());
+  }
+
   RpcMetrics* const metrics_;
   const std::string method_;
   const bool count_bytes_;
+  const bool raw_;
   const absl::Time start_;
   absl::StatusCode code_ = absl::StatusCode::kOk;
   int64_t received_ = 0, sent_ = 0;
@@ -77,7 +98,8 @@ class ServerFactory
   explicit ServerFactory(RpcMetrics* metrics) : metrics_(metrics) {}
   grpc::experimental::Interceptor* CreateServerInterceptor(
       grpc::experimental::ServerRpcInfo* info) override {
-    return new MetricsInterceptor(metrics_, MethodName(info->method()));
+    return new MetricsInterceptor(metrics_, MethodName(info->method()),
+                                  /*server=*/true);
   }
 
  private:
@@ -90,7 +112,8 @@ class ClientFactory
   explicit ClientFactory(RpcMetrics* metrics) : metrics_(metrics) {}
   grpc::experimental::Interceptor* CreateClientInterceptor(
       grpc::experimental::ClientRpcInfo* info) override {
-    return new MetricsInterceptor(metrics_, MethodName(info->method()));
+    return new MetricsInterceptor(metrics_, MethodName(info->method()),
+                                  /*server=*/false);
   }
 
  private:

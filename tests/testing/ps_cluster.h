@@ -77,14 +77,12 @@ class Cluster {
   // and a 20 s RPC timeout.
   absl::StatusOr<std::unique_ptr<PsClient>> Client(
       const PsClientView& view = {}, PsClientOptions options = {}) {
-    std::vector<std::unique_ptr<ParameterServer::StubInterface>> stubs;
-    for (const std::string& a : addresses_) {
-      stubs.push_back(ParameterServer::NewStub(MakeChannel(a)));
-    }
+    std::vector<std::shared_ptr<grpc::Channel>> channels;
+    for (const std::string& a : addresses_) channels.push_back(MakeChannel(a));
     PsClientOptions o = std::move(options);
     o.max_message_bytes = spec_.max_message_bytes();
     o.rpc_timeout = absl::Seconds(20);
-    return PsClient::Create(spec_.model(), map_, std::move(stubs), addresses_,
+    return PsClient::Create(spec_.model(), map_, std::move(channels), addresses_,
                             o, view);
   }
 

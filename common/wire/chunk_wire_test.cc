@@ -1,0 +1,272 @@
+#include "common/wire/chunk_wire.h"
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "proto/lmps.pb.h"
+
+namespace lmps {
+namespace {
+
+std::string RandomBytes(std::mt19937* rng, size_t n) {
+  std::string s(n, '\0');
+  for (char& c : s) c = static_cast<char>((*rng)() & 0xff);
+  return s;
+}
+
+// A ChunkSlice with random fields, some left at their defaults (which
+// protobuf omits), negative values included.
+ChunkSlice RandomSlice(std::mt19937* rng) {
+  ChunkSlice s;
+  auto maybe = [&] { return (*rng)() % 3 != 0; };
+  if (maybe()) s.set_tensor("h." + std::to_string((*rng)() % 100) + ".w");
+  if (maybe()) s.set_chunk(static_cast<int32_t>((*rng)() % 2000) - 3);
+  if (maybe()) s.set_offset(static_cast<int64_t>((*rng)()) * 977 - 5);
+  if (maybe()) s.set_dtype(static_cast<DType>((*rng)() % 4));
+  if (maybe()) s.set_data(RandomBytes(rng, (*rng)() % 3000));
+  if (maybe()) s.set_sparse(true);
+  if (maybe()) s.set_num_elements((*rng)() % 100000);
+  if (maybe()) s.set_indices(RandomBytes(rng, 4 * ((*rng)() % 40)));
+  if (maybe()) s.set_scale(((*rng)() % 2 ? -0.0f : 0.37f * ((*rng)() % 9)));
+  const int states = (*rng)() % 3;
+  for (int k = 0; k < states; ++k) {
+    *s.add_state() = RandomBytes(rng, (*rng)() % 50);
+  }
+  return s;
+}
+
+ChunkSliceOut ToOut(const ChunkSlice& s) {
+  ChunkSliceOut o;
+  o.tensor = s.tensor();
+  o.chunk = s.chunk();
+  o.offset = s.offset();
+  o.dtype = s.dtype();
+  o.data = grpc::Slice(s.data());
+  o.sparse = s.sparse();
+  o.num_elements = s.num_elements();
+  o.indices = grpc::Slice(s.indices());
+  o.scale = s.scale();
+  for (const std::string& b : s.state()) o.state.emplace_back(b);
+  return o;
+}
+
+std::string Flatten(const grpc::ByteBuffer& b) {
+  std::vector<grpc::Slice> slices;
+  EXPECT_TRUE(b.Dump(&slices).ok());
+  std::string out;
+  for (const grpc::Slice& s : slices) {
+    out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  }
+  return out;
+}
+
+// `bytes` cut into slices at random points (empty slices too), as a
+// received buffer may be.
+grpc::ByteBuffer Cut(const std::string& bytes, std::mt19937* rng) {
+  std::vector<grpc::Slice> slices;
+  size_t at = 0;
+  while (at < bytes.size()) {
+    const size_t n = std::min<size_t>(bytes.size() - at, (*rng)() % 40);
+    slices.emplace_back(bytes.data() + at, n);
+    at += n;
+  }
+  return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
+ChunkSlice FromView(const ChunkSliceView& v) {
+  ChunkSlice s;
+  s.set_tensor(v.tensor);
+  s.set_chunk(v.chunk);
+  s.set_offset(v.offset);
+  s.set_dtype(v.dtype);
+  s.set_data(v.data.ToString());
+  s.set_sparse(v.sparse);
+  s.set_num_elements(v.num_elements);
+  s.set_indices(v.indices.ToString());
+  s.set_scale(v.scale);
+  for (const ByteSpans& b : v.state) *s.add_state() = b.ToString();
+  return s;
+}
+
+TEST(ChunkWireTest, SerializesExactlyWhatProtobufDoes) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 300; ++trial) {
+    PullResponse pull;
+    if (trial % 4) pull.set_version(static_cast<int64_t>(rng()) - 9);
+    PushRequest push;
+    push.set_worker_id(trial % 5 ? "worker-" + std::to_string(trial) : "");
+    push.set_dp_rank(trial % 7);
+    push.set_step(static_cast<int64_t>(rng() % 100000));
+    push.set_partition_version(trial % 3 ? 0xfedcba9876543210ull >> (trial % 60)
+                                         : 0);
+    push.set_pp_rank(trial % 2);
+    push.set_tp_rank(trial % 3 == 1 ? -1 : trial % 3);
+    std::vector<ChunkSliceOut> outs;
+    const int n = static_cast<int>(rng() % 5);
+    for (int k = 0; k < n; ++k) {
+      const ChunkSlice s = RandomSlice(&rng);
+      *pull.add_slices() = s;
+      *push.add_slices() = s;
+      outs.push_back(ToOut(s));
+    }
+    EXPECT_EQ(Flatten(SerializePullResponse(pull.version(), outs)),
+              pull.SerializeAsString())
+        << "trial " << trial;
+    PushHeader h;
+    h.worker_id = push.worker_id();
+    h.dp_rank = push.dp_rank();
+    h.step = push.step();
+    h.partition_version = push.partition_version();
+    h.pp_rank = push.pp_rank();
+    h.tp_rank = push.tp_rank();
+    EXPECT_EQ(Flatten(SerializePushRequest(h, outs)), push.SerializeAsString())
+        << "trial " << trial;
+  }
+}
+
+TEST(ChunkWireTest, ParsesProtobufBytesCutAnywhere) {
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 300; ++trial) {
+    PullResponse pull;
+    pull.set_version(trial * 1000003ll - 7);
+    PushRequest push;
+    push.set_worker_id("w" + std::to_string(trial));
+    push.set_dp_rank(trial % 4);
+    push.set_step(trial);
+    push.set_partition_version(~0ull - trial);
+    push.set_pp_rank(trial % 3);
+    push.set_tp_rank(-(trial % 2));
+    const int n = static_cast<int>(rng() % 5);
+    for (int k = 0; k < n; ++k) {
+      const ChunkSlice s = RandomSlice(&rng);
+      *pull.add_slices() = s;
+      *push.add_slices() = s;
+    }
+    PullResponseView pv;
+    ASSERT_TRUE(ParsePullResponse(Cut(pull.SerializeAsString(), &rng), &pv).ok());
+    PullResponse back;
+    back.set_version(pv.version);
+    for (const ChunkSliceView& v : pv.slices) *back.add_slices() = FromView(v);
+    EXPECT_EQ(back.SerializeAsString(), pull.SerializeAsString());
+
+    PushRequestView qv;
+    ASSERT_TRUE(ParsePushRequest(Cut(push.SerializeAsString(), &rng), &qv).ok());
+    PushRequest again;
+    again.set_worker_id(qv.header.worker_id);
+    again.set_dp_rank(qv.header.dp_rank);
+    again.set_step(qv.header.step);
+    again.set_partition_version(qv.header.partition_version);
+    again.set_pp_rank(qv.header.pp_rank);
+    again.set_tp_rank(qv.header.tp_rank);
+    for (const ChunkSliceView& v : qv.slices) *again.add_slices() = FromView(v);
+    EXPECT_EQ(again.SerializeAsString(), push.SerializeAsString());
+  }
+}
+
+TEST(ChunkWireTest, SkipsUnknownFieldsAndAcceptsAnyFieldOrder) {
+  // version written after a slice, and unknown fields of every wire type.
+  std::string bytes;
+  ChunkSlice s;
+  s.set_tensor("wte");
+  s.set_data("abcd");
+  std::string slice = s.SerializeAsString();
+  slice += std::string("\x58\x05", 2);                  // field 11 varint
+  slice += std::string("\x61", 1) + std::string(8, 'x');  // field 12 fixed64
+  slice += std::string("\x6d", 1) + std::string(4, 'y');  // field 13 fixed32
+  bytes += '\x12';
+  bytes += static_cast<char>(slice.size());
+  bytes += slice;
+  bytes += std::string("\x1a\x03xyz", 5);  // field 3 bytes, unknown
+  bytes += std::string("\x08\x2a", 2);     // version 42
+  std::mt19937 rng(3);
+  PullResponseView v;
+  ASSERT_TRUE(ParsePullResponse(Cut(bytes, &rng), &v).ok());
+  EXPECT_EQ(v.version, 42);
+  ASSERT_EQ(v.slices.size(), 1u);
+  EXPECT_EQ(v.slices[0].tensor, "wte");
+  EXPECT_EQ(v.slices[0].data.ToString(), "abcd");
+}
+
+TEST(ChunkWireTest, RefusesTruncatedAndMalformedMessagesAsProtobufDoes) {
+  std::mt19937 rng(5);
+  PushRequest push;
+  push.set_worker_id("worker-1");
+  push.set_step(12);
+  for (int k = 0; k < 3; ++k) *push.add_slices() = RandomSlice(&rng);
+  const std::string bytes = push.SerializeAsString();
+  int refused = 0;
+  for (size_t len = 0; len < bytes.size(); ++len) {
+    const std::string prefix = bytes.substr(0, len);
+    PushRequest reference;
+    const bool valid = reference.ParseFromString(prefix);
+    PushRequestView v;
+    const absl::Status s = ParsePushRequest(Cut(prefix, &rng), &v);
+    EXPECT_EQ(s.ok(), valid) << "prefix of " << len << " bytes: " << s;
+    if (!s.ok()) {
+      EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+      ++refused;
+    }
+  }
+  EXPECT_GT(refused, 0);
+  for (const std::string& bad :
+       {std::string("\x00", 1), std::string("\x0f\x01", 2),
+        std::string("\x2a\xff\xff\xff\xff\x0f", 6),
+        std::string("\x10\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", 12)}) {
+    PushRequestView v;
+    EXPECT_EQ(ParsePushRequest(Cut(bad, &rng), &v).code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+}
+
+TEST(ChunkWireTest, ForEachElementsJoinsElementsSplitBetweenParts) {
+  std::vector<float> values(1000);
+  for (size_t i = 0; i < values.size(); ++i) values[i] = 0.5f * i - 3;
+  std::string bytes(reinterpret_cast<const char*>(values.data()),
+                    values.size() * 4);
+  std::mt19937 rng(9);
+  for (int trial = 0; trial < 50; ++trial) {
+    ByteSpans spans;
+    size_t at = 0;
+    while (at < bytes.size()) {
+      const size_t n = std::min<size_t>(bytes.size() - at, rng() % 23);
+      spans.Append(absl::string_view(bytes.data() + at, n));
+      at += n;
+    }
+    std::vector<float> out(values.size(), -1);
+    int64_t expect_first = 0;
+    spans.ForEachElements(4, [&](const char* p, int64_t first, int64_t n) {
+      EXPECT_EQ(first, expect_first);
+      std::memcpy(out.data() + first, p, n * 4);
+      expect_first = first + n;
+    });
+    EXPECT_EQ(expect_first, static_cast<int64_t>(values.size()));
+    EXPECT_EQ(out, values);
+  }
+}
+
+TEST(ChunkWireTest, PayloadSlicesAreReferencedNotCopied) {
+  grpc::Slice data = NewPayloadSlice(1 << 20);
+  std::memset(MutableBytes(&data), 7, data.size());
+  ChunkSliceOut c;
+  c.tensor = "wte";
+  c.dtype = F32;
+  c.data = data;
+  const grpc::ByteBuffer b = SerializePullResponse(3, {c});
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(b.Dump(&slices).ok());
+  bool found = false;
+  for (const grpc::Slice& s : slices) found |= s.begin() == data.begin();
+  EXPECT_TRUE(found) << "the payload slice was copied";
+  PullResponseView v;
+  ASSERT_TRUE(ParsePullResponse(b, &v).ok());
+  ASSERT_EQ(v.slices.size(), 1u);
+  ASSERT_EQ(v.slices[0].data.parts().size(), 1u);
+  EXPECT_EQ(v.slices[0].data.parts()[0].data(),
+            reinterpret_cast<const char*>(data.begin()));
+}
+
+}  // namespace
+}  // namespace lmps
