@@ -36,13 +36,17 @@ absl::Time CallDeadline(const grpc::CallbackServerContext& context) {
 
 // ---------------------------------------------------------------------------
 // Push: read the whole stream, then hand it to the shard on the work pool.
+// The messages stay in gRPC's buffers: the shard reads them in place
+// (common/wire/chunk_wire.h) and decodes each payload once into its
+// gradient accumulator. A replicated shard forwards the stream to its
+// backup as generated messages (parsed here).
 // ---------------------------------------------------------------------------
 
 class ParameterServerService::PushReactor
-    : public grpc::ServerReadReactor<PushRequest> {
+    : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
   PushReactor(ParameterServerService* service, Target target,
-              grpc::CallbackServerContext* context, PushResponse* response)
+              grpc::CallbackServerContext* context, grpc::ByteBuffer* response)
       : service_(service),
         target_(target),
         shard_(target.shard),
@@ -62,7 +66,7 @@ class ParameterServerService::PushReactor
       service_->work_pool_->Schedule([this] { Run(); });
       return;
     }
-    bytes_ += static_cast<int64_t>(incoming_.ByteSizeLong());
+    bytes_ += static_cast<int64_t>(incoming_.Length());
     if (bytes_ > max_bytes_) {
       const std::string msg =
           absl::StrCat("push stream exceeds ", max_bytes_, " bytes (shard ",
@@ -73,21 +77,34 @@ class ParameterServerService::PushReactor
       return;
     }
     stream_.push_back(std::move(incoming_));
-    incoming_ = PushRequest();
+    incoming_ = grpc::ByteBuffer();
     StartRead(&incoming_);
   }
 
   void OnDone() override { delete this; }
 
  private:
+  absl::StatusOr<PushResponse> Push() {
+    if (target_.replicated != nullptr) {
+      std::vector<PushRequest> messages(stream_.size());
+      for (size_t m = 0; m < stream_.size(); ++m) {
+        LMPS_RETURN_IF_ERROR(ParseProto(stream_[m], &messages[m]));
+      }
+      return target_.replicated->Push(messages);
+    }
+    std::vector<PushRequestView> views(stream_.size());
+    for (size_t m = 0; m < stream_.size(); ++m) {
+      LMPS_RETURN_IF_ERROR(ParsePushRequest(stream_[m], &views[m]));
+    }
+    return shard_->Push(views);
+  }
+
   void Run() {
-    absl::StatusOr<PushResponse> result =
-        target_.replicated != nullptr ? target_.replicated->Push(stream_)
-                                      : shard_->Push(stream_);
+    absl::StatusOr<PushResponse> result = Push();
     stream_.clear();
     stream_.shrink_to_fit();
     if (result.ok()) {
-      *response_ = *result;
+      *response_ = SerializeProto(*result);
     } else {
       service_->Log(
           absl::StrCat("push rejected: ", result.status().ToString()));
@@ -99,11 +116,11 @@ class ParameterServerService::PushReactor
   const Target target_;
   ParameterShard* const shard_;
   grpc::CallbackServerContext* const context_;
-  PushResponse* const response_;
+  grpc::ByteBuffer* const response_;
   const int64_t max_bytes_;
   int64_t bytes_ = 0;
-  PushRequest incoming_;
-  std::vector<PushRequest> stream_;
+  grpc::ByteBuffer incoming_;
+  std::vector<grpc::ByteBuffer> stream_;
 };
 
 // ---------------------------------------------------------------------------
@@ -332,11 +349,11 @@ int64_t ParameterServerService::MaxPushBytes(
   return 2 * 4 * shard.num_elements() + (4 << 20);
 }
 
-grpc::ServerReadReactor<PushRequest>* ParameterServerService::Push(
-    grpc::CallbackServerContext* context, PushResponse* response) {
+grpc::ServerReadReactor<grpc::ByteBuffer>* ParameterServerService::Push(
+    grpc::CallbackServerContext* context, grpc::ByteBuffer* response) {
   const Target t = target();
   if (t.shard == nullptr) {
-    class Refuse : public grpc::ServerReadReactor<PushRequest> {
+    class Refuse : public grpc::ServerReadReactor<grpc::ByteBuffer> {
      public:
       Refuse() { Finish(NotReady()); }
       void OnDone() override { delete this; }

@@ -2,9 +2,11 @@
 // ParameterShard. It holds no training logic: every RPC converts its
 // messages, calls the shard and converts the status (common/rpc/status_util).
 //
-//   Push           ServerReadReactor: collects the client stream (at most
-//                  max_push_bytes in total, else RESOURCE_EXHAUSTED without
-//                  touching the shard), then ParameterShard::Push.
+//   Push           ServerReadReactor over raw byte buffers: collects the
+//                  client stream (at most max_push_bytes in total, else
+//                  RESOURCE_EXHAUSTED without touching the shard), then
+//                  ParameterShard::Push on the messages read in place
+//                  (common/wire/chunk_wire.h; PushRequest's wire format).
 //   Pull           ServerWriteReactor over raw byte buffers (gRPC's raw
 //                  callback method): ParameterShard::StartPull, then each
 //                  message encoded by EncodePull straight into the slices
@@ -63,8 +65,9 @@ struct ServiceOptions {
 };
 
 class ParameterServerService final
-    : public ParameterServer::WithRawCallbackMethod_Pull<
-          ParameterServer::CallbackService> {
+    : public ParameterServer::WithRawCallbackMethod_Push<
+          ParameterServer::WithRawCallbackMethod_Pull<
+              ParameterServer::CallbackService>> {
  public:
   explicit ParameterServerService(ServiceOptions options);
   ~ParameterServerService() override;
@@ -73,8 +76,11 @@ class ParameterServerService final
   // `replicated` (not owned, may be null; wraps `shard`) when replicated.
   void SetShard(ParameterShard* shard, ReplicatedShard* replicated = nullptr);
 
-  grpc::ServerReadReactor<PushRequest>* Push(
-      grpc::CallbackServerContext* context, PushResponse* response) override;
+  // The stream's messages are serialized PushRequests, `response` a
+  // serialized PushResponse.
+  grpc::ServerReadReactor<grpc::ByteBuffer>* Push(
+      grpc::CallbackServerContext* context,
+      grpc::ByteBuffer* response) override;
   // `request` is a serialized PullRequest.
   grpc::ServerWriteReactor<grpc::ByteBuffer>* Pull(
       grpc::CallbackServerContext* context,

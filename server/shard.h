@@ -47,6 +47,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/model/model_spec.h"
+#include "common/wire/chunk_wire.h"
 #include "proto/lmps.pb.h"
 #include "server/checkpoint.h"
 
@@ -87,6 +88,10 @@ class ParameterShard {
   // One push stream (every message of one Push RPC); see
   // docs/parameter-shard.md.
   absl::StatusOr<PushResponse> Push(const std::vector<PushRequest>& stream);
+  // The same, on messages read in place from gRPC's buffers
+  // (common/wire/chunk_wire.h; the service's raw Push): no payload is
+  // copied before it is decoded into the gradient accumulator.
+  absl::StatusOr<PushResponse> Push(const std::vector<PushRequestView>& stream);
 
   // Sum of squares of this shard's averaged gradient for `step`.
   // FailedPrecondition in ASYNC.
@@ -283,7 +288,7 @@ class ParameterShard {
   // Part of a chunk carried by one ChunkSlice of a push.
   struct PushedPiece {
     int64_t offset, n;
-    const ChunkSlice* slice;
+    const ChunkSliceView* slice;
   };
   using PushedPieces = std::map<int, std::vector<PushedPiece>>;  // chunk -> pieces
 

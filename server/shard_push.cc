@@ -1,6 +1,7 @@
 // ParameterShard::Push: validation of a whole push stream before anything
-// changes (compressed slices' encodings too: server/tensor_codec.h), the tiling of a contributor's chunk part (pipeline and tensor
-// parallel) and decoding into gradient buffers; the mode then takes the
+// changes (compressed slices' encodings too: server/tensor_codec.h), the
+// tiling of a contributor's chunk part (pipeline and tensor parallel) and
+// decoding into gradient buffers; the mode then takes the
 // gradient (shard_step.cc or shard_async.cc).
 #include "server/shard.h"
 
@@ -8,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/wire/chunk_wire.h"
 #include "server/shard_internal.h"
 #include "server/tensor_codec.h"
 
@@ -21,36 +23,43 @@ using shard_internal::ChunkName;
 
 absl::StatusOr<PushResponse> ParameterShard::Push(
     const std::vector<PushRequest>& stream) {
+  std::vector<PushRequestView> views;
+  views.reserve(stream.size());
+  for (const PushRequest& r : stream) views.push_back(ViewOf(r));
+  return Push(views);
+}
+
+absl::StatusOr<PushResponse> ParameterShard::Push(
+    const std::vector<PushRequestView>& stream) {
   const int shard = options_.shard;
   if (stream.empty()) {
     return absl::InvalidArgumentError("empty push stream");
   }
-  const PushRequest& head = stream.front();
-  const int rank = head.dp_rank();
-  const int64_t step = head.step();
-  const int pp_rank = head.pp_rank(), tp_rank = head.tp_rank();
+  const PushHeader& head = stream.front().header;
+  const int rank = head.dp_rank;
+  const int64_t step = head.step;
+  const int pp_rank = head.pp_rank, tp_rank = head.tp_rank;
   for (size_t m = 1; m < stream.size(); ++m) {
-    const PushRequest& r = stream[m];
-    if (r.dp_rank() != rank || r.step() != step ||
-        r.partition_version() != head.partition_version() ||
-        r.pp_rank() != pp_rank || r.tp_rank() != tp_rank) {
-      const bool ranks = pp_ * tp_ > 1 || r.pp_rank() != pp_rank ||
-                         r.tp_rank() != tp_rank;
+    const PushHeader& r = stream[m].header;
+    if (r.dp_rank != rank || r.step != step ||
+        r.partition_version != head.partition_version ||
+        r.pp_rank != pp_rank || r.tp_rank != tp_rank) {
+      const bool ranks =
+          pp_ * tp_ > 1 || r.pp_rank != pp_rank || r.tp_rank != tp_rank;
       return absl::InvalidArgumentError(absl::StrCat(
-          "push message ", m, " has dp_rank ", r.dp_rank(),
-          ranks ? absl::StrCat(" pp_rank ", r.pp_rank(), " tp_rank ",
-                               r.tp_rank())
+          "push message ", m, " has dp_rank ", r.dp_rank,
+          ranks ? absl::StrCat(" pp_rank ", r.pp_rank, " tp_rank ", r.tp_rank)
                 : "",
-          " step ", r.step(), " partition_version ", r.partition_version(),
+          " step ", r.step, " partition_version ", r.partition_version,
           " but the stream started with dp_rank ", rank,
           ranks ? absl::StrCat(" pp_rank ", pp_rank, " tp_rank ", tp_rank)
                 : "",
-          " step ", step, " partition_version ", head.partition_version()));
+          " step ", step, " partition_version ", head.partition_version));
     }
   }
-  if (head.partition_version() != options_.map.version()) {
+  if (head.partition_version != options_.map.version()) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "push partition_version ", head.partition_version(),
+        "push partition_version ", head.partition_version,
         " does not match shard ", shard, "'s ", options_.map.version(),
         " (the worker and the servers disagree on model or layout)"));
   }
@@ -83,44 +92,44 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
   // pusher's part of it exactly once.
   PushedPieces pieces;
   for (size_t m = 0; m < stream.size(); ++m) {
-    for (const ChunkSlice& s : stream[m].slices()) {
+    for (const ChunkSliceView& s : stream[m].slices) {
       // The encoding (dtype, sparse indices, INT8 scale): how many of the
       // chunk's elements the slice covers.
       absl::StatusOr<int64_t> covered = SliceElements(s);
       if (!covered.ok()) {
         return absl::InvalidArgumentError(
-            absl::StrCat(who, ": ", ChunkName(s.tensor(), s.chunk()), " ",
+            absl::StrCat(who, ": ", ChunkName(s.tensor, s.chunk), " ",
                          covered.status().message()));
       }
       absl::Status form = SliceMatchesCompression(
           s, options_.spec.train().compression().kind());
       if (!form.ok()) {
         return absl::InvalidArgumentError(absl::StrCat(
-            who, ": ", ChunkName(s.tensor(), s.chunk()), " ", form.message()));
+            who, ": ", ChunkName(s.tensor, s.chunk), " ", form.message()));
       }
-      const int c = FindChunk(s.tensor(), s.chunk());
+      const int c = FindChunk(s.tensor, s.chunk);
       if (c < 0) {
-        if (tensor_index_.count(s.tensor()) == 0) {
+        if (tensor_index_.count(s.tensor) == 0) {
           return absl::InvalidArgumentError(
-              absl::StrCat(who, ": unknown tensor '", s.tensor(), "'"));
+              absl::StrCat(who, ": unknown tensor '", s.tensor, "'"));
         }
-        auto owner = chunk_owner_.find({s.tensor(), s.chunk()});
+        auto owner = chunk_owner_.find({s.tensor, s.chunk});
         if (owner == chunk_owner_.end()) {
           return absl::InvalidArgumentError(absl::StrCat(
-              who, ": ", ChunkName(s.tensor(), s.chunk()), " does not exist"));
+              who, ": ", ChunkName(s.tensor, s.chunk), " does not exist"));
         }
         return absl::InvalidArgumentError(absl::StrCat(
-            who, ": ", ChunkName(s.tensor(), s.chunk()), " is held by shard ",
+            who, ": ", ChunkName(s.tensor, s.chunk), " is held by shard ",
             owner->second, ", not shard ", shard));
       }
       const int64_t n = *covered;
-      pieces[c].push_back({s.offset(), n, &s});
+      pieces[c].push_back({s.offset, n, &s});
     }
   }
   const std::vector<int64_t>& sizes = chunk_sizes_;
   for (auto& [c, list] : pieces) {
-    const ChunkSlice& any = *list.front().slice;
-    const std::string name = ChunkName(any.tensor(), any.chunk());
+    const ChunkSliceView& any = *list.front().slice;
+    const std::string name = ChunkName(any.tensor, any.chunk);
     const int k = owners_[c].contributor_of[worker];
     if (k < 0) {
       return absl::InvalidArgumentError(
@@ -151,7 +160,7 @@ absl::StatusOr<PushResponse> ParameterShard::Push(
         ++rejected_nonfinite_;
         return absl::InvalidArgumentError(absl::StrCat(
             who, ": non-finite gradient (NaN or Inf) in ",
-            ChunkName(p.slice->tensor(), p.slice->chunk()), " element ",
+            ChunkName(p.slice->tensor, p.slice->chunk), " element ",
             p.offset + bad, "; push rejected, nothing applied"));
       }
     }

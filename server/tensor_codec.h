@@ -2,7 +2,11 @@
 // bfloat16, to and from fp32 arrays. DTYPE_UNSPECIFIED is treated as F32.
 // Compressed push slices (ChunkSlice.sparse / INT8 with a scale; see
 // proto/lmps.proto) are validated and decoded to fp32 by SliceElements and
-// DecodeSlice; a malformed slice is InvalidArgument, never a crash.
+// DecodeSlice; a malformed slice is InvalidArgument, never a crash. The
+// slice functions read received slices in place (ChunkSliceView, whose
+// payload may lie across several of gRPC's slices; ViewOf for a
+// ChunkSlice): a dense payload is decoded run by run without a copy, a
+// sparse one (small) joined first.
 //
 // bf16 -> fp32 is exact (the bf16 bits are the upper half of the fp32);
 // fp32 -> bf16 rounds to nearest, ties to even (as torch's .to(bfloat16));
@@ -18,6 +22,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "common/wire/chunk_wire.h"
 #include "proto/lmps.pb.h"
 
 namespace lmps {
@@ -51,7 +56,7 @@ int PushDTypeSize(DType dtype);
 // non-INT8 slice; sparse fields on a dense slice; num_elements < 0 or >
 // 2^32; indices not a multiple of 4 bytes, not one per value, not strictly
 // increasing or not < num_elements.
-absl::StatusOr<int64_t> SliceElements(const ChunkSlice& slice);
+absl::StatusOr<int64_t> SliceElements(const ChunkSliceView& slice);
 
 // Whether the slice has the form the job's compression kind sends
 // (worker/compression.h): COMPRESSION_NONE dense F32 or BF16; TOPK and
@@ -59,22 +64,22 @@ absl::StatusOr<int64_t> SliceElements(const ChunkSlice& slice);
 // slice's form and the kind otherwise (text without the chunk's name). A
 // shard refuses the other forms so that a misconfigured or foreign pusher
 // cannot mix encodings into a job. Requires SliceElements(slice).ok().
-absl::Status SliceMatchesCompression(const ChunkSlice& slice,
+absl::Status SliceMatchesCompression(const ChunkSliceView& slice,
                                      CompressionKind kind);
 
 // The first element (relative to the slice's offset) whose decoded value
 // is NaN or Inf, or -1. Requires SliceElements(slice).ok().
-int64_t FirstNonFiniteElement(const ChunkSlice& slice);
+int64_t FirstNonFiniteElement(const ChunkSliceView& slice);
 
 // Writes the slice's n = SliceElements(slice) elements as fp32 to out[0, n)
 // (0 where a sparse slice has no value). Requires SliceElements(slice).ok().
-void DecodeSlice(const ChunkSlice& slice, float* out);
+void DecodeSlice(const ChunkSliceView& slice, float* out);
 
 // Adds the slice's n elements, decoded as DecodeSlice would, to acc[0, n):
 // acc[i] += value[i] (value 0 where a sparse slice has none), bit for bit
 // what DecodeSlice into a buffer followed by that addition gives, without
 // the buffer (decoded block by block). Requires SliceElements(slice).ok().
-void AccumulateSlice(const ChunkSlice& slice, float* acc);
+void AccumulateSlice(const ChunkSliceView& slice, float* acc);
 
 }  // namespace lmps
 

@@ -168,6 +168,7 @@ note "every daemon serves /metrics; the workers are training"
 # need <daemon> <metric> [<label>=<value regex>|=<value regex>]...: some sample
 # of <metric> on <daemon> has every label (any order), and the value if given;
 # if not, it is added to $missing.
+nonzero='[1-9][0-9.e+]*'  # a sample value > 0
 need() {
   local n=$1 m=$2 lines labels="" value=""
   shift 2
@@ -203,8 +204,9 @@ expected_metrics() {
         done
         need "$n" lmps_rpc_total 'method=lmps\.ParameterServer/Push' code=OK
         need "$n" lmps_rpc_total 'method=lmps\.ParameterServer/Pull' code=OK
-        need "$n" lmps_rpc_sent_bytes_total 'method=lmps\.ParameterServer/Push'
-        need "$n" lmps_rpc_received_bytes_total 'method=lmps\.ParameterServer/Pull'
+        # Pull and Push carry raw byte buffers (common/wire): counted too.
+        need "$n" lmps_rpc_sent_bytes_total 'method=lmps\.ParameterServer/Push' "=$nonzero"
+        need "$n" lmps_rpc_received_bytes_total 'method=lmps\.ParameterServer/Pull' "=$nonzero"
         need "$n" lmps_rpc_duration_seconds_bucket 'method=lmps\.ParameterServer/Push' 'le=\+Inf'
         need "$n" lmps_node_info 'node_id=worker-[0-9]+' 'dp_rank=[0-9]+' role=worker
         ;;
@@ -214,6 +216,8 @@ expected_metrics() {
         done
         need "$n" lmps_rejected_pushes_total reason=nonfinite
         need "$n" lmps_rpc_total 'method=lmps\.ParameterServer/Push' code=OK
+        need "$n" lmps_rpc_received_bytes_total 'method=lmps\.ParameterServer/Push' "=$nonzero"
+        need "$n" lmps_rpc_sent_bytes_total 'method=lmps\.ParameterServer/Pull' "=$nonzero"
         need "$n" lmps_node_info "node_id=$n" role=server "shard=${n#server-}"
         ;;
       scheduler)

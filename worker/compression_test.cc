@@ -42,7 +42,8 @@ SliceKey Key(int64_t step = 3) {
 }
 
 // The shard's view of the slice: validated and decoded.
-std::vector<float> Decode(const ChunkSlice& s, int64_t n) {
+std::vector<float> Decode(const ChunkSlice& slice, int64_t n) {
+  const ChunkSliceView s = ViewOf(slice);
   absl::StatusOr<int64_t> covered = SliceElements(s);
   EXPECT_TRUE(covered.ok()) << covered.status();
   EXPECT_EQ(*covered, n);

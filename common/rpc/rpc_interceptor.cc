@@ -20,16 +20,16 @@ std::string MethodName(const char* method) {
 }
 
 // The lmps methods whose messages are raw grpc::ByteBuffers rather than
-// protobuf objects on each side (common/wire/chunk_wire.h: the server
-// streams pulls raw; the worker's PsClient pulls and pushes raw).
-bool IsRaw(const std::string& method, bool server) {
-  if (method == "lmps.ParameterServer/Pull") return true;
-  return !server && method == "lmps.ParameterServer/Push";
+// protobuf objects (common/wire/chunk_wire.h: the parameter server and the
+// worker's PsClient pull and push raw).
+bool IsRaw(const std::string& method) {
+  return method == "lmps.ParameterServer/Pull" ||
+         method == "lmps.ParameterServer/Push";
 }
 
 class MetricsInterceptor : public grpc::experimental::Interceptor {
  public:
-  MetricsInterceptor(RpcMetrics* metrics, std::string method, bool server)
+  MetricsInterceptor(RpcMetrics* metrics, std::string method)
       : metrics_(metrics),
         method_(std::move(method)),
         // Only lmps services are known to carry protobuf messages or the
@@ -37,7 +37,7 @@ class MetricsInterceptor : public grpc::experimental::Interceptor {
         // ByteBuffers of their own, so they are counted but their bytes
         // are not.
         count_bytes_(method_.rfind("lmps.", 0) == 0),
-        raw_(IsRaw(method_, server)),
+        raw_(IsRaw(method_)),
         start_(absl::Now()) {}
 
   ~MetricsInterceptor() override {
@@ -98,8 +98,7 @@ class ServerFactory
   explicit ServerFactory(RpcMetrics* metrics) : metrics_(metrics) {}
   grpc::experimental::Interceptor* CreateServerInterceptor(
       grpc::experimental::ServerRpcInfo* info) override {
-    return new MetricsInterceptor(metrics_, MethodName(info->method()),
-                                  /*server=*/true);
+    return new MetricsInterceptor(metrics_, MethodName(info->method()));
   }
 
  private:
@@ -112,8 +111,7 @@ class ClientFactory
   explicit ClientFactory(RpcMetrics* metrics) : metrics_(metrics) {}
   grpc::experimental::Interceptor* CreateClientInterceptor(
       grpc::experimental::ClientRpcInfo* info) override {
-    return new MetricsInterceptor(metrics_, MethodName(info->method()),
-                                  /*server=*/false);
+    return new MetricsInterceptor(metrics_, MethodName(info->method()));
   }
 
  private:

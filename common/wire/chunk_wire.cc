@@ -472,6 +472,33 @@ absl::Status ParsePushRequest(const grpc::ByteBuffer& buffer,
   return absl::OkStatus();
 }
 
+ChunkSliceView ViewOf(const ChunkSlice& s) {
+  ChunkSliceView v;
+  v.tensor = s.tensor();
+  v.chunk = s.chunk();
+  v.offset = s.offset();
+  v.dtype = s.dtype();
+  v.data.Append(s.data());
+  v.sparse = s.sparse();
+  v.num_elements = s.num_elements();
+  v.indices.Append(s.indices());
+  v.scale = s.scale();
+  for (const std::string& b : s.state()) v.state.emplace_back().Append(b);
+  return v;
+}
+
+PushRequestView ViewOf(const PushRequest& r) {
+  PushRequestView v;
+  v.header.worker_id = r.worker_id();
+  v.header.dp_rank = r.dp_rank();
+  v.header.step = r.step();
+  v.header.partition_version = r.partition_version();
+  v.header.pp_rank = r.pp_rank();
+  v.header.tp_rank = r.tp_rank();
+  for (const ChunkSlice& s : r.slices()) v.slices.push_back(ViewOf(s));
+  return v;
+}
+
 grpc::ByteBuffer SerializeProto(const google::protobuf::MessageLite& message) {
   const std::string bytes = message.SerializeAsString();
   grpc::Slice slice(bytes);

@@ -138,6 +138,11 @@ struct PushRequestView {
 
 absl::Status ParsePullResponse(const grpc::ByteBuffer& buffer,
                                PullResponseView* out);
+
+// Views of generated messages (payloads not copied; valid while the
+// message lives and is not changed).
+ChunkSliceView ViewOf(const ChunkSlice& slice);
+PushRequestView ViewOf(const PushRequest& request);
 absl::Status ParsePushRequest(const grpc::ByteBuffer& buffer,
                               PushRequestView* out);
 
