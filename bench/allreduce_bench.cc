@@ -202,7 +202,7 @@ absl::StatusOr<SizeResult> RunSize(double mib, int ranks, int repeats) {
         std::unique_ptr<PeerNetwork> network,
         PeerNetwork::Create(options, workers, nodes[r]->mailbox.get(),
                             [](const std::string& address) {
-                              return WorkerPeer::NewStub(MakeChannel(address));
+                              return MakeChannel(address);
                             }));
     networks.push_back(std::move(network));
     LMPS_ASSIGN_OR_RETURN(std::unique_ptr<RingAllReduce> ring,

@@ -480,7 +480,7 @@ class WorkerSession {
         PeerNetwork::Create(
             peer_net, std::move(workers), peer_->mailbox(),
             [security = security_, rpc](const std::string& address) {
-              return WorkerPeer::NewStub(MakeChannel(address, rpc, security));
+              return MakeChannel(address, rpc, security);
             }));
     return absl::OkStatus();
   }

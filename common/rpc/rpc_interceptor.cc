@@ -21,10 +21,11 @@ std::string MethodName(const char* method) {
 
 // The lmps methods whose messages are raw grpc::ByteBuffers rather than
 // protobuf objects (common/wire/chunk_wire.h: the parameter server and the
-// worker's PsClient pull and push raw).
+// worker's PsClient pull and push raw, the workers send to peers raw).
 bool IsRaw(const std::string& method) {
   return method == "lmps.ParameterServer/Pull" ||
-         method == "lmps.ParameterServer/Push";
+         method == "lmps.ParameterServer/Push" ||
+         method == "lmps.WorkerPeer/Send";
 }
 
 class MetricsInterceptor : public grpc::experimental::Interceptor {

@@ -472,6 +472,89 @@ absl::Status ParsePushRequest(const grpc::ByteBuffer& buffer,
   return absl::OkStatus();
 }
 
+grpc::ByteBuffer SerializePeerMessage(const PeerHeader& h,
+                                      const grpc::Slice& data) {
+  Parts out;
+  std::string* o = out.header();
+  PutInt(1, h.kind, o);
+  PutInt(2, h.eval ? 1 : 0, o);
+  PutInt(3, h.step, o);
+  PutInt(4, h.micro_batch, o);
+  PutInt(5, h.seq, o);
+  PutInt(6, h.round, o);
+  PutString(7, h.sender, o);
+  PutInt(8, h.total_elements, o);
+  PutInt(9, h.offset, o);
+  PutPayload(10, data, false, &out);
+  return out.Take();
+}
+
+absl::Status ParsePeerMessage(const grpc::ByteBuffer& buffer,
+                              PeerMessageView* out) {
+  *out = PeerMessageView();
+  if (absl::Status s = Slices(buffer, &out->held); !s.ok()) return s;
+  Reader r(out->held, 0, 0, TotalSize(out->held));
+  PeerHeader& h = out->header;
+  while (!r.done()) {
+    int field, wt;
+    uint64_t v = 0;
+    if (!Key(&r, &field, &wt)) return Malformed("PeerMessage");
+    bool ok = true;
+    if (field == 7) {
+      ok = StringField(&r, wt, &h.sender);
+    } else if (field == 10) {
+      ok = BytesField(&r, wt, &out->data);
+    } else if (field >= 1 && field <= 9) {
+      ok = VarintField(&r, wt, &v);
+      switch (field) {
+        case 1:
+          h.kind = static_cast<PeerKind>(static_cast<int32_t>(v));
+          break;
+        case 2:
+          h.eval = v != 0;
+          break;
+        case 3:
+          h.step = static_cast<int64_t>(v);
+          break;
+        case 4:
+          h.micro_batch = static_cast<int32_t>(v);
+          break;
+        case 5:
+          h.seq = static_cast<int32_t>(v);
+          break;
+        case 6:
+          h.round = static_cast<int32_t>(v);
+          break;
+        case 8:
+          h.total_elements = static_cast<int64_t>(v);
+          break;
+        case 9:
+          h.offset = static_cast<int64_t>(v);
+          break;
+      }
+    } else {
+      ok = r.SkipValue(wt);
+    }
+    if (!ok) return Malformed("PeerMessage");
+  }
+  return absl::OkStatus();
+}
+
+PeerMessageView ViewOf(const PeerMessage& m) {
+  PeerMessageView v;
+  v.header.kind = m.kind();
+  v.header.eval = m.eval();
+  v.header.step = m.step();
+  v.header.micro_batch = m.micro_batch();
+  v.header.seq = m.seq();
+  v.header.round = m.round();
+  v.header.sender = m.sender();
+  v.header.total_elements = m.total_elements();
+  v.header.offset = m.offset();
+  v.data.Append(m.data());
+  return v;
+}
+
 ChunkSliceView ViewOf(const ChunkSlice& s) {
   ChunkSliceView v;
   v.tensor = s.tensor();

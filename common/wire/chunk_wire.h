@@ -1,5 +1,5 @@
 // The tensor-carrying messages of proto/lmps.proto (PullResponse and
-// PushRequest, with their ChunkSlices) written and read in protobuf's wire
+// PushRequest, with their ChunkSlices, and the workers' PeerMessage) written and read in protobuf's wire
 // format directly to and from gRPC byte buffers, so that payload bytes are
 // never copied by protobuf:
 //
@@ -145,6 +145,34 @@ ChunkSliceView ViewOf(const ChunkSlice& slice);
 PushRequestView ViewOf(const PushRequest& request);
 absl::Status ParsePushRequest(const grpc::ByteBuffer& buffer,
                               PushRequestView* out);
+
+// The header fields of a PeerMessage (everything but its data).
+struct PeerHeader {
+  PeerKind kind = PEER_KIND_UNSPECIFIED;
+  bool eval = false;
+  int64_t step = 0;
+  int32_t micro_batch = 0;
+  int32_t seq = 0;
+  int32_t round = 0;
+  std::string sender;
+  int64_t total_elements = 0;
+  int64_t offset = 0;
+};
+
+// The serialized PeerMessage {header, data}.
+grpc::ByteBuffer SerializePeerMessage(const PeerHeader& header,
+                                      const grpc::Slice& data);
+
+// A received PeerMessage. Keeps the buffer's slices referenced.
+struct PeerMessageView {
+  PeerHeader header;
+  ByteSpans data;
+  std::vector<grpc::Slice> held;
+};
+
+absl::Status ParsePeerMessage(const grpc::ByteBuffer& buffer,
+                              PeerMessageView* out);
+PeerMessageView ViewOf(const PeerMessage& message);
 
 // A generated message to and from a byte buffer (small messages: requests,
 // responses without payloads; copies as protobuf does).

@@ -26,7 +26,7 @@ bool KnownKind(PeerKind kind) {
 struct Piece {
   int64_t begin = 0;
   int64_t end = 0;
-  const std::string* data = nullptr;
+  const ByteSpans* data = nullptr;
 };
 
 // The pieces of one transfer within a stream.
@@ -62,16 +62,20 @@ bool TransferKey::operator==(const TransferKey& other) const {
                   other.seq, other.round, other.sender);
 }
 
-TransferKey KeyOf(const PeerMessage& message) {
+TransferKey KeyOf(const PeerHeader& message) {
   TransferKey key;
-  key.kind = message.kind();
-  key.eval = message.eval();
-  key.step = message.step();
-  key.micro_batch = message.micro_batch();
-  key.seq = message.seq();
-  key.round = message.round();
-  key.sender = message.sender();
+  key.kind = message.kind;
+  key.eval = message.eval;
+  key.step = message.step;
+  key.micro_batch = message.micro_batch;
+  key.seq = message.seq;
+  key.round = message.round;
+  key.sender = message.sender;
   return key;
+}
+
+TransferKey KeyOf(const PeerMessage& message) {
+  return KeyOf(ViewOf(message).header);
 }
 
 std::string DescribeKey(const TransferKey& key) {
@@ -107,47 +111,56 @@ PeerMailbox::~PeerMailbox() = default;
 
 absl::StatusOr<int64_t> PeerMailbox::Deliver(
     const std::vector<PeerMessage>& stream) {
+  std::vector<PeerMessageView> views;
+  views.reserve(stream.size());
+  for (const PeerMessage& m : stream) views.push_back(ViewOf(m));
+  return Deliver(views);
+}
+
+absl::StatusOr<int64_t> PeerMailbox::Deliver(
+    const std::vector<PeerMessageView>& stream) {
   const int64_t max_elements = options_.max_pending_bytes / 4;
   // 1. Each message on its own, and agreement within the stream.
   std::map<TransferKey, Plan> plans;
   int64_t elements = 0;
   for (size_t i = 0; i < stream.size(); ++i) {
-    const PeerMessage& m = stream[i];
+    const PeerHeader& m = stream[i].header;
+    const ByteSpans& data = stream[i].data;
     const TransferKey key = KeyOf(m);
     auto bad = [&](const std::string& what) {
       return absl::InvalidArgumentError(
           absl::StrCat("malformed peer stream: message ", i, " (",
                        From(key), "): ", what, "; nothing was stored"));
     };
-    if (!KnownKind(m.kind())) {
-      return bad(absl::StrCat("unknown kind ", static_cast<int>(m.kind())));
+    if (!KnownKind(m.kind)) {
+      return bad(absl::StrCat("unknown kind ", static_cast<int>(m.kind)));
     }
-    if (m.sender().empty()) return bad("empty sender");
-    if (m.total_elements() < 0 || m.total_elements() > max_elements) {
-      return bad(absl::StrCat("total_elements ", m.total_elements(),
+    if (m.sender.empty()) return bad("empty sender");
+    if (m.total_elements < 0 || m.total_elements > max_elements) {
+      return bad(absl::StrCat("total_elements ", m.total_elements,
                               " outside [0, ", max_elements, "]"));
     }
-    if (m.data().size() % 4 != 0) {
-      return bad(absl::StrCat("data of ", m.data().size(),
+    if (data.size() % 4 != 0) {
+      return bad(absl::StrCat("data of ", data.size(),
                               " bytes is not a multiple of 4 (fp32)"));
     }
-    const int64_t n = static_cast<int64_t>(m.data().size() / 4);
-    if (m.offset() < 0 || n > m.total_elements() ||
-        m.offset() > m.total_elements() - n) {
-      return bad(absl::StrCat("elements [", m.offset(), ", ", m.offset() + n,
-                              ") outside the transfer's ", m.total_elements(),
+    const int64_t n = static_cast<int64_t>(data.size() / 4);
+    if (m.offset < 0 || n > m.total_elements ||
+        m.offset > m.total_elements - n) {
+      return bad(absl::StrCat("elements [", m.offset, ", ", m.offset + n,
+                              ") outside the transfer's ", m.total_elements,
                               " elements"));
     }
     auto [it, inserted] = plans.try_emplace(key);
     Plan& plan = it->second;
     if (inserted) {
-      plan.total = m.total_elements();
-    } else if (plan.total != m.total_elements()) {
-      return bad(absl::StrCat("total_elements ", m.total_elements(),
+      plan.total = m.total_elements;
+    } else if (plan.total != m.total_elements) {
+      return bad(absl::StrCat("total_elements ", m.total_elements,
                               " disagrees with ", plan.total,
                               " in an earlier message of the stream"));
     }
-    plan.pieces.push_back(Piece{m.offset(), m.offset() + n, &m.data()});
+    plan.pieces.push_back(Piece{m.offset, m.offset + n, &data});
     elements += n;
   }
 
@@ -229,7 +242,12 @@ absl::StatusOr<int64_t> PeerMailbox::Deliver(
     }
     for (const Piece& p : plan.pieces) {
       if (p.begin == p.end) continue;
-      std::memcpy(t.data.data() + p.begin, p.data->data(), p.data->size());
+      // Straight from the received buffer's slices (one copy).
+      float* dst = t.data.data() + p.begin;
+      p.data->ForEachElements(
+          4, [dst](const char* bytes, int64_t first, int64_t n) {
+            std::memcpy(dst + first, bytes, 4 * n);
+          });
       t.received += p.end - p.begin;
       bytes_received_ += 4 * (p.end - p.begin);
       // Insert [begin, end) and coalesce with its neighbours.

@@ -63,6 +63,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/wire/chunk_wire.h"
 #include "proto/lmps.pb.h"
 
 namespace lmps {
@@ -82,6 +83,7 @@ struct TransferKey {
 
 // The key of a message (its header fields).
 TransferKey KeyOf(const PeerMessage& message);
+TransferKey KeyOf(const PeerHeader& message);
 
 // "ACTIVATION of step 3 micro-batch 1", "ALL_REDUCE #2 round 1 of step 3",
 // prefixed by "eval " for an evaluation pass. The sender is not named.
@@ -103,6 +105,10 @@ class PeerMailbox {
   ~PeerMailbox();
 
   absl::StatusOr<int64_t> Deliver(const std::vector<PeerMessage>& stream);
+  // The same on messages read in place from gRPC's buffers
+  // (common/wire/chunk_wire.h; WorkerPeerService's raw Send): each payload
+  // is copied once, into the transfer.
+  absl::StatusOr<int64_t> Deliver(const std::vector<PeerMessageView>& stream);
   absl::StatusOr<std::vector<float>> Receive(
       const TransferKey& key, absl::Duration timeout,
       const std::string& peer_description);

@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <numeric>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -99,6 +100,38 @@ TEST(PeerMailboxTest, PiecesOutOfOrderOverSeveralStreams) {
   EXPECT_EQ(*got, Expected(10));
   EXPECT_EQ(mailbox->pending_bytes(), 0);
   EXPECT_EQ(mailbox->pending_transfers(), 0);
+}
+
+// What WorkerPeerService hands over: messages read in place from gRPC's
+// buffers, payloads in many slices with values split between two.
+TEST(PeerMailboxTest, MessagesReadInPlaceFromSplitBuffers) {
+  auto mailbox = NewMailbox();
+  const TransferKey key = Key();
+  std::mt19937 rng(5);
+  std::vector<PeerMessageView> views(3);
+  const PeerMessage messages[3] = {Msg(key, 3000, 1000, 2000),
+                                   Msg(key, 3000, 0, 999), Msg(key, 3000, 999, 1)};
+  int64_t parts = 0;
+  for (int m = 0; m < 3; ++m) {
+    const std::string bytes = messages[m].SerializeAsString();
+    std::vector<grpc::Slice> slices;
+    for (size_t at = 0; at < bytes.size();) {
+      const size_t n = std::min<size_t>(bytes.size() - at, 1 + rng() % 61);
+      slices.emplace_back(bytes.data() + at, n);
+      at += n;
+    }
+    ASSERT_TRUE(ParsePeerMessage(grpc::ByteBuffer(slices.data(), slices.size()),
+                                 &views[m])
+                    .ok());
+    parts += static_cast<int64_t>(views[m].data.parts().size());
+  }
+  ASSERT_GT(parts, 100);
+  auto r = mailbox->Deliver(views);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, 3000);
+  auto got = mailbox->Receive(key, absl::Seconds(1), kPeer);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, Expected(3000));
 }
 
 TEST(PeerMailboxTest, SeveralTransfersInOneStreamAndEmptyTransfer) {

@@ -2,14 +2,19 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <set>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/rpc/status_util.h"
+#include "common/wire/chunk_wire.h"
+#include "common/wire/raw_call.h"
 
 namespace lmps {
 namespace {
+
+const char kSendMethod[] = "/lmps.WorkerPeer/Send";
 
 // Sets the header of `m` from `key` and its data to data[offset, +count).
 void Fill(const TransferKey& key, const std::string& sender, size_t total,
@@ -34,7 +39,7 @@ void Fill(const TransferKey& key, const std::string& sender, size_t total,
 
 absl::StatusOr<std::unique_ptr<PeerNetwork>> PeerNetwork::Create(
     PeerNetworkOptions options, std::vector<PeerInfo> workers,
-    PeerMailbox* mailbox, PeerStubFactory stub_factory) {
+    PeerMailbox* mailbox, PeerChannelFactory channel_factory) {
   auto bad = [](const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat("PeerNetwork: ", what));
   };
@@ -59,7 +64,7 @@ absl::StatusOr<std::unique_ptr<PeerNetwork>> PeerNetwork::Create(
                             "\""));
   }
   if (mailbox == nullptr) return bad("null mailbox");
-  if (!stub_factory) return bad("no stub factory");
+  if (!channel_factory) return bad("no channel factory");
   if (options.max_message_bytes < 4) {
     return bad(absl::StrCat("max_message_bytes ", options.max_message_bytes,
                             " holds no fp32 value"));
@@ -71,16 +76,16 @@ absl::StatusOr<std::unique_ptr<PeerNetwork>> PeerNetwork::Create(
   mailbox->SetSenders(std::vector<std::string>(ids.begin(), ids.end()));
   return std::unique_ptr<PeerNetwork>(
       new PeerNetwork(std::move(options), std::move(workers), mailbox,
-                      std::move(stub_factory)));
+                      std::move(channel_factory)));
 }
 
 PeerNetwork::PeerNetwork(PeerNetworkOptions options,
                          std::vector<PeerInfo> workers, PeerMailbox* mailbox,
-                         PeerStubFactory stub_factory)
+                         PeerChannelFactory channel_factory)
     : options_(std::move(options)),
       workers_(std::move(workers)),
       mailbox_(mailbox),
-      stub_factory_(std::move(stub_factory)),
+      channel_factory_(std::move(channel_factory)),
       stubs_(workers_.size()) {}
 
 PeerNetwork::~PeerNetwork() = default;
@@ -94,10 +99,13 @@ std::string PeerNetwork::Describe(int rank) const {
                       ", tp ", w.tp_rank(), ") at ", w.address());
 }
 
-WorkerPeer::StubInterface* PeerNetwork::Stub(int rank) {
+grpc::GenericStub* PeerNetwork::Stub(int rank) {
   absl::MutexLock lock(&mu_);
   if (stubs_[rank] == nullptr) {
-    stubs_[rank] = stub_factory_(workers_[rank].address());
+    std::shared_ptr<grpc::Channel> channel =
+        channel_factory_(workers_[rank].address());
+    if (channel == nullptr) return nullptr;
+    stubs_[rank] = std::make_unique<grpc::GenericStub>(std::move(channel));
   }
   return stubs_[rank].get();
 }
@@ -120,29 +128,46 @@ std::vector<PeerMessage> PeerNetwork::Messages(const TransferKey& key,
 
 absl::Status PeerNetwork::SendRemote(int to_rank, const TransferKey& key,
                                      const float* data, size_t n) {
-  WorkerPeer::StubInterface* stub = Stub(to_rank);
+  grpc::GenericStub* stub = Stub(to_rank);
   if (stub == nullptr) {
-    return absl::InternalError("the stub factory returned no stub");
+    return absl::InternalError("the channel factory returned no channel");
   }
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() +
                        absl::ToChronoNanoseconds(options_.timeout));
-  PeerAck ack;
-  std::unique_ptr<grpc::ClientWriterInterface<PeerMessage>> writer =
-      stub->Send(&context, &ack);
   const size_t per_message =
       static_cast<size_t>(options_.max_message_bytes / 4);
-  PeerMessage message;
+  PeerHeader header;
+  header.kind = key.kind;
+  header.eval = key.eval;
+  header.step = key.step;
+  header.micro_batch = key.micro_batch;
+  header.seq = key.seq;
+  header.round = key.round;
+  header.sender = options_.self_id;
+  header.total_elements = static_cast<int64_t>(n);
+  // Message k: data[offset, + count) copied once into the slice gRPC sends,
+  // while message k - 1 is being written. An empty transfer is one message.
   size_t offset = 0;
-  do {
+  bool first = true;
+  auto next = [&](grpc::ByteBuffer* out) -> absl::StatusOr<bool> {
+    if (!first && offset >= n) return false;
+    first = false;
     const size_t count = std::min(per_message, n - offset);
-    Fill(key, options_.self_id, n, data, offset, count, &message);
-    // A failed write means the call is over; Finish() says why.
-    if (!writer->Write(message)) break;
+    grpc::Slice payload = NewPayloadSlice(count * 4);
+    if (count > 0) {
+      std::memcpy(MutableBytes(&payload), data + offset, count * 4);
+    }
+    header.offset = static_cast<int64_t>(offset);
+    *out = SerializePeerMessage(header, payload);
     offset += count;
-  } while (offset < n);
-  writer->WritesDone();
-  LMPS_RETURN_IF_ERROR(FromGrpcStatus(writer->Finish()));
+    return true;
+  };
+  grpc::ByteBuffer response;
+  LMPS_RETURN_IF_ERROR(ClientStreamingCall(stub, kSendMethod, &context, next,
+                                           &response));
+  PeerAck ack;
+  LMPS_RETURN_IF_ERROR(ParseProto(response, &ack));
   if (ack.elements() != static_cast<int64_t>(n)) {
     return absl::DataLossError(absl::StrCat(
         "the peer acknowledged ", ack.elements(), " of ", n, " elements"));

@@ -37,6 +37,9 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include <grpcpp/channel.h>
+#include <grpcpp/generic/generic_stub.h>
+
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -52,10 +55,11 @@ struct PeerNetworkOptions {
   absl::Duration timeout = absl::Seconds(60);  // per send and per receive
 };
 
-// Makes the stub of the WorkerPeer service at `address`.
-using PeerStubFactory =
-    std::function<std::unique_ptr<WorkerPeer::StubInterface>(
-        const std::string& address)>;
+// Makes the channel to the WorkerPeer service at `address`. Sends are raw
+// (common/wire/chunk_wire.h: the payload encoded once into the slice gRPC
+// sends; PeerMessage's wire format, unchanged).
+using PeerChannelFactory = std::function<std::shared_ptr<grpc::Channel>(
+    const std::string& address)>;
 
 class PeerNetwork {
  public:
@@ -65,10 +69,10 @@ class PeerNetwork {
   // (PeerMailbox::SetSenders).
   // InvalidArgument for: no workers, self_rank out of range, self_id not
   // workers[self_rank].node_id, an empty or repeated node id, a null
-  // mailbox or stub_factory, max_message_bytes < 4, timeout <= 0.
+  // mailbox or channel_factory, max_message_bytes < 4, timeout <= 0.
   static absl::StatusOr<std::unique_ptr<PeerNetwork>> Create(
       PeerNetworkOptions options, std::vector<PeerInfo> workers,
-      PeerMailbox* mailbox, PeerStubFactory stub_factory);
+      PeerMailbox* mailbox, PeerChannelFactory channel_factory);
 
   PeerNetwork(const PeerNetwork&) = delete;
   PeerNetwork& operator=(const PeerNetwork&) = delete;
@@ -97,8 +101,8 @@ class PeerNetwork {
 
  private:
   PeerNetwork(PeerNetworkOptions options, std::vector<PeerInfo> workers,
-              PeerMailbox* mailbox, PeerStubFactory stub_factory);
-  WorkerPeer::StubInterface* Stub(int rank);
+              PeerMailbox* mailbox, PeerChannelFactory channel_factory);
+  grpc::GenericStub* Stub(int rank);
   std::vector<PeerMessage> Messages(const TransferKey& key, const float* data,
                                     size_t n) const;
   absl::Status SendRemote(int to_rank, const TransferKey& key,
@@ -107,10 +111,10 @@ class PeerNetwork {
   const PeerNetworkOptions options_;
   const std::vector<PeerInfo> workers_;
   PeerMailbox* const mailbox_;
-  const PeerStubFactory stub_factory_;
+  const PeerChannelFactory channel_factory_;
   absl::Mutex mu_;
   // Index = rank; null until the first send there.
-  std::vector<std::unique_ptr<WorkerPeer::StubInterface>> stubs_
+  std::vector<std::unique_ptr<grpc::GenericStub>> stubs_
       ABSL_GUARDED_BY(mu_);
   std::atomic<int64_t> bytes_sent_{0};
 };

@@ -60,6 +60,12 @@ std::unique_ptr<Node> StartNode(WorkerPeerServiceOptions options = {}) {
   return node;
 }
 
+// The networks' channels (their sends are raw, common/wire).
+std::shared_ptr<grpc::Channel> NewChannel(const std::string& address) {
+  return MakeChannel(address);
+}
+
+// A generated stub: what an older worker (or grpcurl) sends.
 std::unique_ptr<WorkerPeer::StubInterface> NewStub(const std::string& address) {
   return WorkerPeer::NewStub(MakeChannel(address));
 }
@@ -98,7 +104,7 @@ class PeerNetworkTest : public ::testing::Test {
     options.max_message_bytes = max_message_bytes;
     options.timeout = timeout;
     auto network = PeerNetwork::Create(options, workers_,
-                                       nodes_[rank]->mailbox.get(), NewStub);
+                                       nodes_[rank]->mailbox.get(), NewChannel);
     EXPECT_TRUE(network.ok()) << network.status();
     return std::move(*network);
   }
@@ -112,22 +118,22 @@ TEST_F(PeerNetworkTest, CreateValidates) {
   options.self_id = "worker-1";
   options.self_rank = 0;  // is worker-0
   auto network = PeerNetwork::Create(options, workers_,
-                                     nodes_[0]->mailbox.get(), NewStub);
+                                     nodes_[0]->mailbox.get(), NewChannel);
   EXPECT_EQ(network.status().code(), absl::StatusCode::kInvalidArgument);
   options.self_id = "worker-0";
   options.max_message_bytes = 3;
   network = PeerNetwork::Create(options, workers_, nodes_[0]->mailbox.get(),
-                                NewStub);
+                                NewChannel);
   EXPECT_EQ(network.status().code(), absl::StatusCode::kInvalidArgument);
   options.max_message_bytes = 1024;
-  network = PeerNetwork::Create(options, workers_, nullptr, NewStub);
+  network = PeerNetwork::Create(options, workers_, nullptr, NewChannel);
   EXPECT_EQ(network.status().code(), absl::StatusCode::kInvalidArgument);
   std::vector<PeerInfo> twice = {workers_[0], workers_[0]};
   network =
-      PeerNetwork::Create(options, twice, nodes_[0]->mailbox.get(), NewStub);
+      PeerNetwork::Create(options, twice, nodes_[0]->mailbox.get(), NewChannel);
   EXPECT_EQ(network.status().code(), absl::StatusCode::kInvalidArgument);
   network = PeerNetwork::Create(options, workers_, nodes_[0]->mailbox.get(),
-                                NewStub);
+                                NewChannel);
   ASSERT_TRUE(network.ok()) << network.status();
   EXPECT_EQ((*network)->Describe(2),
             absl::StrCat("worker-2 (dp 0, pp 0, tp 2) at 127.0.0.1:",

@@ -6,15 +6,19 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "common/rpc/status_util.h"
+#include "common/wire/chunk_wire.h"
 
 namespace lmps {
 
-// Reads the whole stream, then delivers it to the mailbox.
+// Reads the whole stream, then delivers it to the mailbox, which copies each
+// payload from gRPC's buffers into its transfer (the messages are read in
+// place: common/wire/chunk_wire.h).
 class WorkerPeerService::SendReactor
-    : public grpc::ServerReadReactor<PeerMessage> {
+    : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
   SendReactor(const WorkerPeerService* service,
-              grpc::CallbackServerContext* context, PeerAck* response)
+              grpc::CallbackServerContext* context,
+              grpc::ByteBuffer* response)
       : service_(service), context_(context), response_(response) {
     StartRead(&incoming_);
   }
@@ -30,10 +34,17 @@ class WorkerPeerService::SendReactor
       Deliver();
       return;
     }
-    bytes_ += static_cast<int64_t>(incoming_.ByteSizeLong());
+    bytes_ += static_cast<int64_t>(incoming_.Length());
+    PeerMessageView message;
+    if (absl::Status s = ParsePeerMessage(incoming_, &message); !s.ok()) {
+      service_->Log(absl::StrCat("peer send from ", context_->peer(),
+                                 " refused: ", s.ToString()));
+      Finish(ToGrpcStatus(s));
+      return;
+    }
     if (bytes_ > service_->options_.max_stream_bytes) {
       // A hostile client may send a sender id of megabytes: cut it.
-      const std::string& sender = incoming_.sender();
+      const std::string& sender = message.header.sender;
       const std::string shown =
           sender.size() <= 64
               ? absl::CHexEscape(sender)
@@ -46,8 +57,8 @@ class WorkerPeerService::SendReactor
       Finish(ToGrpcStatus(absl::ResourceExhaustedError(msg)));
       return;
     }
-    stream_.push_back(std::move(incoming_));
-    incoming_ = PeerMessage();
+    stream_.push_back(std::move(message));
+    incoming_ = grpc::ByteBuffer();
     StartRead(&incoming_);
   }
 
@@ -59,7 +70,9 @@ class WorkerPeerService::SendReactor
     stream_.clear();
     stream_.shrink_to_fit();
     if (result.ok()) {
-      response_->set_elements(*result);
+      PeerAck ack;
+      ack.set_elements(*result);
+      *response_ = SerializeProto(ack);
     } else {
       service_->Log(absl::StrCat("peer send from ", context_->peer(),
                                  " refused: ", result.status().ToString()));
@@ -69,10 +82,10 @@ class WorkerPeerService::SendReactor
 
   const WorkerPeerService* const service_;
   grpc::CallbackServerContext* const context_;
-  PeerAck* const response_;
+  grpc::ByteBuffer* const response_;
   int64_t bytes_ = 0;
-  PeerMessage incoming_;
-  std::vector<PeerMessage> stream_;
+  grpc::ByteBuffer incoming_;
+  std::vector<PeerMessageView> stream_;
 };
 
 absl::StatusOr<std::unique_ptr<WorkerPeerService>> WorkerPeerService::Create(
@@ -98,8 +111,8 @@ void WorkerPeerService::Log(const std::string& line) const {
   if (options_.log) options_.log(line);
 }
 
-grpc::ServerReadReactor<PeerMessage>* WorkerPeerService::Send(
-    grpc::CallbackServerContext* context, PeerAck* response) {
+grpc::ServerReadReactor<grpc::ByteBuffer>* WorkerPeerService::Send(
+    grpc::CallbackServerContext* context, grpc::ByteBuffer* response) {
   return new SendReactor(this, context, response);
 }
 

@@ -1,7 +1,9 @@
 // WorkerPeerService: the gRPC adapter (callback API) of one worker's
 // PeerMailbox. It holds no logic of its own:
 //
-//   Send   ServerReadReactor: collects the client stream (at most
+//   Send   ServerReadReactor over raw byte buffers (gRPC's raw callback
+//          method; PeerMessage's wire format, read in place by
+//          common/wire/chunk_wire.h): collects the client stream (at most
 //          max_stream_bytes serialized bytes in total, else
 //          RESOURCE_EXHAUSTED without touching the mailbox), then
 //          PeerMailbox::Deliver, and finishes with its status converted
@@ -36,15 +38,20 @@ struct WorkerPeerServiceOptions {
   std::function<void(const std::string&)> log;
 };
 
-class WorkerPeerService final : public WorkerPeer::CallbackService {
+class WorkerPeerService final
+    : public WorkerPeer::WithRawCallbackMethod_Send<
+          WorkerPeer::CallbackService> {
  public:
   // `mailbox` is not owned and must outlive the service. InvalidArgument
   // when it is null or max_stream_bytes <= 0.
   static absl::StatusOr<std::unique_ptr<WorkerPeerService>> Create(
       PeerMailbox* mailbox, WorkerPeerServiceOptions options);
 
-  grpc::ServerReadReactor<PeerMessage>* Send(
-      grpc::CallbackServerContext* context, PeerAck* response) override;
+  // The stream's messages are serialized PeerMessages, `response` a
+  // serialized PeerAck.
+  grpc::ServerReadReactor<grpc::ByteBuffer>* Send(
+      grpc::CallbackServerContext* context,
+      grpc::ByteBuffer* response) override;
 
  private:
   class SendReactor;
