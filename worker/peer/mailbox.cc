@@ -74,6 +74,19 @@ TransferKey KeyOf(const PeerHeader& message) {
   return key;
 }
 
+PeerHeader HeaderOf(const TransferKey& key, int64_t total_elements) {
+  PeerHeader h;
+  h.kind = key.kind;
+  h.eval = key.eval;
+  h.step = key.step;
+  h.micro_batch = key.micro_batch;
+  h.seq = key.seq;
+  h.round = key.round;
+  h.sender = key.sender;
+  h.total_elements = total_elements;
+  return h;
+}
+
 TransferKey KeyOf(const PeerMessage& message) {
   return KeyOf(ViewOf(message).header);
 }

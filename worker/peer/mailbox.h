@@ -84,6 +84,9 @@ struct TransferKey {
 // The key of a message (its header fields).
 TransferKey KeyOf(const PeerMessage& message);
 TransferKey KeyOf(const PeerHeader& message);
+// The inverse: the header of a message of `key`'s transfer of
+// total_elements (offset 0).
+PeerHeader HeaderOf(const TransferKey& key, int64_t total_elements);
 
 // "ACTIVATION of step 3 micro-batch 1", "ALL_REDUCE #2 round 1 of step 3",
 // prefixed by "eval " for an evaluation pass. The sender is not named.

@@ -16,25 +16,6 @@ namespace {
 
 const char kSendMethod[] = "/lmps.WorkerPeer/Send";
 
-// Sets the header of `m` from `key` and its data to data[offset, +count).
-void Fill(const TransferKey& key, const std::string& sender, size_t total,
-          const float* data, size_t offset, size_t count, PeerMessage* m) {
-  m->set_kind(key.kind);
-  m->set_eval(key.eval);
-  m->set_step(key.step);
-  m->set_micro_batch(key.micro_batch);
-  m->set_seq(key.seq);
-  m->set_round(key.round);
-  m->set_sender(sender);
-  m->set_total_elements(static_cast<int64_t>(total));
-  m->set_offset(static_cast<int64_t>(offset));
-  if (count == 0) {
-    m->clear_data();
-  } else {
-    m->set_data(reinterpret_cast<const char*>(data + offset), count * 4);
-  }
-}
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<PeerNetwork>> PeerNetwork::Create(
@@ -110,17 +91,20 @@ grpc::GenericStub* PeerNetwork::Stub(int rank) {
   return stubs_[rank].get();
 }
 
-std::vector<PeerMessage> PeerNetwork::Messages(const TransferKey& key,
-                                               const float* data,
-                                               size_t n) const {
+std::vector<PeerMessageView> PeerNetwork::LocalMessages(
+    const TransferKey& key, const float* data, size_t n) const {
   const size_t per_message =
       static_cast<size_t>(options_.max_message_bytes / 4);
-  std::vector<PeerMessage> messages;
+  const PeerHeader header = HeaderOf(key, static_cast<int64_t>(n));
+  std::vector<PeerMessageView> messages;
   size_t offset = 0;
   do {
     const size_t count = std::min(per_message, n - offset);
-    messages.emplace_back();
-    Fill(key, options_.self_id, n, data, offset, count, &messages.back());
+    PeerMessageView& m = messages.emplace_back();
+    m.header = header;
+    m.header.offset = static_cast<int64_t>(offset);
+    m.data.Append(absl::string_view(
+        reinterpret_cast<const char*>(data + offset), count * 4));
     offset += count;
   } while (offset < n);
   return messages;
@@ -137,15 +121,7 @@ absl::Status PeerNetwork::SendRemote(int to_rank, const TransferKey& key,
                        absl::ToChronoNanoseconds(options_.timeout));
   const size_t per_message =
       static_cast<size_t>(options_.max_message_bytes / 4);
-  PeerHeader header;
-  header.kind = key.kind;
-  header.eval = key.eval;
-  header.step = key.step;
-  header.micro_batch = key.micro_batch;
-  header.seq = key.seq;
-  header.round = key.round;
-  header.sender = options_.self_id;
-  header.total_elements = static_cast<int64_t>(n);
+  PeerHeader header = HeaderOf(key, static_cast<int64_t>(n));
   // Message k: data[offset, + count) copied once into the slice gRPC sends,
   // while message k - 1 is being written. An empty transfer is one message.
   size_t offset = 0;
@@ -196,7 +172,7 @@ absl::Status PeerNetwork::Send(int to_rank,
   }
   absl::Status status;
   if (to_rank == options_.self_rank) {
-    status = mailbox_->Deliver(Messages(key, data, n)).status();
+    status = mailbox_->Deliver(LocalMessages(key, data, n)).status();
   } else {
     status = SendRemote(to_rank, key, data, n);
   }

@@ -103,8 +103,11 @@ class PeerNetwork {
   PeerNetwork(PeerNetworkOptions options, std::vector<PeerInfo> workers,
               PeerMailbox* mailbox, PeerChannelFactory channel_factory);
   grpc::GenericStub* Stub(int rank);
-  std::vector<PeerMessage> Messages(const TransferKey& key, const float* data,
-                                    size_t n) const;
+  // A transfer to this worker itself: views of data[0, n) in messages of
+  // at most max_message_bytes (copied once, by the mailbox).
+  std::vector<PeerMessageView> LocalMessages(const TransferKey& key,
+                                             const float* data,
+                                             size_t n) const;
   absl::Status SendRemote(int to_rank, const TransferKey& key,
                           const float* data, size_t n);
 
