@@ -115,14 +115,8 @@ TEST(ChunkWireTest, SerializesExactlyWhatProtobufDoes) {
     EXPECT_EQ(Flatten(SerializePullResponse(pull.version(), outs)),
               pull.SerializeAsString())
         << "trial " << trial;
-    PushHeader h;
-    h.worker_id = push.worker_id();
-    h.dp_rank = push.dp_rank();
-    h.step = push.step();
-    h.partition_version = push.partition_version();
-    h.pp_rank = push.pp_rank();
-    h.tp_rank = push.tp_rank();
-    EXPECT_EQ(Flatten(SerializePushRequest(h, outs)), push.SerializeAsString())
+    EXPECT_EQ(Flatten(SerializePushRequest(ViewOf(push).header, outs)),
+              push.SerializeAsString())
         << "trial " << trial;
   }
 }
