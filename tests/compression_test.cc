@@ -78,8 +78,10 @@ TEST(CompressionTest, WithPipelineTensorParallelismAndAsync) {
             "compression { kind: TOPK ratio: 0.1 }", 0.02},
            {"dp2_tp2_int8", {"--workers=2", "--tp=2"}, "",
             "compression { kind: QUANT_INT8 }", 0.02},
+           // ASYNC is timing-dependent: two uncompressed runs alone have
+           // ended 3.35 and 3.59 (7%), so its bound is 8%.
            {"async_int8", {"--workers=2"}, "mode: ASYNC",
-            "compression { kind: QUANT_INT8 }", 0.05},
+            "compression { kind: QUANT_INT8 }", 0.08},
        }) {
     SCOPED_TRACE(c.name);
     const FinalProgress none =
