@@ -65,6 +65,9 @@ ABSL_FLAG(std::string, mib, "1,4,16,64",
 ABSL_FLAG(int, repeats, 7, "timed all-reduces per size (after 1 warm-up)");
 ABSL_FLAG(int64_t, max_message_bytes, 4 << 20,
           "payload per PeerMessage (PeerNetworkOptions::max_message_bytes)");
+ABSL_FLAG(int64_t, piece_bytes, lmps::RingAllReduceOptions().piece_bytes,
+          "payload per pipelined piece of a ring round's segment "
+          "(RingAllReduceOptions::piece_bytes; >= the segment: unpipelined)");
 ABSL_FLAG(int, timeout_s, 60, "PeerNetwork timeout per send and receive");
 
 namespace lmps {
@@ -192,6 +195,8 @@ absl::StatusOr<SizeResult> RunSize(double mib, int ranks, int repeats) {
   for (int r = 0; r < ranks; ++r) group.push_back(r);
   std::vector<std::unique_ptr<PeerNetwork>> networks;
   std::vector<std::unique_ptr<RingAllReduce>> rings;
+  RingAllReduceOptions ring_options;
+  ring_options.piece_bytes = absl::GetFlag(FLAGS_piece_bytes);
   for (int r = 0; r < ranks; ++r) {
     PeerNetworkOptions options;
     options.self_id = workers[r].node_id();
@@ -206,7 +211,8 @@ absl::StatusOr<SizeResult> RunSize(double mib, int ranks, int repeats) {
                             }));
     networks.push_back(std::move(network));
     LMPS_ASSIGN_OR_RETURN(std::unique_ptr<RingAllReduce> ring,
-                          RingAllReduce::Create(networks[r].get(), group, r));
+                          RingAllReduce::Create(networks[r].get(), group, r,
+                                                ring_options));
     rings.push_back(std::move(ring));
   }
 
@@ -349,6 +355,9 @@ absl::Status Run() {
         absl::StrCat("--max_message_bytes must be in [4, ",
                      kDefaultMaxMessageBytes - 4096, "]"));
   }
+  if (absl::GetFlag(FLAGS_piece_bytes) < 4) {
+    return absl::InvalidArgumentError("--piece_bytes must be >= 4");
+  }
   if (absl::GetFlag(FLAGS_timeout_s) < 1) {
     return absl::InvalidArgumentError("--timeout_s must be >= 1");
   }
@@ -368,9 +377,12 @@ absl::Status Run() {
   std::printf(
       "allreduce_bench: ring all-reduce (worker/peer RingAllReduce over "
       "gRPC) of %d ranks in one process on 127.0.0.1, CPU backend; "
-      "max_message_bytes %lld; median of %d timed all-reduces after 1 "
-      "warm-up; busbw = algbw * 2(n-1)/n = algbw * %.3f; GB = 1e9 bytes\n",
-      ranks, static_cast<long long>(max_message_bytes), repeats, bus_factor);
+      "max_message_bytes %lld, piece_bytes %lld; median of %d timed "
+      "all-reduces after 1 warm-up; busbw = algbw * 2(n-1)/n = algbw * %.3f; "
+      "GB = 1e9 bytes\n",
+      ranks, static_cast<long long>(max_message_bytes),
+      static_cast<long long>(absl::GetFlag(FLAGS_piece_bytes)), repeats,
+      bus_factor);
   std::fflush(stdout);
 
   double largest_mib = -1;
@@ -415,7 +427,7 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "tensor-parallel all-reduce bandwidth on loopback: allreduce_bench "
       "[--ranks=2] [--mib=1,4,16,64] [--repeats=7] "
-      "[--max_message_bytes=4194304]");
+      "[--max_message_bytes=4194304] [--piece_bytes=1048576]");
   absl::ParseCommandLine(argc, argv);
   signal(SIGPIPE, SIG_IGN);
   const absl::Status status = lmps::Run();

@@ -99,8 +99,11 @@ std::string DescribeKey(const TransferKey& key) {
       return absl::StrCat(prefix, PeerKind_Name(key.kind), " of step ",
                           key.step, " micro-batch ", key.micro_batch);
     case ALL_REDUCE:
-      return absl::StrCat(prefix, "ALL_REDUCE #", key.seq, " round ",
-                          key.round, " of step ", key.step);
+      return absl::StrCat(
+          prefix, "ALL_REDUCE #", key.seq, " round ", key.round,
+          key.micro_batch != 0 ? absl::StrCat(" piece ", key.micro_batch)
+                               : std::string(),
+          " of step ", key.step);
     default:
       return absl::StrCat(prefix, "transfer of unknown kind ",
                           static_cast<int>(key.kind), " of step ", key.step);
@@ -289,7 +292,8 @@ absl::StatusOr<int64_t> PeerMailbox::Deliver(
 
 absl::StatusOr<std::vector<float>> PeerMailbox::Receive(
     const TransferKey& key, absl::Duration timeout,
-    const std::string& peer_description) {
+    const std::string& peer_description,
+    const std::function<absl::Status()>& stop) {
   const absl::Time deadline = absl::Now() + timeout;
   absl::MutexLock lock(&mu_);
   while (true) {
@@ -297,6 +301,10 @@ absl::StatusOr<std::vector<float>> PeerMailbox::Receive(
       return absl::UnavailableError(
           absl::StrCat("peer mailbox shut down while waiting for ",
                        DescribeKey(key), " from ", peer_description));
+    }
+    if (stop) {
+      absl::Status stopped = stop();
+      if (!stopped.ok()) return stopped;
     }
     auto it = transfers_.find(key);
     if (it != transfers_.end() && it->second.complete()) {
@@ -332,6 +340,11 @@ absl::StatusOr<std::vector<float>> PeerMailbox::Receive(
     }
     completed_cv_.WaitWithDeadline(&mu_, deadline);
   }
+}
+
+void PeerMailbox::WakeReceivers() {
+  absl::MutexLock lock(&mu_);
+  completed_cv_.SignalAll();
 }
 
 void PeerMailbox::Shutdown() {

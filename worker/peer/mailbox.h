@@ -25,7 +25,12 @@
 //                      it and returns its values. DeadlineExceeded after
 //                      `timeout`, naming what was expected, from whom
 //                      (`peer_description`) and how much had arrived;
-//                      Unavailable after Shutdown.
+//                      Unavailable after Shutdown. With `stop`, returns
+//                      stop()'s status instead as soon as it is not OK
+//                      (checked on entry and at every wake-up; whoever
+//                      makes it fail calls WakeReceivers). `stop` runs
+//                      under the mailbox's lock: it must not call into the
+//                      mailbox.
 //   DropBefore(step)   discards the training (non-eval) transfers of steps
 //                      < step, complete or not (after a failed step). A
 //                      piece of a dropped step arriving later is stored
@@ -52,6 +57,7 @@
 #define LMPS_WORKER_PEER_MAILBOX_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -72,7 +78,7 @@ struct TransferKey {
   PeerKind kind = PEER_KIND_UNSPECIFIED;
   bool eval = false;
   int64_t step = 0;
-  int32_t micro_batch = 0;  // ACTIVATION, ACTIVATION_GRAD
+  int32_t micro_batch = 0;  // ACTIVATION, ACTIVATION_GRAD; ALL_REDUCE: piece
   int32_t seq = 0;          // ALL_REDUCE: collective number within the step
   int32_t round = 0;        // ALL_REDUCE: ring round
   std::string sender;       // node id of the sending worker
@@ -89,6 +95,7 @@ TransferKey KeyOf(const PeerHeader& message);
 PeerHeader HeaderOf(const TransferKey& key, int64_t total_elements);
 
 // "ACTIVATION of step 3 micro-batch 1", "ALL_REDUCE #2 round 1 of step 3",
+// "ALL_REDUCE #2 round 1 piece 4 of step 3" (piece 0 is not named),
 // prefixed by "eval " for an evaluation pass. The sender is not named.
 std::string DescribeKey(const TransferKey& key);
 
@@ -114,7 +121,10 @@ class PeerMailbox {
   absl::StatusOr<int64_t> Deliver(const std::vector<PeerMessageView>& stream);
   absl::StatusOr<std::vector<float>> Receive(
       const TransferKey& key, absl::Duration timeout,
-      const std::string& peer_description);
+      const std::string& peer_description,
+      const std::function<absl::Status()>& stop = nullptr);
+  // Wakes every Receive now waiting to check its `stop` again.
+  void WakeReceivers();
   // Wakes every waiter (they return Unavailable); later calls fail too.
   void Shutdown();
   void DropBefore(int64_t step);

@@ -182,7 +182,8 @@ absl::Status PeerNetwork::Send(int to_rank,
 }
 
 absl::StatusOr<std::vector<float>> PeerNetwork::Receive(
-    int from_rank, TransferKey key_without_sender) {
+    int from_rank, TransferKey key_without_sender,
+    const std::function<absl::Status()>& stop) {
   if (from_rank < 0 || from_rank >= num_workers()) {
     return absl::InvalidArgumentError(
         absl::StrCat("receiving ", DescribeKey(key_without_sender),
@@ -192,7 +193,7 @@ absl::StatusOr<std::vector<float>> PeerNetwork::Receive(
   }
   key_without_sender.sender = workers_[from_rank].node_id();
   return mailbox_->Receive(key_without_sender, options_.timeout,
-                           Describe(from_rank));
+                           Describe(from_rank), stop);
 }
 
 }  // namespace lmps

@@ -13,7 +13,10 @@
 //                            the local mailbox.
 //   Receive(from, key)       waits (at most options.timeout) for the
 //                            transfer `key` from worker `from` in the local
-//                            mailbox and returns it.
+//                            mailbox and returns it; with `stop`, returns
+//                            early with stop()'s status once it is not OK
+//                            (PeerMailbox::Receive; WakeReceivers makes
+//                            waiting receives check it).
 //
 // Errors name the peer and keep the code: "sending ACTIVATION of step 3
 // micro-batch 1 to worker-2 (dp 0, pp 1, tp 0) at 127.0.0.1:4567:
@@ -83,8 +86,10 @@ class PeerNetwork {
   absl::Status Send(int to_rank, const TransferKey& key_without_sender,
                     const float* data, size_t n);
   // `key_without_sender.sender` is set to workers[from_rank].node_id.
-  absl::StatusOr<std::vector<float>> Receive(int from_rank,
-                                             TransferKey key_without_sender);
+  absl::StatusOr<std::vector<float>> Receive(
+      int from_rank, TransferKey key_without_sender,
+      const std::function<absl::Status()>& stop = nullptr);
+  void WakeReceivers() { mailbox_->WakeReceivers(); }
 
   // "worker-2 (dp 0, pp 1, tp 0) at 127.0.0.1:4567"; "worker rank 7 (out
   // of range)" for a bad rank.

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -331,10 +332,12 @@ std::vector<float> Inputs(int rank, size_t n, int call) {
 
 // Runs AllReduceSum on every rank of a group of `size` workers (on threads,
 // each with its own CPU backend) for each n of `sizes` in turn, within one
-// training step and one eval pass, and checks the results.
-void RunRing(const std::vector<std::unique_ptr<PeerNetwork>>& networks,
-             const std::vector<PeerMailbox*>& mailboxes,
-             const std::vector<size_t>& sizes) {
+// training step and one eval pass, and checks the results. Returns rank 0's
+// results, one per call.
+std::vector<std::vector<float>> RunRing(
+    const std::vector<std::unique_ptr<PeerNetwork>>& networks,
+    const std::vector<PeerMailbox*>& mailboxes,
+    const std::vector<size_t>& sizes, const RingAllReduceOptions& options) {
   const int size = static_cast<int>(networks.size());
   std::vector<int> group;
   for (int r = 0; r < size; ++r) group.push_back(r);
@@ -351,8 +354,9 @@ void RunRing(const std::vector<std::unique_ptr<PeerNetwork>>& networks,
   }
   std::vector<std::unique_ptr<RingAllReduce>> rings(size);
   for (int r = 0; r < size; ++r) {
-    auto ring = RingAllReduce::Create(networks[r].get(), group, r);
-    ASSERT_TRUE(ring.ok()) << ring.status();
+    auto ring = RingAllReduce::Create(networks[r].get(), group, r, options);
+    EXPECT_TRUE(ring.ok()) << ring.status();
+    if (!ring.ok()) return {};
     rings[r] = std::move(*ring);
     EXPECT_EQ(rings[r]->size(), size);
     EXPECT_EQ(rings[r]->rank(), r);
@@ -387,13 +391,15 @@ void RunRing(const std::vector<std::unique_ptr<PeerNetwork>>& networks,
   }
   for (std::thread& t : threads) t.join();
   for (int r = 0; r < size; ++r) {
-    ASSERT_TRUE(statuses[r].ok()) << "rank " << r << ": " << statuses[r];
+    EXPECT_TRUE(statuses[r].ok()) << "rank " << r << ": " << statuses[r];
+    if (!statuses[r].ok()) return {};
   }
   int call = 0;
   for (int pass = 0; pass < 2; ++pass) {
     for (size_t n : sizes) {
       for (int r = 0; r < size; ++r) {
-        ASSERT_EQ(results[r][call].size(), n);
+        EXPECT_EQ(results[r][call].size(), n);
+        if (results[r][call].size() != n) return {};
         // Bitwise identical on every rank.
         EXPECT_EQ(std::memcmp(results[r][call].data(), results[0][call].data(),
                               4 * n),
@@ -403,7 +409,8 @@ void RunRing(const std::vector<std::unique_ptr<PeerNetwork>>& networks,
       for (size_t i = 0; i < n; ++i) {
         double sum = 0;
         for (int r = 0; r < size; ++r) sum += inputs[r][call][i];
-        ASSERT_NEAR(results[0][call][i], sum, 1e-6) << "n " << n << " i " << i;
+        EXPECT_NEAR(results[0][call][i], sum, 1e-6) << "n " << n << " i " << i;
+        if (std::abs(results[0][call][i] - sum) > 1e-6) return {};
       }
       ++call;
     }
@@ -424,14 +431,18 @@ void RunRing(const std::vector<std::unique_ptr<PeerNetwork>>& networks,
   for (int r = 0; r < size; ++r) {
     EXPECT_EQ(mailboxes[r]->pending_transfers(), 0);
   }
+  return std::move(results[0]);
 }
 
 using RingAllReduceTest = PeerNetworkTest;
 
-TEST_F(RingAllReduceTest, SizesSmallOddAndLarge) {
+// Every group size, with segments whole (one piece) and pipelined in
+// pieces of 1, 3 and 100 elements (uneven last pieces; segments of
+// different piece counts): correct sums, bitwise the same on every rank
+// and for every piece size.
+TEST_F(RingAllReduceTest, SizesSmallOddAndLargeWholeAndInPieces) {
   const std::vector<size_t> sizes = {0, 1, 2, 3, 5, 7, 1000, 4099};
   for (int size : {1, 2, 3}) {
-    SCOPED_TRACE(absl::StrCat("group of ", size));
     std::vector<std::unique_ptr<PeerNetwork>> networks;
     std::vector<PeerMailbox*> mailboxes;
     // 256-byte messages: big segments span several messages.
@@ -439,7 +450,26 @@ TEST_F(RingAllReduceTest, SizesSmallOddAndLarge) {
       networks.push_back(Network(r, 256));
       mailboxes.push_back(nodes_[r]->mailbox.get());
     }
-    RunRing(networks, mailboxes, sizes);
+    std::vector<std::vector<float>> whole;
+    for (int64_t piece_bytes : {int64_t{1} << 20, int64_t{4}, int64_t{12},
+                                int64_t{400}}) {
+      SCOPED_TRACE(absl::StrCat("group of ", size, ", pieces of ",
+                                piece_bytes, " bytes"));
+      std::vector<std::vector<float>> results =
+          RunRing(networks, mailboxes, sizes, {.piece_bytes = piece_bytes});
+      ASSERT_EQ(results.size(), 2 * sizes.size());
+      if (whole.empty()) {
+        whole = std::move(results);
+        continue;
+      }
+      for (size_t call = 0; call < whole.size(); ++call) {
+        ASSERT_EQ(results[call].size(), whole[call].size());
+        EXPECT_EQ(std::memcmp(results[call].data(), whole[call].data(),
+                              4 * whole[call].size()),
+                  0)
+            << "call " << call;
+      }
+    }
   }
 }
 
@@ -449,15 +479,21 @@ TEST_F(RingAllReduceTest, SizesSmallOddAndLarge) {
 // repetitions (one summation order per segment, whatever the timing), and
 // close to the exact sum; sizes not divisible by the group are refused.
 TEST_F(RingAllReduceTest, ReduceScatterThenAllGather) {
-  for (int size : {1, 2, 3}) {
-    SCOPED_TRACE(absl::StrCat("group of ", size));
+  for (const std::pair<int, int64_t>& config :
+       std::vector<std::pair<int, int64_t>>{
+           {1, 1 << 20}, {2, 1 << 20}, {3, 1 << 20}, {2, 12}, {3, 12}}) {
+    const int size = config.first;
+    const int64_t piece_bytes = config.second;
+    SCOPED_TRACE(absl::StrCat("group of ", size, ", pieces of ", piece_bytes,
+                              " bytes"));
     std::vector<std::unique_ptr<PeerNetwork>> networks;
     for (int r = 0; r < size; ++r) networks.push_back(Network(r, 256));
     std::vector<int> group;
     for (int r = 0; r < size; ++r) group.push_back(r);
     std::vector<std::unique_ptr<RingAllReduce>> rings(size);
     for (int r = 0; r < size; ++r) {
-      auto ring = RingAllReduce::Create(networks[r].get(), group, r);
+      auto ring = RingAllReduce::Create(networks[r].get(), group, r,
+                                        {.piece_bytes = piece_bytes});
       ASSERT_TRUE(ring.ok()) << ring.status();
       rings[r] = std::move(*ring);
     }
@@ -558,6 +594,10 @@ TEST_F(RingAllReduceTest, CreateValidates) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(RingAllReduce::Create(nullptr, {1}, 0).status().code(),
             absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(RingAllReduce::Create(net1.get(), {1}, 0, {.piece_bytes = 3})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(RingAllReduce::Create(net1.get(), {2, 1, 0}, 1).ok());
 }
 
@@ -578,6 +618,32 @@ TEST_F(RingAllReduceTest, MissingPeerFailsNamingIt) {
   EXPECT_THAT(std::string(status.message()),
               HasSubstr("waiting for ALL_REDUCE #0 round 0 of step 4 from "
                         "worker-1 (dp 0, pp 0, tp 1)"));
+}
+
+// The next rank is down: its first piece's send fails, and that stops the
+// receive waiting for the previous rank at once (long before the 30 s
+// timeout), with the send's error naming the dead peer.
+TEST_F(RingAllReduceTest, DeadNextPeerStopsThePipelinedRingAtOnce) {
+  auto net0 = Network(0, 1024, absl::Seconds(30));
+  nodes_[1]->Stop();
+  auto ring = RingAllReduce::Create(net0.get(), {0, 1, 2}, 0,
+                                    {.piece_bytes = 64});
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  auto backend = CpuBackend::Create(CpuBackendOptions{1});
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  auto dev = (*backend)->Alloc(3000);
+  ASSERT_TRUE(dev.ok());
+  (*ring)->SetStep(4, false);
+  const absl::Time start = absl::Now();
+  absl::Status status = (*ring)->AllReduceSum(backend->get(), *dev, 3000);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  (*backend)->Free(*dev);
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
+  EXPECT_THAT(std::string(status.message()),
+              StartsWith(absl::StrCat("sending ALL_REDUCE #0 round 0 of step "
+                                      "4 to worker-1 (dp 0, pp 0, tp 1) at "
+                                      "127.0.0.1:",
+                                      nodes_[1]->port, ": UNAVAILABLE")));
 }
 
 }  // namespace

@@ -1,21 +1,118 @@
 #include "worker/peer/ring_allreduce.h"
 
 #include <algorithm>
+#include <deque>
+#include <functional>
 #include <set>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/rpc/status_util.h"
 
 namespace lmps {
+namespace {
+
+// Runs send(round, piece) for the queued pieces, in queue order, on its own
+// thread until Finish. The first failed send stops it.
+class PieceSender {
+ public:
+  using SendFn = std::function<absl::Status(int round, size_t piece)>;
+  // `on_failure` runs (on the sender's thread) after a send failed.
+  PieceSender(SendFn send, std::function<void()> on_failure)
+      : send_(std::move(send)),
+        on_failure_(std::move(on_failure)),
+        thread_([this] { Run(); }) {}
+  PieceSender(const PieceSender&) = delete;
+  PieceSender& operator=(const PieceSender&) = delete;
+  ~PieceSender() { Finish(absl::CancelledError("abandoned")).IgnoreError(); }
+
+  // The first failed send's status (OK while none failed).
+  absl::Status send_status() {
+    absl::MutexLock lock(&mu_);
+    return send_status_;
+  }
+
+  void Queue(int round, size_t piece) {
+    absl::MutexLock lock(&mu_);
+    queue_.emplace_back(round, piece);
+  }
+
+  // `receiving` is the receiving side's status. When it is OK, waits until
+  // every queued piece was sent; otherwise drops what is still queued (a
+  // send in progress ends at its deadline or when the peer answers). Then
+  // joins the thread. Returns the first error: the sender's when
+  // `receiving` is OK or is that same error (a receive stopped by it), the
+  // receiving side's with the sender's appended when both failed, else
+  // the receiving side's.
+  absl::Status Finish(absl::Status receiving) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (!thread_.joinable()) return receiving;
+      if (!receiving.ok()) queue_.clear();
+      done_ = true;
+    }
+    thread_.join();
+    absl::MutexLock lock(&mu_);
+    if (receiving.ok()) return send_status_;
+    if (send_status_.ok() || receiving == send_status_) return receiving;
+    return absl::Status(receiving.code(),
+                        absl::StrCat(receiving.message(), "; and earlier, ",
+                                     send_status_.message()));
+  }
+
+ private:
+  void Run() {
+    while (true) {
+      std::pair<int, size_t> item;
+      {
+        absl::MutexLock lock(&mu_);
+        mu_.Await(absl::Condition(
+            +[](PieceSender* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) {
+              return !self->queue_.empty() || self->done_;
+            },
+            this));
+        if (queue_.empty()) return;
+        item = queue_.front();
+        queue_.pop_front();
+      }
+      absl::Status status = send_(item.first, item.second);
+      if (!status.ok()) {
+        {
+          absl::MutexLock lock(&mu_);
+          send_status_ = std::move(status);
+          queue_.clear();
+        }
+        on_failure_();
+        return;
+      }
+    }
+  }
+
+  const SendFn send_;
+  const std::function<void()> on_failure_;
+  absl::Mutex mu_;
+  std::deque<std::pair<int, size_t>> queue_ ABSL_GUARDED_BY(mu_);
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status send_status_ ABSL_GUARDED_BY(mu_);
+  std::thread thread_;
+};
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<RingAllReduce>> RingAllReduce::Create(
-    PeerNetwork* network, std::vector<int> group, int index) {
+    PeerNetwork* network, std::vector<int> group, int index,
+    const RingAllReduceOptions& options) {
   auto bad = [](const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat("RingAllReduce: ", what));
   };
   if (network == nullptr) return bad("null network");
   if (group.empty()) return bad("empty group");
+  if (options.piece_bytes < 4) {
+    return bad(absl::StrCat("piece_bytes must be at least 4, got ",
+                            options.piece_bytes));
+  }
   if (index < 0 || index >= static_cast<int>(group.size())) {
     return bad(absl::StrCat("index ", index, " outside [0, ", group.size(),
                             ")"));
@@ -36,12 +133,15 @@ absl::StatusOr<std::unique_ptr<RingAllReduce>> RingAllReduce::Create(
                             network->self_rank()));
   }
   return std::unique_ptr<RingAllReduce>(
-      new RingAllReduce(network, std::move(group), index));
+      new RingAllReduce(network, std::move(group), index, options));
 }
 
 RingAllReduce::RingAllReduce(PeerNetwork* network, std::vector<int> group,
-                             int index)
-    : network_(network), group_(std::move(group)), index_(index) {}
+                             int index, const RingAllReduceOptions& options)
+    : network_(network),
+      group_(std::move(group)),
+      index_(index),
+      options_(options) {}
 
 void RingAllReduce::SetStep(int64_t step, bool eval) {
   step_ = step;
@@ -111,76 +211,118 @@ absl::Status RingAllReduce::AllGather(Backend* backend, const float* in,
   return absl::OkStatus();
 }
 
-absl::Status RingAllReduce::Ring(std::vector<float>& host, int32_t seq,
-                                 Phase phase) {
+std::vector<RingAllReduce::RoundPlan> RingAllReduce::Rounds(
+    Phase phase) const {
   const int s = size();
-  const size_t n = host.size();
-  const int next = group_[(index_ + 1) % s];
-  const int prev = group_[(index_ + s - 1) % s];
-  auto begin = [&](int segment) {
-    return static_cast<size_t>(segment) * n / static_cast<size_t>(s);
-  };
   auto mod = [&](int x) { return ((x % s) + s) % s; };
-  TransferKey key;
-  key.kind = ALL_REDUCE;
-  key.eval = eval_;
-  key.step = step_;
-  key.seq = seq;
-  // One round: send segment `out` to next, receive segment `in` from prev
-  // and combine it into the local one.
-  auto round = [&](int r, int out, int in, bool add) -> absl::Status {
-    key.round = r;
-    const size_t out_begin = begin(out);
-    const size_t out_n = begin(out + 1) - out_begin;
-    LMPS_RETURN_IF_ERROR(
-        network_->Send(next, key, host.data() + out_begin, out_n));
-    bytes_sent_ += static_cast<int64_t>(4 * out_n);
-    LMPS_ASSIGN_OR_RETURN(std::vector<float> got, network_->Receive(prev, key));
-    bytes_received_ += static_cast<int64_t>(4 * got.size());
-    const size_t in_begin = begin(in);
-    const size_t in_n = begin(in + 1) - in_begin;
-    if (got.size() != in_n) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          DescribeKey(key), " from ", network_->Describe(prev), " has ",
-          got.size(), " elements, expected ", in_n,
-          " (do all ranks of the tp group run the same collectives with the "
-          "same sizes in the same order?)"));
-    }
-    float* local = host.data() + in_begin;
-    if (add) {
-      for (size_t i = 0; i < in_n; ++i) local[i] = got[i] + local[i];
-    } else {
-      std::copy(got.begin(), got.end(), local);
-    }
-    return absl::OkStatus();
-  };
+  std::vector<RoundPlan> rounds;
   switch (phase) {
     case Phase::kAllReduce:
       for (int k = 0; k < s - 1; ++k) {
-        LMPS_RETURN_IF_ERROR(
-            round(k, mod(index_ - k), mod(index_ - k - 1), /*add=*/true));
+        rounds.push_back({mod(index_ - k), mod(index_ - k - 1), true});
       }
       for (int k = 0; k < s - 1; ++k) {
-        LMPS_RETURN_IF_ERROR(round(s - 1 + k, mod(index_ + 1 - k),
-                                   mod(index_ - k), /*add=*/false));
+        rounds.push_back({mod(index_ + 1 - k), mod(index_ - k), false});
       }
       break;
     case Phase::kReduceScatterToOwn:
       // Shifted by one against the all-reduce's first half, so that rank r
       // ends with the total of its own segment r.
       for (int k = 0; k < s - 1; ++k) {
-        LMPS_RETURN_IF_ERROR(round(k, mod(index_ - k - 1),
-                                   mod(index_ - k - 2), /*add=*/true));
+        rounds.push_back({mod(index_ - k - 1), mod(index_ - k - 2), true});
       }
       break;
     case Phase::kGatherFromOwn:
       for (int k = 0; k < s - 1; ++k) {
-        LMPS_RETURN_IF_ERROR(
-            round(k, mod(index_ - k), mod(index_ - k - 1), /*add=*/false));
+        rounds.push_back({mod(index_ - k), mod(index_ - k - 1), false});
       }
       break;
   }
-  return absl::OkStatus();
+  return rounds;
+}
+
+absl::Status RingAllReduce::Ring(std::vector<float>& host, int32_t seq,
+                                 Phase phase) {
+  const int s = size();
+  const size_t n = host.size();
+  const int next = group_[(index_ + 1) % s];
+  const int prev = group_[(index_ + s - 1) % s];
+  const std::vector<RoundPlan> rounds = Rounds(phase);
+  // Piece p of segment i: elements [begin(i) + p * piece, + piece) clipped
+  // to the segment; an empty segment is one empty piece.
+  const size_t piece = static_cast<size_t>(options_.piece_bytes / 4);
+  auto begin = [&](int segment) {
+    return static_cast<size_t>(segment) * n / static_cast<size_t>(s);
+  };
+  auto pieces = [&](int segment) {
+    const size_t len = begin(segment + 1) - begin(segment);
+    return std::max<size_t>(1, (len + piece - 1) / piece);
+  };
+  auto range = [&](int segment, size_t p) {
+    const size_t b = begin(segment) + p * piece;
+    return std::make_pair(b, std::min(b + piece, begin(segment + 1)));
+  };
+  auto key = [&](int r, size_t p) {
+    TransferKey k;
+    k.kind = ALL_REDUCE;
+    k.eval = eval_;
+    k.step = step_;
+    k.seq = seq;
+    k.round = r;
+    k.micro_batch = static_cast<int32_t>(p);
+    return k;
+  };
+  auto send = [&](int r, size_t p) -> absl::Status {
+    const auto [b, e] = range(rounds[r].out, p);
+    LMPS_RETURN_IF_ERROR(network_->Send(next, key(r, p), host.data() + b,
+                                        e - b));
+    bytes_sent_ += static_cast<int64_t>(4 * (e - b));
+    return absl::OkStatus();
+  };
+
+  // Sends run on their own thread, in order; this thread receives piece p
+  // of round r, combines it into the local segment and then queues piece p
+  // of round r + 1, which is the same elements (rounds[r + 1].out ==
+  // rounds[r].in). So piece p + 1 is in flight while piece p is reduced.
+  // The sender reads host memory that this thread does not write
+  // meanwhile: a segment is overwritten only by a piece received from
+  // prev, and prev sends that piece only after everything this rank sent
+  // of the segment reached its next neighbour (the ring's causality; a
+  // send completes once the receiver stored it).
+  // A failed send wakes the receive waiting here, which then stops.
+  PieceSender sender(send, [this] { network_->WakeReceivers(); });
+  auto stop = [&sender] { return sender.send_status(); };
+  for (size_t p = 0; p < pieces(rounds[0].out); ++p) sender.Queue(0, p);
+  absl::Status status;
+  for (size_t r = 0; r < rounds.size() && status.ok(); ++r) {
+    const RoundPlan& round = rounds[r];
+    for (size_t p = 0; p < pieces(round.in) && status.ok(); ++p) {
+      const TransferKey k = key(static_cast<int>(r), p);
+      absl::StatusOr<std::vector<float>> got = network_->Receive(prev, k, stop);
+      if (!got.ok()) {
+        status = got.status();
+        break;
+      }
+      bytes_received_ += static_cast<int64_t>(4 * got->size());
+      const auto [b, e] = range(round.in, p);
+      if (got->size() != e - b) {
+        status = absl::FailedPreconditionError(absl::StrCat(
+            DescribeKey(k), " from ", network_->Describe(prev), " has ",
+            got->size(), " elements, expected ", e - b,
+            " (do all ranks of the group run the same collectives with the "
+            "same sizes and piece size in the same order?)"));
+        break;
+      }
+      float* local = host.data() + b;
+      if (round.add) {
+        for (size_t i = 0; i < e - b; ++i) local[i] = (*got)[i] + local[i];
+      } else {
+        std::copy(got->begin(), got->end(), local);
+      }
+      if (r + 1 < rounds.size()) sender.Queue(static_cast<int>(r + 1), p);
+    }
+  }
+  return sender.Finish(std::move(status));
 }
 
 }  // namespace lmps

@@ -20,16 +20,29 @@
 // AllGather(backend, in, out, n) (n % size() == 0) places `in` as segment
 // rank and runs only the all-gather from there: rounds k = 0 .. size-2
 // send segment (rank - k) mod size and receive segment (rank - k - 1) mod
-// size. Each segment's sum is computed
-// once, on one rank, in ring order, and then copied: the result is bitwise
-// identical on every rank. Messages are ALL_REDUCE transfers tagged with the
-// (step, eval) of SetStep, seq = the number of AllReduceSum calls since then
-// and the round. A send returns once the receiver's mailbox stored it, so
-// "send, then receive" in every round cannot deadlock.
+// size.
+//
+// Pipelining: every round's segment travels as pieces of at most
+// options.piece_bytes, each its own ALL_REDUCE transfer (micro_batch = the
+// piece's index within the segment). Sends run on a thread of their own
+// (one per collective), in order; the calling thread receives piece p of
+// round k, combines it and queues piece p of round k + 1 (the segment a
+// round sends is the one the previous round received). So piece p + 1 of a
+// round is in flight while piece p is being added, and round k + 1 starts
+// before round k ends. The per-element arithmetic and its order are those
+// of the unpipelined ring: results are bitwise the same for every piece
+// size. Each segment's sum is computed once, on one rank, in ring order,
+// and then copied: the result is bitwise identical on every rank. Messages
+// are ALL_REDUCE transfers tagged with the (step, eval) of SetStep, seq =
+// the number of collectives since then, the round and the piece. A send
+// returns once the receiver's mailbox stored it, so sends never wait for
+// receives and the ring cannot deadlock.
 //
 // size() == 1 and n == 0 are no-ops (no communication; seq still advances).
-// Errors come from PeerNetwork and name the peer; a segment of the wrong
-// length (ranks disagreeing on n) is FailedPrecondition. After an error the
+// Errors come from PeerNetwork and name the peer; a piece of the wrong
+// length (ranks disagreeing on n or piece_bytes) is FailedPrecondition.
+// A failed send stops the receiving at once (the collective returns the
+// send's error); after a failed receive the queued sends are dropped. After an error the
 // step should be failed (PeerMailbox::DropBefore discards leftovers).
 //
 // Thread-safety: as TpComm, one thread at a time; the byte counters may be
@@ -51,14 +64,23 @@
 
 namespace lmps {
 
+struct RingAllReduceOptions {
+  // Payload bytes per piece of a round's segment (rounded down to whole
+  // elements). 1 MiB: the best of 256 KiB - 16 MiB in
+  // bench/allreduce_bench (docs/benchmarks.md).
+  int64_t piece_bytes = int64_t{1} << 20;
+};
+
 class RingAllReduce final : public TpComm {
  public:
   // `network` (not owned) must outlive this object. `group` holds the
   // worker ranks of the tp group in tp-rank order; group[index] must be
   // network->self_rank(). InvalidArgument otherwise, or for a null network,
-  // an empty group, or a rank out of range or repeated.
+  // an empty group, a rank out of range or repeated, or piece_bytes < 4.
+  // Every rank of the group must use the same piece_bytes.
   static absl::StatusOr<std::unique_ptr<RingAllReduce>> Create(
-      PeerNetwork* network, std::vector<int> group, int index);
+      PeerNetwork* network, std::vector<int> group, int index,
+      const RingAllReduceOptions& options = {});
 
   int size() const override { return static_cast<int>(group_.size()); }
   int rank() const override { return index_; }
@@ -76,13 +98,25 @@ class RingAllReduce final : public TpComm {
   int64_t collectives() const { return collectives_.load(); }
 
  private:
-  RingAllReduce(PeerNetwork* network, std::vector<int> group, int index);
+  RingAllReduce(PeerNetwork* network, std::vector<int> group, int index,
+                const RingAllReduceOptions& options);
   enum class Phase { kAllReduce, kReduceScatterToOwn, kGatherFromOwn };
+  // One ring round: send segment `out` to next, receive segment `in` from
+  // prev and add it to the local one (add) or copy it over it.
+  struct RoundPlan {
+    int out = 0;
+    int in = 0;
+    bool add = false;
+  };
+  // The rounds of `phase` for this rank (see the top comment); in every
+  // phase rounds[k + 1].out == rounds[k].in.
+  std::vector<RoundPlan> Rounds(Phase phase) const;
   absl::Status Ring(std::vector<float>& host, int32_t seq, Phase phase);
 
   PeerNetwork* const network_;
   const std::vector<int> group_;
   const int index_;
+  const RingAllReduceOptions options_;
   int64_t step_ = 0;
   bool eval_ = false;
   int32_t seq_ = 0;
