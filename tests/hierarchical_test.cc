@@ -70,6 +70,12 @@ INSTANTIATE_TEST_SUITE_P(Optimizers, HierarchicalTest, ::testing::Bool(),
 
 // Invalid combinations fail at submission with the reason (the cases:
 // common/model/job_spec_test.cc).
+// A dead group leader (killed mid-push): its group's ring fails, the
+// scheduler regroups the job at that step and a replacement takes the rank.
+TEST(HierarchicalFaultTest, DeadWorkerIsReplacedExactly) {
+  ExpectDeadWorkerReplacedExactly("hier_kill", "workers_per_host: 2", 4);
+}
+
 TEST(HierarchicalRejectTest, SubmissionSaysWhy) {
   const std::string dir = TempDir("hier_bad");
   WriteFile(dir + "/job.textproto",

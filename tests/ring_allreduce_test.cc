@@ -130,6 +130,14 @@ INSTANTIATE_TEST_SUITE_P(Optimizers, RingResumeTest,
                            return "adamw";
                          });
 
+// A dead ring worker: its peers' all-reduce fails, the scheduler regroups
+// the job at that step, a replacement takes the rank, and every worker
+// restarts from the shards' parameters and optimizer state.
+TEST(RingAllReduceTest, DeadWorkerIsReplacedExactly) {
+  ExpectDeadWorkerReplacedExactly("ring_kill", "dp_aggregation: RING_ALLREDUCE",
+                                  2);
+}
+
 void ExpectRejected(const std::string& train, const std::string& reason) {
   const std::string dir = TempDir("ring_bad");
   WriteFile(dir + "/job.textproto",

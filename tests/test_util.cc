@@ -221,4 +221,33 @@ FinalProgress RunLocalJob(const std::string& name, const std::string& job,
   return out;
 }
 
+void ExpectDeadWorkerReplacedExactly(const std::string& name,
+                                     const std::string& train, int workers) {
+  const std::string job = SmallAggregationJob("lr: 0.001", train);
+  const std::vector<std::string> flags = {
+      absl::StrCat("--workers=", workers), "--shards=2", "--lease_s=2"};
+  const FinalProgress straight = RunLocalJob(name + "_straight", job, flags, 4);
+  std::vector<std::string> faulty_flags = flags;
+  faulty_flags.push_back("--fault_worker=0");
+  faulty_flags.push_back("--fault_kill_at_step=2");
+  const FinalProgress faulty =
+      RunLocalJob(name + "_faulty", job, faulty_flags, 4);
+  const std::string logs = faulty.run_dir + "/logs/";
+  EXPECT_NE(ReadFile(logs + "worker-0.log").find("SIGKILL mid-push of step 2"),
+            std::string::npos)
+      << ReadFile(logs + "worker-0.log");
+  EXPECT_FALSE(ReadFile(logs + "worker-0.restart1.log").empty())
+      << "no replacement of worker-0";
+  // The survivors' step failed on the dead peer and they waited for the
+  // regroup instead of failing the job.
+  const std::string survivor = ReadFile(logs + "worker-1.log");
+  EXPECT_NE(survivor.find("for the scheduler to regroup the job at this step"),
+            std::string::npos)
+      << survivor;
+  auto diff = MaxAbsDiffOfFiles(straight.run_dir + "/model.safetensors",
+                                faulty.run_dir + "/model.safetensors");
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_EQ(*diff, 0.0);
+}
+
 }  // namespace lmps::testing

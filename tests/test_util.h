@@ -91,6 +91,15 @@ FinalProgress RunLocalJob(const std::string& name, const std::string& job,
                           const std::vector<std::string>& flags, int steps,
                           int timeout_s = 240);
 
+// Jobs whose workers need each other's step (ring all-reduce, host
+// groups): `workers` workers train SmallAggregationJob(AdamW, `train`)
+// twice, once straight and once with dp rank 0 SIGKILLed mid-push at step
+// 2 (lease 2 s). Expects the second run to finish through a replacement
+// and a regroup at the failed step (its survivors' logs say they waited
+// for it), with an exported model bit-identical to the straight run's.
+void ExpectDeadWorkerReplacedExactly(const std::string& name,
+                                     const std::string& train, int workers);
+
 }  // namespace lmps::testing
 
 #endif  // LMPS_TESTS_TEST_UTIL_H_

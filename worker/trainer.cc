@@ -291,6 +291,17 @@ absl::StatusOr<float> DataParallelTrainer::Evaluate() {
 }
 
 absl::Status DataParallelTrainer::Run() {
+  absl::Status status = RunSteps();
+  // Ring and host-group peers: a dead peer fails the step; the scheduler
+  // regroups the job at it (TrainingLoopOptions::resize_wait).
+  if (status.ok() || !(ring() || hierarchical())) return status;
+  return AwaitResizeStop(ps_, step_in_progress_, std::move(status),
+                         options_.resize_wait, cancelled_,
+                         host_params_.data(),
+                         [this](const std::string& l) { Log(l); });
+}
+
+absl::Status DataParallelTrainer::RunSteps() {
   const JobSpec& spec = options_.spec;
   const TrainConfig& train = spec.train();
   const ConsistencyMode mode = train.mode();
@@ -312,6 +323,7 @@ absl::Status DataParallelTrainer::Run() {
   };
   for (int64_t step = options_.start_step; step < end_step_; ++step) {
     if (cancelled_) return absl::CancelledError("training cancelled");
+    step_in_progress_ = step;
     auto t0 = std::chrono::steady_clock::now();
     int64_t version = 0;
     int64_t pull_done_us = 0;

@@ -157,6 +157,8 @@ class DataParallelTrainer : public TrainingLoop {
 
  private:
   DataParallelTrainer() = default;
+  // Run's steps; Run adds the wait for a regroup after a peer's failure.
+  absl::Status RunSteps();
   // Pulls for `step` into the model; sets *version (if not null) to the
   // smallest version served.
   absl::Status PullInto(int64_t step, int64_t* version = nullptr);
@@ -220,6 +222,7 @@ class DataParallelTrainer : public TrainingLoop {
   std::thread shard_update_;
   absl::Status shard_update_status_;
   std::atomic<bool> cancelled_{false};
+  int64_t step_in_progress_ = 0;
   TrainerProgress progress_;
 };
 

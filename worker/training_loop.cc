@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "absl/time/clock.h"
+
 #include "absl/strings/str_cat.h"
 #include "common/rpc/status_util.h"
 
@@ -21,6 +23,30 @@ absl::Status ApplyStepOnShards(PsClient* ps, ConsistencyMode mode,
     return absl::OkStatus();
   }
   return ps->ApplyBounded(step, sum_squares).status();
+}
+
+absl::Status AwaitResizeStop(
+    PsClient* ps, int64_t step, absl::Status error, absl::Duration wait,
+    const std::atomic<bool>& cancelled, float* scratch,
+    const std::function<void(const std::string&)>& log) {
+  if (wait <= absl::ZeroDuration() ||
+      (error.code() != absl::StatusCode::kUnavailable &&
+       error.code() != absl::StatusCode::kDeadlineExceeded)) {
+    return error;
+  }
+  log(absl::StrCat("step ", step, " failed (", error.message(),
+                   "); waiting up to ", absl::FormatDuration(wait),
+                   " for the scheduler to regroup the job at this step"));
+  // A shard stopped for a resize at or before `step` answers a pull of
+  // `step` with ABORTED (ParameterShard::Pull); until then the pull is
+  // served once version `step` exists, and is discarded.
+  const absl::Time give_up = absl::Now() + wait;
+  while (!cancelled && absl::Now() < give_up) {
+    const absl::Status pulled = ps->Pull(step, scratch);
+    if (pulled.code() == absl::StatusCode::kAborted) return pulled;
+    absl::SleepFor(absl::Milliseconds(250));
+  }
+  return error;
 }
 
 }  // namespace lmps

@@ -13,12 +13,14 @@
 #ifndef LMPS_WORKER_TRAINING_LOOP_H_
 #define LMPS_WORKER_TRAINING_LOOP_H_
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <functional>
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/time/time.h"
 #include "proto/lmps.pb.h"
 #include "worker/ps_client.h"
 
@@ -94,6 +96,14 @@ struct TrainingLoopOptions {
   // Where trace and evaluation lines go; empty: stderr, as
   // "[worker_id] line".
   std::function<void(const std::string&)> log;
+  // Jobs whose workers need peers (WorkersNeedPeers: pipeline, tensor
+  // parallel, ring all-reduce, host groups): when a step fails because a
+  // peer is gone (UNAVAILABLE or DEADLINE_EXCEEDED), wait up to this long
+  // for the shards to stop the job at that step (the scheduler regroups the
+  // job once the peer's lease expires, or an elastic one shrinks dp), and
+  // return that ABORTED status: the worker then registers again and the
+  // step is redone. Zero, or no stop in time: the peer's error.
+  absl::Duration resize_wait = absl::ZeroDuration();
 };
 
 class TrainingLoop {
@@ -118,6 +128,16 @@ class TrainingLoop {
 // Shared by both loops.
 absl::Status ApplyStepOnShards(PsClient* ps, ConsistencyMode mode,
                                int64_t step, double* grad_norm = nullptr);
+
+// Step `step` failed with `error`; see TrainingLoopOptions::resize_wait.
+// Polls pulls of `step` into `scratch` (ps->num_parameters() floats) until
+// a shard answers ABORTED (stopped at or before `step`: returned), `wait`
+// passes or `cancelled` is set (then `error`). Shared by both loops.
+absl::Status AwaitResizeStop(PsClient* ps, int64_t step, absl::Status error,
+                             absl::Duration wait,
+                             const std::atomic<bool>& cancelled,
+                             float* scratch,
+                             const std::function<void(const std::string&)>& log);
 
 }  // namespace lmps
 

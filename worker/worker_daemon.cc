@@ -404,6 +404,11 @@ class WorkerSession {
     common.spec = spec_;
     common.start_step = start_step_;
     common.log = log_.For(id_);
+    // The scheduler regroups the job (or, elastic, shrinks dp) once a dead
+    // peer's lease (and then --elastic_grace_s, default 10 s) has passed.
+    if (assignment_.elastic() && WorkersNeedPeers(spec_)) {
+      common.resize_wait = 3 * client_->lease() + absl::Seconds(60);
+    }
     const bool overlap_push =
         options_.overlap_push == OverlapPush::kOn ||
         (options_.overlap_push == OverlapPush::kAuto &&
@@ -507,11 +512,6 @@ class WorkerSession {
     static_cast<TrainingLoopOptions&>(po) = common;
     po.coords = coords_;
     po.overlap_push = overlap_push;
-    // The scheduler regroups the job (or, elastic, shrinks dp) once a dead
-    // peer's lease (and then --elastic_grace_s, default 10 s) has passed.
-    if (assignment_.elastic()) {
-      po.resize_wait = 3 * client_->lease() + absl::Seconds(60);
-    }
     if (options_.fault_kill_at_step >= 0) {
       po.on_step_start =
           KillAtStepStart(options_.fault_kill_at_step, LineLog());

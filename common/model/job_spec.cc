@@ -391,6 +391,13 @@ int EffectiveStaleness(const JobSpec& spec) {
                                                   : 0;
 }
 
+bool WorkersNeedPeers(const JobSpec& spec) {
+  const LayoutConfig& l = spec.layout();
+  return l.pp() * l.tp() > 1 ||
+         (spec.train().dp_aggregation() == RING_ALLREDUCE && l.dp() > 1) ||
+         WorkersPerHost(spec) > 1;
+}
+
 int WorkersPerHost(const JobSpec& spec) {
   return std::max(1, spec.train().workers_per_host());
 }

@@ -71,6 +71,12 @@ int PushingReplicas(const JobSpec& spec);
 // Workers per host group: train.workers_per_host, 1 when unset.
 int WorkersPerHost(const JobSpec& spec);
 
+// Whether a worker's step needs other workers: pipeline or tensor
+// parallelism (pp * tp > 1), RING_ALLREDUCE aggregation with dp > 1, or
+// hierarchical aggregation (workers_per_host > 1). A dead worker then stops
+// its peers' step, and the scheduler regroups the job at that step.
+bool WorkersNeedPeers(const JobSpec& spec);
+
 // Sequences each data-parallel replica computes per step.
 int LocalBatch(const JobSpec& spec);
 

@@ -225,8 +225,7 @@ Assignment SchedulerCore::AssignmentLocked(const Node& n) const {
   a.set_pp_rank(n.role == WORKER ? n.coords.pp : -1);
   a.set_tp_rank(n.role == WORKER ? n.coords.tp : -1);
   *a.mutable_spec() = spec_;
-  a.set_elastic(options_.elastic.max_dp > 0 ||
-                layout_->pp() * layout_->tp() > 1);
+  a.set_elastic(options_.elastic.max_dp > 0 || WorkersNeedPeers(spec_));
   *a.mutable_partition() = partition_;
   for (int k = 0; k < num_shards_; ++k) {
     const Node& primary = servers_[primary_[k]];

@@ -75,8 +75,9 @@
 // start_step = the boundary's checkpoint (ChooseStartStep). While a resize
 // is under way workers cannot register.
 //
-// Regroup (pp * tp > 1, elastic or not): a worker that dies leaves its
-// stage and tensor-parallel partners unable to finish the step, so the
+// Regroup (WorkersNeedPeers: pp * tp > 1, ring all-reduce or host groups;
+// elastic or not): a worker that dies leaves its stage and tensor-parallel
+// partners (ring peers) unable to finish the step, so the
 // job goes through the same stop-and-re-assemble with dp unchanged, at
 // the shards' version (the step in progress, nothing lost): the partners
 // and the other replicas stop there and register again, a replacement

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/model/job_spec.h"
 #include "server/scheduler/scheduler_core_internal.h"
 
 namespace lmps {
@@ -145,10 +146,11 @@ bool SchedulerCore::ExpireLeaseLocked(Node& n, absl::Time now, Outbox* out) {
       "missed its heartbeat lease of ", Seconds(options_.lease),
       " (last heartbeat ", Seconds(now - n.last_heartbeat), " ago)");
   std::string action = "marked dead; its slot is open for a replacement";
-  if (n.role == WORKER && layout_->pp() * layout_->tp() > 1 &&
-      regroup_why_.empty()) {
+  if (n.role == WORKER && WorkersNeedPeers(spec_) && regroup_why_.empty()) {
     regroup_why_ = absl::StrCat(n.Describe(), " ", event);
-    absl::StrAppend(&action, "; its pipeline replica regroups");
+    absl::StrAppend(&action, layout_->pp() * layout_->tp() > 1
+                                 ? "; its pipeline replica regroups"
+                                 : "; the job regroups (its ring peers need it)");
   }
   if (replicated_ && n.role == SERVER) {
     lost_shard = FailoverLocked(n, now, &action, out);

@@ -142,25 +142,10 @@ absl::Status PipelineTrainer::PullInto(int64_t step) {
 
 absl::Status PipelineTrainer::AwaitResizeStop(int64_t step,
                                               absl::Status error) {
-  if (options_.resize_wait <= absl::ZeroDuration() ||
-      (error.code() != absl::StatusCode::kUnavailable &&
-       error.code() != absl::StatusCode::kDeadlineExceeded)) {
-    return error;
-  }
-  Log(absl::StrCat("step ", step, " failed (", error.message(),
-                   "); waiting up to ",
-                   absl::FormatDuration(options_.resize_wait),
-                   " for the scheduler to regroup the job at this step"));
-  // A shard stopped for a resize at or before `step` answers a pull of
-  // `step` with ABORTED (ParameterShard::Pull); until then the pull is
-  // served at once (version `step` exists), and is discarded.
-  const absl::Time give_up = absl::Now() + options_.resize_wait;
-  while (!cancelled_ && absl::Now() < give_up) {
-    const absl::Status pulled = ps_->Pull(step, host_params_.data());
-    if (pulled.code() == absl::StatusCode::kAborted) return pulled;
-    absl::SleepFor(absl::Milliseconds(250));
-  }
-  return error;
+  return lmps::AwaitResizeStop(ps_, step, std::move(error),
+                               options_.resize_wait, cancelled_,
+                               host_params_.data(),
+                               [this](const std::string& l) { Log(l); });
 }
 
 absl::Status PipelineTrainer::ApplyStep(int64_t step) {

@@ -67,13 +67,6 @@ struct PipelineTrainerOptions : TrainingLoopOptions {
   // Push the gradient while the schedule's last backward pass runs (see
   // above) rather than after the schedule.
   bool overlap_push = false;
-  // When a step fails because a stage or tensor-parallel peer is gone
-  // (UNAVAILABLE or DEADLINE_EXCEEDED), wait up to this long for the shards
-  // to stop the job at that step (the scheduler regroups the job once the
-  // peer's lease expires, or an elastic one shrinks dp), and return that
-  // ABORTED status: the worker then registers again and the step is redone.
-  // Zero, or no stop in time: the peer's error.
-  absl::Duration resize_wait = absl::ZeroDuration();
 };
 
 class PipelineTrainer : public TrainingLoop {
@@ -104,7 +97,7 @@ class PipelineTrainer : public TrainingLoop {
  private:
   PipelineTrainer() = default;
   absl::Status PullInto(int64_t step);
-  // The step failed with `error`; see PipelineTrainerOptions::resize_wait.
+  // The step failed with `error`; see TrainingLoopOptions::resize_wait.
   absl::Status AwaitResizeStop(int64_t step, absl::Status error);
   absl::Status ApplyStep(int64_t step);
   // Runs the schedule of `step`; sets *loss (last stage) and the bubble.
