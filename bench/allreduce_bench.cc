@@ -68,6 +68,8 @@ ABSL_FLAG(int64_t, max_message_bytes, 4 << 20,
 ABSL_FLAG(int64_t, piece_bytes, lmps::RingAllReduceOptions().piece_bytes,
           "payload per pipelined piece of a ring round's segment "
           "(RingAllReduceOptions::piece_bytes; >= the segment: unpipelined)");
+ABSL_FLAG(int, sends_in_flight, lmps::RingAllReduceOptions().sends_in_flight,
+          "pieces sent concurrently (RingAllReduceOptions::sends_in_flight)");
 ABSL_FLAG(int, timeout_s, 60, "PeerNetwork timeout per send and receive");
 
 namespace lmps {
@@ -197,6 +199,7 @@ absl::StatusOr<SizeResult> RunSize(double mib, int ranks, int repeats) {
   std::vector<std::unique_ptr<RingAllReduce>> rings;
   RingAllReduceOptions ring_options;
   ring_options.piece_bytes = absl::GetFlag(FLAGS_piece_bytes);
+  ring_options.sends_in_flight = absl::GetFlag(FLAGS_sends_in_flight);
   for (int r = 0; r < ranks; ++r) {
     PeerNetworkOptions options;
     options.self_id = workers[r].node_id();
@@ -377,11 +380,13 @@ absl::Status Run() {
   std::printf(
       "allreduce_bench: ring all-reduce (worker/peer RingAllReduce over "
       "gRPC) of %d ranks in one process on 127.0.0.1, CPU backend; "
-      "max_message_bytes %lld, piece_bytes %lld; median of %d timed "
+      "max_message_bytes %lld, piece_bytes %lld, sends_in_flight %d; "
+      "median of %d timed "
       "all-reduces after 1 warm-up; busbw = algbw * 2(n-1)/n = algbw * %.3f; "
       "GB = 1e9 bytes\n",
       ranks, static_cast<long long>(max_message_bytes),
-      static_cast<long long>(absl::GetFlag(FLAGS_piece_bytes)), repeats,
+      static_cast<long long>(absl::GetFlag(FLAGS_piece_bytes)),
+      absl::GetFlag(FLAGS_sends_in_flight), repeats,
       bus_factor);
   std::fflush(stdout);
 
@@ -427,7 +432,8 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "tensor-parallel all-reduce bandwidth on loopback: allreduce_bench "
       "[--ranks=2] [--mib=1,4,16,64] [--repeats=7] "
-      "[--max_message_bytes=4194304] [--piece_bytes=1048576]");
+      "[--max_message_bytes=4194304] [--piece_bytes=8388608] "
+      "[--sends_in_flight=2]");
   absl::ParseCommandLine(argc, argv);
   signal(SIGPIPE, SIG_IGN);
   const absl::Status status = lmps::Run();

@@ -14,16 +14,17 @@
 namespace lmps {
 namespace {
 
-// Runs send(round, piece) for the queued pieces, in queue order, on its own
-// thread until Finish. The first failed send stops it.
+// Runs send(round, piece) for the queued pieces, in queue order, on
+// `threads` threads of its own (so up to that many sends are in flight)
+// until Finish. The first failed send stops it.
 class PieceSender {
  public:
   using SendFn = std::function<absl::Status(int round, size_t piece)>;
   // `on_failure` runs (on the sender's thread) after a send failed.
-  PieceSender(SendFn send, std::function<void()> on_failure)
-      : send_(std::move(send)),
-        on_failure_(std::move(on_failure)),
-        thread_([this] { Run(); }) {}
+  PieceSender(SendFn send, std::function<void()> on_failure, int threads)
+      : send_(std::move(send)), on_failure_(std::move(on_failure)) {
+    for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Run(); });
+  }
   PieceSender(const PieceSender&) = delete;
   PieceSender& operator=(const PieceSender&) = delete;
   ~PieceSender() { Finish(absl::CancelledError("abandoned")).IgnoreError(); }
@@ -49,11 +50,12 @@ class PieceSender {
   absl::Status Finish(absl::Status receiving) {
     {
       absl::MutexLock lock(&mu_);
-      if (!thread_.joinable()) return receiving;
+      if (finished_) return receiving;
+      finished_ = true;
       if (!receiving.ok()) queue_.clear();
       done_ = true;
     }
-    thread_.join();
+    for (std::thread& t : threads_) t.join();
     absl::MutexLock lock(&mu_);
     if (receiving.ok()) return send_status_;
     if (send_status_.ok() || receiving == send_status_) return receiving;
@@ -81,8 +83,9 @@ class PieceSender {
       if (!status.ok()) {
         {
           absl::MutexLock lock(&mu_);
-          send_status_ = std::move(status);
+          if (send_status_.ok()) send_status_ = std::move(status);
           queue_.clear();
+          done_ = true;
         }
         on_failure_();
         return;
@@ -94,9 +97,10 @@ class PieceSender {
   const std::function<void()> on_failure_;
   absl::Mutex mu_;
   std::deque<std::pair<int, size_t>> queue_ ABSL_GUARDED_BY(mu_);
-  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;  // no more pieces come
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;  // Finish ran
   absl::Status send_status_ ABSL_GUARDED_BY(mu_);
-  std::thread thread_;
+  std::vector<std::thread> threads_;
 };
 
 }  // namespace
@@ -112,6 +116,10 @@ absl::StatusOr<std::unique_ptr<RingAllReduce>> RingAllReduce::Create(
   if (options.piece_bytes < 4) {
     return bad(absl::StrCat("piece_bytes must be at least 4, got ",
                             options.piece_bytes));
+  }
+  if (options.sends_in_flight < 1) {
+    return bad(absl::StrCat("sends_in_flight must be at least 1, got ",
+                            options.sends_in_flight));
   }
   if (index < 0 || index >= static_cast<int>(group.size())) {
     return bad(absl::StrCat("index ", index, " outside [0, ", group.size(),
@@ -290,7 +298,8 @@ absl::Status RingAllReduce::Ring(std::vector<float>& host, int32_t seq,
   // of the segment reached its next neighbour (the ring's causality; a
   // send completes once the receiver stored it).
   // A failed send wakes the receive waiting here, which then stops.
-  PieceSender sender(send, [this] { network_->WakeReceivers(); });
+  PieceSender sender(send, [this] { network_->WakeReceivers(); },
+                     options_.sends_in_flight);
   auto stop = [&sender] { return sender.send_status(); };
   for (size_t p = 0; p < pieces(rounds[0].out); ++p) sender.Queue(0, p);
   absl::Status status;

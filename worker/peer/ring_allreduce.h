@@ -24,8 +24,9 @@
 //
 // Pipelining: every round's segment travels as pieces of at most
 // options.piece_bytes, each its own ALL_REDUCE transfer (micro_batch = the
-// piece's index within the segment). Sends run on a thread of their own
-// (one per collective), in order; the calling thread receives piece p of
+// piece's index within the segment). Sends run on options.sends_in_flight
+// threads of their own (per collective), taking pieces in order; the
+// calling thread receives piece p of
 // round k, combines it and queues piece p of round k + 1 (the segment a
 // round sends is the one the previous round received). So piece p + 1 of a
 // round is in flight while piece p is being added, and round k + 1 starts
@@ -66,9 +67,15 @@ namespace lmps {
 
 struct RingAllReduceOptions {
   // Payload bytes per piece of a round's segment (rounded down to whole
-  // elements). 1 MiB: the best of 256 KiB - 16 MiB in
-  // bench/allreduce_bench (docs/benchmarks.md).
-  int64_t piece_bytes = int64_t{1} << 20;
+  // elements), and pieces sent concurrently (each send is one
+  // WorkerPeer.Send call, which returns once the receiver stored the
+  // piece). Chosen with bench/allreduce_bench (docs/benchmarks.md): on
+  // 2 cores over loopback the ring is CPU-bound and pieces of 8 MiB, 2 in
+  // flight, match the unpipelined ring; pieces under 2 MiB cost more CPU
+  // per byte (a call each). The overlap pays where the link, not the CPU,
+  // is the bottleneck.
+  int64_t piece_bytes = int64_t{8} << 20;
+  int sends_in_flight = 2;
 };
 
 class RingAllReduce final : public TpComm {
@@ -76,7 +83,8 @@ class RingAllReduce final : public TpComm {
   // `network` (not owned) must outlive this object. `group` holds the
   // worker ranks of the tp group in tp-rank order; group[index] must be
   // network->self_rank(). InvalidArgument otherwise, or for a null network,
-  // an empty group, a rank out of range or repeated, or piece_bytes < 4.
+  // an empty group, a rank out of range or repeated, piece_bytes < 4 or
+  // sends_in_flight < 1.
   // Every rank of the group must use the same piece_bytes.
   static absl::StatusOr<std::unique_ptr<RingAllReduce>> Create(
       PeerNetwork* network, std::vector<int> group, int index,
