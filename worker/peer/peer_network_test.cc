@@ -631,30 +631,35 @@ TEST_F(RingAllReduceTest, MissingPeerFailsNamingIt) {
 
 // The next rank is down: its first piece's send fails, and that stops the
 // receive waiting for the previous rank at once (long before the 30 s
-// timeout), with the send's error naming the dead peer.
-TEST_F(RingAllReduceTest, DeadNextPeerStopsThePipelinedRingAtOnce) {
-  auto net0 = Network(0, 1024, absl::Seconds(30));
+// timeout), with the send's error naming the dead peer. Pipelined (pieces
+// of 16 elements on 2 sender threads) and whole (one piece per segment:
+// the sends run inline).
+TEST_F(RingAllReduceTest, DeadNextPeerStopsTheRingAtOnce) {
   nodes_[1]->Stop();
-  auto ring = RingAllReduce::Create(net0.get(), {0, 1, 2}, 0,
-                                    {.piece_bytes = 64, .sends_in_flight = 2});
-  ASSERT_TRUE(ring.ok()) << ring.status();
-  auto backend = CpuBackend::Create(CpuBackendOptions{1});
-  ASSERT_TRUE(backend.ok()) << backend.status();
-  auto dev = (*backend)->Alloc(3000);
-  ASSERT_TRUE(dev.ok());
-  (*ring)->SetStep(4, false);
-  const absl::Time start = absl::Now();
-  absl::Status status = (*ring)->AllReduceSum(backend->get(), *dev, 3000);
-  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
-  (*backend)->Free(*dev);
-  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
-  // Pieces 0 and 1 are sent concurrently: either fails first.
-  EXPECT_THAT(std::string(status.message()),
-              StartsWith("sending ALL_REDUCE #0 round 0 "));
-  EXPECT_THAT(std::string(status.message()),
-              HasSubstr(absl::StrCat("of step 4 to worker-1 (dp 0, pp 0, tp "
-                                     "1) at 127.0.0.1:",
-                                     nodes_[1]->port, ": UNAVAILABLE")));
+  for (const RingAllReduceOptions& options :
+       std::vector<RingAllReduceOptions>{{64, 2}, {}}) {
+    SCOPED_TRACE(absl::StrCat("pieces of ", options.piece_bytes, " bytes"));
+    auto net0 = Network(0, 1024, absl::Seconds(30));
+    auto ring = RingAllReduce::Create(net0.get(), {0, 1, 2}, 0, options);
+    ASSERT_TRUE(ring.ok()) << ring.status();
+    auto backend = CpuBackend::Create(CpuBackendOptions{1});
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    auto dev = (*backend)->Alloc(3000);
+    ASSERT_TRUE(dev.ok());
+    (*ring)->SetStep(4, false);
+    const absl::Time start = absl::Now();
+    absl::Status status = (*ring)->AllReduceSum(backend->get(), *dev, 3000);
+    EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+    (*backend)->Free(*dev);
+    EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
+    // Pieces 0 and 1 may be sent concurrently: either fails first.
+    EXPECT_THAT(std::string(status.message()),
+                StartsWith("sending ALL_REDUCE #0 round 0 "));
+    EXPECT_THAT(std::string(status.message()),
+                HasSubstr(absl::StrCat("of step 4 to worker-1 (dp 0, pp 0, "
+                                       "tp 1) at 127.0.0.1:",
+                                       nodes_[1]->port, ": UNAVAILABLE")));
+  }
 }
 
 }  // namespace

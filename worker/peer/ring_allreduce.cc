@@ -16,7 +16,8 @@ namespace {
 
 // Runs send(round, piece) for the queued pieces, in queue order, on
 // `threads` threads of its own (so up to that many sends are in flight)
-// until Finish. The first failed send stops it.
+// until Finish; with threads == 0, inside Queue on the caller's thread.
+// The first failed send stops it.
 class PieceSender {
  public:
   using SendFn = std::function<absl::Status(int round, size_t piece)>;
@@ -36,6 +37,13 @@ class PieceSender {
   }
 
   void Queue(int round, size_t piece) {
+    if (threads_.empty()) {
+      if (!send_status().ok()) return;
+      absl::Status status = send_(round, piece);
+      absl::MutexLock lock(&mu_);
+      send_status_.Update(status);
+      return;
+    }
     absl::MutexLock lock(&mu_);
     queue_.emplace_back(round, piece);
   }
@@ -297,9 +305,13 @@ absl::Status RingAllReduce::Ring(std::vector<float>& host, int32_t seq,
   // prev, and prev sends that piece only after everything this rank sent
   // of the segment reached its next neighbour (the ring's causality; a
   // send completes once the receiver stored it).
-  // A failed send wakes the receive waiting here, which then stops.
+  // A failed send wakes the receive waiting here, which then stops. When
+  // every segment is one piece there is nothing to overlap: the sends run
+  // inline, with no thread (the many small tensor-parallel collectives).
+  size_t most_pieces = 0;
+  for (int i = 0; i < s; ++i) most_pieces = std::max(most_pieces, pieces(i));
   PieceSender sender(send, [this] { network_->WakeReceivers(); },
-                     options_.sends_in_flight);
+                     most_pieces == 1 ? 0 : options_.sends_in_flight);
   auto stop = [&sender] { return sender.send_status(); };
   for (size_t p = 0; p < pieces(rounds[0].out); ++p) sender.Queue(0, p);
   absl::Status status;

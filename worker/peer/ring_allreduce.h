@@ -26,11 +26,13 @@
 // options.piece_bytes, each its own ALL_REDUCE transfer (micro_batch = the
 // piece's index within the segment). Sends run on options.sends_in_flight
 // threads of their own (per collective), taking pieces in order; the
-// calling thread receives piece p of
-// round k, combines it and queues piece p of round k + 1 (the segment a
-// round sends is the one the previous round received). So piece p + 1 of a
-// round is in flight while piece p is being added, and round k + 1 starts
-// before round k ends. The per-element arithmetic and its order are those
+// calling thread receives piece p of round k, combines it and queues piece
+// p of round k + 1 (the segment a round sends is the one the previous
+// round received). So piece p + 1 of a round is in flight while piece p is
+// being added, and round k + 1 starts before round k ends. A collective
+// whose segments are all one piece (small tensors) sends on the calling
+// thread, without starting threads: send, receive, combine, round by
+// round. The per-element arithmetic and its order are those
 // of the unpipelined ring: results are bitwise the same for every piece
 // size. Each segment's sum is computed once, on one rank, in ring order,
 // and then copied: the result is bitwise identical on every rank. Messages
