@@ -35,6 +35,14 @@ namespace lmps {
 // Gradient multiplier for a global L2 norm; see above.
 double ClipScale(double grad_clip, double global_norm);
 
+// The mean of a summed gradient and its squared L2 norm, as the shards and
+// the ring all-reduce workers compute them: divides g[i] by `replicas` in
+// place, then returns sum_squares + the sum of (double) g[i]^2 added in
+// index order (so a caller continuing over several spans gets the sum over
+// all of them in one order, bitwise reproducible).
+double MeanAndSumSquares(float replicas, absl::Span<float> g,
+                         double sum_squares);
+
 // Number of fp32 state buffers per parameter: 2 for AdamW (m, v), 1 for SGD
 // (momentum buffer).
 int OptimizerStateBuffers(OptimizerType type);

@@ -1,6 +1,9 @@
 #include "server/optimizer.h"
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -146,6 +149,133 @@ TEST(SgdTest, DecoupledWeightDecayAndScale) {
   std::vector<float> g = {4.0f};
   SgdMomentumStep(h, 0.25f, g, absl::MakeSpan(p), absl::MakeSpan(b));
   EXPECT_NEAR(p[0], 0.85, 1e-7);
+}
+
+// The scalar loops the vectorized AdamWStep and SgdMomentumStep replaced,
+// as the formulas in optimizer.h state them (this test is built with
+// -ffp-contract=off too, so neither side fuses a multiply-add).
+void AdamWReference(const AdamWHyper& h, float grad_scale,
+                    const std::vector<float>& grads, std::vector<float>& params,
+                    std::vector<float>& m, std::vector<float>& v) {
+  const double t = static_cast<double>(h.step + 1);
+  const float decay = static_cast<float>(1.0 - h.lr * h.weight_decay);
+  const float step_size =
+      static_cast<float>(h.lr / (1.0 - std::pow(h.beta1, t)));
+  const float bc2_sqrt =
+      static_cast<float>(std::sqrt(1.0 - std::pow(h.beta2, t)));
+  for (size_t i = 0; i < params.size(); ++i) {
+    const float g = grads[i] * grad_scale;
+    float p = params[i];
+    if (h.weight_decay != 0) p *= decay;
+    const float mi = static_cast<float>(h.beta1) * m[i] +
+                     static_cast<float>(1.0 - h.beta1) * g;
+    const float vi = static_cast<float>(h.beta2) * v[i] +
+                     static_cast<float>(1.0 - h.beta2) * (g * g);
+    m[i] = mi;
+    v[i] = vi;
+    const float denom =
+        std::sqrt(vi) / bc2_sqrt + static_cast<float>(h.eps);
+    params[i] = p - step_size * (mi / denom);
+  }
+}
+
+void SgdReference(const SgdHyper& h, float grad_scale,
+                  const std::vector<float>& grads, std::vector<float>& params,
+                  std::vector<float>& b) {
+  const float decay = static_cast<float>(1.0 - h.lr * h.weight_decay);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const float g = grads[i] * grad_scale;
+    float p = params[i];
+    if (h.weight_decay != 0) p *= decay;
+    b[i] = static_cast<float>(h.momentum) * b[i] + g;
+    params[i] = p - static_cast<float>(h.lr) * b[i];
+  }
+}
+
+std::vector<float> Random(size_t n, float scale, std::mt19937* rng) {
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(*rng);
+  return v;
+}
+
+void ExpectBitwiseEqual(const std::vector<float>& a,
+                        const std::vector<float>& b, const char* what) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    uint32_t x, y;
+    std::memcpy(&x, &a[i], 4);
+    std::memcpy(&y, &b[i], 4);
+    ASSERT_EQ(x, y) << what << "[" << i << "] of " << a.size() << ": "
+                    << a[i] << " vs " << b[i];
+  }
+}
+
+// Several steps on lengths around the vector width, with and without weight
+// decay, gradients spanning many magnitudes (and exact zeros).
+TEST(AdamWTest, BitwiseEqualToTheScalarLoop) {
+  std::mt19937 rng(7);
+  for (size_t n : {1, 7, 8, 9, 31, 1000, 4099}) {
+    for (double wd : {0.0, 0.1}) {
+      AdamWHyper h;
+      h.lr = 3e-3;
+      h.weight_decay = wd;
+      std::vector<float> p = Random(n, 1.0f, &rng), m(n), v(n);
+      std::vector<float> rp = p, rm = m, rv = v;
+      for (int step = 0; step < 4; ++step) {
+        h.step = step;
+        std::vector<float> g = Random(n, std::pow(10.0f, step - 2), &rng);
+        g[n / 2] = 0.0f;
+        AdamWStep(h, 0.75f, g, absl::MakeSpan(p), absl::MakeSpan(m),
+                  absl::MakeSpan(v));
+        AdamWReference(h, 0.75f, g, rp, rm, rv);
+      }
+      ExpectBitwiseEqual(p, rp, "params");
+      ExpectBitwiseEqual(m, rm, "m");
+      ExpectBitwiseEqual(v, rv, "v");
+    }
+  }
+}
+
+TEST(SgdTest, BitwiseEqualToTheScalarLoop) {
+  std::mt19937 rng(11);
+  for (size_t n : {1, 9, 1000, 4099}) {
+    for (double wd : {0.0, 0.5}) {
+      SgdHyper h;
+      h.lr = 0.1;
+      h.momentum = 0.9;
+      h.weight_decay = wd;
+      std::vector<float> p = Random(n, 1.0f, &rng), b(n);
+      std::vector<float> rp = p, rb = b;
+      for (int step = 0; step < 3; ++step) {
+        std::vector<float> g = Random(n, 0.5f, &rng);
+        SgdMomentumStep(h, 0.5f, g, absl::MakeSpan(p), absl::MakeSpan(b));
+        SgdReference(h, 0.5f, g, rp, rb);
+      }
+      ExpectBitwiseEqual(p, rp, "params");
+      ExpectBitwiseEqual(b, rb, "momentum");
+    }
+  }
+}
+
+TEST(MeanAndSumSquaresTest, DividesAndSumsInIndexOrderAcrossSpans) {
+  std::mt19937 rng(3);
+  std::vector<float> a = Random(1001, 3.0f, &rng), b = Random(37, 1e-3f, &rng);
+  // The reference: one loop over a then b, as the shards used to run it.
+  std::vector<float> ra = a, rb = b;
+  double want = 0;
+  for (std::vector<float>* v : {&ra, &rb}) {
+    for (float& x : *v) {
+      x /= 3.0f;
+      want += static_cast<double>(x) * x;
+    }
+  }
+  double got = MeanAndSumSquares(3.0f, absl::MakeSpan(a), 0);
+  got = MeanAndSumSquares(3.0f, absl::MakeSpan(b), got);
+  EXPECT_EQ(got, want);  // bitwise: the same additions in the same order
+  ExpectBitwiseEqual(a, ra, "a");
+  ExpectBitwiseEqual(b, rb, "b");
+  EXPECT_EQ(MeanAndSumSquares(2.0f, {}, 1.5), 1.5);
 }
 
 }  // namespace

@@ -261,12 +261,9 @@ void ParameterShard::ReduceLocked(StepGrads* slot) {
   const float dp = static_cast<float>(dp_);
   double sum_squares = 0;
   for (size_t c = 0; c < chunks_.size(); ++c) {
-    float* acc = slot->sum[c].data();
-    const int64_t n = chunks_[c].size();
-    for (int64_t i = 0; i < n; ++i) {
-      acc[i] /= dp;
-      sum_squares += static_cast<double>(acc[i]) * acc[i];
-    }
+    sum_squares = MeanAndSumSquares(
+        dp, absl::MakeSpan(slot->sum[c].data(), chunks_[c].size()),
+        sum_squares);
   }
   slot->sum_squares = sum_squares;
   slot->reduced = true;

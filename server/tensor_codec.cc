@@ -27,23 +27,43 @@ int DTypeSize(DType dtype) {
   }
 }
 
-int64_t FirstNonFinite(DType dtype, absl::string_view data) {
-  if (dtype == BF16) {
-    const int64_t n = static_cast<int64_t>(data.size() / 2);
-    for (int64_t i = 0; i < n; ++i) {
-      uint16_t b;
-      std::memcpy(&b, data.data() + 2 * i, 2);
-      if ((b & 0x7f80u) == 0x7f80u) return i;
+namespace {
+
+// The index of the first element of `data` (n elements of type U) whose
+// exponent bits are all ones (an Inf or a NaN), or -1. Whole blocks of 64
+// are scanned without an early exit (a loop the compiler vectorizes); the
+// block that holds one, and the tail, are searched element by element.
+template <typename U>
+int64_t FirstAllOnesExponent(const char* data, int64_t n, U exponent) {
+  constexpr int64_t kBlock = 64;
+  int64_t begin = 0;
+  for (; begin + kBlock <= n; begin += kBlock) {
+    // u & exponent <= exponent, equal exactly for an Inf or a NaN.
+    U most = 0;
+    for (int64_t i = begin; i < begin + kBlock; ++i) {
+      U u;
+      std::memcpy(&u, data + sizeof(U) * i, sizeof(U));
+      most = std::max<U>(most, u & exponent);
     }
-    return -1;
+    if (most == exponent) break;
   }
-  const int64_t n = static_cast<int64_t>(data.size() / 4);
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, data.data() + 4 * i, 4);
-    if ((u & 0x7f800000u) == 0x7f800000u) return i;
+  for (int64_t i = begin; i < n; ++i) {  // the block found, or the tail
+    U u;
+    std::memcpy(&u, data + sizeof(U) * i, sizeof(U));
+    if ((u & exponent) == exponent) return i;
   }
   return -1;
+}
+
+}  // namespace
+
+int64_t FirstNonFinite(DType dtype, absl::string_view data) {
+  if (dtype == BF16) {
+    return FirstAllOnesExponent<uint16_t>(
+        data.data(), static_cast<int64_t>(data.size() / 2), 0x7f80u);
+  }
+  return FirstAllOnesExponent<uint32_t>(
+      data.data(), static_cast<int64_t>(data.size() / 4), 0x7f800000u);
 }
 
 void DecodePayload(DType dtype, absl::string_view data, float* out) {
