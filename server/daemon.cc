@@ -285,16 +285,12 @@ class Daemon {
   }
 
   // CreateShard on another thread while this one keeps the lease with
-  // plain heartbeats (the start step; their answers wait for the serving
-  // heartbeats): initialising or loading a large shard can take longer than
-  // the lease, and the scheduler would declare the shard dead. A
-  // replicated shard's heartbeats carry its role, so it heartbeats once it
-  // serves, as before.
+  // heartbeats marked `starting` (the start step; their answers wait for the
+  // serving heartbeats): initialising or loading a large shard can take
+  // longer than the lease, and the scheduler would declare the shard dead.
+  // `starting` tells the scheduler of a replicated job that they carry no
+  // replication role yet.
   absl::Status CreateShardHeartbeating() {
-    if (assignment_.spec().layout().shard_backups() > 0) {
-      if (options_.before_create_shard) options_.before_create_shard();
-      return CreateShard();
-    }
     absl::Status created;
     absl::Notification done;
     std::thread creator([&] {
@@ -308,6 +304,7 @@ class Daemon {
       HeartbeatRequest req;  // the client fills in node id and incarnation
       req.set_step(assignment_.start_step());
       req.set_eval_loss(std::nanf(""));
+      req.set_starting(true);
       (void)client_->Heartbeat(req, std::max(interval, absl::Seconds(1)));
     }
     creator.join();

@@ -221,6 +221,18 @@ TEST_F(DaemonTest, HeartbeatsWhileTheShardIsCreated) {
   ASSERT_TRUE(WaitForLogLine("serving shard"));
   // Every 100 ms (lease / 3) for 1 s; a loaded machine sends fewer.
   EXPECT_GE(during, 3) << Log();
+  // Marked `starting` (a replicated job's scheduler reads no role from
+  // them), the serving heartbeats not.
+  absl::MutexLock lock(&fake_.mu_);
+  auto serving_beat = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(fake_.mu_) {
+    return !fake_.heartbeats_.empty() && !fake_.heartbeats_.back().starting();
+  };
+  ASSERT_TRUE(fake_.mu_.AwaitWithTimeout(absl::Condition(&serving_beat),
+                                         absl::Seconds(20)))
+      << "no heartbeat after the shard serves";
+  for (int i = 0; i < during; ++i) {
+    EXPECT_TRUE(fake_.heartbeats_[i].starting()) << i;
+  }
 }
 
 TEST_F(DaemonTest, JobFailedEndsWithError) {

@@ -189,6 +189,13 @@ class WorkerSession {
                            "); waiting for the job to assemble"));
     LMPS_ASSIGN_OR_RETURN(
         assignment_, client_->WaitForAssignment(options_.assemble_timeout));
+    // Heartbeat from here on: the steps before training (the dataset, the
+    // model's buffers, the peers) can outlast the lease on a big model or a
+    // busy machine, and a worker that is only setting up must keep its slot.
+    // OnHeartbeat acts on the answers once training runs.
+    heartbeat_ = std::make_unique<HeartbeatLoop>(
+        client_.get(), client_->lease() / 3, [this] { return MakeHeartbeat(); },
+        [this](const absl::StatusOr<HeartbeatResponse>& r) { OnHeartbeat(r); });
     spec_ = assignment_.spec();
     if (!options_.data.empty()) spec_.mutable_data()->set_path(options_.data);
     log_(id_, absl::StrCat("assigned dp rank ", assignment_.dp_rank(), " of ",
@@ -577,8 +584,11 @@ class WorkerSession {
     return hb;
   }
 
-  // Runs on the heartbeat thread.
+  // Runs on the heartbeat thread. Before training the answers are not acted
+  // on (the training loop and the peers are still being made); a failed
+  // job, a fence or a lost peer is told again by every later heartbeat.
   void OnHeartbeat(const absl::StatusOr<HeartbeatResponse>& r) {
+    if (!training_.load(std::memory_order_acquire)) return;
     if (r.ok() && r->state() == FAILED && !failure_logged_.exchange(true)) {
       log_(id_, absl::StrCat("the job failed: ", r->message(), "; stopping"));
       CancelTraining();
@@ -605,9 +615,8 @@ class WorkerSession {
   // Step 6: trains while heartbeating, then reports.
   absl::StatusOr<SessionEnd> Train() {
     if (stop_->stopped()) return Stopped();
-    heartbeat_ = std::make_unique<HeartbeatLoop>(
-        client_.get(), client_->lease() / 3, [this] { return MakeHeartbeat(); },
-        [this](const absl::StatusOr<HeartbeatResponse>& r) { OnHeartbeat(r); });
+    // Publishes loop_, ring_ and pipeline_ to the heartbeat thread.
+    training_.store(true, std::memory_order_release);
     stop_->OnStop([this] { CancelTraining(); });
     absl::Status status = loop_->Run();
     stop_->OnStop(nullptr);
@@ -757,6 +766,8 @@ class WorkerSession {
   std::string error_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> peers_lost_{false};
   std::atomic<bool> failure_logged_{false};
+  // Set once the training loop exists (Train): OnHeartbeat acts from then.
+  std::atomic<bool> training_{false};
   std::unique_ptr<HeartbeatLoop> heartbeat_;  // destroyed first
 };
 

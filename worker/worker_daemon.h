@@ -12,7 +12,10 @@
 //      (role WORKER, requested rank); a surplus worker of an elastic job
 //      (ELASTIC_SURPLUS) stands by and keeps registering until dp grows or
 //      a slot frees; then wait for the assignment (ranks, job spec,
-//      partition map, shard addresses);
+//      partition map, shard addresses). From the assignment on the worker
+//      heartbeats every lease/3, so steps 3-5 (a big model's buffers, a
+//      large dataset) can take longer than the lease; the answers are acted
+//      on from step 6;
 //   3. connect: the dataset, the parallel layout and the PsClient (failing
 //      over to the shards' backups when they are replicated); a restarted
 //      scheduler is rejoined with this worker's rank;
@@ -21,8 +24,8 @@
 //   5. build the training loop: DataParallelTrainer (data parallel only) or
 //      PipelineTrainer (pp * tp > 1, over a PeerNetwork and, with tp > 1, a
 //      tensor-parallel RingAllReduce);
-//   6. run it while heartbeating every lease/3 with its progress (a FAILED
-//      job or a fenced registration cancels it); data-parallel rank 0 then
+//   6. run it, heartbeating its progress (a FAILED job or a fenced
+//      registration cancels it); data-parallel rank 0 then
 //      samples from the model when the spec asks for it; report done or the
 //      error in a final heartbeat, retried for up to a minute while the
 //      scheduler is unreachable.

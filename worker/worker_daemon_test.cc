@@ -12,6 +12,8 @@
 #include <sstream>
 #include <thread>
 
+#include <sys/stat.h>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -396,6 +398,48 @@ TEST_F(WorkerDaemonTrainingTest, FailedJobCancelsTraining) {
   absl::MutexLock lock(&fake_.mu_);
   // The final report carries this worker's error.
   EXPECT_EQ(fake_.heartbeats_.back().error(), status.message());
+}
+
+// The steps between the assignment and training (here the dataset, whose
+// file is a FIFO that blocks the worker's read until the test writes it)
+// may outlast the lease (300 ms): the worker heartbeats through them, so
+// the scheduler does not take its slot, and then trains as usual.
+TEST_F(WorkerDaemonTrainingTest, HeartbeatsWhileSettingUp) {
+  Assign(/*steps=*/2);
+  std::ifstream text_file(options_.data);
+  std::stringstream text;
+  text << text_file.rdbuf();
+  const std::string fifo = TestFile("data.fifo");
+  std::remove(fifo.c_str());
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0) << fifo;
+  options_.data = fifo;
+  Start();
+  ASSERT_TRUE(WaitForLine("assigned dp rank 0")) << Log();
+  // Three leases' worth of heartbeats while the dataset's read is blocked.
+  bool beat;
+  {
+    absl::MutexLock lock(&fake_.mu_);
+    auto beats = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(fake_.mu_) {
+      return fake_.heartbeats_.size() >= 10;
+    };
+    beat = fake_.mu_.AwaitWithTimeout(absl::Condition(&beats),
+                                      absl::Seconds(20));
+  }
+  {
+    // Unblock the read (on failure too, so that the daemon can end).
+    std::ofstream writer(fifo);
+    writer << text.str();
+  }
+  EXPECT_TRUE(beat) << "no heartbeats while setting up:\n" << Log();
+  {
+    absl::MutexLock lock(&fake_.mu_);
+    for (const HeartbeatRequest& hb : fake_.heartbeats_) {
+      EXPECT_EQ(hb.error(), "");
+    }
+  }
+  ASSERT_TRUE(Result(absl::Seconds(60)).ok()) << Result() << "\n" << Log();
+  EXPECT_TRUE(absl::StrContains(Log(), "[worker-0] done: step 2 loss "))
+      << Log();
 }
 
 TEST_F(WorkerDaemonTest, MissingBackendFactoryIsInvalid) {

@@ -103,6 +103,37 @@ TEST_F(SchedulerCoreTest, ReplicatedShardFailsOverToItsBackup) {
       << core_->StateMessage();
 }
 
+// Shards of a replicated job heartbeat `starting` while they create their
+// shard (a large model takes longer than the lease): the scheduler renews
+// their leases and reads no role from those heartbeats, so the backup
+// stays a complete copy and takes over when the primary dies later.
+TEST_F(SchedulerCoreTest, StartingShardsKeepTheirLeaseAndRoles) {
+  StartReplicatedJob();
+  HeartbeatRequest primary = Beat("server-0");
+  primary.set_starting(true);
+  HeartbeatRequest backup = Beat("backup-0");
+  backup.set_starting(true);
+  for (int i = 0; i < 4; ++i) {  // 20 s: two leases
+    clock_.Advance(absl::Seconds(5));
+    absl::StatusOr<HeartbeatResponse> r = core_->Heartbeat(primary);
+    ASSERT_TRUE(r.ok());
+    EXPECT_FALSE(r->promote());
+    ASSERT_TRUE(core_->Heartbeat(backup).ok());
+    ASSERT_TRUE(core_->Heartbeat(Beat("worker-0")).ok());
+    core_->Tick();
+  }
+  JobStatus status = core_->Status();
+  EXPECT_EQ(status.state(), RUNNING);
+  EXPECT_TRUE(Find(status, "server-0")->alive());
+  EXPECT_TRUE(Find(status, "backup-0")->alive());
+  // Both serve; then the primary dies and the backup takes over.
+  ASSERT_TRUE(core_->Heartbeat(ReplicaBeat("server-0", true, 1)).ok());
+  PrimaryMissesItsLease(ReplicaBeat("backup-0", false, 1));
+  EXPECT_TRUE(core_->Heartbeat(ReplicaBeat("backup-0", false, 1))->promote())
+      << Log();
+  EXPECT_EQ(core_->CurrentState(), RUNNING);
+}
+
 // A process whose slot went to a newer registration (it was frozen past
 // its lease) is told it is fenced off and changes nothing of the slot.
 TEST_F(SchedulerCoreTest, AReplacedRegistrationIsFenced) {

@@ -72,7 +72,7 @@ absl::StatusOr<HeartbeatResponse> SchedulerCore::HeartbeatLocked(
                    "marked alive");
   }
   HeartbeatResponse r;
-  if (replicated_ && n->role == SERVER) {
+  if (replicated_ && n->role == SERVER && !request.starting()) {
     ReplicationHeartbeatLocked(n, request, now, &r, out);
   }
   if (n->role == WORKER && resize_phase_ != ResizePhase::kNone &&
