@@ -711,9 +711,16 @@ class WorkerSession {
 
   void LogSummary() {
     const TrainerProgress& p = loop_->progress();
-    log_(id_,
-         absl::StrFormat("done: step %d loss %.4f eval %.4f %.0f tokens/s",
-                         p.step, p.loss, p.eval_loss, p.tokens_per_second));
+    if (start_step_ >= loop_->end_step()) {
+      // Resumed at the job's last step: no loss or throughput to report.
+      log_(id_, absl::StrFormat("done: step %d: nothing to train (the job "
+                                "resumed at its last step)",
+                                loop_->end_step()));
+    } else {
+      log_(id_,
+           absl::StrFormat("done: step %d loss %.4f eval %.4f %.0f tokens/s",
+                           p.step, p.loss, p.eval_loss, p.tokens_per_second));
+    }
     // Read by tests/pipeline_test (no worker moves parameters it does not
     // own) and worker_daemon_test.
     log_(id_,

@@ -442,6 +442,30 @@ TEST_F(WorkerDaemonTrainingTest, HeartbeatsWhileSettingUp) {
       << Log();
 }
 
+// A job resumed at its last step trains nothing and says so (not a NaN
+// loss and 0 tokens/s).
+TEST_F(WorkerDaemonTrainingTest, ResumedAtTheLastStepSaysNothingToTrain) {
+  Assign(/*steps=*/2);
+  Start();  // trains steps 0 and 1: the shard is at version 2
+  ASSERT_TRUE(Result(absl::Seconds(60)).ok()) << Result() << "\n" << Log();
+  daemon_.join();
+  {
+    absl::MutexLock lock(&log_mu_);
+    done_ = false;
+    log_.clear();
+  }
+  {
+    absl::MutexLock lock(&fake_.mu_);
+    fake_.assignment_.set_start_step(2);
+  }
+  Start();
+  ASSERT_TRUE(Result(absl::Seconds(60)).ok()) << Result() << "\n" << Log();
+  EXPECT_TRUE(absl::StrContains(
+      Log(), "[worker-0] done: step 2: nothing to train (the job resumed at "
+             "its last step)"))
+      << Log();
+}
+
 TEST_F(WorkerDaemonTest, MissingBackendFactoryIsInvalid) {
   options_.backend_factory = nullptr;
   const absl::Status status = RunWorkerDaemon(options_, &stop_);
