@@ -339,6 +339,7 @@ class Daemon {
     so.start_step = a.start_step();
     so.init_from_safetensors = options_.init_from;
     so.wait_timeout = options_.wait_timeout;
+    so.threads = options_.threads;
     so.log = [this](const std::string& line) { log_(line); };
     if (!options_.init_from.empty() && a.start_step() > 0) {
       log_(absl::StrCat("resuming from step ", a.start_step(),

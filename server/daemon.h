@@ -62,6 +62,9 @@ struct DaemonOptions {
   std::string init_from;       // safetensors initial weights
   absl::Duration wait_timeout = absl::Seconds(60);
   absl::Duration assemble_timeout = absl::Seconds(120);
+  // Threads of the shard's gradient norm and optimizer step
+  // (ShardOptions::threads).
+  int threads = 1;
   // How long the shard serves on while the scheduler is unreachable (it may
   // be restarting: the shard then rejoins it) before giving up.
   absl::Duration scheduler_grace = absl::Seconds(60);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace lmps {
 
@@ -10,16 +11,35 @@ double ClipScale(double grad_clip, double global_norm) {
   return std::min(1.0, grad_clip / (global_norm + 1e-6));
 }
 
-double MeanAndSumSquares(float replicas, absl::Span<float> g,
-                         double sum_squares) {
+double BlockMeanAndSumSquares(float replicas, absl::Span<float> g) {
   // Two loops: the division vectorizes; the sum is one chain of dependent
   // double additions (its order fixes the rounding).
   float* __restrict gp = g.data();
   const size_t n = g.size();
   for (size_t i = 0; i < n; ++i) gp[i] /= replicas;
+  double sum_squares = 0;
   for (size_t i = 0; i < n; ++i) {
     sum_squares += static_cast<double>(gp[i]) * gp[i];
   }
+  return sum_squares;
+}
+
+double ShardMeanAndSumSquares(float replicas,
+                              absl::Span<const absl::Span<float>> chunks,
+                              ThreadPool* pool) {
+  std::vector<int64_t> sizes;
+  sizes.reserve(chunks.size());
+  for (const absl::Span<float>& c : chunks) {
+    sizes.push_back(static_cast<int64_t>(c.size()));
+  }
+  std::vector<double> block_sums(NumBlocks(sizes, kNormBlockElements));
+  ParallelForBlocks(pool, sizes, kNormBlockElements,
+                    [&](int task, int chunk, int64_t begin, int64_t end) {
+                      block_sums[task] = BlockMeanAndSumSquares(
+                          replicas, chunks[chunk].subspan(begin, end - begin));
+                    });
+  double sum_squares = 0;
+  for (double b : block_sums) sum_squares += b;
   return sum_squares;
 }
 

@@ -28,6 +28,7 @@
 
 #include "absl/types/span.h"
 #include "common/model/learning_rate.h"
+#include "common/threads/thread_pool.h"
 #include "proto/lmps.pb.h"
 
 namespace lmps {
@@ -35,13 +36,24 @@ namespace lmps {
 // Gradient multiplier for a global L2 norm; see above.
 double ClipScale(double grad_clip, double global_norm);
 
-// The mean of a summed gradient and its squared L2 norm, as the shards and
-// the ring all-reduce workers compute them: divides g[i] by `replicas` in
-// place, then returns sum_squares + the sum of (double) g[i]^2 added in
-// index order (so a caller continuing over several spans gets the sum over
-// all of them in one order, bitwise reproducible).
-double MeanAndSumSquares(float replicas, absl::Span<float> g,
-                         double sum_squares);
+// The mean of a summed gradient and its squared L2 norm, computed the same
+// way by the shards and the ring all-reduce workers (bitwise, whatever the
+// number of threads):
+//   - a chunk is cut into blocks of kNormBlockElements (the last shorter);
+//   - a block's sum is the sum of (double) g[i]^2 in index order, after
+//     dividing its g[i] by `replicas` (BlockMeanAndSumSquares);
+//   - a shard's sum adds its blocks' sums, chunk by chunk in the shard's
+//     order, block by block (ShardMeanAndSumSquares; the blocks may run on
+//     a pool's threads);
+//   - the job's sum adds the shards' sums in shard order, starting from 0
+//     (PsClient::GradNorm).
+inline constexpr int64_t kNormBlockElements = int64_t{1} << 16;
+double BlockMeanAndSumSquares(float replicas, absl::Span<float> g);
+// `chunks`: the shard's chunks of the summed gradient, divided in place.
+// pool: nullptr runs the blocks on the calling thread.
+double ShardMeanAndSumSquares(float replicas,
+                              absl::Span<const absl::Span<float>> chunks,
+                              ThreadPool* pool);
 
 // Number of fp32 state buffers per parameter: 2 for AdamW (m, v), 1 for SGD
 // (momentum buffer).

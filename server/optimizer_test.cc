@@ -1,5 +1,6 @@
 #include "server/optimizer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -258,24 +259,36 @@ TEST(SgdTest, BitwiseEqualToTheScalarLoop) {
   }
 }
 
-TEST(MeanAndSumSquaresTest, DividesAndSumsInIndexOrderAcrossSpans) {
+// The shards' gradient norm: per chunk in blocks of kNormBlockElements,
+// each block's squares summed in index order, the blocks' sums added in
+// order; the same bits on one thread and on a pool of 3.
+TEST(ShardMeanAndSumSquaresTest, BlocksInOrderWhateverTheThreads) {
   std::mt19937 rng(3);
-  std::vector<float> a = Random(1001, 3.0f, &rng), b = Random(37, 1e-3f, &rng);
-  // The reference: one loop over a then b, as the shards used to run it.
-  std::vector<float> ra = a, rb = b;
+  const std::vector<size_t> sizes = {150000, 3, size_t{1} << 16, 0, 70001};
+  std::vector<std::vector<float>> grads;
+  for (size_t n : sizes) grads.push_back(Random(n, 3.0f, &rng));
+  // The reference, written out.
+  std::vector<std::vector<float>> ref = grads;
   double want = 0;
-  for (std::vector<float>* v : {&ra, &rb}) {
-    for (float& x : *v) {
-      x /= 3.0f;
-      want += static_cast<double>(x) * x;
+  for (std::vector<float>& g : ref) {
+    for (size_t b = 0; b < g.size(); b += kNormBlockElements) {
+      double block = 0;
+      for (size_t i = b; i < std::min(g.size(), b + kNormBlockElements); ++i) {
+        g[i] /= 3.0f;
+        block += static_cast<double>(g[i]) * g[i];
+      }
+      want += block;
     }
   }
-  double got = MeanAndSumSquares(3.0f, absl::MakeSpan(a), 0);
-  got = MeanAndSumSquares(3.0f, absl::MakeSpan(b), got);
-  EXPECT_EQ(got, want);  // bitwise: the same additions in the same order
-  ExpectBitwiseEqual(a, ra, "a");
-  ExpectBitwiseEqual(b, rb, "b");
-  EXPECT_EQ(MeanAndSumSquares(2.0f, {}, 1.5), 1.5);
+  ThreadPool pool(3);
+  for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
+    std::vector<std::vector<float>> g = grads;
+    std::vector<absl::Span<float>> chunks;
+    for (std::vector<float>& c : g) chunks.push_back(absl::MakeSpan(c));
+    EXPECT_EQ(ShardMeanAndSumSquares(3.0f, chunks, p), want);  // bitwise
+    for (size_t c = 0; c < g.size(); ++c) ExpectBitwiseEqual(g[c], ref[c], "g");
+  }
+  EXPECT_EQ(ShardMeanAndSumSquares(2.0f, {}, nullptr), 0.0);
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 //               [--advertise_host=127.0.0.1] [--shard=-1]
 //               [--checkpoint_dir=DIR] [--init_from=model.safetensors]
 //               [--wait_timeout_s=60] [--assemble_timeout_s=120]
+//               [--threads=0]
 //               [--tls_ca=ca.crt --tls_cert=server.crt --tls_key=server.key]
 //               [--auth_token_file=token]
 //
@@ -21,6 +22,7 @@
 #include <pthread.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <string>
 #include <thread>
@@ -54,6 +56,9 @@ ABSL_FLAG(std::string, init_from, "",
           "safetensors file with initial weights (ignored when resuming)");
 ABSL_FLAG(int, wait_timeout_s, 60,
           "Longest wait of a Pull or GradNorm for other workers, seconds");
+ABSL_FLAG(int, threads, 0,
+          "Threads of the shard's gradient norm and optimizer step (results "
+          "are the same for any count); 0: one per core, at most 8");
 ABSL_FLAG(int, scheduler_grace_s, 60,
           "keep serving while the scheduler is unreachable this long (it may "
           "be restarting; the shard rejoins it), then exit with an error");
@@ -88,6 +93,11 @@ int main(int argc, char** argv) {
   options.wait_timeout = absl::Seconds(absl::GetFlag(FLAGS_wait_timeout_s));
   options.scheduler_grace =
       absl::Seconds(absl::GetFlag(FLAGS_scheduler_grace_s));
+  options.threads = absl::GetFlag(FLAGS_threads);
+  if (options.threads == 0) {
+    options.threads = static_cast<int>(
+        std::clamp(std::thread::hardware_concurrency(), 1u, 8u));
+  }
   options.assemble_timeout =
       absl::Seconds(absl::GetFlag(FLAGS_assemble_timeout_s));
   absl::StatusOr<lmps::DaemonMetrics> metrics =
@@ -111,6 +121,11 @@ int main(int argc, char** argv) {
   options.security = *std::move(security);
   if (options.scheduler.empty()) {
     std::fprintf(stderr, "%s --scheduler=host:port is required (see --help)\n",
+                 prefix.c_str());
+    return 1;
+  }
+  if (options.threads < 1) {
+    std::fprintf(stderr, "%s --threads must be >= 0 (0: one per core)\n",
                  prefix.c_str());
     return 1;
   }

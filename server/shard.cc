@@ -34,6 +34,10 @@ absl::StatusOr<std::unique_ptr<ParameterShard>> ParameterShard::Create(
         absl::StrCat("shard ", options.shard, " is out of range: the job has ",
                      num_shards, " shards"));
   }
+  if (options.threads < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("threads must be >= 1, got ", options.threads));
+  }
   if (options.start_step < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("start_step must be >= 0, got ", options.start_step));
@@ -51,7 +55,9 @@ absl::StatusOr<std::unique_ptr<ParameterShard>> ParameterShard::Create(
   if (options.wait_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("wait_timeout must be positive");
   }
+  const int threads = options.threads;
   std::unique_ptr<ParameterShard> shard(new ParameterShard(std::move(options)));
+  if (threads > 1) shard->pool_ = std::make_unique<ThreadPool>(threads);
   if (absl::Status s = shard->Init(); !s.ok()) return s;
   return shard;
 }
@@ -170,16 +176,20 @@ void ParameterShard::OptimizerStepLocked(const std::vector<const float*>& grads,
                                          float scale, double lr,
                                          int64_t update) {
   const OptimizerConfig& opt = options_.spec.optimizer();
-  for (size_t i = 0; i < chunks_.size(); ++i) {
-    Chunk& c = chunks_[i];
-    const absl::Span<const float> g(grads[i], c.size());
-    std::vector<absl::Span<float>> state;
-    for (std::vector<float>& buffer : c.state) {
-      state.push_back(absl::MakeSpan(buffer));
-    }
-    OptimizerStep(opt, lr, update, c.tensor->weight_decay, scale, g,
-                  absl::MakeSpan(c.params), state);
-  }
+  // Element-wise: any split gives the same result.
+  ParallelForBlocks(
+      pool_.get(), chunk_sizes_, kNormBlockElements,
+      [&](int, int i, int64_t begin, int64_t end) {
+        Chunk& c = chunks_[i];
+        const int64_t n = end - begin;
+        std::vector<absl::Span<float>> state;
+        for (std::vector<float>& buffer : c.state) {
+          state.push_back(absl::MakeSpan(buffer.data() + begin, n));
+        }
+        OptimizerStep(opt, lr, update, c.tensor->weight_decay, scale,
+                      absl::MakeSpan(grads[i] + begin, n),
+                      absl::MakeSpan(c.params.data() + begin, n), state);
+      });
 }
 
 }  // namespace lmps

@@ -48,6 +48,7 @@
 #include "absl/time/time.h"
 #include "common/model/model_spec.h"
 #include "common/wire/chunk_wire.h"
+#include "common/threads/thread_pool.h"
 #include "proto/lmps.pb.h"
 #include "server/checkpoint.h"
 
@@ -71,6 +72,10 @@ struct ShardOptions {
   std::string init_from_safetensors;
   // Upper bound of every wait (GradNorm, Pull).
   absl::Duration wait_timeout = absl::Seconds(60);
+  // Threads (>= 1, the calling one included) of the gradient norm and the
+  // optimizer step, in blocks of kNormBlockElements (server/optimizer.h);
+  // results are bitwise the same for every count.
+  int threads = 1;
   // Progress and error lines (checkpoints written, ...); may be empty.
   std::function<void(const std::string&)> log;
 };
@@ -396,6 +401,8 @@ class ParameterShard {
   int64_t num_elements_ = 0;
   int64_t model_elements_ = 0;  // of the whole model
   double async_clip_fraction_ = 1;  // sqrt(num_elements_ / model_elements_)
+  // options_.threads; used under mu_ only (one ParallelFor at a time).
+  std::unique_ptr<ThreadPool> pool_;
 
   mutable absl::Mutex mu_;
   std::vector<Chunk> chunks_ ABSL_GUARDED_BY(mu_);

@@ -258,14 +258,12 @@ int64_t ParameterShard::gradient_bytes() const {
 
 void ParameterShard::ReduceLocked(StepGrads* slot) {
   if (slot->reduced) return;
-  const float dp = static_cast<float>(dp_);
-  double sum_squares = 0;
+  std::vector<absl::Span<float>> sums;
   for (size_t c = 0; c < chunks_.size(); ++c) {
-    sum_squares = MeanAndSumSquares(
-        dp, absl::MakeSpan(slot->sum[c].data(), chunks_[c].size()),
-        sum_squares);
+    sums.push_back(absl::MakeSpan(slot->sum[c].data(), chunks_[c].size()));
   }
-  slot->sum_squares = sum_squares;
+  slot->sum_squares = ShardMeanAndSumSquares(static_cast<float>(dp_), sums,
+                                             pool_.get());
   slot->reduced = true;
 }
 

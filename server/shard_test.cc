@@ -3,8 +3,11 @@
 // tensor-parallel parts: shard_parts_test.cc).
 #include "server/shard_test_util.h"
 
+#include <algorithm>
 #include <cstring>
 #include <functional>
+
+#include "server/optimizer.h"
 
 namespace lmps {
 namespace shard_test {
@@ -170,6 +173,45 @@ TEST(ShardTest, ResultIndependentOfArrivalOrder) {
   ASSERT_TRUE(a->Apply(0, ssa).ok());
   ASSERT_TRUE(b->Apply(0, ssb).ok());
   EXPECT_EQ(Bytes(a->Snapshot()), Bytes(b->Snapshot()));
+}
+
+// The gradient norm and the optimizer step run in blocks of
+// kNormBlockElements on the shard's threads: chunks of several blocks, AdamW
+// with decay and clipping, three steps; the same bits with 1 and 3 threads.
+TEST(ShardTest, ThreadsDoNotChangeTheResult) {
+  JobSpec spec = Spec(2, 1, ADAMW);
+  spec.mutable_model()->set_n_embd(128);
+  spec.mutable_model()->set_vocab_size(1100);  // wte: 140800 elements
+  spec.set_max_chunk_bytes(1 << 20);
+  spec.set_max_message_bytes(4 << 20);
+  spec.mutable_optimizer()->set_weight_decay(0.1f);
+  spec.mutable_optimizer()->set_grad_clip(0.5f);
+  ShardOptions o = Options(spec, 0);
+  o.threads = 0;
+  EXPECT_EQ(ParameterShard::Create(o).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  o.threads = 1;
+  auto one = MakeShard(o);
+  o.threads = 3;
+  auto three = MakeShard(o);
+  ASSERT_NE(one, nullptr);
+  ASSERT_NE(three, nullptr);
+  int64_t largest = 0;
+  for (const auto& c : one->Snapshot().chunks) {
+    largest = std::max<int64_t>(largest, c.params.size());
+  }
+  ASSERT_GT(largest, 2 * kNormBlockElements);
+  for (int64_t step = 0; step < 3; ++step) {
+    for (ParameterShard* s : {one.get(), three.get()}) {
+      for (int r : {0, 1}) ASSERT_TRUE(s->Push(Stream(*s, r, step)).ok());
+    }
+    const double a = *one->GradNorm(step, Soon());
+    const double b = *three->GradNorm(step, Soon());
+    EXPECT_EQ(a, b) << step;
+    ASSERT_TRUE(one->Apply(step, a).ok());
+    ASSERT_TRUE(three->Apply(step, b).ok());
+  }
+  EXPECT_EQ(Bytes(one->Snapshot()), Bytes(three->Snapshot()));
 }
 
 TEST(ShardTest, DuplicatesAreCountedOnce) {

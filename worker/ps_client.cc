@@ -18,6 +18,7 @@
 #include "common/model/parallel_layout.h"
 #include "common/rpc/status_util.h"
 #include "common/wire/raw_call.h"
+#include "server/optimizer.h"
 #include "worker/compression.h"
 
 namespace lmps {
@@ -509,6 +510,18 @@ absl::StatusOr<double> PsClient::GradNorm(int64_t step) {
   double total = 0;
   for (double p : parts) total += p;  // in shard order: deterministic
   return total;
+}
+
+double PsClient::MeanAndSumSquares(float replicas, float* grads) const {
+  double sum_squares = 0;
+  for (const std::vector<LocalPiece>& pieces : push_pieces_) {
+    std::vector<absl::Span<float>> chunks;
+    for (const LocalPiece& p : pieces) {
+      chunks.push_back(absl::MakeSpan(grads + p.local_offset, p.n));
+    }
+    sum_squares += ShardMeanAndSumSquares(replicas, chunks, /*pool=*/nullptr);
+  }
+  return sum_squares;
 }
 
 absl::StatusOr<int64_t> PsClient::Apply(int64_t step, double global_sum_squares) {

@@ -224,6 +224,13 @@ class PsClient {
   // Floats in the flat buffers: the whole model, or with a view
   // HeldElements(pp_rank, tp_rank).
   int64_t num_parameters() const { return num_parameters_; }
+  // Divides the flat gradient buffer `grads` (num_parameters() floats, the
+  // whole-model view) by `replicas` in place and returns its squared L2
+  // norm bitwise as the shards and GradNorm compute it for the same pushed
+  // gradient: per shard over its chunks (ShardMeanAndSumSquares,
+  // server/optimizer.h), added in shard order. The ring all-reduce workers
+  // use it, so their update and the shards' agree to the bit.
+  double MeanAndSumSquares(float replicas, float* grads) const;
   const PsClientStats& stats() const { return stats_; }
 
  private:

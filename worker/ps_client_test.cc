@@ -275,6 +275,34 @@ TEST(PsClientTest, StatsCountPayloadBytesWithoutAView) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// The ring all-reduce workers' local norm equals the shards' GradNorm of
+// the same gradient to the bit (2 shards, many chunks; dp 2: the shards
+// add both ranks' pushes, then divide), and leaves the mean in the buffer.
+TEST(PsClientTest, LocalMeanAndSumSquaresIsTheShardsGradNorm) {
+  JobSpec spec = Spec(1, 1);
+  spec.mutable_layout()->set_dp(2);
+  spec.mutable_train()->set_batch_size(4);
+  Cluster cluster;
+  ASSERT_TRUE(cluster.Start(spec).ok());
+  absl::StatusOr<std::unique_ptr<PsClient>> c = cluster.Client();
+  ASSERT_TRUE(c.ok()) << c.status();
+  const int64_t n = (*c)->num_parameters();
+  std::mt19937 rng(5);
+  std::normal_distribution<float> d(0.0f, 0.3f);
+  std::vector<float> g0(n), g1(n), sum(n);
+  for (int64_t i = 0; i < n; ++i) {
+    g0[i] = d(rng);
+    g1[i] = d(rng);
+    sum[i] = g0[i] + g1[i];
+  }
+  ASSERT_TRUE((*c)->Push(0, "w0", 0, g0.data()).ok());
+  ASSERT_TRUE((*c)->Push(0, "w1", 1, g1.data()).ok());
+  absl::StatusOr<double> shards = (*c)->GradNorm(0);
+  ASSERT_TRUE(shards.ok()) << shards.status();
+  EXPECT_EQ((*c)->MeanAndSumSquares(2.0f, sum.data()), *shards);
+  EXPECT_EQ(sum[n - 1], (g0[n - 1] + g1[n - 1]) / 2.0f);
+}
+
 TEST(PsClientTest, PullDtypeDefaultsToBf16OnlyOnCuda) {
   EXPECT_EQ(ResolvePullDtype(DTYPE_UNSPECIFIED, "cpu"), F32);
   EXPECT_EQ(ResolvePullDtype(DTYPE_UNSPECIFIED, "cuda"), BF16);

@@ -142,8 +142,8 @@ absl::Status DataParallelTrainer::RingStep(int64_t step) {
       options_.dp_ring->AllReduceSum(model_->backend(), model_->grads(), n));
   LMPS_RETURN_IF_ERROR(model_->GradientsToHost(host_grads_.data()));
   const float dp = static_cast<float>(spec.layout().dp());
-  const double sum_squares = MeanAndSumSquares(
-      dp, absl::MakeSpan(host_grads_.data(), n), /*sum_squares=*/0);
+  // The shards' norm of the same gradient, bitwise.
+  const double sum_squares = ps_->MeanAndSumSquares(dp, host_grads_.data());
   if (!std::isfinite(sum_squares)) {
     return absl::InternalError(absl::StrCat(
         "non-finite averaged gradient at step ", step, " (ring all-reduce)"));

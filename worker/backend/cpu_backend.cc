@@ -10,7 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "worker/backend/cpu_vec.h"
-#include "worker/backend/thread_pool.h"
+#include "common/threads/thread_pool.h"
 
 namespace lmps {
 namespace {

@@ -3,7 +3,7 @@
 // Matrix products (the linear layers and, per (batch, head), the attention
 // scores and their products with v) go through OpenBLAS cblas_sgemm; the
 // other kernels are SIMD loops. All parallelism comes from one ThreadPool
-// (thread_pool.h) of options.num_threads threads: OpenBLAS is set to one
+// (common/threads/thread_pool.h) of options.num_threads threads: OpenBLAS is set to one
 // thread and each task calls it on a slice of the product (a second thread
 // pool would fight ours for the cores). Work is handed out dynamically, so
 // a core taken by another process slows a step down gracefully instead of

@@ -1,4 +1,4 @@
-#include "worker/backend/thread_pool.h"
+#include "common/threads/thread_pool.h"
 
 #include <atomic>
 #include <vector>
@@ -40,6 +40,28 @@ TEST(ThreadPoolTest, NonPositiveThreadCountMeansOne) {
   int sum = 0;
   pool.ParallelFor(5, [&](int i) { sum += i; });
   EXPECT_EQ(sum, 10);
+}
+
+TEST(ParallelForBlocksTest, EveryBlockOnceNumberedPartByPart) {
+  const std::vector<int64_t> sizes = {5, 0, 4, 1};
+  EXPECT_EQ(NumBlocks(sizes, 2), 3 + 0 + 2 + 1);
+  for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), new ThreadPool(3)}) {
+    std::vector<std::vector<int>> owner = {std::vector<int>(5, -1), {},
+                                           std::vector<int>(4, -1), {-1}};
+    std::vector<std::atomic<int>> runs(6);
+    ParallelForBlocks(pool, sizes, 2,
+                      [&](int task, int part, int64_t begin, int64_t end) {
+                        runs[task].fetch_add(1);
+                        for (int64_t i = begin; i < end; ++i) {
+                          owner[part][i] = task;
+                        }
+                      });
+    for (auto& r : runs) EXPECT_EQ(r.load(), 1);
+    EXPECT_EQ(owner[0], (std::vector<int>{0, 0, 1, 1, 2}));
+    EXPECT_EQ(owner[2], (std::vector<int>{3, 3, 4, 4}));
+    EXPECT_EQ(owner[3], (std::vector<int>{5}));
+    delete pool;
+  }
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
-#include "worker/backend/thread_pool.h"
+#include "common/threads/thread_pool.h"
 
+#include <algorithm>
 #include <chrono>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -113,6 +114,38 @@ void ThreadPool::ParallelFor(int n, absl::FunctionRef<void(int)> fn) {
       std::this_thread::yield();
     }
   }
+}
+
+int64_t NumBlocks(absl::Span<const int64_t> sizes, int64_t block) {
+  int64_t n = 0;
+  for (int64_t size : sizes) n += (size + block - 1) / block;
+  return n;
+}
+
+void ParallelForBlocks(
+    ThreadPool* pool, absl::Span<const int64_t> sizes, int64_t block,
+    absl::FunctionRef<void(int task, int part, int64_t begin, int64_t end)>
+        fn) {
+  struct Block {
+    int part;
+    int64_t begin;
+    int64_t end;
+  };
+  std::vector<Block> blocks;
+  blocks.reserve(NumBlocks(sizes, block));
+  for (size_t p = 0; p < sizes.size(); ++p) {
+    for (int64_t b = 0; b < sizes[p]; b += block) {
+      blocks.push_back({static_cast<int>(p), b, std::min(sizes[p], b + block)});
+    }
+  }
+  const auto run = [&](int i) {
+    fn(i, blocks[i].part, blocks[i].begin, blocks[i].end);
+  };
+  if (pool == nullptr || blocks.size() < 2) {
+    for (size_t i = 0; i < blocks.size(); ++i) run(static_cast<int>(i));
+    return;
+  }
+  pool->ParallelFor(static_cast<int>(blocks.size()), run);
 }
 
 }  // namespace lmps

@@ -1,4 +1,5 @@
-// ThreadPool: a small fork-join pool for the CPU backend's kernels.
+// ThreadPool: a small fork-join pool (the CPU backend's kernels, the parameter
+// shards' gradient norm and optimizer step).
 //
 // ParallelFor(n, fn) runs fn(0) .. fn(n-1) on the calling thread and
 // num_threads - 1 worker threads and returns when all have finished. Tasks
@@ -15,8 +16,8 @@
 //
 // Thread-safety: ParallelFor may be called by one thread at a time and is
 // not reentrant (fn must not call ParallelFor on the same pool).
-#ifndef LMPS_WORKER_BACKEND_THREAD_POOL_H_
-#define LMPS_WORKER_BACKEND_THREAD_POOL_H_
+#ifndef LMPS_COMMON_THREADS_THREAD_POOL_H_
+#define LMPS_COMMON_THREADS_THREAD_POOL_H_
 
 #include <atomic>
 #include <condition_variable>
@@ -26,6 +27,7 @@
 #include <vector>
 
 #include "absl/functional/function_ref.h"
+#include "absl/types/span.h"
 
 namespace lmps {
 
@@ -73,6 +75,19 @@ class ThreadPool {
   std::atomic<int> done_{0};             // tasks finished in this job
 };
 
+// Block-wise work over several arrays ("parts" of sizes[p] elements): the
+// blocks are [k * block, min((k + 1) * block, size)) of each part, numbered
+// part by part, block by block (0 .. NumBlocks - 1). ParallelForBlocks runs
+// fn(task, part, begin, end) once per block on `pool` (nullptr: one by one
+// on the calling thread, in order). Which thread runs a block varies; the
+// blocks themselves do not, so per-block results combined in task order
+// are the same for every pool size.
+int64_t NumBlocks(absl::Span<const int64_t> sizes, int64_t block);
+void ParallelForBlocks(
+    ThreadPool* pool, absl::Span<const int64_t> sizes, int64_t block,
+    absl::FunctionRef<void(int task, int part, int64_t begin, int64_t end)>
+        fn);
+
 }  // namespace lmps
 
-#endif  // LMPS_WORKER_BACKEND_THREAD_POOL_H_
+#endif  // LMPS_COMMON_THREADS_THREAD_POOL_H_
