@@ -193,6 +193,10 @@ class WorkerSession {
     // model's buffers, the peers) can outlast the lease on a big model or a
     // busy machine, and a worker that is only setting up must keep its slot.
     // OnHeartbeat acts on the answers once training runs.
+    {
+      absl::MutexLock lock(&mu_);
+      latest_.step = assignment_.start_step();  // until Resume knows better
+    }
     heartbeat_ = std::make_unique<HeartbeatLoop>(
         client_.get(), client_->lease() / 3, [this] { return MakeHeartbeat(); },
         [this](const absl::StatusOr<HeartbeatResponse>& r) { OnHeartbeat(r); });
