@@ -51,7 +51,7 @@ class PieceSender {
   // `receiving` is the receiving side's status. When it is OK, waits until
   // every queued piece was sent; otherwise drops what is still queued (a
   // send in progress ends at its deadline or when the peer answers). Then
-  // joins the thread. Returns the first error: the sender's when
+  // joins the sending threads. Returns the first error: the sender's when
   // `receiving` is OK or is that same error (a receive stopped by it), the
   // receiving side's with the sender's appended when both failed, else
   // the receiving side's.
