@@ -39,39 +39,12 @@
 #include "worker/step_log.h"
 #include "worker/trainer.h"
 #include "worker/training_loop.h"
+#include "worker/worker_log.h"
 
 namespace lmps {
 namespace {
 
 absl::Status Stopped() { return absl::CancelledError("stopped"); }
-
-// Writes "[id] msg" lines to the options' sink, or to stderr. Copyable:
-// fault-injection hooks keep a copy.
-class WorkerLog {
- public:
-  explicit WorkerLog(std::function<void(const std::string&)> sink)
-      : sink_(std::move(sink)) {}
-
-  void operator()(const std::string& id, const std::string& msg) const {
-    if (sink_) {
-      sink_(absl::StrCat("[", id, "] ", msg));
-      return;
-    }
-    std::fprintf(stderr, "[%s] %s\n", id.c_str(), msg.c_str());
-    std::fflush(stderr);
-  }
-
-  // What the trainers log through (they add no prefix to a sink's lines);
-  // empty without a sink: they write the same lines to stderr themselves.
-  std::function<void(const std::string&)> For(const std::string& id) const {
-    if (!sink_) return nullptr;
-    WorkerLog log = *this;
-    return [log, id](const std::string& line) { log(id, line); };
-  }
-
- private:
-  std::function<void(const std::string&)> sink_;
-};
 
 // What joining the job came to.
 enum class JoinResult {
