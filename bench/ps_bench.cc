@@ -82,6 +82,9 @@ ABSL_FLAG(int64_t, max_message_bytes, 0,
           "job's max_message_bytes (0: the spec default, 4 MiB)");
 ABSL_FLAG(int64_t, max_push_stream_bytes, 0,
           "job's max_push_stream_bytes (0: the spec default, 8 MiB)");
+ABSL_FLAG(bool, shared_memory, true,
+          "job's shared_memory: AUTO (true: payloads through shared memory "
+          "between processes on this host) or OFF (false: the socket)");
 ABSL_FLAG(int, streams_per_shard, 0,
           "job's streams_per_shard (0: the spec default, 1)");
 ABSL_FLAG(int64_t, max_chunk_bytes, 0,
@@ -288,6 +291,9 @@ absl::StatusOr<JobSpec> MakeSpec(int shards) {
   if (absl::GetFlag(FLAGS_max_push_stream_bytes) > 0) {
     spec.set_max_push_stream_bytes(absl::GetFlag(FLAGS_max_push_stream_bytes));
   }
+  if (!absl::GetFlag(FLAGS_shared_memory)) {
+    spec.set_shared_memory(SHARED_MEMORY_OFF);
+  }
   if (absl::GetFlag(FLAGS_streams_per_shard) > 0) {
     spec.set_streams_per_shard(absl::GetFlag(FLAGS_streams_per_shard));
   }
@@ -416,6 +422,8 @@ absl::Status Run(const std::string& work_dir) {
     options.max_message_bytes = assignment->spec().max_message_bytes();
     options.max_push_stream_bytes = assignment->spec().max_push_stream_bytes();
     options.streams_per_shard = assignment->spec().streams_per_shard();
+    options.shared_memory =
+        assignment->spec().shared_memory() == SHARED_MEMORY_AUTO;
     options.push_dtype = push_dtype;
     return PsClient::Create(assignment->spec().model(), assignment->partition(),
                             channels, addresses, options);

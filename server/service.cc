@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/rpc/status_util.h"
+#include "common/shm/payloads.h"
 #include "common/wire/chunk_wire.h"
 
 namespace lmps {
@@ -84,17 +85,50 @@ class ParameterServerService::PushReactor
   void OnDone() override { delete this; }
 
  private:
+  // The worker's region a message names (PushRequest.shm), if any.
+  absl::StatusOr<std::shared_ptr<const SharedRegion>> MessageRegion(
+      const std::string& serialized) {
+    if (serialized.empty()) return nullptr;
+    SharedRegionDesc desc;
+    if (!desc.ParseFromString(serialized)) {
+      return absl::InvalidArgumentError("push names a malformed shm region");
+    }
+    return service_->Region(desc);
+  }
+
   absl::StatusOr<PushResponse> Push() {
     if (target_.replicated != nullptr) {
+      // Forwarded to the backup as generated messages: shared-memory
+      // payloads are copied in.
       std::vector<PushRequest> messages(stream_.size());
       for (size_t m = 0; m < stream_.size(); ++m) {
         LMPS_RETURN_IF_ERROR(ParseProto(stream_[m], &messages[m]));
+        if (!messages[m].has_shm()) continue;
+        absl::StatusOr<std::shared_ptr<const SharedRegion>> region =
+            MessageRegion(messages[m].shm().SerializeAsString());
+        if (!region.ok()) return region.status();
+        for (ChunkSlice& slice : *messages[m].mutable_slices()) {
+          LMPS_RETURN_IF_ERROR(InlineSharedPayloads(**region, &slice));
+        }
+        messages[m].clear_shm();
       }
       return target_.replicated->Push(messages);
     }
     std::vector<PushRequestView> views(stream_.size());
+    // Regions stay mapped until the stream is taken.
+    std::vector<std::shared_ptr<const SharedRegion>> held;
     for (size_t m = 0; m < stream_.size(); ++m) {
       LMPS_RETURN_IF_ERROR(ParsePushRequest(stream_[m], &views[m]));
+      if (!HasSharedPayloads(views[m].slices)) continue;
+      absl::StatusOr<std::shared_ptr<const SharedRegion>> region =
+          MessageRegion(views[m].header.shm);
+      if (!region.ok()) return region.status();
+      if (*region == nullptr) {
+        return absl::InvalidArgumentError(
+            "push slices name shared memory but the message names no region");
+      }
+      LMPS_RETURN_IF_ERROR(AttachSharedPayloads(**region, &views[m].slices));
+      held.push_back(*std::move(region));
     }
     return shard_->Push(views);
   }
@@ -175,6 +209,9 @@ class ParameterServerService::PullReactor
     } else {
       plan = target_.shard->StartPull(request_, deadline_);
     }
+    if (plan.ok() && request_.has_shm()) {
+      if (absl::Status s = SharedWindow(&*plan); !s.ok()) plan = s;
+    }
     Actions next;
     {
       absl::MutexLock lock(&mu_);
@@ -187,6 +224,24 @@ class ParameterServerService::PullReactor
       next = PumpLocked();
     }
     Run(next);
+  }
+
+  // A shared-memory pull (PullRequest.shm): the plan's part that fits the
+  // worker's window, written there as one message.
+  absl::Status SharedWindow(ParameterShard::PullPlan* plan) {
+    if (request_.with_optimizer_state()) {
+      return absl::InvalidArgumentError(
+          "pulls with the optimizer state do not use shared memory");
+    }
+    absl::StatusOr<std::shared_ptr<const SharedRegion>> region =
+        service_->Region(request_.shm());
+    if (!region.ok()) return region.status();
+    region_ = *std::move(region);
+    LMPS_RETURN_IF_ERROR(
+        region_->CheckRange(request_.shm_offset(), request_.shm_bytes()));
+    return ParameterShard::FitSharedWindow(
+        request_.first_message(), region_->data(), request_.shm_offset(),
+        request_.shm_bytes(), plan);
   }
 
   // On the work pool: message e into its buffer.
@@ -242,6 +297,8 @@ class ParameterServerService::PullReactor
   const Target target_;
   const PullRequest request_;
   const absl::Time deadline_;
+  // The worker's region of a shared-memory pull (set by Start).
+  std::shared_ptr<const SharedRegion> region_;
   absl::Mutex mu_;
   // Set once by Start (under mu_) before any encoding or write reads it.
   ParameterShard::PullPlan plan_;
@@ -341,6 +398,14 @@ ParameterServerService::Target ParameterServerService::target() const {
 
 void ParameterServerService::Log(const std::string& line) const {
   if (options_.log) options_.log(line);
+}
+
+absl::StatusOr<std::shared_ptr<const SharedRegion>>
+ParameterServerService::Region(const SharedRegionDesc& desc) {
+  absl::StatusOr<std::shared_ptr<const SharedRegion>> region =
+      regions_.Get(desc);
+  if (!region.ok()) Log(region.status().ToString());
+  return region;
 }
 
 int64_t ParameterServerService::MaxPushBytes(

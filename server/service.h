@@ -50,6 +50,7 @@
 #include "proto/lmps.grpc.pb.h"
 #include "server/replication.h"
 #include "server/rpc_work_pool.h"
+#include "common/shm/shared_region.h"
 #include "server/shard.h"
 
 namespace lmps {
@@ -121,10 +122,14 @@ class ParameterServerService final
       std::function<grpc::Status(const Target&)> fn);
   int64_t MaxPushBytes(const ParameterShard& shard) const;
   Target target() const;
+  // The worker's shared-memory region a request names (docs/transport.md).
+  absl::StatusOr<std::shared_ptr<const SharedRegion>> Region(
+      const SharedRegionDesc& desc);
 
   const ServiceOptions options_;
   mutable absl::Mutex mu_;
   Target target_ ABSL_GUARDED_BY(mu_);
+  RegionCache regions_;
   // Declared last: destroyed (joined) first, while the members above live.
   std::unique_ptr<RpcWorkPool> work_pool_;
   std::unique_ptr<RpcWorkPool> wait_pool_;

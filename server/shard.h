@@ -140,6 +140,12 @@ class ParameterShard {
     DType dtype = F32;
     bool with_state = false;  // request.with_optimizer_state
     std::vector<std::vector<PullPiece>> messages;  // at least one (empty)
+    // Shared-memory pulls (PullRequest.shm; FitSharedWindow): EncodePull
+    // writes the payloads at shm + shm_offset on, 64-byte aligned, and the
+    // slices name their bytes (the caller keeps the region mapped).
+    char* shm = nullptr;
+    int64_t shm_offset = 0;
+    int32_t next_message = 0;  // PullResponse.next_message
   };
   absl::StatusOr<PullPlan> StartPull(const PullRequest& request,
                                      absl::Time deadline);
@@ -147,6 +153,14 @@ class ParameterShard {
   // the payloads are encoded once into the slices gRPC sends).
   absl::Status EncodePull(const PullPlan& plan, size_t i,
                           grpc::ByteBuffer* out) const;
+  // A shared-memory pull's part of `plan` (PullRequest.shm): its messages
+  // from `first` on, as many whole ones as fit in `window_bytes`, as one
+  // message written at `shm` + `shm_offset`; sets next_message.
+  // InvalidArgument for `first` outside the plan; FailedPrecondition
+  // (kSharedMemoryRefused) when not even message `first` fits.
+  static absl::Status FitSharedWindow(int32_t first, char* shm,
+                                      int64_t shm_offset,
+                                      int64_t window_bytes, PullPlan* plan);
 
   // Elastic data parallelism (StopAtRequest in proto/lmps.proto): stop at
   // step boundary `step`: checkpoint `step` once version `step` exists,

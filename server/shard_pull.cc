@@ -9,6 +9,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/shm/payloads.h"
+#include "common/shm/shared_region.h"
 #include "common/wire/chunk_wire.h"
 #include "server/shard_internal.h"
 #include "server/tensor_codec.h"
@@ -180,9 +182,48 @@ absl::Status ParameterShard::PullStoppedLocked() const {
       stop_at_));
 }
 
+absl::Status ParameterShard::FitSharedWindow(int32_t first, char* shm,
+                                             int64_t shm_offset,
+                                             int64_t window_bytes,
+                                             PullPlan* plan) {
+  const int32_t n = static_cast<int32_t>(plan->messages.size());
+  if (first < 0 || first >= n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pull first_message ", first, " is outside the pull's ",
+                     n, " messages"));
+  }
+  const int elem = DTypeSize(plan->dtype);
+  std::vector<PullPiece> fitted;
+  int64_t used = 0;
+  int32_t m = first;
+  for (; m < n; ++m) {
+    int64_t bytes = 0;
+    for (const PullPiece& p : plan->messages[m]) {
+      bytes += SharedPayloadSpan((p.end - p.begin) * elem);
+    }
+    if (used + bytes > window_bytes) break;
+    used += bytes;
+    fitted.insert(fitted.end(), plan->messages[m].begin(),
+                  plan->messages[m].end());
+  }
+  if (m == first) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        kSharedMemoryRefused, "a window of ", window_bytes,
+        " bytes does not hold message ", first,
+        " of the pull (the worker's max_push_stream_bytes is below the "
+        "shard's max_message_bytes?)"));
+  }
+  plan->messages.assign(1, std::move(fitted));
+  plan->shm = shm;
+  plan->shm_offset = shm_offset;
+  plan->next_message = m < n ? m : 0;
+  return absl::OkStatus();
+}
+
 absl::Status ParameterShard::EncodePull(const PullPlan& plan, size_t i,
                                         grpc::ByteBuffer* out) const {
   std::vector<ChunkSliceOut> slices;
+  int64_t shm_at = plan.shm_offset;
   {
     absl::ReaderMutexLock lock(&mu_);
     if (shutdown_) {
@@ -201,6 +242,15 @@ absl::Status ParameterShard::EncodePull(const PullPlan& plan, size_t i,
       s.chunk = c.desc.index();
       s.offset = p.begin;
       s.dtype = plan.dtype;
+      if (plan.shm != nullptr) {
+        // Into the worker's shared memory, which the slice names.
+        s.shm_offset = shm_at;
+        s.shm_bytes = n * elem;
+        EncodePayloadTo(plan.dtype, c.params.data() + p.begin, n,
+                        plan.shm + shm_at);
+        shm_at += SharedPayloadSpan(n * elem);
+        continue;
+      }
       // Encoded once, straight from the parameters into the slice gRPC
       // sends (common/wire/chunk_wire.h).
       s.data = NewPayloadSlice(n * elem);
@@ -215,7 +265,7 @@ absl::Status ParameterShard::EncodePull(const PullPlan& plan, size_t i,
       }
     }
   }
-  *out = SerializePullResponse(plan.version, slices);
+  *out = SerializePullResponse(plan.version, slices, plan.next_message);
   return absl::OkStatus();
 }
 

@@ -5,9 +5,12 @@
 #include <iterator>
 #include <limits>
 #include <map>
+#include <optional>
 #include <set>
 #include <thread>
 
+#include "absl/cleanup/cleanup.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
@@ -17,6 +20,7 @@
 #include "common/model/model_spec.h"
 #include "common/model/parallel_layout.h"
 #include "common/rpc/status_util.h"
+#include "common/shm/payloads.h"
 #include "common/wire/raw_call.h"
 #include "server/optimizer.h"
 #include "worker/compression.h"
@@ -407,11 +411,34 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
   header.partition_version = partition_version_;
   header.pp_rank = pp_rank_;
   header.tp_rank = tp_rank_;
+  // Shared memory: the stream's dense payloads in one window, if they fit
+  // (each slice 64-byte aligned; a message boundary splits at most one
+  // piece into one more slice).
+  WindowPool* windows = compress_ ? nullptr : SharedWindows(s);
+  std::optional<int64_t> window;
+  if (windows != nullptr) {
+    const int width = options_.push_dtype == BF16 ? 2 : 4;
+    int64_t need = 0, elems = 0;
+    for (const LocalPiece* p : pieces) {
+      need += SharedPayloadSpan(p->n * width);
+      elems += p->n;
+    }
+    need += 64 * (elems / max_elems + 1);
+    if (need <= windows->window_bytes()) window = windows->Acquire();
+  }
+  absl::Cleanup release = [&] {
+    if (window.has_value()) windows->Release(*window);
+  };
+  char* shm = window.has_value() ? windows->region().data() : nullptr;
+  if (shm != nullptr) {
+    header.shm = windows->region().desc().SerializeAsString();
+  }
   // Builds the next message (at most max_elems elements) into `out`: the
-  // gradient encoded once into the slices gRPC sends, while the message
-  // before it is being written (ClientStreamingCall).
+  // gradient encoded once into the slices gRPC sends (or the window),
+  // while the message before it is being written (ClientStreamingCall).
   size_t piece = 0;
   int64_t off = 0;
+  int64_t shm_at = window.value_or(0);
   auto next = [&](grpc::ByteBuffer* out) -> absl::StatusOr<bool> {
     std::vector<ChunkSliceOut> slices;
     int64_t in_msg = 0, msg_bytes = 0;
@@ -419,12 +446,12 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
       const LocalPiece& p = *pieces[piece];
       const int64_t n = std::min(p.n - off, max_elems - in_msg);
       ChunkSliceOut& slice = slices.emplace_back();
-      LMPS_RETURN_IF_ERROR(
-          EncodePushSlice(step, dp_rank, p, off, n, grads, &slice));
+      LMPS_RETURN_IF_ERROR(EncodePushSlice(step, dp_rank, p, off, n, grads,
+                                           &slice, shm, &shm_at));
       // As CompressedWireBytes counts: payload, indices, INT8's scale.
       msg_bytes += static_cast<int64_t>(slice.data.size() +
                                         slice.indices.size()) +
-                   (slice.dtype == INT8 ? 4 : 0);
+                   slice.shm_bytes + (slice.dtype == INT8 ? 4 : 0);
       in_msg += n;
       off += n;
       if (off == p.n) {
@@ -442,8 +469,15 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
   grpc::ByteBuffer response;
   // An encoding error cancels the stream before it ends, so nothing of it
   // counts on the shard.
-  LMPS_RETURN_IF_ERROR(ClientStreamingCall(Stub(s)->raw.get(), kPushMethod,
-                                           ctx.get(), next, &response));
+  const absl::Status sent = ClientStreamingCall(
+      Stub(s)->raw.get(), kPushMethod, ctx.get(), next, &response);
+  if (shm != nullptr && SharedMemoryRefused(s, sent)) {
+    // Refused before anything was taken: the same stream over the socket.
+    std::move(release).Invoke();
+    window.reset();
+    return PushStream(step, worker_id, dp_rank, grads, s, pieces, max_elems);
+  }
+  LMPS_RETURN_IF_ERROR(sent);
   PushResponse resp;
   LMPS_RETURN_IF_ERROR(ParseProto(response, &resp));
   if (options_.on_shard_push) options_.on_shard_push(s, step, true);
@@ -453,7 +487,8 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
 absl::Status PsClient::EncodePushSlice(int64_t step, int dp_rank,
                                        const LocalPiece& p, int64_t off,
                                        int64_t n, const float* grads,
-                                       ChunkSliceOut* slice) {
+                                       ChunkSliceOut* slice, char* shm,
+                                       int64_t* shm_at) {
   slice->tensor = p.tensor;
   slice->chunk = p.chunk;
   slice->offset = p.chunk_offset + off;
@@ -485,14 +520,72 @@ absl::Status PsClient::EncodePushSlice(int64_t step, int dp_rank,
   }
   slice->dtype = options_.push_dtype;
   const int width = options_.push_dtype == BF16 ? 2 : 4;
-  slice->data = NewPayloadSlice(n * width);
-  char* data = MutableBytes(&slice->data);
+  char* data;
+  if (shm != nullptr) {
+    slice->shm_offset = *shm_at;
+    slice->shm_bytes = n * width;
+    data = shm + *shm_at;
+    *shm_at += SharedPayloadSpan(n * width);
+  } else {
+    slice->data = NewPayloadSlice(n * width);
+    data = MutableBytes(&slice->data);
+  }
   if (options_.push_dtype == BF16) {
     FloatToBf16(src, n, data);
   } else {
     std::memcpy(data, src, n * 4);
   }
   return absl::OkStatus();
+}
+
+int64_t PsClient::WindowBytes() const {
+  // Two pull messages (or a push stream) and their slices' alignment.
+  return std::max<int64_t>(options_.max_push_stream_bytes,
+                           2 * options_.max_message_bytes) +
+         (256 << 10);
+}
+
+WindowPool* PsClient::SharedWindows(int s) {
+  if (!options_.shared_memory) return nullptr;
+  absl::MutexLock lock(&shm_mu_);
+  if (shm_.empty()) {
+    shm_.resize(stubs_.size());
+    shm_off_.assign(stubs_.size(), false);
+  }
+  if (shm_off_[s]) return nullptr;
+  if (shm_[s] == nullptr) {
+    // Per concurrent stream a pull's and a push's window, and two for
+    // layer-wise pulls; a request that finds none free uses the socket.
+    absl::StatusOr<std::unique_ptr<WindowPool>> pool =
+        WindowPool::Create(2 * StreamsPerShard() + 2, WindowBytes());
+    if (!pool.ok()) {
+      shm_off_[s] = true;
+      if (options_.log) {
+        options_.log(absl::StrCat("no shared memory for shard ", s, " (",
+                                  pool.status().ToString(),
+                                  "): payloads go through the socket"));
+      }
+      return nullptr;
+    }
+    shm_[s] = *std::move(pool);
+  }
+  return shm_[s].get();
+}
+
+bool PsClient::SharedMemoryRefused(int s, const absl::Status& status) {
+  if (status.code() != absl::StatusCode::kFailedPrecondition ||
+      !absl::StrContains(status.message(), kSharedMemoryRefused)) {
+    return false;
+  }
+  absl::MutexLock lock(&shm_mu_);
+  if (!shm_off_[s] && options_.log) {
+    options_.log(absl::StrCat("shard ", s, " (", Address(s),
+                              ") cannot map this worker's shared memory (",
+                              status.message(),
+                              "): its payloads go through the socket"));
+  }
+  shm_off_[s] = true;
+  return true;
 }
 
 absl::StatusOr<double> PsClient::GradNorm(int64_t step) {

@@ -63,9 +63,11 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "absl/time/time.h"
 #include "common/model/parallel_layout.h"
+#include "common/shm/shared_region.h"
 #include "common/wire/chunk_wire.h"
 #include "proto/lmps.grpc.pb.h"
 #include "worker/shard_failover.h"
@@ -109,6 +111,12 @@ struct PsClientOptions {
   // while both answer UNAVAILABLE (covers the scheduler's lease, after
   // which it promotes the backup).
   absl::Duration failover_timeout = absl::Seconds(60);
+  // JobSpec.shared_memory AUTO: pull and push payloads go through a
+  // shared-memory region per shard (docs/transport.md) when the shard can
+  // map it, else (another host) through the socket, as with false.
+  bool shared_memory = false;
+  // A line for the worker's log (the fall-back to the socket). May be empty.
+  std::function<void(const std::string&)> log;
 };
 
 struct PsClientStats {
@@ -298,9 +306,12 @@ class PsClient {
                           int dp_rank, const float* grads, int s,
                           absl::Span<const LocalPiece* const> pieces,
                           int64_t max_elems);
+  // With `shm` (a push window's first byte) the payload goes there at
+  // *shm_at, which advances; else into the slice.
   absl::Status EncodePushSlice(int64_t step, int dp_rank, const LocalPiece& p,
                                int64_t off, int64_t n, const float* grads,
-                               ChunkSliceOut* slice);
+                               ChunkSliceOut* slice, char* shm = nullptr,
+                               int64_t* shm_at = nullptr);
   // Writes a pulled slice of shard s into params (and state), checking it
   // is one this worker asked for; adds its elements to *received.
   absl::Status ReceivePulledSlice(int s, const ChunkSliceView& slice,
@@ -308,6 +319,15 @@ class PsClient {
                                   absl::Span<float* const> state,
                                   int64_t* received);
   std::unique_ptr<grpc::ClientContext> Context() const;
+
+  // Shared memory: shard s's window pool, created on first use; nullptr
+  // when shared memory is off for s (the option, a refusal, or no memfd).
+  WindowPool* SharedWindows(int s);
+  // True (and shared memory turned off for s) when `status` is the shard's
+  // refusal of the region (kSharedMemoryRefused): repeat over the socket.
+  bool SharedMemoryRefused(int s, const absl::Status& status);
+  // Bytes of one window: a push stream's payloads, or a pull's messages.
+  int64_t WindowBytes() const;
 
   PsClientOptions options_;
   int64_t num_parameters_ = 0;
@@ -331,6 +351,9 @@ class PsClient {
   std::vector<std::map<std::pair<std::string, int>, std::vector<const LocalPiece*>>>
       index_;
   PsClientStats stats_;
+  absl::Mutex shm_mu_;
+  std::vector<std::unique_ptr<WindowPool>> shm_ ABSL_GUARDED_BY(shm_mu_);
+  std::vector<bool> shm_off_ ABSL_GUARDED_BY(shm_mu_);
   // Compression: residual_[prev_] is the residual after the step before
   // residual_step_, residual_[1 - prev_] the one after residual_step_ (only
   // the pushed elements are used).

@@ -4,12 +4,15 @@
 #include <algorithm>
 #include <cstring>
 #include <iterator>
+#include <optional>
 #include <set>
 #include <thread>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "common/model/bf16.h"
 #include "common/rpc/status_util.h"
+#include "common/shm/payloads.h"
 #include "common/wire/chunk_wire.h"
 #include "common/wire/raw_call.h"
 #include "worker/ps_client.h"
@@ -79,24 +82,66 @@ absl::Status PsClient::PullStream(int64_t step, int s,
     req.set_pp_rank(pp_rank_);
     req.set_tp_rank(tp_rank_);
   }
-  auto ctx = Context();
-  stats_.rpcs++;
   // Each message is parsed in place (common/wire/chunk_wire.h) and its
-  // payloads decoded straight from the received slices into `params`.
+  // payloads decoded straight from the received slices (or the window)
+  // into `params`.
   PullResponseView resp;
   absl::Status bad;
+  const SharedRegion* region = nullptr;  // with a shared-memory window
+  bool first_answer = true;
   auto on_message = [&](const grpc::ByteBuffer& message) -> absl::Status {
     LMPS_RETURN_IF_ERROR(ParsePullResponse(message, &resp));
-    *version = resp.version;
+    if (region != nullptr) {
+      LMPS_RETURN_IF_ERROR(AttachSharedPayloads(*region, &resp.slices));
+    } else if (HasSharedPayloads(resp.slices)) {
+      return absl::DataLossError(
+          "a pull answer names shared memory this worker did not offer");
+    }
+    // A shared-memory pull's later requests may see newer versions (not
+    // in SYNC): the first one's is the pull's.
+    if (first_answer) *version = resp.version;
+    first_answer = false;
     for (const ChunkSliceView& slice : resp.slices) {
       absl::Status got = ReceivePulledSlice(s, slice, params, state, received);
       if (!got.ok()) bad = got;
     }
     return absl::OkStatus();
   };
-  LMPS_RETURN_IF_ERROR(ServerStreamingCall(Stub(s)->raw.get(), kPullMethod,
-                                           ctx.get(), SerializeProto(req),
-                                           on_message));
+  auto call = [&]() -> absl::Status {
+    auto ctx = Context();
+    stats_.rpcs++;
+    return ServerStreamingCall(Stub(s)->raw.get(), kPullMethod, ctx.get(),
+                               SerializeProto(req), on_message);
+  };
+  WindowPool* windows = state.empty() ? SharedWindows(s) : nullptr;
+  std::optional<int64_t> window;
+  if (windows != nullptr) window = windows->Acquire();
+  if (window.has_value()) {
+    // Through shared memory: the shard writes as many of the pull's
+    // messages as fit into the window per request.
+    absl::Status st;
+    {
+      absl::Cleanup release = [&] { windows->Release(*window); };
+      region = &windows->region();
+      *req.mutable_shm() = region->desc();
+      req.set_shm_offset(*window);
+      req.set_shm_bytes(windows->window_bytes());
+      do {
+        req.set_first_message(resp.next_message);
+        st = call();
+      } while (st.ok() && bad.ok() && resp.next_message != 0);
+    }
+    if (!SharedMemoryRefused(s, st)) return st.ok() ? bad : st;
+    // Refused at the first request: the whole pull over the socket.
+    region = nullptr;
+    req.clear_shm();
+    req.clear_shm_offset();
+    req.clear_shm_bytes();
+    req.clear_first_message();
+    *received = 0;
+    first_answer = true;
+  }
+  LMPS_RETURN_IF_ERROR(call());
   return bad;
 }
 

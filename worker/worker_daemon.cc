@@ -268,6 +268,8 @@ class WorkerSession {
     ps_options.streams_per_shard = spec_.streams_per_shard();
     ps_options.compression = spec_.train().compression();
     ps_options.seed = spec_.train().seed();
+    ps_options.shared_memory = spec_.shared_memory() == SHARED_MEMORY_AUTO;
+    ps_options.log = LineLog();
     if (!pipeline_ && options_.fault_kill_at_step >= 0) {
       ps_options.on_shard_push =
           KillMidPush(options_.fault_kill_at_step, LineLog());

@@ -103,6 +103,8 @@ void PutChunkSlice(int field, const ChunkSliceOut& c, Parts* out) {
     }
   }
   for (const grpc::Slice& s : c.state) PutPayload(10, s, true, &body);
+  PutInt(11, c.shm_offset, body.header());
+  PutInt(12, c.shm_bytes, body.header());
   PutTag(field, kLengthDelimited, out->header());
   PutVarint(body.size(), out->header());
   body.AppendTo(out);
@@ -275,6 +277,14 @@ absl::Status ParseChunkSlice(Reader* r, ChunkSliceView* c) {
         c->state.emplace_back();
         ok = BytesField(r, wt, &c->state.back());
         break;
+      case 11:
+        ok = VarintField(r, wt, &v);
+        c->shm_offset = static_cast<int64_t>(v);
+        break;
+      case 12:
+        ok = VarintField(r, wt, &v);
+        c->shm_bytes = static_cast<int64_t>(v);
+        break;
       default:
         ok = r->SkipValue(wt);
     }
@@ -325,10 +335,12 @@ char* MutableBytes(grpc::Slice* slice) {
 }
 
 grpc::ByteBuffer SerializePullResponse(
-    int64_t version, const std::vector<ChunkSliceOut>& slices) {
+    int64_t version, const std::vector<ChunkSliceOut>& slices,
+    int32_t next_message) {
   Parts out;
   PutInt(1, version, out.header());
   for (const ChunkSliceOut& c : slices) PutChunkSlice(2, c, &out);
+  PutInt(3, next_message, out.header());
   return out.Take();
 }
 
@@ -345,6 +357,7 @@ grpc::ByteBuffer SerializePushRequest(
   for (const ChunkSliceOut& c : slices) PutChunkSlice(5, c, &out);
   PutInt(6, h.pp_rank, out.header());
   PutInt(7, h.tp_rank, out.header());
+  if (!h.shm.empty()) PutString(8, h.shm, out.header());
   return out.Take();
 }
 
@@ -407,6 +420,9 @@ absl::Status ParsePullResponse(const grpc::ByteBuffer& buffer,
           !s.ok()) {
         return s;
       }
+    } else if (field == 3) {
+      if (!VarintField(&r, wt, &v)) return Malformed("PullResponse");
+      out->next_message = static_cast<int32_t>(v);
     } else if (!r.SkipValue(wt)) {
       return Malformed("PullResponse");
     }
@@ -454,6 +470,9 @@ absl::Status ParsePushRequest(const grpc::ByteBuffer& buffer,
       case 7:
         ok = VarintField(&r, wt, &v);
         h.tp_rank = static_cast<int32_t>(v);
+        break;
+      case 8:
+        ok = StringField(&r, wt, &h.shm);
         break;
       default:
         ok = r.SkipValue(wt);
@@ -558,6 +577,8 @@ ChunkSliceView ViewOf(const ChunkSlice& s) {
   v.indices.Append(s.indices());
   v.scale = s.scale();
   for (const std::string& b : s.state()) v.state.emplace_back().Append(b);
+  v.shm_offset = s.shm_offset();
+  v.shm_bytes = s.shm_bytes();
   return v;
 }
 
@@ -569,6 +590,7 @@ PushRequestView ViewOf(const PushRequest& r) {
   v.header.partition_version = r.partition_version();
   v.header.pp_rank = r.pp_rank();
   v.header.tp_rank = r.tp_rank();
+  if (r.has_shm()) v.header.shm = r.shm().SerializeAsString();
   for (const ChunkSlice& s : r.slices()) v.slices.push_back(ViewOf(s));
   return v;
 }

@@ -58,11 +58,16 @@ struct ChunkSliceOut {
   grpc::Slice indices;
   float scale = 0;
   std::vector<grpc::Slice> state;
+  // Shared memory (ChunkSlice.shm_offset): data empty, the payload at these
+  // bytes of the request's region.
+  int64_t shm_offset = 0;
+  int64_t shm_bytes = 0;
 };
 
-// The serialized PullResponse {version, slices}.
+// The serialized PullResponse {version, slices, next_message}.
 grpc::ByteBuffer SerializePullResponse(int64_t version,
-                                       const std::vector<ChunkSliceOut>& slices);
+                                       const std::vector<ChunkSliceOut>& slices,
+                                       int32_t next_message = 0);
 
 // The header fields of a PushRequest (everything but its slices).
 struct PushHeader {
@@ -72,6 +77,8 @@ struct PushHeader {
   uint64_t partition_version = 0;
   int32_t pp_rank = 0;
   int32_t tp_rank = 0;
+  // PushRequest.shm, serialized (empty: no region).
+  std::string shm;
 };
 
 // The serialized PushRequest {header, slices}.
@@ -120,11 +127,14 @@ struct ChunkSliceView {
   ByteSpans indices;
   float scale = 0;
   std::vector<ByteSpans> state;
+  int64_t shm_offset = 0;  // ChunkSlice.shm_offset, shm_bytes
+  int64_t shm_bytes = 0;
 };
 
 // A received PullResponse. Keeps the buffer's slices referenced.
 struct PullResponseView {
   int64_t version = 0;
+  int32_t next_message = 0;
   std::vector<ChunkSliceView> slices;
   std::vector<grpc::Slice> held;
 };

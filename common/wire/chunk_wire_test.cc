@@ -35,6 +35,10 @@ ChunkSlice RandomSlice(std::mt19937* rng) {
   for (int k = 0; k < states; ++k) {
     *s.add_state() = RandomBytes(rng, (*rng)() % 50);
   }
+  if (maybe()) {
+    s.set_shm_offset(4096 + (*rng)() % 100000);
+    s.set_shm_bytes((*rng)() % 100000);
+  }
   return s;
 }
 
@@ -50,6 +54,8 @@ ChunkSliceOut ToOut(const ChunkSlice& s) {
   o.indices = grpc::Slice(s.indices());
   o.scale = s.scale();
   for (const std::string& b : s.state()) o.state.emplace_back(b);
+  o.shm_offset = s.shm_offset();
+  o.shm_bytes = s.shm_bytes();
   return o;
 }
 
@@ -88,6 +94,8 @@ ChunkSlice FromView(const ChunkSliceView& v) {
   s.set_indices(v.indices.ToString());
   s.set_scale(v.scale);
   for (const ByteSpans& b : v.state) *s.add_state() = b.ToString();
+  s.set_shm_offset(v.shm_offset);
+  s.set_shm_bytes(v.shm_bytes);
   return s;
 }
 
@@ -104,6 +112,12 @@ TEST(ChunkWireTest, SerializesExactlyWhatProtobufDoes) {
                                          : 0);
     push.set_pp_rank(trial % 2);
     push.set_tp_rank(trial % 3 == 1 ? -1 : trial % 3);
+    if (trial % 2) {
+      push.mutable_shm()->set_path("/proc/12/fd/" + std::to_string(trial));
+      push.mutable_shm()->set_token(RandomBytes(&rng, 16));
+      push.mutable_shm()->set_size(1 << 20);
+    }
+    if (trial % 3 == 0) pull.set_next_message(trial % 17);
     std::vector<ChunkSliceOut> outs;
     const int n = static_cast<int>(rng() % 5);
     for (int k = 0; k < n; ++k) {
@@ -112,7 +126,8 @@ TEST(ChunkWireTest, SerializesExactlyWhatProtobufDoes) {
       *push.add_slices() = s;
       outs.push_back(ToOut(s));
     }
-    EXPECT_EQ(Flatten(SerializePullResponse(pull.version(), outs)),
+    EXPECT_EQ(Flatten(SerializePullResponse(pull.version(), outs,
+                                            pull.next_message())),
               pull.SerializeAsString())
         << "trial " << trial;
     EXPECT_EQ(Flatten(SerializePushRequest(ViewOf(push).header, outs)),
@@ -133,6 +148,12 @@ TEST(ChunkWireTest, ParsesProtobufBytesCutAnywhere) {
     push.set_partition_version(~0ull - trial);
     push.set_pp_rank(trial % 3);
     push.set_tp_rank(-(trial % 2));
+    if (trial % 2) {
+      push.mutable_shm()->set_path("/proc/3/fd/7");
+      push.mutable_shm()->set_token(RandomBytes(&rng, 16));
+      push.mutable_shm()->set_size(trial);
+    }
+    pull.set_next_message(trial % 5);
     const int n = static_cast<int>(rng() % 5);
     for (int k = 0; k < n; ++k) {
       const ChunkSlice s = RandomSlice(&rng);
@@ -143,6 +164,7 @@ TEST(ChunkWireTest, ParsesProtobufBytesCutAnywhere) {
     ASSERT_TRUE(ParsePullResponse(Cut(pull.SerializeAsString(), &rng), &pv).ok());
     PullResponse back;
     back.set_version(pv.version);
+    back.set_next_message(pv.next_message);
     for (const ChunkSliceView& v : pv.slices) *back.add_slices() = FromView(v);
     EXPECT_EQ(back.SerializeAsString(), pull.SerializeAsString());
 
@@ -155,6 +177,9 @@ TEST(ChunkWireTest, ParsesProtobufBytesCutAnywhere) {
     again.set_partition_version(qv.header.partition_version);
     again.set_pp_rank(qv.header.pp_rank);
     again.set_tp_rank(qv.header.tp_rank);
+    if (!qv.header.shm.empty()) {
+      ASSERT_TRUE(again.mutable_shm()->ParseFromString(qv.header.shm));
+    }
     for (const ChunkSliceView& v : qv.slices) *again.add_slices() = FromView(v);
     EXPECT_EQ(again.SerializeAsString(), push.SerializeAsString());
   }
@@ -203,13 +228,13 @@ TEST(ChunkWireTest, SkipsUnknownFieldsAndAcceptsAnyFieldOrder) {
   s.set_tensor("wte");
   s.set_data("abcd");
   std::string slice = s.SerializeAsString();
-  slice += std::string("\x58\x05", 2);                  // field 11 varint
-  slice += std::string("\x61", 1) + std::string(8, 'x');  // field 12 fixed64
-  slice += std::string("\x6d", 1) + std::string(4, 'y');  // field 13 fixed32
+  slice += std::string("\xa8\x01\x05", 3);  // field 21 varint
+  slice += std::string("\xb1\x01", 2) + std::string(8, 'x');  // 22 fixed64
+  slice += std::string("\xbd\x01", 2) + std::string(4, 'y');  // 23 fixed32
   bytes += '\x12';
   bytes += static_cast<char>(slice.size());
   bytes += slice;
-  bytes += std::string("\x1a\x03xyz", 5);  // field 3 bytes, unknown
+  bytes += std::string("\x22\x03xyz", 5);  // field 4 bytes, unknown
   bytes += std::string("\x08\x2a", 2);     // version 42
   std::mt19937 rng(3);
   PullResponseView v;
