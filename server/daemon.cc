@@ -143,6 +143,7 @@ class Daemon {
   absl::Status StartServer() {
     ServiceOptions so;
     so.log = [this](const std::string& line) { log_(line); };
+    so.shared_memory = options_.shared_memory;
     service_ = std::make_unique<ParameterServerService>(std::move(so));
     GrpcServerOptions go;
     go.listen_address = options_.listen;

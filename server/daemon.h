@@ -65,6 +65,9 @@ struct DaemonOptions {
   // Threads of the shard's gradient norm and optimizer step
   // (ShardOptions::threads).
   int threads = 1;
+  // Map the shared-memory regions of workers on this host
+  // (ServiceOptions::shared_memory).
+  bool shared_memory = true;
   // How long the shard serves on while the scheduler is unreachable (it may
   // be restarting: the shard then rejoins it) before giving up.
   absl::Duration scheduler_grace = absl::Seconds(60);

@@ -5,7 +5,7 @@
 //               [--advertise_host=127.0.0.1] [--shard=-1]
 //               [--checkpoint_dir=DIR] [--init_from=model.safetensors]
 //               [--wait_timeout_s=60] [--assemble_timeout_s=120]
-//               [--threads=0]
+//               [--threads=0] [--shared_memory=true]
 //               [--tls_ca=ca.crt --tls_cert=server.crt --tls_key=server.key]
 //               [--auth_token_file=token]
 //
@@ -59,6 +59,10 @@ ABSL_FLAG(int, wait_timeout_s, 60,
 ABSL_FLAG(int, threads, 0,
           "Threads of the shard's gradient norm and optimizer step (results "
           "are the same for any count); 0: one per core, at most 8");
+ABSL_FLAG(bool, shared_memory, true,
+          "map the shared-memory regions of workers on this host, whose "
+          "payloads then skip the socket (docs/transport.md); false: refuse "
+          "them (the workers fall back to the socket)");
 ABSL_FLAG(int, scheduler_grace_s, 60,
           "keep serving while the scheduler is unreachable this long (it may "
           "be restarting; the shard rejoins it), then exit with an error");
@@ -94,6 +98,7 @@ int main(int argc, char** argv) {
   options.scheduler_grace =
       absl::Seconds(absl::GetFlag(FLAGS_scheduler_grace_s));
   options.threads = absl::GetFlag(FLAGS_threads);
+  options.shared_memory = absl::GetFlag(FLAGS_shared_memory);
   if (options.threads == 0) {
     options.threads = static_cast<int>(
         std::clamp(std::thread::hardware_concurrency(), 1u, 8u));

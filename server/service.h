@@ -61,6 +61,9 @@ struct ServiceOptions {
   // Cap on the serialized bytes of one push stream; 0: twice the shard's
   // fp32 bytes plus 4 MiB (room for a retried duplicate and headers).
   int64_t max_push_bytes = 0;
+  // Maps the shared-memory regions workers on this host name
+  // (docs/transport.md); false: refuses them, so workers use the socket.
+  bool shared_memory = true;
   // Receives a line for every failed Push/Apply; may be empty.
   std::function<void(const std::string&)> log;
 };

@@ -12,6 +12,7 @@
 #include "common/model/partition.h"
 #include "common/rpc/grpc_server.h"
 #include "common/rpc/status_util.h"
+#include "common/shm/shared_region.h"
 #include "gtest/gtest.h"
 #include "server/tensor_codec.h"
 
@@ -302,6 +303,104 @@ TEST_F(ServiceTest, BadRequestsGiveErrorsAndTheServerKeepsServing) {
   PushResponse ok;
   ASSERT_TRUE(Push(Stream(0, 0, 1.0f), &ok).ok());
   EXPECT_EQ(ok.chunks_duplicate(), 0);
+}
+
+// Shared memory (docs/transport.md): a push whose payloads lie in the
+// worker's region is taken like one that carries them; a region the shard
+// cannot map, a payload outside it, a slice naming shared memory without a
+// region and a pull window too small for a message are refused with clear
+// errors, nothing is accumulated, and the shard keeps serving.
+TEST_F(ServiceTest, SharedMemoryRequestsAndBadOnes) {
+  Ready();
+  auto region = SharedRegion::Create(1 << 20);
+  ASSERT_TRUE(region.ok()) << region.status();
+  // The stream's payloads moved into the region.
+  auto shared = [&](std::vector<PushRequest> stream) {
+    int64_t at = SharedRegion::kHeaderBytes;
+    for (PushRequest& m : stream) {
+      *m.mutable_shm() = (*region)->desc();
+      for (ChunkSlice& c : *m.mutable_slices()) {
+        std::memcpy((*region)->data() + at, c.data().data(), c.data().size());
+        c.set_shm_offset(at);
+        c.set_shm_bytes(static_cast<int64_t>(c.data().size()));
+        at += static_cast<int64_t>(c.data().size());
+        c.clear_data();
+      }
+    }
+    return stream;
+  };
+  PushResponse resp;
+  auto foreign = shared(Stream(0, 0, 1.0f));
+  for (auto& m : foreign) m.mutable_shm()->set_token(std::string(16, 'x'));
+  grpc::Status s = Push(foreign, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(s.error_message().find(std::string(kSharedMemoryRefused)),
+            std::string::npos)
+      << s.error_message();
+
+  auto outside = shared(Stream(0, 0, 1.0f));
+  outside.back().mutable_slices(0)->set_shm_offset((*region)->size() - 4);
+  EXPECT_EQ(Push(outside, &resp).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+
+  auto no_region = shared(Stream(0, 0, 1.0f));
+  no_region[0].clear_shm();
+  EXPECT_EQ(Push(no_region, &resp).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+
+  // Nothing of those was taken: both ranks' good pushes make step 0, one
+  // through shared memory, and the sum is what they pushed.
+  ASSERT_TRUE(Push(shared(Stream(0, 0, 1.0f)), &resp).ok());
+  EXPECT_EQ(resp.chunks_duplicate(), 0);
+  ASSERT_TRUE(Push(Stream(1, 0, 3.0f), &resp).ok());
+  GradNormRequest greq;
+  greq.set_step(0);
+  GradNormResponse gresp;
+  auto gctx = Ctx();
+  ASSERT_TRUE(stub_->GradNorm(gctx.get(), greq, &gresp).ok());
+  EXPECT_DOUBLE_EQ(gresp.sum_squares(), 4.0 * shard_->num_elements());
+
+  // Pulls: the shard writes the payloads into the window and the answer
+  // names them; a window that holds no message is refused.
+  PullRequest preq;
+  preq.set_step(0);
+  *preq.mutable_shm() = (*region)->desc();
+  preq.set_shm_offset(SharedRegion::kHeaderBytes + 4096);
+  preq.set_shm_bytes(1 << 16);
+  auto pctx = Ctx();
+  auto reader = stub_->Pull(pctx.get(), preq);
+  PullResponse pulled;
+  int64_t elements = 0;
+  while (reader->Read(&pulled)) {
+    EXPECT_EQ(pulled.next_message(), 0);
+    for (const ChunkSlice& c : pulled.slices()) {
+      EXPECT_TRUE(c.data().empty());
+      ASSERT_GT(c.shm_bytes(), 0);
+      ASSERT_GE(c.shm_offset(), preq.shm_offset());
+      ASSERT_LE(c.shm_offset() + c.shm_bytes(),
+                preq.shm_offset() + preq.shm_bytes());
+      elements += c.shm_bytes() / 4;
+    }
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(elements, shard_->num_elements());
+  preq.set_shm_bytes(64);
+  auto sctx = Ctx();
+  auto small = stub_->Pull(sctx.get(), preq);
+  while (small->Read(&pulled)) {
+  }
+  s = small->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(s.error_message().find("does not hold message 0"),
+            std::string::npos)
+      << s.error_message();
+  preq.set_shm_bytes(1 << 16);
+  preq.set_first_message(99);
+  auto fctx = Ctx();
+  auto far = stub_->Pull(fctx.get(), preq);
+  while (far->Read(&pulled)) {
+  }
+  EXPECT_EQ(far->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
 }
 
 }  // namespace

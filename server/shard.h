@@ -141,7 +141,7 @@ class ParameterShard {
     bool with_state = false;  // request.with_optimizer_state
     std::vector<std::vector<PullPiece>> messages;  // at least one (empty)
     // Shared-memory pulls (PullRequest.shm; FitSharedWindow): EncodePull
-    // writes the payloads at shm + shm_offset on, 64-byte aligned, and the
+    // writes the payloads at shm + shm_offset on (SharedPayloadSpan), and the
     // slices name their bytes (the caller keeps the region mapped).
     char* shm = nullptr;
     int64_t shm_offset = 0;

@@ -412,8 +412,8 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
   header.pp_rank = pp_rank_;
   header.tp_rank = tp_rank_;
   // Shared memory: the stream's dense payloads in one window, if they fit
-  // (each slice 64-byte aligned; a message boundary splits at most one
-  // piece into one more slice).
+  // (each slice aligned; a message boundary splits at most one piece into
+  // one more slice).
   WindowPool* windows = compress_ ? nullptr : SharedWindows(s);
   std::optional<int64_t> window;
   if (windows != nullptr) {
@@ -423,7 +423,7 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
       need += SharedPayloadSpan(p->n * width);
       elems += p->n;
     }
-    need += 64 * (elems / max_elems + 1);
+    need += kSharedPayloadAlign * (elems / max_elems + 1);
     if (need <= windows->window_bytes()) window = windows->Acquire();
   }
   absl::Cleanup release = [&] {
@@ -439,6 +439,7 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
   size_t piece = 0;
   int64_t off = 0;
   int64_t shm_at = window.value_or(0);
+  int64_t stream_bytes = 0;  // as CompressedWireBytes counts
   auto next = [&](grpc::ByteBuffer* out) -> absl::StatusOr<bool> {
     std::vector<ChunkSliceOut> slices;
     int64_t in_msg = 0, msg_bytes = 0;
@@ -460,7 +461,7 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
       }
     }
     if (slices.empty()) return false;
-    stats_.bytes_pushed += msg_bytes;
+    stream_bytes += msg_bytes;
     *out = SerializePushRequest(header, slices);
     return true;
   };
@@ -477,6 +478,8 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
     window.reset();
     return PushStream(step, worker_id, dp_rank, grads, s, pieces, max_elems);
   }
+  stats_.bytes_pushed += stream_bytes;
+  if (shm != nullptr) stats_.bytes_shared += stream_bytes;
   LMPS_RETURN_IF_ERROR(sent);
   PushResponse resp;
   LMPS_RETURN_IF_ERROR(ParseProto(response, &resp));
@@ -539,6 +542,7 @@ absl::Status PsClient::EncodePushSlice(int64_t step, int dp_rank,
 }
 
 int64_t PsClient::WindowBytes() const {
+  if (options_.shared_window_bytes > 0) return options_.shared_window_bytes;
   // Two pull messages (or a push stream) and their slices' alignment.
   return std::max<int64_t>(options_.max_push_stream_bytes,
                            2 * options_.max_message_bytes) +

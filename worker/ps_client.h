@@ -115,6 +115,9 @@ struct PsClientOptions {
   // shared-memory region per shard (docs/transport.md) when the shard can
   // map it, else (another host) through the socket, as with false.
   bool shared_memory = false;
+  // Bytes of each shared-memory window; 0: enough for two pull messages or
+  // one push stream (tests make it small).
+  int64_t shared_window_bytes = 0;
   // A line for the worker's log (the fall-back to the socket). May be empty.
   std::function<void(const std::string&)> log;
 };
@@ -127,6 +130,8 @@ struct PsClientStats {
   std::atomic<int64_t> bytes_pulled{0};
   std::atomic<int64_t> rpcs{0};
   std::atomic<int64_t> failovers{0};  // switches to a shard's other node
+  // Of bytes_pushed and bytes_pulled: those that went through shared memory.
+  std::atomic<int64_t> bytes_shared{0};
 };
 
 // The pull dtype a worker asks for: train.pull_dtype when set (F32 or

@@ -213,6 +213,7 @@ absl::Status PsClient::ReceivePulledSlice(int s, const ChunkSliceView& slice,
   }
   *received += n;
   stats_.bytes_pulled += static_cast<int64_t>(slice.data.size());
+  if (slice.shm_bytes > 0) stats_.bytes_shared += slice.shm_bytes;
   return absl::OkStatus();
 }
 

@@ -491,6 +491,122 @@ TEST(PsClientTest, PushInBoundedStreamsEqualsOneStreamPerShard) {
   }
 }
 
+// Shared memory (docs/transport.md): the same bits as the socket for pulls
+// and pushes in fp32 and bf16, with one or several streams per shard, and
+// windows so small that a pull takes several requests and some push streams
+// do not fit (those go through the socket).
+TEST(PsClientTest, SharedMemoryMovesTheSameBitsAsTheSocket) {
+  struct Case {
+    DType dtype;
+    int streams;
+    int64_t window;
+  };
+  for (const Case c : {Case{F32, 1, 0}, Case{BF16, 1, 0}, Case{F32, 1, 2200},
+                       Case{BF16, 1, 2000}, Case{F32, 3, 256}}) {
+    SCOPED_TRACE(absl::StrCat(DType_Name(c.dtype), " streams ", c.streams,
+                              " window ", c.window));
+    const JobSpec spec = Spec(1, 1);
+    Cluster socket_cluster, shm_cluster;
+    ASSERT_TRUE(socket_cluster.Start(spec).ok());
+    ASSERT_TRUE(shm_cluster.Start(spec).ok());
+    PsClientOptions options;
+    options.push_dtype = c.dtype;
+    options.pull_dtype = c.dtype;
+    options.max_message_bytes = spec.max_message_bytes();
+    options.max_push_stream_bytes = 512;
+    options.streams_per_shard = c.streams;
+    auto a = socket_cluster.Client({}, options);
+    options.shared_memory = true;
+    options.shared_window_bytes = c.window;
+    std::vector<std::string> logged;
+    options.log = [&](const std::string& line) { logged.push_back(line); };
+    auto b = shm_cluster.Client({}, options);
+    ASSERT_TRUE(a.ok() && b.ok());
+    PsClient& sock = **a;
+    PsClient& shm = **b;
+    for (int64_t step = 0; step < 3; ++step) {
+      std::vector<float> p_sock(sock.num_parameters()), p_shm(p_sock.size());
+      const int64_t rpcs = shm.stats().rpcs;
+      ASSERT_TRUE(sock.Pull(step, p_sock.data()).ok());
+      ASSERT_TRUE(shm.Pull(step, p_shm.data()).ok());
+      ASSERT_EQ(p_shm, p_sock);
+      if (c.window == 256) {
+        // 1024-byte messages do not fit: refused at the first pull, which
+        // goes over the socket, as every later request does.
+        EXPECT_EQ(shm.stats().rpcs - rpcs, (step == 0 ? 4 : 2) * c.streams);
+      } else if (c.window > 0) {
+        // Several requests per stream, each as many messages as fit.
+        EXPECT_GT(shm.stats().rpcs - rpcs, 2 * c.streams);
+      } else {
+        EXPECT_EQ(shm.stats().rpcs - rpcs, 2 * c.streams);
+      }
+      const std::vector<float> grads =
+          FullGradient(RandomGradient(spec.model(), 17 + step));
+      ASSERT_TRUE(sock.Push(step, "w", 0, grads.data()).ok());
+      ASSERT_TRUE(shm.Push(step, "w", 0, grads.data()).ok());
+      absl::StatusOr<double> ss_sock = sock.GradNorm(step);
+      absl::StatusOr<double> ss_shm = shm.GradNorm(step);
+      ASSERT_TRUE(ss_sock.ok() && ss_shm.ok());
+      EXPECT_EQ(*ss_shm, *ss_sock);
+      ASSERT_TRUE(sock.Apply(step, *ss_sock).ok());
+      ASSERT_TRUE(shm.Apply(step, *ss_shm).ok());
+    }
+    EXPECT_EQ(shm.stats().bytes_pushed, sock.stats().bytes_pushed);
+    EXPECT_EQ(shm.stats().bytes_pulled, sock.stats().bytes_pulled);
+    EXPECT_EQ(sock.stats().bytes_shared, 0);
+    if (c.window == 256) {
+      EXPECT_EQ(shm.stats().bytes_shared, 0);
+      EXPECT_FALSE(logged.empty());
+    } else {
+      EXPECT_GT(shm.stats().bytes_shared, 0);
+      EXPECT_TRUE(logged.empty()) << logged[0];
+    }
+    if (c.window == 0) {  // everything fits: everything shared
+      EXPECT_EQ(shm.stats().bytes_shared,
+                shm.stats().bytes_pushed + shm.stats().bytes_pulled);
+    }
+  }
+}
+
+// A shard that maps no worker memory (lmps_server --shared_memory=false, or
+// one on another host) refuses the region: the worker says so once per
+// shard and repeats the request over the socket, nothing lost or doubled.
+TEST(PsClientTest, FallsBackToTheSocketWhenTheShardRefusesTheRegion) {
+  const JobSpec spec = Spec(1, 1);
+  Cluster plain, refusing;
+  refusing.shared_memory = false;
+  ASSERT_TRUE(plain.Start(spec).ok());
+  ASSERT_TRUE(refusing.Start(spec).ok());
+  PsClientOptions options;
+  auto a = plain.Client({}, options);
+  options.shared_memory = true;
+  std::vector<std::string> logged;
+  options.log = [&](const std::string& line) { logged.push_back(line); };
+  auto b = refusing.Client({}, options);
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (int64_t step = 0; step < 2; ++step) {
+    const std::vector<float> grads =
+        FullGradient(RandomGradient(spec.model(), 3 + step));
+    // Push first: the first request to each shard is a push.
+    ASSERT_TRUE((*a)->Push(step, "w", 0, grads.data()).ok());
+    ASSERT_TRUE((*b)->Push(step, "w", 0, grads.data()).ok());
+    absl::StatusOr<double> ss_a = (*a)->GradNorm(step);
+    absl::StatusOr<double> ss_b = (*b)->GradNorm(step);
+    ASSERT_TRUE(ss_a.ok() && ss_b.ok()) << ss_b.status();
+    EXPECT_EQ(*ss_a, *ss_b);  // each gradient counted once
+    ASSERT_TRUE((*a)->Apply(step, *ss_a).ok());
+    ASSERT_TRUE((*b)->Apply(step, *ss_b).ok());
+    std::vector<float> pa((*a)->num_parameters()), pb(pa.size());
+    ASSERT_TRUE((*a)->Pull(step + 1, pa.data()).ok());
+    ASSERT_TRUE((*b)->Pull(step + 1, pb.data()).ok());
+    EXPECT_EQ(pa, pb);
+  }
+  EXPECT_EQ((*b)->stats().bytes_shared, 0);
+  ASSERT_EQ(logged.size(), 2u);  // once per shard
+  EXPECT_NE(logged[0].find("--shared_memory=false"), std::string::npos)
+      << logged[0];
+}
+
 // Compressed pushes (train.compression) with plain SGD at lr 1: each
 // step's parameter change is minus what the shards decoded. Top-k and
 // random-k send about `ratio` of the elements (8 bytes each), the rest

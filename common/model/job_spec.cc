@@ -264,6 +264,11 @@ absl::Status ValidateJobSpec(const JobSpec& s) {
     return absl::InvalidArgumentError(absl::StrCat(
         "streams_per_shard must be in [1, 16], got ", s.streams_per_shard()));
   }
+  if (!SharedMemory_IsValid(s.shared_memory())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "shared_memory ", static_cast<int>(s.shared_memory()),
+        " is not valid; valid: SHARED_MEMORY_AUTO, SHARED_MEMORY_OFF"));
+  }
   if (s.max_push_stream_bytes() < s.max_message_bytes()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "max_push_stream_bytes (", s.max_push_stream_bytes(),

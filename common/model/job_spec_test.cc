@@ -41,6 +41,16 @@ TEST(JobSpecTest, ParsesFields) {
   EXPECT_FLOAT_EQ(spec->optimizer().momentum(), 0.9f);
 }
 
+TEST(JobSpecTest, SharedMemoryIsOnByDefaultAndCanBeTurnedOff) {
+  auto spec = ParseJobSpec("");
+  ASSERT_TRUE(spec.ok());
+  EXPECT_EQ(spec->shared_memory(), SHARED_MEMORY_AUTO);
+  spec = ParseJobSpec("shared_memory: SHARED_MEMORY_OFF");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->shared_memory(), SHARED_MEMORY_OFF);
+  ExpectInvalid("shared_memory: 7", "shared_memory 7 is not valid");
+}
+
 TEST(JobSpecTest, DefaultsAreIdempotent) {
   auto spec = ParseJobSpec(
       "optimizer { type: SGD momentum: -1 grad_clip: -1 weight_decay: -1 }");

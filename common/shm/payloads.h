@@ -17,9 +17,12 @@
 
 namespace lmps {
 
-// Payloads go to 64-byte aligned offsets; the bytes a payload of `bytes`
+// Payloads go to 16-byte aligned offsets; the bytes a payload of `bytes`
 // takes in a window.
-inline int64_t SharedPayloadSpan(int64_t bytes) { return (bytes + 63) & ~63; }
+inline constexpr int64_t kSharedPayloadAlign = 16;
+inline int64_t SharedPayloadSpan(int64_t bytes) {
+  return (bytes + kSharedPayloadAlign - 1) & ~(kSharedPayloadAlign - 1);
+}
 
 // True when some slice's payload is in shared memory.
 bool HasSharedPayloads(const std::vector<ChunkSliceView>& slices);

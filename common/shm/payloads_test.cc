@@ -58,8 +58,9 @@ TEST(SharedPayloadsTest, InlineCopiesAndClears) {
   bad.set_shm_bytes(8);
   EXPECT_EQ(InlineSharedPayloads(**region, &bad).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(SharedPayloadSpan(1), 64);
-  EXPECT_EQ(SharedPayloadSpan(64), 64);
+  EXPECT_EQ(SharedPayloadSpan(1), 16);
+  EXPECT_EQ(SharedPayloadSpan(16), 16);
+  EXPECT_EQ(SharedPayloadSpan(17), 32);
   EXPECT_EQ(SharedPayloadSpan(0), 0);
 }
 

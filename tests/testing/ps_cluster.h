@@ -27,6 +27,9 @@ namespace lmps::testing {
 // Every shard of a job behind its own gRPC server.
 class Cluster {
  public:
+  // ServiceOptions::shared_memory of the shards Start makes.
+  bool shared_memory = true;
+
   // Starts spec.layout.num_shards shards (spec with defaults applied), no
   // checkpoints.
   absl::Status Start(const JobSpec& spec) {
@@ -49,6 +52,7 @@ class Cluster {
       ServiceOptions so;
       so.wait_threads = 4;
       so.work_threads = 1;
+      so.shared_memory = shared_memory;
       services_.push_back(std::make_unique<ParameterServerService>(so));
       GrpcServerOptions go;
       go.listen_address = "127.0.0.1:0";
