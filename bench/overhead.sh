@@ -23,18 +23,21 @@
 # (the whole pull before the forward pass: the "before") and ON (layer-wise
 # pull pipelining, the default: the "after"), each printed with its ratio and
 # the mean fraction of communication hidden behind compute (comm_hidden of
-# the step log).
+# the step log). Both move payloads through shared memory (JobSpec
+# shared_memory AUTO, the default: worker and shard share this host); the
+# variant "sock" is "off" with shared_memory OFF (payloads through the
+# loopback socket, as before shared memory).
 #
 # Usage: bench/overhead.sh [small|medium]...   (default: both)
 # Environment: STEPS (default 80), THREADS (default 2), ROUNDS (default 2),
-# VARIANTS (default "off on").
+# VARIANTS (default "sock off on").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 STEPS="${STEPS:-80}"
 THREADS="${THREADS:-2}"
 ROUNDS="${ROUNDS:-2}"
-VARIANTS="${VARIANTS:-off on}"
+VARIANTS="${VARIANTS:-sock off on}"
 declare -A best_dist hidden
 configs=("$@")
 [ ${#configs[@]} -gt 0 ] || configs=(small medium)
@@ -60,9 +63,10 @@ for config in "${configs[@]}"; do
   esac
   for variant in $VARIANTS; do
     case "$variant" in
-      off) mode=LAYERWISE_PULL_OFF ;;
-      on) mode=LAYERWISE_PULL_ON ;;
-      *) echo "overhead: unknown variant '$variant' (off, on)" >&2; exit 2 ;;
+      sock) mode=LAYERWISE_PULL_OFF shm=SHARED_MEMORY_OFF ;;
+      off) mode=LAYERWISE_PULL_OFF shm=SHARED_MEMORY_AUTO ;;
+      on) mode=LAYERWISE_PULL_ON shm=SHARED_MEMORY_AUTO ;;
+      *) echo "overhead: unknown variant '$variant' (sock, off, on)" >&2; exit 2 ;;
     esac
     cat >"$tmp/$config-$variant.textproto" <<EOF
 name: "overhead-$config"
@@ -73,6 +77,7 @@ train {
   sample_tokens: 1 layerwise_pull: $mode
 }
 layout { dp: 1 num_shards: 1 }
+shared_memory: $shm
 EOF
     best_dist[$variant]=0
     hidden[$variant]=-
@@ -105,7 +110,7 @@ import json, sys
 v = [r["workers"][w]["comm_hidden"] for r in map(json.loads, open(sys.argv[1]))
      for w in r.get("workers", {}) if "comm_hidden" in r["workers"][w]]
 print("%.2f" % (sum(v) / len(v)) if v else "-")' "$run_dir/steps.jsonl" 2>/dev/null || echo -)"
-      echo "round $round distributed, layerwise_pull $variant: $done_line" \
+      echo "round $round distributed, variant $variant: $done_line" \
            "(comm hidden $h; lmps_local ran ${secs} s)"
       if awk -v a="$dist" -v b="${best_dist[$variant]}" 'BEGIN { exit !(a > b) }'; then
         best_dist[$variant]="$dist"
@@ -127,14 +132,14 @@ print("%.2f" % (sum(v) / len(v)) if v else "-")' "$run_dir/steps.jsonl" 2>/dev/n
   echo "in-process tokens/s: $best_mean (mean; median-step: $best_median)"
   for variant in $VARIANTS; do
     d="${best_dist[$variant]}"
-    echo "layerwise_pull $variant: distributed tokens/s: $d" \
+    echo "variant $variant: distributed tokens/s: $d" \
          "(comm hidden ${hidden[$variant]})"
     awk -v d="$d" -v m="$best_mean" -v md="$best_median" -v b="$batch" \
         -v t="$block" -v v="$variant" 'BEGIN {
-      printf "layerwise_pull %s: per step: distributed %.1f ms, in-process %.1f ms (overhead %.1f ms)\n",
+      printf "variant %s: per step: distributed %.1f ms, in-process %.1f ms (overhead %.1f ms)\n",
              v, 1e3 * b * t / d, 1e3 * b * t / m, 1e3 * b * t / d - 1e3 * b * t / m
-      printf "layerwise_pull %s: distributed/in-process (median-step) tokens/s ratio: %.2f\n", v, d / md
-      printf "layerwise_pull %s: distributed/in-process tokens/s ratio: %.2f\n", v, d / m
+      printf "variant %s: distributed/in-process (median-step) tokens/s ratio: %.2f\n", v, d / md
+      printf "variant %s: distributed/in-process tokens/s ratio: %.2f\n", v, d / m
     }'
   done
 done

@@ -61,8 +61,8 @@ ABSL_FLAG(int, threads, 0,
           "are the same for any count); 0: one per core, at most 8");
 ABSL_FLAG(bool, shared_memory, true,
           "map the shared-memory regions of workers on this host, whose "
-          "payloads then skip the socket (docs/transport.md); false: refuse "
-          "them (the workers fall back to the socket)");
+          "payloads then skip the socket (docs/parameter-shard.md); false: "
+          "refuse them (the workers fall back to the socket)");
 ABSL_FLAG(int, scheduler_grace_s, 60,
           "keep serving while the scheduler is unreachable this long (it may "
           "be restarting; the shard rejoins it), then exit with an error");

@@ -62,7 +62,7 @@ struct ServiceOptions {
   // fp32 bytes plus 4 MiB (room for a retried duplicate and headers).
   int64_t max_push_bytes = 0;
   // Maps the shared-memory regions workers on this host name
-  // (docs/transport.md); false: refuses them, so workers use the socket.
+  // (docs/parameter-shard.md); false: refuses them, so workers use the socket.
   bool shared_memory = true;
   // Receives a line for every failed Push/Apply; may be empty.
   std::function<void(const std::string&)> log;
@@ -125,7 +125,8 @@ class ParameterServerService final
       std::function<grpc::Status(const Target&)> fn);
   int64_t MaxPushBytes(const ParameterShard& shard) const;
   Target target() const;
-  // The worker's shared-memory region a request names (docs/transport.md).
+  // The worker's shared-memory region a request names
+  // (docs/parameter-shard.md).
   absl::StatusOr<std::shared_ptr<const SharedRegion>> Region(
       const SharedRegionDesc& desc);
 

@@ -305,7 +305,7 @@ TEST_F(ServiceTest, BadRequestsGiveErrorsAndTheServerKeepsServing) {
   EXPECT_EQ(ok.chunks_duplicate(), 0);
 }
 
-// Shared memory (docs/transport.md): a push whose payloads lie in the
+// Shared memory (docs/parameter-shard.md): a push whose payloads lie in the
 // worker's region is taken like one that carries them; a region the shard
 // cannot map, a payload outside it, a slice naming shared memory without a
 // region and a pull window too small for a message are refused with clear

@@ -112,8 +112,8 @@ struct PsClientOptions {
   // which it promotes the backup).
   absl::Duration failover_timeout = absl::Seconds(60);
   // JobSpec.shared_memory AUTO: pull and push payloads go through a
-  // shared-memory region per shard (docs/transport.md) when the shard can
-  // map it, else (another host) through the socket, as with false.
+  // shared-memory region per shard (docs/parameter-shard.md) when the shard
+  // can map it, else (another host) through the socket, as with false.
   bool shared_memory = false;
   // Bytes of each shared-memory window; 0: enough for two pull messages or
   // one push stream (tests make it small).

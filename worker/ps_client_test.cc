@@ -491,8 +491,8 @@ TEST(PsClientTest, PushInBoundedStreamsEqualsOneStreamPerShard) {
   }
 }
 
-// Shared memory (docs/transport.md): the same bits as the socket for pulls
-// and pushes in fp32 and bf16, with one or several streams per shard, and
+// Shared memory (docs/parameter-shard.md): the same bits as the socket for
+// pulls and pushes in fp32 and bf16, with one or several streams per shard, and
 // windows so small that a pull takes several requests and some push streams
 // do not fit (those go through the socket).
 TEST(PsClientTest, SharedMemoryMovesTheSameBitsAsTheSocket) {
@@ -531,9 +531,16 @@ TEST(PsClientTest, SharedMemoryMovesTheSameBitsAsTheSocket) {
       ASSERT_TRUE(shm.Pull(step, p_shm.data()).ok());
       ASSERT_EQ(p_shm, p_sock);
       if (c.window == 256) {
-        // 1024-byte messages do not fit: refused at the first pull, which
+        // 1024-byte messages do not fit: refused at the first pull (per
+        // shard at least one of its concurrent streams, at most all), which
         // goes over the socket, as every later request does.
-        EXPECT_EQ(shm.stats().rpcs - rpcs, (step == 0 ? 4 : 2) * c.streams);
+        const int64_t calls = shm.stats().rpcs - rpcs;
+        if (step == 0) {
+          EXPECT_GE(calls, 2 * c.streams + 2);
+          EXPECT_LE(calls, 4 * c.streams);
+        } else {
+          EXPECT_EQ(calls, 2 * c.streams);
+        }
       } else if (c.window > 0) {
         // Several requests per stream, each as many messages as fit.
         EXPECT_GT(shm.stats().rpcs - rpcs, 2 * c.streams);

@@ -26,21 +26,12 @@ inline float Bf16BitsToFloat(uint16_t b) {
 }
 
 // dst holds 2n bytes.
-inline void FloatToBf16(const float* src, int64_t n, char* dst) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint16_t b = FloatToBf16Bits(src[i]);
-    std::memcpy(dst + 2 * i, &b, 2);
-  }
-}
+// src holds n floats, dst 2n bytes (bf16.cc: vectorized, the same bits as
+// FloatToBf16Bits element by element).
+void FloatToBf16(const float* src, int64_t n, char* dst);
 
 // src holds 2n bytes.
-inline void Bf16ToFloat(const char* src, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint16_t b;
-    std::memcpy(&b, src + 2 * i, 2);
-    dst[i] = Bf16BitsToFloat(b);
-  }
-}
+void Bf16ToFloat(const char* src, int64_t n, float* dst);
 
 }  // namespace lmps
 

@@ -9,6 +9,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "gtest/gtest.h"
 
@@ -133,6 +134,43 @@ TEST(Bf16Test, BuffersAreLittleEndianPairs) {
   EXPECT_EQ(out[0], 1.0f);
   EXPECT_EQ(out[1], -2.0f);
   EXPECT_EQ(out[2], Bf16BitsToFloat(0x3f82));
+}
+
+// The vectorized buffer conversions give, element by element, the scalar
+// functions' bits: every class of input (NaNs with any payload and sign,
+// infinities, subnormals, ties, random bits), every length up to 67 and
+// every start offset 0..3 (vector loops and their tails).
+TEST(Bf16Test, BufferConversionsAreTheScalarOnesElementByElement) {
+  std::mt19937 rng(9);
+  std::vector<uint32_t> bits = {0x7f800000u, 0xff800000u, 0x7f800001u,
+                                0xffc00000u, 0x7fffffffu, 0x00000001u,
+                                0x807fffffu, 0x3f808000u, 0x3f818000u,
+                                0x7f7fffffu, 0x00000000u, 0x80000000u};
+  while (bits.size() < 4096) bits.push_back(rng());
+  std::vector<float> in(bits.size());
+  std::memcpy(in.data(), bits.data(), 4 * bits.size());
+  for (int start = 0; start < 4; ++start) {
+    for (int64_t n : {0, 1, 7, 8, 15, 16, 17, 31, 33, 67, 4000}) {
+      std::vector<char> out(2 * n + 2, 0x55);
+      FloatToBf16(in.data() + start, n, out.data());
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t b;
+        std::memcpy(&b, out.data() + 2 * i, 2);
+        ASSERT_EQ(b, FloatToBf16Bits(in[start + i]))
+            << "start " << start << " n " << n << " i " << i;
+      }
+      EXPECT_EQ(out[2 * n], 0x55);  // nothing written past the end
+      std::vector<float> back(n + 1, 7.0f);
+      Bf16ToFloat(out.data(), n, back.data());
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t b;
+        std::memcpy(&b, out.data() + 2 * i, 2);
+        const float want = Bf16BitsToFloat(b);
+        ASSERT_EQ(std::memcmp(&back[i], &want, 4), 0) << i;
+      }
+      EXPECT_EQ(back[n], 7.0f);
+    }
+  }
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Same-host shared memory for tensor payloads (docs/transport.md).
+// Same-host shared memory for tensor payloads (docs/parameter-shard.md).
 //
 // A worker Creates a region: a sealed memfd (it can neither shrink nor
 // grow, so a process that maps it can never fault on a truncated page),
@@ -84,8 +84,8 @@ class SharedRegion {
 // request's at a time.
 class WindowPool {
  public:
-  static absl::StatusOr<std::unique_ptr<WindowPool>> Create(int windows,
-                                                            int64_t window_bytes);
+  static absl::StatusOr<std::unique_ptr<WindowPool>> Create(
+      int windows, int64_t window_bytes);
 
   // A free window's offset in the region, or nullopt when all are taken
   // (the caller then uses the socket).
@@ -112,7 +112,8 @@ class WindowPool {
 // request still holds it.
 class RegionCache {
  public:
-  explicit RegionCache(int capacity = 64, absl::Duration idle = absl::Minutes(2))
+  explicit RegionCache(int capacity = 64,
+                       absl::Duration idle = absl::Minutes(2))
       : capacity_(capacity), idle_(idle) {}
 
   absl::StatusOr<std::shared_ptr<const SharedRegion>> Get(
