@@ -71,6 +71,9 @@ ABSL_FLAG(int64_t, piece_bytes, lmps::RingAllReduceOptions().piece_bytes,
 ABSL_FLAG(int, sends_in_flight, lmps::RingAllReduceOptions().sends_in_flight,
           "pieces sent concurrently (RingAllReduceOptions::sends_in_flight)");
 ABSL_FLAG(int, timeout_s, 60, "PeerNetwork timeout per send and receive");
+ABSL_FLAG(bool, shared_memory, true,
+          "pieces through shared memory between the ranks "
+          "(PeerNetworkOptions::shared_memory); false: the loopback socket");
 
 namespace lmps {
 namespace {
@@ -206,6 +209,7 @@ absl::StatusOr<SizeResult> RunSize(double mib, int ranks, int repeats) {
     options.self_rank = r;
     options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
     options.timeout = absl::Seconds(absl::GetFlag(FLAGS_timeout_s));
+    options.shared_memory = absl::GetFlag(FLAGS_shared_memory);
     LMPS_ASSIGN_OR_RETURN(
         std::unique_ptr<PeerNetwork> network,
         PeerNetwork::Create(options, workers, nodes[r]->mailbox.get(),

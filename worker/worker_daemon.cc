@@ -465,6 +465,8 @@ class WorkerSession {
     peer_net.self_rank = layout_->Rank(coords_);
     peer_net.max_message_bytes = spec_.max_message_bytes();
     peer_net.timeout = absl::Milliseconds(spec_.train().peer_timeout_ms());
+    peer_net.shared_memory = spec_.shared_memory() == SHARED_MEMORY_AUTO;
+    peer_net.log = LineLog();
     RpcMetrics* rpc = metrics_.rpc.get();
     LMPS_ASSIGN_OR_RETURN(
         peers_,

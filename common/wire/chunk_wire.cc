@@ -496,6 +496,9 @@ grpc::ByteBuffer SerializePeerMessage(const PeerHeader& h,
   PutInt(8, h.total_elements, o);
   PutInt(9, h.offset, o);
   PutPayload(10, data, false, &out);
+  if (!h.shm.empty()) PutString(11, h.shm, out.header());
+  PutInt(12, h.shm_offset, out.header());
+  PutInt(13, h.shm_bytes, out.header());
   return out.Take();
 }
 
@@ -514,7 +517,9 @@ absl::Status ParsePeerMessage(const grpc::ByteBuffer& buffer,
       ok = StringField(&r, wt, &h.sender);
     } else if (field == 10) {
       ok = BytesField(&r, wt, &out->data);
-    } else if (field >= 1 && field <= 9) {
+    } else if (field == 11) {
+      ok = StringField(&r, wt, &h.shm);
+    } else if ((field >= 1 && field <= 9) || field == 12 || field == 13) {
       ok = VarintField(&r, wt, &v);
       switch (field) {
         case 1:
@@ -541,6 +546,12 @@ absl::Status ParsePeerMessage(const grpc::ByteBuffer& buffer,
         case 9:
           h.offset = static_cast<int64_t>(v);
           break;
+        case 12:
+          h.shm_offset = static_cast<int64_t>(v);
+          break;
+        case 13:
+          h.shm_bytes = static_cast<int64_t>(v);
+          break;
       }
     } else {
       ok = r.SkipValue(wt);
@@ -562,6 +573,9 @@ PeerMessageView ViewOf(const PeerMessage& m) {
   v.header.total_elements = m.total_elements();
   v.header.offset = m.offset();
   v.data.Append(m.data());
+  if (m.has_shm()) v.header.shm = m.shm().SerializeAsString();
+  v.header.shm_offset = m.shm_offset();
+  v.header.shm_bytes = m.shm_bytes();
   return v;
 }
 

@@ -167,6 +167,10 @@ struct PeerHeader {
   std::string sender;
   int64_t total_elements = 0;
   int64_t offset = 0;
+  // PeerMessage.shm (serialized; empty: none), shm_offset, shm_bytes.
+  std::string shm;
+  int64_t shm_offset = 0;
+  int64_t shm_bytes = 0;
 };
 
 // The serialized PeerMessage {header, data}.

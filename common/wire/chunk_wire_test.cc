@@ -200,6 +200,13 @@ TEST(ChunkWireTest, PeerMessagesMatchProtobufBothWays) {
     if (maybe()) m.set_total_elements(rng() % 100000);
     if (maybe()) m.set_offset(rng() % 100000);
     if (maybe()) m.set_data(RandomBytes(&rng, rng() % 3000));
+    if (maybe()) {
+      m.mutable_shm()->set_path("/proc/9/fd/" + std::to_string(rng() % 99));
+      m.mutable_shm()->set_token(RandomBytes(&rng, 16));
+      m.mutable_shm()->set_size(rng() % 100000);
+      m.set_shm_offset(4096 + rng() % 1000);
+      m.set_shm_bytes(rng() % 1000);
+    }
     const PeerMessageView in = ViewOf(m);
     EXPECT_EQ(Flatten(SerializePeerMessage(in.header, grpc::Slice(m.data()))),
               m.SerializeAsString())
@@ -217,6 +224,11 @@ TEST(ChunkWireTest, PeerMessagesMatchProtobufBothWays) {
     back.set_total_elements(v.header.total_elements);
     back.set_offset(v.header.offset);
     back.set_data(v.data.ToString());
+    if (!v.header.shm.empty()) {
+      ASSERT_TRUE(back.mutable_shm()->ParseFromString(v.header.shm));
+    }
+    back.set_shm_offset(v.header.shm_offset);
+    back.set_shm_bytes(v.header.shm_bytes);
     EXPECT_EQ(back.SerializeAsString(), m.SerializeAsString());
   }
 }

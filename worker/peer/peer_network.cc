@@ -3,11 +3,15 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <optional>
 #include <set>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/cleanup/cleanup.h"
+#include "absl/strings/match.h"
 #include "common/rpc/status_util.h"
+#include "common/shm/payloads.h"
 #include "common/wire/chunk_wire.h"
 #include "common/wire/raw_call.h"
 
@@ -67,7 +71,9 @@ PeerNetwork::PeerNetwork(PeerNetworkOptions options,
       workers_(std::move(workers)),
       mailbox_(mailbox),
       channel_factory_(std::move(channel_factory)),
-      stubs_(workers_.size()) {}
+      stubs_(workers_.size()),
+      shm_(workers_.size()),
+      shm_off_(workers_.size(), !options_.shared_memory) {}
 
 PeerNetwork::~PeerNetwork() = default;
 
@@ -122,17 +128,47 @@ absl::Status PeerNetwork::SendRemote(int to_rank, const TransferKey& key,
   const size_t per_message =
       static_cast<size_t>(options_.max_message_bytes / 4);
   PeerHeader header = HeaderOf(key, static_cast<int64_t>(n));
-  // Message k: data[offset, + count) copied once into the slice gRPC sends,
-  // while message k - 1 is being written. An empty transfer is one message.
+  // Shared memory: the whole transfer in one window, if it fits.
+  WindowPool* windows = SharedWindows(to_rank);
+  std::optional<int64_t> window;
+  if (windows != nullptr) {
+    const int64_t messages = static_cast<int64_t>(n / per_message) + 1;
+    if (SharedPayloadSpan(4 * static_cast<int64_t>(n)) +
+            kSharedPayloadAlign * messages <=
+        windows->window_bytes()) {
+      window = windows->Acquire();
+    }
+  }
+  absl::Cleanup release = [&] {
+    if (window.has_value()) windows->Release(*window);
+  };
+  if (window.has_value()) {
+    header.shm = windows->region().desc().SerializeAsString();
+  }
+  int64_t shm_at = window.value_or(0);
+  // Message k: data[offset, + count) copied once into the slice gRPC sends
+  // (or into the window, which the message names), while message k - 1 is
+  // being written. An empty transfer is one message.
   size_t offset = 0;
   bool first = true;
   auto next = [&](grpc::ByteBuffer* out) -> absl::StatusOr<bool> {
     if (!first && offset >= n) return false;
     first = false;
     const size_t count = std::min(per_message, n - offset);
-    grpc::Slice payload = NewPayloadSlice(count * 4);
-    if (count > 0) {
-      std::memcpy(MutableBytes(&payload), data + offset, count * 4);
+    grpc::Slice payload;
+    if (window.has_value()) {
+      header.shm_offset = shm_at;
+      header.shm_bytes = static_cast<int64_t>(count * 4);
+      if (count > 0) {
+        std::memcpy(windows->region().data() + shm_at, data + offset,
+                    count * 4);
+      }
+      shm_at += SharedPayloadSpan(header.shm_bytes);
+    } else {
+      payload = NewPayloadSlice(count * 4);
+      if (count > 0) {
+        std::memcpy(MutableBytes(&payload), data + offset, count * 4);
+      }
     }
     header.offset = static_cast<int64_t>(offset);
     *out = SerializePeerMessage(header, payload);
@@ -140,8 +176,28 @@ absl::Status PeerNetwork::SendRemote(int to_rank, const TransferKey& key,
     return true;
   };
   grpc::ByteBuffer response;
-  LMPS_RETURN_IF_ERROR(ClientStreamingCall(stub, kSendMethod, &context, next,
-                                           &response));
+  const absl::Status sent =
+      ClientStreamingCall(stub, kSendMethod, &context, next, &response);
+  if (window.has_value() &&
+      sent.code() == absl::StatusCode::kFailedPrecondition &&
+      absl::StrContains(sent.message(), kSharedMemoryRefused)) {
+    // Refused before anything was stored: the transfer over the socket,
+    // and every later one to this peer.
+    std::move(release).Invoke();
+    {
+      absl::MutexLock lock(&mu_);
+      shm_off_[to_rank] = true;
+    }
+    if (options_.log) {
+      options_.log(absl::StrCat(Describe(to_rank),
+                                " cannot map this worker's shared memory (",
+                                sent.message(), "): sends go through the "
+                                "socket"));
+    }
+    return SendRemote(to_rank, key, data, n);
+  }
+  LMPS_RETURN_IF_ERROR(sent);
+  if (window.has_value()) bytes_shared_ += static_cast<int64_t>(4 * n);
   PeerAck ack;
   LMPS_RETURN_IF_ERROR(ParseProto(response, &ack));
   if (ack.elements() != static_cast<int64_t>(n)) {
@@ -149,6 +205,31 @@ absl::Status PeerNetwork::SendRemote(int to_rank, const TransferKey& key,
         "the peer acknowledged ", ack.elements(), " of ", n, " elements"));
   }
   return absl::OkStatus();
+}
+
+WindowPool* PeerNetwork::SharedWindows(int rank) {
+  absl::MutexLock lock(&mu_);
+  if (shm_off_[rank]) return nullptr;
+  if (shm_[rank] == nullptr) {
+    // Concurrent sends to one peer: the ring's sends in flight, a
+    // pipeline's activations and gradients.
+    const int64_t bytes = options_.shared_window_bytes > 0
+                              ? options_.shared_window_bytes
+                              : (int64_t{8} << 20) + (64 << 10);
+    absl::StatusOr<std::unique_ptr<WindowPool>> pool =
+        WindowPool::Create(4, bytes);
+    if (!pool.ok()) {
+      shm_off_[rank] = true;
+      if (options_.log) {
+        options_.log(absl::StrCat("no shared memory for sends to ",
+                                  Describe(rank), " (",
+                                  pool.status().ToString(), ")"));
+      }
+      return nullptr;
+    }
+    shm_[rank] = *std::move(pool);
+  }
+  return shm_[rank].get();
 }
 
 absl::Status PeerNetwork::Send(int to_rank,

@@ -46,6 +46,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/shm/shared_region.h"
 #include "proto/lmps.grpc.pb.h"
 #include "worker/peer/mailbox.h"
 
@@ -56,6 +57,14 @@ struct PeerNetworkOptions {
   int self_rank = 0;    // this worker's rank
   int64_t max_message_bytes = 4 << 20;  // payload per PeerMessage
   absl::Duration timeout = absl::Seconds(60);  // per send and per receive
+  // JobSpec.shared_memory AUTO: a transfer that fits a window (8 MiB: a
+  // ring piece) goes through a shared-memory region per peer
+  // (docs/parameter-shard.md, same-host payloads) when the peer can map
+  // it, else through the socket; false: always the socket.
+  bool shared_memory = false;
+  int64_t shared_window_bytes = 0;  // 0: 8 MiB plus alignment
+  // A line for the worker's log (the fall-back to the socket); may be empty.
+  std::function<void(const std::string&)> log;
 };
 
 // Makes the channel to the WorkerPeer service at `address`. Sends are raw
@@ -101,8 +110,9 @@ class PeerNetwork {
   const PeerInfo& worker(int rank) const { return workers_[rank]; }
   const PeerNetworkOptions& options() const { return options_; }
 
-  // Payload bytes of completed sends.
+  // Payload bytes of completed sends, and of those through shared memory.
   int64_t bytes_sent() const { return bytes_sent_.load(); }
+  int64_t bytes_shared() const { return bytes_shared_.load(); }
 
  private:
   PeerNetwork(PeerNetworkOptions options, std::vector<PeerInfo> workers,
@@ -115,6 +125,9 @@ class PeerNetwork {
                                              size_t n) const;
   absl::Status SendRemote(int to_rank, const TransferKey& key,
                           const float* data, size_t n);
+  // Shared memory to worker `rank`: its window pool (created on first use),
+  // or nullptr when off for it (the option, its refusal, no memfd).
+  WindowPool* SharedWindows(int rank);
 
   const PeerNetworkOptions options_;
   const std::vector<PeerInfo> workers_;
@@ -125,6 +138,10 @@ class PeerNetwork {
   std::vector<std::unique_ptr<grpc::GenericStub>> stubs_
       ABSL_GUARDED_BY(mu_);
   std::atomic<int64_t> bytes_sent_{0};
+  std::atomic<int64_t> bytes_shared_{0};
+  // Index = rank.
+  std::vector<std::unique_ptr<WindowPool>> shm_ ABSL_GUARDED_BY(mu_);
+  std::vector<bool> shm_off_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace lmps

@@ -96,14 +96,18 @@ class PeerNetworkTest : public ::testing::Test {
     }
   }
 
+  // shared_window > 0: shared memory on, windows of that many bytes.
   std::unique_ptr<PeerNetwork> Network(
       int rank, int64_t max_message_bytes = 1024,
-      absl::Duration timeout = absl::Seconds(30)) {
+      absl::Duration timeout = absl::Seconds(30), int64_t shared_window = 0) {
     PeerNetworkOptions options;
     options.self_id = workers_[rank].node_id();
     options.self_rank = rank;
     options.max_message_bytes = max_message_bytes;
     options.timeout = timeout;
+    options.shared_memory = shared_window > 0;
+    options.shared_window_bytes = shared_window;
+    options.log = [this](const std::string& line) { logged_.push_back(line); };
     auto network = PeerNetwork::Create(options, workers_,
                                        nodes_[rank]->mailbox.get(), NewChannel);
     EXPECT_TRUE(network.ok()) << network.status();
@@ -112,6 +116,7 @@ class PeerNetworkTest : public ::testing::Test {
 
   std::vector<std::unique_ptr<Node>> nodes_;
   std::vector<PeerInfo> workers_;
+  std::vector<std::string> logged_;
 };
 
 TEST_F(PeerNetworkTest, CreateValidates) {
@@ -174,6 +179,46 @@ TEST_F(PeerNetworkTest, LargeActivationInManyMessages) {
   auto back = net0->Receive(1, grad);
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(*back, std::vector<float>(sent.begin(), sent.begin() + 10));
+}
+
+// Shared memory (PeerNetworkOptions::shared_memory): a transfer that fits
+// a window goes through it, a larger one through the socket, both arrive
+// whole; a peer that refuses the region (WorkerPeerServiceOptions::
+// shared_memory false, as on another host) gets the same transfer over the
+// socket, nothing stored twice, and the sender says so once.
+TEST_F(PeerNetworkTest, SharedMemorySendsAndFallsBack) {
+  nodes_[2] = nullptr;
+  WorkerPeerServiceOptions refusing;
+  refusing.shared_memory = false;
+  nodes_[2] = StartNode(refusing);
+  workers_[2].set_address(absl::StrCat("127.0.0.1:", nodes_[2]->port));
+  auto net0 = Network(0, 1024, absl::Seconds(30), /*shared_window=*/8192);
+  auto net1 = Network(1);
+  auto net2 = Network(2);
+  std::vector<float> big(5000), small(1500);
+  for (size_t i = 0; i < big.size(); ++i) big[i] = std::cos(1.0f * i);
+  for (size_t i = 0; i < small.size(); ++i) small[i] = std::sin(1.0f * i);
+  ASSERT_TRUE(net0->Send(1, Activation(1, 0), small.data(), small.size()).ok());
+  EXPECT_EQ(net0->bytes_shared(), 4 * 1500);
+  ASSERT_TRUE(net0->Send(1, Activation(1, 1), big.data(), big.size()).ok());
+  EXPECT_EQ(net0->bytes_shared(), 4 * 1500);  // 20 kB > the window
+  auto got_small = net1->Receive(0, Activation(1, 0));
+  auto got_big = net1->Receive(0, Activation(1, 1));
+  ASSERT_TRUE(got_small.ok() && got_big.ok());
+  EXPECT_EQ(*got_small, small);
+  EXPECT_EQ(*got_big, big);
+  EXPECT_TRUE(logged_.empty());
+  for (int k = 0; k < 2; ++k) {
+    ASSERT_TRUE(
+        net0->Send(2, Activation(2, k), small.data(), small.size()).ok());
+    auto got = net2->Receive(0, Activation(2, k));
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(*got, small);
+  }
+  EXPECT_EQ(nodes_[2]->mailbox->transfers_completed(), 2);
+  EXPECT_EQ(net0->bytes_shared(), 4 * 1500);
+  ASSERT_EQ(logged_.size(), 1u);
+  EXPECT_THAT(logged_[0], HasSubstr("cannot map this worker's shared memory"));
 }
 
 TEST_F(PeerNetworkTest, SendToSelfIsLocal) {
@@ -475,6 +520,36 @@ TEST_F(RingAllReduceTest, SizesSmallOddAndLargeWholeAndInPieces) {
       }
     }
   }
+}
+
+// The ring with its pieces through shared memory gives the socket's sums
+// bit for bit (3 ranks, pieces of 1200 bytes in 256-byte messages).
+TEST_F(RingAllReduceTest, SharedMemoryGivesTheSameSums) {
+  const std::vector<size_t> sizes = {1, 7, 1000, 4099};
+  std::vector<std::vector<float>> socket_results;
+  for (int64_t window : {int64_t{0}, int64_t{2048}}) {
+    std::vector<std::unique_ptr<PeerNetwork>> networks;
+    std::vector<PeerMailbox*> mailboxes;
+    for (int r = 0; r < 3; ++r) {
+      networks.push_back(Network(r, 256, absl::Seconds(30), window));
+      mailboxes.push_back(nodes_[r]->mailbox.get());
+    }
+    std::vector<std::vector<float>> results =
+        RunRing(networks, mailboxes, sizes, {1200, 2});
+    ASSERT_EQ(results.size(), 2 * sizes.size());
+    int64_t shared = 0;
+    for (const auto& n : networks) shared += n->bytes_shared();
+    if (window == 0) {
+      EXPECT_EQ(shared, 0);
+      socket_results = std::move(results);
+      continue;
+    }
+    EXPECT_GT(shared, 0);
+    for (size_t call = 0; call < results.size(); ++call) {
+      ASSERT_EQ(results[call], socket_results[call]) << "call " << call;
+    }
+  }
+  EXPECT_TRUE(logged_.empty());
 }
 
 // Sequence parallelism's collectives: every rank reduce-scatters its input

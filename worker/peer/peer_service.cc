@@ -36,10 +36,12 @@ class WorkerPeerService::SendReactor
     }
     bytes_ += static_cast<int64_t>(incoming_.Length());
     PeerMessageView message;
-    if (absl::Status s = ParsePeerMessage(incoming_, &message); !s.ok()) {
+    absl::Status parsed = ParsePeerMessage(incoming_, &message);
+    if (parsed.ok()) parsed = AttachShared(&message);
+    if (!parsed.ok()) {
       service_->Log(absl::StrCat("peer send from ", context_->peer(),
-                                 " refused: ", s.ToString()));
-      Finish(ToGrpcStatus(s));
+                                 " refused: ", parsed.ToString()));
+      Finish(ToGrpcStatus(parsed));
       return;
     }
     if (bytes_ > service_->options_.max_stream_bytes) {
@@ -65,10 +67,41 @@ class WorkerPeerService::SendReactor
   void OnDone() override { delete this; }
 
  private:
+  // A payload in the sender's shared memory (PeerMessage.shm): the
+  // message's data points at it, the region stays mapped until delivered.
+  absl::Status AttachShared(PeerMessageView* message) {
+    PeerHeader& h = message->header;
+    if (h.shm_bytes <= 0) return absl::OkStatus();
+    if (!message->data.empty() || h.shm.empty()) {
+      return absl::InvalidArgumentError(
+          "a peer message names shared memory but has its payload inline "
+          "or names no region");
+    }
+    if (!service_->options_.shared_memory) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          kSharedMemoryRefused, "this worker maps no peer memory"));
+    }
+    SharedRegionDesc desc;
+    if (!desc.ParseFromString(h.shm)) {
+      return absl::InvalidArgumentError(
+          "a peer message names a malformed shm region");
+    }
+    absl::StatusOr<std::shared_ptr<const SharedRegion>> region =
+        service_->regions_.Get(desc);
+    if (!region.ok()) return region.status();
+    LMPS_RETURN_IF_ERROR((*region)->CheckRange(h.shm_offset, h.shm_bytes));
+    message->data.Append(absl::string_view((*region)->data() + h.shm_offset,
+                                           static_cast<size_t>(h.shm_bytes)));
+    bytes_ += h.shm_bytes;
+    held_.push_back(*std::move(region));
+    return absl::OkStatus();
+  }
+
   void Deliver() {
     absl::StatusOr<int64_t> result = service_->mailbox_->Deliver(stream_);
     stream_.clear();
     stream_.shrink_to_fit();
+    held_.clear();
     if (result.ok()) {
       PeerAck ack;
       ack.set_elements(*result);
@@ -86,6 +119,7 @@ class WorkerPeerService::SendReactor
   int64_t bytes_ = 0;
   grpc::ByteBuffer incoming_;
   std::vector<PeerMessageView> stream_;
+  std::vector<std::shared_ptr<const SharedRegion>> held_;
 };
 
 absl::StatusOr<std::unique_ptr<WorkerPeerService>> WorkerPeerService::Create(

@@ -26,6 +26,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "common/shm/shared_region.h"
 #include "proto/lmps.grpc.pb.h"
 #include "worker/peer/mailbox.h"
 
@@ -36,6 +37,10 @@ struct WorkerPeerServiceOptions {
   int64_t max_stream_bytes = int64_t{1} << 30;
   // Receives a line for every refused stream; empty: nothing is logged.
   std::function<void(const std::string&)> log;
+  // Map the shared-memory regions of senders on this host whose payloads
+  // lie there (PeerMessage.shm); false: refuse them (the senders fall back
+  // to the socket).
+  bool shared_memory = true;
 };
 
 class WorkerPeerService final
@@ -61,6 +66,8 @@ class WorkerPeerService final
 
   PeerMailbox* const mailbox_;
   const WorkerPeerServiceOptions options_;
+  // Senders' shared-memory regions (thread-safe).
+  mutable RegionCache regions_;
 };
 
 }  // namespace lmps
