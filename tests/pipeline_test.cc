@@ -234,6 +234,15 @@ TEST(PipelineTest, NoWorkerTransfersParametersItDoesNotHold) {
     EXPECT_EQ(Int(r, "bytes_pulled"), Int(r, "pulls") * 4 * held) << "worker " << rank;
     EXPECT_EQ(Int(r, "bytes_pushed"), kSteps * 4 * owned) << "worker " << rank;
     pushed[{c.pp, c.tp}] = Int(r, "bytes_pushed");
+    // Every process on this host: payloads went through shared memory
+    // (shared_memory AUTO), the shards' and the peers' (activations and
+    // their gradients, tensor-parallel all-reduces); a request that found
+    // all of its peer's windows taken used the socket.
+    EXPECT_GT(Int(r, "bytes_shared"), 0) << "worker " << rank;
+    EXPECT_LE(Int(r, "bytes_shared"),
+              Int(r, "bytes_pulled") + Int(r, "bytes_pushed"));
+    EXPECT_GT(Int(r, "peer_bytes_shared"), 0) << "worker " << rank;
+    EXPECT_LE(Int(r, "peer_bytes_shared"), Int(r, "peer_bytes_sent"));
     EXPECT_LT(held, GptNumParameters(spec->model()) * 2 / 3);
   }
   // tp rank 1 pushes no replicated tensor.

@@ -707,10 +707,13 @@ class WorkerSession {
     log_(id_,
          absl::StrFormat(
              "transfer: pulls=%d bytes_pulled=%d bytes_pushed=%d "
-             "peer_bytes_sent=%d held_parameters=%d",
+             "peer_bytes_sent=%d held_parameters=%d bytes_shared=%d "
+             "peer_bytes_shared=%d",
              p.pulls,
              ps_->stats().bytes_pulled.load(), ps_->stats().bytes_pushed.load(),
-             peers_ ? peers_->bytes_sent() : 0, ps_->num_parameters()));
+             peers_ ? peers_->bytes_sent() : 0, ps_->num_parameters(),
+             ps_->stats().bytes_shared.load(),
+             peers_ ? peers_->bytes_shared() : 0));
   }
 
   const WorkerDaemonOptions& options_;
