@@ -172,10 +172,10 @@ absl::Status RingAllReduce::AllReduceSum(Backend* backend, float* data,
     collectives_++;
     return absl::OkStatus();
   }
-  std::vector<float> host(n);
-  LMPS_RETURN_IF_ERROR(backend->CopyToHost(host.data(), data, n));
-  LMPS_RETURN_IF_ERROR(Ring(host, seq, Phase::kAllReduce));
-  LMPS_RETURN_IF_ERROR(backend->CopyToBackend(data, host.data(), n));
+  float* host = Scratch(n);
+  LMPS_RETURN_IF_ERROR(backend->CopyToHost(host, data, n));
+  LMPS_RETURN_IF_ERROR(Ring(host, n, seq, Phase::kAllReduce));
+  LMPS_RETURN_IF_ERROR(backend->CopyToBackend(data, host, n));
   collectives_++;
   return absl::OkStatus();
 }
@@ -194,13 +194,13 @@ absl::Status RingAllReduce::ReduceScatterSum(Backend* backend,
     collectives_++;
     return absl::OkStatus();
   }
-  std::vector<float> host(n);
-  LMPS_RETURN_IF_ERROR(backend->CopyToHost(host.data(), in, n));
+  float* host = Scratch(n);
+  LMPS_RETURN_IF_ERROR(backend->CopyToHost(host, in, n));
   if (s > 1) {
-    LMPS_RETURN_IF_ERROR(Ring(host, seq, Phase::kReduceScatterToOwn));
+    LMPS_RETURN_IF_ERROR(Ring(host, n, seq, Phase::kReduceScatterToOwn));
   }
   LMPS_RETURN_IF_ERROR(
-      backend->CopyToBackend(out, host.data() + index_ * (n / s), n / s));
+      backend->CopyToBackend(out, host + index_ * (n / s), n / s));
   collectives_++;
   return absl::OkStatus();
 }
@@ -218,11 +218,13 @@ absl::Status RingAllReduce::AllGather(Backend* backend, const float* in,
     collectives_++;
     return absl::OkStatus();
   }
-  std::vector<float> host(n);
+  // Every other segment is received whole: the scratch's old values never
+  // show.
+  float* host = Scratch(n);
   LMPS_RETURN_IF_ERROR(
-      backend->CopyToHost(host.data() + index_ * (n / s), in, n / s));
-  if (s > 1) LMPS_RETURN_IF_ERROR(Ring(host, seq, Phase::kGatherFromOwn));
-  LMPS_RETURN_IF_ERROR(backend->CopyToBackend(out, host.data(), n));
+      backend->CopyToHost(host + index_ * (n / s), in, n / s));
+  if (s > 1) LMPS_RETURN_IF_ERROR(Ring(host, n, seq, Phase::kGatherFromOwn));
+  LMPS_RETURN_IF_ERROR(backend->CopyToBackend(out, host, n));
   collectives_++;
   return absl::OkStatus();
 }
@@ -257,10 +259,14 @@ std::vector<RingAllReduce::RoundPlan> RingAllReduce::Rounds(
   return rounds;
 }
 
-absl::Status RingAllReduce::Ring(std::vector<float>& host, int32_t seq,
+float* RingAllReduce::Scratch(size_t n) {
+  if (scratch_.size() < n) scratch_.resize(n);
+  return scratch_.data();
+}
+
+absl::Status RingAllReduce::Ring(float* host, size_t n, int32_t seq,
                                  Phase phase) {
   const int s = size();
-  const size_t n = host.size();
   const int next = group_[(index_ + 1) % s];
   const int prev = group_[(index_ + s - 1) % s];
   const std::vector<RoundPlan> rounds = Rounds(phase);
@@ -290,7 +296,7 @@ absl::Status RingAllReduce::Ring(std::vector<float>& host, int32_t seq,
   };
   auto send = [&](int r, size_t p) -> absl::Status {
     const auto [b, e] = range(rounds[r].out, p);
-    LMPS_RETURN_IF_ERROR(network_->Send(next, key(r, p), host.data() + b,
+    LMPS_RETURN_IF_ERROR(network_->Send(next, key(r, p), host + b,
                                         e - b));
     bytes_sent_ += static_cast<int64_t>(4 * (e - b));
     return absl::OkStatus();
@@ -334,7 +340,7 @@ absl::Status RingAllReduce::Ring(std::vector<float>& host, int32_t seq,
             "same sizes and piece size in the same order?)"));
         break;
       }
-      float* local = host.data() + b;
+      float* local = host + b;
       if (round.add) {
         for (size_t i = 0; i < e - b; ++i) local[i] = (*got)[i] + local[i];
       } else {

@@ -121,7 +121,12 @@ class RingAllReduce final : public TpComm {
   // The rounds of `phase` for this rank (see the top comment); in every
   // phase rounds[k + 1].out == rounds[k].in.
   std::vector<RoundPlan> Rounds(Phase phase) const;
-  absl::Status Ring(std::vector<float>& host, int32_t seq, Phase phase);
+  // host[0, n): the collective's buffer in host memory.
+  absl::Status Ring(float* host, size_t n, int32_t seq, Phase phase);
+  // A host buffer of at least n floats, kept between collectives (fresh
+  // pages and zeroing cost as much as a copy): the largest collective's
+  // size stays allocated.
+  float* Scratch(size_t n);
 
   PeerNetwork* const network_;
   const std::vector<int> group_;
@@ -133,6 +138,7 @@ class RingAllReduce final : public TpComm {
   std::atomic<int64_t> bytes_sent_{0};
   std::atomic<int64_t> bytes_received_{0};
   std::atomic<int64_t> collectives_{0};
+  std::vector<float> scratch_;
 };
 
 }  // namespace lmps
