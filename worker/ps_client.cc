@@ -412,20 +412,17 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
   header.pp_rank = pp_rank_;
   header.tp_rank = tp_rank_;
   // Shared memory: the stream's dense payloads in one window, if they fit
-  // (each slice aligned; a message boundary splits at most one piece into
-  // one more slice).
+  // (each piece aligned), named by one message (the payloads are not in it).
   WindowPool* windows = compress_ ? nullptr : SharedWindows(s);
   std::optional<int64_t> window;
   if (windows != nullptr) {
     const int width = options_.push_dtype == BF16 ? 2 : 4;
-    int64_t need = 0, elems = 0;
-    for (const LocalPiece* p : pieces) {
-      need += SharedPayloadSpan(p->n * width);
-      elems += p->n;
-    }
-    need += kSharedPayloadAlign * (elems / max_elems + 1);
+    int64_t need = 0;
+    for (const LocalPiece* p : pieces) need += SharedPayloadSpan(p->n * width);
     if (need <= windows->window_bytes()) window = windows->Acquire();
   }
+  const int64_t msg_elems =
+      window.has_value() ? std::numeric_limits<int64_t>::max() : max_elems;
   absl::Cleanup release = [&] {
     if (window.has_value()) windows->Release(*window);
   };
@@ -433,7 +430,7 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
   if (shm != nullptr) {
     header.shm = windows->region().desc().SerializeAsString();
   }
-  // Builds the next message (at most max_elems elements) into `out`: the
+  // Builds the next message (at most msg_elems elements) into `out`: the
   // gradient encoded once into the slices gRPC sends (or the window),
   // while the message before it is being written (ClientStreamingCall).
   size_t piece = 0;
@@ -443,9 +440,9 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
   auto next = [&](grpc::ByteBuffer* out) -> absl::StatusOr<bool> {
     std::vector<ChunkSliceOut> slices;
     int64_t in_msg = 0, msg_bytes = 0;
-    while (piece < pieces.size() && in_msg < max_elems) {
+    while (piece < pieces.size() && in_msg < msg_elems) {
       const LocalPiece& p = *pieces[piece];
-      const int64_t n = std::min(p.n - off, max_elems - in_msg);
+      const int64_t n = std::min(p.n - off, msg_elems - in_msg);
       ChunkSliceOut& slice = slices.emplace_back();
       LMPS_RETURN_IF_ERROR(EncodePushSlice(step, dp_rank, p, off, n, grads,
                                            &slice, shm, &shm_at));

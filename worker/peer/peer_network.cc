@@ -125,20 +125,19 @@ absl::Status PeerNetwork::SendRemote(int to_rank, const TransferKey& key,
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() +
                        absl::ToChronoNanoseconds(options_.timeout));
-  const size_t per_message =
-      static_cast<size_t>(options_.max_message_bytes / 4);
   PeerHeader header = HeaderOf(key, static_cast<int64_t>(n));
-  // Shared memory: the whole transfer in one window, if it fits.
+  // Shared memory: the whole transfer in one window, if it fits, named by
+  // one message (its payload is not in it).
   WindowPool* windows = SharedWindows(to_rank);
   std::optional<int64_t> window;
-  if (windows != nullptr) {
-    const int64_t messages = static_cast<int64_t>(n / per_message) + 1;
-    if (SharedPayloadSpan(4 * static_cast<int64_t>(n)) +
-            kSharedPayloadAlign * messages <=
-        windows->window_bytes()) {
-      window = windows->Acquire();
-    }
+  if (windows != nullptr && SharedPayloadSpan(4 * static_cast<int64_t>(n)) <=
+                                windows->window_bytes()) {
+    window = windows->Acquire();
   }
+  const size_t per_message =
+      window.has_value()
+          ? std::max<size_t>(n, 1)
+          : static_cast<size_t>(options_.max_message_bytes / 4);
   absl::Cleanup release = [&] {
     if (window.has_value()) windows->Release(*window);
   };
