@@ -441,7 +441,7 @@ TEST(PsClientTest, PushChunksOverGrowingRangesEqualsOnePush) {
 // With streams_per_shard 3 as well: the pulls and the push streams run 3 at
 // a time per shard (PullRequest.streams), with the same result.
 TEST(PsClientTest, PushInBoundedStreamsEqualsOneStreamPerShard) {
-  for (const auto [dtype, streams] : {std::pair<DType, int>{F32, 1},
+  for (const auto& [dtype, streams] : {std::pair<DType, int>{F32, 1},
                                       {BF16, 1}, {F32, 3}, {BF16, 3}}) {
     SCOPED_TRACE(absl::StrCat(DType_Name(dtype), " streams ", streams));
     const JobSpec spec = Spec(1, 1);
