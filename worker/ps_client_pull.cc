@@ -126,10 +126,20 @@ absl::Status PsClient::PullStream(int64_t step, int s,
       *req.mutable_shm() = region->desc();
       req.set_shm_offset(*window);
       req.set_shm_bytes(windows->window_bytes());
-      do {
-        req.set_first_message(resp.next_message);
+      int32_t first = 0;
+      while (true) {
+        req.set_first_message(first);
+        resp.next_message = 0;  // an answer without messages ends the pull
         st = call();
-      } while (st.ok() && bad.ok() && resp.next_message != 0);
+        if (!st.ok() || !bad.ok() || resp.next_message == 0) break;
+        if (resp.next_message <= first) {
+          st = absl::DataLossError(absl::StrCat(
+              "shard ", s, " answered a pull from message ", first,
+              " with next_message ", resp.next_message));
+          break;
+        }
+        first = resp.next_message;
+      }
     }
     if (!SharedMemoryRefused(s, st)) return st.ok() ? bad : st;
     // Refused at the first request: the whole pull over the socket.
