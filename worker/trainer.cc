@@ -135,6 +135,11 @@ absl::Status DataParallelTrainer::JoinShardUpdate() {
 absl::Status DataParallelTrainer::RingStep(int64_t step) {
   const JobSpec& spec = options_.spec;
   const int64_t n = model_->num_parameters();
+  // dp rank 0: the shards' update of the step before (started after its
+  // all-reduce, overlapped with this step's compute) ends before this
+  // step's all-reduce, so a failure of it (or a kill injected into it)
+  // comes before any peer is drawn into this step.
+  if (options_.dp_rank == 0) LMPS_RETURN_IF_ERROR(JoinShardUpdate());
   // Sum over the replicas (bitwise identical everywhere), then the mean as
   // the shards compute it (sum, then divide by dp).
   options_.dp_ring->SetStep(step, /*eval=*/false);
@@ -150,7 +155,6 @@ absl::Status DataParallelTrainer::RingStep(int64_t step) {
   }
   // dp rank 0 hands the same gradient to the shards, off the critical path.
   if (options_.dp_rank == 0) {
-    LMPS_RETURN_IF_ERROR(JoinShardUpdate());
     shard_grads_ = host_grads_;
     const int64_t bytes_before = ps_->stats().bytes_pushed;
     shard_update_ = std::thread([this, step, bytes_before] {
