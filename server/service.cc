@@ -403,9 +403,8 @@ void ParameterServerService::Log(const std::string& line) const {
 absl::StatusOr<std::shared_ptr<const SharedRegion>>
 ParameterServerService::Region(const SharedRegionDesc& desc) {
   if (!options_.shared_memory) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        kSharedMemoryRefused,
-        "this shard maps no worker memory (lmps_server --shared_memory=false)"));
+    return SharedMemoryRefusal(
+        "this shard maps no worker memory (lmps_server --shared_memory=false)");
   }
   absl::StatusOr<std::shared_ptr<const SharedRegion>> region =
       regions_.Get(desc);

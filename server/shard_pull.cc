@@ -207,8 +207,8 @@ absl::Status ParameterShard::FitSharedWindow(int32_t first, char* shm,
                   plan->messages[m].end());
   }
   if (m == first) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        kSharedMemoryRefused, "a window of ", window_bytes,
+    return SharedMemoryRefusal(absl::StrCat(
+        "a window of ", window_bytes,
         " bytes does not hold message ", first,
         " of the pull (the worker's max_push_stream_bytes is below the "
         "shard's max_message_bytes?)"));

@@ -10,7 +10,6 @@
 #include <thread>
 
 #include "absl/cleanup/cleanup.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
@@ -574,10 +573,7 @@ WindowPool* PsClient::SharedWindows(int s) {
 }
 
 bool PsClient::SharedMemoryRefused(int s, const absl::Status& status) {
-  if (status.code() != absl::StatusCode::kFailedPrecondition ||
-      !absl::StrContains(status.message(), kSharedMemoryRefused)) {
-    return false;
-  }
+  if (!IsSharedMemoryRefusal(status)) return false;
   absl::MutexLock lock(&shm_mu_);
   if (!shm_off_[s] && options_.log) {
     options_.log(absl::StrCat("shard ", s, " (", Address(s),

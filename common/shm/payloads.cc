@@ -25,6 +25,18 @@ absl::Status CheckSlice(const SharedRegion& region, const std::string& tensor,
 
 }  // namespace
 
+absl::Status AttachSharedBytes(const SharedRegion& region, int64_t offset,
+                               int64_t bytes, ByteSpans* out) {
+  if (!out->empty()) {
+    return absl::InvalidArgumentError(
+        "a payload is both in the message and in shared memory");
+  }
+  if (absl::Status s = region.CheckRange(offset, bytes); !s.ok()) return s;
+  out->Append(absl::string_view(region.data() + offset,
+                                static_cast<size_t>(bytes)));
+  return absl::OkStatus();
+}
+
 bool HasSharedPayloads(const std::vector<ChunkSliceView>& slices) {
   for (const ChunkSliceView& s : slices) {
     if (s.shm_bytes > 0) return true;
@@ -36,14 +48,12 @@ absl::Status AttachSharedPayloads(const SharedRegion& region,
                                   std::vector<ChunkSliceView>* slices) {
   for (ChunkSliceView& s : *slices) {
     if (s.shm_bytes <= 0) continue;
-    if (absl::Status st = CheckSlice(region, s.tensor, s.chunk,
-                                     !s.data.empty(), s.shm_offset,
-                                     s.shm_bytes);
+    if (absl::Status st =
+            AttachSharedBytes(region, s.shm_offset, s.shm_bytes, &s.data);
         !st.ok()) {
-      return st;
+      return absl::InvalidArgumentError(
+          absl::StrCat("slice ", s.tensor, "#", s.chunk, ": ", st.message()));
     }
-    s.data.Append(absl::string_view(region.data() + s.shm_offset,
-                                    static_cast<size_t>(s.shm_bytes)));
   }
   return absl::OkStatus();
 }

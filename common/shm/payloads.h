@@ -24,6 +24,12 @@ inline int64_t SharedPayloadSpan(int64_t bytes) {
   return (bytes + kSharedPayloadAlign - 1) & ~(kSharedPayloadAlign - 1);
 }
 
+// Appends bytes [offset, offset + bytes) of `region` to `out`, which must be
+// empty (a payload is either inline or shared). InvalidArgument otherwise,
+// or for a range outside the region.
+absl::Status AttachSharedBytes(const SharedRegion& region, int64_t offset,
+                               int64_t bytes, ByteSpans* out);
+
 // True when some slice's payload is in shared memory.
 bool HasSharedPayloads(const std::vector<ChunkSliceView>& slices);
 

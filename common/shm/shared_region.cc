@@ -9,16 +9,13 @@
 #include <cerrno>
 #include <cstring>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 
 namespace lmps {
 namespace {
-
-absl::Status Refused(absl::string_view why) {
-  return absl::FailedPreconditionError(absl::StrCat(kSharedMemoryRefused, why));
-}
 
 // "/proc/<pid>/fd/<fd>" and nothing else.
 bool IsProcFdPath(absl::string_view path) {
@@ -36,6 +33,15 @@ bool IsProcFdPath(absl::string_view path) {
 constexpr int64_t kMaxRegionBytes = int64_t{1} << 40;
 
 }  // namespace
+
+absl::Status SharedMemoryRefusal(absl::string_view why) {
+  return absl::FailedPreconditionError(absl::StrCat(kSharedMemoryRefused, why));
+}
+
+bool IsSharedMemoryRefusal(const absl::Status& status) {
+  return status.code() == absl::StatusCode::kFailedPrecondition &&
+         absl::StrContains(status.message(), kSharedMemoryRefused);
+}
 
 absl::StatusOr<std::unique_ptr<SharedRegion>> SharedRegion::Create(
     int64_t payload_bytes) {
@@ -81,19 +87,19 @@ absl::StatusOr<std::unique_ptr<SharedRegion>> SharedRegion::Create(
 absl::StatusOr<std::unique_ptr<SharedRegion>> SharedRegion::Open(
     const SharedRegionDesc& desc) {
   if (!IsProcFdPath(desc.path())) {
-    return Refused(absl::StrCat("path '", desc.path(),
+    return SharedMemoryRefusal(absl::StrCat("path '", desc.path(),
                                 "' is not of the form /proc/<pid>/fd/<fd>"));
   }
   if (desc.token().size() != kTokenBytes || desc.size() <= kHeaderBytes ||
       desc.size() > kMaxRegionBytes) {
-    return Refused(absl::StrCat("bad token (", desc.token().size(),
+    return SharedMemoryRefusal(absl::StrCat("bad token (", desc.token().size(),
                                 " bytes) or size (", desc.size(), ")"));
   }
   // O_PATH first: nothing of the file is opened (a FIFO or a device under
   // that path would be) before it is known to be a regular file.
   const int probe = open(desc.path().c_str(), O_PATH | O_CLOEXEC);
   if (probe < 0) {
-    return Refused(absl::StrCat("cannot open ", desc.path(), ": ",
+    return SharedMemoryRefusal(absl::StrCat("cannot open ", desc.path(), ": ",
                                 std::strerror(errno),
                                 " (the worker is on another host?)"));
   }
@@ -105,14 +111,14 @@ absl::StatusOr<std::unique_ptr<SharedRegion>> SharedRegion::Open(
               O_RDWR | O_CLOEXEC);
   }
   close(probe);
-  if (!regular) return Refused(absl::StrCat(desc.path(), " is not a memfd"));
+  if (!regular) return SharedMemoryRefusal(absl::StrCat(desc.path(), " is not a memfd"));
   if (fd < 0) {
-    return Refused(absl::StrCat("cannot open ", desc.path(),
+    return SharedMemoryRefusal(absl::StrCat("cannot open ", desc.path(),
                                 " read-write: ", std::strerror(errno)));
   }
   auto refuse = [fd](absl::string_view why) {
     close(fd);
-    return Refused(why);
+    return SharedMemoryRefusal(why);
   };
   const int seals = fcntl(fd, F_GET_SEALS);
   if (seals < 0 || (seals & F_SEAL_SHRINK) == 0) {

@@ -43,6 +43,10 @@ namespace lmps {
 // to that shard and repeats the request over the socket.
 inline constexpr absl::string_view kSharedMemoryRefused =
     "shared memory region refused: ";
+// FailedPrecondition "<kSharedMemoryRefused><why>".
+absl::Status SharedMemoryRefusal(absl::string_view why);
+// True for such a refusal (also inside an annotated message).
+bool IsSharedMemoryRefusal(const absl::Status& status);
 
 class SharedRegion {
  public:

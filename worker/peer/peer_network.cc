@@ -9,7 +9,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/cleanup/cleanup.h"
-#include "absl/strings/match.h"
 #include "common/rpc/status_util.h"
 #include "common/shm/payloads.h"
 #include "common/wire/chunk_wire.h"
@@ -177,9 +176,7 @@ absl::Status PeerNetwork::SendRemote(int to_rank, const TransferKey& key,
   grpc::ByteBuffer response;
   const absl::Status sent =
       ClientStreamingCall(stub, kSendMethod, &context, next, &response);
-  if (window.has_value() &&
-      sent.code() == absl::StatusCode::kFailedPrecondition &&
-      absl::StrContains(sent.message(), kSharedMemoryRefused)) {
+  if (window.has_value() && IsSharedMemoryRefusal(sent)) {
     // Refused before anything was stored: the transfer over the socket,
     // and every later one to this peer.
     std::move(release).Invoke();

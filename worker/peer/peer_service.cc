@@ -6,6 +6,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "common/rpc/status_util.h"
+#include "common/shm/payloads.h"
 #include "common/wire/chunk_wire.h"
 
 namespace lmps {
@@ -78,8 +79,7 @@ class WorkerPeerService::SendReactor
           "or names no region");
     }
     if (!service_->options_.shared_memory) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          kSharedMemoryRefused, "this worker maps no peer memory"));
+      return SharedMemoryRefusal("this worker maps no peer memory");
     }
     SharedRegionDesc desc;
     if (!desc.ParseFromString(h.shm)) {
@@ -89,9 +89,8 @@ class WorkerPeerService::SendReactor
     absl::StatusOr<std::shared_ptr<const SharedRegion>> region =
         service_->regions_.Get(desc);
     if (!region.ok()) return region.status();
-    LMPS_RETURN_IF_ERROR((*region)->CheckRange(h.shm_offset, h.shm_bytes));
-    message->data.Append(absl::string_view((*region)->data() + h.shm_offset,
-                                           static_cast<size_t>(h.shm_bytes)));
+    LMPS_RETURN_IF_ERROR(
+        AttachSharedBytes(**region, h.shm_offset, h.shm_bytes, &message->data));
     bytes_ += h.shm_bytes;
     held_.push_back(*std::move(region));
     return absl::OkStatus();
