@@ -57,6 +57,10 @@ class Backend {
   // Releases memory from Alloc/AllocInt32. nullptr is a no-op.
   virtual void Free(float* p) = 0;
   virtual void Free(int32_t* p) = 0;
+  // True when backend memory is ordinary host memory (any backend pointer
+  // may be read and written by host code, e.g. a collective working in
+  // place instead of copying to the host and back).
+  virtual bool memory_is_host() const { return false; }
 
   // Copies n elements between host memory and backend memory. When they
   // return, the data has arrived (host_src may be reused, host_dst read).

@@ -31,6 +31,7 @@ class HostBackend : public Backend {
   absl::Status CopyToHost(float* host_dst, const float* src,
                           size_t n) override;
   absl::Status Synchronize() override { return absl::OkStatus(); }
+  bool memory_is_host() const override { return true; }
 };
 
 }  // namespace lmps

@@ -117,6 +117,12 @@ absl::StatusOr<std::unique_ptr<PeerMailbox>> PeerMailbox::Create(
         absl::StrCat("PeerMailbox: max_pending_bytes must be positive, got ",
                      options.max_pending_bytes));
   }
+  if (options.max_spare_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("PeerMailbox: max_spare_bytes must not be negative, "
+                     "got ",
+                     options.max_spare_bytes));
+  }
   return std::unique_ptr<PeerMailbox>(new PeerMailbox(options));
 }
 
@@ -253,7 +259,7 @@ absl::StatusOr<int64_t> PeerMailbox::Deliver(
     Transfer& t = it->second;
     if (inserted) {
       t.total = plan.total;
-      t.data.resize(static_cast<size_t>(plan.total));
+      t.data = TakeBuffer(static_cast<size_t>(plan.total));
       pending_bytes_ += 4 * plan.total;
     }
     for (const Piece& p : plan.pieces) {
@@ -365,6 +371,34 @@ void PeerMailbox::DropBefore(int64_t step) {
   }
 }
 
+std::vector<float> PeerMailbox::TakeBuffer(size_t n) {
+  auto best = spares_.end();
+  for (auto it = spares_.begin(); it != spares_.end(); ++it) {
+    if (it->capacity() >= n &&
+        (best == spares_.end() || it->capacity() < best->capacity())) {
+      best = it;
+    }
+  }
+  if (best == spares_.end()) return std::vector<float>(n);
+  std::vector<float> buffer = std::move(*best);
+  spares_.erase(best);
+  spare_bytes_ -= static_cast<int64_t>(4 * buffer.capacity());
+  // Shrinking writes nothing; growing within the capacity zeroes the
+  // growth only. Every element is overwritten before the transfer is
+  // complete.
+  buffer.resize(n);
+  return buffer;
+}
+
+void PeerMailbox::Recycle(std::vector<float> buffer) {
+  const int64_t bytes = static_cast<int64_t>(4 * buffer.capacity());
+  if (bytes == 0) return;
+  absl::MutexLock lock(&mu_);
+  if (spare_bytes_ + bytes > options_.max_spare_bytes) return;
+  spare_bytes_ += bytes;
+  spares_.push_back(std::move(buffer));
+}
+
 void PeerMailbox::SetSenders(const std::vector<std::string>& ids) {
   absl::MutexLock lock(&mu_);
   senders_.emplace(ids.begin(), ids.end());
@@ -396,6 +430,11 @@ int64_t PeerMailbox::pending_bytes() const {
 int64_t PeerMailbox::pending_transfers() const {
   absl::MutexLock lock(&mu_);
   return static_cast<int64_t>(transfers_.size());
+}
+
+int64_t PeerMailbox::spare_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return spare_bytes_;
 }
 
 }  // namespace lmps

@@ -35,6 +35,14 @@
 //                      < step, complete or not (after a failed step). A
 //                      piece of a dropped step arriving later is stored
 //                      again.
+//   Recycle(buffer)    hands back a buffer that Receive returned and whose
+//                      values the caller no longer needs: a later transfer
+//                      is stored in it instead of in fresh memory (an
+//                      8 MiB ring piece in fresh pages costs 2048 page
+//                      faults, more than copying it). At most
+//                      options.max_spare_bytes of capacity are kept; the
+//                      rest is freed. Optional: buffers not handed back are
+//                      simply freed by their owner.
 //   SetSenders(ids)    the node ids of the job's workers (PeerNetwork::Create
 //                      sets them): from then on Deliver refuses a stream
 //                      with any other sender (PermissionDenied, nothing
@@ -47,9 +55,10 @@
 //                      transfers are refused) -- seen with
 //                      tests/hostile_client_test.
 //
-// Memory: a transfer's buffer (4 * total_elements bytes) is allocated when
-// its first piece arrives and counted as pending until it is claimed or
-// dropped.
+// Memory: a transfer's buffer (4 * total_elements bytes) is allocated (or
+// taken from the recycled spares) when its first piece arrives and counted
+// as pending until it is claimed or dropped. Spares are not counted as
+// pending.
 //
 // Thread-safety: thread-safe. Any number of threads may deliver and
 // receive concurrently.
@@ -102,6 +111,9 @@ std::string DescribeKey(const TransferKey& key);
 struct PeerMailboxOptions {
   // Cap on the bytes of all stored transfers (complete or not).
   int64_t max_pending_bytes = int64_t{1} << 30;
+  // Cap on the capacity of the buffers kept by Recycle for reuse (0: none
+  // kept). Four ring pieces of the default 8 MiB.
+  int64_t max_spare_bytes = int64_t{32} << 20;
 };
 
 class PeerMailbox {
@@ -128,6 +140,7 @@ class PeerMailbox {
   // Wakes every waiter (they return Unavailable); later calls fail too.
   void Shutdown();
   void DropBefore(int64_t step);
+  void Recycle(std::vector<float> buffer);
   void SetSenders(const std::vector<std::string>& ids);
 
   // Payload bytes stored so far (every accepted piece).
@@ -138,6 +151,8 @@ class PeerMailbox {
   int64_t pending_bytes() const;
   // Transfers stored now (complete or not).
   int64_t pending_transfers() const;
+  // Capacity in bytes of the recycled buffers kept for reuse.
+  int64_t spare_bytes() const;
 
  private:
   struct Transfer {
@@ -150,6 +165,9 @@ class PeerMailbox {
   };
 
   explicit PeerMailbox(const PeerMailboxOptions& options);
+  // A buffer of n elements (unspecified values): the smallest spare whose
+  // capacity suffices, else a new one.
+  std::vector<float> TakeBuffer(size_t n) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const PeerMailboxOptions options_;
   mutable absl::Mutex mu_;
@@ -161,6 +179,8 @@ class PeerMailbox {
   int64_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t bytes_received_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t transfers_completed_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<std::vector<float>> spares_ ABSL_GUARDED_BY(mu_);
+  int64_t spare_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // their capacity
 };
 
 }  // namespace lmps

@@ -83,6 +83,55 @@ TEST(PeerMailboxTest, CreateRejectsNonPositiveLimit) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(PeerMailboxTest, CreateRejectsNegativeSpareBytes) {
+  PeerMailboxOptions options;
+  options.max_spare_bytes = -1;
+  EXPECT_EQ(PeerMailbox::Create(options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// A recycled buffer stores a later transfer of the same or a smaller size
+// (its memory is reused, its old values never show); beyond
+// max_spare_bytes buffers are freed, not kept.
+TEST(PeerMailboxTest, RecycledBuffersAreReused) {
+  PeerMailboxOptions options;
+  options.max_spare_bytes = 4 * 100;
+  auto created = PeerMailbox::Create(options);
+  ASSERT_TRUE(created.ok()) << created.status();
+  PeerMailbox& mailbox = **created;
+  TransferKey key = Key();
+  ASSERT_TRUE(mailbox.Deliver({Msg(key, 100, 0, 100)}).ok());
+  auto got = mailbox.Receive(key, absl::Seconds(1), kPeer);
+  ASSERT_TRUE(got.ok()) << got.status();
+  const float* memory = got->data();
+  mailbox.Recycle(*std::move(got));
+  EXPECT_EQ(mailbox.spare_bytes(), 400);
+  EXPECT_EQ(mailbox.pending_bytes(), 0);
+  // A smaller transfer in two pieces lands in the recycled memory.
+  key.micro_batch = 1;
+  ASSERT_TRUE(mailbox.Deliver({Msg(key, 10, 5, 5)}).ok());
+  EXPECT_EQ(mailbox.spare_bytes(), 0);
+  ASSERT_TRUE(mailbox.Deliver({Msg(key, 10, 0, 5)}).ok());
+  got = mailbox.Receive(key, absl::Seconds(1), kPeer);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->data(), memory);
+  EXPECT_EQ(*got, Expected(10));
+  mailbox.Recycle(*std::move(got));
+  EXPECT_EQ(mailbox.spare_bytes(), 400);
+  // Over the cap: freed.
+  mailbox.Recycle(std::vector<float>(1));
+  EXPECT_EQ(mailbox.spare_bytes(), 400);
+  mailbox.Recycle(std::vector<float>());
+  EXPECT_EQ(mailbox.spare_bytes(), 400);
+  // A larger transfer than any spare gets a new buffer; the spare stays.
+  key.micro_batch = 2;
+  ASSERT_TRUE(mailbox.Deliver({Msg(key, 200, 0, 200)}).ok());
+  EXPECT_EQ(mailbox.spare_bytes(), 400);
+  got = mailbox.Receive(key, absl::Seconds(1), kPeer);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, Expected(200));
+}
+
 TEST(PeerMailboxTest, PiecesOutOfOrderOverSeveralStreams) {
   auto mailbox = NewMailbox();
   const TransferKey key = Key();

@@ -36,6 +36,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -99,6 +100,10 @@ class PeerNetwork {
       int from_rank, TransferKey key_without_sender,
       const std::function<absl::Status()>& stop = nullptr);
   void WakeReceivers() { mailbox_->WakeReceivers(); }
+  // Hands a received buffer back for reuse (PeerMailbox::Recycle).
+  void Recycle(std::vector<float> buffer) {
+    mailbox_->Recycle(std::move(buffer));
+  }
 
   // "worker-2 (dp 0, pp 1, tp 0) at 127.0.0.1:4567"; "worker rank 7 (out
   // of range)" for a bad rank.

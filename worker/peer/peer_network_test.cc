@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "worker/backend/cpu_backend.h"
+#include "worker/backend/cpu_reference.h"
 #include "worker/peer/mailbox.h"
 #include "worker/peer/peer_service.h"
 #include "worker/peer/ring_allreduce.h"
@@ -375,14 +377,33 @@ std::vector<float> Inputs(int rank, size_t n, int call) {
   return v;
 }
 
+// A backend whose memory the collectives must treat as a device's: copied
+// to the host and back (RingAllReduce's path for a CUDA backend).
+class DeviceLikeBackend final : public ReferenceBackend {
+ public:
+  bool memory_is_host() const override { return false; }
+};
+
+// A CPU backend (host memory: the collectives work in place) or a
+// DeviceLikeBackend.
+absl::StatusOr<std::unique_ptr<Backend>> NewBackend(bool host_memory) {
+  if (!host_memory) return std::make_unique<DeviceLikeBackend>();
+  CpuBackendOptions bo;
+  bo.num_threads = 1;
+  absl::StatusOr<std::unique_ptr<CpuBackend>> cpu = CpuBackend::Create(bo);
+  if (!cpu.ok()) return cpu.status();
+  return std::unique_ptr<Backend>(std::move(*cpu));
+}
+
 // Runs AllReduceSum on every rank of a group of `size` workers (on threads,
-// each with its own CPU backend) for each n of `sizes` in turn, within one
+// each with its own backend: NewBackend(host_memory)) for each n of `sizes` in turn, within one
 // training step and one eval pass, and checks the results. Returns rank 0's
 // results, one per call.
 std::vector<std::vector<float>> RunRing(
     const std::vector<std::unique_ptr<PeerNetwork>>& networks,
     const std::vector<PeerMailbox*>& mailboxes,
-    const std::vector<size_t>& sizes, const RingAllReduceOptions& options) {
+    const std::vector<size_t>& sizes, const RingAllReduceOptions& options,
+    bool host_memory = true) {
   const int size = static_cast<int>(networks.size());
   std::vector<int> group;
   for (int r = 0; r < size; ++r) group.push_back(r);
@@ -410,9 +431,7 @@ std::vector<std::vector<float>> RunRing(
   for (int r = 0; r < size; ++r) {
     threads.emplace_back([&, r]() {
       statuses[r] = [&]() -> absl::Status {
-        CpuBackendOptions bo;
-        bo.num_threads = 1;
-        auto backend = CpuBackend::Create(bo);
+        auto backend = NewBackend(host_memory);
         if (!backend.ok()) return backend.status();
         int call = 0;
         for (bool eval : {false, true}) {
@@ -483,8 +502,9 @@ using RingAllReduceTest = PeerNetworkTest;
 
 // Every group size, with segments whole (one piece) and pipelined in
 // pieces of 1, 3 and 100 elements (uneven last pieces; segments of
-// different piece counts), 1 to 3 sends in flight: correct sums, bitwise
-// the same on every rank and for every piece size.
+// different piece counts), 1 to 3 sends in flight, in place (host memory)
+// and through a host copy (device-like memory): correct sums, bitwise the
+// same on every rank, for every piece size and both paths.
 TEST_F(RingAllReduceTest, SizesSmallOddAndLargeWholeAndInPieces) {
   const std::vector<size_t> sizes = {0, 1, 2, 3, 5, 7, 1000, 4099};
   for (int size : {1, 2, 3}) {
@@ -496,16 +516,20 @@ TEST_F(RingAllReduceTest, SizesSmallOddAndLargeWholeAndInPieces) {
       mailboxes.push_back(nodes_[r]->mailbox.get());
     }
     std::vector<std::vector<float>> whole;
-    for (const RingAllReduceOptions& options :
-         std::vector<RingAllReduceOptions>{{1 << 20, 1},
-                                           {4, 1},
-                                           {12, 2},
-                                           {400, 3}}) {
+    for (const auto& [options, host_memory] :
+         std::vector<std::pair<RingAllReduceOptions, bool>>{
+             {{1 << 20, 1}, true},
+             {{4, 1}, true},
+             {{12, 2}, true},
+             {{400, 3}, true},
+             {{1 << 20, 1}, false},
+             {{12, 2}, false}}) {
       SCOPED_TRACE(absl::StrCat("group of ", size, ", pieces of ",
                                 options.piece_bytes, " bytes, ",
-                                options.sends_in_flight, " in flight"));
+                                options.sends_in_flight, " in flight, ",
+                                host_memory ? "in place" : "host copy"));
       std::vector<std::vector<float>> results =
-          RunRing(networks, mailboxes, sizes, options);
+          RunRing(networks, mailboxes, sizes, options, host_memory);
       ASSERT_EQ(results.size(), 2 * sizes.size());
       if (whole.empty()) {
         whole = std::move(results);
@@ -555,8 +579,10 @@ TEST_F(RingAllReduceTest, SharedMemoryGivesTheSameSums) {
 // Sequence parallelism's collectives: every rank reduce-scatters its input
 // (segment r of the sum lands on rank r), then all-gathers the segments.
 // The gathered sum is bitwise identical on every rank and across two
-// repetitions (one summation order per segment, whatever the timing), and
-// close to the exact sum; sizes not divisible by the group are refused.
+// repetitions (one summation order per segment, whatever the timing; the
+// first in host memory, the second through host copies), gathering from the
+// output's own segment gives the same, and it is close to the exact sum;
+// sizes not divisible by the group are refused.
 TEST_F(RingAllReduceTest, ReduceScatterThenAllGather) {
   for (const std::pair<int, int64_t>& config :
        std::vector<std::pair<int, int64_t>>{
@@ -586,11 +612,16 @@ TEST_F(RingAllReduceTest, ReduceScatterThenAllGather) {
     for (int r = 0; r < size; ++r) {
       threads.emplace_back([&, r]() {
         statuses[r] = [&]() -> absl::Status {
-          auto backend = CpuBackend::Create({.num_threads = 1});
-          if (!backend.ok()) return backend.status();
-          Backend& be = **backend;
+          // rep 0 in host memory (in place), rep 1 device-like (copies).
+          std::unique_ptr<Backend> backends[2];
+          for (int rep = 0; rep < 2; ++rep) {
+            auto backend = NewBackend(rep == 0);
+            if (!backend.ok()) return backend.status();
+            backends[rep] = std::move(*backend);
+          }
           gathered[r].resize(2);
           for (int rep = 0; rep < 2; ++rep) {
+            Backend& be = *backends[rep];
             rings[r]->SetStep(rep, false);
             for (size_t k = 0; k < sizes.size(); ++k) {
               const size_t n = sizes[k], part = n / size;
@@ -605,6 +636,14 @@ TEST_F(RingAllReduceTest, ReduceScatterThenAllGather) {
               if (s.ok()) s = rings[r]->ReduceScatterSum(&be, *in, *mid, n);
               if (s.ok()) s = rings[r]->AllGather(&be, *mid, *out, n);
               if (s.ok()) s = be.CopyToHost(all.data(), *out, n);
+              // Gathering from the output's own segment gives the same.
+              if (s.ok()) s = be.CopyToBackend(*in + r * part, all.data() + r * part, part);
+              if (s.ok()) s = rings[r]->AllGather(&be, *in + r * part, *in, n);
+              std::vector<float> again(n);
+              if (s.ok()) s = be.CopyToHost(again.data(), *in, n);
+              if (s.ok() && again != all) {
+                s = absl::InternalError("gathering in place differs");
+              }
               be.Free(*in);
               be.Free(*mid);
               be.Free(*out);
@@ -655,12 +694,12 @@ TEST_F(RingAllReduceTest, ReduceScatterThenAllGather) {
         ASSERT_NEAR(gathered[0][0][k][i], sum, 1e-6) << "n " << n << " i " << i;
       }
     }
-    // Each of the two collectives sends (size - 1) / size of n per rank.
+    // Each of the three collectives sends (size - 1) / size of n per rank.
     int64_t sent = 0;
     for (int r = 0; r < size; ++r) sent += rings[r]->bytes_sent();
     int64_t elements = 0;
     for (size_t n : sizes) elements += static_cast<int64_t>(n);
-    EXPECT_EQ(sent, 2 * 2 * 4 * elements * (size - 1));
+    EXPECT_EQ(sent, 2 * 3 * 4 * elements * (size - 1));
   }
 }
 

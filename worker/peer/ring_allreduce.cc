@@ -172,10 +172,15 @@ absl::Status RingAllReduce::AllReduceSum(Backend* backend, float* data,
     collectives_++;
     return absl::OkStatus();
   }
-  float* host = Scratch(n);
-  LMPS_RETURN_IF_ERROR(backend->CopyToHost(host, data, n));
-  LMPS_RETURN_IF_ERROR(Ring(host, n, seq, Phase::kAllReduce));
-  LMPS_RETURN_IF_ERROR(backend->CopyToBackend(data, host, n));
+  if (backend->memory_is_host()) {
+    // In place: two copies of the whole buffer fewer.
+    LMPS_RETURN_IF_ERROR(Ring(data, n, seq, Phase::kAllReduce));
+  } else {
+    float* host = Scratch(n);
+    LMPS_RETURN_IF_ERROR(backend->CopyToHost(host, data, n));
+    LMPS_RETURN_IF_ERROR(Ring(host, n, seq, Phase::kAllReduce));
+    LMPS_RETURN_IF_ERROR(backend->CopyToBackend(data, host, n));
+  }
   collectives_++;
   return absl::OkStatus();
 }
@@ -218,13 +223,19 @@ absl::Status RingAllReduce::AllGather(Backend* backend, const float* in,
     collectives_++;
     return absl::OkStatus();
   }
-  // Every other segment is received whole: the scratch's old values never
-  // show.
-  float* host = Scratch(n);
-  LMPS_RETURN_IF_ERROR(
-      backend->CopyToHost(host + index_ * (n / s), in, n / s));
+  // Every other segment is received whole: the buffer's old values never
+  // show. Host memory: gathered in `out` itself (unless `in` overlaps it
+  // elsewhere than at its own segment).
+  const bool in_place =
+      backend->memory_is_host() &&
+      (in == out + index_ * (n / s) || in + n / s <= out || out + n <= in);
+  float* host = in_place ? out : Scratch(n);
+  if (host + index_ * (n / s) != in) {
+    LMPS_RETURN_IF_ERROR(
+        backend->CopyToHost(host + index_ * (n / s), in, n / s));
+  }
   if (s > 1) LMPS_RETURN_IF_ERROR(Ring(host, n, seq, Phase::kGatherFromOwn));
-  LMPS_RETURN_IF_ERROR(backend->CopyToBackend(out, host, n));
+  if (!in_place) LMPS_RETURN_IF_ERROR(backend->CopyToBackend(out, host, n));
   collectives_++;
   return absl::OkStatus();
 }
@@ -346,6 +357,7 @@ absl::Status RingAllReduce::Ring(float* host, size_t n, int32_t seq,
       } else {
         std::copy(got->begin(), got->end(), local);
       }
+      network_->Recycle(*std::move(got));
       if (r + 1 < rounds.size()) sender.Queue(static_cast<int>(r + 1), p);
     }
   }

@@ -1,7 +1,9 @@
 // RingAllReduce: TpComm (worker/model/tp_comm.h) over PeerNetwork, a
 // chunked ring all-reduce among the workers of one tensor-parallel group.
 //
-// AllReduceSum(backend, data, n) copies data to host memory, splits it into
+// AllReduceSum(backend, data, n) works on data in place when the backend's
+// memory is host memory (Backend::memory_is_host: the CPU backends) and on
+// a host copy otherwise (copied back at the end), splits it into
 // size() contiguous segments (segment i = [i*n/size, (i+1)*n/size), some
 // empty when n < size) and runs, with next = the following rank of the
 // group and prev = the preceding one (cyclically):
@@ -45,8 +47,10 @@
 // Errors come from PeerNetwork and name the peer; a piece of the wrong
 // length (ranks disagreeing on n or piece_bytes) is FailedPrecondition.
 // A failed send stops the receiving at once (the collective returns the
-// send's error); after a failed receive the queued sends are dropped. After an error the
-// step should be failed (PeerMailbox::DropBefore discards leftovers).
+// send's error); after a failed receive the queued sends are dropped. After
+// an error the output (for AllReduceSum in host memory: data) holds
+// unspecified values and the step should be failed (PeerMailbox::DropBefore
+// discards leftovers).
 //
 // Thread-safety: as TpComm, one thread at a time; the byte counters may be
 // read from any thread.
