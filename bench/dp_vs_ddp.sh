@@ -12,6 +12,14 @@
 # three (the machine may be shared); the best round of each is compared:
 #   ps/ddp tokens/s ratio: X.XX
 #   ring/ddp tokens/s ratio: X.XX
+# and what bounds these ratios on this machine, measured in the same run
+# (bench/train_step_bench, one thread, the same model and batch): two
+# workers whose every matrix product ran at OpenBLAS's one-thread sgemm
+# peak with nothing else costing time (no other layer, no communication,
+# no optimizer) would reach 2 x "OpenBLAS-peak tokens/s":
+#   ceiling/ddp tokens/s ratio: X.XX
+# No implementation of this data-parallel job on one core per worker can
+# exceed it against the same DDP figure.
 #
 # Usage: bench/dp_vs_ddp.sh
 # Environment: STEPS (default 40), BATCH per worker (default 8), ROUNDS
@@ -27,8 +35,8 @@ PYTHON="${PYTHON:-/usr/bin/python3}"
 tmp="$(mktemp -d /tmp/lmps_dp_vs_ddp.XXXXXX)"
 trap 'rm -rf "$tmp"' EXIT
 
-bazel build //launcher:lmps_local >/dev/null 2>&1 ||
-  bazel build //launcher:lmps_local
+bazel build //launcher:lmps_local //bench:train_step_bench >/dev/null 2>&1 ||
+  bazel build //launcher:lmps_local //bench:train_step_bench
 BIN="$(bazel info bazel-bin 2>/dev/null)"
 
 max() { awk -v a="$1" -v b="$2" 'BEGIN { print (a > b) ? a : b }'; }
@@ -63,6 +71,7 @@ SPEC
 best_ps=0
 best_ring=0
 best_ddp=0
+best_peak=0
 for round in $(seq 1 "$ROUNDS"); do
   lmps PARAMETER_SERVER "$round"
   echo "round $round lmps dp=2 PARAMETER_SERVER: $V tokens/s"
@@ -75,6 +84,11 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "$out" | sed "s/^/round $round /"
   V="$(echo "$out" | awk -F': ' '/^ddp tokens\/s:/ { print $2 }')"
   best_ddp="$(max "$best_ddp" "$V")"
+  out="$(OPENBLAS_NUM_THREADS=1 "$BIN/bench/train_step_bench" --threads=1 \
+    --batch="$BATCH" --steps=10)"
+  echo "$out" | grep -E 'tokens/s|GFLOP|ratio' | sed "s/^/round $round one thread: /"
+  V="$(echo "$out" | awk -F': ' '/^OpenBLAS-peak tokens\/s:/ { print $2 }')"
+  best_peak="$(max "$best_peak" "$V")"
 done
 echo "== best of $ROUNDS rounds (steps $STEPS, batch $BATCH per worker)"
 echo "lmps PARAMETER_SERVER tokens/s: $best_ps"
@@ -86,3 +100,5 @@ awk -v a="$best_ring" -v b="$best_ddp" \
   'BEGIN { printf "ring/ddp tokens/s ratio: %.2f\n", a / b }'
 awk -v a="$best_ring" -v b="$best_ps" \
   'BEGIN { printf "ring/ps tokens/s ratio: %.2f\n", a / b }'
+awk -v a="$best_peak" -v b="$best_ddp" \
+  'BEGIN { printf "ceiling/ddp tokens/s ratio: %.2f\n", 2 * a / b }'

@@ -7,7 +7,20 @@
 //   lmps tokens/s: <value>
 // where <value> is B*T over the MEDIAN step time: robust against other
 // processes stealing the cores for part of the run (the mean is printed
-// too).
+// too). Then the step's matrix-product rate against OpenBLAS's peak,
+// measured in the same run with the same threads (--peak_n cubed sgemm,
+// best of 3):
+//   lmps matmul GFLOP/s: X; OpenBLAS sgemm peak: Y GFLOP/s
+//   lmps / OpenBLAS peak ratio: X/Y
+//   OpenBLAS-peak tokens/s: Z   (B*T per step at that peak: a ceiling)
+// The step's matmul FLOPs count every matrix product of forward and
+// backward (backward = 2 x forward): per block 2*B*T*12*C^2 forward for
+// the four weight products and 2 * 2*B*T^2*C for Q K^T and att V (the full
+// T x T, causal masking not subtracted), plus 2*B*T*V*C for the tied head.
+// The ratio bounds what any implementation of the same model can gain per
+// core: PyTorch at the same tokens/s would be at the same fraction.
+#include <cblas.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -33,6 +46,8 @@ ABSL_FLAG(int, threads, 2, "CPU threads (OpenMP and OpenBLAS)");
 ABSL_FLAG(int, steps, 20, "timed steps");
 ABSL_FLAG(int, warmup, 3, "untimed steps before timing");
 ABSL_FLAG(float, lr, 1e-3f, "SGD learning rate");
+ABSL_FLAG(int, peak_n, 1536,
+          "size of the square sgemm measuring OpenBLAS's peak (0: skip)");
 
 namespace lmps {
 namespace {
@@ -41,6 +56,21 @@ using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
+}
+
+// FLOP/s of OpenBLAS's sgemm on n x n x n (best of 3 after a warm-up), on
+// the threads CpuBackend configured.
+double SgemmPeak(int n) {
+  std::vector<float> a(static_cast<size_t>(n) * n, 0.5f), b = a, c = a;
+  double best = 0;
+  for (int rep = 0; rep < 4; ++rep) {
+    const Clock::time_point t0 = Clock::now();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f,
+                a.data(), n, b.data(), n, 0.0f, c.data(), n);
+    const double s = Seconds(t0, Clock::now());
+    if (rep > 0) best = std::max(best, 2.0 * n * n * n / s);
+  }
+  return best;
 }
 
 absl::Status Run() {
@@ -123,6 +153,22 @@ absl::Status Run() {
   std::printf("lmps mean tokens/s: %.1f\n",
               static_cast<double>(B) * T * steps / total);
   std::printf("lmps tokens/s: %.1f\n", static_cast<double>(B) * T / median);
+  const int peak_n = absl::GetFlag(FLAGS_peak_n);
+  if (peak_n > 0) {
+    const double bt = static_cast<double>(B) * T, c = config.n_embd();
+    const double forward =
+        config.n_layer() * (2 * bt * 12 * c * c + 2 * 2 * bt * T * c) +
+        2 * bt * config.vocab_size() * c;
+    const double rate = 3 * forward / median;
+    const double peak = SgemmPeak(peak_n);
+    std::printf("lmps matmul GFLOP/s: %.1f; OpenBLAS sgemm peak: %.1f GFLOP/s "
+                "(%d^3, %d threads)\n",
+                rate / 1e9, peak / 1e9, peak_n, (*backend)->num_threads());
+    std::printf("lmps / OpenBLAS peak ratio: %.2f\n", rate / peak);
+    // The ceiling: this step with every product at the sgemm peak and
+    // nothing else costing time.
+    std::printf("OpenBLAS-peak tokens/s: %.1f\n", bt * peak / (3 * forward));
+  }
   return absl::OkStatus();
 }
 

@@ -96,8 +96,10 @@ class WorkerSession {
                                                    options_.cuda_backend_lib));
     // Says which backend computes (tests check that --backend=cuda never
     // falls back to the CPU).
+    const std::string notes = backend_->notes();
     log_("worker", absl::StrCat("backend ", std::string(backend_->name()),
-                                " (--backend=", options_.backend, ")"));
+                                " (--backend=", options_.backend, ")",
+                                notes.empty() ? "" : ": ", notes));
     LMPS_ASSIGN_OR_RETURN(security_, Security::Load(options_.security));
     client_ = std::make_unique<SchedulerClient>(
         Scheduler::NewStub(

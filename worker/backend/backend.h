@@ -28,6 +28,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 #include "absl/status/status.h"
@@ -44,6 +45,9 @@ class Backend {
 
   // A short name for logs, e.g. "cpu" or "reference".
   virtual std::string_view name() const = 0;
+  // What an operator should know about how this backend computes here
+  // (logged once by the worker), or empty.
+  virtual std::string notes() const { return {}; }
 
   // ---------------------------------------------------------------------
   // Memory.

@@ -5,9 +5,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "worker/backend/cpu_vec.h"
 #include "common/threads/thread_pool.h"
@@ -128,6 +130,27 @@ CpuBackend::CpuBackend(int num_threads)
 CpuBackend::~CpuBackend() = default;
 
 int CpuBackend::num_threads() const { return pool_->num_threads(); }
+
+std::string CpuBackend::notes() const {
+  const char* name = openblas_get_corename();
+  const std::string core = name != nullptr ? name : "unknown";
+  std::string notes =
+      absl::StrCat(num_threads(), " threads, OpenBLAS kernels ", core);
+  const std::string lower = absl::AsciiStrToLower(core);
+  const bool avx2_kernels = lower == "haswell" || lower == "zen" ||
+                            lower == "sandybridge";
+  if (avx2_kernels && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq")) {
+    absl::StrAppend(&notes,
+                    "; this CPU has AVX-512: unset OPENBLAS_CORETYPE (or set "
+                    "it to SkylakeX) in the worker's environment for "
+                    "OpenBLAS's AVX-512 kernels (1.8x the products on an AMD "
+                    "EPYC; docs/operations.md)");
+  }
+  return notes;
+}
 
 void CpuBackend::Zero(float* p, size_t n) {
   ParallelRange(*pool_, n, 16 * kGrain, [&](size_t begin, size_t end) {

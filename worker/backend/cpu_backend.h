@@ -45,6 +45,12 @@ class CpuBackend final : public HostBackend {
   ~CpuBackend() override;
 
   std::string_view name() const override { return "cpu"; }
+  // "N threads, OpenBLAS kernels <core>" and, where this CPU has AVX-512
+  // but OpenBLAS runs AVX2 kernels (e.g. forced by OPENBLAS_CORETYPE=Haswell
+  // in the environment, as on this project's build machine), how to select
+  // the AVX-512 ones (OPENBLAS_CORETYPE, read by OpenBLAS when it loads;
+  // docs/operations.md).
+  std::string notes() const override;
   int num_threads() const;
 
   void Zero(float* p, size_t n) override;

@@ -14,6 +14,7 @@
 #include <memory>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "gtest/gtest.h"
 #include "worker/backend/cpu_backend.h"
 #include "worker/backend/cpu_reference.h"
@@ -292,6 +293,11 @@ TEST(CpuBackendTest, MemoryRoundTrip) {
   std::vector<float> back(1000);
   ASSERT_TRUE((*cpu)->CopyToHost(back.data(), *buf, 1000).ok());
   EXPECT_EQ(back, src);
+  EXPECT_TRUE((*cpu)->memory_is_host());
+  // Logged by the worker: the threads and OpenBLAS's kernel family.
+  EXPECT_TRUE(absl::StartsWith((*cpu)->notes(),
+                               "2 threads, OpenBLAS kernels "))
+      << (*cpu)->notes();
   (*cpu)->Free(*buf);
   auto empty = (*cpu)->Alloc(0);
   ASSERT_TRUE(empty.ok());

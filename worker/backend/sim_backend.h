@@ -66,6 +66,9 @@ class SimBackend : public HostBackend {
   absl::StatusOr<int32_t*> AllocInt32(size_t n) override;
   void Free(float* p) override;
   void Free(int32_t* p) override;
+  // Treated as a device's memory: collectives copy it to the host and back,
+  // as they would on the GPU this stands in for.
+  bool memory_is_host() const override { return false; }
 
   void Zero(float*, size_t) override {}
   void Axpy(float*, float, const float*, size_t) override {}

@@ -82,6 +82,8 @@ TEST(SimBackendTest, MemoryIsZeroedOnDemandAndCopiesAreReal) {
   ASSERT_TRUE((*b)->CopyToBackend(*p, in, 4).ok());
   ASSERT_TRUE((*b)->CopyToHost(out, *p, 4).ok());
   EXPECT_EQ(out[3], 4.0f);
+  // Collectives treat it as a device's memory (copies, as on a GPU).
+  EXPECT_FALSE((*b)->memory_is_host());
   (*b)->Free(*big);
   (*b)->Free(*p);
 }
