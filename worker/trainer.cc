@@ -212,6 +212,12 @@ absl::Status DataParallelTrainer::HostPush(int64_t step) {
 }
 
 absl::Status DataParallelTrainer::PullInto(int64_t step, int64_t* version) {
+  if (model_->backend()->memory_is_host()) {
+    // Straight into the model's parameters: one copy of the model fewer.
+    LMPS_RETURN_IF_ERROR(ps_->Pull(step, model_->params(), version));
+    ++progress_.pulls;
+    return absl::OkStatus();
+  }
   LMPS_RETURN_IF_ERROR(ps_->Pull(step, host_params_.data(), version));
   ++progress_.pulls;
   return model_->SetParametersFromHost(host_params_.data());
@@ -422,15 +428,20 @@ absl::Status DataParallelTrainer::RunSteps() {
       progress_.compute_seconds =
           std::chrono::duration<double>(t2 - t1).count() - slept - pull_waited;
     } else {
-      LMPS_RETURN_IF_ERROR(model_->GradientsToHost(host_grads_.data()));
+      // Host-memory backends push straight from the model's gradient.
+      const bool in_place = model_->backend()->memory_is_host();
+      if (!in_place) {
+        LMPS_RETURN_IF_ERROR(model_->GradientsToHost(host_grads_.data()));
+      }
       progress_.compute_seconds = SecondsSince(t1) - pull_waited;
       if (slow) {
         absl::SleepFor(absl::Milliseconds(train.debug_slow_worker_delay_ms()));
       }
       t2 = std::chrono::steady_clock::now();
       push_start_us = NowMicros();
-      LMPS_RETURN_IF_ERROR(ps_->Push(step, options_.worker_id,
-                                     options_.dp_rank, host_grads_.data()));
+      LMPS_RETURN_IF_ERROR(
+          ps_->Push(step, options_.worker_id, options_.dp_rank,
+                    in_place ? model_->grads() : host_grads_.data()));
       progress_.push_bytes_overlapped = 0;
     }
     const int64_t push_done_us = NowMicros();

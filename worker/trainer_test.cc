@@ -77,6 +77,9 @@ JobSpec Spec(ConsistencyMode mode, int dp) {
 // or stale values.
 class LateCopyBackend : public ReferenceBackend {
  public:
+  // A device's memory: the trainer pulls and pushes through its host
+  // buffers and these copies (not in place, as on the CPU backends).
+  bool memory_is_host() const override { return false; }
   absl::StatusOr<uint64_t> CopyToHostAsync(float* host_dst, const float* src,
                                            size_t n) override {
     absl::MutexLock lock(&mu_);
