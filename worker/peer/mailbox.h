@@ -37,9 +37,10 @@
 //                      again.
 //   Recycle(buffer)    hands back a buffer that Receive returned and whose
 //                      values the caller no longer needs: a later transfer
-//                      is stored in it instead of in fresh memory (an
-//                      8 MiB ring piece in fresh pages costs 2048 page
-//                      faults, more than copying it). At most
+//                      is stored in it instead of in a new vector (which
+//                      is zero-filled first, and faulted in page by page
+//                      where the allocator returned the memory to the
+//                      kernel: as much as the copy itself). At most
 //                      options.max_spare_bytes of capacity are kept; the
 //                      rest is freed. Optional: buffers not handed back are
 //                      simply freed by their owner.
