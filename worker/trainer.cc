@@ -212,14 +212,13 @@ absl::Status DataParallelTrainer::HostPush(int64_t step) {
 }
 
 absl::Status DataParallelTrainer::PullInto(int64_t step, int64_t* version) {
-  if (model_->backend()->memory_is_host()) {
-    // Straight into the model's parameters: one copy of the model fewer.
-    LMPS_RETURN_IF_ERROR(ps_->Pull(step, model_->params(), version));
-    ++progress_.pulls;
-    return absl::OkStatus();
-  }
-  LMPS_RETURN_IF_ERROR(ps_->Pull(step, host_params_.data(), version));
+  // Host-memory backends: straight into the model's parameters (one copy
+  // of the model fewer).
+  const bool in_place = model_->backend()->memory_is_host();
+  LMPS_RETURN_IF_ERROR(ps_->Pull(
+      step, in_place ? model_->params() : host_params_.data(), version));
   ++progress_.pulls;
+  if (in_place) return absl::OkStatus();
   return model_->SetParametersFromHost(host_params_.data());
 }
 
