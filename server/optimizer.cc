@@ -12,15 +12,27 @@ double ClipScale(double grad_clip, double global_norm) {
 }
 
 double BlockMeanAndSumSquares(float replicas, absl::Span<float> g) {
-  // Two loops: the division vectorizes; the sum is one chain of dependent
-  // double additions (its order fixes the rounding).
+  // The division vectorizes (x / 1 == x: skipped for one replica). The
+  // squares go to kNormLanes independent double sums, lane i % kNormLanes,
+  // each in index order: a fixed order (so fixed rounding) that vectorizes
+  // and does not wait on one chain of dependent additions.
   float* __restrict gp = g.data();
   const size_t n = g.size();
-  for (size_t i = 0; i < n; ++i) gp[i] /= replicas;
-  double sum_squares = 0;
-  for (size_t i = 0; i < n; ++i) {
-    sum_squares += static_cast<double>(gp[i]) * gp[i];
+  if (replicas != 1.0f) {
+    for (size_t i = 0; i < n; ++i) gp[i] /= replicas;
   }
+  double lane[kNormLanes] = {};
+  size_t i = 0;
+  for (; i + kNormLanes <= n; i += kNormLanes) {
+    for (size_t j = 0; j < kNormLanes; ++j) {
+      lane[j] += static_cast<double>(gp[i + j]) * gp[i + j];
+    }
+  }
+  for (size_t j = 0; i < n; ++i, ++j) {
+    lane[j] += static_cast<double>(gp[i]) * gp[i];
+  }
+  double sum_squares = 0;
+  for (size_t j = 0; j < kNormLanes; ++j) sum_squares += lane[j];
   return sum_squares;
 }
 

@@ -24,6 +24,7 @@
 #ifndef LMPS_SERVER_OPTIMIZER_H_
 #define LMPS_SERVER_OPTIMIZER_H_
 
+#include <cstddef>
 #include <cstdint>
 
 #include "absl/types/span.h"
@@ -40,14 +41,18 @@ double ClipScale(double grad_clip, double global_norm);
 // way by the shards and the ring all-reduce workers (bitwise, whatever the
 // number of threads):
 //   - a chunk is cut into blocks of kNormBlockElements (the last shorter);
-//   - a block's sum is the sum of (double) g[i]^2 in index order, after
-//     dividing its g[i] by `replicas` (BlockMeanAndSumSquares);
+//   - a block's sum: after dividing its g[i] by `replicas`, lane j (of
+//     kNormLanes) sums (double) g[i]^2 over the block's i with
+//     i % kNormLanes == j (i counted from the block's start), in index
+//     order, from 0; the lanes are then added in lane order, from 0
+//     (BlockMeanAndSumSquares);
 //   - a shard's sum adds its blocks' sums, chunk by chunk in the shard's
 //     order, block by block (ShardMeanAndSumSquares; the blocks may run on
 //     a pool's threads);
 //   - the job's sum adds the shards' sums in shard order, starting from 0
 //     (PsClient::GradNorm).
 inline constexpr int64_t kNormBlockElements = int64_t{1} << 16;
+inline constexpr size_t kNormLanes = 8;
 double BlockMeanAndSumSquares(float replicas, absl::Span<float> g);
 // `chunks`: the shard's chunks of the summed gradient, divided in place.
 // pool: nullptr runs the blocks on the calling thread.

@@ -260,8 +260,10 @@ TEST(SgdTest, BitwiseEqualToTheScalarLoop) {
 }
 
 // The shards' gradient norm: per chunk in blocks of kNormBlockElements,
-// each block's squares summed in index order, the blocks' sums added in
-// order; the same bits on one thread and on a pool of 3.
+// each block's squares summed in kNormLanes lanes (element i of the block
+// to lane i % kNormLanes, in index order), the lanes added in order, the
+// blocks' sums added in order; the same bits on one thread and on a pool
+// of 3, and for one replica (no division).
 TEST(ShardMeanAndSumSquaresTest, BlocksInOrderWhateverTheThreads) {
   std::mt19937 rng(3);
   const std::vector<size_t> sizes = {150000, 3, size_t{1} << 16, 0, 70001};
@@ -272,11 +274,13 @@ TEST(ShardMeanAndSumSquaresTest, BlocksInOrderWhateverTheThreads) {
   double want = 0;
   for (std::vector<float>& g : ref) {
     for (size_t b = 0; b < g.size(); b += kNormBlockElements) {
-      double block = 0;
+      double lane[kNormLanes] = {};
       for (size_t i = b; i < std::min(g.size(), b + kNormBlockElements); ++i) {
         g[i] /= 3.0f;
-        block += static_cast<double>(g[i]) * g[i];
+        lane[(i - b) % kNormLanes] += static_cast<double>(g[i]) * g[i];
       }
+      double block = 0;
+      for (double l : lane) block += l;
       want += block;
     }
   }
@@ -289,6 +293,21 @@ TEST(ShardMeanAndSumSquaresTest, BlocksInOrderWhateverTheThreads) {
     for (size_t c = 0; c < g.size(); ++c) ExpectBitwiseEqual(g[c], ref[c], "g");
   }
   EXPECT_EQ(ShardMeanAndSumSquares(2.0f, {}, nullptr), 0.0);
+  // One replica: the gradient is left as it is; the sum is the lanes'.
+  std::vector<float> one = grads[0];
+  double one_want = 0;
+  for (size_t b = 0; b < one.size(); b += kNormBlockElements) {
+    double lane[kNormLanes] = {};
+    for (size_t i = b; i < std::min(one.size(), b + kNormBlockElements); ++i) {
+      lane[(i - b) % kNormLanes] += static_cast<double>(one[i]) * one[i];
+    }
+    double block = 0;
+    for (double l : lane) block += l;
+    one_want += block;
+  }
+  std::vector<absl::Span<float>> single = {absl::MakeSpan(one)};
+  EXPECT_EQ(ShardMeanAndSumSquares(1.0f, single, &pool), one_want);
+  ExpectBitwiseEqual(one, grads[0], "one replica");
 }
 
 }  // namespace

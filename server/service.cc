@@ -96,6 +96,14 @@ class ParameterServerService::PushReactor
     return service_->Region(desc);
   }
 
+  // What the stream asks for after the push (PushRequest.then; the first
+  // message's), checked before anything is taken.
+  absl::Status SetThen(PushThen then, int64_t step) {
+    then_ = then;
+    step_ = step;
+    return service_->CheckPushThen(*shard_, then);
+  }
+
   absl::StatusOr<PushResponse> Push() {
     if (target_.replicated != nullptr) {
       // Forwarded to the backup as generated messages: shared-memory
@@ -103,6 +111,9 @@ class ParameterServerService::PushReactor
       std::vector<PushRequest> messages(stream_.size());
       for (size_t m = 0; m < stream_.size(); ++m) {
         LMPS_RETURN_IF_ERROR(ParseProto(stream_[m], &messages[m]));
+        if (m == 0) {
+          LMPS_RETURN_IF_ERROR(SetThen(messages[0].then(), messages[0].step()));
+        }
         if (!messages[m].has_shm()) continue;
         absl::StatusOr<std::shared_ptr<const SharedRegion>> region =
             MessageRegion(messages[m].shm().SerializeAsString());
@@ -119,6 +130,10 @@ class ParameterServerService::PushReactor
     std::vector<std::shared_ptr<const SharedRegion>> held;
     for (size_t m = 0; m < stream_.size(); ++m) {
       LMPS_RETURN_IF_ERROR(ParsePushRequest(stream_[m], &views[m]));
+      if (m == 0) {
+        LMPS_RETURN_IF_ERROR(
+            SetThen(views[0].header.then, views[0].header.step));
+      }
       if (!HasSharedPayloads(views[m].slices)) continue;
       absl::StatusOr<std::shared_ptr<const SharedRegion>> region =
           MessageRegion(views[m].header.shm);
@@ -137,13 +152,37 @@ class ParameterServerService::PushReactor
     absl::StatusOr<PushResponse> result = Push();
     stream_.clear();
     stream_.shrink_to_fit();
-    if (result.ok()) {
-      *response_ = SerializeProto(*result);
-    } else {
+    if (!result.ok()) {
       service_->Log(
           absl::StrCat("push rejected: ", result.status().ToString()));
+      Finish(ToGrpcStatus(result.status()));
+      return;
     }
-    Finish(ToGrpcStatus(result.status()));
+    if (then_ == PUSH_THEN_NOTHING) {
+      *response_ = SerializeProto(*result);
+      Finish(grpc::Status::OK);
+      return;
+    }
+    // The wait for the other ranks' pushes blocks: on the wait pool, as
+    // GradNorm's.
+    service_->wait_pool_->Schedule([this, pushed = *std::move(result)] {
+      Finish(ToGrpcStatus(Then(pushed)));
+    });
+  }
+
+  // GradNorm (and Apply) of the pushed step, as their RPCs would.
+  absl::Status Then(PushResponse response) {
+    LMPS_ASSIGN_OR_RETURN(
+        const double sum_squares,
+        shard_->GradNorm(step_, CallDeadline(*context_)));
+    response.set_sum_squares(sum_squares);
+    if (then_ == PUSH_THEN_APPLY) {
+      LMPS_ASSIGN_OR_RETURN(const int64_t version,
+                            service_->ApplyStep(target_, step_, sum_squares));
+      response.set_version(version);
+    }
+    *response_ = SerializeProto(response);
+    return absl::OkStatus();
   }
 
   ParameterServerService* const service_;
@@ -155,6 +194,8 @@ class ParameterServerService::PushReactor
   int64_t bytes_ = 0;
   grpc::ByteBuffer incoming_;
   std::vector<grpc::ByteBuffer> stream_;
+  PushThen then_ = PUSH_THEN_NOTHING;
+  int64_t step_ = 0;
 };
 
 // ---------------------------------------------------------------------------
@@ -480,20 +521,46 @@ grpc::ServerUnaryReactor* ParameterServerService::Apply(
     ApplyResponse* response) {
   return OnPool(context, work_pool_.get(),
                 [this, request, response](const Target& t) {
-                  absl::StatusOr<int64_t> result =
-                      t.replicated != nullptr
-                          ? t.replicated->Apply(request->step(),
-                                                request->global_sum_squares())
-                          : t.shard->Apply(request->step(),
-                                           request->global_sum_squares());
-                  if (result.ok()) {
-                    response->set_version(*result);
-                  } else {
-                    Log(absl::StrCat("apply failed: ",
-                                     result.status().ToString()));
-                  }
+                  absl::StatusOr<int64_t> result = ApplyStep(
+                      t, request->step(), request->global_sum_squares());
+                  if (result.ok()) response->set_version(*result);
                   return ToGrpcStatus(result.status());
                 });
+}
+
+absl::StatusOr<int64_t> ParameterServerService::ApplyStep(
+    const Target& t, int64_t step, double global_sum_squares) {
+  absl::StatusOr<int64_t> result =
+      t.replicated != nullptr ? t.replicated->Apply(step, global_sum_squares)
+                              : t.shard->Apply(step, global_sum_squares);
+  if (!result.ok()) {
+    Log(absl::StrCat("apply failed: ", result.status().ToString()));
+  }
+  return result;
+}
+
+absl::Status ParameterServerService::CheckPushThen(const ParameterShard& shard,
+                                                   PushThen then) const {
+  if (then == PUSH_THEN_NOTHING) return absl::OkStatus();
+  if (then != PUSH_THEN_NORM && then != PUSH_THEN_APPLY) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "push asks for unknown follow-up ", static_cast<int>(then),
+        " (PushRequest.then); nothing was accumulated"));
+  }
+  if (shard.mode() != SYNC) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "push asks for ", PushThen_Name(then), " but the job's mode is ",
+        ConsistencyMode_Name(shard.mode()),
+        " (only SYNC); nothing was accumulated"));
+  }
+  if (then == PUSH_THEN_APPLY && shard.partition().num_shards() != 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "push asks for PUSH_THEN_APPLY but the job has ",
+        shard.partition().num_shards(),
+        " shards (the global norm needs all of theirs); nothing was "
+        "accumulated"));
+  }
+  return absl::OkStatus();
 }
 
 grpc::ServerUnaryReactor* ParameterServerService::GetTensorInfo(

@@ -124,6 +124,13 @@ class ParameterServerService final
       grpc::CallbackServerContext* context, RpcWorkPool* pool,
       std::function<grpc::Status(const Target&)> fn);
   int64_t MaxPushBytes(const ParameterShard& shard) const;
+  // Apply of `step` through the replication when there is one; logs a
+  // failure.
+  absl::StatusOr<int64_t> ApplyStep(const Target& t, int64_t step,
+                                    double global_sum_squares);
+  // InvalidArgument unless the shard can do what a push asks after it
+  // (PushRequest.then).
+  absl::Status CheckPushThen(const ParameterShard& shard, PushThen then) const;
   Target target() const;
   // The worker's shared-memory region a request names
   // (docs/parameter-shard.md).

@@ -306,6 +306,35 @@ absl::Status PsClient::Push(int64_t step, const std::string& worker_id,
 absl::Status PsClient::PushChunks(int64_t step, const std::string& worker_id,
                                   int dp_rank, const float* grads,
                                   ElementRange range, ElementRange done) {
+  return PushChunksThen(step, worker_id, dp_rank, grads, range, done,
+                        PUSH_THEN_NOTHING, nullptr);
+}
+
+absl::StatusOr<PsClient::PushedStep> PsClient::PushAndReduce(
+    int64_t step, const std::string& worker_id, int dp_rank,
+    const float* grads) {
+  if (!pushes_to_every_shard()) {
+    return absl::FailedPreconditionError(
+        "PushAndReduce: this worker pushes to only some of the shards");
+  }
+  const PushThen then = num_shards() == 1 ? PUSH_THEN_APPLY : PUSH_THEN_NORM;
+  std::vector<PushResponse> answers(stubs_.size());
+  LMPS_RETURN_IF_ERROR(PushChunksThen(step, worker_id, dp_rank, grads,
+                                      {0, num_parameters_}, {}, then,
+                                      &answers));
+  PushedStep out;
+  // In shard order, from 0: GradNorm's sum, bitwise.
+  for (const PushResponse& a : answers) out.sum_squares += a.sum_squares();
+  if (then == PUSH_THEN_APPLY) out.version = answers[0].version();
+  return out;
+}
+
+absl::Status PsClient::PushChunksThen(int64_t step,
+                                      const std::string& worker_id,
+                                      int dp_rank, const float* grads,
+                                      ElementRange range, ElementRange done,
+                                      PushThen then,
+                                      std::vector<PushResponse>* answers) {
   // Per shard, the pieces of the chunks to push: a chunk's pieces are
   // adjacent in push_pieces_ (added chunk by chunk), and a chunk is taken
   // when all of them are inside `range` and not all inside `done`.
@@ -331,6 +360,11 @@ absl::Status PsClient::PushChunks(int64_t step, const std::string& worker_id,
       i = j;
     }
     if (!selected[s].empty()) shards.push_back(s);
+  }
+  if (then != PUSH_THEN_NOTHING && shards.size() != stubs_.size()) {
+    return absl::InternalError(absl::StrCat(
+        "a push asking the shards for ", PushThen_Name(then), " reaches ",
+        shards.size(), " of the ", stubs_.size(), " shards"));
   }
   if (compress_ && step != residual_step_) {
     // A new step: the residual it starts from is the last step's result.
@@ -379,10 +413,14 @@ absl::Status PsClient::PushChunks(int64_t step, const std::string& worker_id,
     auto lane = [&](size_t k) -> absl::Status {
       for (size_t g = k; g < groups.size(); g += lanes) {
         const auto [begin, end] = groups[g];
+        // `then` goes with the shard's last stream, the last of its lane:
+        // the shard waits there for the streams of the other lanes.
+        const bool last = g + 1 == groups.size();
         LMPS_RETURN_IF_ERROR(PushStream(
             step, worker_id, dp_rank, grads, s,
             absl::MakeConstSpan(pieces.data() + begin, end - begin),
-            max_elems));
+            max_elems, last ? then : PUSH_THEN_NOTHING,
+            last && answers != nullptr ? &(*answers)[s] : nullptr));
       }
       return absl::OkStatus();
     };
@@ -401,7 +439,8 @@ absl::Status PsClient::PushChunks(int64_t step, const std::string& worker_id,
 absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
                                   int dp_rank, const float* grads, int s,
                                   absl::Span<const LocalPiece* const> pieces,
-                                  int64_t max_elems) {
+                                  int64_t max_elems, PushThen then,
+                                  PushResponse* answer) {
   if (options_.on_shard_push) options_.on_shard_push(s, step, false);
   PushHeader header;
   header.worker_id = worker_id;
@@ -410,6 +449,7 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
   header.partition_version = partition_version_;
   header.pp_rank = pp_rank_;
   header.tp_rank = tp_rank_;
+  header.then = then;
   // Shared memory: the stream's dense payloads in one window, if they fit
   // (each piece aligned), named by one message (the payloads are not in it).
   WindowPool* windows = compress_ ? nullptr : SharedWindows(s);
@@ -472,7 +512,8 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
     // Refused before anything was taken: the same stream over the socket.
     std::move(release).Invoke();
     window.reset();
-    return PushStream(step, worker_id, dp_rank, grads, s, pieces, max_elems);
+    return PushStream(step, worker_id, dp_rank, grads, s, pieces, max_elems,
+                      then, answer);
   }
   stats_.bytes_pushed += stream_bytes;
   if (shm != nullptr) stats_.bytes_shared += stream_bytes;
@@ -480,6 +521,7 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
   PushResponse resp;
   LMPS_RETURN_IF_ERROR(ParseProto(response, &resp));
   if (options_.on_shard_push) options_.on_shard_push(s, step, true);
+  if (answer != nullptr) *answer = std::move(resp);
   return absl::OkStatus();
 }
 

@@ -218,6 +218,24 @@ class PsClient {
   absl::Status PushChunks(int64_t step, const std::string& worker_id,
                           int dp_rank, const float* grads, ElementRange range,
                           ElementRange done = {});
+  // SYNC jobs where this worker pushes to every shard (pp = tp = 1):
+  // Push, GradNorm and -- with one shard -- Apply in one round trip per
+  // shard. Each shard's last push stream asks it to answer once the step's
+  // gradient is complete there (PushRequest.then): PUSH_THEN_NORM with its
+  // sum of squares; with one shard PUSH_THEN_APPLY, which also applies the
+  // step with that sum (the one shard's norm is the job's).
+  struct PushedStep {
+    double sum_squares = 0;  // as GradNorm returns it, bitwise
+    int64_t version = -1;    // Apply's, with one shard; else -1
+  };
+  absl::StatusOr<PushedStep> PushAndReduce(int64_t step,
+                                           const std::string& worker_id,
+                                           int dp_rank, const float* grads);
+  // Whether every shard receives part of this worker's push (PushAndReduce
+  // needs it).
+  bool pushes_to_every_shard() const {
+    return static_cast<int>(push_shards_.size()) == num_shards();
+  }
   // Sum over shards of each shard's averaged-gradient sum of squares.
   absl::StatusOr<double> GradNorm(int64_t step);
   // Applies the optimizer for `step` on every shard; returns the new version.
@@ -307,10 +325,20 @@ class PsClient {
   // push_dtype, or compressed (updating the residual).
   // One push stream of `pieces` (whole chunks) to shard s, in messages of
   // at most max_elems elements.
+  // `then` and `answer` (may be null): PushRequest.then and the shard's
+  // PushResponse.
   absl::Status PushStream(int64_t step, const std::string& worker_id,
                           int dp_rank, const float* grads, int s,
                           absl::Span<const LocalPiece* const> pieces,
-                          int64_t max_elems);
+                          int64_t max_elems, PushThen then = PUSH_THEN_NOTHING,
+                          PushResponse* answer = nullptr);
+  // PushChunks; with `then`, each shard's last stream carries it and
+  // answers[s] gets shard s's answer to it (answers: num_shards()).
+  absl::Status PushChunksThen(int64_t step, const std::string& worker_id,
+                              int dp_rank, const float* grads,
+                              ElementRange range, ElementRange done,
+                              PushThen then,
+                              std::vector<PushResponse>* answers);
   // With `shm` (a push window's first byte) the payload goes there at
   // *shm_at, which advances; else into the slice.
   absl::Status EncodePushSlice(int64_t step, int dp_rank, const LocalPiece& p,

@@ -176,7 +176,10 @@ class DataParallelTrainer : public TrainingLoop {
                                    backward_done,
                                int64_t* push_start_us);
   // GradNorm and Apply of `step` on every shard (SYNC, BOUNDED_STALENESS).
-  absl::Status ApplyStep(int64_t step);
+  // `pushed`: PsClient::PushAndReduce's answer for the step, if it pushed
+  // so (ApplyStepOnShards).
+  absl::Status ApplyStep(int64_t step,
+                         const PsClient::PushedStep* pushed = nullptr);
   // The version to pull for the final parameters: end_step, or in ASYNC
   // the version after every replica's last push.
   int64_t FinalVersion() const;

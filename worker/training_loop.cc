@@ -10,11 +10,20 @@
 namespace lmps {
 
 absl::Status ApplyStepOnShards(PsClient* ps, ConsistencyMode mode,
-                               int64_t step, double* grad_norm) {
-  LMPS_ASSIGN_OR_RETURN(double sum_squares, ps->GradNorm(step));
+                               int64_t step, double* grad_norm,
+                               const PsClient::PushedStep* pushed) {
+  double sum_squares = 0;
+  if (pushed != nullptr) {
+    sum_squares = pushed->sum_squares;
+  } else {
+    LMPS_ASSIGN_OR_RETURN(sum_squares, ps->GradNorm(step));
+  }
   if (grad_norm != nullptr) *grad_norm = std::sqrt(sum_squares);
   if (mode == SYNC) {
-    LMPS_ASSIGN_OR_RETURN(int64_t version, ps->Apply(step, sum_squares));
+    int64_t version = pushed != nullptr ? pushed->version : -1;
+    if (version < 0) {
+      LMPS_ASSIGN_OR_RETURN(version, ps->Apply(step, sum_squares));
+    }
     if (version != step + 1) {
       return absl::InternalError(absl::StrCat("after applying step ", step,
                                               " the servers are at version ",

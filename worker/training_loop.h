@@ -125,9 +125,12 @@ class TrainingLoop {
 // norm, then the optimizer. SYNC checks the shards are then at step + 1;
 // BOUNDED_STALENESS allows them to be further (faster replicas applied later
 // steps). Sets *grad_norm (when not null) to the global gradient norm.
+// `pushed` (SYNC; may be null): what PsClient::PushAndReduce answered for
+// the step, so its norm is not asked again (nor Apply, if it applied).
 // Shared by both loops.
 absl::Status ApplyStepOnShards(PsClient* ps, ConsistencyMode mode,
-                               int64_t step, double* grad_norm = nullptr);
+                               int64_t step, double* grad_norm = nullptr,
+                               const PsClient::PushedStep* pushed = nullptr);
 
 // Step `step` failed with `error`; see TrainingLoopOptions::resize_wait.
 // Polls pulls of `step` into `scratch` (ps->num_parameters() floats) until

@@ -358,6 +358,7 @@ grpc::ByteBuffer SerializePushRequest(
   PutInt(6, h.pp_rank, out.header());
   PutInt(7, h.tp_rank, out.header());
   if (!h.shm.empty()) PutString(8, h.shm, out.header());
+  if (h.then != PUSH_THEN_NOTHING) PutInt(9, h.then, out.header());
   return out.Take();
 }
 
@@ -473,6 +474,11 @@ absl::Status ParsePushRequest(const grpc::ByteBuffer& buffer,
         break;
       case 8:
         ok = StringField(&r, wt, &h.shm);
+        break;
+      case 9:
+        ok = VarintField(&r, wt, &v);
+        // Unknown values stay unknown: the service rejects them.
+        h.then = static_cast<PushThen>(static_cast<int32_t>(v));
         break;
       default:
         ok = r.SkipValue(wt);
@@ -605,6 +611,7 @@ PushRequestView ViewOf(const PushRequest& r) {
   v.header.pp_rank = r.pp_rank();
   v.header.tp_rank = r.tp_rank();
   if (r.has_shm()) v.header.shm = r.shm().SerializeAsString();
+  v.header.then = r.then();
   for (const ChunkSlice& s : r.slices()) v.slices.push_back(ViewOf(s));
   return v;
 }

@@ -79,6 +79,7 @@ struct PushHeader {
   int32_t tp_rank = 0;
   // PushRequest.shm, serialized (empty: no region).
   std::string shm;
+  PushThen then = PUSH_THEN_NOTHING;
 };
 
 // The serialized PushRequest {header, slices}.
