@@ -211,6 +211,58 @@ TEST_F(ServiceTest, FullStepOverTheNetwork) {
   EXPECT_GT(info.tensors(0).l2_norm(), 0);
 }
 
+// PushRequest.then: PUSH_THEN_APPLY (one shard) answers once every rank
+// pushed, with GradNorm's sum and Apply's version; the rank pushing first
+// waits for the other. PUSH_THEN_NORM answers the sum only. Bad follow-ups
+// are refused before anything is taken.
+TEST_F(ServiceTest, PushThenNormAndApplyAnswerOnceTheStepIsComplete) {
+  Ready();
+  auto with_then = [&](int rank, int64_t step, float value, PushThen then) {
+    std::vector<PushRequest> stream = Stream(rank, step, value);
+    for (PushRequest& m : stream) m.set_then(then);
+    return stream;
+  };
+  // Refused, nothing taken: unknown value; the shard keeps no gradient of
+  // rank 0 (the step below still waits for it).
+  PushResponse bad;
+  grpc::Status refused =
+      Push(with_then(0, 0, 1.0f, static_cast<PushThen>(7)), &bad);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(refused.error_message().find("unknown follow-up 7"),
+            std::string::npos)
+      << refused.error_message();
+
+  PushResponse r0, r1;
+  grpc::Status s0;
+  std::thread first([&] {
+    s0 = Push(with_then(0, 0, 1.0f, PUSH_THEN_APPLY), &r0);
+  });
+  ASSERT_TRUE(Push(with_then(1, 0, 3.0f, PUSH_THEN_APPLY), &r1).ok());
+  first.join();
+  ASSERT_TRUE(s0.ok()) << s0.error_message();
+  for (const PushResponse* r : {&r0, &r1}) {
+    EXPECT_EQ(r->chunks_accepted(), static_cast<int>(ChunksOfShard(
+                                        shard_->partition(), 0).size()));
+    // Averaged gradient 2.0 everywhere; applied once, version 1.
+    EXPECT_DOUBLE_EQ(r->sum_squares(), 4.0 * shard_->num_elements());
+    EXPECT_EQ(r->version(), 1);
+  }
+  EXPECT_EQ(shard_->version(), 1);
+
+  // PUSH_THEN_NORM: the sum, nothing applied.
+  PushResponse n0, n1;
+  grpc::Status sn;
+  std::thread norm([&] {
+    sn = Push(with_then(0, 1, 2.0f, PUSH_THEN_NORM), &n0);
+  });
+  ASSERT_TRUE(Push(Stream(1, 1, 2.0f), &n1).ok());
+  norm.join();
+  ASSERT_TRUE(sn.ok()) << sn.error_message();
+  EXPECT_DOUBLE_EQ(n0.sum_squares(), 4.0 * shard_->num_elements());
+  EXPECT_EQ(n0.version(), 0);
+  EXPECT_EQ(shard_->version(), 1);
+}
+
 // Pulls stream message by message: a client that leaves after one message
 // (many times, so some leave while the next is being encoded) ends only its
 // own call; the shard shutting down ends a pull with Unavailable.
