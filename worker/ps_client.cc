@@ -361,11 +361,6 @@ absl::Status PsClient::PushChunksThen(int64_t step,
     }
     if (!selected[s].empty()) shards.push_back(s);
   }
-  if (then != PUSH_THEN_NOTHING && shards.size() != stubs_.size()) {
-    return absl::InternalError(absl::StrCat(
-        "a push asking the shards for ", PushThen_Name(then), " reaches ",
-        shards.size(), " of the ", stubs_.size(), " shards"));
-  }
   if (compress_ && step != residual_step_) {
     // A new step: the residual it starts from is the last step's result.
     // (The same step again -- a retry -- starts from the same one.)

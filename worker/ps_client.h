@@ -333,7 +333,8 @@ class PsClient {
                           int64_t max_elems, PushThen then = PUSH_THEN_NOTHING,
                           PushResponse* answer = nullptr);
   // PushChunks; with `then`, each shard's last stream carries it and
-  // answers[s] gets shard s's answer to it (answers: num_shards()).
+  // answers[s] gets shard s's answer to it (answers: num_shards()). The
+  // caller makes sure every shard gets a stream (PushAndReduce).
   absl::Status PushChunksThen(int64_t step, const std::string& worker_id,
                               int dp_rank, const float* grads,
                               ElementRange range, ElementRange done,
