@@ -96,12 +96,14 @@ class ParameterServerService::PushReactor
     return service_->Region(desc);
   }
 
-  // What the stream asks for after the push (PushRequest.then; the first
-  // message's), checked before anything is taken.
-  absl::Status SetThen(PushThen then, int64_t step) {
+  // What the stream asks for after the push (PushRequest.then and
+  // then_pull; the first message's), checked before anything is taken.
+  absl::Status SetThen(PushThen then, int64_t step,
+                       const std::string& then_pull) {
     then_ = then;
     step_ = step;
-    return service_->CheckPushThen(*shard_, then);
+    then_pull_ = !then_pull.empty();
+    return service_->CheckPushThen(*shard_, step, then, then_pull, &pull_);
   }
 
   absl::StatusOr<PushResponse> Push() {
@@ -112,7 +114,11 @@ class ParameterServerService::PushReactor
       for (size_t m = 0; m < stream_.size(); ++m) {
         LMPS_RETURN_IF_ERROR(ParseProto(stream_[m], &messages[m]));
         if (m == 0) {
-          LMPS_RETURN_IF_ERROR(SetThen(messages[0].then(), messages[0].step()));
+          LMPS_RETURN_IF_ERROR(SetThen(
+              messages[0].then(), messages[0].step(),
+              messages[0].has_then_pull()
+                  ? messages[0].then_pull().SerializeAsString()
+                  : std::string()));
         }
         if (!messages[m].has_shm()) continue;
         absl::StatusOr<std::shared_ptr<const SharedRegion>> region =
@@ -131,8 +137,9 @@ class ParameterServerService::PushReactor
     for (size_t m = 0; m < stream_.size(); ++m) {
       LMPS_RETURN_IF_ERROR(ParsePushRequest(stream_[m], &views[m]));
       if (m == 0) {
-        LMPS_RETURN_IF_ERROR(
-            SetThen(views[0].header.then, views[0].header.step));
+        LMPS_RETURN_IF_ERROR(SetThen(views[0].header.then,
+                                     views[0].header.step,
+                                     views[0].header.then_pull));
       }
       if (!HasSharedPayloads(views[m].slices)) continue;
       absl::StatusOr<std::shared_ptr<const SharedRegion>> region =
@@ -181,8 +188,32 @@ class ParameterServerService::PushReactor
                             service_->ApplyStep(target_, step_, sum_squares));
       response.set_version(version);
     }
+    if (then_pull_) {
+      // The step is applied whatever happens here: a pull that cannot be
+      // served now is left to the worker's own Pull (which reports why).
+      absl::StatusOr<std::string> pulled = ThenPull();
+      if (pulled.ok()) {
+        response.set_pulled(*std::move(pulled));
+      } else {
+        service_->Log(absl::StrCat("push of step ", step_,
+                                   ": its then_pull is left to the worker: ",
+                                   pulled.status().ToString()));
+      }
+    }
     *response_ = SerializeProto(response);
     return absl::OkStatus();
+  }
+
+  // PushRequest.then_pull: the first answer of that shared-memory pull
+  // (the new version exists: no wait), serialized.
+  absl::StatusOr<std::string> ThenPull() {
+    std::shared_ptr<const SharedRegion> region;
+    LMPS_ASSIGN_OR_RETURN(
+        const ParameterShard::PullPlan plan,
+        service_->PlanPull(target_, pull_, CallDeadline(*context_), &region));
+    grpc::ByteBuffer message;
+    LMPS_RETURN_IF_ERROR(shard_->EncodePull(plan, 0, &message));
+    return BufferBytes(message);
   }
 
   ParameterServerService* const service_;
@@ -196,6 +227,8 @@ class ParameterServerService::PushReactor
   std::vector<grpc::ByteBuffer> stream_;
   PushThen then_ = PUSH_THEN_NOTHING;
   int64_t step_ = 0;
+  bool then_pull_ = false;
+  PullRequest pull_;  // then_pull, when then_pull_
 };
 
 // ---------------------------------------------------------------------------
@@ -244,15 +277,8 @@ class ParameterServerService::PullReactor
 
   // On the wait pool: the read rule's wait, then the plan.
   void Start() {
-    absl::StatusOr<ParameterShard::PullPlan> plan;
-    if (absl::Status serving = target_.Serving(); !serving.ok()) {
-      plan = serving;
-    } else {
-      plan = target_.shard->StartPull(request_, deadline_);
-    }
-    if (plan.ok() && request_.has_shm()) {
-      if (absl::Status s = SharedWindow(&*plan); !s.ok()) plan = s;
-    }
+    absl::StatusOr<ParameterShard::PullPlan> plan =
+        service_->PlanPull(target_, request_, deadline_, &region_);
     Actions next;
     {
       absl::MutexLock lock(&mu_);
@@ -265,24 +291,6 @@ class ParameterServerService::PullReactor
       next = PumpLocked();
     }
     Run(next);
-  }
-
-  // A shared-memory pull (PullRequest.shm): the plan's part that fits the
-  // worker's window, written there as one message.
-  absl::Status SharedWindow(ParameterShard::PullPlan* plan) {
-    if (request_.with_optimizer_state()) {
-      return absl::InvalidArgumentError(
-          "pulls with the optimizer state do not use shared memory");
-    }
-    absl::StatusOr<std::shared_ptr<const SharedRegion>> region =
-        service_->Region(request_.shm());
-    if (!region.ok()) return region.status();
-    region_ = *std::move(region);
-    LMPS_RETURN_IF_ERROR(
-        region_->CheckRange(request_.shm_offset(), request_.shm_bytes()));
-    return ParameterShard::FitSharedWindow(
-        request_.first_message(), region_->data(), request_.shm_offset(),
-        request_.shm_bytes(), plan);
   }
 
   // On the work pool: message e into its buffer.
@@ -539,8 +547,47 @@ absl::StatusOr<int64_t> ParameterServerService::ApplyStep(
   return result;
 }
 
-absl::Status ParameterServerService::CheckPushThen(const ParameterShard& shard,
-                                                   PushThen then) const {
+absl::StatusOr<ParameterShard::PullPlan> ParameterServerService::PlanPull(
+    const Target& t, const PullRequest& request, absl::Time deadline,
+    std::shared_ptr<const SharedRegion>* region) {
+  LMPS_RETURN_IF_ERROR(t.Serving());
+  LMPS_ASSIGN_OR_RETURN(ParameterShard::PullPlan plan,
+                        t.shard->StartPull(request, deadline));
+  if (!request.has_shm()) return plan;
+  // The plan's part that fits the worker's window, written there as one
+  // message.
+  if (request.with_optimizer_state()) {
+    return absl::InvalidArgumentError(
+        "pulls with the optimizer state do not use shared memory");
+  }
+  LMPS_ASSIGN_OR_RETURN(*region, Region(request.shm()));
+  LMPS_RETURN_IF_ERROR(
+      (*region)->CheckRange(request.shm_offset(), request.shm_bytes()));
+  LMPS_RETURN_IF_ERROR(ParameterShard::FitSharedWindow(
+      request.first_message(), (*region)->data(), request.shm_offset(),
+      request.shm_bytes(), &plan));
+  return plan;
+}
+
+absl::Status ParameterServerService::CheckPushThen(
+    const ParameterShard& shard, int64_t step, PushThen then,
+    const std::string& then_pull, PullRequest* pull) const {
+  if (!then_pull.empty()) {
+    if (!pull->ParseFromString(then_pull)) {
+      return absl::InvalidArgumentError(
+          "push carries a malformed then_pull; nothing was accumulated");
+    }
+    if (then != PUSH_THEN_APPLY || !pull->has_shm() ||
+        pull->first_message() != 0 || pull->streams() > 1 ||
+        pull->with_optimizer_state() || pull->step() != step + 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "push of step ", step, " asks for then_pull of step ",
+          pull->step(), " with then ", PushThen_Name(then),
+          "; only a shared-memory pull of step ", step + 1,
+          " from its first message, in one stream, without optimizer state, "
+          "after PUSH_THEN_APPLY; nothing was accumulated"));
+    }
+  }
   if (then == PUSH_THEN_NOTHING) return absl::OkStatus();
   if (then != PUSH_THEN_NORM && then != PUSH_THEN_APPLY) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -128,9 +128,19 @@ class ParameterServerService final
   // failure.
   absl::StatusOr<int64_t> ApplyStep(const Target& t, int64_t step,
                                     double global_sum_squares);
-  // InvalidArgument unless the shard can do what a push asks after it
-  // (PushRequest.then).
-  absl::Status CheckPushThen(const ParameterShard& shard, PushThen then) const;
+  // InvalidArgument unless the shard can do what a push of `step` asks
+  // after it: PushRequest.then, and then_pull (serialized; empty: none),
+  // parsed into *pull.
+  absl::Status CheckPushThen(const ParameterShard& shard, int64_t step,
+                             PushThen then, const std::string& then_pull,
+                             PullRequest* pull) const;
+  // StartPull of `request` on t's shard (the read rule's wait, until
+  // `deadline`) and, for a shared-memory pull (PullRequest.shm), the part
+  // of its plan that fits the worker's window; *region holds the window
+  // mapped while the plan is encoded.
+  absl::StatusOr<ParameterShard::PullPlan> PlanPull(
+      const Target& t, const PullRequest& request, absl::Time deadline,
+      std::shared_ptr<const SharedRegion>* region);
   Target target() const;
   // The worker's shared-memory region a request names
   // (docs/parameter-shard.md).

@@ -231,11 +231,35 @@ TEST_F(ServiceTest, PushThenNormAndApplyAnswerOnceTheStepIsComplete) {
   EXPECT_NE(refused.error_message().find("unknown follow-up 7"),
             std::string::npos)
       << refused.error_message();
+  // then_pull: only a shared-memory pull of the next step after
+  // PUSH_THEN_APPLY; refused before anything is taken otherwise.
+  PullRequest then_pull;
+  then_pull.set_step(1);
+  then_pull.mutable_shm()->set_path("/proc/1/fd/999");
+  then_pull.mutable_shm()->set_size(1 << 20);
+  then_pull.set_shm_bytes(1 << 20);
+  PullRequest wrong_step = then_pull, no_shm = then_pull;
+  wrong_step.set_step(2);
+  no_shm.clear_shm();
+  for (const auto& [pull, then] :
+       {std::pair{then_pull, PUSH_THEN_NORM}, {wrong_step, PUSH_THEN_APPLY},
+        {no_shm, PUSH_THEN_APPLY}}) {
+    std::vector<PushRequest> stream = with_then(0, 0, 1.0f, then);
+    *stream[0].mutable_then_pull() = pull;
+    refused = Push(stream, &bad);
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(refused.error_message().find("then_pull"), std::string::npos)
+        << refused.error_message();
+  }
 
+  // Rank 0 asks for the next step's pull too, in a region this shard cannot
+  // map: the step is applied all the same, the answer has no `pulled`.
   PushResponse r0, r1;
   grpc::Status s0;
   std::thread first([&] {
-    s0 = Push(with_then(0, 0, 1.0f, PUSH_THEN_APPLY), &r0);
+    std::vector<PushRequest> stream = with_then(0, 0, 1.0f, PUSH_THEN_APPLY);
+    *stream[0].mutable_then_pull() = then_pull;
+    s0 = Push(stream, &r0);
   });
   ASSERT_TRUE(Push(with_then(1, 0, 3.0f, PUSH_THEN_APPLY), &r1).ok());
   first.join();
@@ -246,6 +270,7 @@ TEST_F(ServiceTest, PushThenNormAndApplyAnswerOnceTheStepIsComplete) {
     // Averaged gradient 2.0 everywhere; applied once, version 1.
     EXPECT_DOUBLE_EQ(r->sum_squares(), 4.0 * shard_->num_elements());
     EXPECT_EQ(r->version(), 1);
+    EXPECT_TRUE(r->pulled().empty());
   }
   EXPECT_EQ(shard_->version(), 1);
 

@@ -307,25 +307,56 @@ absl::Status PsClient::PushChunks(int64_t step, const std::string& worker_id,
                                   int dp_rank, const float* grads,
                                   ElementRange range, ElementRange done) {
   return PushChunksThen(step, worker_id, dp_rank, grads, range, done,
-                        PUSH_THEN_NOTHING, nullptr);
+                        PUSH_THEN_NOTHING, "", nullptr);
 }
 
 absl::StatusOr<PsClient::PushedStep> PsClient::PushAndReduce(
     int64_t step, const std::string& worker_id, int dp_rank,
-    const float* grads) {
+    const float* grads, float* next_params) {
   if (!pushes_to_every_shard()) {
     return absl::FailedPreconditionError(
         "PushAndReduce: this worker pushes to only some of the shards");
   }
   const PushThen then = num_shards() == 1 ? PUSH_THEN_APPLY : PUSH_THEN_NORM;
+  // The next step's pull, answered with the push (one shard, through a
+  // shared-memory window held until its answer is read).
+  WindowPool* windows = next_params != nullptr && then == PUSH_THEN_APPLY &&
+                                !replicated() && pull_shards_.size() == 1
+                            ? SharedWindows(0)
+                            : nullptr;
+  std::optional<int64_t> window;
+  if (windows != nullptr) window = windows->Acquire();
+  absl::Cleanup release = [&] {
+    if (window.has_value()) windows->Release(*window);
+  };
+  PullRequest pull;
+  if (window.has_value()) {
+    pull = MakePullRequest(step + 1, nullptr, false, 0, 1);
+    SetPullWindow(windows, *window, &pull);
+  }
   std::vector<PushResponse> answers(stubs_.size());
-  LMPS_RETURN_IF_ERROR(PushChunksThen(step, worker_id, dp_rank, grads,
-                                      {0, num_parameters_}, {}, then,
-                                      &answers));
+  LMPS_RETURN_IF_ERROR(PushChunksThen(
+      step, worker_id, dp_rank, grads, {0, num_parameters_}, {}, then,
+      window.has_value() ? pull.SerializeAsString() : "", &answers));
   PushedStep out;
   // In shard order, from 0: GradNorm's sum, bitwise.
   for (const PushResponse& a : answers) out.sum_squares += a.sum_squares();
   if (then == PUSH_THEN_APPLY) out.version = answers[0].version();
+  if (window.has_value() && !answers[0].pulled().empty()) {
+    int64_t received = 0;
+    PullSink sink{.shard = 0,
+                  .params = next_params,
+                  .version = &out.pulled_version,
+                  .received = &received};
+    const grpc::ByteBuffer answered = BufferOf(answers[0].pulled());
+    LMPS_RETURN_IF_ERROR(PullThroughWindow(&pull, windows, &sink, &answered));
+    if (received != num_parameters_) {
+      return absl::DataLossError(absl::StrCat(
+          "the pull of step ", step + 1, " answered with the push returned ",
+          received, " of ", num_parameters_, " elements"));
+    }
+    out.pulled = true;
+  }
   return out;
 }
 
@@ -334,6 +365,7 @@ absl::Status PsClient::PushChunksThen(int64_t step,
                                       int dp_rank, const float* grads,
                                       ElementRange range, ElementRange done,
                                       PushThen then,
+                                      const std::string& then_pull,
                                       std::vector<PushResponse>* answers) {
   // Per shard, the pieces of the chunks to push: a chunk's pieces are
   // adjacent in push_pieces_ (added chunk by chunk), and a chunk is taken
@@ -415,6 +447,7 @@ absl::Status PsClient::PushChunksThen(int64_t step,
             step, worker_id, dp_rank, grads, s,
             absl::MakeConstSpan(pieces.data() + begin, end - begin),
             max_elems, last ? then : PUSH_THEN_NOTHING,
+            last ? then_pull : "",
             last && answers != nullptr ? &(*answers)[s] : nullptr));
       }
       return absl::OkStatus();
@@ -435,6 +468,7 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
                                   int dp_rank, const float* grads, int s,
                                   absl::Span<const LocalPiece* const> pieces,
                                   int64_t max_elems, PushThen then,
+                                  const std::string& then_pull,
                                   PushResponse* answer) {
   if (options_.on_shard_push) options_.on_shard_push(s, step, false);
   PushHeader header;
@@ -445,6 +479,7 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
   header.pp_rank = pp_rank_;
   header.tp_rank = tp_rank_;
   header.then = then;
+  header.then_pull = then_pull;
   // Shared memory: the stream's dense payloads in one window, if they fit
   // (each piece aligned), named by one message (the payloads are not in it).
   WindowPool* windows = compress_ ? nullptr : SharedWindows(s);
@@ -508,7 +543,7 @@ absl::Status PsClient::PushStream(int64_t step, const std::string& worker_id,
     std::move(release).Invoke();
     window.reset();
     return PushStream(step, worker_id, dp_rank, grads, s, pieces, max_elems,
-                      then, answer);
+                      then, then_pull, answer);
   }
   stats_.bytes_pushed += stream_bytes;
   if (shm != nullptr) stats_.bytes_shared += stream_bytes;

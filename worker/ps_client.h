@@ -224,13 +224,24 @@ class PsClient {
   // gradient is complete there (PushRequest.then): PUSH_THEN_NORM with its
   // sum of squares; with one shard PUSH_THEN_APPLY, which also applies the
   // step with that sum (the one shard's norm is the job's).
+  //
+  // With `next_params` (num_parameters() floats) and one shard that shares
+  // memory with this worker (PsClientOptions.shared_memory), the shard
+  // also answers the pull of step + 1 once it applied the step
+  // (PushRequest.then_pull): next_params receives what Pull(step + 1)
+  // would, and the next step needs no pull of its own. `pulled` says
+  // whether that happened; when not (several shards, no shared memory,
+  // shard replication, or the shard could not serve it) call Pull as usual.
   struct PushedStep {
     double sum_squares = 0;  // as GradNorm returns it, bitwise
     int64_t version = -1;    // Apply's, with one shard; else -1
+    bool pulled = false;     // next_params holds version pulled_version
+    int64_t pulled_version = -1;
   };
   absl::StatusOr<PushedStep> PushAndReduce(int64_t step,
                                            const std::string& worker_id,
-                                           int dp_rank, const float* grads);
+                                           int dp_rank, const float* grads,
+                                           float* next_params = nullptr);
   // Whether every shard receives part of this worker's push (PushAndReduce
   // needs it).
   bool pushes_to_every_shard() const {
@@ -303,12 +314,44 @@ class PsClient {
                          const std::set<std::string>* tensors, float* params,
                          int64_t* version,
                          absl::Span<float* const> state = {});
-  // One Pull RPC, stream `stream` of `streams` (PullRequest.streams); adds
-  // the elements it received to *received.
+  // One pull stream, stream `stream` of `streams` (PullRequest.streams):
+  // through a shared-memory window when there is one (several requests
+  // when the pull does not fit), else one Pull RPC; adds the elements it
+  // received to *received.
   absl::Status PullStream(int64_t step, int s,
                           const std::set<std::string>* tensors, float* params,
                           int64_t* version, absl::Span<float* const> state,
                           int stream, int streams, int64_t* received);
+  PullRequest MakePullRequest(int64_t step,
+                              const std::set<std::string>* tensors,
+                              bool with_state, int stream, int streams) const;
+  // Points `req` at `window` of `windows`, from the pull's first message.
+  void SetPullWindow(WindowPool* windows, int64_t window,
+                     PullRequest* req) const;
+  // What one pull stream receives into, and where it stands.
+  struct PullSink {
+    int shard = 0;
+    float* params = nullptr;
+    absl::Span<float* const> state;
+    int64_t* version = nullptr;
+    int64_t* received = nullptr;
+    const SharedRegion* region = nullptr;  // a shared-memory pull's
+    bool first_answer = true;
+    PullResponseView resp;  // the last answer
+    absl::Status bad;       // a slice this worker did not ask for
+  };
+  // Parses one pull answer and writes its slices into the sink.
+  absl::Status ReceivePullMessage(const grpc::ByteBuffer& message,
+                                  PullSink* sink);
+  // One Pull RPC of `req` to shard sink->shard.
+  absl::Status RawPull(int s, const PullRequest& req, PullSink* sink);
+  // A shared-memory pull (`req` points at a window of `windows`): requests
+  // from req->first_message on until the shard answers next_message 0.
+  // `answered` (may be null): the answer to the first request, already in
+  // hand (PushRequest.then_pull).
+  absl::Status PullThroughWindow(PullRequest* req, WindowPool* windows,
+                                 PullSink* sink,
+                                 const grpc::ByteBuffer* answered);
   absl::Status CallWithFailover(int shard,
                                 const std::function<absl::Status(int)>& fn);
   // The node of `shard` in use (on the shard's thread).
@@ -325,20 +368,22 @@ class PsClient {
   // push_dtype, or compressed (updating the residual).
   // One push stream of `pieces` (whole chunks) to shard s, in messages of
   // at most max_elems elements.
-  // `then` and `answer` (may be null): PushRequest.then and the shard's
-  // PushResponse.
+  // `then`, `then_pull` (serialized; may be empty) and `answer` (may be
+  // null): PushRequest.then and then_pull, and the shard's PushResponse.
   absl::Status PushStream(int64_t step, const std::string& worker_id,
                           int dp_rank, const float* grads, int s,
                           absl::Span<const LocalPiece* const> pieces,
                           int64_t max_elems, PushThen then = PUSH_THEN_NOTHING,
+                          const std::string& then_pull = "",
                           PushResponse* answer = nullptr);
-  // PushChunks; with `then`, each shard's last stream carries it and
-  // answers[s] gets shard s's answer to it (answers: num_shards()). The
-  // caller makes sure every shard gets a stream (PushAndReduce).
+  // PushChunks; with `then` (and `then_pull`), each shard's last stream
+  // carries it and answers[s] gets shard s's answer to it (answers:
+  // num_shards()). The caller makes sure every shard gets a stream
+  // (PushAndReduce).
   absl::Status PushChunksThen(int64_t step, const std::string& worker_id,
                               int dp_rank, const float* grads,
                               ElementRange range, ElementRange done,
-                              PushThen then,
+                              PushThen then, const std::string& then_pull,
                               std::vector<PushResponse>* answers);
   // With `shm` (a push window's first byte) the payload goes there at
   // *shm_at, which advances; else into the slice.

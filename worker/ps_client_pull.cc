@@ -60,18 +60,17 @@ absl::Status PsClient::PullShard(int64_t step, int s,
   return absl::OkStatus();
 }
 
-absl::Status PsClient::PullStream(int64_t step, int s,
-                                  const std::set<std::string>* tensors,
-                                  float* params, int64_t* version,
-                                  absl::Span<float* const> state, int stream,
-                                  int streams, int64_t* received) {
+PullRequest PsClient::MakePullRequest(int64_t step,
+                                      const std::set<std::string>* tensors,
+                                      bool with_state, int stream,
+                                      int streams) const {
   PullRequest req;
   if (streams > 1) {
     req.set_stream(stream);
     req.set_streams(streams);
   }
   req.set_step(step);
-  req.set_with_optimizer_state(!state.empty());
+  req.set_with_optimizer_state(with_state);
   if (tensors != nullptr) {
     for (const std::string& t : *tensors) req.add_tensors(t);
   }
@@ -82,77 +81,114 @@ absl::Status PsClient::PullStream(int64_t step, int s,
     req.set_pp_rank(pp_rank_);
     req.set_tp_rank(tp_rank_);
   }
-  // Each message is parsed in place (common/wire/chunk_wire.h) and its
-  // payloads decoded straight from the received slices (or the window)
-  // into `params`.
-  PullResponseView resp;
-  absl::Status bad;
-  const SharedRegion* region = nullptr;  // with a shared-memory window
-  bool first_answer = true;
-  auto on_message = [&](const grpc::ByteBuffer& message) -> absl::Status {
-    LMPS_RETURN_IF_ERROR(ParsePullResponse(message, &resp));
-    if (region != nullptr) {
-      LMPS_RETURN_IF_ERROR(AttachSharedPayloads(*region, &resp.slices));
-    } else if (HasSharedPayloads(resp.slices)) {
-      return absl::DataLossError(
-          "a pull answer names shared memory this worker did not offer");
+  return req;
+}
+
+void PsClient::SetPullWindow(WindowPool* windows, int64_t window,
+                             PullRequest* req) const {
+  *req->mutable_shm() = windows->region().desc();
+  req->set_shm_offset(window);
+  req->set_shm_bytes(windows->window_bytes());
+  req->set_first_message(0);
+}
+
+// Each message is parsed in place (common/wire/chunk_wire.h) and its
+// payloads decoded straight from the received slices (or the window) into
+// the sink's buffers.
+absl::Status PsClient::ReceivePullMessage(const grpc::ByteBuffer& message,
+                                          PullSink* sink) {
+  PullResponseView& resp = sink->resp;
+  LMPS_RETURN_IF_ERROR(ParsePullResponse(message, &resp));
+  if (sink->region != nullptr) {
+    LMPS_RETURN_IF_ERROR(AttachSharedPayloads(*sink->region, &resp.slices));
+  } else if (HasSharedPayloads(resp.slices)) {
+    return absl::DataLossError(
+        "a pull answer names shared memory this worker did not offer");
+  }
+  // A shared-memory pull's later requests may see newer versions (not in
+  // SYNC): the first one's is the pull's.
+  if (sink->first_answer) *sink->version = resp.version;
+  sink->first_answer = false;
+  for (const ChunkSliceView& slice : resp.slices) {
+    absl::Status got = ReceivePulledSlice(sink->shard, slice, sink->params,
+                                          sink->state, sink->received);
+    if (!got.ok()) sink->bad = got;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PsClient::PullThroughWindow(PullRequest* req, WindowPool* windows,
+                                         PullSink* sink,
+                                         const grpc::ByteBuffer* answered) {
+  // The shard writes as many of the pull's messages as fit into the window
+  // per request.
+  sink->region = &windows->region();
+  int32_t first = req->first_message();
+  bool have = answered != nullptr;
+  while (true) {
+    req->set_first_message(first);
+    sink->resp.next_message = 0;  // an answer without messages ends the pull
+    absl::Status st;
+    if (have) {
+      st = ReceivePullMessage(*answered, sink);
+      have = false;
+    } else {
+      st = RawPull(sink->shard, *req, sink);
     }
-    // A shared-memory pull's later requests may see newer versions (not
-    // in SYNC): the first one's is the pull's.
-    if (first_answer) *version = resp.version;
-    first_answer = false;
-    for (const ChunkSliceView& slice : resp.slices) {
-      absl::Status got = ReceivePulledSlice(s, slice, params, state, received);
-      if (!got.ok()) bad = got;
+    if (!st.ok()) return st;
+    if (!sink->bad.ok() || sink->resp.next_message == 0) return sink->bad;
+    if (sink->resp.next_message <= first) {
+      return absl::DataLossError(absl::StrCat(
+          "shard ", sink->shard, " answered a pull from message ", first,
+          " with next_message ", sink->resp.next_message));
     }
-    return absl::OkStatus();
-  };
-  auto call = [&]() -> absl::Status {
-    auto ctx = Context();
-    stats_.rpcs++;
-    return ServerStreamingCall(Stub(s)->raw.get(), kPullMethod, ctx.get(),
-                               SerializeProto(req), on_message);
-  };
+    first = sink->resp.next_message;
+  }
+}
+
+absl::Status PsClient::RawPull(int s, const PullRequest& req, PullSink* sink) {
+  auto ctx = Context();
+  stats_.rpcs++;
+  return ServerStreamingCall(
+      Stub(s)->raw.get(), kPullMethod, ctx.get(), SerializeProto(req),
+      [&](const grpc::ByteBuffer& m) { return ReceivePullMessage(m, sink); });
+}
+
+absl::Status PsClient::PullStream(int64_t step, int s,
+                                  const std::set<std::string>* tensors,
+                                  float* params, int64_t* version,
+                                  absl::Span<float* const> state, int stream,
+                                  int streams, int64_t* received) {
+  PullRequest req =
+      MakePullRequest(step, tensors, !state.empty(), stream, streams);
+  PullSink sink{.shard = s,
+                .params = params,
+                .state = state,
+                .version = version,
+                .received = received};
   WindowPool* windows = state.empty() ? SharedWindows(s) : nullptr;
   std::optional<int64_t> window;
   if (windows != nullptr) window = windows->Acquire();
   if (window.has_value()) {
-    // Through shared memory: the shard writes as many of the pull's
-    // messages as fit into the window per request.
+    // Through shared memory.
     absl::Status st;
     {
       absl::Cleanup release = [&] { windows->Release(*window); };
-      region = &windows->region();
-      *req.mutable_shm() = region->desc();
-      req.set_shm_offset(*window);
-      req.set_shm_bytes(windows->window_bytes());
-      int32_t first = 0;
-      while (true) {
-        req.set_first_message(first);
-        resp.next_message = 0;  // an answer without messages ends the pull
-        st = call();
-        if (!st.ok() || !bad.ok() || resp.next_message == 0) break;
-        if (resp.next_message <= first) {
-          st = absl::DataLossError(absl::StrCat(
-              "shard ", s, " answered a pull from message ", first,
-              " with next_message ", resp.next_message));
-          break;
-        }
-        first = resp.next_message;
-      }
+      SetPullWindow(windows, *window, &req);
+      st = PullThroughWindow(&req, windows, &sink, nullptr);
     }
-    if (!SharedMemoryRefused(s, st)) return st.ok() ? bad : st;
+    if (!SharedMemoryRefused(s, st)) return st;
     // Refused at the first request: the whole pull over the socket.
-    region = nullptr;
-    req.clear_shm();
-    req.clear_shm_offset();
-    req.clear_shm_bytes();
-    req.clear_first_message();
+    req = MakePullRequest(step, tensors, !state.empty(), stream, streams);
+    sink = PullSink{.shard = s,
+                    .params = params,
+                    .state = state,
+                    .version = version,
+                    .received = received};
     *received = 0;
-    first_answer = true;
   }
-  LMPS_RETURN_IF_ERROR(call());
-  return bad;
+  LMPS_RETURN_IF_ERROR(RawPull(s, req, &sink));
+  return sink.bad;
 }
 
 absl::Status PsClient::ReceivePulledSlice(int s, const ChunkSliceView& slice,

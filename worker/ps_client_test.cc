@@ -614,6 +614,96 @@ TEST(PsClientTest, FallsBackToTheSocketWhenTheShardRefusesTheRegion) {
       << logged[0];
 }
 
+// PushAndReduce (SYNC, the worker pushes to every shard) is Push, GradNorm
+// and -- with one shard -- Apply, to the bit, in the push's streams only
+// (bounded streams, several lanes: `then` rides on each shard's last
+// stream). With one shard sharing memory the push's answer also carries the
+// next step's pull: next_params equals Pull(step + 1) with no pull RPC of
+// its own (a window too small for the whole pull continues with ordinary
+// requests); without shared memory (or a shard that refuses it) `pulled`
+// stays false and the parameters are Pull's to fetch.
+TEST(PsClientTest, PushAndReduceIsPushGradNormAndApplyInFewerRoundTrips) {
+  struct Case {
+    int shards;
+    int streams;
+    bool shm;            // the client offers shared memory
+    bool refused;        // the shard maps no worker memory
+    int64_t window;      // shared_window_bytes (0: default)
+  };
+  for (const Case c : {Case{2, 1, false, false, 0}, Case{2, 3, true, false, 0},
+                       Case{1, 1, true, false, 0}, Case{1, 2, true, false, 0},
+                       Case{1, 1, true, false, 2200},
+                       Case{1, 1, false, false, 0},
+                       Case{1, 1, true, true, 0}}) {
+    SCOPED_TRACE(absl::StrCat("shards ", c.shards, " streams ", c.streams,
+                              " shm ", c.shm, " refused ", c.refused,
+                              " window ", c.window));
+    JobSpec spec = Spec(1, 1);
+    spec.mutable_layout()->set_num_shards(c.shards);
+    Cluster reference, fused;
+    fused.shared_memory = !c.refused;
+    ASSERT_TRUE(reference.Start(spec).ok());
+    ASSERT_TRUE(fused.Start(spec).ok());
+    PsClientOptions options;
+    options.max_push_stream_bytes = 512;
+    options.streams_per_shard = c.streams;
+    auto a = reference.Client({}, options);
+    options.shared_memory = c.shm;
+    options.shared_window_bytes = c.window;
+    auto b = fused.Client({}, options);
+    ASSERT_TRUE(a.ok() && b.ok());
+    PsClient& ref = **a;
+    PsClient& ps = **b;
+    ASSERT_TRUE(ps.pushes_to_every_shard());
+    std::vector<float> want(ref.num_parameters()), got(want.size());
+    ASSERT_TRUE(ps.Pull(0, got.data()).ok());
+    for (int64_t step = 0; step < 3; ++step) {
+      const std::vector<float> grads =
+          FullGradient(RandomGradient(spec.model(), 29 + step));
+      const int64_t ref_rpcs = ref.stats().rpcs;
+      ASSERT_TRUE(ref.Push(step, "w", 0, grads.data()).ok());
+      const int64_t push_rpcs = ref.stats().rpcs - ref_rpcs;  // its streams
+      absl::StatusOr<double> ss = ref.GradNorm(step);
+      ASSERT_TRUE(ss.ok()) << ss.status();
+      ASSERT_TRUE(ref.Apply(step, *ss).ok());
+      ASSERT_TRUE(ref.Pull(step + 1, want.data()).ok());
+
+      const int64_t rpcs = ps.stats().rpcs;
+      absl::StatusOr<PsClient::PushedStep> pushed =
+          ps.PushAndReduce(step, "w", 0, grads.data(), got.data());
+      ASSERT_TRUE(pushed.ok()) << pushed.status();
+      EXPECT_EQ(pushed->sum_squares, *ss);  // bitwise
+      const bool fold = c.shards == 1 && c.shm && !c.refused;
+      EXPECT_EQ(pushed->pulled, fold);
+      if (c.shards == 1) {
+        EXPECT_EQ(pushed->version, step + 1);
+      } else {
+        EXPECT_EQ(pushed->version, -1);
+        absl::StatusOr<int64_t> v = ps.Apply(step, pushed->sum_squares);
+        ASSERT_TRUE(v.ok()) << v.status();
+      }
+      if (fold) {
+        EXPECT_EQ(pushed->pulled_version, step + 1);
+        if (c.window == 0) {
+          // The push's streams and nothing else.
+          EXPECT_EQ(ps.stats().rpcs - rpcs, push_rpcs);
+        } else {
+          EXPECT_GT(ps.stats().rpcs - rpcs, push_rpcs);
+        }
+      } else {
+        // The push's streams (the refusing shard's first one twice), and
+        // with several shards an Apply per shard.
+        if (!c.refused) {
+          EXPECT_EQ(ps.stats().rpcs - rpcs,
+                    push_rpcs + (c.shards == 1 ? 0 : c.shards));
+        }
+        ASSERT_TRUE(ps.Pull(step + 1, got.data()).ok());
+      }
+      ASSERT_EQ(got, want);
+    }
+  }
+}
+
 // Compressed pushes (train.compression) with plain SGD at lr 1: each
 // step's parameter change is minus what the shards decoded. Top-k and
 // random-k send about `ratio` of the elements (8 bytes each), the rest

@@ -326,6 +326,10 @@ absl::Status DataParallelTrainer::RunSteps() {
   int64_t async_seen = options_.start_step;
   // Layer-wise: the pull of the next step, started once this step applied.
   std::unique_ptr<LayerwisePull> ahead;
+  // The version the last push's answer pulled for this step (-1: none;
+  // PsClient::PushAndReduce's next_params).
+  int64_t pulled_ahead = -1;
+  const bool in_place = model_->backend()->memory_is_host();
   const auto copy = [this](int64_t begin, int64_t end) {
     return CopyParams(begin, end);
   };
@@ -343,6 +347,14 @@ absl::Status DataParallelTrainer::RunSteps() {
       pull_bytes_start_ = ps_->stats().bytes_pulled;
       if (hierarchical()) {
         LMPS_RETURN_IF_ERROR(HostPull(step, &version));
+      } else if (!ring() && pulled_ahead >= 0) {
+        version = pulled_ahead;
+        pulled_ahead = -1;
+        ++progress_.pulls;
+        if (!in_place) {
+          LMPS_RETURN_IF_ERROR(
+              model_->SetParametersFromHost(host_params_.data()));
+        }
       } else if (!ring()) {
         LMPS_RETURN_IF_ERROR(
             PullInto(mode == ASYNC ? async_seen : step, &version));
@@ -431,7 +443,6 @@ absl::Status DataParallelTrainer::RunSteps() {
           std::chrono::duration<double>(t2 - t1).count() - slept - pull_waited;
     } else {
       // Host-memory backends push straight from the model's gradient.
-      const bool in_place = model_->backend()->memory_is_host();
       if (!in_place) {
         LMPS_RETURN_IF_ERROR(model_->GradientsToHost(host_grads_.data()));
       }
@@ -444,10 +455,16 @@ absl::Status DataParallelTrainer::RunSteps() {
       const float* grads = in_place ? model_->grads() : host_grads_.data();
       if (mode == SYNC && ps_->pushes_to_every_shard()) {
         // The shards answer with the step's norm (and with one shard apply
-        // it): one or two round trips fewer.
+        // it, and answer the next step's pull): one to three round trips
+        // fewer.
+        float* next = nullptr;
+        if (!layerwise_ && step + 1 < end_step_) {
+          next = in_place ? model_->params() : host_params_.data();
+        }
         LMPS_ASSIGN_OR_RETURN(
             pushed, ps_->PushAndReduce(step, options_.worker_id,
-                                       options_.dp_rank, grads));
+                                       options_.dp_rank, grads, next));
+        if (pushed->pulled) pulled_ahead = pushed->pulled_version;
       } else {
         LMPS_RETURN_IF_ERROR(
             ps_->Push(step, options_.worker_id, options_.dp_rank, grads));

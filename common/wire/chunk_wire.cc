@@ -359,6 +359,7 @@ grpc::ByteBuffer SerializePushRequest(
   PutInt(7, h.tp_rank, out.header());
   if (!h.shm.empty()) PutString(8, h.shm, out.header());
   if (h.then != PUSH_THEN_NOTHING) PutInt(9, h.then, out.header());
+  if (!h.then_pull.empty()) PutString(10, h.then_pull, out.header());
   return out.Take();
 }
 
@@ -479,6 +480,9 @@ absl::Status ParsePushRequest(const grpc::ByteBuffer& buffer,
         ok = VarintField(&r, wt, &v);
         // Unknown values stay unknown: the service rejects them.
         h.then = static_cast<PushThen>(static_cast<int32_t>(v));
+        break;
+      case 10:
+        ok = StringField(&r, wt, &h.then_pull);
         break;
       default:
         ok = r.SkipValue(wt);
@@ -612,18 +616,21 @@ PushRequestView ViewOf(const PushRequest& r) {
   v.header.tp_rank = r.tp_rank();
   if (r.has_shm()) v.header.shm = r.shm().SerializeAsString();
   v.header.then = r.then();
+  if (r.has_then_pull()) v.header.then_pull = r.then_pull().SerializeAsString();
   for (const ChunkSlice& s : r.slices()) v.slices.push_back(ViewOf(s));
   return v;
 }
 
-grpc::ByteBuffer SerializeProto(const google::protobuf::MessageLite& message) {
-  const std::string bytes = message.SerializeAsString();
+grpc::ByteBuffer BufferOf(const std::string& bytes) {
   grpc::Slice slice(bytes);
   return grpc::ByteBuffer(&slice, 1);
 }
 
-absl::Status ParseProto(const grpc::ByteBuffer& buffer,
-                        google::protobuf::MessageLite* message) {
+grpc::ByteBuffer SerializeProto(const google::protobuf::MessageLite& message) {
+  return BufferOf(message.SerializeAsString());
+}
+
+absl::StatusOr<std::string> BufferBytes(const grpc::ByteBuffer& buffer) {
   std::vector<grpc::Slice> slices;
   if (absl::Status s = Slices(buffer, &slices); !s.ok()) return s;
   std::string bytes;
@@ -631,7 +638,14 @@ absl::Status ParseProto(const grpc::ByteBuffer& buffer,
   for (const grpc::Slice& s : slices) {
     bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
   }
-  if (!message->ParseFromString(bytes)) {
+  return bytes;
+}
+
+absl::Status ParseProto(const grpc::ByteBuffer& buffer,
+                        google::protobuf::MessageLite* message) {
+  absl::StatusOr<std::string> bytes = BufferBytes(buffer);
+  if (!bytes.ok()) return bytes.status();
+  if (!message->ParseFromString(*bytes)) {
     return absl::InvalidArgumentError(
         absl::StrCat("malformed ", message->GetTypeName()));
   }

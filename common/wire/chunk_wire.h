@@ -35,6 +35,7 @@
 
 #include "absl/container/inlined_vector.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "proto/lmps.pb.h"
 
@@ -80,6 +81,8 @@ struct PushHeader {
   // PushRequest.shm, serialized (empty: no region).
   std::string shm;
   PushThen then = PUSH_THEN_NOTHING;
+  // PushRequest.then_pull, serialized (empty: none).
+  std::string then_pull;
 };
 
 // The serialized PushRequest {header, slices}.
@@ -194,6 +197,9 @@ PeerMessageView ViewOf(const PeerMessage& message);
 grpc::ByteBuffer SerializeProto(const google::protobuf::MessageLite& message);
 absl::Status ParseProto(const grpc::ByteBuffer& buffer,
                         google::protobuf::MessageLite* message);
+// A small buffer's bytes in one string, and back (copies).
+absl::StatusOr<std::string> BufferBytes(const grpc::ByteBuffer& buffer);
+grpc::ByteBuffer BufferOf(const std::string& bytes);
 
 }  // namespace lmps
 

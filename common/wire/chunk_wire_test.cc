@@ -118,6 +118,12 @@ TEST(ChunkWireTest, SerializesExactlyWhatProtobufDoes) {
       push.mutable_shm()->set_size(1 << 20);
     }
     if (trial % 3 == 0) pull.set_next_message(trial % 17);
+    push.set_then(static_cast<PushThen>(trial % 3));
+    if (trial % 4 == 2) {
+      push.mutable_then_pull()->set_step(trial + 1);
+      push.mutable_then_pull()->set_shm_offset(4096 * trial);
+      push.mutable_then_pull()->set_shm_bytes(1 << 20);
+    }
     std::vector<ChunkSliceOut> outs;
     const int n = static_cast<int>(rng() % 5);
     for (int k = 0; k < n; ++k) {
@@ -154,6 +160,12 @@ TEST(ChunkWireTest, ParsesProtobufBytesCutAnywhere) {
       push.mutable_shm()->set_size(trial);
     }
     pull.set_next_message(trial % 5);
+    push.set_then(static_cast<PushThen>(trial % 3));
+    if (trial % 3 == 2) {
+      push.mutable_then_pull()->set_step(trial + 1);
+      push.mutable_then_pull()->set_first_message(0);
+      push.mutable_then_pull()->mutable_shm()->set_path("/proc/3/fd/8");
+    }
     const int n = static_cast<int>(rng() % 5);
     for (int k = 0; k < n; ++k) {
       const ChunkSlice s = RandomSlice(&rng);
@@ -179,6 +191,11 @@ TEST(ChunkWireTest, ParsesProtobufBytesCutAnywhere) {
     again.set_tp_rank(qv.header.tp_rank);
     if (!qv.header.shm.empty()) {
       ASSERT_TRUE(again.mutable_shm()->ParseFromString(qv.header.shm));
+    }
+    again.set_then(qv.header.then);
+    if (!qv.header.then_pull.empty()) {
+      ASSERT_TRUE(
+          again.mutable_then_pull()->ParseFromString(qv.header.then_pull));
     }
     for (const ChunkSliceView& v : qv.slices) *again.add_slices() = FromView(v);
     EXPECT_EQ(again.SerializeAsString(), push.SerializeAsString());
