@@ -26,19 +26,21 @@
 # the step log). Both move payloads through shared memory (JobSpec
 # shared_memory AUTO, the default: worker and shard share this host); the
 # variant "sock" is "off" with shared_memory OFF (payloads through the
-# loopback socket, as before shared memory).
+# loopback socket, as before shared memory); the variant "sep" is "off"
+# with lmps_worker --pull_with_push=false (each step pulls in a call of its
+# own instead of in the push's answer: the "before" of PushRequest.then_pull).
 #
 # Usage: bench/overhead.sh [small|medium]...   (default: both)
 # Environment: STEPS (default 80), THREADS (default 2), ROUNDS (default 2),
-# VARIANTS (default "sock off on").
+# VARIANTS (default "sock sep off on").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 STEPS="${STEPS:-80}"
 THREADS="${THREADS:-2}"
 ROUNDS="${ROUNDS:-2}"
-VARIANTS="${VARIANTS:-sock off on}"
-declare -A best_dist hidden
+VARIANTS="${VARIANTS:-sock sep off on}"
+declare -A best_dist hidden wargs
 configs=("$@")
 [ ${#configs[@]} -gt 0 ] || configs=(small medium)
 
@@ -64,10 +66,12 @@ for config in "${configs[@]}"; do
   for variant in $VARIANTS; do
     case "$variant" in
       sock) mode=LAYERWISE_PULL_OFF shm=SHARED_MEMORY_OFF ;;
-      off) mode=LAYERWISE_PULL_OFF shm=SHARED_MEMORY_AUTO ;;
+      off|sep) mode=LAYERWISE_PULL_OFF shm=SHARED_MEMORY_AUTO ;;
       on) mode=LAYERWISE_PULL_ON shm=SHARED_MEMORY_AUTO ;;
-      *) echo "overhead: unknown variant '$variant' (sock, off, on)" >&2; exit 2 ;;
+      *) echo "overhead: unknown variant '$variant' (sock, off, sep, on)" >&2; exit 2 ;;
     esac
+    wargs[$variant]=""
+    [ "$variant" != sep ] || wargs[$variant]="--pull_with_push=false"
     cat >"$tmp/$config-$variant.textproto" <<EOF
 name: "overhead-$config"
 model { n_layer: $layers n_head: $heads n_embd: $embd block_size: $block vocab_size: 256 }
@@ -93,7 +97,7 @@ EOF
       if ! "$BIN/launcher/lmps_local" --job="$tmp/$config-$variant.textproto" \
           --workers=1 --shards=1 \
           --run_dir="$run_dir" --quiet --export_model=false \
-          --worker_args="--threads=$THREADS" >"$run_dir.out" 2>&1; then
+          --worker_args="--threads=$THREADS ${wargs[$variant]}" >"$run_dir.out" 2>&1; then
         cat "$run_dir.out" >&2
         echo "overhead: lmps_local failed; logs in $run_dir/logs" >&2
         trap - EXIT

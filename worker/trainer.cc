@@ -458,7 +458,7 @@ absl::Status DataParallelTrainer::RunSteps() {
         // it, and answer the next step's pull): one to three round trips
         // fewer.
         float* next = nullptr;
-        if (!layerwise_ && step + 1 < end_step_) {
+        if (options_.pull_with_push && !layerwise_ && step + 1 < end_step_) {
           next = in_place ? model_->params() : host_params_.data();
         }
         LMPS_ASSIGN_OR_RETURN(

@@ -12,6 +12,10 @@
 //      the exact global gradient norm (for clipping);
 //   5. tell every shard to apply step t with that norm (idempotent, so every
 //      replica may do it).
+// When the worker pushes to every shard, 3.-4. are one call per shard
+// (PsClient::PushAndReduce), with one shard 3.-5., and -- one shard sharing
+// memory, no layer-wise pull, pull_with_push -- also step t + 1's 1.: a
+// step is then one round trip.
 // BOUNDED_STALENESS with bound s: the same steps, except that step 4-5 after
 // pushing step t are done for step t - s (when t - s >= start_step): they
 // wait until every replica pushed step t - s, so this replica is never more
@@ -125,6 +129,11 @@ struct DataParallelTrainerOptions : TrainingLoopOptions {
   // Layer-wise pull pipelining (train.layerwise_pull; see the file
   // comment). Used in SYNC (and BOUNDED_STALENESS with staleness 0) only.
   bool layerwise_pull = true;
+  // Without layer-wise pulls, in SYNC with one shard sharing memory with
+  // this worker: the shard answers the next step's pull with the push
+  // (PsClient::PushAndReduce's next_params; one round trip per step).
+  // false: a pull of its own per step (for comparison).
+  bool pull_with_push = true;
 
   // train.dp_aggregation RING_ALLREDUCE: the all-reduce among the replicas
   // of this job (size dp, rank dp_rank), not owned; required in that mode.

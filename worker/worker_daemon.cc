@@ -422,6 +422,7 @@ class WorkerSession {
     static_cast<TrainingLoopOptions&>(options) = common;
     options.dp_rank = assignment_.dp_rank();
     options.overlap_push = overlap_push;
+    options.pull_with_push = options_.pull_with_push;
     options.layerwise_pull =
         spec_.train().layerwise_pull() != LAYERWISE_PULL_OFF;
     if (spec_.train().dp_aggregation() == RING_ALLREDUCE) {

@@ -109,6 +109,8 @@ struct WorkerDaemonOptions {
   int sample_top_k = 40;            // 0: all
   DType push_dtype = F32;           // gradient payload: F32 or BF16
   OverlapPush overlap_push = OverlapPush::kAuto;
+  // DataParallelTrainerOptions.pull_with_push.
+  bool pull_with_push = true;
   std::string metrics_listen;  // /metrics host:port; empty: off
   absl::Duration rpc_timeout = absl::Seconds(120);  // per shard RPC
   // Fault injection for tests: SIGKILL this worker mid-push of this step

@@ -65,6 +65,11 @@ ABSL_FLAG(std::string, overlap_push, "auto",
           "the backward pass; auto: true with a CUDA backend (the host is "
           "idle during backward), false with the CPU backend (its cores are "
           "busy: bench/ps_features.sh measured overlap 7% slower on 2 cores)");
+ABSL_FLAG(bool, pull_with_push, true,
+          "SYNC data-parallel jobs with one shard on this host and "
+          "train.layerwise_pull OFF: the shard answers the next step's "
+          "pull together with the push (one round trip per step); false: "
+          "a pull of its own per step (for comparison: bench/overhead.sh)");
 ABSL_FLAG(std::string, metrics_listen, "",
           "serve Prometheus /metrics on this host:port (empty: off)");
 ABSL_FLAG(int, rpc_timeout_s, 120,
@@ -140,6 +145,7 @@ absl::StatusOr<lmps::WorkerDaemonOptions> OptionsFromFlags() {
     return absl::InvalidArgumentError(absl::StrCat(
         "--overlap_push must be auto, true or false, got '", overlap, "'"));
   }
+  options.pull_with_push = absl::GetFlag(FLAGS_pull_with_push);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   options.rpc_timeout = absl::Seconds(absl::GetFlag(FLAGS_rpc_timeout_s));
   options.fault_kill_at_step = absl::GetFlag(FLAGS_fault_kill_at_step);
