@@ -11,7 +11,14 @@
 # wall time of its whole training loop: a mean) and in-process is
 # train_step_bench's mean tokens/s (its median-based figure is printed
 # too). Runs ROUNDS rounds, alternating the two (the machine may be shared),
-# and compares the best round of each.
+# and compares the best round of each. Also printed:
+#   steady-state distributed/in-process tokens/s ratio: X.XX
+# with the distributed job timed as train_step_bench times its own steps
+# (after 3 warm-up steps; without the last step, whose Apply writes the
+# checkpoint), from the times in the job's step log (steps.jsonl): the
+# worker's "done" mean also holds its first step (connections, first pull,
+# first touch of every buffer) and the checkpoint, which the in-process
+# figure does not.
 #
 # Configs: "small" = the launcher's default model (n_layer 4, n_head 4,
 # n_embd 128, block_size 64, batch 16); "medium" = n_embd 256, block_size
@@ -40,7 +47,7 @@ STEPS="${STEPS:-80}"
 THREADS="${THREADS:-2}"
 ROUNDS="${ROUNDS:-2}"
 VARIANTS="${VARIANTS:-sock sep off on}"
-declare -A best_dist hidden wargs
+declare -A best_dist best_steady hidden wargs
 configs=("$@")
 [ ${#configs[@]} -gt 0 ] || configs=(small medium)
 
@@ -84,6 +91,7 @@ layout { dp: 1 num_shards: 1 }
 shared_memory: $shm
 EOF
     best_dist[$variant]=0
+    best_steady[$variant]=0
     hidden[$variant]=-
   done
   echo "=== $config: n_layer=$layers n_head=$heads n_embd=$embd" \
@@ -114,8 +122,19 @@ import json, sys
 v = [r["workers"][w]["comm_hidden"] for r in map(json.loads, open(sys.argv[1]))
      for w in r.get("workers", {}) if "comm_hidden" in r["workers"][w]]
 print("%.2f" % (sum(v) / len(v)) if v else "-")' "$run_dir/steps.jsonl" 2>/dev/null || echo -)"
+      # Steady state, timed as train_step_bench times its steps: after 3
+      # warm-up steps, and without the last (whose Apply writes the
+      # checkpoint): tokens of steps 3 .. STEPS-2 over the step log's time
+      # from the end of step 2 to the end of step STEPS-2.
+      steady="$(python3 -c '
+import json, sys
+t = {r["step"]: r["time"] for r in map(json.loads, open(sys.argv[1]))}
+n, tokens = int(sys.argv[2]), int(sys.argv[3])
+print("%.0f" % ((n - 4) * tokens / (t[n - 2] - t[2])))' \
+        "$run_dir/steps.jsonl" "$STEPS" $((batch * block)) 2>/dev/null || echo 0)"
       echo "round $round distributed, variant $variant: $done_line" \
-           "(comm hidden $h; lmps_local ran ${secs} s)"
+           "(steady state $steady tokens/s; comm hidden $h; lmps_local ran ${secs} s)"
+      best_steady[$variant]="$(max "$steady" "${best_steady[$variant]}")"
       if awk -v a="$dist" -v b="${best_dist[$variant]}" 'BEGIN { exit !(a > b) }'; then
         best_dist[$variant]="$dist"
         hidden[$variant]="$h"
@@ -144,6 +163,9 @@ print("%.2f" % (sum(v) / len(v)) if v else "-")' "$run_dir/steps.jsonl" 2>/dev/n
              v, 1e3 * b * t / d, 1e3 * b * t / m, 1e3 * b * t / d - 1e3 * b * t / m
       printf "variant %s: distributed/in-process (median-step) tokens/s ratio: %.2f\n", v, d / md
       printf "variant %s: distributed/in-process tokens/s ratio: %.2f\n", v, d / m
+    }'
+    awk -v s="${best_steady[$variant]}" -v m="$best_mean" -v v="$variant" 'BEGIN {
+      printf "variant %s: steady-state distributed/in-process tokens/s ratio: %.2f (distributed %.0f tokens/s)\n", v, s / m, s
     }'
   done
 done
