@@ -11,7 +11,8 @@
 # wall time of its whole training loop: a mean) and in-process is
 # train_step_bench's mean tokens/s (its median-based figure is printed
 # too). Runs ROUNDS rounds, alternating the two (the machine may be shared),
-# and compares the best round of each. Also printed:
+# and compares the best round of each (the distributed variants run in the
+# reverse order every second round). Also printed:
 #   steady-state distributed/in-process tokens/s ratio: X.XX
 # with the distributed job timed as train_step_bench times its own steps
 # (after 3 warm-up steps; without the last step, whose Apply writes the
@@ -99,7 +100,13 @@ EOF
   best_mean=0
   best_median=0
   for round in $(seq 1 "$ROUNDS"); do
-    for variant in $VARIANTS; do
+    # The variants' order alternates between rounds (the machine's speed
+    # drifts within a round).
+    order="$VARIANTS"
+    if [ $((round % 2)) -eq 0 ]; then
+      order="$(echo "$VARIANTS" | tr ' ' '\n' | tac | tr '\n' ' ')"
+    fi
+    for variant in $order; do
       run_dir="$tmp/run-$config-$variant-$round"
       start=$(date +%s.%N)
       if ! "$BIN/launcher/lmps_local" --job="$tmp/$config-$variant.textproto" \
