@@ -101,19 +101,20 @@ TEST_F(EquivalenceTest, MicroBatchesMatchOneBatch) {
   EXPECT_LE(*diff, kTolerance);
 }
 
-// Layer-wise pull pipelining (train.layerwise_pull, on by default: every
-// run above uses it) is exact: the same job with the whole pull before the
-// forward pass reaches the same parameters bit for bit, with 2 workers x 2
-// shards and with 2 micro-batches; with one shard the whole pull comes in
-// the push's answer (PushRequest.then_pull, through shared memory).
+// Layer-wise pull pipelining (train.layerwise_pull ON; CPU workers default
+// to OFF, the whole pull before the forward pass, which every run above
+// uses) is exact: it reaches the whole pull's parameters bit for bit, with
+// 2 workers x 2 shards and with 2 micro-batches; with one shard the whole
+// pull comes in the push's answer (PushRequest.then_pull, through shared
+// memory).
 TEST(LayerwisePullTest, BitIdenticalToTheWholePull) {
   for (const auto [shards, micro_batches] :
        {std::pair{2, 1}, {2, 2}, {1, 1}}) {
     SCOPED_TRACE(absl::StrCat(shards, " shards, ", micro_batches,
                               " micro-batches"));
-    const SafetensorsContents on = Train(2, shards, micro_batches, kSgd);
-    const SafetensorsContents off = Train(
-        2, shards, micro_batches, kSgd, "layerwise_pull: LAYERWISE_PULL_OFF");
+    const SafetensorsContents on = Train(2, shards, micro_batches, kSgd,
+                                         "layerwise_pull: LAYERWISE_PULL_ON");
+    const SafetensorsContents off = Train(2, shards, micro_batches, kSgd);
     auto diff = MaxAbsDiff(on, off);
     ASSERT_TRUE(diff.ok()) << diff.status();
     EXPECT_EQ(*diff, 0.0);

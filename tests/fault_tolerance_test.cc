@@ -26,10 +26,12 @@ train { steps: 6 batch_size: 8 eval_interval: 0 sample_tokens: 0 }
 max_chunk_bytes: 4096
 )";
 
+// Layer-wise pulls (off by default on CPU workers, as in kJob) under the
+// shard faults of the longer jobs.
 constexpr char kLongerJob[] = R"(
 model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 16 }
 train { steps: 300 batch_size: 8 eval_interval: 0 sample_tokens: 0
-        checkpoint_interval: 20 }
+        checkpoint_interval: 20 layerwise_pull: LAYERWISE_PULL_ON }
 max_chunk_bytes: 4096
 )";
 
@@ -39,7 +41,7 @@ constexpr char kSlowerJob[] = R"(
 model { n_layer: 2 n_head: 2 n_embd: 32 block_size: 16 }
 train { steps: 300 batch_size: 8 eval_interval: 0 sample_tokens: 0
         checkpoint_interval: 20 debug_slow_worker_rank: 0
-        debug_slow_worker_delay_ms: 20 }
+        debug_slow_worker_delay_ms: 20 layerwise_pull: LAYERWISE_PULL_ON }
 max_chunk_bytes: 4096
 )";
 

@@ -76,10 +76,21 @@ absl::Status AddPieces(const ChunkDesc& d, const std::vector<Run>& ranges,
 
 }  // namespace
 
+bool IsCudaBackendName(const std::string& backend) {
+  return backend == "cuda" || backend.rfind("cuda:", 0) == 0;
+}
+
 DType ResolvePullDtype(DType configured, const std::string& backend) {
   if (configured != DTYPE_UNSPECIFIED) return configured;
-  const bool cuda = backend == "cuda" || backend.rfind("cuda:", 0) == 0;
-  return cuda ? BF16 : F32;
+  return IsCudaBackendName(backend) ? BF16 : F32;
+}
+
+bool ResolveLayerwisePull(LayerwisePullMode configured,
+                          const std::string& backend) {
+  if (configured != LAYERWISE_PULL_DEFAULT) {
+    return configured == LAYERWISE_PULL_ON;
+  }
+  return IsCudaBackendName(backend);
 }
 
 absl::StatusOr<std::unique_ptr<PsClient>> PsClient::Create(

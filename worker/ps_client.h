@@ -134,10 +134,21 @@ struct PsClientStats {
   std::atomic<int64_t> bytes_shared{0};
 };
 
+// Whether a worker's --backend names the CUDA backend ("cuda" or "cuda:N").
+bool IsCudaBackendName(const std::string& backend);
+
 // The pull dtype a worker asks for: train.pull_dtype when set (F32 or
-// BF16), else BF16 for a CUDA backend (`backend` "cuda" or "cuda:N") and
-// F32 for any other.
+// BF16), else BF16 for a CUDA backend and F32 for any other.
 DType ResolvePullDtype(DType configured, const std::string& backend);
+
+// Whether a data-parallel worker pulls layer by layer: train.layerwise_pull
+// when set, else on for a CUDA backend (its host threads are idle while the
+// device computes, so the pull hides behind the forward pass) and off for
+// any other (the CPU backend's compute threads and the pull share the
+// cores: layer-wise pulls measured slower there, docs/benchmarks.md, and a
+// whole pull can travel in the push's answer, PushAndReduce).
+bool ResolveLayerwisePull(LayerwisePullMode configured,
+                          const std::string& backend);
 
 class PsClient {
  public:
@@ -344,7 +355,7 @@ class PsClient {
   absl::Status ReceivePullMessage(const grpc::ByteBuffer& message,
                                   PullSink* sink);
   // One Pull RPC of `req` to shard sink->shard.
-  absl::Status RawPull(int s, const PullRequest& req, PullSink* sink);
+  absl::Status RawPull(const PullRequest& req, PullSink* sink);
   // A shared-memory pull (`req` points at a window of `windows`): requests
   // from req->first_message on until the shard answers next_message 0.
   // `answered` (may be null): the answer to the first request, already in

@@ -133,7 +133,7 @@ absl::Status PsClient::PullThroughWindow(PullRequest* req, WindowPool* windows,
       st = ReceivePullMessage(*answered, sink);
       have = false;
     } else {
-      st = RawPull(sink->shard, *req, sink);
+      st = RawPull(*req, sink);
     }
     if (!st.ok()) return st;
     if (!sink->bad.ok() || sink->resp.next_message == 0) return sink->bad;
@@ -146,11 +146,11 @@ absl::Status PsClient::PullThroughWindow(PullRequest* req, WindowPool* windows,
   }
 }
 
-absl::Status PsClient::RawPull(int s, const PullRequest& req, PullSink* sink) {
+absl::Status PsClient::RawPull(const PullRequest& req, PullSink* sink) {
   auto ctx = Context();
   stats_.rpcs++;
   return ServerStreamingCall(
-      Stub(s)->raw.get(), kPullMethod, ctx.get(), SerializeProto(req),
+      Stub(sink->shard)->raw.get(), kPullMethod, ctx.get(), SerializeProto(req),
       [&](const grpc::ByteBuffer& m) { return ReceivePullMessage(m, sink); });
 }
 
@@ -161,11 +161,12 @@ absl::Status PsClient::PullStream(int64_t step, int s,
                                   int streams, int64_t* received) {
   PullRequest req =
       MakePullRequest(step, tensors, !state.empty(), stream, streams);
-  PullSink sink{.shard = s,
-                .params = params,
-                .state = state,
-                .version = version,
-                .received = received};
+  const PullSink fresh{.shard = s,
+                       .params = params,
+                       .state = state,
+                       .version = version,
+                       .received = received};
+  PullSink sink = fresh;
   WindowPool* windows = state.empty() ? SharedWindows(s) : nullptr;
   std::optional<int64_t> window;
   if (windows != nullptr) window = windows->Acquire();
@@ -180,14 +181,10 @@ absl::Status PsClient::PullStream(int64_t step, int s,
     if (!SharedMemoryRefused(s, st)) return st;
     // Refused at the first request: the whole pull over the socket.
     req = MakePullRequest(step, tensors, !state.empty(), stream, streams);
-    sink = PullSink{.shard = s,
-                    .params = params,
-                    .state = state,
-                    .version = version,
-                    .received = received};
+    sink = fresh;
     *received = 0;
   }
-  LMPS_RETURN_IF_ERROR(RawPull(s, req, &sink));
+  LMPS_RETURN_IF_ERROR(RawPull(req, &sink));
   return sink.bad;
 }
 

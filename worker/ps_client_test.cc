@@ -312,6 +312,16 @@ TEST(PsClientTest, PullDtypeDefaultsToBf16OnlyOnCuda) {
   EXPECT_EQ(ResolvePullDtype(BF16, "cpu"), BF16);
 }
 
+TEST(PsClientTest, LayerwisePullDefaultsToOnOnlyOnCuda) {
+  EXPECT_FALSE(ResolveLayerwisePull(LAYERWISE_PULL_DEFAULT, "cpu"));
+  EXPECT_FALSE(ResolveLayerwisePull(LAYERWISE_PULL_DEFAULT, "sim:100"));
+  EXPECT_TRUE(ResolveLayerwisePull(LAYERWISE_PULL_DEFAULT, "cuda"));
+  EXPECT_TRUE(ResolveLayerwisePull(LAYERWISE_PULL_DEFAULT, "cuda:1"));
+  EXPECT_FALSE(ResolveLayerwisePull(LAYERWISE_PULL_DEFAULT, "cudax"));
+  EXPECT_TRUE(ResolveLayerwisePull(LAYERWISE_PULL_ON, "cpu"));
+  EXPECT_FALSE(ResolveLayerwisePull(LAYERWISE_PULL_OFF, "cuda"));
+}
+
 // train.pull_dtype BF16: half the bytes, every value the fp32 master
 // rounded to nearest even, with and without a pp x tp view.
 TEST(PsClientTest, Bf16PullsHalveTheBytesAndRoundEachValue) {

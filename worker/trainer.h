@@ -26,7 +26,8 @@
 // apply it at once); no GradNorm/Apply. The final pull (evaluation,
 // sample) waits for the version after every replica's last push.
 //
-// Layer-wise pulls (DataParallelTrainerOptions.layerwise_pull, the default;
+// Layer-wise pulls (DataParallelTrainerOptions.layerwise_pull; the daemon's
+// default is by backend, ResolveLayerwisePull;
 // used in SYNC and BOUNDED_STALENESS with s = 0): the pull of 1. above is
 // started as soon as step t - 1 is applied (the first step's at once), one
 // PsClient::PullTensors per layer group and shard in forward order through

@@ -400,7 +400,7 @@ class WorkerSession {
     const bool overlap_push =
         options_.overlap_push == OverlapPush::kOn ||
         (options_.overlap_push == OverlapPush::kAuto &&
-         absl::StartsWith(options_.backend, "cuda"));
+         IsCudaBackendName(options_.backend));
     {
       absl::MutexLock lock(&mu_);
       latest_.step = start_step_;
@@ -424,7 +424,7 @@ class WorkerSession {
     options.overlap_push = overlap_push;
     options.pull_with_push = options_.pull_with_push;
     options.layerwise_pull =
-        spec_.train().layerwise_pull() != LAYERWISE_PULL_OFF;
+        ResolveLayerwisePull(spec_.train().layerwise_pull(), options_.backend);
     if (spec_.train().dp_aggregation() == RING_ALLREDUCE) {
       // Every worker of the job.
       LMPS_ASSIGN_OR_RETURN(options.dp_ring, CreateDpRing(0, layout_->dp()));

@@ -67,7 +67,7 @@ ABSL_FLAG(std::string, overlap_push, "auto",
           "busy: bench/ps_features.sh measured overlap 7% slower on 2 cores)");
 ABSL_FLAG(bool, pull_with_push, true,
           "SYNC data-parallel jobs with one shard on this host and "
-          "train.layerwise_pull OFF: the shard answers the next step's "
+          "layer-wise pulls off (the CPU default): the shard answers the next step's "
           "pull together with the push (one round trip per step); false: "
           "a pull of its own per step (for comparison: bench/overhead.sh)");
 ABSL_FLAG(std::string, metrics_listen, "",
