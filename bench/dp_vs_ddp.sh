@@ -9,7 +9,8 @@
 # figure is the sum over both workers of their "done: ... tokens/s" (tokens
 # over the wall time of the whole training loop, first pull included);
 # DDP's is measured the same way on rank 0. ROUNDS rounds alternate the
-# three (the machine may be shared); the best round of each is compared:
+# three (the machine may be shared), in reverse order every second round
+# (so none always runs first); the best round of each is compared:
 #   ps/ddp tokens/s ratio: X.XX
 #   ring/ddp tokens/s ratio: X.XX
 # and what bounds these ratios on this machine, measured in the same run
@@ -72,18 +73,31 @@ best_ps=0
 best_ring=0
 best_ddp=0
 best_peak=0
+# One variant of a round: ps, ring or ddp.
+run_variant() {
+  local variant="$1" round="$2" out
+  case "$variant" in
+    ps)
+      lmps PARAMETER_SERVER "$round"
+      echo "round $round lmps dp=2 PARAMETER_SERVER: $V tokens/s"
+      best_ps="$(max "$best_ps" "$V")" ;;
+    ring)
+      lmps RING_ALLREDUCE "$round"
+      echo "round $round lmps dp=2 RING_ALLREDUCE: $V tokens/s"
+      best_ring="$(max "$best_ring" "$V")" ;;
+    ddp)
+      out="$(OPENBLAS_NUM_THREADS=1 "$PYTHON" bench/torch_ddp.py --world=2 \
+        --threads=1 --batch="$BATCH" --steps="$STEPS")"
+      echo "$out" | sed "s/^/round $round /"
+      V="$(echo "$out" | awk -F': ' '/^ddp tokens\/s:/ { print $2 }')"
+      best_ddp="$(max "$best_ddp" "$V")" ;;
+  esac
+}
+
 for round in $(seq 1 "$ROUNDS"); do
-  lmps PARAMETER_SERVER "$round"
-  echo "round $round lmps dp=2 PARAMETER_SERVER: $V tokens/s"
-  best_ps="$(max "$best_ps" "$V")"
-  lmps RING_ALLREDUCE "$round"
-  echo "round $round lmps dp=2 RING_ALLREDUCE: $V tokens/s"
-  best_ring="$(max "$best_ring" "$V")"
-  out="$(OPENBLAS_NUM_THREADS=1 "$PYTHON" bench/torch_ddp.py --world=2 \
-    --threads=1 --batch="$BATCH" --steps="$STEPS")"
-  echo "$out" | sed "s/^/round $round /"
-  V="$(echo "$out" | awk -F': ' '/^ddp tokens\/s:/ { print $2 }')"
-  best_ddp="$(max "$best_ddp" "$V")"
+  order="ps ring ddp"
+  if (( round % 2 == 0 )); then order="ddp ring ps"; fi
+  for variant in $order; do run_variant "$variant" "$round"; done
   out="$(OPENBLAS_NUM_THREADS=1 "$BIN/bench/train_step_bench" --threads=1 \
     --batch="$BATCH" --steps=10)"
   echo "$out" | grep -E 'tokens/s|GFLOP|ratio' | sed "s/^/round $round one thread: /"

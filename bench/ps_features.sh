@@ -14,8 +14,9 @@
 # step time of a run is the median over steps (the first 3 are warm-up) of
 # the interval between one step's pull_done_us and the next's on dp rank 0
 # (worker/trainer.cc's trace lines: compute, push, GradNorm/Apply, pull).
-# Three configurations, interleaved PF_REPEATS times (default 2; the
-# smallest median of each counts, as other load only slows runs down):
+# Three configurations, interleaved PF_REPEATS times (default 2; in reverse
+# order every second time, so none always runs first; the smallest median
+# of each counts, as other load only slows runs down):
 #   base       --overlap_push=true, no backups (what a CUDA worker does)
 #   no_overlap --overlap_push=false
 #   replicated layout.shard_backups: 1 (4 server processes)
@@ -72,9 +73,15 @@ run() {  # run NAME JOB WORKER_ARGS
 
 echo "== $REPEATS x 3 runs of $STEPS steps (load average $(cut -d' ' -f1 /proc/loadavg) on $(nproc) cores)"
 for ((r = 0; r < REPEATS; r++)); do
-  run "base-r$r" "$tmp/plain.textproto" "--overlap_push=true"
-  run "no_overlap-r$r" "$tmp/plain.textproto" "--overlap_push=false"
-  run "replicated-r$r" "$tmp/replicated.textproto" "--overlap_push=true"
+  order="base no_overlap replicated"
+  if (( r % 2 == 1 )); then order="replicated no_overlap base"; fi
+  for config in $order; do
+    case "$config" in
+      base) run "base-r$r" "$tmp/plain.textproto" "--overlap_push=true" ;;
+      no_overlap) run "no_overlap-r$r" "$tmp/plain.textproto" "--overlap_push=false" ;;
+      replicated) run "replicated-r$r" "$tmp/replicated.textproto" "--overlap_push=true" ;;
+    esac
+  done
 done
 
 /usr/bin/python3 - "$tmp" "$REPEATS" "$WARMUP" <<'EOF'
