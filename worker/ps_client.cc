@@ -148,6 +148,8 @@ absl::StatusOr<std::unique_ptr<PsClient>> PsClient::Create(
   for (std::shared_ptr<grpc::Channel>& channel : channels) {
     c->stubs_.push_back(std::make_unique<NodeStubs>(std::move(channel)));
   }
+  c->shm_ = std::make_unique<PeerWindowPools>(c->stubs_.size(),
+                                              options.shared_memory);
   c->addresses_ = std::move(addresses);
   c->has_view_ = layout != nullptr;
   c->pp_rank_ = view.pp_rank;
@@ -629,42 +631,27 @@ int64_t PsClient::WindowBytes() const {
 }
 
 WindowPool* PsClient::SharedWindows(int s) {
-  if (!options_.shared_memory) return nullptr;
-  absl::MutexLock lock(&shm_mu_);
-  if (shm_.empty()) {
-    shm_.resize(stubs_.size());
-    shm_off_.assign(stubs_.size(), false);
+  // Per concurrent stream a pull's and a push's window, and two for
+  // layer-wise pulls; a request that finds none free uses the socket.
+  absl::Status failure;
+  WindowPool* pool =
+      shm_->Get(s, 2 * StreamsPerShard() + 2, WindowBytes(), &failure);
+  if (!failure.ok() && options_.log) {
+    options_.log(absl::StrCat("no shared memory for shard ", s, " (",
+                              failure.ToString(),
+                              "): payloads go through the socket"));
   }
-  if (shm_off_[s]) return nullptr;
-  if (shm_[s] == nullptr) {
-    // Per concurrent stream a pull's and a push's window, and two for
-    // layer-wise pulls; a request that finds none free uses the socket.
-    absl::StatusOr<std::unique_ptr<WindowPool>> pool =
-        WindowPool::Create(2 * StreamsPerShard() + 2, WindowBytes());
-    if (!pool.ok()) {
-      shm_off_[s] = true;
-      if (options_.log) {
-        options_.log(absl::StrCat("no shared memory for shard ", s, " (",
-                                  pool.status().ToString(),
-                                  "): payloads go through the socket"));
-      }
-      return nullptr;
-    }
-    shm_[s] = *std::move(pool);
-  }
-  return shm_[s].get();
+  return pool;
 }
 
 bool PsClient::SharedMemoryRefused(int s, const absl::Status& status) {
   if (!IsSharedMemoryRefusal(status)) return false;
-  absl::MutexLock lock(&shm_mu_);
-  if (!shm_off_[s] && options_.log) {
+  if (shm_->Disable(s) && options_.log) {
     options_.log(absl::StrCat("shard ", s, " (", Address(s),
                               ") cannot map this worker's shared memory (",
                               status.message(),
                               "): its payloads go through the socket"));
   }
-  shm_off_[s] = true;
   return true;
 }
 

@@ -441,9 +441,7 @@ class PsClient {
   std::vector<std::map<std::pair<std::string, int>, std::vector<const LocalPiece*>>>
       index_;
   PsClientStats stats_;
-  absl::Mutex shm_mu_;
-  std::vector<std::unique_ptr<WindowPool>> shm_ ABSL_GUARDED_BY(shm_mu_);
-  std::vector<bool> shm_off_ ABSL_GUARDED_BY(shm_mu_);
+  std::unique_ptr<PeerWindowPools> shm_;  // by shard
   // Compression: residual_[prev_] is the residual after the step before
   // residual_step_, residual_[1 - prev_] the one after residual_step_ (only
   // the pushed elements are used).

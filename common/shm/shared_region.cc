@@ -198,6 +198,30 @@ void WindowPool::Release(int64_t offset) {
   free_.push_back(offset);
 }
 
+WindowPool* PeerWindowPools::Get(int peer, int windows, int64_t window_bytes,
+                                 absl::Status* failure) {
+  absl::MutexLock lock(&mu_);
+  if (off_[peer]) return nullptr;
+  if (pools_[peer] == nullptr) {
+    absl::StatusOr<std::unique_ptr<WindowPool>> pool =
+        WindowPool::Create(windows, window_bytes);
+    if (!pool.ok()) {
+      off_[peer] = true;
+      if (failure != nullptr) *failure = pool.status();
+      return nullptr;
+    }
+    pools_[peer] = *std::move(pool);
+  }
+  return pools_[peer].get();
+}
+
+bool PeerWindowPools::Disable(int peer) {
+  absl::MutexLock lock(&mu_);
+  const bool was_on = !off_[peer];
+  off_[peer] = true;
+  return was_on;
+}
+
 // ---------------------------------------------------------------------------
 
 absl::StatusOr<std::shared_ptr<const SharedRegion>> RegionCache::Get(

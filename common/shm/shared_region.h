@@ -109,6 +109,33 @@ class WindowPool {
   std::vector<int64_t> free_ ABSL_GUARDED_BY(mu_);
 };
 
+// A worker's window pools, one per peer (a shard, another worker), each
+// created on first use. Shared memory is off for a peer when it was never
+// enabled, when its pool could not be created, or after Disable (the peer
+// refused the region); once off it stays off and the caller uses the
+// socket for that peer.
+//
+// Thread-safety: thread-safe.
+class PeerWindowPools {
+ public:
+  PeerWindowPools(int peers, bool enabled)
+      : pools_(peers), off_(peers, !enabled) {}
+
+  // The pool of `peer` (0 <= peer < peers), created on first use with
+  // `windows` windows of `window_bytes`; nullptr while shared memory is off
+  // for it. A failed creation turns the peer off and is returned in
+  // *failure (that call only; may be null) for the caller to report.
+  WindowPool* Get(int peer, int windows, int64_t window_bytes,
+                  absl::Status* failure = nullptr);
+  // Turns shared memory off for `peer`; true if it was on.
+  bool Disable(int peer);
+
+ private:
+  absl::Mutex mu_;
+  std::vector<std::unique_ptr<WindowPool>> pools_ ABSL_GUARDED_BY(mu_);
+  std::vector<bool> off_ ABSL_GUARDED_BY(mu_);
+};
+
 // A shard's open regions by token: opened on first use and kept while in
 // use; at most `capacity`, the least recently used closed first, and any
 // not used for `idle` closed at the next lookup (a worker that went away

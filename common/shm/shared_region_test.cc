@@ -134,6 +134,38 @@ TEST(WindowPoolTest, HandsOutEachWindowOnce) {
   EXPECT_FALSE(WindowPool::Create(0, 10).ok());
 }
 
+// One pool per peer, created once; off when never enabled, after a failed
+// creation (reported once) or after Disable, and off for good.
+TEST(PeerWindowPoolsTest, CreatesOncePerPeerAndStaysOffOnceOff) {
+  PeerWindowPools pools(3, /*enabled=*/true);
+  absl::Status failure;
+  WindowPool* p0 = pools.Get(0, 2, 1000, &failure);
+  ASSERT_NE(p0, nullptr);
+  EXPECT_TRUE(failure.ok());
+  EXPECT_EQ(pools.Get(0, 5, 9999), p0);  // the first creation's
+  EXPECT_EQ(p0->window_bytes(), 1000);
+  WindowPool* p1 = pools.Get(1, 2, 1000);
+  ASSERT_NE(p1, nullptr);
+  EXPECT_NE(p1, p0);
+  EXPECT_NE(p1->region().desc().token(), p0->region().desc().token());
+
+  EXPECT_EQ(pools.Get(2, 0, 1000, &failure), nullptr);  // cannot be created
+  EXPECT_EQ(failure.code(), absl::StatusCode::kInvalidArgument) << failure;
+  failure = absl::OkStatus();
+  EXPECT_EQ(pools.Get(2, 2, 1000, &failure), nullptr);
+  EXPECT_TRUE(failure.ok()) << "reported once";
+  EXPECT_FALSE(pools.Disable(2));
+
+  EXPECT_TRUE(pools.Disable(1));
+  EXPECT_FALSE(pools.Disable(1));
+  EXPECT_EQ(pools.Get(1, 2, 1000), nullptr);
+  EXPECT_EQ(pools.Get(0, 2, 1000), p0);
+
+  PeerWindowPools off(2, /*enabled=*/false);
+  EXPECT_EQ(off.Get(0, 2, 1000), nullptr);
+  EXPECT_FALSE(off.Disable(0));
+}
+
 TEST(RegionCacheTest, OpensOnceEvictsIdleAndLeastRecent) {
   auto a = SharedRegion::Create(4096);
   auto b = SharedRegion::Create(4096);

@@ -71,8 +71,7 @@ PeerNetwork::PeerNetwork(PeerNetworkOptions options,
       mailbox_(mailbox),
       channel_factory_(std::move(channel_factory)),
       stubs_(workers_.size()),
-      shm_(workers_.size()),
-      shm_off_(workers_.size(), !options_.shared_memory) {}
+      shm_(workers_.size(), options_.shared_memory) {}
 
 PeerNetwork::~PeerNetwork() = default;
 
@@ -180,11 +179,7 @@ absl::Status PeerNetwork::SendRemote(int to_rank, const TransferKey& key,
     // Refused before anything was stored: the transfer over the socket,
     // and every later one to this peer.
     std::move(release).Invoke();
-    {
-      absl::MutexLock lock(&mu_);
-      shm_off_[to_rank] = true;
-    }
-    if (options_.log) {
+    if (shm_.Disable(to_rank) && options_.log) {
       options_.log(absl::StrCat(Describe(to_rank),
                                 " cannot map this worker's shared memory (",
                                 sent.message(), "): sends go through the "
@@ -204,28 +199,18 @@ absl::Status PeerNetwork::SendRemote(int to_rank, const TransferKey& key,
 }
 
 WindowPool* PeerNetwork::SharedWindows(int rank) {
-  absl::MutexLock lock(&mu_);
-  if (shm_off_[rank]) return nullptr;
-  if (shm_[rank] == nullptr) {
-    // Concurrent sends to one peer: the ring's sends in flight, a
-    // pipeline's activations and gradients.
-    const int64_t bytes = options_.shared_window_bytes > 0
-                              ? options_.shared_window_bytes
-                              : (int64_t{8} << 20) + (64 << 10);
-    absl::StatusOr<std::unique_ptr<WindowPool>> pool =
-        WindowPool::Create(4, bytes);
-    if (!pool.ok()) {
-      shm_off_[rank] = true;
-      if (options_.log) {
-        options_.log(absl::StrCat("no shared memory for sends to ",
-                                  Describe(rank), " (",
-                                  pool.status().ToString(), ")"));
-      }
-      return nullptr;
-    }
-    shm_[rank] = *std::move(pool);
+  // Concurrent sends to one peer: the ring's sends in flight, a pipeline's
+  // activations and gradients.
+  const int64_t bytes = options_.shared_window_bytes > 0
+                            ? options_.shared_window_bytes
+                            : (int64_t{8} << 20) + (64 << 10);
+  absl::Status failure;
+  WindowPool* pool = shm_.Get(rank, 4, bytes, &failure);
+  if (!failure.ok() && options_.log) {
+    options_.log(absl::StrCat("no shared memory for sends to ",
+                              Describe(rank), " (", failure.ToString(), ")"));
   }
-  return shm_[rank].get();
+  return pool;
 }
 
 absl::Status PeerNetwork::Send(int to_rank,

@@ -144,9 +144,7 @@ class PeerNetwork {
       ABSL_GUARDED_BY(mu_);
   std::atomic<int64_t> bytes_sent_{0};
   std::atomic<int64_t> bytes_shared_{0};
-  // Index = rank.
-  std::vector<std::unique_ptr<WindowPool>> shm_ ABSL_GUARDED_BY(mu_);
-  std::vector<bool> shm_off_ ABSL_GUARDED_BY(mu_);
+  PeerWindowPools shm_;  // by rank
 };
 
 }  // namespace lmps
