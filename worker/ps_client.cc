@@ -362,13 +362,19 @@ absl::StatusOr<PsClient::PushedStep> PsClient::PushAndReduce(
                   .version = &out.pulled_version,
                   .received = &received};
     const grpc::ByteBuffer answered = BufferOf(answers[0].pulled());
-    LMPS_RETURN_IF_ERROR(PullThroughWindow(&pull, windows, &sink, &answered));
-    if (received != num_parameters_) {
-      return absl::DataLossError(absl::StrCat(
-          "the pull of step ", step + 1, " answered with the push returned ",
-          received, " of ", num_parameters_, " elements"));
+    absl::Status got = PullThroughWindow(&pull, windows, &sink, &answered);
+    if (got.ok() && received != num_parameters_) {
+      got = absl::DataLossError(absl::StrCat("it returned ", received, " of ",
+                                             num_parameters_, " elements"));
     }
-    out.pulled = true;
+    // The step is applied either way: a pull that could not be finished
+    // here (its later requests failed) is the caller's ordinary Pull.
+    out.pulled = got.ok();
+    if (!got.ok() && options_.log) {
+      options_.log(absl::StrCat("the pull of step ", step + 1,
+                                " answered with the push failed (",
+                                got.ToString(), "): pulling it again"));
+    }
   }
   return out;
 }

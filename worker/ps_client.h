@@ -242,7 +242,9 @@ class PsClient {
   // (PushRequest.then_pull): next_params receives what Pull(step + 1)
   // would, and the next step needs no pull of its own. `pulled` says
   // whether that happened; when not (several shards, no shared memory,
-  // shard replication, or the shard could not serve it) call Pull as usual.
+  // shard replication, the shard could not serve it, or the further
+  // requests of a pull larger than the window failed -- logged) call Pull
+  // as usual: next_params may then hold part of the new parameters.
   struct PushedStep {
     double sum_squares = 0;  // as GradNorm returns it, bitwise
     int64_t version = -1;    // Apply's, with one shard; else -1
