@@ -227,8 +227,22 @@ stage_libs() {  # stage_libs IMAGE FILE: the shared libraries FILE needs
     [ -z "$v" ] || max_glibc="$(printf '%s\n%s\n' "$max_glibc" "${v#GLIBC_}" | sort -t. -k2 -n | tail -1)"
   done < <(awk '/=>/ && $3 ~ /^\// {print $3} !/=>/ && $1 ~ /^\// {print $1}' <<<"$out")
 }
+# GPT-2's vocabulary for the worker images (the sample text of a job with
+# GPT-2's tokens: data.tokenizer_dir's default, docs/data.md), from where
+# scripts/install_deps.sh put it.
+source "$repo/scripts/gpt2_paths.sh" || die "see above"
+stage_vocab() {  # stage_vocab IMAGE
+  local dir="$context/$1/share/gpt2" f
+  mkdir -p "$dir"
+  for f in encoder.json vocab.bpe; do
+    [ -f "$gpt2_pkg/$f" ] ||
+      die "GPT-2's $f is not in $gpt2_pkg (scripts/install_deps.sh installs it)"
+    cp "$gpt2_pkg/$f" "$dir/$f"
+  done
+}
 for image in "${build_list[@]}"; do
   for b in $(binaries_of "$image"); do stage "$image" "$b"; done
+  if [[ "$image" == worker* ]]; then stage_vocab "$image"; fi
   log "staged $image: $(ls "$context/$image/bin" | tr '\n' ' ')+ $(ls "$context/$image/lib" | wc -l)" \
       "libraries ($(du -sh "$context/$image" | cut -f1))"
 done
@@ -296,6 +310,12 @@ for name in "${built[@]}"; do
     user="$(buildah run --isolation chroot "$ctr" -- /usr/bin/id -u 2>/dev/null || echo '?')"
     log "ok: $b runs in $name as uid $user ($(grep -c -- '^ *--' <<<"$out") flags listed)"
   done
+  if [[ "$image" == worker* ]]; then
+    buildah run --isolation chroot "$ctr" -- /bin/sh -c \
+        "test -r '$gpt2_pkg/encoder.json' && test -r '$gpt2_pkg/vocab.bpe'" ||
+      { buildah rm "$ctr" >/dev/null; die "GPT-2's vocabulary is not readable at $gpt2_pkg in $name"; }
+    log "ok: GPT-2's vocabulary is in $name at $gpt2_pkg"
+  fi
   buildah rm "$ctr" >/dev/null
 done
 # --- a 5-step training job across the three CPU images (host network) ---------------------

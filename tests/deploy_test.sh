@@ -197,5 +197,12 @@ done
 grep -q '^ARG BASE=nvidia/cuda:.*-runtime-' "$deploy/docker/Dockerfile.worker" || fail "Dockerfile.worker: not a CUDA runtime base"
 grep -q '^ARG BASE=debian:bookworm-slim' "$deploy/docker/Dockerfile.worker-cpu" || fail "Dockerfile.worker-cpu: not bookworm-slim"
 bash -n "$deploy/build_images.sh" || fail "build_images.sh has a syntax error"
+# The worker images carry GPT-2's vocabulary where a worker looks by default
+# (common/text/gpt2_bpe.h, read by scripts/gpt2_paths.sh).
+source "$runfiles/scripts/gpt2_paths.sh" || fail "scripts/gpt2_paths.sh"
+for f in worker worker-cpu; do
+  grep -q "^COPY share/gpt2/ $gpt2_pkg/\$" "$deploy/docker/Dockerfile.$f" ||
+    fail "Dockerfile.$f does not copy GPT-2's vocabulary to $gpt2_pkg"
+done
 note "ok: Dockerfiles (non-root, ENTRYPOINT the binary, ARG BASE)"
 echo "PASS"
