@@ -2,9 +2,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <csignal>
 #include <cstdio>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 namespace lmps {
 namespace {
@@ -26,8 +30,25 @@ std::vector<std::string> FaultInjector::WorkerArgs(int rank, int attempt) const 
 }
 
 void FaultInjector::MaybeInject(const JobStatus& status, int attempt,
-                                const FaultTargets& targets) {
+                                absl::Time now, const FaultTargets& targets) {
   const int64_t step = SlowestWorkerStep(status);
+  if (now >= thaw_at_) {
+    const std::vector<std::string> thawed = targets.signal_workers(SIGCONT);
+    std::printf("\nlmps: fault injection: SIGCONT %s after %d s\n",
+                absl::StrJoin(thawed, ", ").c_str(), options_.freeze_s);
+    std::fflush(stdout);
+    thaw_at_ = absl::InfiniteFuture();
+  }
+  if (options_.freeze_workers_at_step >= 0 && !froze_ && attempt == 0 &&
+      step != INT64_MAX && step >= options_.freeze_workers_at_step) {
+    froze_ = true;
+    thaw_at_ = now + absl::Seconds(options_.freeze_s);
+    std::printf("\nlmps: fault injection: SIGSTOP every worker at step %lld "
+                "for %d s\n",
+                static_cast<long long>(step), options_.freeze_s);
+    std::fflush(stdout);
+    targets.signal_workers(SIGSTOP);
+  }
   if (options_.scheduler_at_step >= 0 && !scheduler_injected_ &&
       step != INT64_MAX && step >= options_.scheduler_at_step &&
       targets.running("scheduler")) {

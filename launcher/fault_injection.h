@@ -11,9 +11,14 @@
 //             shard's other node holds a complete copy again, whichever node
 //             then serves shard S as its primary.
 //   scheduler: --fault_kill_scheduler_at_step=N: the scheduler, once.
+//   freeze:   --fault_freeze_workers_at_step=N --fault_freeze_s=S: once the
+//             slowest worker reaches N, SIGSTOP every worker, and SIGCONT
+//             them S seconds later (first attempt only): alive workers
+//             whose leases all expire at once.
 //
 // Each fault fires at most once per launcher, announced on stdout
-// ("lmps: fault injection: SIGKILL ...") just before the kill.
+// ("lmps: fault injection: SIGKILL ...", "... SIGSTOP ...") just before
+// the signal.
 //
 // Thread-safety: not thread-safe; the launcher's monitor loop owns it.
 #ifndef LMPS_LAUNCHER_FAULT_INJECTION_H_
@@ -23,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/time/time.h"
 #include "proto/lmps.pb.h"
 
 namespace lmps {
@@ -34,6 +40,8 @@ struct FaultOptions {
   int server_at_step = -1;          // --fault_kill_server_at_step
   int primary_again_at_step = -1;   // --fault_kill_primary_again_at_step
   int scheduler_at_step = -1;       // --fault_kill_scheduler_at_step
+  int freeze_workers_at_step = -1;  // --fault_freeze_workers_at_step
+  int freeze_s = 10;                // --fault_freeze_s
 };
 
 // The launcher's children by name ("scheduler", "server-0", a node id).
@@ -42,6 +50,8 @@ struct FaultTargets {
   std::function<bool(const std::string& name)> running;
   // SIGKILLs the running child of this name.
   std::function<void(const std::string& name)> kill;
+  // Sends `signal` to every running worker; returns their names.
+  std::function<std::vector<std::string>(int signal)> signal_workers;
 };
 
 class FaultInjector {
@@ -52,8 +62,8 @@ class FaultInjector {
   // first start; later attempts are restarts, which get none).
   std::vector<std::string> WorkerArgs(int rank, int attempt) const;
 
-  // Injects the faults that `status` makes due (see above).
-  void MaybeInject(const JobStatus& status, int attempt,
+  // Injects the faults that `status` makes due at `now` (see above).
+  void MaybeInject(const JobStatus& status, int attempt, absl::Time now,
                    const FaultTargets& targets);
 
   // The shard fault is configured and not injected yet (the launcher then
@@ -67,6 +77,8 @@ class FaultInjector {
   bool server_injected_ = false;
   bool scheduler_injected_ = false;
   bool second_injected_ = false;  // primary_again_at_step
+  bool froze_ = false;
+  absl::Time thaw_at_ = absl::InfiniteFuture();  // while frozen
 };
 
 }  // namespace lmps

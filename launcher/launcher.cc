@@ -352,6 +352,16 @@ FaultTargets Launcher::Targets() {
       }
     }
   };
+  targets.signal_workers = [this](int signal) {
+    std::vector<std::string> names;
+    for (Child& c : children_) {
+      if (absl::StartsWith(c.name, "worker") && !c.exited &&
+          processes_.Signal(c.pid, signal).ok()) {
+        names.push_back(c.name);
+      }
+    }
+    return names;
+  };
   return targets;
 }
 
@@ -587,7 +597,7 @@ absl::Status Launcher::Monitor() {
       progress_.Update(status, false);
       logs_.MergeSteps(status, /*final=*/false);
       logs_.LogEvents(status);
-      faults_.MaybeInject(status, attempt_, Targets());
+      faults_.MaybeInject(status, attempt_, absl::Now(), Targets());
       MaybeResize(status);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(

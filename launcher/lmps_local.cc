@@ -104,6 +104,10 @@ ABSL_FLAG(int, restart_scheduler, 3,
 ABSL_FLAG(int, fault_kill_scheduler_at_step, -1,
           "fault injection for tests: SIGKILL the scheduler once the slowest "
           "worker reaches this step");
+ABSL_FLAG(int, fault_freeze_workers_at_step, -1,
+          "fault injection for tests: SIGSTOP every worker once the slowest "
+          "reaches this step, and SIGCONT them --fault_freeze_s later");
+ABSL_FLAG(int, fault_freeze_s, 10, "see --fault_freeze_workers_at_step");
 ABSL_FLAG(int, timeout_s, 3600, "give up and stop everything after this");
 ABSL_FLAG(bool, export_model, true,
           "export the final model to --run_dir/model.safetensors");
@@ -153,6 +157,9 @@ lmps::LauncherOptions OptionsFromFlags() {
   o.faults.primary_again_at_step =
       absl::GetFlag(FLAGS_fault_kill_primary_again_at_step);
   o.faults.scheduler_at_step = absl::GetFlag(FLAGS_fault_kill_scheduler_at_step);
+  o.faults.freeze_workers_at_step =
+      absl::GetFlag(FLAGS_fault_freeze_workers_at_step);
+  o.faults.freeze_s = absl::GetFlag(FLAGS_fault_freeze_s);
   o.timeout_s = absl::GetFlag(FLAGS_timeout_s);
   o.export_model = absl::GetFlag(FLAGS_export_model);
   o.quiet = absl::GetFlag(FLAGS_quiet);

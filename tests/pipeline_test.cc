@@ -355,8 +355,9 @@ void ExpectLostWorkerReplacedExactly(const Layout& layout, bool spare) {
       << b.output;
   EXPECT_EQ(b.output.find("restarting the job"), std::string::npos) << b.output;
   const std::string scheduler = ReadFile(faulty + "/logs/scheduler.log");
-  EXPECT_NE(scheduler.find("regroup: every worker stopped at step 3; "
-                           "re-assembling with dp 1 (was 1)"),
+  EXPECT_NE(scheduler.find("regroup: every live worker stopped at step 3 "
+                           "(1 whose lease expired did not); re-assembling "
+                           "with dp 1 (was 1)"),
             std::string::npos)
       << scheduler;
   EXPECT_NE(scheduler.find("start_step 3"), std::string::npos) << scheduler;

@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "common/formats/safetensors.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
@@ -136,6 +137,43 @@ INSTANTIATE_TEST_SUITE_P(Optimizers, RingResumeTest,
 TEST(RingAllReduceTest, DeadWorkerIsReplacedExactly) {
   ExpectDeadWorkerReplacedExactly("ring_kill", "dp_aggregation: RING_ALLREDUCE",
                                   2);
+}
+
+// Every worker frozen (SIGSTOP) past its lease: none stops for the regroup,
+// so the job re-assembles without them from the shards' checkpoint. Once
+// thawed, each worker is told to register again (not let rejoin the new
+// assembly in place, still in a step of the old one, where a step that
+// failed on a shard still re-assembling waited for a stop that never came),
+// and the job ends bit-identical to a straight run. 400 steps of the small job (~4 s of
+// training) so that the freeze lands mid-training.
+TEST(RingAllReduceTest, EveryWorkerFrozenPastItsLeaseRegroupsExactly) {
+  const std::string job = absl::StrReplaceAll(
+      SmallAggregationJob("lr: 0.001", "dp_aggregation: RING_ALLREDUCE"),
+      {{"steps: 4 ", "steps: 400 "}});
+  const std::vector<std::string> flags = {"--workers=2", "--shards=2",
+                                          "--lease_s=2"};
+  const FinalProgress straight =
+      RunLocalJob("ring_freeze_straight", job, flags, 400);
+  std::vector<std::string> frozen_flags = flags;
+  frozen_flags.push_back("--fault_freeze_workers_at_step=20");
+  frozen_flags.push_back("--fault_freeze_s=8");
+  const FinalProgress frozen =
+      RunLocalJob("ring_freeze", job, frozen_flags, 400);
+  for (const std::string w : {"worker-0", "worker-1"}) {
+    const std::string log = ReadFile(frozen.run_dir + "/logs/" + w + ".log");
+    EXPECT_NE(log.find("the job re-assembled without this worker"),
+              std::string::npos)
+        << log;
+  }
+  const std::string scheduler =
+      ReadFile(frozen.run_dir + "/logs/scheduler.log");
+  EXPECT_NE(scheduler.find("(2 whose lease expired did not)"),
+            std::string::npos)
+      << scheduler;
+  auto diff = MaxAbsDiffOfFiles(straight.run_dir + "/model.safetensors",
+                                frozen.run_dir + "/model.safetensors");
+  ASSERT_TRUE(diff.ok()) << diff.status();
+  EXPECT_EQ(*diff, 0.0);
 }
 
 void ExpectRejected(const std::string& train, const std::string& reason) {

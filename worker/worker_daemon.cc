@@ -55,7 +55,7 @@ enum class JoinResult {
 // How one registration ended when it did not fail.
 enum class SessionEnd {
   kFinished,       // the job finished (or this worker is not needed)
-  kRegisterAgain,  // stopped for an elastic resize: register again
+  kRegisterAgain,  // stopped for a resize or regroup: register again
 };
 
 // One registration of this worker with the scheduler, from starting its
@@ -594,6 +594,33 @@ class WorkerSession {
            "ending the waits for peers");
       peer_->mailbox()->Shutdown();
     }
+    if (r.ok() && r->reassemble() && !reassembled_.exchange(true)) {
+      log_(id_, kReassembledWithout);
+      if (pipeline_ || ring_ != nullptr) peer_->mailbox()->Shutdown();
+      CancelTraining();
+    }
+  }
+
+  // The job regrouped and re-assembled without this worker: its lease
+  // expired while it was alive (frozen, or cut off from the scheduler), so
+  // it never stopped for the regroup, and the step it is in belongs to the
+  // old assembly.
+  static constexpr char kReassembledWithout[] =
+      "the job re-assembled without this worker (its lease expired while it "
+      "was alive): dropping the step in progress to register again";
+
+  // Whether the job re-assembled without this worker (a heartbeat said so,
+  // or, asked now, the scheduler says so: the step can fail on the
+  // re-assembled shards before a heartbeat tells). Stops the heartbeats
+  // when it asks.
+  bool ReassembledWithoutThisWorker() {
+    if (reassembled_.load()) return true;
+    if (!assignment_.elastic()) return false;
+    heartbeat_->Stop();
+    absl::StatusOr<HeartbeatResponse> now = heartbeat_->BeatNow();
+    if (!now.ok() || !now->reassemble()) return false;
+    log_(id_, kReassembledWithout);
+    return true;
   }
 
   // Step 6: trains while heartbeating, then reports.
@@ -613,6 +640,10 @@ class WorkerSession {
       return Stopped();
     }
     if (ReasonOf(status) == STOPPED_FOR_RESIZE) return EndForResize(status);
+    if (!status.ok() && ReassembledWithoutThisWorker()) {
+      heartbeat_->Stop();
+      return SessionEnd::kRegisterAgain;
+    }
     // With pp * tp > 1 no worker holds the whole model: lmps_local samples
     // from the exported model instead (lmps_eval).
     if (status.ok() && whole_model_trainer_ && assignment_.dp_rank() == 0 &&
@@ -759,6 +790,7 @@ class WorkerSession {
   bool stopped_for_resize_ ABSL_GUARDED_BY(mu_) = false;
   std::string error_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> peers_lost_{false};
+  std::atomic<bool> reassembled_{false};
   std::atomic<bool> failure_logged_{false};
   // Set once the training loop exists (Train): OnHeartbeat acts from then.
   std::atomic<bool> training_{false};

@@ -35,7 +35,10 @@
 // shards stop an elastic job for a resize (STOPPED_FOR_RESIZE), the worker
 // tells the scheduler and registers again for the resized job (step 1; the
 // previous registration's resources are released first); in a job that is
-// not elastic it returns OK. Otherwise the first error, InvalidArgument for
+// not elastic it returns OK. So it does when the job re-assembled without
+// it (HeartbeatResponse.reassemble: its lease expired while it was alive,
+// e.g. frozen, so it never stopped for the regroup): the step in progress,
+// or its failure on the re-assembled shards, is dropped, not reported. Otherwise the first error, InvalidArgument for
 // unusable options (lmps_worker exits 2 on those, 1 on other errors). Only
 // errors of the training loop (step 6) are reported to the scheduler.
 //

@@ -86,7 +86,13 @@
 // elasticity the regroup starts once the lease expires (the re-assembly
 // then waits up to the assemble timeout for the replacement); with it,
 // once a replacement took the slot, else the grace shrinks dp instead.
-// Assignment.elastic is set for these jobs too.
+// Assignment.elastic is set for these jobs too. When every worker's lease
+// expired while they were alive (frozen, or cut off from the scheduler),
+// none stops for the regroup and the job re-assembles at once; a worker
+// that did not stop is answered HeartbeatResponse.reassemble (not
+// NOT_FOUND, which would make it rejoin the new assembly in place with a
+// step of the old one) until its slot is registered again: it drops its
+// step and registers again like the others.
 //
 // Resume step. Once every server slot is registered (and until the job
 // assembles) start_step is recomputed by ChooseStartStep: the largest step
@@ -515,8 +521,9 @@ class SchedulerCore {
   absl::Time resize_retry_after_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   // Surplus workers asking for a slot: instance -> last time.
   std::map<std::string, absl::Time> surplus_ ABSL_GUARDED_BY(mu_);
-  // Servers of the job before a resize: their heartbeats are answered
-  // "reassemble" until they register again.
+  // Servers of the job before a resize, and its workers that did not stop
+  // for it: their heartbeats are answered "reassemble" until their slot is
+  // registered again.
   std::set<std::string> reassembling_ids_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -132,6 +132,17 @@ void SchedulerCore::PlanResizeLocked(int target, const std::string& why,
 
 void SchedulerCore::ReassembleLocked(absl::Time now, Outbox* out) {
   const int from = spec_.layout().dp();
+  // A worker that never stopped (its lease expired while it was alive:
+  // frozen, or cut off from the scheduler) is told to register again
+  // when it heartbeats, instead of rejoining the new assembly in place
+  // with a step of the old one.
+  int not_stopped = 0;
+  for (const Node& w : workers_) {
+    if (w.registered && !w.stopped_for_resize) {
+      reassembling_ids_.insert(w.node_id);
+      ++not_stopped;
+    }
+  }
   spec_ = resize_spec_;
   ResetWorkerSlotsLocked();
   for (Node& n : servers_) {
@@ -150,7 +161,11 @@ void SchedulerCore::ReassembleLocked(absl::Time now, Outbox* out) {
   assemble_start_ = now;
   const std::string message = absl::StrCat(
       absl::StartsWith(resize_why_, "regroup") ? "regroup" : "elastic resize",
-      ": every worker stopped at step ", resize_plan_.first_step,
+      ": every live worker stopped at step ", resize_plan_.first_step,
+      not_stopped > 0
+          ? absl::StrCat(" (", not_stopped,
+                         " whose lease expired did not)")
+          : "",
       "; re-assembling with dp ", spec_.layout().dp(), " (was ", from,
       ") from that step's checkpoint");
   SetStateLocked(ASSEMBLING, message, out);

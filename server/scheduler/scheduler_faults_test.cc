@@ -359,8 +359,9 @@ TEST_F(SchedulerCoreTest, LostPipelineWorkerRegroupsTheJobAtItsStep) {
   stopped.set_stopped_for_resize(true);
   ASSERT_TRUE(core_->Heartbeat(stopped).ok());
   EXPECT_EQ(core_->CurrentState(), ASSEMBLING);
-  EXPECT_TRUE(Logged("regroup: every worker stopped at step 7; re-assembling "
-                     "with dp 1 (was 1)"))
+  EXPECT_TRUE(Logged("regroup: every live worker stopped at step 7 (1 whose "
+                     "lease expired did not); re-assembling with dp 1 (was "
+                     "1)"))
       << Log();
   EXPECT_TRUE(core_->Heartbeat(Beat("server-0", 7))->reassemble());
   Id(Server("s:1", 0, {7}, core_->partition().version()));
@@ -391,6 +392,58 @@ TEST_F(SchedulerCoreTest, ReplacementRegisteringAsTheLeaseExpiresWaitsForTheRegr
             absl::StatusCode::kResourceExhausted)
       << Log();
   EXPECT_TRUE(core_->TakeResizePlan().has_value()) << Log();
+}
+
+// Every worker's lease expires while they are alive (frozen, or cut off
+// from the scheduler): none stops for the regroup, so the job re-assembles
+// at once. A worker of the old assembly heartbeating afterwards is told to
+// register again (reassemble), not NOT_FOUND (which would make it rejoin
+// the new assembly in place, still in a step of the old one); once it
+// registered again its old registration is fenced.
+TEST_F(SchedulerCoreTest, WorkersFrozenPastTheirLeaseAreToldToRegisterAgain) {
+  Start(/*dp=*/1, /*shards=*/1, absl::Seconds(120), absl::Seconds(10), 0, {},
+        /*pp=*/2);
+  Id(Server("s:1", 0));
+  absl::StatusOr<RegisterResponse> old0 =
+      core_->Register(PipelineWorker("h0:1", 0));
+  ASSERT_TRUE(old0.ok()) << old0.status();
+  Id(PipelineWorker("h1:1", 1));
+  ASSERT_EQ(core_->CurrentState(), RUNNING);
+  clock_.Advance(absl::Seconds(8));
+  ASSERT_TRUE(core_->Heartbeat(Beat("server-0", 7)).ok());
+  clock_.Advance(absl::Seconds(3));  // both workers' leases expire
+  core_->Tick();
+  core_->Tick();
+  ASSERT_TRUE(core_->TakeResizePlan().has_value()) << Log();
+  core_->ResizeStopped(7);
+  core_->Tick();
+  ASSERT_EQ(core_->CurrentState(), ASSEMBLING) << Log();
+  EXPECT_TRUE(Logged("regroup: every live worker stopped at step 7 (2 whose "
+                     "lease expired did not)"))
+      << Log();
+
+  HeartbeatRequest thawed = Beat(old0->node_id(), 8);
+  thawed.set_incarnation(old0->incarnation());
+  absl::StatusOr<HeartbeatResponse> told = core_->Heartbeat(thawed);
+  ASSERT_TRUE(told.ok()) << told.status();
+  EXPECT_TRUE(told->reassemble());
+  EXPECT_TRUE(Logged(absl::StrCat("a heartbeat of ", old0->node_id(),
+                                  " (step 8) from the job before its "
+                                  "re-assembly: told to register again")))
+      << Log();
+  EXPECT_TRUE(core_->Heartbeat(Beat("server-0", 7))->reassemble());
+
+  Id(Server("s:1", 0, {7}, core_->partition().version()));
+  const std::string again = Id(PipelineWorker("h0:1", 0));
+  EXPECT_EQ(again, old0->node_id());
+  Id(PipelineWorker("h1:1", 1));
+  ASSERT_EQ(core_->CurrentState(), RUNNING) << Log();
+  EXPECT_EQ(core_->GetAssignment(again, absl::InfiniteFuture())->start_step(),
+            7);
+  told = core_->Heartbeat(thawed);
+  ASSERT_TRUE(told.ok()) << told.status();
+  EXPECT_FALSE(told->reassemble());
+  EXPECT_TRUE(told->fenced());
 }
 
 // Without a replacement the re-assembly times out naming the lost rank.

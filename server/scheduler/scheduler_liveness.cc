@@ -35,6 +35,9 @@ absl::StatusOr<HeartbeatResponse> SchedulerCore::HeartbeatLocked(
   AdvanceLocked(now, out);
   Node* n = FindLocked(request.node_id());
   if (n == nullptr && reassembling_ids_.count(request.node_id()) > 0) {
+    out->logs.push_back(absl::StrCat(
+        "a heartbeat of ", request.node_id(), " (step ", request.step(),
+        ") from the job before its re-assembly: told to register again"));
     HeartbeatResponse r;
     r.set_state(state_);
     r.set_reassemble(true);
