@@ -27,6 +27,7 @@
 # (default 2), PYTHON (default /usr/bin/python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/round_order.sh
 
 STEPS="${STEPS:-40}"
 BATCH="${BATCH:-8}"
@@ -95,9 +96,9 @@ run_variant() {
 }
 
 for round in $(seq 1 "$ROUNDS"); do
-  order="ps ring ddp"
-  if (( round % 2 == 0 )); then order="ddp ring ps"; fi
-  for variant in $order; do run_variant "$variant" "$round"; done
+  for variant in $(round_order "$round" ps ring ddp); do
+    run_variant "$variant" "$round"
+  done
   out="$(OPENBLAS_NUM_THREADS=1 "$BIN/bench/train_step_bench" --threads=1 \
     --batch="$BATCH" --steps=10)"
   echo "$out" | grep -E 'tokens/s|GFLOP|ratio' | sed "s/^/round $round one thread: /"

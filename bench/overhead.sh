@@ -43,6 +43,7 @@
 # VARIANTS (default "sock sep off on").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/round_order.sh
 
 STEPS="${STEPS:-80}"
 THREADS="${THREADS:-2}"
@@ -100,13 +101,8 @@ EOF
   best_mean=0
   best_median=0
   for round in $(seq 1 "$ROUNDS"); do
-    # The variants' order alternates between rounds (the machine's speed
-    # drifts within a round).
-    order="$VARIANTS"
-    if [ $((round % 2)) -eq 0 ]; then
-      order="$(echo "$VARIANTS" | tr ' ' '\n' | tac | tr '\n' ' ')"
-    fi
-    for variant in $order; do
+    # shellcheck disable=SC2086  # VARIANTS is a word list
+    for variant in $(round_order "$round" $VARIANTS); do
       run_dir="$tmp/run-$config-$variant-$round"
       start=$(date +%s.%N)
       if ! "$BIN/launcher/lmps_local" --job="$tmp/$config-$variant.textproto" \

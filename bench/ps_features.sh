@@ -28,6 +28,7 @@
 # Usage: bench/ps_features.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/round_order.sh
 
 STEPS="${PF_STEPS:-16}"
 REPEATS="${PF_REPEATS:-2}"
@@ -73,9 +74,7 @@ run() {  # run NAME JOB WORKER_ARGS
 
 echo "== $REPEATS x 3 runs of $STEPS steps (load average $(cut -d' ' -f1 /proc/loadavg) on $(nproc) cores)"
 for ((r = 0; r < REPEATS; r++)); do
-  order="base no_overlap replicated"
-  if (( r % 2 == 1 )); then order="replicated no_overlap base"; fi
-  for config in $order; do
+  for config in $(round_order $((r + 1)) base no_overlap replicated); do
     case "$config" in
       base) run "base-r$r" "$tmp/plain.textproto" "--overlap_push=true" ;;
       no_overlap) run "no_overlap-r$r" "$tmp/plain.textproto" "--overlap_push=false" ;;
