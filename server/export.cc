@@ -7,11 +7,15 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
+#include <memory>
+#include <sstream>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/formats/hf_gpt2.h"
+#include "common/text/gpt2_bpe.h"
 #include "common/model/model_spec.h"
 #include "common/model/partition.h"
 #include "server/checkpoint.h"
@@ -50,6 +54,90 @@ absl::Status WriteFileAtomically(const std::string& path,
   if (::rename(tmp.c_str(), path.c_str()) != 0) return fail("rename to");
   return absl::OkStatus();
 }
+
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  }
+  std::stringstream buf;
+  buf << in.rdbuf();
+  return buf.str();
+}
+
+// GPT-2's tokenizer as transformers reads it from a model's folder:
+// file name -> contents.
+struct HfTokenizer {
+  std::map<std::string, std::string> files;
+  std::string said;  // ExportResult::tokenizer
+};
+
+// The tokenizer files of `spec`'s job (export.h), checked before anything
+// is written; none, with the reason in `said`, where the job has no GPT-2
+// tokens or (the default folder) the vocabulary is not installed.
+absl::StatusOr<HfTokenizer> MakeHfTokenizer(const JobSpec& spec,
+                                            const ExportOptions& options) {
+  HfTokenizer t;
+  const DataFormat format = spec.data().format();
+  if (format != TOKEN_SHARDS && format != RAW_TOKENS) {
+    t.said = "no tokenizer files: the job's tokens are bytes (BYTE_TEXT)";
+    return t;
+  }
+  const bool named = !options.tokenizer_dir.empty();
+  const std::string dir = named ? options.tokenizer_dir
+                          : !spec.data().tokenizer_dir().empty()
+                              ? spec.data().tokenizer_dir()
+                              : DefaultGpt2VocabDir();
+  const std::string encoder_path = absl::StrCat(dir, "/encoder.json");
+  const std::string merges_path = absl::StrCat(dir, "/vocab.bpe");
+  absl::StatusOr<std::string> encoder = ReadWholeFile(encoder_path);
+  absl::StatusOr<std::string> merges =
+      encoder.ok() ? ReadWholeFile(merges_path) : encoder.status();
+  if (!merges.ok()) {
+    if (named) {
+      return absl::NotFoundError(absl::StrCat(
+          "--tokenizer_dir: ", merges.status().message(),
+          " (GPT-2's encoder.json and vocab.bpe)"));
+    }
+    t.said = absl::StrCat(
+        "no tokenizer files: GPT-2's vocabulary is not in ", dir,
+        " (scripts/install_deps.sh installs it; or --tokenizer_dir)");
+    return t;
+  }
+  absl::StatusOr<std::unique_ptr<Gpt2Bpe>> bpe =
+      Gpt2Bpe::FromStrings(*encoder, *merges, encoder_path, merges_path);
+  if (!bpe.ok()) return bpe.status();
+  const int tokens = (*bpe)->vocab_size();
+  if (tokens > spec.model().vocab_size()) {
+    const std::string why = absl::StrCat(
+        "the tokenizer in ", dir, " has ", tokens,
+        " tokens, more than the model's vocab_size ",
+        spec.model().vocab_size());
+    if (named) return absl::InvalidArgumentError(why);
+    t.said = absl::StrCat("no tokenizer files: ", why,
+                          " (the job's tokens are not GPT-2's)");
+    return t;
+  }
+  std::string config = absl::StrCat(
+      "{\n  \"tokenizer_class\": \"GPT2Tokenizer\",\n"
+      "  \"model_max_length\": ", spec.model().block_size(), ",\n"
+      "  \"add_prefix_space\": false");
+  if ((*bpe)->eot_token() >= 0) {
+    absl::StrAppend(&config,
+                    ",\n  \"bos_token\": \"<|endoftext|>\",\n"
+                    "  \"eos_token\": \"<|endoftext|>\",\n"
+                    "  \"unk_token\": \"<|endoftext|>\"");
+  }
+  config += "\n}\n";
+  t.files = {{"vocab.json", *std::move(encoder)},
+             {"merges.txt", *std::move(merges)},
+             {"tokenizer_config.json", std::move(config)}};
+  t.said = absl::StrCat("GPT-2's tokenizer from ", dir, " (", tokens,
+                        " tokens): vocab.json, merges.txt, "
+                        "tokenizer_config.json");
+  return t;
+}
+
 
 }  // namespace
 
@@ -166,10 +254,10 @@ absl::StatusOr<ExportFormat> ParseExportFormat(absl::string_view name) {
       "GPT-2 directory: model.safetensors and config.json)"));
 }
 
-absl::StatusOr<AssembledModel> ExportCheckpoint(absl::string_view dir,
-                                                int64_t step,
-                                                const std::string& out_path,
-                                                ExportFormat format) {
+absl::StatusOr<ExportResult> ExportCheckpoint(absl::string_view dir,
+                                              int64_t step,
+                                              const std::string& out_path,
+                                              const ExportOptions& options) {
   if (step < 0) {
     absl::StatusOr<int64_t> latest = LatestCompleteStep(dir);
     if (!latest.ok()) return latest.status();
@@ -177,23 +265,28 @@ absl::StatusOr<AssembledModel> ExportCheckpoint(absl::string_view dir,
   }
   absl::StatusOr<AssembledModel> model = AssembleCheckpoint(dir, step);
   if (!model.ok()) return model.status();
+  ExportResult result;
   std::map<std::string, std::string> metadata = {
       {"format", "pt"},
       {"lmps.step", absl::StrCat(step)},
       {"lmps.job", model->spec.name()},
       {"lmps.model", model->spec.model().ShortDebugString()},
   };
-  if (format == ExportFormat::kLmps) {
+  if (options.format == ExportFormat::kLmps) {
     if (absl::Status s =
             WriteSafetensorsFile(out_path, model->tensors, metadata);
         !s.ok()) {
       return s;
     }
-    return model;
+    result.model = *std::move(model);
+    return result;
   }
   absl::StatusOr<std::vector<SafeTensor>> hf =
       LmpsToHfGpt2(model->spec.model(), model->tensors);
   if (!hf.ok()) return hf.status();
+  absl::StatusOr<HfTokenizer> tokenizer =
+      MakeHfTokenizer(model->spec, options);
+  if (!tokenizer.ok()) return tokenizer.status();
   std::error_code ec;
   std::filesystem::create_directories(out_path, ec);
   if (ec) {
@@ -205,13 +298,17 @@ absl::StatusOr<AssembledModel> ExportCheckpoint(absl::string_view dir,
       !s.ok()) {
     return s;
   }
-  if (absl::Status s =
-          WriteFileAtomically(absl::StrCat(out_path, "/config.json"),
-                              HfGpt2ConfigJson(model->spec.model()));
-      !s.ok()) {
-    return s;
+  tokenizer->files["config.json"] = HfGpt2ConfigJson(model->spec.model());
+  for (const auto& [name, text] : tokenizer->files) {
+    if (absl::Status s =
+            WriteFileAtomically(absl::StrCat(out_path, "/", name), text);
+        !s.ok()) {
+      return s;
+    }
   }
-  return model;
+  result.model = *std::move(model);
+  result.tokenizer = std::move(tokenizer->said);
+  return result;
 }
 
 }  // namespace lmps

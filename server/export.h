@@ -23,7 +23,14 @@
 // Face's names and Conv1D shapes (common/formats/hf_gpt2.h: the names above
 // prefixed "transformer.", the four projection matrices of each block
 // transposed to in x out, no lm_head.weight: it is tied) and the same
-// metadata, and config.json (HfGpt2ConfigJson).
+// metadata, and config.json (HfGpt2ConfigJson). For a job trained on token
+// files (data.format TOKEN_SHARDS or RAW_TOKENS) it also holds GPT-2's
+// tokenizer as GPT2Tokenizer(Fast).from_pretrained reads it: vocab.json and
+// merges.txt (OpenAI's encoder.json and vocab.bpe, checked and copied) and
+// tokenizer_config.json (model_max_length = block_size, <|endoftext|> as
+// bos, eos and unk), when the vocabulary files are found and fit the model
+// (no more tokens than model.vocab_size: a character-level nanoGPT
+// vocabulary gets none); a job on bytes (BYTE_TEXT) gets none.
 //
 // Optimizer state is not exported.
 //
@@ -60,16 +67,36 @@ absl::StatusOr<AssembledModel> AssembleCheckpoint(absl::string_view dir,
 
 enum class ExportFormat { kLmps, kHuggingFace };
 
+struct ExportOptions {
+  ExportFormat format = ExportFormat::kLmps;
+  // kHuggingFace: the folder with GPT-2's encoder.json and vocab.bpe; they
+  // must be there and fit the model. Empty: the job's data.tokenizer_dir,
+  // else DefaultGpt2VocabDir() (common/text/gpt2_bpe.h), where their absence
+  // only leaves the tokenizer out (said in ExportResult::tokenizer).
+  std::string tokenizer_dir;
+};
+
+struct ExportResult {
+  AssembledModel model;  // in lmps's layout
+  // kHuggingFace: what became of the tokenizer, for the log ("GPT-2's
+  // tokenizer from DIR: vocab.json, merges.txt, tokenizer_config.json" or
+  // why there is none). Empty for kLmps.
+  std::string tokenizer;
+};
+
 // "lmps" or "hf"; InvalidArgument naming the valid values otherwise.
 absl::StatusOr<ExportFormat> ParseExportFormat(absl::string_view name);
 
 // AssembleCheckpoint of `step` (-1: LatestCompleteStep) written to
 // `out_path`: the safetensors file (kLmps), or the directory, created if
-// missing, with model.safetensors and config.json (kHuggingFace). Files are
-// written atomically. Returns the model written, in lmps's layout.
-absl::StatusOr<AssembledModel> ExportCheckpoint(
+// missing, with model.safetensors, config.json and the tokenizer's files
+// (kHuggingFace, see above). Files are written atomically. A tokenizer
+// folder named in `options` that lacks the files, or files that are
+// malformed or do not fit the model, are errors (InvalidArgument or
+// NotFound naming the file) before anything is written.
+absl::StatusOr<ExportResult> ExportCheckpoint(
     absl::string_view dir, int64_t step, const std::string& out_path,
-    ExportFormat format = ExportFormat::kLmps);
+    const ExportOptions& options = {});
 
 }  // namespace lmps
 

@@ -26,7 +26,13 @@ ABSL_FLAG(std::string, format, "lmps",
           "lmps: one safetensors file with lmps's tensor names; hf: a "
           "directory with model.safetensors (Hugging Face GPT-2 names and "
           "Conv1D shapes) and config.json, for transformers' "
-          "GPT2LMHeadModel.from_pretrained");
+          "GPT2LMHeadModel.from_pretrained, and GPT-2's tokenizer files "
+          "for a job trained on token files");
+ABSL_FLAG(std::string, tokenizer_dir, "",
+          "--format=hf: the folder with GPT-2's encoder.json and vocab.bpe "
+          "(written as vocab.json and merges.txt); default: the job's "
+          "data.tokenizer_dir, else where scripts/install_deps.sh installs "
+          "them");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
@@ -52,12 +58,17 @@ int main(int argc, char** argv) {
                  std::string(format.status().message()).c_str());
     return 1;
   }
-  absl::StatusOr<lmps::AssembledModel> model =
-      lmps::ExportCheckpoint(dir, absl::GetFlag(FLAGS_step), out, *format);
-  if (!model.ok()) {
-    std::fprintf(stderr, "[export] %s\n", model.status().ToString().c_str());
+  lmps::ExportOptions options;
+  options.format = *format;
+  options.tokenizer_dir = absl::GetFlag(FLAGS_tokenizer_dir);
+  absl::StatusOr<lmps::ExportResult> exported =
+      lmps::ExportCheckpoint(dir, absl::GetFlag(FLAGS_step), out, options);
+  if (!exported.ok()) {
+    std::fprintf(stderr, "[export] %s\n",
+                 exported.status().ToString().c_str());
     return 1;
   }
+  const lmps::AssembledModel* model = &exported->model;
   int64_t params = 0;
   for (const lmps::SafeTensor& t : model->tensors) params += t.data.size();
   std::fprintf(stderr,
@@ -69,5 +80,8 @@ int main(int argc, char** argv) {
                *format == lmps::ExportFormat::kHuggingFace
                    ? " (Hugging Face GPT-2: model.safetensors, config.json)"
                    : "");
+  if (!exported->tokenizer.empty()) {
+    std::fprintf(stderr, "[export] %s\n", exported->tokenizer.c_str());
+  }
   return 0;
 }

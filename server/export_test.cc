@@ -1,6 +1,7 @@
 #include "server/export.h"
 
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -9,6 +10,7 @@
 #include "common/model/job_spec.h"
 #include "common/model/model_spec.h"
 #include "common/model/partition.h"
+#include "common/text/gpt2_test_vocab.h"
 #include "gtest/gtest.h"
 #include "server/checkpoint.h"
 #include "server/shard.h"
@@ -29,6 +31,20 @@ JobSpec Spec() {
   spec.set_max_chunk_bytes(200);
   ApplyJobSpecDefaults(&spec);
   return spec;
+}
+
+ExportOptions Hf(const std::string& tokenizer_dir = "") {
+  ExportOptions o;
+  o.format = ExportFormat::kHuggingFace;
+  o.tokenizer_dir = tokenizer_dir;
+  return o;
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
 }
 
 std::string TestDir(const std::string& name) {
@@ -126,9 +142,10 @@ TEST(ExportTest, RoundTripsThroughTheShards) {
   auto shards = Shards(spec, dir);
   StepAndCheckpoint(&shards);
   const std::string out = dir + "/step1.safetensors";
-  auto model = ExportCheckpoint(dir, 1, out);
-  ASSERT_TRUE(model.ok()) << model.status();
-  EXPECT_EQ(model->step, 1);
+  auto exported = ExportCheckpoint(dir, 1, out);
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  EXPECT_EQ(exported->model.step, 1);
+  EXPECT_EQ(exported->tokenizer, "");
   // New shards initialised from the export hold the same parameters.
   auto copies = Shards(spec, dir + "/other", out);
   ExpectSameParameters(shards, copies);
@@ -143,8 +160,13 @@ TEST(ExportTest, HuggingFaceFormatRoundTripsThroughTheShards) {
   auto shards = Shards(spec, dir);
   StepAndCheckpoint(&shards);
   const std::string out = dir + "/hf";
-  auto model = ExportCheckpoint(dir, 1, out, ExportFormat::kHuggingFace);
-  ASSERT_TRUE(model.ok()) << model.status();
+  auto exported = ExportCheckpoint(dir, 1, out, Hf());
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  const AssembledModel* model = &exported->model;
+  // A job on bytes has no GPT-2 tokenizer to carry.
+  EXPECT_EQ(exported->tokenizer,
+            "no tokenizer files: the job's tokens are bytes (BYTE_TEXT)");
+  EXPECT_FALSE(std::ifstream(out + "/vocab.json").good());
   auto file = ReadSafetensorsFile(out + "/model.safetensors");
   ASSERT_TRUE(file.ok()) << file.status();
   const auto specs = GptTensorSpecs(spec.model());
@@ -174,14 +196,83 @@ TEST(ExportTest, HuggingFaceFormatRoundTripsThroughTheShards) {
   ExpectSameParameters(shards, copies);
   // Exporting that again gives the same bytes.
   for (auto& s : copies) ASSERT_TRUE(s->WriteCheckpoint().ok());
-  ASSERT_TRUE(ExportCheckpoint(dir + "/other", 0, dir + "/hf2",
-                               ExportFormat::kHuggingFace)
-                  .ok());
+  ASSERT_TRUE(ExportCheckpoint(dir + "/other", 0, dir + "/hf2", Hf()).ok());
   auto again = ReadSafetensorsFile(dir + "/hf2/model.safetensors");
   ASSERT_TRUE(again.ok());
   for (size_t i = 0; i < specs.size(); ++i) {
     EXPECT_EQ(again->tensors[i].data, file->tensors[i].data);
   }
+}
+
+// A job trained on token files gets GPT-2's tokenizer files beside the
+// model, checked and copied: vocab.json and merges.txt are encoder.json and
+// vocab.bpe byte for byte.
+TEST(ExportTest, HuggingFaceFormatCarriesTheTokenizerOfATokenJob) {
+  const std::string dir = TestDir("hf_tokenizer");
+  JobSpec spec = Spec();
+  spec.mutable_model()->set_vocab_size(264);
+  spec.mutable_data()->set_format(TOKEN_SHARDS);
+  spec.mutable_data()->set_train_shards("train_*.bin");
+  spec.mutable_data()->set_val_shards("val_*.bin");
+  auto shards = Shards(spec, dir);
+  for (auto& s : shards) ASSERT_TRUE(s->WriteCheckpoint().ok());
+  const std::string vocab = dir + "/vocab";
+  std::filesystem::create_directories(vocab);
+  const TestVocab v = MakeTestVocab({{"a", "b"}}, {"<|endoftext|>"});
+  std::ofstream(vocab + "/encoder.json") << v.encoder_json;
+  std::ofstream(vocab + "/vocab.bpe") << v.vocab_bpe;
+
+  auto exported = ExportCheckpoint(dir, 0, dir + "/hf", Hf(vocab));
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  EXPECT_EQ(exported->tokenizer,
+            "GPT-2's tokenizer from " + vocab +
+                " (258 tokens): vocab.json, merges.txt, "
+                "tokenizer_config.json");
+  EXPECT_EQ(ReadAll(dir + "/hf/vocab.json"), v.encoder_json);
+  EXPECT_EQ(ReadAll(dir + "/hf/merges.txt"), v.vocab_bpe);
+  const std::string config = ReadAll(dir + "/hf/tokenizer_config.json");
+  EXPECT_NE(config.find("\"model_max_length\": 4,"), std::string::npos)
+      << config;
+  EXPECT_NE(config.find("\"eos_token\": \"<|endoftext|>\""),
+            std::string::npos)
+      << config;
+
+  // A tokenizer larger than the model's vocabulary is not the job's: an
+  // error when named, left out (and said) when it is the default's.
+  spec.mutable_model()->set_vocab_size(200);
+  auto small = Shards(spec, dir + "/small");
+  for (auto& s : small) ASSERT_TRUE(s->WriteCheckpoint().ok());
+  auto named = ExportCheckpoint(dir + "/small", 0, dir + "/hf_small",
+                                Hf(vocab));
+  EXPECT_EQ(named.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(named.status().message().find(
+                "has 258 tokens, more than the model's vocab_size 200"),
+            std::string::npos)
+      << named.status();
+  EXPECT_FALSE(std::filesystem::exists(dir + "/hf_small"));
+
+  auto missing = ExportCheckpoint(dir, 0, dir + "/hf_missing",
+                                  Hf(dir + "/no_such_folder"));
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(missing.status().message().find("--tokenizer_dir: cannot read " +
+                                            dir + "/no_such_folder/"),
+            std::string::npos)
+      << missing.status();
+
+  // Not named: the job's data.tokenizer_dir, here without the files.
+  spec.mutable_model()->set_vocab_size(264);
+  spec.mutable_data()->set_tokenizer_dir(dir + "/no_such_folder");
+  auto unnamed_shards = Shards(spec, dir + "/unnamed");
+  for (auto& s : unnamed_shards) ASSERT_TRUE(s->WriteCheckpoint().ok());
+  auto unnamed =
+      ExportCheckpoint(dir + "/unnamed", 0, dir + "/hf_unnamed", Hf());
+  ASSERT_TRUE(unnamed.ok()) << unnamed.status();
+  EXPECT_EQ(unnamed->tokenizer,
+            "no tokenizer files: GPT-2's vocabulary is not in " + dir +
+                "/no_such_folder (scripts/install_deps.sh installs it; or "
+                "--tokenizer_dir)");
+  EXPECT_TRUE(std::filesystem::exists(dir + "/hf_unnamed/model.safetensors"));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/hf_unnamed/vocab.json"));
 }
 
 TEST(ExportTest, FormatNames) {

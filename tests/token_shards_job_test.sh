@@ -6,7 +6,9 @@
 #  2. lmps_local trains a small GPT (vocab_size 50257, dp 2) on them for 40
 #     steps: the loss starts near ln(50257) = 10.8 and falls by more than
 #     2, evaluation runs, and the sample is GPT-2 text after the prompt;
-#     with pp 2 (sampled by lmps_eval from the exported model) too;
+#     with pp 2 (sampled by lmps_eval from the exported model) too; its
+#     lmps_export --format=hf holds GPT-2's tokenizer files (vocab.json,
+#     merges.txt: the installed encoder.json and vocab.bpe);
 #  3. bad shards stop lmps_local before any daemon starts (exit 2, no
 #     steps.jsonl), naming the file and the fault: wrong magic, wrong
 #     version, truncated, a token >= model.vocab_size.
@@ -107,6 +109,21 @@ sample="$(cat "$tmp/run/sample.txt")"
 grep -q '<[0-9]*>' "$tmp/run/sample.txt" && fail "the sample shows token ids, not text: $sample"
 ascii_text "$tmp/run/sample.txt" || fail "the sample is not GPT-2-decoded text: $sample"
 echo "ok: sample: $(head -c 120 "$tmp/run/sample.txt" | tr '\n' ' ')"
+
+# Its Hugging Face export carries GPT-2's tokenizer: the installed files,
+# byte for byte, as vocab.json and merges.txt.
+if ! "$bin/server/lmps_export" --checkpoint_dir="$tmp/run/ckpt" --format=hf \
+     --out="$tmp/hf" 2>"$tmp/export.log"; then
+  cat "$tmp/export.log" >&2
+  fail "lmps_export --format=hf of the token-shards job failed"
+fi
+grep -q "GPT-2's tokenizer from $vocab (50257 tokens)" "$tmp/export.log" ||
+  fail "hf export: no tokenizer said: $(cat "$tmp/export.log")"
+cmp -s "$vocab/encoder.json" "$tmp/hf/vocab.json" || fail "hf export: vocab.json is not $vocab/encoder.json"
+cmp -s "$vocab/vocab.bpe" "$tmp/hf/merges.txt" || fail "hf export: merges.txt is not $vocab/vocab.bpe"
+grep -q '"model_max_length": 32,' "$tmp/hf/tokenizer_config.json" ||
+  fail "hf export: tokenizer_config.json: $(cat "$tmp/hf/tokenizer_config.json")"
+echo "ok: the Hugging Face export carries GPT-2's tokenizer"
 
 # A pipeline job (pp 2): no worker holds the whole model, so lmps_local
 # samples from the exported model with lmps_eval --gpt2_vocab_dir.

@@ -7,46 +7,13 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/text/gpt2_test_vocab.h"
 #include "gtest/gtest.h"
 
 namespace lmps {
 namespace {
 
-std::string Utf8(char32_t c) {
-  std::string s;
-  if (c < 0x80) {
-    s.push_back(static_cast<char>(c));
-  } else {
-    s.push_back(static_cast<char>(0xC0 | (c >> 6)));
-    s.push_back(static_cast<char>(0x80 | (c & 0x3F)));
-  }
-  return s;
-}
-
-// A vocabulary of the 256 byte tokens (id = byte) and `merges` ("a b",
-// written in GPT-2's byte characters), each merge's result a new token.
-struct Vocab {
-  std::string encoder_json, vocab_bpe;
-};
-Vocab MakeVocab(const std::vector<std::pair<std::string, std::string>>& merges) {
-  std::string json = "{";
-  int next_id = 0;
-  for (int b = 0; b < 256; ++b) {
-    absl::StrAppend(&json, next_id ? "," : "", "\"",
-                    b == '"' ? "\\\"" : b == '\\' ? "\\\\" : Utf8(ByteToUnicode(b)),
-                    "\":", next_id);
-    ++next_id;
-  }
-  std::string bpe = "#version: 0.2\n";
-  for (const auto& [a, b] : merges) {
-    absl::StrAppend(&json, ",\"", a, b, "\":", next_id++);
-    absl::StrAppend(&bpe, a, " ", b, "\n");
-  }
-  json += "}";
-  return {json, bpe};
-}
-
-std::unique_ptr<Gpt2Bpe> Make(const Vocab& v) {
+std::unique_ptr<Gpt2Bpe> Make(const TestVocab& v) {
   absl::StatusOr<std::unique_ptr<Gpt2Bpe>> bpe =
       Gpt2Bpe::FromStrings(v.encoder_json, v.vocab_bpe);
   EXPECT_TRUE(bpe.ok()) << bpe.status();
@@ -64,7 +31,7 @@ TEST(Gpt2BpeTest, ByteToUnicodeIsGpt2s) {
 
 TEST(Gpt2BpeTest, MergesByRank) {
   // Ids: bytes 0..255, then ab = 256, abc = 257, "Ġa" = 258, aa = 259.
-  auto bpe = Make(MakeVocab({{"a", "b"}, {"ab", "c"}, {"Ġ", "a"}, {"a", "a"}}));
+  auto bpe = Make(MakeTestVocab({{"a", "b"}, {"ab", "c"}, {"Ġ", "a"}, {"a", "a"}}));
   ASSERT_NE(bpe, nullptr);
   EXPECT_TRUE(bpe->merges_ordered());
   EXPECT_EQ(bpe->vocab_size(), 260);
@@ -82,7 +49,7 @@ TEST(Gpt2BpeTest, MergesByRank) {
 // The naive loop (encoder.py's) and the fast one agree, and so does an
 // unordered vocabulary (which makes Encode use the naive loop).
 TEST(Gpt2BpeTest, FastAndNaiveMergeLoopsAgree) {
-  auto bpe = Make(MakeVocab({{"a", "b"}, {"b", "a"}, {"a", "a"}, {"ab", "a"},
+  auto bpe = Make(MakeTestVocab({{"a", "b"}, {"b", "a"}, {"a", "a"}, {"ab", "a"},
                              {"ba", "b"}, {"aa", "b"}, {"ab", "ab"},
                              {"aab", "a"}, {"b", "b"}, {"bb", "a"}}));
   ASSERT_NE(bpe, nullptr);
@@ -98,14 +65,14 @@ TEST(Gpt2BpeTest, FastAndNaiveMergeLoopsAgree) {
     ASSERT_EQ(fast, naive) << piece;
   }
   // "ab a" is used before it is made: not ordered.
-  auto unordered = Make(MakeVocab({{"ab", "a"}, {"a", "b"}}));
+  auto unordered = Make(MakeTestVocab({{"ab", "a"}, {"a", "b"}}));
   ASSERT_NE(unordered, nullptr);
   EXPECT_FALSE(unordered->merges_ordered());
   EXPECT_EQ(unordered->Encode("aba"), (std::vector<int32_t>{256}));
 }
 
 TEST(Gpt2BpeTest, AnyBytesRoundTrip) {
-  auto bpe = Make(MakeVocab({{"Ġ", "t"}, {"h", "e"}, {"Ġt", "he"}}));
+  auto bpe = Make(MakeTestVocab({{"Ġ", "t"}, {"h", "e"}, {"Ġt", "he"}}));
   ASSERT_NE(bpe, nullptr);
   std::mt19937 rng(5);
   for (int trial = 0; trial < 200; ++trial) {
@@ -133,7 +100,7 @@ void ExpectInvalid(const std::string& json, const std::string& bpe,
 }
 
 TEST(Gpt2BpeTest, BadFilesAreClearErrors) {
-  const Vocab good = MakeVocab({{"a", "b"}});
+  const TestVocab good = MakeTestVocab({{"a", "b"}});
   ASSERT_TRUE(Gpt2Bpe::FromStrings(good.encoder_json, good.vocab_bpe).ok());
   ExpectInvalid("{\"a\": 0", good.vocab_bpe, "encoder.json: not valid JSON");
   ExpectInvalid("[1, 2]", good.vocab_bpe, "encoder.json: expected a JSON object");
