@@ -66,10 +66,13 @@ class FaultInjector {
   void MaybeInject(const JobStatus& status, int attempt, absl::Time now,
                    const FaultTargets& targets);
 
-  // The shard fault is configured and not injected yet (the launcher then
-  // polls the job more often, to hit the step).
-  bool server_fault_pending() const {
-    return options_.server >= 0 && !server_injected_;
+  // The shard fault or the freeze is configured and not injected yet, or
+  // the workers are frozen (the launcher then polls the job more often, to
+  // hit the step and the thaw time).
+  bool fault_pending() const {
+    return (options_.server >= 0 && !server_injected_) ||
+           (options_.freeze_workers_at_step >= 0 &&
+            (!froze_ || thaw_at_ != absl::InfiniteFuture()));
   }
 
  private:

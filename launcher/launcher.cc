@@ -601,7 +601,7 @@ absl::Status Launcher::Monitor() {
       MaybeResize(status);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(
-        faults_.server_fault_pending() ? 20 : progress_.tty() ? 200 : 500));
+        faults_.fault_pending() ? 20 : progress_.tty() ? 200 : 500));
   }
   return absl::OkStatus();
 }

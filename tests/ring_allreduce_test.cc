@@ -144,21 +144,22 @@ TEST(RingAllReduceTest, DeadWorkerIsReplacedExactly) {
 // thawed, each worker is told to register again (not let rejoin the new
 // assembly in place, still in a step of the old one, where a step that
 // failed on a shard still re-assembling waited for a stop that never came),
-// and the job ends bit-identical to a straight run. 400 steps of the small job (~4 s of
-// training) so that the freeze lands mid-training.
+// and the job ends bit-identical to a straight run. 600 steps of the small
+// job (~6 s of training here): the freeze lands within a heartbeat (0.7 s)
+// of step 20.
 TEST(RingAllReduceTest, EveryWorkerFrozenPastItsLeaseRegroupsExactly) {
   const std::string job = absl::StrReplaceAll(
       SmallAggregationJob("lr: 0.001", "dp_aggregation: RING_ALLREDUCE"),
-      {{"steps: 4 ", "steps: 400 "}});
+      {{"steps: 4 ", "steps: 600 "}});
   const std::vector<std::string> flags = {"--workers=2", "--shards=2",
                                           "--lease_s=2"};
   const FinalProgress straight =
-      RunLocalJob("ring_freeze_straight", job, flags, 400);
+      RunLocalJob("ring_freeze_straight", job, flags, 600);
   std::vector<std::string> frozen_flags = flags;
   frozen_flags.push_back("--fault_freeze_workers_at_step=20");
   frozen_flags.push_back("--fault_freeze_s=8");
   const FinalProgress frozen =
-      RunLocalJob("ring_freeze", job, frozen_flags, 400);
+      RunLocalJob("ring_freeze", job, frozen_flags, 600);
   for (const std::string w : {"worker-0", "worker-1"}) {
     const std::string log = ReadFile(frozen.run_dir + "/logs/" + w + ".log");
     EXPECT_NE(log.find("the job re-assembled without this worker"),
