@@ -77,10 +77,8 @@ TEST(FaultToleranceTest, WorkerKilledMidPushIsReplacedExactly) {
   EXPECT_NE(replacement.find("joining a running job at step 3"), std::string::npos)
       << replacement;
 
-  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
-                                faulty + "/model.safetensors");
-  ASSERT_TRUE(diff.ok()) << diff.status();
-  EXPECT_EQ(*diff, 0.0) << "no gradient may be lost or counted twice";
+  ExpectSameExportedModel(straight, faulty,
+                          "no gradient may be lost or counted twice");
 }
 
 // A shard SIGKILLed mid-job: the launcher restarts the job from the latest
@@ -102,10 +100,7 @@ TEST(FaultToleranceTest, ShardKilledJobRollsBackToCheckpointExactly) {
             std::string::npos)
       << b.output;
 
-  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
-                                faulty + "/model.safetensors");
-  ASSERT_TRUE(diff.ok()) << diff.status();
-  EXPECT_EQ(*diff, 0.0);
+  ExpectSameExportedModel(straight, faulty);
 }
 
 // Shard replication (layout.shard_backups: 1): the primary of shard 1 is
@@ -146,10 +141,7 @@ TEST(FaultToleranceTest, ReplicatedShardKilledTwiceLosesNoStep) {
   EXPECT_NE(restarted.find("took over as the primary"), std::string::npos)
       << restarted;
 
-  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
-                                faulty + "/model.safetensors");
-  ASSERT_TRUE(diff.ok()) << diff.status();
-  EXPECT_EQ(*diff, 0.0) << "a shard's death must lose no step";
+  ExpectSameExportedModel(straight, faulty, "a shard's death must lose no step");
 }
 
 // The same with pipeline parallelism (pp = 2: each stage pushes only its
@@ -179,10 +171,7 @@ max_chunk_bytes: 4096
             std::string::npos)
       << b.output;
   EXPECT_EQ(b.output.find("restarting the job"), std::string::npos) << b.output;
-  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
-                                faulty + "/model.safetensors");
-  ASSERT_TRUE(diff.ok()) << diff.status();
-  EXPECT_EQ(*diff, 0.0);
+  ExpectSameExportedModel(straight, faulty);
 }
 
 // Elastic data parallelism driven by the scheduler: `job` trained with a
@@ -331,10 +320,7 @@ TEST(FaultToleranceTest, SpareWorkerTakesOverADeadWorkersSlot) {
   EXPECT_NE(ReadFile(faulty + "/logs/scheduler.log").find("whose lease had expired"),
             std::string::npos);
 
-  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
-                                faulty + "/model.safetensors");
-  ASSERT_TRUE(diff.ok()) << diff.status();
-  EXPECT_EQ(*diff, 0.0);
+  ExpectSameExportedModel(straight, faulty);
 }
 
 // Elastic data parallelism: dp changes at a step boundary mid-job. With the
@@ -402,10 +388,7 @@ TEST(FaultToleranceTest, SchedulerRestartNodesRejoinAndTheJobContinues) {
   EXPECT_NE(log.find("rejoined the running job at step"), std::string::npos) << log;
   EXPECT_NE(log.find("RUNNING -> FINISHED"), std::string::npos) << log;
 
-  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
-                                faulty + "/model.safetensors");
-  ASSERT_TRUE(diff.ok()) << diff.status();
-  EXPECT_EQ(*diff, 0.0);
+  ExpectSameExportedModel(straight, faulty);
 }
 
 // A shard restarted under the job, as Kubernetes restarts a lost shard's
@@ -481,10 +464,7 @@ TEST(FaultToleranceTest, RestartedShardRollsTheWholeJobBackToTheCheckpoint) {
                                        "--out=" + dir + "/model.safetensors"},
                                       60);
   ASSERT_EQ(exported.exit_code, 0) << exported.output;
-  auto diff = MaxAbsDiffOfFiles(straight + "/model.safetensors",
-                                dir + "/model.safetensors");
-  ASSERT_TRUE(diff.ok()) << diff.status();
-  EXPECT_EQ(*diff, 0.0);
+  ExpectSameExportedModel(straight, dir);
 }
 
 }  // namespace

@@ -173,6 +173,19 @@ double ParseBytes(const std::string& text, size_t at) {
 
 }  // namespace
 
+void ExpectSameExportedModel(const std::string& run_dir_a,
+                             const std::string& run_dir_b,
+                             const std::string& why) {
+  absl::StatusOr<double> diff =
+      MaxAbsDiffOfFiles(run_dir_a + "/model.safetensors",
+                        run_dir_b + "/model.safetensors");
+  if (!diff.ok()) {
+    ADD_FAILURE() << diff.status();
+    return;
+  }
+  EXPECT_EQ(*diff, 0.0) << run_dir_a << " vs " << run_dir_b << ": " << why;
+}
+
 std::string SmallAggregationJob(const std::string& optimizer,
                                 const std::string& train) {
   return absl::StrCat(
@@ -244,10 +257,7 @@ void ExpectDeadWorkerReplacedExactly(const std::string& name,
   EXPECT_NE(survivor.find("for the scheduler to regroup the job at this step"),
             std::string::npos)
       << survivor;
-  auto diff = MaxAbsDiffOfFiles(straight.run_dir + "/model.safetensors",
-                                faulty.run_dir + "/model.safetensors");
-  ASSERT_TRUE(diff.ok()) << diff.status();
-  EXPECT_EQ(*diff, 0.0);
+  ExpectSameExportedModel(straight.run_dir, faulty.run_dir);
 }
 
 }  // namespace lmps::testing

@@ -67,6 +67,12 @@ absl::StatusOr<double> MaxAbsDiff(const SafetensorsContents& a,
 absl::StatusOr<double> MaxAbsDiffOfFiles(const std::string& a,
                                          const std::string& b);
 
+// Expects the models two runs exported (RUN_DIR/model.safetensors) to be
+// bit-identical; `why` is added to the failure.
+void ExpectSameExportedModel(const std::string& run_dir_a,
+                             const std::string& run_dir_b,
+                             const std::string& why = "");
+
 // The data-parallel aggregation tests' job (ring all-reduce, hierarchical):
 // a 2-layer, 32-wide GPT, 4 steps of batch 12, 2 KiB chunks and 1 KiB
 // messages (many of each per tensor), no evaluation or sample; `optimizer`
