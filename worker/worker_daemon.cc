@@ -604,24 +604,12 @@ class WorkerSession {
   // The job regrouped and re-assembled without this worker: its lease
   // expired while it was alive (frozen, or cut off from the scheduler), so
   // it never stopped for the regroup, and the step it is in belongs to the
-  // old assembly.
+  // old assembly. Said by a heartbeat's answer (OnHeartbeat), or by the
+  // final report's (Report): the step may fail on the re-assembled shards
+  // before a heartbeat tells, and the scheduler ignores that report.
   static constexpr char kReassembledWithout[] =
       "the job re-assembled without this worker (its lease expired while it "
       "was alive): dropping the step in progress to register again";
-
-  // Whether the job re-assembled without this worker (a heartbeat said so,
-  // or, asked now, the scheduler says so: the step can fail on the
-  // re-assembled shards before a heartbeat tells). Stops the heartbeats
-  // when it asks.
-  bool ReassembledWithoutThisWorker() {
-    if (reassembled_.load()) return true;
-    if (!assignment_.elastic()) return false;
-    heartbeat_->Stop();
-    absl::StatusOr<HeartbeatResponse> now = heartbeat_->BeatNow();
-    if (!now.ok() || !now->reassemble()) return false;
-    log_(id_, kReassembledWithout);
-    return true;
-  }
 
   // Step 6: trains while heartbeating, then reports.
   absl::StatusOr<SessionEnd> Train() {
@@ -640,7 +628,7 @@ class WorkerSession {
       return Stopped();
     }
     if (ReasonOf(status) == STOPPED_FOR_RESIZE) return EndForResize(status);
-    if (!status.ok() && ReassembledWithoutThisWorker()) {
+    if (reassembled_.load()) {
       heartbeat_->Stop();
       return SessionEnd::kRegisterAgain;
     }
@@ -651,6 +639,7 @@ class WorkerSession {
       status = Sample();
     }
     Report(status);
+    if (reassembled_.load()) return SessionEnd::kRegisterAgain;
     if (status.ok()) LogSummary();
     LMPS_RETURN_IF_ERROR(status);
     return SessionEnd::kFinished;
@@ -699,7 +688,9 @@ class WorkerSession {
   }
 
   // The final report (done or the error) must reach the scheduler, which
-  // may be restarting: retry while it is unreachable, up to a minute.
+  // may be restarting: retry while it is unreachable, up to a minute. An
+  // answer "reassemble" (the scheduler ignored the report) sets
+  // reassembled_: the worker registers again.
   void Report(const absl::Status& status) {
     {
       absl::MutexLock lock(&mu_);
@@ -716,6 +707,10 @@ class WorkerSession {
       absl::SleepFor(absl::Milliseconds(500));
     }
     if (!last.ok()) log_(id_, std::string(last.status().message()));
+    if (last.ok() && last->reassemble() && !reassembled_.exchange(true)) {
+      log_(id_, kReassembledWithout);
+      return;
+    }
     if (!status.ok() && last.ok() && last->state() == FAILED &&
         !failure_logged_.exchange(true)) {
       // This worker's error may be a consequence (a shard that stopped

@@ -37,8 +37,10 @@
 // previous registration's resources are released first); in a job that is
 // not elastic it returns OK. So it does when the job re-assembled without
 // it (HeartbeatResponse.reassemble: its lease expired while it was alive,
-// e.g. frozen, so it never stopped for the regroup): the step in progress,
-// or its failure on the re-assembled shards, is dropped, not reported. Otherwise the first error, InvalidArgument for
+// e.g. frozen, so it never stopped for the regroup): the step in progress
+// is dropped, and so is its failure on the re-assembled shards (the
+// scheduler ignores the report of a worker of the old assembly and answers
+// it "reassemble"). Otherwise the first error, InvalidArgument for
 // unusable options (lmps_worker exits 2 on those, 1 on other errors). Only
 // errors of the training loop (step 6) are reported to the scheduler.
 //

@@ -432,6 +432,14 @@ TEST_F(SchedulerCoreTest, WorkersFrozenPastTheirLeaseAreToldToRegisterAgain) {
                                   "re-assembly: told to register again")))
       << Log();
   EXPECT_TRUE(core_->Heartbeat(Beat("server-0", 7))->reassemble());
+  // Its step failing on the re-assembled shards does not fail the job: the
+  // report of a worker of the old assembly is answered the same.
+  HeartbeatRequest failed = thawed;
+  failed.set_error("parameter server has no shard assignment yet");
+  told = core_->Heartbeat(failed);
+  ASSERT_TRUE(told.ok()) << told.status();
+  EXPECT_TRUE(told->reassemble());
+  EXPECT_EQ(core_->CurrentState(), ASSEMBLING) << Log();
 
   Id(Server("s:1", 0, {7}, core_->partition().version()));
   const std::string again = Id(PipelineWorker("h0:1", 0));
