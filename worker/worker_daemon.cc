@@ -36,6 +36,7 @@
 #include "worker/pipeline/pipeline_trainer.h"
 #include "worker/progress_export.h"
 #include "worker/ps_client.h"
+#include "worker/resume_step.h"
 #include "worker/step_log.h"
 #include "worker/trainer.h"
 #include "worker/training_loop.h"
@@ -319,69 +320,14 @@ class WorkerSession {
         });
   }
 
-  // Step 4: the step to start at. A replacement joins a running job at the
-  // servers' version. In the middle of an Apply the shards may differ by
-  // one; wait for the live replicas to finish it. In ASYNC mode versions
-  // count pushes, not steps, and differ between shards all the time: the
-  // replica's clock says where to start.
+  // Step 4: the step to start at (worker/resume_step.h).
   absl::Status Resume() {
-    start_step_ = assignment_.start_step();
-    return spec_.train().mode() == ASYNC ? ResumeAsync() : ResumeAtVersion();
-  }
-
-  // Whether a retry of an UNAVAILABLE shard (still starting up) is allowed.
-  bool WithinRpcTimeout(int attempt) const {
-    return attempt * 0.1 < absl::ToDoubleSeconds(options_.rpc_timeout);
-  }
-
-  // ASYNC: resume at this replica's clock (steps it completely pushed): a
-  // replacement neither repeats nor skips its predecessor's steps.
-  absl::Status ResumeAsync() {
-    absl::StatusOr<int64_t> clock = ps_->ReplicaClock(assignment_.dp_rank());
-    for (int attempt = 0;
-         clock.status().code() == absl::StatusCode::kUnavailable &&
-         WithinRpcTimeout(attempt);
-         ++attempt) {
-      absl::SleepFor(absl::Milliseconds(100));  // a shard still starting up
-      clock = ps_->ReplicaClock(assignment_.dp_rank());
-    }
-    LMPS_RETURN_IF_ERROR(clock.status());
-    if (*clock > start_step_) {
-      log_(id_, absl::StrCat("joining a running ASYNC job at step ", *clock,
-                             " (dp rank ", assignment_.dp_rank(),
-                             "'s clock; replacing a lost worker)"));
-      start_step_ = *clock;
-    }
+    LMPS_ASSIGN_OR_RETURN(
+        start_step_,
+        ResumeStep(ps_.get(), spec_.train().mode(), assignment_.dp_rank(),
+                   assignment_.start_step(), options_.rpc_timeout,
+                   [this](const std::string& line) { log_(id_, line); }));
     return absl::OkStatus();
-  }
-
-  absl::Status ResumeAtVersion() {
-    for (int attempt = 0;; ++attempt) {
-      absl::StatusOr<std::vector<int64_t>> got = ps_->Versions();
-      if (got.status().code() == absl::StatusCode::kUnavailable &&
-          WithinRpcTimeout(attempt)) {
-        absl::SleepFor(absl::Milliseconds(100));  // a shard still starting up
-        continue;
-      }
-      LMPS_RETURN_IF_ERROR(got.status());
-      const std::vector<int64_t>& versions = *got;
-      const auto [lo, hi] =
-          std::minmax_element(versions.begin(), versions.end());
-      if (*lo == *hi) {
-        if (*lo > start_step_) {
-          log_(id_, absl::StrCat("joining a running job at step ", *lo,
-                                 " (replacing a lost worker)"));
-          start_step_ = *lo;
-        }
-        return absl::OkStatus();
-      }
-      if (attempt * 0.1 > absl::ToDoubleSeconds(options_.rpc_timeout)) {
-        return absl::DeadlineExceededError(absl::StrCat(
-            "shards stay at different versions (", *lo, " and ", *hi,
-            "): an Apply was interrupted and no live replica completes it"));
-      }
-      absl::SleepFor(absl::Milliseconds(100));
-    }
   }
 
   // Step 5: the training loop, DataParallelTrainer (data parallel only) or
